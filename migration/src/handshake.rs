@@ -1,0 +1,340 @@
+//! The connection preamble and the session handshake.
+//!
+//! Every connection opens with a 16-byte preamble from the source (magic and the source's
+//! protocol version window), then the source's `Hello` frame and the destination's
+//! `HelloAck`. The preamble comes before any frame so that a foreign or future stream is
+//! recognised from its first bytes, with a message that says what was wrong.
+//!
+//! ```text
+//! preamble:  magic "VMIGRATE" (8) | version_min u16 | version_max u16 | reserved u32 (0)
+//! Hello:     session_id u64 | connection_index u16 | connection_count u16 | page_size u32
+//!            | codec u8 | zlib_level u8 | xbzrle u8 | reserved u8
+//!            | region_count u16 | region_count x region_bytes u64
+//! HelloAck:  accepted u8 (1 yes, 2 no) | version u16 | reason_len u16 | reason (UTF-8)
+//! ```
+
+use crate::codec::Codec;
+use crate::frame::{le_u16, le_u32, le_u64};
+use crate::PAGE_SIZE_BYTES;
+use thiserror::Error;
+
+pub const MAGIC: [u8; 8] = *b"VMIGRATE";
+pub const PREAMBLE_BYTES: usize = 16;
+
+/// Protocol versions this build speaks. A peer's window must overlap ours; the highest
+/// common version is used.
+pub const VERSION_MIN: u16 = 1;
+pub const VERSION_MAX: u16 = 1;
+
+/// More connections than this buy nothing on any link we target (8 saturate 100G) and
+/// each costs the receiver a thread and buffers.
+pub const MAX_CONNECTIONS: u16 = 64;
+/// KVM has at most a few dozen memory slots in practice; 64 is ample.
+pub const MAX_REGIONS: u16 = 64;
+/// Rejection reasons are for humans; keep them short.
+pub const MAX_REASON_BYTES: usize = 512;
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum HandshakeError {
+    #[error("not a vmigrate stream: bad magic {found:02x?}")]
+    BadMagic { found: [u8; 8] },
+    #[error("no common protocol version: peer speaks {peer_min}..={peer_max}, we speak {VERSION_MIN}..={VERSION_MAX}")]
+    VersionMismatch { peer_min: u16, peer_max: u16 },
+    #[error("malformed {what}: {detail}")]
+    Malformed { what: &'static str, detail: String },
+    #[error("peer refused the session: {reason}")]
+    Refused { reason: String },
+}
+
+fn malformed(what: &'static str, detail: impl Into<String>) -> HandshakeError {
+    HandshakeError::Malformed {
+        what,
+        detail: detail.into(),
+    }
+}
+
+pub fn encode_preamble() -> [u8; PREAMBLE_BYTES] {
+    let mut out = [0u8; PREAMBLE_BYTES];
+    out[..8].copy_from_slice(&MAGIC);
+    out[8..10].copy_from_slice(&VERSION_MIN.to_le_bytes());
+    out[10..12].copy_from_slice(&VERSION_MAX.to_le_bytes());
+    out
+}
+
+/// Checks a source's preamble and returns the protocol version to use.
+pub fn accept_preamble(bytes: &[u8; PREAMBLE_BYTES]) -> Result<u16, HandshakeError> {
+    let found: [u8; 8] = bytes[..8].try_into().unwrap_or_default();
+    if found != MAGIC {
+        return Err(HandshakeError::BadMagic { found });
+    }
+    let peer_min = le_u16(&bytes[8..10]);
+    let peer_max = le_u16(&bytes[10..12]);
+    let version = peer_max.min(VERSION_MAX);
+    if peer_min > peer_max || version < peer_min.max(VERSION_MIN) {
+        return Err(HandshakeError::VersionMismatch { peer_min, peer_max });
+    }
+    if le_u32(&bytes[12..16]) != 0 {
+        return Err(malformed("preamble", "reserved bytes are not zero"));
+    }
+    Ok(version)
+}
+
+/// What the source declares about the session on every connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub session_id: u64,
+    pub connection_index: u16,
+    pub connection_count: u16,
+    pub page_size: u32,
+    pub codec: Codec,
+    pub xbzrle: bool,
+    /// Size of each guest memory region, in bytes (a multiple of the page size).
+    pub region_bytes: Vec<u64>,
+}
+
+impl Hello {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(24 + 8 * self.region_bytes.len());
+        out.extend_from_slice(&self.session_id.to_le_bytes());
+        out.extend_from_slice(&self.connection_index.to_le_bytes());
+        out.extend_from_slice(&self.connection_count.to_le_bytes());
+        out.extend_from_slice(&self.page_size.to_le_bytes());
+        let (codec, level) = self.codec.to_wire();
+        out.extend_from_slice(&[codec, level, self.xbzrle as u8, 0]);
+        out.extend_from_slice(&(self.region_bytes.len() as u16).to_le_bytes());
+        for bytes in &self.region_bytes {
+            out.extend_from_slice(&bytes.to_le_bytes());
+        }
+        out
+    }
+
+    /// Parses and validates a Hello: counts, page size and region sizes are bounded here,
+    /// before anything is allocated from them. Whether the layout fits this receiver's
+    /// memory limit is the caller's check.
+    pub fn decode(payload: &[u8]) -> Result<Self, HandshakeError> {
+        const FIXED: usize = 22;
+        if payload.len() < FIXED {
+            return Err(malformed(
+                "hello",
+                format!("{} bytes, need at least {FIXED}", payload.len()),
+            ));
+        }
+        let connection_index = le_u16(&payload[8..10]);
+        let connection_count = le_u16(&payload[10..12]);
+        if connection_count == 0
+            || connection_count > MAX_CONNECTIONS
+            || connection_index >= connection_count
+        {
+            return Err(malformed(
+                "hello",
+                format!(
+                    "connection {connection_index} of {connection_count} (limit {MAX_CONNECTIONS})"
+                ),
+            ));
+        }
+        let page_size = le_u32(&payload[12..16]);
+        if page_size as usize != PAGE_SIZE_BYTES {
+            return Err(malformed(
+                "hello",
+                format!("page size {page_size}, this build handles {PAGE_SIZE_BYTES}"),
+            ));
+        }
+        let codec = Codec::from_wire(payload[16], payload[17]).ok_or_else(|| {
+            malformed(
+                "hello",
+                format!("unknown codec {} level {}", payload[16], payload[17]),
+            )
+        })?;
+        let xbzrle = match payload[18] {
+            0 => false,
+            1 => true,
+            other => return Err(malformed("hello", format!("xbzrle flag {other}"))),
+        };
+        if payload[19] != 0 {
+            return Err(malformed("hello", "reserved byte is not zero"));
+        }
+        let region_count = le_u16(&payload[20..22]);
+        if region_count == 0 || region_count > MAX_REGIONS {
+            return Err(malformed(
+                "hello",
+                format!("{region_count} regions (limit {MAX_REGIONS})"),
+            ));
+        }
+        let expected = FIXED + 8 * region_count as usize;
+        if payload.len() != expected {
+            return Err(malformed(
+                "hello",
+                format!(
+                    "{} bytes for {region_count} regions, expected {expected}",
+                    payload.len()
+                ),
+            ));
+        }
+        let region_bytes: Vec<u64> = payload[FIXED..].chunks_exact(8).map(le_u64).collect();
+        for (index, &bytes) in region_bytes.iter().enumerate() {
+            if bytes == 0 || bytes % PAGE_SIZE_BYTES as u64 != 0 {
+                return Err(malformed(
+                    "hello",
+                    format!(
+                        "region {index} is {bytes} bytes, not a positive multiple of the page size"
+                    ),
+                ));
+            }
+        }
+        Ok(Hello {
+            session_id: le_u64(&payload[0..8]),
+            connection_index,
+            connection_count,
+            page_size,
+            codec,
+            xbzrle,
+            region_bytes,
+        })
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.region_bytes.iter().sum()
+    }
+
+    /// True when `other` describes the same session (all fields but the connection index).
+    pub fn same_session(&self, other: &Hello) -> bool {
+        Hello {
+            connection_index: 0,
+            ..self.clone()
+        } == Hello {
+            connection_index: 0,
+            ..other.clone()
+        }
+    }
+}
+
+/// The destination's answer to a Hello.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HelloAck {
+    Accepted { version: u16 },
+    Refused { reason: String },
+}
+
+impl HelloAck {
+    pub fn encode(&self) -> Vec<u8> {
+        let (code, version, reason) = match self {
+            HelloAck::Accepted { version } => (1u8, *version, ""),
+            HelloAck::Refused { reason } => (2u8, 0, reason.as_str()),
+        };
+        let mut reason = reason.as_bytes();
+        if reason.len() > MAX_REASON_BYTES {
+            reason = &reason[..MAX_REASON_BYTES];
+        }
+        let mut out = vec![code];
+        out.extend_from_slice(&version.to_le_bytes());
+        out.extend_from_slice(&(reason.len() as u16).to_le_bytes());
+        out.extend_from_slice(reason);
+        out
+    }
+
+    pub fn decode(payload: &[u8]) -> Result<Self, HandshakeError> {
+        if payload.len() < 5 {
+            return Err(malformed("hello-ack", format!("{} bytes", payload.len())));
+        }
+        let reason_len = le_u16(&payload[3..5]) as usize;
+        if reason_len > MAX_REASON_BYTES || payload.len() != 5 + reason_len {
+            return Err(malformed(
+                "hello-ack",
+                format!("reason of {reason_len} bytes in {} bytes", payload.len()),
+            ));
+        }
+        let reason = String::from_utf8_lossy(&payload[5..]).into_owned();
+        match payload[0] {
+            1 => Ok(HelloAck::Accepted {
+                version: le_u16(&payload[1..3]),
+            }),
+            2 => Ok(HelloAck::Refused { reason }),
+            other => Err(malformed("hello-ack", format!("status {other}"))),
+        }
+    }
+}
+
+/// A short text carried by `Abort` frames; bounded like rejection reasons.
+pub fn encode_reason(reason: &str) -> Vec<u8> {
+    let mut end = reason.len().min(MAX_REASON_BYTES);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    reason.as_bytes()[..end].to_vec()
+}
+
+pub fn decode_reason(payload: &[u8]) -> String {
+    String::from_utf8_lossy(&payload[..payload.len().min(MAX_REASON_BYTES)]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello() -> Hello {
+        Hello {
+            session_id: 0xfeed,
+            connection_index: 1,
+            connection_count: 4,
+            page_size: 4096,
+            codec: Codec::Zlib { level: 1 },
+            xbzrle: true,
+            region_bytes: vec![1 << 30, 4096 * 3],
+        }
+    }
+
+    #[test]
+    fn hello_round_trip() {
+        let hello = hello();
+        assert_eq!(Hello::decode(&hello.encode()).unwrap(), hello);
+    }
+
+    #[test]
+    fn hello_rejects_bad_fields() {
+        let good = hello().encode();
+        for (offset, value) in [(10usize, 0u8), (13, 0), (16, 9), (18, 2), (19, 1), (20, 0)] {
+            let mut bad = good.clone();
+            bad[offset] = value;
+            assert!(
+                Hello::decode(&bad).is_err(),
+                "offset {offset} = {value} accepted"
+            );
+        }
+        assert!(Hello::decode(&good[..good.len() - 1]).is_err());
+        let mut odd_region = hello();
+        odd_region.region_bytes[0] = 4097;
+        assert!(Hello::decode(&odd_region.encode()).is_err());
+    }
+
+    #[test]
+    fn preamble_checks_magic_and_version() {
+        assert_eq!(accept_preamble(&encode_preamble()), Ok(1));
+        let mut wrong = encode_preamble();
+        wrong[0] = b'X';
+        assert!(matches!(
+            accept_preamble(&wrong),
+            Err(HandshakeError::BadMagic { .. })
+        ));
+        let mut newer = encode_preamble();
+        newer[8..10].copy_from_slice(&2u16.to_le_bytes());
+        newer[10..12].copy_from_slice(&3u16.to_le_bytes());
+        let err = accept_preamble(&newer).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "no common protocol version: peer speaks 2..=3, we speak 1..=1"
+        );
+    }
+
+    #[test]
+    fn ack_round_trip() {
+        for ack in [
+            HelloAck::Accepted { version: 1 },
+            HelloAck::Refused {
+                reason: "too big".into(),
+            },
+        ] {
+            assert_eq!(HelloAck::decode(&ack.encode()).unwrap(), ack);
+        }
+        assert!(HelloAck::decode(&[3, 0, 0, 0, 0]).is_err());
+    }
+}

@@ -1,0 +1,35 @@
+//! How the engine reads and writes guest memory: a small consumer trait in the shape of
+//! rust-vmm's vm-memory, so the synthetic guest, a VMM's own memory and QEMU-stream pages
+//! all fit. The engine never assumes how memory is provided.
+
+use crate::PAGE_SIZE_BYTES;
+
+/// Guest memory as a list of regions of 4 KiB pages.
+///
+/// Reads may race with a running guest's writes (as KVM guest RAM does with a VMM's
+/// reads): a torn copy is harmless because the dirty log marks the page again and a later
+/// round re-sends it. Implementations must never hand out references into guest memory
+/// that outlive a call.
+pub trait GuestMemory: Send + Sync {
+    /// Size of each region in bytes (each a multiple of the page size).
+    fn region_bytes(&self) -> Vec<u64>;
+
+    /// Copies page `page` of `region` into `dst` (one page long).
+    fn read_page(&self, region: usize, page: u64, dst: &mut [u8]);
+
+    /// Overwrites page `page` of `region` with `src` (one page long).
+    fn write_page(&self, region: usize, page: u64, src: &[u8]);
+
+    /// Sets `count` pages from `first` to zero.
+    fn zero_pages(&self, region: usize, first: u64, count: u64) {
+        let zero = [0u8; PAGE_SIZE_BYTES];
+        for page in first..first + count {
+            self.write_page(region, page, &zero);
+        }
+    }
+}
+
+/// Pages in a region of `bytes` bytes.
+pub fn pages_of(bytes: u64) -> u64 {
+    bytes / PAGE_SIZE_BYTES as u64
+}

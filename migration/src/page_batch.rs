@@ -1,0 +1,458 @@
+//! The payload of a `Pages` frame: a batch of encoded pages of one memory region.
+//!
+//! ```text
+//! region u16 | entry_count u16 | reserved u32 (0)
+//! entry_count x entry:
+//!   page u32 (index in the region) | encoding u8 | body
+//!     1 zero-run : count u32            (no payload: the pages are all zero)
+//!     2 raw      : 4096 bytes
+//!     3 lz4      : len u16 | len bytes  (1 <= len < 4096)
+//!     4 zlib     : len u16 | len bytes  (raw deflate, 1 <= len < 4096)
+//!     5 xbzrle   : base_epoch u32 | len u16 | len bytes (delta against the copy of the
+//!                  page the destination holds from round base_epoch; len < 4096)
+//! ```
+//! Every page index and run is checked against the region's size before use.
+
+use crate::codec::Codec;
+use crate::frame::{le_u16, le_u32};
+use crate::PAGE_SIZE_BYTES;
+use thiserror::Error;
+
+pub const BATCH_HEADER_BYTES: usize = 8;
+
+/// A batch covers at most this many entries. It bounds the work a receiver does per frame
+/// and, with at most one page per entry (a zero run is one entry), keeps a batch of raw
+/// pages (64 x 4 KiB) well under the frame payload limit.
+pub const MAX_ENTRIES_PER_BATCH: usize = 64;
+
+/// Bound on a batch payload: every entry raw, plus headers.
+pub const MAX_BATCH_BYTES: usize =
+    BATCH_HEADER_BYTES + MAX_ENTRIES_PER_BATCH * (5 + 6 + PAGE_SIZE_BYTES);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Encoding {
+    ZeroRun = 1,
+    Raw = 2,
+    Lz4 = 3,
+    Zlib = 4,
+    Xbzrle = 5,
+}
+
+/// One decoded entry of a batch, borrowing its data from the frame payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageEntry<'a> {
+    ZeroRun {
+        page: u32,
+        count: u32,
+    },
+    Raw {
+        page: u32,
+        data: &'a [u8],
+    },
+    Compressed {
+        page: u32,
+        codec: Codec,
+        data: &'a [u8],
+    },
+    Xbzrle {
+        page: u32,
+        base_epoch: u32,
+        data: &'a [u8],
+    },
+}
+
+impl PageEntry<'_> {
+    /// Number of pages this entry covers.
+    pub fn pages(&self) -> u64 {
+        match self {
+            PageEntry::ZeroRun { count, .. } => u64::from(*count),
+            _ => 1,
+        }
+    }
+
+    pub fn first_page(&self) -> u32 {
+        match *self {
+            PageEntry::ZeroRun { page, .. }
+            | PageEntry::Raw { page, .. }
+            | PageEntry::Compressed { page, .. }
+            | PageEntry::Xbzrle { page, .. } => page,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum BatchError {
+    #[error("page batch of {len} bytes is shorter than its header")]
+    ShortHeader { len: usize },
+    #[error("page batch names region {region}, the session has {regions}")]
+    NoSuchRegion { region: u16, regions: usize },
+    #[error("page batch declares {count} entries (limit {MAX_ENTRIES_PER_BATCH})")]
+    TooManyEntries { count: u16 },
+    #[error("page batch ends inside entry {index}")]
+    Truncated { index: usize },
+    #[error("entry {index} has unknown encoding {encoding}")]
+    UnknownEncoding { index: usize, encoding: u8 },
+    #[error("entry {index} covers pages {first}..{end} of a region of {region_pages} pages")]
+    OutOfRange {
+        index: usize,
+        first: u64,
+        end: u64,
+        region_pages: u64,
+    },
+    #[error("entry {index} has a payload of {len} bytes, outside 1..{PAGE_SIZE_BYTES}")]
+    BadLength { index: usize, len: usize },
+    #[error("entry {index} uses {got}, which the session did not negotiate")]
+    NotNegotiated { index: usize, got: &'static str },
+    #[error("page batch has {extra} bytes after its last entry")]
+    TrailingBytes { extra: usize },
+}
+
+/// A validated view of a page batch.
+#[derive(Debug, Clone, Copy)]
+pub struct PageBatch<'a> {
+    pub region: u16,
+    entry_count: u16,
+    entries: &'a [u8],
+}
+
+/// What a receiver allows: the region sizes and negotiated encodings of its session.
+#[derive(Debug, Clone)]
+pub struct BatchLimits<'a> {
+    pub region_pages: &'a [u64],
+    pub codec: Codec,
+    pub xbzrle: bool,
+}
+
+impl<'a> PageBatch<'a> {
+    pub fn parse(payload: &'a [u8], limits: &BatchLimits<'_>) -> Result<Self, BatchError> {
+        if payload.len() < BATCH_HEADER_BYTES {
+            return Err(BatchError::ShortHeader { len: payload.len() });
+        }
+        let region = le_u16(&payload[0..2]);
+        if usize::from(region) >= limits.region_pages.len() {
+            return Err(BatchError::NoSuchRegion {
+                region,
+                regions: limits.region_pages.len(),
+            });
+        }
+        let entry_count = le_u16(&payload[2..4]);
+        if usize::from(entry_count) > MAX_ENTRIES_PER_BATCH {
+            return Err(BatchError::TooManyEntries { count: entry_count });
+        }
+        Ok(PageBatch {
+            region,
+            entry_count,
+            entries: &payload[BATCH_HEADER_BYTES..],
+        })
+    }
+
+    /// Decodes every entry, checking each against `limits`, and hands it to `apply`.
+    /// Stops at the first malformed entry or the first error from `apply`.
+    pub fn for_each<E: From<BatchError>>(
+        &self,
+        limits: &BatchLimits<'_>,
+        mut apply: impl FnMut(PageEntry<'a>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let region_pages = limits.region_pages[usize::from(self.region)];
+        let mut rest = self.entries;
+        for index in 0..usize::from(self.entry_count) {
+            let (entry, tail) = parse_entry(index, rest, limits)?;
+            let first = u64::from(entry.first_page());
+            let end = first + entry.pages();
+            if end > region_pages || entry.pages() == 0 {
+                return Err(BatchError::OutOfRange {
+                    index,
+                    first,
+                    end,
+                    region_pages,
+                }
+                .into());
+            }
+            apply(entry)?;
+            rest = tail;
+        }
+        if !rest.is_empty() {
+            return Err(BatchError::TrailingBytes { extra: rest.len() }.into());
+        }
+        Ok(())
+    }
+}
+
+fn parse_entry<'a>(
+    index: usize,
+    bytes: &'a [u8],
+    limits: &BatchLimits<'_>,
+) -> Result<(PageEntry<'a>, &'a [u8]), BatchError> {
+    let truncated = BatchError::Truncated { index };
+    let take = |bytes: &'a [u8], n: usize| -> Result<(&'a [u8], &'a [u8]), BatchError> {
+        if bytes.len() < n {
+            Err(BatchError::Truncated { index })
+        } else {
+            Ok(bytes.split_at(n))
+        }
+    };
+    let sized = |bytes: &'a [u8]| -> Result<(&'a [u8], &'a [u8]), BatchError> {
+        let (len, rest) = take(bytes, 2)?;
+        let len = usize::from(le_u16(len));
+        if len == 0 || len >= PAGE_SIZE_BYTES {
+            return Err(BatchError::BadLength { index, len });
+        }
+        take(rest, len)
+    };
+    if bytes.len() < 5 {
+        return Err(truncated);
+    }
+    let page = le_u32(&bytes[0..4]);
+    let encoding = bytes[4];
+    let body = &bytes[5..];
+    let (entry, rest) = match encoding {
+        e if e == Encoding::ZeroRun as u8 => {
+            let (count, rest) = take(body, 4)?;
+            (
+                PageEntry::ZeroRun {
+                    page,
+                    count: le_u32(count),
+                },
+                rest,
+            )
+        }
+        e if e == Encoding::Raw as u8 => {
+            let (data, rest) = take(body, PAGE_SIZE_BYTES)?;
+            (PageEntry::Raw { page, data }, rest)
+        }
+        e if e == Encoding::Lz4 as u8 || e == Encoding::Zlib as u8 => {
+            let is_lz4 = e == Encoding::Lz4 as u8;
+            let negotiated = matches!(
+                (is_lz4, limits.codec),
+                (true, Codec::Lz4) | (false, Codec::Zlib { .. })
+            );
+            if !negotiated {
+                return Err(BatchError::NotNegotiated {
+                    index,
+                    got: if is_lz4 { "lz4" } else { "zlib" },
+                });
+            }
+            let (data, rest) = sized(body)?;
+            (
+                PageEntry::Compressed {
+                    page,
+                    codec: limits.codec,
+                    data,
+                },
+                rest,
+            )
+        }
+        e if e == Encoding::Xbzrle as u8 => {
+            if !limits.xbzrle {
+                return Err(BatchError::NotNegotiated {
+                    index,
+                    got: "xbzrle",
+                });
+            }
+            let (base, rest) = take(body, 4)?;
+            let (data, rest) = sized(rest)?;
+            (
+                PageEntry::Xbzrle {
+                    page,
+                    base_epoch: le_u32(base),
+                    data,
+                },
+                rest,
+            )
+        }
+        encoding => return Err(BatchError::UnknownEncoding { index, encoding }),
+    };
+    Ok((entry, rest))
+}
+
+/// Writes a page batch into a frame payload, entry by entry.
+pub struct BatchWriter<'b> {
+    out: &'b mut Vec<u8>,
+    start: usize,
+    entries: u16,
+}
+
+impl<'b> BatchWriter<'b> {
+    /// Starts a batch at the end of `out` (normally a `FrameBuf` payload).
+    pub fn new(out: &'b mut Vec<u8>, region: u16) -> Self {
+        let start = out.len();
+        out.extend_from_slice(&region.to_le_bytes());
+        out.extend_from_slice(&[0u8; 6]);
+        BatchWriter {
+            out,
+            start,
+            entries: 0,
+        }
+    }
+
+    pub fn entries(&self) -> usize {
+        usize::from(self.entries)
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.entries() >= MAX_ENTRIES_PER_BATCH
+    }
+
+    fn entry(&mut self, page: u32, encoding: Encoding) {
+        assert!(!self.is_full(), "page batch is full");
+        self.entries += 1;
+        self.out.extend_from_slice(&page.to_le_bytes());
+        self.out.push(encoding as u8);
+    }
+
+    pub fn zero_run(&mut self, page: u32, count: u32) {
+        self.entry(page, Encoding::ZeroRun);
+        self.out.extend_from_slice(&count.to_le_bytes());
+    }
+
+    pub fn raw(&mut self, page: u32, data: &[u8]) {
+        assert_eq!(data.len(), PAGE_SIZE_BYTES);
+        self.entry(page, Encoding::Raw);
+        self.out.extend_from_slice(data);
+    }
+
+    pub fn compressed(&mut self, page: u32, codec: Codec, data: &[u8]) {
+        let encoding = match codec {
+            Codec::Lz4 => Encoding::Lz4,
+            Codec::Zlib { .. } => Encoding::Zlib,
+            Codec::None => panic!("codec none has no compressed entries"),
+        };
+        assert!(!data.is_empty() && data.len() < PAGE_SIZE_BYTES);
+        self.entry(page, encoding);
+        self.out
+            .extend_from_slice(&(data.len() as u16).to_le_bytes());
+        self.out.extend_from_slice(data);
+    }
+
+    pub fn xbzrle(&mut self, page: u32, base_epoch: u32, data: &[u8]) {
+        assert!(!data.is_empty() && data.len() < PAGE_SIZE_BYTES);
+        self.entry(page, Encoding::Xbzrle);
+        self.out.extend_from_slice(&base_epoch.to_le_bytes());
+        self.out
+            .extend_from_slice(&(data.len() as u16).to_le_bytes());
+        self.out.extend_from_slice(data);
+    }
+}
+
+impl Drop for BatchWriter<'_> {
+    fn drop(&mut self) {
+        let at = self.start + 2;
+        self.out[at..at + 2].copy_from_slice(&self.entries.to_le_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(region_pages: &[u64]) -> BatchLimits<'_> {
+        BatchLimits {
+            region_pages,
+            codec: Codec::Lz4,
+            xbzrle: true,
+        }
+    }
+
+    fn collect<'a>(
+        payload: &'a [u8],
+        limits: &BatchLimits<'_>,
+    ) -> Result<Vec<PageEntry<'a>>, BatchError> {
+        let batch = PageBatch::parse(payload, limits)?;
+        let mut entries = Vec::new();
+        batch.for_each(limits, |entry| {
+            entries.push(entry);
+            Ok::<_, BatchError>(())
+        })?;
+        Ok(entries)
+    }
+
+    fn sample() -> Vec<u8> {
+        let mut payload = Vec::new();
+        let raw = vec![7u8; PAGE_SIZE_BYTES];
+        {
+            let mut writer = BatchWriter::new(&mut payload, 1);
+            writer.zero_run(0, 10);
+            writer.raw(10, &raw);
+            writer.compressed(11, Codec::Lz4, &[1, 2, 3]);
+            writer.xbzrle(12, 4, &[5, 6]);
+        }
+        payload
+    }
+
+    #[test]
+    fn write_parse_round_trip() {
+        let payload = sample();
+        let entries = collect(&payload, &limits(&[1, 13])).unwrap();
+        assert_eq!(entries.len(), 4);
+        assert_eq!(entries[0], PageEntry::ZeroRun { page: 0, count: 10 });
+        assert!(
+            matches!(entries[1], PageEntry::Raw { page: 10, data } if data == &[7u8; PAGE_SIZE_BYTES][..])
+        );
+        assert_eq!(
+            entries[2],
+            PageEntry::Compressed {
+                page: 11,
+                codec: Codec::Lz4,
+                data: &[1, 2, 3]
+            }
+        );
+        assert_eq!(
+            entries[3],
+            PageEntry::Xbzrle {
+                page: 12,
+                base_epoch: 4,
+                data: &[5, 6]
+            }
+        );
+    }
+
+    #[test]
+    fn out_of_range_pages_are_rejected() {
+        let payload = sample();
+        assert!(matches!(
+            collect(&payload, &limits(&[1, 12])),
+            Err(BatchError::OutOfRange { index: 3, .. })
+        ));
+        assert!(matches!(
+            collect(&payload, &limits(&[1])),
+            Err(BatchError::NoSuchRegion { .. })
+        ));
+    }
+
+    #[test]
+    fn unnegotiated_encodings_are_rejected() {
+        let payload = sample();
+        let zlib_only = BatchLimits {
+            region_pages: &[1, 13],
+            codec: Codec::Zlib { level: 1 },
+            xbzrle: true,
+        };
+        assert!(matches!(
+            collect(&payload, &zlib_only),
+            Err(BatchError::NotNegotiated {
+                index: 2,
+                got: "lz4"
+            })
+        ));
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        let payload = sample();
+        for len in 0..payload.len() {
+            assert!(
+                collect(&payload[..len], &limits(&[1, 13])).is_err(),
+                "truncated to {len} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        use proptest::prelude::*;
+        proptest!(|(bytes in proptest::collection::vec(any::<u8>(), 0..6000))| {
+            let _ = collect(&bytes, &limits(&[1000, 5]));
+        });
+    }
+}

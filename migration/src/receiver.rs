@@ -1,0 +1,486 @@
+//! The destination's protocol logic, without IO: what each connection may receive next,
+//! the page-epoch table that keeps stale pages and misplaced deltas out, and the decoding
+//! of page batches into guest memory.
+//!
+//! Ordering across connections works by rounds: every connection ends each epoch with a
+//! `RoundEnd` frame that counts the page frames it carried, and the transport holds every
+//! connection at that point until all of them have reached it and every page of the epoch
+//! is applied (a barrier). On top of that, each page records the epoch it was last written
+//! in, so a page can be written at most once per epoch and an XBZRLE delta applies only to
+//! the exact version it was computed from.
+
+use crate::codec::{DecompressError, PageDecompressor};
+use crate::frame::{le_u32, le_u64, FrameError, FrameHeader, FrameKind, SeqCounter};
+use crate::memory::GuestMemory;
+use crate::page_batch::{BatchError, BatchLimits, PageBatch, PageEntry};
+use crate::xbzrle::{self, XbzrleError};
+use crate::PAGE_SIZE_BYTES;
+use std::sync::atomic::{AtomicU32, Ordering};
+use thiserror::Error;
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ReceiveError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error(transparent)]
+    Batch(#[from] BatchError),
+    #[error("region {region} page {page}: {source}")]
+    Decompress {
+        region: u16,
+        page: u64,
+        source: DecompressError,
+    },
+    #[error("region {region} page {page}: corrupt XBZRLE delta: {source}")]
+    Xbzrle {
+        region: u16,
+        page: u64,
+        source: XbzrleError,
+    },
+    #[error("region {region} page {page}: delta made against round {base}, but the page is from round {held}")]
+    DeltaBase {
+        region: u16,
+        page: u64,
+        base: u32,
+        held: u32,
+    },
+    #[error("region {region} page {page} sent twice in round {epoch} (held from round {held})")]
+    StalePage {
+        region: u16,
+        page: u64,
+        epoch: u32,
+        held: u32,
+    },
+    #[error("protocol violation on connection {connection}: {detail}")]
+    Protocol { connection: u16, detail: String },
+}
+
+/// What a frame on a connection means for the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inbound {
+    /// A batch of pages of the connection's current epoch: decode and apply it.
+    Pages,
+    /// The connection finished `epoch`: wait at the barrier before reading on.
+    RoundEnd {
+        epoch: u32,
+    },
+    /// The guest's device state (connection 0, final round).
+    DeviceState,
+    /// The final round `final_epoch` was sent: check and answer Ready.
+    Complete {
+        final_epoch: u32,
+    },
+    Commit,
+    VerifyDigest,
+    Abort,
+}
+
+/// Per-connection receive state: sequence numbers, the current epoch, frames per epoch.
+#[derive(Debug)]
+pub struct ConnectionInbound {
+    connection: u16,
+    seq: SeqCounter,
+    epoch: u32,
+    pages_frames: u64,
+    device_state_seen: bool,
+    complete: bool,
+}
+
+/// Epoch 0 is the handshake; page rounds start at 1 (the bulk round).
+pub const FIRST_EPOCH: u32 = 1;
+
+impl ConnectionInbound {
+    /// `seq` is where sequence numbers continue after the handshake frames.
+    pub fn new(connection: u16, next_seq: u64) -> Self {
+        let mut seq = SeqCounter::default();
+        for _ in 0..next_seq {
+            seq.take();
+        }
+        ConnectionInbound {
+            connection,
+            seq,
+            epoch: FIRST_EPOCH,
+            pages_frames: 0,
+            device_state_seen: false,
+            complete: false,
+        }
+    }
+
+    /// The epoch this connection is receiving.
+    pub fn epoch(&self) -> u32 {
+        self.epoch
+    }
+
+    fn violation(&self, detail: impl Into<String>) -> ReceiveError {
+        ReceiveError::Protocol {
+            connection: self.connection,
+            detail: detail.into(),
+        }
+    }
+
+    /// Checks a frame (header already parsed and checksummed) against the connection's
+    /// state and advances it.
+    pub fn on_frame(
+        &mut self,
+        header: &FrameHeader,
+        payload: &[u8],
+    ) -> Result<Inbound, ReceiveError> {
+        self.seq.accept(header.seq)?;
+        if header.kind == FrameKind::Abort {
+            return Ok(Inbound::Abort);
+        }
+        if self.complete && !matches!(header.kind, FrameKind::Commit | FrameKind::VerifyDigest) {
+            return Err(self.violation(format!("{:?} frame after Complete", header.kind)));
+        }
+        let control_only = self.connection == 0;
+        match header.kind {
+            FrameKind::Pages | FrameKind::RoundEnd | FrameKind::DeviceState
+                if header.epoch != self.epoch =>
+            {
+                Err(self.violation(format!(
+                    "{:?} frame for round {} while in round {}",
+                    header.kind, header.epoch, self.epoch
+                )))
+            }
+            FrameKind::Pages => {
+                self.pages_frames += 1;
+                Ok(Inbound::Pages)
+            }
+            FrameKind::RoundEnd => {
+                if payload.len() != 8 {
+                    return Err(
+                        self.violation(format!("RoundEnd payload of {} bytes", payload.len()))
+                    );
+                }
+                let declared = le_u64(payload);
+                if declared != self.pages_frames {
+                    return Err(self.violation(format!(
+                        "round {} ended after {} page frames, the source sent {declared}",
+                        self.epoch, self.pages_frames
+                    )));
+                }
+                let epoch = self.epoch;
+                self.epoch = epoch
+                    .checked_add(1)
+                    .ok_or_else(|| self.violation("epoch overflow"))?;
+                self.pages_frames = 0;
+                Ok(Inbound::RoundEnd { epoch })
+            }
+            FrameKind::DeviceState if control_only && !self.device_state_seen => {
+                self.device_state_seen = true;
+                Ok(Inbound::DeviceState)
+            }
+            FrameKind::Complete if control_only => {
+                if payload.len() != 4 {
+                    return Err(
+                        self.violation(format!("Complete payload of {} bytes", payload.len()))
+                    );
+                }
+                let final_epoch = le_u32(payload);
+                if final_epoch.checked_add(1) != Some(self.epoch) {
+                    return Err(self.violation(format!(
+                        "Complete names round {final_epoch}, but round {} is open",
+                        self.epoch
+                    )));
+                }
+                self.complete = true;
+                Ok(Inbound::Complete { final_epoch })
+            }
+            FrameKind::Commit if control_only && self.complete => Ok(Inbound::Commit),
+            FrameKind::VerifyDigest if control_only && self.complete => Ok(Inbound::VerifyDigest),
+            kind => Err(self.violation(format!("unexpected {kind:?} frame"))),
+        }
+    }
+}
+
+/// The epoch each destination page was last written in (0: never written, still zero).
+pub struct PageEpochs {
+    regions: Vec<Vec<AtomicU32>>,
+}
+
+impl PageEpochs {
+    pub fn new(region_pages: &[u64]) -> Self {
+        PageEpochs {
+            regions: region_pages
+                .iter()
+                .map(|&pages| (0..pages).map(|_| AtomicU32::new(0)).collect())
+                .collect(),
+        }
+    }
+
+    /// Records that `pages` from `first` are written in `epoch`. Fails if any of them was
+    /// already written in this or a later epoch: with the round barrier that can only be
+    /// a page sent twice in one round, which would otherwise race two writers.
+    /// Returns the epoch the page held before (0: never written).
+    fn claim(&self, region: u16, page: u64, epoch: u32) -> Result<u32, ReceiveError> {
+        let held = self.regions[usize::from(region)][page as usize].swap(epoch, Ordering::AcqRel);
+        if held >= epoch {
+            return Err(ReceiveError::StalePage {
+                region,
+                page,
+                epoch,
+                held,
+            });
+        }
+        Ok(held)
+    }
+
+    fn held(&self, region: u16, page: u64) -> u32 {
+        self.regions[usize::from(region)][page as usize].load(Ordering::Acquire)
+    }
+}
+
+/// Per-worker counters of what was applied.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ApplyCounters {
+    pub zero_pages: u64,
+    pub raw_pages: u64,
+    pub compressed_pages: u64,
+    pub xbzrle_pages: u64,
+}
+
+impl ApplyCounters {
+    pub fn merge(&mut self, other: &ApplyCounters) {
+        self.zero_pages += other.zero_pages;
+        self.raw_pages += other.raw_pages;
+        self.compressed_pages += other.compressed_pages;
+        self.xbzrle_pages += other.xbzrle_pages;
+    }
+}
+
+/// Decodes one `Pages` frame of `epoch` and writes its pages into `memory`.
+/// `scratch` is one page of worker-owned buffer.
+pub fn apply_batch(
+    payload: &[u8],
+    epoch: u32,
+    limits: &BatchLimits<'_>,
+    memory: &dyn GuestMemory,
+    epochs: &PageEpochs,
+    decompressor: &mut PageDecompressor,
+    scratch: &mut [u8; PAGE_SIZE_BYTES],
+    counters: &mut ApplyCounters,
+) -> Result<(), ReceiveError> {
+    let batch = PageBatch::parse(payload, limits)?;
+    let region = batch.region;
+    let r = usize::from(region);
+    batch.for_each(limits, |entry| {
+        let page = u64::from(entry.first_page());
+        match entry {
+            PageEntry::ZeroRun { count, .. } => {
+                // Destination memory starts zeroed: a page never written needs no store
+                // (and is not faulted in), which keeps the bulk stage cheap.
+                for zero_page in page..page + u64::from(count) {
+                    if epochs.claim(region, zero_page, epoch)? != 0 {
+                        memory.zero_pages(r, zero_page, 1);
+                    }
+                }
+                counters.zero_pages += u64::from(count);
+            }
+            PageEntry::Raw { data, .. } => {
+                epochs.claim(region, page, epoch)?;
+                memory.write_page(r, page, data);
+                counters.raw_pages += 1;
+            }
+            PageEntry::Compressed { codec, data, .. } => {
+                decompressor
+                    .decompress(codec, data, scratch)
+                    .map_err(|source| ReceiveError::Decompress {
+                        region,
+                        page,
+                        source,
+                    })?;
+                epochs.claim(region, page, epoch)?;
+                memory.write_page(r, page, scratch);
+                counters.compressed_pages += 1;
+            }
+            PageEntry::Xbzrle {
+                base_epoch, data, ..
+            } => {
+                let held = epochs.held(region, page);
+                if held != base_epoch || base_epoch == 0 {
+                    return Err(ReceiveError::DeltaBase {
+                        region,
+                        page,
+                        base: base_epoch,
+                        held,
+                    });
+                }
+                memory.read_page(r, page, scratch);
+                xbzrle::decode(data, scratch).map_err(|source| ReceiveError::Xbzrle {
+                    region,
+                    page,
+                    source,
+                })?;
+                epochs.claim(region, page, epoch)?;
+                memory.write_page(r, page, scratch);
+                counters.xbzrle_pages += 1;
+            }
+        }
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::Codec;
+    use crate::frame::FrameHeader;
+    use crate::page_batch::BatchWriter;
+    use std::sync::Mutex;
+
+    struct VecMemory(Mutex<Vec<u8>>);
+    impl GuestMemory for VecMemory {
+        fn region_bytes(&self) -> Vec<u64> {
+            vec![self.0.lock().unwrap().len() as u64]
+        }
+        fn read_page(&self, _: usize, page: u64, dst: &mut [u8]) {
+            let at = page as usize * PAGE_SIZE_BYTES;
+            dst.copy_from_slice(&self.0.lock().unwrap()[at..at + PAGE_SIZE_BYTES]);
+        }
+        fn write_page(&self, _: usize, page: u64, src: &[u8]) {
+            let at = page as usize * PAGE_SIZE_BYTES;
+            self.0.lock().unwrap()[at..at + PAGE_SIZE_BYTES].copy_from_slice(src);
+        }
+    }
+
+    fn header(kind: FrameKind, epoch: u32, seq: u64) -> FrameHeader {
+        FrameHeader {
+            kind,
+            epoch,
+            seq,
+            length: 0,
+            crc: 0,
+        }
+    }
+
+    #[test]
+    fn round_end_must_count_the_frames() {
+        let mut inbound = ConnectionInbound::new(1, 0);
+        assert_eq!(
+            inbound
+                .on_frame(&header(FrameKind::Pages, 1, 0), &[])
+                .unwrap(),
+            Inbound::Pages
+        );
+        let err = inbound
+            .on_frame(&header(FrameKind::RoundEnd, 1, 1), &2u64.to_le_bytes())
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("1 page frames, the source sent 2"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn frames_of_another_round_are_rejected() {
+        let mut inbound = ConnectionInbound::new(0, 0);
+        assert!(inbound
+            .on_frame(&header(FrameKind::Pages, 2, 0), &[])
+            .is_err());
+        let mut inbound = ConnectionInbound::new(0, 0);
+        assert_eq!(
+            inbound
+                .on_frame(&header(FrameKind::RoundEnd, 1, 0), &0u64.to_le_bytes())
+                .unwrap(),
+            Inbound::RoundEnd { epoch: 1 }
+        );
+        assert!(inbound
+            .on_frame(&header(FrameKind::Pages, 1, 1), &[])
+            .is_err());
+    }
+
+    #[test]
+    fn complete_only_on_connection_zero_after_its_round() {
+        let mut other = ConnectionInbound::new(1, 0);
+        other
+            .on_frame(&header(FrameKind::RoundEnd, 1, 0), &0u64.to_le_bytes())
+            .unwrap();
+        assert!(other
+            .on_frame(&header(FrameKind::Complete, 0, 1), &1u32.to_le_bytes())
+            .is_err());
+        let mut control = ConnectionInbound::new(0, 0);
+        assert!(control
+            .on_frame(&header(FrameKind::Complete, 0, 0), &1u32.to_le_bytes())
+            .is_err());
+        let mut control = ConnectionInbound::new(0, 0);
+        control
+            .on_frame(&header(FrameKind::RoundEnd, 1, 0), &0u64.to_le_bytes())
+            .unwrap();
+        assert_eq!(
+            control
+                .on_frame(&header(FrameKind::Complete, 0, 1), &1u32.to_le_bytes())
+                .unwrap(),
+            Inbound::Complete { final_epoch: 1 }
+        );
+        assert!(control
+            .on_frame(&header(FrameKind::Pages, 2, 2), &[])
+            .is_err());
+        assert_eq!(
+            control
+                .on_frame(&header(FrameKind::Commit, 0, 3), &[])
+                .unwrap(),
+            Inbound::Commit
+        );
+    }
+
+    #[test]
+    fn deltas_apply_only_to_their_base_and_pages_once_per_round() {
+        let memory = VecMemory(Mutex::new(vec![0; 4 * PAGE_SIZE_BYTES]));
+        let pages = [4u64];
+        let limits = BatchLimits {
+            region_pages: &pages,
+            codec: Codec::None,
+            xbzrle: true,
+        };
+        let epochs = PageEpochs::new(&pages);
+        let mut decompressor = PageDecompressor::default();
+        let mut scratch = [0u8; PAGE_SIZE_BYTES];
+        let mut counters = ApplyCounters::default();
+        let mut apply = |payload: &[u8], epoch| {
+            apply_batch(
+                payload,
+                epoch,
+                &limits,
+                &memory,
+                &epochs,
+                &mut decompressor,
+                &mut scratch,
+                &mut counters,
+            )
+        };
+        let v1 = vec![1u8; PAGE_SIZE_BYTES];
+        let mut v2 = v1.clone();
+        v2[100] = 9;
+        let mut delta = vec![0u8; 64];
+        let len = xbzrle::encode(&v1, &v2, &mut delta).unwrap();
+
+        let mut raw = Vec::new();
+        BatchWriter::new(&mut raw, 0).raw(2, &v1);
+        let mut xb = Vec::new();
+        BatchWriter::new(&mut xb, 0).xbzrle(2, 1, &delta[..len]);
+
+        // The delta before its base is refused.
+        assert!(matches!(
+            apply(&xb, 2),
+            Err(ReceiveError::DeltaBase { held: 0, .. })
+        ));
+        apply(&raw, 1).unwrap();
+        // The same page twice in one round is refused.
+        assert!(matches!(
+            apply(&raw, 1),
+            Err(ReceiveError::StalePage { .. })
+        ));
+        apply(&xb, 2).unwrap();
+        let mut page = vec![0u8; PAGE_SIZE_BYTES];
+        memory.read_page(0, 2, &mut page);
+        assert_eq!(page, v2);
+        // A delta against round 1 no longer applies once round 2 wrote the page.
+        assert!(matches!(
+            apply(&xb, 3),
+            Err(ReceiveError::DeltaBase {
+                base: 1,
+                held: 2,
+                ..
+            })
+        ));
+    }
+}

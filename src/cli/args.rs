@@ -1,0 +1,172 @@
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use migration::codec::Codec;
+use std::net::SocketAddr;
+use transport::synthetic::WorkloadSpec;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vmigrate",
+    version,
+    about = "Live migration of guest memory: iterative pre-copy with compression, XBZRLE and zero-page elision"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Migrate a synthetic guest between a source and a destination in this process.
+    Demo(DemoArgs),
+    /// Migrate a synthetic guest to a destination started with `vmigrate recv`.
+    Send(SendArgs),
+    /// Receive one migration, run the resumed guest for --run-after seconds, and exit.
+    Recv(RecvArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct GuestArgs {
+    /// Guest kind: only the synthetic guest today.
+    #[arg(long, default_value = "synthetic")]
+    pub guest: GuestKind,
+    /// Guest RAM size (e.g. 256MiB, 4GiB).
+    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+    pub mem: u64,
+    /// idle | seq[:PAGES_PER_S] | dirty:AREA:PAGES_PER_S:BITS
+    #[arg(long, default_value = "seq")]
+    pub workload: WorkloadSpec,
+    /// Seconds the guest runs before the migration starts.
+    #[arg(long, default_value_t = 0.2)]
+    pub warmup: f64,
+    /// Seed of the guest's random content (reproducible images).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestKind {
+    Synthetic,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnLimit {
+    Switchover,
+    Cancel,
+}
+
+/// Options that shape the migration (both sides).
+#[derive(Args, Debug, Clone)]
+pub struct MigrationArgs {
+    /// Page codec: none, lz4, zlib or zlib:LEVEL.
+    #[arg(long, default_value = "none")]
+    pub codec: Codec,
+    /// Pinned compression workers on the source.
+    #[arg(long, default_value_t = 2)]
+    pub compress_threads: usize,
+    /// Pinned decompression workers on the destination.
+    #[arg(long, default_value_t = 2)]
+    pub decompress_threads: usize,
+    /// Enable XBZRLE for re-sent pages with a cache of this size (e.g. 64MiB).
+    #[arg(long, value_parser = parse_size)]
+    pub xbzrle_cache: Option<u64>,
+    /// TCP connections carrying the migration.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub connections: u16,
+    /// Largest acceptable downtime, in milliseconds.
+    #[arg(long, default_value_t = 300)]
+    pub downtime_limit: u64,
+    /// Cap on the migration's bandwidth: bits (1gbit, 100mbit) or bytes (100MiB) per second.
+    #[arg(long, value_parser = parse_bandwidth)]
+    pub max_bandwidth: Option<u64>,
+    /// Throttle the guest when it dirties memory faster than it can be sent.
+    #[arg(long)]
+    pub auto_converge: bool,
+    /// Iterative rounds before --on-limit applies.
+    #[arg(long, default_value_t = 30)]
+    pub max_rounds: u32,
+    /// Seconds of pre-copy before --on-limit applies.
+    #[arg(long)]
+    pub precopy_timeout: Option<f64>,
+    /// What to do when rounds or time run out: force the switchover or cancel.
+    #[arg(long, value_enum, default_value = "switchover")]
+    pub on_limit: OnLimit,
+    /// Send every page in the bulk stage, not only the pages the guest used.
+    #[arg(long)]
+    pub no_skip_unused: bool,
+    /// Do not detect zero pages (send them like any page).
+    #[arg(long)]
+    pub no_zero_detect: bool,
+    /// Do teardown inside the downtime window (to measure what deferring it saves).
+    #[arg(long)]
+    pub no_deferred_cleanup: bool,
+    /// Hash all guest memory on both sides after completion and compare.
+    #[arg(long)]
+    pub verify: bool,
+    /// Do not pin worker threads to cores.
+    #[arg(long)]
+    pub no_pin: bool,
+    /// Guest memory on hugepages: auto (when reserved), on (required) or off.
+    #[arg(long, default_value = "auto")]
+    pub hugepages: String,
+    /// Print one JSON object instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    pub guest: GuestArgs,
+    #[command(flatten)]
+    pub migration: MigrationArgs,
+    /// Seconds the resumed guest runs on the destination before the demo ends.
+    #[arg(long, default_value_t = 1.0)]
+    pub run_after: f64,
+}
+
+#[derive(Args, Debug)]
+pub struct SendArgs {
+    /// Destination address (where `vmigrate recv --listen` runs).
+    #[arg(long)]
+    pub to: String,
+    #[command(flatten)]
+    pub guest: GuestArgs,
+    #[command(flatten)]
+    pub migration: MigrationArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct RecvArgs {
+    /// Address to listen on.
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// Seconds the resumed guest runs before recv exits.
+    #[arg(long, default_value_t = 1.0)]
+    pub run_after: f64,
+    /// Largest guest accepted.
+    #[arg(long, default_value = "64GiB", value_parser = parse_size)]
+    pub max_mem: u64,
+    /// Seconds to wait for the source to connect.
+    #[arg(long, default_value_t = 60.0)]
+    pub accept_timeout: f64,
+    #[command(flatten)]
+    pub migration: MigrationArgs,
+}
+
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    transport::synthetic::parse_size(text)
+}
+
+/// `1gbit`, `100mbit`, `10kbit` are bits per second; anything else is a size per second.
+pub fn parse_bandwidth(text: &str) -> Result<u64, String> {
+    let lower = text.to_ascii_lowercase();
+    for (suffix, scale) in [("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3)] {
+        if let Some(number) = lower.strip_suffix(suffix) {
+            let value: f64 = number
+                .parse()
+                .map_err(|_| format!("bad bandwidth {text:?}"))?;
+            return Ok((value * scale / 8.0) as u64);
+        }
+    }
+    parse_size(lower.trim_end_matches("/s"))
+}

@@ -1,0 +1,238 @@
+use super::args::{Cli, Command, DemoArgs, GuestArgs, MigrationArgs, OnLimit, RecvArgs, SendArgs};
+use super::report;
+use anyhow::{bail, Context, Result};
+use migration::precopy::{LimitAction, PrecopyConfig};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use transport::config::{DestinationConfig, SourceConfig};
+use transport::destination::{receive, DestinationReport};
+use transport::guest::{parse_huge_policy, GuestRam};
+use transport::pipe::{Acceptor, TcpAcceptor, TcpConnector, Timeouts};
+use transport::source::migrate;
+use transport::synthetic::{SyntheticDestination, SyntheticGuest};
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Demo(args) => demo(args),
+        Command::Send(args) => send(args),
+        Command::Recv(args) => recv(args),
+    }
+}
+
+fn source_config(args: &MigrationArgs) -> SourceConfig {
+    SourceConfig {
+        codec: args.codec,
+        compress_threads: args.compress_threads.max(1),
+        xbzrle_cache_bytes: args.xbzrle_cache,
+        connections: args.connections,
+        precopy: PrecopyConfig {
+            downtime_limit: Duration::from_millis(args.downtime_limit),
+            max_rounds: args.max_rounds,
+            timeout: args.precopy_timeout.map(Duration::from_secs_f64),
+            on_limit: match args.on_limit {
+                OnLimit::Switchover => LimitAction::Switchover,
+                OnLimit::Cancel => LimitAction::Cancel,
+            },
+            auto_converge: args.auto_converge,
+            ..PrecopyConfig::default()
+        },
+        max_bandwidth_bytes_per_s: args.max_bandwidth,
+        skip_unused: !args.no_skip_unused,
+        zero_detect: !args.no_zero_detect,
+        deferred_cleanup: !args.no_deferred_cleanup,
+        verify: args.verify,
+        pin_workers: !args.no_pin,
+        ..SourceConfig::default()
+    }
+}
+
+fn destination_config(
+    args: &MigrationArgs,
+    max_memory_bytes: u64,
+    accept_timeout: Duration,
+) -> DestinationConfig {
+    DestinationConfig {
+        decompress_threads: args.decompress_threads.max(1),
+        max_memory_bytes,
+        pin_workers: !args.no_pin,
+        accept_timeout,
+        deferred_cleanup: !args.no_deferred_cleanup,
+    }
+}
+
+fn boot_guest(guest: &GuestArgs, migration: &MigrationArgs) -> Result<SyntheticGuest> {
+    let policy = parse_huge_policy(&migration.hugepages).map_err(anyhow::Error::msg)?;
+    let layout = GuestRam::pc_layout(guest.mem);
+    let ram = Arc::new(GuestRam::allocate(&layout, policy).context("allocating guest memory")?);
+    let booted =
+        SyntheticGuest::boot(ram, guest.workload, guest.seed).map_err(anyhow::Error::msg)?;
+    std::thread::sleep(Duration::from_secs_f64(guest.warmup));
+    Ok(booted)
+}
+
+/// Lets the resumed guest run, then pauses it and checks its memory. Returns the stores it
+/// made after resuming (proof that it runs) and the check's verdict.
+fn run_destination_guest(
+    destination: &mut SyntheticDestination,
+    seconds: f64,
+) -> Result<serde_json::Value> {
+    let guest = destination.guest().context("no guest was resumed")?;
+    let before = guest.writes();
+    std::thread::sleep(Duration::from_secs_f64(seconds));
+    use transport::vm::SourceVm;
+    guest.pause();
+    let writes_after_resume = guest.writes() - before;
+    let check = guest.check();
+    let value = serde_json::json!({
+        "workload": guest.spec().to_string(),
+        "ran-seconds": seconds,
+        "writes-after-resume": writes_after_resume,
+        "check": match &check { Ok(()) => "ok".to_string(), Err(e) => e.clone() },
+    });
+    guest.shutdown();
+    check.map_err(anyhow::Error::msg)?;
+    Ok(value)
+}
+
+fn demo(args: DemoArgs) -> Result<ExitCode> {
+    let source_guest = boot_guest(&args.guest, &args.migration)?;
+    let backing = source_guest.ram().backing();
+    let timeouts = Timeouts::default();
+    let mut acceptor = TcpAcceptor::bind("127.0.0.1:0", timeouts)
+        .context("binding the demo's loopback listener")?;
+    let address = acceptor.local_socket_addr()?;
+    let policy = parse_huge_policy(&args.migration.hugepages).map_err(anyhow::Error::msg)?;
+    let dest_config = destination_config(&args.migration, args.guest.mem, Duration::from_secs(10));
+    let run_after = args.run_after;
+    let destination = std::thread::Builder::new()
+        .name("destination".into())
+        .spawn(move || {
+            let mut vm = SyntheticDestination::new(dest_config.max_memory_bytes, policy);
+            let report = receive(&mut acceptor, &mut vm, &dest_config)?;
+            let guest = run_destination_guest(&mut vm, run_after)?;
+            anyhow::Ok((report, guest))
+        })?;
+    let connector = TcpConnector::new(address, timeouts)?;
+    let config = source_config(&args.migration);
+    let mut progress = report::ProgressView::new(args.migration.json);
+    let result = migrate(&source_guest, &connector, &config, &mut |p| {
+        progress.update(p)
+    });
+    progress.finish();
+    let destination = destination
+        .join()
+        .map_err(|_| anyhow::anyhow!("destination thread panicked"))?;
+    let mut stats = match result {
+        Ok(stats) => stats,
+        Err(err) => {
+            let detail = destination
+                .err()
+                .map(|e| format!(" (destination: {e:#})"))
+                .unwrap_or_default();
+            bail!("migration failed: {err}{detail}");
+        }
+    };
+    let (dest_report, dest_guest) = destination.context("destination failed")?;
+    stats.guest_backing = backing.to_string();
+    print_outcome(
+        &stats,
+        Some(&dest_report),
+        Some(&dest_guest),
+        args.migration.json,
+    )
+}
+
+fn print_outcome(
+    stats: &migration::stats::MigrationStats,
+    destination: Option<&DestinationReport>,
+    guest: Option<&serde_json::Value>,
+    json: bool,
+) -> Result<ExitCode> {
+    if json {
+        let mut value = serde_json::to_value(stats)?;
+        if let Some(destination) = destination {
+            value["destination"] = serde_json::to_value(destination)?;
+        }
+        if let Some(guest) = guest {
+            value["destination-guest"] = guest.clone();
+        }
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        report::print_tables(stats, destination, guest);
+    }
+    if stats.verified == Some(false) {
+        eprintln!(
+            "vmigrate: error: verification failed: destination memory differs from the source's"
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn send(args: SendArgs) -> Result<ExitCode> {
+    let guest = boot_guest(&args.guest, &args.migration)?;
+    let connector = TcpConnector::new(args.to.as_str(), Timeouts::default())
+        .with_context(|| format!("resolving {}", args.to))?;
+    let config = source_config(&args.migration);
+    let mut progress = report::ProgressView::new(args.migration.json);
+    let result = migrate(&guest, &connector, &config, &mut |p| progress.update(p));
+    progress.finish();
+    match result {
+        Ok(mut stats) => {
+            stats.guest_backing = guest.ram().backing().to_string();
+            print_outcome(&stats, None, None, args.migration.json)
+        }
+        Err(err) => {
+            // The engine resumed the guest; show that it really runs on.
+            let before = guest.writes();
+            std::thread::sleep(Duration::from_millis(200));
+            let running = guest.writes() > before
+                || matches!(guest.spec(), transport::synthetic::WorkloadSpec::Idle);
+            eprintln!(
+                "vmigrate: source guest {} ({} stores in the 200 ms after the failure)",
+                if running {
+                    "keeps running"
+                } else {
+                    "is NOT running"
+                },
+                guest.writes() - before
+            );
+            bail!("migration failed: {err}")
+        }
+    }
+}
+
+fn recv(args: RecvArgs) -> Result<ExitCode> {
+    let policy = parse_huge_policy(&args.migration.hugepages).map_err(anyhow::Error::msg)?;
+    let config = destination_config(
+        &args.migration,
+        args.max_mem,
+        Duration::from_secs_f64(args.accept_timeout),
+    );
+    let mut acceptor = TcpAcceptor::bind(args.listen, Timeouts::default())
+        .with_context(|| format!("listening on {}", args.listen))?;
+    if !args.migration.json {
+        eprintln!(
+            "vmigrate: waiting for a migration on {}",
+            acceptor.local_addr()
+        );
+    }
+    let mut vm = SyntheticDestination::new(config.max_memory_bytes, policy);
+    let report = receive(&mut acceptor, &mut vm, &config).context("receiving the migration")?;
+    let guest = run_destination_guest(&mut vm, args.run_after)?;
+    if args.migration.json {
+        let mut value = serde_json::to_value(&report)?;
+        value["destination-guest"] = guest;
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        report::print_destination(&report, &guest);
+    }
+    if report.verified == Some(false) {
+        eprintln!(
+            "vmigrate: error: verification failed: received memory differs from the source's"
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,8 @@
+//! Subcommands and their shared options.
+
+mod args;
+mod commands;
+mod report;
+
+pub use args::Cli;
+pub use commands::run;

@@ -1,0 +1,177 @@
+//! Human output: a live progress line on a terminal, and at the end a table like the
+//! seed's (total time, downtime, transferred RAM, total RAM) plus one row per round.
+
+use indicatif::{ProgressBar, ProgressStyle};
+use migration::stats::MigrationStats;
+use std::io::IsTerminal;
+use transport::destination::DestinationReport;
+use transport::source::Progress;
+
+pub struct ProgressView {
+    bar: Option<ProgressBar>,
+}
+
+impl ProgressView {
+    /// Shows progress only on a terminal and never in JSON mode.
+    pub fn new(json: bool) -> Self {
+        let bar = (!json && std::io::stderr().is_terminal()).then(|| {
+            let bar = ProgressBar::new_spinner();
+            bar.set_style(ProgressStyle::with_template("{spinner} {msg}").expect("valid template"));
+            bar
+        });
+        ProgressView { bar }
+    }
+
+    pub fn update(&mut self, progress: &Progress) {
+        if let Some(bar) = &self.bar {
+            bar.set_message(format!(
+                "round {} ({}): {} pages left, {} sent, {:.0} Mbit/s, {:.1} s",
+                progress.round,
+                progress.stage,
+                progress.remaining_pages,
+                bytes(progress.transferred_bytes),
+                progress.mbps,
+                progress.elapsed.as_secs_f64()
+            ));
+            bar.tick();
+        }
+    }
+
+    pub fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+pub fn bytes(count: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = count as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{count} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+pub fn print_tables(
+    stats: &MigrationStats,
+    destination: Option<&DestinationReport>,
+    guest: Option<&serde_json::Value>,
+) {
+    println!(
+        "{:<28} {:>12} {:>10} {:>16} {:>12}",
+        "migration", "total time", "downtime", "transferred RAM", "total RAM"
+    );
+    let label = format!("vmigrate ({}, {} conn)", stats.codec, stats.connections);
+    println!(
+        "{:<28} {:>9} ms {:>7} ms {:>16} {:>12}",
+        label,
+        stats.total_time,
+        stats.downtime,
+        bytes(stats.ram.transferred),
+        bytes(stats.ram.total)
+    );
+    println!();
+    println!(
+        "{:>5} {:<13} {:>9} {:>9} {:>12} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>10}",
+        "round",
+        "stage",
+        "time ms",
+        "pages",
+        "sent",
+        "zero",
+        "xbzrle",
+        "compr",
+        "raw",
+        "dirty",
+        "Mbit/s",
+        "exp. down"
+    );
+    for round in &stats.rounds {
+        println!(
+            "{:>5} {:<13} {:>9.1} {:>9} {:>12} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9.0} {:>7.1} ms",
+            round.round,
+            round.stage,
+            round.duration_ms,
+            round.pages,
+            bytes(round.transferred),
+            round.zero_pages,
+            round.xbzrle_pages,
+            round.compressed_pages,
+            round.raw_pages,
+            round.dirty_pages_after,
+            round.mbps,
+            round.expected_downtime_ms
+        );
+    }
+    println!();
+    let ram = &stats.ram;
+    println!(
+        "pages: {} zero (duplicate), {} skipped unused, {} normal; {} compressed (ratio {:.2}); {} xbzrle (ratio {:.1}, {} misses, {} overflows)",
+        ram.duplicate,
+        ram.skipped,
+        ram.normal,
+        stats.compression.pages,
+        stats.compression.compression_rate,
+        stats.xbzrle_cache.pages,
+        stats.xbzrle_cache.encoding_rate,
+        stats.xbzrle_cache.cache_miss,
+        stats.xbzrle_cache.overflow
+    );
+    println!(
+        "guest memory: {}; setup {} ms; {:.0} Mbit/s average",
+        stats.guest_backing, stats.setup_time, ram.mbps
+    );
+    if let Some(verified) = stats.verified {
+        println!(
+            "verify: {} (destination hash took {} ms, outside the downtime)",
+            if verified {
+                "memory matches"
+            } else {
+                "MISMATCH"
+            },
+            stats.verify_time.unwrap_or(0)
+        );
+    }
+    if let Some(destination) = destination {
+        print_destination(destination, guest.unwrap_or(&serde_json::Value::Null));
+    }
+}
+
+pub fn print_destination(report: &DestinationReport, guest: &serde_json::Value) {
+    println!(
+        "destination: {} received over {} connection(s) in {} rounds; {} zero, {} raw, {} compressed, {} xbzrle pages applied",
+        bytes(report.received_bytes),
+        report.connections,
+        report.rounds,
+        report.zero_pages,
+        report.raw_pages,
+        report.compressed_pages,
+        report.xbzrle_pages
+    );
+    if let Some(verified) = report.verified {
+        println!(
+            "destination verify: {}",
+            if verified {
+                "memory matches"
+            } else {
+                "MISMATCH"
+            }
+        );
+    }
+    if !guest.is_null() {
+        println!(
+            "destination guest: {} ran {} s after resume, {} stores, check {}",
+            guest["workload"].as_str().unwrap_or("?"),
+            guest["ran-seconds"],
+            guest["writes-after-resume"],
+            guest["check"].as_str().unwrap_or("?")
+        );
+    }
+}

@@ -1,0 +1,20 @@
+//! `vmigrate`: the command line. It picks the stack, builds the guest, pins nothing
+//! itself (the engine does), and prints progress and statistics. No migration logic
+//! lives here.
+
+mod cli;
+
+use clap::Parser;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    match cli::run(args) {
+        Ok(code) => code,
+        Err(err) => {
+            // One line, for operators and scripts alike.
+            eprintln!("vmigrate: error: {:#}", err);
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,68 @@
+//! One flag per migration session that every thread checks: the first error sets it,
+//! records why, and shuts the session's connections down so that threads blocked in a
+//! read or write wake up. Nothing in a session waits without also watching this flag.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+type Closer = Box<dyn Fn() + Send + Sync>;
+
+#[derive(Default)]
+pub struct SessionAbort {
+    raised: AtomicBool,
+    reason: Mutex<Option<String>>,
+    closers: Mutex<Vec<Closer>>,
+}
+
+impl SessionAbort {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn is_raised(&self) -> bool {
+        self.raised.load(Ordering::Acquire)
+    }
+
+    /// Raises the flag. The first reason wins: later ones are consequences of it.
+    pub fn raise(&self, reason: impl Into<String>) {
+        {
+            let mut slot = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+            if slot.is_none() {
+                *slot = Some(reason.into());
+            }
+        }
+        self.raised.store(true, Ordering::Release);
+        self.close_all();
+    }
+
+    pub fn reason(&self) -> Option<String> {
+        self.reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Registers a way to unblock a thread (normally: shut a socket down).
+    pub fn on_raise(&self, closer: Closer) {
+        self.closers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(closer);
+    }
+
+    /// Runs every registered closer (also used at the end of a successful session).
+    pub fn close_all(&self) {
+        for close in self
+            .closers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            close();
+        }
+    }
+}
+
+/// Returned by blocking operations that gave up because the session was aborted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Aborted;

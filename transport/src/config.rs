@@ -1,0 +1,70 @@
+//! Settings of a migration, shared by the source and destination engines.
+
+use migration::codec::Codec;
+use migration::precopy::PrecopyConfig;
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    pub codec: Codec,
+    /// Pinned compression workers.
+    pub compress_threads: usize,
+    /// XBZRLE for re-sent pages, with a cache of this many bytes.
+    pub xbzrle_cache_bytes: Option<u64>,
+    pub connections: u16,
+    pub precopy: PrecopyConfig,
+    pub max_bandwidth_bytes_per_s: Option<u64>,
+    /// Bulk stage: visit only pages written since logging started.
+    pub skip_unused: bool,
+    /// Send zero pages as runs without payload.
+    pub zero_detect: bool,
+    /// Keep teardown out of the downtime window.
+    pub deferred_cleanup: bool,
+    /// Hash both sides' memory after completion.
+    pub verify: bool,
+    pub pin_workers: bool,
+    /// How long to wait for the destination's answers (Ready, Resumed).
+    pub answer_timeout: Duration,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        SourceConfig {
+            codec: Codec::None,
+            compress_threads: 2,
+            xbzrle_cache_bytes: None,
+            connections: 1,
+            precopy: PrecopyConfig::default(),
+            max_bandwidth_bytes_per_s: None,
+            skip_unused: true,
+            zero_detect: true,
+            deferred_cleanup: true,
+            verify: false,
+            pin_workers: true,
+            answer_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DestinationConfig {
+    pub decompress_threads: usize,
+    /// The largest guest this destination accepts, in bytes.
+    pub max_memory_bytes: u64,
+    pub pin_workers: bool,
+    /// How long to wait for the source's connections and for each frame.
+    pub accept_timeout: Duration,
+    pub deferred_cleanup: bool,
+}
+
+impl Default for DestinationConfig {
+    fn default() -> Self {
+        DestinationConfig {
+            decompress_threads: 2,
+            max_memory_bytes: 64 << 30,
+            pin_workers: true,
+            accept_timeout: Duration::from_secs(30),
+            deferred_cleanup: true,
+        }
+    }
+}

@@ -1,0 +1,599 @@
+//! The destination engine: accepts the source's connections, applies pages with pinned
+//! decompression workers, and resumes the guest only once every round is applied, the
+//! device state is in and the source has let go.
+//!
+//! ```text
+//! byte pipe --> connection reader --(page batches)--> decode ring --> decompression
+//!               (checks frames, holds at RoundEnd)                   workers -> memory
+//!               connection 0 reader --(Complete, Commit, VerifyDigest)--> session thread
+//! ```
+//! Every connection stops at each `RoundEnd` until all connections have reached it and
+//! every batch of that round is applied: a page of round k can never land after the same
+//! page of round k+1, and a delta always finds the version it was made from (the page
+//! epoch table checks both).
+
+use crate::abort::SessionAbort;
+use crate::config::DestinationConfig;
+use crate::framed::{read_frame, write_frame, ReadError, CONTROL_FRAME_LIMIT_BYTES};
+use crate::pin;
+use crate::pipe::{Acceptor, Connection};
+use crate::ring::{Pool, Ring};
+use crate::verify::memory_digest;
+use crate::vm::DestinationVm;
+use crate::MigrationError;
+use migration::codec::PageDecompressor;
+use migration::frame::{FrameKind, SeqCounter, MAX_PAYLOAD_BYTES};
+use migration::handshake::{
+    accept_preamble, decode_reason, encode_reason, Hello, HelloAck, PREAMBLE_BYTES,
+};
+use migration::memory::{pages_of, GuestMemory};
+use migration::page_batch::{BatchLimits, MAX_BATCH_BYTES};
+use migration::receiver::{apply_batch, ApplyCounters, ConnectionInbound, Inbound, PageEpochs};
+use migration::PAGE_SIZE_BYTES;
+use serde::Serialize;
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// Received batches waiting for a decompression worker: bounds the receive buffers to
+/// ~17 MiB however fast the source sends.
+const DECODE_RING_CAPACITY: usize = 64;
+
+/// What the destination saw of a completed migration.
+#[derive(Debug, Default, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DestinationReport {
+    pub session_id: u64,
+    pub connections: u16,
+    pub ram_total: u64,
+    pub received_bytes: u64,
+    pub rounds: u32,
+    pub zero_pages: u64,
+    pub raw_pages: u64,
+    pub compressed_pages: u64,
+    pub xbzrle_pages: u64,
+    pub total_time_ms: u64,
+    pub verify_time_ms: Option<u64>,
+    pub verified: Option<bool>,
+}
+
+struct Shared {
+    abort: SessionAbort,
+    memory: Arc<dyn GuestMemory>,
+    region_pages: Vec<u64>,
+    hello: Hello,
+    epochs: PageEpochs,
+    decode: Ring<Option<(u32, Vec<u8>)>>,
+    buffers: Pool<Vec<u8>>,
+    in_flight: AtomicU64,
+    barrier: Mutex<BarrierState>,
+    barrier_changed: Condvar,
+    device_state: Mutex<Option<Vec<u8>>>,
+    complete_seen: AtomicBool,
+    finished: AtomicBool,
+    counters: Mutex<ApplyCounters>,
+    received_bytes: AtomicU64,
+    rounds: AtomicU64,
+}
+
+#[derive(Default)]
+struct BarrierState {
+    arrived: usize,
+    generation: u64,
+}
+
+impl Shared {
+    fn limits(&self) -> BatchLimits<'_> {
+        BatchLimits {
+            region_pages: &self.region_pages,
+            codec: self.hello.codec,
+            xbzrle: self.hello.xbzrle,
+        }
+    }
+
+    fn failure(&self) -> MigrationError {
+        MigrationError::Failed(self.abort.reason().unwrap_or_else(|| "aborted".into()))
+    }
+
+    /// The round barrier: returns once every connection has ended the round and every
+    /// batch of it is applied.
+    fn end_round(&self) -> Result<(), MigrationError> {
+        let connections = usize::from(self.hello.connection_count);
+        let mut state = self.barrier.lock().unwrap_or_else(|p| p.into_inner());
+        let generation = state.generation;
+        state.arrived += 1;
+        if state.arrived == connections {
+            while self.in_flight.load(Ordering::Acquire) > 0 {
+                if self.abort.is_raised() {
+                    return Err(self.failure());
+                }
+                state = self
+                    .barrier_changed
+                    .wait_timeout(state, Duration::from_millis(1))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+            state.arrived = 0;
+            state.generation += 1;
+            self.rounds.fetch_add(1, Ordering::Relaxed);
+            self.barrier_changed.notify_all();
+            return Ok(());
+        }
+        while state.generation == generation {
+            if self.abort.is_raised() {
+                return Err(self.failure());
+            }
+            state = self
+                .barrier_changed
+                .wait_timeout(state, Duration::from_millis(1))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        Ok(())
+    }
+
+    fn batch_applied(&self) {
+        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let _state = self.barrier.lock().unwrap_or_else(|p| p.into_inner());
+            self.barrier_changed.notify_all();
+        }
+    }
+}
+
+/// Receives one migration into `vm`. On success the guest runs on this side. On any
+/// failure before resume, everything received is discarded (`vm.discard()`), the source
+/// is told why when possible, and the error is returned.
+pub fn receive(
+    acceptor: &mut dyn Acceptor,
+    vm: &mut dyn DestinationVm,
+    config: &DestinationConfig,
+) -> Result<DestinationReport, MigrationError> {
+    let mut prepared = false;
+    let result = receive_session(acceptor, vm, config, &mut prepared);
+    if result.is_err() && prepared {
+        vm.discard();
+    }
+    result
+}
+
+fn refuse(connection: &mut Connection, reason: &str) {
+    let _ = write_frame(
+        &mut *connection.writer,
+        FrameKind::HelloAck,
+        0,
+        &mut SeqCounter::default(),
+        &HelloAck::Refused {
+            reason: reason.into(),
+        }
+        .encode(),
+    );
+}
+
+/// Reads a connection's preamble and Hello.
+fn read_hello(connection: &mut Connection) -> Result<Hello, MigrationError> {
+    let mut preamble = [0u8; PREAMBLE_BYTES];
+    connection.reader.read_exact(&mut preamble).map_err(|e| {
+        MigrationError::Failed(format!("no preamble from {}: {e}", connection.peer))
+    })?;
+    if let Err(err) = accept_preamble(&preamble) {
+        refuse(connection, &err.to_string());
+        return Err(err.into());
+    }
+    let mut payload = Vec::new();
+    let header = read_frame(&mut *connection.reader, &mut payload, |_| {
+        CONTROL_FRAME_LIMIT_BYTES
+    })
+    .map_err(|e| MigrationError::Failed(format!("bad Hello from {}: {e}", connection.peer)))?;
+    if header.kind != FrameKind::Hello || header.seq != 0 {
+        let reason = format!("expected Hello, got {:?} (seq {})", header.kind, header.seq);
+        refuse(connection, &reason);
+        return Err(MigrationError::Failed(reason));
+    }
+    Hello::decode(&payload).map_err(|err| {
+        refuse(connection, &err.to_string());
+        err.into()
+    })
+}
+
+fn accept_ack(connection: &mut Connection, version: u16) -> Result<(), MigrationError> {
+    write_frame(
+        &mut *connection.writer,
+        FrameKind::HelloAck,
+        0,
+        &mut SeqCounter::default(),
+        &HelloAck::Accepted { version }.encode(),
+    )
+    .map_err(|source| MigrationError::Io {
+        connection: 0,
+        source,
+    })
+}
+
+fn receive_session(
+    acceptor: &mut dyn Acceptor,
+    vm: &mut dyn DestinationVm,
+    config: &DestinationConfig,
+    prepared: &mut bool,
+) -> Result<DestinationReport, MigrationError> {
+    let accept = |acceptor: &mut dyn Acceptor| {
+        acceptor.accept(config.accept_timeout).map_err(|e| {
+            MigrationError::Failed(format!(
+                "waiting for the source on {}: {e}",
+                acceptor.local_addr()
+            ))
+        })
+    };
+    let mut first = accept(acceptor)?;
+    let hello = read_hello(&mut first)?;
+    let started = Instant::now();
+    if hello.connection_index != 0 {
+        let reason = format!(
+            "first connection is number {}, expected 0",
+            hello.connection_index
+        );
+        refuse(&mut first, &reason);
+        return Err(MigrationError::Failed(reason));
+    }
+    if hello.total_bytes() > config.max_memory_bytes {
+        let reason = format!(
+            "guest of {} bytes exceeds this destination's limit of {} bytes",
+            hello.total_bytes(),
+            config.max_memory_bytes
+        );
+        refuse(&mut first, &reason);
+        return Err(MigrationError::Failed(reason));
+    }
+    let memory = match vm.prepare(&hello.region_bytes) {
+        Ok(memory) => memory,
+        Err(reason) => {
+            refuse(&mut first, &reason);
+            return Err(MigrationError::Failed(reason));
+        }
+    };
+    *prepared = true;
+    accept_ack(&mut first, migration::handshake::VERSION_MAX)?;
+    let mut connections: Vec<Option<Connection>> =
+        (0..hello.connection_count).map(|_| None).collect();
+    connections[0] = Some(first);
+    for _ in 1..hello.connection_count {
+        let mut connection = accept(acceptor)?;
+        let other = read_hello(&mut connection)?;
+        let index = usize::from(other.connection_index);
+        if !other.same_session(&hello) || connections[index].is_some() {
+            let reason = format!(
+                "connection {index} does not belong to session {:#x} or repeats an index",
+                hello.session_id
+            );
+            refuse(&mut connection, &reason);
+            return Err(MigrationError::Failed(reason));
+        }
+        accept_ack(&mut connection, migration::handshake::VERSION_MAX)?;
+        connections[index] = Some(connection);
+    }
+    let connections: Vec<Connection> = connections
+        .into_iter()
+        .map(|c| c.expect("every index accepted"))
+        .collect();
+
+    let region_pages: Vec<u64> = hello.region_bytes.iter().map(|&b| pages_of(b)).collect();
+    let shared = Shared {
+        abort: SessionAbort::new(),
+        memory,
+        epochs: PageEpochs::new(&region_pages),
+        region_pages,
+        hello: hello.clone(),
+        decode: Ring::new(DECODE_RING_CAPACITY),
+        buffers: Pool::new(
+            DECODE_RING_CAPACITY + usize::from(hello.connection_count) + config.decompress_threads,
+        ),
+        in_flight: AtomicU64::new(0),
+        barrier: Mutex::new(BarrierState::default()),
+        barrier_changed: Condvar::new(),
+        device_state: Mutex::new(None),
+        complete_seen: AtomicBool::new(false),
+        finished: AtomicBool::new(false),
+        counters: Mutex::new(ApplyCounters::default()),
+        received_bytes: AtomicU64::new(0),
+        rounds: AtomicU64::new(0),
+    };
+    let (events_tx, events) = mpsc::channel::<(FrameKind, Vec<u8>)>();
+
+    std::thread::scope(|scope| {
+        let shared = &shared;
+        let mut workers = Vec::new();
+        for index in 0..config.decompress_threads.max(1) {
+            let pin_workers = config.pin_workers;
+            workers.push(
+                std::thread::Builder::new()
+                    .name(format!("decompress-{index}"))
+                    .spawn_scoped(scope, move || {
+                        decompression_worker(shared, index, pin_workers)
+                    })
+                    .expect("spawn decompression worker"),
+            );
+        }
+        let mut control_writer = None;
+        for (index, connection) in connections.into_iter().enumerate() {
+            let Connection {
+                reader,
+                writer,
+                closer,
+                ..
+            } = connection;
+            shared.abort.on_raise(closer);
+            if index == 0 {
+                control_writer = Some(writer);
+            }
+            let events_tx = events_tx.clone();
+            std::thread::Builder::new()
+                .name(format!("conn-reader-{index}"))
+                .spawn_scoped(scope, move || {
+                    connection_reader(shared, index as u16, reader, events_tx)
+                })
+                .expect("spawn connection reader");
+        }
+        drop(events_tx);
+        let mut control = control_writer.expect("connection 0 exists");
+        let mut session = Session {
+            shared,
+            events: &events,
+            control: &mut *control,
+            seq: SeqCounter::default(),
+            workers: &mut workers,
+        };
+        session.seq.take(); // HelloAck
+        let result = session.run(vm, config, started);
+        if let Err(err) = &result {
+            // Tell the source why, then stop everything.
+            let reason = err.to_string();
+            let _ = write_frame(
+                &mut *control,
+                FrameKind::Abort,
+                0,
+                &mut SeqCounter::default(),
+                &encode_reason(&reason),
+            );
+            shared.abort.raise(reason);
+        }
+        shared.finished.store(true, Ordering::Release);
+        stop_workers(shared, &mut workers);
+        shared.abort.close_all();
+        result
+    })
+}
+
+struct Session<'s, 'scope> {
+    shared: &'s Shared,
+    events: &'s mpsc::Receiver<(FrameKind, Vec<u8>)>,
+    control: &'s mut (dyn Write + Send),
+    seq: SeqCounter,
+    workers: &'s mut Vec<std::thread::ScopedJoinHandle<'scope, ()>>,
+}
+
+impl Session<'_, '_> {
+    fn wait_event(&self, expected: FrameKind) -> Result<Vec<u8>, MigrationError> {
+        loop {
+            if self.shared.abort.is_raised() {
+                return Err(self.shared.failure());
+            }
+            match self.events.recv_timeout(Duration::from_millis(20)) {
+                Ok((kind, payload)) if kind == expected => return Ok(payload),
+                Ok((kind, _)) => {
+                    return Err(MigrationError::Failed(format!(
+                        "source sent {kind:?} while we waited for {expected:?}"
+                    )))
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    std::thread::sleep(Duration::from_millis(5));
+                    return Err(if self.shared.abort.is_raised() {
+                        self.shared.failure()
+                    } else {
+                        MigrationError::Failed(format!(
+                            "source went away while we waited for {expected:?}"
+                        ))
+                    });
+                }
+            }
+        }
+    }
+
+    fn send(&mut self, kind: FrameKind, payload: &[u8]) -> Result<(), MigrationError> {
+        write_frame(&mut *self.control, kind, 0, &mut self.seq, payload).map_err(|source| {
+            MigrationError::Io {
+                connection: 0,
+                source,
+            }
+        })
+    }
+
+    fn run(
+        &mut self,
+        vm: &mut dyn DestinationVm,
+        config: &DestinationConfig,
+        started: Instant,
+    ) -> Result<DestinationReport, MigrationError> {
+        self.wait_event(FrameKind::Complete)?;
+        let device_state = self
+            .shared
+            .device_state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .ok_or_else(|| {
+                MigrationError::Failed("the source completed without sending device state".into())
+            })?;
+        self.send(FrameKind::Ready, &[])?;
+        let commit = self.wait_event(FrameKind::Commit)?;
+        let verify = commit.first() == Some(&1);
+        let mut verify_time = None;
+        let digest = verify.then(|| {
+            let start = Instant::now();
+            let digest = memory_digest(&*self.shared.memory, pin::core_count());
+            verify_time = Some(start.elapsed());
+            digest
+        });
+        if !config.deferred_cleanup {
+            stop_workers(self.shared, self.workers);
+        }
+        vm.resume(&device_state)
+            .map_err(|e| MigrationError::Failed(format!("could not resume the guest: {e}")))?;
+        let verify_ms = verify_time.map_or(0, |t| t.as_millis() as u64);
+        self.send(FrameKind::Resumed, &verify_ms.to_le_bytes())?;
+        let mut verified = None;
+        if let Some(digest) = digest {
+            let theirs = self.wait_event(FrameKind::VerifyDigest)?;
+            let matched = theirs.as_slice() == digest.to_le_bytes().as_slice();
+            self.send(FrameKind::VerifyResult, &[u8::from(matched)])?;
+            verified = Some(matched);
+        }
+        let counters = *self
+            .shared
+            .counters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        Ok(DestinationReport {
+            session_id: self.shared.hello.session_id,
+            connections: self.shared.hello.connection_count,
+            ram_total: self.shared.hello.total_bytes(),
+            received_bytes: self.shared.received_bytes.load(Ordering::Relaxed),
+            rounds: self.shared.rounds.load(Ordering::Relaxed) as u32,
+            zero_pages: counters.zero_pages,
+            raw_pages: counters.raw_pages,
+            compressed_pages: counters.compressed_pages,
+            xbzrle_pages: counters.xbzrle_pages,
+            total_time_ms: started
+                .elapsed()
+                .saturating_sub(verify_time.unwrap_or_default())
+                .as_millis() as u64,
+            verify_time_ms: verify_time.map(|t| t.as_millis() as u64),
+            verified,
+        })
+    }
+}
+
+fn stop_workers(shared: &Shared, workers: &mut Vec<std::thread::ScopedJoinHandle<'_, ()>>) {
+    for _ in 0..workers.len() {
+        if shared.decode.push(None, &shared.abort).is_err() {
+            break;
+        }
+    }
+    for worker in workers.drain(..) {
+        let _ = worker.join();
+    }
+}
+
+fn frame_limit(kind: FrameKind) -> u32 {
+    match kind {
+        FrameKind::Pages => MAX_BATCH_BYTES as u32,
+        FrameKind::DeviceState => MAX_PAYLOAD_BYTES,
+        _ => CONTROL_FRAME_LIMIT_BYTES,
+    }
+}
+
+fn connection_reader(
+    shared: &Shared,
+    index: u16,
+    mut reader: Box<dyn Read + Send>,
+    events: mpsc::Sender<(FrameKind, Vec<u8>)>,
+) {
+    let mut inbound = ConnectionInbound::new(index, 1);
+    let fail = |reason: String| shared.abort.raise(format!("connection {index}: {reason}"));
+    loop {
+        let mut buffer = shared.buffers.take(|| Vec::with_capacity(MAX_BATCH_BYTES));
+        let header = match read_frame(&mut *reader, &mut buffer, frame_limit) {
+            Ok(header) => header,
+            Err(ReadError::Closed)
+                if shared.finished.load(Ordering::Acquire)
+                    || (index != 0 && shared.complete_seen.load(Ordering::Acquire)) =>
+            {
+                return
+            }
+            Err(_) if shared.finished.load(Ordering::Acquire) || shared.abort.is_raised() => return,
+            Err(err) => return fail(err.to_string()),
+        };
+        shared.received_bytes.fetch_add(
+            (migration::frame::HEADER_BYTES + buffer.len()) as u64,
+            Ordering::Relaxed,
+        );
+        let event = match inbound.on_frame(&header, &buffer) {
+            Ok(event) => event,
+            Err(err) => return fail(err.to_string()),
+        };
+        match event {
+            Inbound::Pages => {
+                shared.in_flight.fetch_add(1, Ordering::AcqRel);
+                if shared
+                    .decode
+                    .push(Some((header.epoch, buffer)), &shared.abort)
+                    .is_err()
+                {
+                    return;
+                }
+                continue;
+            }
+            Inbound::RoundEnd { .. } => {
+                if shared.end_round().is_err() {
+                    return;
+                }
+            }
+            Inbound::DeviceState => {
+                *shared
+                    .device_state
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(buffer.clone());
+            }
+            Inbound::Complete { .. } => {
+                shared.complete_seen.store(true, Ordering::Release);
+                let _ = events.send((FrameKind::Complete, Vec::new()));
+            }
+            Inbound::Commit => {
+                let _ = events.send((FrameKind::Commit, buffer.clone()));
+            }
+            Inbound::VerifyDigest => {
+                let _ = events.send((FrameKind::VerifyDigest, buffer.clone()));
+            }
+            Inbound::Abort => {
+                return fail(format!("the source aborted: {}", decode_reason(&buffer)))
+            }
+        }
+        shared.buffers.give(buffer);
+    }
+}
+
+fn decompression_worker(shared: &Shared, index: usize, pin_workers: bool) {
+    if pin_workers {
+        // Start from the last core so that, when both ends share a machine (the demo),
+        // decompression does not stack on the cores compression starts from.
+        pin::pin_current(pin::core_count() - 1 + index);
+    }
+    let mut decompressor = PageDecompressor::default();
+    let mut scratch = [0u8; PAGE_SIZE_BYTES];
+    let mut counters = ApplyCounters::default();
+    let limits = shared.limits();
+    while let Ok(Some((epoch, buffer))) = shared.decode.pop(&shared.abort) {
+        let result = apply_batch(
+            &buffer,
+            epoch,
+            &limits,
+            &*shared.memory,
+            &shared.epochs,
+            &mut decompressor,
+            &mut scratch,
+            &mut counters,
+        );
+        if let Err(err) = result {
+            shared.abort.raise(format!("round {epoch}: {err}"));
+        }
+        // Counted before the batch is reported applied, so the totals are complete when
+        // the round barrier opens.
+        shared
+            .counters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .merge(&std::mem::take(&mut counters));
+        shared.buffers.give(buffer);
+        shared.batch_applied();
+    }
+}

@@ -1,0 +1,158 @@
+//! Guest RAM for the synthetic guest (and any embedder that wants it): regions of
+//! hugepage-backed or THP-advised memory with one atomic dirty bitmap each.
+
+use hugepages::{Backing, HugePolicy, MappedRegion};
+use migration::dirty::{AtomicBitmap, DirtyLog};
+use migration::memory::{pages_of, GuestMemory};
+use migration::PAGE_SIZE_BYTES;
+
+/// A PC guest's RAM is split around the PCI hole below 4 GiB; QEMU's q35 keeps at most
+/// 2 GiB below it by default and puts the rest above 4 GiB. We mirror that split so that
+/// multi-region migration is exercised by every guest over 2 GiB.
+pub const LOW_MEMORY_BYTES: u64 = 2 << 30;
+
+pub struct GuestRam {
+    regions: Vec<MappedRegion>,
+    dirty: Vec<AtomicBitmap>,
+}
+
+impl GuestRam {
+    /// The region layout of a guest of `total_bytes`.
+    pub fn pc_layout(total_bytes: u64) -> Vec<u64> {
+        if total_bytes > LOW_MEMORY_BYTES {
+            vec![LOW_MEMORY_BYTES, total_bytes - LOW_MEMORY_BYTES]
+        } else {
+            vec![total_bytes]
+        }
+    }
+
+    /// Allocates zeroed regions, dirty logging on from the start.
+    pub fn allocate(region_bytes: &[u64], policy: HugePolicy) -> Result<Self, hugepages::Error> {
+        let mut regions = Vec::with_capacity(region_bytes.len());
+        for &bytes in region_bytes {
+            regions.push(MappedRegion::allocate(bytes as usize, policy)?);
+        }
+        let dirty = region_bytes
+            .iter()
+            .map(|&b| AtomicBitmap::new(pages_of(b)))
+            .collect();
+        Ok(GuestRam { regions, dirty })
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.region_bytes().iter().sum()
+    }
+
+    pub fn total_pages(&self) -> u64 {
+        pages_of(self.total_bytes())
+    }
+
+    /// How the memory is backed: hugetlb only if every region got hugepages.
+    pub fn backing(&self) -> Backing {
+        if self
+            .regions
+            .iter()
+            .all(|r| r.backing() == Backing::HugeTlb2M)
+        {
+            Backing::HugeTlb2M
+        } else {
+            Backing::AnonymousThp
+        }
+    }
+
+    /// Maps a page number of the flat guest address space to (region, page in region).
+    pub fn locate(&self, flat_page: u64) -> (usize, u64) {
+        let mut page = flat_page;
+        for (index, bitmap) in self.dirty.iter().enumerate() {
+            if page < bitmap.pages() {
+                return (index, page);
+            }
+            page -= bitmap.pages();
+        }
+        panic!(
+            "page {flat_page} beyond guest memory of {} pages",
+            self.total_pages()
+        );
+    }
+
+    /// A guest store of one 32-bit word, marked in the dirty log after the store.
+    pub fn write_u32(&self, flat_page: u64, word: usize, value: u32) {
+        let (region, page) = self.locate(flat_page);
+        self.regions[region].write_u32(page as usize * PAGE_SIZE_BYTES + word * 4, value);
+        self.dirty[region].mark(page);
+    }
+
+    pub fn write_u64(&self, flat_page: u64, offset: usize, value: u64) {
+        let (region, page) = self.locate(flat_page);
+        self.regions[region].write_u64(page as usize * PAGE_SIZE_BYTES + offset, value);
+        self.dirty[region].mark(page);
+    }
+
+    pub fn read_u64(&self, flat_page: u64, offset: usize) -> u64 {
+        let (region, page) = self.locate(flat_page);
+        self.regions[region].read_u64(page as usize * PAGE_SIZE_BYTES + offset)
+    }
+
+    /// A guest store of a whole page.
+    pub fn write_flat_page(&self, flat_page: u64, data: &[u8]) {
+        let (region, page) = self.locate(flat_page);
+        self.regions[region].write_from(page as usize * PAGE_SIZE_BYTES, data);
+        self.dirty[region].mark(page);
+    }
+
+    /// Clears every dirty bit (used on the destination, where received pages are not guest
+    /// writes).
+    pub fn clear_dirty(&self) {
+        for bitmap in &self.dirty {
+            let mut scratch = vec![0u64; migration::dirty::bitmap_words(bitmap.pages())];
+            bitmap.take_into(&mut scratch);
+        }
+    }
+
+    /// Returns all memory to the kernel (it reads back as zero).
+    pub fn discard_all(&self) {
+        for region in &self.regions {
+            region.discard(0, region.len());
+        }
+    }
+}
+
+impl GuestMemory for GuestRam {
+    fn region_bytes(&self) -> Vec<u64> {
+        self.dirty
+            .iter()
+            .map(|b| b.pages() * PAGE_SIZE_BYTES as u64)
+            .collect()
+    }
+
+    fn read_page(&self, region: usize, page: u64, dst: &mut [u8]) {
+        self.regions[region].read_into(page as usize * PAGE_SIZE_BYTES, dst);
+    }
+
+    fn write_page(&self, region: usize, page: u64, src: &[u8]) {
+        self.regions[region].write_from(page as usize * PAGE_SIZE_BYTES, src);
+    }
+
+    fn zero_pages(&self, region: usize, first: u64, count: u64) {
+        let zero = [0u8; PAGE_SIZE_BYTES];
+        for page in first..first + count {
+            self.write_page(region, page, &zero);
+        }
+    }
+}
+
+impl DirtyLog for GuestRam {
+    fn take_dirty(&self, region: usize, out: &mut [u64]) -> u64 {
+        self.dirty[region].take_into(out)
+    }
+}
+
+/// Which of `HugePolicy`'s choices a CLI name means.
+pub fn parse_huge_policy(text: &str) -> Result<HugePolicy, String> {
+    match text {
+        "auto" => Ok(HugePolicy::Auto),
+        "require" | "on" => Ok(HugePolicy::Require),
+        "never" | "off" => Ok(HugePolicy::Never),
+        other => Err(format!("hugepages must be auto, on or off, got {other:?}")),
+    }
+}

@@ -1,0 +1,1030 @@
+//! The source engine: iterative pre-copy over N connections.
+//!
+//! ```text
+//! scanner (calling thread) --jobs--> compression workers (pinned) --frames--> ring per
+//! connection --> connection writer --> byte pipe
+//!                                      connection 0 reader <-- Ready, Resumed, Abort
+//! ```
+//! The scanner takes the dirty log, cuts the round's pages into jobs of up to 64 pages of
+//! one region and hands them out; workers read the pages (after the scanner cleared their
+//! dirty bits, so a store the copy misses is marked again), detect zero pages, try XBZRLE,
+//! compress, and push the finished batch to one connection's ring. At the end of a round
+//! the scanner waits for every job to be encoded, then puts a `RoundEnd` on every
+//! connection: frames of a round never overtake frames of the next one on a connection,
+//! and the destination holds all connections at each `RoundEnd` until the round is applied.
+//!
+//! The downtime window holds only the final dirty sync, the last pages, the device state
+//! and the completion handshake (`Complete`, `Ready`, `Commit`, `Resumed`); worker
+//! teardown and freeing the XBZRLE cache wait until the destination has resumed (unless
+//! `deferred_cleanup` is off, which exists to measure what it saves).
+
+use crate::abort::SessionAbort;
+use crate::config::SourceConfig;
+use crate::framed::{read_frame, write_frame, ReadError, CONTROL_FRAME_LIMIT_BYTES};
+use crate::pin;
+use crate::pipe::{Connection, Connector};
+use crate::rate::RateLimiter;
+use crate::ring::{Pool, Ring};
+use crate::verify::memory_digest;
+use crate::vm::SourceVm;
+use crate::MigrationError;
+use migration::codec::{Codec, Compressed, PageCompressor};
+use migration::dirty::{bitmap_words, for_each_set_bit};
+use migration::frame::{FrameBuf, FrameKind, SeqCounter, HEADER_BYTES, MAX_PAYLOAD_BYTES};
+use migration::handshake::{encode_preamble, HandshakeError, Hello, HelloAck};
+use migration::memory::{pages_of, GuestMemory};
+use migration::page_batch::{BatchWriter, MAX_BATCH_BYTES, MAX_ENTRIES_PER_BATCH};
+use migration::precopy::{Decision, Precopy, RoundReport};
+use migration::receiver::FIRST_EPOCH;
+use migration::stats::{mbps, EncodeCounters, MigrationStats, RoundStats};
+use migration::xbzrle_cache::{XbzrleCache, XbzrleOutcome};
+use migration::{zero, PAGE_SIZE_BYTES};
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Jobs waiting for a compression worker. Enough to keep every worker busy while the
+/// scanner fills the next; each holds only page numbers.
+const JOB_RING_CAPACITY: usize = 256;
+/// Encoded batches waiting per connection writer: 32 x up to 263 KiB bounds the memory
+/// between workers and a slow link to ~8 MiB per connection.
+const FRAME_RING_CAPACITY: usize = 32;
+/// How often progress is reported inside a long round.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
+
+/// A live view of a running migration, for progress displays.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    pub round: u32,
+    pub stage: &'static str,
+    /// Pages left to send in this round.
+    pub remaining_pages: u64,
+    pub transferred_bytes: u64,
+    pub mbps: f64,
+    pub elapsed: Duration,
+}
+
+struct Job {
+    epoch: u32,
+    region: u16,
+    pages: Vec<u32>,
+    connection: usize,
+}
+
+enum Outgoing {
+    Pages {
+        frame: FrameBuf,
+        epoch: u32,
+    },
+    RoundEnd {
+        epoch: u32,
+    },
+    Control {
+        kind: FrameKind,
+        epoch: u32,
+        payload: Vec<u8>,
+    },
+    Close,
+}
+
+/// State shared by the scanner, workers and writers of one session.
+struct Shared<'a> {
+    abort: SessionAbort,
+    config: &'a SourceConfig,
+    memory: &'a dyn GuestMemory,
+    jobs: Ring<Option<Job>>,
+    job_pool: Pool<Vec<u32>>,
+    outgoing: Vec<Ring<Outgoing>>,
+    frame_pool: Pool<FrameBuf>,
+    jobs_in_flight: AtomicU64,
+    round_counters: Mutex<EncodeCounters>,
+    wire_bytes: AtomicU64,
+    cache: Option<XbzrleCache>,
+    limiter: Option<RateLimiter>,
+    /// Set once the session completed: the connections are then shut under the reader.
+    finished: AtomicBool,
+}
+
+/// Migrates `vm` to the destination `connector` reaches. On success the source guest
+/// stays paused: it runs on the destination now. On any failure before the destination
+/// confirms it has resumed, the source guest is resumed here and the error returned.
+pub fn migrate(
+    vm: &dyn SourceVm,
+    connector: &dyn Connector,
+    config: &SourceConfig,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<MigrationStats, MigrationError> {
+    let started = Instant::now();
+    let layout = vm.memory().region_bytes();
+    let hello = Hello {
+        session_id: rand::random(),
+        connection_index: 0,
+        connection_count: config.connections.max(1),
+        page_size: PAGE_SIZE_BYTES as u32,
+        codec: config.codec,
+        xbzrle: config.xbzrle_cache_bytes.is_some(),
+        region_bytes: layout.clone(),
+    };
+    let mut connections = Vec::with_capacity(usize::from(hello.connection_count));
+    for index in 0..hello.connection_count {
+        connections.push(open_connection(
+            connector,
+            &Hello {
+                connection_index: index,
+                ..hello.clone()
+            },
+        )?);
+    }
+    let setup_time = started.elapsed();
+
+    let mut paused = false;
+    let result = run_session(
+        vm,
+        connections,
+        config,
+        &hello,
+        started,
+        setup_time,
+        &mut paused,
+        progress,
+    );
+    if result.is_err() {
+        // The source guest is never lost: whatever failed, it runs on here.
+        vm.set_throttle(0);
+        if paused {
+            vm.resume();
+        }
+    }
+    result
+}
+
+/// Opens one connection: preamble, Hello, and the destination's answer.
+fn open_connection(connector: &dyn Connector, hello: &Hello) -> Result<Connection, MigrationError> {
+    let index = usize::from(hello.connection_index);
+    let io = |source| MigrationError::Io {
+        connection: index,
+        source,
+    };
+    let mut connection = connector.connect().map_err(io)?;
+    connection
+        .writer
+        .write_all(&encode_preamble())
+        .map_err(io)?;
+    write_frame(
+        &mut *connection.writer,
+        FrameKind::Hello,
+        0,
+        &mut SeqCounter::default(),
+        &hello.encode(),
+    )
+    .map_err(io)?;
+    let mut payload = Vec::new();
+    let header = read_frame(&mut *connection.reader, &mut payload, |_| {
+        CONTROL_FRAME_LIMIT_BYTES
+    })
+    .map_err(|e| MigrationError::Failed(format!("connection {index}: no answer to Hello: {e}")))?;
+    match (header.kind, header.seq) {
+        (FrameKind::HelloAck, 0) => match HelloAck::decode(&payload)? {
+            HelloAck::Accepted { .. } => Ok(connection),
+            HelloAck::Refused { reason } => Err(HandshakeError::Refused { reason }.into()),
+        },
+        (FrameKind::Abort, _) => Err(MigrationError::PeerAborted(
+            migration::handshake::decode_reason(&payload),
+        )),
+        (kind, seq) => Err(MigrationError::Failed(format!(
+            "connection {index}: expected HelloAck, got {kind:?} (seq {seq})"
+        ))),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_session(
+    vm: &dyn SourceVm,
+    connections: Vec<Connection>,
+    config: &SourceConfig,
+    hello: &Hello,
+    started: Instant,
+    setup_time: Duration,
+    paused: &mut bool,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<MigrationStats, MigrationError> {
+    let count = connections.len();
+    let shared = Shared {
+        abort: SessionAbort::new(),
+        config,
+        memory: vm.memory(),
+        jobs: Ring::new(JOB_RING_CAPACITY),
+        job_pool: Pool::new(JOB_RING_CAPACITY + config.compress_threads),
+        outgoing: (0..count).map(|_| Ring::new(FRAME_RING_CAPACITY)).collect(),
+        frame_pool: Pool::new(count * FRAME_RING_CAPACITY + 2 * config.compress_threads),
+        jobs_in_flight: AtomicU64::new(0),
+        round_counters: Mutex::new(EncodeCounters::default()),
+        wire_bytes: AtomicU64::new(0),
+        cache: config.xbzrle_cache_bytes.map(XbzrleCache::new),
+        limiter: config.max_bandwidth_bytes_per_s.map(RateLimiter::new),
+        finished: AtomicBool::new(false),
+    };
+    let (answers_tx, answers) = mpsc::channel::<(FrameKind, Vec<u8>)>();
+
+    std::thread::scope(|scope| {
+        let mut workers = Vec::new();
+        for index in 0..config.compress_threads.max(1) {
+            let shared = &shared;
+            workers.push(
+                std::thread::Builder::new()
+                    .name(format!("compress-{index}"))
+                    .spawn_scoped(scope, move || compression_worker(shared, index))
+                    .expect("spawn compression worker"),
+            );
+        }
+        let mut writers = Vec::new();
+        for (index, connection) in connections.into_iter().enumerate() {
+            let Connection {
+                reader,
+                writer,
+                closer,
+                ..
+            } = connection;
+            shared.abort.on_raise(closer);
+            let shared = &shared;
+            if index == 0 {
+                let answers_tx = answers_tx.clone();
+                std::thread::Builder::new()
+                    .name("control-reader".into())
+                    .spawn_scoped(scope, move || {
+                        control_reader_loop(shared, reader, answers_tx)
+                    })
+                    .expect("spawn control reader");
+            }
+            writers.push(
+                std::thread::Builder::new()
+                    .name(format!("conn-writer-{index}"))
+                    .spawn_scoped(scope, move || connection_writer(shared, index, writer))
+                    .expect("spawn connection writer"),
+            );
+        }
+        drop(answers_tx);
+
+        let mut scanner = Scanner::new(&shared, vm, hello, started, setup_time, progress);
+        let result = scanner.run(paused, &answers, &mut workers);
+        match &result {
+            Ok(_) => {
+                // Writers send what is queued and exit on Close; then the sockets are shut
+                // so that the control reader, blocked in a read, returns too.
+                for ring in &shared.outgoing {
+                    let _ = ring.push(Outgoing::Close, &shared.abort);
+                }
+                for writer in writers {
+                    let _ = writer.join();
+                }
+                shared.finished.store(true, Ordering::Release);
+                shared.abort.close_all();
+            }
+            Err(err) => shared.abort.raise(err.to_string()),
+        }
+        stop_workers(&shared, &mut workers);
+        result
+    })
+}
+
+fn stop_workers(shared: &Shared<'_>, workers: &mut Vec<std::thread::ScopedJoinHandle<'_, ()>>) {
+    for _ in 0..workers.len() {
+        if shared.jobs.push(None, &shared.abort).is_err() {
+            break;
+        }
+    }
+    for worker in workers.drain(..) {
+        let _ = worker.join();
+    }
+}
+
+fn connection_writer(shared: &Shared<'_>, index: usize, mut writer: Box<dyn Write + Send>) {
+    // The Hello was sequence 0.
+    let mut seq = SeqCounter::default();
+    seq.take();
+    let mut pages_frames: u64 = 0;
+    let mut send = |bytes: &[u8]| -> std::io::Result<()> {
+        if let Some(limiter) = &shared.limiter {
+            limiter.acquire(bytes.len());
+        }
+        writer.write_all(bytes)?;
+        shared
+            .wire_bytes
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        Ok(())
+    };
+    loop {
+        let Ok(item) = shared.outgoing[index].pop(&shared.abort) else {
+            return;
+        };
+        let result = match item {
+            Outgoing::Pages { mut frame, epoch } => {
+                frame.seal(FrameKind::Pages, epoch, seq.take());
+                pages_frames += 1;
+                let result = send(frame.as_bytes());
+                shared.frame_pool.give(frame);
+                result
+            }
+            Outgoing::RoundEnd { epoch } => {
+                let payload = pages_frames.to_le_bytes();
+                pages_frames = 0;
+                send(&migration::frame::encode_frame(
+                    FrameKind::RoundEnd,
+                    epoch,
+                    seq.take(),
+                    &payload,
+                ))
+            }
+            Outgoing::Control {
+                kind,
+                epoch,
+                payload,
+            } => send(&migration::frame::encode_frame(
+                kind,
+                epoch,
+                seq.take(),
+                &payload,
+            )),
+            Outgoing::Close => return,
+        };
+        if let Err(err) = result {
+            shared
+                .abort
+                .raise(format!("connection {index}: write failed: {err}"));
+            return;
+        }
+    }
+}
+
+fn control_reader_loop(
+    shared: &Shared<'_>,
+    mut reader: Box<dyn std::io::Read + Send>,
+    answers: mpsc::Sender<(FrameKind, Vec<u8>)>,
+) {
+    let mut seq = SeqCounter::default();
+    seq.take(); // HelloAck
+    let mut payload = Vec::new();
+    loop {
+        let header = match read_frame(&mut *reader, &mut payload, |_| CONTROL_FRAME_LIMIT_BYTES) {
+            Ok(header) => header,
+            Err(err) => {
+                // After a successful session the socket is shut under us: not an error.
+                if !shared.finished.load(Ordering::Acquire) {
+                    let reason = match err {
+                        ReadError::Closed => "the destination closed connection 0".to_string(),
+                        err => format!("destination connection 0: {err}"),
+                    };
+                    shared.abort.raise(reason);
+                    let _ = answers.send((FrameKind::Abort, Vec::new()));
+                }
+                return;
+            }
+        };
+        if let Err(err) = seq.accept(header.seq) {
+            shared
+                .abort
+                .raise(format!("destination connection 0: {err}"));
+            return;
+        }
+        match header.kind {
+            FrameKind::Abort => {
+                let reason = migration::handshake::decode_reason(&payload);
+                shared
+                    .abort
+                    .raise(format!("the destination aborted: {reason}"));
+                return;
+            }
+            FrameKind::Ready | FrameKind::Resumed | FrameKind::VerifyResult => {
+                if answers
+                    .send((header.kind, std::mem::take(&mut payload)))
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            other => {
+                shared
+                    .abort
+                    .raise(format!("destination sent an unexpected {other:?} frame"));
+                return;
+            }
+        }
+    }
+}
+
+fn compression_worker(shared: &Shared<'_>, index: usize) {
+    if shared.config.pin_workers {
+        pin::pin_current(index);
+    }
+    let mut encoder = BatchEncoder {
+        compressor: PageCompressor::new(shared.config.codec),
+        page: vec![0u8; PAGE_SIZE_BYTES],
+        delta: vec![0u8; PAGE_SIZE_BYTES - 1],
+        counters: EncodeCounters::default(),
+    };
+    while let Ok(Some(job)) = shared.jobs.pop(&shared.abort) {
+        let frame = encoder.encode(shared, &job);
+        let pushed = match frame {
+            Some(frame) => shared.outgoing[job.connection].push(
+                Outgoing::Pages {
+                    frame,
+                    epoch: job.epoch,
+                },
+                &shared.abort,
+            ),
+            None => Ok(()),
+        };
+        shared
+            .round_counters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .merge(&encoder.counters);
+        encoder.counters = EncodeCounters::default();
+        let mut pages = job.pages;
+        pages.clear();
+        shared.job_pool.give(pages);
+        shared.jobs_in_flight.fetch_sub(1, Ordering::AcqRel);
+        if pushed.is_err() {
+            return;
+        }
+    }
+}
+
+/// A compression worker's reusable state.
+struct BatchEncoder {
+    compressor: PageCompressor,
+    page: Vec<u8>,
+    delta: Vec<u8>,
+    counters: EncodeCounters,
+}
+
+impl BatchEncoder {
+    /// Encodes one job into a page-batch frame; `None` if nothing needs sending (every
+    /// page unchanged since the copy the destination holds).
+    fn encode(&mut self, shared: &Shared<'_>, job: &Job) -> Option<FrameBuf> {
+        let mut frame = shared
+            .frame_pool
+            .take(|| FrameBuf::with_capacity(MAX_BATCH_BYTES));
+        let codec = self.compressor.codec();
+        let use_cache = job.epoch > FIRST_EPOCH;
+        let entries = {
+            let mut batch = BatchWriter::new(frame.begin(), job.region);
+            let mut zero_run: Option<(u32, u32)> = None;
+            for &page in &job.pages {
+                shared
+                    .memory
+                    .read_page(usize::from(job.region), u64::from(page), &mut self.page);
+                if shared.config.zero_detect && zero::is_zero(&self.page) {
+                    if let Some(cache) = &shared.cache {
+                        cache.forget(job.region, u64::from(page));
+                    }
+                    self.counters.zero_pages += 1;
+                    zero_run = match zero_run {
+                        Some((first, count)) if first + count == page => Some((first, count + 1)),
+                        previous => {
+                            if let Some((first, count)) = previous {
+                                batch.zero_run(first, count);
+                            }
+                            Some((page, 1))
+                        }
+                    };
+                    continue;
+                }
+                if let Some((first, count)) = zero_run.take() {
+                    batch.zero_run(first, count);
+                }
+                if let (Some(cache), true) = (&shared.cache, use_cache) {
+                    match cache.encode(
+                        job.region,
+                        u64::from(page),
+                        job.epoch,
+                        &self.page,
+                        &mut self.delta,
+                        true,
+                    ) {
+                        XbzrleOutcome::Unchanged => {
+                            self.counters.xbzrle_unchanged += 1;
+                            continue;
+                        }
+                        XbzrleOutcome::Delta { len, base_epoch } => {
+                            batch.xbzrle(page, base_epoch, &self.delta[..len]);
+                            self.counters.xbzrle_pages += 1;
+                            self.counters.xbzrle_bytes += len as u64;
+                            continue;
+                        }
+                        XbzrleOutcome::Miss => self.counters.xbzrle_cache_miss += 1,
+                        XbzrleOutcome::Overflow => self.counters.xbzrle_overflow += 1,
+                    }
+                }
+                if codec != Codec::None {
+                    self.counters.codec_input_pages += 1;
+                }
+                match self.compressor.compress(&self.page) {
+                    Compressed::Packed { len } => {
+                        batch.compressed(page, codec, &self.compressor.output()[..len]);
+                        self.counters.compressed_pages += 1;
+                        self.counters.compressed_bytes += len as u64;
+                    }
+                    Compressed::Raw => {
+                        batch.raw(page, &self.page);
+                        self.counters.raw_pages += 1;
+                    }
+                }
+            }
+            if let Some((first, count)) = zero_run {
+                batch.zero_run(first, count);
+            }
+            batch.entries()
+        };
+        if entries == 0 {
+            shared.frame_pool.give(frame);
+            return None;
+        }
+        frame.checksum_payload();
+        self.counters.wire_bytes += (HEADER_BYTES + frame.payload_len()) as u64;
+        Some(frame)
+    }
+}
+
+/// The scanner: runs the rounds on the calling thread.
+struct Scanner<'s, 'a> {
+    shared: &'s Shared<'a>,
+    vm: &'s dyn SourceVm,
+    hello: &'s Hello,
+    started: Instant,
+    setup_time: Duration,
+    progress: &'s mut dyn FnMut(&Progress),
+    bitmaps: Vec<Vec<u64>>,
+    scratch: Vec<Vec<u64>>,
+    next_connection: usize,
+    stats: MigrationStats,
+    totals: EncodeCounters,
+    last_progress: Instant,
+}
+
+impl<'s, 'a> Scanner<'s, 'a> {
+    fn new(
+        shared: &'s Shared<'a>,
+        vm: &'s dyn SourceVm,
+        hello: &'s Hello,
+        started: Instant,
+        setup_time: Duration,
+        progress: &'s mut dyn FnMut(&Progress),
+    ) -> Self {
+        let bitmaps: Vec<Vec<u64>> = hello
+            .region_bytes
+            .iter()
+            .map(|&b| vec![0u64; bitmap_words(pages_of(b))])
+            .collect();
+        let scratch = bitmaps.clone();
+        Scanner {
+            shared,
+            vm,
+            hello,
+            started,
+            setup_time,
+            progress,
+            bitmaps,
+            scratch,
+            next_connection: 0,
+            stats: MigrationStats::default(),
+            totals: EncodeCounters::default(),
+            last_progress: Instant::now(),
+        }
+    }
+
+    fn check_abort(&self) -> Result<(), MigrationError> {
+        if self.shared.abort.is_raised() {
+            return Err(MigrationError::Failed(
+                self.shared
+                    .abort
+                    .reason()
+                    .unwrap_or_else(|| "aborted".into()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Takes the dirty log into the bitmaps: replacing them, or adding to them.
+    fn sync(&mut self, merge: bool) -> u64 {
+        self.stats.ram.dirty_sync_count += 1;
+        let log = self.vm.dirty_log();
+        let mut dirty = 0;
+        for (region, (bitmap, scratch)) in
+            self.bitmaps.iter_mut().zip(&mut self.scratch).enumerate()
+        {
+            if merge {
+                log.take_dirty(region, scratch);
+                for (word, extra) in bitmap.iter_mut().zip(scratch.iter()) {
+                    *word |= extra;
+                }
+            } else {
+                log.take_dirty(region, bitmap);
+            }
+            dirty += bitmap
+                .iter()
+                .map(|w| u64::from(w.count_ones()))
+                .sum::<u64>();
+        }
+        dirty
+    }
+
+    /// Hands out the pages set in the bitmaps as jobs of `epoch`, then waits until every job
+    /// is encoded and queued, and closes the round on every connection.
+    fn send_round(
+        &mut self,
+        epoch: u32,
+        stage: &'static str,
+        pages: u64,
+    ) -> Result<(), MigrationError> {
+        let shared = self.shared;
+        let mut remaining = pages;
+        for region in 0..self.bitmaps.len() {
+            let mut batch = shared
+                .job_pool
+                .take(|| Vec::with_capacity(MAX_ENTRIES_PER_BATCH));
+            let mut failed = Ok(());
+            let bitmap = std::mem::take(&mut self.bitmaps[region]);
+            for_each_set_bit(&bitmap, |page| {
+                if failed.is_err() {
+                    return;
+                }
+                batch.push(page as u32);
+                if batch.len() == MAX_ENTRIES_PER_BATCH {
+                    remaining -= batch.len() as u64;
+                    let full = std::mem::replace(
+                        &mut batch,
+                        shared
+                            .job_pool
+                            .take(|| Vec::with_capacity(MAX_ENTRIES_PER_BATCH)),
+                    );
+                    failed = self.dispatch(epoch, region as u16, full);
+                    self.maybe_report(epoch, stage, remaining);
+                }
+            });
+            self.bitmaps[region] = bitmap;
+            failed?;
+            if batch.is_empty() {
+                shared.job_pool.give(batch);
+            } else {
+                remaining -= batch.len() as u64;
+                self.dispatch(epoch, region as u16, batch)?;
+            }
+        }
+        // Round barrier, source side: all of this round's batches are queued before any
+        // connection gets its RoundEnd.
+        while shared.jobs_in_flight.load(Ordering::Acquire) > 0 {
+            self.check_abort()?;
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        self.check_abort()
+    }
+
+    fn close_round(&self, epoch: u32) -> Result<(), MigrationError> {
+        for ring in &self.shared.outgoing {
+            ring.push(Outgoing::RoundEnd { epoch }, &self.shared.abort)
+                .map_err(|_| self.aborted())?;
+        }
+        Ok(())
+    }
+
+    fn aborted(&self) -> MigrationError {
+        MigrationError::Failed(
+            self.shared
+                .abort
+                .reason()
+                .unwrap_or_else(|| "aborted".into()),
+        )
+    }
+
+    fn dispatch(&mut self, epoch: u32, region: u16, pages: Vec<u32>) -> Result<(), MigrationError> {
+        let connection = self.next_connection;
+        self.next_connection = (self.next_connection + 1) % self.shared.outgoing.len();
+        self.shared.jobs_in_flight.fetch_add(1, Ordering::AcqRel);
+        if self
+            .shared
+            .jobs
+            .push(
+                Some(Job {
+                    epoch,
+                    region,
+                    pages,
+                    connection,
+                }),
+                &self.shared.abort,
+            )
+            .is_err()
+        {
+            self.shared.jobs_in_flight.fetch_sub(1, Ordering::AcqRel);
+            return Err(self.aborted());
+        }
+        Ok(())
+    }
+
+    fn maybe_report(&mut self, round: u32, stage: &'static str, remaining_pages: u64) {
+        if self.last_progress.elapsed() < PROGRESS_INTERVAL {
+            return;
+        }
+        self.last_progress = Instant::now();
+        let elapsed = self.started.elapsed();
+        let transferred_bytes = self.shared.wire_bytes.load(Ordering::Relaxed);
+        (self.progress)(&Progress {
+            round,
+            stage,
+            remaining_pages,
+            transferred_bytes,
+            mbps: mbps(transferred_bytes, elapsed.as_secs_f64()),
+            elapsed,
+        });
+    }
+
+    fn take_round_counters(&mut self) -> EncodeCounters {
+        let counters = std::mem::take(
+            &mut *self
+                .shared
+                .round_counters
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        self.totals.merge(&counters);
+        counters
+    }
+
+    fn record_round(
+        &mut self,
+        round: u32,
+        stage: &'static str,
+        duration: Duration,
+        counters: &EncodeCounters,
+        dirty_after: u64,
+        precopy: Option<&Precopy>,
+    ) {
+        self.stats.rounds.push(RoundStats {
+            round,
+            stage,
+            duration_ms: duration.as_secs_f64() * 1e3,
+            pages: counters.pages(),
+            transferred: counters.wire_bytes,
+            zero_pages: counters.zero_pages,
+            xbzrle_pages: counters.xbzrle_pages,
+            compressed_pages: counters.compressed_pages,
+            raw_pages: counters.raw_pages,
+            dirty_pages_after: dirty_after,
+            mbps: mbps(counters.wire_bytes, duration.as_secs_f64()),
+            expected_downtime_ms: precopy
+                .map_or(0.0, |p| p.expected_downtime().as_secs_f64() * 1e3),
+            throttle_pct: precopy.map_or(0, |p| p.throttle_pct()),
+        });
+    }
+
+    fn wait_answer(
+        &self,
+        answers: &mpsc::Receiver<(FrameKind, Vec<u8>)>,
+        expected: FrameKind,
+    ) -> Result<Vec<u8>, MigrationError> {
+        let deadline = Instant::now() + self.shared.config.answer_timeout;
+        loop {
+            self.check_abort()?;
+            match answers.recv_timeout(Duration::from_millis(20)) {
+                Ok((kind, payload)) if kind == expected => return Ok(payload),
+                Ok((FrameKind::Abort, _)) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    // The reader has raised the abort with its reason (or is about to).
+                    std::thread::sleep(Duration::from_millis(5));
+                    self.check_abort()?;
+                    return Err(MigrationError::Failed(format!(
+                        "destination went away while we waited for {expected:?}"
+                    )));
+                }
+                Ok((kind, _)) => {
+                    return Err(MigrationError::Failed(format!(
+                        "destination sent {kind:?} while we waited for {expected:?}"
+                    )))
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() >= deadline => {
+                    return Err(MigrationError::Failed(format!(
+                        "destination did not answer {expected:?} within {:?}",
+                        self.shared.config.answer_timeout
+                    )))
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+        }
+    }
+
+    fn control(&self, kind: FrameKind, epoch: u32, payload: Vec<u8>) -> Result<(), MigrationError> {
+        self.shared.outgoing[0]
+            .push(
+                Outgoing::Control {
+                    kind,
+                    epoch,
+                    payload,
+                },
+                &self.shared.abort,
+            )
+            .map_err(|_| self.aborted())
+    }
+
+    fn run(
+        &mut self,
+        paused: &mut bool,
+        answers: &mpsc::Receiver<(FrameKind, Vec<u8>)>,
+        workers: &mut Vec<std::thread::ScopedJoinHandle<'_, ()>>,
+    ) -> Result<MigrationStats, MigrationError> {
+        let config = self.shared.config;
+        let total_pages: u64 = self.hello.region_bytes.iter().map(|&b| pages_of(b)).sum();
+        let clock = Instant::now();
+        let mut precopy = Precopy::new(config.precopy.clone(), Duration::ZERO);
+
+        // Bulk stage: the pages written since logging started, or every page.
+        let used = self.sync(false);
+        let bulk_pages = if config.skip_unused {
+            used
+        } else {
+            for bitmap in &mut self.bitmaps {
+                bitmap.fill(u64::MAX);
+            }
+            for (bitmap, &bytes) in self.bitmaps.iter_mut().zip(&self.hello.region_bytes) {
+                let pages = pages_of(bytes);
+                if pages % 64 != 0 {
+                    if let Some(last) = bitmap.last_mut() {
+                        *last = (1u64 << (pages % 64)) - 1;
+                    }
+                }
+            }
+            total_pages
+        };
+        self.stats.ram.skipped = total_pages - bulk_pages;
+
+        let mut epoch = FIRST_EPOCH;
+        let mut pages = bulk_pages;
+        let mut last_dirty_rate;
+        loop {
+            let stage = if epoch == FIRST_EPOCH {
+                "bulk"
+            } else {
+                "iterative"
+            };
+            let round_start = Instant::now();
+            self.send_round(epoch, stage, pages)?;
+            self.close_round(epoch)?;
+            let counters = self.take_round_counters();
+            let dirty = self.sync(false);
+            let duration = round_start.elapsed();
+            last_dirty_rate = (dirty as f64 / duration.as_secs_f64().max(1e-6)) as u64;
+            let report = RoundReport {
+                duration,
+                bytes_sent: counters.wire_bytes,
+                pages_sent: counters.pages(),
+                dirty_pages: dirty,
+            };
+            let decision = precopy.round_finished(clock.elapsed(), report);
+            self.record_round(epoch, stage, duration, &counters, dirty, Some(&precopy));
+            self.maybe_report(epoch, stage, dirty);
+            pages = dirty;
+            match decision {
+                Decision::NextRound { throttle_pct } => {
+                    self.vm.set_throttle(throttle_pct);
+                    epoch += 1;
+                }
+                Decision::StopAndCopy { .. } => break,
+                Decision::Cancel { rounds } => {
+                    return Err(MigrationError::Cancelled(format!(
+                        "did not converge in {rounds} rounds (expected downtime {:?} over the limit of {:?}); the source guest keeps running",
+                        precopy.expected_downtime(),
+                        config.precopy.downtime_limit
+                    )))
+                }
+            }
+        }
+        let precopy_bytes = self.shared.wire_bytes.load(Ordering::Relaxed);
+
+        // Stop-and-copy: the downtime window starts here.
+        epoch += 1;
+        let downtime_start = Instant::now();
+        self.vm.pause();
+        *paused = true;
+        let final_pages = self.sync(true);
+        let round_start = Instant::now();
+        self.send_round(epoch, "stop-and-copy", final_pages)?;
+        let device_state = self.vm.device_state();
+        if device_state.len() > MAX_PAYLOAD_BYTES as usize {
+            return Err(MigrationError::Failed(format!(
+                "device state of {} bytes exceeds the {MAX_PAYLOAD_BYTES}-byte limit",
+                device_state.len()
+            )));
+        }
+        if !config.deferred_cleanup {
+            self.cleanup(workers);
+        }
+        self.control(FrameKind::DeviceState, epoch, device_state)?;
+        self.close_round(epoch)?;
+        self.control(FrameKind::Complete, epoch, epoch.to_le_bytes().to_vec())?;
+        let counters = self.take_round_counters();
+        self.record_round(
+            epoch,
+            "stop-and-copy",
+            round_start.elapsed(),
+            &counters,
+            0,
+            None,
+        );
+        self.wait_answer(answers, FrameKind::Ready)?;
+        self.control(FrameKind::Commit, epoch, vec![u8::from(config.verify)])?;
+        // The source guest is the destination's now; verify hashes the paused source
+        // memory while the destination hashes its own.
+        let digest = config
+            .verify
+            .then(|| memory_digest(self.shared.memory, pin::core_count()));
+        let resumed = self.wait_answer(answers, FrameKind::Resumed)?;
+        let destination_verify_ms = resumed
+            .get(..8)
+            .map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
+        let downtime = downtime_start
+            .elapsed()
+            .saturating_sub(Duration::from_millis(destination_verify_ms));
+        let downtime_bytes = self.shared.wire_bytes.load(Ordering::Relaxed) - precopy_bytes;
+        let total_time = self
+            .started
+            .elapsed()
+            .saturating_sub(Duration::from_millis(destination_verify_ms));
+
+        if let Some(digest) = digest {
+            self.control(
+                FrameKind::VerifyDigest,
+                epoch,
+                digest.to_le_bytes().to_vec(),
+            )?;
+            let result = self.wait_answer(answers, FrameKind::VerifyResult)?;
+            self.stats.verified = Some(result.first() == Some(&1));
+            self.stats.verify_time = Some(destination_verify_ms);
+        }
+        // Teardown, after the switchover.
+        self.cleanup(workers);
+
+        let stats = &mut self.stats;
+        let t = &self.totals;
+        stats.status = "completed".into();
+        stats.total_time = total_time.as_millis() as u64;
+        stats.setup_time = self.setup_time.as_millis() as u64;
+        stats.downtime = downtime.as_millis() as u64;
+        stats.expected_downtime = precopy
+            .expected_downtime()
+            .as_millis()
+            .min(u128::from(u64::MAX)) as u64;
+        stats.throttle_pct = precopy.throttle_pct();
+        let transferred = self.shared.wire_bytes.load(Ordering::Relaxed);
+        stats.ram.total = self.hello.total_bytes();
+        stats.ram.transferred = transferred;
+        stats.ram.remaining = 0;
+        stats.ram.duplicate = t.zero_pages;
+        stats.ram.normal = t.raw_pages + t.compressed_pages;
+        stats.ram.normal_bytes = stats.ram.normal * PAGE_SIZE_BYTES as u64;
+        stats.ram.dirty_pages_rate = last_dirty_rate;
+        stats.ram.mbps = mbps(transferred, total_time.as_secs_f64());
+        stats.ram.pages_per_second = (t.pages() as f64 / total_time.as_secs_f64().max(1e-6)) as u64;
+        stats.ram.precopy_bytes = precopy_bytes;
+        stats.ram.downtime_bytes = downtime_bytes;
+        if let Some(cache) = &self.shared.cache {
+            let x = &mut stats.xbzrle_cache;
+            x.cache_size = cache.size_bytes();
+            x.bytes = t.xbzrle_bytes;
+            x.pages = t.xbzrle_pages;
+            x.cache_miss = t.xbzrle_cache_miss;
+            let lookups =
+                t.xbzrle_pages + t.xbzrle_cache_miss + t.xbzrle_overflow + t.xbzrle_unchanged;
+            x.cache_miss_rate = if lookups > 0 {
+                t.xbzrle_cache_miss as f64 / lookups as f64
+            } else {
+                0.0
+            };
+            x.encoding_rate = if t.xbzrle_bytes > 0 {
+                (t.xbzrle_pages * PAGE_SIZE_BYTES as u64) as f64 / t.xbzrle_bytes as f64
+            } else {
+                0.0
+            };
+            x.overflow = t.xbzrle_overflow;
+        }
+        stats.compression.pages = t.compressed_pages;
+        stats.compression.compressed_size = t.compressed_bytes;
+        stats.compression.compression_rate = if t.compressed_bytes > 0 {
+            (t.compressed_pages * PAGE_SIZE_BYTES as u64) as f64 / t.compressed_bytes as f64
+        } else {
+            0.0
+        };
+        stats.codec = config.codec.to_string();
+        stats.connections = self.hello.connection_count;
+        stats.compress_threads = config.compress_threads;
+        stats.encode = *t;
+        Ok(std::mem::take(stats))
+    }
+
+    /// Stops the compression workers and frees the XBZRLE cache.
+    fn cleanup(&self, workers: &mut Vec<std::thread::ScopedJoinHandle<'_, ()>>) {
+        stop_workers(self.shared, workers);
+        if let Some(cache) = &self.shared.cache {
+            cache.release();
+        }
+    }
+}
