@@ -132,56 +132,37 @@ impl MappedRegion {
         if len_bytes == 0 {
             return Err(Error::ZeroLength);
         }
-        let mapped_len_bytes = len_bytes
-            .checked_next_multiple_of(HUGE_PAGE_SIZE_BYTES)
-            .ok_or(Error::LengthOverflow { len_bytes })?;
+        let mapped_len_bytes =
+            len_bytes.checked_next_multiple_of(HUGE_PAGE_SIZE_BYTES).ok_or(Error::LengthOverflow { len_bytes })?;
         match policy {
             HugePolicy::Never => Self::map_anonymous(len_bytes, mapped_len_bytes),
             HugePolicy::Auto => match Self::map_hugetlb(len_bytes, mapped_len_bytes) {
                 Ok(region) => Ok(region),
                 Err(_) => Self::map_anonymous(len_bytes, mapped_len_bytes),
             },
-            HugePolicy::Require => {
-                Self::map_hugetlb(len_bytes, mapped_len_bytes).map_err(|source| {
-                    if source.raw_os_error() != Some(libc::ENOMEM) {
-                        return Error::MapFailed {
-                            len_bytes,
-                            backing: Backing::HugeTlb2M,
-                            source,
-                        };
-                    }
-                    match hugepage_status() {
-                        Ok(status) => Error::HugePagesUnavailable {
-                            needed: (mapped_len_bytes / HUGE_PAGE_SIZE_BYTES) as u64,
-                            free: status.free,
-                        },
-                        Err(_) => Error::MapFailed {
-                            len_bytes,
-                            backing: Backing::HugeTlb2M,
-                            source,
-                        },
-                    }
-                })
-            }
+            HugePolicy::Require => Self::map_hugetlb(len_bytes, mapped_len_bytes).map_err(|source| {
+                if source.raw_os_error() != Some(libc::ENOMEM) {
+                    return Error::MapFailed { len_bytes, backing: Backing::HugeTlb2M, source };
+                }
+                match hugepage_status() {
+                    Ok(status) => Error::HugePagesUnavailable {
+                        needed: (mapped_len_bytes / HUGE_PAGE_SIZE_BYTES) as u64,
+                        free: status.free,
+                    },
+                    Err(_) => Error::MapFailed { len_bytes, backing: Backing::HugeTlb2M, source },
+                }
+            }),
         }
     }
 
     fn map_hugetlb(len_bytes: usize, mapped_len_bytes: usize) -> io::Result<Self> {
         // No MAP_NORESERVE: we want the kernel to reserve every page now, so a short pool
         // fails here rather than with SIGBUS when the guest first touches a page.
-        let flags =
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB | libc::MAP_HUGE_2MB;
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB | libc::MAP_HUGE_2MB;
         // SAFETY: a fresh anonymous mapping at an address of the kernel's choosing cannot
         // overlap memory Rust already owns; the result is checked for MAP_FAILED below.
         let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                mapped_len_bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                flags,
-                -1,
-                0,
-            )
+            libc::mmap(std::ptr::null_mut(), mapped_len_bytes, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0)
         };
         if addr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
@@ -195,16 +176,11 @@ impl MappedRegion {
     }
 
     fn map_anonymous(len_bytes: usize, mapped_len_bytes: usize) -> Result<Self, Error> {
-        let map_failed = |source| Error::MapFailed {
-            len_bytes,
-            backing: Backing::AnonymousThp,
-            source,
-        };
+        let map_failed = |source| Error::MapFailed { len_bytes, backing: Backing::AnonymousThp, source };
         // THP can only back 2 MiB-aligned virtual ranges, and mmap only promises 4 KiB
         // alignment, so map one extra huge page and trim the unaligned ends.
-        let padded_len_bytes = mapped_len_bytes
-            .checked_add(HUGE_PAGE_SIZE_BYTES)
-            .ok_or(Error::LengthOverflow { len_bytes })?;
+        let padded_len_bytes =
+            mapped_len_bytes.checked_add(HUGE_PAGE_SIZE_BYTES).ok_or(Error::LengthOverflow { len_bytes })?;
         // SAFETY: a fresh anonymous mapping at an address of the kernel's choosing cannot
         // overlap memory Rust already owns; the result is checked for MAP_FAILED below.
         let addr = unsafe {
@@ -232,10 +208,7 @@ impl MappedRegion {
                 libc::munmap(addr, head_bytes);
             }
             if tail_bytes != 0 {
-                libc::munmap(
-                    (aligned + mapped_len_bytes) as *mut libc::c_void,
-                    tail_bytes,
-                );
+                libc::munmap((aligned + mapped_len_bytes) as *mut libc::c_void, tail_bytes);
             }
         }
         let aligned_ptr = aligned as *mut libc::c_void;
@@ -269,14 +242,8 @@ impl MappedRegion {
     /// Panics with the offending range unless `[offset, offset + len)` lies in the region.
     #[track_caller]
     fn check_range(&self, offset: usize, len: usize) {
-        let in_bounds = offset
-            .checked_add(len)
-            .is_some_and(|end| end <= self.len_bytes);
-        assert!(
-            in_bounds,
-            "range {offset}+{len} is outside the {}-byte region",
-            self.len_bytes
-        );
+        let in_bounds = offset.checked_add(len).is_some_and(|end| end <= self.len_bytes);
+        assert!(in_bounds, "range {offset}+{len} is outside the {}-byte region", self.len_bytes);
     }
 
     /// Copies `dst.len()` bytes at `offset` into `dst`.
@@ -291,11 +258,7 @@ impl MappedRegion {
         // a distinct Rust buffer, so the ranges cannot overlap. A concurrent guest write can
         // tear the copy; that is the documented contract, as for KVM guest RAM.
         unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.ptr.as_ptr().add(offset),
-                dst.as_mut_ptr(),
-                dst.len(),
-            );
+            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(offset), dst.as_mut_ptr(), dst.len());
         }
     }
 
@@ -313,10 +276,7 @@ impl MappedRegion {
 
     #[track_caller]
     fn atomic_u32(&self, offset: usize) -> &AtomicU32 {
-        assert!(
-            offset.is_multiple_of(4),
-            "u32 offset {offset} is not 4-byte aligned"
-        );
+        assert!(offset.is_multiple_of(4), "u32 offset {offset} is not 4-byte aligned");
         self.check_range(offset, 4);
         // SAFETY: in bounds (checked), 4-byte aligned because the mapping is page-aligned and
         // the offset is a multiple of 4, and valid for the lifetime of `&self`. All other
@@ -326,10 +286,7 @@ impl MappedRegion {
 
     #[track_caller]
     fn atomic_u64(&self, offset: usize) -> &AtomicU64 {
-        assert!(
-            offset.is_multiple_of(8),
-            "u64 offset {offset} is not 8-byte aligned"
-        );
+        assert!(offset.is_multiple_of(8), "u64 offset {offset} is not 8-byte aligned");
         self.check_range(offset, 8);
         // SAFETY: as in `atomic_u32`, with 8-byte alignment from the page-aligned base.
         unsafe { AtomicU64::from_ptr(self.ptr.as_ptr().add(offset).cast()) }
@@ -389,11 +346,7 @@ impl MappedRegion {
         // mapping (bounds-checked above). MADV_DONTNEED on private anonymous memory makes the
         // pages read back as zero-fill; no Rust reference into them exists.
         let rc = unsafe {
-            libc::madvise(
-                self.ptr.as_ptr().add(whole_start).cast(),
-                whole_end - whole_start,
-                libc::MADV_DONTNEED,
-            )
+            libc::madvise(self.ptr.as_ptr().add(whole_start).cast(), whole_end - whole_start, libc::MADV_DONTNEED)
         };
         if rc != 0 {
             // Kernels before 5.18 reject MADV_DONTNEED on hugetlb; zeroing keeps the contract
@@ -469,11 +422,7 @@ fn parse_meminfo(text: &str) -> io::Result<HugePageStatus> {
         }
     }
     match (total, free, size_bytes) {
-        (Some(total), Some(free), Some(size_bytes)) => Ok(HugePageStatus {
-            total,
-            free,
-            size_bytes,
-        }),
+        (Some(total), Some(free), Some(size_bytes)) => Ok(HugePageStatus { total, free, size_bytes }),
         _ => Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "meminfo lacks HugePages_Total, HugePages_Free or Hugepagesize",
@@ -488,14 +437,10 @@ pub fn reserve_hugepages(count: u64) -> Result<HugePageStatus, Error> {
     let before = hugepage_status().map_err(|source| Error::Status { source })?;
     // nr_hugepages sizes the default-size pool, while allocate maps 2 MiB pages explicitly.
     if before.size_bytes != HUGE_PAGE_SIZE_BYTES as u64 {
-        return Err(Error::DefaultSizeMismatch {
-            size_bytes: before.size_bytes,
-        });
+        return Err(Error::DefaultSizeMismatch { size_bytes: before.size_bytes });
     }
-    std::fs::write(NR_HUGEPAGES_PATH, count.to_string()).map_err(|source| Error::Reserve {
-        requested: count,
-        source,
-    })?;
+    std::fs::write(NR_HUGEPAGES_PATH, count.to_string())
+        .map_err(|source| Error::Reserve { requested: count, source })?;
     hugepage_status().map_err(|source| Error::Status { source })
 }
 
@@ -522,18 +467,12 @@ mod tests {
 
     #[test]
     fn zero_length_is_rejected() {
-        assert!(matches!(
-            MappedRegion::allocate(0, HugePolicy::Auto),
-            Err(Error::ZeroLength)
-        ));
+        assert!(matches!(MappedRegion::allocate(0, HugePolicy::Auto), Err(Error::ZeroLength)));
     }
 
     #[test]
     fn length_overflow_is_rejected() {
-        assert!(matches!(
-            MappedRegion::allocate(usize::MAX - 5, HugePolicy::Never),
-            Err(Error::LengthOverflow { .. })
-        ));
+        assert!(matches!(MappedRegion::allocate(usize::MAX - 5, HugePolicy::Never), Err(Error::LengthOverflow { .. })));
     }
 
     #[test]
@@ -560,12 +499,7 @@ mod tests {
         let region = MappedRegion::allocate(TEST_LEN_BYTES, HugePolicy::Never).unwrap();
         let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7 + 3) as u8).collect();
         // Unaligned, straddling a 4 KiB and a 2 MiB boundary, and flush with the end.
-        for offset in [
-            1,
-            4090,
-            HUGE_PAGE_SIZE_BYTES - 5000,
-            TEST_LEN_BYTES - data.len(),
-        ] {
+        for offset in [1, 4090, HUGE_PAGE_SIZE_BYTES - 5000, TEST_LEN_BYTES - data.len()] {
             region.write_from(offset, &data);
             let mut back = vec![0u8; data.len()];
             region.read_into(offset, &mut back);
@@ -638,11 +572,7 @@ mod tests {
         let mut back = vec![0u8; region.len()];
         region.read_into(0, &mut back);
         for (i, &b) in back.iter().enumerate() {
-            let expected = if (offset..offset + len).contains(&i) {
-                0
-            } else {
-                0xab
-            };
+            let expected = if (offset..offset + len).contains(&i) { 0 } else { 0xab };
             assert_eq!(b, expected, "byte {i} after discard({offset}, {len})");
         }
     }
@@ -685,18 +615,9 @@ mod tests {
                     HugePages_Free:        9\n\
                     HugePages_Rsvd:        0\n\
                     Hugepagesize:       2048 kB\n";
-        assert_eq!(
-            parse_meminfo(text).unwrap(),
-            HugePageStatus {
-                total: 16,
-                free: 9,
-                size_bytes: 2 << 20
-            }
-        );
+        assert_eq!(parse_meminfo(text).unwrap(), HugePageStatus { total: 16, free: 9, size_bytes: 2 << 20 });
         assert!(parse_meminfo("MemTotal: 1 kB\n").is_err());
-        assert!(
-            parse_meminfo("HugePages_Total: x\nHugePages_Free: 0\nHugepagesize: 2048 kB").is_err()
-        );
+        assert!(parse_meminfo("HugePages_Total: x\nHugePages_Free: 0\nHugepagesize: 2048 kB").is_err());
     }
 
     #[test]
@@ -727,22 +648,21 @@ mod tests {
         const NEEDED_PAGES: u64 = 3;
         const RESERVE_PAGES: u64 = 8;
         let status = hugepage_status().unwrap();
-        let _restore =
-            if status.free >= NEEDED_PAGES && status.size_bytes == HUGE_PAGE_SIZE_BYTES as u64 {
-                None
-            } else if !is_root() || status.size_bytes != HUGE_PAGE_SIZE_BYTES as u64 {
-                println!("SKIPPED: needs root to reserve hugepages");
+        let _restore = if status.free >= NEEDED_PAGES && status.size_bytes == HUGE_PAGE_SIZE_BYTES as u64 {
+            None
+        } else if !is_root() || status.size_bytes != HUGE_PAGE_SIZE_BYTES as u64 {
+            println!("SKIPPED: needs root to reserve hugepages");
+            return;
+        } else {
+            let previous = std::fs::read_to_string(NR_HUGEPAGES_PATH).unwrap();
+            let restore = RestorePool(previous.trim().parse().unwrap());
+            let got = reserve_hugepages(status.total + RESERVE_PAGES).unwrap();
+            if got.free < NEEDED_PAGES {
+                println!("SKIPPED: the kernel granted only {got:?}");
                 return;
-            } else {
-                let previous = std::fs::read_to_string(NR_HUGEPAGES_PATH).unwrap();
-                let restore = RestorePool(previous.trim().parse().unwrap());
-                let got = reserve_hugepages(status.total + RESERVE_PAGES).unwrap();
-                if got.free < NEEDED_PAGES {
-                    println!("SKIPPED: the kernel granted only {got:?}");
-                    return;
-                }
-                Some(restore)
-            };
+            }
+            Some(restore)
+        };
 
         // 2.5 pages, so the mapping is rounded up to 3.
         let len_bytes = 2 * HUGE_PAGE_SIZE_BYTES + HUGE_PAGE_SIZE_BYTES / 2;
@@ -756,9 +676,8 @@ mod tests {
         check_discard(&region, 0, len_bytes);
 
         // Surplus pages would let an oversized mapping succeed.
-        let no_overcommit = std::fs::read_to_string("/proc/sys/vm/nr_overcommit_hugepages")
-            .map(|s| s.trim() == "0")
-            .unwrap_or(false);
+        let no_overcommit =
+            std::fs::read_to_string("/proc/sys/vm/nr_overcommit_hugepages").map(|s| s.trim() == "0").unwrap_or(false);
         if no_overcommit {
             let too_big = (hugepage_status().unwrap().total as usize + 1) * HUGE_PAGE_SIZE_BYTES;
             match MappedRegion::allocate(too_big, HugePolicy::Require) {

@@ -75,16 +75,12 @@ impl FromStr for Codec {
         match (name, level) {
             ("none", None) => Ok(Codec::None),
             ("lz4", None) => Ok(Codec::Lz4),
-            ("zlib", None) => Ok(Codec::Zlib {
-                level: Codec::DEFAULT_ZLIB_LEVEL,
-            }),
+            ("zlib", None) => Ok(Codec::Zlib { level: Codec::DEFAULT_ZLIB_LEVEL }),
             ("zlib", Some(level)) => match level.parse::<u8>() {
                 Ok(level @ 1..=9) => Ok(Codec::Zlib { level }),
                 _ => Err(format!("zlib level must be 1..=9, got {level:?}")),
             },
-            _ => Err(format!(
-                "unknown codec {text:?}: expected none, lz4, zlib or zlib:LEVEL"
-            )),
+            _ => Err(format!("unknown codec {text:?}: expected none, lz4, zlib or zlib:LEVEL")),
         }
     }
 }
@@ -114,11 +110,7 @@ impl PageCompressor {
         // lz4 may need more than a page for incompressible input; deflate is stopped at
         // one byte under a page, since a larger result would be sent raw anyway.
         let out = vec![0u8; lz4_flex::block::get_maximum_output_size(PAGE_SIZE_BYTES)];
-        PageCompressor {
-            codec,
-            deflate,
-            out,
-        }
+        PageCompressor { codec, deflate, out }
     }
 
     pub fn codec(&self) -> Codec {
@@ -135,10 +127,7 @@ impl PageCompressor {
                 Err(_) => return Compressed::Raw,
             },
             Codec::Zlib { .. } => {
-                let deflate = self
-                    .deflate
-                    .as_mut()
-                    .expect("zlib compressor has deflate state");
+                let deflate = self.deflate.as_mut().expect("zlib compressor has deflate state");
                 deflate.reset();
                 let limit = PAGE_SIZE_BYTES - 1;
                 match deflate.compress(page, &mut self.out[..limit], FlushCompress::Finish) {
@@ -166,10 +155,7 @@ pub enum DecompressError {
     #[error("{codec} page data expanded to {got} bytes, expected {PAGE_SIZE_BYTES}")]
     WrongSize { codec: &'static str, got: usize },
     #[error("page encoded with {got}, but the session negotiated {negotiated}")]
-    CodecNotNegotiated {
-        got: &'static str,
-        negotiated: &'static str,
-    },
+    CodecNotNegotiated { got: &'static str, negotiated: &'static str },
 }
 
 /// Per-worker decompression state.
@@ -179,21 +165,14 @@ pub struct PageDecompressor {
 
 impl Default for PageDecompressor {
     fn default() -> Self {
-        PageDecompressor {
-            inflate: Decompress::new(false),
-        }
+        PageDecompressor { inflate: Decompress::new(false) }
     }
 }
 
 impl PageDecompressor {
     /// Decompresses `data` into `page`, which must be exactly one page long. The output
     /// is bounded by the page: data that would expand past it is an error.
-    pub fn decompress(
-        &mut self,
-        codec: Codec,
-        data: &[u8],
-        page: &mut [u8],
-    ) -> Result<(), DecompressError> {
+    pub fn decompress(&mut self, codec: Codec, data: &[u8], page: &mut [u8]) -> Result<(), DecompressError> {
         debug_assert_eq!(page.len(), PAGE_SIZE_BYTES);
         match codec {
             Codec::None => Err(DecompressError::Corrupt { codec: "none" }),
@@ -205,15 +184,10 @@ impl PageDecompressor {
             Codec::Zlib { .. } => {
                 self.inflate.reset(false);
                 match self.inflate.decompress(data, page, FlushDecompress::Finish) {
-                    Ok(Status::StreamEnd)
-                        if self.inflate.total_out() as usize == PAGE_SIZE_BYTES =>
-                    {
-                        Ok(())
+                    Ok(Status::StreamEnd) if self.inflate.total_out() as usize == PAGE_SIZE_BYTES => Ok(()),
+                    Ok(Status::StreamEnd) => {
+                        Err(DecompressError::WrongSize { codec: "zlib", got: self.inflate.total_out() as usize })
                     }
-                    Ok(Status::StreamEnd) => Err(DecompressError::WrongSize {
-                        codec: "zlib",
-                        got: self.inflate.total_out() as usize,
-                    }),
                     _ => Err(DecompressError::Corrupt { codec: "zlib" }),
                 }
             }
@@ -226,12 +200,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const CODECS: [Codec; 4] = [
-        Codec::None,
-        Codec::Lz4,
-        Codec::Zlib { level: 1 },
-        Codec::Zlib { level: 9 },
-    ];
+    const CODECS: [Codec; 4] = [Codec::None, Codec::Lz4, Codec::Zlib { level: 1 }, Codec::Zlib { level: 9 }];
 
     fn round_trip(codec: Codec, page: &[u8]) -> Compressed {
         let mut compressor = PageCompressor::new(codec);
@@ -239,9 +208,7 @@ mod tests {
         if let Compressed::Packed { len } = result {
             assert!(len < PAGE_SIZE_BYTES);
             let mut out = vec![0u8; PAGE_SIZE_BYTES];
-            PageDecompressor::default()
-                .decompress(codec, &compressor.output()[..len], &mut out)
-                .unwrap();
+            PageDecompressor::default().decompress(codec, &compressor.output()[..len], &mut out).unwrap();
             assert_eq!(out, page);
         }
         result
@@ -265,17 +232,10 @@ mod tests {
 
     #[test]
     fn text_page_shrinks() {
-        let page: Vec<u8> = b"the quick brown fox jumps over the lazy dog. "
-            .iter()
-            .copied()
-            .cycle()
-            .take(PAGE_SIZE_BYTES)
-            .collect();
+        let page: Vec<u8> =
+            b"the quick brown fox jumps over the lazy dog. ".iter().copied().cycle().take(PAGE_SIZE_BYTES).collect();
         for codec in &CODECS[1..] {
-            assert!(matches!(
-                round_trip(*codec, &page),
-                Compressed::Packed { .. }
-            ));
+            assert!(matches!(round_trip(*codec, &page), Compressed::Packed { .. }));
         }
     }
 

@@ -41,12 +41,7 @@ pub struct AtomicBitmap {
 
 impl AtomicBitmap {
     pub fn new(pages: u64) -> Self {
-        AtomicBitmap {
-            words: (0..bitmap_words(pages))
-                .map(|_| AtomicU64::new(0))
-                .collect(),
-            pages,
-        }
+        AtomicBitmap { words: (0..bitmap_words(pages)).map(|_| AtomicU64::new(0)).collect(), pages }
     }
 
     pub fn pages(&self) -> u64 {
@@ -57,31 +52,19 @@ impl AtomicBitmap {
     /// clears the bit before it copies the page, so a store that the copy missed always
     /// leaves its mark for the next round.
     pub fn mark(&self, page: u64) {
-        assert!(
-            page < self.pages,
-            "page {page} outside a bitmap of {} pages",
-            self.pages
-        );
+        assert!(page < self.pages, "page {page} outside a bitmap of {} pages", self.pages);
         self.words[(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::SeqCst);
     }
 
     /// Marks pages `first..first + count` dirty.
     pub fn mark_range(&self, first: u64, count: u64) {
         let end = first + count;
-        assert!(
-            end <= self.pages,
-            "pages {first}..{end} outside a bitmap of {} pages",
-            self.pages
-        );
+        assert!(end <= self.pages, "pages {first}..{end} outside a bitmap of {} pages", self.pages);
         let mut page = first;
         while page < end {
             let bit = page % 64;
             let span = (64 - bit).min(end - page);
-            let mask = if span == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << span) - 1) << bit
-            };
+            let mask = if span == 64 { u64::MAX } else { ((1u64 << span) - 1) << bit };
             self.words[(page / 64) as usize].fetch_or(mask, Ordering::SeqCst);
             page += span;
         }
@@ -93,11 +76,7 @@ impl AtomicBitmap {
         let mut count = 0;
         for (word, slot) in self.words.iter().zip(out.iter_mut()) {
             // A load first skips the (common) clean words without a locked write.
-            *slot = if word.load(Ordering::Relaxed) == 0 {
-                0
-            } else {
-                word.swap(0, Ordering::SeqCst)
-            };
+            *slot = if word.load(Ordering::Relaxed) == 0 { 0 } else { word.swap(0, Ordering::SeqCst) };
             count += u64::from(slot.count_ones());
         }
         count
@@ -105,10 +84,7 @@ impl AtomicBitmap {
 
     /// Number of dirty pages right now (a snapshot; for statistics).
     pub fn count(&self) -> u64 {
-        self.words
-            .iter()
-            .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
-            .sum()
+        self.words.iter().map(|w| u64::from(w.load(Ordering::Relaxed).count_ones())).sum()
     }
 }
 

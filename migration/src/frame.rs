@@ -99,14 +99,8 @@ pub enum FrameError {
     ReservedBits { flags: u8, reserved: u16 },
     #[error("frame payload of {length} bytes exceeds the limit of {limit} bytes")]
     Oversized { length: u32, limit: u32 },
-    #[error(
-        "frame checksum mismatch (seq {seq}): expected {expected:#010x}, computed {computed:#010x}"
-    )]
-    Checksum {
-        seq: u64,
-        expected: u32,
-        computed: u32,
-    },
+    #[error("frame checksum mismatch (seq {seq}): expected {expected:#010x}, computed {computed:#010x}")]
+    Checksum { seq: u64, expected: u32, computed: u32 },
     #[error("frame out of sequence: expected seq {expected}, got {got}")]
     Sequence { expected: u64, got: u64 },
     #[error("stream ended inside a frame")]
@@ -128,8 +122,7 @@ impl FrameHeader {
     /// The checksum can only be checked once the payload is in: see [`FrameHeader::check`].
     pub fn parse(bytes: &[u8; HEADER_BYTES]) -> Result<Self, FrameError> {
         let kind_byte = bytes[field::KIND];
-        let kind =
-            FrameKind::from_u8(kind_byte).ok_or(FrameError::UnknownKind { kind: kind_byte })?;
+        let kind = FrameKind::from_u8(kind_byte).ok_or(FrameError::UnknownKind { kind: kind_byte })?;
         let flags = bytes[field::FLAGS];
         let reserved = u16::from_le_bytes(bytes[field::RESERVED].try_into().unwrap_or_default());
         if flags != 0 || reserved != 0 {
@@ -137,10 +130,7 @@ impl FrameHeader {
         }
         let length = le_u32(&bytes[field::LENGTH]);
         if length > MAX_PAYLOAD_BYTES {
-            return Err(FrameError::Oversized {
-                length,
-                limit: MAX_PAYLOAD_BYTES,
-            });
+            return Err(FrameError::Oversized { length, limit: MAX_PAYLOAD_BYTES });
         }
         Ok(FrameHeader {
             kind,
@@ -155,11 +145,7 @@ impl FrameHeader {
     pub fn check(&self, header: &[u8; HEADER_BYTES], payload: &[u8]) -> Result<(), FrameError> {
         let computed = frame_crc(header, payload);
         if computed != self.crc {
-            return Err(FrameError::Checksum {
-                seq: self.seq,
-                expected: self.crc,
-                computed,
-            });
+            return Err(FrameError::Checksum { seq: self.seq, expected: self.crc, computed });
         }
         Ok(())
     }
@@ -206,10 +192,7 @@ pub struct FrameBuf {
 
 impl FrameBuf {
     pub fn with_capacity(payload_bytes: usize) -> Self {
-        FrameBuf {
-            bytes: Vec::with_capacity(HEADER_BYTES + payload_bytes),
-            payload_crc: None,
-        }
+        FrameBuf { bytes: Vec::with_capacity(HEADER_BYTES + payload_bytes), payload_crc: None }
     }
 
     /// Starts a new frame, discarding what the buffer held; returns the payload to fill.
@@ -228,16 +211,8 @@ impl FrameBuf {
     /// Writes the header over the first bytes once the payload is complete.
     pub fn seal(&mut self, kind: FrameKind, epoch: u32, seq: u64) {
         assert!(self.bytes.len() >= HEADER_BYTES, "seal without begin");
-        let payload_crc = self
-            .payload_crc
-            .unwrap_or_else(|| crc32c::crc32c(self.payload()));
-        let header = FrameHeader::emit_with_payload_crc(
-            kind,
-            epoch,
-            seq,
-            self.bytes.len() - HEADER_BYTES,
-            payload_crc,
-        );
+        let payload_crc = self.payload_crc.unwrap_or_else(|| crc32c::crc32c(self.payload()));
+        let header = FrameHeader::emit_with_payload_crc(kind, epoch, seq, self.bytes.len() - HEADER_BYTES, payload_crc);
         self.bytes[..HEADER_BYTES].copy_from_slice(&header);
     }
 
@@ -310,10 +285,7 @@ impl FrameDecoder {
         let payload = self.buffer[HEADER_BYTES..total].to_vec();
         header.check(&header_bytes, &payload)?;
         if header.seq != self.next_seq {
-            return Err(FrameError::Sequence {
-                expected: self.next_seq,
-                got: header.seq,
-            });
+            return Err(FrameError::Sequence { expected: self.next_seq, got: header.seq });
         }
         self.next_seq += 1;
         self.buffer.drain(..total);
@@ -340,10 +312,7 @@ impl SeqCounter {
     /// Checks that `seq` is the next one and advances.
     pub fn accept(&mut self, seq: u64) -> Result<(), FrameError> {
         if seq != self.next {
-            return Err(FrameError::Sequence {
-                expected: self.next,
-                got: seq,
-            });
+            return Err(FrameError::Sequence { expected: self.next, got: seq });
         }
         self.next += 1;
         Ok(())
@@ -375,24 +344,15 @@ mod tests {
     #[test]
     fn fixture_bytes_are_stable() {
         let frame = encode_frame(FrameKind::RoundEnd, 3, 7, &[1, 2, 3, 4]);
-        assert_eq!(
-            &frame[..20],
-            &[4, 0, 0, 0, 3, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0]
-        );
+        assert_eq!(&frame[..20], &[4, 0, 0, 0, 3, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0]);
         assert_eq!(frame.len(), HEADER_BYTES + 4);
         let header = FrameHeader::parse(frame[..HEADER_BYTES].try_into().unwrap()).unwrap();
-        assert_eq!(
-            header.crc,
-            crc32c::crc32c_append(crc32c::crc32c(&[1, 2, 3, 4]), &frame[..20])
-        );
+        assert_eq!(header.crc, crc32c::crc32c_append(crc32c::crc32c(&[1, 2, 3, 4]), &frame[..20]));
     }
 
     #[test]
     fn zeroed_header_is_invalid() {
-        assert_eq!(
-            FrameHeader::parse(&[0; HEADER_BYTES]),
-            Err(FrameError::UnknownKind { kind: 0 })
-        );
+        assert_eq!(FrameHeader::parse(&[0; HEADER_BYTES]), Err(FrameError::UnknownKind { kind: 0 }));
     }
 
     #[test]
@@ -401,10 +361,7 @@ mod tests {
         frame[16..20].copy_from_slice(&(MAX_PAYLOAD_BYTES + 1).to_le_bytes());
         let mut decoder = FrameDecoder::new();
         decoder.feed(&frame);
-        assert!(matches!(
-            decoder.next_frame(),
-            Err(FrameError::Oversized { .. })
-        ));
+        assert!(matches!(decoder.next_frame(), Err(FrameError::Oversized { .. })));
     }
 
     #[test]
@@ -420,13 +377,7 @@ mod tests {
     fn sequence_gap_is_rejected() {
         let mut decoder = FrameDecoder::new();
         decoder.feed(&encode_frame(FrameKind::Pages, 0, 1, &[]));
-        assert_eq!(
-            decoder.next_frame(),
-            Err(FrameError::Sequence {
-                expected: 0,
-                got: 1
-            })
-        );
+        assert_eq!(decoder.next_frame(), Err(FrameError::Sequence { expected: 0, got: 1 }));
     }
 
     proptest! {

@@ -47,10 +47,7 @@ pub enum HandshakeError {
 }
 
 fn malformed(what: &'static str, detail: impl Into<String>) -> HandshakeError {
-    HandshakeError::Malformed {
-        what,
-        detail: detail.into(),
-    }
+    HandshakeError::Malformed { what, detail: detail.into() }
 }
 
 pub fn encode_preamble() -> [u8; PREAMBLE_BYTES] {
@@ -114,37 +111,22 @@ impl Hello {
     pub fn decode(payload: &[u8]) -> Result<Self, HandshakeError> {
         const FIXED: usize = 22;
         if payload.len() < FIXED {
-            return Err(malformed(
-                "hello",
-                format!("{} bytes, need at least {FIXED}", payload.len()),
-            ));
+            return Err(malformed("hello", format!("{} bytes, need at least {FIXED}", payload.len())));
         }
         let connection_index = le_u16(&payload[8..10]);
         let connection_count = le_u16(&payload[10..12]);
-        if connection_count == 0
-            || connection_count > MAX_CONNECTIONS
-            || connection_index >= connection_count
-        {
+        if connection_count == 0 || connection_count > MAX_CONNECTIONS || connection_index >= connection_count {
             return Err(malformed(
                 "hello",
-                format!(
-                    "connection {connection_index} of {connection_count} (limit {MAX_CONNECTIONS})"
-                ),
+                format!("connection {connection_index} of {connection_count} (limit {MAX_CONNECTIONS})"),
             ));
         }
         let page_size = le_u32(&payload[12..16]);
         if page_size as usize != PAGE_SIZE_BYTES {
-            return Err(malformed(
-                "hello",
-                format!("page size {page_size}, this build handles {PAGE_SIZE_BYTES}"),
-            ));
+            return Err(malformed("hello", format!("page size {page_size}, this build handles {PAGE_SIZE_BYTES}")));
         }
-        let codec = Codec::from_wire(payload[16], payload[17]).ok_or_else(|| {
-            malformed(
-                "hello",
-                format!("unknown codec {} level {}", payload[16], payload[17]),
-            )
-        })?;
+        let codec = Codec::from_wire(payload[16], payload[17])
+            .ok_or_else(|| malformed("hello", format!("unknown codec {} level {}", payload[16], payload[17])))?;
         let xbzrle = match payload[18] {
             0 => false,
             1 => true,
@@ -155,19 +137,13 @@ impl Hello {
         }
         let region_count = le_u16(&payload[20..22]);
         if region_count == 0 || region_count > MAX_REGIONS {
-            return Err(malformed(
-                "hello",
-                format!("{region_count} regions (limit {MAX_REGIONS})"),
-            ));
+            return Err(malformed("hello", format!("{region_count} regions (limit {MAX_REGIONS})")));
         }
         let expected = FIXED + 8 * region_count as usize;
         if payload.len() != expected {
             return Err(malformed(
                 "hello",
-                format!(
-                    "{} bytes for {region_count} regions, expected {expected}",
-                    payload.len()
-                ),
+                format!("{} bytes for {region_count} regions, expected {expected}", payload.len()),
             ));
         }
         let region_bytes: Vec<u64> = payload[FIXED..].chunks_exact(8).map(le_u64).collect();
@@ -175,9 +151,7 @@ impl Hello {
             if bytes == 0 || bytes % PAGE_SIZE_BYTES as u64 != 0 {
                 return Err(malformed(
                     "hello",
-                    format!(
-                        "region {index} is {bytes} bytes, not a positive multiple of the page size"
-                    ),
+                    format!("region {index} is {bytes} bytes, not a positive multiple of the page size"),
                 ));
             }
         }
@@ -198,13 +172,7 @@ impl Hello {
 
     /// True when `other` describes the same session (all fields but the connection index).
     pub fn same_session(&self, other: &Hello) -> bool {
-        Hello {
-            connection_index: 0,
-            ..self.clone()
-        } == Hello {
-            connection_index: 0,
-            ..other.clone()
-        }
+        Hello { connection_index: 0, ..self.clone() } == Hello { connection_index: 0, ..other.clone() }
     }
 }
 
@@ -238,16 +206,11 @@ impl HelloAck {
         }
         let reason_len = le_u16(&payload[3..5]) as usize;
         if reason_len > MAX_REASON_BYTES || payload.len() != 5 + reason_len {
-            return Err(malformed(
-                "hello-ack",
-                format!("reason of {reason_len} bytes in {} bytes", payload.len()),
-            ));
+            return Err(malformed("hello-ack", format!("reason of {reason_len} bytes in {} bytes", payload.len())));
         }
         let reason = String::from_utf8_lossy(&payload[5..]).into_owned();
         match payload[0] {
-            1 => Ok(HelloAck::Accepted {
-                version: le_u16(&payload[1..3]),
-            }),
+            1 => Ok(HelloAck::Accepted { version: le_u16(&payload[1..3]) }),
             2 => Ok(HelloAck::Refused { reason }),
             other => Err(malformed("hello-ack", format!("status {other}"))),
         }
@@ -295,10 +258,7 @@ mod tests {
         for (offset, value) in [(10usize, 0u8), (13, 0), (16, 9), (18, 2), (19, 1), (20, 0)] {
             let mut bad = good.clone();
             bad[offset] = value;
-            assert!(
-                Hello::decode(&bad).is_err(),
-                "offset {offset} = {value} accepted"
-            );
+            assert!(Hello::decode(&bad).is_err(), "offset {offset} = {value} accepted");
         }
         assert!(Hello::decode(&good[..good.len() - 1]).is_err());
         let mut odd_region = hello();
@@ -311,28 +271,17 @@ mod tests {
         assert_eq!(accept_preamble(&encode_preamble()), Ok(1));
         let mut wrong = encode_preamble();
         wrong[0] = b'X';
-        assert!(matches!(
-            accept_preamble(&wrong),
-            Err(HandshakeError::BadMagic { .. })
-        ));
+        assert!(matches!(accept_preamble(&wrong), Err(HandshakeError::BadMagic { .. })));
         let mut newer = encode_preamble();
         newer[8..10].copy_from_slice(&2u16.to_le_bytes());
         newer[10..12].copy_from_slice(&3u16.to_le_bytes());
         let err = accept_preamble(&newer).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "no common protocol version: peer speaks 2..=3, we speak 1..=1"
-        );
+        assert_eq!(err.to_string(), "no common protocol version: peer speaks 2..=3, we speak 1..=1");
     }
 
     #[test]
     fn ack_round_trip() {
-        for ack in [
-            HelloAck::Accepted { version: 1 },
-            HelloAck::Refused {
-                reason: "too big".into(),
-            },
-        ] {
+        for ack in [HelloAck::Accepted { version: 1 }, HelloAck::Refused { reason: "too big".into() }] {
             assert_eq!(HelloAck::decode(&ack.encode()).unwrap(), ack);
         }
         assert!(HelloAck::decode(&[3, 0, 0, 0, 0]).is_err());

@@ -26,8 +26,7 @@ pub const BATCH_HEADER_BYTES: usize = 8;
 pub const MAX_ENTRIES_PER_BATCH: usize = 64;
 
 /// Bound on a batch payload: every entry raw, plus headers.
-pub const MAX_BATCH_BYTES: usize =
-    BATCH_HEADER_BYTES + MAX_ENTRIES_PER_BATCH * (5 + 6 + PAGE_SIZE_BYTES);
+pub const MAX_BATCH_BYTES: usize = BATCH_HEADER_BYTES + MAX_ENTRIES_PER_BATCH * (5 + 6 + PAGE_SIZE_BYTES);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -42,24 +41,10 @@ enum Encoding {
 /// One decoded entry of a batch, borrowing its data from the frame payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PageEntry<'a> {
-    ZeroRun {
-        page: u32,
-        count: u32,
-    },
-    Raw {
-        page: u32,
-        data: &'a [u8],
-    },
-    Compressed {
-        page: u32,
-        codec: Codec,
-        data: &'a [u8],
-    },
-    Xbzrle {
-        page: u32,
-        base_epoch: u32,
-        data: &'a [u8],
-    },
+    ZeroRun { page: u32, count: u32 },
+    Raw { page: u32, data: &'a [u8] },
+    Compressed { page: u32, codec: Codec, data: &'a [u8] },
+    Xbzrle { page: u32, base_epoch: u32, data: &'a [u8] },
 }
 
 impl PageEntry<'_> {
@@ -94,12 +79,7 @@ pub enum BatchError {
     #[error("entry {index} has unknown encoding {encoding}")]
     UnknownEncoding { index: usize, encoding: u8 },
     #[error("entry {index} covers pages {first}..{end} of a region of {region_pages} pages")]
-    OutOfRange {
-        index: usize,
-        first: u64,
-        end: u64,
-        region_pages: u64,
-    },
+    OutOfRange { index: usize, first: u64, end: u64, region_pages: u64 },
     #[error("entry {index} has a payload of {len} bytes, outside 1..{PAGE_SIZE_BYTES}")]
     BadLength { index: usize, len: usize },
     #[error("entry {index} uses {got}, which the session did not negotiate")]
@@ -131,20 +111,13 @@ impl<'a> PageBatch<'a> {
         }
         let region = le_u16(&payload[0..2]);
         if usize::from(region) >= limits.region_pages.len() {
-            return Err(BatchError::NoSuchRegion {
-                region,
-                regions: limits.region_pages.len(),
-            });
+            return Err(BatchError::NoSuchRegion { region, regions: limits.region_pages.len() });
         }
         let entry_count = le_u16(&payload[2..4]);
         if usize::from(entry_count) > MAX_ENTRIES_PER_BATCH {
             return Err(BatchError::TooManyEntries { count: entry_count });
         }
-        Ok(PageBatch {
-            region,
-            entry_count,
-            entries: &payload[BATCH_HEADER_BYTES..],
-        })
+        Ok(PageBatch { region, entry_count, entries: &payload[BATCH_HEADER_BYTES..] })
     }
 
     /// Decodes every entry, checking each against `limits`, and hands it to `apply`.
@@ -161,13 +134,7 @@ impl<'a> PageBatch<'a> {
             let first = u64::from(entry.first_page());
             let end = first + entry.pages();
             if end > region_pages || entry.pages() == 0 {
-                return Err(BatchError::OutOfRange {
-                    index,
-                    first,
-                    end,
-                    region_pages,
-                }
-                .into());
+                return Err(BatchError::OutOfRange { index, first, end, region_pages }.into());
             }
             apply(entry)?;
             rest = tail;
@@ -209,13 +176,7 @@ fn parse_entry<'a>(
     let (entry, rest) = match encoding {
         e if e == Encoding::ZeroRun as u8 => {
             let (count, rest) = take(body, 4)?;
-            (
-                PageEntry::ZeroRun {
-                    page,
-                    count: le_u32(count),
-                },
-                rest,
-            )
+            (PageEntry::ZeroRun { page, count: le_u32(count) }, rest)
         }
         e if e == Encoding::Raw as u8 => {
             let (data, rest) = take(body, PAGE_SIZE_BYTES)?;
@@ -223,43 +184,20 @@ fn parse_entry<'a>(
         }
         e if e == Encoding::Lz4 as u8 || e == Encoding::Zlib as u8 => {
             let is_lz4 = e == Encoding::Lz4 as u8;
-            let negotiated = matches!(
-                (is_lz4, limits.codec),
-                (true, Codec::Lz4) | (false, Codec::Zlib { .. })
-            );
+            let negotiated = matches!((is_lz4, limits.codec), (true, Codec::Lz4) | (false, Codec::Zlib { .. }));
             if !negotiated {
-                return Err(BatchError::NotNegotiated {
-                    index,
-                    got: if is_lz4 { "lz4" } else { "zlib" },
-                });
+                return Err(BatchError::NotNegotiated { index, got: if is_lz4 { "lz4" } else { "zlib" } });
             }
             let (data, rest) = sized(body)?;
-            (
-                PageEntry::Compressed {
-                    page,
-                    codec: limits.codec,
-                    data,
-                },
-                rest,
-            )
+            (PageEntry::Compressed { page, codec: limits.codec, data }, rest)
         }
         e if e == Encoding::Xbzrle as u8 => {
             if !limits.xbzrle {
-                return Err(BatchError::NotNegotiated {
-                    index,
-                    got: "xbzrle",
-                });
+                return Err(BatchError::NotNegotiated { index, got: "xbzrle" });
             }
             let (base, rest) = take(body, 4)?;
             let (data, rest) = sized(rest)?;
-            (
-                PageEntry::Xbzrle {
-                    page,
-                    base_epoch: le_u32(base),
-                    data,
-                },
-                rest,
-            )
+            (PageEntry::Xbzrle { page, base_epoch: le_u32(base), data }, rest)
         }
         encoding => return Err(BatchError::UnknownEncoding { index, encoding }),
     };
@@ -279,11 +217,7 @@ impl<'b> BatchWriter<'b> {
         let start = out.len();
         out.extend_from_slice(&region.to_le_bytes());
         out.extend_from_slice(&[0u8; 6]);
-        BatchWriter {
-            out,
-            start,
-            entries: 0,
-        }
+        BatchWriter { out, start, entries: 0 }
     }
 
     pub fn entries(&self) -> usize {
@@ -320,8 +254,7 @@ impl<'b> BatchWriter<'b> {
         };
         assert!(!data.is_empty() && data.len() < PAGE_SIZE_BYTES);
         self.entry(page, encoding);
-        self.out
-            .extend_from_slice(&(data.len() as u16).to_le_bytes());
+        self.out.extend_from_slice(&(data.len() as u16).to_le_bytes());
         self.out.extend_from_slice(data);
     }
 
@@ -329,8 +262,7 @@ impl<'b> BatchWriter<'b> {
         assert!(!data.is_empty() && data.len() < PAGE_SIZE_BYTES);
         self.entry(page, Encoding::Xbzrle);
         self.out.extend_from_slice(&base_epoch.to_le_bytes());
-        self.out
-            .extend_from_slice(&(data.len() as u16).to_le_bytes());
+        self.out.extend_from_slice(&(data.len() as u16).to_le_bytes());
         self.out.extend_from_slice(data);
     }
 }
@@ -347,17 +279,10 @@ mod tests {
     use super::*;
 
     fn limits(region_pages: &[u64]) -> BatchLimits<'_> {
-        BatchLimits {
-            region_pages,
-            codec: Codec::Lz4,
-            xbzrle: true,
-        }
+        BatchLimits { region_pages, codec: Codec::Lz4, xbzrle: true }
     }
 
-    fn collect<'a>(
-        payload: &'a [u8],
-        limits: &BatchLimits<'_>,
-    ) -> Result<Vec<PageEntry<'a>>, BatchError> {
+    fn collect<'a>(payload: &'a [u8], limits: &BatchLimits<'_>) -> Result<Vec<PageEntry<'a>>, BatchError> {
         let batch = PageBatch::parse(payload, limits)?;
         let mut entries = Vec::new();
         batch.for_each(limits, |entry| {
@@ -386,65 +311,30 @@ mod tests {
         let entries = collect(&payload, &limits(&[1, 13])).unwrap();
         assert_eq!(entries.len(), 4);
         assert_eq!(entries[0], PageEntry::ZeroRun { page: 0, count: 10 });
-        assert!(
-            matches!(entries[1], PageEntry::Raw { page: 10, data } if data == &[7u8; PAGE_SIZE_BYTES][..])
-        );
-        assert_eq!(
-            entries[2],
-            PageEntry::Compressed {
-                page: 11,
-                codec: Codec::Lz4,
-                data: &[1, 2, 3]
-            }
-        );
-        assert_eq!(
-            entries[3],
-            PageEntry::Xbzrle {
-                page: 12,
-                base_epoch: 4,
-                data: &[5, 6]
-            }
-        );
+        assert!(matches!(entries[1], PageEntry::Raw { page: 10, data } if data == &[7u8; PAGE_SIZE_BYTES][..]));
+        assert_eq!(entries[2], PageEntry::Compressed { page: 11, codec: Codec::Lz4, data: &[1, 2, 3] });
+        assert_eq!(entries[3], PageEntry::Xbzrle { page: 12, base_epoch: 4, data: &[5, 6] });
     }
 
     #[test]
     fn out_of_range_pages_are_rejected() {
         let payload = sample();
-        assert!(matches!(
-            collect(&payload, &limits(&[1, 12])),
-            Err(BatchError::OutOfRange { index: 3, .. })
-        ));
-        assert!(matches!(
-            collect(&payload, &limits(&[1])),
-            Err(BatchError::NoSuchRegion { .. })
-        ));
+        assert!(matches!(collect(&payload, &limits(&[1, 12])), Err(BatchError::OutOfRange { index: 3, .. })));
+        assert!(matches!(collect(&payload, &limits(&[1])), Err(BatchError::NoSuchRegion { .. })));
     }
 
     #[test]
     fn unnegotiated_encodings_are_rejected() {
         let payload = sample();
-        let zlib_only = BatchLimits {
-            region_pages: &[1, 13],
-            codec: Codec::Zlib { level: 1 },
-            xbzrle: true,
-        };
-        assert!(matches!(
-            collect(&payload, &zlib_only),
-            Err(BatchError::NotNegotiated {
-                index: 2,
-                got: "lz4"
-            })
-        ));
+        let zlib_only = BatchLimits { region_pages: &[1, 13], codec: Codec::Zlib { level: 1 }, xbzrle: true };
+        assert!(matches!(collect(&payload, &zlib_only), Err(BatchError::NotNegotiated { index: 2, got: "lz4" })));
     }
 
     #[test]
     fn every_truncation_is_an_error() {
         let payload = sample();
         for len in 0..payload.len() {
-            assert!(
-                collect(&payload[..len], &limits(&[1, 13])).is_err(),
-                "truncated to {len} accepted"
-            );
+            assert!(collect(&payload[..len], &limits(&[1, 13])).is_err(), "truncated to {len} accepted");
         }
     }
 

@@ -53,12 +53,17 @@ impl Default for PrecopyConfig {
 pub struct RoundReport {
     /// Time the round took on the source (scan, encode, send).
     pub duration: Duration,
-    /// Bytes put on the wire in the round (headers included).
+    /// Bytes the connections actually wrote during the round: with the round's duration,
+    /// the link's measured bandwidth.
     pub bytes_sent: u64,
     /// Pages the round covered (zero pages included).
     pub pages_sent: u64,
+    /// Bytes those pages were encoded into: with `pages_sent`, bytes per page.
+    pub bytes_encoded: u64,
     /// Pages found dirty by the sync that ended the round: the next round's work.
     pub dirty_pages: u64,
+    /// Bytes encoded but still queued for the wire when the round ended.
+    pub backlog_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,13 +130,13 @@ impl Precopy {
         if seconds > 0.0 && report.bytes_sent > 0 {
             self.bandwidth_bytes_per_s = report.bytes_sent as f64 / seconds;
         }
-        let bytes_per_page = if report.pages_sent > 0 {
-            report.bytes_sent as f64 / report.pages_sent as f64
+        let bytes_per_page = if report.pages_sent > 0 && report.bytes_encoded > 0 {
+            report.bytes_encoded as f64 / report.pages_sent as f64
         } else {
             crate::PAGE_SIZE_BYTES as f64
         };
-        let remaining_bytes = report.dirty_pages as f64 * bytes_per_page;
-        self.expected_downtime = if report.dirty_pages == 0 {
+        let remaining_bytes = report.dirty_pages as f64 * bytes_per_page + report.backlog_bytes as f64;
+        self.expected_downtime = if remaining_bytes == 0.0 {
             Duration::ZERO
         } else if self.bandwidth_bytes_per_s > 0.0 {
             Duration::from_secs_f64(remaining_bytes / self.bandwidth_bytes_per_s)
@@ -139,31 +144,20 @@ impl Precopy {
             Duration::MAX
         };
         if self.expected_downtime <= self.config.downtime_limit {
-            return Decision::StopAndCopy {
-                reason: SwitchoverReason::Converged,
-            };
+            return Decision::StopAndCopy { reason: SwitchoverReason::Converged };
         }
-        let timed_out = self
-            .config
-            .timeout
-            .is_some_and(|limit| now.saturating_sub(self.started) >= limit);
+        let timed_out = self.config.timeout.is_some_and(|limit| now.saturating_sub(self.started) >= limit);
         // The bulk round does not count against the round limit.
         if self.rounds > self.config.max_rounds || timed_out {
             return match self.config.on_limit {
-                LimitAction::Switchover => Decision::StopAndCopy {
-                    reason: SwitchoverReason::LimitReached,
-                },
-                LimitAction::Cancel => Decision::Cancel {
-                    rounds: self.rounds,
-                },
+                LimitAction::Switchover => Decision::StopAndCopy { reason: SwitchoverReason::LimitReached },
+                LimitAction::Cancel => Decision::Cancel { rounds: self.rounds },
             };
         }
         if self.config.auto_converge && self.rounds > 1 {
-            self.update_throttle(remaining_bytes, report.bytes_sent);
+            self.update_throttle(report.dirty_pages as f64 * bytes_per_page, report.bytes_sent);
         }
-        Decision::NextRound {
-            throttle_pct: self.throttle_pct,
-        }
+        Decision::NextRound { throttle_pct: self.throttle_pct }
     }
 
     fn update_throttle(&mut self, dirtied_bytes: f64, sent_bytes: u64) {
@@ -175,8 +169,7 @@ impl Precopy {
             self.throttle_pct = if self.throttle_pct == 0 {
                 self.config.throttle_initial_pct
             } else {
-                self.throttle_pct
-                    .saturating_add(self.config.throttle_increment_pct)
+                self.throttle_pct.saturating_add(self.config.throttle_increment_pct)
             }
             .min(self.config.throttle_max_pct);
         }
@@ -190,26 +183,15 @@ mod tests {
     const MS: Duration = Duration::from_millis(1);
 
     fn report(ms: u64, bytes: u64, pages: u64, dirty: u64) -> RoundReport {
-        RoundReport {
-            duration: MS * ms as u32,
-            bytes_sent: bytes,
-            pages_sent: pages,
-            dirty_pages: dirty,
-        }
+        RoundReport { duration: MS * ms as u32, bytes_sent: bytes, pages_sent: pages, dirty_pages: dirty }
     }
 
     #[test]
     fn converges_when_remaining_fits_the_limit() {
         let mut precopy = Precopy::new(PrecopyConfig::default(), Duration::ZERO);
         // 1 GB/s measured; 1000 pages of 4 KiB remain: ~4 ms expected downtime.
-        let decision =
-            precopy.round_finished(MS * 1000, report(1000, 1_000_000_000, 244_140, 1000));
-        assert_eq!(
-            decision,
-            Decision::StopAndCopy {
-                reason: SwitchoverReason::Converged
-            }
-        );
+        let decision = precopy.round_finished(MS * 1000, report(1000, 1_000_000_000, 244_140, 1000));
+        assert_eq!(decision, Decision::StopAndCopy { reason: SwitchoverReason::Converged });
         assert!(precopy.expected_downtime() < MS * 5);
     }
 
@@ -217,8 +199,7 @@ mod tests {
     fn keeps_going_while_too_much_is_dirty() {
         let mut precopy = Precopy::new(PrecopyConfig::default(), Duration::ZERO);
         // 100 MB/s; 100k dirty pages of 4 KiB = 4 s expected.
-        let decision =
-            precopy.round_finished(MS * 1000, report(1000, 100_000_000, 24_414, 100_000));
+        let decision = precopy.round_finished(MS * 1000, report(1000, 100_000_000, 24_414, 100_000));
         assert_eq!(decision, Decision::NextRound { throttle_pct: 0 });
         assert!(precopy.expected_downtime() > Duration::from_secs(3));
     }
@@ -226,26 +207,14 @@ mod tests {
     #[test]
     fn round_limit_switches_over_or_cancels() {
         for (action, expected) in [
-            (
-                LimitAction::Switchover,
-                Decision::StopAndCopy {
-                    reason: SwitchoverReason::LimitReached,
-                },
-            ),
+            (LimitAction::Switchover, Decision::StopAndCopy { reason: SwitchoverReason::LimitReached }),
             (LimitAction::Cancel, Decision::Cancel { rounds: 4 }),
         ] {
-            let config = PrecopyConfig {
-                max_rounds: 3,
-                on_limit: action,
-                ..Default::default()
-            };
+            let config = PrecopyConfig { max_rounds: 3, on_limit: action, ..Default::default() };
             let mut precopy = Precopy::new(config, Duration::ZERO);
             let mut last = None;
             for round in 1..=4u64 {
-                last = Some(precopy.round_finished(
-                    MS * (round * 100) as u32,
-                    report(100, 1_000_000, 244, 100_000),
-                ));
+                last = Some(precopy.round_finished(MS * (round * 100) as u32, report(100, 1_000_000, 244, 100_000)));
             }
             assert_eq!(last, Some(expected));
         }
@@ -253,40 +222,26 @@ mod tests {
 
     #[test]
     fn timeout_applies_on_the_virtual_clock() {
-        let config = PrecopyConfig {
-            timeout: Some(Duration::from_secs(2)),
-            ..Default::default()
-        };
+        let config = PrecopyConfig { timeout: Some(Duration::from_secs(2)), ..Default::default() };
         let mut precopy = Precopy::new(config, Duration::from_secs(10));
         let busy = report(1000, 1_000_000, 244, 100_000);
-        assert!(matches!(
-            precopy.round_finished(Duration::from_secs(11), busy),
-            Decision::NextRound { .. }
-        ));
+        assert!(matches!(precopy.round_finished(Duration::from_secs(11), busy), Decision::NextRound { .. }));
         assert_eq!(
             precopy.round_finished(Duration::from_secs(12), busy),
-            Decision::StopAndCopy {
-                reason: SwitchoverReason::LimitReached
-            }
+            Decision::StopAndCopy { reason: SwitchoverReason::LimitReached }
         );
     }
 
     #[test]
     fn auto_converge_throttles_in_steps() {
-        let config = PrecopyConfig {
-            auto_converge: true,
-            max_rounds: 100,
-            ..Default::default()
-        };
+        let config = PrecopyConfig { auto_converge: true, max_rounds: 100, ..Default::default() };
         let mut precopy = Precopy::new(config, Duration::ZERO);
         let busy = report(1000, 1_000_000, 244, 100_000);
         let throttles: Vec<u8> = (1..=7)
-            .map(
-                |round| match precopy.round_finished(MS * (round * 1000), busy) {
-                    Decision::NextRound { throttle_pct } => throttle_pct,
-                    other => panic!("unexpected {other:?}"),
-                },
-            )
+            .map(|round| match precopy.round_finished(MS * (round * 1000), busy) {
+                Decision::NextRound { throttle_pct } => throttle_pct,
+                other => panic!("unexpected {other:?}"),
+            })
             .collect();
         // Bulk round never counts; then every second high-dirty round steps the throttle.
         assert_eq!(throttles, vec![0, 0, 20, 20, 30, 30, 40]);

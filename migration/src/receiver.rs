@@ -25,31 +25,13 @@ pub enum ReceiveError {
     #[error(transparent)]
     Batch(#[from] BatchError),
     #[error("region {region} page {page}: {source}")]
-    Decompress {
-        region: u16,
-        page: u64,
-        source: DecompressError,
-    },
+    Decompress { region: u16, page: u64, source: DecompressError },
     #[error("region {region} page {page}: corrupt XBZRLE delta: {source}")]
-    Xbzrle {
-        region: u16,
-        page: u64,
-        source: XbzrleError,
-    },
+    Xbzrle { region: u16, page: u64, source: XbzrleError },
     #[error("region {region} page {page}: delta made against round {base}, but the page is from round {held}")]
-    DeltaBase {
-        region: u16,
-        page: u64,
-        base: u32,
-        held: u32,
-    },
+    DeltaBase { region: u16, page: u64, base: u32, held: u32 },
     #[error("region {region} page {page} sent twice in round {epoch} (held from round {held})")]
-    StalePage {
-        region: u16,
-        page: u64,
-        epoch: u32,
-        held: u32,
-    },
+    StalePage { region: u16, page: u64, epoch: u32, held: u32 },
     #[error("protocol violation on connection {connection}: {detail}")]
     Protocol { connection: u16, detail: String },
 }
@@ -111,19 +93,12 @@ impl ConnectionInbound {
     }
 
     fn violation(&self, detail: impl Into<String>) -> ReceiveError {
-        ReceiveError::Protocol {
-            connection: self.connection,
-            detail: detail.into(),
-        }
+        ReceiveError::Protocol { connection: self.connection, detail: detail.into() }
     }
 
     /// Checks a frame (header already parsed and checksummed) against the connection's
     /// state and advances it.
-    pub fn on_frame(
-        &mut self,
-        header: &FrameHeader,
-        payload: &[u8],
-    ) -> Result<Inbound, ReceiveError> {
+    pub fn on_frame(&mut self, header: &FrameHeader, payload: &[u8]) -> Result<Inbound, ReceiveError> {
         self.seq.accept(header.seq)?;
         if header.kind == FrameKind::Abort {
             return Ok(Inbound::Abort);
@@ -133,23 +108,18 @@ impl ConnectionInbound {
         }
         let control_only = self.connection == 0;
         match header.kind {
-            FrameKind::Pages | FrameKind::RoundEnd | FrameKind::DeviceState
-                if header.epoch != self.epoch =>
-            {
-                Err(self.violation(format!(
+            FrameKind::Pages | FrameKind::RoundEnd | FrameKind::DeviceState if header.epoch != self.epoch => Err(self
+                .violation(format!(
                     "{:?} frame for round {} while in round {}",
                     header.kind, header.epoch, self.epoch
-                )))
-            }
+                ))),
             FrameKind::Pages => {
                 self.pages_frames += 1;
                 Ok(Inbound::Pages)
             }
             FrameKind::RoundEnd => {
                 if payload.len() != 8 {
-                    return Err(
-                        self.violation(format!("RoundEnd payload of {} bytes", payload.len()))
-                    );
+                    return Err(self.violation(format!("RoundEnd payload of {} bytes", payload.len())));
                 }
                 let declared = le_u64(payload);
                 if declared != self.pages_frames {
@@ -159,9 +129,7 @@ impl ConnectionInbound {
                     )));
                 }
                 let epoch = self.epoch;
-                self.epoch = epoch
-                    .checked_add(1)
-                    .ok_or_else(|| self.violation("epoch overflow"))?;
+                self.epoch = epoch.checked_add(1).ok_or_else(|| self.violation("epoch overflow"))?;
                 self.pages_frames = 0;
                 Ok(Inbound::RoundEnd { epoch })
             }
@@ -171,16 +139,13 @@ impl ConnectionInbound {
             }
             FrameKind::Complete if control_only => {
                 if payload.len() != 4 {
-                    return Err(
-                        self.violation(format!("Complete payload of {} bytes", payload.len()))
-                    );
+                    return Err(self.violation(format!("Complete payload of {} bytes", payload.len())));
                 }
                 let final_epoch = le_u32(payload);
                 if final_epoch.checked_add(1) != Some(self.epoch) {
-                    return Err(self.violation(format!(
-                        "Complete names round {final_epoch}, but round {} is open",
-                        self.epoch
-                    )));
+                    return Err(
+                        self.violation(format!("Complete names round {final_epoch}, but round {} is open", self.epoch))
+                    );
                 }
                 self.complete = true;
                 Ok(Inbound::Complete { final_epoch })
@@ -200,10 +165,7 @@ pub struct PageEpochs {
 impl PageEpochs {
     pub fn new(region_pages: &[u64]) -> Self {
         PageEpochs {
-            regions: region_pages
-                .iter()
-                .map(|&pages| (0..pages).map(|_| AtomicU32::new(0)).collect())
-                .collect(),
+            regions: region_pages.iter().map(|&pages| (0..pages).map(|_| AtomicU32::new(0)).collect()).collect(),
         }
     }
 
@@ -214,12 +176,7 @@ impl PageEpochs {
     fn claim(&self, region: u16, page: u64, epoch: u32) -> Result<u32, ReceiveError> {
         let held = self.regions[usize::from(region)][page as usize].swap(epoch, Ordering::AcqRel);
         if held >= epoch {
-            return Err(ReceiveError::StalePage {
-                region,
-                page,
-                epoch,
-                held,
-            });
+            return Err(ReceiveError::StalePage { region, page, epoch, held });
         }
         Ok(held)
     }
@@ -281,35 +238,22 @@ pub fn apply_batch(
                 counters.raw_pages += 1;
             }
             PageEntry::Compressed { codec, data, .. } => {
-                decompressor
-                    .decompress(codec, data, scratch)
-                    .map_err(|source| ReceiveError::Decompress {
-                        region,
-                        page,
-                        source,
-                    })?;
-                epochs.claim(region, page, epoch)?;
-                memory.write_page(r, page, scratch);
-                counters.compressed_pages += 1;
-            }
-            PageEntry::Xbzrle {
-                base_epoch, data, ..
-            } => {
-                let held = epochs.held(region, page);
-                if held != base_epoch || base_epoch == 0 {
-                    return Err(ReceiveError::DeltaBase {
-                        region,
-                        page,
-                        base: base_epoch,
-                        held,
-                    });
-                }
-                memory.read_page(r, page, scratch);
-                xbzrle::decode(data, scratch).map_err(|source| ReceiveError::Xbzrle {
+                decompressor.decompress(codec, data, scratch).map_err(|source| ReceiveError::Decompress {
                     region,
                     page,
                     source,
                 })?;
+                epochs.claim(region, page, epoch)?;
+                memory.write_page(r, page, scratch);
+                counters.compressed_pages += 1;
+            }
+            PageEntry::Xbzrle { base_epoch, data, .. } => {
+                let held = epochs.held(region, page);
+                if held != base_epoch || base_epoch == 0 {
+                    return Err(ReceiveError::DeltaBase { region, page, base: base_epoch, held });
+                }
+                memory.read_page(r, page, scratch);
+                xbzrle::decode(data, scratch).map_err(|source| ReceiveError::Xbzrle { region, page, source })?;
                 epochs.claim(region, page, epoch)?;
                 memory.write_page(r, page, scratch);
                 counters.xbzrle_pages += 1;
@@ -343,109 +287,57 @@ mod tests {
     }
 
     fn header(kind: FrameKind, epoch: u32, seq: u64) -> FrameHeader {
-        FrameHeader {
-            kind,
-            epoch,
-            seq,
-            length: 0,
-            crc: 0,
-        }
+        FrameHeader { kind, epoch, seq, length: 0, crc: 0 }
     }
 
     #[test]
     fn round_end_must_count_the_frames() {
         let mut inbound = ConnectionInbound::new(1, 0);
-        assert_eq!(
-            inbound
-                .on_frame(&header(FrameKind::Pages, 1, 0), &[])
-                .unwrap(),
-            Inbound::Pages
-        );
-        let err = inbound
-            .on_frame(&header(FrameKind::RoundEnd, 1, 1), &2u64.to_le_bytes())
-            .unwrap_err();
-        assert!(
-            err.to_string().contains("1 page frames, the source sent 2"),
-            "{err}"
-        );
+        assert_eq!(inbound.on_frame(&header(FrameKind::Pages, 1, 0), &[]).unwrap(), Inbound::Pages);
+        let err = inbound.on_frame(&header(FrameKind::RoundEnd, 1, 1), &2u64.to_le_bytes()).unwrap_err();
+        assert!(err.to_string().contains("1 page frames, the source sent 2"), "{err}");
     }
 
     #[test]
     fn frames_of_another_round_are_rejected() {
         let mut inbound = ConnectionInbound::new(0, 0);
-        assert!(inbound
-            .on_frame(&header(FrameKind::Pages, 2, 0), &[])
-            .is_err());
+        assert!(inbound.on_frame(&header(FrameKind::Pages, 2, 0), &[]).is_err());
         let mut inbound = ConnectionInbound::new(0, 0);
         assert_eq!(
-            inbound
-                .on_frame(&header(FrameKind::RoundEnd, 1, 0), &0u64.to_le_bytes())
-                .unwrap(),
+            inbound.on_frame(&header(FrameKind::RoundEnd, 1, 0), &0u64.to_le_bytes()).unwrap(),
             Inbound::RoundEnd { epoch: 1 }
         );
-        assert!(inbound
-            .on_frame(&header(FrameKind::Pages, 1, 1), &[])
-            .is_err());
+        assert!(inbound.on_frame(&header(FrameKind::Pages, 1, 1), &[]).is_err());
     }
 
     #[test]
     fn complete_only_on_connection_zero_after_its_round() {
         let mut other = ConnectionInbound::new(1, 0);
-        other
-            .on_frame(&header(FrameKind::RoundEnd, 1, 0), &0u64.to_le_bytes())
-            .unwrap();
-        assert!(other
-            .on_frame(&header(FrameKind::Complete, 0, 1), &1u32.to_le_bytes())
-            .is_err());
+        other.on_frame(&header(FrameKind::RoundEnd, 1, 0), &0u64.to_le_bytes()).unwrap();
+        assert!(other.on_frame(&header(FrameKind::Complete, 0, 1), &1u32.to_le_bytes()).is_err());
         let mut control = ConnectionInbound::new(0, 0);
-        assert!(control
-            .on_frame(&header(FrameKind::Complete, 0, 0), &1u32.to_le_bytes())
-            .is_err());
+        assert!(control.on_frame(&header(FrameKind::Complete, 0, 0), &1u32.to_le_bytes()).is_err());
         let mut control = ConnectionInbound::new(0, 0);
-        control
-            .on_frame(&header(FrameKind::RoundEnd, 1, 0), &0u64.to_le_bytes())
-            .unwrap();
+        control.on_frame(&header(FrameKind::RoundEnd, 1, 0), &0u64.to_le_bytes()).unwrap();
         assert_eq!(
-            control
-                .on_frame(&header(FrameKind::Complete, 0, 1), &1u32.to_le_bytes())
-                .unwrap(),
+            control.on_frame(&header(FrameKind::Complete, 0, 1), &1u32.to_le_bytes()).unwrap(),
             Inbound::Complete { final_epoch: 1 }
         );
-        assert!(control
-            .on_frame(&header(FrameKind::Pages, 2, 2), &[])
-            .is_err());
-        assert_eq!(
-            control
-                .on_frame(&header(FrameKind::Commit, 0, 3), &[])
-                .unwrap(),
-            Inbound::Commit
-        );
+        assert!(control.on_frame(&header(FrameKind::Pages, 2, 2), &[]).is_err());
+        assert_eq!(control.on_frame(&header(FrameKind::Commit, 0, 3), &[]).unwrap(), Inbound::Commit);
     }
 
     #[test]
     fn deltas_apply_only_to_their_base_and_pages_once_per_round() {
         let memory = VecMemory(Mutex::new(vec![0; 4 * PAGE_SIZE_BYTES]));
         let pages = [4u64];
-        let limits = BatchLimits {
-            region_pages: &pages,
-            codec: Codec::None,
-            xbzrle: true,
-        };
+        let limits = BatchLimits { region_pages: &pages, codec: Codec::None, xbzrle: true };
         let epochs = PageEpochs::new(&pages);
         let mut decompressor = PageDecompressor::default();
         let mut scratch = [0u8; PAGE_SIZE_BYTES];
         let mut counters = ApplyCounters::default();
         let mut apply = |payload: &[u8], epoch| {
-            apply_batch(
-                payload,
-                epoch,
-                &limits,
-                &memory,
-                &epochs,
-                &mut decompressor,
-                &mut scratch,
-                &mut counters,
-            )
+            apply_batch(payload, epoch, &limits, &memory, &epochs, &mut decompressor, &mut scratch, &mut counters)
         };
         let v1 = vec![1u8; PAGE_SIZE_BYTES];
         let mut v2 = v1.clone();
@@ -459,28 +351,15 @@ mod tests {
         BatchWriter::new(&mut xb, 0).xbzrle(2, 1, &delta[..len]);
 
         // The delta before its base is refused.
-        assert!(matches!(
-            apply(&xb, 2),
-            Err(ReceiveError::DeltaBase { held: 0, .. })
-        ));
+        assert!(matches!(apply(&xb, 2), Err(ReceiveError::DeltaBase { held: 0, .. })));
         apply(&raw, 1).unwrap();
         // The same page twice in one round is refused.
-        assert!(matches!(
-            apply(&raw, 1),
-            Err(ReceiveError::StalePage { .. })
-        ));
+        assert!(matches!(apply(&raw, 1), Err(ReceiveError::StalePage { .. })));
         apply(&xb, 2).unwrap();
         let mut page = vec![0u8; PAGE_SIZE_BYTES];
         memory.read_page(0, 2, &mut page);
         assert_eq!(page, v2);
         // A delta against round 1 no longer applies once round 2 wrote the page.
-        assert!(matches!(
-            apply(&xb, 3),
-            Err(ReceiveError::DeltaBase {
-                base: 1,
-                held: 2,
-                ..
-            })
-        ));
+        assert!(matches!(apply(&xb, 3), Err(ReceiveError::DeltaBase { base: 1, held: 2, .. })));
     }
 }

@@ -48,11 +48,7 @@ impl EncodeCounters {
 
     /// Pages covered by these counters.
     pub fn pages(&self) -> u64 {
-        self.zero_pages
-            + self.raw_pages
-            + self.compressed_pages
-            + self.xbzrle_pages
-            + self.xbzrle_unchanged
+        self.zero_pages + self.raw_pages + self.compressed_pages + self.xbzrle_pages + self.xbzrle_unchanged
     }
 }
 

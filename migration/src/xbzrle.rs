@@ -21,9 +21,7 @@
 pub enum XbzrleError {
     /// The delta would not fit in the destination buffer, which callers size below one page:
     /// the page changed too much for a delta to pay off, so send it whole.
-    #[error(
-        "the delta does not fit in the {capacity_bytes}-byte destination; send the page whole"
-    )]
+    #[error("the delta does not fit in the {capacity_bytes}-byte destination; send the page whole")]
     Overflow { capacity_bytes: usize },
     #[error("old and new pages differ in length ({old_len} and {new_len} bytes)")]
     LengthMismatch { old_len: usize, new_len: usize },
@@ -39,11 +37,7 @@ pub enum XbzrleError {
     EmptyRun { delta_offset: usize },
     /// A run extends beyond the end of the page.
     #[error("a run of {run_len} bytes at page offset {page_offset} passes the end of the {page_len}-byte page")]
-    RunPastEnd {
-        page_offset: usize,
-        run_len: u64,
-        page_len: usize,
-    },
+    RunPastEnd { page_offset: usize, run_len: u64, page_len: usize },
 }
 
 /// Encodes `new` against `old` (same length) into `dst` and returns the bytes written.
@@ -53,10 +47,7 @@ pub enum XbzrleError {
 /// does not pay off is abandoned as soon as it grows too long. On error `dst` holds garbage.
 pub fn encode(old: &[u8], new: &[u8], dst: &mut [u8]) -> Result<usize, XbzrleError> {
     if old.len() != new.len() {
-        return Err(XbzrleError::LengthMismatch {
-            old_len: old.len(),
-            new_len: new.len(),
-        });
+        return Err(XbzrleError::LengthMismatch { old_len: old.len(), new_len: new.len() });
     }
     let mut at = 0;
     let mut written = 0;
@@ -73,9 +64,7 @@ pub fn encode(old: &[u8], new: &[u8], dst: &mut [u8]) -> Result<usize, XbzrleErr
         written = put_uleb128(dst, written, at - changed_start)?;
         let run = &new[changed_start..at];
         let capacity_bytes = dst.len();
-        dst.get_mut(written..written + run.len())
-            .ok_or(XbzrleError::Overflow { capacity_bytes })?
-            .copy_from_slice(run);
+        dst.get_mut(written..written + run.len()).ok_or(XbzrleError::Overflow { capacity_bytes })?.copy_from_slice(run);
         written += run.len();
     }
 }
@@ -146,9 +135,7 @@ fn put_uleb128(dst: &mut [u8], mut at: usize, mut value: usize) -> Result<usize,
         let low = (value & 0x7f) as u8;
         value >>= 7;
         let capacity_bytes = dst.len();
-        let slot = dst
-            .get_mut(at)
-            .ok_or(XbzrleError::Overflow { capacity_bytes })?;
+        let slot = dst.get_mut(at).ok_or(XbzrleError::Overflow { capacity_bytes })?;
         *slot = if value == 0 { low } else { low | 0x80 };
         at += 1;
         if value == 0 {
@@ -164,9 +151,7 @@ const MAX_ULEB128_BYTES: usize = 10;
 fn get_uleb128(src: &[u8], at: usize) -> Result<(u64, usize), XbzrleError> {
     let mut value = 0u64;
     for i in 0..MAX_ULEB128_BYTES {
-        let byte = *src
-            .get(at + i)
-            .ok_or(XbzrleError::Truncated { delta_offset: at })?;
+        let byte = *src.get(at + i).ok_or(XbzrleError::Truncated { delta_offset: at })?;
         let bits = u64::from(byte & 0x7f);
         // The tenth byte may only contribute the 64th bit.
         if i == MAX_ULEB128_BYTES - 1 && bits > 1 {
@@ -198,13 +183,7 @@ struct Runs<'a> {
 
 impl<'a> Runs<'a> {
     fn new(delta: &'a [u8], page_len: usize) -> Self {
-        Self {
-            delta,
-            delta_offset: 0,
-            page_offset: 0,
-            page_len,
-            failed: false,
-        }
+        Self { delta, delta_offset: 0, page_offset: 0, page_len, failed: false }
     }
 
     /// Converts a decoded run length to usize if the run fits in the rest of the page.
@@ -212,20 +191,14 @@ impl<'a> Runs<'a> {
         usize::try_from(run_len)
             .ok()
             .filter(|&len| len <= self.page_len - self.page_offset)
-            .ok_or(XbzrleError::RunPastEnd {
-                page_offset: self.page_offset,
-                run_len,
-                page_len: self.page_len,
-            })
+            .ok_or(XbzrleError::RunPastEnd { page_offset: self.page_offset, run_len, page_len: self.page_len })
     }
 
     fn next_run(&mut self) -> Result<ChangedRun<'a>, XbzrleError> {
         let unchanged_at = self.delta_offset;
         let (unchanged_len, next) = get_uleb128(self.delta, unchanged_at)?;
         if unchanged_len == 0 && unchanged_at != 0 {
-            return Err(XbzrleError::EmptyRun {
-                delta_offset: unchanged_at,
-            });
+            return Err(XbzrleError::EmptyRun { delta_offset: unchanged_at });
         }
         self.page_offset += self.bounded(unchanged_len)?;
         self.delta_offset = next;
@@ -233,21 +206,14 @@ impl<'a> Runs<'a> {
         let changed_at = self.delta_offset;
         let (changed_len, next) = get_uleb128(self.delta, changed_at)?;
         if changed_len == 0 {
-            return Err(XbzrleError::EmptyRun {
-                delta_offset: changed_at,
-            });
+            return Err(XbzrleError::EmptyRun { delta_offset: changed_at });
         }
         let changed_len = self.bounded(changed_len)?;
         let bytes = next
             .checked_add(changed_len)
             .and_then(|end| self.delta.get(next..end))
-            .ok_or(XbzrleError::Truncated {
-                delta_offset: changed_at,
-            })?;
-        let run = ChangedRun {
-            page_offset: self.page_offset,
-            bytes,
-        };
+            .ok_or(XbzrleError::Truncated { delta_offset: changed_at })?;
+        let run = ChangedRun { page_offset: self.page_offset, bytes };
         self.page_offset += changed_len;
         self.delta_offset = next + changed_len;
         Ok(run)
@@ -359,15 +325,10 @@ mod tests {
         // The delta takes 3 bytes per 2 page bytes: 6144 bytes for a 4 KiB page.
         let capacity_bytes = PAGE_BYTES - PAGE_BYTES / 8;
         let mut dst = vec![0u8; capacity_bytes];
-        assert_eq!(
-            encode(&old, &new, &mut dst),
-            Err(XbzrleError::Overflow { capacity_bytes })
-        );
+        assert_eq!(encode(&old, &new, &mut dst), Err(XbzrleError::Overflow { capacity_bytes }));
         assert_eq!(
             encode(&old, &new, &mut vec![0u8; PAGE_BYTES]),
-            Err(XbzrleError::Overflow {
-                capacity_bytes: PAGE_BYTES
-            })
+            Err(XbzrleError::Overflow { capacity_bytes: PAGE_BYTES })
         );
         let delta = encode_vec(&old, &new);
         assert_eq!(delta.len(), 3 * PAGE_BYTES / 2);
@@ -378,13 +339,7 @@ mod tests {
 
     #[test]
     fn mismatched_lengths_are_refused() {
-        assert_eq!(
-            encode(&[0; 4], &[0; 5], &mut [0; 16]),
-            Err(XbzrleError::LengthMismatch {
-                old_len: 4,
-                new_len: 5
-            })
-        );
+        assert_eq!(encode(&[0; 4], &[0; 5], &mut [0; 16]), Err(XbzrleError::LengthMismatch { old_len: 4, new_len: 5 }));
     }
 
     #[test]
@@ -395,46 +350,19 @@ mod tests {
             (&[3, 2, 1], XbzrleError::Truncated { delta_offset: 1 }),
             (&[0x83], XbzrleError::Truncated { delta_offset: 0 }),
             (&[3, 0], XbzrleError::EmptyRun { delta_offset: 1 }),
-            (
-                &[0, 1, 5, 0, 1, 6],
-                XbzrleError::EmptyRun { delta_offset: 3 },
-            ),
-            (
-                &[17, 1, 0],
-                XbzrleError::RunPastEnd {
-                    page_offset: 0,
-                    run_len: 17,
-                    page_len: 16,
-                },
-            ),
-            (
-                &[15, 2, 1, 1],
-                XbzrleError::RunPastEnd {
-                    page_offset: 15,
-                    run_len: 2,
-                    page_len: 16,
-                },
-            ),
+            (&[0, 1, 5, 0, 1, 6], XbzrleError::EmptyRun { delta_offset: 3 }),
+            (&[17, 1, 0], XbzrleError::RunPastEnd { page_offset: 0, run_len: 17, page_len: 16 }),
+            (&[15, 2, 1, 1], XbzrleError::RunPastEnd { page_offset: 15, run_len: 2, page_len: 16 }),
             (&[0xff; 11], XbzrleError::BadLength { delta_offset: 0 }),
-            (
-                &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02],
-                XbzrleError::BadLength { delta_offset: 0 },
-            ),
+            (&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02], XbzrleError::BadLength { delta_offset: 0 }),
             (
                 &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01],
-                XbzrleError::RunPastEnd {
-                    page_offset: 0,
-                    run_len: u64::MAX,
-                    page_len: 16,
-                },
+                XbzrleError::RunPastEnd { page_offset: 0, run_len: u64::MAX, page_len: 16 },
             ),
         ];
         for &(delta, expected) in cases {
             assert_eq!(decode(delta, &mut page), Err(expected), "{delta:?}");
-            assert_eq!(
-                page, [0u8; 16],
-                "page touched by failed decode of {delta:?}"
-            );
+            assert_eq!(page, [0u8; 16], "page touched by failed decode of {delta:?}");
         }
     }
 
@@ -444,10 +372,7 @@ mod tests {
         (1usize..=2 * PAGE_BYTES).prop_flat_map(|len| {
             (
                 prop::collection::vec(any::<u8>(), len),
-                prop::collection::vec(
-                    (0..len, 1usize..64, prop::collection::vec(any::<u8>(), 64)),
-                    0..24,
-                ),
+                prop::collection::vec((0..len, 1usize..64, prop::collection::vec(any::<u8>(), 64)), 0..24),
             )
                 .prop_map(|(old, spans)| {
                     let mut new = old.clone();

@@ -51,13 +51,7 @@ impl XbzrleCache {
         let slots = (size_bytes / PAGE_SIZE_BYTES as u64).max(1) as usize;
         XbzrleCache {
             slots: (0..slots)
-                .map(|_| {
-                    Mutex::new(Slot {
-                        key: EMPTY,
-                        epoch: 0,
-                        data: vec![0u8; PAGE_SIZE_BYTES].into_boxed_slice(),
-                    })
-                })
+                .map(|_| Mutex::new(Slot { key: EMPTY, epoch: 0, data: vec![0u8; PAGE_SIZE_BYTES].into_boxed_slice() }))
                 .collect(),
         }
     }
@@ -71,9 +65,7 @@ impl XbzrleCache {
         let index = (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 17) as usize % self.slots.len();
         // A poisoned slot only means a worker panicked mid-copy; the session is failing
         // anyway, and the data is overwritten before it is trusted again.
-        self.slots[index]
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.slots[index].lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Decides how to send `new` (the copy of `page` about to be sent in `epoch`), writing
@@ -104,10 +96,7 @@ impl XbzrleCache {
         }
         let outcome = match xbzrle::encode(&slot.data, new, delta_out) {
             Ok(0) => return XbzrleOutcome::Unchanged,
-            Ok(len) => XbzrleOutcome::Delta {
-                len,
-                base_epoch: slot.epoch,
-            },
+            Ok(len) => XbzrleOutcome::Delta { len, base_epoch: slot.epoch },
             Err(XbzrleError::Overflow { .. }) => XbzrleOutcome::Overflow,
             // Encoding only fails by overflow; treat anything else the same way.
             Err(_) => XbzrleOutcome::Overflow,
@@ -148,29 +137,18 @@ mod tests {
         let cache = XbzrleCache::new(16 * PAGE_SIZE_BYTES as u64);
         let mut page = vec![3u8; PAGE_SIZE_BYTES];
         let mut delta = vec![0u8; PAGE_SIZE_BYTES - 1];
-        assert_eq!(
-            cache.encode(0, 5, 2, &page, &mut delta, true),
-            XbzrleOutcome::Miss
-        );
+        assert_eq!(cache.encode(0, 5, 2, &page, &mut delta, true), XbzrleOutcome::Miss);
         page[7] = 4;
-        let XbzrleOutcome::Delta { len, base_epoch: 2 } =
-            cache.encode(0, 5, 3, &page, &mut delta, true)
-        else {
+        let XbzrleOutcome::Delta { len, base_epoch: 2 } = cache.encode(0, 5, 3, &page, &mut delta, true) else {
             panic!("expected a delta against round 2");
         };
         let mut rebuilt = vec![3u8; PAGE_SIZE_BYTES];
         xbzrle::decode(&delta[..len], &mut rebuilt).unwrap();
         assert_eq!(rebuilt, page);
-        assert_eq!(
-            cache.encode(0, 5, 4, &page, &mut delta, true),
-            XbzrleOutcome::Unchanged
-        );
+        assert_eq!(cache.encode(0, 5, 4, &page, &mut delta, true), XbzrleOutcome::Unchanged);
         // Unchanged keeps the epoch the destination holds (3), not 4.
         page[8] = 1;
-        assert!(matches!(
-            cache.encode(0, 5, 5, &page, &mut delta, true),
-            XbzrleOutcome::Delta { base_epoch: 3, .. }
-        ));
+        assert!(matches!(cache.encode(0, 5, 5, &page, &mut delta, true), XbzrleOutcome::Delta { base_epoch: 3, .. }));
     }
 
     #[test]
@@ -178,20 +156,11 @@ mod tests {
         let cache = XbzrleCache::new(PAGE_SIZE_BYTES as u64);
         let page = vec![1u8; PAGE_SIZE_BYTES];
         let mut delta = vec![0u8; 100];
-        assert_eq!(
-            cache.encode(1, 9, 1, &page, &mut delta, false),
-            XbzrleOutcome::Miss
-        );
-        assert_eq!(
-            cache.encode(1, 9, 2, &page, &mut delta, false),
-            XbzrleOutcome::Miss
-        );
+        assert_eq!(cache.encode(1, 9, 1, &page, &mut delta, false), XbzrleOutcome::Miss);
+        assert_eq!(cache.encode(1, 9, 2, &page, &mut delta, false), XbzrleOutcome::Miss);
         cache.encode(1, 9, 2, &page, &mut delta, true);
         cache.forget(1, 9);
-        assert_eq!(
-            cache.encode(1, 9, 3, &page, &mut delta, true),
-            XbzrleOutcome::Miss
-        );
+        assert_eq!(cache.encode(1, 9, 3, &page, &mut delta, true), XbzrleOutcome::Miss);
     }
 
     #[test]
@@ -201,9 +170,6 @@ mod tests {
         let new: Vec<u8> = (0..PAGE_SIZE_BYTES).map(|i| (i % 2) as u8).collect();
         let mut delta = vec![0u8; PAGE_SIZE_BYTES - 1];
         cache.encode(0, 0, 1, &old, &mut delta, true);
-        assert_eq!(
-            cache.encode(0, 0, 2, &new, &mut delta, true),
-            XbzrleOutcome::Overflow
-        );
+        assert_eq!(cache.encode(0, 0, 2, &new, &mut delta, true), XbzrleOutcome::Overflow);
     }
 }

@@ -231,11 +231,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const KERNELS: [ZeroScanKernel; 3] = [
-        ZeroScanKernel::Avx512,
-        ZeroScanKernel::Avx2,
-        ZeroScanKernel::Scalar,
-    ];
+    const KERNELS: [ZeroScanKernel; 3] = [ZeroScanKernel::Avx512, ZeroScanKernel::Avx2, ZeroScanKernel::Scalar];
     /// Room for any 0..10000-byte window at any of 64 alignments.
     const ARENA_BYTES: usize = 10_000 + 64;
 
@@ -304,10 +300,7 @@ mod tests {
         for kernel in KERNELS {
             for start in 64..192 {
                 for end in start..=192 {
-                    assert!(
-                        is_zero_with(kernel, &arena[start..end]),
-                        "{kernel:?} {start}..{end}"
-                    );
+                    assert!(is_zero_with(kernel, &arena[start..end]), "{kernel:?} {start}..{end}");
                 }
             }
         }

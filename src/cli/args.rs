@@ -162,9 +162,7 @@ pub fn parse_bandwidth(text: &str) -> Result<u64, String> {
     let lower = text.to_ascii_lowercase();
     for (suffix, scale) in [("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3)] {
         if let Some(number) = lower.strip_suffix(suffix) {
-            let value: f64 = number
-                .parse()
-                .map_err(|_| format!("bad bandwidth {text:?}"))?;
+            let value: f64 = number.parse().map_err(|_| format!("bad bandwidth {text:?}"))?;
             return Ok((value * scale / 8.0) as u64);
         }
     }

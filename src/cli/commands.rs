@@ -47,11 +47,7 @@ fn source_config(args: &MigrationArgs) -> SourceConfig {
     }
 }
 
-fn destination_config(
-    args: &MigrationArgs,
-    max_memory_bytes: u64,
-    accept_timeout: Duration,
-) -> DestinationConfig {
+fn destination_config(args: &MigrationArgs, max_memory_bytes: u64, accept_timeout: Duration) -> DestinationConfig {
     DestinationConfig {
         decompress_threads: args.decompress_threads.max(1),
         max_memory_bytes,
@@ -65,18 +61,14 @@ fn boot_guest(guest: &GuestArgs, migration: &MigrationArgs) -> Result<SyntheticG
     let policy = parse_huge_policy(&migration.hugepages).map_err(anyhow::Error::msg)?;
     let layout = GuestRam::pc_layout(guest.mem);
     let ram = Arc::new(GuestRam::allocate(&layout, policy).context("allocating guest memory")?);
-    let booted =
-        SyntheticGuest::boot(ram, guest.workload, guest.seed).map_err(anyhow::Error::msg)?;
+    let booted = SyntheticGuest::boot(ram, guest.workload, guest.seed).map_err(anyhow::Error::msg)?;
     std::thread::sleep(Duration::from_secs_f64(guest.warmup));
     Ok(booted)
 }
 
 /// Lets the resumed guest run, then pauses it and checks its memory. Returns the stores it
 /// made after resuming (proof that it runs) and the check's verdict.
-fn run_destination_guest(
-    destination: &mut SyntheticDestination,
-    seconds: f64,
-) -> Result<serde_json::Value> {
+fn run_destination_guest(destination: &mut SyntheticDestination, seconds: f64) -> Result<serde_json::Value> {
     let guest = destination.guest().context("no guest was resumed")?;
     let before = guest.writes();
     std::thread::sleep(Duration::from_secs_f64(seconds));
@@ -99,48 +91,33 @@ fn demo(args: DemoArgs) -> Result<ExitCode> {
     let source_guest = boot_guest(&args.guest, &args.migration)?;
     let backing = source_guest.ram().backing();
     let timeouts = Timeouts::default();
-    let mut acceptor = TcpAcceptor::bind("127.0.0.1:0", timeouts)
-        .context("binding the demo's loopback listener")?;
+    let mut acceptor = TcpAcceptor::bind("127.0.0.1:0", timeouts).context("binding the demo's loopback listener")?;
     let address = acceptor.local_socket_addr()?;
     let policy = parse_huge_policy(&args.migration.hugepages).map_err(anyhow::Error::msg)?;
     let dest_config = destination_config(&args.migration, args.guest.mem, Duration::from_secs(10));
     let run_after = args.run_after;
-    let destination = std::thread::Builder::new()
-        .name("destination".into())
-        .spawn(move || {
-            let mut vm = SyntheticDestination::new(dest_config.max_memory_bytes, policy);
-            let report = receive(&mut acceptor, &mut vm, &dest_config)?;
-            let guest = run_destination_guest(&mut vm, run_after)?;
-            anyhow::Ok((report, guest))
-        })?;
+    let destination = std::thread::Builder::new().name("destination".into()).spawn(move || {
+        let mut vm = SyntheticDestination::new(dest_config.max_memory_bytes, policy);
+        let report = receive(&mut acceptor, &mut vm, &dest_config)?;
+        let guest = run_destination_guest(&mut vm, run_after)?;
+        anyhow::Ok((report, guest))
+    })?;
     let connector = TcpConnector::new(address, timeouts)?;
     let config = source_config(&args.migration);
     let mut progress = report::ProgressView::new(args.migration.json);
-    let result = migrate(&source_guest, &connector, &config, &mut |p| {
-        progress.update(p)
-    });
+    let result = migrate(&source_guest, &connector, &config, &mut |p| progress.update(p));
     progress.finish();
-    let destination = destination
-        .join()
-        .map_err(|_| anyhow::anyhow!("destination thread panicked"))?;
+    let destination = destination.join().map_err(|_| anyhow::anyhow!("destination thread panicked"))?;
     let mut stats = match result {
         Ok(stats) => stats,
         Err(err) => {
-            let detail = destination
-                .err()
-                .map(|e| format!(" (destination: {e:#})"))
-                .unwrap_or_default();
+            let detail = destination.err().map(|e| format!(" (destination: {e:#})")).unwrap_or_default();
             bail!("migration failed: {err}{detail}");
         }
     };
     let (dest_report, dest_guest) = destination.context("destination failed")?;
     stats.guest_backing = backing.to_string();
-    print_outcome(
-        &stats,
-        Some(&dest_report),
-        Some(&dest_guest),
-        args.migration.json,
-    )
+    print_outcome(&stats, Some(&dest_report), Some(&dest_guest), args.migration.json)
 }
 
 fn print_outcome(
@@ -162,9 +139,7 @@ fn print_outcome(
         report::print_tables(stats, destination, guest);
     }
     if stats.verified == Some(false) {
-        eprintln!(
-            "vmigrate: error: verification failed: destination memory differs from the source's"
-        );
+        eprintln!("vmigrate: error: verification failed: destination memory differs from the source's");
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
@@ -172,8 +147,8 @@ fn print_outcome(
 
 fn send(args: SendArgs) -> Result<ExitCode> {
     let guest = boot_guest(&args.guest, &args.migration)?;
-    let connector = TcpConnector::new(args.to.as_str(), Timeouts::default())
-        .with_context(|| format!("resolving {}", args.to))?;
+    let connector =
+        TcpConnector::new(args.to.as_str(), Timeouts::default()).with_context(|| format!("resolving {}", args.to))?;
     let config = source_config(&args.migration);
     let mut progress = report::ProgressView::new(args.migration.json);
     let result = migrate(&guest, &connector, &config, &mut |p| progress.update(p));
@@ -187,15 +162,10 @@ fn send(args: SendArgs) -> Result<ExitCode> {
             // The engine resumed the guest; show that it really runs on.
             let before = guest.writes();
             std::thread::sleep(Duration::from_millis(200));
-            let running = guest.writes() > before
-                || matches!(guest.spec(), transport::synthetic::WorkloadSpec::Idle);
+            let running = guest.writes() > before || matches!(guest.spec(), transport::synthetic::WorkloadSpec::Idle);
             eprintln!(
                 "vmigrate: source guest {} ({} stores in the 200 ms after the failure)",
-                if running {
-                    "keeps running"
-                } else {
-                    "is NOT running"
-                },
+                if running { "keeps running" } else { "is NOT running" },
                 guest.writes() - before
             );
             bail!("migration failed: {err}")
@@ -205,19 +175,12 @@ fn send(args: SendArgs) -> Result<ExitCode> {
 
 fn recv(args: RecvArgs) -> Result<ExitCode> {
     let policy = parse_huge_policy(&args.migration.hugepages).map_err(anyhow::Error::msg)?;
-    let config = destination_config(
-        &args.migration,
-        args.max_mem,
-        Duration::from_secs_f64(args.accept_timeout),
-    );
-    let mut acceptor = TcpAcceptor::bind(args.listen, Timeouts::default())
-        .with_context(|| format!("listening on {}", args.listen))?;
-    if !args.migration.json {
-        eprintln!(
-            "vmigrate: waiting for a migration on {}",
-            acceptor.local_addr()
-        );
-    }
+    let config = destination_config(&args.migration, args.max_mem, Duration::from_secs_f64(args.accept_timeout));
+    let mut acceptor =
+        TcpAcceptor::bind(args.listen, Timeouts::default()).with_context(|| format!("listening on {}", args.listen))?;
+    // Always on stderr (JSON goes to stdout): with --listen ADDR:0 this is how a caller
+    // learns the port.
+    eprintln!("vmigrate: waiting for a migration on {}", acceptor.local_addr());
     let mut vm = SyntheticDestination::new(config.max_memory_bytes, policy);
     let report = receive(&mut acceptor, &mut vm, &config).context("receiving the migration")?;
     let guest = run_destination_guest(&mut vm, args.run_after)?;
@@ -229,9 +192,7 @@ fn recv(args: RecvArgs) -> Result<ExitCode> {
         report::print_destination(&report, &guest);
     }
     if report.verified == Some(false) {
-        eprintln!(
-            "vmigrate: error: verification failed: received memory differs from the source's"
-        );
+        eprintln!("vmigrate: error: verification failed: received memory differs from the source's");
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)

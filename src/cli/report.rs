@@ -80,18 +80,7 @@ pub fn print_tables(
     println!();
     println!(
         "{:>5} {:<13} {:>9} {:>9} {:>12} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>10}",
-        "round",
-        "stage",
-        "time ms",
-        "pages",
-        "sent",
-        "zero",
-        "xbzrle",
-        "compr",
-        "raw",
-        "dirty",
-        "Mbit/s",
-        "exp. down"
+        "round", "stage", "time ms", "pages", "sent", "zero", "xbzrle", "compr", "raw", "dirty", "Mbit/s", "exp. down"
     );
     for round in &stats.rounds {
         println!(
@@ -124,18 +113,11 @@ pub fn print_tables(
         stats.xbzrle_cache.cache_miss,
         stats.xbzrle_cache.overflow
     );
-    println!(
-        "guest memory: {}; setup {} ms; {:.0} Mbit/s average",
-        stats.guest_backing, stats.setup_time, ram.mbps
-    );
+    println!("guest memory: {}; setup {} ms; {:.0} Mbit/s average", stats.guest_backing, stats.setup_time, ram.mbps);
     if let Some(verified) = stats.verified {
         println!(
             "verify: {} (destination hash took {} ms, outside the downtime)",
-            if verified {
-                "memory matches"
-            } else {
-                "MISMATCH"
-            },
+            if verified { "memory matches" } else { "MISMATCH" },
             stats.verify_time.unwrap_or(0)
         );
     }
@@ -156,14 +138,7 @@ pub fn print_destination(report: &DestinationReport, guest: &serde_json::Value) 
         report.xbzrle_pages
     );
     if let Some(verified) = report.verified {
-        println!(
-            "destination verify: {}",
-            if verified {
-                "memory matches"
-            } else {
-                "MISMATCH"
-            }
-        );
+        println!("destination verify: {}", if verified { "memory matches" } else { "MISMATCH" });
     }
     if !guest.is_null() {
         println!(

@@ -36,28 +36,17 @@ impl SessionAbort {
     }
 
     pub fn reason(&self) -> Option<String> {
-        self.reason
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Registers a way to unblock a thread (normally: shut a socket down).
     pub fn on_raise(&self, closer: Closer) {
-        self.closers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(closer);
+        self.closers.lock().unwrap_or_else(|p| p.into_inner()).push(closer);
     }
 
     /// Runs every registered closer (also used at the end of a successful session).
     pub fn close_all(&self) {
-        for close in self
-            .closers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
+        for close in self.closers.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             close();
         }
     }

@@ -23,9 +23,7 @@ use crate::vm::DestinationVm;
 use crate::MigrationError;
 use migration::codec::PageDecompressor;
 use migration::frame::{FrameKind, SeqCounter, MAX_PAYLOAD_BYTES};
-use migration::handshake::{
-    accept_preamble, decode_reason, encode_reason, Hello, HelloAck, PREAMBLE_BYTES,
-};
+use migration::handshake::{accept_preamble, decode_reason, encode_reason, Hello, HelloAck, PREAMBLE_BYTES};
 use migration::memory::{pages_of, GuestMemory};
 use migration::page_batch::{BatchLimits, MAX_BATCH_BYTES};
 use migration::receiver::{apply_batch, ApplyCounters, ConnectionInbound, Inbound, PageEpochs};
@@ -85,11 +83,7 @@ struct BarrierState {
 
 impl Shared {
     fn limits(&self) -> BatchLimits<'_> {
-        BatchLimits {
-            region_pages: &self.region_pages,
-            codec: self.hello.codec,
-            xbzrle: self.hello.xbzrle,
-        }
+        BatchLimits { region_pages: &self.region_pages, codec: self.hello.codec, xbzrle: self.hello.xbzrle }
     }
 
     fn failure(&self) -> MigrationError {
@@ -124,11 +118,8 @@ impl Shared {
             if self.abort.is_raised() {
                 return Err(self.failure());
             }
-            state = self
-                .barrier_changed
-                .wait_timeout(state, Duration::from_millis(1))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            state =
+                self.barrier_changed.wait_timeout(state, Duration::from_millis(1)).unwrap_or_else(|p| p.into_inner()).0;
         }
         Ok(())
     }
@@ -163,28 +154,24 @@ fn refuse(connection: &mut Connection, reason: &str) {
         FrameKind::HelloAck,
         0,
         &mut SeqCounter::default(),
-        &HelloAck::Refused {
-            reason: reason.into(),
-        }
-        .encode(),
+        &HelloAck::Refused { reason: reason.into() }.encode(),
     );
 }
 
 /// Reads a connection's preamble and Hello.
 fn read_hello(connection: &mut Connection) -> Result<Hello, MigrationError> {
     let mut preamble = [0u8; PREAMBLE_BYTES];
-    connection.reader.read_exact(&mut preamble).map_err(|e| {
-        MigrationError::Failed(format!("no preamble from {}: {e}", connection.peer))
-    })?;
+    connection
+        .reader
+        .read_exact(&mut preamble)
+        .map_err(|e| MigrationError::Failed(format!("no preamble from {}: {e}", connection.peer)))?;
     if let Err(err) = accept_preamble(&preamble) {
         refuse(connection, &err.to_string());
         return Err(err.into());
     }
     let mut payload = Vec::new();
-    let header = read_frame(&mut *connection.reader, &mut payload, |_| {
-        CONTROL_FRAME_LIMIT_BYTES
-    })
-    .map_err(|e| MigrationError::Failed(format!("bad Hello from {}: {e}", connection.peer)))?;
+    let header = read_frame(&mut *connection.reader, &mut payload, |_| CONTROL_FRAME_LIMIT_BYTES)
+        .map_err(|e| MigrationError::Failed(format!("bad Hello from {}: {e}", connection.peer)))?;
     if header.kind != FrameKind::Hello || header.seq != 0 {
         let reason = format!("expected Hello, got {:?} (seq {})", header.kind, header.seq);
         refuse(connection, &reason);
@@ -204,10 +191,7 @@ fn accept_ack(connection: &mut Connection, version: u16) -> Result<(), Migration
         &mut SeqCounter::default(),
         &HelloAck::Accepted { version }.encode(),
     )
-    .map_err(|source| MigrationError::Io {
-        connection: 0,
-        source,
-    })
+    .map_err(|source| MigrationError::Io { connection: 0, source })
 }
 
 fn receive_session(
@@ -217,21 +201,15 @@ fn receive_session(
     prepared: &mut bool,
 ) -> Result<DestinationReport, MigrationError> {
     let accept = |acceptor: &mut dyn Acceptor| {
-        acceptor.accept(config.accept_timeout).map_err(|e| {
-            MigrationError::Failed(format!(
-                "waiting for the source on {}: {e}",
-                acceptor.local_addr()
-            ))
-        })
+        acceptor
+            .accept(config.accept_timeout)
+            .map_err(|e| MigrationError::Failed(format!("waiting for the source on {}: {e}", acceptor.local_addr())))
     };
     let mut first = accept(acceptor)?;
     let hello = read_hello(&mut first)?;
     let started = Instant::now();
     if hello.connection_index != 0 {
-        let reason = format!(
-            "first connection is number {}, expected 0",
-            hello.connection_index
-        );
+        let reason = format!("first connection is number {}, expected 0", hello.connection_index);
         refuse(&mut first, &reason);
         return Err(MigrationError::Failed(reason));
     }
@@ -253,28 +231,22 @@ fn receive_session(
     };
     *prepared = true;
     accept_ack(&mut first, migration::handshake::VERSION_MAX)?;
-    let mut connections: Vec<Option<Connection>> =
-        (0..hello.connection_count).map(|_| None).collect();
+    let mut connections: Vec<Option<Connection>> = (0..hello.connection_count).map(|_| None).collect();
     connections[0] = Some(first);
     for _ in 1..hello.connection_count {
         let mut connection = accept(acceptor)?;
         let other = read_hello(&mut connection)?;
         let index = usize::from(other.connection_index);
         if !other.same_session(&hello) || connections[index].is_some() {
-            let reason = format!(
-                "connection {index} does not belong to session {:#x} or repeats an index",
-                hello.session_id
-            );
+            let reason =
+                format!("connection {index} does not belong to session {:#x} or repeats an index", hello.session_id);
             refuse(&mut connection, &reason);
             return Err(MigrationError::Failed(reason));
         }
         accept_ack(&mut connection, migration::handshake::VERSION_MAX)?;
         connections[index] = Some(connection);
     }
-    let connections: Vec<Connection> = connections
-        .into_iter()
-        .map(|c| c.expect("every index accepted"))
-        .collect();
+    let connections: Vec<Connection> = connections.into_iter().map(|c| c.expect("every index accepted")).collect();
 
     let region_pages: Vec<u64> = hello.region_bytes.iter().map(|&b| pages_of(b)).collect();
     let shared = Shared {
@@ -284,9 +256,7 @@ fn receive_session(
         region_pages,
         hello: hello.clone(),
         decode: Ring::new(DECODE_RING_CAPACITY),
-        buffers: Pool::new(
-            DECODE_RING_CAPACITY + usize::from(hello.connection_count) + config.decompress_threads,
-        ),
+        buffers: Pool::new(DECODE_RING_CAPACITY + usize::from(hello.connection_count) + config.decompress_threads),
         in_flight: AtomicU64::new(0),
         barrier: Mutex::new(BarrierState::default()),
         barrier_changed: Condvar::new(),
@@ -307,20 +277,13 @@ fn receive_session(
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("decompress-{index}"))
-                    .spawn_scoped(scope, move || {
-                        decompression_worker(shared, index, pin_workers)
-                    })
+                    .spawn_scoped(scope, move || decompression_worker(shared, index, pin_workers))
                     .expect("spawn decompression worker"),
             );
         }
         let mut control_writer = None;
         for (index, connection) in connections.into_iter().enumerate() {
-            let Connection {
-                reader,
-                writer,
-                closer,
-                ..
-            } = connection;
+            let Connection { reader, writer, closer, .. } = connection;
             shared.abort.on_raise(closer);
             if index == 0 {
                 control_writer = Some(writer);
@@ -328,9 +291,7 @@ fn receive_session(
             let events_tx = events_tx.clone();
             std::thread::Builder::new()
                 .name(format!("conn-reader-{index}"))
-                .spawn_scoped(scope, move || {
-                    connection_reader(shared, index as u16, reader, events_tx)
-                })
+                .spawn_scoped(scope, move || connection_reader(shared, index as u16, reader, events_tx))
                 .expect("spawn connection reader");
         }
         drop(events_tx);
@@ -347,13 +308,8 @@ fn receive_session(
         if let Err(err) = &result {
             // Tell the source why, then stop everything.
             let reason = err.to_string();
-            let _ = write_frame(
-                &mut *control,
-                FrameKind::Abort,
-                0,
-                &mut SeqCounter::default(),
-                &encode_reason(&reason),
-            );
+            let _ =
+                write_frame(&mut *control, FrameKind::Abort, 0, &mut SeqCounter::default(), &encode_reason(&reason));
             shared.abort.raise(reason);
         }
         shared.finished.store(true, Ordering::Release);
@@ -390,9 +346,7 @@ impl Session<'_, '_> {
                     return Err(if self.shared.abort.is_raised() {
                         self.shared.failure()
                     } else {
-                        MigrationError::Failed(format!(
-                            "source went away while we waited for {expected:?}"
-                        ))
+                        MigrationError::Failed(format!("source went away while we waited for {expected:?}"))
                     });
                 }
             }
@@ -400,12 +354,8 @@ impl Session<'_, '_> {
     }
 
     fn send(&mut self, kind: FrameKind, payload: &[u8]) -> Result<(), MigrationError> {
-        write_frame(&mut *self.control, kind, 0, &mut self.seq, payload).map_err(|source| {
-            MigrationError::Io {
-                connection: 0,
-                source,
-            }
-        })
+        write_frame(&mut *self.control, kind, 0, &mut self.seq, payload)
+            .map_err(|source| MigrationError::Io { connection: 0, source })
     }
 
     fn run(
@@ -421,9 +371,7 @@ impl Session<'_, '_> {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take()
-            .ok_or_else(|| {
-                MigrationError::Failed("the source completed without sending device state".into())
-            })?;
+            .ok_or_else(|| MigrationError::Failed("the source completed without sending device state".into()))?;
         self.send(FrameKind::Ready, &[])?;
         let commit = self.wait_event(FrameKind::Commit)?;
         let verify = commit.first() == Some(&1);
@@ -437,8 +385,7 @@ impl Session<'_, '_> {
         if !config.deferred_cleanup {
             stop_workers(self.shared, self.workers);
         }
-        vm.resume(&device_state)
-            .map_err(|e| MigrationError::Failed(format!("could not resume the guest: {e}")))?;
+        vm.resume(&device_state).map_err(|e| MigrationError::Failed(format!("could not resume the guest: {e}")))?;
         let verify_ms = verify_time.map_or(0, |t| t.as_millis() as u64);
         self.send(FrameKind::Resumed, &verify_ms.to_le_bytes())?;
         let mut verified = None;
@@ -448,11 +395,7 @@ impl Session<'_, '_> {
             self.send(FrameKind::VerifyResult, &[u8::from(matched)])?;
             verified = Some(matched);
         }
-        let counters = *self
-            .shared
-            .counters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let counters = *self.shared.counters.lock().unwrap_or_else(|p| p.into_inner());
         Ok(DestinationReport {
             session_id: self.shared.hello.session_id,
             connections: self.shared.hello.connection_count,
@@ -463,10 +406,7 @@ impl Session<'_, '_> {
             raw_pages: counters.raw_pages,
             compressed_pages: counters.compressed_pages,
             xbzrle_pages: counters.xbzrle_pages,
-            total_time_ms: started
-                .elapsed()
-                .saturating_sub(verify_time.unwrap_or_default())
-                .as_millis() as u64,
+            total_time_ms: started.elapsed().saturating_sub(verify_time.unwrap_or_default()).as_millis() as u64,
             verify_time_ms: verify_time.map(|t| t.as_millis() as u64),
             verified,
         })
@@ -513,10 +453,7 @@ fn connection_reader(
             Err(_) if shared.finished.load(Ordering::Acquire) || shared.abort.is_raised() => return,
             Err(err) => return fail(err.to_string()),
         };
-        shared.received_bytes.fetch_add(
-            (migration::frame::HEADER_BYTES + buffer.len()) as u64,
-            Ordering::Relaxed,
-        );
+        shared.received_bytes.fetch_add((migration::frame::HEADER_BYTES + buffer.len()) as u64, Ordering::Relaxed);
         let event = match inbound.on_frame(&header, &buffer) {
             Ok(event) => event,
             Err(err) => return fail(err.to_string()),
@@ -524,11 +461,7 @@ fn connection_reader(
         match event {
             Inbound::Pages => {
                 shared.in_flight.fetch_add(1, Ordering::AcqRel);
-                if shared
-                    .decode
-                    .push(Some((header.epoch, buffer)), &shared.abort)
-                    .is_err()
-                {
+                if shared.decode.push(Some((header.epoch, buffer)), &shared.abort).is_err() {
                     return;
                 }
                 continue;
@@ -539,10 +472,7 @@ fn connection_reader(
                 }
             }
             Inbound::DeviceState => {
-                *shared
-                    .device_state
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()) = Some(buffer.clone());
+                *shared.device_state.lock().unwrap_or_else(|p| p.into_inner()) = Some(buffer.clone());
             }
             Inbound::Complete { .. } => {
                 shared.complete_seen.store(true, Ordering::Release);
@@ -554,9 +484,7 @@ fn connection_reader(
             Inbound::VerifyDigest => {
                 let _ = events.send((FrameKind::VerifyDigest, buffer.clone()));
             }
-            Inbound::Abort => {
-                return fail(format!("the source aborted: {}", decode_reason(&buffer)))
-            }
+            Inbound::Abort => return fail(format!("the source aborted: {}", decode_reason(&buffer))),
         }
         shared.buffers.give(buffer);
     }
@@ -588,11 +516,7 @@ fn decompression_worker(shared: &Shared, index: usize, pin_workers: bool) {
         }
         // Counted before the batch is reported applied, so the totals are complete when
         // the round barrier opens.
-        shared
-            .counters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .merge(&std::mem::take(&mut counters));
+        shared.counters.lock().unwrap_or_else(|p| p.into_inner()).merge(&std::mem::take(&mut counters));
         shared.buffers.give(buffer);
         shared.batch_applied();
     }

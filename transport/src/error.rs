@@ -6,10 +6,7 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum MigrationError {
     #[error("connection {connection}: {source}")]
-    Io {
-        connection: usize,
-        source: std::io::Error,
-    },
+    Io { connection: usize, source: std::io::Error },
     #[error(transparent)]
     Handshake(#[from] HandshakeError),
     #[error(transparent)]

@@ -1,9 +1,7 @@
 //! Reading and writing whole frames on a byte pipe, with every bound checked before any
 //! allocation.
 
-use migration::frame::{
-    encode_frame, FrameError, FrameHeader, FrameKind, SeqCounter, HEADER_BYTES,
-};
+use migration::frame::{encode_frame, FrameError, FrameHeader, FrameKind, SeqCounter, HEADER_BYTES};
 use std::io::{self, Read, Write};
 
 #[derive(Debug)]
@@ -26,26 +24,14 @@ impl std::fmt::Display for ReadError {
             ReadError::Io(err) if err.kind() == io::ErrorKind::UnexpectedEof => {
                 write!(f, "stream truncated inside a frame")
             }
-            ReadError::Io(err)
-                if matches!(
-                    err.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
+            ReadError::Io(err) if matches!(err.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
                 write!(f, "peer silent for too long (read timed out)")
             }
             ReadError::Io(err) => write!(f, "read failed: {err}"),
             ReadError::Frame(err) => write!(f, "{err}"),
             ReadError::Closed => write!(f, "connection closed by the peer"),
-            ReadError::TooLarge {
-                kind,
-                length,
-                limit,
-            } => {
-                write!(
-                    f,
-                    "{kind:?} frame of {length} bytes exceeds the limit of {limit} bytes for it"
-                )
+            ReadError::TooLarge { kind, length, limit } => {
+                write!(f, "{kind:?} frame of {length} bytes exceeds the limit of {limit} bytes for it")
             }
         }
     }
@@ -81,20 +67,14 @@ pub fn read_frame(
     let header = FrameHeader::parse(&header_bytes).map_err(ReadError::Frame)?;
     let max = limit(header.kind);
     if header.length > max {
-        return Err(ReadError::TooLarge {
-            kind: header.kind,
-            length: header.length,
-            limit: max,
-        });
+        return Err(ReadError::TooLarge { kind: header.kind, length: header.length, limit: max });
     }
     payload.clear();
     payload.resize(header.length as usize, 0);
     if !read_full(reader, payload).map_err(ReadError::Io)? && header.length > 0 {
         return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into()));
     }
-    header
-        .check(&header_bytes, payload)
-        .map_err(ReadError::Frame)?;
+    header.check(&header_bytes, payload).map_err(ReadError::Frame)?;
     Ok(header)
 }
 

@@ -32,10 +32,7 @@ impl GuestRam {
         for &bytes in region_bytes {
             regions.push(MappedRegion::allocate(bytes as usize, policy)?);
         }
-        let dirty = region_bytes
-            .iter()
-            .map(|&b| AtomicBitmap::new(pages_of(b)))
-            .collect();
+        let dirty = region_bytes.iter().map(|&b| AtomicBitmap::new(pages_of(b))).collect();
         Ok(GuestRam { regions, dirty })
     }
 
@@ -49,11 +46,7 @@ impl GuestRam {
 
     /// How the memory is backed: hugetlb only if every region got hugepages.
     pub fn backing(&self) -> Backing {
-        if self
-            .regions
-            .iter()
-            .all(|r| r.backing() == Backing::HugeTlb2M)
-        {
+        if self.regions.iter().all(|r| r.backing() == Backing::HugeTlb2M) {
             Backing::HugeTlb2M
         } else {
             Backing::AnonymousThp
@@ -69,10 +62,7 @@ impl GuestRam {
             }
             page -= bitmap.pages();
         }
-        panic!(
-            "page {flat_page} beyond guest memory of {} pages",
-            self.total_pages()
-        );
+        panic!("page {flat_page} beyond guest memory of {} pages", self.total_pages());
     }
 
     /// A guest store of one 32-bit word, marked in the dirty log after the store.
@@ -119,10 +109,7 @@ impl GuestRam {
 
 impl GuestMemory for GuestRam {
     fn region_bytes(&self) -> Vec<u64> {
-        self.dirty
-            .iter()
-            .map(|b| b.pages() * PAGE_SIZE_BYTES as u64)
-            .collect()
+        self.dirty.iter().map(|b| b.pages() * PAGE_SIZE_BYTES as u64).collect()
     }
 
     fn read_page(&self, region: usize, page: u64, dst: &mut [u8]) {

@@ -39,10 +39,7 @@ pub struct Timeouts {
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Timeouts {
-            connect: Duration::from_secs(10),
-            io: Duration::from_secs(30),
-        }
+        Timeouts { connect: Duration::from_secs(10), io: Duration::from_secs(30) }
     }
 }
 
@@ -50,10 +47,7 @@ fn tcp_connection(stream: TcpStream, timeouts: Timeouts) -> io::Result<Connectio
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(timeouts.io))?;
     stream.set_write_timeout(Some(timeouts.io))?;
-    let peer = stream
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|_| "?".into());
+    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
     let reader = stream.try_clone()?;
     let closer = stream.try_clone()?;
     Ok(Connection {
@@ -76,10 +70,7 @@ impl TcpConnector {
     pub fn new(to: impl ToSocketAddrs, timeouts: Timeouts) -> io::Result<Self> {
         let addrs: Vec<SocketAddr> = to.to_socket_addrs()?.collect();
         if addrs.is_empty() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "address resolves to nothing",
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "address resolves to nothing"));
         }
         Ok(TcpConnector { addrs, timeouts })
     }
@@ -91,12 +82,7 @@ impl Connector for TcpConnector {
         for addr in &self.addrs {
             match TcpStream::connect_timeout(addr, self.timeouts.connect) {
                 Ok(stream) => return tcp_connection(stream, self.timeouts),
-                Err(err) => {
-                    last = Some(io::Error::new(
-                        err.kind(),
-                        format!("connect to {addr}: {err}"),
-                    ))
-                }
+                Err(err) => last = Some(io::Error::new(err.kind(), format!("connect to {addr}: {err}"))),
             }
         }
         Err(last.unwrap_or_else(|| io::Error::other("no address")))
@@ -131,10 +117,7 @@ impl Acceptor for TcpAcceptor {
                 }
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
                     if Instant::now() >= deadline {
-                        return Err(io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            "no connection from the source in time",
-                        ));
+                        return Err(io::Error::new(io::ErrorKind::TimedOut, "no connection from the source in time"));
                     }
                     std::thread::sleep(Duration::from_millis(2));
                 }
@@ -144,9 +127,6 @@ impl Acceptor for TcpAcceptor {
     }
 
     fn local_addr(&self) -> String {
-        self.listener
-            .local_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default()
+        self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default()
     }
 }

@@ -22,10 +22,7 @@ impl RateLimiter {
     pub fn new(bytes_per_s: u64) -> Self {
         RateLimiter {
             bytes_per_s: bytes_per_s.max(1) as f64,
-            state: Mutex::new(Bucket {
-                tokens: 0.0,
-                last: Instant::now(),
-            }),
+            state: Mutex::new(Bucket { tokens: 0.0, last: Instant::now() }),
         }
     }
 
@@ -35,9 +32,8 @@ impl RateLimiter {
             let mut bucket = self.state.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
             let burst = self.bytes_per_s * BURST.as_secs_f64();
-            bucket.tokens = (bucket.tokens
-                + now.duration_since(bucket.last).as_secs_f64() * self.bytes_per_s)
-                .min(burst);
+            bucket.tokens =
+                (bucket.tokens + now.duration_since(bucket.last).as_secs_f64() * self.bytes_per_s).min(burst);
             bucket.last = now;
             bucket.tokens -= bytes as f64;
             if bucket.tokens < 0.0 {

@@ -116,9 +116,7 @@ pub struct Pool<T> {
 
 impl<T> Pool<T> {
     pub fn new(capacity: usize) -> Self {
-        Pool {
-            free: ArrayQueue::new(capacity.max(1)),
-        }
+        Pool { free: ArrayQueue::new(capacity.max(1)) }
     }
 
     pub fn take(&self, make: impl FnOnce() -> T) -> T {

@@ -48,9 +48,10 @@ use std::time::{Duration, Instant};
 /// Jobs waiting for a compression worker. Enough to keep every worker busy while the
 /// scanner fills the next; each holds only page numbers.
 const JOB_RING_CAPACITY: usize = 256;
-/// Encoded batches waiting per connection writer: 32 x up to 263 KiB bounds the memory
-/// between workers and a slow link to ~8 MiB per connection.
-const FRAME_RING_CAPACITY: usize = 32;
+/// Encoded batches waiting per connection writer: 8 x up to 263 KiB bounds the memory
+/// between workers and a slow link to ~2 MiB per connection (16 ms at 1 Gbit/s), so
+/// back-pressure reaches the scanner quickly and round timings track the link.
+const FRAME_RING_CAPACITY: usize = 8;
 /// How often progress is reported inside a long round.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -74,18 +75,9 @@ struct Job {
 }
 
 enum Outgoing {
-    Pages {
-        frame: FrameBuf,
-        epoch: u32,
-    },
-    RoundEnd {
-        epoch: u32,
-    },
-    Control {
-        kind: FrameKind,
-        epoch: u32,
-        payload: Vec<u8>,
-    },
+    Pages { frame: FrameBuf, epoch: u32 },
+    RoundEnd { epoch: u32 },
+    Control { kind: FrameKind, epoch: u32, payload: Vec<u8> },
     Close,
 }
 
@@ -101,6 +93,9 @@ struct Shared<'a> {
     jobs_in_flight: AtomicU64,
     round_counters: Mutex<EncodeCounters>,
     wire_bytes: AtomicU64,
+    /// Page-frame bytes written by the connection writers (encoded bytes less these are
+    /// still queued).
+    page_bytes_written: AtomicU64,
     cache: Option<XbzrleCache>,
     limiter: Option<RateLimiter>,
     /// Set once the session completed: the connections are then shut under the reader.
@@ -129,27 +124,12 @@ pub fn migrate(
     };
     let mut connections = Vec::with_capacity(usize::from(hello.connection_count));
     for index in 0..hello.connection_count {
-        connections.push(open_connection(
-            connector,
-            &Hello {
-                connection_index: index,
-                ..hello.clone()
-            },
-        )?);
+        connections.push(open_connection(connector, &Hello { connection_index: index, ..hello.clone() })?);
     }
     let setup_time = started.elapsed();
 
     let mut paused = false;
-    let result = run_session(
-        vm,
-        connections,
-        config,
-        &hello,
-        started,
-        setup_time,
-        &mut paused,
-        progress,
-    );
+    let result = run_session(vm, connections, config, &hello, started, setup_time, &mut paused, progress);
     if result.is_err() {
         // The source guest is never lost: whatever failed, it runs on here.
         vm.set_throttle(0);
@@ -163,39 +143,23 @@ pub fn migrate(
 /// Opens one connection: preamble, Hello, and the destination's answer.
 fn open_connection(connector: &dyn Connector, hello: &Hello) -> Result<Connection, MigrationError> {
     let index = usize::from(hello.connection_index);
-    let io = |source| MigrationError::Io {
-        connection: index,
-        source,
-    };
+    let io = |source| MigrationError::Io { connection: index, source };
     let mut connection = connector.connect().map_err(io)?;
-    connection
-        .writer
-        .write_all(&encode_preamble())
+    connection.writer.write_all(&encode_preamble()).map_err(io)?;
+    write_frame(&mut *connection.writer, FrameKind::Hello, 0, &mut SeqCounter::default(), &hello.encode())
         .map_err(io)?;
-    write_frame(
-        &mut *connection.writer,
-        FrameKind::Hello,
-        0,
-        &mut SeqCounter::default(),
-        &hello.encode(),
-    )
-    .map_err(io)?;
     let mut payload = Vec::new();
-    let header = read_frame(&mut *connection.reader, &mut payload, |_| {
-        CONTROL_FRAME_LIMIT_BYTES
-    })
-    .map_err(|e| MigrationError::Failed(format!("connection {index}: no answer to Hello: {e}")))?;
+    let header = read_frame(&mut *connection.reader, &mut payload, |_| CONTROL_FRAME_LIMIT_BYTES)
+        .map_err(|e| MigrationError::Failed(format!("connection {index}: no answer to Hello: {e}")))?;
     match (header.kind, header.seq) {
         (FrameKind::HelloAck, 0) => match HelloAck::decode(&payload)? {
             HelloAck::Accepted { .. } => Ok(connection),
             HelloAck::Refused { reason } => Err(HandshakeError::Refused { reason }.into()),
         },
-        (FrameKind::Abort, _) => Err(MigrationError::PeerAborted(
-            migration::handshake::decode_reason(&payload),
-        )),
-        (kind, seq) => Err(MigrationError::Failed(format!(
-            "connection {index}: expected HelloAck, got {kind:?} (seq {seq})"
-        ))),
+        (FrameKind::Abort, _) => Err(MigrationError::PeerAborted(migration::handshake::decode_reason(&payload))),
+        (kind, seq) => {
+            Err(MigrationError::Failed(format!("connection {index}: expected HelloAck, got {kind:?} (seq {seq})")))
+        }
     }
 }
 
@@ -222,6 +186,7 @@ fn run_session(
         jobs_in_flight: AtomicU64::new(0),
         round_counters: Mutex::new(EncodeCounters::default()),
         wire_bytes: AtomicU64::new(0),
+        page_bytes_written: AtomicU64::new(0),
         cache: config.xbzrle_cache_bytes.map(XbzrleCache::new),
         limiter: config.max_bandwidth_bytes_per_s.map(RateLimiter::new),
         finished: AtomicBool::new(false),
@@ -241,21 +206,14 @@ fn run_session(
         }
         let mut writers = Vec::new();
         for (index, connection) in connections.into_iter().enumerate() {
-            let Connection {
-                reader,
-                writer,
-                closer,
-                ..
-            } = connection;
+            let Connection { reader, writer, closer, .. } = connection;
             shared.abort.on_raise(closer);
             let shared = &shared;
             if index == 0 {
                 let answers_tx = answers_tx.clone();
                 std::thread::Builder::new()
                     .name("control-reader".into())
-                    .spawn_scoped(scope, move || {
-                        control_reader_loop(shared, reader, answers_tx)
-                    })
+                    .spawn_scoped(scope, move || control_reader_loop(shared, reader, answers_tx))
                     .expect("spawn control reader");
             }
             writers.push(
@@ -310,9 +268,7 @@ fn connection_writer(shared: &Shared<'_>, index: usize, mut writer: Box<dyn Writ
             limiter.acquire(bytes.len());
         }
         writer.write_all(bytes)?;
-        shared
-            .wire_bytes
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        shared.wire_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         Ok(())
     };
     loop {
@@ -324,35 +280,22 @@ fn connection_writer(shared: &Shared<'_>, index: usize, mut writer: Box<dyn Writ
                 frame.seal(FrameKind::Pages, epoch, seq.take());
                 pages_frames += 1;
                 let result = send(frame.as_bytes());
+                shared.page_bytes_written.fetch_add(frame.as_bytes().len() as u64, Ordering::Relaxed);
                 shared.frame_pool.give(frame);
                 result
             }
             Outgoing::RoundEnd { epoch } => {
                 let payload = pages_frames.to_le_bytes();
                 pages_frames = 0;
-                send(&migration::frame::encode_frame(
-                    FrameKind::RoundEnd,
-                    epoch,
-                    seq.take(),
-                    &payload,
-                ))
+                send(&migration::frame::encode_frame(FrameKind::RoundEnd, epoch, seq.take(), &payload))
             }
-            Outgoing::Control {
-                kind,
-                epoch,
-                payload,
-            } => send(&migration::frame::encode_frame(
-                kind,
-                epoch,
-                seq.take(),
-                &payload,
-            )),
+            Outgoing::Control { kind, epoch, payload } => {
+                send(&migration::frame::encode_frame(kind, epoch, seq.take(), &payload))
+            }
             Outgoing::Close => return,
         };
         if let Err(err) = result {
-            shared
-                .abort
-                .raise(format!("connection {index}: write failed: {err}"));
+            shared.abort.raise(format!("connection {index}: write failed: {err}"));
             return;
         }
     }
@@ -383,31 +326,22 @@ fn control_reader_loop(
             }
         };
         if let Err(err) = seq.accept(header.seq) {
-            shared
-                .abort
-                .raise(format!("destination connection 0: {err}"));
+            shared.abort.raise(format!("destination connection 0: {err}"));
             return;
         }
         match header.kind {
             FrameKind::Abort => {
                 let reason = migration::handshake::decode_reason(&payload);
-                shared
-                    .abort
-                    .raise(format!("the destination aborted: {reason}"));
+                shared.abort.raise(format!("the destination aborted: {reason}"));
                 return;
             }
             FrameKind::Ready | FrameKind::Resumed | FrameKind::VerifyResult => {
-                if answers
-                    .send((header.kind, std::mem::take(&mut payload)))
-                    .is_err()
-                {
+                if answers.send((header.kind, std::mem::take(&mut payload))).is_err() {
                     return;
                 }
             }
             other => {
-                shared
-                    .abort
-                    .raise(format!("destination sent an unexpected {other:?} frame"));
+                shared.abort.raise(format!("destination sent an unexpected {other:?} frame"));
                 return;
             }
         }
@@ -427,20 +361,12 @@ fn compression_worker(shared: &Shared<'_>, index: usize) {
     while let Ok(Some(job)) = shared.jobs.pop(&shared.abort) {
         let frame = encoder.encode(shared, &job);
         let pushed = match frame {
-            Some(frame) => shared.outgoing[job.connection].push(
-                Outgoing::Pages {
-                    frame,
-                    epoch: job.epoch,
-                },
-                &shared.abort,
-            ),
+            Some(frame) => {
+                shared.outgoing[job.connection].push(Outgoing::Pages { frame, epoch: job.epoch }, &shared.abort)
+            }
             None => Ok(()),
         };
-        shared
-            .round_counters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .merge(&encoder.counters);
+        shared.round_counters.lock().unwrap_or_else(|p| p.into_inner()).merge(&encoder.counters);
         encoder.counters = EncodeCounters::default();
         let mut pages = job.pages;
         pages.clear();
@@ -464,18 +390,14 @@ impl BatchEncoder {
     /// Encodes one job into a page-batch frame; `None` if nothing needs sending (every
     /// page unchanged since the copy the destination holds).
     fn encode(&mut self, shared: &Shared<'_>, job: &Job) -> Option<FrameBuf> {
-        let mut frame = shared
-            .frame_pool
-            .take(|| FrameBuf::with_capacity(MAX_BATCH_BYTES));
+        let mut frame = shared.frame_pool.take(|| FrameBuf::with_capacity(MAX_BATCH_BYTES));
         let codec = self.compressor.codec();
         let use_cache = job.epoch > FIRST_EPOCH;
         let entries = {
             let mut batch = BatchWriter::new(frame.begin(), job.region);
             let mut zero_run: Option<(u32, u32)> = None;
             for &page in &job.pages {
-                shared
-                    .memory
-                    .read_page(usize::from(job.region), u64::from(page), &mut self.page);
+                shared.memory.read_page(usize::from(job.region), u64::from(page), &mut self.page);
                 if shared.config.zero_detect && zero::is_zero(&self.page) {
                     if let Some(cache) = &shared.cache {
                         cache.forget(job.region, u64::from(page));
@@ -496,14 +418,7 @@ impl BatchEncoder {
                     batch.zero_run(first, count);
                 }
                 if let (Some(cache), true) = (&shared.cache, use_cache) {
-                    match cache.encode(
-                        job.region,
-                        u64::from(page),
-                        job.epoch,
-                        &self.page,
-                        &mut self.delta,
-                        true,
-                    ) {
+                    match cache.encode(job.region, u64::from(page), job.epoch, &self.page, &mut self.delta, true) {
                         XbzrleOutcome::Unchanged => {
                             self.counters.xbzrle_unchanged += 1;
                             continue;
@@ -573,11 +488,8 @@ impl<'s, 'a> Scanner<'s, 'a> {
         setup_time: Duration,
         progress: &'s mut dyn FnMut(&Progress),
     ) -> Self {
-        let bitmaps: Vec<Vec<u64>> = hello
-            .region_bytes
-            .iter()
-            .map(|&b| vec![0u64; bitmap_words(pages_of(b))])
-            .collect();
+        let bitmaps: Vec<Vec<u64>> =
+            hello.region_bytes.iter().map(|&b| vec![0u64; bitmap_words(pages_of(b))]).collect();
         let scratch = bitmaps.clone();
         Scanner {
             shared,
@@ -597,12 +509,7 @@ impl<'s, 'a> Scanner<'s, 'a> {
 
     fn check_abort(&self) -> Result<(), MigrationError> {
         if self.shared.abort.is_raised() {
-            return Err(MigrationError::Failed(
-                self.shared
-                    .abort
-                    .reason()
-                    .unwrap_or_else(|| "aborted".into()),
-            ));
+            return Err(MigrationError::Failed(self.shared.abort.reason().unwrap_or_else(|| "aborted".into())));
         }
         Ok(())
     }
@@ -612,9 +519,7 @@ impl<'s, 'a> Scanner<'s, 'a> {
         self.stats.ram.dirty_sync_count += 1;
         let log = self.vm.dirty_log();
         let mut dirty = 0;
-        for (region, (bitmap, scratch)) in
-            self.bitmaps.iter_mut().zip(&mut self.scratch).enumerate()
-        {
+        for (region, (bitmap, scratch)) in self.bitmaps.iter_mut().zip(&mut self.scratch).enumerate() {
             if merge {
                 log.take_dirty(region, scratch);
                 for (word, extra) in bitmap.iter_mut().zip(scratch.iter()) {
@@ -623,28 +528,18 @@ impl<'s, 'a> Scanner<'s, 'a> {
             } else {
                 log.take_dirty(region, bitmap);
             }
-            dirty += bitmap
-                .iter()
-                .map(|w| u64::from(w.count_ones()))
-                .sum::<u64>();
+            dirty += bitmap.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
         }
         dirty
     }
 
     /// Hands out the pages set in the bitmaps as jobs of `epoch`, then waits until every job
     /// is encoded and queued, and closes the round on every connection.
-    fn send_round(
-        &mut self,
-        epoch: u32,
-        stage: &'static str,
-        pages: u64,
-    ) -> Result<(), MigrationError> {
+    fn send_round(&mut self, epoch: u32, stage: &'static str, pages: u64) -> Result<(), MigrationError> {
         let shared = self.shared;
         let mut remaining = pages;
         for region in 0..self.bitmaps.len() {
-            let mut batch = shared
-                .job_pool
-                .take(|| Vec::with_capacity(MAX_ENTRIES_PER_BATCH));
+            let mut batch = shared.job_pool.take(|| Vec::with_capacity(MAX_ENTRIES_PER_BATCH));
             let mut failed = Ok(());
             let bitmap = std::mem::take(&mut self.bitmaps[region]);
             for_each_set_bit(&bitmap, |page| {
@@ -656,9 +551,7 @@ impl<'s, 'a> Scanner<'s, 'a> {
                     remaining -= batch.len() as u64;
                     let full = std::mem::replace(
                         &mut batch,
-                        shared
-                            .job_pool
-                            .take(|| Vec::with_capacity(MAX_ENTRIES_PER_BATCH)),
+                        shared.job_pool.take(|| Vec::with_capacity(MAX_ENTRIES_PER_BATCH)),
                     );
                     failed = self.dispatch(epoch, region as u16, full);
                     self.maybe_report(epoch, stage, remaining);
@@ -684,39 +577,20 @@ impl<'s, 'a> Scanner<'s, 'a> {
 
     fn close_round(&self, epoch: u32) -> Result<(), MigrationError> {
         for ring in &self.shared.outgoing {
-            ring.push(Outgoing::RoundEnd { epoch }, &self.shared.abort)
-                .map_err(|_| self.aborted())?;
+            ring.push(Outgoing::RoundEnd { epoch }, &self.shared.abort).map_err(|_| self.aborted())?;
         }
         Ok(())
     }
 
     fn aborted(&self) -> MigrationError {
-        MigrationError::Failed(
-            self.shared
-                .abort
-                .reason()
-                .unwrap_or_else(|| "aborted".into()),
-        )
+        MigrationError::Failed(self.shared.abort.reason().unwrap_or_else(|| "aborted".into()))
     }
 
     fn dispatch(&mut self, epoch: u32, region: u16, pages: Vec<u32>) -> Result<(), MigrationError> {
         let connection = self.next_connection;
         self.next_connection = (self.next_connection + 1) % self.shared.outgoing.len();
         self.shared.jobs_in_flight.fetch_add(1, Ordering::AcqRel);
-        if self
-            .shared
-            .jobs
-            .push(
-                Some(Job {
-                    epoch,
-                    region,
-                    pages,
-                    connection,
-                }),
-                &self.shared.abort,
-            )
-            .is_err()
-        {
+        if self.shared.jobs.push(Some(Job { epoch, region, pages, connection }), &self.shared.abort).is_err() {
             self.shared.jobs_in_flight.fetch_sub(1, Ordering::AcqRel);
             return Err(self.aborted());
         }
@@ -741,13 +615,7 @@ impl<'s, 'a> Scanner<'s, 'a> {
     }
 
     fn take_round_counters(&mut self) -> EncodeCounters {
-        let counters = std::mem::take(
-            &mut *self
-                .shared
-                .round_counters
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()),
-        );
+        let counters = std::mem::take(&mut *self.shared.round_counters.lock().unwrap_or_else(|p| p.into_inner()));
         self.totals.merge(&counters);
         counters
     }
@@ -773,8 +641,7 @@ impl<'s, 'a> Scanner<'s, 'a> {
             raw_pages: counters.raw_pages,
             dirty_pages_after: dirty_after,
             mbps: mbps(counters.wire_bytes, duration.as_secs_f64()),
-            expected_downtime_ms: precopy
-                .map_or(0.0, |p| p.expected_downtime().as_secs_f64() * 1e3),
+            expected_downtime_ms: precopy.map_or(0.0, |p| p.expected_downtime().as_secs_f64() * 1e3),
             throttle_pct: precopy.map_or(0, |p| p.throttle_pct()),
         });
     }
@@ -815,14 +682,7 @@ impl<'s, 'a> Scanner<'s, 'a> {
 
     fn control(&self, kind: FrameKind, epoch: u32, payload: Vec<u8>) -> Result<(), MigrationError> {
         self.shared.outgoing[0]
-            .push(
-                Outgoing::Control {
-                    kind,
-                    epoch,
-                    payload,
-                },
-                &self.shared.abort,
-            )
+            .push(Outgoing::Control { kind, epoch, payload }, &self.shared.abort)
             .map_err(|_| self.aborted())
     }
 
@@ -861,23 +721,24 @@ impl<'s, 'a> Scanner<'s, 'a> {
         let mut pages = bulk_pages;
         let mut last_dirty_rate;
         loop {
-            let stage = if epoch == FIRST_EPOCH {
-                "bulk"
-            } else {
-                "iterative"
-            };
+            let stage = if epoch == FIRST_EPOCH { "bulk" } else { "iterative" };
             let round_start = Instant::now();
+            let written_before = self.shared.wire_bytes.load(Ordering::Relaxed);
             self.send_round(epoch, stage, pages)?;
             self.close_round(epoch)?;
             let counters = self.take_round_counters();
             let dirty = self.sync(false);
             let duration = round_start.elapsed();
             last_dirty_rate = (dirty as f64 / duration.as_secs_f64().max(1e-6)) as u64;
+            let backlog_bytes =
+                self.totals.wire_bytes.saturating_sub(self.shared.page_bytes_written.load(Ordering::Relaxed));
             let report = RoundReport {
                 duration,
-                bytes_sent: counters.wire_bytes,
+                bytes_sent: self.shared.wire_bytes.load(Ordering::Relaxed) - written_before,
                 pages_sent: counters.pages(),
+                bytes_encoded: counters.wire_bytes,
                 dirty_pages: dirty,
+                backlog_bytes,
             };
             let decision = precopy.round_finished(clock.elapsed(), report);
             self.record_round(epoch, stage, duration, &counters, dirty, Some(&precopy));
@@ -922,40 +783,21 @@ impl<'s, 'a> Scanner<'s, 'a> {
         self.close_round(epoch)?;
         self.control(FrameKind::Complete, epoch, epoch.to_le_bytes().to_vec())?;
         let counters = self.take_round_counters();
-        self.record_round(
-            epoch,
-            "stop-and-copy",
-            round_start.elapsed(),
-            &counters,
-            0,
-            None,
-        );
+        self.record_round(epoch, "stop-and-copy", round_start.elapsed(), &counters, 0, None);
         self.wait_answer(answers, FrameKind::Ready)?;
         self.control(FrameKind::Commit, epoch, vec![u8::from(config.verify)])?;
         // The source guest is the destination's now; verify hashes the paused source
         // memory while the destination hashes its own.
-        let digest = config
-            .verify
-            .then(|| memory_digest(self.shared.memory, pin::core_count()));
+        let digest = config.verify.then(|| memory_digest(self.shared.memory, pin::core_count()));
         let resumed = self.wait_answer(answers, FrameKind::Resumed)?;
-        let destination_verify_ms = resumed
-            .get(..8)
-            .map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
-        let downtime = downtime_start
-            .elapsed()
-            .saturating_sub(Duration::from_millis(destination_verify_ms));
+        let destination_verify_ms =
+            resumed.get(..8).map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
+        let downtime = downtime_start.elapsed().saturating_sub(Duration::from_millis(destination_verify_ms));
         let downtime_bytes = self.shared.wire_bytes.load(Ordering::Relaxed) - precopy_bytes;
-        let total_time = self
-            .started
-            .elapsed()
-            .saturating_sub(Duration::from_millis(destination_verify_ms));
+        let total_time = self.started.elapsed().saturating_sub(Duration::from_millis(destination_verify_ms));
 
         if let Some(digest) = digest {
-            self.control(
-                FrameKind::VerifyDigest,
-                epoch,
-                digest.to_le_bytes().to_vec(),
-            )?;
+            self.control(FrameKind::VerifyDigest, epoch, digest.to_le_bytes().to_vec())?;
             let result = self.wait_answer(answers, FrameKind::VerifyResult)?;
             self.stats.verified = Some(result.first() == Some(&1));
             self.stats.verify_time = Some(destination_verify_ms);
@@ -969,10 +811,7 @@ impl<'s, 'a> Scanner<'s, 'a> {
         stats.total_time = total_time.as_millis() as u64;
         stats.setup_time = self.setup_time.as_millis() as u64;
         stats.downtime = downtime.as_millis() as u64;
-        stats.expected_downtime = precopy
-            .expected_downtime()
-            .as_millis()
-            .min(u128::from(u64::MAX)) as u64;
+        stats.expected_downtime = precopy.expected_downtime().as_millis().min(u128::from(u64::MAX)) as u64;
         stats.throttle_pct = precopy.throttle_pct();
         let transferred = self.shared.wire_bytes.load(Ordering::Relaxed);
         stats.ram.total = self.hello.total_bytes();
@@ -992,13 +831,8 @@ impl<'s, 'a> Scanner<'s, 'a> {
             x.bytes = t.xbzrle_bytes;
             x.pages = t.xbzrle_pages;
             x.cache_miss = t.xbzrle_cache_miss;
-            let lookups =
-                t.xbzrle_pages + t.xbzrle_cache_miss + t.xbzrle_overflow + t.xbzrle_unchanged;
-            x.cache_miss_rate = if lookups > 0 {
-                t.xbzrle_cache_miss as f64 / lookups as f64
-            } else {
-                0.0
-            };
+            let lookups = t.xbzrle_pages + t.xbzrle_cache_miss + t.xbzrle_overflow + t.xbzrle_unchanged;
+            x.cache_miss_rate = if lookups > 0 { t.xbzrle_cache_miss as f64 / lookups as f64 } else { 0.0 };
             x.encoding_rate = if t.xbzrle_bytes > 0 {
                 (t.xbzrle_pages * PAGE_SIZE_BYTES as u64) as f64 / t.xbzrle_bytes as f64
             } else {

@@ -34,22 +34,14 @@ pub const DEFAULT_SEQ_PAGES_PER_S: u64 = 20_000;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WorkloadSpec {
     Idle,
-    Dirty {
-        area_bytes: u64,
-        pages_per_s: u64,
-        bits: u32,
-    },
-    Seq {
-        pages_per_s: u64,
-    },
+    Dirty { area_bytes: u64, pages_per_s: u64, bits: u32 },
+    Seq { pages_per_s: u64 },
 }
 
 /// Parses sizes such as `4096`, `64MiB`, `1GiB`, `4G`, `512M`, `2k` (binary units).
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
     let value: u64 = digits.parse().map_err(|_| format!("bad size {text:?}"))?;
     let shift = match unit.to_ascii_lowercase().as_str() {
@@ -58,15 +50,9 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "m" | "mb" | "mib" => 20,
         "g" | "gb" | "gib" => 30,
         "t" | "tb" | "tib" => 40,
-        _ => {
-            return Err(format!(
-                "bad size unit in {text:?}: use K, M, G or T (KiB, MiB, GiB, TiB)"
-            ))
-        }
+        _ => return Err(format!("bad size unit in {text:?}: use K, M, G or T (KiB, MiB, GiB, TiB)")),
     };
-    value
-        .checked_mul(1 << shift)
-        .ok_or_else(|| format!("size {text:?} overflows"))
+    value.checked_mul(1 << shift).ok_or_else(|| format!("size {text:?} overflows"))
 }
 
 impl FromStr for WorkloadSpec {
@@ -77,7 +63,9 @@ impl FromStr for WorkloadSpec {
         match parts.as_slice() {
             ["idle"] => Ok(WorkloadSpec::Idle),
             ["seq"] => Ok(WorkloadSpec::Seq { pages_per_s: DEFAULT_SEQ_PAGES_PER_S }),
-            ["seq", rate] => Ok(WorkloadSpec::Seq { pages_per_s: rate.parse().map_err(|_| format!("bad seq rate {rate:?}"))? }),
+            ["seq", rate] => {
+                Ok(WorkloadSpec::Seq { pages_per_s: rate.parse().map_err(|_| format!("bad seq rate {rate:?}"))? })
+            }
             ["dirty", area, rate, bits] => {
                 let area_bytes = parse_size(area)?;
                 let pages_per_s = rate.parse().map_err(|_| format!("bad dirty rate {rate:?}"))?;
@@ -90,7 +78,9 @@ impl FromStr for WorkloadSpec {
                 }
                 Ok(WorkloadSpec::Dirty { area_bytes, pages_per_s, bits })
             }
-            _ => Err(format!("unknown workload {text:?}: expected idle, seq[:PAGES_PER_S] or dirty:AREA:PAGES_PER_S:BITS")),
+            _ => Err(format!(
+                "unknown workload {text:?}: expected idle, seq[:PAGES_PER_S] or dirty:AREA:PAGES_PER_S:BITS"
+            )),
         }
     }
 }
@@ -100,11 +90,9 @@ impl fmt::Display for WorkloadSpec {
         match self {
             WorkloadSpec::Idle => write!(f, "idle"),
             WorkloadSpec::Seq { pages_per_s } => write!(f, "seq:{pages_per_s}"),
-            WorkloadSpec::Dirty {
-                area_bytes,
-                pages_per_s,
-                bits,
-            } => write!(f, "dirty:{area_bytes}:{pages_per_s}:{bits}"),
+            WorkloadSpec::Dirty { area_bytes, pages_per_s, bits } => {
+                write!(f, "dirty:{area_bytes}:{pages_per_s}:{bits}")
+            }
         }
     }
 }
@@ -138,8 +126,7 @@ impl VcpuControl {
             let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
             *parked += 1;
             self.changed.notify_all();
-            while self.pause_requested.load(Ordering::Acquire) && !self.stop.load(Ordering::Acquire)
-            {
+            while self.pause_requested.load(Ordering::Acquire) && !self.stop.load(Ordering::Acquire) {
                 parked = self.changed.wait(parked).unwrap_or_else(|p| p.into_inner());
             }
             *parked -= 1;
@@ -166,11 +153,7 @@ impl VcpuControl {
         self.pause_requested.store(true, Ordering::Release);
         let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
         while *parked < self.running_threads.load(Ordering::Acquire) {
-            parked = self
-                .changed
-                .wait_timeout(parked, Duration::from_millis(1))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            parked = self.changed.wait_timeout(parked, Duration::from_millis(1)).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 
@@ -223,9 +206,7 @@ impl SyntheticGuest {
         let mut rng = SmallRng::seed_from_u64(seed);
         match spec {
             WorkloadSpec::Idle => write_idle_image(&ram, &mut rng),
-            WorkloadSpec::Dirty {
-                area_bytes, bits, ..
-            } => {
+            WorkloadSpec::Dirty { area_bytes, bits, .. } => {
                 let area_pages = dirty_area_pages(&ram, area_bytes)?;
                 let mut page = vec![0u8; PAGE_SIZE_BYTES];
                 for flat in 0..area_pages {
@@ -243,13 +224,7 @@ impl SyntheticGuest {
                 progress.lap.store(1, Ordering::Relaxed);
             }
         }
-        let mut guest = SyntheticGuest {
-            ram,
-            spec,
-            control: Arc::new(VcpuControl::new()),
-            progress,
-            thread: None,
-        };
+        let mut guest = SyntheticGuest { ram, spec, control: Arc::new(VcpuControl::new()), progress, thread: None };
         guest.start(rng.gen());
         Ok(guest)
     }
@@ -267,25 +242,15 @@ impl SyntheticGuest {
             dirty_area_pages(&ram, area_bytes)?;
         }
         ram.clear_dirty();
-        let mut guest = SyntheticGuest {
-            ram,
-            spec: state.workload,
-            control: Arc::new(VcpuControl::new()),
-            progress,
-            thread: None,
-        };
+        let mut guest =
+            SyntheticGuest { ram, spec: state.workload, control: Arc::new(VcpuControl::new()), progress, thread: None };
         guest.check()?;
         guest.start(state.writes ^ 0x5eed);
         Ok(guest)
     }
 
     fn start(&mut self, seed: u64) {
-        let (ram, control, progress, spec) = (
-            self.ram.clone(),
-            self.control.clone(),
-            self.progress.clone(),
-            self.spec,
-        );
+        let (ram, control, progress, spec) = (self.ram.clone(), self.control.clone(), self.progress.clone(), self.spec);
         control.running_threads.fetch_add(1, Ordering::AcqRel);
         self.thread = Some(
             std::thread::Builder::new()
@@ -315,10 +280,7 @@ impl SyntheticGuest {
 
     /// The seq sweep's position as (lap, next page).
     pub fn seq_position(&self) -> (u64, u64) {
-        (
-            self.progress.lap.load(Ordering::Relaxed),
-            self.progress.position.load(Ordering::Relaxed),
-        )
+        (self.progress.lap.load(Ordering::Relaxed), self.progress.position.load(Ordering::Relaxed))
     }
 
     /// Checks the memory's self-consistency where the workload defines it (seq): pages
@@ -384,9 +346,7 @@ impl SourceVm for SyntheticGuest {
         serde_json::to_vec(&state).expect("device state serialises")
     }
     fn set_throttle(&self, pct: u8) {
-        self.control
-            .throttle_pct
-            .store(pct.min(99), Ordering::Relaxed);
+        self.control.throttle_pct.store(pct.min(99), Ordering::Relaxed);
     }
 }
 
@@ -401,12 +361,7 @@ pub struct SyntheticDestination {
 
 impl SyntheticDestination {
     pub fn new(max_memory_bytes: u64, policy: hugepages::HugePolicy) -> Self {
-        SyntheticDestination {
-            max_memory_bytes,
-            policy,
-            ram: None,
-            guest: None,
-        }
+        SyntheticDestination { max_memory_bytes, policy, ram: None, guest: None }
     }
 
     pub fn ram(&self) -> Option<&Arc<GuestRam>> {
@@ -428,17 +383,13 @@ impl DestinationVm for SyntheticDestination {
                 self.max_memory_bytes
             ));
         }
-        let ram =
-            Arc::new(GuestRam::allocate(region_bytes, self.policy).map_err(|e| e.to_string())?);
+        let ram = Arc::new(GuestRam::allocate(region_bytes, self.policy).map_err(|e| e.to_string())?);
         self.ram = Some(ram.clone());
         Ok(ram)
     }
 
     fn resume(&mut self, device_state: &[u8]) -> Result<(), String> {
-        let ram = self
-            .ram
-            .clone()
-            .ok_or("resume before memory was prepared")?;
+        let ram = self.ram.clone().ok_or("resume before memory was prepared")?;
         self.guest = Some(SyntheticGuest::resume_from(ram, device_state)?);
         Ok(())
     }
@@ -463,10 +414,7 @@ fn random_bits(rng: &mut SmallRng, bits: u32) -> u32 {
 fn dirty_area_pages(ram: &GuestRam, area_bytes: u64) -> Result<u64, String> {
     let pages = area_bytes / PAGE_SIZE_BYTES as u64;
     if pages == 0 || pages > ram.total_pages() {
-        return Err(format!(
-            "dirty area of {area_bytes} bytes does not fit a guest of {} bytes",
-            ram.total_bytes()
-        ));
+        return Err(format!("dirty area of {area_bytes} bytes does not fit a guest of {} bytes", ram.total_bytes()));
     }
     Ok(pages)
 }
@@ -500,21 +448,11 @@ fn paced(control: &VcpuControl, pages_per_s: u64, mut step: impl FnMut() -> bool
     }
 }
 
-fn run_workload(
-    ram: &GuestRam,
-    spec: WorkloadSpec,
-    control: &VcpuControl,
-    progress: &Progress,
-    seed: u64,
-) {
+fn run_workload(ram: &GuestRam, spec: WorkloadSpec, control: &VcpuControl, progress: &Progress, seed: u64) {
     let mut rng = SmallRng::seed_from_u64(seed);
     match spec {
         WorkloadSpec::Idle => while control.nap(Duration::from_millis(10)) {},
-        WorkloadSpec::Dirty {
-            area_bytes,
-            pages_per_s,
-            bits,
-        } => {
+        WorkloadSpec::Dirty { area_bytes, pages_per_s, bits } => {
             let area_pages = area_bytes / PAGE_SIZE_BYTES as u64;
             paced(control, pages_per_s, || {
                 let page = rng.gen_range(0..area_pages);
@@ -558,11 +496,8 @@ fn write_idle_image(ram: &GuestRam, rng: &mut SmallRng) {
     // A contiguous kernel image at 16 MiB (or as much as fits), like a loaded bzImage.
     let kernel_start = (16u64 << 20) / PAGE_SIZE_BYTES as u64;
     let kernel_pages = (pages / 32).min(2048);
-    let kernel = if kernel_start + kernel_pages <= pages {
-        kernel_start..kernel_start + kernel_pages
-    } else {
-        0..kernel_pages
-    };
+    let kernel =
+        if kernel_start + kernel_pages <= pages { kernel_start..kernel_start + kernel_pages } else { 0..kernel_pages };
     for flat in kernel.clone() {
         if flat % 5 == 4 {
             fill_text(rng, &mut page);
@@ -686,11 +621,7 @@ fn fill_text(rng: &mut SmallRng, page: &mut [u8]) {
         } else {
             WORDS[rng.gen_range(0..WORDS.len())].to_string()
         };
-        for &b in word
-            .as_bytes()
-            .iter()
-            .chain(if rng.gen_ratio(1, 10) { b"\n" } else { b" " })
-        {
+        for &b in word.as_bytes().iter().chain(if rng.gen_ratio(1, 10) { b"\n" } else { b" " }) {
             if at < page.len() {
                 page[at] = b;
                 at += 1;
@@ -729,16 +660,9 @@ fn fill_binary(rng: &mut SmallRng, page: &mut [u8]) {
         // Code: opcodes with small immediates and 32-bit displacements.
         while at < page.len() {
             let op = CODE[rng.gen_range(0..CODE.len())];
-            let imm: [u8; 4] = if rng.gen_bool(0.3) {
-                rng.gen::<u32>().to_le_bytes()
-            } else {
-                [rng.gen_range(0..64), 0, 0, 0]
-            };
-            let imm_len = if op.len() <= 2 {
-                rng.gen_range(0..=4)
-            } else {
-                rng.gen_range(0..=1)
-            };
+            let imm: [u8; 4] =
+                if rng.gen_bool(0.3) { rng.gen::<u32>().to_le_bytes() } else { [rng.gen_range(0..64), 0, 0, 0] };
+            let imm_len = if op.len() <= 2 { rng.gen_range(0..=4) } else { rng.gen_range(0..=1) };
             for &b in op.iter().chain(&imm[..imm_len]) {
                 if at < page.len() {
                     page[at] = b;
@@ -774,16 +698,9 @@ mod tests {
         assert_eq!("idle".parse(), Ok(WorkloadSpec::Idle));
         assert_eq!(
             "dirty:1GiB:5000:16".parse(),
-            Ok(WorkloadSpec::Dirty {
-                area_bytes: 1 << 30,
-                pages_per_s: 5000,
-                bits: 16
-            })
+            Ok(WorkloadSpec::Dirty { area_bytes: 1 << 30, pages_per_s: 5000, bits: 16 })
         );
-        assert_eq!(
-            "seq:100".parse(),
-            Ok(WorkloadSpec::Seq { pages_per_s: 100 })
-        );
+        assert_eq!("seq:100".parse(), Ok(WorkloadSpec::Seq { pages_per_s: 100 }));
         assert!("dirty:1GiB:5000:33".parse::<WorkloadSpec>().is_err());
         assert!("busy".parse::<WorkloadSpec>().is_err());
         assert_eq!(parse_size("4G"), Ok(4 << 30));
@@ -792,14 +709,7 @@ mod tests {
 
     #[test]
     fn seq_guest_pauses_and_stays_consistent() {
-        let guest = SyntheticGuest::boot(
-            ram(4 << 20),
-            WorkloadSpec::Seq {
-                pages_per_s: 50_000,
-            },
-            1,
-        )
-        .unwrap();
+        let guest = SyntheticGuest::boot(ram(4 << 20), WorkloadSpec::Seq { pages_per_s: 50_000 }, 1).unwrap();
         std::thread::sleep(Duration::from_millis(50));
         guest.pause();
         let writes = guest.writes();
@@ -814,8 +724,7 @@ mod tests {
 
     #[test]
     fn seq_check_catches_a_stale_page() {
-        let guest =
-            SyntheticGuest::boot(ram(1 << 20), WorkloadSpec::Seq { pages_per_s: 1 }, 1).unwrap();
+        let guest = SyntheticGuest::boot(ram(1 << 20), WorkloadSpec::Seq { pages_per_s: 1 }, 1).unwrap();
         guest.pause();
         guest.check().unwrap();
         guest.ram().write_u64(200, 0, 7);

@@ -18,17 +18,11 @@ pub fn memory_digest(memory: &dyn GuestMemory, threads: usize) -> u128 {
         .enumerate()
         .flat_map(|(region, &bytes)| {
             let pages = pages_of(bytes);
-            (0..pages.div_ceil(CHUNK_PAGES)).map(move |c| {
-                (
-                    region,
-                    c * CHUNK_PAGES,
-                    (pages - c * CHUNK_PAGES).min(CHUNK_PAGES),
-                )
-            })
+            (0..pages.div_ceil(CHUNK_PAGES))
+                .map(move |c| (region, c * CHUNK_PAGES, (pages - c * CHUNK_PAGES).min(CHUNK_PAGES)))
         })
         .collect();
-    let digests: Vec<std::sync::Mutex<u128>> =
-        chunks.iter().map(|_| std::sync::Mutex::new(0)).collect();
+    let digests: Vec<std::sync::Mutex<u128>> = chunks.iter().map(|_| std::sync::Mutex::new(0)).collect();
     let next = AtomicUsize::new(0);
     std::thread::scope(|scope| {
         for _ in 0..threads.max(1) {
@@ -50,12 +44,7 @@ pub fn memory_digest(memory: &dyn GuestMemory, threads: usize) -> u128 {
     });
     let mut total = Xxh3::new();
     for digest in digests {
-        total.update(
-            &digest
-                .into_inner()
-                .unwrap_or_else(|p| p.into_inner())
-                .to_le_bytes(),
-        );
+        total.update(&digest.into_inner().unwrap_or_else(|p| p.into_inner()).to_le_bytes());
     }
     total.digest128()
 }

@@ -1,0 +1,131 @@
+//! Bad input ends a migration with one clear error line and a non-zero exit, never a
+//! panic or a hang; the source guest keeps running; the destination starts no guest.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::Duration;
+use vmigrate_tests::process::{run, Receiver};
+use vmigrate_tests::proxy::{Fault, FaultProxy};
+use vmigrate_tests::stream;
+
+const BIN: &str = env!("CARGO_BIN_EXE_vmigrate");
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Sends `bytes` to a fresh `vmigrate recv`, then closes; returns recv's error line.
+fn feed_receiver(bytes: &[u8]) -> String {
+    let receiver = Receiver::start(BIN, &["--accept-timeout", "10"]);
+    {
+        let mut socket = TcpStream::connect(&receiver.address).expect("connect to recv");
+        socket.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = socket.write_all(bytes);
+        let _ = socket.shutdown(std::net::Shutdown::Write);
+        // Drain whatever recv answers (a refusal) until it closes.
+        let mut answer = Vec::new();
+        let _ = socket.read_to_end(&mut answer);
+    }
+    let finished = receiver.wait(DEADLINE);
+    assert!(!finished.stdout.contains("destination-guest"), "a guest was resumed");
+    finished.assert_clean_failure().to_string()
+}
+
+#[test]
+fn wrong_magic_is_refused() {
+    let mut bytes = stream::opening(1 << 20);
+    bytes[..8].copy_from_slice(b"QEVMQEVM");
+    let error = feed_receiver(&bytes);
+    assert!(error.contains("bad magic"), "{error}");
+}
+
+#[test]
+fn newer_protocol_version_is_refused() {
+    let mut bytes = stream::opening(1 << 20);
+    bytes[8..10].copy_from_slice(&7u16.to_le_bytes());
+    bytes[10..12].copy_from_slice(&9u16.to_le_bytes());
+    let error = feed_receiver(&bytes);
+    assert!(error.contains("no common protocol version: peer speaks 7..=9"), "{error}");
+}
+
+#[test]
+fn oversized_length_is_refused_before_allocation() {
+    let mut bytes = stream::opening(1 << 20);
+    let mut frame = stream::raw_pages(1, 1, 0, 1, 0xab);
+    frame[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
+    bytes.extend(frame);
+    let error = feed_receiver(&bytes);
+    assert!(error.contains("exceeds the limit"), "{error}");
+}
+
+#[test]
+fn truncated_stream_is_reported() {
+    let mut bytes = stream::opening(1 << 20);
+    let frame = stream::raw_pages(1, 1, 0, 4, 0xab);
+    bytes.extend_from_slice(&frame[..frame.len() / 2]);
+    let error = feed_receiver(&bytes);
+    assert!(error.contains("truncated"), "{error}");
+}
+
+#[test]
+fn flipped_payload_byte_is_caught() {
+    let mut bytes = stream::opening(1 << 20);
+    let mut frame = stream::raw_pages(1, 1, 0, 2, 0xab);
+    let at = frame.len() - 100;
+    frame[at] ^= 1;
+    bytes.extend(frame);
+    let error = feed_receiver(&bytes);
+    assert!(error.contains("checksum mismatch"), "{error}");
+}
+
+#[test]
+fn guest_larger_than_the_destination_allows_is_refused() {
+    let receiver = Receiver::start(BIN, &["--max-mem", "16MiB"]);
+    let sender = run(
+        Command::new(BIN).args(["send", "--to", &receiver.address, "--mem", "64MiB", "--workload", "seq"]),
+        DEADLINE,
+    );
+    let error = sender.assert_clean_failure();
+    assert!(error.contains("exceeds this destination's limit"), "{error}");
+    assert!(sender.stderr.contains("source guest keeps running"), "{}", sender.stderr);
+    receiver.wait(DEADLINE).assert_clean_failure();
+}
+
+/// A real migration through a proxy that damages the stream: both ends fail cleanly, the
+/// source guest runs on, the destination resumes nothing.
+fn migrate_through(fault: Fault, expect: &str) {
+    let receiver = Receiver::start(BIN, &[]);
+    let proxy = FaultProxy::start(receiver.address.parse().unwrap(), fault);
+    let to = proxy.address.to_string();
+    let sender = run(
+        Command::new(BIN).args([
+            "send",
+            "--to",
+            &to,
+            "--mem",
+            "64MiB",
+            "--workload",
+            "dirty:32MiB:5000:16",
+            "--connections",
+            "2",
+        ]),
+        DEADLINE,
+    );
+    let received = receiver.wait(DEADLINE);
+    let send_error = sender.assert_clean_failure();
+    let recv_error = received.assert_clean_failure();
+    assert!(sender.stderr.contains("source guest keeps running"), "{}", sender.stderr);
+    assert!(!received.stdout.contains("destination-guest"), "a guest was resumed");
+    assert!(
+        recv_error.contains(expect) || send_error.contains(expect),
+        "neither side said {expect:?}:\n{send_error}\n{recv_error}"
+    );
+}
+
+#[test]
+fn corruption_in_flight_aborts_both_sides() {
+    migrate_through(Fault::FlipByte { connection: 1, offset: 3 << 20 }, "checksum mismatch");
+}
+
+#[test]
+fn cut_connection_aborts_both_sides() {
+    migrate_through(Fault::CutAfter { connection: 0, bytes: 5 << 20 }, "connection");
+}

@@ -1,0 +1,107 @@
+//! The `vmigrate` binary: `demo` in one process, and `send` / `recv` as two processes
+//! over loopback kernel TCP, with JSON output under QEMU's names.
+
+use std::process::Command;
+use std::time::Duration;
+use vmigrate_tests::process::{run, Receiver};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vmigrate");
+const DEADLINE: Duration = Duration::from_secs(120);
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}):\n{text}"))
+}
+
+#[test]
+fn demo_runs_and_reports_qemu_names() {
+    let finished =
+        run(Command::new(BIN).args(["demo", "--mem", "64MiB", "--verify", "--json", "--run-after", "0.3"]), DEADLINE);
+    assert!(finished.status.success(), "demo failed:\n{}", finished.stderr);
+    let value = json(&finished.stdout);
+    for key in ["status", "total-time", "setup-time", "downtime", "expected-downtime"] {
+        assert!(value.get(key).is_some(), "missing {key}");
+    }
+    for key in [
+        "total",
+        "transferred",
+        "remaining",
+        "duplicate",
+        "skipped",
+        "normal",
+        "normal-bytes",
+        "dirty-sync-count",
+        "dirty-pages-rate",
+        "mbps",
+        "pages-per-second",
+        "precopy-bytes",
+        "downtime-bytes",
+    ] {
+        assert!(value["ram"].get(key).is_some(), "missing ram.{key}");
+    }
+    for key in ["cache-size", "bytes", "pages", "cache-miss", "cache-miss-rate", "encoding-rate", "overflow"] {
+        assert!(value["xbzrle-cache"].get(key).is_some(), "missing xbzrle-cache.{key}");
+    }
+    for key in ["pages", "compressed-size", "compression-rate"] {
+        assert!(value["compression"].get(key).is_some(), "missing compression.{key}");
+    }
+    assert_eq!(value["status"], "completed");
+    assert_eq!(value["verified"], true);
+    assert_eq!(value["destination-guest"]["check"], "ok");
+    assert!(value["destination-guest"]["writes-after-resume"].as_u64().unwrap() > 0);
+    assert!(value["rounds"].as_array().unwrap().len() >= 2);
+    assert!(
+        value["guest-backing"].as_str().unwrap().starts_with("hugetlb") || value["guest-backing"] == "anonymous-thp"
+    );
+}
+
+#[test]
+fn demo_prints_the_seed_table() {
+    let finished =
+        run(Command::new(BIN).args(["demo", "--mem", "32MiB", "--codec", "lz4", "--run-after", "0.1"]), DEADLINE);
+    assert!(finished.status.success(), "demo failed:\n{}", finished.stderr);
+    for heading in ["total time", "downtime", "transferred RAM", "total RAM", "stop-and-copy"] {
+        assert!(finished.stdout.contains(heading), "missing {heading:?} in:\n{}", finished.stdout);
+    }
+}
+
+fn two_processes(workload: &str, extra: &[&str]) {
+    let receiver = Receiver::start(BIN, &["--json", "--run-after", "0.3", "--decompress-threads", "2"]);
+    let mut send_args =
+        vec!["send", "--to", receiver.address.as_str(), "--mem", "64MiB", "--workload", workload, "--verify", "--json"];
+    send_args.extend_from_slice(extra);
+    let sender = run(Command::new(BIN).args(&send_args), DEADLINE);
+    let received = receiver.wait(DEADLINE);
+    assert!(sender.status.success(), "send failed:\n{}\nrecv:\n{}", sender.stderr, received.stderr);
+    assert!(received.status.success(), "recv failed:\n{}", received.stderr);
+    let sent = json(&sender.stdout);
+    let got = json(&received.stdout);
+    assert_eq!(sent["verified"], true);
+    assert_eq!(got["verified"], true);
+    assert_eq!(got["destination-guest"]["check"], "ok");
+    assert!(got["destination-guest"]["writes-after-resume"].as_u64().unwrap() > 0, "destination guest did not run");
+    assert_eq!(sent["ram"]["transferred"], got["received-bytes"], "both ends count the same bytes");
+}
+
+#[test]
+fn send_and_recv_in_two_processes() {
+    two_processes("seq", &[]);
+}
+
+#[test]
+fn send_and_recv_four_connections_zlib_xbzrle() {
+    two_processes(
+        "dirty:16MiB:5000:16",
+        &[
+            "--connections",
+            "4",
+            "--codec",
+            "zlib",
+            "--xbzrle-cache",
+            "8MiB",
+            "--downtime-limit",
+            "1",
+            "--max-rounds",
+            "3",
+        ],
+    );
+}

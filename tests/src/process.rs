@@ -1,0 +1,113 @@
+//! Running `vmigrate` processes with a deadline: a test never hangs on a stuck process.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Finished {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Finished {
+    /// Fails the test if the process printed a panic or more than one error line.
+    pub fn assert_clean_failure(&self) -> &str {
+        assert!(!self.status.success(), "expected failure, got success; stderr:\n{}", self.stderr);
+        assert!(!self.stderr.contains("panicked"), "panic:\n{}", self.stderr);
+        let errors: Vec<&str> = self.stderr.lines().filter(|l| l.starts_with("vmigrate: error:")).collect();
+        assert_eq!(errors.len(), 1, "expected one error line, stderr:\n{}", self.stderr);
+        errors[0]
+    }
+}
+
+/// Waits for `child` up to `timeout`, killing it if it overstays (then the test fails).
+pub fn wait(mut child: Child, timeout: Duration, stderr_prefix: String) -> Finished {
+    let stderr = child.stderr.take().expect("piped stderr");
+    wait_with(child, stderr, timeout, stderr_prefix)
+}
+
+fn wait_with(
+    mut child: Child,
+    mut stderr: impl Read + Send + 'static,
+    timeout: Duration,
+    stderr_prefix: String,
+) -> Finished {
+    let deadline = Instant::now() + timeout;
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let out = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stdout.read_to_string(&mut text);
+        text
+    });
+    let err = std::thread::spawn(move || {
+        let mut text = stderr_prefix;
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for child") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("process did not finish within {timeout:?} (killed): {}", err.join().unwrap_or_default());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Finished { status, stdout: out.join().unwrap_or_default(), stderr: err.join().unwrap_or_default() }
+}
+
+/// Runs a command to completion within `timeout`.
+pub fn run(command: &mut Command, timeout: Duration) -> Finished {
+    let child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("start process");
+    wait(child, timeout, String::new())
+}
+
+/// A `vmigrate recv` started on an ephemeral loopback port.
+pub struct Receiver {
+    child: Option<Child>,
+    pub address: String,
+    first_line: String,
+    stderr: Option<BufReader<std::process::ChildStderr>>,
+}
+
+impl Receiver {
+    /// Starts `bin recv --listen 127.0.0.1:0 ARGS` and reads the address it listens on.
+    pub fn start(bin: &str, args: &[&str]) -> Receiver {
+        let mut child = Command::new(bin)
+            .args(["recv", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start vmigrate recv");
+        let mut reader = BufReader::new(child.stderr.take().expect("piped stderr"));
+        let mut first_line = String::new();
+        reader.read_line(&mut first_line).expect("read recv's first line");
+        let address = first_line.trim().rsplit(' ').next().filter(|a| a.starts_with("127.0.0.1:")).map(str::to_string);
+        let Some(address) = address else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("recv did not announce its address: {first_line:?}");
+        };
+        Receiver { child: Some(child), address, first_line, stderr: Some(reader) }
+    }
+
+    pub fn wait(mut self, timeout: Duration) -> Finished {
+        let child = self.child.take().expect("receiver not yet waited for");
+        let stderr = self.stderr.take().expect("stderr kept");
+        wait_with(child, stderr, timeout, std::mem::take(&mut self.first_line))
+    }
+}
+
+impl Drop for Receiver {
+    /// A test that fails before waiting must not leave a recv process behind.
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

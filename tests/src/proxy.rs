@@ -1,0 +1,82 @@
+//! A TCP proxy on loopback that forwards a migration's connections and injects one
+//! fault into the source-to-destination direction: a flipped byte or a cut.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+#[derive(Debug, Clone, Copy)]
+pub enum Fault {
+    None,
+    /// XOR one byte at `offset` of the `connection`-th connection's source-to-destination
+    /// stream.
+    FlipByte {
+        connection: usize,
+        offset: u64,
+    },
+    /// Close the `connection`-th connection (both ways) after `bytes` from the source.
+    CutAfter {
+        connection: usize,
+        bytes: u64,
+    },
+}
+
+pub struct FaultProxy {
+    pub address: SocketAddr,
+    _acceptor: JoinHandle<()>,
+}
+
+impl FaultProxy {
+    pub fn start(target: SocketAddr, fault: Fault) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let address = listener.local_addr().expect("proxy address");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let acceptor = std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let index = accepted.fetch_add(1, Ordering::SeqCst);
+                let Ok(server) = TcpStream::connect(target) else {
+                    return;
+                };
+                let (client2, server2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let fault = fault;
+                std::thread::spawn(move || forward(client, server, index, fault));
+                std::thread::spawn(move || forward(server2, client2, usize::MAX, Fault::None));
+            }
+        });
+        FaultProxy { address, _acceptor: acceptor }
+    }
+}
+
+fn forward(mut from: TcpStream, mut to: TcpStream, index: usize, fault: Fault) {
+    let mut offset = 0u64;
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buffer) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let chunk = &mut buffer[..n];
+        match fault {
+            Fault::FlipByte { connection, offset: at }
+                if connection == index && (offset..offset + n as u64).contains(&at) =>
+            {
+                chunk[(at - offset) as usize] ^= 0x40;
+            }
+            Fault::CutAfter { connection, bytes } if connection == index && offset + n as u64 >= bytes => {
+                let keep = (bytes - offset) as usize;
+                let _ = to.write_all(&chunk[..keep]);
+                break;
+            }
+            _ => {}
+        }
+        if to.write_all(chunk).is_err() {
+            break;
+        }
+        offset += n as u64;
+    }
+    let _ = to.shutdown(Shutdown::Both);
+    let _ = from.shutdown(Shutdown::Both);
+}

@@ -1,0 +1,38 @@
+//! Hand-made source streams, for feeding a destination exactly the bytes a test wants.
+
+use migration::codec::Codec;
+use migration::frame::{encode_frame, FrameKind};
+use migration::handshake::{encode_preamble, Hello};
+
+pub fn hello(region_bytes: Vec<u64>) -> Hello {
+    Hello {
+        session_id: 42,
+        connection_index: 0,
+        connection_count: 1,
+        page_size: 4096,
+        codec: Codec::None,
+        xbzrle: false,
+        region_bytes,
+    }
+}
+
+/// Preamble and Hello for a one-connection session of one region.
+pub fn opening(region_bytes: u64) -> Vec<u8> {
+    let mut out = encode_preamble().to_vec();
+    out.extend(encode_frame(FrameKind::Hello, 0, 0, &hello(vec![region_bytes]).encode()));
+    out
+}
+
+/// A Pages frame carrying `pages` raw pages of region 0 starting at `first`, filled with
+/// `fill`.
+pub fn raw_pages(epoch: u32, seq: u64, first: u32, pages: u32, fill: u8) -> Vec<u8> {
+    let mut payload = Vec::new();
+    {
+        let mut batch = migration::page_batch::BatchWriter::new(&mut payload, 0);
+        let page = vec![fill; 4096];
+        for p in first..first + pages {
+            batch.raw(p, &page);
+        }
+    }
+    encode_frame(FrameKind::Pages, epoch, seq, &payload)
+}
