@@ -183,7 +183,24 @@ mod tests {
     const MS: Duration = Duration::from_millis(1);
 
     fn report(ms: u64, bytes: u64, pages: u64, dirty: u64) -> RoundReport {
-        RoundReport { duration: MS * ms as u32, bytes_sent: bytes, pages_sent: pages, dirty_pages: dirty }
+        RoundReport {
+            duration: MS * ms as u32,
+            bytes_sent: bytes,
+            pages_sent: pages,
+            bytes_encoded: bytes,
+            dirty_pages: dirty,
+            backlog_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn queued_bytes_count_as_remaining() {
+        let mut precopy = Precopy::new(PrecopyConfig::default(), Duration::ZERO);
+        // Nothing dirty, but 100 MB still queued on a 100 MB/s link: 1 s to go.
+        let mut busy = report(1000, 100_000_000, 24_414, 0);
+        busy.backlog_bytes = 100_000_000;
+        assert!(matches!(precopy.round_finished(MS * 1000, busy), Decision::NextRound { .. }));
+        assert!(precopy.expected_downtime() > Duration::from_millis(900));
     }
 
     #[test]

@@ -62,5 +62,10 @@ pub fn migrate_synthetic(mem_bytes: u64, workload: WorkloadSpec, config: &Source
     std::thread::sleep(Duration::from_millis(100));
     let source_writes_after = guest.writes() - before;
     let (destination, writes_after_resume, destination_check) = destination.join().expect("destination thread");
+    // A failure message names both ends' view.
+    let source = source.map_err(|e| match &destination {
+        Err(d) => format!("{e} (destination: {d})"),
+        Ok(_) => e,
+    });
     Outcome { source, destination, writes_after_resume, destination_check, source_writes_after }
 }

@@ -653,7 +653,9 @@ impl<'s, 'a> Scanner<'s, 'a> {
     ) -> Result<Vec<u8>, MigrationError> {
         let deadline = Instant::now() + self.shared.config.answer_timeout;
         loop {
-            self.check_abort()?;
+            // The channel before the abort flag: the destination closes its end right after
+            // its last answer, and the reader may report that closing before we have taken
+            // the answer it forwarded.
             match answers.recv_timeout(Duration::from_millis(20)) {
                 Ok((kind, payload)) if kind == expected => return Ok(payload),
                 Ok((FrameKind::Abort, _)) | Err(mpsc::RecvTimeoutError::Disconnected) => {
@@ -675,7 +677,7 @@ impl<'s, 'a> Scanner<'s, 'a> {
                         self.shared.config.answer_timeout
                     )))
                 }
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Timeout) => self.check_abort()?,
             }
         }
     }
