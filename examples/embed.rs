@@ -145,8 +145,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             (report, toy)
         });
         std::thread::sleep(Duration::from_millis(100));
-        let config =
-            SourceConfig { codec: Codec::Lz4, connections: 2, verify: true, ..SourceConfig::default() };
+        let config = SourceConfig { codec: Codec::Lz4, connections: 2, verify: true, ..SourceConfig::default() };
         let stats = transport::source::migrate(&vm, &connector, &config, &mut |_| {});
         stop.store(true, Ordering::Release);
         let (report, toy) = destination.join().expect("destination thread");

@@ -67,6 +67,10 @@ pub enum FrameKind {
     VerifyDigest = 11,
     /// Destination to source: whether the digests matched.
     VerifyResult = 12,
+    /// Destination to source (connection 0): every page of the epoch is applied. The
+    /// source waits for it before stopping the guest, so the downtime never includes the
+    /// destination catching up on an earlier round.
+    RoundApplied = 13,
 }
 
 impl FrameKind {
@@ -85,6 +89,7 @@ impl FrameKind {
             10 => Abort,
             11 => VerifyDigest,
             12 => VerifyResult,
+            13 => RoundApplied,
             _ => return None,
         })
     }
@@ -382,7 +387,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn emit_parse_round_trip(kind in 1u8..=12, epoch: u32, payloads in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 1..5), split in 1usize..64) {
+        fn emit_parse_round_trip(kind in 1u8..=13, epoch: u32, payloads in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 1..5), split in 1usize..64) {
             let kind = FrameKind::from_u8(kind).unwrap();
             let mut stream = Vec::new();
             for (seq, payload) in payloads.iter().enumerate() {

@@ -91,8 +91,8 @@ impl Shared {
     }
 
     /// The round barrier: returns once every connection has ended the round and every
-    /// batch of it is applied.
-    fn end_round(&self) -> Result<(), MigrationError> {
+    /// batch of it is applied; `Ok(true)` for the caller that completed it.
+    fn end_round(&self) -> Result<bool, MigrationError> {
         let connections = usize::from(self.hello.connection_count);
         let mut state = self.barrier.lock().unwrap_or_else(|p| p.into_inner());
         let generation = state.generation;
@@ -112,7 +112,7 @@ impl Shared {
             state.generation += 1;
             self.rounds.fetch_add(1, Ordering::Relaxed);
             self.barrier_changed.notify_all();
-            return Ok(());
+            return Ok(true);
         }
         while state.generation == generation {
             if self.abort.is_raised() {
@@ -121,7 +121,7 @@ impl Shared {
             state =
                 self.barrier_changed.wait_timeout(state, Duration::from_millis(1)).unwrap_or_else(|p| p.into_inner()).0;
         }
-        Ok(())
+        Ok(false)
     }
 
     fn batch_applied(&self) {
@@ -328,13 +328,14 @@ struct Session<'s, 'scope> {
 }
 
 impl Session<'_, '_> {
-    fn wait_event(&self, expected: FrameKind) -> Result<Vec<u8>, MigrationError> {
+    fn wait_event(&mut self, expected: FrameKind) -> Result<Vec<u8>, MigrationError> {
         loop {
             if self.shared.abort.is_raised() {
                 return Err(self.shared.failure());
             }
             match self.events.recv_timeout(Duration::from_millis(20)) {
                 Ok((kind, payload)) if kind == expected => return Ok(payload),
+                Ok((FrameKind::RoundApplied, payload)) => self.send(FrameKind::RoundApplied, &payload)?,
                 Ok((kind, _)) => {
                     return Err(MigrationError::Failed(format!(
                         "source sent {kind:?} while we waited for {expected:?}"
@@ -466,11 +467,13 @@ fn connection_reader(
                 }
                 continue;
             }
-            Inbound::RoundEnd { .. } => {
-                if shared.end_round().is_err() {
-                    return;
+            Inbound::RoundEnd { epoch } => match shared.end_round() {
+                Ok(true) => {
+                    let _ = events.send((FrameKind::RoundApplied, epoch.to_le_bytes().to_vec()));
                 }
-            }
+                Ok(false) => {}
+                Err(_) => return,
+            },
             Inbound::DeviceState => {
                 *shared.device_state.lock().unwrap_or_else(|p| p.into_inner()) = Some(buffer.clone());
             }

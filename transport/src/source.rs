@@ -40,7 +40,7 @@ use migration::stats::{mbps, EncodeCounters, MigrationStats, RoundStats};
 use migration::xbzrle_cache::{XbzrleCache, XbzrleOutcome};
 use migration::{zero, PAGE_SIZE_BYTES};
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -100,6 +100,8 @@ struct Shared<'a> {
     limiter: Option<RateLimiter>,
     /// Set once the session completed: the connections are then shut under the reader.
     finished: AtomicBool,
+    /// The last epoch the destination reported fully applied.
+    applied_epoch: AtomicU32,
 }
 
 /// Migrates `vm` to the destination `connector` reaches. On success the source guest
@@ -190,6 +192,7 @@ fn run_session(
         cache: config.xbzrle_cache_bytes.map(XbzrleCache::new),
         limiter: config.max_bandwidth_bytes_per_s.map(RateLimiter::new),
         finished: AtomicBool::new(false),
+        applied_epoch: AtomicU32::new(0),
     };
     let (answers_tx, answers) = mpsc::channel::<(FrameKind, Vec<u8>)>();
 
@@ -334,6 +337,10 @@ fn control_reader_loop(
                 let reason = migration::handshake::decode_reason(&payload);
                 shared.abort.raise(format!("the destination aborted: {reason}"));
                 return;
+            }
+            FrameKind::RoundApplied => {
+                let epoch = payload.get(..4).map_or(0, |b| u32::from_le_bytes(b.try_into().unwrap_or_default()));
+                shared.applied_epoch.fetch_max(epoch, Ordering::AcqRel);
             }
             FrameKind::Ready | FrameKind::Resumed | FrameKind::VerifyResult => {
                 if answers.send((header.kind, std::mem::take(&mut payload))).is_err() {
@@ -682,6 +689,21 @@ impl<'s, 'a> Scanner<'s, 'a> {
         }
     }
 
+    fn wait_applied(&self, epoch: u32) -> Result<(), MigrationError> {
+        let deadline = Instant::now() + self.shared.config.answer_timeout;
+        while self.shared.applied_epoch.load(Ordering::Acquire) < epoch {
+            self.check_abort()?;
+            if Instant::now() >= deadline {
+                return Err(MigrationError::Failed(format!(
+                    "destination did not confirm round {epoch} within {:?}",
+                    self.shared.config.answer_timeout
+                )));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        Ok(())
+    }
+
     fn control(&self, kind: FrameKind, epoch: u32, payload: Vec<u8>) -> Result<(), MigrationError> {
         self.shared.outgoing[0]
             .push(Outgoing::Control { kind, epoch, payload }, &self.shared.abort)
@@ -763,6 +785,10 @@ impl<'s, 'a> Scanner<'s, 'a> {
         }
         let precopy_bytes = self.shared.wire_bytes.load(Ordering::Relaxed);
 
+        // The destination must have applied every earlier round before the guest stops:
+        // otherwise its backlog (socket and ring buffers, page faults) lands in the downtime.
+        self.wait_applied(epoch)?;
+
         // Stop-and-copy: the downtime window starts here.
         epoch += 1;
         let downtime_start = Instant::now();
@@ -788,9 +814,6 @@ impl<'s, 'a> Scanner<'s, 'a> {
         self.record_round(epoch, "stop-and-copy", round_start.elapsed(), &counters, 0, None);
         self.wait_answer(answers, FrameKind::Ready)?;
         self.control(FrameKind::Commit, epoch, vec![u8::from(config.verify)])?;
-        // The source guest is the destination's now; verify hashes the paused source
-        // memory while the destination hashes its own.
-        let digest = config.verify.then(|| memory_digest(self.shared.memory, pin::core_count()));
         let resumed = self.wait_answer(answers, FrameKind::Resumed)?;
         let destination_verify_ms =
             resumed.get(..8).map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
@@ -798,7 +821,10 @@ impl<'s, 'a> Scanner<'s, 'a> {
         let downtime_bytes = self.shared.wire_bytes.load(Ordering::Relaxed) - precopy_bytes;
         let total_time = self.started.elapsed().saturating_sub(Duration::from_millis(destination_verify_ms));
 
-        if let Some(digest) = digest {
+        // The source's paused memory is hashed only now: hashing it while the destination
+        // hashes its own would compete for the same cores and lengthen the downtime.
+        if config.verify {
+            let digest = memory_digest(self.shared.memory, pin::core_count());
             self.control(FrameKind::VerifyDigest, epoch, digest.to_le_bytes().to_vec())?;
             let result = self.wait_answer(answers, FrameKind::VerifyResult)?;
             self.stats.verified = Some(result.first() == Some(&1));
