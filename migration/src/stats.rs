@@ -132,6 +132,10 @@ pub struct MigrationStats {
     pub guest_backing: String,
     pub rounds: Vec<RoundStats>,
     pub throttle_pct: u8,
+    /// Time to stop the workers and free the XBZRLE cache, in microseconds.
+    pub cleanup_time_us: u64,
+    /// Whether that cleanup ran inside the downtime window (`--no-deferred-cleanup`).
+    pub cleanup_in_downtime: bool,
     pub verify_time: Option<u64>,
     pub verified: Option<bool>,
     pub error: Option<String>,

@@ -484,6 +484,7 @@ struct Scanner<'s, 'a> {
     stats: MigrationStats,
     totals: EncodeCounters,
     last_progress: Instant,
+    cleaned_up: bool,
 }
 
 impl<'s, 'a> Scanner<'s, 'a> {
@@ -511,6 +512,7 @@ impl<'s, 'a> Scanner<'s, 'a> {
             stats: MigrationStats::default(),
             totals: EncodeCounters::default(),
             last_progress: Instant::now(),
+            cleaned_up: false,
         }
     }
 
@@ -805,7 +807,7 @@ impl<'s, 'a> Scanner<'s, 'a> {
             )));
         }
         if !config.deferred_cleanup {
-            self.cleanup(workers);
+            self.cleanup(workers, true);
         }
         self.control(FrameKind::DeviceState, epoch, device_state)?;
         self.close_round(epoch)?;
@@ -831,7 +833,7 @@ impl<'s, 'a> Scanner<'s, 'a> {
             self.stats.verify_time = Some(destination_verify_ms);
         }
         // Teardown, after the switchover.
-        self.cleanup(workers);
+        self.cleanup(workers, false);
 
         let stats = &mut self.stats;
         let t = &self.totals;
@@ -882,11 +884,19 @@ impl<'s, 'a> Scanner<'s, 'a> {
         Ok(std::mem::take(stats))
     }
 
-    /// Stops the compression workers and frees the XBZRLE cache.
-    fn cleanup(&self, workers: &mut Vec<std::thread::ScopedJoinHandle<'_, ()>>) {
+    /// Stops the compression workers and frees the XBZRLE cache; records how long that
+    /// took and whether it ran inside the downtime window. Runs once.
+    fn cleanup(&mut self, workers: &mut Vec<std::thread::ScopedJoinHandle<'_, ()>>, in_downtime: bool) {
+        if self.cleaned_up {
+            return;
+        }
+        let start = Instant::now();
         stop_workers(self.shared, workers);
         if let Some(cache) = &self.shared.cache {
             cache.release();
         }
+        self.cleaned_up = true;
+        self.stats.cleanup_time_us = start.elapsed().as_micros() as u64;
+        self.stats.cleanup_in_downtime = in_downtime;
     }
 }
