@@ -99,6 +99,15 @@ impl<T> Ring<T> {
         }
     }
 
+    /// Pushes without waiting; false (dropping `item`) when the ring is full.
+    pub fn try_push(&self, item: T) -> bool {
+        let pushed = self.queue.push(item).is_ok();
+        if pushed {
+            self.wake();
+        }
+        pushed
+    }
+
     pub fn try_pop(&self) -> Option<T> {
         let item = self.queue.pop();
         if item.is_some() {

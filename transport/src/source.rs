@@ -52,6 +52,8 @@ const JOB_RING_CAPACITY: usize = 256;
 /// between workers and a slow link to ~2 MiB per connection (16 ms at 1 Gbit/s), so
 /// back-pressure reaches the scanner quickly and round timings track the link.
 const FRAME_RING_CAPACITY: usize = 8;
+/// How long a failing source waits for its Abort notice to reach the wire.
+const ABORT_NOTICE_WAIT: Duration = Duration::from_millis(200);
 /// How often progress is reported inside a long round.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -102,6 +104,8 @@ struct Shared<'a> {
     finished: AtomicBool,
     /// The last epoch the destination reported fully applied.
     applied_epoch: AtomicU32,
+    /// Set by connection 0's writer once an Abort notice is on the wire.
+    abort_sent: AtomicBool,
 }
 
 /// Migrates `vm` to the destination `connector` reaches. On success the source guest
@@ -193,6 +197,7 @@ fn run_session(
         limiter: config.max_bandwidth_bytes_per_s.map(RateLimiter::new),
         finished: AtomicBool::new(false),
         applied_epoch: AtomicU32::new(0),
+        abort_sent: AtomicBool::new(false),
     };
     let (answers_tx, answers) = mpsc::channel::<(FrameKind, Vec<u8>)>();
 
@@ -243,7 +248,27 @@ fn run_session(
                 shared.finished.store(true, Ordering::Release);
                 shared.abort.close_all();
             }
-            Err(err) => shared.abort.raise(err.to_string()),
+            Err(err) => {
+                // A failure of our own (not a broken connection): tell the destination why
+                // before the connections are shut, giving the writer a moment to send it.
+                if !shared.abort.is_raised() {
+                    // Frames still queued for connection 0 are moot now: drop them so the
+                    // notice goes next.
+                    while shared.outgoing[0].try_pop().is_some() {}
+                    let reason = migration::handshake::encode_reason(&err.to_string());
+                    if shared.outgoing[0].try_push(Outgoing::Control {
+                        kind: FrameKind::Abort,
+                        epoch: 0,
+                        payload: reason,
+                    }) {
+                        let deadline = Instant::now() + ABORT_NOTICE_WAIT;
+                        while !shared.abort_sent.load(Ordering::Acquire) && Instant::now() < deadline {
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                    }
+                }
+                shared.abort.raise(err.to_string());
+            }
         }
         stop_workers(&shared, &mut workers);
         result
@@ -293,7 +318,11 @@ fn connection_writer(shared: &Shared<'_>, index: usize, mut writer: Box<dyn Writ
                 send(&migration::frame::encode_frame(FrameKind::RoundEnd, epoch, seq.take(), &payload))
             }
             Outgoing::Control { kind, epoch, payload } => {
-                send(&migration::frame::encode_frame(kind, epoch, seq.take(), &payload))
+                let result = send(&migration::frame::encode_frame(kind, epoch, seq.take(), &payload));
+                if kind == FrameKind::Abort {
+                    shared.abort_sent.store(true, Ordering::Release);
+                }
+                result
             }
             Outgoing::Close => return,
         };
@@ -778,9 +807,9 @@ impl<'s, 'a> Scanner<'s, 'a> {
                 Decision::StopAndCopy { .. } => break,
                 Decision::Cancel { rounds } => {
                     return Err(MigrationError::Cancelled(format!(
-                        "did not converge in {rounds} rounds (expected downtime {:?} over the limit of {:?}); the source guest keeps running",
-                        precopy.expected_downtime(),
-                        config.precopy.downtime_limit
+                        "did not converge in {rounds} rounds (expected downtime {} ms, limit {} ms); the source guest keeps running",
+                        precopy.expected_downtime().as_millis(),
+                        config.precopy.downtime_limit.as_millis()
                     )))
                 }
             }
