@@ -255,7 +255,7 @@ mod tests {
         #[test]
         fn any_page_round_trips(seed: Vec<u8>, repeat in 1usize..64, codec in 0usize..4) {
             let page: Vec<u8> = if seed.is_empty() { vec![0; PAGE_SIZE_BYTES] } else {
-                seed.iter().flat_map(|&b| std::iter::repeat(b).take(repeat)).cycle().take(PAGE_SIZE_BYTES).collect()
+                seed.iter().flat_map(|&b| std::iter::repeat_n(b, repeat)).cycle().take(PAGE_SIZE_BYTES).collect()
             };
             round_trip(CODECS[codec], &page);
         }

@@ -204,63 +204,79 @@ impl ApplyCounters {
     }
 }
 
-/// Decodes one `Pages` frame of `epoch` and writes its pages into `memory`.
-/// `scratch` is one page of worker-owned buffer.
-pub fn apply_batch(
-    payload: &[u8],
-    epoch: u32,
-    limits: &BatchLimits<'_>,
-    memory: &dyn GuestMemory,
-    epochs: &PageEpochs,
-    decompressor: &mut PageDecompressor,
-    scratch: &mut [u8; PAGE_SIZE_BYTES],
-    counters: &mut ApplyCounters,
-) -> Result<(), ReceiveError> {
-    let batch = PageBatch::parse(payload, limits)?;
-    let region = batch.region;
-    let r = usize::from(region);
-    batch.for_each(limits, |entry| {
-        let page = u64::from(entry.first_page());
-        match entry {
-            PageEntry::ZeroRun { count, .. } => {
-                // Destination memory starts zeroed: a page never written needs no store
-                // (and is not faulted in), which keeps the bulk stage cheap.
-                for zero_page in page..page + u64::from(count) {
-                    if epochs.claim(region, zero_page, epoch)? != 0 {
-                        memory.zero_pages(r, zero_page, 1);
+/// What every decompression worker of a session shares: the session's limits, the guest
+/// memory being built and its page-epoch table.
+pub struct BatchApplier<'a> {
+    pub limits: BatchLimits<'a>,
+    pub memory: &'a dyn GuestMemory,
+    pub epochs: &'a PageEpochs,
+}
+
+/// What each decompression worker owns: codec state, one page of scratch, counters.
+#[derive(Default)]
+pub struct ApplyWorker {
+    decompressor: PageDecompressor,
+    scratch: Box<[u8]>,
+    pub counters: ApplyCounters,
+}
+
+impl ApplyWorker {
+    pub fn new() -> Self {
+        ApplyWorker { scratch: vec![0u8; PAGE_SIZE_BYTES].into_boxed_slice(), ..Default::default() }
+    }
+}
+
+impl BatchApplier<'_> {
+    /// Decodes one `Pages` frame of `epoch` and writes its pages into guest memory.
+    pub fn apply(&self, payload: &[u8], epoch: u32, worker: &mut ApplyWorker) -> Result<(), ReceiveError> {
+        let BatchApplier { limits, memory, epochs } = self;
+        let ApplyWorker { decompressor, scratch, counters } = worker;
+        let batch = PageBatch::parse(payload, limits)?;
+        let region = batch.region;
+        let r = usize::from(region);
+        batch.for_each(limits, |entry| {
+            let page = u64::from(entry.first_page());
+            match entry {
+                PageEntry::ZeroRun { count, .. } => {
+                    // Destination memory starts zeroed: a page never written needs no store
+                    // (and is not faulted in), which keeps the bulk stage cheap.
+                    for zero_page in page..page + u64::from(count) {
+                        if epochs.claim(region, zero_page, epoch)? != 0 {
+                            memory.zero_pages(r, zero_page, 1);
+                        }
                     }
+                    counters.zero_pages += u64::from(count);
                 }
-                counters.zero_pages += u64::from(count);
-            }
-            PageEntry::Raw { data, .. } => {
-                epochs.claim(region, page, epoch)?;
-                memory.write_page(r, page, data);
-                counters.raw_pages += 1;
-            }
-            PageEntry::Compressed { codec, data, .. } => {
-                decompressor.decompress(codec, data, scratch).map_err(|source| ReceiveError::Decompress {
-                    region,
-                    page,
-                    source,
-                })?;
-                epochs.claim(region, page, epoch)?;
-                memory.write_page(r, page, scratch);
-                counters.compressed_pages += 1;
-            }
-            PageEntry::Xbzrle { base_epoch, data, .. } => {
-                let held = epochs.held(region, page);
-                if held != base_epoch || base_epoch == 0 {
-                    return Err(ReceiveError::DeltaBase { region, page, base: base_epoch, held });
+                PageEntry::Raw { data, .. } => {
+                    epochs.claim(region, page, epoch)?;
+                    memory.write_page(r, page, data);
+                    counters.raw_pages += 1;
                 }
-                memory.read_page(r, page, scratch);
-                xbzrle::decode(data, scratch).map_err(|source| ReceiveError::Xbzrle { region, page, source })?;
-                epochs.claim(region, page, epoch)?;
-                memory.write_page(r, page, scratch);
-                counters.xbzrle_pages += 1;
+                PageEntry::Compressed { codec, data, .. } => {
+                    decompressor.decompress(codec, data, scratch).map_err(|source| ReceiveError::Decompress {
+                        region,
+                        page,
+                        source,
+                    })?;
+                    epochs.claim(region, page, epoch)?;
+                    memory.write_page(r, page, scratch);
+                    counters.compressed_pages += 1;
+                }
+                PageEntry::Xbzrle { base_epoch, data, .. } => {
+                    let held = epochs.held(region, page);
+                    if held != base_epoch || base_epoch == 0 {
+                        return Err(ReceiveError::DeltaBase { region, page, base: base_epoch, held });
+                    }
+                    memory.read_page(r, page, scratch);
+                    xbzrle::decode(data, scratch).map_err(|source| ReceiveError::Xbzrle { region, page, source })?;
+                    epochs.claim(region, page, epoch)?;
+                    memory.write_page(r, page, scratch);
+                    counters.xbzrle_pages += 1;
+                }
             }
-        }
-        Ok(())
-    })
+            Ok(())
+        })
+    }
 }
 
 #[cfg(test)]
@@ -333,12 +349,9 @@ mod tests {
         let pages = [4u64];
         let limits = BatchLimits { region_pages: &pages, codec: Codec::None, xbzrle: true };
         let epochs = PageEpochs::new(&pages);
-        let mut decompressor = PageDecompressor::default();
-        let mut scratch = [0u8; PAGE_SIZE_BYTES];
-        let mut counters = ApplyCounters::default();
-        let mut apply = |payload: &[u8], epoch| {
-            apply_batch(payload, epoch, &limits, &memory, &epochs, &mut decompressor, &mut scratch, &mut counters)
-        };
+        let applier = BatchApplier { limits, memory: &memory, epochs: &epochs };
+        let mut worker = ApplyWorker::new();
+        let mut apply = |payload: &[u8], epoch| applier.apply(payload, epoch, &mut worker);
         let v1 = vec![1u8; PAGE_SIZE_BYTES];
         let mut v2 = v1.clone();
         v2[100] = 9;

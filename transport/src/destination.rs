@@ -21,13 +21,11 @@ use crate::ring::{Pool, Ring};
 use crate::verify::memory_digest;
 use crate::vm::DestinationVm;
 use crate::MigrationError;
-use migration::codec::PageDecompressor;
 use migration::frame::{FrameKind, SeqCounter, MAX_PAYLOAD_BYTES};
 use migration::handshake::{accept_preamble, decode_reason, encode_reason, Hello, HelloAck, PREAMBLE_BYTES};
 use migration::memory::{pages_of, GuestMemory};
 use migration::page_batch::{BatchLimits, MAX_BATCH_BYTES};
-use migration::receiver::{apply_batch, ApplyCounters, ConnectionInbound, Inbound, PageEpochs};
-use migration::PAGE_SIZE_BYTES;
+use migration::receiver::{ApplyCounters, ApplyWorker, BatchApplier, ConnectionInbound, Inbound, PageEpochs};
 use serde::Serialize;
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -499,27 +497,15 @@ fn decompression_worker(shared: &Shared, index: usize, pin_workers: bool) {
         // decompression does not stack on the cores compression starts from.
         pin::pin_current(pin::core_count() - 1 + index);
     }
-    let mut decompressor = PageDecompressor::default();
-    let mut scratch = [0u8; PAGE_SIZE_BYTES];
-    let mut counters = ApplyCounters::default();
-    let limits = shared.limits();
+    let applier = BatchApplier { limits: shared.limits(), memory: &*shared.memory, epochs: &shared.epochs };
+    let mut worker = ApplyWorker::new();
     while let Ok(Some((epoch, buffer))) = shared.decode.pop(&shared.abort) {
-        let result = apply_batch(
-            &buffer,
-            epoch,
-            &limits,
-            &*shared.memory,
-            &shared.epochs,
-            &mut decompressor,
-            &mut scratch,
-            &mut counters,
-        );
-        if let Err(err) = result {
+        if let Err(err) = applier.apply(&buffer, epoch, &mut worker) {
             shared.abort.raise(format!("round {epoch}: {err}"));
         }
         // Counted before the batch is reported applied, so the totals are complete when
         // the round barrier opens.
-        shared.counters.lock().unwrap_or_else(|p| p.into_inner()).merge(&std::mem::take(&mut counters));
+        shared.counters.lock().unwrap_or_else(|p| p.into_inner()).merge(&std::mem::take(&mut worker.counters));
         shared.buffers.give(buffer);
         shared.batch_applied();
     }

@@ -762,7 +762,7 @@ impl<'s, 'a> Scanner<'s, 'a> {
             }
             for (bitmap, &bytes) in self.bitmaps.iter_mut().zip(&self.hello.region_bytes) {
                 let pages = pages_of(bytes);
-                if pages % 64 != 0 {
+                if !pages.is_multiple_of(64) {
                     if let Some(last) = bitmap.last_mut() {
                         *last = (1u64 << (pages % 64)) - 1;
                     }
