@@ -16,6 +16,7 @@ pub mod memory;
 pub mod page_batch;
 pub mod precopy;
 pub mod receiver;
+pub mod source_session;
 pub mod stats;
 pub mod xbzrle;
 pub mod xbzrle_cache;

@@ -36,11 +36,12 @@ use migration::memory::{pages_of, GuestMemory};
 use migration::page_batch::{BatchWriter, MAX_BATCH_BYTES, MAX_ENTRIES_PER_BATCH};
 use migration::precopy::{Decision, Precopy, RoundReport};
 use migration::receiver::FIRST_EPOCH;
+use migration::source_session::{Answer, SourceSession};
 use migration::stats::{mbps, EncodeCounters, MigrationStats, RoundStats};
 use migration::xbzrle_cache::{XbzrleCache, XbzrleOutcome};
 use migration::{zero, PAGE_SIZE_BYTES};
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -102,8 +103,10 @@ struct Shared<'a> {
     limiter: Option<RateLimiter>,
     /// Set once the session completed: the connections are then shut under the reader.
     finished: AtomicBool,
-    /// The last epoch the destination reported fully applied.
-    applied_epoch: AtomicU32,
+    /// The destination's answers, checked; fed by the control reader, driven by the scanner.
+    session: Mutex<SourceSession>,
+    /// The session's clock: `now` for the state machines is time since this instant.
+    clock: Instant,
     /// Set by connection 0's writer once an Abort notice is on the wire.
     abort_sent: AtomicBool,
 }
@@ -196,10 +199,11 @@ fn run_session(
         cache: config.xbzrle_cache_bytes.map(XbzrleCache::new),
         limiter: config.max_bandwidth_bytes_per_s.map(RateLimiter::new),
         finished: AtomicBool::new(false),
-        applied_epoch: AtomicU32::new(0),
+        session: Mutex::new(SourceSession::new(config.verify, config.answer_timeout)),
+        clock: Instant::now(),
         abort_sent: AtomicBool::new(false),
     };
-    let (answers_tx, answers) = mpsc::channel::<(FrameKind, Vec<u8>)>();
+    let (answers_tx, answers) = mpsc::channel::<Answer>();
 
     std::thread::scope(|scope| {
         let mut workers = Vec::new();
@@ -333,13 +337,7 @@ fn connection_writer(shared: &Shared<'_>, index: usize, mut writer: Box<dyn Writ
     }
 }
 
-fn control_reader_loop(
-    shared: &Shared<'_>,
-    mut reader: Box<dyn std::io::Read + Send>,
-    answers: mpsc::Sender<(FrameKind, Vec<u8>)>,
-) {
-    let mut seq = SeqCounter::default();
-    seq.take(); // HelloAck
+fn control_reader_loop(shared: &Shared<'_>, mut reader: Box<dyn std::io::Read + Send>, answers: mpsc::Sender<Answer>) {
     let mut payload = Vec::new();
     loop {
         let header = match read_frame(&mut *reader, &mut payload, |_| CONTROL_FRAME_LIMIT_BYTES) {
@@ -347,37 +345,28 @@ fn control_reader_loop(
             Err(err) => {
                 // After a successful session the socket is shut under us: not an error.
                 if !shared.finished.load(Ordering::Acquire) {
-                    let reason = match err {
+                    shared.abort.raise(match err {
                         ReadError::Closed => "the destination closed connection 0".to_string(),
                         err => format!("destination connection 0: {err}"),
-                    };
-                    shared.abort.raise(reason);
-                    let _ = answers.send((FrameKind::Abort, Vec::new()));
+                    });
                 }
                 return;
             }
         };
-        if let Err(err) = seq.accept(header.seq) {
-            shared.abort.raise(format!("destination connection 0: {err}"));
-            return;
-        }
-        match header.kind {
-            FrameKind::Abort => {
-                let reason = migration::handshake::decode_reason(&payload);
+        let answer = shared.session.lock().unwrap_or_else(|p| p.into_inner()).handle_answer(&header, &payload);
+        match answer {
+            Ok(Answer::RoundApplied { .. }) => {}
+            Ok(Answer::Abort { reason }) => {
                 shared.abort.raise(format!("the destination aborted: {reason}"));
                 return;
             }
-            FrameKind::RoundApplied => {
-                let epoch = payload.get(..4).map_or(0, |b| u32::from_le_bytes(b.try_into().unwrap_or_default()));
-                shared.applied_epoch.fetch_max(epoch, Ordering::AcqRel);
-            }
-            FrameKind::Ready | FrameKind::Resumed | FrameKind::VerifyResult => {
-                if answers.send((header.kind, std::mem::take(&mut payload))).is_err() {
+            Ok(answer) => {
+                if answers.send(answer).is_err() {
                     return;
                 }
             }
-            other => {
-                shared.abort.raise(format!("destination sent an unexpected {other:?} frame"));
+            Err(err) => {
+                shared.abort.raise(err.to_string());
                 return;
             }
         }
@@ -614,6 +603,7 @@ impl<'s, 'a> Scanner<'s, 'a> {
     }
 
     fn close_round(&self, epoch: u32) -> Result<(), MigrationError> {
+        self.session().round_closed(epoch);
         for ring in &self.shared.outgoing {
             ring.push(Outgoing::RoundEnd { epoch }, &self.shared.abort).map_err(|_| self.aborted())?;
         }
@@ -684,45 +674,51 @@ impl<'s, 'a> Scanner<'s, 'a> {
         });
     }
 
-    fn wait_answer(
-        &self,
-        answers: &mpsc::Receiver<(FrameKind, Vec<u8>)>,
-        expected: FrameKind,
-    ) -> Result<Vec<u8>, MigrationError> {
-        let deadline = Instant::now() + self.shared.config.answer_timeout;
+    fn now(&self) -> Duration {
+        self.shared.clock.elapsed()
+    }
+
+    fn session(&self) -> std::sync::MutexGuard<'_, SourceSession> {
+        self.shared.session.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The destination's next answer (Ready, Resumed or VerifyResult: the session state
+    /// machine lets only the one due through), within the session's answer timeout.
+    fn wait_answer(&self, answers: &mpsc::Receiver<Answer>) -> Result<Answer, MigrationError> {
         loop {
             // The channel before the abort flag: the destination closes its end right after
             // its last answer, and the reader may report that closing before we have taken
             // the answer it forwarded.
             match answers.recv_timeout(Duration::from_millis(20)) {
-                Ok((kind, payload)) if kind == expected => return Ok(payload),
-                Ok((FrameKind::Abort, _)) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+                Ok(answer) => return Ok(answer),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    self.check_abort()?;
+                    self.session().handle_timeout(self.now()).map_err(|e| MigrationError::Failed(e.to_string()))?;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
                     // The reader has raised the abort with its reason (or is about to).
                     std::thread::sleep(Duration::from_millis(5));
                     self.check_abort()?;
-                    return Err(MigrationError::Failed(format!(
-                        "destination went away while we waited for {expected:?}"
-                    )));
+                    return Err(MigrationError::Failed("the destination's answers stopped".into()));
                 }
-                Ok((kind, _)) => {
-                    return Err(MigrationError::Failed(format!(
-                        "destination sent {kind:?} while we waited for {expected:?}"
-                    )))
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() >= deadline => {
-                    return Err(MigrationError::Failed(format!(
-                        "destination did not answer {expected:?} within {:?}",
-                        self.shared.config.answer_timeout
-                    )))
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => self.check_abort()?,
             }
         }
     }
 
+    /// The next answer, which the session state machine has already checked is the one due.
+    fn expect<T>(
+        &self,
+        answers: &mpsc::Receiver<Answer>,
+        pick: impl Fn(Answer) -> Option<T>,
+    ) -> Result<T, MigrationError> {
+        let answer = self.wait_answer(answers)?;
+        let description = format!("{answer:?}");
+        pick(answer).ok_or_else(|| MigrationError::Failed(format!("unexpected answer {description}")))
+    }
+
     fn wait_applied(&self, epoch: u32) -> Result<(), MigrationError> {
         let deadline = Instant::now() + self.shared.config.answer_timeout;
-        while self.shared.applied_epoch.load(Ordering::Acquire) < epoch {
+        while self.session().applied_epoch() < epoch {
             self.check_abort()?;
             if Instant::now() >= deadline {
                 return Err(MigrationError::Failed(format!(
@@ -744,7 +740,7 @@ impl<'s, 'a> Scanner<'s, 'a> {
     fn run(
         &mut self,
         paused: &mut bool,
-        answers: &mpsc::Receiver<(FrameKind, Vec<u8>)>,
+        answers: &mpsc::Receiver<Answer>,
         workers: &mut Vec<std::thread::ScopedJoinHandle<'_, ()>>,
     ) -> Result<MigrationStats, MigrationError> {
         let config = self.shared.config;
@@ -840,14 +836,17 @@ impl<'s, 'a> Scanner<'s, 'a> {
         }
         self.control(FrameKind::DeviceState, epoch, device_state)?;
         self.close_round(epoch)?;
+        self.session().complete_sent(self.now());
         self.control(FrameKind::Complete, epoch, epoch.to_le_bytes().to_vec())?;
         let counters = self.take_round_counters();
         self.record_round(epoch, "stop-and-copy", round_start.elapsed(), &counters, 0, None);
-        self.wait_answer(answers, FrameKind::Ready)?;
+        self.expect(answers, |a| matches!(a, Answer::Ready).then_some(()))?;
+        self.session().commit_sent(self.now());
         self.control(FrameKind::Commit, epoch, vec![u8::from(config.verify)])?;
-        let resumed = self.wait_answer(answers, FrameKind::Resumed)?;
-        let destination_verify_ms =
-            resumed.get(..8).map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
+        let destination_verify_ms = self.expect(answers, |a| match a {
+            Answer::Resumed { destination_verify_ms } => Some(destination_verify_ms),
+            _ => None,
+        })?;
         let downtime = downtime_start.elapsed().saturating_sub(Duration::from_millis(destination_verify_ms));
         let downtime_bytes = self.shared.wire_bytes.load(Ordering::Relaxed) - precopy_bytes;
         let total_time = self.started.elapsed().saturating_sub(Duration::from_millis(destination_verify_ms));
@@ -856,9 +855,13 @@ impl<'s, 'a> Scanner<'s, 'a> {
         // hashes its own would compete for the same cores and lengthen the downtime.
         if config.verify {
             let digest = memory_digest(self.shared.memory, pin::core_count());
+            self.session().digest_sent(self.now());
             self.control(FrameKind::VerifyDigest, epoch, digest.to_le_bytes().to_vec())?;
-            let result = self.wait_answer(answers, FrameKind::VerifyResult)?;
-            self.stats.verified = Some(result.first() == Some(&1));
+            let matched = self.expect(answers, |a| match a {
+                Answer::VerifyResult { matched } => Some(matched),
+                _ => None,
+            })?;
+            self.stats.verified = Some(matched);
             self.stats.verify_time = Some(destination_verify_ms);
         }
         // Teardown, after the switchover.
