@@ -83,7 +83,7 @@ fn idle_guest_migrates_with_every_setting() {
 
 #[test]
 fn idle_guest_skips_unused_pages_and_sends_little() {
-    let mem = 256 << 20;
+    let mem = 512 << 20;
     let outcome = migrate_synthetic(mem, WorkloadSpec::Idle, &SourceConfig { verify: true, ..SourceConfig::default() });
     let stats = outcome.source.expect("migration");
     assert_eq!(stats.verified, Some(true));
