@@ -54,18 +54,15 @@ pub enum OnLimit {
     Cancel,
 }
 
-/// Options that shape the migration (both sides).
+/// How the source migrates: codec, connections, convergence, optimisations.
 #[derive(Args, Debug, Clone)]
-pub struct MigrationArgs {
+pub struct SourceOptions {
     /// Page codec: none, lz4, zlib or zlib:LEVEL.
     #[arg(long, default_value = "none")]
     pub codec: Codec,
     /// Pinned compression workers on the source.
     #[arg(long, default_value_t = 2)]
     pub compress_threads: usize,
-    /// Pinned decompression workers on the destination.
-    #[arg(long, default_value_t = 2)]
-    pub decompress_threads: usize,
     /// Enable XBZRLE for re-sent pages with a cache of this size (e.g. 64MiB).
     #[arg(long, value_parser = parse_size)]
     pub xbzrle_cache: Option<u64>,
@@ -96,12 +93,25 @@ pub struct MigrationArgs {
     /// Do not detect zero pages (send them like any page).
     #[arg(long)]
     pub no_zero_detect: bool,
-    /// Do teardown inside the downtime window (to measure what deferring it saves).
-    #[arg(long)]
-    pub no_deferred_cleanup: bool,
     /// Hash all guest memory on both sides after completion and compare.
     #[arg(long)]
     pub verify: bool,
+}
+
+/// How the destination receives.
+#[derive(Args, Debug, Clone)]
+pub struct DestinationOptions {
+    /// Pinned decompression workers on the destination.
+    #[arg(long, default_value_t = 2)]
+    pub decompress_threads: usize,
+}
+
+/// Options of every side.
+#[derive(Args, Debug, Clone)]
+pub struct CommonOptions {
+    /// Do teardown inside the downtime window (to measure what deferring it saves).
+    #[arg(long)]
+    pub no_deferred_cleanup: bool,
     /// Do not pin worker threads to cores.
     #[arg(long)]
     pub no_pin: bool,
@@ -118,7 +128,11 @@ pub struct DemoArgs {
     #[command(flatten)]
     pub guest: GuestArgs,
     #[command(flatten)]
-    pub migration: MigrationArgs,
+    pub source: SourceOptions,
+    #[command(flatten)]
+    pub destination: DestinationOptions,
+    #[command(flatten)]
+    pub common: CommonOptions,
     /// Seconds the resumed guest runs on the destination before the demo ends.
     #[arg(long, default_value_t = 1.0)]
     pub run_after: f64,
@@ -132,7 +146,9 @@ pub struct SendArgs {
     #[command(flatten)]
     pub guest: GuestArgs,
     #[command(flatten)]
-    pub migration: MigrationArgs,
+    pub source: SourceOptions,
+    #[command(flatten)]
+    pub common: CommonOptions,
 }
 
 #[derive(Args, Debug)]
@@ -150,7 +166,9 @@ pub struct RecvArgs {
     #[arg(long, default_value_t = 60.0)]
     pub accept_timeout: f64,
     #[command(flatten)]
-    pub migration: MigrationArgs,
+    pub destination: DestinationOptions,
+    #[command(flatten)]
+    pub common: CommonOptions,
 }
 
 pub fn parse_size(text: &str) -> Result<u64, String> {

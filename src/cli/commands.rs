@@ -1,4 +1,6 @@
-use super::args::{Cli, Command, DemoArgs, GuestArgs, MigrationArgs, OnLimit, RecvArgs, SendArgs};
+use super::args::{
+    Cli, Command, CommonOptions, DemoArgs, DestinationOptions, GuestArgs, OnLimit, RecvArgs, SendArgs, SourceOptions,
+};
 use super::report;
 use anyhow::{bail, Context, Result};
 use migration::precopy::{LimitAction, PrecopyConfig};
@@ -20,7 +22,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-fn source_config(args: &MigrationArgs) -> SourceConfig {
+fn source_config(args: &SourceOptions, common: &CommonOptions) -> SourceConfig {
     SourceConfig {
         codec: args.codec,
         compress_threads: args.compress_threads.max(1),
@@ -40,25 +42,30 @@ fn source_config(args: &MigrationArgs) -> SourceConfig {
         max_bandwidth_bytes_per_s: args.max_bandwidth,
         skip_unused: !args.no_skip_unused,
         zero_detect: !args.no_zero_detect,
-        deferred_cleanup: !args.no_deferred_cleanup,
+        deferred_cleanup: !common.no_deferred_cleanup,
         verify: args.verify,
-        pin_workers: !args.no_pin,
+        pin_workers: !common.no_pin,
         ..SourceConfig::default()
     }
 }
 
-fn destination_config(args: &MigrationArgs, max_memory_bytes: u64, accept_timeout: Duration) -> DestinationConfig {
+fn destination_config(
+    args: &DestinationOptions,
+    common: &CommonOptions,
+    max_memory_bytes: u64,
+    accept_timeout: Duration,
+) -> DestinationConfig {
     DestinationConfig {
         decompress_threads: args.decompress_threads.max(1),
         max_memory_bytes,
-        pin_workers: !args.no_pin,
+        pin_workers: !common.no_pin,
         accept_timeout,
-        deferred_cleanup: !args.no_deferred_cleanup,
+        deferred_cleanup: !common.no_deferred_cleanup,
     }
 }
 
-fn boot_guest(guest: &GuestArgs, migration: &MigrationArgs) -> Result<SyntheticGuest> {
-    let policy = parse_huge_policy(&migration.hugepages).map_err(anyhow::Error::msg)?;
+fn boot_guest(guest: &GuestArgs, common: &CommonOptions) -> Result<SyntheticGuest> {
+    let policy = parse_huge_policy(&common.hugepages).map_err(anyhow::Error::msg)?;
     let layout = GuestRam::pc_layout(guest.mem);
     let ram = Arc::new(GuestRam::allocate(&layout, policy).context("allocating guest memory")?);
     let booted = SyntheticGuest::boot(ram, guest.workload, guest.seed).map_err(anyhow::Error::msg)?;
@@ -88,13 +95,13 @@ fn run_destination_guest(destination: &mut SyntheticDestination, seconds: f64) -
 }
 
 fn demo(args: DemoArgs) -> Result<ExitCode> {
-    let source_guest = boot_guest(&args.guest, &args.migration)?;
+    let source_guest = boot_guest(&args.guest, &args.common)?;
     let backing = source_guest.ram().backing();
     let timeouts = Timeouts::default();
     let mut acceptor = TcpAcceptor::bind("127.0.0.1:0", timeouts).context("binding the demo's loopback listener")?;
     let address = acceptor.local_socket_addr()?;
-    let policy = parse_huge_policy(&args.migration.hugepages).map_err(anyhow::Error::msg)?;
-    let dest_config = destination_config(&args.migration, args.guest.mem, Duration::from_secs(10));
+    let policy = parse_huge_policy(&args.common.hugepages).map_err(anyhow::Error::msg)?;
+    let dest_config = destination_config(&args.destination, &args.common, args.guest.mem, Duration::from_secs(10));
     let run_after = args.run_after;
     let destination = std::thread::Builder::new().name("destination".into()).spawn(move || {
         let mut vm = SyntheticDestination::new(dest_config.max_memory_bytes, policy);
@@ -103,8 +110,8 @@ fn demo(args: DemoArgs) -> Result<ExitCode> {
         anyhow::Ok((report, guest))
     })?;
     let connector = TcpConnector::new(address, timeouts)?;
-    let config = source_config(&args.migration);
-    let mut progress = report::ProgressView::new(args.migration.json);
+    let config = source_config(&args.source, &args.common);
+    let mut progress = report::ProgressView::new(args.common.json);
     let result = migrate(&source_guest, &connector, &config, &mut |p| progress.update(p));
     progress.finish();
     let destination = destination.join().map_err(|_| anyhow::anyhow!("destination thread panicked"))?;
@@ -117,7 +124,7 @@ fn demo(args: DemoArgs) -> Result<ExitCode> {
     };
     let (dest_report, dest_guest) = destination.context("destination failed")?;
     stats.guest_backing = backing.to_string();
-    print_outcome(&stats, Some(&dest_report), Some(&dest_guest), args.migration.json)
+    print_outcome(&stats, Some(&dest_report), Some(&dest_guest), args.common.json)
 }
 
 fn print_outcome(
@@ -146,17 +153,17 @@ fn print_outcome(
 }
 
 fn send(args: SendArgs) -> Result<ExitCode> {
-    let guest = boot_guest(&args.guest, &args.migration)?;
+    let guest = boot_guest(&args.guest, &args.common)?;
     let connector =
         TcpConnector::new(args.to.as_str(), Timeouts::default()).with_context(|| format!("resolving {}", args.to))?;
-    let config = source_config(&args.migration);
-    let mut progress = report::ProgressView::new(args.migration.json);
+    let config = source_config(&args.source, &args.common);
+    let mut progress = report::ProgressView::new(args.common.json);
     let result = migrate(&guest, &connector, &config, &mut |p| progress.update(p));
     progress.finish();
     match result {
         Ok(mut stats) => {
             stats.guest_backing = guest.ram().backing().to_string();
-            print_outcome(&stats, None, None, args.migration.json)
+            print_outcome(&stats, None, None, args.common.json)
         }
         Err(err) => {
             // The engine resumed the guest; show that it really runs on.
@@ -174,8 +181,9 @@ fn send(args: SendArgs) -> Result<ExitCode> {
 }
 
 fn recv(args: RecvArgs) -> Result<ExitCode> {
-    let policy = parse_huge_policy(&args.migration.hugepages).map_err(anyhow::Error::msg)?;
-    let config = destination_config(&args.migration, args.max_mem, Duration::from_secs_f64(args.accept_timeout));
+    let policy = parse_huge_policy(&args.common.hugepages).map_err(anyhow::Error::msg)?;
+    let config =
+        destination_config(&args.destination, &args.common, args.max_mem, Duration::from_secs_f64(args.accept_timeout));
     let mut acceptor =
         TcpAcceptor::bind(args.listen, Timeouts::default()).with_context(|| format!("listening on {}", args.listen))?;
     // Always on stderr (JSON goes to stdout): with --listen ADDR:0 this is how a caller
@@ -184,7 +192,7 @@ fn recv(args: RecvArgs) -> Result<ExitCode> {
     let mut vm = SyntheticDestination::new(config.max_memory_bytes, policy);
     let report = receive(&mut acceptor, &mut vm, &config).context("receiving the migration")?;
     let guest = run_destination_guest(&mut vm, args.run_after)?;
-    if args.migration.json {
+    if args.common.json {
         let mut value = serde_json::to_value(&report)?;
         value["destination-guest"] = guest;
         println!("{}", serde_json::to_string_pretty(&value)?);
