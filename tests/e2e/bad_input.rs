@@ -129,3 +129,47 @@ fn corruption_in_flight_aborts_both_sides() {
 fn cut_connection_aborts_both_sides() {
     migrate_through(Fault::CutAfter { connection: 0, bytes: 5 << 20 }, "connection");
 }
+
+/// A migration that is well under way when something is killed: 8 MiB have crossed.
+const UNDER_WAY_BYTES: u64 = 8 << 20;
+
+fn start_sender(to: &str) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .args(["send", "--to", to, "--mem", "256MiB", "--workload", "dirty:128MiB:5000:16"])
+        // 128 MiB at 100 MiB/s: the bulk round lasts over a second.
+        .args(["--max-bandwidth", "100MiB"]);
+    command
+}
+
+#[test]
+fn killed_source_leaves_the_destination_without_a_guest() {
+    let receiver = Receiver::start(BIN, &["--accept-timeout", "20"]);
+    let proxy = FaultProxy::start(receiver.address.parse().unwrap(), Fault::None);
+    let mut sender = start_sender(&proxy.address.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start send");
+    assert!(proxy.wait_forwarded(UNDER_WAY_BYTES, DEADLINE), "the migration never got under way");
+    sender.kill().expect("kill send");
+    let _ = sender.wait();
+    let received = receiver.wait(DEADLINE);
+    let error = received.assert_clean_failure();
+    assert!(error.contains("connection 0: connection closed by the peer"), "{error}");
+    assert!(!received.stdout.contains("destination-guest"), "a guest was resumed");
+}
+
+#[test]
+fn killed_destination_leaves_the_source_guest_running() {
+    let mut receiver = Receiver::start(BIN, &[]);
+    let proxy = FaultProxy::start(receiver.address.parse().unwrap(), Fault::None);
+    let to = proxy.address.to_string();
+    let sender = std::thread::spawn(move || run(&mut start_sender(&to), DEADLINE));
+    assert!(proxy.wait_forwarded(UNDER_WAY_BYTES, DEADLINE), "the migration never got under way");
+    receiver.kill();
+    let sent = sender.join().expect("sender thread");
+    let error = sent.assert_clean_failure();
+    assert!(error.contains("connection"), "{error}");
+    assert!(sent.stderr.contains("source guest keeps running"), "{}", sent.stderr);
+}

@@ -102,6 +102,16 @@ impl Receiver {
     }
 }
 
+impl Receiver {
+    /// Kills the receiver (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 impl Drop for Receiver {
     /// A test that fails before waiting must not leave a recv process behind.
     fn drop(&mut self) {

@@ -3,9 +3,10 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy)]
 pub enum Fault {
@@ -25,6 +26,7 @@ pub enum Fault {
 
 pub struct FaultProxy {
     pub address: SocketAddr,
+    forwarded: Arc<AtomicU64>,
     _acceptor: JoinHandle<()>,
 }
 
@@ -33,6 +35,8 @@ impl FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
         let address = listener.local_addr().expect("proxy address");
         let accepted = Arc::new(AtomicUsize::new(0));
+        let forwarded = Arc::new(AtomicU64::new(0));
+        let counter = forwarded.clone();
         let acceptor = std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { return };
@@ -42,15 +46,29 @@ impl FaultProxy {
                 };
                 let (client2, server2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
                 let fault = fault;
-                std::thread::spawn(move || forward(client, server, index, fault));
-                std::thread::spawn(move || forward(server2, client2, usize::MAX, Fault::None));
+                let counter = counter.clone();
+                std::thread::spawn(move || forward(client, server, index, fault, Some(counter)));
+                std::thread::spawn(move || forward(server2, client2, usize::MAX, Fault::None, None));
             }
         });
-        FaultProxy { address, _acceptor: acceptor }
+        FaultProxy { address, forwarded, _acceptor: acceptor }
+    }
+
+    /// Waits until `bytes` have gone from the source to the destination (over all
+    /// connections); false if that did not happen within `timeout`.
+    pub fn wait_forwarded(&self, bytes: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.forwarded.load(Ordering::Relaxed) < bytes {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        true
     }
 }
 
-fn forward(mut from: TcpStream, mut to: TcpStream, index: usize, fault: Fault) {
+fn forward(mut from: TcpStream, mut to: TcpStream, index: usize, fault: Fault, counter: Option<Arc<AtomicU64>>) {
     let mut offset = 0u64;
     let mut buffer = vec![0u8; 64 * 1024];
     loop {
@@ -76,6 +94,9 @@ fn forward(mut from: TcpStream, mut to: TcpStream, index: usize, fault: Fault) {
             break;
         }
         offset += n as u64;
+        if let Some(counter) = &counter {
+            counter.fetch_add(n as u64, Ordering::Relaxed);
+        }
     }
     let _ = to.shutdown(Shutdown::Both);
     let _ = from.shutdown(Shutdown::Both);

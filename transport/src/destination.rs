@@ -156,17 +156,18 @@ fn refuse(connection: &mut Connection, reason: &str) {
     );
 }
 
-/// Reads a connection's preamble and Hello.
-fn read_hello(connection: &mut Connection) -> Result<Hello, MigrationError> {
+/// Reads a connection's preamble and Hello; returns the Hello and the protocol version
+/// both ends speak.
+fn read_hello(connection: &mut Connection) -> Result<(Hello, u16), MigrationError> {
     let mut preamble = [0u8; PREAMBLE_BYTES];
     connection
         .reader
         .read_exact(&mut preamble)
         .map_err(|e| MigrationError::Failed(format!("no preamble from {}: {e}", connection.peer)))?;
-    if let Err(err) = accept_preamble(&preamble) {
+    let version = accept_preamble(&preamble).map_err(|err| {
         refuse(connection, &err.to_string());
-        return Err(err.into());
-    }
+        MigrationError::from(err)
+    })?;
     let mut payload = Vec::new();
     let header = read_frame(&mut *connection.reader, &mut payload, |_| CONTROL_FRAME_LIMIT_BYTES)
         .map_err(|e| MigrationError::Failed(format!("bad Hello from {}: {e}", connection.peer)))?;
@@ -175,10 +176,11 @@ fn read_hello(connection: &mut Connection) -> Result<Hello, MigrationError> {
         refuse(connection, &reason);
         return Err(MigrationError::Failed(reason));
     }
-    Hello::decode(&payload).map_err(|err| {
+    let hello = Hello::decode(&payload).map_err(|err| {
         refuse(connection, &err.to_string());
-        err.into()
-    })
+        MigrationError::from(err)
+    })?;
+    Ok((hello, version))
 }
 
 fn accept_ack(connection: &mut Connection, version: u16) -> Result<(), MigrationError> {
@@ -204,7 +206,7 @@ fn receive_session(
             .map_err(|e| MigrationError::Failed(format!("waiting for the source on {}: {e}", acceptor.local_addr())))
     };
     let mut first = accept(acceptor)?;
-    let hello = read_hello(&mut first)?;
+    let (hello, version) = read_hello(&mut first)?;
     let started = Instant::now();
     if hello.connection_index != 0 {
         let reason = format!("first connection is number {}, expected 0", hello.connection_index);
@@ -228,12 +230,12 @@ fn receive_session(
         }
     };
     *prepared = true;
-    accept_ack(&mut first, migration::handshake::VERSION_MAX)?;
+    accept_ack(&mut first, version)?;
     let mut connections: Vec<Option<Connection>> = (0..hello.connection_count).map(|_| None).collect();
     connections[0] = Some(first);
     for _ in 1..hello.connection_count {
         let mut connection = accept(acceptor)?;
-        let other = read_hello(&mut connection)?;
+        let (other, version) = read_hello(&mut connection)?;
         let index = usize::from(other.connection_index);
         if !other.same_session(&hello) || connections[index].is_some() {
             let reason =
@@ -241,7 +243,7 @@ fn receive_session(
             refuse(&mut connection, &reason);
             return Err(MigrationError::Failed(reason));
         }
-        accept_ack(&mut connection, migration::handshake::VERSION_MAX)?;
+        accept_ack(&mut connection, version)?;
         connections[index] = Some(connection);
     }
     let connections: Vec<Connection> = connections.into_iter().map(|c| c.expect("every index accepted")).collect();
