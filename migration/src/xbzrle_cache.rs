@@ -61,17 +61,20 @@ impl XbzrleCache {
     }
 
     fn slot(&self, key: u64) -> std::sync::MutexGuard<'_, Slot> {
-        // Fibonacci hashing spreads neighbouring pages over the table.
-        let index = (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 17) as usize % self.slots.len();
+        // Like QEMU, neighbouring pages take neighbouring slots: a run of pages no longer
+        // than the cache never collides with itself. Each region starts at a scattered
+        // offset so that regions do not all pile onto the first slots.
+        let region = key >> 48;
+        let page = key & ((1 << 48) - 1);
+        let index = page.wrapping_add(region.wrapping_mul(0x9e37_79b9_7f4a_7c15)) % self.slots.len() as u64;
         // A poisoned slot only means a worker panicked mid-copy; the session is failing
         // anyway, and the data is overwritten before it is trusted again.
-        self.slots[index].lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.slots[index as usize].lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Decides how to send `new` (the copy of `page` about to be sent in `epoch`), writing
     /// a delta into `delta_out` when one fits, and records `new` as the destination's
-    /// version unless the page is unchanged. With `insert` false (the bulk round, as in
-    /// QEMU) a miss is not cached, so the cache keeps pages that are actually re-dirtied.
+    /// version unless the page is unchanged. With `insert` false a miss is not cached.
     pub fn encode(
         &self,
         region: u16,
@@ -161,6 +164,20 @@ mod tests {
         cache.encode(1, 9, 2, &page, &mut delta, true);
         cache.forget(1, 9);
         assert_eq!(cache.encode(1, 9, 3, &page, &mut delta, true), XbzrleOutcome::Miss);
+    }
+
+    #[test]
+    fn a_run_of_pages_as_long_as_the_cache_never_collides() {
+        let cache = XbzrleCache::new(64 * PAGE_SIZE_BYTES as u64);
+        let mut delta = vec![0u8; PAGE_SIZE_BYTES - 1];
+        for page in 100..164 {
+            let data = vec![page as u8; PAGE_SIZE_BYTES];
+            assert_eq!(cache.encode(1, page, 1, &data, &mut delta, true), XbzrleOutcome::Miss);
+        }
+        for page in 100..164 {
+            let data = vec![page as u8; PAGE_SIZE_BYTES];
+            assert_eq!(cache.encode(1, page, 2, &data, &mut delta, true), XbzrleOutcome::Unchanged, "page {page}");
+        }
     }
 
     #[test]

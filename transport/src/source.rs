@@ -109,6 +109,8 @@ struct Shared<'a> {
     clock: Instant,
     /// Set by connection 0's writer once an Abort notice is on the wire.
     abort_sent: AtomicBool,
+    /// Whether the bulk round fills the XBZRLE cache (only when the cache holds it all).
+    cache_bulk: AtomicBool,
 }
 
 /// Migrates `vm` to the destination `connector` reaches. On success the source guest
@@ -202,6 +204,7 @@ fn run_session(
         session: Mutex::new(SourceSession::new(config.verify, config.answer_timeout)),
         clock: Instant::now(),
         abort_sent: AtomicBool::new(false),
+        cache_bulk: AtomicBool::new(false),
     };
     let (answers_tx, answers) = mpsc::channel::<Answer>();
 
@@ -417,7 +420,8 @@ impl BatchEncoder {
     fn encode(&mut self, shared: &Shared<'_>, job: &Job) -> Option<FrameBuf> {
         let mut frame = shared.frame_pool.take(|| FrameBuf::with_capacity(MAX_BATCH_BYTES));
         let codec = self.compressor.codec();
-        let use_cache = job.epoch > FIRST_EPOCH;
+        let bulk = job.epoch == FIRST_EPOCH;
+        let use_cache = !bulk || shared.cache_bulk.load(Ordering::Relaxed);
         let entries = {
             let mut batch = BatchWriter::new(frame.begin(), job.region);
             let mut zero_run: Option<(u32, u32)> = None;
@@ -454,6 +458,8 @@ impl BatchEncoder {
                             self.counters.xbzrle_bytes += len as u64;
                             continue;
                         }
+                        // Every bulk page misses (first sight); QEMU counts none of them.
+                        XbzrleOutcome::Miss if bulk => {}
                         XbzrleOutcome::Miss => self.counters.xbzrle_cache_miss += 1,
                         XbzrleOutcome::Overflow => self.counters.xbzrle_overflow += 1,
                     }
@@ -767,6 +773,14 @@ impl<'s, 'a> Scanner<'s, 'a> {
             total_pages
         };
         self.stats.ram.skipped = total_pages - bulk_pages;
+        // QEMU keeps the bulk stage out of the XBZRLE cache, so a cache smaller than the
+        // guest is not flushed by pages that may never change again. When the cache holds
+        // every bulk page there is nothing to flush: cache them, and the first re-sent
+        // pages already go as deltas.
+        if let Some(cache) = &self.shared.cache {
+            let fits = cache.size_bytes() >= bulk_pages * PAGE_SIZE_BYTES as u64;
+            self.shared.cache_bulk.store(fits, Ordering::Relaxed);
+        }
 
         let mut epoch = FIRST_EPOCH;
         let mut pages = bulk_pages;
