@@ -49,6 +49,12 @@ pub enum GuestKind {
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DemoStack {
+    Loopback,
+    Kernel,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnLimit {
     Switchover,
     Cancel,
@@ -125,6 +131,13 @@ pub struct CommonOptions {
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
+    /// Network stack between the two ends: smoltcp on the in-process wire (no root, no
+    /// NIC), or the kernel's TCP over 127.0.0.1.
+    #[arg(long, value_enum, default_value = "loopback")]
+    pub stack: DemoStack,
+    /// IP MTU of the userspace stack's link.
+    #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u16).range(576..=9000))]
+    pub mtu: u16,
     #[command(flatten)]
     pub guest: GuestArgs,
     #[command(flatten)]

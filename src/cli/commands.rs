@@ -1,8 +1,10 @@
 use super::args::{
-    Cli, Command, CommonOptions, DemoArgs, DestinationOptions, GuestArgs, OnLimit, RecvArgs, SendArgs, SourceOptions,
+    Cli, Command, CommonOptions, DemoArgs, DemoStack, DestinationOptions, GuestArgs, OnLimit, RecvArgs, SendArgs,
+    SourceOptions,
 };
 use super::report;
 use anyhow::{bail, Context, Result};
+use dataplane::stack::{LoopbackStack, DEFAULT_SOCKET_BUFFER_BYTES};
 use migration::precopy::{LimitAction, PrecopyConfig};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -10,7 +12,7 @@ use std::time::Duration;
 use transport::config::{DestinationConfig, SourceConfig};
 use transport::destination::{receive, DestinationReport};
 use transport::guest::{parse_huge_policy, GuestRam};
-use transport::pipe::{Acceptor, TcpAcceptor, TcpConnector, Timeouts};
+use transport::pipe::{Acceptor, Connector, TcpAcceptor, TcpConnector, Timeouts};
 use transport::source::migrate;
 use transport::synthetic::{SyntheticDestination, SyntheticGuest};
 
@@ -94,25 +96,45 @@ fn run_destination_guest(destination: &mut SyntheticDestination, seconds: f64) -
     Ok(value)
 }
 
+/// The two ends of the demo's link: a connector for the source, an acceptor for the
+/// destination, and whatever must outlive the migration (the userspace stack's cores).
+type DemoLink = (Box<dyn Connector>, Box<dyn Acceptor + Send>, Option<LoopbackStack>);
+
+fn demo_link(args: &DemoArgs) -> Result<DemoLink> {
+    let timeouts = Timeouts::default();
+    match args.stack {
+        DemoStack::Kernel => {
+            let acceptor =
+                TcpAcceptor::bind("127.0.0.1:0", timeouts).context("binding the demo's loopback listener")?;
+            let connector = TcpConnector::new(acceptor.local_socket_addr()?, timeouts)?;
+            Ok((Box::new(connector), Box::new(acceptor), None))
+        }
+        DemoStack::Loopback => {
+            const PORT: u16 = 4444;
+            let stack = LoopbackStack::start(usize::from(args.mtu), DEFAULT_SOCKET_BUFFER_BYTES, !args.common.no_pin);
+            let acceptor = stack.acceptor(PORT, timeouts)?;
+            let connector = stack.connector(PORT, timeouts);
+            Ok((Box::new(connector), Box::new(acceptor), Some(stack)))
+        }
+    }
+}
+
 fn demo(args: DemoArgs) -> Result<ExitCode> {
     let source_guest = boot_guest(&args.guest, &args.common)?;
     let backing = source_guest.ram().backing();
-    let timeouts = Timeouts::default();
-    let mut acceptor = TcpAcceptor::bind("127.0.0.1:0", timeouts).context("binding the demo's loopback listener")?;
-    let address = acceptor.local_socket_addr()?;
+    let (connector, mut acceptor, _stack) = demo_link(&args)?;
     let policy = parse_huge_policy(&args.common.hugepages).map_err(anyhow::Error::msg)?;
     let dest_config = destination_config(&args.destination, &args.common, args.guest.mem, Duration::from_secs(10));
     let run_after = args.run_after;
     let destination = std::thread::Builder::new().name("destination".into()).spawn(move || {
         let mut vm = SyntheticDestination::new(dest_config.max_memory_bytes, policy);
-        let report = receive(&mut acceptor, &mut vm, &dest_config)?;
+        let report = receive(&mut *acceptor, &mut vm, &dest_config)?;
         let guest = run_destination_guest(&mut vm, run_after)?;
         anyhow::Ok((report, guest))
     })?;
-    let connector = TcpConnector::new(address, timeouts)?;
     let config = source_config(&args.source, &args.common);
     let mut progress = report::ProgressView::new(args.common.json);
-    let result = migrate(&source_guest, &connector, &config, &mut |p| progress.update(p));
+    let result = migrate(&source_guest, &*connector, &config, &mut |p| progress.update(p));
     progress.finish();
     let destination = destination.join().map_err(|_| anyhow::anyhow!("destination thread panicked"))?;
     let mut stats = match result {

@@ -1,6 +1,7 @@
 //! In-process migrations of a synthetic guest over loopback kernel TCP: the source and the
 //! destination engines run in one test process, as an embedding VMM would run them.
 
+use dataplane::stack::{LoopbackStack, DEFAULT_SOCKET_BUFFER_BYTES};
 use hugepages::HugePolicy;
 use migration::stats::MigrationStats;
 use std::sync::Arc;
@@ -8,7 +9,7 @@ use std::time::Duration;
 use transport::config::{DestinationConfig, SourceConfig};
 use transport::destination::{receive, DestinationReport};
 use transport::guest::GuestRam;
-use transport::pipe::{TcpAcceptor, TcpConnector, Timeouts};
+use transport::pipe::{Acceptor, Connector, TcpAcceptor, TcpConnector, Timeouts};
 use transport::source::migrate;
 use transport::synthetic::{SyntheticDestination, SyntheticGuest, WorkloadSpec};
 use transport::vm::SourceVm;
@@ -24,15 +25,42 @@ pub struct Outcome {
     pub source_writes_after: u64,
 }
 
-/// Boots a synthetic guest of `mem_bytes` running `workload`, migrates it with `config`,
-/// lets the destination guest run briefly, and reports what both sides saw.
+/// What carries the migration between the two engines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    /// The kernel's TCP over 127.0.0.1.
+    Kernel,
+    /// smoltcp on two dataplane cores joined by the in-process wire, at this IP MTU.
+    Loopback { mtu: usize },
+}
+
+/// Boots a synthetic guest of `mem_bytes` running `workload`, migrates it with `config`
+/// over the kernel's TCP, lets the destination guest run briefly, and reports what both
+/// sides saw.
 pub fn migrate_synthetic(mem_bytes: u64, workload: WorkloadSpec, config: &SourceConfig) -> Outcome {
+    migrate_synthetic_on(Link::Kernel, mem_bytes, workload, config)
+}
+
+/// As [`migrate_synthetic`], over `link`.
+pub fn migrate_synthetic_on(link: Link, mem_bytes: u64, workload: WorkloadSpec, config: &SourceConfig) -> Outcome {
     let ram = Arc::new(GuestRam::allocate(&GuestRam::pc_layout(mem_bytes), HugePolicy::Never).expect("guest memory"));
     let guest = SyntheticGuest::boot(ram, workload, 7).expect("boot guest");
     std::thread::sleep(Duration::from_millis(50));
     let timeouts = Timeouts { connect: Duration::from_secs(5), io: Duration::from_secs(20) };
-    let mut acceptor = TcpAcceptor::bind("127.0.0.1:0", timeouts).expect("bind");
-    let address = acceptor.local_socket_addr().expect("address");
+    let (connector, mut acceptor, _stack): (Box<dyn Connector>, Box<dyn Acceptor + Send>, _) = match link {
+        Link::Kernel => {
+            let acceptor = TcpAcceptor::bind("127.0.0.1:0", timeouts).expect("bind");
+            let connector =
+                TcpConnector::new(acceptor.local_socket_addr().expect("address"), timeouts).expect("connector");
+            (Box::new(connector), Box::new(acceptor), None)
+        }
+        Link::Loopback { mtu } => {
+            // Unpinned: tests run side by side on a small machine.
+            let stack = LoopbackStack::start(mtu, DEFAULT_SOCKET_BUFFER_BYTES, false);
+            let acceptor = stack.acceptor(4444, timeouts).expect("listen");
+            (Box::new(stack.connector(4444, timeouts)), Box::new(acceptor), Some(stack))
+        }
+    };
     let dest_config = DestinationConfig {
         decompress_threads: 2,
         max_memory_bytes: mem_bytes,
@@ -41,7 +69,7 @@ pub fn migrate_synthetic(mem_bytes: u64, workload: WorkloadSpec, config: &Source
     };
     let destination = std::thread::spawn(move || {
         let mut vm = SyntheticDestination::new(dest_config.max_memory_bytes, HugePolicy::Never);
-        let report = receive(&mut acceptor, &mut vm, &dest_config).map_err(|e| e.to_string());
+        let report = receive(&mut *acceptor, &mut vm, &dest_config).map_err(|e| e.to_string());
         let (writes, check) = match vm.guest() {
             Some(guest) => {
                 let before = guest.writes();
@@ -56,8 +84,7 @@ pub fn migrate_synthetic(mem_bytes: u64, workload: WorkloadSpec, config: &Source
         };
         (report, writes, check)
     });
-    let connector = TcpConnector::new(address, timeouts).expect("connector");
-    let source = migrate(&guest, &connector, config, &mut |_| {}).map_err(|e| e.to_string());
+    let source = migrate(&guest, &*connector, config, &mut |_| {}).map_err(|e| e.to_string());
     let before = guest.writes();
     std::thread::sleep(Duration::from_millis(100));
     let source_writes_after = guest.writes() - before;

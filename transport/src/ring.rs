@@ -99,6 +99,34 @@ impl<T> Ring<T> {
         }
     }
 
+    /// Pops, waiting up to `timeout` while the ring is empty: `Ok(None)` when it expired.
+    pub fn pop_timeout(&self, abort: &SessionAbort, timeout: std::time::Duration) -> Result<Option<T>, Aborted> {
+        let deadline = std::time::Instant::now() + timeout;
+        let backoff = Backoff::new();
+        loop {
+            if let Some(item) = self.queue.pop() {
+                self.wake();
+                return Ok(Some(item));
+            }
+            if abort.is_raised() {
+                return Err(Aborted);
+            }
+            if std::time::Instant::now() >= deadline {
+                return Ok(None);
+            }
+            if backoff.is_completed() {
+                self.sleep(|| !self.queue.is_empty());
+            } else {
+                backoff.snooze();
+            }
+        }
+    }
+
+    /// Whether a push would succeed now.
+    pub fn is_full(&self) -> bool {
+        self.queue.is_full()
+    }
+
     /// Pushes without waiting; false (dropping `item`) when the ring is full.
     pub fn try_push(&self, item: T) -> bool {
         let pushed = self.queue.push(item).is_ok();

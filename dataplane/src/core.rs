@@ -1,0 +1,360 @@
+//! A dataplane core: one pinned thread that owns one NIC device, one smoltcp `Interface`
+//! and the TCP sockets of its connections, and polls them in a loop with bounded work per
+//! iteration: ingress and egress through smoltcp, then at most `PUMP_BUDGET_BYTES` each
+//! way per connection between the sockets and the application rings.
+
+use crate::pipe::{PipeShared, CHUNK_BYTES};
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::Device;
+use smoltcp::socket::tcp::{self, State};
+use smoltcp::time::Instant;
+use smoltcp::wire::{EthernetAddress, IpCidr, IpEndpoint, Ipv4Address};
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+use transport::ring::Ring;
+
+/// Bytes moved per connection and direction in one loop iteration, so one busy connection
+/// cannot starve the others or the stack's own timers.
+const PUMP_BUDGET_BYTES: usize = 512 * 1024;
+/// Idle iterations spent spinning before the core starts to nap: a polling core on a
+/// dedicated CPU never naps in practice, and one on a shared machine gives the CPU back.
+const IDLE_SPINS: u32 = 2000;
+const IDLE_NAP: Duration = Duration::from_micros(50);
+/// Listening sockets kept ready per port, so that a burst of connections (one per
+/// migration stream) is accepted without waiting for the core to re-arm.
+const SPARE_LISTENERS: usize = 4;
+/// First ephemeral port of a core's outgoing connections (IANA's dynamic range).
+const EPHEMERAL_PORT_BASE: u16 = 49152;
+
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    pub name: String,
+    pub mac: EthernetAddress,
+    pub ip: IpCidr,
+    pub gateway: Option<Ipv4Address>,
+    /// Send and receive buffer of each TCP socket; window scaling follows from it.
+    pub socket_buffer_bytes: usize,
+    /// Core to pin the thread to (index into the available cores).
+    pub pin_core: Option<usize>,
+}
+
+pub(crate) enum Command {
+    Connect { remote: IpEndpoint, reply: mpsc::Sender<io::Result<Arc<PipeShared>>> },
+    Listen { port: u16, accepted: Arc<Ring<Arc<PipeShared>>> },
+}
+
+/// A running core. Dropping it stops the thread.
+pub struct CoreHandle {
+    commands: mpsc::Sender<Command>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl CoreHandle {
+    /// Starts a core on `device`.
+    pub fn start<D: Device + Send + 'static>(device: D, config: CoreConfig) -> CoreHandle {
+        let (commands, receiver) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(config.name.clone())
+            .spawn(move || Core::new(device, config).run(receiver, &flag))
+            .expect("spawn dataplane core");
+        CoreHandle { commands, stop, thread: Some(thread) }
+    }
+
+    pub(crate) fn send(&self, command: Command) -> io::Result<()> {
+        self.commands.send(command).map_err(|_| io::Error::other("the dataplane core has stopped"))
+    }
+}
+
+impl Drop for CoreHandle {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A connection owned by the core.
+struct Pipe {
+    handle: SocketHandle,
+    shared: Arc<PipeShared>,
+    /// A chunk taken from the application, partly written into the socket.
+    pending: Option<(Vec<u8>, usize)>,
+    eof_sent: bool,
+    closing: bool,
+}
+
+struct Connecting {
+    handle: SocketHandle,
+    reply: mpsc::Sender<io::Result<Arc<PipeShared>>>,
+    remote: IpEndpoint,
+}
+
+struct Listener {
+    port: u16,
+    accepted: Arc<Ring<Arc<PipeShared>>>,
+    sockets: Vec<SocketHandle>,
+}
+
+struct Core<D: Device> {
+    device: D,
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    config: CoreConfig,
+    pipes: Vec<Pipe>,
+    connecting: Vec<Connecting>,
+    listeners: Vec<Listener>,
+    next_port: u16,
+}
+
+impl<D: Device> Core<D> {
+    fn new(mut device: D, config: CoreConfig) -> Self {
+        let mut iface = Interface::new(Config::new(config.mac.into()), &mut device, Instant::now());
+        iface.update_ip_addrs(|addrs| {
+            let _ = addrs.push(config.ip);
+        });
+        if let Some(gateway) = config.gateway {
+            let _ = iface.routes_mut().add_default_ipv4_route(gateway);
+        }
+        Core {
+            device,
+            iface,
+            sockets: SocketSet::new(Vec::new()),
+            config,
+            pipes: Vec::new(),
+            connecting: Vec::new(),
+            listeners: Vec::new(),
+            next_port: EPHEMERAL_PORT_BASE,
+        }
+    }
+
+    fn new_socket(&mut self) -> SocketHandle {
+        let bytes = self.config.socket_buffer_bytes;
+        let mut socket =
+            tcp::Socket::new(tcp::SocketBuffer::new(vec![0; bytes]), tcp::SocketBuffer::new(vec![0; bytes]));
+        // Bulk transfer: full segments matter more than latency of small writes.
+        socket.set_nagle_enabled(false);
+        socket.set_ack_delay(None);
+        self.sockets.add(socket)
+    }
+
+    fn run(mut self, commands: mpsc::Receiver<Command>, stop: &AtomicBool) {
+        if let Some(core) = self.config.pin_core {
+            transport::pin::pin_current(core);
+        }
+        let mut idle = 0u32;
+        while !stop.load(Ordering::Acquire) {
+            while let Ok(command) = commands.try_recv() {
+                self.handle(command);
+            }
+            self.iface.poll(Instant::now(), &mut self.device, &mut self.sockets);
+            let mut progress = self.accept_and_connect();
+            for index in 0..self.pipes.len() {
+                progress |= self.pump(index);
+            }
+            self.reap();
+            self.iface.poll(Instant::now(), &mut self.device, &mut self.sockets);
+            if progress {
+                idle = 0;
+            } else {
+                idle = idle.saturating_add(1);
+                if idle > IDLE_SPINS {
+                    std::thread::sleep(IDLE_NAP);
+                } else {
+                    std::hint::spin_loop();
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Connect { remote, reply } => {
+                let handle = self.new_socket();
+                let port = self.next_port;
+                self.next_port = self.next_port.checked_add(1).unwrap_or(EPHEMERAL_PORT_BASE);
+                let socket = self.sockets.get_mut::<tcp::Socket>(handle);
+                match socket.connect(self.iface.context(), remote, port) {
+                    Ok(()) => self.connecting.push(Connecting { handle, reply, remote }),
+                    Err(err) => {
+                        self.sockets.remove(handle);
+                        let _ = reply.send(Err(io::Error::other(format!("connect to {remote}: {err}"))));
+                    }
+                }
+            }
+            Command::Listen { port, accepted } => {
+                let mut listener = Listener { port, accepted, sockets: Vec::new() };
+                self.arm(&mut listener);
+                self.listeners.push(listener);
+            }
+        }
+    }
+
+    /// Keeps `SPARE_LISTENERS` sockets listening on the listener's port.
+    fn arm(&mut self, listener: &mut Listener) {
+        while listener.sockets.len() < SPARE_LISTENERS {
+            let handle = self.new_socket();
+            if self.sockets.get_mut::<tcp::Socket>(handle).listen(listener.port).is_err() {
+                self.sockets.remove(handle);
+                return;
+            }
+            listener.sockets.push(handle);
+        }
+    }
+
+    fn adopt(&mut self, handle: SocketHandle) -> Arc<PipeShared> {
+        let shared = PipeShared::new();
+        self.pipes.push(Pipe { handle, shared: shared.clone(), pending: None, eof_sent: false, closing: false });
+        shared
+    }
+
+    fn accept_and_connect(&mut self) -> bool {
+        let mut progress = false;
+        let mut index = 0;
+        while index < self.connecting.len() {
+            let state = self.sockets.get::<tcp::Socket>(self.connecting[index].handle).state();
+            match state {
+                State::Established => {
+                    let connecting = self.connecting.swap_remove(index);
+                    let shared = self.adopt(connecting.handle);
+                    let _ = connecting.reply.send(Ok(shared));
+                    progress = true;
+                }
+                State::Closed => {
+                    let connecting = self.connecting.swap_remove(index);
+                    self.sockets.remove(connecting.handle);
+                    let error = io::Error::new(
+                        io::ErrorKind::ConnectionRefused,
+                        format!("connect to {}: refused", connecting.remote),
+                    );
+                    let _ = connecting.reply.send(Err(error));
+                    progress = true;
+                }
+                _ => index += 1,
+            }
+        }
+        let mut listeners = std::mem::take(&mut self.listeners);
+        for listener in &mut listeners {
+            let mut kept = Vec::with_capacity(listener.sockets.len());
+            for handle in std::mem::take(&mut listener.sockets) {
+                if self.sockets.get::<tcp::Socket>(handle).state() == State::Established {
+                    let shared = self.adopt(handle);
+                    // A full accept queue means nobody accepts: refuse by closing.
+                    if !listener.accepted.try_push(shared.clone()) {
+                        shared.closed.raise("accept queue full");
+                    }
+                    progress = true;
+                } else {
+                    kept.push(handle);
+                }
+            }
+            listener.sockets = kept;
+            self.arm(listener);
+        }
+        self.listeners = listeners;
+        progress
+    }
+
+    /// Moves bytes between one connection's socket and its application rings.
+    fn pump(&mut self, index: usize) -> bool {
+        let pipe = &mut self.pipes[index];
+        let socket = self.sockets.get_mut::<tcp::Socket>(pipe.handle);
+        let mut progress = false;
+
+        // Application to network.
+        let mut budget = PUMP_BUDGET_BYTES;
+        while budget > 0 && socket.can_send() {
+            if pipe.pending.is_none() {
+                match pipe.shared.to_net.try_pop() {
+                    Some(chunk) => pipe.pending = Some((chunk, 0)),
+                    None => break,
+                }
+            }
+            let Some((chunk, offset)) = pipe.pending.as_mut() else { break };
+            let sent = socket.send_slice(&chunk[*offset..]).unwrap_or(0);
+            if sent == 0 {
+                break;
+            }
+            *offset += sent;
+            budget = budget.saturating_sub(sent);
+            progress = true;
+            if *offset == chunk.len() {
+                if let Some((chunk, _)) = pipe.pending.take() {
+                    pipe.shared.free.give(chunk);
+                }
+            }
+        }
+
+        // Network to application.
+        let mut budget = PUMP_BUDGET_BYTES;
+        while budget > 0 && socket.can_recv() && !pipe.shared.from_net.is_full() {
+            let mut chunk = pipe.shared.free.take(|| Vec::with_capacity(CHUNK_BYTES));
+            chunk.clear();
+            let received = socket
+                .recv(|data| {
+                    let n = data.len().min(CHUNK_BYTES);
+                    chunk.extend_from_slice(&data[..n]);
+                    (n, n)
+                })
+                .unwrap_or(0);
+            if received == 0 {
+                pipe.shared.free.give(chunk);
+                break;
+            }
+            // Only this core pushes, and it checked for room.
+            let _ = pipe.shared.from_net.try_push(chunk);
+            budget = budget.saturating_sub(received);
+            progress = true;
+        }
+
+        // The peer finished sending: tell the application once everything before it is
+        // delivered.
+        if !pipe.eof_sent
+            && !socket.may_recv()
+            && !socket.can_recv()
+            && socket.state() != State::Established
+            && pipe.shared.from_net.try_push(Vec::new())
+        {
+            pipe.eof_sent = true;
+            progress = true;
+        }
+
+        // The application closed: send what it wrote, then FIN.
+        if pipe.shared.closed.is_raised() && !pipe.closing && pipe.pending.is_none() && pipe.shared.to_net.is_empty() {
+            socket.close();
+            pipe.closing = true;
+            progress = true;
+        }
+        progress
+    }
+
+    /// Frees the sockets of connections that are fully closed.
+    fn reap(&mut self) {
+        let mut index = 0;
+        while index < self.pipes.len() {
+            let handle = self.pipes[index].handle;
+            let state = self.sockets.get::<tcp::Socket>(handle).state();
+            let done = matches!(state, State::Closed | State::TimeWait) && self.pipes[index].closing;
+            let lost = state == State::Closed && !self.pipes[index].closing;
+            if lost && !self.pipes[index].eof_sent {
+                // Reset by the peer: the application sees the end of the stream.
+                if self.pipes[index].shared.from_net.try_push(Vec::new()) {
+                    self.pipes[index].eof_sent = true;
+                }
+            }
+            if done || (lost && self.pipes[index].shared.closed.is_raised()) {
+                let pipe = self.pipes.swap_remove(index);
+                self.sockets.remove(pipe.handle);
+            } else {
+                index += 1;
+            }
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! The dataplane of vmigrate: polling cores that run a userspace TCP stack (smoltcp) on a
+//! NIC backend and carry the migration's byte pipes.
+//!
+//! A dataplane core is one pinned thread that owns one NIC queue pair (a
+//! `smoltcp::phy::Device`), one smoltcp `Interface` and the TCP sockets of the
+//! connections it serves, and busy-polls them with a bounded amount of work per loop.
+//! Application threads (the engine's connection readers and writers) talk to it only
+//! through bounded lock-free rings of byte chunks, so nothing is shared between cores but
+//! rings. This crate knows nothing of pages or migrations: it provides
+//! `transport::pipe::{Connector, Acceptor}` and the engine does the rest.
+
+pub mod core;
+pub mod pipe;
+pub mod stack;
+pub mod wire;

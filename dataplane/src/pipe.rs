@@ -1,0 +1,106 @@
+//! The application's side of a dataplane connection: a read half and a write half that
+//! exchange byte chunks with the owning core through bounded rings, presented to the
+//! engine as a `transport::pipe::Connection`.
+
+use std::io::{self, Read, Write};
+use std::sync::Arc;
+use std::time::Duration;
+use transport::abort::SessionAbort;
+use transport::pipe::Connection;
+use transport::ring::{Pool, Ring};
+
+/// Bytes per chunk handed between an application thread and its core: large enough that
+/// ring traffic is a small cost per byte, small enough to keep many in flight.
+pub const CHUNK_BYTES: usize = 64 * 1024;
+/// Chunks queued each way per connection: 4 MiB, a little more than the socket buffers.
+pub const PIPE_RING_CHUNKS: usize = 64;
+
+/// What a connection's application halves and its core share.
+pub struct PipeShared {
+    /// Application to network (written by the app's writer, drained by the core).
+    pub(crate) to_net: Ring<Vec<u8>>,
+    /// Network to application; an empty chunk marks the end of the stream.
+    pub(crate) from_net: Ring<Vec<u8>>,
+    /// Raised when the application closes the connection (or the core lost it).
+    pub(crate) closed: SessionAbort,
+    pub(crate) free: Pool<Vec<u8>>,
+}
+
+impl PipeShared {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(PipeShared {
+            to_net: Ring::new(PIPE_RING_CHUNKS),
+            from_net: Ring::new(PIPE_RING_CHUNKS),
+            closed: SessionAbort::new(),
+            free: Pool::new(2 * PIPE_RING_CHUNKS),
+        })
+    }
+}
+
+struct PipeReader {
+    shared: Arc<PipeShared>,
+    current: Vec<u8>,
+    offset: usize,
+    eof: bool,
+    timeout: Duration,
+}
+
+impl Read for PipeReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() || self.eof {
+            return Ok(0);
+        }
+        if self.offset == self.current.len() {
+            let chunk = match self.shared.from_net.pop_timeout(&self.shared.closed, self.timeout) {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => return Err(io::Error::new(io::ErrorKind::TimedOut, "no data from the peer in time")),
+                Err(_) => return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "connection closed")),
+            };
+            if chunk.is_empty() {
+                self.eof = true;
+                return Ok(0);
+            }
+            let spent = std::mem::replace(&mut self.current, chunk);
+            self.shared.free.give(spent);
+            self.offset = 0;
+        }
+        let n = buf.len().min(self.current.len() - self.offset);
+        buf[..n].copy_from_slice(&self.current[self.offset..self.offset + n]);
+        self.offset += n;
+        Ok(n)
+    }
+}
+
+struct PipeWriter {
+    shared: Arc<PipeShared>,
+}
+
+impl Write for PipeWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = buf.len().min(CHUNK_BYTES);
+        let mut chunk = self.shared.free.take(|| Vec::with_capacity(CHUNK_BYTES));
+        chunk.clear();
+        chunk.extend_from_slice(&buf[..n]);
+        self.shared
+            .to_net
+            .push(chunk, &self.shared.closed)
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "connection closed"))?;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Wraps a core's connection as the engine's byte pipe. `timeout` bounds a read that
+/// waits for the peer, as a kernel socket's read timeout does.
+pub(crate) fn connection(shared: Arc<PipeShared>, peer: String, timeout: Duration) -> Connection {
+    let closer = shared.clone();
+    Connection {
+        reader: Box::new(PipeReader { shared: shared.clone(), current: Vec::new(), offset: 0, eof: false, timeout }),
+        writer: Box::new(PipeWriter { shared }),
+        closer: Box::new(move || closer.closed.raise("closed by the application")),
+        peer,
+    }
+}

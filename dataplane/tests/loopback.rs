@@ -1,0 +1,57 @@
+//! Two smoltcp stacks on the in-process wire carry byte streams intact.
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+use transport::pipe::{Acceptor, Connector, Timeouts};
+use vmigrate_dataplane::stack::{LoopbackStack, DEFAULT_SOCKET_BUFFER_BYTES};
+
+fn pattern(index: usize) -> u8 {
+    (index.wrapping_mul(2654435761) >> 13) as u8
+}
+
+#[test]
+fn streams_arrive_intact_in_both_directions() {
+    let stack = LoopbackStack::start(1500, DEFAULT_SOCKET_BUFFER_BYTES, false);
+    let timeouts = Timeouts { connect: Duration::from_secs(5), io: Duration::from_secs(10) };
+    let mut acceptor = stack.acceptor(4444, timeouts).unwrap();
+    let connector = stack.connector(4444, timeouts);
+    const BYTES: usize = 32 << 20;
+    let server = std::thread::spawn(move || {
+        let mut connection = acceptor.accept(Duration::from_secs(5)).expect("accept");
+        let mut received = 0usize;
+        let mut buffer = vec![0u8; 100_000];
+        while received < BYTES {
+            let n = connection.reader.read(&mut buffer).expect("read");
+            assert!(n > 0, "early end of stream at {received}");
+            for (i, &b) in buffer[..n].iter().enumerate() {
+                assert_eq!(b, pattern(received + i), "byte {}", received + i);
+            }
+            received += n;
+        }
+        connection.writer.write_all(b"done").unwrap();
+        (connection.closer)();
+    });
+    let mut connection = connector.connect().expect("connect");
+    let data: Vec<u8> = (0..BYTES).map(pattern).collect();
+    let start = Instant::now();
+    for piece in data.chunks(123_457) {
+        connection.writer.write_all(piece).unwrap();
+    }
+    let mut answer = [0u8; 4];
+    connection.reader.read_exact(&mut answer).unwrap();
+    let seconds = start.elapsed().as_secs_f64();
+    assert_eq!(&answer, b"done");
+    let mut rest = Vec::new();
+    connection.reader.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "the server closed after its answer");
+    server.join().unwrap();
+    eprintln!("loopback wire: {:.2} Gbit/s (informative, not asserted)", BYTES as f64 * 8.0 / seconds / 1e9);
+}
+
+#[test]
+fn connecting_to_a_closed_port_fails() {
+    let stack = LoopbackStack::start(1500, DEFAULT_SOCKET_BUFFER_BYTES, false);
+    let timeouts = Timeouts { connect: Duration::from_secs(5), io: Duration::from_secs(5) };
+    let error = stack.connector(9, timeouts).connect().err().expect("nobody listens on port 9");
+    assert!(error.to_string().contains("refused") || error.kind() == std::io::ErrorKind::TimedOut, "{error}");
+}

@@ -1,0 +1,58 @@
+//! Migrations over smoltcp on the in-process wire (two dataplane cores, no kernel
+//! networking): every workload, one and four connections, MTU 1500 and 9000, verified.
+
+use migration::codec::Codec;
+use migration::precopy::PrecopyConfig;
+use std::time::Duration;
+use transport::config::SourceConfig;
+use transport::synthetic::WorkloadSpec;
+use vmigrate_tests::session::{migrate_synthetic_on, Link};
+
+const MEM: u64 = 32 << 20;
+
+fn check(link: Link, workload: WorkloadSpec, codec: Codec, connections: u16, xbzrle: bool) {
+    let label = format!("{link:?} {workload} {codec} x{connections} xbzrle={xbzrle}");
+    let config = SourceConfig {
+        codec,
+        connections,
+        xbzrle_cache_bytes: xbzrle.then_some(MEM),
+        verify: true,
+        max_bandwidth_bytes_per_s: Some(100 << 20),
+        precopy: PrecopyConfig { downtime_limit: Duration::ZERO, max_rounds: 3, ..Default::default() },
+        ..SourceConfig::default()
+    };
+    let outcome = migrate_synthetic_on(link, MEM, workload, &config);
+    let stats = outcome.source.unwrap_or_else(|e| panic!("{label}: {e}"));
+    let report = outcome.destination.unwrap_or_else(|e| panic!("{label}: {e}"));
+    assert_eq!(stats.verified, Some(true), "{label}");
+    assert_eq!(report.verified, Some(true), "{label}");
+    outcome.destination_check.unwrap_or_else(|e| panic!("{label}: {e}"));
+    assert_eq!(outcome.source_writes_after, 0, "{label}: source guest ran after handing over");
+    if !matches!(workload, WorkloadSpec::Idle) {
+        assert!(outcome.writes_after_resume > 0, "{label}: destination guest did not run");
+    }
+    assert_eq!(report.connections, connections);
+}
+
+#[test]
+fn every_workload_over_the_loopback_wire() {
+    let link = Link::Loopback { mtu: 1500 };
+    for workload in [
+        WorkloadSpec::Seq { pages_per_s: 50_000 },
+        WorkloadSpec::Dirty { area_bytes: 16 << 20, pages_per_s: 5000, bits: 16 },
+        WorkloadSpec::Idle,
+    ] {
+        for connections in [1, 4] {
+            check(link, workload, Codec::Lz4, connections, true);
+        }
+    }
+}
+
+#[test]
+fn jumbo_frames_and_every_codec() {
+    let link = Link::Loopback { mtu: 9000 };
+    let workload = WorkloadSpec::Dirty { area_bytes: 16 << 20, pages_per_s: 5000, bits: 16 };
+    for codec in [Codec::None, Codec::Lz4, Codec::Zlib { level: 1 }] {
+        check(link, workload, codec, 2, false);
+    }
+}
