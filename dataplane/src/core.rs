@@ -55,16 +55,30 @@ pub struct CoreHandle {
 }
 
 impl CoreHandle {
-    /// Starts a core on `device`.
-    pub fn start<D: Device + Send + 'static>(device: D, config: CoreConfig) -> CoreHandle {
+    /// Starts a core on the device `open` makes. The device is opened on the core's own
+    /// thread (a NIC queue belongs to the core that polls it, and some devices cannot
+    /// move between threads); an error opening it is returned here.
+    pub fn start<D, F>(open: F, config: CoreConfig) -> io::Result<CoreHandle>
+    where
+        D: Device + 'static,
+        F: FnOnce() -> io::Result<D> + Send + 'static,
+    {
         let (commands, receiver) = mpsc::channel();
+        let (opened, open_result) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name(config.name.clone())
-            .spawn(move || Core::new(device, config).run(receiver, &flag))
-            .expect("spawn dataplane core");
-        CoreHandle { commands, stop, thread: Some(thread) }
+        let thread = std::thread::Builder::new().name(config.name.clone()).spawn(move || match open() {
+            Ok(device) => {
+                let _ = opened.send(Ok(()));
+                Core::new(device, config).run(receiver, &flag);
+            }
+            Err(err) => {
+                let _ = opened.send(Err(err));
+            }
+        })?;
+        let handle = CoreHandle { commands, stop, thread: Some(thread) };
+        open_result.recv().map_err(|_| io::Error::other("the dataplane core died while opening its device"))??;
+        Ok(handle)
     }
 
     pub(crate) fn send(&self, command: Command) -> io::Result<()> {

@@ -12,4 +12,10 @@
 pub mod core;
 pub mod pipe;
 pub mod stack;
+pub mod tap;
 pub mod wire;
+
+/// The smoltcp address types a caller needs to configure a stack.
+pub mod wire_types {
+    pub use smoltcp::wire::{EthernetAddress, IpCidr};
+}

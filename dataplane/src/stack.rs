@@ -4,8 +4,9 @@
 use crate::core::{Command, CoreConfig, CoreHandle};
 use crate::pipe::{connection, PipeShared};
 use crate::wire::wire_pair;
-use smoltcp::wire::{EthernetAddress, IpCidr, IpEndpoint, Ipv4Address};
+use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr, IpEndpoint, Ipv4Address};
 use std::io;
+use std::net::SocketAddrV4;
 use std::sync::Arc;
 use std::time::Duration;
 use transport::abort::SessionAbort;
@@ -59,6 +60,50 @@ impl Acceptor for CoreAcceptor {
     }
 }
 
+/// One dataplane core on one NIC backend, with our own address on its link.
+pub struct CoreStack {
+    core: Arc<CoreHandle>,
+    ip: Ipv4Address,
+}
+
+impl CoreStack {
+    /// A core on the TAP device `iface`, owning `ip` (with its prefix) and `mac`.
+    pub fn tap(
+        iface: &str,
+        ip: IpCidr,
+        mac: EthernetAddress,
+        gateway: Option<Ipv4Address>,
+        socket_buffer_bytes: usize,
+        pin_core: Option<usize>,
+    ) -> io::Result<CoreStack> {
+        let IpAddress::Ipv4(address) = ip.address();
+        let name = iface.to_string();
+        let config = CoreConfig { name: format!("dataplane-{iface}"), mac, ip, gateway, socket_buffer_bytes, pin_core };
+        let core = CoreHandle::start(move || crate::tap::open_tap(&name), config)?;
+        Ok(CoreStack { core: Arc::new(core), ip: address })
+    }
+
+    pub fn connector(&self, remote: SocketAddrV4, timeouts: Timeouts) -> CoreConnector {
+        CoreConnector {
+            core: self.core.clone(),
+            remote: IpEndpoint::new((*remote.ip()).into(), remote.port()),
+            timeouts,
+        }
+    }
+
+    pub fn acceptor(&self, port: u16, timeouts: Timeouts) -> io::Result<CoreAcceptor> {
+        let accepted = Arc::new(Ring::new(ACCEPT_QUEUE));
+        self.core.send(Command::Listen { port, accepted: accepted.clone() })?;
+        Ok(CoreAcceptor {
+            _core: self.core.clone(),
+            accepted,
+            local: format!("{}:{port}", self.ip),
+            timeouts,
+            never: SessionAbort::new(),
+        })
+    }
+}
+
 /// Two dataplane cores joined by the in-process wire: the source's stack and the
 /// destination's, in one process, with no kernel networking at all.
 pub struct LoopbackStack {
@@ -72,7 +117,7 @@ const DESTINATION_IP: Ipv4Address = Ipv4Address::new(127, 0, 0, 2);
 impl LoopbackStack {
     /// `pin`: pin the two cores to the last cores of the machine (the engine's workers start
     /// from the first).
-    pub fn start(mtu: usize, socket_buffer_bytes: usize, pin: bool) -> LoopbackStack {
+    pub fn start(mtu: usize, socket_buffer_bytes: usize, pin: bool) -> io::Result<LoopbackStack> {
         let (a, b) = wire_pair(mtu);
         let cores = transport::pin::core_count();
         let config = |name: &str, mac: [u8; 6], ip: Ipv4Address, core: usize| CoreConfig {
@@ -83,11 +128,11 @@ impl LoopbackStack {
             socket_buffer_bytes,
             pin_core: pin.then_some(core),
         };
-        let source =
-            CoreHandle::start(a, config("dataplane-src", [2, 0, 0, 0, 0, 1], SOURCE_IP, cores.saturating_sub(1)));
-        let destination =
-            CoreHandle::start(b, config("dataplane-dst", [2, 0, 0, 0, 0, 2], DESTINATION_IP, cores.saturating_sub(2)));
-        LoopbackStack { source: Arc::new(source), destination: Arc::new(destination) }
+        let source_config = config("dataplane-src", [2, 0, 0, 0, 0, 1], SOURCE_IP, cores.saturating_sub(1));
+        let source = CoreHandle::start(move || Ok(a), source_config)?;
+        let destination_config = config("dataplane-dst", [2, 0, 0, 0, 0, 2], DESTINATION_IP, cores.saturating_sub(2));
+        let destination = CoreHandle::start(move || Ok(b), destination_config)?;
+        Ok(LoopbackStack { source: Arc::new(source), destination: Arc::new(destination) })
     }
 
     pub fn connector(&self, port: u16, timeouts: Timeouts) -> CoreConnector {

@@ -11,7 +11,7 @@ fn pattern(index: usize) -> u8 {
 
 #[test]
 fn streams_arrive_intact_in_both_directions() {
-    let stack = LoopbackStack::start(1500, DEFAULT_SOCKET_BUFFER_BYTES, false);
+    let stack = LoopbackStack::start(1500, DEFAULT_SOCKET_BUFFER_BYTES, false).unwrap();
     let timeouts = Timeouts { connect: Duration::from_secs(5), io: Duration::from_secs(10) };
     let mut acceptor = stack.acceptor(4444, timeouts).unwrap();
     let connector = stack.connector(4444, timeouts);
@@ -50,7 +50,7 @@ fn streams_arrive_intact_in_both_directions() {
 
 #[test]
 fn connecting_to_a_closed_port_fails() {
-    let stack = LoopbackStack::start(1500, DEFAULT_SOCKET_BUFFER_BYTES, false);
+    let stack = LoopbackStack::start(1500, DEFAULT_SOCKET_BUFFER_BYTES, false).unwrap();
     let timeouts = Timeouts { connect: Duration::from_secs(5), io: Duration::from_secs(5) };
     let error = stack.connector(9, timeouts).connect().err().expect("nobody listens on port 9");
     assert!(error.to_string().contains("refused") || error.kind() == std::io::ErrorKind::TimedOut, "{error}");

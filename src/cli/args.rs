@@ -48,6 +48,34 @@ pub enum GuestKind {
     Synthetic,
 }
 
+/// The network stack `send` and `recv` run on.
+#[derive(Args, Debug, Clone)]
+pub struct StackOptions {
+    /// kernel: the kernel's TCP sockets; tap: our smoltcp stack on a polling core driving
+    /// the TAP device --iface with its own address --ip.
+    #[arg(long, value_enum, default_value = "kernel")]
+    pub stack: NetStack,
+    /// Interface our stack drives (--stack tap).
+    #[arg(long)]
+    pub iface: Option<String>,
+    /// Our stack's own address and prefix, e.g. 10.77.0.11/24 (an address the kernel does
+    /// not have on that link).
+    #[arg(long)]
+    pub ip: Option<String>,
+    /// Our stack's MAC address (default: 02:00 followed by the --ip address).
+    #[arg(long)]
+    pub mac: Option<String>,
+    /// Next hop for destinations outside --ip's prefix.
+    #[arg(long)]
+    pub gateway: Option<std::net::Ipv4Addr>,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetStack {
+    Kernel,
+    Tap,
+}
+
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DemoStack {
     Loopback,
@@ -157,6 +185,8 @@ pub struct SendArgs {
     #[arg(long)]
     pub to: String,
     #[command(flatten)]
+    pub stack: StackOptions,
+    #[command(flatten)]
     pub guest: GuestArgs,
     #[command(flatten)]
     pub source: SourceOptions,
@@ -178,6 +208,8 @@ pub struct RecvArgs {
     /// Seconds to wait for the source to connect.
     #[arg(long, default_value_t = 60.0)]
     pub accept_timeout: f64,
+    #[command(flatten)]
+    pub stack: StackOptions,
     #[command(flatten)]
     pub destination: DestinationOptions,
     #[command(flatten)]

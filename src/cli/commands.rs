@@ -1,11 +1,13 @@
 use super::args::{
-    Cli, Command, CommonOptions, DemoArgs, DemoStack, DestinationOptions, GuestArgs, OnLimit, RecvArgs, SendArgs,
-    SourceOptions,
+    Cli, Command, CommonOptions, DemoArgs, DemoStack, DestinationOptions, GuestArgs, NetStack, OnLimit, RecvArgs,
+    SendArgs, SourceOptions, StackOptions,
 };
 use super::report;
 use anyhow::{bail, Context, Result};
-use dataplane::stack::{LoopbackStack, DEFAULT_SOCKET_BUFFER_BYTES};
+use dataplane::stack::{CoreStack, LoopbackStack, DEFAULT_SOCKET_BUFFER_BYTES};
+use dataplane::wire_types::{EthernetAddress, IpCidr};
 use migration::precopy::{LimitAction, PrecopyConfig};
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -111,7 +113,8 @@ fn demo_link(args: &DemoArgs) -> Result<DemoLink> {
         }
         DemoStack::Loopback => {
             const PORT: u16 = 4444;
-            let stack = LoopbackStack::start(usize::from(args.mtu), DEFAULT_SOCKET_BUFFER_BYTES, !args.common.no_pin);
+            let stack = LoopbackStack::start(usize::from(args.mtu), DEFAULT_SOCKET_BUFFER_BYTES, !args.common.no_pin)
+                .context("starting the loopback dataplane")?;
             let acceptor = stack.acceptor(PORT, timeouts)?;
             let connector = stack.connector(PORT, timeouts);
             Ok((Box::new(connector), Box::new(acceptor), Some(stack)))
@@ -174,13 +177,52 @@ fn print_outcome(
     Ok(ExitCode::SUCCESS)
 }
 
+/// Our userspace stack on the TAP device the options name.
+fn tap_stack(options: &StackOptions, common: &CommonOptions) -> Result<CoreStack> {
+    let iface = options.iface.as_deref().context("--stack tap needs --iface")?;
+    let ip_text = options.ip.as_deref().context("--stack tap needs --ip ADDR/PREFIX")?;
+    let (address, prefix) = ip_text.split_once('/').context("--ip needs a prefix, e.g. 10.77.0.11/24")?;
+    let address: Ipv4Addr = address.parse().with_context(|| format!("bad --ip address {address:?}"))?;
+    let prefix: u8 = prefix.parse().ok().filter(|p| *p <= 32).with_context(|| format!("bad --ip prefix {prefix:?}"))?;
+    let mac = match &options.mac {
+        Some(text) => parse_mac(text)?,
+        None => {
+            let [a, b, c, d] = address.octets();
+            EthernetAddress([0x02, 0x00, a, b, c, d])
+        }
+    };
+    let pin = (!common.no_pin).then(|| transport::pin::core_count() - 1);
+    CoreStack::tap(iface, IpCidr::new(address.into(), prefix), mac, options.gateway, DEFAULT_SOCKET_BUFFER_BYTES, pin)
+        .context("starting the TAP dataplane")
+}
+
+fn parse_mac(text: &str) -> Result<EthernetAddress> {
+    let bytes: Vec<u8> =
+        text.split(':').map(|b| u8::from_str_radix(b, 16)).collect::<Result<_, _>>().ok().unwrap_or_default();
+    let bytes: [u8; 6] =
+        bytes.try_into().ok().with_context(|| format!("bad --mac {text:?}: expected six hex bytes"))?;
+    Ok(EthernetAddress(bytes))
+}
+
 fn send(args: SendArgs) -> Result<ExitCode> {
     let guest = boot_guest(&args.guest, &args.common)?;
-    let connector =
-        TcpConnector::new(args.to.as_str(), Timeouts::default()).with_context(|| format!("resolving {}", args.to))?;
+    let timeouts = Timeouts::default();
+    let (connector, _stack): (Box<dyn Connector>, Option<CoreStack>) = match args.stack.stack {
+        NetStack::Kernel => {
+            let connector =
+                TcpConnector::new(args.to.as_str(), timeouts).with_context(|| format!("resolving {}", args.to))?;
+            (Box::new(connector), None)
+        }
+        NetStack::Tap => {
+            let to: SocketAddrV4 =
+                args.to.parse().with_context(|| format!("--to {} is not IPV4-ADDRESS:PORT", args.to))?;
+            let stack = tap_stack(&args.stack, &args.common)?;
+            (Box::new(stack.connector(to, timeouts)), Some(stack))
+        }
+    };
     let config = source_config(&args.source, &args.common);
     let mut progress = report::ProgressView::new(args.common.json);
-    let result = migrate(&guest, &connector, &config, &mut |p| progress.update(p));
+    let result = migrate(&guest, &*connector, &config, &mut |p| progress.update(p));
     progress.finish();
     match result {
         Ok(mut stats) => {
@@ -206,13 +248,24 @@ fn recv(args: RecvArgs) -> Result<ExitCode> {
     let policy = parse_huge_policy(&args.common.hugepages).map_err(anyhow::Error::msg)?;
     let config =
         destination_config(&args.destination, &args.common, args.max_mem, Duration::from_secs_f64(args.accept_timeout));
-    let mut acceptor =
-        TcpAcceptor::bind(args.listen, Timeouts::default()).with_context(|| format!("listening on {}", args.listen))?;
+    let timeouts = Timeouts::default();
+    let (mut acceptor, _stack): (Box<dyn Acceptor>, Option<CoreStack>) = match args.stack.stack {
+        NetStack::Kernel => {
+            let acceptor =
+                TcpAcceptor::bind(args.listen, timeouts).with_context(|| format!("listening on {}", args.listen))?;
+            (Box::new(acceptor), None)
+        }
+        NetStack::Tap => {
+            let stack = tap_stack(&args.stack, &args.common)?;
+            let acceptor = stack.acceptor(args.listen.port(), timeouts)?;
+            (Box::new(acceptor), Some(stack))
+        }
+    };
     // Always on stderr (JSON goes to stdout): with --listen ADDR:0 this is how a caller
     // learns the port.
     eprintln!("vmigrate: waiting for a migration on {}", acceptor.local_addr());
     let mut vm = SyntheticDestination::new(config.max_memory_bytes, policy);
-    let report = receive(&mut acceptor, &mut vm, &config).context("receiving the migration")?;
+    let report = receive(&mut *acceptor, &mut vm, &config).context("receiving the migration")?;
     let guest = run_destination_guest(&mut vm, args.run_after)?;
     if args.common.json {
         let mut value = serde_json::to_value(&report)?;

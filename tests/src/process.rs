@@ -76,17 +76,24 @@ pub struct Receiver {
 impl Receiver {
     /// Starts `bin recv --listen 127.0.0.1:0 ARGS` and reads the address it listens on.
     pub fn start(bin: &str, args: &[&str]) -> Receiver {
-        let mut child = Command::new(bin)
-            .args(["recv", "--listen", "127.0.0.1:0"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start vmigrate recv");
+        let mut command = Command::new(bin);
+        command.args(["recv", "--listen", "127.0.0.1:0"]).args(args);
+        Receiver::spawn(command)
+    }
+
+    /// Starts a command that runs `vmigrate recv` (possibly through a wrapper such as
+    /// `ip netns exec`) and reads the address it announces listening on.
+    pub fn spawn(mut command: Command) -> Receiver {
+        let mut child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("start vmigrate recv");
         let mut reader = BufReader::new(child.stderr.take().expect("piped stderr"));
         let mut first_line = String::new();
         reader.read_line(&mut first_line).expect("read recv's first line");
-        let address = first_line.trim().rsplit(' ').next().filter(|a| a.starts_with("127.0.0.1:")).map(str::to_string);
+        let address = first_line
+            .trim()
+            .strip_prefix("vmigrate: waiting for a migration on ")
+            .and_then(|rest| rest.split(' ').next())
+            .filter(|a| a.parse::<std::net::SocketAddr>().is_ok())
+            .map(str::to_string);
         let Some(address) = address else {
             let _ = child.kill();
             let _ = child.wait();

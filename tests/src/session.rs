@@ -56,7 +56,7 @@ pub fn migrate_synthetic_on(link: Link, mem_bytes: u64, workload: WorkloadSpec, 
         }
         Link::Loopback { mtu } => {
             // Unpinned: tests run side by side on a small machine.
-            let stack = LoopbackStack::start(mtu, DEFAULT_SOCKET_BUFFER_BYTES, false);
+            let stack = LoopbackStack::start(mtu, DEFAULT_SOCKET_BUFFER_BYTES, false).expect("loopback stack");
             let acceptor = stack.acceptor(4444, timeouts).expect("listen");
             (Box::new(stack.connector(4444, timeouts)), Box::new(acceptor), Some(stack))
         }
