@@ -5,7 +5,7 @@
 
 use crate::pipe::{PipeShared, CHUNK_BYTES};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
-use smoltcp::phy::Device;
+use smoltcp::phy::{Device, FaultInjector, PcapMode, PcapWriter};
 use smoltcp::socket::tcp::{self, State};
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, IpCidr, IpEndpoint, Ipv4Address};
@@ -40,6 +40,21 @@ pub struct CoreConfig {
     pub socket_buffer_bytes: usize,
     /// Core to pin the thread to (index into the available cores).
     pub pin_core: Option<usize>,
+    /// Wrappers around the NIC device, chosen on the command line.
+    pub wrappers: DeviceWrappers,
+}
+
+/// Debug layers around any NIC backend, in the style of smoltcp's own: seeded fault
+/// injection (drop and corrupt chances, deterministic for a seed) and pcap capture.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceWrappers {
+    /// Percent of frames dropped, each way.
+    pub drop_pct: u8,
+    /// Percent of frames with one byte corrupted, each way.
+    pub corrupt_pct: u8,
+    pub seed: u32,
+    /// Write every frame, both ways, to this pcap file.
+    pub pcap: Option<std::path::PathBuf>,
 }
 
 pub(crate) enum Command {
@@ -67,13 +82,28 @@ impl CoreHandle {
         let (opened, open_result) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        let thread = std::thread::Builder::new().name(config.name.clone()).spawn(move || match open() {
-            Ok(device) => {
-                let _ = opened.send(Ok(()));
-                Core::new(device, config).run(receiver, &flag);
-            }
-            Err(err) => {
-                let _ = opened.send(Err(err));
+        let thread = std::thread::Builder::new().name(config.name.clone()).spawn(move || {
+            let device = open().and_then(|device| {
+                let wrappers = &config.wrappers;
+                let mut faulty = FaultInjector::new(device, wrappers.seed);
+                faulty.set_drop_chance(wrappers.drop_pct);
+                faulty.set_corrupt_chance(wrappers.corrupt_pct);
+                let pcap = wrappers.pcap.as_ref().map(std::fs::File::create).transpose()?;
+                Ok((faulty, pcap))
+            });
+            match device {
+                Ok((device, None)) => {
+                    let _ = opened.send(Ok(()));
+                    Core::new(device, config).run(receiver, &flag);
+                }
+                Ok((device, Some(file))) => {
+                    let _ = opened.send(Ok(()));
+                    let device = PcapWriter::new(device, std::io::BufWriter::new(file), PcapMode::Both);
+                    Core::new(device, config).run(receiver, &flag);
+                }
+                Err(err) => {
+                    let _ = opened.send(Err(err));
+                }
             }
         })?;
         let handle = CoreHandle { commands, stop, thread: Some(thread) };

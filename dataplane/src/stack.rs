@@ -1,7 +1,7 @@
 //! Stacks as the engine sees them: a `Connector` for the source and an `Acceptor` for the
 //! destination, each backed by a dataplane core.
 
-use crate::core::{Command, CoreConfig, CoreHandle};
+use crate::core::{Command, CoreConfig, CoreHandle, DeviceWrappers};
 use crate::pipe::{connection, PipeShared};
 use crate::wire::wire_pair;
 use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr, IpEndpoint, Ipv4Address};
@@ -75,10 +75,19 @@ impl CoreStack {
         gateway: Option<Ipv4Address>,
         socket_buffer_bytes: usize,
         pin_core: Option<usize>,
+        wrappers: DeviceWrappers,
     ) -> io::Result<CoreStack> {
         let IpAddress::Ipv4(address) = ip.address();
         let name = iface.to_string();
-        let config = CoreConfig { name: format!("dataplane-{iface}"), mac, ip, gateway, socket_buffer_bytes, pin_core };
+        let config = CoreConfig {
+            name: format!("dataplane-{iface}"),
+            mac,
+            ip,
+            gateway,
+            socket_buffer_bytes,
+            pin_core,
+            wrappers,
+        };
         let core = CoreHandle::start(move || crate::tap::open_tap(&name), config)?;
         Ok(CoreStack { core: Arc::new(core), ip: address })
     }
@@ -118,19 +127,35 @@ impl LoopbackStack {
     /// `pin`: pin the two cores to the last cores of the machine (the engine's workers start
     /// from the first).
     pub fn start(mtu: usize, socket_buffer_bytes: usize, pin: bool) -> io::Result<LoopbackStack> {
+        Self::start_with(mtu, socket_buffer_bytes, pin, DeviceWrappers::default())
+    }
+
+    /// As [`LoopbackStack::start`], with `wrappers` around both ends of the wire (each end
+    /// draws its faults from its own seed, derived from `wrappers.seed`; a pcap file, if
+    /// any, records the source's end).
+    pub fn start_with(
+        mtu: usize,
+        socket_buffer_bytes: usize,
+        pin: bool,
+        wrappers: DeviceWrappers,
+    ) -> io::Result<LoopbackStack> {
         let (a, b) = wire_pair(mtu);
         let cores = transport::pin::core_count();
-        let config = |name: &str, mac: [u8; 6], ip: Ipv4Address, core: usize| CoreConfig {
+        let config = |name: &str, mac: [u8; 6], ip: Ipv4Address, core: usize, wrappers: DeviceWrappers| CoreConfig {
             name: name.into(),
             mac: EthernetAddress(mac),
             ip: IpCidr::new(ip.into(), 8),
             gateway: None,
             socket_buffer_bytes,
             pin_core: pin.then_some(core),
+            wrappers,
         };
-        let source_config = config("dataplane-src", [2, 0, 0, 0, 0, 1], SOURCE_IP, cores.saturating_sub(1));
+        let destination_wrappers =
+            DeviceWrappers { seed: wrappers.seed.wrapping_add(1), pcap: None, ..wrappers.clone() };
+        let source_config = config("dataplane-src", [2, 0, 0, 0, 0, 1], SOURCE_IP, cores.saturating_sub(1), wrappers);
         let source = CoreHandle::start(move || Ok(a), source_config)?;
-        let destination_config = config("dataplane-dst", [2, 0, 0, 0, 0, 2], DESTINATION_IP, cores.saturating_sub(2));
+        let destination_config =
+            config("dataplane-dst", [2, 0, 0, 0, 0, 2], DESTINATION_IP, cores.saturating_sub(2), destination_wrappers);
         let destination = CoreHandle::start(move || Ok(b), destination_config)?;
         Ok(LoopbackStack { source: Arc::new(source), destination: Arc::new(destination) })
     }

@@ -48,6 +48,23 @@ pub enum GuestKind {
     Synthetic,
 }
 
+/// Debug layers around our stack's NIC backend (not the kernel stack).
+#[derive(Args, Debug, Clone)]
+pub struct WrapperOptions {
+    /// Drop this percent of frames each way (seeded, deterministic).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub fault_drop: u8,
+    /// Corrupt one byte in this percent of frames each way (seeded, deterministic).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub fault_corrupt: u8,
+    /// Seed of the fault injector.
+    #[arg(long, default_value_t = 1)]
+    pub fault_seed: u32,
+    /// Capture every frame our stack sends and receives to this pcap file.
+    #[arg(long)]
+    pub pcap: Option<std::path::PathBuf>,
+}
+
 /// The network stack `send` and `recv` run on.
 #[derive(Args, Debug, Clone)]
 pub struct StackOptions {
@@ -68,6 +85,8 @@ pub struct StackOptions {
     /// Next hop for destinations outside --ip's prefix.
     #[arg(long)]
     pub gateway: Option<std::net::Ipv4Addr>,
+    #[command(flatten)]
+    pub wrappers: WrapperOptions,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,6 +185,8 @@ pub struct DemoArgs {
     /// IP MTU of the userspace stack's link.
     #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u16).range(576..=9000))]
     pub mtu: u16,
+    #[command(flatten)]
+    pub wrappers: WrapperOptions,
     #[command(flatten)]
     pub guest: GuestArgs,
     #[command(flatten)]

@@ -1,9 +1,10 @@
 use super::args::{
     Cli, Command, CommonOptions, DemoArgs, DemoStack, DestinationOptions, GuestArgs, NetStack, OnLimit, RecvArgs,
-    SendArgs, SourceOptions, StackOptions,
+    SendArgs, SourceOptions, StackOptions, WrapperOptions,
 };
 use super::report;
 use anyhow::{bail, Context, Result};
+use dataplane::core::DeviceWrappers;
 use dataplane::stack::{CoreStack, LoopbackStack, DEFAULT_SOCKET_BUFFER_BYTES};
 use dataplane::wire_types::{EthernetAddress, IpCidr};
 use migration::precopy::{LimitAction, PrecopyConfig};
@@ -113,8 +114,13 @@ fn demo_link(args: &DemoArgs) -> Result<DemoLink> {
         }
         DemoStack::Loopback => {
             const PORT: u16 = 4444;
-            let stack = LoopbackStack::start(usize::from(args.mtu), DEFAULT_SOCKET_BUFFER_BYTES, !args.common.no_pin)
-                .context("starting the loopback dataplane")?;
+            let stack = LoopbackStack::start_with(
+                usize::from(args.mtu),
+                DEFAULT_SOCKET_BUFFER_BYTES,
+                !args.common.no_pin,
+                device_wrappers(&args.wrappers),
+            )
+            .context("starting the loopback dataplane")?;
             let acceptor = stack.acceptor(PORT, timeouts)?;
             let connector = stack.connector(PORT, timeouts);
             Ok((Box::new(connector), Box::new(acceptor), Some(stack)))
@@ -192,8 +198,25 @@ fn tap_stack(options: &StackOptions, common: &CommonOptions) -> Result<CoreStack
         }
     };
     let pin = (!common.no_pin).then(|| transport::pin::core_count() - 1);
-    CoreStack::tap(iface, IpCidr::new(address.into(), prefix), mac, options.gateway, DEFAULT_SOCKET_BUFFER_BYTES, pin)
-        .context("starting the TAP dataplane")
+    CoreStack::tap(
+        iface,
+        IpCidr::new(address.into(), prefix),
+        mac,
+        options.gateway,
+        DEFAULT_SOCKET_BUFFER_BYTES,
+        pin,
+        device_wrappers(&options.wrappers),
+    )
+    .context("starting the TAP dataplane")
+}
+
+fn device_wrappers(options: &WrapperOptions) -> DeviceWrappers {
+    DeviceWrappers {
+        drop_pct: options.fault_drop,
+        corrupt_pct: options.fault_corrupt,
+        seed: options.fault_seed,
+        pcap: options.pcap.clone(),
+    }
 }
 
 fn parse_mac(text: &str) -> Result<EthernetAddress> {

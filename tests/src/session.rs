@@ -1,6 +1,7 @@
 //! In-process migrations of a synthetic guest over loopback kernel TCP: the source and the
 //! destination engines run in one test process, as an embedding VMM would run them.
 
+use dataplane::core::DeviceWrappers;
 use dataplane::stack::{LoopbackStack, DEFAULT_SOCKET_BUFFER_BYTES};
 use hugepages::HugePolicy;
 use migration::stats::MigrationStats;
@@ -26,12 +27,14 @@ pub struct Outcome {
 }
 
 /// What carries the migration between the two engines.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Link {
     /// The kernel's TCP over 127.0.0.1.
     Kernel,
     /// smoltcp on two dataplane cores joined by the in-process wire, at this IP MTU.
     Loopback { mtu: usize },
+    /// The same with fault injection (and capture) around both ends of the wire.
+    LossyLoopback { mtu: usize, wrappers: DeviceWrappers },
 }
 
 /// Boots a synthetic guest of `mem_bytes` running `workload`, migrates it with `config`
@@ -54,9 +57,15 @@ pub fn migrate_synthetic_on(link: Link, mem_bytes: u64, workload: WorkloadSpec, 
                 TcpConnector::new(acceptor.local_socket_addr().expect("address"), timeouts).expect("connector");
             (Box::new(connector), Box::new(acceptor), None)
         }
-        Link::Loopback { mtu } => {
+        Link::Loopback { .. } | Link::LossyLoopback { .. } => {
+            let (mtu, wrappers) = match link {
+                Link::LossyLoopback { mtu, wrappers } => (mtu, wrappers),
+                Link::Loopback { mtu } => (mtu, DeviceWrappers::default()),
+                Link::Kernel => unreachable!(),
+            };
             // Unpinned: tests run side by side on a small machine.
-            let stack = LoopbackStack::start(mtu, DEFAULT_SOCKET_BUFFER_BYTES, false).expect("loopback stack");
+            let stack =
+                LoopbackStack::start_with(mtu, DEFAULT_SOCKET_BUFFER_BYTES, false, wrappers).expect("loopback stack");
             let acceptor = stack.acceptor(4444, timeouts).expect("listen");
             (Box::new(stack.connector(4444, timeouts)), Box::new(acceptor), Some(stack))
         }
