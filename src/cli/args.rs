@@ -22,6 +22,44 @@ pub enum Command {
     Send(SendArgs),
     /// Receive one migration, run the resumed guest for --run-after seconds, and exit.
     Recv(RecvArgs),
+    /// Link benchmark: send one bulk TCP stream of --bytes (no migration).
+    StreamSend(StreamSendArgs),
+    /// Link benchmark: receive one bulk TCP stream and report goodput and CPU time.
+    StreamRecv(StreamRecvArgs),
+    /// Link benchmark: one bulk stream between two dataplane cores on the in-process wire.
+    StreamLoopback(StreamLoopbackArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct StreamSendArgs {
+    #[arg(long)]
+    pub to: String,
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    pub bytes: u64,
+    #[command(flatten)]
+    pub stack: StackOptions,
+    #[arg(long)]
+    pub no_pin: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct StreamRecvArgs {
+    #[arg(long)]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub stack: StackOptions,
+    #[arg(long)]
+    pub no_pin: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct StreamLoopbackArgs {
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    pub bytes: u64,
+    #[arg(long, default_value_t = 1500)]
+    pub mtu: usize,
+    #[arg(long)]
+    pub no_pin: bool,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -24,6 +24,16 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Demo(args) => demo(args),
         Command::Send(args) => send(args),
         Command::Recv(args) => recv(args),
+        Command::StreamSend(args) => {
+            let connector = stream_connector(&args)?;
+            super::stream::send(&*connector.0, args.bytes)
+        }
+        Command::StreamRecv(args) => {
+            let (mut acceptor, _stack) = stream_acceptor(&args)?;
+            eprintln!("vmigrate: waiting for a stream on {}", acceptor.local_addr());
+            super::stream::receive(&mut *acceptor)
+        }
+        Command::StreamLoopback(args) => super::stream::loopback(args.bytes, args.mtu, !args.no_pin),
     }
 }
 
@@ -227,22 +237,59 @@ fn parse_mac(text: &str) -> Result<EthernetAddress> {
     Ok(EthernetAddress(bytes))
 }
 
-fn send(args: SendArgs) -> Result<ExitCode> {
-    let guest = boot_guest(&args.guest, &args.common)?;
+fn stream_connector(args: &super::args::StreamSendArgs) -> Result<(Box<dyn Connector>, Option<CoreStack>)> {
+    let common = CommonOptions { no_deferred_cleanup: false, no_pin: args.no_pin, hugepages: "off".into(), json: true };
+    connector_for(&args.stack, &common, &args.to)
+}
+
+fn stream_acceptor(args: &super::args::StreamRecvArgs) -> Result<(Box<dyn Acceptor>, Option<CoreStack>)> {
+    let common = CommonOptions { no_deferred_cleanup: false, no_pin: args.no_pin, hugepages: "off".into(), json: true };
+    acceptor_for(&args.stack, &common, args.listen)
+}
+
+/// The source's side of the stack the options choose.
+fn connector_for(
+    stack: &StackOptions,
+    common: &CommonOptions,
+    to: &str,
+) -> Result<(Box<dyn Connector>, Option<CoreStack>)> {
     let timeouts = Timeouts::default();
-    let (connector, _stack): (Box<dyn Connector>, Option<CoreStack>) = match args.stack.stack {
+    Ok(match stack.stack {
         NetStack::Kernel => {
-            let connector =
-                TcpConnector::new(args.to.as_str(), timeouts).with_context(|| format!("resolving {}", args.to))?;
+            let connector = TcpConnector::new(to, timeouts).with_context(|| format!("resolving {to}"))?;
             (Box::new(connector), None)
         }
         NetStack::Tap => {
-            let to: SocketAddrV4 =
-                args.to.parse().with_context(|| format!("--to {} is not IPV4-ADDRESS:PORT", args.to))?;
-            let stack = tap_stack(&args.stack, &args.common)?;
+            let to: SocketAddrV4 = to.parse().with_context(|| format!("--to {to} is not IPV4-ADDRESS:PORT"))?;
+            let stack = tap_stack(stack, common)?;
             (Box::new(stack.connector(to, timeouts)), Some(stack))
         }
-    };
+    })
+}
+
+/// The destination's side of the stack the options choose.
+fn acceptor_for(
+    stack: &StackOptions,
+    common: &CommonOptions,
+    listen: std::net::SocketAddr,
+) -> Result<(Box<dyn Acceptor>, Option<CoreStack>)> {
+    let timeouts = Timeouts::default();
+    Ok(match stack.stack {
+        NetStack::Kernel => {
+            let acceptor = TcpAcceptor::bind(listen, timeouts).with_context(|| format!("listening on {listen}"))?;
+            (Box::new(acceptor), None)
+        }
+        NetStack::Tap => {
+            let stack = tap_stack(stack, common)?;
+            let acceptor = stack.acceptor(listen.port(), timeouts)?;
+            (Box::new(acceptor), Some(stack))
+        }
+    })
+}
+
+fn send(args: SendArgs) -> Result<ExitCode> {
+    let guest = boot_guest(&args.guest, &args.common)?;
+    let (connector, _stack) = connector_for(&args.stack, &args.common, &args.to)?;
     let config = source_config(&args.source, &args.common);
     let mut progress = report::ProgressView::new(args.common.json);
     let result = migrate(&guest, &*connector, &config, &mut |p| progress.update(p));
@@ -271,19 +318,7 @@ fn recv(args: RecvArgs) -> Result<ExitCode> {
     let policy = parse_huge_policy(&args.common.hugepages).map_err(anyhow::Error::msg)?;
     let config =
         destination_config(&args.destination, &args.common, args.max_mem, Duration::from_secs_f64(args.accept_timeout));
-    let timeouts = Timeouts::default();
-    let (mut acceptor, _stack): (Box<dyn Acceptor>, Option<CoreStack>) = match args.stack.stack {
-        NetStack::Kernel => {
-            let acceptor =
-                TcpAcceptor::bind(args.listen, timeouts).with_context(|| format!("listening on {}", args.listen))?;
-            (Box::new(acceptor), None)
-        }
-        NetStack::Tap => {
-            let stack = tap_stack(&args.stack, &args.common)?;
-            let acceptor = stack.acceptor(args.listen.port(), timeouts)?;
-            (Box::new(acceptor), Some(stack))
-        }
-    };
+    let (mut acceptor, _stack) = acceptor_for(&args.stack, &args.common, args.listen)?;
     // Always on stderr (JSON goes to stdout): with --listen ADDR:0 this is how a caller
     // learns the port.
     eprintln!("vmigrate: waiting for a migration on {}", acceptor.local_addr());

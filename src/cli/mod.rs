@@ -3,6 +3,7 @@
 mod args;
 mod commands;
 mod report;
+mod stream;
 
 pub use args::Cli;
 pub use commands::run;

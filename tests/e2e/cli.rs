@@ -105,3 +105,21 @@ fn send_and_recv_four_connections_zlib_xbzrle() {
         ],
     );
 }
+
+#[test]
+fn link_benchmark_streams_count_every_byte() {
+    let looped = run(Command::new(BIN).args(["stream-loopback", "--bytes", "16MiB", "--no-pin"]), DEADLINE);
+    assert!(looped.status.success(), "{}", looped.stderr);
+    let value = json(&looped.stdout);
+    assert_eq!(value["bytes"], 16 << 20);
+    assert!(value["gbit-per-s"].as_f64().unwrap() > 0.0);
+
+    let mut command = Command::new(BIN);
+    command.args(["stream-recv", "--listen", "127.0.0.1:0"]);
+    let receiver = vmigrate_tests::process::Receiver::spawn_announcing(command, "vmigrate: waiting for a stream on ");
+    let sent = run(Command::new(BIN).args(["stream-send", "--to", &receiver.address, "--bytes", "8MiB"]), DEADLINE);
+    let received = receiver.wait(DEADLINE);
+    assert!(sent.status.success(), "{}", sent.stderr);
+    assert!(received.status.success(), "{}", received.stderr);
+    assert_eq!(json(&received.stdout)["bytes"], 8 << 20);
+}

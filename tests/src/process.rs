@@ -83,14 +83,20 @@ impl Receiver {
 
     /// Starts a command that runs `vmigrate recv` (possibly through a wrapper such as
     /// `ip netns exec`) and reads the address it announces listening on.
-    pub fn spawn(mut command: Command) -> Receiver {
+    pub fn spawn(command: Command) -> Receiver {
+        Receiver::spawn_announcing(command, "vmigrate: waiting for a migration on ")
+    }
+
+    /// As [`Receiver::spawn`], for a command whose first stderr line is `announcement`
+    /// followed by the address.
+    pub fn spawn_announcing(mut command: Command, announcement: &str) -> Receiver {
         let mut child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("start vmigrate recv");
         let mut reader = BufReader::new(child.stderr.take().expect("piped stderr"));
         let mut first_line = String::new();
         reader.read_line(&mut first_line).expect("read recv's first line");
         let address = first_line
             .trim()
-            .strip_prefix("vmigrate: waiting for a migration on ")
+            .strip_prefix(announcement)
             .and_then(|rest| rest.split(' ').next())
             .filter(|a| a.parse::<std::net::SocketAddr>().is_ok())
             .map(str::to_string);
