@@ -42,6 +42,16 @@ pub struct CoreConfig {
     pub pin_core: Option<usize>,
     /// Wrappers around the NIC device, chosen on the command line.
     pub wrappers: DeviceWrappers,
+    pub congestion: Congestion,
+}
+
+/// TCP congestion control of a core's sockets (smoltcp's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Congestion {
+    None,
+    Reno,
+    #[default]
+    Cubic,
 }
 
 /// Debug layers around any NIC backend, in the style of smoltcp's own: seeded fault
@@ -186,6 +196,11 @@ impl<D: Device> Core<D> {
         // Bulk transfer: full segments matter more than latency of small writes.
         socket.set_nagle_enabled(false);
         socket.set_ack_delay(None);
+        socket.set_congestion_control(match self.config.congestion {
+            Congestion::None => tcp::CongestionControl::None,
+            Congestion::Reno => tcp::CongestionControl::Reno,
+            Congestion::Cubic => tcp::CongestionControl::Cubic,
+        });
         self.sockets.add(socket)
     }
 

@@ -1,12 +1,13 @@
 //! Stacks as the engine sees them: a `Connector` for the source and an `Acceptor` for the
 //! destination, each backed by a dataplane core.
 
-use crate::core::{Command, CoreConfig, CoreHandle, DeviceWrappers};
+use crate::core::{Command, Congestion, CoreConfig, CoreHandle, DeviceWrappers};
 use crate::pipe::{connection, PipeShared};
 use crate::wire::wire_pair;
 use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr, IpEndpoint, Ipv4Address};
 use std::io;
 use std::net::SocketAddrV4;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use transport::abort::SessionAbort;
@@ -20,27 +21,37 @@ pub const DEFAULT_SOCKET_BUFFER_BYTES: usize = 1 << 20;
 /// Connections waiting to be accepted per listener.
 const ACCEPT_QUEUE: usize = 64;
 
-/// Opens connections through a core.
+/// Opens connections through one or more cores: each new connection goes to the next core
+/// in turn (and to the peer address that core reaches), so the connections of a migration
+/// spread over the cores and each core owns its own.
 pub struct CoreConnector {
-    core: Arc<CoreHandle>,
-    remote: IpEndpoint,
+    routes: Vec<(Arc<CoreHandle>, IpEndpoint)>,
+    next: AtomicUsize,
     timeouts: Timeouts,
+}
+
+impl CoreConnector {
+    fn new(routes: Vec<(Arc<CoreHandle>, IpEndpoint)>, timeouts: Timeouts) -> Self {
+        CoreConnector { routes, next: AtomicUsize::new(0), timeouts }
+    }
 }
 
 impl Connector for CoreConnector {
     fn connect(&self) -> io::Result<Connection> {
+        let (core, remote) = &self.routes[self.next.fetch_add(1, Ordering::Relaxed) % self.routes.len()];
+        let remote = *remote;
         let (reply, answer) = std::sync::mpsc::channel();
-        self.core.send(Command::Connect { remote: self.remote, reply })?;
+        core.send(Command::Connect { remote, reply })?;
         let shared = answer
             .recv_timeout(self.timeouts.connect)
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("connect to {}: timed out", self.remote)))??;
-        Ok(connection(shared, self.remote.to_string(), self.timeouts.io))
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("connect to {remote}: timed out")))??;
+        Ok(connection(shared, remote.to_string(), self.timeouts.io))
     }
 }
 
 /// Accepts connections on a core's listening port.
 pub struct CoreAcceptor {
-    _core: Arc<CoreHandle>,
+    _cores: Vec<Arc<CoreHandle>>,
     accepted: Arc<Ring<Arc<PipeShared>>>,
     local: String,
     timeouts: Timeouts,
@@ -67,44 +78,23 @@ pub struct CoreStack {
 }
 
 impl CoreStack {
-    /// A core on the TAP device `iface`, owning `ip` (with its prefix) and `mac`.
-    pub fn tap(
-        iface: &str,
-        ip: IpCidr,
-        mac: EthernetAddress,
-        gateway: Option<Ipv4Address>,
-        socket_buffer_bytes: usize,
-        pin_core: Option<usize>,
-        wrappers: DeviceWrappers,
-    ) -> io::Result<CoreStack> {
-        let IpAddress::Ipv4(address) = ip.address();
+    /// A core on the TAP device `iface`, with `config`'s address, MAC and settings.
+    pub fn tap(iface: &str, config: CoreConfig) -> io::Result<CoreStack> {
+        let IpAddress::Ipv4(address) = config.ip.address();
         let name = iface.to_string();
-        let config = CoreConfig {
-            name: format!("dataplane-{iface}"),
-            mac,
-            ip,
-            gateway,
-            socket_buffer_bytes,
-            pin_core,
-            wrappers,
-        };
         let core = CoreHandle::start(move || crate::tap::open_tap(&name), config)?;
         Ok(CoreStack { core: Arc::new(core), ip: address })
     }
 
     pub fn connector(&self, remote: SocketAddrV4, timeouts: Timeouts) -> CoreConnector {
-        CoreConnector {
-            core: self.core.clone(),
-            remote: IpEndpoint::new((*remote.ip()).into(), remote.port()),
-            timeouts,
-        }
+        CoreConnector::new(vec![(self.core.clone(), IpEndpoint::new((*remote.ip()).into(), remote.port()))], timeouts)
     }
 
     pub fn acceptor(&self, port: u16, timeouts: Timeouts) -> io::Result<CoreAcceptor> {
         let accepted = Arc::new(Ring::new(ACCEPT_QUEUE));
         self.core.send(Command::Listen { port, accepted: accepted.clone() })?;
         Ok(CoreAcceptor {
-            _core: self.core.clone(),
+            _cores: vec![self.core.clone()],
             accepted,
             local: format!("{}:{port}", self.ip),
             timeouts,
@@ -113,64 +103,106 @@ impl CoreStack {
     }
 }
 
-/// Two dataplane cores joined by the in-process wire: the source's stack and the
-/// destination's, in one process, with no kernel networking at all.
-pub struct LoopbackStack {
-    source: Arc<CoreHandle>,
-    destination: Arc<CoreHandle>,
+/// Settings of a loopback stack.
+#[derive(Debug, Clone)]
+pub struct LoopbackOptions {
+    pub mtu: usize,
+    pub socket_buffer_bytes: usize,
+    /// Dataplane cores per side; core i of the source is wired to core i of the
+    /// destination, and connections spread over the pairs.
+    pub cores: usize,
+    /// Pin the cores to the last cores of the machine (the engine's workers start from the
+    /// first).
+    pub pin: bool,
+    /// Around every wire end (each end draws faults from its own seed; a pcap file records
+    /// the first source core's end).
+    pub wrappers: DeviceWrappers,
+    pub congestion: Congestion,
 }
 
-const SOURCE_IP: Ipv4Address = Ipv4Address::new(127, 0, 0, 1);
-const DESTINATION_IP: Ipv4Address = Ipv4Address::new(127, 0, 0, 2);
+impl Default for LoopbackOptions {
+    fn default() -> Self {
+        LoopbackOptions {
+            mtu: 1500,
+            socket_buffer_bytes: DEFAULT_SOCKET_BUFFER_BYTES,
+            cores: 1,
+            pin: false,
+            wrappers: DeviceWrappers::default(),
+            congestion: Congestion::default(),
+        }
+    }
+}
+
+/// Dataplane cores joined in pairs by in-process wires: the source's stack and the
+/// destination's, in one process, with no kernel networking at all.
+pub struct LoopbackStack {
+    /// (source core, destination core, destination address) per wire.
+    pairs: Vec<(Arc<CoreHandle>, Arc<CoreHandle>, Ipv4Address)>,
+}
 
 impl LoopbackStack {
-    /// `pin`: pin the two cores to the last cores of the machine (the engine's workers start
-    /// from the first).
     pub fn start(mtu: usize, socket_buffer_bytes: usize, pin: bool) -> io::Result<LoopbackStack> {
-        Self::start_with(mtu, socket_buffer_bytes, pin, DeviceWrappers::default())
+        Self::start_with(LoopbackOptions { mtu, socket_buffer_bytes, pin, ..LoopbackOptions::default() })
     }
 
-    /// As [`LoopbackStack::start`], with `wrappers` around both ends of the wire (each end
-    /// draws its faults from its own seed, derived from `wrappers.seed`; a pcap file, if
-    /// any, records the source's end).
-    pub fn start_with(
-        mtu: usize,
-        socket_buffer_bytes: usize,
-        pin: bool,
-        wrappers: DeviceWrappers,
-    ) -> io::Result<LoopbackStack> {
-        let (a, b) = wire_pair(mtu);
-        let cores = transport::pin::core_count();
-        let config = |name: &str, mac: [u8; 6], ip: Ipv4Address, core: usize, wrappers: DeviceWrappers| CoreConfig {
-            name: name.into(),
-            mac: EthernetAddress(mac),
-            ip: IpCidr::new(ip.into(), 8),
-            gateway: None,
-            socket_buffer_bytes,
-            pin_core: pin.then_some(core),
-            wrappers,
-        };
-        let destination_wrappers =
-            DeviceWrappers { seed: wrappers.seed.wrapping_add(1), pcap: None, ..wrappers.clone() };
-        let source_config = config("dataplane-src", [2, 0, 0, 0, 0, 1], SOURCE_IP, cores.saturating_sub(1), wrappers);
-        let source = CoreHandle::start(move || Ok(a), source_config)?;
-        let destination_config =
-            config("dataplane-dst", [2, 0, 0, 0, 0, 2], DESTINATION_IP, cores.saturating_sub(2), destination_wrappers);
-        let destination = CoreHandle::start(move || Ok(b), destination_config)?;
-        Ok(LoopbackStack { source: Arc::new(source), destination: Arc::new(destination) })
+    pub fn start_with(options: LoopbackOptions) -> io::Result<LoopbackStack> {
+        let machine_cores = transport::pin::core_count();
+        let mut pairs = Vec::new();
+        for pair in 0..options.cores.clamp(1, 250) {
+            let (a, b) = wire_pair(options.mtu);
+            // Each wire is its own /24 in 127/8: frames never leave the process.
+            let subnet = pair as u8;
+            let source_ip = Ipv4Address::new(127, 0, subnet, 1);
+            let destination_ip = Ipv4Address::new(127, 0, subnet, 2);
+            let config = |name: String, host: u8, ip: Ipv4Address, core: usize, wrappers: DeviceWrappers| CoreConfig {
+                name,
+                mac: EthernetAddress([2, 0, 0, 0, subnet, host]),
+                ip: IpCidr::new(ip.into(), 24),
+                gateway: None,
+                socket_buffer_bytes: options.socket_buffer_bytes,
+                pin_core: options.pin.then_some(core),
+                wrappers,
+                congestion: options.congestion,
+            };
+            let seed = options.wrappers.seed.wrapping_add(2 * pair as u32);
+            let source_wrappers = DeviceWrappers {
+                seed,
+                pcap: if pair == 0 { options.wrappers.pcap.clone() } else { None },
+                ..options.wrappers.clone()
+            };
+            let destination_wrappers =
+                DeviceWrappers { seed: seed.wrapping_add(1), pcap: None, ..options.wrappers.clone() };
+            let source_core = (machine_cores + machine_cores - 1 - (2 * pair) % machine_cores) % machine_cores;
+            let destination_core = (source_core + machine_cores - 1) % machine_cores;
+            let source = CoreHandle::start(
+                move || Ok(a),
+                config(format!("dataplane-src-{pair}"), 1, source_ip, source_core, source_wrappers),
+            )?;
+            let destination = CoreHandle::start(
+                move || Ok(b),
+                config(format!("dataplane-dst-{pair}"), 2, destination_ip, destination_core, destination_wrappers),
+            )?;
+            pairs.push((Arc::new(source), Arc::new(destination), destination_ip));
+        }
+        Ok(LoopbackStack { pairs })
     }
 
     pub fn connector(&self, port: u16, timeouts: Timeouts) -> CoreConnector {
-        CoreConnector { core: self.source.clone(), remote: IpEndpoint::new(DESTINATION_IP.into(), port), timeouts }
+        let routes =
+            self.pairs.iter().map(|(source, _, ip)| (source.clone(), IpEndpoint::new((*ip).into(), port))).collect();
+        CoreConnector::new(routes, timeouts)
     }
 
     pub fn acceptor(&self, port: u16, timeouts: Timeouts) -> io::Result<CoreAcceptor> {
+        // Every destination core listens; accepted connections from all of them queue here.
         let accepted = Arc::new(Ring::new(ACCEPT_QUEUE));
-        self.destination.send(Command::Listen { port, accepted: accepted.clone() })?;
+        for (_, destination, _) in &self.pairs {
+            destination.send(Command::Listen { port, accepted: accepted.clone() })?;
+        }
         Ok(CoreAcceptor {
-            _core: self.destination.clone(),
+            _cores: self.pairs.iter().map(|(_, destination, _)| destination.clone()).collect(),
             accepted,
-            local: format!("{DESTINATION_IP}:{port} (loopback wire)"),
+            local: format!("127.0.0.2:{port} (loopback wire, {} core(s) per side)", self.pairs.len()),
             timeouts,
             never: SessionAbort::new(),
         })

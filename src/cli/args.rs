@@ -54,8 +54,14 @@ pub struct StreamRecvArgs {
 
 #[derive(Args, Debug)]
 pub struct StreamLoopbackArgs {
+    /// Bytes per stream.
     #[arg(long, default_value = "1GiB", value_parser = parse_size)]
     pub bytes: u64,
+    /// Parallel streams (default: one per dataplane core).
+    #[arg(long)]
+    pub streams: Option<usize>,
+    #[command(flatten)]
+    pub dataplane: DataplaneOptions,
     #[arg(long, default_value_t = 1500)]
     pub mtu: usize,
     #[arg(long)]
@@ -84,6 +90,27 @@ pub struct GuestArgs {
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GuestKind {
     Synthetic,
+}
+
+/// How our userspace stack runs (not the kernel's).
+#[derive(Args, Debug, Clone)]
+pub struct DataplaneOptions {
+    /// Dataplane cores per side (the in-process wire; TAP uses one until multi-queue).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub dataplane_cores: u16,
+    /// Send and receive buffer of each TCP socket (window scaling follows).
+    #[arg(long, default_value = "1MiB", value_parser = parse_size)]
+    pub socket_buffer: u64,
+    /// TCP congestion control of our sockets.
+    #[arg(long, value_enum, default_value = "cubic")]
+    pub congestion: CongestionArg,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CongestionArg {
+    Cubic,
+    Reno,
+    None,
 }
 
 /// Debug layers around our stack's NIC backend (not the kernel stack).
@@ -125,6 +152,8 @@ pub struct StackOptions {
     pub gateway: Option<std::net::Ipv4Addr>,
     #[command(flatten)]
     pub wrappers: WrapperOptions,
+    #[command(flatten)]
+    pub dataplane: DataplaneOptions,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -225,6 +254,8 @@ pub struct DemoArgs {
     pub mtu: u16,
     #[command(flatten)]
     pub wrappers: WrapperOptions,
+    #[command(flatten)]
+    pub dataplane: DataplaneOptions,
     #[command(flatten)]
     pub guest: GuestArgs,
     #[command(flatten)]

@@ -1,11 +1,11 @@
 use super::args::{
-    Cli, Command, CommonOptions, DemoArgs, DemoStack, DestinationOptions, GuestArgs, NetStack, OnLimit, RecvArgs,
-    SendArgs, SourceOptions, StackOptions, WrapperOptions,
+    Cli, Command, CommonOptions, CongestionArg, DataplaneOptions, DemoArgs, DemoStack, DestinationOptions, GuestArgs,
+    NetStack, OnLimit, RecvArgs, SendArgs, SourceOptions, StackOptions, WrapperOptions,
 };
 use super::report;
 use anyhow::{bail, Context, Result};
-use dataplane::core::DeviceWrappers;
-use dataplane::stack::{CoreStack, LoopbackStack, DEFAULT_SOCKET_BUFFER_BYTES};
+use dataplane::core::{Congestion, CoreConfig, DeviceWrappers};
+use dataplane::stack::{CoreStack, LoopbackOptions, LoopbackStack};
 use dataplane::wire_types::{EthernetAddress, IpCidr};
 use migration::precopy::{LimitAction, PrecopyConfig};
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -33,7 +33,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             eprintln!("vmigrate: waiting for a stream on {}", acceptor.local_addr());
             super::stream::receive(&mut *acceptor)
         }
-        Command::StreamLoopback(args) => super::stream::loopback(args.bytes, args.mtu, !args.no_pin),
+        Command::StreamLoopback(args) => {
+            let options = LoopbackOptions { mtu: args.mtu, pin: !args.no_pin, ..loopback_options(&args.dataplane) };
+            let streams = args.streams.unwrap_or(options.cores);
+            super::stream::loopback(args.bytes, options, streams)
+        }
     }
 }
 
@@ -124,12 +128,12 @@ fn demo_link(args: &DemoArgs) -> Result<DemoLink> {
         }
         DemoStack::Loopback => {
             const PORT: u16 = 4444;
-            let stack = LoopbackStack::start_with(
-                usize::from(args.mtu),
-                DEFAULT_SOCKET_BUFFER_BYTES,
-                !args.common.no_pin,
-                device_wrappers(&args.wrappers),
-            )
+            let stack = LoopbackStack::start_with(LoopbackOptions {
+                mtu: usize::from(args.mtu),
+                pin: !args.common.no_pin,
+                wrappers: device_wrappers(&args.wrappers),
+                ..loopback_options(&args.dataplane)
+            })
             .context("starting the loopback dataplane")?;
             let acceptor = stack.acceptor(PORT, timeouts)?;
             let connector = stack.connector(PORT, timeouts);
@@ -208,16 +212,34 @@ fn tap_stack(options: &StackOptions, common: &CommonOptions) -> Result<CoreStack
         }
     };
     let pin = (!common.no_pin).then(|| transport::pin::core_count() - 1);
-    CoreStack::tap(
-        iface,
-        IpCidr::new(address.into(), prefix),
+    let config = CoreConfig {
+        name: format!("dataplane-{iface}"),
         mac,
-        options.gateway,
-        DEFAULT_SOCKET_BUFFER_BYTES,
-        pin,
-        device_wrappers(&options.wrappers),
-    )
-    .context("starting the TAP dataplane")
+        ip: IpCidr::new(address.into(), prefix),
+        gateway: options.gateway,
+        socket_buffer_bytes: options.dataplane.socket_buffer as usize,
+        pin_core: pin,
+        wrappers: device_wrappers(&options.wrappers),
+        congestion: congestion(options.dataplane.congestion),
+    };
+    CoreStack::tap(iface, config).context("starting the TAP dataplane")
+}
+
+pub(super) fn congestion(arg: CongestionArg) -> Congestion {
+    match arg {
+        CongestionArg::Cubic => Congestion::Cubic,
+        CongestionArg::Reno => Congestion::Reno,
+        CongestionArg::None => Congestion::None,
+    }
+}
+
+pub(super) fn loopback_options(options: &DataplaneOptions) -> LoopbackOptions {
+    LoopbackOptions {
+        cores: usize::from(options.dataplane_cores),
+        socket_buffer_bytes: options.socket_buffer as usize,
+        congestion: congestion(options.congestion),
+        ..LoopbackOptions::default()
+    }
 }
 
 fn device_wrappers(options: &WrapperOptions) -> DeviceWrappers {

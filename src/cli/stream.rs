@@ -2,7 +2,7 @@
 //! userspace stack can be put beside the kernel's on the same link in one run.
 
 use anyhow::{bail, Context, Result};
-use dataplane::stack::{LoopbackStack, DEFAULT_SOCKET_BUFFER_BYTES};
+use dataplane::stack::{LoopbackOptions, LoopbackStack};
 use std::io::{Read, Write};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -55,7 +55,11 @@ fn write_stream(connector: &dyn Connector, bytes: u64) -> Result<()> {
 }
 
 fn read_stream(acceptor: &mut dyn Acceptor) -> Result<(u64, Duration)> {
-    let mut connection = acceptor.accept(Duration::from_secs(60)).context("waiting for the stream")?;
+    let connection = acceptor.accept(Duration::from_secs(60)).context("waiting for the stream")?;
+    read_connection(connection)
+}
+
+fn read_connection(mut connection: transport::pipe::Connection) -> Result<(u64, Duration)> {
     let mut header = [0u8; 8];
     connection.reader.read_exact(&mut header)?;
     let start = Instant::now();
@@ -91,16 +95,36 @@ pub fn receive(acceptor: &mut dyn Acceptor) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Both ends in this process, on two dataplane cores joined by the in-process wire.
-pub fn loopback(bytes: u64, mtu: usize, pin: bool) -> Result<ExitCode> {
-    let stack = LoopbackStack::start(mtu, DEFAULT_SOCKET_BUFFER_BYTES, pin)?;
+/// Both ends in this process, on dataplane cores joined by in-process wires: `streams`
+/// bulk streams of `bytes` each, in parallel (they spread over the cores).
+pub fn loopback(bytes: u64, options: LoopbackOptions, streams: usize) -> Result<ExitCode> {
+    let stack = LoopbackStack::start_with(options)?;
     let timeouts = Timeouts::default();
     let mut acceptor = stack.acceptor(5001, timeouts)?;
     let connector = stack.connector(5001, timeouts);
+    let streams = streams.max(1);
     let cpu = cpu_time();
-    let receiver = std::thread::spawn(move || read_stream(&mut acceptor));
-    write_stream(&connector, bytes)?;
-    let (received, elapsed) = receiver.join().map_err(|_| anyhow::anyhow!("receiver panicked"))??;
-    println!("{}", report("loopback", received, elapsed, cpu_time() - cpu));
+    let start = Instant::now();
+    let (received, _) = std::thread::scope(|scope| -> Result<(u64, Duration)> {
+        let receiver = scope.spawn(|| -> Result<(u64, Duration)> {
+            let readers: Vec<_> = (0..streams)
+                .map(|_| acceptor.accept(Duration::from_secs(60)).context("waiting for a stream"))
+                .collect::<Result<_>>()?;
+            let totals = std::thread::scope(|inner| {
+                let handles: Vec<_> = readers.into_iter().map(|c| inner.spawn(move || read_connection(c))).collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().map_err(|_| anyhow::anyhow!("reader panicked"))?)
+                    .collect::<Result<Vec<_>>>()
+            })?;
+            Ok((totals.iter().map(|t| t.0).sum(), totals.iter().map(|t| t.1).max().unwrap_or_default()))
+        });
+        let writers: Vec<_> = (0..streams).map(|_| scope.spawn(|| write_stream(&connector, bytes))).collect();
+        for writer in writers {
+            writer.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+        }
+        receiver.join().map_err(|_| anyhow::anyhow!("receiver panicked"))?
+    })?;
+    println!("{}", report("loopback", received, start.elapsed(), cpu_time() - cpu));
     Ok(ExitCode::SUCCESS)
 }

@@ -37,7 +37,7 @@ fn check(link: &Link, workload: WorkloadSpec, codec: Codec, connections: u16, xb
 
 #[test]
 fn every_workload_over_the_loopback_wire() {
-    let link = Link::Loopback { mtu: 1500 };
+    let link = Link::Loopback { mtu: 1500, cores: 1 };
     for workload in [
         WorkloadSpec::Seq { pages_per_s: 50_000 },
         WorkloadSpec::Dirty { area_bytes: 16 << 20, pages_per_s: 5000, bits: 16 },
@@ -51,7 +51,7 @@ fn every_workload_over_the_loopback_wire() {
 
 #[test]
 fn jumbo_frames_and_every_codec() {
-    let link = Link::Loopback { mtu: 9000 };
+    let link = Link::Loopback { mtu: 9000, cores: 1 };
     let workload = WorkloadSpec::Dirty { area_bytes: 16 << 20, pages_per_s: 5000, bits: 16 };
     for codec in [Codec::None, Codec::Lz4, Codec::Zlib { level: 1 }] {
         check(&link, workload, codec, 2, false);
@@ -81,4 +81,13 @@ fn lossy_and_corrupting_wire_still_migrates_intact() {
     let stats = outcome.source.expect("migration over a lossy wire");
     assert_eq!(stats.verified, Some(true));
     outcome.destination_check.expect("seq pages intact");
+}
+
+#[test]
+fn connections_spread_over_two_dataplane_cores_per_side() {
+    let link = Link::Loopback { mtu: 1500, cores: 2 };
+    let workload = WorkloadSpec::Dirty { area_bytes: 16 << 20, pages_per_s: 5000, bits: 16 };
+    for connections in [2, 4] {
+        check(&link, workload, Codec::Lz4, connections, true);
+    }
 }

@@ -2,7 +2,7 @@
 //! destination engines run in one test process, as an embedding VMM would run them.
 
 use dataplane::core::DeviceWrappers;
-use dataplane::stack::{LoopbackStack, DEFAULT_SOCKET_BUFFER_BYTES};
+use dataplane::stack::{LoopbackOptions, LoopbackStack};
 use hugepages::HugePolicy;
 use migration::stats::MigrationStats;
 use std::sync::Arc;
@@ -31,8 +31,9 @@ pub struct Outcome {
 pub enum Link {
     /// The kernel's TCP over 127.0.0.1.
     Kernel,
-    /// smoltcp on two dataplane cores joined by the in-process wire, at this IP MTU.
-    Loopback { mtu: usize },
+    /// smoltcp on dataplane cores joined by the in-process wire, at this IP MTU, with
+    /// `cores` cores per side.
+    Loopback { mtu: usize, cores: usize },
     /// The same with fault injection (and capture) around both ends of the wire.
     LossyLoopback { mtu: usize, wrappers: DeviceWrappers },
 }
@@ -58,14 +59,14 @@ pub fn migrate_synthetic_on(link: Link, mem_bytes: u64, workload: WorkloadSpec, 
             (Box::new(connector), Box::new(acceptor), None)
         }
         Link::Loopback { .. } | Link::LossyLoopback { .. } => {
-            let (mtu, wrappers) = match link {
-                Link::LossyLoopback { mtu, wrappers } => (mtu, wrappers),
-                Link::Loopback { mtu } => (mtu, DeviceWrappers::default()),
+            let (mtu, wrappers, cores) = match link {
+                Link::LossyLoopback { mtu, wrappers } => (mtu, wrappers, 1),
+                Link::Loopback { mtu, cores } => (mtu, DeviceWrappers::default(), cores),
                 Link::Kernel => unreachable!(),
             };
             // Unpinned: tests run side by side on a small machine.
-            let stack =
-                LoopbackStack::start_with(mtu, DEFAULT_SOCKET_BUFFER_BYTES, false, wrappers).expect("loopback stack");
+            let options = LoopbackOptions { mtu, wrappers, cores, ..LoopbackOptions::default() };
+            let stack = LoopbackStack::start_with(options).expect("loopback stack");
             let acceptor = stack.acceptor(4444, timeouts).expect("listen");
             (Box::new(stack.connector(4444, timeouts)), Box::new(acceptor), Some(stack))
         }
