@@ -302,9 +302,11 @@ fn connection_writer(shared: &Shared<'_>, index: usize, mut writer: Box<dyn Writ
         if let Some(limiter) = &shared.limiter {
             limiter.acquire(bytes.len());
         }
-        writer.write_all(bytes)?;
+        // Counted before the write: the destination may answer a frame (VerifyResult to
+        // VerifyDigest) before this thread runs again, and the totals read then must
+        // include it. A failed write fails the session, so the count never lies.
         shared.wire_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        Ok(())
+        writer.write_all(bytes)
     };
     loop {
         let Ok(item) = shared.outgoing[index].pop(&shared.abort) else {
