@@ -101,9 +101,10 @@ pub struct DataplaneOptions {
     /// Send and receive buffer of each TCP socket (window scaling follows).
     #[arg(long, default_value = "1MiB", value_parser = parse_size)]
     pub socket_buffer: u64,
-    /// TCP congestion control of our sockets.
-    #[arg(long, value_enum, default_value = "cubic")]
-    pub congestion: CongestionArg,
+    /// TCP congestion control of our sockets [default: cubic on a real link (tap); none on
+    /// the in-process wire, which has no other traffic to be fair to].
+    #[arg(long, value_enum)]
+    pub congestion: Option<CongestionArg>,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]

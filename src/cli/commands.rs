@@ -220,7 +220,7 @@ fn tap_stack(options: &StackOptions, common: &CommonOptions) -> Result<CoreStack
         socket_buffer_bytes: options.dataplane.socket_buffer as usize,
         pin_core: pin,
         wrappers: device_wrappers(&options.wrappers),
-        congestion: congestion(options.dataplane.congestion),
+        congestion: congestion(options.dataplane.congestion.unwrap_or(CongestionArg::Cubic)),
     };
     CoreStack::tap(iface, config).context("starting the TAP dataplane")
 }
@@ -237,7 +237,7 @@ pub(super) fn loopback_options(options: &DataplaneOptions) -> LoopbackOptions {
     LoopbackOptions {
         cores: usize::from(options.dataplane_cores),
         socket_buffer_bytes: options.socket_buffer as usize,
-        congestion: congestion(options.congestion),
+        congestion: congestion(options.congestion.unwrap_or(CongestionArg::None)),
         ..LoopbackOptions::default()
     }
 }
