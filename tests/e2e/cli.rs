@@ -3,14 +3,10 @@
 
 use std::process::Command;
 use std::time::Duration;
-use vmigrate_tests::process::{run, Receiver};
+use vmigrate_tests::process::{assert_migrated, json, run, Receiver};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vmigrate");
 const DEADLINE: Duration = Duration::from_secs(120);
-
-fn json(text: &str) -> serde_json::Value {
-    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}):\n{text}"))
-}
 
 #[test]
 fn demo_runs_and_reports_qemu_names() {
@@ -71,15 +67,7 @@ fn two_processes(workload: &str, extra: &[&str]) {
     send_args.extend_from_slice(extra);
     let sender = run(Command::new(BIN).args(&send_args), DEADLINE);
     let received = receiver.wait(DEADLINE);
-    assert!(sender.status.success(), "send failed:\n{}\nrecv:\n{}", sender.stderr, received.stderr);
-    assert!(received.status.success(), "recv failed:\n{}", received.stderr);
-    let sent = json(&sender.stdout);
-    let got = json(&received.stdout);
-    assert_eq!(sent["verified"], true);
-    assert_eq!(got["verified"], true);
-    assert_eq!(got["destination-guest"]["check"], "ok");
-    assert!(got["destination-guest"]["writes-after-resume"].as_u64().unwrap() > 0, "destination guest did not run");
-    assert_eq!(sent["ram"]["transferred"], got["received-bytes"], "both ends count the same bytes");
+    assert_migrated(&sender, &received);
 }
 
 #[test]

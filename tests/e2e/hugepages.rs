@@ -4,14 +4,10 @@
 
 use std::process::Command;
 use std::time::Duration;
-use vmigrate_tests::process::run;
+use vmigrate_tests::process::{json, run};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vmigrate");
 const DEADLINE: Duration = Duration::from_secs(120);
-
-fn json(text: &str) -> serde_json::Value {
-    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}):\n{text}"))
-}
 
 /// Hugepages this test needs: a 64 MiB guest on each side of the demo.
 const HUGEPAGES_NEEDED: u64 = 2 * 32;

@@ -5,7 +5,7 @@
 
 use std::process::Command;
 use std::time::Duration;
-use vmigrate_tests::process::{run, Receiver};
+use vmigrate_tests::process::{assert_migrated, run, Receiver};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vmigrate");
 const NETNS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/netns");
@@ -46,10 +46,6 @@ impl Drop for Namespaces {
     }
 }
 
-fn json(text: &str) -> serde_json::Value {
-    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}):\n{text}"))
-}
-
 const TAP_SRC: [&str; 6] = ["--stack", "tap", "--iface", "tap0", "--ip", "10.77.0.11/24"];
 const TAP_DST: [&str; 6] = ["--stack", "tap", "--iface", "tap0", "--ip", "10.77.0.12/24"];
 
@@ -63,15 +59,7 @@ fn migrate(ns: &Namespaces, recv: &[&str], send: &[&str]) -> serde_json::Value {
     send_args.extend_from_slice(send);
     let sent = run(&mut ns.command("src", &send_args), DEADLINE);
     let received = receiver.wait(DEADLINE);
-    assert!(sent.status.success(), "send failed:\n{}\nrecv:\n{}", sent.stderr, received.stderr);
-    assert!(received.status.success(), "recv failed:\n{}", received.stderr);
-    let sent_json = json(&sent.stdout);
-    let received_json = json(&received.stdout);
-    assert_eq!(sent_json["verified"], true);
-    assert_eq!(received_json["verified"], true);
-    assert_eq!(received_json["destination-guest"]["check"], "ok");
-    assert_eq!(sent_json["ram"]["transferred"], received_json["received-bytes"]);
-    sent_json
+    assert_migrated(&sent, &received).0
 }
 
 #[test]

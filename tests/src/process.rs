@@ -134,3 +134,27 @@ impl Drop for Receiver {
         }
     }
 }
+
+/// Parses a process's JSON output, failing the test with the text if it is not JSON.
+pub fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}):\n{text}"))
+}
+
+/// Checks a completed two-process migration (`send --verify --json`, `recv --json`): both
+/// exited 0, both saw the memory verified, the resumed guest passed its check and kept
+/// running, and both ends counted the same bytes. Returns the two JSON reports.
+pub fn assert_migrated(sent: &Finished, received: &Finished) -> (serde_json::Value, serde_json::Value) {
+    assert!(sent.status.success(), "send failed:\n{}\nrecv:\n{}", sent.stderr, received.stderr);
+    assert!(received.status.success(), "recv failed:\n{}", received.stderr);
+    let sent = json(&sent.stdout);
+    let received = json(&received.stdout);
+    assert_eq!(sent["verified"], true);
+    assert_eq!(received["verified"], true);
+    assert_eq!(received["destination-guest"]["check"], "ok");
+    assert!(
+        received["destination-guest"]["writes-after-resume"].as_u64().unwrap_or(0) > 0,
+        "destination guest did not run"
+    );
+    assert_eq!(sent["ram"]["transferred"], received["received-bytes"], "both ends count the same bytes");
+    (sent, received)
+}
