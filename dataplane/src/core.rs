@@ -43,6 +43,18 @@ pub struct CoreConfig {
     /// Wrappers around the NIC device, chosen on the command line.
     pub wrappers: DeviceWrappers,
     pub congestion: Congestion,
+    pub idle: IdlePolicy,
+}
+
+/// What a core does when a loop found no work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IdlePolicy {
+    /// Keep polling: the lowest latency, for a core that has a CPU to itself.
+    Spin,
+    /// Spin `IDLE_SPINS` loops, then nap `IDLE_NAP` between polls: for shared machines,
+    /// where a spinning core would take the CPU from the workers feeding it.
+    #[default]
+    SpinThenNap,
 }
 
 /// TCP congestion control of a core's sockets (smoltcp's).
@@ -224,7 +236,7 @@ impl<D: Device> Core<D> {
                 idle = 0;
             } else {
                 idle = idle.saturating_add(1);
-                if idle > IDLE_SPINS {
+                if self.config.idle == IdlePolicy::SpinThenNap && idle > IDLE_SPINS {
                     std::thread::sleep(IDLE_NAP);
                 } else {
                     std::hint::spin_loop();

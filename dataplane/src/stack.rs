@@ -1,7 +1,7 @@
 //! Stacks as the engine sees them: a `Connector` for the source and an `Acceptor` for the
 //! destination, each backed by a dataplane core.
 
-use crate::core::{Command, Congestion, CoreConfig, CoreHandle, DeviceWrappers};
+use crate::core::{Command, Congestion, CoreConfig, CoreHandle, DeviceWrappers, IdlePolicy};
 use crate::pipe::{connection, PipeShared};
 use crate::wire::wire_pair;
 use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr, IpEndpoint, Ipv4Address};
@@ -118,6 +118,7 @@ pub struct LoopbackOptions {
     /// the first source core's end).
     pub wrappers: DeviceWrappers,
     pub congestion: Congestion,
+    pub idle: IdlePolicy,
 }
 
 impl Default for LoopbackOptions {
@@ -129,6 +130,7 @@ impl Default for LoopbackOptions {
             pin: false,
             wrappers: DeviceWrappers::default(),
             congestion: Congestion::default(),
+            idle: IdlePolicy::default(),
         }
     }
 }
@@ -163,6 +165,7 @@ impl LoopbackStack {
                 pin_core: options.pin.then_some(core),
                 wrappers,
                 congestion: options.congestion,
+                idle: options.idle,
             };
             let seed = options.wrappers.seed.wrapping_add(2 * pair as u32);
             let source_wrappers = DeviceWrappers {

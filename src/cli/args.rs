@@ -105,6 +105,16 @@ pub struct DataplaneOptions {
     /// the in-process wire, which has no other traffic to be fair to].
     #[arg(long, value_enum)]
     pub congestion: Option<CongestionArg>,
+    /// What a dataplane core does when it finds no work: spin (a dedicated CPU) or spin
+    /// then nap (a shared machine).
+    #[arg(long, value_enum, default_value = "nap")]
+    pub idle: IdleArg,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdleArg {
+    Spin,
+    Nap,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,10 +1,10 @@
 use super::args::{
     Cli, Command, CommonOptions, CongestionArg, DataplaneOptions, DemoArgs, DemoStack, DestinationOptions, GuestArgs,
-    NetStack, OnLimit, RecvArgs, SendArgs, SourceOptions, StackOptions, WrapperOptions,
+    IdleArg, NetStack, OnLimit, RecvArgs, SendArgs, SourceOptions, StackOptions, WrapperOptions,
 };
 use super::report;
 use anyhow::{bail, Context, Result};
-use dataplane::core::{Congestion, CoreConfig, DeviceWrappers};
+use dataplane::core::{Congestion, CoreConfig, DeviceWrappers, IdlePolicy};
 use dataplane::stack::{CoreStack, LoopbackOptions, LoopbackStack};
 use dataplane::wire_types::{EthernetAddress, IpCidr};
 use migration::precopy::{LimitAction, PrecopyConfig};
@@ -221,8 +221,16 @@ fn tap_stack(options: &StackOptions, common: &CommonOptions) -> Result<CoreStack
         pin_core: pin,
         wrappers: device_wrappers(&options.wrappers),
         congestion: congestion(options.dataplane.congestion.unwrap_or(CongestionArg::Cubic)),
+        idle: idle_policy(options.dataplane.idle),
     };
     CoreStack::tap(iface, config).context("starting the TAP dataplane")
+}
+
+fn idle_policy(arg: IdleArg) -> IdlePolicy {
+    match arg {
+        IdleArg::Spin => IdlePolicy::Spin,
+        IdleArg::Nap => IdlePolicy::SpinThenNap,
+    }
 }
 
 pub(super) fn congestion(arg: CongestionArg) -> Congestion {
@@ -238,6 +246,7 @@ pub(super) fn loopback_options(options: &DataplaneOptions) -> LoopbackOptions {
         cores: usize::from(options.dataplane_cores),
         socket_buffer_bytes: options.socket_buffer as usize,
         congestion: congestion(options.congestion.unwrap_or(CongestionArg::None)),
+        idle: idle_policy(options.idle),
         ..LoopbackOptions::default()
     }
 }
