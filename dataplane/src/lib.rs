@@ -9,6 +9,7 @@
 //! rings. This crate knows nothing of pages or migrations: it provides
 //! `transport::pipe::{Connector, Acceptor}` and the engine does the rest.
 
+pub mod af_packet;
 pub mod core;
 pub mod pipe;
 pub mod stack;

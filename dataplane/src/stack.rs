@@ -86,6 +86,14 @@ impl CoreStack {
         Ok(CoreStack { core: Arc::new(core), ip: address })
     }
 
+    /// A core on a packet socket bound to `iface` (mapped TPACKET_V3 rings).
+    pub fn af_packet(iface: &str, qdisc_bypass: bool, config: CoreConfig) -> io::Result<CoreStack> {
+        let IpAddress::Ipv4(address) = config.ip.address();
+        let name = iface.to_string();
+        let core = CoreHandle::start(move || crate::af_packet::AfPacket::open(&name, qdisc_bypass), config)?;
+        Ok(CoreStack { core: Arc::new(core), ip: address })
+    }
+
     pub fn connector(&self, remote: SocketAddrV4, timeouts: Timeouts) -> CoreConnector {
         CoreConnector::new(vec![(self.core.clone(), IpEndpoint::new((*remote.ip()).into(), remote.port()))], timeouts)
     }

@@ -145,9 +145,13 @@ pub struct WrapperOptions {
 #[derive(Args, Debug, Clone)]
 pub struct StackOptions {
     /// kernel: the kernel's TCP sockets; tap: our smoltcp stack on a polling core driving
-    /// the TAP device --iface with its own address --ip.
+    /// the TAP device --iface; af-packet: our stack on a packet socket with mapped rings on
+    /// the interface --iface. Our stack owns the address --ip.
     #[arg(long, value_enum, default_value = "kernel")]
     pub stack: NetStack,
+    /// af-packet: send frames straight to the driver, bypassing the qdisc layer.
+    #[arg(long)]
+    pub qdisc_bypass: bool,
     /// Interface our stack drives (--stack tap).
     #[arg(long)]
     pub iface: Option<String>,
@@ -171,6 +175,7 @@ pub struct StackOptions {
 pub enum NetStack {
     Kernel,
     Tap,
+    AfPacket,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]

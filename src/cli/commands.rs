@@ -197,10 +197,10 @@ fn print_outcome(
     Ok(ExitCode::SUCCESS)
 }
 
-/// Our userspace stack on the TAP device the options name.
-fn tap_stack(options: &StackOptions, common: &CommonOptions) -> Result<CoreStack> {
-    let iface = options.iface.as_deref().context("--stack tap needs --iface")?;
-    let ip_text = options.ip.as_deref().context("--stack tap needs --ip ADDR/PREFIX")?;
+/// Our userspace stack on the TAP device or interface (AF_PACKET) the options name.
+fn user_stack(options: &StackOptions, common: &CommonOptions) -> Result<CoreStack> {
+    let iface = options.iface.as_deref().context("--stack tap and af-packet need --iface")?;
+    let ip_text = options.ip.as_deref().context("--stack tap and af-packet need --ip ADDR/PREFIX")?;
     let (address, prefix) = ip_text.split_once('/').context("--ip needs a prefix, e.g. 10.77.0.11/24")?;
     let address: Ipv4Addr = address.parse().with_context(|| format!("bad --ip address {address:?}"))?;
     let prefix: u8 = prefix.parse().ok().filter(|p| *p <= 32).with_context(|| format!("bad --ip prefix {prefix:?}"))?;
@@ -223,7 +223,11 @@ fn tap_stack(options: &StackOptions, common: &CommonOptions) -> Result<CoreStack
         congestion: congestion(options.dataplane.congestion.unwrap_or(CongestionArg::Cubic)),
         idle: idle_policy(options.dataplane.idle),
     };
-    CoreStack::tap(iface, config).context("starting the TAP dataplane")
+    match options.stack {
+        NetStack::AfPacket => CoreStack::af_packet(iface, options.qdisc_bypass, config)
+            .with_context(|| format!("starting the AF_PACKET dataplane on {iface}")),
+        _ => CoreStack::tap(iface, config).context("starting the TAP dataplane"),
+    }
 }
 
 fn idle_policy(arg: IdleArg) -> IdlePolicy {
@@ -290,9 +294,9 @@ fn connector_for(
             let connector = TcpConnector::new(to, timeouts).with_context(|| format!("resolving {to}"))?;
             (Box::new(connector), None)
         }
-        NetStack::Tap => {
+        NetStack::Tap | NetStack::AfPacket => {
             let to: SocketAddrV4 = to.parse().with_context(|| format!("--to {to} is not IPV4-ADDRESS:PORT"))?;
-            let stack = tap_stack(stack, common)?;
+            let stack = user_stack(stack, common)?;
             (Box::new(stack.connector(to, timeouts)), Some(stack))
         }
     })
@@ -310,8 +314,8 @@ fn acceptor_for(
             let acceptor = TcpAcceptor::bind(listen, timeouts).with_context(|| format!("listening on {listen}"))?;
             (Box::new(acceptor), None)
         }
-        NetStack::Tap => {
-            let stack = tap_stack(stack, common)?;
+        NetStack::Tap | NetStack::AfPacket => {
+            let stack = user_stack(stack, common)?;
             let acceptor = stack.acceptor(listen.port(), timeouts)?;
             (Box::new(acceptor), Some(stack))
         }

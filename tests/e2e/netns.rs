@@ -80,6 +80,13 @@ fn migrations_between_namespaces() {
     // The kernel's TCP at both ends: the baseline.
     migrate(&ns, &["--listen", "10.77.0.2:4445"], &["--to", "10.77.0.2:4445"]);
 
+    // Our stack on packet sockets with mapped rings, bound to the veth ends.
+    let veth_src = format!("{}-vs", ns.prefix);
+    let veth_dst = format!("{}-vd", ns.prefix);
+    let recv = ["--stack", "af-packet", "--iface", &veth_dst, "--ip", "10.77.0.12/24", "--listen", "10.77.0.12:4447"];
+    let send = ["--stack", "af-packet", "--iface", &veth_src, "--ip", "10.77.0.11/24", "--to", "10.77.0.12:4447"];
+    migrate(&ns, &recv, &[&send[..], &["--connections", "2", "--codec", "zlib", "--qdisc-bypass"]].concat());
+
     // Our stack sending to the kernel's: plain TCP on the wire.
     let mut send = TAP_SRC.to_vec();
     send.extend(["--to", "10.77.0.2:4446"]);
