@@ -92,3 +92,22 @@ fn migrations_between_namespaces() {
     send.extend(["--to", "10.77.0.2:4446"]);
     migrate(&ns, &["--listen", "10.77.0.2:4446"], &send);
 }
+
+#[test]
+fn migration_through_a_shaped_link() {
+    if !is_root() {
+        eprintln!("SKIPPED migration_through_a_shaped_link: needs root for network namespaces");
+        return;
+    }
+    // A middle namespace shapes both directions to 500 Mbit/s (tbf); with qdisc bypass on
+    // the sender's packet socket the shaping still applies, since it is in the middle.
+    let ns = Namespaces::up(&format!("vms{}", std::process::id() % 100_000), &["--rate", "500mbit"]);
+    let veth_src = format!("{}-vs", ns.prefix);
+    let veth_dst = format!("{}-vd", ns.prefix);
+    let recv = ["--stack", "af-packet", "--iface", &veth_dst, "--ip", "10.77.0.12/24", "--listen", "10.77.0.12:4448"];
+    let send = ["--stack", "af-packet", "--iface", &veth_src, "--ip", "10.77.0.11/24", "--to", "10.77.0.12:4448"];
+    let sent = migrate(&ns, &recv, &[&send[..], &["--qdisc-bypass", "--codec", "lz4"]].concat());
+    // 500 Mbit/s is 62.5 MB/s: the average rate the source saw cannot be above it.
+    let mbps = sent["ram"]["mbps"].as_f64().unwrap_or(f64::MAX);
+    assert!(mbps <= 550.0, "the link was not shaped: {mbps} Mbit/s");
+}
