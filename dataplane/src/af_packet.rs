@@ -316,13 +316,19 @@ impl Device for AfPacket {
     type TxToken<'a> = AfTx<'a>;
 
     fn receive(&mut self, _timestamp: Instant) -> Option<(AfRx, AfTx<'_>)> {
-        // Whatever egress queued since the last poll goes out before we look for input.
-        self.tx.flush();
         if !self.tx.slot_free() {
+            self.tx.flush();
             return None;
         }
-        let (data, len) = self.rx.next()?;
-        Some((AfRx { data, len }, AfTx { ring: &mut self.tx }))
+        match self.rx.next() {
+            Some((data, len)) => Some((AfRx { data, len }, AfTx { ring: &mut self.tx })),
+            None => {
+                // Input is drained: send what egress and the ACKs of this burst queued, in
+                // one system call rather than one per frame.
+                self.tx.flush();
+                None
+            }
+        }
     }
 
     fn transmit(&mut self, _timestamp: Instant) -> Option<AfTx<'_>> {
