@@ -75,7 +75,8 @@ pub struct AfPacket {
     tx: TxRing,
     mtu: usize,
     _mapping: Mapping,
-    socket: OwnedFd,
+    /// Owns the descriptor the rings and `tx.fd` belong to; closed after the unmapping.
+    _socket: OwnedFd,
 }
 
 fn check(result: libc::c_int, what: &str) -> io::Result<()> {
@@ -186,7 +187,7 @@ impl AfPacket {
         // SAFETY: the TX ring starts right after the RX ring inside the mapping.
         let tx_base = unsafe { mapping.base.add(rx_len) };
         let tx = TxRing { base: tx_base, fd: socket.as_raw_fd(), slot: 0, pending: 0 };
-        Ok(AfPacket { rx, tx, mtu, _mapping: mapping, socket })
+        Ok(AfPacket { rx, tx, mtu, _mapping: mapping, _socket: socket })
     }
 }
 
@@ -350,7 +351,7 @@ impl Device for AfPacket {
 
 impl Drop for AfPacket {
     fn drop(&mut self) {
+        // Frames still queued go out before the socket closes (fields drop after this).
         self.tx.flush();
-        let _ = &self.socket;
     }
 }

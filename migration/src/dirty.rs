@@ -81,11 +81,6 @@ impl AtomicBitmap {
         }
         count
     }
-
-    /// Number of dirty pages right now (a snapshot; for statistics).
-    pub fn count(&self) -> u64 {
-        self.words.iter().map(|w| u64::from(w.load(Ordering::Relaxed).count_ones())).sum()
-    }
 }
 
 #[cfg(test)]

@@ -271,11 +271,6 @@ impl FrameDecoder {
         self.buffer.extend_from_slice(bytes);
     }
 
-    /// Bytes fed but not yet returned as frames.
-    pub fn buffered(&self) -> usize {
-        self.buffer.len()
-    }
-
     /// The next complete frame, `Ok(None)` when more bytes are needed.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
         let Some(header_bytes) = self.buffer.first_chunk::<HEADER_BYTES>() else {

@@ -25,11 +25,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Send(args) => send(args),
         Command::Recv(args) => recv(args),
         Command::StreamSend(args) => {
-            let connector = stream_connector(&args)?;
+            let connector = connector_for(&args.stack, !args.no_pin, &args.to)?;
             super::stream::send(&*connector.0, args.bytes)
         }
         Command::StreamRecv(args) => {
-            let (mut acceptor, _stack) = stream_acceptor(&args)?;
+            let (mut acceptor, _stack) = acceptor_for(&args.stack, !args.no_pin, args.listen)?;
             eprintln!("vmigrate: waiting for a stream on {}", acceptor.local_addr());
             super::stream::receive(&mut *acceptor)
         }
@@ -198,7 +198,7 @@ fn print_outcome(
 }
 
 /// Our userspace stack on the TAP device or interface (AF_PACKET) the options name.
-fn user_stack(options: &StackOptions, common: &CommonOptions) -> Result<CoreStack> {
+fn user_stack(options: &StackOptions, pin: bool) -> Result<CoreStack> {
     let iface = options.iface.as_deref().context("--stack tap and af-packet need --iface")?;
     let ip_text = options.ip.as_deref().context("--stack tap and af-packet need --ip ADDR/PREFIX")?;
     let (address, prefix) = ip_text.split_once('/').context("--ip needs a prefix, e.g. 10.77.0.11/24")?;
@@ -211,7 +211,7 @@ fn user_stack(options: &StackOptions, common: &CommonOptions) -> Result<CoreStac
             EthernetAddress([0x02, 0x00, a, b, c, d])
         }
     };
-    let pin = (!common.no_pin).then(|| transport::pin::core_count() - 1);
+    let pin = pin.then(|| transport::pin::core_count() - 1);
     let config = CoreConfig {
         name: format!("dataplane-{iface}"),
         mac,
@@ -272,22 +272,8 @@ fn parse_mac(text: &str) -> Result<EthernetAddress> {
     Ok(EthernetAddress(bytes))
 }
 
-fn stream_connector(args: &super::args::StreamSendArgs) -> Result<(Box<dyn Connector>, Option<CoreStack>)> {
-    let common = CommonOptions { no_deferred_cleanup: false, no_pin: args.no_pin, hugepages: "off".into(), json: true };
-    connector_for(&args.stack, &common, &args.to)
-}
-
-fn stream_acceptor(args: &super::args::StreamRecvArgs) -> Result<(Box<dyn Acceptor>, Option<CoreStack>)> {
-    let common = CommonOptions { no_deferred_cleanup: false, no_pin: args.no_pin, hugepages: "off".into(), json: true };
-    acceptor_for(&args.stack, &common, args.listen)
-}
-
 /// The source's side of the stack the options choose.
-fn connector_for(
-    stack: &StackOptions,
-    common: &CommonOptions,
-    to: &str,
-) -> Result<(Box<dyn Connector>, Option<CoreStack>)> {
+fn connector_for(stack: &StackOptions, pin: bool, to: &str) -> Result<(Box<dyn Connector>, Option<CoreStack>)> {
     let timeouts = Timeouts::default();
     Ok(match stack.stack {
         NetStack::Kernel => {
@@ -296,7 +282,7 @@ fn connector_for(
         }
         NetStack::Tap | NetStack::AfPacket => {
             let to: SocketAddrV4 = to.parse().with_context(|| format!("--to {to} is not IPV4-ADDRESS:PORT"))?;
-            let stack = user_stack(stack, common)?;
+            let stack = user_stack(stack, pin)?;
             (Box::new(stack.connector(to, timeouts)), Some(stack))
         }
     })
@@ -305,7 +291,7 @@ fn connector_for(
 /// The destination's side of the stack the options choose.
 fn acceptor_for(
     stack: &StackOptions,
-    common: &CommonOptions,
+    pin: bool,
     listen: std::net::SocketAddr,
 ) -> Result<(Box<dyn Acceptor>, Option<CoreStack>)> {
     let timeouts = Timeouts::default();
@@ -315,7 +301,7 @@ fn acceptor_for(
             (Box::new(acceptor), None)
         }
         NetStack::Tap | NetStack::AfPacket => {
-            let stack = user_stack(stack, common)?;
+            let stack = user_stack(stack, pin)?;
             let acceptor = stack.acceptor(listen.port(), timeouts)?;
             (Box::new(acceptor), Some(stack))
         }
@@ -324,7 +310,7 @@ fn acceptor_for(
 
 fn send(args: SendArgs) -> Result<ExitCode> {
     let guest = boot_guest(&args.guest, &args.common)?;
-    let (connector, _stack) = connector_for(&args.stack, &args.common, &args.to)?;
+    let (connector, _stack) = connector_for(&args.stack, !args.common.no_pin, &args.to)?;
     let config = source_config(&args.source, &args.common);
     let mut progress = report::ProgressView::new(args.common.json);
     let result = migrate(&guest, &*connector, &config, &mut |p| progress.update(p));
@@ -353,7 +339,7 @@ fn recv(args: RecvArgs) -> Result<ExitCode> {
     let policy = parse_huge_policy(&args.common.hugepages).map_err(anyhow::Error::msg)?;
     let config =
         destination_config(&args.destination, &args.common, args.max_mem, Duration::from_secs_f64(args.accept_timeout));
-    let (mut acceptor, _stack) = acceptor_for(&args.stack, &args.common, args.listen)?;
+    let (mut acceptor, _stack) = acceptor_for(&args.stack, !args.common.no_pin, args.listen)?;
     // Always on stderr (JSON goes to stdout): with --listen ADDR:0 this is how a caller
     // learns the port.
     eprintln!("vmigrate: waiting for a migration on {}", acceptor.local_addr());

@@ -119,13 +119,6 @@ impl GuestMemory for GuestRam {
     fn write_page(&self, region: usize, page: u64, src: &[u8]) {
         self.regions[region].write_from(page as usize * PAGE_SIZE_BYTES, src);
     }
-
-    fn zero_pages(&self, region: usize, first: u64, count: u64) {
-        let zero = [0u8; PAGE_SIZE_BYTES];
-        for page in first..first + count {
-            self.write_page(region, page, &zero);
-        }
-    }
 }
 
 impl DirtyLog for GuestRam {

@@ -544,7 +544,7 @@ impl<'s, 'a> Scanner<'s, 'a> {
 
     fn check_abort(&self) -> Result<(), MigrationError> {
         if self.shared.abort.is_raised() {
-            return Err(MigrationError::Failed(self.shared.abort.reason().unwrap_or_else(|| "aborted".into())));
+            return Err(self.aborted());
         }
         Ok(())
     }
