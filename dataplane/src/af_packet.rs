@@ -1,37 +1,40 @@
 //! The AF_PACKET backend: a raw socket on an existing interface with mapped rings, so that
 //! frames move between the NIC driver and our stack without a copy through `read`/`write`:
-//! a TPACKET_V3 receive ring (blocks of variable-size frames, handed over a block at a
-//! time) and a TPACKET_V3 transmit ring (fixed slots, flushed with one `send` per batch).
-//! Optionally the transmit path bypasses the qdisc layer.
+//! a TPACKET_V2 receive ring and a TPACKET_V2 transmit ring (fixed slots, flushed with one
+//! `send` per batch). Optionally the transmit path bypasses the qdisc layer, and several
+//! sockets on one interface share its traffic through a fanout group (one per dataplane
+//! core, steered by TCP ports: see `fanout`).
+//!
+//! TPACKET_V2 rather than V3 for receive: V3 hands frames over a block at a time, and a
+//! block that does not fill is only retired after a timeout of at least a millisecond, so
+//! every ACK and every small burst waited that long; with V2 each frame is ours as soon as
+//! the kernel wrote it, and the round trip is microseconds.
 //!
 //! The ring memory is shared with the kernel: every status word is read with acquire and
 //! written with release ordering through atomics, and no Rust reference into the ring
 //! outlives the call that made it.
 
+use crate::fanout::FanoutGroup;
 use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
-use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-/// Receive blocks: small ones (16 KiB holds one jumbo frame or ten full-size ones) are
-/// handed over as soon as they fill, so ACKs are not held for the block timeout; 1024 of
-/// them (16 MiB) absorb a few milliseconds at 40 Gbit/s.
-const RX_BLOCK_BYTES: usize = 16 << 10;
-const RX_BLOCKS: usize = 1024;
-/// A block is handed to us when full or after this many milliseconds, so a trickle of
-/// frames (ACKs, the handshake) is not held back.
-const RX_BLOCK_TIMEOUT_MS: u32 = 1;
-/// Transmit slots: 16 KiB holds a 9000-byte jumbo frame and its header.
-const TX_FRAME_BYTES: usize = 16 << 10;
-const TX_BLOCK_BYTES: usize = 1 << 20;
-const TX_BLOCKS: usize = 4;
+/// Receive ring: 16 MiB of frame slots absorb a few milliseconds at 40 Gbit/s.
+const RX_RING_BYTES: usize = 16 << 20;
+/// Transmit ring: 4 MiB of frame slots.
+const TX_RING_BYTES: usize = 4 << 20;
+/// Blocks hold whole slots; 64 KiB keeps each kernel allocation small.
+const BLOCK_BYTES: usize = 64 << 10;
 /// Frames queued in the transmit ring before we ask the kernel to send them.
 const TX_BATCH: usize = 32;
 /// Where frame data starts in a transmit slot: the header, aligned (the kernel's
-/// `tp_hdrlen - sizeof(sockaddr_ll)` for TPACKET_V3).
-const TX_DATA_OFFSET: usize = libc::TPACKET3_HDRLEN - std::mem::size_of::<libc::sockaddr_ll>();
+/// `tp_hdrlen - sizeof(sockaddr_ll)` for TPACKET_V2).
+const TX_DATA_OFFSET: usize = libc::TPACKET2_HDRLEN - std::mem::size_of::<libc::sockaddr_ll>();
+/// Room the kernel keeps in a receive slot before the frame: the header and sockaddr_ll,
+/// aligned, plus 16 bytes for the MAC header (tpacket_rcv's `netoff`).
+const RX_FRAME_HEADROOM: usize = 96;
 
 /// The mapped rings of one socket.
 struct Mapping {
@@ -54,20 +57,48 @@ impl Drop for Mapping {
     }
 }
 
-struct RxRing {
+/// A ring of fixed-size slots, each headed by a `tpacket2_hdr`.
+struct SlotRing {
     base: *mut u8,
-    block: usize,
-    /// Packets left in the block we are reading, and the offset of the next one.
-    packets_left: u32,
-    next_offset: usize,
-    block_open: bool,
+    slot_bytes: usize,
+    slots: usize,
+    next: usize,
+}
+
+impl SlotRing {
+    fn slot(&self, index: usize) -> *mut u8 {
+        // SAFETY: `index < slots`, and the slots are contiguous (blocks hold whole slots),
+        // so the offset stays inside the ring.
+        unsafe { self.base.add(index * self.slot_bytes) }
+    }
+
+    fn header(&self, index: usize) -> *mut libc::tpacket2_hdr {
+        self.slot(index).cast()
+    }
+
+    fn status(&self, index: usize) -> &AtomicU32 {
+        // SAFETY: every slot starts with a tpacket2_hdr whose tp_status is an aligned u32.
+        unsafe { status(std::ptr::addr_of_mut!((*self.header(index)).tp_status).cast()) }
+    }
+
+    fn advance(&mut self) {
+        self.next = (self.next + 1) % self.slots;
+    }
+}
+
+struct RxRing {
+    ring: SlotRing,
+    /// The slot whose frame was last handed out: given back on the next call.
+    held: Option<usize>,
 }
 
 struct TxRing {
-    base: *mut u8,
+    ring: SlotRing,
     fd: i32,
-    slot: usize,
     pending: usize,
+    /// Frames dropped because they did not fit a slot (never expected: slots are sized
+    /// from the MTU).
+    oversize: u64,
 }
 
 pub struct AfPacket {
@@ -87,7 +118,7 @@ fn check(result: libc::c_int, what: &str) -> io::Result<()> {
     Ok(())
 }
 
-fn set_option<T>(fd: i32, option: libc::c_int, value: &T, what: &str) -> io::Result<()> {
+pub(crate) fn set_option<T>(fd: i32, option: libc::c_int, value: &T, what: &str) -> io::Result<()> {
     // SAFETY: `value` points to a live `T` of the size passed, as setsockopt requires.
     let result = unsafe {
         libc::setsockopt(
@@ -110,17 +141,29 @@ unsafe fn status(ptr: *mut u8) -> &'static AtomicU32 {
     unsafe { &*(ptr.cast::<AtomicU32>()) }
 }
 
+/// A power-of-two slot size that holds a frame of `mtu` plus its headers.
+fn slot_bytes(mtu: usize) -> usize {
+    (mtu + 14 + RX_FRAME_HEADROOM).next_power_of_two().max(2048)
+}
+
+fn ring_request(slot_bytes: usize, ring_bytes: usize) -> libc::tpacket_req {
+    let block = BLOCK_BYTES.max(slot_bytes);
+    let blocks = (ring_bytes / block).max(1);
+    libc::tpacket_req {
+        tp_block_size: block as u32,
+        tp_block_nr: blocks as u32,
+        tp_frame_size: slot_bytes as u32,
+        tp_frame_nr: (block / slot_bytes * blocks) as u32,
+    }
+}
+
 impl AfPacket {
     /// Opens a packet socket on `iface` with mapped rings. `qdisc_bypass` sends frames
     /// straight to the driver (no traffic shaping on that interface applies to them).
-    pub fn open(iface: &str, qdisc_bypass: bool) -> io::Result<AfPacket> {
-        let name =
-            CString::new(iface).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "bad interface name"))?;
-        // SAFETY: a C string that outlives the call.
-        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-        if ifindex == 0 {
-            return Err(io::Error::new(io::ErrorKind::NotFound, format!("no interface named {iface}")));
-        }
+    /// With `fanout`, the socket joins that group as its next member, and receives only the
+    /// frames the group's program steers to it.
+    pub fn open(iface: &str, qdisc_bypass: bool, fanout: Option<&FanoutGroup>) -> io::Result<AfPacket> {
+        let ifindex = crate::stack::interface_index(iface)?;
         let protocol = (libc::ETH_P_ALL as u16).to_be();
         // SAFETY: plain socket creation; the result is checked before use.
         let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_NONBLOCK, i32::from(protocol)) };
@@ -128,35 +171,21 @@ impl AfPacket {
         // SAFETY: `fd` is a fresh descriptor that nothing else owns.
         let socket = unsafe { OwnedFd::from_raw_fd(fd) };
 
-        set_option(fd, libc::PACKET_VERSION, &(libc::tpacket_versions::TPACKET_V3 as libc::c_int), "PACKET_VERSION")?;
+        set_option(fd, libc::PACKET_VERSION, &(libc::tpacket_versions::TPACKET_V2 as libc::c_int), "PACKET_VERSION")?;
         // Our own transmissions and the kernel's are not frames for our stack.
         let _ = set_option(fd, libc::PACKET_IGNORE_OUTGOING, &(1 as libc::c_int), "PACKET_IGNORE_OUTGOING");
         if qdisc_bypass {
             set_option(fd, libc::PACKET_QDISC_BYPASS, &(1 as libc::c_int), "PACKET_QDISC_BYPASS")?;
         }
-        let rx_req = libc::tpacket_req3 {
-            tp_block_size: RX_BLOCK_BYTES as u32,
-            tp_block_nr: RX_BLOCKS as u32,
-            tp_frame_size: 2048,
-            tp_frame_nr: (RX_BLOCK_BYTES * RX_BLOCKS / 2048) as u32,
-            tp_retire_blk_tov: RX_BLOCK_TIMEOUT_MS,
-            tp_sizeof_priv: 0,
-            tp_feature_req_word: 0,
-        };
+        let mtu = interface_mtu(iface).unwrap_or(1500);
+        let slot = slot_bytes(mtu);
+        let rx_req = ring_request(slot, RX_RING_BYTES);
         set_option(fd, libc::PACKET_RX_RING, &rx_req, "PACKET_RX_RING")?;
-        let tx_req = libc::tpacket_req3 {
-            tp_block_size: TX_BLOCK_BYTES as u32,
-            tp_block_nr: TX_BLOCKS as u32,
-            tp_frame_size: TX_FRAME_BYTES as u32,
-            tp_frame_nr: (TX_BLOCK_BYTES * TX_BLOCKS / TX_FRAME_BYTES) as u32,
-            tp_retire_blk_tov: 0,
-            tp_sizeof_priv: 0,
-            tp_feature_req_word: 0,
-        };
+        let tx_req = ring_request(slot, TX_RING_BYTES);
         set_option(fd, libc::PACKET_TX_RING, &tx_req, "PACKET_TX_RING")?;
 
-        let rx_len = RX_BLOCK_BYTES * RX_BLOCKS;
-        let len = rx_len + TX_BLOCK_BYTES * TX_BLOCKS;
+        let rx_len = (rx_req.tp_block_size * rx_req.tp_block_nr) as usize;
+        let len = rx_len + (tx_req.tp_block_size * tx_req.tp_block_nr) as usize;
         // SAFETY: maps the rings the kernel just set up for this socket (RX then TX, as
         // packet_mmap requires); the result is checked for MAP_FAILED.
         let base = unsafe {
@@ -181,12 +210,22 @@ impl AfPacket {
             )
         };
         check(result, &format!("bind to {iface}"))?;
+        if let Some(group) = fanout {
+            group.join(fd)?;
+        }
 
-        let mtu = interface_mtu(iface).unwrap_or(1500);
-        let rx = RxRing { base: mapping.base, block: 0, packets_left: 0, next_offset: 0, block_open: false };
+        let rx = RxRing {
+            ring: SlotRing { base: mapping.base, slot_bytes: slot, slots: rx_req.tp_frame_nr as usize, next: 0 },
+            held: None,
+        };
         // SAFETY: the TX ring starts right after the RX ring inside the mapping.
         let tx_base = unsafe { mapping.base.add(rx_len) };
-        let tx = TxRing { base: tx_base, fd: socket.as_raw_fd(), slot: 0, pending: 0 };
+        let tx = TxRing {
+            ring: SlotRing { base: tx_base, slot_bytes: slot, slots: tx_req.tp_frame_nr as usize, next: 0 },
+            fd: socket.as_raw_fd(),
+            pending: 0,
+            oversize: 0,
+        };
         Ok(AfPacket { rx, tx, mtu, _mapping: mapping, _socket: socket })
     }
 }
@@ -196,65 +235,37 @@ fn interface_mtu(iface: &str) -> Option<usize> {
 }
 
 impl RxRing {
-    fn block_ptr(&self) -> *mut u8 {
-        // SAFETY: `block < RX_BLOCKS`, so the offset stays inside the RX ring.
-        unsafe { self.base.add(self.block * RX_BLOCK_BYTES) }
-    }
-
-    fn block_status(&self) -> &AtomicU32 {
-        let desc = self.block_ptr().cast::<libc::tpacket_block_desc>();
-        // SAFETY: the block descriptor heads every block; `hdr.bh1.block_status` is an
-        // aligned u32 inside it.
-        unsafe { status(std::ptr::addr_of_mut!((*desc).hdr.bh1.block_status).cast()) }
-    }
-
-    /// The next received frame, if the kernel has handed us one.
+    /// The next received frame, if the kernel has handed us one. The frame handed out
+    /// before is given back to the kernel first.
     fn next(&mut self) -> Option<(*const u8, usize)> {
+        if let Some(held) = self.held.take() {
+            self.ring.status(held).store(libc::TP_STATUS_KERNEL, Ordering::Release);
+        }
         loop {
-            if self.block_open && self.packets_left > 0 {
-                // SAFETY: offsets inside an open block come from the kernel's own headers
-                // and stay inside the block.
-                let packet = unsafe { self.block_ptr().add(self.next_offset) };
-                let header = packet.cast::<libc::tpacket3_hdr>();
-                // SAFETY: a tpacket3_hdr heads every packet of a block we own.
-                let (next, mac, snaplen) =
-                    unsafe { ((*header).tp_next_offset, (*header).tp_mac, (*header).tp_snaplen) };
-                self.packets_left -= 1;
-                self.next_offset += next as usize;
-                // SAFETY: the frame lies inside the block, at `tp_mac` from its header.
-                let data = unsafe { packet.add(usize::from(mac)) };
-                return Some((data.cast_const(), snaplen as usize));
-            }
-            if self.block_open {
-                // Every packet of the block is consumed: give it back.
-                self.block_status().store(libc::TP_STATUS_KERNEL, Ordering::Release);
-                self.block_open = false;
-                self.block = (self.block + 1) % RX_BLOCKS;
-            }
-            if self.block_status().load(Ordering::Acquire) & libc::TP_STATUS_USER == 0 {
+            let index = self.ring.next;
+            if self.ring.status(index).load(Ordering::Acquire) & libc::TP_STATUS_USER == 0 {
                 return None;
             }
-            let desc = self.block_ptr().cast::<libc::tpacket_block_desc>();
-            // SAFETY: the block is ours (TP_STATUS_USER); its descriptor is initialised.
-            let (packets, first) = unsafe { ((*desc).hdr.bh1.num_pkts, (*desc).hdr.bh1.offset_to_first_pkt) };
-            self.block_open = true;
-            self.packets_left = packets;
-            self.next_offset = first as usize;
+            self.ring.advance();
+            let header = self.ring.header(index);
+            // SAFETY: the slot is ours (TP_STATUS_USER), so its header is initialised.
+            let (mac, snaplen, len) = unsafe { ((*header).tp_mac, (*header).tp_snaplen, (*header).tp_len) };
+            if snaplen < len {
+                // Cut short to fit the slot: not a frame our stack can use.
+                self.ring.status(index).store(libc::TP_STATUS_KERNEL, Ordering::Release);
+                continue;
+            }
+            self.held = Some(index);
+            // SAFETY: the frame lies inside the slot, at `tp_mac` from its header.
+            let data = unsafe { self.ring.slot(index).add(usize::from(mac)) };
+            return Some((data.cast_const(), snaplen as usize));
         }
     }
 }
 
 impl TxRing {
-    fn slot_ptr(&self) -> *mut u8 {
-        // SAFETY: `slot` is below the slot count, so this stays inside the TX ring.
-        unsafe { self.base.add(self.slot * TX_FRAME_BYTES) }
-    }
-
     fn slot_free(&self) -> bool {
-        let header = self.slot_ptr().cast::<libc::tpacket3_hdr>();
-        // SAFETY: every slot starts with a tpacket3_hdr whose tp_status is an aligned u32.
-        let status = unsafe { status(std::ptr::addr_of_mut!((*header).tp_status).cast()) };
-        status.load(Ordering::Acquire) == libc::TP_STATUS_AVAILABLE
+        self.ring.status(self.ring.next).load(Ordering::Acquire) == libc::TP_STATUS_AVAILABLE
     }
 
     /// Asks the kernel to send the frames queued in the ring.
@@ -289,21 +300,24 @@ impl phy::RxToken for AfRx {
 impl phy::TxToken for AfTx<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
         let ring = self.ring;
-        let slot = ring.slot_ptr();
-        let len = len.min(TX_FRAME_BYTES - TX_DATA_OFFSET);
-        // SAFETY: the slot is free (checked by `transmit`), so the kernel does not touch it
-        // until we set SEND_REQUEST; the data area lies inside the slot.
+        let index = ring.ring.next;
+        let slot = ring.ring.slot(index);
+        if len > ring.ring.slot_bytes - TX_DATA_OFFSET {
+            // Larger than the MTU we declared: smoltcp never asks this; build and drop it.
+            ring.oversize += 1;
+            return f(&mut vec![0; len]);
+        }
+        // SAFETY: the slot is free (checked by `transmit`/`receive`), so the kernel does
+        // not touch it until we set SEND_REQUEST; the data area lies inside the slot.
         let result = f(unsafe { std::slice::from_raw_parts_mut(slot.add(TX_DATA_OFFSET), len) });
-        let header = slot.cast::<libc::tpacket3_hdr>();
-        // SAFETY: as above; the header fields are plain u32s in our slot.
+        let header = ring.ring.header(index);
+        // SAFETY: as above; the header fields are plain integers in our slot.
         unsafe {
             (*header).tp_len = len as u32;
             (*header).tp_snaplen = len as u32;
-            (*header).tp_next_offset = 0;
-            status(std::ptr::addr_of_mut!((*header).tp_status).cast())
-                .store(libc::TP_STATUS_SEND_REQUEST, Ordering::Release);
         }
-        ring.slot = (ring.slot + 1) % (TX_BLOCK_BYTES * TX_BLOCKS / TX_FRAME_BYTES);
+        ring.ring.status(index).store(libc::TP_STATUS_SEND_REQUEST, Ordering::Release);
+        ring.ring.advance();
         ring.pending += 1;
         if ring.pending >= TX_BATCH {
             ring.flush();

@@ -3,8 +3,9 @@
 //! iteration: ingress and egress through smoltcp, then at most `PUMP_BUDGET_BYTES` each
 //! way per connection between the sockets and the application rings.
 
+use crate::fanout::{local_port_for, Steering};
 use crate::pipe::{PipeShared, CHUNK_BYTES};
-use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::iface::{Config, Interface, PollIngressSingleResult, PollResult, SocketHandle, SocketSet};
 use smoltcp::phy::{Device, FaultInjector, PcapMode, PcapWriter};
 use smoltcp::socket::tcp::{self, State};
 use smoltcp::time::Instant;
@@ -20,6 +21,13 @@ use transport::ring::Ring;
 /// Bytes moved per connection and direction in one loop iteration, so one busy connection
 /// cannot starve the others or the stack's own timers.
 const PUMP_BUDGET_BYTES: usize = 512 * 1024;
+/// Frames taken from the device per loop iteration, so a flood cannot starve the pumps.
+const INGRESS_BUDGET: usize = 256;
+/// Frames received between egress passes. smoltcp acknowledges once per egress pass, and
+/// its congestion control grows the window by one segment per ACK in slow start: one ACK
+/// per burst of dozens of frames held the window nearly flat. An ACK every second
+/// segment is what RFC 5681 asks of a receiver, and gives the sender its ACK clock.
+const ACK_EVERY_FRAMES: usize = 4;
 /// Idle iterations spent spinning before the core starts to nap: a polling core on a
 /// dedicated CPU never naps in practice, and one on a shared machine gives the CPU back.
 const IDLE_SPINS: u32 = 2000;
@@ -44,7 +52,19 @@ pub struct CoreConfig {
     pub wrappers: DeviceWrappers,
     pub congestion: Congestion,
     pub idle: IdlePolicy,
+    /// Floor of each socket's retransmission timeout (RFC 6298's 1 s is for the Internet;
+    /// see `DEFAULT_MIN_RTO`).
+    pub min_rto: Duration,
+    /// This core's place among the cores sharing one interface (None: it has it alone).
+    pub steering: Option<Steering>,
 }
+
+/// The retransmission timeout floor of a migration link: well above the scheduling delays
+/// of a shared machine (a spurious timeout resends the window and collapses it), and far
+/// below RFC 6298's one second, which would stall a stream on every loss that fast
+/// retransmit cannot repair. Linux's own floor is 200 ms; its SACK and tail-loss probes
+/// repair most losses before that, smoltcp's fast retransmit does not.
+pub const DEFAULT_MIN_RTO: Duration = Duration::from_millis(20);
 
 /// What a core does when a loop found no work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -105,27 +125,22 @@ impl CoreHandle {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new().name(config.name.clone()).spawn(move || {
-            let device = open().and_then(|device| {
-                let wrappers = &config.wrappers;
+            let device = match open() {
+                Ok(device) => device,
+                Err(err) => {
+                    let _ = opened.send(Err(err));
+                    return;
+                }
+            };
+            // smoltcp's FaultInjector caps the MTU at 1536 bytes: wrap only when asked to.
+            let wrappers = config.wrappers.clone();
+            if wrappers.drop_pct > 0 || wrappers.corrupt_pct > 0 {
                 let mut faulty = FaultInjector::new(device, wrappers.seed);
                 faulty.set_drop_chance(wrappers.drop_pct);
                 faulty.set_corrupt_chance(wrappers.corrupt_pct);
-                let pcap = wrappers.pcap.as_ref().map(std::fs::File::create).transpose()?;
-                Ok((faulty, pcap))
-            });
-            match device {
-                Ok((device, None)) => {
-                    let _ = opened.send(Ok(()));
-                    Core::new(device, config).run(receiver, &flag);
-                }
-                Ok((device, Some(file))) => {
-                    let _ = opened.send(Ok(()));
-                    let device = PcapWriter::new(device, std::io::BufWriter::new(file), PcapMode::Both);
-                    Core::new(device, config).run(receiver, &flag);
-                }
-                Err(err) => {
-                    let _ = opened.send(Err(err));
-                }
+                run_captured(faulty, config, opened, receiver, &flag);
+            } else {
+                run_captured(device, config, opened, receiver, &flag);
             }
         })?;
         let handle = CoreHandle { commands, stop, thread: Some(thread) };
@@ -143,6 +158,31 @@ impl Drop for CoreHandle {
         self.stop.store(true, Ordering::Release);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
+        }
+    }
+}
+
+/// Runs a core on `device`, behind a pcap writer if the configuration asks for one, and
+/// reports on `opened` whether it started.
+fn run_captured<D: Device>(
+    device: D,
+    config: CoreConfig,
+    opened: mpsc::Sender<io::Result<()>>,
+    commands: mpsc::Receiver<Command>,
+    stop: &AtomicBool,
+) {
+    match config.wrappers.pcap.as_ref().map(std::fs::File::create).transpose() {
+        Err(err) => {
+            let _ = opened.send(Err(err));
+        }
+        Ok(None) => {
+            let _ = opened.send(Ok(()));
+            Core::new(device, config).run(commands, stop);
+        }
+        Ok(Some(file)) => {
+            let _ = opened.send(Ok(()));
+            let device = PcapWriter::new(device, std::io::BufWriter::new(file), PcapMode::Both);
+            Core::new(device, config).run(commands, stop);
         }
     }
 }
@@ -207,6 +247,7 @@ impl<D: Device> Core<D> {
             tcp::Socket::new(tcp::SocketBuffer::new(vec![0; bytes]), tcp::SocketBuffer::new(vec![0; bytes]));
         // Bulk transfer: full segments matter more than latency of small writes.
         socket.set_nagle_enabled(false);
+        socket.set_min_retransmission_timeout(self.config.min_rto.into());
         socket.set_ack_delay(None);
         socket.set_congestion_control(match self.config.congestion {
             Congestion::None => tcp::CongestionControl::None,
@@ -225,13 +266,13 @@ impl<D: Device> Core<D> {
             while let Ok(command) = commands.try_recv() {
                 self.handle(command);
             }
-            self.iface.poll(Instant::now(), &mut self.device, &mut self.sockets);
-            let mut progress = self.accept_and_connect();
+            let mut progress = self.poll_stack();
+            progress |= self.accept_and_connect();
             for index in 0..self.pipes.len() {
                 progress |= self.pump(index);
             }
             self.reap();
-            self.iface.poll(Instant::now(), &mut self.device, &mut self.sockets);
+            progress |= self.poll_stack();
             if progress {
                 idle = 0;
             } else {
@@ -245,12 +286,40 @@ impl<D: Device> Core<D> {
         }
     }
 
+    /// Runs the stack: timers, a bounded number of received frames with an egress pass
+    /// after every `ACK_EVERY_FRAMES`, then egress until the sockets have nothing to send.
+    /// Returns whether any frame came in.
+    fn poll_stack(&mut self) -> bool {
+        let now = Instant::now();
+        self.iface.poll_maintenance(now);
+        let mut frames = 0;
+        while frames < INGRESS_BUDGET {
+            if self.iface.poll_ingress_single(now, &mut self.device, &mut self.sockets) == PollIngressSingleResult::None
+            {
+                break;
+            }
+            frames += 1;
+            if frames % ACK_EVERY_FRAMES == 0 {
+                self.iface.poll_egress(now, &mut self.device, &mut self.sockets);
+            }
+        }
+        while self.iface.poll_egress(now, &mut self.device, &mut self.sockets) != PollResult::None {}
+        frames > 0
+    }
+
     fn handle(&mut self, command: Command) {
         match command {
             Command::Connect { remote, reply } => {
                 let handle = self.new_socket();
-                let port = self.next_port;
-                self.next_port = self.next_port.checked_add(1).unwrap_or(EPHEMERAL_PORT_BASE);
+                let port = match self.config.steering {
+                    // The peer's segments must come back to this core: pick a port the
+                    // interface's flow rule steers here.
+                    Some(Steering { core, cores }) => {
+                        local_port_for(core, cores, remote.port, self.next_port, EPHEMERAL_PORT_BASE)
+                    }
+                    None => self.next_port,
+                };
+                self.next_port = port.checked_add(1).unwrap_or(EPHEMERAL_PORT_BASE);
                 let socket = self.sockets.get_mut::<tcp::Socket>(handle);
                 match socket.connect(self.iface.context(), remote, port) {
                     Ok(()) => self.connecting.push(Connecting { handle, reply, remote }),

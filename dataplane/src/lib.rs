@@ -11,6 +11,7 @@
 
 pub mod af_packet;
 pub mod core;
+pub mod fanout;
 pub mod pipe;
 pub mod stack;
 pub mod tap;

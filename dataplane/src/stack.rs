@@ -2,6 +2,7 @@
 //! destination, each backed by a dataplane core.
 
 use crate::core::{Command, Congestion, CoreConfig, CoreHandle, DeviceWrappers, IdlePolicy};
+use crate::fanout::{FanoutGroup, SharedFrames, SharedLink, Steering};
 use crate::pipe::{connection, PipeShared};
 use crate::wire::wire_pair;
 use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr, IpEndpoint, Ipv4Address};
@@ -71,43 +72,105 @@ impl Acceptor for CoreAcceptor {
     }
 }
 
-/// One dataplane core on one NIC backend, with our own address on its link.
+/// The NIC backend under the cores of a `CoreStack`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NicBackend {
+    /// One queue per core of a multi-queue TAP device.
+    Tap,
+    /// One packet socket per core on the interface, in a fanout group that steers flows.
+    AfPacket { qdisc_bypass: bool },
+}
+
+/// Dataplane cores on one interface, with our own address on its link. Each core owns one
+/// queue of the interface and the connections the flow rule (`fanout`) gives it; they share
+/// the address and MAC, and nothing but rings.
 pub struct CoreStack {
-    core: Arc<CoreHandle>,
+    cores: Vec<Arc<CoreHandle>>,
     ip: Ipv4Address,
 }
 
 impl CoreStack {
-    /// A core on the TAP device `iface`, with `config`'s address, MAC and settings.
-    pub fn tap(iface: &str, config: CoreConfig) -> io::Result<CoreStack> {
+    /// `cores` cores on `iface` with `config`'s address, MAC and settings; core i is pinned
+    /// i places below `config.pin_core` (the cores are counted down from the last one, the
+    /// engine's workers up from the first).
+    pub fn start(backend: NicBackend, iface: &str, cores: usize, config: CoreConfig) -> io::Result<CoreStack> {
         let IpAddress::Ipv4(address) = config.ip.address();
-        let name = iface.to_string();
-        let core = CoreHandle::start(move || crate::tap::open_tap(&name), config)?;
-        Ok(CoreStack { core: Arc::new(core), ip: address })
+        let count = cores.max(1);
+        let shared = SharedFrames::new(count);
+        let group = match backend {
+            NicBackend::AfPacket { .. } if count > 1 => Some(FanoutGroup::new(interface_index(iface)?, count)),
+            _ => None,
+        };
+        let machine = transport::pin::core_count().max(1);
+        let mut handles = Vec::with_capacity(count);
+        // Cores start one after another: a packet socket's place in the fanout group is
+        // the order in which it joined, and it must equal its core's index.
+        for core in 0..count {
+            let config = CoreConfig {
+                name: if count > 1 { format!("{}-{core}", config.name) } else { config.name.clone() },
+                pin_core: config.pin_core.map(|first| (first + machine - core % machine) % machine),
+                steering: (count > 1).then_some(Steering { core, cores: count }),
+                // One capture file (the first core's); each core its own fault seed.
+                wrappers: DeviceWrappers {
+                    seed: config.wrappers.seed.wrapping_add(core as u32),
+                    pcap: if core == 0 { config.wrappers.pcap.clone() } else { None },
+                    ..config.wrappers.clone()
+                },
+                ..config.clone()
+            };
+            let name = iface.to_string();
+            let shared = shared.clone();
+            let handle = match backend {
+                NicBackend::Tap => CoreHandle::start(
+                    move || Ok(SharedLink::new(crate::tap::open_tap(&name)?, shared, core, count > 1)),
+                    config,
+                )?,
+                NicBackend::AfPacket { qdisc_bypass } => {
+                    let group = group.clone();
+                    CoreHandle::start(
+                        move || {
+                            let socket = crate::af_packet::AfPacket::open(&name, qdisc_bypass, group.as_ref())?;
+                            Ok(SharedLink::new(socket, shared, core, false))
+                        },
+                        config,
+                    )?
+                }
+            };
+            handles.push(Arc::new(handle));
+        }
+        Ok(CoreStack { cores: handles, ip: address })
     }
 
-    /// A core on a packet socket bound to `iface` (mapped TPACKET_V3 rings).
-    pub fn af_packet(iface: &str, qdisc_bypass: bool, config: CoreConfig) -> io::Result<CoreStack> {
-        let IpAddress::Ipv4(address) = config.ip.address();
-        let name = iface.to_string();
-        let core = CoreHandle::start(move || crate::af_packet::AfPacket::open(&name, qdisc_bypass), config)?;
-        Ok(CoreStack { core: Arc::new(core), ip: address })
-    }
-
+    /// Opens connections to `remote` through every core in turn.
     pub fn connector(&self, remote: SocketAddrV4, timeouts: Timeouts) -> CoreConnector {
-        CoreConnector::new(vec![(self.core.clone(), IpEndpoint::new((*remote.ip()).into(), remote.port()))], timeouts)
+        let endpoint = IpEndpoint::new((*remote.ip()).into(), remote.port());
+        CoreConnector::new(self.cores.iter().map(|core| (core.clone(), endpoint)).collect(), timeouts)
     }
 
+    /// Listens on `port` on every core: a connection is accepted by the core its flow
+    /// lands on.
     pub fn acceptor(&self, port: u16, timeouts: Timeouts) -> io::Result<CoreAcceptor> {
         let accepted = Arc::new(Ring::new(ACCEPT_QUEUE));
-        self.core.send(Command::Listen { port, accepted: accepted.clone() })?;
+        for core in &self.cores {
+            core.send(Command::Listen { port, accepted: accepted.clone() })?;
+        }
         Ok(CoreAcceptor {
-            _cores: vec![self.core.clone()],
+            _cores: self.cores.clone(),
             accepted,
             local: format!("{}:{port}", self.ip),
             timeouts,
             never: SessionAbort::new(),
         })
+    }
+}
+
+pub(crate) fn interface_index(iface: &str) -> io::Result<u32> {
+    let name =
+        std::ffi::CString::new(iface).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "bad interface name"))?;
+    // SAFETY: a C string that outlives the call.
+    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
+        0 => Err(io::Error::new(io::ErrorKind::NotFound, format!("no interface named {iface}"))),
+        index => Ok(index),
     }
 }
 
@@ -127,6 +190,7 @@ pub struct LoopbackOptions {
     pub wrappers: DeviceWrappers,
     pub congestion: Congestion,
     pub idle: IdlePolicy,
+    pub min_rto: Duration,
 }
 
 impl Default for LoopbackOptions {
@@ -139,6 +203,7 @@ impl Default for LoopbackOptions {
             wrappers: DeviceWrappers::default(),
             congestion: Congestion::default(),
             idle: IdlePolicy::default(),
+            min_rto: crate::core::DEFAULT_MIN_RTO,
         }
     }
 }
@@ -174,6 +239,8 @@ impl LoopbackStack {
                 wrappers,
                 congestion: options.congestion,
                 idle: options.idle,
+                min_rto: options.min_rto,
+                steering: None,
             };
             let seed = options.wrappers.seed.wrapping_add(2 * pair as u32);
             let source_wrappers = DeviceWrappers {

@@ -1,15 +1,110 @@
-//! The TAP backend: frames to and from a kernel TAP device (`/dev/net/tun`), which the test
-//! harness bridges to a veth pair between network namespaces. Our stack owns an address
-//! the kernel does not have on that link.
+//! The TAP backend: frames to and from one queue of a kernel TAP device (`/dev/net/tun`),
+//! which the test harness bridges to a veth pair between network namespaces. Our stack
+//! owns an address the kernel does not have on that link.
 //!
-//! It uses smoltcp's own non-blocking `TunTapInterface` (one queue). Multi-queue TAP
-//! (IFF_MULTI_QUEUE, one queue per dataplane core) is still to come.
+//! Every queue is opened with IFF_MULTI_QUEUE, so one core or several can attach to the
+//! same device (the harness makes its TAP devices `multi_queue`). The kernel sends each
+//! flow to the queue that last wrote a frame of it (the tun driver's flow table) and a new
+//! flow to a queue chosen by its hash; `fanout::SharedLink` takes care of the frames that
+//! belong to no one flow.
 
-use smoltcp::phy::{Medium, TunTapInterface};
-use std::io;
+use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
+use smoltcp::time::Instant;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 
-/// Attaches to the TAP device `name` (created by the harness or by us, as root).
-pub fn open_tap(name: &str) -> io::Result<TunTapInterface> {
-    TunTapInterface::new(name, Medium::Ethernet)
-        .map_err(|e| io::Error::new(e.kind(), format!("TAP device {name}: {e} (it needs root or CAP_NET_ADMIN)")))
+/// One queue of a TAP device, read and written without blocking.
+pub struct TapQueue {
+    file: File,
+    mtu: usize,
+    rx_buffer: Vec<u8>,
+    tx_buffer: Vec<u8>,
+    /// Frames the kernel would not take (its queue full): dropped, as a NIC would.
+    pub tx_dropped: u64,
+}
+
+/// Attaches a new queue to the TAP device `name` (created by the harness, or created here
+/// when run as root).
+pub fn open_tap(name: &str) -> io::Result<TapQueue> {
+    let context = |e: io::Error| io::Error::new(e.kind(), format!("TAP device {name}: {e} (it needs root or CAP_NET_ADMIN)"));
+    if name.len() >= libc::IFNAMSIZ {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("TAP device name {name:?} is too long")));
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open("/dev/net/tun")
+        .map_err(context)?;
+    // SAFETY: ifreq is plain old data; zero is a valid starting value.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (slot, byte) in request.ifr_name.iter_mut().zip(name.bytes()) {
+        *slot = byte as libc::c_char;
+    }
+    request.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_MULTI_QUEUE) as libc::c_short;
+    // SAFETY: TUNSETIFF reads and writes the ifreq we pass, which lives across the call.
+    let result = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut request as *mut libc::ifreq) };
+    if result < 0 {
+        return Err(context(io::Error::last_os_error()));
+    }
+    let mtu = std::fs::read_to_string(format!("/sys/class/net/{name}/mtu"))
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(1500);
+    Ok(TapQueue { file, mtu, rx_buffer: vec![0; mtu + 14], tx_buffer: Vec::new(), tx_dropped: 0 })
+}
+
+pub struct TapRx<'a> {
+    frame: &'a [u8],
+}
+
+pub struct TapTx<'a> {
+    file: &'a mut File,
+    buffer: &'a mut Vec<u8>,
+    dropped: &'a mut u64,
+}
+
+impl phy::RxToken for TapRx<'_> {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(self.frame)
+    }
+}
+
+impl phy::TxToken for TapTx<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        self.buffer.resize(len, 0);
+        let result = f(&mut self.buffer[..len]);
+        if self.file.write(&self.buffer[..len]).is_err() {
+            *self.dropped += 1;
+        }
+        result
+    }
+}
+
+impl Device for TapQueue {
+    type RxToken<'a> = TapRx<'a>;
+    type TxToken<'a> = TapTx<'a>;
+
+    fn receive(&mut self, _timestamp: Instant) -> Option<(TapRx<'_>, TapTx<'_>)> {
+        match self.file.read(&mut self.rx_buffer) {
+            Ok(len) if len > 0 => Some((
+                TapRx { frame: &self.rx_buffer[..len] },
+                TapTx { file: &mut self.file, buffer: &mut self.tx_buffer, dropped: &mut self.tx_dropped },
+            )),
+            _ => None,
+        }
+    }
+
+    fn transmit(&mut self, _timestamp: Instant) -> Option<TapTx<'_>> {
+        Some(TapTx { file: &mut self.file, buffer: &mut self.tx_buffer, dropped: &mut self.tx_dropped })
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ethernet;
+        caps.max_transmission_unit = self.mtu + 14;
+        caps
+    }
 }

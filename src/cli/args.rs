@@ -95,7 +95,8 @@ pub enum GuestKind {
 /// How our userspace stack runs (not the kernel's).
 #[derive(Args, Debug, Clone)]
 pub struct DataplaneOptions {
-    /// Dataplane cores per side (the in-process wire; TAP uses one until multi-queue).
+    /// Dataplane cores per side: wire pairs on the in-process wire; queues of the TAP
+    /// device or packet sockets in a fanout group on a real interface.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub dataplane_cores: u16,
     /// Send and receive buffer of each TCP socket (window scaling follows).
@@ -109,6 +110,10 @@ pub struct DataplaneOptions {
     /// then nap (a shared machine).
     #[arg(long, value_enum, default_value = "nap")]
     pub idle: IdleArg,
+    /// Floor of the TCP retransmission timeout of our sockets, in milliseconds (RFC 6298
+    /// asks 1000 for the Internet; a migration link's round trip is far shorter).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub min_rto_ms: u64,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]

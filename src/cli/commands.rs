@@ -5,7 +5,7 @@ use super::args::{
 use super::report;
 use anyhow::{bail, Context, Result};
 use dataplane::core::{Congestion, CoreConfig, DeviceWrappers, IdlePolicy};
-use dataplane::stack::{CoreStack, LoopbackOptions, LoopbackStack};
+use dataplane::stack::{CoreStack, LoopbackOptions, LoopbackStack, NicBackend};
 use dataplane::wire_types::{EthernetAddress, IpCidr};
 use migration::precopy::{LimitAction, PrecopyConfig};
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -222,11 +222,16 @@ fn user_stack(options: &StackOptions, pin: bool) -> Result<CoreStack> {
         wrappers: device_wrappers(&options.wrappers),
         congestion: congestion(options.dataplane.congestion.unwrap_or(CongestionArg::Cubic)),
         idle: idle_policy(options.dataplane.idle),
+        min_rto: Duration::from_millis(options.dataplane.min_rto_ms),
+        steering: None,
     };
+    let cores = usize::from(options.dataplane.dataplane_cores);
     match options.stack {
-        NetStack::AfPacket => CoreStack::af_packet(iface, options.qdisc_bypass, config)
-            .with_context(|| format!("starting the AF_PACKET dataplane on {iface}")),
-        _ => CoreStack::tap(iface, config).context("starting the TAP dataplane"),
+        NetStack::AfPacket => {
+            CoreStack::start(NicBackend::AfPacket { qdisc_bypass: options.qdisc_bypass }, iface, cores, config)
+                .with_context(|| format!("starting the AF_PACKET dataplane on {iface}"))
+        }
+        _ => CoreStack::start(NicBackend::Tap, iface, cores, config).context("starting the TAP dataplane"),
     }
 }
 
@@ -251,6 +256,7 @@ pub(super) fn loopback_options(options: &DataplaneOptions) -> LoopbackOptions {
         socket_buffer_bytes: options.socket_buffer as usize,
         congestion: congestion(options.congestion.unwrap_or(CongestionArg::None)),
         idle: idle_policy(options.idle),
+        min_rto: Duration::from_millis(options.min_rto_ms),
         ..LoopbackOptions::default()
     }
 }
