@@ -71,20 +71,20 @@ fn insn(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
 /// goes to `(sport + dport) mod cores`; everything else to core 0, which shares it.
 pub fn steering_program(cores: usize) -> Vec<libc::sock_filter> {
     vec![
-        insn(BPF_LD_B_ABS, 0, 0, NET + 9),        // A = IP protocol
-        insn(BPF_JEQ_K, 0, 11, 6),                // not TCP: to the last instruction
-        insn(BPF_LD_B_ABS, 0, 0, NET),            // A = version and IHL
-        insn(BPF_ALU_AND_K, 0, 0, 0x0f),          //
-        insn(BPF_ALU_LSH_K, 0, 0, 2),             // A = IP header length
-        insn(BPF_MISC_TAX, 0, 0, 0),              // X = A
-        insn(BPF_LD_H_IND, 0, 0, NET),            // A = source port
-        insn(BPF_ST, 0, 0, 0),                    // M[0] = A
-        insn(BPF_LD_H_IND, 0, 0, NET + 2),        // A = destination port
-        insn(BPF_LDX_W_MEM, 0, 0, 0),             // X = M[0]
-        insn(BPF_ALU_ADD_X, 0, 0, 0),             // A = sport + dport
-        insn(BPF_ALU_MOD_K, 0, 0, cores as u32),  // A = A mod cores
-        insn(BPF_RET_A, 0, 0, 0),                 //
-        insn(BPF_RET_K, 0, 0, 0),                 // core 0
+        insn(BPF_LD_B_ABS, 0, 0, NET + 9),       // A = IP protocol
+        insn(BPF_JEQ_K, 0, 11, 6),               // not TCP: to the last instruction
+        insn(BPF_LD_B_ABS, 0, 0, NET),           // A = version and IHL
+        insn(BPF_ALU_AND_K, 0, 0, 0x0f),         //
+        insn(BPF_ALU_LSH_K, 0, 0, 2),            // A = IP header length
+        insn(BPF_MISC_TAX, 0, 0, 0),             // X = A
+        insn(BPF_LD_H_IND, 0, 0, NET),           // A = source port
+        insn(BPF_ST, 0, 0, 0),                   // M[0] = A
+        insn(BPF_LD_H_IND, 0, 0, NET + 2),       // A = destination port
+        insn(BPF_LDX_W_MEM, 0, 0, 0),            // X = M[0]
+        insn(BPF_ALU_ADD_X, 0, 0, 0),            // A = sport + dport
+        insn(BPF_ALU_MOD_K, 0, 0, cores as u32), // A = A mod cores
+        insn(BPF_RET_A, 0, 0, 0),                //
+        insn(BPF_RET_K, 0, 0, 0),                // core 0
     ]
 }
 

@@ -28,7 +28,8 @@ pub struct TapQueue {
 /// Attaches a new queue to the TAP device `name` (created by the harness, or created here
 /// when run as root).
 pub fn open_tap(name: &str) -> io::Result<TapQueue> {
-    let context = |e: io::Error| io::Error::new(e.kind(), format!("TAP device {name}: {e} (it needs root or CAP_NET_ADMIN)"));
+    let context =
+        |e: io::Error| io::Error::new(e.kind(), format!("TAP device {name}: {e} (it needs root or CAP_NET_ADMIN)"));
     if name.len() >= libc::IFNAMSIZ {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("TAP device name {name:?} is too long")));
     }

@@ -119,7 +119,14 @@ fn migrations_between_namespaces() {
             for (connections, cores) in [(1, 1), (4, 1), (1, 2), (4, 2)] {
                 let (connections, cores) = (connections.to_string(), cores.to_string());
                 port += 1;
-                migrate_ours(&ns, stack, port, workload, &["--connections", &connections], &["--dataplane-cores", &cores]);
+                migrate_ours(
+                    &ns,
+                    stack,
+                    port,
+                    workload,
+                    &["--connections", &connections],
+                    &["--dataplane-cores", &cores],
+                );
             }
         }
     }
