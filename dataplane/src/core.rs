@@ -4,9 +4,10 @@
 //! way per connection between the sockets and the application rings.
 
 use crate::fanout::{local_port_for, Steering};
+use crate::layers::{trace_frame, ChecksumPolicy, Checksums};
 use crate::pipe::{PipeShared, CHUNK_BYTES};
 use smoltcp::iface::{Config, Interface, PollIngressSingleResult, PollResult, SocketHandle, SocketSet};
-use smoltcp::phy::{Device, FaultInjector, PcapMode, PcapWriter};
+use smoltcp::phy::{Device, FaultInjector, PcapMode, PcapWriter, Tracer};
 use smoltcp::socket::tcp::{self, State};
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, IpCidr, IpEndpoint, Ipv4Address};
@@ -97,6 +98,9 @@ pub struct DeviceWrappers {
     pub seed: u32,
     /// Write every frame, both ways, to this pcap file.
     pub pcap: Option<std::path::PathBuf>,
+    /// Print every frame, decoded, to stderr (smoltcp's `Tracer`).
+    pub trace: bool,
+    pub checksum: ChecksumPolicy,
 }
 
 pub(crate) enum Command {
@@ -132,15 +136,16 @@ impl CoreHandle {
                     return;
                 }
             };
+            let device = Checksums::new(device, config.wrappers.checksum);
             // smoltcp's FaultInjector caps the MTU at 1536 bytes: wrap only when asked to.
             let wrappers = config.wrappers.clone();
             if wrappers.drop_pct > 0 || wrappers.corrupt_pct > 0 {
                 let mut faulty = FaultInjector::new(device, wrappers.seed);
                 faulty.set_drop_chance(wrappers.drop_pct);
                 faulty.set_corrupt_chance(wrappers.corrupt_pct);
-                run_captured(faulty, config, opened, receiver, &flag);
+                run_traced(faulty, config, opened, receiver, &flag);
             } else {
-                run_captured(device, config, opened, receiver, &flag);
+                run_traced(device, config, opened, receiver, &flag);
             }
         })?;
         let handle = CoreHandle { commands, stop, thread: Some(thread) };
@@ -159,6 +164,21 @@ impl Drop for CoreHandle {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+/// Runs a core on `device`, behind a tracer if the configuration asks for one.
+fn run_traced<D: Device>(
+    device: D,
+    config: CoreConfig,
+    opened: mpsc::Sender<io::Result<()>>,
+    commands: mpsc::Receiver<Command>,
+    stop: &AtomicBool,
+) {
+    if config.wrappers.trace {
+        run_captured(Tracer::new(device, trace_frame), config, opened, commands, stop);
+    } else {
+        run_captured(device, config, opened, commands, stop);
     }
 }
 

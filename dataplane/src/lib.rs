@@ -12,6 +12,7 @@
 pub mod af_packet;
 pub mod core;
 pub mod fanout;
+pub mod layers;
 pub mod pipe;
 pub mod stack;
 pub mod tap;

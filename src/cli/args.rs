@@ -144,6 +144,20 @@ pub struct WrapperOptions {
     /// Capture every frame our stack sends and receives to this pcap file.
     #[arg(long)]
     pub pcap: Option<std::path::PathBuf>,
+    /// Print every frame our stack sends and receives, decoded, to stderr.
+    #[arg(long)]
+    pub trace: bool,
+    /// IPv4 and TCP checksums: full (compute and verify), or trust-receive (compute on
+    /// transmit only: for the in-process wire, or a NIC that verified them; the migration
+    /// stream's CRC still covers every frame of pages).
+    #[arg(long, value_enum, default_value = "full")]
+    pub checksum: ChecksumArg,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChecksumArg {
+    Full,
+    TrustReceive,
 }
 
 /// The network stack `send` and `recv` run on.

@@ -1,10 +1,11 @@
 use super::args::{
-    Cli, Command, CommonOptions, CongestionArg, DataplaneOptions, DemoArgs, DemoStack, DestinationOptions, GuestArgs,
-    IdleArg, NetStack, OnLimit, RecvArgs, SendArgs, SourceOptions, StackOptions, WrapperOptions,
+    ChecksumArg, Cli, Command, CommonOptions, CongestionArg, DataplaneOptions, DemoArgs, DemoStack, DestinationOptions,
+    GuestArgs, IdleArg, NetStack, OnLimit, RecvArgs, SendArgs, SourceOptions, StackOptions, WrapperOptions,
 };
 use super::report;
 use anyhow::{bail, Context, Result};
 use dataplane::core::{Congestion, CoreConfig, DeviceWrappers, IdlePolicy};
+use dataplane::layers::ChecksumPolicy;
 use dataplane::stack::{CoreStack, LoopbackOptions, LoopbackStack, NicBackend};
 use dataplane::wire_types::{EthernetAddress, IpCidr};
 use migration::precopy::{LimitAction, PrecopyConfig};
@@ -267,6 +268,11 @@ fn device_wrappers(options: &WrapperOptions) -> DeviceWrappers {
         corrupt_pct: options.fault_corrupt,
         seed: options.fault_seed,
         pcap: options.pcap.clone(),
+        trace: options.trace,
+        checksum: match options.checksum {
+            ChecksumArg::Full => ChecksumPolicy::Full,
+            ChecksumArg::TrustReceive => ChecksumPolicy::TrustReceive,
+        },
     }
 }
 

@@ -60,6 +60,22 @@ fn demo_prints_the_seed_table() {
     }
 }
 
+#[test]
+fn trusting_received_checksums_still_catches_corruption_by_the_stream_crc() {
+    // Our stack skips its IPv4/TCP receive checks; a corrupted frame then reaches the
+    // migration stream, whose per-frame CRC must refuse it: a clean failure, no guest.
+    let finished = run(
+        Command::new(BIN).args(["demo", "--mem", "32MiB", "--checksum", "trust-receive", "--fault-corrupt", "1"]),
+        DEADLINE,
+    );
+    assert!(!finished.status.success(), "a corrupted migration was accepted:\n{}", finished.stdout);
+    assert!(finished.stderr.contains("checksum mismatch"), "unexpected failure:\n{}", finished.stderr);
+    // With the stack's own checks the same faults are dropped and retransmitted.
+    let finished =
+        run(Command::new(BIN).args(["demo", "--mem", "32MiB", "--fault-corrupt", "1", "--verify"]), DEADLINE);
+    assert!(finished.status.success(), "demo with full checksums failed:\n{}", finished.stderr);
+}
+
 fn two_processes(workload: &str, extra: &[&str]) {
     let receiver = Receiver::start(BIN, &["--json", "--run-after", "0.3", "--decompress-threads", "2"]);
     let mut send_args =

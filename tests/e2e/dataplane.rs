@@ -64,7 +64,7 @@ fn lossy_and_corrupting_wire_still_migrates_intact() {
     // from loss by retransmission timeouts (no SACK), so the guest is kept small; the
     // point is that every byte arrives intact: corrupted frames fail the TCP checksum and
     // are retransmitted, and our frame CRC32C stands behind it.
-    let wrappers = dataplane::core::DeviceWrappers { drop_pct: 1, corrupt_pct: 1, seed: 7, pcap: None };
+    let wrappers = dataplane::core::DeviceWrappers { drop_pct: 1, corrupt_pct: 1, seed: 7, ..Default::default() };
     let config = SourceConfig {
         codec: Codec::Lz4,
         connections: 2,
