@@ -74,8 +74,10 @@ mod tests {
 
     #[test]
     fn trusting_received_frames_keeps_transmit_checksums() {
-        assert_eq!(only_transmit(Checksum::Both), Checksum::Tx);
-        assert_eq!(only_transmit(Checksum::Tx), Checksum::Tx);
-        assert_eq!(only_transmit(Checksum::Rx), Checksum::None);
+        for (given, transmit) in [(Checksum::Both, true), (Checksum::Tx, true), (Checksum::Rx, false)] {
+            let kept = only_transmit(given);
+            assert!(!kept.rx(), "receive checks are dropped");
+            assert_eq!(kept.tx(), transmit, "transmit checksums are kept as they were");
+        }
     }
 }
