@@ -15,7 +15,7 @@
 //! outlives the call that made it.
 
 use crate::fanout::FanoutGroup;
-use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
+use smoltcp::phy::{self, Checksum, Device, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -32,6 +32,9 @@ const TX_BATCH: usize = 32;
 /// Where frame data starts in a transmit slot: the header, aligned (the kernel's
 /// `tp_hdrlen - sizeof(sockaddr_ll)` for TPACKET_V2).
 const TX_DATA_OFFSET: usize = libc::TPACKET2_HDRLEN - std::mem::size_of::<libc::sockaddr_ll>();
+/// tpacket status bits: the checksum is partial (made on this host) or was verified.
+const TP_STATUS_CSUMNOTREADY: u32 = 1 << 3;
+const TP_STATUS_CSUM_VALID: u32 = 1 << 7;
 /// Room the kernel keeps in a receive slot before the frame: the header and sockaddr_ll,
 /// aligned, plus 16 bytes for the MAC header (tpacket_rcv's `netoff`).
 const RX_FRAME_HEADROOM: usize = 96;
@@ -88,6 +91,9 @@ impl SlotRing {
 
 struct RxRing {
     ring: SlotRing,
+    /// Frames dropped: a bad checksum, or larger than a slot.
+    bad_checksum: u64,
+    truncated: u64,
     /// The slot whose frame was last handed out: given back on the next call.
     held: Option<usize>,
 }
@@ -105,6 +111,9 @@ pub struct AfPacket {
     rx: RxRing,
     tx: TxRing,
     mtu: usize,
+    iface: String,
+    /// Whether the warning about frames larger than a slot was given.
+    warned_truncated: bool,
     _mapping: Mapping,
     /// Owns the descriptor the rings and `tx.fd` belong to; closed after the unmapping.
     _socket: OwnedFd,
@@ -217,6 +226,8 @@ impl AfPacket {
         let rx = RxRing {
             ring: SlotRing { base: mapping.base, slot_bytes: slot, slots: rx_req.tp_frame_nr as usize, next: 0 },
             held: None,
+            bad_checksum: 0,
+            truncated: 0,
         };
         // SAFETY: the TX ring starts right after the RX ring inside the mapping.
         let tx_base = unsafe { mapping.base.add(rx_len) };
@@ -226,7 +237,15 @@ impl AfPacket {
             pending: 0,
             oversize: 0,
         };
-        Ok(AfPacket { rx, tx, mtu, _mapping: mapping, _socket: socket })
+        Ok(AfPacket {
+            rx,
+            tx,
+            mtu,
+            iface: iface.to_string(),
+            warned_truncated: false,
+            _mapping: mapping,
+            _socket: socket,
+        })
     }
 }
 
@@ -249,16 +268,28 @@ impl RxRing {
             self.ring.advance();
             let header = self.ring.header(index);
             // SAFETY: the slot is ours (TP_STATUS_USER), so its header is initialised.
-            let (mac, snaplen, len) = unsafe { ((*header).tp_mac, (*header).tp_snaplen, (*header).tp_len) };
-            if snaplen < len {
-                // Cut short to fit the slot: not a frame our stack can use.
+            let (mac, snaplen, len, status) =
+                unsafe { ((*header).tp_mac, (*header).tp_snaplen, (*header).tp_len, (*header).tp_status) };
+            // SAFETY: the frame lies inside the slot, at `tp_mac` from its header.
+            let frame = unsafe {
+                std::slice::from_raw_parts(self.ring.slot(index).add(usize::from(mac)).cast_const(), snaplen as usize)
+            };
+            // The kernel vouches for frames made on this host (a partial checksum, which the
+            // NIC was to finish) and for frames a NIC verified; the rest are checked here.
+            let vouched = status & (TP_STATUS_CSUMNOTREADY | TP_STATUS_CSUM_VALID) != 0;
+            let whole = snaplen >= len;
+            if !whole || !(vouched || crate::layers::checksums_ok(frame)) {
+                // Cut short to fit the slot (a large GSO frame), or corrupted on the way.
+                if whole {
+                    self.bad_checksum += 1;
+                } else {
+                    self.truncated += 1;
+                }
                 self.ring.status(index).store(libc::TP_STATUS_KERNEL, Ordering::Release);
                 continue;
             }
             self.held = Some(index);
-            // SAFETY: the frame lies inside the slot, at `tp_mac` from its header.
-            let data = unsafe { self.ring.slot(index).add(usize::from(mac)) };
-            return Some((data.cast_const(), snaplen as usize));
+            return Some((frame.as_ptr(), frame.len()));
         }
     }
 }
@@ -331,6 +362,15 @@ impl Device for AfPacket {
     type TxToken<'a> = AfTx<'a>;
 
     fn receive(&mut self, _timestamp: Instant) -> Option<(AfRx, AfTx<'_>)> {
+        if self.rx.truncated > 0 && !self.warned_truncated {
+            self.warned_truncated = true;
+            eprintln!(
+                "vmigrate: warning: frames larger than the MTU ({}) arrive on {}: they are dropped. Turn off \
+                 receive aggregation (ethtool -K {} gro off lro off) or, on a veth pair, the peer's \
+                 segmentation offload (ip link set PEER gso_max_size {})",
+                self.mtu, self.iface, self.iface, self.mtu
+            );
+        }
         if !self.tx.slot_free() {
             self.tx.flush();
             return None;
@@ -357,6 +397,9 @@ impl Device for AfPacket {
     fn capabilities(&self) -> DeviceCapabilities {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ethernet;
+        // Received checksums are checked by `RxRing::next` unless the kernel vouches for them.
+        caps.checksum.ipv4 = Checksum::Tx;
+        caps.checksum.tcp = Checksum::Tx;
         caps.max_transmission_unit = self.mtu + 14;
         caps.max_burst_size = Some(TX_BATCH);
         caps

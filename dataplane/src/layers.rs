@@ -1,8 +1,35 @@
 //! Small layers around a NIC device, chosen on the command line: checksum handling and a
-//! frame tracer (smoltcp's `Tracer`, printing each frame decoded, to stderr).
+//! frame tracer (smoltcp's `Tracer`, printing each frame decoded, to stderr); and the
+//! receive checks a backend does itself when the kernel tells it per frame whether the
+//! checksums are known good.
 
 use smoltcp::phy::{Checksum, Device, DeviceCapabilities, TracerPacket};
 use smoltcp::time::Instant;
+use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, TcpPacket};
+
+/// Checks the IPv4 header and TCP checksums of a received frame. Frames that are not IPv4
+/// pass (smoltcp parses and checks what it uses of them).
+///
+/// A backend calls this for the frames the kernel does not vouch for, and declares no
+/// receive checksums to smoltcp: a frame the kernel's own TCP sent over a veth carries only
+/// a partial checksum (the NIC was to finish it), which smoltcp would reject.
+pub fn checksums_ok(frame: &[u8]) -> bool {
+    let Ok(ethernet) = EthernetFrame::new_checked(frame) else { return false };
+    if ethernet.ethertype() != EthernetProtocol::Ipv4 {
+        return true;
+    }
+    let Ok(ip) = Ipv4Packet::new_checked(ethernet.payload()) else { return false };
+    if !ip.verify_checksum() {
+        return false;
+    }
+    if ip.next_header() != IpProtocol::Tcp {
+        return true;
+    }
+    match TcpPacket::new_checked(ip.payload()) {
+        Ok(tcp) => tcp.verify_checksum(&ip.src_addr().into(), &ip.dst_addr().into()),
+        Err(_) => false,
+    }
+}
 
 /// Which IPv4 and TCP checksums our stack computes and checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -71,6 +98,57 @@ pub fn trace_frame(timestamp: Instant, packet: TracerPacket) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn received_checksums_are_checked() {
+        use smoltcp::wire::{EthernetAddress, EthernetRepr, Ipv4Address, Ipv4Repr, TcpControl, TcpRepr, TcpSeqNumber};
+        let data = [0xa5u8; 100];
+        let (src, dst) = (Ipv4Address::new(10, 77, 0, 11), Ipv4Address::new(10, 77, 0, 12));
+        let tcp = TcpRepr {
+            src_port: 49152,
+            dst_port: 4444,
+            control: TcpControl::None,
+            seq_number: TcpSeqNumber(1),
+            ack_number: Some(TcpSeqNumber(1)),
+            window_len: 1000,
+            window_scale: None,
+            max_seg_size: None,
+            sack_permitted: false,
+            sack_ranges: [None, None, None],
+            timestamp: None,
+            payload: &data,
+        };
+        let ip = Ipv4Repr {
+            src_addr: src,
+            dst_addr: dst,
+            next_header: IpProtocol::Tcp,
+            payload_len: tcp.buffer_len(),
+            hop_limit: 64,
+        };
+        let ethernet = EthernetRepr {
+            src_addr: EthernetAddress([2, 0, 0, 0, 0, 1]),
+            dst_addr: EthernetAddress([2, 0, 0, 0, 0, 2]),
+            ethertype: EthernetProtocol::Ipv4,
+        };
+        let mut frame = vec![0u8; ethernet.buffer_len() + ip.buffer_len() + tcp.buffer_len()];
+        let caps = smoltcp::phy::ChecksumCapabilities::default();
+        let mut eth_frame = EthernetFrame::new_unchecked(&mut frame[..]);
+        ethernet.emit(&mut eth_frame);
+        let mut ip_packet = Ipv4Packet::new_unchecked(eth_frame.payload_mut());
+        ip.emit(&mut ip_packet, &caps);
+        tcp.emit(&mut TcpPacket::new_unchecked(ip_packet.payload_mut()), &src.into(), &dst.into(), &caps);
+
+        assert!(checksums_ok(&frame));
+        let last = frame.len() - 1;
+        frame[last] ^= 0x40;
+        assert!(!checksums_ok(&frame), "a corrupted payload is caught");
+        frame[last] ^= 0x40;
+        frame[14 + 8] ^= 1; // the IPv4 TTL: the header checksum no longer matches
+        assert!(!checksums_ok(&frame), "a corrupted IPv4 header is caught");
+        let mut arp = vec![0u8; 60];
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        assert!(checksums_ok(&arp), "not IPv4: left to smoltcp");
+    }
 
     #[test]
     fn trusting_received_frames_keeps_transmit_checksums() {

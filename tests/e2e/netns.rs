@@ -141,6 +141,27 @@ fn migrations_between_namespaces() {
     let mut send = src.args();
     send.extend(strings(&["--to", "10.77.0.2:4446", "--dataplane-cores", "2", "--connections", "2"]));
     migrate(&ns, &strings(&["--listen", "10.77.0.2:4446"]), &send, WORKLOADS[1]);
+    let (src, _) = our_stack(&ns, "af-packet");
+    let mut send = src.args();
+    send.extend(strings(&["--to", "10.77.0.2:4447"]));
+    migrate(&ns, &strings(&["--listen", "10.77.0.2:4447"]), &send, WORKLOADS[1]);
+
+    // The kernel's TCP sending to our stack on a packet socket. Over a veth the kernel
+    // hands its 64 KiB GSO segments across whole, and a packet socket sees them so (as it
+    // sees GRO's aggregates on a NIC): the sending side's segmentation is capped at the
+    // MTU, as a dataplane interface's receive aggregation must be turned off. Last, since it
+    // changes the kernel's side for the rest of the run.
+    for device in ["br0", &format!("{}-vs", ns.prefix)] {
+        let status = Command::new("ip")
+            .args(["-n", &format!("{}-src", ns.prefix), "link", "set", device, "gso_max_size", "1500"])
+            .status()
+            .expect("run ip");
+        assert!(status.success(), "could not cap GSO on {device}");
+    }
+    let (_, dst) = our_stack(&ns, "af-packet");
+    let mut recv = dst.args();
+    recv.extend(strings(&["--listen", "10.77.0.12:4448", "--dataplane-cores", "2"]));
+    migrate(&ns, &recv, &strings(&["--to", "10.77.0.12:4448", "--connections", "4"]), WORKLOADS[1]);
 }
 
 #[test]
