@@ -28,7 +28,7 @@ const INGRESS_BUDGET: usize = 256;
 /// its congestion control grows the window by one segment per ACK in slow start: one ACK
 /// per burst of dozens of frames held the window nearly flat. An ACK every second
 /// segment is what RFC 5681 asks of a receiver, and gives the sender its ACK clock.
-const ACK_EVERY_FRAMES: usize = 4;
+const ACK_EVERY_FRAMES: usize = 2;
 /// Idle iterations spent spinning before the core starts to nap: a polling core on a
 /// dedicated CPU never naps in practice, and one on a shared machine gives the CPU back.
 const IDLE_SPINS: u32 = 2000;
