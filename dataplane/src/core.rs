@@ -47,7 +47,8 @@ pub struct CoreConfig {
     pub gateway: Option<Ipv4Address>,
     /// Send and receive buffer of each TCP socket; window scaling follows from it.
     pub socket_buffer_bytes: usize,
-    /// Core to pin the thread to (index into the available cores).
+    /// Core to pin the thread to (index into the available cores), or the next free one
+    /// below it if another polling core on the host holds it (`transport::pin::claim_cpu`).
     pub pin_core: Option<usize>,
     /// Wrappers around the NIC device, chosen on the command line.
     pub wrappers: DeviceWrappers,
@@ -278,9 +279,9 @@ impl<D: Device> Core<D> {
     }
 
     fn run(mut self, commands: mpsc::Receiver<Command>, stop: &AtomicBool) {
-        if let Some(core) = self.config.pin_core {
-            transport::pin::pin_current(core);
-        }
+        // The first free CPU from the one asked for down, held against every other polling
+        // core on the host until this core stops; none free: run unpinned.
+        let _cpu = self.config.pin_core.and_then(transport::pin::claim_cpu);
         let mut idle = 0u32;
         while !stop.load(Ordering::Acquire) {
             while let Ok(command) = commands.try_recv() {

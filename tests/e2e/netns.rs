@@ -205,12 +205,12 @@ fn migration_through_a_lossy_link() {
         return;
     }
     // 1 Gbit/s with 1% of frames dropped each way, over both of our NIC backends, with the
-    // `dirty` guest. Both ends run unpinned: on one host they would pin their cores to the
-    // same CPUs, and at 1% loss that costs a factor of eight (docs/ARCHITECTURE.md).
+    // `dirty` guest. Both ends share this host: their polling cores must claim different
+    // CPUs (transport::pin::claim_cpu), or at 1% loss the stream slows eightfold.
     let ns = Namespaces::up(&format!("vml{}", std::process::id() % 100_000), &["--rate", "1gbit", "--loss", "1"]);
     let before = frames_dropped(&ns);
     for (port, stack) in [(4449, "af-packet"), (4450, "tap")] {
-        migrate_ours(&ns, stack, port, WORKLOADS[1], &["--connections", "2"], &["--dataplane-cores", "2", "--no-pin"]);
+        migrate_ours(&ns, stack, port, WORKLOADS[1], &["--connections", "2"], &["--dataplane-cores", "2"]);
     }
     let dropped = frames_dropped(&ns) - before;
     assert!(dropped > 0, "the loss rule dropped no frame: the link was not lossy");

@@ -22,3 +22,57 @@ pub fn pin_current(index: usize) -> bool {
         cores => core_affinity::set_for_current(cores[index % cores.len()]),
     }
 }
+
+/// A CPU a dataplane core holds for itself, across every vmigrate process on the host:
+/// an exclusive `flock` on a per-CPU file, released when the claim drops or the process
+/// dies. Two processes on one host (the test harness, a benchmark with both ends) would
+/// otherwise pin their polling cores to the same CPU and take turns on it.
+pub struct CpuClaim {
+    pub index: usize,
+    _lock: std::fs::File,
+}
+
+/// Claims the first free CPU among `preferred`, `preferred - 1`, ... (wrapping), so that
+/// polling cores spread from the last CPU down. None when every CPU is claimed: the caller
+/// then runs unpinned rather than stack on a CPU another polling core holds.
+pub fn claim_cpu(preferred: usize) -> Option<CpuClaim> {
+    claim_cpu_in(&std::env::temp_dir(), preferred)
+}
+
+fn claim_cpu_in(directory: &std::path::Path, preferred: usize) -> Option<CpuClaim> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let cores = cores();
+    let count = cores.len();
+    (0..count).map(|step| (preferred + count - step % count) % count).find_map(|index| {
+        let path = directory.join(format!("vmigrate-dataplane-cpu-{}.lock", cores[index].id));
+        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o666).open(path).ok()?;
+        // SAFETY: flock on a descriptor we own; the lock lives as long as the file.
+        let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+        (locked && core_affinity::set_for_current(cores[index])).then_some(CpuClaim { index, _lock: file })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_claimed_cpu_is_not_claimed_again_until_released() {
+        // A directory of our own, so claims by other tests' processes do not interfere.
+        let directory = std::env::temp_dir().join(format!("vmigrate-pin-test-{}", std::process::id()));
+        std::fs::create_dir_all(&directory).unwrap();
+        let last = core_count() - 1;
+        let first = claim_cpu_in(&directory, last).expect("a free CPU can be claimed");
+        assert_eq!(first.index, last, "claims start from the preferred CPU");
+        // Another claim (as another process would make) takes a different CPU, or none.
+        let second = claim_cpu_in(&directory, last);
+        assert!(second.as_ref().is_none_or(|second| second.index != last));
+        drop(first);
+        drop(second);
+        let again = claim_cpu_in(&directory, last).expect("a released CPU can be claimed again");
+        assert_eq!(again.index, last);
+        drop(again);
+        let _ = std::fs::remove_dir_all(&directory);
+    }
+}
