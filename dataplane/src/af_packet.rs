@@ -91,6 +91,7 @@ impl SlotRing {
 
 struct RxRing {
     ring: SlotRing,
+    verify: bool,
     /// Frames dropped: a bad checksum, or larger than a slot.
     bad_checksum: u64,
     truncated: u64,
@@ -171,7 +172,14 @@ impl AfPacket {
     /// straight to the driver (no traffic shaping on that interface applies to them).
     /// With `fanout`, the socket joins that group as its next member, and receives only the
     /// frames the group's program steers to it.
-    pub fn open(iface: &str, qdisc_bypass: bool, fanout: Option<&FanoutGroup>) -> io::Result<AfPacket> {
+    /// `verify_receive`: check the IPv4/TCP checksums of frames the kernel does not vouch
+    /// for (off under `ChecksumPolicy::TrustReceive`).
+    pub fn open(
+        iface: &str,
+        qdisc_bypass: bool,
+        fanout: Option<&FanoutGroup>,
+        verify_receive: bool,
+    ) -> io::Result<AfPacket> {
         let ifindex = crate::stack::interface_index(iface)?;
         let protocol = (libc::ETH_P_ALL as u16).to_be();
         // SAFETY: plain socket creation; the result is checked before use.
@@ -226,6 +234,7 @@ impl AfPacket {
         let rx = RxRing {
             ring: SlotRing { base: mapping.base, slot_bytes: slot, slots: rx_req.tp_frame_nr as usize, next: 0 },
             held: None,
+            verify: verify_receive,
             bad_checksum: 0,
             truncated: 0,
         };
@@ -278,7 +287,7 @@ impl RxRing {
             // NIC was to finish) and for frames a NIC verified; the rest are checked here.
             let vouched = status & (TP_STATUS_CSUMNOTREADY | TP_STATUS_CSUM_VALID) != 0;
             let whole = snaplen >= len;
-            if !whole || !(vouched || crate::layers::checksums_ok(frame)) {
+            if !whole || !(vouched || !self.verify || crate::layers::checksums_ok(frame)) {
                 // Cut short to fit the slot (a large GSO frame), or corrupted on the way.
                 if whole {
                     self.bad_checksum += 1;
@@ -410,5 +419,13 @@ impl Drop for AfPacket {
     fn drop(&mut self) {
         // Frames still queued go out before the socket closes (fields drop after this).
         self.tx.flush();
+        let (bad, truncated, oversize) = (self.rx.bad_checksum, self.rx.truncated, self.tx.oversize);
+        if bad + truncated + oversize > 0 {
+            eprintln!(
+                "vmigrate: af-packet on {}: dropped {bad} frames with bad checksums, {truncated} larger than \
+                 the MTU received, {oversize} too large to send",
+                self.iface
+            );
+        }
     }
 }

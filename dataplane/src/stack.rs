@@ -3,6 +3,7 @@
 
 use crate::core::{Command, Congestion, CoreConfig, CoreHandle, DeviceWrappers, IdlePolicy};
 use crate::fanout::{FanoutGroup, SharedFrames, SharedLink, Steering};
+use crate::layers::ChecksumPolicy;
 use crate::pipe::{connection, PipeShared};
 use crate::wire::wire_pair;
 use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr, IpEndpoint, Ipv4Address};
@@ -127,9 +128,10 @@ impl CoreStack {
                 )?,
                 NicBackend::AfPacket { qdisc_bypass } => {
                     let group = group.clone();
+                    let verify = config.wrappers.checksum == ChecksumPolicy::Full;
                     CoreHandle::start(
                         move || {
-                            let socket = crate::af_packet::AfPacket::open(&name, qdisc_bypass, group.as_ref())?;
+                            let socket = crate::af_packet::AfPacket::open(&name, qdisc_bypass, group.as_ref(), verify)?;
                             Ok(SharedLink::new(socket, shared, core, false))
                         },
                         config,

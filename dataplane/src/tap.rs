@@ -22,7 +22,7 @@ pub struct TapQueue {
     rx_buffer: Vec<u8>,
     tx_buffer: Vec<u8>,
     /// Frames the kernel would not take (its queue full): dropped, as a NIC would.
-    pub tx_dropped: u64,
+    tx_dropped: u64,
 }
 
 /// Attaches a new queue to the TAP device `name` (created by the harness, or created here
@@ -81,6 +81,14 @@ impl phy::TxToken for TapTx<'_> {
             *self.dropped += 1;
         }
         result
+    }
+}
+
+impl Drop for TapQueue {
+    fn drop(&mut self) {
+        if self.tx_dropped > 0 {
+            eprintln!("vmigrate: tap: the kernel refused {} frames (its queue was full)", self.tx_dropped);
+        }
     }
 }
 
