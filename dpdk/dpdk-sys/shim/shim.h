@@ -1,0 +1,49 @@
+/* vmigrate's shim over DPDK's static inline fast path. DPDK defines rte_eth_rx_burst,
+ * rte_pktmbuf_alloc and friends as static inline functions in its headers, so they have no
+ * symbol to link against: these out-of-line wrappers give them one. bindgen reads the
+ * prototypes here; shim.c is compiled by the build script with DPDK's own flags. */
+#ifndef VMIGRATE_DPDK_SHIM_H
+#define VMIGRATE_DPDK_SHIM_H
+
+#include <stdint.h>
+#include <rte_config.h>
+#include <rte_eal.h>
+#include <rte_errno.h>
+#include <rte_ethdev.h>
+#include <rte_lcore.h>
+#include <rte_mbuf.h>
+#include <rte_mempool.h>
+#include <rte_version.h>
+
+uint16_t vm_rte_eth_rx_burst(uint16_t port_id, uint16_t queue_id, struct rte_mbuf **rx_pkts, uint16_t nb_pkts);
+uint16_t vm_rte_eth_tx_burst(uint16_t port_id, uint16_t queue_id, struct rte_mbuf **tx_pkts, uint16_t nb_pkts);
+struct rte_mbuf *vm_rte_pktmbuf_alloc(struct rte_mempool *mp);
+void vm_rte_pktmbuf_free(struct rte_mbuf *m);
+char *vm_rte_pktmbuf_append(struct rte_mbuf *m, uint16_t len);
+void *vm_rte_pktmbuf_mtod(struct rte_mbuf *m);
+uint16_t vm_rte_pktmbuf_data_len(const struct rte_mbuf *m);
+uint32_t vm_rte_pktmbuf_pkt_len(const struct rte_mbuf *m);
+uint64_t vm_rte_mbuf_ol_flags(const struct rte_mbuf *m);
+void vm_rte_mbuf_set_tx_offload(struct rte_mbuf *m, uint64_t ol_flags, uint16_t l2_len, uint16_t l3_len,
+                                uint16_t l4_len);
+unsigned int vm_rte_mempool_avail_count(const struct rte_mempool *mp);
+int vm_rte_errno(void);
+
+/* Constants that are macros of expressions bindgen cannot evaluate (shifts of ULL and the
+ * like), exported as values. Rust-side copies are tested against these. */
+extern const uint64_t vm_RTE_MBUF_F_RX_IP_CKSUM_GOOD;
+extern const uint64_t vm_RTE_MBUF_F_RX_L4_CKSUM_GOOD;
+extern const uint64_t vm_RTE_MBUF_F_TX_IPV4;
+extern const uint64_t vm_RTE_MBUF_F_TX_IP_CKSUM;
+extern const uint64_t vm_RTE_MBUF_F_TX_TCP_CKSUM;
+extern const uint64_t vm_RTE_ETH_TX_OFFLOAD_IPV4_CKSUM;
+extern const uint64_t vm_RTE_ETH_TX_OFFLOAD_TCP_CKSUM;
+extern const uint64_t vm_RTE_ETH_RX_OFFLOAD_IPV4_CKSUM;
+extern const uint64_t vm_RTE_ETH_RX_OFFLOAD_TCP_CKSUM;
+extern const uint64_t vm_RTE_ETH_RSS_IP;
+extern const uint64_t vm_RTE_ETH_RSS_TCP;
+extern const uint32_t vm_RTE_MBUF_DEFAULT_BUF_SIZE;
+extern const uint32_t vm_RTE_PKTMBUF_HEADROOM;
+extern const int vm_SOCKET_ID_ANY;
+
+#endif
