@@ -52,6 +52,8 @@ fn main() {
     let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
     bindings.write_to_file(out.join("bindings.rs")).expect("write the bindings");
     println!("cargo:rustc-cfg=dpdk");
+    // Seen by dependents' build scripts as DEP_DPDK_AVAILABLE.
+    println!("cargo:available=1");
 }
 
 /// DPDK's compiler flags as pkg-config gives them (include paths, `-include rte_config.h`,

@@ -1,0 +1,38 @@
+//! The EAL (DPDK's environment: memory, lcores, devices), initialised once per process from
+//! the arguments given after `--` on the command line, as DPDK's own programs take them.
+
+use crate::DpdkError;
+use std::ffi::CString;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static INITIALISED: AtomicBool = AtomicBool::new(false);
+
+/// Proof that the EAL is initialised; DPDK objects are made through it.
+pub struct Eal {
+    _private: (),
+}
+
+impl Eal {
+    /// Initialises the EAL with `args` (without a program name: "vmigrate" is prepended).
+    /// DPDK allows this once per process: a second call is an error, also after a failed
+    /// first one.
+    pub fn init<S: AsRef<str>>(args: &[S]) -> Result<Eal, DpdkError> {
+        if INITIALISED.swap(true, Ordering::SeqCst) {
+            return Err(DpdkError::AlreadyInitialised);
+        }
+        let mut owned = vec![CString::new("vmigrate").expect("no NUL")];
+        for arg in args {
+            let arg = arg.as_ref();
+            owned.push(CString::new(arg).map_err(|_| DpdkError::BadArgument(arg.to_string()))?);
+        }
+        // rte_eal_init may permute argv (getopt); it gets its own array of pointers.
+        let mut argv: Vec<*mut std::ffi::c_char> = owned.iter().map(|arg| arg.as_ptr().cast_mut()).collect();
+        // SAFETY: argv holds argc valid C strings that outlive the call (`owned`); EAL
+        // initialisation runs once (guarded above).
+        let parsed = unsafe { dpdk_sys::rte_eal_init(argv.len() as i32, argv.as_mut_ptr()) };
+        if parsed < 0 {
+            return Err(DpdkError::from_errno("rte_eal_init"));
+        }
+        Ok(Eal { _private: () })
+    }
+}

@@ -1,0 +1,29 @@
+//! A safe wrapper over `dpdk-sys`: EAL initialisation once per process from DPDK-style
+//! arguments, errors from `rte_errno`/`rte_strerror`, packet mempools, an owning `Mbuf`
+//! that frees itself, and ports with one RX/TX queue pair per dataplane core.
+//!
+//! Built where DPDK is absent, only `AVAILABLE` (false) and the error type exist.
+
+mod error;
+pub use error::DpdkError;
+
+/// Whether this build has DPDK.
+pub const AVAILABLE: bool = dpdk_sys::AVAILABLE;
+
+#[cfg(dpdk)]
+mod eal;
+#[cfg(dpdk)]
+mod mbuf;
+#[cfg(dpdk)]
+mod mempool;
+#[cfg(dpdk)]
+mod port;
+
+#[cfg(dpdk)]
+pub use eal::Eal;
+#[cfg(dpdk)]
+pub use mbuf::Mbuf;
+#[cfg(dpdk)]
+pub use mempool::Mempool;
+#[cfg(dpdk)]
+pub use port::{LinkStatus, Port, PortStats};

@@ -1,0 +1,164 @@
+//! A DPDK port (a NIC, or a virtual device such as net_af_packet or net_tap) with one
+//! RX/TX queue pair per dataplane core, RSS across the queues where the device has it.
+
+use crate::{DpdkError, Eal, Mbuf, Mempool};
+use std::ffi::CString;
+use std::ptr::NonNull;
+
+/// Descriptors per queue.
+const RING_DESCRIPTORS: u16 = 1024;
+/// Attempts to hand a burst to a transmit queue before the rest is freed (counted).
+const TX_ATTEMPTS: usize = 8;
+
+pub struct Port<'pool> {
+    id: u16,
+    queues: u16,
+    _pool: &'pool Mempool,
+    /// Packets freed because the transmit queue stayed full.
+    tx_dropped: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkStatus {
+    pub up: bool,
+    pub speed_mbps: u32,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PortStats {
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    /// Packets the NIC dropped because no receive descriptor was free.
+    pub rx_missed: u64,
+    pub rx_errors: u64,
+    pub tx_errors: u64,
+    /// Packets we freed after the transmit queue stayed full.
+    pub tx_dropped: u64,
+}
+
+fn check(call: &'static str, result: i32) -> Result<(), DpdkError> {
+    if result < 0 {
+        Err(DpdkError::from_code(call, result))
+    } else {
+        Ok(())
+    }
+}
+
+impl<'pool> Port<'pool> {
+    /// Configures and starts the port named `name` (as the EAL knows it, e.g. the vdev
+    /// name `net_af_packet0`) with `queues` RX/TX queue pairs fed from `pool`.
+    pub fn start(_eal: &Eal, name: &str, queues: u16, pool: &'pool Mempool) -> Result<Port<'pool>, DpdkError> {
+        let c_name = CString::new(name).map_err(|_| DpdkError::BadArgument(name.to_string()))?;
+        let mut id = 0u16;
+        // SAFETY: a valid C string and a live output location.
+        if unsafe { dpdk_sys::rte_eth_dev_get_port_by_name(c_name.as_ptr(), &mut id) } != 0 {
+            return Err(DpdkError::NoSuchPort(name.to_string()));
+        }
+        let mut info = dpdk_sys::rte_eth_dev_info::default();
+        // SAFETY: the port exists; `info` is a live struct of the right type.
+        check("rte_eth_dev_info_get", unsafe { dpdk_sys::rte_eth_dev_info_get(id, &mut info) })?;
+        let queues = queues.max(1).min(info.max_rx_queues).min(info.max_tx_queues).max(1);
+
+        let mut conf = dpdk_sys::rte_eth_conf::default();
+        let rss = (dpdk_sys::consts::RTE_ETH_RSS_IP | dpdk_sys::consts::RTE_ETH_RSS_TCP) & info.flow_type_rss_offloads;
+        if queues > 1 && rss != 0 {
+            conf.rxmode.mq_mode = dpdk_sys::rte_eth_rx_mq_mode_RTE_ETH_MQ_RX_RSS;
+            conf.rx_adv_conf.rss_conf.rss_hf = rss;
+        }
+        // SAFETY: the port exists and is stopped; `conf` lives across the call.
+        check("rte_eth_dev_configure", unsafe { dpdk_sys::rte_eth_dev_configure(id, queues, queues, &conf) })?;
+        // SAFETY: as above.
+        let socket = unsafe { dpdk_sys::rte_eth_dev_socket_id(id) };
+        let socket = if socket < 0 { dpdk_sys::consts::SOCKET_ID_ANY } else { socket } as u32;
+        for queue in 0..queues {
+            // SAFETY: the port is configured with `queues` queues; null configurations
+            // take the driver's defaults; the pool outlives the port ('pool).
+            check("rte_eth_rx_queue_setup", unsafe {
+                dpdk_sys::rte_eth_rx_queue_setup(id, queue, RING_DESCRIPTORS, socket, std::ptr::null(), pool.as_ptr())
+            })?;
+            // SAFETY: as above.
+            check("rte_eth_tx_queue_setup", unsafe {
+                dpdk_sys::rte_eth_tx_queue_setup(id, queue, RING_DESCRIPTORS, socket, std::ptr::null())
+            })?;
+        }
+        // SAFETY: the port is configured and its queues set up.
+        check("rte_eth_dev_start", unsafe { dpdk_sys::rte_eth_dev_start(id) })?;
+        Ok(Port { id, queues, _pool: pool, tx_dropped: 0 })
+    }
+
+    pub fn queues(&self) -> u16 {
+        self.queues
+    }
+
+    /// Receives up to `max` packets from `queue` into `packets`; returns how many came.
+    pub fn receive(&self, queue: u16, packets: &mut Vec<Mbuf<'pool>>, max: u16) -> usize {
+        let mut raw: Vec<*mut dpdk_sys::rte_mbuf> = vec![std::ptr::null_mut(); usize::from(max)];
+        // SAFETY: `raw` has room for `max` pointers; the queue exists (queue < queues, else
+        // the driver returns 0).
+        let count = unsafe { dpdk_sys::vm_rte_eth_rx_burst(self.id, queue, raw.as_mut_ptr(), max) };
+        for mbuf in raw.into_iter().take(usize::from(count)).filter_map(NonNull::new) {
+            // SAFETY: the burst handed these mbufs, from our pool, to us.
+            packets.push(unsafe { Mbuf::from_raw(mbuf) });
+        }
+        usize::from(count)
+    }
+
+    /// Sends `packets` on `queue`, retrying a full queue a few times; what it still would
+    /// not take is freed and counted. Returns how many were queued for sending.
+    pub fn transmit(&mut self, queue: u16, packets: Vec<Mbuf<'pool>>) -> usize {
+        let mut raw: Vec<*mut dpdk_sys::rte_mbuf> = packets.into_iter().map(Mbuf::into_raw).collect();
+        let mut sent = 0usize;
+        for _ in 0..TX_ATTEMPTS {
+            if sent == raw.len() {
+                break;
+            }
+            let left = (raw.len() - sent).min(usize::from(u16::MAX)) as u16;
+            // SAFETY: the pointers from `sent` on are mbufs we own; the driver takes
+            // ownership of the ones it reports sent.
+            sent +=
+                usize::from(unsafe { dpdk_sys::vm_rte_eth_tx_burst(self.id, queue, raw[sent..].as_mut_ptr(), left) });
+        }
+        for mbuf in raw.drain(sent..) {
+            // SAFETY: the driver did not take these: they are still ours to free.
+            unsafe { dpdk_sys::vm_rte_pktmbuf_free(mbuf) };
+            self.tx_dropped += 1;
+        }
+        sent
+    }
+
+    pub fn link(&self) -> LinkStatus {
+        let mut link = dpdk_sys::rte_eth_link::default();
+        // SAFETY: the port exists; `link` is a live struct.
+        unsafe { dpdk_sys::rte_eth_link_get_nowait(self.id, &mut link) };
+        LinkStatus { up: link.link_status() != 0, speed_mbps: link.link_speed }
+    }
+
+    pub fn stats(&self) -> PortStats {
+        let mut stats = dpdk_sys::rte_eth_stats::default();
+        // SAFETY: the port exists; `stats` is a live struct.
+        unsafe { dpdk_sys::rte_eth_stats_get(self.id, &mut stats) };
+        PortStats {
+            rx_packets: stats.ipackets,
+            tx_packets: stats.opackets,
+            rx_bytes: stats.ibytes,
+            tx_bytes: stats.obytes,
+            rx_missed: stats.imissed,
+            rx_errors: stats.ierrors,
+            tx_errors: stats.oerrors,
+            tx_dropped: self.tx_dropped,
+        }
+    }
+}
+
+impl Drop for Port<'_> {
+    fn drop(&mut self) {
+        // SAFETY: the port was started by us; stopping and closing it returns the mbufs its
+        // queues held to the pool, which outlives the port.
+        unsafe {
+            dpdk_sys::rte_eth_dev_stop(self.id);
+            dpdk_sys::rte_eth_dev_close(self.id);
+        }
+    }
+}
