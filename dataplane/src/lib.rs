@@ -11,6 +11,8 @@
 
 pub mod af_packet;
 pub mod core;
+#[cfg(feature = "dpdk")]
+pub mod dpdk_nic;
 pub mod fanout;
 pub mod layers;
 pub mod pipe;

@@ -74,12 +74,15 @@ impl Acceptor for CoreAcceptor {
 }
 
 /// The NIC backend under the cores of a `CoreStack`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 pub enum NicBackend {
     /// One queue per core of a multi-queue TAP device.
     Tap,
     /// One packet socket per core on the interface, in a fanout group that steers flows.
     AfPacket { qdisc_bypass: bool },
+    /// One RX/TX queue pair per core of a started DPDK port (which lives for the process).
+    #[cfg(feature = "dpdk")]
+    Dpdk { port: &'static dpdk::Port<'static>, pool: &'static dpdk::Mempool },
 }
 
 /// Dataplane cores on one interface, with our own address on its link. Each core owns one
@@ -137,6 +140,20 @@ impl CoreStack {
                         config,
                     )?
                 }
+                #[cfg(feature = "dpdk")]
+                NicBackend::Dpdk { port, pool } => CoreHandle::start(
+                    // RSS spreads flows by its own hash, not our rule: pass misdelivered
+                    // segments on, as on TAP.
+                    move || {
+                        Ok(SharedLink::new(
+                            crate::dpdk_nic::DpdkQueue::new(port, pool, core as u16),
+                            shared,
+                            core,
+                            count > 1,
+                        ))
+                    },
+                    config,
+                )?,
             };
             handles.push(Arc::new(handle));
         }

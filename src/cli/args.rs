@@ -165,7 +165,9 @@ pub enum ChecksumArg {
 pub struct StackOptions {
     /// kernel: the kernel's TCP sockets; tap: our smoltcp stack on a polling core driving
     /// the TAP device --iface; af-packet: our stack on a packet socket with mapped rings on
-    /// the interface --iface. Our stack owns the address --ip.
+    /// the interface --iface; dpdk: our stack on the DPDK port --iface (a name the EAL
+    /// knows, e.g. net_af_packet0), with EAL arguments after `--`. Our stack owns the
+    /// address --ip.
     #[arg(long, value_enum, default_value = "kernel")]
     pub stack: NetStack,
     /// af-packet: send frames straight to the driver, bypassing the qdisc layer.
@@ -188,6 +190,10 @@ pub struct StackOptions {
     pub wrappers: WrapperOptions,
     #[command(flatten)]
     pub dataplane: DataplaneOptions,
+    /// --stack dpdk: arguments for DPDK's EAL, after `--` (e.g. `-- --no-huge -m 512
+    /// --vdev net_af_packet0,iface=eth1`).
+    #[arg(last = true)]
+    pub eal: Vec<String>,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,6 +201,7 @@ pub enum NetStack {
     Kernel,
     Tap,
     AfPacket,
+    Dpdk,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]

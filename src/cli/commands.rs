@@ -200,8 +200,8 @@ fn print_outcome(
 
 /// Our userspace stack on the TAP device or interface (AF_PACKET) the options name.
 fn user_stack(options: &StackOptions, pin: bool) -> Result<CoreStack> {
-    let iface = options.iface.as_deref().context("--stack tap and af-packet need --iface")?;
-    let ip_text = options.ip.as_deref().context("--stack tap and af-packet need --ip ADDR/PREFIX")?;
+    let iface = options.iface.as_deref().context("--stack tap, af-packet and dpdk need --iface")?;
+    let ip_text = options.ip.as_deref().context("--stack tap, af-packet and dpdk need --ip ADDR/PREFIX")?;
     let (address, prefix) = ip_text.split_once('/').context("--ip needs a prefix, e.g. 10.77.0.11/24")?;
     let address: Ipv4Addr = address.parse().with_context(|| format!("bad --ip address {address:?}"))?;
     let prefix: u8 = prefix.parse().ok().filter(|p| *p <= 32).with_context(|| format!("bad --ip prefix {prefix:?}"))?;
@@ -232,8 +232,31 @@ fn user_stack(options: &StackOptions, pin: bool) -> Result<CoreStack> {
             CoreStack::start(NicBackend::AfPacket { qdisc_bypass: options.qdisc_bypass }, iface, cores, config)
                 .with_context(|| format!("starting the AF_PACKET dataplane on {iface}"))
         }
+        NetStack::Dpdk => dpdk_stack(iface, cores, &options.eal, config),
         _ => CoreStack::start(NicBackend::Tap, iface, cores, config).context("starting the TAP dataplane"),
     }
+}
+
+/// Our stack on `cores` queue pairs of the DPDK port `port`, after initialising the EAL
+/// with `eal`. The EAL, the mbuf pool and the port live as long as the process.
+#[cfg(feature = "dpdk")]
+fn dpdk_stack(port: &str, cores: usize, eal: &[String], config: CoreConfig) -> Result<CoreStack> {
+    let eal: &'static dpdk::Eal =
+        Box::leak(Box::new(dpdk::Eal::init(eal).context("initialising DPDK (the EAL arguments after --)")?));
+    // Per queue: its receive and transmit rings, a burst each way, and what smoltcp holds.
+    let mbufs = 8192 * cores as u32 - 1;
+    let pool: &'static dpdk::Mempool =
+        Box::leak(Box::new(dpdk::Mempool::new(eal, "vmigrate", mbufs, 256).context("the DPDK mbuf pool")?));
+    let started =
+        dpdk::Port::start(eal, port, cores as u16, pool).with_context(|| format!("starting DPDK port {port}"))?;
+    let port_ref: &'static dpdk::Port<'static> = Box::leak(Box::new(started));
+    CoreStack::start(NicBackend::Dpdk { port: port_ref, pool }, port, cores, config)
+        .context("starting the DPDK dataplane")
+}
+
+#[cfg(not(feature = "dpdk"))]
+fn dpdk_stack(_port: &str, _cores: usize, _eal: &[String], _config: CoreConfig) -> Result<CoreStack> {
+    anyhow::bail!("this vmigrate was built without DPDK: build it with `--features dpdk` (needs libdpdk-dev)")
 }
 
 fn idle_policy(arg: IdleArg) -> IdlePolicy {
@@ -292,7 +315,7 @@ fn connector_for(stack: &StackOptions, pin: bool, to: &str) -> Result<(Box<dyn C
             let connector = TcpConnector::new(to, timeouts).with_context(|| format!("resolving {to}"))?;
             (Box::new(connector), None)
         }
-        NetStack::Tap | NetStack::AfPacket => {
+        NetStack::Tap | NetStack::AfPacket | NetStack::Dpdk => {
             let to: SocketAddrV4 = to.parse().with_context(|| format!("--to {to} is not IPV4-ADDRESS:PORT"))?;
             let stack = user_stack(stack, pin)?;
             (Box::new(stack.connector(to, timeouts)), Some(stack))
@@ -312,7 +335,7 @@ fn acceptor_for(
             let acceptor = TcpAcceptor::bind(listen, timeouts).with_context(|| format!("listening on {listen}"))?;
             (Box::new(acceptor), None)
         }
-        NetStack::Tap | NetStack::AfPacket => {
+        NetStack::Tap | NetStack::AfPacket | NetStack::Dpdk => {
             let stack = user_stack(stack, pin)?;
             let acceptor = stack.acceptor(listen.port(), timeouts)?;
             (Box::new(acceptor), Some(stack))

@@ -216,3 +216,93 @@ fn migration_through_a_lossy_link() {
     assert!(dropped > 0, "the loss rule dropped no frame: the link was not lossy");
     eprintln!("the lossy link dropped {dropped} frames");
 }
+
+/// EAL arguments for one side: its own lcore, file prefix and memory, and an AF_PACKET
+/// vdev (with a queue pair per dataplane core) on that side's veth end.
+#[cfg(feature = "dpdk")]
+fn eal_args(ns: &Namespaces, side: &str, cores: usize, hugepages: bool) -> Vec<String> {
+    let (veth, lcore) =
+        if side == "src" { (format!("{}-vs", ns.prefix), "1") } else { (format!("{}-vd", ns.prefix), "0") };
+    let mut args: Vec<String> = vec!["--".into()];
+    if !hugepages {
+        args.push("--no-huge".into());
+    }
+    args.extend(
+        [
+            "-m",
+            "128",
+            "--no-pci",
+            "-l",
+            lcore,
+            "--log-level=error",
+            &format!("--file-prefix={}-{side}", ns.prefix),
+            "--vdev",
+            &format!("net_af_packet0,iface={veth},qpairs={cores}"),
+        ]
+        .map(String::from),
+    );
+    args
+}
+
+#[test]
+fn migrations_over_dpdk() {
+    if !cfg!(feature = "dpdk") {
+        eprintln!("SKIPPED migrations_over_dpdk: built without the dpdk feature (cargo test --features dpdk)");
+    } else if !is_root() {
+        eprintln!("SKIPPED migrations_over_dpdk: needs root for network namespaces and DPDK");
+    } else {
+        #[cfg(feature = "dpdk")]
+        dpdk_migrations();
+    }
+}
+
+#[cfg(feature = "dpdk")]
+fn dpdk_migrations() {
+    {
+        let ns = Namespaces::up(&format!("vmd{}", std::process::id() % 100_000), &[]);
+        let ours = |side: &str, cores: usize, hugepages: bool, tail: &[&str]| {
+            let ip = if side == "src" { "10.77.0.11/24" } else { "10.77.0.12/24" };
+            let cores_text = cores.to_string();
+            let mut args = strings(&["--stack", "dpdk", "--iface", "net_af_packet0", "--ip", ip]);
+            args.extend(strings(&["--dataplane-cores", &cores_text]));
+            args.extend(strings(tail));
+            args.extend(eal_args(&ns, side, cores, hugepages));
+            args
+        };
+        let mut port = 4900;
+        // DPDK at both ends: each workload on 1 and 2 queue pairs, without hugepages; then
+        // with them.
+        for (workload, cores, connections, hugepages) in [
+            (WORKLOADS[0], 1, "1", false),
+            (WORKLOADS[1], 1, "1", false),
+            (WORKLOADS[0], 2, "4", false),
+            (WORKLOADS[1], 2, "4", false),
+            (WORKLOADS[1], 1, "2", true),
+        ] {
+            port += 1;
+            let listen = format!("10.77.0.12:{port}");
+            eprintln!("migrating {workload} over dpdk, {cores} cores, hugepages {hugepages}");
+            let recv = ours("dst", cores, hugepages, &["--listen", &listen]);
+            let send = ours("src", cores, hugepages, &["--to", &listen, "--connections", connections]);
+            migrate(&ns, &recv, &send, workload);
+        }
+        // DPDK on one side, the kernel's TCP or our AF_PACKET stack on the other: plain TCP.
+        // Over a veth the kernel leaves its checksums for a NIC to finish, and DPDK's
+        // af_packet PMD does not report that, so the kernel's side computes them itself
+        // (as it does before any real NIC without checksum offload).
+        for device in ["br0", &format!("{}-vd", ns.prefix)] {
+            let status = Command::new("ip")
+                .args(["netns", "exec", &format!("{}-dst", ns.prefix), "ethtool", "-K", device, "tx", "off"])
+                .status()
+                .expect("run ethtool");
+            assert!(status.success(), "could not turn off checksum offload on {device}");
+        }
+        let send = ours("src", 1, false, &["--to", "10.77.0.2:4950"]);
+        migrate(&ns, &strings(&["--listen", "10.77.0.2:4950"]), &send, WORKLOADS[1]);
+        let (_, dst) = our_stack(&ns, "af-packet");
+        let mut recv = dst.args();
+        recv.extend(strings(&["--listen", "10.77.0.12:4951"]));
+        let send = ours("src", 1, false, &["--to", "10.77.0.12:4951"]);
+        migrate(&ns, &recv, &send, WORKLOADS[0]);
+    }
+}

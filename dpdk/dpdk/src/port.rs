@@ -4,6 +4,7 @@
 use crate::{DpdkError, Eal, Mbuf, Mempool};
 use std::ffi::CString;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Descriptors per queue.
 const RING_DESCRIPTORS: u16 = 1024;
@@ -15,8 +16,15 @@ pub struct Port<'pool> {
     queues: u16,
     _pool: &'pool Mempool,
     /// Packets freed because the transmit queue stayed full.
-    tx_dropped: u64,
+    tx_dropped: AtomicU64,
 }
+
+// SAFETY: DPDK allows each queue of a port to be used from its own lcore at once; every
+// method here names its queue, and one queue is only ever used by one dataplane core (the
+// caller's contract, as for any DPDK program). The rest is read-only or atomic.
+unsafe impl Sync for Port<'_> {}
+// SAFETY: as above; the port id is a plain number valid in any thread of the process.
+unsafe impl Send for Port<'_> {}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LinkStatus {
@@ -85,11 +93,19 @@ impl<'pool> Port<'pool> {
         }
         // SAFETY: the port is configured and its queues set up.
         check("rte_eth_dev_start", unsafe { dpdk_sys::rte_eth_dev_start(id) })?;
-        Ok(Port { id, queues, _pool: pool, tx_dropped: 0 })
+        Ok(Port { id, queues, _pool: pool, tx_dropped: AtomicU64::new(0) })
     }
 
     pub fn queues(&self) -> u16 {
         self.queues
+    }
+
+    /// The port's MTU (the largest IP packet it sends).
+    pub fn mtu(&self) -> u16 {
+        let mut mtu = 1500u16;
+        // SAFETY: the port exists; `mtu` is a live u16.
+        unsafe { dpdk_sys::rte_eth_dev_get_mtu(self.id, &mut mtu) };
+        mtu
     }
 
     /// Receives up to `max` packets from `queue` into `packets`; returns how many came.
@@ -107,7 +123,7 @@ impl<'pool> Port<'pool> {
 
     /// Sends `packets` on `queue`, retrying a full queue a few times; what it still would
     /// not take is freed and counted. Returns how many were queued for sending.
-    pub fn transmit(&mut self, queue: u16, packets: Vec<Mbuf<'pool>>) -> usize {
+    pub fn transmit(&self, queue: u16, packets: Vec<Mbuf<'pool>>) -> usize {
         let mut raw: Vec<*mut dpdk_sys::rte_mbuf> = packets.into_iter().map(Mbuf::into_raw).collect();
         let mut sent = 0usize;
         for _ in 0..TX_ATTEMPTS {
@@ -123,7 +139,7 @@ impl<'pool> Port<'pool> {
         for mbuf in raw.drain(sent..) {
             // SAFETY: the driver did not take these: they are still ours to free.
             unsafe { dpdk_sys::vm_rte_pktmbuf_free(mbuf) };
-            self.tx_dropped += 1;
+            self.tx_dropped.fetch_add(1, Ordering::Relaxed);
         }
         sent
     }
@@ -147,7 +163,7 @@ impl<'pool> Port<'pool> {
             rx_missed: stats.imissed,
             rx_errors: stats.ierrors,
             tx_errors: stats.oerrors,
-            tx_dropped: self.tx_dropped,
+            tx_dropped: self.tx_dropped.load(Ordering::Relaxed),
         }
     }
 }
