@@ -217,31 +217,50 @@ fn migration_through_a_lossy_link() {
     eprintln!("the lossy link dropped {dropped} frames");
 }
 
-/// EAL arguments for one side: its own lcore, file prefix and memory, and an AF_PACKET
-/// vdev (with a queue pair per dataplane core) on that side's veth end.
+/// EAL arguments for one side: its own lcore, file prefix and memory, and `vdev`.
 #[cfg(feature = "dpdk")]
-fn eal_args(ns: &Namespaces, side: &str, cores: usize, hugepages: bool) -> Vec<String> {
-    let (veth, lcore) =
-        if side == "src" { (format!("{}-vs", ns.prefix), "1") } else { (format!("{}-vd", ns.prefix), "0") };
+fn eal_args(ns: &Namespaces, side: &str, vdev: &str, hugepages: bool) -> Vec<String> {
+    let lcore = if side == "src" { "1" } else { "0" };
     let mut args: Vec<String> = vec!["--".into()];
     if !hugepages {
         args.push("--no-huge".into());
     }
-    args.extend(
-        [
-            "-m",
-            "128",
-            "--no-pci",
-            "-l",
-            lcore,
-            "--log-level=error",
-            &format!("--file-prefix={}-{side}", ns.prefix),
-            "--vdev",
-            &format!("net_af_packet0,iface={veth},qpairs={cores}"),
-        ]
-        .map(String::from),
-    );
+    let prefix = format!("--file-prefix={}-{side}", ns.prefix);
+    args.extend(["-m", "128", "--no-pci", "-l", lcore, "--log-level=error", &prefix, "--vdev", vdev].map(String::from));
     args
+}
+
+/// `send` or `recv` options for our stack on the DPDK port `port`, made from `vdev`.
+#[cfg(feature = "dpdk")]
+fn dpdk_side(
+    ns: &Namespaces,
+    side: &str,
+    port: &str,
+    vdev: &str,
+    cores: usize,
+    hugepages: bool,
+    tail: &[&str],
+) -> Vec<String> {
+    let ip = if side == "src" { "10.77.0.11/24" } else { "10.77.0.12/24" };
+    let cores = cores.to_string();
+    let mut args = strings(&["--stack", "dpdk", "--iface", port, "--ip", ip, "--dataplane-cores", &cores]);
+    args.extend(strings(tail));
+    args.extend(eal_args(ns, side, vdev, hugepages));
+    args
+}
+
+/// Waits (up to 20 s) for the TAP device `tap` to appear in `namespace`, then puts it in
+/// the namespace's bridge and up. Returns whether it did.
+#[cfg(feature = "dpdk")]
+fn bridge_when_present(namespace: &str, tap: &str) -> bool {
+    let ip = |args: &[&str]| Command::new("ip").args(["-n", namespace]).args(args).status().is_ok_and(|s| s.success());
+    for _ in 0..200 {
+        if ip(&["link", "set", tap, "master", "br0"]) {
+            return ip(&["link", "set", tap, "up"]);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
 }
 
 #[test]
@@ -258,51 +277,66 @@ fn migrations_over_dpdk() {
 
 #[cfg(feature = "dpdk")]
 fn dpdk_migrations() {
-    {
-        let ns = Namespaces::up(&format!("vmd{}", std::process::id() % 100_000), &[]);
-        let ours = |side: &str, cores: usize, hugepages: bool, tail: &[&str]| {
-            let ip = if side == "src" { "10.77.0.11/24" } else { "10.77.0.12/24" };
-            let cores_text = cores.to_string();
-            let mut args = strings(&["--stack", "dpdk", "--iface", "net_af_packet0", "--ip", ip]);
-            args.extend(strings(&["--dataplane-cores", &cores_text]));
-            args.extend(strings(tail));
-            args.extend(eal_args(&ns, side, cores, hugepages));
-            args
-        };
-        let mut port = 4900;
-        // DPDK at both ends: each workload on 1 and 2 queue pairs, without hugepages; then
-        // with them.
-        for (workload, cores, connections, hugepages) in [
-            (WORKLOADS[0], 1, "1", false),
-            (WORKLOADS[1], 1, "1", false),
-            (WORKLOADS[0], 2, "4", false),
-            (WORKLOADS[1], 2, "4", false),
-            (WORKLOADS[1], 1, "2", true),
-        ] {
-            port += 1;
-            let listen = format!("10.77.0.12:{port}");
-            eprintln!("migrating {workload} over dpdk, {cores} cores, hugepages {hugepages}");
-            let recv = ours("dst", cores, hugepages, &["--listen", &listen]);
-            let send = ours("src", cores, hugepages, &["--to", &listen, "--connections", connections]);
-            migrate(&ns, &recv, &send, workload);
-        }
-        // DPDK on one side, the kernel's TCP or our AF_PACKET stack on the other: plain TCP.
-        // Over a veth the kernel leaves its checksums for a NIC to finish, and DPDK's
-        // af_packet PMD does not report that, so the kernel's side computes them itself
-        // (as it does before any real NIC without checksum offload).
-        for device in ["br0", &format!("{}-vd", ns.prefix)] {
-            let status = Command::new("ip")
-                .args(["netns", "exec", &format!("{}-dst", ns.prefix), "ethtool", "-K", device, "tx", "off"])
-                .status()
-                .expect("run ethtool");
-            assert!(status.success(), "could not turn off checksum offload on {device}");
-        }
-        let send = ours("src", 1, false, &["--to", "10.77.0.2:4950"]);
-        migrate(&ns, &strings(&["--listen", "10.77.0.2:4950"]), &send, WORKLOADS[1]);
-        let (_, dst) = our_stack(&ns, "af-packet");
-        let mut recv = dst.args();
-        recv.extend(strings(&["--listen", "10.77.0.12:4951"]));
-        let send = ours("src", 1, false, &["--to", "10.77.0.12:4951"]);
-        migrate(&ns, &recv, &send, WORKLOADS[0]);
+    let ns = Namespaces::up(&format!("vmd{}", std::process::id() % 100_000), &[]);
+    // Our stack on a DPDK port at one side: an AF_PACKET vdev on that side's veth end, with
+    // a queue pair per dataplane core.
+    let ours = |side: &str, cores: usize, hugepages: bool, tail: &[&str]| {
+        let veth = format!("{}-{}", ns.prefix, if side == "src" { "vs" } else { "vd" });
+        let vdev = format!("net_af_packet0,iface={veth},qpairs={cores}");
+        dpdk_side(&ns, side, "net_af_packet0", &vdev, cores, hugepages, tail)
+    };
+    let mut port = 4900;
+    // DPDK at both ends: each workload on 1 and 2 queue pairs without hugepages, then with.
+    for (workload, cores, connections, hugepages) in [
+        (WORKLOADS[0], 1, "1", false),
+        (WORKLOADS[1], 1, "1", false),
+        (WORKLOADS[0], 2, "4", false),
+        (WORKLOADS[1], 2, "4", false),
+        (WORKLOADS[1], 1, "2", true),
+    ] {
+        port += 1;
+        let listen = format!("10.77.0.12:{port}");
+        eprintln!("migrating {workload} over dpdk, {cores} cores, hugepages {hugepages}");
+        let recv = ours("dst", cores, hugepages, &["--listen", &listen]);
+        let send = ours("src", cores, hugepages, &["--to", &listen, "--connections", connections]);
+        migrate(&ns, &recv, &send, workload);
     }
+
+    // net_tap vdevs: DPDK makes a kernel TAP device for each port, which the harness
+    // bridges to the veth end once it appears (the sender's SYN is retried meanwhile).
+    let attach: Vec<_> = ["src", "dst"]
+        .into_iter()
+        .map(|side| {
+            let namespace = format!("{}-{side}", ns.prefix);
+            std::thread::spawn(move || bridge_when_present(&namespace, &format!("dtap{side}")))
+        })
+        .collect();
+    let tap = |side: &str, tail: &[&str]| {
+        dpdk_side(&ns, side, "net_tap0", &format!("net_tap0,iface=dtap{side}"), 1, false, tail)
+    };
+    let recv = tap("dst", &["--listen", "10.77.0.12:4952"]);
+    let send = tap("src", &["--to", "10.77.0.12:4952", "--connections", "2"]);
+    migrate(&ns, &recv, &send, WORKLOADS[1]);
+    for thread in attach {
+        assert!(thread.join().expect("attach thread"), "a DPDK TAP device never appeared");
+    }
+
+    // DPDK on one side, the kernel's TCP or our AF_PACKET stack on the other: plain TCP.
+    // Over a veth the kernel leaves its checksums for a NIC to finish, and DPDK's af_packet
+    // PMD does not report that, so the kernel's side computes them itself (as it does
+    // before any NIC without checksum offload). Last: it changes the kernel's side.
+    let (_, dst) = our_stack(&ns, "af-packet");
+    let mut recv = dst.args();
+    recv.extend(strings(&["--listen", "10.77.0.12:4951"]));
+    let send = ours("src", 1, false, &["--to", "10.77.0.12:4951"]);
+    migrate(&ns, &recv, &send, WORKLOADS[0]);
+    for device in ["br0", &format!("{}-vd", ns.prefix)] {
+        let status = Command::new("ip")
+            .args(["netns", "exec", &format!("{}-dst", ns.prefix), "ethtool", "-K", device, "tx", "off"])
+            .status()
+            .expect("run ethtool");
+        assert!(status.success(), "could not turn off checksum offload on {device}");
+    }
+    let send = ours("src", 1, false, &["--to", "10.77.0.2:4950"]);
+    migrate(&ns, &strings(&["--listen", "10.77.0.2:4950"]), &send, WORKLOADS[1]);
 }

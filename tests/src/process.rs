@@ -87,13 +87,18 @@ impl Receiver {
         Receiver::spawn_announcing(command, "vmigrate: waiting for a migration on ")
     }
 
-    /// As [`Receiver::spawn`], for a command whose first stderr line is `announcement`
-    /// followed by the address.
+    /// As [`Receiver::spawn`], for a command that writes `announcement` followed by the
+    /// address on a stderr line (after any lines of its libraries' own, such as DPDK's).
     pub fn spawn_announcing(mut command: Command, announcement: &str) -> Receiver {
         let mut child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("start vmigrate recv");
         let mut reader = BufReader::new(child.stderr.take().expect("piped stderr"));
+        let mut before = String::new();
         let mut first_line = String::new();
-        reader.read_line(&mut first_line).expect("read recv's first line");
+        while reader.read_line(&mut first_line).expect("read recv's stderr") > 0
+            && !first_line.starts_with(announcement)
+        {
+            before.push_str(&std::mem::take(&mut first_line));
+        }
         let address = first_line
             .trim()
             .strip_prefix(announcement)
@@ -103,7 +108,7 @@ impl Receiver {
         let Some(address) = address else {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("recv did not announce its address: {first_line:?}");
+            panic!("recv did not announce its address: {before}{first_line:?}");
         };
         Receiver { child: Some(child), address, first_line, stderr: Some(reader) }
     }

@@ -93,6 +93,11 @@ impl<'pool> Port<'pool> {
         }
         // SAFETY: the port is configured and its queues set up.
         check("rte_eth_dev_start", unsafe { dpdk_sys::rte_eth_dev_start(id) })?;
+        // Our stack owns a MAC address of its own, not the port's: the port must take in
+        // frames for any address. Not every device can say no to this; those still work if
+        // the stack is given the port's own address.
+        // SAFETY: the port is started.
+        let _ = unsafe { dpdk_sys::rte_eth_promiscuous_enable(id) };
         Ok(Port { id, queues, _pool: pool, tx_dropped: AtomicU64::new(0) })
     }
 
