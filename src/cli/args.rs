@@ -190,6 +190,10 @@ pub struct StackOptions {
     pub wrappers: WrapperOptions,
     #[command(flatten)]
     pub dataplane: DataplaneOptions,
+    /// --stack dpdk: the port's MTU (default: the device's, usually 1500; an AF_PACKET vdev
+    /// needs `framesz=` in its devargs for more).
+    #[arg(long)]
+    pub port_mtu: Option<u16>,
     /// --stack dpdk: arguments for DPDK's EAL, after `--` (e.g. `-- --no-huge -m 512
     /// --vdev net_af_packet0,iface=eth1`).
     #[arg(last = true)]

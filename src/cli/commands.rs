@@ -232,7 +232,7 @@ fn user_stack(options: &StackOptions, pin: bool) -> Result<CoreStack> {
             CoreStack::start(NicBackend::AfPacket { qdisc_bypass: options.qdisc_bypass }, iface, cores, config)
                 .with_context(|| format!("starting the AF_PACKET dataplane on {iface}"))
         }
-        NetStack::Dpdk => dpdk_stack(iface, cores, &options.eal, config),
+        NetStack::Dpdk => dpdk_stack(iface, cores, &options.eal, options.port_mtu, config),
         _ => CoreStack::start(NicBackend::Tap, iface, cores, config).context("starting the TAP dataplane"),
     }
 }
@@ -240,7 +240,7 @@ fn user_stack(options: &StackOptions, pin: bool) -> Result<CoreStack> {
 /// Our stack on `cores` queue pairs of the DPDK port `port`, after initialising the EAL
 /// with `eal`. The EAL, the mbuf pool and the port live as long as the process.
 #[cfg(feature = "dpdk")]
-fn dpdk_stack(port: &str, cores: usize, eal: &[String], config: CoreConfig) -> Result<CoreStack> {
+fn dpdk_stack(port: &str, cores: usize, eal: &[String], mtu: Option<u16>, config: CoreConfig) -> Result<CoreStack> {
     let eal: &'static dpdk::Eal =
         Box::leak(Box::new(dpdk::Eal::init(eal).context("initialising DPDK (the EAL arguments after --)")?));
     // Per queue: its receive and transmit rings, a burst each way, and what smoltcp holds.
@@ -248,14 +248,20 @@ fn dpdk_stack(port: &str, cores: usize, eal: &[String], config: CoreConfig) -> R
     let pool: &'static dpdk::Mempool =
         Box::leak(Box::new(dpdk::Mempool::new(eal, "vmigrate", mbufs, 256).context("the DPDK mbuf pool")?));
     let started =
-        dpdk::Port::start(eal, port, cores as u16, pool).with_context(|| format!("starting DPDK port {port}"))?;
+        dpdk::Port::start(eal, port, cores as u16, pool, mtu).with_context(|| format!("starting DPDK port {port}"))?;
     let port_ref: &'static dpdk::Port<'static> = Box::leak(Box::new(started));
     CoreStack::start(NicBackend::Dpdk { port: port_ref, pool }, port, cores, config)
         .context("starting the DPDK dataplane")
 }
 
 #[cfg(not(feature = "dpdk"))]
-fn dpdk_stack(_port: &str, _cores: usize, _eal: &[String], _config: CoreConfig) -> Result<CoreStack> {
+fn dpdk_stack(
+    _port: &str,
+    _cores: usize,
+    _eal: &[String],
+    _mtu: Option<u16>,
+    _config: CoreConfig,
+) -> Result<CoreStack> {
     anyhow::bail!("this vmigrate was built without DPDK: build it with `--features dpdk` (needs libdpdk-dev)")
 }
 

@@ -56,8 +56,15 @@ fn check(call: &'static str, result: i32) -> Result<(), DpdkError> {
 
 impl<'pool> Port<'pool> {
     /// Configures and starts the port named `name` (as the EAL knows it, e.g. the vdev
-    /// name `net_af_packet0`) with `queues` RX/TX queue pairs fed from `pool`.
-    pub fn start(_eal: &Eal, name: &str, queues: u16, pool: &'pool Mempool) -> Result<Port<'pool>, DpdkError> {
+    /// name `net_af_packet0`) with `queues` RX/TX queue pairs fed from `pool`, and its MTU
+    /// set to `mtu` if given (else the device's default, usually 1500).
+    pub fn start(
+        _eal: &Eal,
+        name: &str,
+        queues: u16,
+        pool: &'pool Mempool,
+        mtu: Option<u16>,
+    ) -> Result<Port<'pool>, DpdkError> {
         let c_name = CString::new(name).map_err(|_| DpdkError::BadArgument(name.to_string()))?;
         let mut id = 0u16;
         // SAFETY: a valid C string and a live output location.
@@ -77,6 +84,10 @@ impl<'pool> Port<'pool> {
         }
         // SAFETY: the port exists and is stopped; `conf` lives across the call.
         check("rte_eth_dev_configure", unsafe { dpdk_sys::rte_eth_dev_configure(id, queues, queues, &conf) })?;
+        if let Some(mtu) = mtu {
+            // SAFETY: the port is configured and stopped.
+            check("rte_eth_dev_set_mtu", unsafe { dpdk_sys::rte_eth_dev_set_mtu(id, mtu) })?;
+        }
         // SAFETY: as above.
         let socket = unsafe { dpdk_sys::rte_eth_dev_socket_id(id) };
         let socket = if socket < 0 { dpdk_sys::consts::SOCKET_ID_ANY } else { socket } as u32;

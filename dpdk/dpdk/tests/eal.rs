@@ -41,8 +41,8 @@ mod with_dpdk {
         let pool = Mempool::new(&eal, "vmigrate_test", 1023, 0).expect("mempool");
         assert_eq!(pool.available(), pool.size(), "a new pool is full");
         {
-            let port = Port::start(&eal, "net_null0", 1, &pool).expect("start the null port");
-            assert!(matches!(Port::start(&eal, "net_nope9", 1, &pool), Err(DpdkError::NoSuchPort(_))));
+            let port = Port::start(&eal, "net_null0", 1, &pool, None).expect("start the null port");
+            assert!(matches!(Port::start(&eal, "net_nope9", 1, &pool, None), Err(DpdkError::NoSuchPort(_))));
             let packets: Vec<Mbuf> = (0..64)
                 .map(|_| {
                     let mut mbuf = Mbuf::alloc(&pool).expect("an mbuf");

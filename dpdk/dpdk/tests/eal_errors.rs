@@ -34,7 +34,7 @@ mod with_dpdk {
             Err(err) => err.to_string(),
             Ok(eal) => {
                 let pool = Mempool::new(&eal, "vmigrate_err", 255, 0).expect("mempool");
-                let started = Port::start(&eal, "net_af_packet0", 1, &pool).map(|_| ());
+                let started = Port::start(&eal, "net_af_packet0", 1, &pool, None).map(|_| ());
                 match started {
                     Err(err) => err.to_string(),
                     Ok(()) => panic!("a port on a missing interface started"),
