@@ -253,7 +253,15 @@ fn dpdk_side(
 /// the namespace's bridge and up. Returns whether it did.
 #[cfg(feature = "dpdk")]
 fn bridge_when_present(namespace: &str, tap: &str) -> bool {
-    let ip = |args: &[&str]| Command::new("ip").args(["-n", namespace]).args(args).status().is_ok_and(|s| s.success());
+    // Quiet: until the device appears, every try fails with "Cannot find device".
+    let ip = |args: &[&str]| {
+        Command::new("ip")
+            .args(["-n", namespace])
+            .args(args)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
     for _ in 0..200 {
         if ip(&["link", "set", tap, "master", "br0"]) {
             return ip(&["link", "set", tap, "up"]);
@@ -333,6 +341,7 @@ fn dpdk_migrations() {
     for device in ["br0", &format!("{}-vd", ns.prefix)] {
         let status = Command::new("ip")
             .args(["netns", "exec", &format!("{}-dst", ns.prefix), "ethtool", "-K", device, "tx", "off"])
+            .stdout(std::process::Stdio::null())
             .status()
             .expect("run ethtool");
         assert!(status.success(), "could not turn off checksum offload on {device}");
