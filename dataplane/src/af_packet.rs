@@ -32,9 +32,6 @@ const TX_BATCH: usize = 32;
 /// Where frame data starts in a transmit slot: the header, aligned (the kernel's
 /// `tp_hdrlen - sizeof(sockaddr_ll)` for TPACKET_V2).
 const TX_DATA_OFFSET: usize = libc::TPACKET2_HDRLEN - std::mem::size_of::<libc::sockaddr_ll>();
-/// tpacket status bits: the checksum is partial (made on this host) or was verified.
-const TP_STATUS_CSUMNOTREADY: u32 = 1 << 3;
-const TP_STATUS_CSUM_VALID: u32 = 1 << 7;
 /// Room the kernel keeps in a receive slot before the frame: the header and sockaddr_ll,
 /// aligned, plus 16 bytes for the MAC header (tpacket_rcv's `netoff`).
 const RX_FRAME_HEADROOM: usize = 96;
@@ -194,7 +191,7 @@ impl AfPacket {
         if qdisc_bypass {
             set_option(fd, libc::PACKET_QDISC_BYPASS, &(1 as libc::c_int), "PACKET_QDISC_BYPASS")?;
         }
-        let mtu = interface_mtu(iface).unwrap_or(1500);
+        let mtu = crate::stack::interface_mtu(iface);
         let slot = slot_bytes(mtu);
         let rx_req = ring_request(slot, RX_RING_BYTES);
         set_option(fd, libc::PACKET_RX_RING, &rx_req, "PACKET_RX_RING")?;
@@ -258,10 +255,6 @@ impl AfPacket {
     }
 }
 
-fn interface_mtu(iface: &str) -> Option<usize> {
-    std::fs::read_to_string(format!("/sys/class/net/{iface}/mtu")).ok()?.trim().parse().ok()
-}
-
 impl RxRing {
     /// The next received frame, if the kernel has handed us one. The frame handed out
     /// before is given back to the kernel first.
@@ -285,7 +278,7 @@ impl RxRing {
             };
             // The kernel vouches for frames made on this host (a partial checksum, which the
             // NIC was to finish) and for frames a NIC verified; the rest are checked here.
-            let vouched = status & (TP_STATUS_CSUMNOTREADY | TP_STATUS_CSUM_VALID) != 0;
+            let vouched = status & (libc::TP_STATUS_CSUMNOTREADY | libc::TP_STATUS_CSUM_VALID) != 0;
             let whole = snaplen >= len;
             if !whole || !(vouched || !self.verify || crate::layers::checksums_ok(frame)) {
                 // Cut short to fit the slot (a large GSO frame), or corrupted on the way.

@@ -193,6 +193,14 @@ pub(crate) fn interface_index(iface: &str) -> io::Result<u32> {
     }
 }
 
+/// The MTU of the interface `iface` (1500 when it cannot be read).
+pub(crate) fn interface_mtu(iface: &str) -> usize {
+    std::fs::read_to_string(format!("/sys/class/net/{iface}/mtu"))
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(1500)
+}
+
 /// Settings of a loopback stack.
 #[derive(Debug, Clone)]
 pub struct LoopbackOptions {

@@ -50,10 +50,7 @@ pub fn open_tap(name: &str) -> io::Result<TapQueue> {
     if result < 0 {
         return Err(context(io::Error::last_os_error()));
     }
-    let mtu = std::fs::read_to_string(format!("/sys/class/net/{name}/mtu"))
-        .ok()
-        .and_then(|text| text.trim().parse().ok())
-        .unwrap_or(1500);
+    let mtu = crate::stack::interface_mtu(name);
     Ok(TapQueue { file, mtu, rx_buffer: vec![0; mtu + 14], tx_buffer: Vec::new(), tx_dropped: 0 })
 }
 
