@@ -16,7 +16,6 @@ pub struct DpdkQueue {
     pool: &'static Mempool,
     queue: u16,
     received: VecDeque<Mbuf<'static>>,
-    burst: Vec<Mbuf<'static>>,
     to_send: Vec<Mbuf<'static>>,
     mtu: usize,
     /// Frames smoltcp built that no mbuf could hold (the pool empty): dropped.
@@ -30,7 +29,6 @@ impl DpdkQueue {
             pool,
             queue,
             received: VecDeque::with_capacity(usize::from(BURST)),
-            burst: Vec::with_capacity(usize::from(BURST)),
             to_send: Vec::with_capacity(usize::from(BURST)),
             mtu: usize::from(port.mtu()),
             no_mbuf: 0,
@@ -88,8 +86,7 @@ impl Device for DpdkQueue {
 
     fn receive(&mut self, _timestamp: Instant) -> Option<(DpdkRx, DpdkTx<'_>)> {
         if self.received.is_empty() {
-            self.port.receive(self.queue, &mut self.burst, BURST);
-            self.received.extend(self.burst.drain(..));
+            self.port.receive(self.queue, &mut self.received, BURST);
         }
         match self.received.pop_front() {
             Some(mbuf) => Some((DpdkRx { mbuf }, DpdkTx { queue: self })),

@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 const RING_DESCRIPTORS: u16 = 1024;
 /// Attempts to hand a burst to a transmit queue before the rest is freed (counted).
 const TX_ATTEMPTS: usize = 8;
+/// The most packets one receive burst takes (a larger `max` is cut to it).
+pub const MAX_RX_BURST: u16 = 64;
 
 pub struct Port<'pool> {
     id: u16,
@@ -124,16 +126,18 @@ impl<'pool> Port<'pool> {
         mtu
     }
 
-    /// Receives up to `max` packets from `queue` into `packets`; returns how many came.
-    pub fn receive(&self, queue: u16, packets: &mut Vec<Mbuf<'pool>>, max: u16) -> usize {
-        let mut raw: Vec<*mut dpdk_sys::rte_mbuf> = vec![std::ptr::null_mut(); usize::from(max)];
+    /// Receives up to `max` packets (at most `MAX_RX_BURST`) from `queue` into `packets`;
+    /// returns how many came. No allocation: this is every dataplane core's hot path.
+    pub fn receive(&self, queue: u16, packets: &mut impl Extend<Mbuf<'pool>>, max: u16) -> usize {
+        let mut raw = [std::ptr::null_mut::<dpdk_sys::rte_mbuf>(); MAX_RX_BURST as usize];
+        let max = max.min(MAX_RX_BURST);
         // SAFETY: `raw` has room for `max` pointers; the queue exists (queue < queues, else
         // the driver returns 0).
         let count = unsafe { dpdk_sys::vm_rte_eth_rx_burst(self.id, queue, raw.as_mut_ptr(), max) };
-        for mbuf in raw.into_iter().take(usize::from(count)).filter_map(NonNull::new) {
+        packets.extend(raw[..usize::from(count)].iter().filter_map(|&mbuf| NonNull::new(mbuf)).map(|mbuf| {
             // SAFETY: the burst handed these mbufs, from our pool, to us.
-            packets.push(unsafe { Mbuf::from_raw(mbuf) });
-        }
+            unsafe { Mbuf::from_raw(mbuf) }
+        }));
         usize::from(count)
     }
 
