@@ -14,7 +14,7 @@ use smoltcp::wire::{EthernetAddress, IpCidr, IpEndpoint, Ipv4Address};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 use transport::ring::Ring;
@@ -109,11 +109,11 @@ pub(crate) enum Command {
     Listen { port: u16, accepted: Arc<Ring<Arc<PipeShared>>> },
 }
 
-/// A running core. Dropping it stops the thread.
+/// A running core. Dropping it (or `stop`) stops the thread.
 pub struct CoreHandle {
     commands: mpsc::Sender<Command>,
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl CoreHandle {
@@ -149,7 +149,7 @@ impl CoreHandle {
                 run_traced(device, config, opened, receiver, &flag);
             }
         })?;
-        let handle = CoreHandle { commands, stop, thread: Some(thread) };
+        let handle = CoreHandle { commands, stop, thread: Mutex::new(Some(thread)) };
         open_result.recv().map_err(|_| io::Error::other("the dataplane core died while opening its device"))??;
         Ok(handle)
     }
@@ -157,14 +157,21 @@ impl CoreHandle {
     pub(crate) fn send(&self, command: Command) -> io::Result<()> {
         self.commands.send(command).map_err(|_| io::Error::other("the dataplane core has stopped"))
     }
+
+    /// Stops the core and waits until its thread, and so its device, is gone. Idempotent.
+    /// Connections it carried fail from then on.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        let thread = self.thread.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+    }
 }
 
 impl Drop for CoreHandle {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        self.stop();
     }
 }
 

@@ -74,15 +74,17 @@ impl Acceptor for CoreAcceptor {
 }
 
 /// The NIC backend under the cores of a `CoreStack`.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub enum NicBackend {
     /// One queue per core of a multi-queue TAP device.
     Tap,
     /// One packet socket per core on the interface, in a fanout group that steers flows.
     AfPacket { qdisc_bypass: bool },
-    /// One RX/TX queue pair per core of a started DPDK port (which lives for the process).
+    /// One RX/TX queue pair per core of a started DPDK port. Each core holds the port
+    /// until it stops, so whoever started it can close it once the cores are gone (and then
+    /// count the pool's mbufs).
     #[cfg(feature = "dpdk")]
-    Dpdk { port: &'static dpdk::Port<'static>, pool: &'static dpdk::Mempool },
+    Dpdk { port: Arc<dpdk::Port<'static>>, pool: &'static dpdk::Mempool },
 }
 
 /// Dataplane cores on one interface, with our own address on its link. Each core owns one
@@ -91,6 +93,21 @@ pub enum NicBackend {
 pub struct CoreStack {
     cores: Vec<Arc<CoreHandle>>,
     ip: Ipv4Address,
+    /// Runs once the cores have stopped (e.g. closing the DPDK port they polled).
+    teardown: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl Drop for CoreStack {
+    /// Stops every core, even one a connector or acceptor still refers to: the stack owns
+    /// its cores, and its teardown must find their devices gone.
+    fn drop(&mut self) {
+        for core in &self.cores {
+            core.stop();
+        }
+        if let Some(teardown) = self.teardown.take() {
+            teardown();
+        }
+    }
 }
 
 impl CoreStack {
@@ -124,7 +141,7 @@ impl CoreStack {
             };
             let name = iface.to_string();
             let shared = shared.clone();
-            let handle = match backend {
+            let handle = match backend.clone() {
                 NicBackend::Tap => CoreHandle::start(
                     move || Ok(SharedLink::new(crate::tap::open_tap(&name)?, shared, core, count > 1)),
                     config,
@@ -141,23 +158,32 @@ impl CoreStack {
                     )?
                 }
                 #[cfg(feature = "dpdk")]
-                NicBackend::Dpdk { port, pool } => CoreHandle::start(
-                    // RSS spreads flows by its own hash, not our rule: pass misdelivered
-                    // segments on, as on TAP.
-                    move || {
-                        Ok(SharedLink::new(
-                            crate::dpdk_nic::DpdkQueue::new(port, pool, core as u16),
-                            shared,
-                            core,
-                            count > 1,
-                        ))
-                    },
-                    config,
-                )?,
+                NicBackend::Dpdk { port, pool } => {
+                    let verify = config.wrappers.checksum == ChecksumPolicy::Full;
+                    CoreHandle::start(
+                        // RSS spreads flows by its own hash, not our rule: pass misdelivered
+                        // segments on, as on TAP.
+                        move || {
+                            Ok(SharedLink::new(
+                                crate::dpdk_nic::DpdkQueue::new(port, pool, core as u16, verify),
+                                shared,
+                                core,
+                                count > 1,
+                            ))
+                        },
+                        config,
+                    )?
+                }
             };
             handles.push(Arc::new(handle));
         }
-        Ok(CoreStack { cores: handles, ip: address })
+        Ok(CoreStack { cores: handles, ip: address, teardown: None })
+    }
+
+    /// Runs `teardown` when the stack is dropped, after its cores have stopped.
+    pub fn on_teardown(mut self, teardown: impl FnOnce() + Send + 'static) -> CoreStack {
+        self.teardown = Some(Box::new(teardown));
+        self
     }
 
     /// Opens connections to `remote` through every core in turn.

@@ -194,6 +194,10 @@ pub struct StackOptions {
     /// needs `framesz=` in its devargs for more).
     #[arg(long)]
     pub port_mtu: Option<u16>,
+    /// --stack dpdk: print the port's extended statistics (the driver's `xstats`, those
+    /// not zero) when the run ends.
+    #[arg(long)]
+    pub nic_xstats: bool,
     /// --stack dpdk: arguments for DPDK's EAL, after `--` (e.g. `-- --no-huge -m 512
     /// --vdev net_af_packet0,iface=eth1`).
     #[arg(last = true)]

@@ -2,6 +2,7 @@ use super::args::{
     ChecksumArg, Cli, Command, CommonOptions, CongestionArg, DataplaneOptions, DemoArgs, DemoStack, DestinationOptions,
     GuestArgs, IdleArg, NetStack, OnLimit, RecvArgs, SendArgs, SourceOptions, StackOptions, WrapperOptions,
 };
+use super::dpdk::PortRequest;
 use super::report;
 use anyhow::{bail, Context, Result};
 use dataplane::core::{Congestion, CoreConfig, DeviceWrappers, IdlePolicy};
@@ -232,37 +233,12 @@ fn user_stack(options: &StackOptions, pin: bool) -> Result<CoreStack> {
             CoreStack::start(NicBackend::AfPacket { qdisc_bypass: options.qdisc_bypass }, iface, cores, config)
                 .with_context(|| format!("starting the AF_PACKET dataplane on {iface}"))
         }
-        NetStack::Dpdk => dpdk_stack(iface, cores, &options.eal, options.port_mtu, config),
+        NetStack::Dpdk => {
+            let request = PortRequest { name: iface, cores, mtu: options.port_mtu, xstats: options.nic_xstats };
+            super::dpdk::stack(&options.eal, &request, config)
+        }
         _ => CoreStack::start(NicBackend::Tap, iface, cores, config).context("starting the TAP dataplane"),
     }
-}
-
-/// Our stack on `cores` queue pairs of the DPDK port `port`, after initialising the EAL
-/// with `eal`. The EAL, the mbuf pool and the port live as long as the process.
-#[cfg(feature = "dpdk")]
-fn dpdk_stack(port: &str, cores: usize, eal: &[String], mtu: Option<u16>, config: CoreConfig) -> Result<CoreStack> {
-    let eal: &'static dpdk::Eal =
-        Box::leak(Box::new(dpdk::Eal::init(eal).context("initialising DPDK (the EAL arguments after --)")?));
-    // Per queue: its receive and transmit rings, a burst each way, and what smoltcp holds.
-    let mbufs = 8192 * cores as u32 - 1;
-    let pool: &'static dpdk::Mempool =
-        Box::leak(Box::new(dpdk::Mempool::new(eal, "vmigrate", mbufs, 256).context("the DPDK mbuf pool")?));
-    let started =
-        dpdk::Port::start(eal, port, cores as u16, pool, mtu).with_context(|| format!("starting DPDK port {port}"))?;
-    let port_ref: &'static dpdk::Port<'static> = Box::leak(Box::new(started));
-    CoreStack::start(NicBackend::Dpdk { port: port_ref, pool }, port, cores, config)
-        .context("starting the DPDK dataplane")
-}
-
-#[cfg(not(feature = "dpdk"))]
-fn dpdk_stack(
-    _port: &str,
-    _cores: usize,
-    _eal: &[String],
-    _mtu: Option<u16>,
-    _config: CoreConfig,
-) -> Result<CoreStack> {
-    anyhow::bail!("this vmigrate was built without DPDK: build it with `--features dpdk` (needs libdpdk-dev)")
 }
 
 fn idle_policy(arg: IdleArg) -> IdlePolicy {

@@ -2,6 +2,7 @@
 
 mod args;
 mod commands;
+mod dpdk;
 mod report;
 mod stream;
 

@@ -5,7 +5,7 @@
 
 use std::process::Command;
 use std::time::Duration;
-use vmigrate_tests::process::{assert_migrated, run, Receiver};
+use vmigrate_tests::process::{assert_migrated, run, Finished, Receiver};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vmigrate");
 const NETNS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/netns");
@@ -72,6 +72,12 @@ fn our_stack<'a>(ns: &Namespaces, stack: &'a str) -> (Side<'a>, Side<'a>) {
 /// Runs recv in the destination namespace and send in the source namespace with `workload`
 /// on a 64 MiB guest; both must succeed and verify. Returns the source's report.
 fn migrate(ns: &Namespaces, recv: &[String], send: &[String], workload: &str) -> serde_json::Value {
+    let (sent, received) = migrate_runs(ns, recv, send, workload);
+    assert_migrated(&sent, &received).0
+}
+
+/// As `migrate`, returning both processes' outputs (after checking the migration).
+fn migrate_runs(ns: &Namespaces, recv: &[String], send: &[String], workload: &str) -> (Finished, Finished) {
     let mut recv_args: Vec<&str> = vec!["recv", "--json", "--run-after", "0.3"];
     recv_args.extend(recv.iter().map(String::as_str));
     let receiver = Receiver::spawn(ns.command("dst", &recv_args));
@@ -79,7 +85,8 @@ fn migrate(ns: &Namespaces, recv: &[String], send: &[String], workload: &str) ->
     send_args.extend(send.iter().map(String::as_str));
     let sent = run(&mut ns.command("src", &send_args), DEADLINE);
     let received = receiver.wait(DEADLINE);
-    assert_migrated(&sent, &received).0
+    assert_migrated(&sent, &received);
+    (sent, received)
 }
 
 fn strings(args: &[&str]) -> Vec<String> {
@@ -249,6 +256,13 @@ fn dpdk_side(
     args
 }
 
+/// The port's teardown report: closed, and every mbuf back in its pool.
+#[cfg(feature = "dpdk")]
+fn assert_port_closed_clean(stderr: &str) {
+    assert!(stderr.contains("mbufs back in the pool"), "no clean DPDK teardown reported:\n{stderr}");
+    assert!(!stderr.contains("warning: DPDK"), "{stderr}");
+}
+
 /// Waits (up to 20 s) for the TAP device `tap` to appear in `namespace`, then puts it in
 /// the namespace's bridge and up. Returns whether it did.
 #[cfg(feature = "dpdk")]
@@ -305,9 +319,15 @@ fn dpdk_migrations() {
         port += 1;
         let listen = format!("10.77.0.12:{port}");
         eprintln!("migrating {workload} over dpdk, {cores} cores, hugepages {hugepages}");
-        let recv = ours("dst", cores, hugepages, &["--listen", &listen]);
+        let recv = ours("dst", cores, hugepages, &["--listen", &listen, "--nic-xstats"]);
         let send = ours("src", cores, hugepages, &["--to", &listen, "--connections", connections]);
-        migrate(&ns, &recv, &send, workload);
+        let (sent, received) = migrate_runs(&ns, &recv, &send, workload);
+        assert_port_closed_clean(&sent.stderr);
+        assert_port_closed_clean(&received.stderr);
+        // The driver's extended statistics, asked of the receiver: ethdev's generic ones
+        // are there for every driver, and the receiver took in packets.
+        let good = received.stderr.lines().find_map(|line| line.trim().strip_prefix("vmigrate:   rx_good_packets = "));
+        assert!(good.and_then(|n| n.parse::<u64>().ok()).is_some_and(|n| n > 0), "{}", received.stderr);
     }
 
     // net_tap vdevs: DPDK makes a kernel TAP device for each port, which the harness
@@ -324,7 +344,12 @@ fn dpdk_migrations() {
     };
     let recv = tap("dst", &["--listen", "10.77.0.12:4952"]);
     let send = tap("src", &["--to", "10.77.0.12:4952", "--connections", "2"]);
-    migrate(&ns, &recv, &send, WORKLOADS[1]);
+    let (sent, received) = migrate_runs(&ns, &recv, &send, WORKLOADS[1]);
+    // The TAP PMD offers IPv4 and TCP checksum offload, and our stack takes it both ways.
+    for output in [&sent, &received] {
+        assert!(output.stderr.contains("checksum offload: receive and transmit"), "{}", output.stderr);
+        assert_port_closed_clean(&output.stderr);
+    }
     for thread in attach {
         assert!(thread.join().expect("attach thread"), "a DPDK TAP device never appeared");
     }

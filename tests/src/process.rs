@@ -110,7 +110,8 @@ impl Receiver {
             let _ = child.wait();
             panic!("recv did not announce its address: {before}{first_line:?}");
         };
-        Receiver { child: Some(child), address, first_line, stderr: Some(reader) }
+        // The lines before the announcement stay part of the receiver's stderr.
+        Receiver { child: Some(child), address, first_line: before + &first_line, stderr: Some(reader) }
     }
 
     pub fn wait(mut self, timeout: Duration) -> Finished {

@@ -38,8 +38,12 @@ unsigned int vm_rte_mempool_avail_count(const struct rte_mempool *mp) { return r
 
 int vm_rte_errno(void) { return rte_errno; }
 
+const uint64_t vm_RTE_MBUF_F_RX_IP_CKSUM_MASK = RTE_MBUF_F_RX_IP_CKSUM_MASK;
 const uint64_t vm_RTE_MBUF_F_RX_IP_CKSUM_GOOD = RTE_MBUF_F_RX_IP_CKSUM_GOOD;
+const uint64_t vm_RTE_MBUF_F_RX_IP_CKSUM_BAD = RTE_MBUF_F_RX_IP_CKSUM_BAD;
+const uint64_t vm_RTE_MBUF_F_RX_L4_CKSUM_MASK = RTE_MBUF_F_RX_L4_CKSUM_MASK;
 const uint64_t vm_RTE_MBUF_F_RX_L4_CKSUM_GOOD = RTE_MBUF_F_RX_L4_CKSUM_GOOD;
+const uint64_t vm_RTE_MBUF_F_RX_L4_CKSUM_BAD = RTE_MBUF_F_RX_L4_CKSUM_BAD;
 const uint64_t vm_RTE_MBUF_F_TX_IPV4 = RTE_MBUF_F_TX_IPV4;
 const uint64_t vm_RTE_MBUF_F_TX_IP_CKSUM = RTE_MBUF_F_TX_IP_CKSUM;
 const uint64_t vm_RTE_MBUF_F_TX_TCP_CKSUM = RTE_MBUF_F_TX_TCP_CKSUM;

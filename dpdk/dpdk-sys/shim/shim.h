@@ -31,8 +31,12 @@ int vm_rte_errno(void);
 
 /* Constants that are macros of expressions bindgen cannot evaluate (shifts of ULL and the
  * like), exported as values. Rust-side copies are tested against these. */
+extern const uint64_t vm_RTE_MBUF_F_RX_IP_CKSUM_MASK;
 extern const uint64_t vm_RTE_MBUF_F_RX_IP_CKSUM_GOOD;
+extern const uint64_t vm_RTE_MBUF_F_RX_IP_CKSUM_BAD;
+extern const uint64_t vm_RTE_MBUF_F_RX_L4_CKSUM_MASK;
 extern const uint64_t vm_RTE_MBUF_F_RX_L4_CKSUM_GOOD;
+extern const uint64_t vm_RTE_MBUF_F_RX_L4_CKSUM_BAD;
 extern const uint64_t vm_RTE_MBUF_F_TX_IPV4;
 extern const uint64_t vm_RTE_MBUF_F_TX_IP_CKSUM;
 extern const uint64_t vm_RTE_MBUF_F_TX_TCP_CKSUM;

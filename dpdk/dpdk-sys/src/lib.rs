@@ -15,8 +15,12 @@ pub const AVAILABLE: bool = cfg!(dpdk);
 /// evaluate, copied from the 22.11 headers. `tests` checks each against the value the C
 /// shim compiled from the headers exports.
 pub mod consts {
+    pub const RTE_MBUF_F_RX_IP_CKSUM_MASK: u64 = (1 << 4) | (1 << 7);
     pub const RTE_MBUF_F_RX_IP_CKSUM_GOOD: u64 = 1 << 7;
+    pub const RTE_MBUF_F_RX_IP_CKSUM_BAD: u64 = 1 << 4;
+    pub const RTE_MBUF_F_RX_L4_CKSUM_MASK: u64 = (1 << 3) | (1 << 8);
     pub const RTE_MBUF_F_RX_L4_CKSUM_GOOD: u64 = 1 << 8;
+    pub const RTE_MBUF_F_RX_L4_CKSUM_BAD: u64 = 1 << 3;
     pub const RTE_MBUF_F_TX_IPV4: u64 = 1 << 55;
     pub const RTE_MBUF_F_TX_IP_CKSUM: u64 = 1 << 54;
     pub const RTE_MBUF_F_TX_TCP_CKSUM: u64 = 1 << 52;
@@ -41,8 +45,12 @@ mod tests {
         // SAFETY: reading constants the shim defines; they are initialised at load time.
         let exported = unsafe {
             [
+                ("RTE_MBUF_F_RX_IP_CKSUM_MASK", vm_RTE_MBUF_F_RX_IP_CKSUM_MASK, RTE_MBUF_F_RX_IP_CKSUM_MASK),
                 ("RTE_MBUF_F_RX_IP_CKSUM_GOOD", vm_RTE_MBUF_F_RX_IP_CKSUM_GOOD, RTE_MBUF_F_RX_IP_CKSUM_GOOD),
+                ("RTE_MBUF_F_RX_IP_CKSUM_BAD", vm_RTE_MBUF_F_RX_IP_CKSUM_BAD, RTE_MBUF_F_RX_IP_CKSUM_BAD),
+                ("RTE_MBUF_F_RX_L4_CKSUM_MASK", vm_RTE_MBUF_F_RX_L4_CKSUM_MASK, RTE_MBUF_F_RX_L4_CKSUM_MASK),
                 ("RTE_MBUF_F_RX_L4_CKSUM_GOOD", vm_RTE_MBUF_F_RX_L4_CKSUM_GOOD, RTE_MBUF_F_RX_L4_CKSUM_GOOD),
+                ("RTE_MBUF_F_RX_L4_CKSUM_BAD", vm_RTE_MBUF_F_RX_L4_CKSUM_BAD, RTE_MBUF_F_RX_L4_CKSUM_BAD),
                 ("RTE_MBUF_F_TX_IPV4", vm_RTE_MBUF_F_TX_IPV4, RTE_MBUF_F_TX_IPV4),
                 ("RTE_MBUF_F_TX_IP_CKSUM", vm_RTE_MBUF_F_TX_IP_CKSUM, RTE_MBUF_F_TX_IP_CKSUM),
                 ("RTE_MBUF_F_TX_TCP_CKSUM", vm_RTE_MBUF_F_TX_TCP_CKSUM, RTE_MBUF_F_TX_TCP_CKSUM),

@@ -7,6 +7,9 @@
 mod error;
 pub use error::DpdkError;
 
+/// DPDK's flag and capability bits (offloads, RSS), as the headers define them.
+pub use dpdk_sys::consts;
+
 /// Whether this build has DPDK.
 pub const AVAILABLE: bool = dpdk_sys::AVAILABLE;
 
@@ -26,4 +29,4 @@ pub use mbuf::Mbuf;
 #[cfg(dpdk)]
 pub use mempool::Mempool;
 #[cfg(dpdk)]
-pub use port::{LinkStatus, Port, PortStats};
+pub use port::{ChecksumOffload, LinkStatus, Port, PortStats};

@@ -53,6 +53,13 @@ impl<'pool> Mbuf<'pool> {
         }
     }
 
+    /// Asks the device for offloads (`RTE_MBUF_F_TX_*` flags) and gives the header lengths
+    /// they need.
+    pub fn request_offload(&mut self, flags: u64, l2_len: u16, l3_len: u16, l4_len: u16) {
+        // SAFETY: writing fields of the mbuf we own.
+        unsafe { dpdk_sys::vm_rte_mbuf_set_tx_offload(self.mbuf.as_ptr(), flags, l2_len, l3_len, l4_len) };
+    }
+
     /// The mbuf's offload flags (receive checksum results, transmit requests).
     pub fn offload_flags(&self) -> u64 {
         // SAFETY: reading a field of the mbuf we own.

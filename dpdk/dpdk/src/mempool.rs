@@ -19,7 +19,28 @@ unsafe impl Sync for Mempool {}
 impl Mempool {
     /// A pool of `count` mbufs with DPDK's default data room (2 KiB plus headroom) and a
     /// per-lcore cache of `cache` mbufs.
-    pub fn new(_eal: &Eal, name: &str, count: u32, cache: u32) -> Result<Mempool, DpdkError> {
+    pub fn new(eal: &Eal, name: &str, count: u32, cache: u32) -> Result<Mempool, DpdkError> {
+        Mempool::with_data_room(eal, name, count, cache, dpdk_sys::consts::RTE_MBUF_DEFAULT_BUF_SIZE as u16)
+    }
+
+    /// A pool whose mbufs each hold one whole frame of a link with this MTU in a single
+    /// segment (jumbo frames need more than the default 2 KiB): the headroom, the Ethernet
+    /// header, a VLAN tag and the CRC some drivers leave in place.
+    pub fn for_mtu(eal: &Eal, name: &str, count: u32, cache: u32, mtu: u16) -> Result<Mempool, DpdkError> {
+        let needed = dpdk_sys::consts::RTE_PKTMBUF_HEADROOM + u32::from(mtu) + 14 + 4 + 4;
+        let room = needed.max(dpdk_sys::consts::RTE_MBUF_DEFAULT_BUF_SIZE);
+        let room = u16::try_from(room).map_err(|_| DpdkError::BadArgument(format!("MTU {mtu} is too large")))?;
+        Mempool::with_data_room(eal, name, count, cache, room)
+    }
+
+    /// A pool of `count` mbufs of `data_room` bytes each (headroom included).
+    pub fn with_data_room(
+        _eal: &Eal,
+        name: &str,
+        count: u32,
+        cache: u32,
+        data_room: u16,
+    ) -> Result<Mempool, DpdkError> {
         let c_name = CString::new(name).map_err(|_| DpdkError::BadArgument(name.to_string()))?;
         // SAFETY: the name is a valid C string; the EAL is initialised (`_eal`).
         let pool = unsafe {
@@ -28,7 +49,7 @@ impl Mempool {
                 count,
                 cache,
                 0,
-                dpdk_sys::consts::RTE_MBUF_DEFAULT_BUF_SIZE as u16,
+                data_room,
                 dpdk_sys::consts::SOCKET_ID_ANY,
             )
         };

@@ -2,6 +2,7 @@
 //! RX/TX queue pair per dataplane core, RSS across the queues where the device has it.
 
 use crate::{DpdkError, Eal, Mbuf, Mempool};
+use dpdk_sys::consts;
 use std::ffi::CString;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,10 +16,23 @@ pub const MAX_RX_BURST: u16 = 64;
 
 pub struct Port<'pool> {
     id: u16,
+    name: String,
     queues: u16,
+    checksum_offload: ChecksumOffload,
     _pool: &'pool Mempool,
     /// Packets freed because the transmit queue stayed full.
     tx_dropped: AtomicU64,
+}
+
+/// The checksum work the device does for us, from its capabilities, and turned on: IPv4
+/// header and TCP checksums together (a device with one but not the other is treated as
+/// having neither; it saves little and doubles the cases).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChecksumOffload {
+    /// Received packets carry the device's verdict in their offload flags.
+    pub receive: bool,
+    /// The device fills in the checksums of packets flagged for it.
+    pub transmit: bool,
 }
 
 // SAFETY: DPDK allows each queue of a port to be used from its own lcore at once; every
@@ -79,7 +93,19 @@ impl<'pool> Port<'pool> {
         let queues = queues.max(1).min(info.max_rx_queues).min(info.max_tx_queues).max(1);
 
         let mut conf = dpdk_sys::rte_eth_conf::default();
-        let rss = (dpdk_sys::consts::RTE_ETH_RSS_IP | dpdk_sys::consts::RTE_ETH_RSS_TCP) & info.flow_type_rss_offloads;
+        let receive_checksums = consts::RTE_ETH_RX_OFFLOAD_IPV4_CKSUM | consts::RTE_ETH_RX_OFFLOAD_TCP_CKSUM;
+        let transmit_checksums = consts::RTE_ETH_TX_OFFLOAD_IPV4_CKSUM | consts::RTE_ETH_TX_OFFLOAD_TCP_CKSUM;
+        let checksum_offload = ChecksumOffload {
+            receive: info.rx_offload_capa & receive_checksums == receive_checksums,
+            transmit: info.tx_offload_capa & transmit_checksums == transmit_checksums,
+        };
+        if checksum_offload.receive {
+            conf.rxmode.offloads |= receive_checksums;
+        }
+        if checksum_offload.transmit {
+            conf.txmode.offloads |= transmit_checksums;
+        }
+        let rss = (consts::RTE_ETH_RSS_IP | consts::RTE_ETH_RSS_TCP) & info.flow_type_rss_offloads;
         if queues > 1 && rss != 0 {
             conf.rxmode.mq_mode = dpdk_sys::rte_eth_rx_mq_mode_RTE_ETH_MQ_RX_RSS;
             conf.rx_adv_conf.rss_conf.rss_hf = rss;
@@ -111,11 +137,20 @@ impl<'pool> Port<'pool> {
         // the stack is given the port's own address.
         // SAFETY: the port is started.
         let _ = unsafe { dpdk_sys::rte_eth_promiscuous_enable(id) };
-        Ok(Port { id, queues, _pool: pool, tx_dropped: AtomicU64::new(0) })
+        Ok(Port { id, name: name.to_string(), queues, checksum_offload, _pool: pool, tx_dropped: AtomicU64::new(0) })
+    }
+
+    /// The name the EAL knows the port by (e.g. `net_af_packet0`).
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     pub fn queues(&self) -> u16 {
         self.queues
+    }
+
+    pub fn checksum_offload(&self) -> ChecksumOffload {
+        self.checksum_offload
     }
 
     /// The port's MTU (the largest IP packet it sends).
@@ -185,6 +220,38 @@ impl<'pool> Port<'pool> {
             tx_errors: stats.oerrors,
             tx_dropped: self.tx_dropped.load(Ordering::Relaxed),
         }
+    }
+}
+
+impl Port<'_> {
+    /// The driver's extended statistics (`rte_eth_xstats`), by name, in the driver's order:
+    /// per-queue counters and whatever else the device keeps. Empty if the driver has none
+    /// or they changed size between the two calls.
+    pub fn xstats(&self) -> Vec<(String, u64)> {
+        // SAFETY: a null buffer of size 0 asks only for the count.
+        let count = unsafe { dpdk_sys::rte_eth_xstats_get_names(self.id, std::ptr::null_mut(), 0) };
+        let Ok(count) = usize::try_from(count) else { return Vec::new() };
+        let mut names = vec![dpdk_sys::rte_eth_xstat_name::default(); count];
+        let mut values = vec![dpdk_sys::rte_eth_xstat::default(); count];
+        // SAFETY: both buffers hold `count` entries, as passed.
+        let (named, valued) = unsafe {
+            (
+                dpdk_sys::rte_eth_xstats_get_names(self.id, names.as_mut_ptr(), count as u32),
+                dpdk_sys::rte_eth_xstats_get(self.id, values.as_mut_ptr(), count as u32),
+            )
+        };
+        if named != count as i32 || valued != count as i32 {
+            return Vec::new();
+        }
+        values
+            .iter()
+            .filter_map(|stat| {
+                let name = names.get(stat.id as usize)?;
+                // SAFETY: DPDK writes each name as a NUL-terminated string inside its array.
+                let name = unsafe { std::ffi::CStr::from_ptr(name.name.as_ptr()) };
+                Some((name.to_string_lossy().into_owned(), stat.value))
+            })
+            .collect()
     }
 }
 

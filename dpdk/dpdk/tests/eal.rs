@@ -61,6 +61,11 @@ mod with_dpdk {
             let stats = port.stats();
             assert!(stats.tx_packets >= 64, "{stats:?}");
             assert_eq!(stats.tx_dropped, 0);
+            // ethdev's generic extended statistics come with every driver.
+            let xstats = port.xstats();
+            let tx_good = xstats.iter().find(|(name, _)| name == "tx_good_packets");
+            assert_eq!(tx_good.map(|(_, value)| *value), Some(stats.tx_packets), "{xstats:?}");
+            assert_eq!(port.name(), "net_null0");
         }
         // Every mbuf sent, received or set up in a queue is back in the pool.
         assert_eq!(pool.available(), pool.size(), "mbufs leaked");

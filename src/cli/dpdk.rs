@@ -1,0 +1,122 @@
+//! `--stack dpdk`: the EAL, the mbuf pool and the port under our dataplane cores, and the
+//! port's report when they stop: its statistics, and whether every mbuf came back to the
+//! pool once the port was closed.
+
+use anyhow::{Context, Result};
+use dataplane::core::CoreConfig;
+use dataplane::stack::CoreStack;
+
+/// What the user asked of one DPDK port.
+pub struct PortRequest<'a> {
+    /// The port's name as the EAL knows it (e.g. `net_af_packet0`).
+    pub name: &'a str,
+    pub cores: usize,
+    pub mtu: Option<u16>,
+    /// Print the driver's extended statistics at teardown.
+    pub xstats: bool,
+}
+
+#[cfg(feature = "dpdk")]
+mod with_dpdk {
+    use super::*;
+    use dataplane::stack::NicBackend;
+    use std::sync::{Arc, OnceLock};
+
+    static EAL: OnceLock<dpdk::Eal> = OnceLock::new();
+
+    /// The process's EAL, initialised from `args` by the first caller (DPDK allows one
+    /// initialisation per process; later callers share it and their `args` are ignored).
+    pub fn eal(args: &[String]) -> Result<&'static dpdk::Eal> {
+        if let Some(eal) = EAL.get() {
+            return Ok(eal);
+        }
+        let eal = dpdk::Eal::init(args).context("initialising DPDK (the EAL arguments after --)")?;
+        Ok(EAL.get_or_init(|| eal))
+    }
+
+    /// Our stack on `request.cores` queue pairs of a DPDK port. The mbuf pool lives for the
+    /// process; the port is closed when the stack is dropped, after its cores.
+    pub fn port_stack(eal: &'static dpdk::Eal, request: &PortRequest, config: CoreConfig) -> Result<CoreStack> {
+        let name = request.name;
+        let cores = request.cores.max(1);
+        // Per queue: its receive and transmit rings, a burst each way, and what smoltcp holds.
+        let mbufs = 8192 * cores as u32 - 1;
+        let mtu = request.mtu.unwrap_or(1500);
+        let pool = dpdk::Mempool::for_mtu(eal, &format!("vm_{name}"), mbufs, 256, mtu)
+            .with_context(|| format!("the mbuf pool for DPDK port {name}"))?;
+        let pool: &'static dpdk::Mempool = Box::leak(Box::new(pool));
+        let port = dpdk::Port::start(eal, name, cores as u16, pool, request.mtu)
+            .with_context(|| format!("starting DPDK port {name}"))?;
+        let port = Arc::new(port);
+        eprintln!("vmigrate: {}", describe(&port));
+        let xstats = request.xstats;
+        let teardown = port.clone();
+        let stack = CoreStack::start(NicBackend::Dpdk { port, pool }, name, cores, config)
+            .with_context(|| format!("starting the dataplane on DPDK port {name}"))?;
+        Ok(stack.on_teardown(move || finish(teardown, pool, xstats)))
+    }
+
+    fn describe(port: &dpdk::Port) -> String {
+        let offload = port.checksum_offload();
+        let checksums = match (offload.receive, offload.transmit) {
+            (true, true) => "receive and transmit",
+            (true, false) => "receive",
+            (false, true) => "transmit",
+            (false, false) => "none",
+        };
+        let link = port.link();
+        format!(
+            "DPDK port {}: {} queue pair(s), MTU {}, link {} {} Mbit/s, checksum offload: {checksums}",
+            port.name(),
+            port.queues(),
+            port.mtu(),
+            if link.up { "up" } else { "down" },
+            link.speed_mbps,
+        )
+    }
+
+    /// Reports the port's counters, closes it (its queues give back the mbufs they held)
+    /// and checks that the pool is full again: anything missing is a leak.
+    fn finish(port: Arc<dpdk::Port<'static>>, pool: &'static dpdk::Mempool, xstats: bool) {
+        let name = port.name().to_string();
+        let stats = port.stats();
+        eprintln!(
+            "vmigrate: DPDK port {name}: {} packets received, {} sent; {} missed, {} receive errors, \
+             {} transmit errors, {} dropped at a full transmit queue",
+            stats.rx_packets, stats.tx_packets, stats.rx_missed, stats.rx_errors, stats.tx_errors, stats.tx_dropped
+        );
+        if xstats {
+            for (stat, value) in port.xstats().into_iter().filter(|(_, value)| *value != 0) {
+                eprintln!("vmigrate:   {stat} = {value}");
+            }
+        }
+        match Arc::try_unwrap(port) {
+            Ok(port) => drop(port),
+            Err(_) => {
+                eprintln!("vmigrate: warning: DPDK port {name} still in use at teardown: its mbufs were not counted");
+                return;
+            }
+        }
+        let (available, size) = (pool.available(), pool.size());
+        if available == size {
+            eprintln!("vmigrate: DPDK port {name} closed: all {size} mbufs back in the pool");
+        } else {
+            eprintln!(
+                "vmigrate: warning: DPDK port {name} closed: {} of {size} mbufs never came back to the pool",
+                size - available
+            );
+        }
+    }
+}
+
+/// Our stack on the DPDK port `request` names, after initialising the EAL with `eal_args`.
+#[cfg(feature = "dpdk")]
+pub fn stack(eal_args: &[String], request: &PortRequest, config: CoreConfig) -> Result<CoreStack> {
+    let eal = with_dpdk::eal(eal_args)?;
+    with_dpdk::port_stack(eal, request, config)
+}
+
+#[cfg(not(feature = "dpdk"))]
+pub fn stack(_eal_args: &[String], _request: &PortRequest, _config: CoreConfig) -> Result<CoreStack> {
+    anyhow::bail!("this vmigrate was built without DPDK: build it with `--features dpdk` (needs libdpdk-dev)")
+}
