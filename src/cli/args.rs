@@ -216,6 +216,7 @@ pub enum NetStack {
 pub enum DemoStack {
     Loopback,
     Kernel,
+    Dpdk,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -296,9 +297,17 @@ pub struct CommonOptions {
 #[derive(Args, Debug)]
 pub struct DemoArgs {
     /// Network stack between the two ends: smoltcp on the in-process wire (no root, no
-    /// NIC), or the kernel's TCP over 127.0.0.1.
+    /// NIC), the kernel's TCP over 127.0.0.1, or smoltcp on two DPDK ports (by default a
+    /// memif pair joined inside the process; other ports with EAL arguments after `--`).
     #[arg(long, value_enum, default_value = "loopback")]
     pub stack: DemoStack,
+    /// --stack dpdk: the source's and the destination's ports, as the EAL names them.
+    #[arg(long, default_value = "net_memif1,net_memif0")]
+    pub dpdk_ports: String,
+    /// --stack dpdk: arguments for DPDK's EAL, after `--` (default: no hugepages, no PCI,
+    /// and the memif pair `net_memif0` (server) and `net_memif1` (client)).
+    #[arg(last = true)]
+    pub eal: Vec<String>,
     /// IP MTU of the userspace stack's link.
     #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u16).range(576..=9000))]
     pub mtu: u16,

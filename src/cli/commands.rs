@@ -117,7 +117,15 @@ fn run_destination_guest(destination: &mut SyntheticDestination, seconds: f64) -
 
 /// The two ends of the demo's link: a connector for the source, an acceptor for the
 /// destination, and whatever must outlive the migration (the userspace stack's cores).
-type DemoLink = (Box<dyn Connector>, Box<dyn Acceptor + Send>, Option<LoopbackStack>);
+type DemoLink = (Box<dyn Connector>, Box<dyn Acceptor + Send>, DemoCores);
+
+/// The dataplane cores under the demo's link.
+enum DemoCores {
+    None,
+    Loopback(#[allow(dead_code)] LoopbackStack),
+    /// The source's stack and the destination's, each on its own DPDK port.
+    Dpdk(#[allow(dead_code)] CoreStack, #[allow(dead_code)] CoreStack),
+}
 
 fn demo_link(args: &DemoArgs) -> Result<DemoLink> {
     let timeouts = Timeouts::default();
@@ -126,7 +134,24 @@ fn demo_link(args: &DemoArgs) -> Result<DemoLink> {
             let acceptor =
                 TcpAcceptor::bind("127.0.0.1:0", timeouts).context("binding the demo's loopback listener")?;
             let connector = TcpConnector::new(acceptor.local_socket_addr()?, timeouts)?;
-            Ok((Box::new(connector), Box::new(acceptor), None))
+            Ok((Box::new(connector), Box::new(acceptor), DemoCores::None))
+        }
+        DemoStack::Dpdk => {
+            const PORT: u16 = 4444;
+            let (source_port, destination_port) =
+                args.dpdk_ports.split_once(',').context("--dpdk-ports needs two port names, SOURCE,DESTINATION")?;
+            let eal = if args.eal.is_empty() { super::dpdk::demo_eal_args() } else { args.eal.clone() };
+            let side = |port: &str, address: Ipv4Addr| {
+                let config = core_config(port, address, 24, None, &args.dataplane, &args.wrappers, !args.common.no_pin);
+                let cores = usize::from(args.dataplane.dataplane_cores);
+                let request = PortRequest { name: port, cores, mtu: Some(args.mtu), xstats: false };
+                super::dpdk::stack(&eal, &request, config)
+            };
+            let destination = side(destination_port, Ipv4Addr::new(10, 77, 0, 12))?;
+            let source = side(source_port, Ipv4Addr::new(10, 77, 0, 11))?;
+            let acceptor = destination.acceptor(PORT, timeouts)?;
+            let connector = source.connector(SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 12), PORT), timeouts);
+            Ok((Box::new(connector), Box::new(acceptor), DemoCores::Dpdk(source, destination)))
         }
         DemoStack::Loopback => {
             const PORT: u16 = 4444;
@@ -139,7 +164,7 @@ fn demo_link(args: &DemoArgs) -> Result<DemoLink> {
             .context("starting the loopback dataplane")?;
             let acceptor = stack.acceptor(PORT, timeouts)?;
             let connector = stack.connector(PORT, timeouts);
-            Ok((Box::new(connector), Box::new(acceptor), Some(stack)))
+            Ok((Box::new(connector), Box::new(acceptor), DemoCores::Loopback(stack)))
         }
     }
 }
@@ -199,34 +224,16 @@ fn print_outcome(
     Ok(ExitCode::SUCCESS)
 }
 
-/// Our userspace stack on the TAP device or interface (AF_PACKET) the options name.
+/// Our userspace stack on the TAP device, interface (AF_PACKET) or DPDK port the options name.
 fn user_stack(options: &StackOptions, pin: bool) -> Result<CoreStack> {
     let iface = options.iface.as_deref().context("--stack tap, af-packet and dpdk need --iface")?;
     let ip_text = options.ip.as_deref().context("--stack tap, af-packet and dpdk need --ip ADDR/PREFIX")?;
     let (address, prefix) = ip_text.split_once('/').context("--ip needs a prefix, e.g. 10.77.0.11/24")?;
     let address: Ipv4Addr = address.parse().with_context(|| format!("bad --ip address {address:?}"))?;
     let prefix: u8 = prefix.parse().ok().filter(|p| *p <= 32).with_context(|| format!("bad --ip prefix {prefix:?}"))?;
-    let mac = match &options.mac {
-        Some(text) => parse_mac(text)?,
-        None => {
-            let [a, b, c, d] = address.octets();
-            EthernetAddress([0x02, 0x00, a, b, c, d])
-        }
-    };
-    let pin = pin.then(|| transport::pin::core_count() - 1);
-    let config = CoreConfig {
-        name: format!("dataplane-{iface}"),
-        mac,
-        ip: IpCidr::new(address.into(), prefix),
-        gateway: options.gateway,
-        socket_buffer_bytes: options.dataplane.socket_buffer as usize,
-        pin_core: pin,
-        wrappers: device_wrappers(&options.wrappers),
-        congestion: congestion(options.dataplane.congestion.unwrap_or(CongestionArg::Cubic)),
-        idle: idle_policy(options.dataplane.idle),
-        min_rto: Duration::from_millis(options.dataplane.min_rto_ms),
-        steering: None,
-    };
+    let mac = options.mac.as_deref().map(parse_mac).transpose()?;
+    let mut config = core_config(iface, address, prefix, mac, &options.dataplane, &options.wrappers, pin);
+    config.gateway = options.gateway;
     let cores = usize::from(options.dataplane.dataplane_cores);
     match options.stack {
         NetStack::AfPacket => {
@@ -238,6 +245,33 @@ fn user_stack(options: &StackOptions, pin: bool) -> Result<CoreStack> {
             super::dpdk::stack(&options.eal, &request, config)
         }
         _ => CoreStack::start(NicBackend::Tap, iface, cores, config).context("starting the TAP dataplane"),
+    }
+}
+
+/// The settings of our stack's cores on a real link: its own address, and a MAC address of
+/// its own (default: 02:00 followed by the address).
+fn core_config(
+    iface: &str,
+    address: Ipv4Addr,
+    prefix: u8,
+    mac: Option<EthernetAddress>,
+    dataplane: &DataplaneOptions,
+    wrappers: &WrapperOptions,
+    pin: bool,
+) -> CoreConfig {
+    let [a, b, c, d] = address.octets();
+    CoreConfig {
+        name: format!("dataplane-{iface}"),
+        mac: mac.unwrap_or(EthernetAddress([0x02, 0x00, a, b, c, d])),
+        ip: IpCidr::new(address.into(), prefix),
+        gateway: None,
+        socket_buffer_bytes: dataplane.socket_buffer as usize,
+        pin_core: pin.then(|| transport::pin::core_count() - 1),
+        wrappers: device_wrappers(wrappers),
+        congestion: congestion(dataplane.congestion.unwrap_or(CongestionArg::Cubic)),
+        idle: idle_policy(dataplane.idle),
+        min_rto: Duration::from_millis(dataplane.min_rto_ms),
+        steering: None,
     }
 }
 

@@ -109,6 +109,31 @@ mod with_dpdk {
     }
 }
 
+/// The demo's EAL arguments when none are given: no hugepages, no PCI, no shared
+/// configuration (and a file prefix of this process's own), and two memif ports joined to each other through an abstract socket of this
+/// process's own: `net_memif0` the server, `net_memif1` the client.
+pub fn demo_eal_args() -> Vec<String> {
+    let socket = format!("/vmigrate-demo-{}", std::process::id());
+    [
+        "--no-huge",
+        "-m",
+        "512",
+        "--no-pci",
+        "--no-shconf",
+        &format!("--file-prefix=vmigrate-demo-{}", std::process::id()),
+        "--log-level=error",
+        "-l",
+        "0",
+        "--vdev",
+        &format!("net_memif0,role=server,id=0,socket={socket}"),
+        "--vdev",
+        &format!("net_memif1,role=client,id=0,socket={socket}"),
+    ]
+    .iter()
+    .map(|arg| arg.to_string())
+    .collect()
+}
+
 /// Our stack on the DPDK port `request` names, after initialising the EAL with `eal_args`.
 #[cfg(feature = "dpdk")]
 pub fn stack(eal_args: &[String], request: &PortRequest, config: CoreConfig) -> Result<CoreStack> {

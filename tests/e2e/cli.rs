@@ -3,7 +3,7 @@
 
 use std::process::Command;
 use std::time::Duration;
-use vmigrate_tests::process::{assert_migrated, json, run, Receiver};
+use vmigrate_tests::process::{assert_migrated, is_root, json, run, Receiver};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vmigrate");
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -58,6 +58,40 @@ fn demo_prints_the_seed_table() {
     for heading in ["total time", "downtime", "transferred RAM", "total RAM", "stop-and-copy"] {
         assert!(finished.stdout.contains(heading), "missing {heading:?} in:\n{}", finished.stdout);
     }
+}
+
+#[test]
+fn demo_over_dpdk_ports() {
+    if !cfg!(feature = "dpdk") {
+        eprintln!("SKIPPED demo_over_dpdk_ports: built without the dpdk feature (cargo test --features dpdk)");
+        return;
+    }
+    if !is_root() {
+        eprintln!("SKIPPED demo_over_dpdk_ports: DPDK's EAL needs root here");
+        return;
+    }
+    // The default: a memif pair inside the process, one port per side, no hugepages.
+    let finished = run(
+        Command::new(BIN).args([
+            "demo",
+            "--stack",
+            "dpdk",
+            "--mem",
+            "64MiB",
+            "--verify",
+            "--json",
+            "--run-after",
+            "0.3",
+        ]),
+        DEADLINE,
+    );
+    assert!(finished.status.success(), "demo over DPDK failed:\n{}", finished.stderr);
+    assert_eq!(json(&finished.stdout)["verified"], true);
+    for port in ["net_memif0", "net_memif1"] {
+        let closed = format!("DPDK port {port} closed: all ");
+        assert!(finished.stderr.contains(&closed), "{port}: no clean teardown in:\n{}", finished.stderr);
+    }
+    assert!(!finished.stderr.contains("warning"), "{}", finished.stderr);
 }
 
 #[test]

@@ -5,18 +5,11 @@
 
 use std::process::Command;
 use std::time::Duration;
-use vmigrate_tests::process::{assert_migrated, run, Finished, Receiver};
+use vmigrate_tests::process::{assert_migrated, is_root, run, Finished, Receiver};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vmigrate");
 const NETNS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/netns");
 const DEADLINE: Duration = Duration::from_secs(180);
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
-        .unwrap_or(false)
-}
 
 /// The harness for one test: namespaces made on creation, removed on drop (also when the
 /// test fails).

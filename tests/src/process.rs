@@ -164,3 +164,11 @@ pub fn assert_migrated(sent: &Finished, received: &Finished) -> (serde_json::Val
     assert_eq!(sent["ram"]["transferred"], received["received-bytes"], "both ends count the same bytes");
     (sent, received)
 }
+
+/// Whether this process runs as root (namespaces, TAP devices and DPDK's EAL need it).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
+        .unwrap_or(false)
+}

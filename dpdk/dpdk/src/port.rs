@@ -112,7 +112,12 @@ impl<'pool> Port<'pool> {
         }
         // SAFETY: the port exists and is stopped; `conf` lives across the call.
         check("rte_eth_dev_configure", unsafe { dpdk_sys::rte_eth_dev_configure(id, queues, queues, &conf) })?;
-        if let Some(mtu) = mtu {
+        let mut current = 0u16;
+        // SAFETY: the port exists; `current` is a live u16.
+        let known = unsafe { dpdk_sys::rte_eth_dev_get_mtu(id, &mut current) } == 0;
+        // Some devices (memif) cannot change their MTU at all: asking for the one they
+        // have is not an error.
+        if let Some(mtu) = mtu.filter(|&mtu| !known || mtu != current) {
             // SAFETY: the port is configured and stopped.
             check("rte_eth_dev_set_mtu", unsafe { dpdk_sys::rte_eth_dev_set_mtu(id, mtu) })?;
         }
