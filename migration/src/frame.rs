@@ -71,6 +71,15 @@ pub enum FrameKind {
     /// source waits for it before stopping the guest, so the downtime never includes the
     /// destination catching up on an earlier round.
     RoundApplied = 13,
+    /// Relay (`relay.rs`), source to destination, first frame on every connection: the
+    /// session and which of its streams this connection carries.
+    StreamHello = 14,
+    /// Relay, either way: a chunk of the carried stream.
+    StreamData = 15,
+    /// Relay, either way: the stream in this direction ended; its length and digest.
+    StreamEnd = 16,
+    /// Relay, either way: nothing to carry now, but alive.
+    Heartbeat = 17,
 }
 
 impl FrameKind {
@@ -90,6 +99,10 @@ impl FrameKind {
             11 => VerifyDigest,
             12 => VerifyResult,
             13 => RoundApplied,
+            14 => StreamHello,
+            15 => StreamData,
+            16 => StreamEnd,
+            17 => Heartbeat,
             _ => return None,
         })
     }

@@ -16,6 +16,7 @@ pub mod memory;
 pub mod page_batch;
 pub mod precopy;
 pub mod receiver;
+pub mod relay;
 pub mod source_session;
 pub mod stats;
 pub mod xbzrle;

@@ -1,6 +1,7 @@
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use migration::codec::Codec;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use transport::synthetic::WorkloadSpec;
 
 #[derive(Parser, Debug)]
@@ -28,6 +29,62 @@ pub enum Command {
     StreamRecv(StreamRecvArgs),
     /// Link benchmark: one bulk stream between two dataplane cores on the in-process wire.
     StreamLoopback(StreamLoopbackArgs),
+    /// Carry a source QEMU's migration (`migrate unix:PATH`) to a `vmigrate qemu-recv`.
+    QemuSend(QemuSendArgs),
+    /// Carry a migration from `vmigrate qemu-send` to a destination QEMU started with
+    /// `-incoming unix:PATH` (or `-incoming defer` and `migrate-incoming`).
+    QemuRecv(QemuRecvArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct QemuSendArgs {
+    /// The unix socket the source QEMU migrates to: `unix:PATH` (QEMU's `migrate unix:PATH`).
+    #[arg(long, value_parser = parse_unix)]
+    pub listen: PathBuf,
+    /// The destination relay (`vmigrate qemu-recv --listen`).
+    #[arg(long)]
+    pub to: String,
+    /// Compression of the carried streams: none, lz4, zlib or zlib:LEVEL.
+    #[arg(long, default_value = "lz4")]
+    pub codec: Codec,
+    /// Seconds to wait for QEMU's first connection.
+    #[arg(long, default_value_t = 600.0)]
+    pub wait: f64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long)]
+    pub no_pin: bool,
+    #[command(flatten)]
+    pub stack: StackOptions,
+}
+
+#[derive(Args, Debug)]
+pub struct QemuRecvArgs {
+    /// Where the source relay connects.
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// The destination QEMU's incoming socket: `unix:PATH`.
+    #[arg(long, value_parser = parse_unix)]
+    pub to: PathBuf,
+    /// Seconds to wait for the source relay's first connection.
+    #[arg(long, default_value_t = 600.0)]
+    pub wait: f64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long)]
+    pub no_pin: bool,
+    #[command(flatten)]
+    pub stack: StackOptions,
+}
+
+/// `unix:PATH`, as QEMU writes socket addresses.
+fn parse_unix(text: &str) -> Result<PathBuf, String> {
+    match text.strip_prefix("unix:") {
+        Some(path) if !path.is_empty() => Ok(PathBuf::from(path)),
+        _ => Err(format!("expected unix:PATH, got {text:?}")),
+    }
 }
 
 #[derive(Args, Debug)]

@@ -35,6 +35,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             eprintln!("vmigrate: waiting for a stream on {}", acceptor.local_addr());
             super::stream::receive(&mut *acceptor)
         }
+        Command::QemuSend(args) => super::relay::qemu_send(args),
+        Command::QemuRecv(args) => super::relay::qemu_recv(args),
         Command::StreamLoopback(args) => {
             let options = LoopbackOptions { mtu: args.mtu, pin: !args.no_pin, ..loopback_options(&args.dataplane) };
             let streams = args.streams.unwrap_or(options.cores);
@@ -324,7 +326,11 @@ fn parse_mac(text: &str) -> Result<EthernetAddress> {
 }
 
 /// The source's side of the stack the options choose.
-fn connector_for(stack: &StackOptions, pin: bool, to: &str) -> Result<(Box<dyn Connector>, Option<CoreStack>)> {
+pub(super) fn connector_for(
+    stack: &StackOptions,
+    pin: bool,
+    to: &str,
+) -> Result<(Box<dyn Connector>, Option<CoreStack>)> {
     let timeouts = Timeouts::default();
     Ok(match stack.stack {
         NetStack::Kernel => {
@@ -340,7 +346,7 @@ fn connector_for(stack: &StackOptions, pin: bool, to: &str) -> Result<(Box<dyn C
 }
 
 /// The destination's side of the stack the options choose.
-fn acceptor_for(
+pub(super) fn acceptor_for(
     stack: &StackOptions,
     pin: bool,
     listen: std::net::SocketAddr,

@@ -2,11 +2,12 @@
 //! port's report when they stop: its statistics, and whether every mbuf came back to the
 //! pool once the port was closed.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use dataplane::core::CoreConfig;
 use dataplane::stack::CoreStack;
 
 /// What the user asked of one DPDK port.
+#[cfg_attr(not(feature = "dpdk"), allow(dead_code))]
 pub struct PortRequest<'a> {
     /// The port's name as the EAL knows it (e.g. `net_af_packet0`).
     pub name: &'a str,
@@ -19,6 +20,7 @@ pub struct PortRequest<'a> {
 #[cfg(feature = "dpdk")]
 mod with_dpdk {
     use super::*;
+    use anyhow::Context;
     use dataplane::stack::NicBackend;
     use std::sync::{Arc, OnceLock};
 

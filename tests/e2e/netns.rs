@@ -5,39 +5,11 @@
 
 use std::process::Command;
 use std::time::Duration;
+use vmigrate_tests::netns::Namespaces;
 use vmigrate_tests::process::{assert_migrated, is_root, run, Finished, Receiver};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vmigrate");
-const NETNS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/netns");
 const DEADLINE: Duration = Duration::from_secs(180);
-
-/// The harness for one test: namespaces made on creation, removed on drop (also when the
-/// test fails).
-struct Namespaces {
-    prefix: String,
-}
-
-impl Namespaces {
-    fn up(prefix: &str, extra: &[&str]) -> Namespaces {
-        let status =
-            Command::new(NETNS).args(["up", "--prefix", prefix]).args(extra).status().expect("run scripts/netns");
-        assert!(status.success(), "scripts/netns up failed");
-        Namespaces { prefix: prefix.to_string() }
-    }
-
-    /// A command run inside the `side` namespace.
-    fn command(&self, side: &str, args: &[&str]) -> Command {
-        let mut command = Command::new(NETNS);
-        command.args(["exec", side, "--prefix", &self.prefix, "--", BIN]).args(args);
-        command
-    }
-}
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        let _ = Command::new(NETNS).args(["down", "--prefix", &self.prefix]).status();
-    }
-}
 
 /// Our stack's side of a migration: the stack, its interface and address, and where the
 /// destination listens.
@@ -109,7 +81,7 @@ fn migrations_between_namespaces() {
         eprintln!("SKIPPED migrations_between_namespaces: needs root for network namespaces and TAP devices");
         return;
     }
-    let ns = Namespaces::up(&format!("vmt{}", std::process::id() % 100_000), &[]);
+    let ns = Namespaces::up(&format!("vmt{}", std::process::id() % 100_000), &[], BIN);
 
     // Our stack at both ends, on TAP queues and on packet sockets bound to the veth ends:
     // each workload with 1 and 4 connections on 1 and 2 dataplane cores per side.
@@ -172,7 +144,7 @@ fn migration_through_a_shaped_link() {
     }
     // A middle namespace shapes both directions to 500 Mbit/s (tbf); with qdisc bypass on
     // the sender's packet socket the shaping still applies, since it is in the middle.
-    let ns = Namespaces::up(&format!("vms{}", std::process::id() % 100_000), &["--rate", "500mbit"]);
+    let ns = Namespaces::up(&format!("vms{}", std::process::id() % 100_000), &["--rate", "500mbit"], BIN);
     let (src, dst) = our_stack(&ns, "af-packet");
     let mut recv = dst.args();
     recv.extend(strings(&["--listen", "10.77.0.12:4448"]));
@@ -186,10 +158,7 @@ fn migration_through_a_shaped_link() {
 
 /// Frames the middle namespace's loss rule has dropped so far.
 fn frames_dropped(ns: &Namespaces) -> u64 {
-    let output = Command::new(NETNS)
-        .args(["exec", "mid", "--prefix", &ns.prefix, "--", "nft", "list", "ruleset"])
-        .output()
-        .expect("run nft in the middle namespace");
+    let output = ns.program("mid", "nft", &["list", "ruleset"]).output().expect("run nft in the middle namespace");
     let text = String::from_utf8_lossy(&output.stdout);
     text.split_whitespace()
         .skip_while(|word| *word != "packets")
@@ -207,7 +176,7 @@ fn migration_through_a_lossy_link() {
     // 1 Gbit/s with 1% of frames dropped each way, over both of our NIC backends, with the
     // `dirty` guest. Both ends share this host: their polling cores must claim different
     // CPUs (transport::pin::claim_cpu), or at 1% loss the stream slows eightfold.
-    let ns = Namespaces::up(&format!("vml{}", std::process::id() % 100_000), &["--rate", "1gbit", "--loss", "1"]);
+    let ns = Namespaces::up(&format!("vml{}", std::process::id() % 100_000), &["--rate", "1gbit", "--loss", "1"], BIN);
     let before = frames_dropped(&ns);
     for (port, stack) in [(4449, "af-packet"), (4450, "tap")] {
         migrate_ours(&ns, stack, port, WORKLOADS[1], &["--connections", "2"], &["--dataplane-cores", "2"]);
@@ -292,7 +261,7 @@ fn migrations_over_dpdk() {
 
 #[cfg(feature = "dpdk")]
 fn dpdk_migrations() {
-    let ns = Namespaces::up(&format!("vmd{}", std::process::id() % 100_000), &[]);
+    let ns = Namespaces::up(&format!("vmd{}", std::process::id() % 100_000), &[], BIN);
     // Our stack on a DPDK port at one side: an AF_PACKET vdev on that side's veth end, with
     // a queue pair per dataplane core.
     let ours = |side: &str, cores: usize, hugepages: bool, tail: &[&str]| {

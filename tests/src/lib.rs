@@ -3,7 +3,9 @@
 //! network between them, and forge streams byte by byte. Everything here talks only to
 //! loopback addresses.
 
+pub mod netns;
 pub mod process;
 pub mod proxy;
+pub mod qemu;
 pub mod session;
 pub mod stream;

@@ -103,7 +103,7 @@ impl Receiver {
             .trim()
             .strip_prefix(announcement)
             .and_then(|rest| rest.split(' ').next())
-            .filter(|a| a.parse::<std::net::SocketAddr>().is_ok())
+            .filter(|a| a.parse::<std::net::SocketAddr>().is_ok() || a.starts_with("unix:"))
             .map(str::to_string);
         let Some(address) = address else {
             let _ = child.kill();

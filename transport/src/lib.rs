@@ -14,6 +14,7 @@ mod framed;
 pub mod guest;
 pub mod pin;
 pub mod pipe;
+pub mod qemu;
 pub mod rate;
 pub mod ring;
 pub mod source;

@@ -1,0 +1,381 @@
+//! The relay protocol: byte streams another program wrote (QEMU's own migration channels)
+//! carried between two vmigrate relays, exactly, over any of our stacks.
+//!
+//! One connection per carried stream. It opens with a preamble of its own (so that a relay
+//! and a vmigrate destination each refuse the other's stream from its first bytes), then
+//! the frames of `frame.rs`:
+//!
+//! ```text
+//! preamble:     magic "VMRELAY\0" (8) | version_min u16 | version_max u16 | reserved u32 (0)
+//! StreamHello:  session_id u64 | channel u16 | codec u8 | zlib_level u8      (source -> destination)
+//! HelloAck:     as in handshake.rs                                           (destination -> source)
+//! StreamData:   codec u8 | original_len u32 | data                           (either way)
+//! StreamEnd:    total_bytes u64 | crc32c u32 (of every original byte)        (either way)
+//! Heartbeat:    empty                                                        (either way)
+//! Abort:        reason (UTF-8)                                               (either way)
+//! ```
+//!
+//! Each direction is a stream of its own with its own frame sequence. A chunk is compressed
+//! whole (lz4 block, or raw deflate) and sent raw when that does not make it smaller. The
+//! frame CRC and the sequence catch damage, loss and reordering chunk by chunk; the
+//! `StreamEnd` digest checks the whole stream once more, end to end.
+
+use crate::codec::Codec;
+use crate::frame::{le_u16, le_u32, le_u64};
+use crate::handshake::HandshakeError;
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+use thiserror::Error;
+
+pub const MAGIC: [u8; 8] = *b"VMRELAY\0";
+pub const PREAMBLE_BYTES: usize = 16;
+pub const VERSION_MIN: u16 = 1;
+pub const VERSION_MAX: u16 = 1;
+
+/// The most original bytes one chunk carries: large enough that per-frame costs vanish,
+/// small enough that a chunk crosses a link in well under a millisecond.
+pub const MAX_CHUNK_BYTES: usize = 64 << 10;
+/// Streams one session may carry: QEMU's main channel and up to 255 multifd channels.
+pub const MAX_CHANNELS: u16 = 256;
+
+pub fn encode_preamble() -> [u8; PREAMBLE_BYTES] {
+    let mut out = [0u8; PREAMBLE_BYTES];
+    out[..8].copy_from_slice(&MAGIC);
+    out[8..10].copy_from_slice(&VERSION_MIN.to_le_bytes());
+    out[10..12].copy_from_slice(&VERSION_MAX.to_le_bytes());
+    out
+}
+
+/// Checks a relay preamble; returns the protocol version to use.
+pub fn accept_preamble(bytes: &[u8; PREAMBLE_BYTES]) -> Result<u16, HandshakeError> {
+    let found: [u8; 8] = bytes[..8].try_into().unwrap_or_default();
+    if found != MAGIC {
+        return Err(HandshakeError::BadMagic { found });
+    }
+    let (peer_min, peer_max) = (le_u16(&bytes[8..10]), le_u16(&bytes[10..12]));
+    let version = peer_max.min(VERSION_MAX);
+    if peer_min > peer_max || version < peer_min.max(VERSION_MIN) {
+        return Err(HandshakeError::VersionMismatch { peer_min, peer_max });
+    }
+    if le_u32(&bytes[12..16]) != 0 {
+        return Err(HandshakeError::Malformed { what: "relay preamble", detail: "reserved bytes are not zero".into() });
+    }
+    Ok(version)
+}
+
+/// Which stream of which session a connection carries, and how its chunks are compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamHello {
+    pub session_id: u64,
+    /// The stream's place in the order the source accepted them (QEMU's main channel is 0);
+    /// the destination opens its streams in the same order.
+    pub channel: u16,
+    pub codec: Codec,
+}
+
+impl StreamHello {
+    pub const BYTES: usize = 12;
+
+    pub fn encode(&self) -> [u8; Self::BYTES] {
+        let mut out = [0u8; Self::BYTES];
+        out[..8].copy_from_slice(&self.session_id.to_le_bytes());
+        out[8..10].copy_from_slice(&self.channel.to_le_bytes());
+        let (codec, level) = self.codec.to_wire();
+        out[10] = codec;
+        out[11] = level;
+        out
+    }
+
+    pub fn decode(payload: &[u8]) -> Result<Self, HandshakeError> {
+        let malformed = |detail: String| HandshakeError::Malformed { what: "stream hello", detail };
+        if payload.len() != Self::BYTES {
+            return Err(malformed(format!("{} bytes, expected {}", payload.len(), Self::BYTES)));
+        }
+        let channel = le_u16(&payload[8..10]);
+        if channel >= MAX_CHANNELS {
+            return Err(malformed(format!("channel {channel}, at most {} are carried", MAX_CHANNELS)));
+        }
+        let codec = Codec::from_wire(payload[10], payload[11])
+            .ok_or_else(|| malformed(format!("unknown codec {} level {}", payload[10], payload[11])))?;
+        Ok(StreamHello { session_id: le_u64(&payload[..8]), channel, codec })
+    }
+}
+
+/// The end of one direction of a stream: how many bytes it had and their CRC32C.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StreamEnd {
+    pub total_bytes: u64,
+    pub crc32c: u32,
+}
+
+impl StreamEnd {
+    pub const BYTES: usize = 12;
+
+    pub fn encode(&self) -> [u8; Self::BYTES] {
+        let mut out = [0u8; Self::BYTES];
+        out[..8].copy_from_slice(&self.total_bytes.to_le_bytes());
+        out[8..].copy_from_slice(&self.crc32c.to_le_bytes());
+        out
+    }
+
+    pub fn decode(payload: &[u8]) -> Result<Self, RelayError> {
+        if payload.len() != Self::BYTES {
+            return Err(RelayError::Malformed(format!("stream end of {} bytes", payload.len())));
+        }
+        Ok(StreamEnd { total_bytes: le_u64(&payload[..8]), crc32c: le_u32(&payload[8..]) })
+    }
+}
+
+/// A running digest of a stream's original bytes, kept by both ends.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StreamDigest {
+    end: StreamEnd,
+}
+
+impl StreamDigest {
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.end.total_bytes += bytes.len() as u64;
+        self.end.crc32c = crc32c::crc32c_append(self.end.crc32c, bytes);
+    }
+
+    pub fn end(&self) -> StreamEnd {
+        self.end
+    }
+
+    /// Checks the sender's account of the stream against what was received.
+    pub fn check(&self, sender: &StreamEnd) -> Result<(), RelayError> {
+        if *sender == self.end {
+            Ok(())
+        } else {
+            Err(RelayError::DigestMismatch { sent: *sender, received: self.end })
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum RelayError {
+    #[error("malformed relay frame: {0}")]
+    Malformed(String),
+    #[error("corrupt {codec} chunk")]
+    Corrupt { codec: &'static str },
+    #[error("chunk of {length} bytes exceeds the limit of {MAX_CHUNK_BYTES}")]
+    Oversized { length: usize },
+    #[error(
+        "stream digest mismatch: the sender wrote {} bytes (crc32c {:#010x}), {} bytes (crc32c {:#010x}) arrived",
+        sent.total_bytes, sent.crc32c, received.total_bytes, received.crc32c
+    )]
+    DigestMismatch { sent: StreamEnd, received: StreamEnd },
+}
+
+const CHUNK_HEADER_BYTES: usize = 5;
+
+/// The largest `StreamData` payload a sender of `MAX_CHUNK_BYTES` chunks can produce (lz4's
+/// worst case on incompressible data is a little over the input; such chunks go raw, but
+/// the bound is the codec's): what a receiver accepts, checked before allocating.
+pub fn max_data_payload_bytes() -> usize {
+    CHUNK_HEADER_BYTES + lz4_flex::block::get_maximum_output_size(MAX_CHUNK_BYTES)
+}
+
+/// Encodes chunks of a stream into `StreamData` payloads, reusing its buffers.
+pub struct ChunkEncoder {
+    codec: Codec,
+    deflate: Option<Compress>,
+    out: Vec<u8>,
+}
+
+impl ChunkEncoder {
+    pub fn new(codec: Codec) -> Self {
+        let deflate = match codec {
+            Codec::Zlib { level } => Some(Compress::new(Compression::new(u32::from(level)), false)),
+            _ => None,
+        };
+        let room = CHUNK_HEADER_BYTES + lz4_flex::block::get_maximum_output_size(MAX_CHUNK_BYTES);
+        ChunkEncoder { codec, deflate, out: Vec::with_capacity(room) }
+    }
+
+    /// The `StreamData` payload for `chunk` (at most `MAX_CHUNK_BYTES`): compressed with
+    /// the stream's codec, or raw when that is not smaller.
+    pub fn encode(&mut self, chunk: &[u8]) -> &[u8] {
+        assert!(chunk.len() <= MAX_CHUNK_BYTES, "chunk over the limit");
+        let room = lz4_flex::block::get_maximum_output_size(chunk.len()).max(chunk.len());
+        self.out.clear();
+        self.out.resize(CHUNK_HEADER_BYTES + room, 0);
+        let body = &mut self.out[CHUNK_HEADER_BYTES..];
+        let packed = match self.codec {
+            Codec::None => None,
+            Codec::Lz4 => lz4_flex::block::compress_into(chunk, body).ok(),
+            Codec::Zlib { .. } => {
+                let deflate = self.deflate.as_mut().expect("zlib encoder has deflate state");
+                deflate.reset();
+                match deflate.compress(chunk, &mut body[..chunk.len()], FlushCompress::Finish) {
+                    Ok(Status::StreamEnd) => Some(deflate.total_out() as usize),
+                    _ => None,
+                }
+            }
+        };
+        let (codec, len) = match packed {
+            Some(len) if len < chunk.len() => (self.codec, len),
+            _ => {
+                body[..chunk.len()].copy_from_slice(chunk);
+                (Codec::None, chunk.len())
+            }
+        };
+        self.out[0] = codec.to_wire().0;
+        self.out[1..CHUNK_HEADER_BYTES].copy_from_slice(&(chunk.len() as u32).to_le_bytes());
+        self.out.truncate(CHUNK_HEADER_BYTES + len);
+        &self.out
+    }
+}
+
+/// Decodes `StreamData` payloads back into the original bytes, every length bounded before
+/// anything is allocated.
+pub struct ChunkDecoder {
+    inflate: Decompress,
+    out: Vec<u8>,
+}
+
+impl Default for ChunkDecoder {
+    fn default() -> Self {
+        ChunkDecoder { inflate: Decompress::new(false), out: Vec::with_capacity(MAX_CHUNK_BYTES) }
+    }
+}
+
+impl ChunkDecoder {
+    pub fn decode<'a>(&'a mut self, payload: &'a [u8]) -> Result<&'a [u8], RelayError> {
+        if payload.len() < CHUNK_HEADER_BYTES {
+            return Err(RelayError::Malformed(format!("data frame of {} bytes", payload.len())));
+        }
+        let length = le_u32(&payload[1..CHUNK_HEADER_BYTES]) as usize;
+        if length > MAX_CHUNK_BYTES {
+            return Err(RelayError::Oversized { length });
+        }
+        let body = &payload[CHUNK_HEADER_BYTES..];
+        let codec = match payload[0] {
+            1 => Codec::None,
+            2 => Codec::Lz4,
+            3 => Codec::Zlib { level: Codec::DEFAULT_ZLIB_LEVEL },
+            other => return Err(RelayError::Malformed(format!("unknown chunk codec {other}"))),
+        };
+        match codec {
+            Codec::None if body.len() == length => Ok(body),
+            Codec::None => Err(RelayError::Malformed(format!("raw chunk of {} bytes says {length}", body.len()))),
+            Codec::Lz4 => {
+                self.out.resize(length, 0);
+                match lz4_flex::block::decompress_into(body, &mut self.out) {
+                    Ok(n) if n == length => Ok(&self.out),
+                    _ => Err(RelayError::Corrupt { codec: "lz4" }),
+                }
+            }
+            Codec::Zlib { .. } => {
+                self.out.resize(length, 0);
+                self.inflate.reset(false);
+                match self.inflate.decompress(body, &mut self.out, FlushDecompress::Finish) {
+                    Ok(Status::StreamEnd) if self.inflate.total_out() as usize == length => Ok(&self.out),
+                    _ => Err(RelayError::Corrupt { codec: "zlib" }),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const CODECS: [Codec; 3] = [Codec::None, Codec::Lz4, Codec::Zlib { level: 1 }];
+
+    #[test]
+    fn preamble_and_hello_round_trip() {
+        assert_eq!(accept_preamble(&encode_preamble()), Ok(1));
+        let mut engine = crate::handshake::encode_preamble();
+        assert!(
+            matches!(accept_preamble(&engine), Err(HandshakeError::BadMagic { .. })),
+            "an engine stream is refused"
+        );
+        engine[..8].copy_from_slice(&MAGIC);
+        engine[8..12].copy_from_slice(&[5, 0, 6, 0]);
+        assert!(matches!(accept_preamble(&engine), Err(HandshakeError::VersionMismatch { .. })));
+        for codec in CODECS {
+            let hello = StreamHello { session_id: 0xdead_beef, channel: 3, codec };
+            assert_eq!(StreamHello::decode(&hello.encode()), Ok(hello));
+        }
+        let mut bad = StreamHello { session_id: 1, channel: 0, codec: Codec::Lz4 }.encode();
+        bad[8..10].copy_from_slice(&MAX_CHANNELS.to_le_bytes());
+        assert!(StreamHello::decode(&bad).is_err());
+        assert!(StreamHello::decode(&bad[..5]).is_err());
+    }
+
+    #[test]
+    fn guest_like_chunks_shrink_and_random_ones_go_raw() {
+        let mut text = Vec::new();
+        while text.len() < MAX_CHUNK_BYTES {
+            text.extend_from_slice(b"QEMU RAM page record; mostly zeros and repeats ");
+        }
+        text.truncate(MAX_CHUNK_BYTES);
+        // xorshift64: bytes no codec can shrink.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let noise: Vec<u8> = (0..MAX_CHUNK_BYTES)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 56) as u8
+            })
+            .collect();
+        for codec in [Codec::Lz4, Codec::Zlib { level: 1 }] {
+            let mut encoder = ChunkEncoder::new(codec);
+            assert!(encoder.encode(&text).len() < text.len() / 4, "{codec} did not compress text");
+            assert_eq!(encoder.encode(&noise).len(), noise.len() + CHUNK_HEADER_BYTES, "{codec}: noise goes raw");
+        }
+    }
+
+    #[test]
+    fn damaged_chunks_are_refused_without_panicking() {
+        let mut encoder = ChunkEncoder::new(Codec::Lz4);
+        let payload = encoder.encode(&[7u8; 9000]).to_vec();
+        let mut decoder = ChunkDecoder::default();
+        let mut long = payload.clone();
+        long[1..5].copy_from_slice(&(MAX_CHUNK_BYTES as u32 + 1).to_le_bytes());
+        assert_eq!(decoder.decode(&long), Err(RelayError::Oversized { length: MAX_CHUNK_BYTES + 1 }));
+        let mut wrong_length = payload.clone();
+        wrong_length[1..5].copy_from_slice(&9001u32.to_le_bytes());
+        assert!(decoder.decode(&wrong_length).is_err());
+        assert!(decoder.decode(&payload[..3]).is_err());
+        let mut unknown = payload;
+        unknown[0] = 9;
+        assert!(decoder.decode(&unknown).is_err());
+    }
+
+    #[test]
+    fn a_digest_mismatch_names_both_accounts() {
+        let mut sent = StreamDigest::default();
+        sent.update(b"abc");
+        let mut received = StreamDigest::default();
+        received.update(b"abd");
+        let err = received.check(&sent.end()).unwrap_err();
+        assert!(err.to_string().contains("3 bytes"), "{err}");
+        assert_eq!(StreamEnd::decode(&sent.end().encode()), Ok(sent.end()));
+    }
+
+    proptest! {
+        #[test]
+        fn chunks_round_trip(data in proptest::collection::vec(any::<u8>(), 0..MAX_CHUNK_BYTES), zeros in 0usize..4096) {
+            let mut chunk = data;
+            chunk.truncate(MAX_CHUNK_BYTES - zeros.min(MAX_CHUNK_BYTES));
+            chunk.extend(std::iter::repeat(0).take(zeros));
+            for codec in CODECS {
+                let mut encoder = ChunkEncoder::new(codec);
+                let payload = encoder.encode(&chunk).to_vec();
+                let mut decoder = ChunkDecoder::default();
+                prop_assert_eq!(decoder.decode(&payload).unwrap(), &chunk[..]);
+            }
+        }
+
+        #[test]
+        fn random_payloads_never_panic(payload in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = ChunkDecoder::default().decode(&payload);
+            let _ = StreamHello::decode(&payload);
+            let _ = StreamEnd::decode(&payload);
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! QEMU's own live migration carried by the relay pair (`qemu-send` / `qemu-recv`): the
+//! boot-sector sweeper (tests/guests/sweeper.S) under TCG, migrated over the kernel's TCP
+//! and over our stack on AF_PACKET between two namespaces, with and without multifd. After
+//! each migration both guests' memory is dumped (the source paused by the migration, the
+//! destination started with -S): equal byte for byte, in the sweep's shape; then the
+//! destination is let go and its serial markers must continue. Needs QEMU (and root for
+//! the namespaces); a run without them says SKIPPED.
+
+use std::process::Command;
+use std::time::Duration;
+use vmigrate_tests::netns::Namespaces;
+use vmigrate_tests::process::{is_root, Receiver};
+use vmigrate_tests::qemu::{configure_migration, qemu_available, sweep_point, sweeper_image, wait_migration, Vm};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vmigrate");
+const DEADLINE: Duration = Duration::from_secs(180);
+
+/// Where the relays run: on this host over the kernel's TCP, or in two namespaces over
+/// our stack on AF_PACKET.
+enum Link<'a> {
+    Kernel,
+    AfPacket(&'a Namespaces),
+}
+
+impl Link<'_> {
+    /// (`qemu-recv` command, `qemu-send` command without its --to), both with `extra`.
+    fn relays(&self, dst_socket: &str, src_socket: &str, port: u16) -> (Command, Command, Option<String>) {
+        let to = format!("unix:{dst_socket}");
+        let listen = format!("unix:{src_socket}");
+        match self {
+            Link::Kernel => (
+                relay_command(&["qemu-recv", "--listen", "127.0.0.1:0", "--to", &to, "--json"]),
+                relay_command(&["qemu-send", "--listen", &listen, "--json"]),
+                None,
+            ),
+            Link::AfPacket(ns) => {
+                let address = format!("10.77.0.12:{port}");
+                let (vs, vd) = (ns.veth("src"), ns.veth("dst"));
+                let ours =
+                    |iface: &str, ip: &str| ["--stack", "af-packet", "--iface", iface, "--ip", ip].map(String::from);
+                let mut recv: Vec<String> =
+                    ["qemu-recv", "--listen", &address, "--to", &to, "--json"].map(String::from).to_vec();
+                recv.extend(ours(&vd, "10.77.0.12/24"));
+                let mut send: Vec<String> = ["qemu-send", "--listen", &listen, "--json"].map(String::from).to_vec();
+                send.extend(ours(&vs, "10.77.0.11/24"));
+                let recv: Vec<&str> = recv.iter().map(String::as_str).collect();
+                let send: Vec<&str> = send.iter().map(String::as_str).collect();
+                (ns.command("dst", &recv), ns.command("src", &send), Some(address))
+            }
+        }
+    }
+}
+
+fn relay_command(args: &[&str]) -> Command {
+    let mut command = Command::new(BIN);
+    command.args(args);
+    command
+}
+
+/// Migrates the sweeper from a fresh source QEMU to a fresh destination QEMU through the
+/// relays on `link`, then checks both guests.
+fn migrate_sweeper(link: &Link, multifd: Option<u32>, codec: &str, port: u16) {
+    let dir = tempdir(&format!("{}-{port}", std::process::id()));
+    let image = sweeper_image(&dir);
+    let source = Vm::start(&dir, "source", &image, false);
+    let destination = Vm::start(&dir, "destination", &image, true);
+    let (mut source_qmp, mut destination_qmp) = (source.qmp(), destination.qmp());
+    assert!(source.wait_markers_above(0, Duration::from_secs(30)), "the source guest never swept");
+    configure_migration(&mut source_qmp, &mut destination_qmp, multifd);
+    let dst_socket = destination.dir.join("incoming.sock").display().to_string();
+    destination_qmp
+        .execute("migrate-incoming", serde_json::json!({ "uri": format!("unix:{dst_socket}") }))
+        .expect("migrate-incoming");
+
+    let src_socket = dir.join("relay.sock").display().to_string();
+    let (recv, mut send, fixed_address) = link.relays(&dst_socket, &src_socket, port);
+    let receiver = Receiver::spawn_announcing(recv, "vmigrate: waiting for the source relay on ");
+    let to = fixed_address.unwrap_or_else(|| receiver.address.clone());
+    send.args(["--to", &to, "--codec", codec]);
+    let sender = Receiver::spawn_announcing(send, "vmigrate: waiting for QEMU on ");
+
+    eprintln!("migrating the sweeper: multifd {multifd:?}, codec {codec}");
+    source_qmp.execute("migrate", serde_json::json!({ "uri": format!("unix:{src_socket}") })).expect("migrate");
+    let info = wait_migration(&mut source_qmp, DEADLINE);
+    let sent = sender.wait(DEADLINE);
+    let received = receiver.wait(DEADLINE);
+    assert_eq!(info["status"], "completed", "{info}\nqemu-send:\n{}\nqemu-recv:\n{}", sent.stderr, received.stderr);
+    assert!(sent.status.success(), "qemu-send failed:\n{}", sent.stderr);
+    assert!(received.status.success(), "qemu-recv failed:\n{}", received.stderr);
+    let (sent, received) = (json(&sent.stdout), json(&received.stdout));
+    let streams = 1 + multifd.unwrap_or(0) as usize;
+    assert_eq!(sent["channels"].as_array().map(Vec::len), Some(streams), "{sent}");
+    assert_eq!(sent["sent"]["bytes"], received["received"]["bytes"], "both relays count QEMU's bytes alike");
+    let ram = &info["ram"];
+    eprintln!(
+        "  QEMU: {} ms, downtime {} ms, {} RAM bytes; relay: {} bytes of QEMU's stream as {} on the wire",
+        info["total-time"], info["downtime"], ram["transferred"], sent["sent"]["bytes"], sent["sent"]["wire_bytes"]
+    );
+
+    // Both paused now: the source by the completed migration, the destination by -S.
+    let source_memory = source.memory(&mut source_qmp);
+    let destination_memory = destination.memory(&mut destination_qmp);
+    let differing = source_memory.chunks(4096).zip(destination_memory.chunks(4096)).filter(|(a, b)| a != b).count();
+    assert_eq!(differing, 0, "{differing} pages differ between the source and the destination");
+    let point = sweep_point(&destination_memory).unwrap_or_else(|err| panic!("destination memory: {err}"));
+    eprintln!("  memory equal on both sides; the sweep stood at page {point}");
+
+    let markers = destination.markers();
+    destination_qmp.execute("cont", serde_json::json!({})).expect("cont");
+    assert!(
+        destination.wait_markers_above(markers, Duration::from_secs(60)),
+        "the destination guest did not sweep after cont"
+    );
+    let status = destination_qmp.execute("query-status", serde_json::json!({})).expect("query-status");
+    assert_eq!(status["status"], "running", "{status}");
+    drop((source, destination));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|err| panic!("not JSON ({err}): {text}"))
+}
+
+fn tempdir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("vmigrate-qemu-{name}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+#[test]
+fn qemu_migrates_through_the_relays_over_kernel_tcp() {
+    if !qemu_available() {
+        eprintln!("SKIPPED qemu_migrates_through_the_relays_over_kernel_tcp: QEMU not installed (qemu-system-x86)");
+        return;
+    }
+    migrate_sweeper(&Link::Kernel, None, "lz4", 1);
+    migrate_sweeper(&Link::Kernel, Some(2), "zlib", 2);
+}
+
+#[test]
+fn qemu_migrates_through_the_relays_over_af_packet() {
+    if !qemu_available() || !is_root() {
+        eprintln!("SKIPPED qemu_migrates_through_the_relays_over_af_packet: needs QEMU and root (namespaces)");
+        return;
+    }
+    let ns = Namespaces::up(&format!("vmq{}", std::process::id() % 100_000), &[], BIN);
+    migrate_sweeper(&Link::AfPacket(&ns), None, "lz4", 4601);
+    migrate_sweeper(&Link::AfPacket(&ns), Some(2), "lz4", 4602);
+}

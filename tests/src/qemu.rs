@@ -1,0 +1,178 @@
+//! Real QEMU guests for the relay tests: the boot-sector sweeper (`tests/guests/sweeper.S`,
+//! assembled here with GNU as), QEMU processes under TCG with a QMP socket and a serial log,
+//! and the checks made on them: memory dumps compared byte for byte, the sweep's shape,
+//! and serial markers.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use transport::qemu::qmp::Qmp;
+
+pub const QEMU: &str = "qemu-system-x86_64";
+/// Guest RAM: the sweep covers 1 MiB to 101 MiB of it.
+pub const GUEST_MIB: usize = 128;
+const SWEEP_START: usize = 1 << 20;
+const SWEEP_PAGES: usize = 25600;
+const PAGE: usize = 4096;
+
+/// Whether QEMU is installed (CI installs it; a developer run without it skips).
+pub fn qemu_available() -> bool {
+    Command::new(QEMU).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+/// Assembles the sweeper into `dir` and returns the 512-byte disk image.
+pub fn sweeper_image(dir: &Path) -> PathBuf {
+    let source = concat!(env!("CARGO_MANIFEST_DIR"), "/guests/sweeper.S");
+    let object = dir.join("sweeper.o");
+    let image = dir.join("sweeper.img");
+    let run = |command: &mut Command| {
+        let output = command.output().expect("run GNU binutils (as, ld)");
+        assert!(output.status.success(), "{command:?}: {}", String::from_utf8_lossy(&output.stderr));
+    };
+    run(Command::new("as").args(["--32", "-o"]).arg(&object).arg(source));
+    run(Command::new("ld")
+        .args(["-m", "elf_i386", "-Ttext=0x7c00", "--oformat=binary", "-o"])
+        .arg(&image)
+        .arg(&object));
+    let bytes = std::fs::read(&image).expect("read the image");
+    assert_eq!(bytes.len(), 512, "a boot sector");
+    assert_eq!(&bytes[510..], &[0x55, 0xaa], "boot signature");
+    image
+}
+
+/// A QEMU process running the sweeper, in a directory of its own (disk image copy, QMP
+/// socket, serial log). Killed when dropped.
+pub struct Vm {
+    child: Child,
+    pub dir: PathBuf,
+    pub name: String,
+}
+
+impl Vm {
+    /// Starts QEMU on a copy of `image`. `incoming`: started with `-incoming defer -S`, to
+    /// receive a migration and stay paused after it.
+    pub fn start(parent: &Path, name: &str, image: &Path, incoming: bool) -> Vm {
+        let dir = parent.join(name);
+        std::fs::create_dir_all(&dir).expect("vm dir");
+        // Each QEMU its own copy: QEMU locks its images, and the guest never writes them.
+        let disk = dir.join("disk.img");
+        std::fs::copy(image, &disk).expect("copy image");
+        let mut command = Command::new(QEMU);
+        command
+            .args(["-accel", "tcg", "-m", &format!("{GUEST_MIB}M"), "-nodefaults", "-display", "none"])
+            .arg("-drive")
+            .arg(format!("file={},format=raw,if=ide", disk.display()))
+            .arg("-serial")
+            .arg(format!("file:{}", dir.join("serial.log").display()))
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", dir.join("qmp.sock").display()));
+        if incoming {
+            command.args(["-incoming", "defer", "-S"]);
+        }
+        let child = command.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("start QEMU");
+        Vm { child, dir, name: name.to_string() }
+    }
+
+    pub fn qmp(&self) -> Qmp {
+        Qmp::connect(&self.dir.join("qmp.sock"), Duration::from_secs(20))
+            .unwrap_or_else(|err| panic!("{}: {err}", self.name))
+    }
+
+    /// Sweeps completed so far (one 'S' each on the serial port).
+    pub fn markers(&self) -> usize {
+        std::fs::read(self.dir.join("serial.log")).map(|log| log.iter().filter(|&&b| b == b'S').count()).unwrap_or(0)
+    }
+
+    /// Waits until the guest has printed more than `count` markers.
+    pub fn wait_markers_above(&self, count: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.markers() > count {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    }
+
+    /// The guest's whole RAM, dumped with `pmemsave`.
+    pub fn memory(&self, qmp: &mut Qmp) -> Vec<u8> {
+        let file = self.dir.join("memory.dump");
+        let size = GUEST_MIB << 20;
+        qmp.execute("pmemsave", serde_json::json!({ "val": 0, "size": size, "filename": file.display().to_string() }))
+            .unwrap_or_else(|err| panic!("{}: {err}", self.name));
+        let bytes = std::fs::read(&file).expect("read the dump");
+        let _ = std::fs::remove_file(&file);
+        assert_eq!(bytes.len(), size);
+        bytes
+    }
+
+    /// QEMU's stderr so far, for failure messages (after the process has ended).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Checks the sweep's shape in a memory dump: every page's counter equals its neighbour's
+/// except at the one point the sweep had reached, where the pages below it are one ahead.
+/// Returns that point (a page index; 0 if the sweep had just wrapped).
+pub fn sweep_point(memory: &[u8]) -> Result<usize, String> {
+    let counter = |page: usize| memory[SWEEP_START + page * PAGE];
+    let mut steps = Vec::new();
+    for page in 1..SWEEP_PAGES {
+        let (before, here) = (counter(page - 1), counter(page));
+        if before != here {
+            if before != here.wrapping_add(1) {
+                return Err(format!("page {page} holds {here} after {before}: not one sweep apart"));
+            }
+            steps.push(page);
+        }
+    }
+    // Every other byte of the range is untouched.
+    for page in 0..SWEEP_PAGES {
+        let start = SWEEP_START + page * PAGE;
+        if memory[start + 1..start + PAGE].iter().any(|&b| b != 0) {
+            return Err(format!("page {page} has bytes the guest never writes"));
+        }
+    }
+    match steps.as_slice() {
+        [] => Ok(0),
+        [point] => Ok(*point),
+        more => Err(format!("{} points where the sweep stands: {:?}", more.len(), &more[..more.len().min(8)])),
+    }
+}
+
+/// Polls `query-migrate` on the source until the migration ends; returns the final answer.
+pub fn wait_migration(qmp: &mut Qmp, timeout: Duration) -> serde_json::Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let info = qmp.execute("query-migrate", serde_json::json!({})).expect("query-migrate");
+        let status = info["status"].as_str().unwrap_or("").to_string();
+        if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
+            return info;
+        }
+        assert!(Instant::now() < deadline, "migration still {status} after {timeout:?}: {info}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Sets the same migration capabilities and parameters on both QEMUs: multifd with
+/// `channels` (None: off), and no bandwidth cap (QEMU's default would dominate the test).
+pub fn configure_migration(source: &mut Qmp, destination: &mut Qmp, channels: Option<u32>) {
+    for qmp in [source, destination] {
+        let multifd = serde_json::json!({ "capabilities": [{ "capability": "multifd", "state": channels.is_some() }] });
+        qmp.execute("migrate-set-capabilities", multifd).expect("set capabilities");
+        let mut parameters = serde_json::json!({ "max-bandwidth": 8u64 << 30, "downtime-limit": 1000 });
+        if let Some(channels) = channels {
+            parameters["multifd-channels"] = channels.into();
+        }
+        qmp.execute("migrate-set-parameters", parameters).expect("set parameters");
+    }
+}

@@ -1,0 +1,358 @@
+//! One carried stream: a QEMU socket on this host at one end, a relay connection at the
+//! other, bytes pumped both ways. QEMU's precopy channels run one way, but the return path
+//! and postcopy talk back, so both directions are carried, each a stream of its own.
+//!
+//! The two relays run the same pump; only who opened the connections differs. Towards the
+//! network ("up"): read what QEMU wrote, compress it a chunk at a time, frame it; a
+//! heartbeat goes out whenever QEMU has been quiet for `HEARTBEAT`, so the peer can tell a
+//! quiet stream from a dead link. From the network ("down"): check each frame's CRC and
+//! sequence, decompress, write to QEMU. The last chunk is held back until the next one, a
+//! heartbeat or the stream's end arrives: QEMU's final bytes (the end of its stream) reach
+//! QEMU only once the whole stream's digest has checked out, so a destination QEMU never
+//! completes an incoming migration from a stream that did not arrive whole and intact.
+//!
+//! Any failure raises the session's abort: every channel's sockets are shut, both QEMUs see
+//! their migration streams end early, and the peer relay is told why (an `Abort` frame).
+
+use super::RelayFailure;
+use crate::abort::SessionAbort;
+use crate::framed::{read_frame, ReadError, CONTROL_FRAME_LIMIT_BYTES};
+use crate::pipe::Connection;
+use migration::codec::Codec;
+use migration::frame::{FrameBuf, FrameKind, SeqCounter};
+use migration::handshake::{decode_reason, encode_reason};
+use migration::relay::{max_data_payload_bytes, ChunkDecoder, ChunkEncoder, StreamDigest, StreamEnd, MAX_CHUNK_BYTES};
+use serde::Serialize;
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long QEMU may stay quiet before a heartbeat tells the peer the link is alive. It
+/// also bounds how long a held-back chunk waits in a quiet stream.
+pub const HEARTBEAT: Duration = Duration::from_millis(100);
+
+/// Bytes of one direction of a carried stream.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct DirectionStats {
+    /// As QEMU wrote them.
+    pub bytes: u64,
+    /// Frame payloads on the relay connection (after compression).
+    pub wire_bytes: u64,
+    pub chunks: u64,
+}
+
+/// One carried stream, at its end.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChannelReport {
+    pub channel: u16,
+    /// From this host's QEMU to the peer.
+    pub sent: DirectionStats,
+    /// From the peer to this host's QEMU.
+    pub received: DirectionStats,
+    pub seconds: f64,
+}
+
+/// The relay connection's writer, shared by the two directions: data and heartbeats go
+/// out from the "up" side, an `Abort` from whichever side failed.
+struct NetWriter {
+    writer: Box<dyn Write + Send>,
+    seq: SeqCounter,
+    frame: FrameBuf,
+}
+
+impl NetWriter {
+    fn send(&mut self, kind: FrameKind, payload: &[u8]) -> io::Result<()> {
+        self.frame.begin().extend_from_slice(payload);
+        self.frame.seal(kind, 0, self.seq.take());
+        self.writer.write_all(self.frame.as_bytes())?;
+        self.writer.flush()
+    }
+}
+
+fn lock(writer: &Mutex<NetWriter>) -> std::sync::MutexGuard<'_, NetWriter> {
+    writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Pumps `local` (a QEMU socket) and `net` (the relay connection, past its handshake) both
+/// ways until both directions have ended, or the session aborts. `codec` compresses what
+/// goes out; what comes in says its own codec per chunk.
+pub fn pump(
+    channel: u16,
+    local: UnixStream,
+    net: Connection,
+    codec: Codec,
+    abort: &Arc<SessionAbort>,
+) -> Result<ChannelReport, RelayFailure> {
+    let started = Instant::now();
+    let Connection { reader, writer, closer, peer } = net;
+    let closer: Arc<dyn Fn() + Send + Sync> = Arc::from(closer);
+    {
+        let (closer, local) = (closer.clone(), local.try_clone().map_err(RelayFailure::local)?);
+        abort.on_raise(Box::new(move || {
+            closer();
+            let _ = local.shutdown(Shutdown::Both);
+        }));
+    }
+    let writer = Arc::new(Mutex::new(NetWriter {
+        writer,
+        seq: SeqCounter::default(),
+        frame: FrameBuf::with_capacity(MAX_CHUNK_BYTES + 64),
+    }));
+    let up = {
+        let local = local.try_clone().map_err(RelayFailure::local)?;
+        let (writer, abort) = (writer.clone(), abort.clone());
+        std::thread::Builder::new()
+            .name(format!("relay-up-{channel}"))
+            .spawn(move || {
+                let result = pump_up(local, &writer, codec, &abort);
+                fail_session(&result, &writer, &abort, channel);
+                result
+            })
+            .map_err(RelayFailure::local)?
+    };
+    let down = pump_down(local, reader, &peer, abort);
+    fail_session(&down, &writer, abort, channel);
+    let up = up.join().unwrap_or_else(|_| Err(RelayFailure::Local("the relay's sending thread panicked".into())));
+    if abort.is_raised() {
+        return Err(RelayFailure::Aborted(abort.reason().unwrap_or_default()));
+    }
+    Ok(ChannelReport { channel, sent: up?, received: down?, seconds: started.elapsed().as_secs_f64() })
+}
+
+/// On the first failure: tell the peer why (best effort), then abort the whole session.
+fn fail_session<T>(result: &Result<T, RelayFailure>, writer: &Mutex<NetWriter>, abort: &SessionAbort, channel: u16) {
+    let Err(failure) = result else { return };
+    if abort.is_raised() {
+        return;
+    }
+    let reason = format!("channel {channel}: {failure}");
+    if !matches!(failure, RelayFailure::Peer(_) | RelayFailure::Link(_)) {
+        let _ = lock(writer).send(FrameKind::Abort, &encode_reason(&reason));
+    }
+    abort.raise(reason);
+}
+
+/// QEMU to the network: chunks, heartbeats while QEMU is quiet, and the stream's end.
+fn pump_up(
+    mut local: UnixStream,
+    writer: &Mutex<NetWriter>,
+    codec: Codec,
+    abort: &SessionAbort,
+) -> Result<DirectionStats, RelayFailure> {
+    local.set_read_timeout(Some(HEARTBEAT)).map_err(RelayFailure::local)?;
+    let mut encoder = ChunkEncoder::new(codec);
+    let mut digest = StreamDigest::default();
+    let mut stats = DirectionStats::default();
+    let mut buffer = vec![0u8; MAX_CHUNK_BYTES];
+    loop {
+        if abort.is_raised() {
+            return Err(RelayFailure::Aborted(abort.reason().unwrap_or_default()));
+        }
+        match local.read(&mut buffer) {
+            Ok(0) => {
+                lock(writer).send(FrameKind::StreamEnd, &digest.end().encode()).map_err(RelayFailure::link)?;
+                return Ok(stats);
+            }
+            Ok(n) => {
+                digest.update(&buffer[..n]);
+                let payload = encoder.encode(&buffer[..n]);
+                stats.bytes += n as u64;
+                stats.wire_bytes += payload.len() as u64;
+                stats.chunks += 1;
+                lock(writer).send(FrameKind::StreamData, payload).map_err(RelayFailure::link)?;
+            }
+            Err(err) if matches!(err.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                lock(writer).send(FrameKind::Heartbeat, &[]).map_err(RelayFailure::link)?;
+            }
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(RelayFailure::Local(format!("reading from QEMU: {err}"))),
+        }
+    }
+}
+
+/// The network to QEMU: checked, decompressed chunks, the last one held back until the
+/// next frame proves more is coming (or the stream's digest checks out).
+fn pump_down(
+    mut local: UnixStream,
+    mut reader: Box<dyn Read + Send>,
+    peer: &str,
+    abort: &SessionAbort,
+) -> Result<DirectionStats, RelayFailure> {
+    let mut decoder = ChunkDecoder::default();
+    let mut digest = StreamDigest::default();
+    let mut stats = DirectionStats::default();
+    let mut payload = Vec::with_capacity(MAX_CHUNK_BYTES + 64);
+    let mut held: Vec<u8> = Vec::with_capacity(MAX_CHUNK_BYTES);
+    let mut expected_seq = 0u64;
+    let data_limit = max_data_payload_bytes() as u32;
+    let limit = |kind: FrameKind| if kind == FrameKind::StreamData { data_limit } else { CONTROL_FRAME_LIMIT_BYTES };
+    let release = |held: &mut Vec<u8>, local: &mut UnixStream| -> Result<(), RelayFailure> {
+        if !held.is_empty() {
+            local.write_all(held).map_err(|err| RelayFailure::Local(format!("writing to QEMU: {err}")))?;
+            held.clear();
+        }
+        Ok(())
+    };
+    loop {
+        let header = match read_frame(&mut *reader, &mut payload, limit) {
+            Ok(header) => header,
+            Err(_) if abort.is_raised() => return Err(RelayFailure::Aborted(abort.reason().unwrap_or_default())),
+            Err(ReadError::Closed) => {
+                return Err(RelayFailure::Link(format!("{peer} closed the relay connection mid-stream")))
+            }
+            Err(err) => return Err(RelayFailure::Link(format!("from {peer}: {err}"))),
+        };
+        if header.seq != expected_seq {
+            return Err(RelayFailure::Link(format!(
+                "frame out of sequence: expected {expected_seq}, got {}",
+                header.seq
+            )));
+        }
+        expected_seq += 1;
+        match header.kind {
+            FrameKind::StreamData => {
+                let bytes = decoder.decode(&payload).map_err(|err| RelayFailure::Link(err.to_string()))?;
+                release(&mut held, &mut local)?;
+                digest.update(bytes);
+                held.extend_from_slice(bytes);
+                stats.bytes += bytes.len() as u64;
+                stats.wire_bytes += payload.len() as u64;
+                stats.chunks += 1;
+            }
+            FrameKind::Heartbeat => release(&mut held, &mut local)?,
+            FrameKind::StreamEnd => {
+                let end = StreamEnd::decode(&payload).map_err(|err| RelayFailure::Link(err.to_string()))?;
+                digest.check(&end).map_err(|err| RelayFailure::Link(err.to_string()))?;
+                release(&mut held, &mut local)?;
+                // QEMU reads the end of its stream; the other direction stays open.
+                let _ = local.shutdown(Shutdown::Write);
+                return Ok(stats);
+            }
+            FrameKind::Abort => return Err(RelayFailure::Peer(decode_reason(&payload))),
+            other => return Err(RelayFailure::Link(format!("unexpected {other:?} frame in a carried stream"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipe::{Acceptor, Connector, TcpAcceptor, TcpConnector, Timeouts};
+    use migration::relay::{ChunkEncoder, StreamDigest};
+
+    /// A relay connection pair over loopback TCP.
+    fn net_pair() -> (Connection, Connection) {
+        let mut acceptor = TcpAcceptor::bind("127.0.0.1:0", Timeouts::default()).unwrap();
+        let connector = TcpConnector::new(acceptor.local_socket_addr().unwrap(), Timeouts::default()).unwrap();
+        let client = std::thread::spawn(move || connector.connect().unwrap());
+        let server = acceptor.accept(Duration::from_secs(5)).unwrap();
+        (client.join().unwrap(), server)
+    }
+
+    /// Pumps a stream from a fake source QEMU through two relays to a fake destination
+    /// QEMU; returns what the destination read and both channel reports.
+    fn carry(data: Vec<u8>, codec: Codec) -> (Vec<u8>, ChannelReport, ChannelReport) {
+        let (source_net, destination_net) = net_pair();
+        let (mut source_qemu, source_local) = UnixStream::pair().unwrap();
+        let (mut destination_qemu, destination_local) = UnixStream::pair().unwrap();
+        let (source_abort, destination_abort) = (Arc::new(SessionAbort::new()), Arc::new(SessionAbort::new()));
+        let source = std::thread::spawn(move || pump(0, source_local, source_net, codec, &source_abort));
+        let destination =
+            std::thread::spawn(move || pump(0, destination_local, destination_net, codec, &destination_abort));
+        let writer = std::thread::spawn(move || {
+            for piece in data.chunks(10_000) {
+                source_qemu.write_all(piece).unwrap();
+            }
+            source_qemu.shutdown(Shutdown::Write).unwrap();
+            // The source QEMU reads until the relay ends its return stream.
+            let mut back = Vec::new();
+            source_qemu.read_to_end(&mut back).unwrap();
+            back
+        });
+        let mut received = Vec::new();
+        destination_qemu.read_to_end(&mut received).unwrap();
+        destination_qemu.shutdown(Shutdown::Write).unwrap();
+        assert!(writer.join().unwrap().is_empty(), "nothing came back");
+        let source = source.join().unwrap().expect("source relay");
+        let destination = destination.join().unwrap().expect("destination relay");
+        (received, source, destination)
+    }
+
+    #[test]
+    fn a_stream_arrives_exactly_as_written_with_every_codec() {
+        let data: Vec<u8> = (0..1_000_000u32).flat_map(|i| (i / 7).to_le_bytes()).collect();
+        for codec in [Codec::None, Codec::Lz4, Codec::Zlib { level: 1 }] {
+            let (received, source, destination) = carry(data.clone(), codec);
+            assert!(received == data, "{codec}: the stream changed on the way");
+            assert_eq!(source.sent.bytes, data.len() as u64);
+            assert_eq!(destination.received, source.sent, "both relays count the same");
+            if codec != Codec::None {
+                assert!(source.sent.wire_bytes < source.sent.bytes / 2, "{codec}: {:?}", source.sent);
+            }
+        }
+    }
+
+    #[test]
+    fn an_empty_stream_ends_cleanly() {
+        let (received, source, _) = carry(Vec::new(), Codec::Lz4);
+        assert!(received.is_empty());
+        assert_eq!(source.sent.chunks, 0);
+    }
+
+    #[test]
+    fn a_cut_link_fails_both_relays_and_ends_both_qemu_streams() {
+        let (source_net, destination_net) = net_pair();
+        let cut = {
+            let closer: Arc<dyn Fn() + Send + Sync> = Arc::from(source_net.closer);
+            let inner = closer.clone();
+            (Connection { closer: Box::new(move || inner()), ..source_net }, closer)
+        };
+        let (source_net, cutter) = cut;
+        let (mut source_qemu, source_local) = UnixStream::pair().unwrap();
+        let (mut destination_qemu, destination_local) = UnixStream::pair().unwrap();
+        let source_abort = Arc::new(SessionAbort::new());
+        let destination_abort = Arc::new(SessionAbort::new());
+        let source = std::thread::spawn(move || pump(0, source_local, source_net, Codec::Lz4, &source_abort));
+        let destination =
+            std::thread::spawn(move || pump(0, destination_local, destination_net, Codec::Lz4, &destination_abort));
+        source_qemu.write_all(&[1u8; 100_000]).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        cutter();
+        let source = source.join().unwrap();
+        let destination = destination.join().unwrap();
+        assert!(source.is_err() && destination.is_err(), "{source:?} {destination:?}");
+        // Both QEMUs see their streams end (rather than wait forever).
+        let mut rest = Vec::new();
+        let _ = destination_qemu.read_to_end(&mut rest);
+        let mut back = Vec::new();
+        let _ = source_qemu.read_to_end(&mut back);
+    }
+
+    #[test]
+    fn the_last_chunk_of_a_stream_whose_digest_fails_never_reaches_qemu() {
+        let (mut forger, destination_net) = net_pair();
+        let (mut destination_qemu, destination_local) = UnixStream::pair().unwrap();
+        let abort = Arc::new(SessionAbort::new());
+        let destination = std::thread::spawn(move || pump(0, destination_local, destination_net, Codec::None, &abort));
+        let mut seq = SeqCounter::default();
+        let mut frame = FrameBuf::with_capacity(MAX_CHUNK_BYTES);
+        let mut send = |kind: FrameKind, payload: &[u8]| {
+            frame.begin().extend_from_slice(payload);
+            frame.seal(kind, 0, seq.take());
+            forger.writer.write_all(frame.as_bytes()).unwrap();
+        };
+        let mut encoder = ChunkEncoder::new(Codec::None);
+        send(FrameKind::StreamData, encoder.encode(b"first chunk;"));
+        send(FrameKind::StreamData, encoder.encode(b"the end of the stream"));
+        let mut digest = StreamDigest::default();
+        digest.update(b"first chunk;the end of the streaM");
+        send(FrameKind::StreamEnd, &digest.end().encode());
+        let result = destination.join().unwrap();
+        assert!(result.as_ref().is_err_and(|err| err.to_string().contains("digest mismatch")), "{result:?}");
+        let mut received = Vec::new();
+        let _ = destination_qemu.read_to_end(&mut received);
+        assert_eq!(received, b"first chunk;", "only what the next frame vouched for reached QEMU");
+    }
+}
