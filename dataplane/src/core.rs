@@ -33,6 +33,9 @@ const ACK_EVERY_FRAMES: usize = 2;
 /// dedicated CPU never naps in practice, and one on a shared machine gives the CPU back.
 const IDLE_SPINS: u32 = 2000;
 const IDLE_NAP: Duration = Duration::from_micros(50);
+/// How long a stopping core keeps delivering what closed connections still had to send,
+/// as a kernel socket's close does before the process exits.
+const LINGER: Duration = Duration::from_secs(2);
 /// Listening sockets kept ready per port, so that a burst of connections (one per
 /// migration stream) is accepted without waiting for the core to re-arm.
 const SPARE_LISTENERS: usize = 4;
@@ -225,6 +228,14 @@ struct Pipe {
     closing: bool,
 }
 
+impl Pipe {
+    /// Whether the application has closed the connection, or dropped both its halves
+    /// (then only this core holds the shared state): either way, a close.
+    fn application_gone(&self) -> bool {
+        self.shared.closed.is_raised() || Arc::strong_count(&self.shared) == 1
+    }
+}
+
 struct Connecting {
     handle: SocketHandle,
     reply: mpsc::Sender<io::Result<Arc<PipeShared>>>,
@@ -294,22 +305,36 @@ impl<D: Device> Core<D> {
             while let Ok(command) = commands.try_recv() {
                 self.handle(command);
             }
-            let mut progress = self.poll_stack();
-            progress |= self.accept_and_connect();
-            for index in 0..self.pipes.len() {
-                progress |= self.pump(index);
-            }
-            self.reap();
-            progress |= self.poll_stack();
-            if progress {
-                idle = 0;
+            self.iterate(&mut idle);
+        }
+        // Linger: connections the application closed (or dropped) deliver what they still
+        // hold, and their FIN, within a bound; the others are cut.
+        let deadline = std::time::Instant::now() + LINGER;
+        while self.pipes.iter().any(|pipe| pipe.closing || pipe.application_gone())
+            && std::time::Instant::now() < deadline
+        {
+            self.iterate(&mut idle);
+        }
+    }
+
+    /// One round of the core's loop: the stack, new connections, every pipe, cleanup; then
+    /// a spin or a nap when nothing moved.
+    fn iterate(&mut self, idle: &mut u32) {
+        let mut progress = self.poll_stack();
+        progress |= self.accept_and_connect();
+        for index in 0..self.pipes.len() {
+            progress |= self.pump(index);
+        }
+        self.reap();
+        progress |= self.poll_stack();
+        if progress {
+            *idle = 0;
+        } else {
+            *idle = idle.saturating_add(1);
+            if self.config.idle == IdlePolicy::SpinThenNap && *idle > IDLE_SPINS {
+                std::thread::sleep(IDLE_NAP);
             } else {
-                idle = idle.saturating_add(1);
-                if self.config.idle == IdlePolicy::SpinThenNap && idle > IDLE_SPINS {
-                    std::thread::sleep(IDLE_NAP);
-                } else {
-                    std::hint::spin_loop();
-                }
+                std::hint::spin_loop();
             }
         }
     }
@@ -494,8 +519,8 @@ impl<D: Device> Core<D> {
             progress = true;
         }
 
-        // The application closed: send what it wrote, then FIN.
-        if pipe.shared.closed.is_raised() && !pipe.closing && pipe.pending.is_none() && pipe.shared.to_net.is_empty() {
+        // The application closed (or dropped the connection): send what it wrote, then FIN.
+        if pipe.application_gone() && !pipe.closing && pipe.pending.is_none() && pipe.shared.to_net.is_empty() {
             socket.close();
             pipe.closing = true;
             progress = true;
@@ -517,7 +542,7 @@ impl<D: Device> Core<D> {
                     self.pipes[index].eof_sent = true;
                 }
             }
-            if done || (lost && self.pipes[index].shared.closed.is_raised()) {
+            if done || (lost && self.pipes[index].application_gone()) {
                 let pipe = self.pipes.swap_remove(index);
                 self.sockets.remove(pipe.handle);
             } else {

@@ -34,6 +34,71 @@ pub enum Command {
     /// Carry a migration from `vmigrate qemu-send` to a destination QEMU started with
     /// `-incoming unix:PATH` (or `-incoming defer` and `migrate-incoming`).
     QemuRecv(QemuRecvArgs),
+    /// Migrate a QEMU guest through vmigrate, like `virsh migrate`: set both QEMUs up over
+    /// QMP, run the relays, start the migration, show progress, report QEMU's and the
+    /// relays' figures.
+    QemuMigrate(QemuMigrateArgs),
+}
+
+/// What both relay commands take.
+#[derive(Args, Debug)]
+pub struct RelayOptions {
+    /// Seconds to wait for the first connection (QEMU's, or the source relay's).
+    #[arg(long, default_value_t = 600.0)]
+    pub wait: f64,
+    /// Seconds a relay connection may stay silent (no data, no heartbeat) before the link
+    /// is taken for dead and the migration fails.
+    #[arg(long, default_value_t = 30.0)]
+    pub io_timeout: f64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long)]
+    pub no_pin: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct QemuMigrateArgs {
+    /// The source QEMU's QMP socket: `unix:PATH`.
+    #[arg(long, value_parser = parse_unix)]
+    pub src_qmp: PathBuf,
+    /// The destination QEMU's QMP socket: `unix:PATH`. It must have been started with
+    /// `-incoming defer`.
+    #[arg(long, value_parser = parse_unix)]
+    pub dst_qmp: PathBuf,
+    /// A destination relay already running (`vmigrate qemu-recv`, e.g. on the destination
+    /// host) to carry the migration to; it must have been started with `--to` the socket
+    /// given here as --dst-incoming. Default: a destination relay in this process, over
+    /// the kernel's TCP on 127.0.0.1.
+    #[arg(long, requires = "dst_incoming")]
+    pub to: Option<String>,
+    /// With --to: the destination QEMU's incoming socket (`unix:PATH`), as the remote relay
+    /// knows it.
+    #[arg(long, value_parser = parse_unix)]
+    pub dst_incoming: Option<PathBuf>,
+    /// QEMU's multifd with this many channels (each carried on a relay connection).
+    #[arg(long)]
+    pub multifd: Option<u32>,
+    /// Compression of the carried streams: none, lz4, zlib or zlib:LEVEL.
+    #[arg(long, default_value = "lz4")]
+    pub codec: Codec,
+    /// QEMU's own XBZRLE on both QEMUs.
+    #[arg(long)]
+    pub qemu_xbzrle: bool,
+    /// QEMU's downtime limit, in milliseconds.
+    #[arg(long, default_value_t = 300)]
+    pub downtime_limit_ms: u64,
+    /// QEMU's bandwidth cap in bytes per second (QEMU's own default is 128 MiB/s).
+    #[arg(long, default_value = "100GiB", value_parser = parse_size)]
+    pub max_bandwidth: u64,
+    /// Seconds after which an unfinished migration is cancelled.
+    #[arg(long, default_value_t = 3600.0)]
+    pub timeout: f64,
+    #[command(flatten)]
+    pub relay: RelayOptions,
+    /// The source relay's stack (with --to).
+    #[command(flatten)]
+    pub stack: StackOptions,
 }
 
 #[derive(Args, Debug)]
@@ -47,14 +112,8 @@ pub struct QemuSendArgs {
     /// Compression of the carried streams: none, lz4, zlib or zlib:LEVEL.
     #[arg(long, default_value = "lz4")]
     pub codec: Codec,
-    /// Seconds to wait for QEMU's first connection.
-    #[arg(long, default_value_t = 600.0)]
-    pub wait: f64,
-    /// Print the report as JSON.
-    #[arg(long)]
-    pub json: bool,
-    #[arg(long)]
-    pub no_pin: bool,
+    #[command(flatten)]
+    pub relay: RelayOptions,
     #[command(flatten)]
     pub stack: StackOptions,
 }
@@ -67,20 +126,17 @@ pub struct QemuRecvArgs {
     /// The destination QEMU's incoming socket: `unix:PATH`.
     #[arg(long, value_parser = parse_unix)]
     pub to: PathBuf,
-    /// Seconds to wait for the source relay's first connection.
-    #[arg(long, default_value_t = 600.0)]
-    pub wait: f64,
-    /// Print the report as JSON.
-    #[arg(long)]
-    pub json: bool,
-    #[arg(long)]
-    pub no_pin: bool,
+    /// Seconds to keep trying the destination QEMU's socket (it may still be starting).
+    #[arg(long, default_value_t = 10.0)]
+    pub qemu_wait: f64,
+    #[command(flatten)]
+    pub relay: RelayOptions,
     #[command(flatten)]
     pub stack: StackOptions,
 }
 
 /// `unix:PATH`, as QEMU writes socket addresses.
-fn parse_unix(text: &str) -> Result<PathBuf, String> {
+pub fn parse_unix(text: &str) -> Result<PathBuf, String> {
     match text.strip_prefix("unix:") {
         Some(path) if !path.is_empty() => Ok(PathBuf::from(path)),
         _ => Err(format!("expected unix:PATH, got {text:?}")),

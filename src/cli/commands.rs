@@ -27,16 +27,17 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Send(args) => send(args),
         Command::Recv(args) => recv(args),
         Command::StreamSend(args) => {
-            let connector = connector_for(&args.stack, !args.no_pin, &args.to)?;
+            let connector = connector_for(&args.stack, !args.no_pin, &args.to, Timeouts::default())?;
             super::stream::send(&*connector.0, args.bytes)
         }
         Command::StreamRecv(args) => {
-            let (mut acceptor, _stack) = acceptor_for(&args.stack, !args.no_pin, args.listen)?;
+            let (mut acceptor, _stack) = acceptor_for(&args.stack, !args.no_pin, args.listen, Timeouts::default())?;
             eprintln!("vmigrate: waiting for a stream on {}", acceptor.local_addr());
             super::stream::receive(&mut *acceptor)
         }
         Command::QemuSend(args) => super::relay::qemu_send(args),
         Command::QemuRecv(args) => super::relay::qemu_recv(args),
+        Command::QemuMigrate(args) => super::qemu_migrate::qemu_migrate(args),
         Command::StreamLoopback(args) => {
             let options = LoopbackOptions { mtu: args.mtu, pin: !args.no_pin, ..loopback_options(&args.dataplane) };
             let streams = args.streams.unwrap_or(options.cores);
@@ -330,8 +331,8 @@ pub(super) fn connector_for(
     stack: &StackOptions,
     pin: bool,
     to: &str,
+    timeouts: Timeouts,
 ) -> Result<(Box<dyn Connector>, Option<CoreStack>)> {
-    let timeouts = Timeouts::default();
     Ok(match stack.stack {
         NetStack::Kernel => {
             let connector = TcpConnector::new(to, timeouts).with_context(|| format!("resolving {to}"))?;
@@ -350,8 +351,8 @@ pub(super) fn acceptor_for(
     stack: &StackOptions,
     pin: bool,
     listen: std::net::SocketAddr,
+    timeouts: Timeouts,
 ) -> Result<(Box<dyn Acceptor>, Option<CoreStack>)> {
-    let timeouts = Timeouts::default();
     Ok(match stack.stack {
         NetStack::Kernel => {
             let acceptor = TcpAcceptor::bind(listen, timeouts).with_context(|| format!("listening on {listen}"))?;
@@ -367,7 +368,7 @@ pub(super) fn acceptor_for(
 
 fn send(args: SendArgs) -> Result<ExitCode> {
     let guest = boot_guest(&args.guest, &args.common)?;
-    let (connector, _stack) = connector_for(&args.stack, !args.common.no_pin, &args.to)?;
+    let (connector, _stack) = connector_for(&args.stack, !args.common.no_pin, &args.to, Timeouts::default())?;
     let config = source_config(&args.source, &args.common);
     let mut progress = report::ProgressView::new(args.common.json);
     let result = migrate(&guest, &*connector, &config, &mut |p| progress.update(p));
@@ -396,7 +397,7 @@ fn recv(args: RecvArgs) -> Result<ExitCode> {
     let policy = parse_huge_policy(&args.common.hugepages).map_err(anyhow::Error::msg)?;
     let config =
         destination_config(&args.destination, &args.common, args.max_mem, Duration::from_secs_f64(args.accept_timeout));
-    let (mut acceptor, _stack) = acceptor_for(&args.stack, !args.common.no_pin, args.listen)?;
+    let (mut acceptor, _stack) = acceptor_for(&args.stack, !args.common.no_pin, args.listen, Timeouts::default())?;
     // Always on stderr (JSON goes to stdout): with --listen ADDR:0 this is how a caller
     // learns the port.
     eprintln!("vmigrate: waiting for a migration on {}", acceptor.local_addr());

@@ -3,6 +3,7 @@
 mod args;
 mod commands;
 mod dpdk;
+mod qemu_migrate;
 mod relay;
 mod report;
 mod stream;

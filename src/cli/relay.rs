@@ -1,49 +1,54 @@
 //! `qemu-send` and `qemu-recv`: the relay pair that carries a QEMU migration over our
 //! stacks, and its report.
 
-use super::args::{QemuRecvArgs, QemuSendArgs};
+use super::args::{QemuRecvArgs, QemuSendArgs, RelayOptions};
 use super::commands::{acceptor_for, connector_for};
 use anyhow::{Context, Result};
 use std::process::ExitCode;
 use std::time::Duration;
+use transport::pipe::Timeouts;
 use transport::qemu::destination::{relay_destination, DestinationRelayConfig};
 use transport::qemu::source::{SourceRelay, SourceRelayConfig};
 use transport::qemu::RelayReport;
 
 pub fn qemu_send(args: QemuSendArgs) -> Result<ExitCode> {
-    let (connector, _stack) = connector_for(&args.stack, !args.no_pin, &args.to)?;
-    let config = SourceRelayConfig { codec: args.codec, first_connection_timeout: seconds(args.wait)? };
+    let timeouts = timeouts(&args.relay)?;
+    let (connector, _stack) = connector_for(&args.stack, !args.relay.no_pin, &args.to, timeouts)?;
+    let config = SourceRelayConfig { codec: args.codec, first_connection_timeout: seconds("--wait", args.relay.wait)? };
     let relay = SourceRelay::bind(&args.listen, config)?;
     eprintln!("vmigrate: waiting for QEMU on unix:{}", relay.path().display());
     let report = relay.run(&*connector).context("relaying the QEMU migration")?;
-    print_report("sent", &report, args.json)
+    print_report("sent", &report, args.relay.json)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 pub fn qemu_recv(args: QemuRecvArgs) -> Result<ExitCode> {
-    let (mut acceptor, _stack) = acceptor_for(&args.stack, !args.no_pin, args.listen)?;
+    let timeouts = timeouts(&args.relay)?;
+    let (mut acceptor, _stack) = acceptor_for(&args.stack, !args.relay.no_pin, args.listen, timeouts)?;
     let config = DestinationRelayConfig {
         qemu: args.to.clone(),
-        first_connection_timeout: seconds(args.wait)?,
-        qemu_connect_timeout: Duration::from_secs(10),
+        first_connection_timeout: seconds("--wait", args.relay.wait)?,
+        qemu_connect_timeout: seconds("--qemu-wait", args.qemu_wait)?,
     };
     eprintln!("vmigrate: waiting for the source relay on {}", acceptor.local_addr());
     let report = relay_destination(&mut *acceptor, &config).context("relaying the QEMU migration")?;
-    print_report("received", &report, args.json)
+    print_report("received", &report, args.relay.json)?;
+    Ok(ExitCode::SUCCESS)
 }
 
-fn seconds(value: f64) -> Result<Duration> {
-    Duration::try_from_secs_f64(value).map_err(|_| anyhow::anyhow!("--wait {value}: not a number of seconds"))
+pub(super) fn timeouts(options: &RelayOptions) -> Result<Timeouts> {
+    Ok(Timeouts { io: seconds("--io-timeout", options.io_timeout)?, ..Timeouts::default() })
+}
+
+pub(super) fn seconds(option: &str, value: f64) -> Result<Duration> {
+    Duration::try_from_secs_f64(value).map_err(|_| anyhow::anyhow!("{option} {value}: not a number of seconds"))
 }
 
 /// One line per carried stream, then the totals; or the whole report as JSON.
-fn print_report(direction: &str, report: &RelayReport, json: bool) -> Result<ExitCode> {
-    let (sent, received) = report.totals();
+pub(super) fn print_report(direction: &str, report: &RelayReport, json: bool) -> Result<()> {
     if json {
-        let mut value = serde_json::to_value(report)?;
-        value["sent"] = serde_json::to_value(sent)?;
-        value["received"] = serde_json::to_value(received)?;
-        println!("{}", serde_json::to_string_pretty(&value)?);
-        return Ok(ExitCode::SUCCESS);
+        println!("{}", serde_json::to_string_pretty(&report_json(report)?)?);
+        return Ok(());
     }
     println!(
         "{:>7} {:>14} {:>14} {:>7} {:>14} {:>9}",
@@ -61,16 +66,25 @@ fn print_report(direction: &str, report: &RelayReport, json: bool) -> Result<Exi
             channel.seconds
         );
     }
-    let rate = sent.bytes.max(received.bytes) as f64 * 8.0 / report.seconds.max(1e-9) / 1e9;
+    let (sent, received) = report.totals();
+    let (bytes, wire) = (sent.bytes.max(received.bytes), sent.wire_bytes.max(received.wire_bytes));
+    let rate = bytes as f64 * 8.0 / report.seconds.max(1e-9) / 1e9;
     println!(
-        "{direction}: {} stream(s), {} QEMU bytes as {} on the wire ({:.2}x) in {:.2} s, {rate:.2} Gbit/s of QEMU's stream",
+        "{direction}: {} stream(s), {bytes} QEMU bytes as {wire} on the wire ({:.2}x) in {:.2} s, {rate:.2} Gbit/s of QEMU's stream",
         report.channels.len(),
-        sent.bytes.max(received.bytes),
-        sent.wire_bytes.max(received.wire_bytes),
-        ratio(sent.bytes.max(received.bytes), sent.wire_bytes.max(received.wire_bytes)),
+        ratio(bytes, wire),
         report.seconds
     );
-    Ok(ExitCode::SUCCESS)
+    Ok(())
+}
+
+/// The report as JSON, with the totals of both directions.
+pub(super) fn report_json(report: &RelayReport) -> Result<serde_json::Value> {
+    let (sent, received) = report.totals();
+    let mut value = serde_json::to_value(report)?;
+    value["sent"] = serde_json::to_value(sent)?;
+    value["received"] = serde_json::to_value(received)?;
+    Ok(value)
 }
 
 fn ratio(bytes: u64, wire: u64) -> f64 {

@@ -9,8 +9,11 @@
 use std::process::Command;
 use std::time::Duration;
 use vmigrate_tests::netns::Namespaces;
+use vmigrate_tests::process::run;
 use vmigrate_tests::process::{is_root, Receiver};
-use vmigrate_tests::qemu::{configure_migration, qemu_available, sweep_point, sweeper_image, wait_migration, Vm};
+use vmigrate_tests::qemu::{
+    check_migrated, configure_migration, qemu_available, sweeper_image, tempdir, wait_migration, Vm,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vmigrate");
 const DEADLINE: Duration = Duration::from_secs(180);
@@ -98,34 +101,14 @@ fn migrate_sweeper(link: &Link, multifd: Option<u32>, codec: &str, port: u16) {
     );
 
     // Both paused now: the source by the completed migration, the destination by -S.
-    let source_memory = source.memory(&mut source_qmp);
-    let destination_memory = destination.memory(&mut destination_qmp);
-    let differing = source_memory.chunks(4096).zip(destination_memory.chunks(4096)).filter(|(a, b)| a != b).count();
-    assert_eq!(differing, 0, "{differing} pages differ between the source and the destination");
-    let point = sweep_point(&destination_memory).unwrap_or_else(|err| panic!("destination memory: {err}"));
-    eprintln!("  memory equal on both sides; the sweep stood at page {point}");
-
-    let markers = destination.markers();
-    destination_qmp.execute("cont", serde_json::json!({})).expect("cont");
-    assert!(
-        destination.wait_markers_above(markers, Duration::from_secs(60)),
-        "the destination guest did not sweep after cont"
-    );
-    let status = destination_qmp.execute("query-status", serde_json::json!({})).expect("query-status");
-    assert_eq!(status["status"], "running", "{status}");
+    let point = check_migrated(&source, &destination, &mut source_qmp, &mut destination_qmp);
+    eprintln!("  memory equal on both sides; the sweep stood at page {point}; the destination runs on");
     drop((source, destination));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|err| panic!("not JSON ({err}): {text}"))
-}
-
-fn tempdir(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("vmigrate-qemu-{name}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
 }
 
 #[test]
@@ -147,4 +130,57 @@ fn qemu_migrates_through_the_relays_over_af_packet() {
     let ns = Namespaces::up(&format!("vmq{}", std::process::id() % 100_000), &[], BIN);
     migrate_sweeper(&Link::AfPacket(&ns), None, "lz4", 4601);
     migrate_sweeper(&Link::AfPacket(&ns), Some(2), "lz4", 4602);
+}
+
+#[test]
+fn qemu_migrate_drives_both_qemus_and_the_relays() {
+    if !qemu_available() {
+        eprintln!("SKIPPED qemu_migrate_drives_both_qemus_and_the_relays: QEMU not installed (qemu-system-x86)");
+        return;
+    }
+    let dir = tempdir(&format!("{}-orchestrated", std::process::id()));
+    let image = sweeper_image(&dir);
+    let source = Vm::start(&dir, "source", &image, false);
+    let destination = Vm::start(&dir, "destination", &image, true);
+    let (mut source_qmp, mut destination_qmp) = (source.qmp(), destination.qmp());
+    assert!(source.wait_markers_above(0, Duration::from_secs(30)), "the source guest never swept");
+    let socket = |vm: &Vm| format!("unix:{}", vm.control_socket().display());
+    let finished = run(
+        Command::new(BIN).args([
+            "qemu-migrate",
+            "--src-qmp",
+            &socket(&source),
+            "--dst-qmp",
+            &socket(&destination),
+            "--multifd",
+            "2",
+            "--codec",
+            "lz4",
+            "--json",
+        ]),
+        DEADLINE,
+    );
+    assert!(finished.status.success(), "qemu-migrate failed:\n{}", finished.stderr);
+    let report = json(&finished.stdout);
+    assert_eq!(report["qemu"]["status"], "completed", "{report}");
+    let relayed = &report["relay"]["source"];
+    assert_eq!(relayed["channels"].as_array().map(Vec::len), Some(3), "main and two multifd streams: {relayed}");
+    assert_eq!(relayed["sent"]["bytes"], report["relay"]["destination"]["received"]["bytes"]);
+    // QEMU's own count of RAM bytes is part of the stream the relays carried.
+    let ram = report["qemu"]["ram"]["transferred"].as_u64().unwrap_or(0);
+    assert!(ram > 0 && relayed["sent"]["bytes"].as_u64().unwrap_or(0) >= ram, "{report}");
+    // Both QEMUs were set up alike.
+    for qmp in [&mut source_qmp, &mut destination_qmp] {
+        let parameters = qmp.execute("query-migrate-parameters", serde_json::json!({})).expect("parameters");
+        assert_eq!(parameters["multifd-channels"], 2, "{parameters}");
+    }
+    let point = check_migrated(&source, &destination, &mut source_qmp, &mut destination_qmp);
+    eprintln!("orchestrated: memory equal on both sides, the sweep stood at page {point}");
+    assert!(
+        !std::fs::read_dir(std::env::temp_dir())
+            .expect("temp dir")
+            .flatten()
+            .any(|entry| entry.file_name().to_string_lossy().contains(&format!("qemu-migrate-{}", std::process::id()))),
+        "qemu-migrate left its sockets behind"
+    );
 }

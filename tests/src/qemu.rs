@@ -65,12 +65,20 @@ impl Vm {
             .arg("-serial")
             .arg(format!("file:{}", dir.join("serial.log").display()))
             .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", dir.join("qmp.sock").display()));
+            .arg(format!("unix:{},server=on,wait=off", dir.join("qmp.sock").display()))
+            // A second monitor for the program under test (a QMP socket serves one client).
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", dir.join("control.sock").display()));
         if incoming {
             command.args(["-incoming", "defer", "-S"]);
         }
         let child = command.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("start QEMU");
         Vm { child, dir, name: name.to_string() }
+    }
+
+    /// The monitor left for the program under test (`qemu-migrate`).
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.join("control.sock")
     }
 
     pub fn qmp(&self) -> Qmp {
@@ -107,7 +115,6 @@ impl Vm {
         bytes
     }
 
-    /// QEMU's stderr so far, for failure messages (after the process has ended).
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -175,4 +182,32 @@ pub fn configure_migration(source: &mut Qmp, destination: &mut Qmp, channels: Op
         }
         qmp.execute("migrate-set-parameters", parameters).expect("set parameters");
     }
+}
+
+/// After a migration: the source (paused by it) and the destination (started with -S)
+/// hold the same memory byte for byte, in the sweep's shape; then the destination, let
+/// go, sweeps on. Returns where the sweep stood.
+pub fn check_migrated(source: &Vm, destination: &Vm, source_qmp: &mut Qmp, destination_qmp: &mut Qmp) -> usize {
+    let source_memory = source.memory(source_qmp);
+    let destination_memory = destination.memory(destination_qmp);
+    let differing = source_memory.chunks(PAGE).zip(destination_memory.chunks(PAGE)).filter(|(a, b)| a != b).count();
+    assert_eq!(differing, 0, "{differing} pages differ between the source and the destination");
+    let point = sweep_point(&destination_memory).unwrap_or_else(|err| panic!("destination memory: {err}"));
+    let markers = destination.markers();
+    destination_qmp.execute("cont", serde_json::json!({})).expect("cont");
+    assert!(
+        destination.wait_markers_above(markers, Duration::from_secs(60)),
+        "the destination guest did not sweep after cont"
+    );
+    let status = destination_qmp.execute("query-status", serde_json::json!({})).expect("query-status");
+    assert_eq!(status["status"], "running", "{status}");
+    point
+}
+
+/// A fresh directory under the system's temp directory.
+pub fn tempdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("vmigrate-qemu-{name}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
 }

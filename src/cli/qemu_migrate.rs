@@ -1,0 +1,204 @@
+//! `qemu-migrate`: a QEMU migration through vmigrate from start to end, the way `virsh
+//! migrate` drives one: both QEMUs set up alike over QMP, the relays started, the
+//! migration started on the source, its progress shown from `query-migrate`, and QEMU's
+//! final figures printed beside the relays'.
+
+use super::args::QemuMigrateArgs;
+use super::commands::connector_for;
+use super::relay::{print_report, report_json, seconds, timeouts};
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Value};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use transport::pipe::{Connector, TcpAcceptor, TcpConnector};
+use transport::qemu::destination::{relay_destination, DestinationRelayConfig};
+use transport::qemu::qmp::Qmp;
+use transport::qemu::source::{SourceRelay, SourceRelayConfig};
+use transport::qemu::{RelayFailure, RelayReport};
+
+type RelayThread = JoinHandle<Result<RelayReport, RelayFailure>>;
+
+pub fn qemu_migrate(args: QemuMigrateArgs) -> Result<ExitCode> {
+    let qmp_timeout = Duration::from_secs(10);
+    let mut source = Qmp::connect(&args.src_qmp, qmp_timeout).context("the source QEMU's QMP socket")?;
+    let mut destination = Qmp::connect(&args.dst_qmp, qmp_timeout).context("the destination QEMU's QMP socket")?;
+    let status = destination.execute("query-status", json!({}))?;
+    if status["status"] != "inmigrate" {
+        bail!(
+            "the destination QEMU is {}, not waiting for a migration: start it with -incoming defer",
+            status["status"]
+        );
+    }
+    for (qmp, side) in [(&mut source, "source"), (&mut destination, "destination")] {
+        configure(qmp, &args).with_context(|| format!("setting up the {side} QEMU"))?;
+    }
+
+    let work = std::env::temp_dir().join(format!("vmigrate-qemu-migrate-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let _cleanup = RemoveOnDrop(work.clone());
+    let timeouts = timeouts(&args.relay)?;
+
+    // The destination relay: a remote one the user started, or ours, in this process.
+    let (connector, _stack, destination_relay, incoming): (Box<dyn Connector>, _, Option<RelayThread>, PathBuf) =
+        match &args.to {
+            Some(to) => {
+                let incoming = args.dst_incoming.clone().context("--to needs --dst-incoming")?;
+                let (connector, stack) = connector_for(&args.stack, !args.relay.no_pin, to, timeouts)?;
+                (connector, stack, None, incoming)
+            }
+            None => {
+                let incoming = work.join("incoming.sock");
+                let mut acceptor = TcpAcceptor::bind("127.0.0.1:0", timeouts)?;
+                let connector = TcpConnector::new(acceptor.local_socket_addr()?, timeouts)?;
+                let config = DestinationRelayConfig {
+                    qemu: incoming.clone(),
+                    first_connection_timeout: seconds("--wait", args.relay.wait)?,
+                    qemu_connect_timeout: Duration::from_secs(10),
+                };
+                let thread = std::thread::Builder::new()
+                    .name("relay-destination".into())
+                    .spawn(move || relay_destination(&mut acceptor, &config))?;
+                (Box::new(connector), None, Some(thread), incoming)
+            }
+        };
+    let incoming_uri = format!("unix:{}", incoming.display());
+    destination.execute("migrate-incoming", json!({ "uri": incoming_uri })).context("migrate-incoming")?;
+
+    let relay_socket = work.join("source.sock");
+    let config = SourceRelayConfig { codec: args.codec, first_connection_timeout: seconds("--wait", args.relay.wait)? };
+    let relay = SourceRelay::bind(&relay_socket, config)?;
+    let source_relay = std::thread::Builder::new().name("relay-source".into()).spawn(move || relay.run(&*connector))?;
+    source.execute("migrate", json!({ "uri": format!("unix:{}", relay_socket.display()) })).context("migrate")?;
+
+    let info = follow(&mut source, seconds("--timeout", args.timeout)?, args.relay.json)?;
+    let source_report = source_relay.join().unwrap_or_else(|_| Err(RelayFailure::Local("the relay panicked".into())));
+    let destination_report = destination_relay
+        .map(|thread| thread.join().unwrap_or_else(|_| Err(RelayFailure::Local("the relay panicked".into()))));
+
+    let status = info["status"].as_str().unwrap_or("?").to_string();
+    if args.relay.json {
+        let relay = |report: &Result<RelayReport, RelayFailure>| match report {
+            Ok(report) => report_json(report).unwrap_or(Value::Null),
+            Err(err) => json!({ "error": err.to_string() }),
+        };
+        let mut value = json!({ "qemu": info, "relay": { "source": relay(&source_report) } });
+        if let Some(report) = &destination_report {
+            value["relay"]["destination"] = relay(report);
+        }
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        print_qemu(&info);
+        if let Ok(report) = &source_report {
+            print_report("relay", report, false)?;
+        }
+    }
+    if status != "completed" {
+        let why = info["error-desc"].as_str().unwrap_or("no reason given");
+        let relay = source_report.err().map(|err| format!("; source relay: {err}")).unwrap_or_default();
+        bail!("the migration {status}: {why}{relay}");
+    }
+    source_report.context("the source relay")?;
+    if let Some(report) = destination_report {
+        report.context("the destination relay")?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The same capabilities and parameters on either QEMU.
+fn configure(qmp: &mut Qmp, args: &QemuMigrateArgs) -> Result<()> {
+    let capability = |name: &str, on: bool| json!({ "capability": name, "state": on });
+    let capabilities = vec![capability("multifd", args.multifd.is_some()), capability("xbzrle", args.qemu_xbzrle)];
+    qmp.execute("migrate-set-capabilities", json!({ "capabilities": capabilities }))?;
+    let mut parameters = json!({
+        "downtime-limit": args.downtime_limit_ms,
+        "max-bandwidth": args.max_bandwidth,
+    });
+    if let Some(channels) = args.multifd {
+        parameters["multifd-channels"] = channels.into();
+        // vmigrate compresses the carried streams; QEMU's own multifd compression stays off.
+        parameters["multifd-compression"] = "none".into();
+    }
+    qmp.execute("migrate-set-parameters", parameters)?;
+    Ok(())
+}
+
+/// Polls `query-migrate` until the migration ends, showing progress on a terminal; past
+/// `timeout` the migration is cancelled.
+fn follow(source: &mut Qmp, timeout: Duration, json: bool) -> Result<Value> {
+    let bar = (!json && std::io::stderr().is_terminal()).then(|| {
+        let bar = ProgressBar::new_spinner();
+        bar.set_style(ProgressStyle::with_template("{spinner} {msg}").expect("valid template"));
+        bar
+    });
+    let started = Instant::now();
+    let mut cancelled = false;
+    loop {
+        let info = source.execute("query-migrate", json!({}))?;
+        let status = info["status"].as_str().unwrap_or("");
+        if matches!(status, "completed" | "failed" | "cancelled") {
+            if let Some(bar) = &bar {
+                bar.finish_and_clear();
+            }
+            return Ok(info);
+        }
+        if let Some(bar) = &bar {
+            let ram = &info["ram"];
+            let mib = |key: &str| ram[key].as_u64().unwrap_or(0) as f64 / (1u64 << 20) as f64;
+            bar.set_message(format!(
+                "{status}: {:.0} MiB sent, {:.0} MiB left, {:.0} Mbit/s, pass {}, expected downtime {} ms",
+                mib("transferred"),
+                mib("remaining"),
+                ram["mbps"].as_f64().unwrap_or(0.0),
+                ram["dirty-sync-count"],
+                info["expected-downtime"]
+            ));
+            bar.tick();
+        }
+        if started.elapsed() > timeout && !cancelled {
+            eprintln!("vmigrate: the migration ran past --timeout: cancelling it");
+            source.execute("migrate_cancel", json!({}))?;
+            cancelled = true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// QEMU's figures, under QEMU's names.
+fn print_qemu(info: &Value) {
+    let ram = &info["ram"];
+    println!(
+        "QEMU: {} in {} ms, downtime {} ms, setup {} ms",
+        info["status"].as_str().unwrap_or("?"),
+        info["total-time"],
+        info["downtime"],
+        info["setup-time"]
+    );
+    println!(
+        "QEMU ram: {} total, {} transferred, {} duplicate (zero) pages, {} normal pages, {} passes, {:.0} Mbit/s",
+        ram["total"],
+        ram["transferred"],
+        ram["duplicate"],
+        ram["normal"],
+        ram["dirty-sync-count"],
+        ram["mbps"].as_f64().unwrap_or(0.0)
+    );
+    if let Some(xbzrle) = info.get("xbzrle-cache") {
+        println!(
+            "QEMU xbzrle: {} pages, {} bytes, cache miss rate {}, overflow {}",
+            xbzrle["pages"], xbzrle["bytes"], xbzrle["cache-miss-rate"], xbzrle["overflow"]
+        );
+    }
+}
+
+/// Removes a work directory (the relays' sockets) however the command ends.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
