@@ -15,6 +15,7 @@ pub mod handshake;
 pub mod memory;
 pub mod page_batch;
 pub mod precopy;
+pub mod qemu_stream;
 pub mod receiver;
 pub mod relay;
 pub mod source_session;

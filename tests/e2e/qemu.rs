@@ -94,6 +94,15 @@ fn migrate_sweeper(link: &Link, multifd: Option<u32>, codec: &str, port: u16) {
     let streams = 1 + multifd.unwrap_or(0) as usize;
     assert_eq!(sent["channels"].as_array().map(Vec::len), Some(streams), "{sent}");
     assert_eq!(sent["sent"]["bytes"], received["received"]["bytes"], "both relays count QEMU's bytes alike");
+    // The relay read QEMU's streams as it carried them: the main one, then multifd's, and
+    // found the guest's pages where QEMU put them (all on multifd channels with multifd).
+    let channels = sent["channels"].as_array().expect("channels");
+    assert_eq!(channels[0]["stream"], "main", "{sent}");
+    let pages: u64 = channels.iter().map(|c| c["pages"].as_u64().unwrap_or(0)).sum();
+    assert!(pages >= 25_600, "only {pages} pages found: {sent}");
+    for channel in &channels[1..] {
+        assert_eq!(channel["stream"], "multifd", "{sent}");
+    }
     let ram = &info["ram"];
     eprintln!(
         "  QEMU: {} ms, downtime {} ms, {} RAM bytes; relay: {} bytes of QEMU's stream as {} on the wire",

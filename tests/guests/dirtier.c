@@ -113,11 +113,9 @@ int main(int argc, char **argv)
 		fprintf(stderr, "dirtier: cannot allocate %lu MiB\n", total);
 		return 1;
 	}
-#define PAGE(i) (mem + (i) * WORDS)
-
 	uint64_t start = now_ns();
 	for (size_t i = 0; i < pages; i++)
-		fill(PAGE(i), i, 0);
+		fill(mem + i * WORDS, i, 0);
 	printf("dirtier: ready MiB=%lu area=%lu rate=%lu fill_ms=%llu\n", total, area, rate,
 	       (unsigned long long)((now_ns() - start) / 1000000));
 
@@ -135,7 +133,7 @@ int main(int argc, char **argv)
 		for (; quota >= TICKS_PER_SEC; quota -= TICKS_PER_SEC) {
 			rng = xorshift(rng);
 			size_t i = (rng >> 11) % area_pages;
-			fill(PAGE(i), i, ++gens[i]);
+			fill(mem + i * WORDS, i, ++gens[i]);
 			rewrites++;
 			dirtied++;
 		}
@@ -143,7 +141,7 @@ int main(int argc, char **argv)
 		uint64_t stop = now_ns() + CHECK_NS;
 		do {
 			for (int n = 0; n < CHECK_BATCH; n++) {
-				uint64_t *p = PAGE(cursor);
+				uint64_t *p = mem + cursor * WORDS;
 				fill(expected, cursor, gens[cursor]);
 				if (memcmp(p, expected, PAGE_SIZE) != 0) {
 					int words = 0;

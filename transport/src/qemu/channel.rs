@@ -21,6 +21,7 @@ use crate::pipe::Connection;
 use migration::codec::Codec;
 use migration::frame::{FrameBuf, FrameKind, SeqCounter};
 use migration::handshake::{decode_reason, encode_reason};
+use migration::qemu_stream::{Kind, Progress, StreamReader};
 use migration::relay::{max_data_payload_bytes, ChunkDecoder, ChunkEncoder, StreamDigest, StreamEnd, MAX_CHUNK_BYTES};
 use serde::Serialize;
 use std::io::{self, Read, Write};
@@ -47,6 +48,11 @@ pub struct DirectionStats {
 #[derive(Debug, Clone, Serialize)]
 pub struct ChannelReport {
     pub channel: u16,
+    /// What QEMU sent on it: "main", "multifd", or "other" (this host's QEMU sent nothing
+    /// a migration stream starts with: a destination's return path, say).
+    pub stream: &'static str,
+    /// Guest pages found in what this host's QEMU sent.
+    pub pages: u64,
     /// From this host's QEMU to the peer.
     pub sent: DirectionStats,
     /// From the peer to this host's QEMU.
@@ -118,7 +124,19 @@ pub fn pump(
     if abort.is_raised() {
         return Err(RelayFailure::Aborted(abort.reason().unwrap_or_default()));
     }
-    Ok(ChannelReport { channel, sent: up?, received: down?, seconds: started.elapsed().as_secs_f64() })
+    let (sent, stream) = up?;
+    Ok(ChannelReport {
+        channel,
+        stream: match stream.kind() {
+            Kind::Main => "main",
+            Kind::Multifd => "multifd",
+            Kind::Unknown | Kind::Foreign => "other",
+        },
+        pages: stream.pages(),
+        sent,
+        received: down?,
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }
 
 /// On the first failure: tell the peer why (best effort), then abort the whole session.
@@ -135,27 +153,38 @@ fn fail_session<T>(result: &Result<T, RelayFailure>, writer: &Mutex<NetWriter>, 
 }
 
 /// QEMU to the network: chunks, heartbeats while QEMU is quiet, and the stream's end.
+/// The stream is read as it passes (`StreamReader`): a main stream that ends before its
+/// migration reached completion (QEMU cancelled it, or failed) is aborted rather than
+/// ended, so that the destination relay fails too and its QEMU never sees a clean end.
 fn pump_up(
     mut local: UnixStream,
     writer: &Mutex<NetWriter>,
     codec: Codec,
     abort: &SessionAbort,
-) -> Result<DirectionStats, RelayFailure> {
+) -> Result<(DirectionStats, StreamReader), RelayFailure> {
     local.set_read_timeout(Some(HEARTBEAT)).map_err(RelayFailure::local)?;
     let mut encoder = ChunkEncoder::new(codec);
     let mut digest = StreamDigest::default();
     let mut stats = DirectionStats::default();
     let mut buffer = vec![0u8; MAX_CHUNK_BYTES];
+    let mut stream = StreamReader::default();
     loop {
         if abort.is_raised() {
             return Err(RelayFailure::Aborted(abort.reason().unwrap_or_default()));
         }
         match local.read(&mut buffer) {
             Ok(0) => {
+                if stream.kind() == Kind::Main && stream.progress() != Progress::Completing {
+                    return Err(RelayFailure::Local(
+                        "QEMU's migration stream ended before the migration completed (cancelled or failed there)"
+                            .into(),
+                    ));
+                }
                 lock(writer).send(FrameKind::StreamEnd, &digest.end().encode()).map_err(RelayFailure::link)?;
-                return Ok(stats);
+                return Ok((stats, stream));
             }
             Ok(n) => {
+                stream.feed(&buffer[..n], &mut |_| {});
                 digest.update(&buffer[..n]);
                 let payload = encoder.encode(&buffer[..n]);
                 stats.bytes += n as u64;
