@@ -52,6 +52,12 @@ impl Vm {
     /// Starts QEMU on a copy of `image`. `incoming`: started with `-incoming defer -S`, to
     /// receive a migration and stay paused after it.
     pub fn start(parent: &Path, name: &str, image: &Path, incoming: bool) -> Vm {
+        Vm::start_with_memory(parent, name, image, incoming, GUEST_MIB)
+    }
+
+    /// As `start`, with `mib` of guest RAM (a destination unlike its source refuses the
+    /// migration).
+    pub fn start_with_memory(parent: &Path, name: &str, image: &Path, incoming: bool, mib: usize) -> Vm {
         let dir = parent.join(name);
         std::fs::create_dir_all(&dir).expect("vm dir");
         // Each QEMU its own copy: QEMU locks its images, and the guest never writes them.
@@ -59,7 +65,7 @@ impl Vm {
         std::fs::copy(image, &disk).expect("copy image");
         let mut command = Command::new(QEMU);
         command
-            .args(["-accel", "tcg", "-m", &format!("{GUEST_MIB}M"), "-nodefaults", "-display", "none"])
+            .args(["-accel", "tcg", "-m", &format!("{mib}M"), "-nodefaults", "-display", "none"])
             .arg("-drive")
             .arg(format!("file={},format=raw,if=ide", disk.display()))
             .arg("-serial")
@@ -173,10 +179,16 @@ pub fn wait_migration(qmp: &mut Qmp, timeout: Duration) -> serde_json::Value {
 /// Sets the same migration capabilities and parameters on both QEMUs: multifd with
 /// `channels` (None: off), and no bandwidth cap (QEMU's default would dominate the test).
 pub fn configure_migration(source: &mut Qmp, destination: &mut Qmp, channels: Option<u32>) {
+    configure_migration_at(source, destination, channels, 8 << 30);
+}
+
+/// As `configure_migration`, with QEMU's own bandwidth cap (bytes per second): a slow
+/// migration leaves time to break it.
+pub fn configure_migration_at(source: &mut Qmp, destination: &mut Qmp, channels: Option<u32>, bandwidth: u64) {
     for qmp in [source, destination] {
         let multifd = serde_json::json!({ "capabilities": [{ "capability": "multifd", "state": channels.is_some() }] });
         qmp.execute("migrate-set-capabilities", multifd).expect("set capabilities");
-        let mut parameters = serde_json::json!({ "max-bandwidth": 8u64 << 30, "downtime-limit": 1000 });
+        let mut parameters = serde_json::json!({ "max-bandwidth": bandwidth, "downtime-limit": 1000 });
         if let Some(channels) = channels {
             parameters["multifd-channels"] = channels.into();
         }
@@ -210,4 +222,66 @@ pub fn tempdir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir
+}
+
+/// A source and a destination QEMU ready to migrate (the destination waiting on its
+/// incoming socket), in a directory of their own.
+pub struct Migration {
+    pub dir: PathBuf,
+    pub source: Vm,
+    pub destination: Vm,
+    pub source_qmp: Qmp,
+    pub destination_qmp: Qmp,
+    /// Where the destination QEMU listens (`qemu-recv --to`).
+    pub incoming: PathBuf,
+    /// Where the source relay is to listen (`qemu-send --listen`).
+    pub relay: PathBuf,
+}
+
+impl Migration {
+    /// Boots the sweeper on a source, waits for it to sweep, starts a destination (with
+    /// `destination_mib` of RAM) waiting for a migration, both set up alike.
+    pub fn prepare(name: &str, multifd: Option<u32>, bandwidth: u64, destination_mib: usize) -> Migration {
+        let dir = tempdir(name);
+        let image = sweeper_image(&dir);
+        let source = Vm::start(&dir, "source", &image, false);
+        let destination = Vm::start_with_memory(&dir, "destination", &image, true, destination_mib);
+        let (mut source_qmp, mut destination_qmp) = (source.qmp(), destination.qmp());
+        assert!(source.wait_markers_above(0, Duration::from_secs(30)), "the source guest never swept");
+        configure_migration_at(&mut source_qmp, &mut destination_qmp, multifd, bandwidth);
+        let incoming = destination.dir.join("incoming.sock");
+        destination_qmp
+            .execute("migrate-incoming", serde_json::json!({ "uri": format!("unix:{}", incoming.display()) }))
+            .expect("migrate-incoming");
+        let relay = dir.join("relay.sock");
+        Migration { dir, source, destination, source_qmp, destination_qmp, incoming, relay }
+    }
+
+    /// Starts the migration on the source, to the source relay.
+    pub fn start(&mut self) {
+        let uri = format!("unix:{}", self.relay.display());
+        self.source_qmp.execute("migrate", serde_json::json!({ "uri": uri })).expect("migrate");
+    }
+
+    /// After a failed migration: the source QEMU says so, its guest still runs and sweeps
+    /// on, and the source relay's socket is gone. Returns QEMU's status.
+    pub fn assert_source_survived(&mut self) -> String {
+        let info = wait_migration(&mut self.source_qmp, Duration::from_secs(120));
+        let status = info["status"].as_str().unwrap_or("").to_string();
+        assert!(status == "failed" || status == "cancelled", "the migration {status}: {info}");
+        let run = self.source_qmp.execute("query-status", serde_json::json!({})).expect("query-status");
+        assert_eq!(run["status"], "running", "the source guest stopped: {run}");
+        let markers = self.source.markers();
+        assert!(self.source.wait_markers_above(markers, Duration::from_secs(60)), "the source guest stopped sweeping");
+        assert!(!self.relay.exists(), "the source relay left its socket behind");
+        status
+    }
+}
+
+impl Drop for Migration {
+    fn drop(&mut self) {
+        self.source.kill();
+        self.destination.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }

@@ -94,18 +94,25 @@ pub fn pump(
     let started = Instant::now();
     let Connection { reader, writer, closer, peer } = net;
     let closer: Arc<dyn Fn() + Send + Sync> = Arc::from(closer);
-    {
-        let (closer, local) = (closer.clone(), local.try_clone().map_err(RelayFailure::local)?);
-        abort.on_raise(Box::new(move || {
-            closer();
-            let _ = local.shutdown(Shutdown::Both);
-        }));
-    }
     let writer = Arc::new(Mutex::new(NetWriter {
         writer,
         seq: SeqCounter::default(),
         frame: FrameBuf::with_capacity(MAX_CHUNK_BYTES + 64),
     }));
+    {
+        // When the session aborts, every channel tells the peer why (if its writer is free:
+        // one blocked in a write is not waited for), then shuts its sockets.
+        let (closer, local) = (closer.clone(), local.try_clone().map_err(RelayFailure::local)?);
+        let (writer, session) = (writer.clone(), Arc::downgrade(abort));
+        abort.on_raise(Box::new(move || {
+            if let (Ok(mut writer), Some(session)) = (writer.try_lock(), session.upgrade()) {
+                let reason = session.reason().unwrap_or_default();
+                let _ = writer.send(FrameKind::Abort, &encode_reason(&reason));
+            }
+            closer();
+            let _ = local.shutdown(Shutdown::Both);
+        }));
+    }
     let up = {
         let local = local.try_clone().map_err(RelayFailure::local)?;
         let (writer, abort) = (writer.clone(), abort.clone());
@@ -113,14 +120,19 @@ pub fn pump(
             .name(format!("relay-up-{channel}"))
             .spawn(move || {
                 let result = pump_up(local, &writer, codec, &abort);
-                fail_session(&result, &writer, &abort, channel);
+                // A connection that failed under a write is dead: its reader ends at once, and
+                // reports better (the peer's own reason, when it sent one first).
+                if !matches!(result, Err(RelayFailure::Link(_))) {
+                    fail_session(&result, &abort, channel);
+                }
                 result
             })
             .map_err(RelayFailure::local)?
     };
     let down = pump_down(local, reader, &peer, abort);
-    fail_session(&down, &writer, abort, channel);
+    fail_session(&down, abort, channel);
     let up = up.join().unwrap_or_else(|_| Err(RelayFailure::Local("the relay's sending thread panicked".into())));
+    fail_session(&up, abort, channel);
     if abort.is_raised() {
         return Err(RelayFailure::Aborted(abort.reason().unwrap_or_default()));
     }
@@ -139,17 +151,21 @@ pub fn pump(
     })
 }
 
-/// On the first failure: tell the peer why (best effort), then abort the whole session.
-fn fail_session<T>(result: &Result<T, RelayFailure>, writer: &Mutex<NetWriter>, abort: &SessionAbort, channel: u16) {
+/// On the first failure, abort the whole session (every channel then tells the peer why).
+fn fail_session<T>(result: &Result<T, RelayFailure>, abort: &SessionAbort, channel: u16) {
     let Err(failure) = result else { return };
-    if abort.is_raised() {
-        return;
+    if !abort.is_raised() {
+        abort.raise(format!("channel {channel}: {failure}"));
     }
-    let reason = format!("channel {channel}: {failure}");
-    if !matches!(failure, RelayFailure::Peer(_) | RelayFailure::Link(_)) {
-        let _ = lock(writer).send(FrameKind::Abort, &encode_reason(&reason));
+}
+
+/// An error on this host's QEMU socket, said the way an operator reads it.
+fn qemu_failure(doing: &str, err: &io::Error) -> RelayFailure {
+    if matches!(err.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) {
+        RelayFailure::Local(format!("QEMU closed its migration stream (it failed or refused the migration): {err}"))
+    } else {
+        RelayFailure::Local(format!("{doing} QEMU: {err}"))
     }
-    abort.raise(reason);
 }
 
 /// QEMU to the network: chunks, heartbeats while QEMU is quiet, and the stream's end.
@@ -196,7 +212,7 @@ fn pump_up(
                 lock(writer).send(FrameKind::Heartbeat, &[]).map_err(RelayFailure::link)?;
             }
             Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-            Err(err) => return Err(RelayFailure::Local(format!("reading from QEMU: {err}"))),
+            Err(err) => return Err(qemu_failure("reading from", &err)),
         }
     }
 }
@@ -219,7 +235,7 @@ fn pump_down(
     let limit = |kind: FrameKind| if kind == FrameKind::StreamData { data_limit } else { CONTROL_FRAME_LIMIT_BYTES };
     let release = |held: &mut Vec<u8>, local: &mut UnixStream| -> Result<(), RelayFailure> {
         if !held.is_empty() {
-            local.write_all(held).map_err(|err| RelayFailure::Local(format!("writing to QEMU: {err}")))?;
+            local.write_all(held).map_err(|err| qemu_failure("writing to", &err))?;
             held.clear();
         }
         Ok(())
