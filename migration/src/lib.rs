@@ -18,6 +18,7 @@ pub mod precopy;
 pub mod qemu_stream;
 pub mod receiver;
 pub mod relay;
+pub mod relay_pages;
 pub mod source_session;
 pub mod stats;
 pub mod xbzrle;

@@ -65,6 +65,11 @@ mod ram_flag {
     pub const MASK: u64 = 0xfff;
 }
 
+/// Whether `bytes`, a stream's first, start a QEMU migration stream (main or multifd).
+pub fn starts_a_qemu_stream(bytes: &[u8]) -> bool {
+    bytes.starts_with(b"QEVM") || bytes.starts_with(&MULTIFD_MAGIC.to_be_bytes())
+}
+
 /// Which guest page a payload is: the RAM block's index in the order this stream named
 /// blocks, and the offset in the block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -8,14 +8,17 @@
 //! ```text
 //! preamble:     magic "VMRELAY\0" (8) | version_min u16 | version_max u16 | reserved u32 (0)
 //! StreamHello:  session_id u64 | channel u16 | codec u8 | zlib_level u8      (source -> destination)
+//!               | xbzrle_cache_pages u32 (0: no XBZRLE)
 //! HelloAck:     as in handshake.rs                                           (destination -> source)
 //! StreamData:   codec u8 | original_len u32 | data                           (either way)
+//!               (codec 4: page-aware records, `relay_pages.rs`)
 //! StreamEnd:    total_bytes u64 | crc32c u32 (of every original byte)        (either way)
 //! Heartbeat:    empty                                                        (either way)
 //! Abort:        reason (UTF-8)                                               (either way)
 //! ```
 //!
-//! Each direction is a stream of its own with its own frame sequence. A chunk is compressed
+//! Each direction is a stream of its own with its own frame sequence; the handshake's two
+//! frames are numbered 0 and each direction's stream frames count from 0 again after it. A chunk is compressed
 //! whole (lz4 block, or raw deflate) and sent raw when that does not make it smaller. The
 //! frame CRC and the sequence catch damage, loss and reordering chunk by chunk; the
 //! `StreamEnd` digest checks the whole stream once more, end to end.
@@ -62,26 +65,39 @@ pub fn accept_preamble(bytes: &[u8; PREAMBLE_BYTES]) -> Result<u16, HandshakeErr
     Ok(version)
 }
 
-/// Which stream of which session a connection carries, and how its chunks are compressed.
+/// How a stream's chunks are encoded: the codec of chunks and of pages, and the size of
+/// the XBZRLE page cache both ends keep (in pages; 0 turns XBZRLE off).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Encoding {
+    pub codec: Codec,
+    pub xbzrle_cache_pages: u32,
+}
+
+/// The most pages an XBZRLE cache may hold: 4 GiB per stream, well past QEMU's default
+/// (64 MiB), and a bound on what a hello makes the destination allocate.
+pub const MAX_CACHE_PAGES: u32 = 1 << 20;
+
+/// Which stream of which session a connection carries, and how its chunks are encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StreamHello {
     pub session_id: u64,
     /// The stream's place in the order the source accepted them (QEMU's main channel is 0);
     /// the destination opens its streams in the same order.
     pub channel: u16,
-    pub codec: Codec,
+    pub encoding: Encoding,
 }
 
 impl StreamHello {
-    pub const BYTES: usize = 12;
+    pub const BYTES: usize = 16;
 
     pub fn encode(&self) -> [u8; Self::BYTES] {
         let mut out = [0u8; Self::BYTES];
         out[..8].copy_from_slice(&self.session_id.to_le_bytes());
         out[8..10].copy_from_slice(&self.channel.to_le_bytes());
-        let (codec, level) = self.codec.to_wire();
+        let (codec, level) = self.encoding.codec.to_wire();
         out[10] = codec;
         out[11] = level;
+        out[12..16].copy_from_slice(&self.encoding.xbzrle_cache_pages.to_le_bytes());
         out
     }
 
@@ -96,7 +112,11 @@ impl StreamHello {
         }
         let codec = Codec::from_wire(payload[10], payload[11])
             .ok_or_else(|| malformed(format!("unknown codec {} level {}", payload[10], payload[11])))?;
-        Ok(StreamHello { session_id: le_u64(&payload[..8]), channel, codec })
+        let xbzrle_cache_pages = le_u32(&payload[12..16]);
+        if xbzrle_cache_pages > MAX_CACHE_PAGES {
+            return Err(malformed(format!("an XBZRLE cache of {xbzrle_cache_pages} pages, at most {MAX_CACHE_PAGES}")));
+        }
+        Ok(StreamHello { session_id: le_u64(&payload[..8]), channel, encoding: Encoding { codec, xbzrle_cache_pages } })
     }
 }
 
@@ -168,11 +188,12 @@ pub enum RelayError {
 
 const CHUNK_HEADER_BYTES: usize = 5;
 
-/// The largest `StreamData` payload a sender of `MAX_CHUNK_BYTES` chunks can produce (lz4's
-/// worst case on incompressible data is a little over the input; such chunks go raw, but
-/// the bound is the codec's): what a receiver accepts, checked before allocating.
+/// The largest `StreamData` payload a sender may produce: a chunk of `MAX_CHUNK_BYTES`
+/// (lz4's worst case is a little over its input), or a page-aware chunk of as much plus a
+/// partial page, with its items' headers. What a receiver accepts, checked before
+/// allocating.
 pub fn max_data_payload_bytes() -> usize {
-    CHUNK_HEADER_BYTES + lz4_flex::block::get_maximum_output_size(MAX_CHUNK_BYTES)
+    2 * MAX_CHUNK_BYTES + 64
 }
 
 /// Encodes chunks of a stream into `StreamData` payloads, reusing its buffers.
@@ -296,10 +317,18 @@ mod tests {
         engine[8..12].copy_from_slice(&[5, 0, 6, 0]);
         assert!(matches!(accept_preamble(&engine), Err(HandshakeError::VersionMismatch { .. })));
         for codec in CODECS {
-            let hello = StreamHello { session_id: 0xdead_beef, channel: 3, codec };
+            let hello = StreamHello {
+                session_id: 0xdead_beef,
+                channel: 3,
+                encoding: Encoding { codec, xbzrle_cache_pages: 7 },
+            };
             assert_eq!(StreamHello::decode(&hello.encode()), Ok(hello));
         }
-        let mut bad = StreamHello { session_id: 1, channel: 0, codec: Codec::Lz4 }.encode();
+        let lz4 = Encoding { codec: Codec::Lz4, xbzrle_cache_pages: 0 };
+        let mut huge = StreamHello { session_id: 1, channel: 0, encoding: lz4 }.encode();
+        huge[12..16].copy_from_slice(&(MAX_CACHE_PAGES + 1).to_le_bytes());
+        assert!(StreamHello::decode(&huge).is_err(), "a cache over the bound is refused");
+        let mut bad = StreamHello { session_id: 1, channel: 0, encoding: lz4 }.encode();
         bad[8..10].copy_from_slice(&MAX_CHANNELS.to_le_bytes());
         assert!(StreamHello::decode(&bad).is_err());
         assert!(StreamHello::decode(&bad[..5]).is_err());

@@ -79,9 +79,8 @@ pub struct QemuMigrateArgs {
     /// QEMU's multifd with this many channels (each carried on a relay connection).
     #[arg(long)]
     pub multifd: Option<u32>,
-    /// Compression of the carried streams: none, lz4, zlib or zlib:LEVEL.
-    #[arg(long, default_value = "lz4")]
-    pub codec: Codec,
+    #[command(flatten)]
+    pub carry: CarryOptions,
     /// QEMU's own XBZRLE on both QEMUs.
     #[arg(long)]
     pub qemu_xbzrle: bool,
@@ -109,13 +108,28 @@ pub struct QemuSendArgs {
     /// The destination relay (`vmigrate qemu-recv --listen`).
     #[arg(long)]
     pub to: String,
-    /// Compression of the carried streams: none, lz4, zlib or zlib:LEVEL.
-    #[arg(long, default_value = "lz4")]
-    pub codec: Codec,
+    #[command(flatten)]
+    pub carry: CarryOptions,
     #[command(flatten)]
     pub relay: RelayOptions,
     #[command(flatten)]
     pub stack: StackOptions,
+}
+
+/// How the source relay encodes QEMU's streams.
+#[derive(Args, Debug)]
+pub struct CarryOptions {
+    /// Compression of the carried pages (and of streams that are not QEMU's): none, lz4,
+    /// zlib or zlib:LEVEL.
+    #[arg(long, default_value = "lz4")]
+    pub codec: Codec,
+    /// XBZRLE: a page carried again goes as a delta against its copy carried last, when
+    /// that is smaller. Both relays keep a cache of --xbzrle-cache per stream.
+    #[arg(long)]
+    pub xbzrle: bool,
+    /// The XBZRLE cache of each stream, on each relay (QEMU's default is 64 MiB).
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    pub xbzrle_cache: u64,
 }
 
 #[derive(Args, Debug)]

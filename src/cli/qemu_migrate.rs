@@ -5,7 +5,7 @@
 
 use super::args::QemuMigrateArgs;
 use super::commands::connector_for;
-use super::relay::{print_report, report_json, seconds, timeouts};
+use super::relay::{encoding, print_report, report_json, seconds, timeouts};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
@@ -69,7 +69,10 @@ pub fn qemu_migrate(args: QemuMigrateArgs) -> Result<ExitCode> {
     destination.execute("migrate-incoming", json!({ "uri": incoming_uri })).context("migrate-incoming")?;
 
     let relay_socket = work.join("source.sock");
-    let config = SourceRelayConfig { codec: args.codec, first_connection_timeout: seconds("--wait", args.relay.wait)? };
+    let config = SourceRelayConfig {
+        encoding: encoding(&args.carry)?,
+        first_connection_timeout: seconds("--wait", args.relay.wait)?,
+    };
     let relay = SourceRelay::bind(&relay_socket, config)?;
     let source_relay = std::thread::Builder::new().name("relay-source".into()).spawn(move || relay.run(&*connector))?;
     source.execute("migrate", json!({ "uri": format!("unix:{}", relay_socket.display()) })).context("migrate")?;

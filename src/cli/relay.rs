@@ -1,9 +1,11 @@
 //! `qemu-send` and `qemu-recv`: the relay pair that carries a QEMU migration over our
 //! stacks, and its report.
 
-use super::args::{QemuRecvArgs, QemuSendArgs, RelayOptions};
+use super::args::{CarryOptions, QemuRecvArgs, QemuSendArgs, RelayOptions};
 use super::commands::{acceptor_for, connector_for};
 use anyhow::{Context, Result};
+use migration::relay::{Encoding, MAX_CACHE_PAGES};
+use migration::PAGE_SIZE_BYTES;
 use std::process::ExitCode;
 use std::time::Duration;
 use transport::pipe::Timeouts;
@@ -14,7 +16,10 @@ use transport::qemu::RelayReport;
 pub fn qemu_send(args: QemuSendArgs) -> Result<ExitCode> {
     let timeouts = timeouts(&args.relay)?;
     let (connector, _stack) = connector_for(&args.stack, !args.relay.no_pin, &args.to, timeouts)?;
-    let config = SourceRelayConfig { codec: args.codec, first_connection_timeout: seconds("--wait", args.relay.wait)? };
+    let config = SourceRelayConfig {
+        encoding: encoding(&args.carry)?,
+        first_connection_timeout: seconds("--wait", args.relay.wait)?,
+    };
     let relay = SourceRelay::bind(&args.listen, config)?;
     eprintln!("vmigrate: waiting for QEMU on unix:{}", relay.path().display());
     let report = relay.run(&*connector).context("relaying the QEMU migration")?;
@@ -34,6 +39,15 @@ pub fn qemu_recv(args: QemuRecvArgs) -> Result<ExitCode> {
     let report = relay_destination(&mut *acceptor, &config).context("relaying the QEMU migration")?;
     print_report("received", &report, args.relay.json)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The encoding the options ask for.
+pub(super) fn encoding(options: &CarryOptions) -> Result<Encoding> {
+    let pages = if options.xbzrle { options.xbzrle_cache / PAGE_SIZE_BYTES as u64 } else { 0 };
+    if pages > u64::from(MAX_CACHE_PAGES) {
+        anyhow::bail!("--xbzrle-cache {}: at most {} MiB", options.xbzrle_cache, (MAX_CACHE_PAGES as u64 * 4096) >> 20);
+    }
+    Ok(Encoding { codec: options.codec, xbzrle_cache_pages: pages.max(u64::from(options.xbzrle)) as u32 })
 }
 
 pub(super) fn timeouts(options: &RelayOptions) -> Result<Timeouts> {

@@ -62,7 +62,7 @@ fn relay_command(args: &[&str]) -> Command {
 
 /// Migrates the sweeper from a fresh source QEMU to a fresh destination QEMU through the
 /// relays on `link`, then checks both guests.
-fn migrate_sweeper(link: &Link, multifd: Option<u32>, codec: &str, port: u16) {
+fn migrate_sweeper(link: &Link, multifd: Option<u32>, codec: &str, port: u16) -> serde_json::Value {
     let dir = tempdir(&format!("{}-{port}", std::process::id()));
     let image = sweeper_image(&dir);
     let source = Vm::start(&dir, "source", &image, false);
@@ -79,7 +79,7 @@ fn migrate_sweeper(link: &Link, multifd: Option<u32>, codec: &str, port: u16) {
     let (recv, mut send, fixed_address) = link.relays(&dst_socket, &src_socket, port);
     let receiver = Receiver::spawn_announcing(recv, "vmigrate: waiting for the source relay on ");
     let to = fixed_address.unwrap_or_else(|| receiver.address.clone());
-    send.args(["--to", &to, "--codec", codec]);
+    send.args(["--to", &to, "--codec"]).args(codec.split(' '));
     let sender = Receiver::spawn_announcing(send, "vmigrate: waiting for QEMU on ");
 
     eprintln!("migrating the sweeper: multifd {multifd:?}, codec {codec}");
@@ -114,6 +114,7 @@ fn migrate_sweeper(link: &Link, multifd: Option<u32>, codec: &str, port: u16) {
     eprintln!("  memory equal on both sides; the sweep stood at page {point}; the destination runs on");
     drop((source, destination));
     let _ = std::fs::remove_dir_all(&dir);
+    sent
 }
 
 fn json(text: &str) -> serde_json::Value {
@@ -128,6 +129,12 @@ fn qemu_migrates_through_the_relays_over_kernel_tcp() {
     }
     migrate_sweeper(&Link::Kernel, None, "lz4", 1);
     migrate_sweeper(&Link::Kernel, Some(2), "zlib", 2);
+    // XBZRLE in the relay, with a cache that holds the whole guest: the pages the sweep
+    // dirtied go again as deltas against the copies carried first.
+    let sent = migrate_sweeper(&Link::Kernel, None, "none --xbzrle --xbzrle-cache 256MiB", 3);
+    let encodings = &sent["channels"][0]["encodings"];
+    let deltas = encodings["xbzrle"].as_u64().unwrap_or(0) + encodings["unchanged"].as_u64().unwrap_or(0);
+    assert!(deltas > 0, "no page went as a delta: {encodings}");
 }
 
 #[test]

@@ -18,11 +18,12 @@ use super::RelayFailure;
 use crate::abort::SessionAbort;
 use crate::framed::{read_frame, ReadError, CONTROL_FRAME_LIMIT_BYTES};
 use crate::pipe::Connection;
-use migration::codec::Codec;
 use migration::frame::{FrameBuf, FrameKind, SeqCounter};
 use migration::handshake::{decode_reason, encode_reason};
-use migration::qemu_stream::{Kind, Progress, StreamReader};
+use migration::qemu_stream::{starts_a_qemu_stream, Kind, Piece, Progress, StreamReader, PAGE_BYTES};
+use migration::relay::Encoding;
 use migration::relay::{max_data_payload_bytes, ChunkDecoder, ChunkEncoder, StreamDigest, StreamEnd, MAX_CHUNK_BYTES};
+use migration::relay_pages::{PageCounts, RecordDecoder, RecordEncoder, RECORDS};
 use serde::Serialize;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
@@ -53,6 +54,8 @@ pub struct ChannelReport {
     pub stream: &'static str,
     /// Guest pages found in what this host's QEMU sent.
     pub pages: u64,
+    /// How those pages went on the wire.
+    pub encodings: PageCounts,
     /// From this host's QEMU to the peer.
     pub sent: DirectionStats,
     /// From the peer to this host's QEMU.
@@ -82,13 +85,13 @@ fn lock(writer: &Mutex<NetWriter>) -> std::sync::MutexGuard<'_, NetWriter> {
 }
 
 /// Pumps `local` (a QEMU socket) and `net` (the relay connection, past its handshake) both
-/// ways until both directions have ended, or the session aborts. `codec` compresses what
-/// goes out; what comes in says its own codec per chunk.
+/// ways until both directions have ended, or the session aborts. `encoding` (agreed in the
+/// stream's hello) serves both directions.
 pub fn pump(
     channel: u16,
     local: UnixStream,
     net: Connection,
-    codec: Codec,
+    encoding: Encoding,
     abort: &Arc<SessionAbort>,
 ) -> Result<ChannelReport, RelayFailure> {
     let started = Instant::now();
@@ -119,7 +122,7 @@ pub fn pump(
         std::thread::Builder::new()
             .name(format!("relay-up-{channel}"))
             .spawn(move || {
-                let result = pump_up(local, &writer, codec, &abort);
+                let result = pump_up(local, &writer, encoding, &abort);
                 // A connection that failed under a write is dead: its reader ends at once, and
                 // reports better (the peer's own reason, when it sent one first).
                 if !matches!(result, Err(RelayFailure::Link(_))) {
@@ -129,14 +132,14 @@ pub fn pump(
             })
             .map_err(RelayFailure::local)?
     };
-    let down = pump_down(local, reader, &peer, abort);
+    let down = pump_down(local, reader, &peer, encoding, abort);
     fail_session(&down, abort, channel);
     let up = up.join().unwrap_or_else(|_| Err(RelayFailure::Local("the relay's sending thread panicked".into())));
     fail_session(&up, abort, channel);
     if abort.is_raised() {
         return Err(RelayFailure::Aborted(abort.reason().unwrap_or_default()));
     }
-    let (sent, stream) = up?;
+    let (sent, stream, encodings) = up?;
     Ok(ChannelReport {
         channel,
         stream: match stream.kind() {
@@ -145,6 +148,7 @@ pub fn pump(
             Kind::Unknown | Kind::Foreign => "other",
         },
         pages: stream.pages(),
+        encodings,
         sent,
         received: down?,
         seconds: started.elapsed().as_secs_f64(),
@@ -169,21 +173,32 @@ fn qemu_failure(doing: &str, err: &io::Error) -> RelayFailure {
 }
 
 /// QEMU to the network: chunks, heartbeats while QEMU is quiet, and the stream's end.
-/// The stream is read as it passes (`StreamReader`): a main stream that ends before its
-/// migration reached completion (QEMU cancelled it, or failed) is aborted rather than
-/// ended, so that the destination relay fails too and its QEMU never sees a clean end.
+/// The stream is read as it passes (`StreamReader`). Once it shows itself a QEMU
+/// migration stream, chunks are page-aware (`PageChunks`); anything else goes in chunks
+/// compressed whole. A main stream that ends before its migration reached completion (QEMU
+/// cancelled it, or failed) is aborted rather than ended, so that the destination relay
+/// fails too and its QEMU never sees a clean end.
 fn pump_up(
     mut local: UnixStream,
     writer: &Mutex<NetWriter>,
-    codec: Codec,
+    encoding: Encoding,
     abort: &SessionAbort,
-) -> Result<(DirectionStats, StreamReader), RelayFailure> {
+) -> Result<(DirectionStats, StreamReader, PageCounts), RelayFailure> {
     local.set_read_timeout(Some(HEARTBEAT)).map_err(RelayFailure::local)?;
-    let mut encoder = ChunkEncoder::new(codec);
+    let mut chunks = ChunkEncoder::new(encoding.codec);
+    let mut pages = PageChunks::new(encoding);
     let mut digest = StreamDigest::default();
     let mut stats = DirectionStats::default();
     let mut buffer = vec![0u8; MAX_CHUNK_BYTES];
     let mut stream = StreamReader::default();
+    // Decided by the stream's first bytes: QEMU's (page-aware chunks) or anything else.
+    let mut page_aware: Option<bool> = None;
+    let send = |payload: &[u8], original: usize, stats: &mut DirectionStats| -> Result<(), RelayFailure> {
+        stats.bytes += original as u64;
+        stats.wire_bytes += payload.len() as u64;
+        stats.chunks += 1;
+        lock(writer).send(FrameKind::StreamData, payload).map_err(RelayFailure::link)
+    };
     loop {
         if abort.is_raised() {
             return Err(RelayFailure::Aborted(abort.reason().unwrap_or_default()));
@@ -196,17 +211,25 @@ fn pump_up(
                             .into(),
                     ));
                 }
+                // A page cut short by the end of the stream goes as the bytes it is.
+                if let Some((payload, original)) = pages.finish(true) {
+                    send(payload, original, &mut stats)?;
+                }
                 lock(writer).send(FrameKind::StreamEnd, &digest.end().encode()).map_err(RelayFailure::link)?;
-                return Ok((stats, stream));
+                return Ok((stats, stream, pages.encoder.counts));
             }
             Ok(n) => {
-                stream.feed(&buffer[..n], &mut |_| {});
-                digest.update(&buffer[..n]);
-                let payload = encoder.encode(&buffer[..n]);
-                stats.bytes += n as u64;
-                stats.wire_bytes += payload.len() as u64;
-                stats.chunks += 1;
-                lock(writer).send(FrameKind::StreamData, payload).map_err(RelayFailure::link)?;
+                let data = &buffer[..n];
+                digest.update(data);
+                if *page_aware.get_or_insert_with(|| starts_a_qemu_stream(data)) {
+                    stream.feed(data, &mut |piece| pages.piece(piece));
+                    if let Some((payload, original)) = pages.finish(false) {
+                        send(payload, original, &mut stats)?;
+                    }
+                } else {
+                    stream.feed(data, &mut |_| {});
+                    send(chunks.encode(data), n, &mut stats)?;
+                }
             }
             Err(err) if matches!(err.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
                 lock(writer).send(FrameKind::Heartbeat, &[]).map_err(RelayFailure::link)?;
@@ -217,15 +240,61 @@ fn pump_up(
     }
 }
 
+/// Page-aware chunks being built from the reader's pieces: the bytes between pages as they
+/// are, each page once it is whole.
+struct PageChunks {
+    encoder: RecordEncoder,
+    page: Vec<u8>,
+}
+
+impl PageChunks {
+    fn new(encoding: Encoding) -> PageChunks {
+        PageChunks {
+            encoder: RecordEncoder::new(encoding.codec, encoding.xbzrle_cache_pages as usize),
+            page: Vec::with_capacity(PAGE_BYTES),
+        }
+    }
+
+    fn piece(&mut self, piece: Piece) {
+        match piece {
+            Piece::Other(bytes) => self.encoder.other(bytes),
+            Piece::Page { key, bytes } => {
+                self.page.extend_from_slice(bytes);
+                if self.page.len() == PAGE_BYTES {
+                    self.encoder.page(key, &self.page);
+                    self.page.clear();
+                }
+            }
+        }
+    }
+
+    /// The chunk so far, if it holds anything, and its original length; a page still
+    /// incomplete waits for the next chunk unless the stream `ended`.
+    fn finish(&mut self, ended: bool) -> Option<(&[u8], usize)> {
+        if ended && !self.page.is_empty() {
+            let partial = std::mem::take(&mut self.page);
+            self.encoder.other(&partial);
+        }
+        let original = self.encoder.original_len();
+        if original == 0 {
+            return None;
+        }
+        Some((self.encoder.finish(), original))
+    }
+}
+
 /// The network to QEMU: checked, decompressed chunks, the last one held back until the
 /// next frame proves more is coming (or the stream's digest checks out).
 fn pump_down(
     mut local: UnixStream,
     mut reader: Box<dyn Read + Send>,
     peer: &str,
+    encoding: Encoding,
     abort: &SessionAbort,
 ) -> Result<DirectionStats, RelayFailure> {
     let mut decoder = ChunkDecoder::default();
+    let mut records = RecordDecoder::new(encoding.codec, encoding.xbzrle_cache_pages as usize);
+    let mut rebuilt: Vec<u8> = Vec::with_capacity(2 * MAX_CHUNK_BYTES);
     let mut digest = StreamDigest::default();
     let mut stats = DirectionStats::default();
     let mut payload = Vec::with_capacity(MAX_CHUNK_BYTES + 64);
@@ -258,7 +327,13 @@ fn pump_down(
         expected_seq += 1;
         match header.kind {
             FrameKind::StreamData => {
-                let bytes = decoder.decode(&payload).map_err(|err| RelayFailure::Link(err.to_string()))?;
+                let bytes = if payload.first() == Some(&RECORDS) {
+                    rebuilt.clear();
+                    records.decode(&payload, &mut rebuilt).map_err(|err| RelayFailure::Link(err.to_string()))?;
+                    &rebuilt[..]
+                } else {
+                    decoder.decode(&payload).map_err(|err| RelayFailure::Link(err.to_string()))?
+                };
                 release(&mut held, &mut local)?;
                 digest.update(bytes);
                 held.extend_from_slice(bytes);
@@ -285,6 +360,10 @@ fn pump_down(
 mod tests {
     use super::*;
     use crate::pipe::{Acceptor, Connector, TcpAcceptor, TcpConnector, Timeouts};
+    use migration::codec::Codec;
+
+    const RAW: Encoding = Encoding { codec: Codec::None, xbzrle_cache_pages: 0 };
+    const LZ4: Encoding = Encoding { codec: Codec::Lz4, xbzrle_cache_pages: 0 };
     use migration::relay::{ChunkEncoder, StreamDigest};
 
     /// A relay connection pair over loopback TCP.
@@ -299,6 +378,7 @@ mod tests {
     /// Pumps a stream from a fake source QEMU through two relays to a fake destination
     /// QEMU; returns what the destination read and both channel reports.
     fn carry(data: Vec<u8>, codec: Codec) -> (Vec<u8>, ChannelReport, ChannelReport) {
+        let codec = Encoding { codec, xbzrle_cache_pages: 0 };
         let (source_net, destination_net) = net_pair();
         let (mut source_qemu, source_local) = UnixStream::pair().unwrap();
         let (mut destination_qemu, destination_local) = UnixStream::pair().unwrap();
@@ -359,9 +439,9 @@ mod tests {
         let (mut destination_qemu, destination_local) = UnixStream::pair().unwrap();
         let source_abort = Arc::new(SessionAbort::new());
         let destination_abort = Arc::new(SessionAbort::new());
-        let source = std::thread::spawn(move || pump(0, source_local, source_net, Codec::Lz4, &source_abort));
+        let source = std::thread::spawn(move || pump(0, source_local, source_net, LZ4, &source_abort));
         let destination =
-            std::thread::spawn(move || pump(0, destination_local, destination_net, Codec::Lz4, &destination_abort));
+            std::thread::spawn(move || pump(0, destination_local, destination_net, LZ4, &destination_abort));
         source_qemu.write_all(&[1u8; 100_000]).unwrap();
         std::thread::sleep(Duration::from_millis(300));
         cutter();
@@ -380,7 +460,7 @@ mod tests {
         let (mut forger, destination_net) = net_pair();
         let (mut destination_qemu, destination_local) = UnixStream::pair().unwrap();
         let abort = Arc::new(SessionAbort::new());
-        let destination = std::thread::spawn(move || pump(0, destination_local, destination_net, Codec::None, &abort));
+        let destination = std::thread::spawn(move || pump(0, destination_local, destination_net, RAW, &abort));
         let mut seq = SeqCounter::default();
         let mut frame = FrameBuf::with_capacity(MAX_CHUNK_BYTES);
         let mut send = |kind: FrameKind, payload: &[u8]| {

@@ -13,10 +13,9 @@ use super::{collect, RelayFailure, RelayReport};
 use crate::abort::SessionAbort;
 use crate::framed::{read_frame, write_frame, ReadError, CONTROL_FRAME_LIMIT_BYTES};
 use crate::pipe::{Connection, Connector};
-use migration::codec::Codec;
 use migration::frame::{FrameKind, SeqCounter};
 use migration::handshake::{decode_reason, HelloAck};
-use migration::relay::{encode_preamble, StreamHello, MAX_CHANNELS};
+use migration::relay::{encode_preamble, Encoding, StreamHello, MAX_CHANNELS};
 use std::io::{self, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -28,8 +27,8 @@ const POLL: Duration = Duration::from_millis(20);
 
 #[derive(Debug, Clone)]
 pub struct SourceRelayConfig {
-    /// Compression of the chunks carried.
-    pub codec: Codec,
+    /// How the carried streams are encoded (codec, XBZRLE cache).
+    pub encoding: Encoding,
     /// How long to wait for the source QEMU's first connection.
     pub first_connection_timeout: Duration,
 }
@@ -75,13 +74,13 @@ impl SourceRelay {
                         abort.raise(format!("QEMU opened more than {MAX_CHANNELS} streams"));
                         break;
                     }
-                    match open_stream(connector, session_id, channel, self.config.codec) {
+                    match open_stream(connector, session_id, channel, self.config.encoding) {
                         Ok(net) => {
                             let abort = abort.clone();
-                            let codec = self.config.codec;
+                            let encoding = self.config.encoding;
                             let pump = std::thread::Builder::new()
                                 .name(format!("relay-{channel}"))
-                                .spawn(move || pump(channel, local, net, codec, &abort))
+                                .spawn(move || pump(channel, local, net, encoding, &abort))
                                 .map_err(RelayFailure::local)?;
                             pumps.push((channel, pump));
                         }
@@ -139,12 +138,12 @@ fn open_stream(
     connector: &dyn Connector,
     session_id: u64,
     channel: u16,
-    codec: Codec,
+    encoding: Encoding,
 ) -> Result<Connection, RelayFailure> {
     let mut net =
         connector.connect().map_err(|err| RelayFailure::Link(format!("connecting to the destination relay: {err}")))?;
     net.writer.write_all(&encode_preamble()).map_err(RelayFailure::link)?;
-    let hello = StreamHello { session_id, channel, codec };
+    let hello = StreamHello { session_id, channel, encoding };
     let mut seq = SeqCounter::default();
     write_frame(&mut *net.writer, FrameKind::StreamHello, 0, &mut seq, &hello.encode()).map_err(RelayFailure::link)?;
     let mut payload = Vec::new();

@@ -1,0 +1,396 @@
+//! Page-aware chunks of a carried QEMU stream (`relay.rs`, chunk codec `records`): the
+//! guest pages that `qemu_stream` finds are sent one by one, each the cheapest way (zero,
+//! unchanged, an XBZRLE delta against the copy last carried, compressed, or raw), and the
+//! bytes between them as they are. The destination rebuilds the exact bytes.
+//!
+//! ```text
+//! chunk:  u8 4 | u32 original_len | items...
+//! item:   u8 tag, then
+//!   OTHER     u16 len, bytes                  (stream bytes that are not page contents)
+//!   RAW       key, 4096 bytes
+//!   PACKED    key, u16 len, bytes            (the stream's codec: lz4 or raw deflate)
+//!   XBZRLE    key, u16 len, delta            (against the page's copy in the cache)
+//!   ZERO      key
+//!   UNCHANGED key                            (equal to the page's copy in the cache)
+//! key:    u16 block, u64 offset
+//! ```
+//!
+//! Both ends keep the same cache of the pages carried last (`PageCache`, direct-mapped like
+//! QEMU's): every page goes through it in stream order on both sides, so the copies agree
+//! and a delta always applies to the copy it was made against.
+
+use crate::codec::{Codec, Compressed, PageCompressor, PageDecompressor};
+use crate::frame::{le_u16, le_u32, le_u64};
+use crate::qemu_stream::PageKey;
+use crate::relay::RelayError;
+use crate::{xbzrle, zero, PAGE_SIZE_BYTES};
+
+/// The chunk codec byte of page-aware chunks.
+pub const RECORDS: u8 = 4;
+
+mod tag {
+    pub const OTHER: u8 = 0;
+    pub const RAW: u8 = 1;
+    pub const PACKED: u8 = 2;
+    pub const XBZRLE: u8 = 3;
+    pub const ZERO: u8 = 4;
+    pub const UNCHANGED: u8 = 5;
+}
+
+const KEY_BYTES: usize = 10;
+/// A delta longer than this is not worth it: the page goes compressed or raw instead.
+const XBZRLE_LIMIT: usize = PAGE_SIZE_BYTES * 3 / 4;
+
+/// The copies of the pages carried last, direct-mapped: a page's slot follows from its
+/// key, a new page evicts the slot's old one.
+pub struct PageCache {
+    keys: Vec<Option<PageKey>>,
+    pages: Vec<u8>,
+}
+
+impl PageCache {
+    /// A cache of `pages` pages (at least one).
+    pub fn new(pages: usize) -> PageCache {
+        let pages = pages.max(1);
+        PageCache { keys: vec![None; pages], pages: vec![0; pages * PAGE_SIZE_BYTES] }
+    }
+
+    fn slot(&self, key: PageKey) -> usize {
+        // Neighbouring pages take neighbouring slots; each block starts at a scattered slot.
+        let page = key.offset / PAGE_SIZE_BYTES as u64;
+        let block = u64::from(key.block).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        (page.wrapping_add(block) % self.keys.len() as u64) as usize
+    }
+
+    pub fn get(&self, key: PageKey) -> Option<&[u8]> {
+        let slot = self.slot(key);
+        (self.keys[slot] == Some(key)).then(|| &self.pages[slot * PAGE_SIZE_BYTES..(slot + 1) * PAGE_SIZE_BYTES])
+    }
+
+    pub fn put(&mut self, key: PageKey, page: &[u8]) {
+        let slot = self.slot(key);
+        self.keys[slot] = Some(key);
+        self.pages[slot * PAGE_SIZE_BYTES..(slot + 1) * PAGE_SIZE_BYTES].copy_from_slice(page);
+    }
+
+    pub fn forget(&mut self, key: PageKey) {
+        let slot = self.slot(key);
+        if self.keys[slot] == Some(key) {
+            self.keys[slot] = None;
+        }
+    }
+}
+
+/// How the pages of a stream went, for the report.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PageCounts {
+    pub raw: u64,
+    pub packed: u64,
+    pub xbzrle: u64,
+    pub zero: u64,
+    pub unchanged: u64,
+}
+
+/// Builds page-aware chunks on the sending side.
+pub struct RecordEncoder {
+    compressor: PageCompressor,
+    cache: Option<PageCache>,
+    delta: Vec<u8>,
+    out: Vec<u8>,
+    original: u32,
+    /// The last chunk was handed out: the next item starts a new one.
+    finished: bool,
+    pub counts: PageCounts,
+}
+
+impl RecordEncoder {
+    /// `codec` for pages that are neither zero nor deltas; `cache_pages` > 0 turns XBZRLE on.
+    pub fn new(codec: Codec, cache_pages: usize) -> RecordEncoder {
+        RecordEncoder {
+            compressor: PageCompressor::new(codec),
+            cache: (cache_pages > 0).then(|| PageCache::new(cache_pages)),
+            delta: vec![0; XBZRLE_LIMIT],
+            out: Vec::with_capacity(96 << 10),
+            original: 0,
+            finished: true,
+            counts: PageCounts::default(),
+        }
+    }
+
+    /// Starts a new chunk if the last one was handed out.
+    fn open(&mut self) {
+        if std::mem::take(&mut self.finished) {
+            self.out.clear();
+            self.out.push(RECORDS);
+            self.out.extend_from_slice(&[0; 4]);
+            self.original = 0;
+        }
+    }
+
+    /// Original stream bytes in the chunk so far.
+    pub fn original_len(&self) -> usize {
+        if self.finished {
+            0
+        } else {
+            self.original as usize
+        }
+    }
+
+    /// Adds stream bytes that are not page contents.
+    pub fn other(&mut self, mut bytes: &[u8]) {
+        self.open();
+        while !bytes.is_empty() {
+            let n = bytes.len().min(usize::from(u16::MAX));
+            self.out.push(tag::OTHER);
+            self.out.extend_from_slice(&(n as u16).to_le_bytes());
+            self.out.extend_from_slice(&bytes[..n]);
+            self.original += n as u32;
+            bytes = &bytes[n..];
+        }
+    }
+
+    /// Adds one whole page, sent the cheapest way.
+    pub fn page(&mut self, key: PageKey, page: &[u8]) {
+        debug_assert_eq!(page.len(), PAGE_SIZE_BYTES);
+        self.open();
+        self.original += PAGE_SIZE_BYTES as u32;
+        if zero::is_zero(page) {
+            self.item(tag::ZERO, key);
+            self.counts.zero += 1;
+            if let Some(cache) = &mut self.cache {
+                cache.forget(key);
+            }
+            return;
+        }
+        if let Some(cache) = &mut self.cache {
+            let delta = cache.get(key).map(|old| xbzrle::encode(old, page, &mut self.delta));
+            cache.put(key, page);
+            match delta {
+                Some(Ok(0)) => {
+                    self.item(tag::UNCHANGED, key);
+                    self.counts.unchanged += 1;
+                    return;
+                }
+                Some(Ok(len)) => {
+                    self.item(tag::XBZRLE, key);
+                    self.out.extend_from_slice(&(len as u16).to_le_bytes());
+                    self.out.extend_from_slice(&self.delta[..len]);
+                    self.counts.xbzrle += 1;
+                    return;
+                }
+                _ => {}
+            }
+        }
+        match self.compressor.compress(page) {
+            Compressed::Packed { len } => {
+                self.item(tag::PACKED, key);
+                self.out.extend_from_slice(&(len as u16).to_le_bytes());
+                self.out.extend_from_slice(&self.compressor.output()[..len]);
+                self.counts.packed += 1;
+            }
+            Compressed::Raw => {
+                self.item(tag::RAW, key);
+                self.out.extend_from_slice(page);
+                self.counts.raw += 1;
+            }
+        }
+    }
+
+    fn item(&mut self, tag: u8, key: PageKey) {
+        self.out.push(tag);
+        self.out.extend_from_slice(&key.block.to_le_bytes());
+        self.out.extend_from_slice(&key.offset.to_le_bytes());
+    }
+
+    /// The chunk built so far, as a `StreamData` payload; the next item starts a new one.
+    pub fn finish(&mut self) -> &[u8] {
+        self.open();
+        let original = self.original.to_le_bytes();
+        self.out[1..5].copy_from_slice(&original);
+        self.finished = true;
+        &self.out
+    }
+}
+
+/// Rebuilds the original bytes of page-aware chunks on the receiving side.
+pub struct RecordDecoder {
+    codec: Codec,
+    decompressor: PageDecompressor,
+    cache: Option<PageCache>,
+    page: Vec<u8>,
+}
+
+impl RecordDecoder {
+    /// The same `codec` and cache size as the sender's.
+    pub fn new(codec: Codec, cache_pages: usize) -> RecordDecoder {
+        RecordDecoder {
+            codec,
+            decompressor: PageDecompressor::default(),
+            cache: (cache_pages > 0).then(|| PageCache::new(cache_pages)),
+            page: vec![0; PAGE_SIZE_BYTES],
+        }
+    }
+
+    /// Appends the original bytes of the chunk `payload` to `out`, every length checked.
+    pub fn decode(&mut self, payload: &[u8], out: &mut Vec<u8>) -> Result<(), RelayError> {
+        let malformed = |what: String| RelayError::Malformed(format!("page chunk: {what}"));
+        if payload.len() < 5 || payload[0] != RECORDS {
+            return Err(malformed("no header".into()));
+        }
+        let original = le_u32(&payload[1..5]) as usize;
+        if original > crate::relay::MAX_CHUNK_BYTES + PAGE_SIZE_BYTES {
+            return Err(RelayError::Oversized { length: original });
+        }
+        let start = out.len();
+        let mut rest = &payload[5..];
+        while !rest.is_empty() {
+            let tag = take(&mut rest, 1)?[0];
+            if tag == tag::OTHER {
+                let len = usize::from(le_u16(take(&mut rest, 2)?));
+                out.extend_from_slice(take(&mut rest, len)?);
+                continue;
+            }
+            let key = take(&mut rest, KEY_BYTES)?;
+            let key = PageKey { block: le_u16(&key[..2]), offset: le_u64(&key[2..]) };
+            match tag {
+                tag::RAW => self.page.copy_from_slice(take(&mut rest, PAGE_SIZE_BYTES)?),
+                tag::PACKED => {
+                    let len = usize::from(le_u16(take(&mut rest, 2)?));
+                    let data = take(&mut rest, len)?;
+                    self.decompressor
+                        .decompress(self.codec, data, &mut self.page)
+                        .map_err(|err| malformed(err.to_string()))?;
+                }
+                tag::XBZRLE | tag::UNCHANGED => {
+                    let cache = self.cache.as_ref().ok_or_else(|| malformed("a delta without a cache".into()))?;
+                    let old = cache.get(key).ok_or_else(|| malformed(format!("no cached copy of {key:?}")))?;
+                    self.page.copy_from_slice(old);
+                    if tag == tag::XBZRLE {
+                        let len = usize::from(le_u16(take(&mut rest, 2)?));
+                        xbzrle::decode(take(&mut rest, len)?, &mut self.page)
+                            .map_err(|err| malformed(err.to_string()))?;
+                    }
+                }
+                tag::ZERO => self.page.fill(0),
+                other => return Err(malformed(format!("unknown item {other}"))),
+            }
+            if let Some(cache) = &mut self.cache {
+                if tag == tag::ZERO {
+                    cache.forget(key);
+                } else {
+                    cache.put(key, &self.page);
+                }
+            }
+            out.extend_from_slice(&self.page);
+            if out.len() - start > original {
+                return Err(malformed("more bytes than the chunk declares".into()));
+            }
+        }
+        if out.len() - start != original {
+            return Err(malformed(format!("{} bytes, the chunk declares {original}", out.len() - start)));
+        }
+        Ok(())
+    }
+}
+
+/// The next `n` bytes of a chunk being read.
+fn take<'a>(rest: &mut &'a [u8], n: usize) -> Result<&'a [u8], RelayError> {
+    if rest.len() < n {
+        return Err(RelayError::Malformed("page chunk: an item runs past the chunk".into()));
+    }
+    let (head, tail) = rest.split_at(n);
+    *rest = tail;
+    Ok(head)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn key(offset: u64) -> PageKey {
+        PageKey { block: 0, offset }
+    }
+
+    fn text_page(seed: u8) -> Vec<u8> {
+        (0..PAGE_SIZE_BYTES).map(|i| if i % 64 < 8 { seed.wrapping_add((i / 64) as u8) } else { 0 }).collect()
+    }
+
+    #[test]
+    fn pages_round_trip_each_the_cheapest_way() {
+        for codec in [Codec::None, Codec::Lz4, Codec::Zlib { level: 1 }] {
+            let mut encoder = RecordEncoder::new(codec, 64);
+            let mut decoder = RecordDecoder::new(codec, 64);
+            let mut original = Vec::new();
+            let mut changed = text_page(1);
+            changed[100] ^= 0xff;
+            let steps: Vec<(u64, Vec<u8>)> = vec![
+                (0x1000, text_page(1)),
+                (0x2000, vec![0; PAGE_SIZE_BYTES]),
+                (0x1000, text_page(1)),
+                (0x1000, changed.clone()),
+                (0x3000, (0..PAGE_SIZE_BYTES).map(|i| (i * 7919 % 251) as u8).collect()),
+            ];
+            encoder.other(b"QEVM header bytes");
+            original.extend_from_slice(b"QEVM header bytes");
+            for (offset, page) in &steps {
+                encoder.page(key(*offset), page);
+                original.extend_from_slice(page);
+            }
+            let payload = encoder.finish().to_vec();
+            let mut rebuilt = Vec::new();
+            decoder.decode(&payload, &mut rebuilt).unwrap();
+            assert_eq!(rebuilt, original, "{codec}");
+            let counts = encoder.counts;
+            assert_eq!((counts.zero, counts.unchanged, counts.xbzrle), (1, 1, 1), "{codec}: {counts:?}");
+            assert!(payload.len() < original.len(), "{codec}: {} of {}", payload.len(), original.len());
+        }
+    }
+
+    #[test]
+    fn the_caches_stay_equal_across_chunks_and_evictions() {
+        // A cache of 4 pages and 6 pages cycling through it: pages 2 and 3 keep their slots,
+        // the others evict each other, on both sides alike.
+        let mut encoder = RecordEncoder::new(Codec::Lz4, 4);
+        let mut decoder = RecordDecoder::new(Codec::Lz4, 4);
+        for round in 0..5u8 {
+            let mut original = Vec::new();
+            for page in 0..6u64 {
+                let mut contents = text_page(page as u8);
+                contents[7] = round;
+                encoder.page(key(page * 4096), &contents);
+                original.extend_from_slice(&contents);
+            }
+            let payload = encoder.finish().to_vec();
+            let mut rebuilt = Vec::new();
+            decoder.decode(&payload, &mut rebuilt).unwrap();
+            assert_eq!(rebuilt, original, "round {round}");
+        }
+        assert_eq!(encoder.counts.xbzrle, 2 * 4, "{:?}", encoder.counts);
+    }
+
+    #[test]
+    fn a_delta_without_its_copy_is_refused() {
+        let mut encoder = RecordEncoder::new(Codec::None, 8);
+        encoder.page(key(0), &text_page(1));
+        encoder.finish();
+        let mut changed = text_page(1);
+        changed[0] ^= 1;
+        encoder.page(key(0), &changed);
+        let payload = encoder.finish().to_vec();
+        // A decoder that never saw the first chunk has no copy to apply the delta to.
+        let err = RecordDecoder::new(Codec::None, 8).decode(&payload, &mut Vec::new()).unwrap_err();
+        assert!(err.to_string().contains("no cached copy"), "{err}");
+    }
+
+    proptest! {
+        #[test]
+        fn random_payloads_never_panic(mut payload in proptest::collection::vec(any::<u8>(), 0..10_000)) {
+            if let Some(first) = payload.first_mut() {
+                *first = RECORDS;
+            }
+            let _ = RecordDecoder::new(Codec::Lz4, 8).decode(&payload, &mut Vec::new());
+            let _ = RecordDecoder::new(Codec::Zlib { level: 1 }, 0).decode(&payload, &mut Vec::new());
+        }
+    }
+}
