@@ -101,43 +101,7 @@ mod tests {
 
     #[test]
     fn received_checksums_are_checked() {
-        use smoltcp::wire::{EthernetAddress, EthernetRepr, Ipv4Address, Ipv4Repr, TcpControl, TcpRepr, TcpSeqNumber};
-        let data = [0xa5u8; 100];
-        let (src, dst) = (Ipv4Address::new(10, 77, 0, 11), Ipv4Address::new(10, 77, 0, 12));
-        let tcp = TcpRepr {
-            src_port: 49152,
-            dst_port: 4444,
-            control: TcpControl::None,
-            seq_number: TcpSeqNumber(1),
-            ack_number: Some(TcpSeqNumber(1)),
-            window_len: 1000,
-            window_scale: None,
-            max_seg_size: None,
-            sack_permitted: false,
-            sack_ranges: [None, None, None],
-            timestamp: None,
-            payload: &data,
-        };
-        let ip = Ipv4Repr {
-            src_addr: src,
-            dst_addr: dst,
-            next_header: IpProtocol::Tcp,
-            payload_len: tcp.buffer_len(),
-            hop_limit: 64,
-        };
-        let ethernet = EthernetRepr {
-            src_addr: EthernetAddress([2, 0, 0, 0, 0, 1]),
-            dst_addr: EthernetAddress([2, 0, 0, 0, 0, 2]),
-            ethertype: EthernetProtocol::Ipv4,
-        };
-        let mut frame = vec![0u8; ethernet.buffer_len() + ip.buffer_len() + tcp.buffer_len()];
-        let caps = smoltcp::phy::ChecksumCapabilities::default();
-        let mut eth_frame = EthernetFrame::new_unchecked(&mut frame[..]);
-        ethernet.emit(&mut eth_frame);
-        let mut ip_packet = Ipv4Packet::new_unchecked(eth_frame.payload_mut());
-        ip.emit(&mut ip_packet, &caps);
-        tcp.emit(&mut TcpPacket::new_unchecked(ip_packet.payload_mut()), &src.into(), &dst.into(), &caps);
-
+        let mut frame = crate::test_frames::tcp_frame(&[0xa5u8; 100]);
         assert!(checksums_ok(&frame));
         let last = frame.len() - 1;
         frame[last] ^= 0x40;

@@ -24,3 +24,5 @@ pub mod wire;
 pub mod wire_types {
     pub use smoltcp::wire::{EthernetAddress, IpCidr};
 }
+#[cfg(test)]
+mod test_frames;

@@ -51,23 +51,40 @@ fn malformed(what: &'static str, detail: impl Into<String>) -> HandshakeError {
 }
 
 pub fn encode_preamble() -> [u8; PREAMBLE_BYTES] {
-    let mut out = [0u8; PREAMBLE_BYTES];
-    out[..8].copy_from_slice(&MAGIC);
-    out[8..10].copy_from_slice(&VERSION_MIN.to_le_bytes());
-    out[10..12].copy_from_slice(&VERSION_MAX.to_le_bytes());
-    out
+    encode_preamble_of(&MAGIC, VERSION_MIN, VERSION_MAX)
 }
 
 /// Checks a source's preamble and returns the protocol version to use.
 pub fn accept_preamble(bytes: &[u8; PREAMBLE_BYTES]) -> Result<u16, HandshakeError> {
+    accept_preamble_of(bytes, &MAGIC, VERSION_MIN, VERSION_MAX)
+}
+
+/// A preamble of any of our protocols (the engine's, the relay's): `magic` and a version
+/// window.
+pub(crate) fn encode_preamble_of(magic: &[u8; 8], min: u16, max: u16) -> [u8; PREAMBLE_BYTES] {
+    let mut out = [0u8; PREAMBLE_BYTES];
+    out[..8].copy_from_slice(magic);
+    out[8..10].copy_from_slice(&min.to_le_bytes());
+    out[10..12].copy_from_slice(&max.to_le_bytes());
+    out
+}
+
+/// Checks a preamble against `magic` and our version window `min..=max`; returns the
+/// highest version both sides speak.
+pub(crate) fn accept_preamble_of(
+    bytes: &[u8; PREAMBLE_BYTES],
+    magic: &[u8; 8],
+    min: u16,
+    max: u16,
+) -> Result<u16, HandshakeError> {
     let found: [u8; 8] = bytes[..8].try_into().unwrap_or_default();
-    if found != MAGIC {
+    if found != *magic {
         return Err(HandshakeError::BadMagic { found });
     }
     let peer_min = le_u16(&bytes[8..10]);
     let peer_max = le_u16(&bytes[10..12]);
-    let version = peer_max.min(VERSION_MAX);
-    if peer_min > peer_max || version < peer_min.max(VERSION_MIN) {
+    let version = peer_max.min(max);
+    if peer_min > peer_max || version < peer_min.max(min) {
         return Err(HandshakeError::VersionMismatch { peer_min, peer_max });
     }
     if le_u32(&bytes[12..16]) != 0 {

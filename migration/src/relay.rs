@@ -25,12 +25,12 @@
 
 use crate::codec::Codec;
 use crate::frame::{le_u16, le_u32, le_u64};
-use crate::handshake::HandshakeError;
+use crate::handshake::{accept_preamble_of, encode_preamble_of, HandshakeError};
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 use thiserror::Error;
 
 pub const MAGIC: [u8; 8] = *b"VMRELAY\0";
-pub const PREAMBLE_BYTES: usize = 16;
+pub const PREAMBLE_BYTES: usize = crate::handshake::PREAMBLE_BYTES;
 pub const VERSION_MIN: u16 = 1;
 pub const VERSION_MAX: u16 = 1;
 
@@ -41,28 +41,12 @@ pub const MAX_CHUNK_BYTES: usize = 64 << 10;
 pub const MAX_CHANNELS: u16 = 256;
 
 pub fn encode_preamble() -> [u8; PREAMBLE_BYTES] {
-    let mut out = [0u8; PREAMBLE_BYTES];
-    out[..8].copy_from_slice(&MAGIC);
-    out[8..10].copy_from_slice(&VERSION_MIN.to_le_bytes());
-    out[10..12].copy_from_slice(&VERSION_MAX.to_le_bytes());
-    out
+    encode_preamble_of(&MAGIC, VERSION_MIN, VERSION_MAX)
 }
 
 /// Checks a relay preamble; returns the protocol version to use.
 pub fn accept_preamble(bytes: &[u8; PREAMBLE_BYTES]) -> Result<u16, HandshakeError> {
-    let found: [u8; 8] = bytes[..8].try_into().unwrap_or_default();
-    if found != MAGIC {
-        return Err(HandshakeError::BadMagic { found });
-    }
-    let (peer_min, peer_max) = (le_u16(&bytes[8..10]), le_u16(&bytes[10..12]));
-    let version = peer_max.min(VERSION_MAX);
-    if peer_min > peer_max || version < peer_min.max(VERSION_MIN) {
-        return Err(HandshakeError::VersionMismatch { peer_min, peer_max });
-    }
-    if le_u32(&bytes[12..16]) != 0 {
-        return Err(HandshakeError::Malformed { what: "relay preamble", detail: "reserved bytes are not zero".into() });
-    }
-    Ok(version)
+    accept_preamble_of(bytes, &MAGIC, VERSION_MIN, VERSION_MAX)
 }
 
 /// How a stream's chunks are encoded: the codec of chunks and of pages, and the size of

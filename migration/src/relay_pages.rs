@@ -7,6 +7,7 @@
 //! chunk:  u8 4 | u32 original_len | items...
 //! item:   u8 tag, then
 //!   OTHER     u16 len, bytes                  (stream bytes that are not page contents)
+//!   OTHER_LZ4 u16 len, u16 packed_len, lz4 block (the same, compressed)
 //!   RAW       key, 4096 bytes
 //!   PACKED    key, u16 len, bytes            (the stream's codec: lz4 or raw deflate)
 //!   XBZRLE    key, u16 len, delta            (against the page's copy in the cache)
@@ -18,6 +19,12 @@
 //! Both ends keep the same cache of the pages carried last (`PageCache`, direct-mapped like
 //! QEMU's): every page goes through it in stream order on both sides, so the copies agree
 //! and a delta always applies to the copy it was made against.
+//!
+//! Building a chunk is two steps so that compression can run on several cores while the
+//! cache is kept in stream order: `RecordEncoder` decides each page in order (zero,
+//! unchanged, delta, or to be compressed) and, deferring compression, leaves the latter
+//! RAW; `squeeze`, a pure function of one chunk that any worker can run, then compresses
+//! the RAW pages (and long runs of other bytes).
 
 use crate::codec::{Codec, Compressed, PageCompressor, PageDecompressor};
 use crate::frame::{le_u16, le_u32, le_u64};
@@ -30,6 +37,7 @@ pub const RECORDS: u8 = 4;
 
 mod tag {
     pub const OTHER: u8 = 0;
+    pub const OTHER_LZ4: u8 = 6;
     pub const RAW: u8 = 1;
     pub const PACKED: u8 = 2;
     pub const XBZRLE: u8 = 3;
@@ -40,6 +48,9 @@ mod tag {
 const KEY_BYTES: usize = 10;
 /// A delta longer than this is not worth it: the page goes compressed or raw instead.
 const XBZRLE_LIMIT: usize = PAGE_SIZE_BYTES * 3 / 4;
+/// Runs of other bytes shorter than this are not worth compressing (record headers are a
+/// dozen bytes; device state and foreign data come in long runs).
+const OTHER_SQUEEZE_MIN: usize = 1024;
 
 /// The copies of the pages carried last, direct-mapped: a page's slot follows from its
 /// key, a new page evicts the slot's old one.
@@ -100,6 +111,8 @@ pub struct RecordEncoder {
     original: u32,
     /// The last chunk was handed out: the next item starts a new one.
     finished: bool,
+    /// Pages to compress go RAW, for `squeeze` to compress elsewhere.
+    defer_compression: bool,
     pub counts: PageCounts,
 }
 
@@ -113,8 +126,15 @@ impl RecordEncoder {
             out: Vec::with_capacity(96 << 10),
             original: 0,
             finished: true,
+            defer_compression: false,
             counts: PageCounts::default(),
         }
+    }
+
+    /// As `new`, leaving the compression of pages (and long runs of other bytes) to
+    /// `squeeze`: the pages that would be compressed are counted as raw here.
+    pub fn deferring_compression(codec: Codec, cache_pages: usize) -> RecordEncoder {
+        RecordEncoder { defer_compression: true, ..RecordEncoder::new(codec, cache_pages) }
     }
 
     /// Starts a new chunk if the last one was handed out.
@@ -181,7 +201,8 @@ impl RecordEncoder {
                 _ => {}
             }
         }
-        match self.compressor.compress(page) {
+        let compressed = if self.defer_compression { Compressed::Raw } else { self.compressor.compress(page) };
+        match compressed {
             Compressed::Packed { len } => {
                 self.item(tag::PACKED, key);
                 self.out.extend_from_slice(&(len as u16).to_le_bytes());
@@ -245,10 +266,32 @@ impl RecordDecoder {
         let mut rest = &payload[5..];
         while !rest.is_empty() {
             let tag = take(&mut rest, 1)?[0];
+            // Every item's output is bounded by what the chunk declares, before it is made.
+            let room = original - (out.len() - start);
             if tag == tag::OTHER {
                 let len = usize::from(le_u16(take(&mut rest, 2)?));
+                if len > room {
+                    return Err(malformed("more bytes than the chunk declares".into()));
+                }
                 out.extend_from_slice(take(&mut rest, len)?);
                 continue;
+            }
+            if tag == tag::OTHER_LZ4 {
+                let lengths = take(&mut rest, 4)?;
+                let (len, packed) = (usize::from(le_u16(&lengths[..2])), usize::from(le_u16(&lengths[2..])));
+                if len > room {
+                    return Err(malformed("more bytes than the chunk declares".into()));
+                }
+                let data = take(&mut rest, packed)?;
+                let at = out.len();
+                out.resize(at + len, 0);
+                match lz4_flex::block::decompress_into(data, &mut out[at..]) {
+                    Ok(n) if n == len => continue,
+                    _ => return Err(malformed("corrupt lz4 run of other bytes".into())),
+                }
+            }
+            if room < PAGE_SIZE_BYTES {
+                return Err(malformed("more bytes than the chunk declares".into()));
             }
             let key = take(&mut rest, KEY_BYTES)?;
             let key = PageKey { block: le_u16(&key[..2]), offset: le_u64(&key[2..]) };
@@ -282,15 +325,91 @@ impl RecordDecoder {
                 }
             }
             out.extend_from_slice(&self.page);
-            if out.len() - start > original {
-                return Err(malformed("more bytes than the chunk declares".into()));
-            }
         }
         if out.len() - start != original {
             return Err(malformed(format!("{} bytes, the chunk declares {original}", out.len() - start)));
         }
         Ok(())
     }
+}
+
+/// Compresses the RAW page items of `chunk` (a page-aware chunk) with `compressor` and the
+/// long runs of other bytes with lz4, writing the result to `out`; returns how many pages
+/// it compressed. Everything else is copied as it is. A pure function of the chunk: any
+/// worker may squeeze any chunk.
+pub fn squeeze(chunk: &[u8], compressor: &mut PageCompressor, out: &mut Vec<u8>) -> Result<usize, RelayError> {
+    out.clear();
+    if chunk.len() < 5 || chunk[0] != RECORDS {
+        return Err(RelayError::Malformed("squeeze: not a page chunk".into()));
+    }
+    out.extend_from_slice(&chunk[..5]);
+    let mut rest = &chunk[5..];
+    let mut packed_pages = 0;
+    while !rest.is_empty() {
+        let tag = take(&mut rest, 1)?[0];
+        match tag {
+            tag::OTHER => {
+                let len = usize::from(le_u16(take(&mut rest, 2)?));
+                let bytes = take(&mut rest, len)?;
+                let bound = lz4_flex::block::get_maximum_output_size(len);
+                let at = out.len();
+                if len >= OTHER_SQUEEZE_MIN {
+                    out.resize(at + 5 + bound, 0);
+                    if let Ok(packed) = lz4_flex::block::compress_into(bytes, &mut out[at + 5..]) {
+                        if packed < len {
+                            out[at] = tag::OTHER_LZ4;
+                            out[at + 1..at + 3].copy_from_slice(&(len as u16).to_le_bytes());
+                            out[at + 3..at + 5].copy_from_slice(&(packed as u16).to_le_bytes());
+                            out.truncate(at + 5 + packed);
+                            continue;
+                        }
+                    }
+                    out.truncate(at);
+                }
+                out.push(tag::OTHER);
+                out.extend_from_slice(&(len as u16).to_le_bytes());
+                out.extend_from_slice(bytes);
+            }
+            tag::RAW => {
+                let key = take(&mut rest, KEY_BYTES)?;
+                let page = take(&mut rest, PAGE_SIZE_BYTES)?;
+                match compressor.compress(page) {
+                    Compressed::Packed { len } => {
+                        out.push(tag::PACKED);
+                        out.extend_from_slice(key);
+                        out.extend_from_slice(&(len as u16).to_le_bytes());
+                        out.extend_from_slice(&compressor.output()[..len]);
+                        packed_pages += 1;
+                    }
+                    Compressed::Raw => {
+                        out.push(tag::RAW);
+                        out.extend_from_slice(key);
+                        out.extend_from_slice(page);
+                    }
+                }
+            }
+            tag::PACKED | tag::XBZRLE => {
+                let head = take(&mut rest, KEY_BYTES + 2)?;
+                let data = take(&mut rest, usize::from(le_u16(&head[KEY_BYTES..])))?;
+                out.push(tag);
+                out.extend_from_slice(head);
+                out.extend_from_slice(data);
+            }
+            tag::ZERO | tag::UNCHANGED => {
+                out.push(tag);
+                out.extend_from_slice(take(&mut rest, KEY_BYTES)?);
+            }
+            tag::OTHER_LZ4 => {
+                let lengths = take(&mut rest, 4)?;
+                let data = take(&mut rest, usize::from(le_u16(&lengths[2..])))?;
+                out.push(tag);
+                out.extend_from_slice(lengths);
+                out.extend_from_slice(data);
+            }
+            other => return Err(RelayError::Malformed(format!("squeeze: unknown item {other}"))),
+        }
+    }
+    Ok(packed_pages)
 }
 
 /// The next `n` bytes of a chunk being read.
@@ -370,6 +489,36 @@ mod tests {
     }
 
     #[test]
+    fn squeezing_elsewhere_gives_what_compressing_in_place_gives() {
+        for codec in [Codec::Lz4, Codec::Zlib { level: 1 }] {
+            let pages: Vec<Vec<u8>> = (0..12u8).map(text_page).collect();
+            let other: Vec<u8> = b"device state, repeated; ".iter().cycle().take(5000).copied().collect();
+            let mut direct = RecordEncoder::new(codec, 16);
+            let mut deferred = RecordEncoder::deferring_compression(codec, 16);
+            let mut original = Vec::new();
+            for encoder in [&mut direct, &mut deferred] {
+                for (i, page) in pages.iter().enumerate() {
+                    encoder.page(key(i as u64 * 4096), page);
+                }
+                encoder.other(&other);
+            }
+            for page in &pages {
+                original.extend_from_slice(page);
+            }
+            original.extend_from_slice(&other);
+            assert_eq!(deferred.counts.raw, 12, "deferred pages are counted raw until squeezed");
+            let mut squeezed = Vec::new();
+            let packed = squeeze(deferred.finish(), &mut PageCompressor::new(codec), &mut squeezed).unwrap();
+            assert_eq!(packed as u64, direct.counts.packed, "{codec}");
+            let direct_chunk = direct.finish().to_vec();
+            assert!(squeezed.len() < direct_chunk.len(), "{codec}: the long run of other bytes is compressed too");
+            let mut rebuilt = Vec::new();
+            RecordDecoder::new(codec, 16).decode(&squeezed, &mut rebuilt).unwrap();
+            assert_eq!(rebuilt, original, "{codec}");
+        }
+    }
+
+    #[test]
     fn a_delta_without_its_copy_is_refused() {
         let mut encoder = RecordEncoder::new(Codec::None, 8);
         encoder.page(key(0), &text_page(1));
@@ -391,6 +540,7 @@ mod tests {
             }
             let _ = RecordDecoder::new(Codec::Lz4, 8).decode(&payload, &mut Vec::new());
             let _ = RecordDecoder::new(Codec::Zlib { level: 1 }, 0).decode(&payload, &mut Vec::new());
+            let _ = squeeze(&payload, &mut PageCompressor::new(Codec::Lz4), &mut Vec::new());
         }
     }
 }

@@ -130,6 +130,10 @@ pub struct CarryOptions {
     /// The XBZRLE cache of each stream, on each relay (QEMU's default is 64 MiB).
     #[arg(long, default_value = "64MiB", value_parser = parse_size)]
     pub xbzrle_cache: u64,
+    /// Compression workers per stream (0: the stream's own thread compresses). Pages are
+    /// decided in stream order on the stream's thread; the workers compress the chunks.
+    #[arg(long, default_value_t = 2)]
+    pub compress_threads: usize,
 }
 
 #[derive(Args, Debug)]

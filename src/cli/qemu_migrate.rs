@@ -71,6 +71,7 @@ pub fn qemu_migrate(args: QemuMigrateArgs) -> Result<ExitCode> {
     let relay_socket = work.join("source.sock");
     let config = SourceRelayConfig {
         encoding: encoding(&args.carry)?,
+        compress_threads: args.carry.compress_threads,
         first_connection_timeout: seconds("--wait", args.relay.wait)?,
     };
     let relay = SourceRelay::bind(&relay_socket, config)?;

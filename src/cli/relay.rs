@@ -18,6 +18,7 @@ pub fn qemu_send(args: QemuSendArgs) -> Result<ExitCode> {
     let (connector, _stack) = connector_for(&args.stack, !args.relay.no_pin, &args.to, timeouts)?;
     let config = SourceRelayConfig {
         encoding: encoding(&args.carry)?,
+        compress_threads: args.carry.compress_threads,
         first_connection_timeout: seconds("--wait", args.relay.wait)?,
     };
     let relay = SourceRelay::bind(&args.listen, config)?;

@@ -14,10 +14,12 @@
 //! Any failure raises the session's abort: every channel's sockets are shut, both QEMUs see
 //! their migration streams end early, and the peer relay is told why (an `Abort` frame).
 
+use super::squeeze::Squeezers;
 use super::RelayFailure;
 use crate::abort::SessionAbort;
 use crate::framed::{read_frame, ReadError, CONTROL_FRAME_LIMIT_BYTES};
 use crate::pipe::Connection;
+use migration::codec::Codec;
 use migration::frame::{FrameBuf, FrameKind, SeqCounter};
 use migration::handshake::{decode_reason, encode_reason};
 use migration::qemu_stream::{starts_a_qemu_stream, Kind, Piece, Progress, StreamReader, PAGE_BYTES};
@@ -65,14 +67,14 @@ pub struct ChannelReport {
 
 /// The relay connection's writer, shared by the two directions: data and heartbeats go
 /// out from the "up" side, an `Abort` from whichever side failed.
-struct NetWriter {
+pub(super) struct NetWriter {
     writer: Box<dyn Write + Send>,
     seq: SeqCounter,
     frame: FrameBuf,
 }
 
 impl NetWriter {
-    fn send(&mut self, kind: FrameKind, payload: &[u8]) -> io::Result<()> {
+    pub(super) fn send(&mut self, kind: FrameKind, payload: &[u8]) -> io::Result<()> {
         self.frame.begin().extend_from_slice(payload);
         self.frame.seal(kind, 0, self.seq.take());
         self.writer.write_all(self.frame.as_bytes())?;
@@ -80,18 +82,20 @@ impl NetWriter {
     }
 }
 
-fn lock(writer: &Mutex<NetWriter>) -> std::sync::MutexGuard<'_, NetWriter> {
+pub(super) fn lock(writer: &Mutex<NetWriter>) -> std::sync::MutexGuard<'_, NetWriter> {
     writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Pumps `local` (a QEMU socket) and `net` (the relay connection, past its handshake) both
 /// ways until both directions have ended, or the session aborts. `encoding` (agreed in the
-/// stream's hello) serves both directions.
+/// stream's hello) serves both directions; `workers` threads compress what goes out (0:
+/// the sending thread compresses it itself).
 pub fn pump(
     channel: u16,
     local: UnixStream,
     net: Connection,
     encoding: Encoding,
+    workers: usize,
     abort: &Arc<SessionAbort>,
 ) -> Result<ChannelReport, RelayFailure> {
     let started = Instant::now();
@@ -122,7 +126,7 @@ pub fn pump(
         std::thread::Builder::new()
             .name(format!("relay-up-{channel}"))
             .spawn(move || {
-                let result = pump_up(local, &writer, encoding, &abort);
+                let result = pump_up(local, &writer, encoding, workers, &abort, channel);
                 // A connection that failed under a write is dead: its reader ends at once, and
                 // reports better (the peer's own reason, when it sent one first).
                 if !matches!(result, Err(RelayFailure::Link(_))) {
@@ -180,25 +184,28 @@ fn qemu_failure(doing: &str, err: &io::Error) -> RelayFailure {
 /// fails too and its QEMU never sees a clean end.
 fn pump_up(
     mut local: UnixStream,
-    writer: &Mutex<NetWriter>,
+    writer: &Arc<Mutex<NetWriter>>,
     encoding: Encoding,
-    abort: &SessionAbort,
+    workers: usize,
+    abort: &Arc<SessionAbort>,
+    channel: u16,
 ) -> Result<(DirectionStats, StreamReader, PageCounts), RelayFailure> {
     local.set_read_timeout(Some(HEARTBEAT)).map_err(RelayFailure::local)?;
     let mut chunks = ChunkEncoder::new(encoding.codec);
-    let mut pages = PageChunks::new(encoding);
+    let parallel = workers > 0 && encoding.codec != Codec::None;
+    let mut pages = PageChunks::new(encoding, parallel);
+    let mut out = if parallel {
+        Outlet::Workers(Squeezers::start(encoding.codec, workers, writer.clone(), abort.clone(), channel)?)
+    } else {
+        Outlet::Direct(writer)
+    };
     let mut digest = StreamDigest::default();
     let mut stats = DirectionStats::default();
     let mut buffer = vec![0u8; MAX_CHUNK_BYTES];
     let mut stream = StreamReader::default();
     // Decided by the stream's first bytes: QEMU's (page-aware chunks) or anything else.
     let mut page_aware: Option<bool> = None;
-    let send = |payload: &[u8], original: usize, stats: &mut DirectionStats| -> Result<(), RelayFailure> {
-        stats.bytes += original as u64;
-        stats.wire_bytes += payload.len() as u64;
-        stats.chunks += 1;
-        lock(writer).send(FrameKind::StreamData, payload).map_err(RelayFailure::link)
-    };
+
     loop {
         if abort.is_raised() {
             return Err(RelayFailure::Aborted(abort.reason().unwrap_or_default()));
@@ -213,10 +220,18 @@ fn pump_up(
                 }
                 // A page cut short by the end of the stream goes as the bytes it is.
                 if let Some((payload, original)) = pages.finish(true) {
-                    send(payload, original, &mut stats)?;
+                    out.data(payload, original, &mut stats, abort)?;
                 }
-                lock(writer).send(FrameKind::StreamEnd, &digest.end().encode()).map_err(RelayFailure::link)?;
-                return Ok((stats, stream, pages.encoder.counts));
+                out.control(FrameKind::StreamEnd, &digest.end().encode(), abort)?;
+                let mut counts = pages.encoder.counts;
+                if let Outlet::Workers(squeezers) = out {
+                    let sent = squeezers.finish()?;
+                    stats.wire_bytes = sent.wire_bytes;
+                    stats.chunks = sent.chunks;
+                    counts.raw -= sent.packed_pages;
+                    counts.packed += sent.packed_pages;
+                }
+                return Ok((stats, stream, counts));
             }
             Ok(n) => {
                 let data = &buffer[..n];
@@ -224,20 +239,58 @@ fn pump_up(
                 if *page_aware.get_or_insert_with(|| starts_a_qemu_stream(data)) {
                     stream.feed(data, &mut |piece| pages.piece(piece));
                     if let Some((payload, original)) = pages.finish(false) {
-                        send(payload, original, &mut stats)?;
+                        out.data(payload, original, &mut stats, abort)?;
                     }
                 } else {
                     stream.feed(data, &mut |_| {});
-                    send(chunks.encode(data), n, &mut stats)?;
+                    out.data(chunks.encode(data), n, &mut stats, abort)?;
                 }
             }
             Err(err) if matches!(err.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-                lock(writer).send(FrameKind::Heartbeat, &[]).map_err(RelayFailure::link)?;
+                out.control(FrameKind::Heartbeat, &[], abort)?;
             }
             Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
             Err(err) => return Err(qemu_failure("reading from", &err)),
         }
     }
+}
+
+/// Where the sending side's frames go: straight onto the connection, or through the
+/// stream's compression workers (which keep their order).
+enum Outlet<'a> {
+    Direct(&'a Mutex<NetWriter>),
+    Workers(Squeezers),
+}
+
+impl Outlet<'_> {
+    fn data(
+        &mut self,
+        payload: &[u8],
+        original: usize,
+        stats: &mut DirectionStats,
+        abort: &SessionAbort,
+    ) -> Result<(), RelayFailure> {
+        stats.bytes += original as u64;
+        match self {
+            Outlet::Direct(writer) => {
+                stats.wire_bytes += payload.len() as u64;
+                stats.chunks += 1;
+                lock(writer).send(FrameKind::StreamData, payload).map_err(RelayFailure::link)
+            }
+            Outlet::Workers(squeezers) => squeezers.data(payload).map_err(|_| aborted(abort)),
+        }
+    }
+
+    fn control(&mut self, kind: FrameKind, payload: &[u8], abort: &SessionAbort) -> Result<(), RelayFailure> {
+        match self {
+            Outlet::Direct(writer) => lock(writer).send(kind, payload).map_err(RelayFailure::link),
+            Outlet::Workers(squeezers) => squeezers.control(kind, payload).map_err(|_| aborted(abort)),
+        }
+    }
+}
+
+fn aborted(abort: &SessionAbort) -> RelayFailure {
+    RelayFailure::Aborted(abort.reason().unwrap_or_default())
 }
 
 /// Page-aware chunks being built from the reader's pieces: the bytes between pages as they
@@ -248,9 +301,15 @@ struct PageChunks {
 }
 
 impl PageChunks {
-    fn new(encoding: Encoding) -> PageChunks {
+    /// `deferred`: leave page compression to the stream's workers.
+    fn new(encoding: Encoding, deferred: bool) -> PageChunks {
+        let cache = encoding.xbzrle_cache_pages as usize;
         PageChunks {
-            encoder: RecordEncoder::new(encoding.codec, encoding.xbzrle_cache_pages as usize),
+            encoder: if deferred {
+                RecordEncoder::deferring_compression(encoding.codec, cache)
+            } else {
+                RecordEncoder::new(encoding.codec, cache)
+            },
             page: Vec::with_capacity(PAGE_BYTES),
         }
     }
@@ -360,7 +419,6 @@ fn pump_down(
 mod tests {
     use super::*;
     use crate::pipe::{Acceptor, Connector, TcpAcceptor, TcpConnector, Timeouts};
-    use migration::codec::Codec;
 
     const RAW: Encoding = Encoding { codec: Codec::None, xbzrle_cache_pages: 0 };
     const LZ4: Encoding = Encoding { codec: Codec::Lz4, xbzrle_cache_pages: 0 };
@@ -383,9 +441,9 @@ mod tests {
         let (mut source_qemu, source_local) = UnixStream::pair().unwrap();
         let (mut destination_qemu, destination_local) = UnixStream::pair().unwrap();
         let (source_abort, destination_abort) = (Arc::new(SessionAbort::new()), Arc::new(SessionAbort::new()));
-        let source = std::thread::spawn(move || pump(0, source_local, source_net, codec, &source_abort));
+        let source = std::thread::spawn(move || pump(0, source_local, source_net, codec, 2, &source_abort));
         let destination =
-            std::thread::spawn(move || pump(0, destination_local, destination_net, codec, &destination_abort));
+            std::thread::spawn(move || pump(0, destination_local, destination_net, codec, 0, &destination_abort));
         let writer = std::thread::spawn(move || {
             for piece in data.chunks(10_000) {
                 source_qemu.write_all(piece).unwrap();
@@ -439,9 +497,9 @@ mod tests {
         let (mut destination_qemu, destination_local) = UnixStream::pair().unwrap();
         let source_abort = Arc::new(SessionAbort::new());
         let destination_abort = Arc::new(SessionAbort::new());
-        let source = std::thread::spawn(move || pump(0, source_local, source_net, LZ4, &source_abort));
+        let source = std::thread::spawn(move || pump(0, source_local, source_net, LZ4, 2, &source_abort));
         let destination =
-            std::thread::spawn(move || pump(0, destination_local, destination_net, LZ4, &destination_abort));
+            std::thread::spawn(move || pump(0, destination_local, destination_net, LZ4, 0, &destination_abort));
         source_qemu.write_all(&[1u8; 100_000]).unwrap();
         std::thread::sleep(Duration::from_millis(300));
         cutter();
@@ -460,7 +518,7 @@ mod tests {
         let (mut forger, destination_net) = net_pair();
         let (mut destination_qemu, destination_local) = UnixStream::pair().unwrap();
         let abort = Arc::new(SessionAbort::new());
-        let destination = std::thread::spawn(move || pump(0, destination_local, destination_net, RAW, &abort));
+        let destination = std::thread::spawn(move || pump(0, destination_local, destination_net, RAW, 0, &abort));
         let mut seq = SeqCounter::default();
         let mut frame = FrameBuf::with_capacity(MAX_CHUNK_BYTES);
         let mut send = |kind: FrameKind, payload: &[u8]| {

@@ -101,7 +101,7 @@ pub fn relay_destination(
         let (channel, abort) = (hello.channel, abort.clone());
         let pump = std::thread::Builder::new()
             .name(format!("relay-{channel}"))
-            .spawn(move || pump(channel, local, net, hello.encoding, &abort))
+            .spawn(move || pump(channel, local, net, hello.encoding, 0, &abort))
             .map_err(RelayFailure::local)?;
         pumps.push((channel, pump));
     }

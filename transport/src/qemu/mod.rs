@@ -15,6 +15,7 @@ pub mod channel;
 pub mod destination;
 pub mod qmp;
 pub mod source;
+mod squeeze;
 
 pub use channel::{ChannelReport, DirectionStats};
 

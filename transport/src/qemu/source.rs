@@ -29,6 +29,8 @@ const POLL: Duration = Duration::from_millis(20);
 pub struct SourceRelayConfig {
     /// How the carried streams are encoded (codec, XBZRLE cache).
     pub encoding: Encoding,
+    /// Compression workers per stream (0: each stream's sending thread compresses).
+    pub compress_threads: usize,
     /// How long to wait for the source QEMU's first connection.
     pub first_connection_timeout: Duration,
 }
@@ -77,10 +79,10 @@ impl SourceRelay {
                     match open_stream(connector, session_id, channel, self.config.encoding) {
                         Ok(net) => {
                             let abort = abort.clone();
-                            let encoding = self.config.encoding;
+                            let (encoding, workers) = (self.config.encoding, self.config.compress_threads);
                             let pump = std::thread::Builder::new()
                                 .name(format!("relay-{channel}"))
-                                .spawn(move || pump(channel, local, net, encoding, &abort))
+                                .spawn(move || pump(channel, local, net, encoding, workers, &abort))
                                 .map_err(RelayFailure::local)?;
                             pumps.push((channel, pump));
                         }
