@@ -72,6 +72,7 @@ pub fn qemu_migrate(args: QemuMigrateArgs) -> Result<ExitCode> {
     let config = SourceRelayConfig {
         encoding: encoding(&args.carry)?,
         compress_threads: args.carry.compress_threads,
+        pin_workers: !args.relay.no_pin,
         first_connection_timeout: seconds("--wait", args.relay.wait)?,
     };
     let relay = SourceRelay::bind(&relay_socket, config)?;

@@ -19,6 +19,7 @@ pub fn qemu_send(args: QemuSendArgs) -> Result<ExitCode> {
     let config = SourceRelayConfig {
         encoding: encoding(&args.carry)?,
         compress_threads: args.carry.compress_threads,
+        pin_workers: !args.relay.no_pin,
         first_connection_timeout: seconds("--wait", args.relay.wait)?,
     };
     let relay = SourceRelay::bind(&args.listen, config)?;

@@ -65,6 +65,15 @@ pub struct ChannelReport {
     pub seconds: f64,
 }
 
+/// The compression workers of a stream's sending side.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Workers {
+    /// 0: the sending thread compresses.
+    pub count: usize,
+    /// Pin worker i to core `first_core + i` (None: unpinned).
+    pub first_core: Option<usize>,
+}
+
 /// The relay connection's writer, shared by the two directions: data and heartbeats go
 /// out from the "up" side, an `Abort` from whichever side failed.
 pub(super) struct NetWriter {
@@ -88,14 +97,14 @@ pub(super) fn lock(writer: &Mutex<NetWriter>) -> std::sync::MutexGuard<'_, NetWr
 
 /// Pumps `local` (a QEMU socket) and `net` (the relay connection, past its handshake) both
 /// ways until both directions have ended, or the session aborts. `encoding` (agreed in the
-/// stream's hello) serves both directions; `workers` threads compress what goes out (0:
-/// the sending thread compresses it itself).
+/// stream's hello) serves both directions; `workers` compress what goes out (0: the sending
+/// thread compresses it itself), pinned from core `workers.first_core` on when given.
 pub fn pump(
     channel: u16,
     local: UnixStream,
     net: Connection,
     encoding: Encoding,
-    workers: usize,
+    workers: Workers,
     abort: &Arc<SessionAbort>,
 ) -> Result<ChannelReport, RelayFailure> {
     let started = Instant::now();
@@ -186,16 +195,18 @@ fn pump_up(
     mut local: UnixStream,
     writer: &Arc<Mutex<NetWriter>>,
     encoding: Encoding,
-    workers: usize,
+    workers: Workers,
     abort: &Arc<SessionAbort>,
     channel: u16,
 ) -> Result<(DirectionStats, StreamReader, PageCounts), RelayFailure> {
     local.set_read_timeout(Some(HEARTBEAT)).map_err(RelayFailure::local)?;
     let mut chunks = ChunkEncoder::new(encoding.codec);
-    let parallel = workers > 0 && encoding.codec != Codec::None;
+    let parallel = workers.count > 0 && encoding.codec != Codec::None;
     let mut pages = PageChunks::new(encoding, parallel);
     let mut out = if parallel {
-        Outlet::Workers(Squeezers::start(encoding.codec, workers, writer.clone(), abort.clone(), channel)?)
+        let squeezers =
+            Squeezers::start(encoding.codec, workers.count, workers.first_core, writer.clone(), abort.clone(), channel)?;
+        Outlet::Workers(squeezers)
     } else {
         Outlet::Direct(writer)
     };
@@ -422,6 +433,8 @@ mod tests {
 
     const RAW: Encoding = Encoding { codec: Codec::None, xbzrle_cache_pages: 0 };
     const LZ4: Encoding = Encoding { codec: Codec::Lz4, xbzrle_cache_pages: 0 };
+    const NONE: Workers = Workers { count: 0, first_core: None };
+    const TWO: Workers = Workers { count: 2, first_core: None };
     use migration::relay::{ChunkEncoder, StreamDigest};
 
     /// A relay connection pair over loopback TCP.
@@ -441,9 +454,9 @@ mod tests {
         let (mut source_qemu, source_local) = UnixStream::pair().unwrap();
         let (mut destination_qemu, destination_local) = UnixStream::pair().unwrap();
         let (source_abort, destination_abort) = (Arc::new(SessionAbort::new()), Arc::new(SessionAbort::new()));
-        let source = std::thread::spawn(move || pump(0, source_local, source_net, codec, 2, &source_abort));
+        let source = std::thread::spawn(move || pump(0, source_local, source_net, codec, TWO, &source_abort));
         let destination =
-            std::thread::spawn(move || pump(0, destination_local, destination_net, codec, 0, &destination_abort));
+            std::thread::spawn(move || pump(0, destination_local, destination_net, codec, NONE, &destination_abort));
         let writer = std::thread::spawn(move || {
             for piece in data.chunks(10_000) {
                 source_qemu.write_all(piece).unwrap();
@@ -497,9 +510,9 @@ mod tests {
         let (mut destination_qemu, destination_local) = UnixStream::pair().unwrap();
         let source_abort = Arc::new(SessionAbort::new());
         let destination_abort = Arc::new(SessionAbort::new());
-        let source = std::thread::spawn(move || pump(0, source_local, source_net, LZ4, 2, &source_abort));
+        let source = std::thread::spawn(move || pump(0, source_local, source_net, LZ4, TWO, &source_abort));
         let destination =
-            std::thread::spawn(move || pump(0, destination_local, destination_net, LZ4, 0, &destination_abort));
+            std::thread::spawn(move || pump(0, destination_local, destination_net, LZ4, NONE, &destination_abort));
         source_qemu.write_all(&[1u8; 100_000]).unwrap();
         std::thread::sleep(Duration::from_millis(300));
         cutter();
@@ -518,7 +531,7 @@ mod tests {
         let (mut forger, destination_net) = net_pair();
         let (mut destination_qemu, destination_local) = UnixStream::pair().unwrap();
         let abort = Arc::new(SessionAbort::new());
-        let destination = std::thread::spawn(move || pump(0, destination_local, destination_net, RAW, 0, &abort));
+        let destination = std::thread::spawn(move || pump(0, destination_local, destination_net, RAW, NONE, &abort));
         let mut seq = SeqCounter::default();
         let mut frame = FrameBuf::with_capacity(MAX_CHUNK_BYTES);
         let mut send = |kind: FrameKind, payload: &[u8]| {

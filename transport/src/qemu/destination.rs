@@ -7,7 +7,7 @@
 //! order, is refused with a reason. The session ends when the main channel has ended both
 //! ways and every other channel has too.
 
-use super::channel::pump;
+use super::channel::{pump, Workers};
 use super::{collect, RelayFailure, RelayReport};
 use crate::abort::SessionAbort;
 use crate::framed::{read_frame, write_frame, ReadError, CONTROL_FRAME_LIMIT_BYTES};
@@ -101,7 +101,7 @@ pub fn relay_destination(
         let (channel, abort) = (hello.channel, abort.clone());
         let pump = std::thread::Builder::new()
             .name(format!("relay-{channel}"))
-            .spawn(move || pump(channel, local, net, hello.encoding, 0, &abort))
+            .spawn(move || pump(channel, local, net, hello.encoding, Workers::default(), &abort))
             .map_err(RelayFailure::local)?;
         pumps.push((channel, pump));
     }

@@ -8,7 +8,7 @@
 //! opens its connections in the same order. The session ends when the main channel has
 //! ended both ways and every other channel has too.
 
-use super::channel::pump;
+use super::channel::{pump, Workers};
 use super::{collect, RelayFailure, RelayReport};
 use crate::abort::SessionAbort;
 use crate::framed::{read_frame, write_frame, ReadError, CONTROL_FRAME_LIMIT_BYTES};
@@ -31,6 +31,8 @@ pub struct SourceRelayConfig {
     pub encoding: Encoding,
     /// Compression workers per stream (0: each stream's sending thread compresses).
     pub compress_threads: usize,
+    /// Pin the workers to cores, the first stream's from core 0 up, the next's after them.
+    pub pin_workers: bool,
     /// How long to wait for the source QEMU's first connection.
     pub first_connection_timeout: Duration,
 }
@@ -79,7 +81,9 @@ impl SourceRelay {
                     match open_stream(connector, session_id, channel, self.config.encoding) {
                         Ok(net) => {
                             let abort = abort.clone();
-                            let (encoding, workers) = (self.config.encoding, self.config.compress_threads);
+                            let count = self.config.compress_threads;
+                            let first_core = self.config.pin_workers.then_some(usize::from(channel) * count);
+                            let (encoding, workers) = (self.config.encoding, Workers { count, first_core });
                             let pump = std::thread::Builder::new()
                                 .name(format!("relay-{channel}"))
                                 .spawn(move || pump(channel, local, net, encoding, workers, &abort))

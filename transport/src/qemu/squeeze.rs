@@ -48,10 +48,12 @@ pub(super) struct Squeezers {
 }
 
 impl Squeezers {
-    /// `count` workers compressing with `codec`, and the sender writing to `writer`.
+    /// `count` workers compressing with `codec` (pinned to cores `first_core`, the next...,
+    /// as the engine's workers are, when given), and the sender writing to `writer`.
     pub fn start(
         codec: Codec,
         count: usize,
+        first_core: Option<usize>,
         writer: Arc<Mutex<NetWriter>>,
         abort: Arc<SessionAbort>,
         channel: u16,
@@ -64,7 +66,12 @@ impl Squeezers {
             let (jobs, done, abort) = (jobs.clone(), done.clone(), abort.clone());
             let worker = std::thread::Builder::new()
                 .name(format!("relay-zip-{channel}.{index}"))
-                .spawn(move || work(codec, &jobs, &done, &abort))
+                .spawn(move || {
+                    if let Some(first) = first_core {
+                        crate::pin::pin_current(first + index);
+                    }
+                    work(codec, &jobs, &done, &abort)
+                })
                 .map_err(RelayFailure::local)?;
             workers.push(worker);
         }
