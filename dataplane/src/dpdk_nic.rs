@@ -205,11 +205,7 @@ fn prepare_checksum_offload(frame: &mut [u8]) -> Option<(u16, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use smoltcp::phy::ChecksumCapabilities;
-    use smoltcp::wire::{
-        EthernetAddress, EthernetFrame, EthernetRepr, IpAddress, Ipv4Address, Ipv4Repr, TcpControl, TcpPacket, TcpRepr,
-        TcpSeqNumber,
-    };
+    use crate::test_frames::tcp_frame;
 
     #[test]
     fn a_device_finishing_the_offloaded_checksums_gets_the_right_ones() {

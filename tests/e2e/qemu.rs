@@ -1,6 +1,7 @@
 //! QEMU's own live migration carried by the relay pair (`qemu-send` / `qemu-recv`): the
 //! boot-sector sweeper (tests/guests/sweeper.S) under TCG, migrated over the kernel's TCP
-//! and over our stack on AF_PACKET between two namespaces, with and without multifd. After
+//! (on loopback, and between two namespaces) and over our stack on AF_PACKET between two
+//! namespaces, with and without multifd. After
 //! each migration both guests' memory is dumped (the source paused by the migration, the
 //! destination started with -S): equal byte for byte, in the sweep's shape; then the
 //! destination is let go and its serial markers must continue. Needs QEMU (and root for
@@ -18,10 +19,11 @@ use vmigrate_tests::qemu::{
 const BIN: &str = env!("CARGO_BIN_EXE_vmigrate");
 const DEADLINE: Duration = Duration::from_secs(180);
 
-/// Where the relays run: on this host over the kernel's TCP, or in two namespaces over
-/// our stack on AF_PACKET.
+/// Where the relays run: on this host over the kernel's TCP (loopback), or in two
+/// namespaces over the kernel's TCP or our stack on AF_PACKET.
 enum Link<'a> {
     Kernel,
+    KernelBetween(&'a Namespaces),
     AfPacket(&'a Namespaces),
 }
 
@@ -36,6 +38,12 @@ impl Link<'_> {
                 relay_command(&["qemu-send", "--listen", &listen, "--json"]),
                 None,
             ),
+            Link::KernelBetween(ns) => {
+                let address = format!("10.77.0.2:{port}");
+                let recv = ["qemu-recv", "--listen", &address, "--to", &to, "--json"];
+                let send = ["qemu-send", "--listen", &listen, "--json"];
+                (ns.command("dst", &recv), ns.command("src", &send), Some(address))
+            }
             Link::AfPacket(ns) => {
                 let address = format!("10.77.0.12:{port}");
                 let (vs, vd) = (ns.veth("src"), ns.veth("dst"));
@@ -138,14 +146,16 @@ fn qemu_migrates_through_the_relays_over_kernel_tcp() {
 }
 
 #[test]
-fn qemu_migrates_through_the_relays_over_af_packet() {
+fn qemu_migrates_through_the_relays_between_namespaces() {
     if !qemu_available() || !is_root() {
-        eprintln!("SKIPPED qemu_migrates_through_the_relays_over_af_packet: needs QEMU and root (namespaces)");
+        eprintln!("SKIPPED qemu_migrates_through_the_relays_between_namespaces: needs QEMU and root (namespaces)");
         return;
     }
     let ns = Namespaces::up(&format!("vmq{}", std::process::id() % 100_000), &[], BIN);
-    migrate_sweeper(&Link::AfPacket(&ns), None, "lz4", 4601);
-    migrate_sweeper(&Link::AfPacket(&ns), Some(2), "lz4", 4602);
+    migrate_sweeper(&Link::KernelBetween(&ns), None, "lz4", 4601);
+    migrate_sweeper(&Link::KernelBetween(&ns), Some(2), "lz4", 4602);
+    migrate_sweeper(&Link::AfPacket(&ns), None, "lz4", 4603);
+    migrate_sweeper(&Link::AfPacket(&ns), Some(2), "zlib --xbzrle", 4604);
 }
 
 #[test]

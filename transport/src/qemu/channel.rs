@@ -204,8 +204,14 @@ fn pump_up(
     let parallel = workers.count > 0 && encoding.codec != Codec::None;
     let mut pages = PageChunks::new(encoding, parallel);
     let mut out = if parallel {
-        let squeezers =
-            Squeezers::start(encoding.codec, workers.count, workers.first_core, writer.clone(), abort.clone(), channel)?;
+        let squeezers = Squeezers::start(
+            encoding.codec,
+            workers.count,
+            workers.first_core,
+            writer.clone(),
+            abort.clone(),
+            channel,
+        )?;
         Outlet::Workers(squeezers)
     } else {
         Outlet::Direct(writer)
