@@ -8,6 +8,7 @@ use std::time::Duration;
 use transport::config::SourceConfig;
 use transport::synthetic::WorkloadSpec;
 use vmigrate_tests::session::migrate_synthetic;
+use vmigrate_tests::session::{migrate_and_cancel, CancelAt};
 
 const MEM: u64 = 32 << 20;
 /// Loopback TCP moves 32 MiB in milliseconds, faster than any guest dirties it; a
@@ -163,4 +164,29 @@ fn auto_converge_throttles_a_busy_guest() {
         "expected a throttle; rounds: {:?}",
         stats.rounds.iter().map(|r| r.dirty_pages_after).collect::<Vec<_>>()
     );
+}
+
+/// A cancel in each phase up to the switchover: the source reports a cancel, its guest
+/// runs on, and the destination fails without resuming anything.
+#[test]
+fn a_cancel_in_any_phase_keeps_the_source_guest_and_starts_none() {
+    let slow = SourceConfig { max_bandwidth_bytes_per_s: Some(LINK_BYTES_PER_S), ..SourceConfig::default() };
+    // A downtime limit no round meets keeps the migration iterating.
+    let iterating = SourceConfig {
+        precopy: PrecopyConfig { downtime_limit: Duration::from_millis(5), ..Default::default() },
+        ..slow.clone()
+    };
+    for at in [CancelAt::Setup, CancelAt::Stage("bulk"), CancelAt::Stage("iterative"), CancelAt::StopAndCopy] {
+        let config = if at == CancelAt::Stage("iterative") { &iterating } else { &slow };
+        let outcome = migrate_and_cancel(32 << 20, WorkloadSpec::Seq { pages_per_s: 20_000 }, config, at);
+        let err = outcome.source.expect_err("a cancelled migration fails");
+        assert!(err.starts_with("migration cancelled: test"), "{at:?}: {err}");
+        assert!(outcome.source_writes_after > 0, "{at:?}: the source guest must keep running");
+        let destination = outcome.destination.expect_err("the destination must not complete");
+        assert_eq!(outcome.writes_after_resume, 0, "{at:?}: a destination guest ran");
+        if at != CancelAt::Setup {
+            assert!(destination.contains("cancelled"), "{at:?}: the destination was told why: {destination}");
+        }
+        eprintln!("{at:?}: source: {err}; destination: {destination}");
+    }
 }

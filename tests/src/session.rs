@@ -7,11 +7,12 @@ use hugepages::HugePolicy;
 use migration::stats::MigrationStats;
 use std::sync::Arc;
 use std::time::Duration;
+use transport::cancel::Cancel;
 use transport::config::{DestinationConfig, SourceConfig};
 use transport::destination::{receive, DestinationReport};
 use transport::guest::GuestRam;
 use transport::pipe::{Acceptor, Connector, TcpAcceptor, TcpConnector, Timeouts};
-use transport::source::migrate;
+use transport::source::{migrate, Progress};
 use transport::synthetic::{SyntheticDestination, SyntheticGuest, WorkloadSpec};
 use transport::vm::SourceVm;
 
@@ -47,6 +48,60 @@ pub fn migrate_synthetic(mem_bytes: u64, workload: WorkloadSpec, config: &Source
 
 /// As [`migrate_synthetic`], over `link`.
 pub fn migrate_synthetic_on(link: Link, mem_bytes: u64, workload: WorkloadSpec, config: &SourceConfig) -> Outcome {
+    run(link, mem_bytes, workload, config, None)
+}
+
+/// Where a test cancels a migration (`SourceConfig::cancel`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelAt {
+    /// Before the source connects.
+    Setup,
+    /// When the source reports progress in this stage ("bulk", "iterative").
+    Stage(&'static str),
+    /// When the source pauses the guest for stop-and-copy.
+    StopAndCopy,
+}
+
+/// As [`migrate_synthetic`], cancelling the migration at `at`.
+pub fn migrate_and_cancel(mem_bytes: u64, workload: WorkloadSpec, config: &SourceConfig, at: CancelAt) -> Outcome {
+    run(Link::Kernel, mem_bytes, workload, config, Some(at))
+}
+
+/// The source VM of a test: the synthetic guest, with a hook on pause.
+struct HookedGuest<'a> {
+    guest: &'a SyntheticGuest,
+    on_pause: Box<dyn Fn() + Send + Sync + 'a>,
+}
+
+impl SourceVm for HookedGuest<'_> {
+    fn memory(&self) -> &dyn migration::memory::GuestMemory {
+        SourceVm::memory(self.guest)
+    }
+    fn dirty_log(&self) -> &dyn migration::dirty::DirtyLog {
+        SourceVm::dirty_log(self.guest)
+    }
+    fn pause(&self) {
+        SourceVm::pause(self.guest);
+        (self.on_pause)();
+    }
+    fn resume(&self) {
+        SourceVm::resume(self.guest);
+    }
+    fn device_state(&self) -> Vec<u8> {
+        SourceVm::device_state(self.guest)
+    }
+    fn set_throttle(&self, pct: u8) {
+        SourceVm::set_throttle(self.guest, pct);
+    }
+}
+
+fn run(
+    link: Link,
+    mem_bytes: u64,
+    workload: WorkloadSpec,
+    config: &SourceConfig,
+    cancel_at: Option<CancelAt>,
+) -> Outcome {
     let ram = Arc::new(GuestRam::allocate(&GuestRam::pc_layout(mem_bytes), HugePolicy::Never).expect("guest memory"));
     let guest = SyntheticGuest::boot(ram, workload, 7).expect("boot guest");
     std::thread::sleep(Duration::from_millis(50));
@@ -74,7 +129,8 @@ pub fn migrate_synthetic_on(link: Link, mem_bytes: u64, workload: WorkloadSpec, 
     let dest_config = DestinationConfig {
         decompress_threads: 2,
         max_memory_bytes: mem_bytes,
-        accept_timeout: Duration::from_secs(10),
+        // A migration cancelled before it connects leaves the destination waiting.
+        accept_timeout: Duration::from_secs(if cancel_at == Some(CancelAt::Setup) { 2 } else { 10 }),
         ..Default::default()
     };
     let destination = std::thread::spawn(move || {
@@ -94,7 +150,27 @@ pub fn migrate_synthetic_on(link: Link, mem_bytes: u64, workload: WorkloadSpec, 
         };
         (report, writes, check)
     });
-    let source = migrate(&guest, &*connector, config, &mut |_| {}).map_err(|e| e.to_string());
+    let cancel = Cancel::new();
+    let config = SourceConfig { cancel: cancel_at.map(|_| cancel.clone()), ..config.clone() };
+    if cancel_at == Some(CancelAt::Setup) {
+        cancel.cancel("test, at setup");
+    }
+    let vm = HookedGuest {
+        guest: &guest,
+        on_pause: Box::new(|| {
+            if cancel_at == Some(CancelAt::StopAndCopy) {
+                cancel.cancel("test, in stop-and-copy");
+            }
+        }),
+    };
+    let mut on_progress = |progress: &Progress| {
+        if let Some(CancelAt::Stage(stage)) = cancel_at {
+            if progress.stage == stage {
+                cancel.cancel(format!("test, in the {stage} stage"));
+            }
+        }
+    };
+    let source = migrate(&vm, &*connector, &config, &mut on_progress).map_err(|e| e.to_string());
     let before = guest.writes();
     std::thread::sleep(Duration::from_millis(100));
     let source_writes_after = guest.writes() - before;

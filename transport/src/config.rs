@@ -25,6 +25,8 @@ pub struct SourceConfig {
     pub pin_workers: bool,
     /// How long to wait for the destination's answers (Ready, Resumed).
     pub answer_timeout: Duration,
+    /// A way to cancel the migration from outside (signals, a control command).
+    pub cancel: Option<crate::cancel::Cancel>,
 }
 
 impl Default for SourceConfig {
@@ -42,6 +44,7 @@ impl Default for SourceConfig {
             verify: false,
             pin_workers: true,
             answer_timeout: Duration::from_secs(30),
+            cancel: None,
         }
     }
 }

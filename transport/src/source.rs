@@ -19,6 +19,7 @@
 //! `deferred_cleanup` is off, which exists to measure what it saves).
 
 use crate::abort::SessionAbort;
+use crate::cancel::Cancel;
 use crate::config::SourceConfig;
 use crate::framed::{read_frame, write_frame, ReadError, CONTROL_FRAME_LIMIT_BYTES};
 use crate::pin;
@@ -55,6 +56,8 @@ const JOB_RING_CAPACITY: usize = 256;
 const FRAME_RING_CAPACITY: usize = 8;
 /// How long a failing source waits for its Abort notice to reach the wire.
 const ABORT_NOTICE_WAIT: Duration = Duration::from_millis(200);
+/// How often the cancel watcher looks at the caller's token.
+const CANCEL_POLL: Duration = Duration::from_millis(5);
 /// How often progress is reported inside a long round.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -87,6 +90,8 @@ enum Outgoing {
 /// State shared by the scanner, workers and writers of one session.
 struct Shared<'a> {
     abort: SessionAbort,
+    /// Set (under the lock) just before Commit is sent: past it a cancel is refused.
+    committed: Mutex<bool>,
     config: &'a SourceConfig,
     memory: &'a dyn GuestMemory,
     jobs: Ring<Option<Job>>,
@@ -133,19 +138,28 @@ pub fn migrate(
         xbzrle: config.xbzrle_cache_bytes.is_some(),
         region_bytes: layout.clone(),
     };
+    let cancelled =
+        || config.cancel.as_ref().filter(|c| c.is_cancelled()).map(|c| MigrationError::Cancelled(c.reason()));
     let mut connections = Vec::with_capacity(usize::from(hello.connection_count));
     for index in 0..hello.connection_count {
+        if let Some(err) = cancelled() {
+            return Err(err);
+        }
         connections.push(open_connection(connector, &Hello { connection_index: index, ..hello.clone() })?);
     }
     let setup_time = started.elapsed();
 
     let mut paused = false;
-    let result = run_session(vm, connections, config, &hello, started, setup_time, &mut paused, progress);
+    let mut result = run_session(vm, connections, config, &hello, started, setup_time, &mut paused, progress);
     if result.is_err() {
         // The source guest is never lost: whatever failed, it runs on here.
         vm.set_throttle(0);
         if paused {
             vm.resume();
+        }
+        // A cancel shows as the session's abort: say it was a cancel.
+        if let Some(err) = cancelled() {
+            result = Err(err);
         }
     }
     result
@@ -205,6 +219,7 @@ fn run_session(
         clock: Instant::now(),
         abort_sent: AtomicBool::new(false),
         cache_bulk: AtomicBool::new(false),
+        committed: Mutex::new(false),
     };
     let (answers_tx, answers) = mpsc::channel::<Answer>();
 
@@ -239,6 +254,13 @@ fn run_session(
             );
         }
         drop(answers_tx);
+        if let Some(cancel) = &config.cancel {
+            let shared = &shared;
+            std::thread::Builder::new()
+                .name("cancel-watch".into())
+                .spawn_scoped(scope, move || watch_for_cancel(shared, cancel))
+                .expect("spawn cancel watcher");
+        }
 
         let mut scanner = Scanner::new(&shared, vm, hello, started, setup_time, progress);
         let result = scanner.run(paused, &answers, &mut workers);
@@ -255,31 +277,47 @@ fn run_session(
                 shared.finished.store(true, Ordering::Release);
                 shared.abort.close_all();
             }
-            Err(err) => {
-                // A failure of our own (not a broken connection): tell the destination why
-                // before the connections are shut, giving the writer a moment to send it.
-                if !shared.abort.is_raised() {
-                    // Frames still queued for connection 0 are moot now: drop them so the
-                    // notice goes next.
-                    while shared.outgoing[0].try_pop().is_some() {}
-                    let reason = migration::handshake::encode_reason(&err.to_string());
-                    if shared.outgoing[0].try_push(Outgoing::Control {
-                        kind: FrameKind::Abort,
-                        epoch: 0,
-                        payload: reason,
-                    }) {
-                        let deadline = Instant::now() + ABORT_NOTICE_WAIT;
-                        while !shared.abort_sent.load(Ordering::Acquire) && Instant::now() < deadline {
-                            std::thread::sleep(Duration::from_millis(1));
-                        }
-                    }
-                }
-                shared.abort.raise(err.to_string());
-            }
+            Err(err) => notify_and_abort(&shared, &err.to_string()),
         }
         stop_workers(&shared, &mut workers);
         result
     })
+}
+
+/// A failure of our own (not a broken connection), or a cancel: tells the destination why
+/// before the connections are shut, giving the writer a moment to send it, then aborts.
+fn notify_and_abort(shared: &Shared<'_>, reason: &str) {
+    if !shared.abort.is_raised() {
+        // Frames still queued for connection 0 are moot now: drop them so the notice goes
+        // next.
+        while shared.outgoing[0].try_pop().is_some() {}
+        let payload = migration::handshake::encode_reason(reason);
+        if shared.outgoing[0].try_push(Outgoing::Control { kind: FrameKind::Abort, epoch: 0, payload }) {
+            let deadline = Instant::now() + ABORT_NOTICE_WAIT;
+            while !shared.abort_sent.load(Ordering::Acquire) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+    shared.abort.raise(reason);
+}
+
+/// Waits for a cancel and turns it into the session's abort, unless the destination has
+/// already been told to commit (then the migration completes).
+fn watch_for_cancel(shared: &Shared<'_>, cancel: &Cancel) {
+    loop {
+        if shared.finished.load(Ordering::Acquire) || shared.abort.is_raised() {
+            return;
+        }
+        if cancel.is_cancelled() {
+            let committed = shared.committed.lock().unwrap_or_else(|p| p.into_inner());
+            if !*committed {
+                notify_and_abort(shared, &format!("migration cancelled: {}", cancel.reason()));
+            }
+            return;
+        }
+        std::thread::sleep(CANCEL_POLL);
+    }
 }
 
 fn stop_workers(shared: &Shared<'_>, workers: &mut Vec<std::thread::ScopedJoinHandle<'_, ()>>) {
@@ -857,6 +895,15 @@ impl<'s, 'a> Scanner<'s, 'a> {
         let counters = self.take_round_counters();
         self.record_round(epoch, "stop-and-copy", round_start.elapsed(), &counters, 0, None);
         self.expect(answers, |a| matches!(a, Answer::Ready).then_some(()))?;
+        {
+            // The point of no return: from here a cancel is refused (`watch_for_cancel`
+            // decides under this lock).
+            let mut committed = self.shared.committed.lock().unwrap_or_else(|p| p.into_inner());
+            if self.shared.abort.is_raised() {
+                return Err(MigrationError::Failed(self.shared.abort.reason().unwrap_or_default()));
+            }
+            *committed = true;
+        }
         self.session().commit_sent(self.now());
         self.control(FrameKind::Commit, epoch, vec![u8::from(config.verify)])?;
         let destination_verify_ms = self.expect(answers, |a| match a {
