@@ -464,6 +464,10 @@ pub struct SendArgs {
     /// Destination address (where `vmigrate recv --listen` runs).
     #[arg(long)]
     pub to: String,
+    /// A control socket (`unix:PATH`) taking one command per line: `cancel` (as SIGINT or
+    /// SIGTERM do), `status` (the last progress, as JSON).
+    #[arg(long, value_parser = parse_unix)]
+    pub control: Option<PathBuf>,
     #[command(flatten)]
     pub stack: StackOptions,
     #[command(flatten)]

@@ -14,6 +14,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
+use transport::cancel::Cancel;
 use transport::config::{DestinationConfig, SourceConfig};
 use transport::destination::{receive, DestinationReport};
 use transport::guest::{parse_huge_policy, GuestRam};
@@ -369,9 +370,19 @@ pub(super) fn acceptor_for(
 fn send(args: SendArgs) -> Result<ExitCode> {
     let guest = boot_guest(&args.guest, &args.common)?;
     let (connector, _stack) = connector_for(&args.stack, !args.common.no_pin, &args.to, Timeouts::default())?;
-    let config = source_config(&args.source, &args.common);
+    let cancel = Cancel::new();
+    super::control::cancel_on_signals(&cancel)?;
+    let status = super::control::Status::default();
+    let _control = match &args.control {
+        Some(path) => Some(super::control::ControlSocket::start(path, cancel.clone(), status.clone())?),
+        None => None,
+    };
+    let config = SourceConfig { cancel: Some(cancel), ..source_config(&args.source, &args.common) };
     let mut progress = report::ProgressView::new(args.common.json);
-    let result = migrate(&guest, &*connector, &config, &mut |p| progress.update(p));
+    let result = migrate(&guest, &*connector, &config, &mut |p| {
+        status.update(p);
+        progress.update(p)
+    });
     progress.finish();
     match result {
         Ok(mut stats) => {
@@ -388,7 +399,10 @@ fn send(args: SendArgs) -> Result<ExitCode> {
                 if running { "keeps running" } else { "is NOT running" },
                 guest.writes() - before
             );
-            bail!("migration failed: {err}")
+            match err {
+                transport::MigrationError::Cancelled(_) => bail!("{err}"),
+                _ => bail!("migration failed: {err}"),
+            }
         }
     }
 }

@@ -2,6 +2,7 @@
 
 mod args;
 mod commands;
+mod control;
 mod dpdk;
 mod qemu_migrate;
 mod relay;

@@ -1,6 +1,7 @@
 //! The `vmigrate` binary: `demo` in one process, and `send` / `recv` as two processes
 //! over loopback kernel TCP, with JSON output under QEMU's names.
 
+use std::io::{BufRead, Write};
 use std::process::Command;
 use std::time::Duration;
 use vmigrate_tests::process::{assert_migrated, is_root, json, run, Receiver};
@@ -160,4 +161,65 @@ fn link_benchmark_streams_count_every_byte() {
     assert!(sent.status.success(), "{}", sent.stderr);
     assert!(received.status.success(), "{}", received.stderr);
     assert_eq!(json(&received.stdout)["bytes"], 8 << 20);
+}
+
+/// `vmigrate send` cancelled mid-migration, by `how`: "SIGINT", "SIGTERM" or the control
+/// socket's `cancel`. One clear error on each side; the source guest runs on; the
+/// destination resumes nothing.
+fn cancel_a_running_send(how: &str) {
+    let receiver = Receiver::start(BIN, &["--json", "--run-after", "0.3"]);
+    let control = std::env::temp_dir().join(format!("vmigrate-control-{}-{how}.sock", std::process::id()));
+    let control_arg = format!("unix:{}", control.display());
+    // 256 MiB at 50 MB/s: seconds of bulk stage to cancel in.
+    let send = Command::new(BIN)
+        .args(["send", "--to", &receiver.address, "--mem", "256MiB", "--workload", "seq", "--max-bandwidth", "400mbit"])
+        .args(["--control", &control_arg])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start send");
+    // Under way: the control socket reports the bulk stage.
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        if let Ok(stream) = std::os::unix::net::UnixStream::connect(&control) {
+            let mut writer = stream.try_clone().expect("clone");
+            writeln!(writer, "status").expect("ask status");
+            let mut line = String::new();
+            std::io::BufReader::new(stream).read_line(&mut line).expect("status answer");
+            if line.contains("\"bulk\"") {
+                break;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "the migration never got going");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    match how {
+        "SIGINT" | "SIGTERM" => {
+            let status = Command::new("kill").args([&format!("-{}", &how[3..]), &send.id().to_string()]).status();
+            assert!(status.expect("kill").success());
+        }
+        _ => {
+            let stream = std::os::unix::net::UnixStream::connect(&control).expect("control socket");
+            let mut writer = stream.try_clone().expect("clone");
+            writeln!(writer, "cancel").expect("cancel");
+            let mut line = String::new();
+            std::io::BufReader::new(stream).read_line(&mut line).expect("answer");
+            assert_eq!(line.trim(), "ok");
+        }
+    }
+    let sent = vmigrate_tests::process::wait(send, DEADLINE, String::new());
+    let error = sent.assert_clean_failure();
+    assert!(error.contains("migration cancelled"), "{how}: {error}");
+    assert!(sent.stderr.contains("source guest keeps running"), "{how}: {}", sent.stderr);
+    assert!(!control.exists(), "{how}: the control socket was left behind");
+    let received = receiver.wait(DEADLINE);
+    let destination_error = received.assert_clean_failure();
+    assert!(destination_error.contains("the source aborted: migration cancelled"), "{how}: {destination_error}");
+}
+
+#[test]
+fn sigint_sigterm_and_the_control_socket_cancel_a_migration() {
+    for how in ["SIGINT", "SIGTERM", "control"] {
+        cancel_a_running_send(how);
+    }
 }

@@ -56,6 +56,8 @@ const JOB_RING_CAPACITY: usize = 256;
 const FRAME_RING_CAPACITY: usize = 8;
 /// How long a failing source waits for its Abort notice to reach the wire.
 const ABORT_NOTICE_WAIT: Duration = Duration::from_millis(200);
+/// A cancel is not urgent: the destination's being told why is worth a longer wait.
+const CANCEL_NOTICE_WAIT: Duration = Duration::from_secs(2);
 /// How often the cancel watcher looks at the caller's token.
 const CANCEL_POLL: Duration = Duration::from_millis(5);
 /// How often progress is reported inside a long round.
@@ -277,7 +279,7 @@ fn run_session(
                 shared.finished.store(true, Ordering::Release);
                 shared.abort.close_all();
             }
-            Err(err) => notify_and_abort(&shared, &err.to_string()),
+            Err(err) => notify_and_abort(&shared, &err.to_string(), ABORT_NOTICE_WAIT),
         }
         stop_workers(&shared, &mut workers);
         result
@@ -285,15 +287,16 @@ fn run_session(
 }
 
 /// A failure of our own (not a broken connection), or a cancel: tells the destination why
-/// before the connections are shut, giving the writer a moment to send it, then aborts.
-fn notify_and_abort(shared: &Shared<'_>, reason: &str) {
+/// before the connections are shut, giving the writer up to `wait` to send it (it may be
+/// in the middle of a frame, or held by the bandwidth cap), then aborts.
+fn notify_and_abort(shared: &Shared<'_>, reason: &str, wait: Duration) {
     if !shared.abort.is_raised() {
         // Frames still queued for connection 0 are moot now: drop them so the notice goes
         // next.
         while shared.outgoing[0].try_pop().is_some() {}
         let payload = migration::handshake::encode_reason(reason);
         if shared.outgoing[0].try_push(Outgoing::Control { kind: FrameKind::Abort, epoch: 0, payload }) {
-            let deadline = Instant::now() + ABORT_NOTICE_WAIT;
+            let deadline = Instant::now() + wait;
             while !shared.abort_sent.load(Ordering::Acquire) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(1));
             }
@@ -312,7 +315,7 @@ fn watch_for_cancel(shared: &Shared<'_>, cancel: &Cancel) {
         if cancel.is_cancelled() {
             let committed = shared.committed.lock().unwrap_or_else(|p| p.into_inner());
             if !*committed {
-                notify_and_abort(shared, &format!("migration cancelled: {}", cancel.reason()));
+                notify_and_abort(shared, &format!("migration cancelled: {}", cancel.reason()), CANCEL_NOTICE_WAIT);
             }
             return;
         }
