@@ -127,7 +127,9 @@ fn migrate_cancel_on_the_source() {
     if skip("migrate_cancel_on_the_source") {
         return;
     }
-    let mut migration = Migration::prepare(&format!("{}-cancel", std::process::id()), Some(2), SLOW, GUEST_MIB);
+    // Without multifd: QEMU 7.2's own multifd cancel was seen to hang in "cancelling" for
+    // minutes after both relays had closed every socket (its send threads' doing).
+    let mut migration = Migration::prepare(&format!("{}-cancel", std::process::id()), None, SLOW, GUEST_MIB);
     let (receiver, sender) = relays(&migration, &[]);
     migration.start();
     wait_transferred(&mut migration, 10 << 20);

@@ -372,6 +372,11 @@ impl SyntheticDestination {
     pub fn guest(&mut self) -> Option<&mut SyntheticGuest> {
         self.guest.as_mut()
     }
+
+    /// Takes the resumed guest (to migrate it on, say).
+    pub fn take_guest(&mut self) -> Option<SyntheticGuest> {
+        self.guest.take()
+    }
 }
 
 impl DestinationVm for SyntheticDestination {
