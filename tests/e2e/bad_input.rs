@@ -173,3 +173,29 @@ fn killed_destination_leaves_the_source_guest_running() {
     assert!(error.contains("connection"), "{error}");
     assert!(sent.stderr.contains("source guest keeps running"), "{}", sent.stderr);
 }
+
+#[test]
+fn a_second_source_is_turned_away_while_a_session_runs() {
+    let receiver = Receiver::start(BIN, &["--json", "--run-after", "0.3"]);
+    // The first migration, slowed down (256 MiB at 50 MB/s, a guest that dirties little) so
+    // that the second arrives while it runs.
+    let first = Command::new(BIN)
+        .args(["send", "--to", &receiver.address, "--mem", "256MiB", "--workload", "seq:1000", "--verify", "--json"])
+        .args(["--max-bandwidth", "400mbit"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the first sender");
+    std::thread::sleep(Duration::from_millis(1500));
+    let second = run(
+        Command::new(BIN).args(["send", "--to", &receiver.address, "--mem", "32MiB", "--connections", "2"]),
+        DEADLINE,
+    );
+    let error = second.assert_clean_failure();
+    assert!(error.contains("another migration session is in progress"), "{error}");
+    assert!(second.stderr.contains("source guest keeps running"), "{}", second.stderr);
+    // The first migration was not disturbed.
+    let first = vmigrate_tests::process::wait(first, DEADLINE, String::new());
+    let received = receiver.wait(DEADLINE);
+    vmigrate_tests::process::assert_migrated(&first, &received);
+}

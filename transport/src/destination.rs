@@ -146,6 +146,27 @@ pub fn receive(
     result
 }
 
+/// Why a connection from another source is refused while a session runs.
+const BUSY: &str = "another migration session is in progress on this destination";
+/// How often the doorman looks up from the listener to see whether the session ended.
+const DOORMAN_POLL: Duration = Duration::from_millis(100);
+
+/// Refuses every connection that arrives while the session runs. The refusal goes out at
+/// once (the source reads it after its hello); the connection is then drained on a thread
+/// of its own until the source hangs up, so that closing it with its hello unread does not
+/// reset it before the refusal is read, and a silent stranger holds up nobody.
+fn turn_away(acceptor: &mut dyn Acceptor, shared: &Shared) {
+    while !shared.finished.load(Ordering::Acquire) && !shared.abort.is_raised() {
+        if let Ok(mut connection) = acceptor.accept(DOORMAN_POLL) {
+            refuse(&mut connection, BUSY);
+            let _ = std::thread::Builder::new().name("turned-away".into()).spawn(move || {
+                let mut sink = [0u8; 4096];
+                while matches!(connection.reader.read(&mut sink), Ok(n) if n > 0) {}
+            });
+        }
+    }
+}
+
 fn refuse(connection: &mut Connection, reason: &str) {
     let _ = write_frame(
         &mut *connection.writer,
@@ -233,9 +254,18 @@ fn receive_session(
     accept_ack(&mut first, version)?;
     let mut connections: Vec<Option<Connection>> = (0..hello.connection_count).map(|_| None).collect();
     connections[0] = Some(first);
-    for _ in 1..hello.connection_count {
+    let mut missing = usize::from(hello.connection_count) - 1;
+    while missing > 0 {
         let mut connection = accept(acceptor)?;
-        let (other, version) = read_hello(&mut connection)?;
+        let (other, version) = match read_hello(&mut connection) {
+            Ok(answer) => answer,
+            // A stranger (or a broken peer) does not end the session being set up.
+            Err(_) => continue,
+        };
+        if other.session_id != hello.session_id {
+            refuse(&mut connection, BUSY);
+            continue;
+        }
         let index = usize::from(other.connection_index);
         if !other.same_session(&hello) || connections[index].is_some() {
             let reason =
@@ -245,6 +275,7 @@ fn receive_session(
         }
         accept_ack(&mut connection, version)?;
         connections[index] = Some(connection);
+        missing -= 1;
     }
     let connections: Vec<Connection> = connections.into_iter().map(|c| c.expect("every index accepted")).collect();
 
@@ -295,6 +326,11 @@ fn receive_session(
                 .expect("spawn connection reader");
         }
         drop(events_tx);
+        // One session at a time: whoever else connects meanwhile is told so and let go.
+        std::thread::Builder::new()
+            .name("doorman".into())
+            .spawn_scoped(scope, move || turn_away(acceptor, shared))
+            .expect("spawn doorman");
         let mut control = control_writer.expect("connection 0 exists");
         let mut session = Session {
             shared,
