@@ -199,3 +199,45 @@ fn a_second_source_is_turned_away_while_a_session_runs() {
     let received = receiver.wait(DEADLINE);
     vmigrate_tests::process::assert_migrated(&first, &received);
 }
+
+/// The committed corpus (`tests/corpus/destination`): a recorded stream, which a
+/// destination takes whole, and that stream truncated and damaged in chosen places, each
+/// of which it refuses with an error, no guest and no hang. `VMIGRATE_WRITE_CORPUS=1`
+/// records it afresh.
+#[test]
+fn the_corpus_of_damaged_streams_is_refused_cleanly() {
+    let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/corpus/destination"));
+    if std::env::var_os("VMIGRATE_WRITE_CORPUS").is_some() {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir).expect("corpus dir");
+        let stream = vmigrate_tests::corpus::record_stream();
+        std::fs::write(dir.join("valid.bin"), &stream).expect("write");
+        for (name, bytes) in vmigrate_tests::corpus::damaged(&stream) {
+            std::fs::write(dir.join(format!("{name}.bin")), bytes).expect("write");
+        }
+    }
+    let mut files: Vec<_> = std::fs::read_dir(dir).expect("the committed corpus").flatten().map(|e| e.path()).collect();
+    files.sort();
+    assert!(files.len() > 30, "the corpus holds {} streams", files.len());
+    for file in files {
+        let name = file.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let bytes = std::fs::read(&file).expect("read");
+        // The recorded source kept its connection open until the destination answered; a
+        // damaged stream is one whose source died, so its connection ends with its bytes.
+        let hold_open = if name == "valid.bin" { Duration::from_secs(2) } else { Duration::ZERO };
+        let (done, result) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done.send(vmigrate_tests::corpus::replay(&bytes, hold_open));
+        });
+        let (report, resumed) = result
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("{name}: the destination hung or panicked"));
+        if name == "valid.bin" {
+            assert!(report.is_ok() && resumed, "{name}: {report:?}");
+        } else {
+            let err = report.expect_err(&name);
+            assert!(!resumed, "{name}: a guest was resumed ({err})");
+            assert!(!err.is_empty());
+        }
+    }
+}

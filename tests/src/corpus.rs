@@ -1,0 +1,158 @@
+//! A corpus of source streams for the destination, replayed by the ordinary test suite:
+//! one real stream recorded from a migration, and that stream truncated and damaged at
+//! chosen places. Replaying feeds a stream to an in-process destination as if a source
+//! sent it, and answers nothing back.
+
+use hugepages::HugePolicy;
+use std::io::{self, Cursor, Write};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use transport::config::{DestinationConfig, SourceConfig};
+use transport::destination::{receive, DestinationReport};
+use transport::guest::GuestRam;
+use transport::pipe::{Acceptor, Connection, Connector, TcpAcceptor, TcpConnector, Timeouts};
+use transport::source::migrate;
+use transport::synthetic::{SyntheticDestination, SyntheticGuest, WorkloadSpec};
+
+/// The guest the recorded stream carries.
+pub const GUEST_BYTES: u64 = 4 << 20;
+
+/// A connector that keeps a copy of everything the source writes on its connection.
+struct Recording {
+    inner: TcpConnector,
+    copy: Arc<Mutex<Vec<u8>>>,
+}
+
+struct Tee {
+    inner: Box<dyn Write + Send>,
+    copy: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Write for Tee {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.copy.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl Connector for Recording {
+    fn connect(&self) -> io::Result<Connection> {
+        let connection = self.inner.connect()?;
+        Ok(Connection { writer: Box::new(Tee { inner: connection.writer, copy: self.copy.clone() }), ..connection })
+    }
+}
+
+/// Migrates a small `seq` guest over one connection and returns what its source sent.
+pub fn record_stream() -> Vec<u8> {
+    let timeouts = Timeouts { connect: Duration::from_secs(5), io: Duration::from_secs(20) };
+    let mut acceptor = TcpAcceptor::bind("127.0.0.1:0", timeouts).expect("bind");
+    let copy = Arc::new(Mutex::new(Vec::new()));
+    let connector = Recording {
+        inner: TcpConnector::new(acceptor.local_socket_addr().expect("address"), timeouts).expect("connector"),
+        copy: copy.clone(),
+    };
+    let destination = std::thread::spawn(move || {
+        let config = DestinationConfig { max_memory_bytes: GUEST_BYTES, ..Default::default() };
+        let mut vm = SyntheticDestination::new(GUEST_BYTES, HugePolicy::Never);
+        receive(&mut acceptor, &mut vm, &config).map(|_| ())
+    });
+    let ram = GuestRam::allocate(&GuestRam::pc_layout(GUEST_BYTES), HugePolicy::Never).expect("memory");
+    let guest = SyntheticGuest::boot(Arc::new(ram), WorkloadSpec::Seq { pages_per_s: 2000 }, 3).expect("boot");
+    std::thread::sleep(Duration::from_millis(50));
+    let config = SourceConfig { codec: migration::codec::Codec::Lz4, ..SourceConfig::default() };
+    migrate(&guest, &connector, &config, &mut |_| {}).expect("the recorded migration");
+    destination.join().expect("destination thread").expect("the recorded migration's destination");
+    let stream = copy.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    stream
+}
+
+/// The stream truncated and damaged at chosen places, each with a name for its file.
+pub fn damaged(stream: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let len = stream.len();
+    let mut out = Vec::new();
+    let places = [0, 1, 8, 15, 16, 17, 30, 40, 41, 64, 200, len / 5, len / 3, len / 2, 2 * len / 3, len - 30, len - 1];
+    for &at in &places {
+        if at < len {
+            out.push((format!("truncated-at-{at}"), stream[..at].to_vec()));
+            let mut flipped = stream.to_vec();
+            flipped[at] ^= 0x40;
+            out.push((format!("flipped-at-{at}"), flipped));
+        }
+    }
+    // The first frame (the Hello, after the 16-byte preamble) claiming an enormous payload.
+    let mut huge = stream.to_vec();
+    huge[16 + 16..16 + 20].copy_from_slice(&u32::MAX.to_le_bytes());
+    out.push(("hello-length-4GiB".into(), huge));
+    // A second copy of the stream after the first: frames out of sequence.
+    let mut twice = stream.to_vec();
+    twice.extend_from_slice(&stream[16..]);
+    out.push(("frames-repeated".into(), twice));
+    out
+}
+
+/// An acceptor that hands out one connection whose reader is `stream` and whose writes go
+/// nowhere; later accepts time out. With `hold_open`, the stream does not end after its
+/// bytes for that long (a live source keeps its connection open until the destination
+/// has answered; a dead one's ends at once).
+struct Replay {
+    stream: Option<Vec<u8>>,
+    hold_open: Duration,
+}
+
+/// A reader that, its bytes read, waits `hold_open` before it reports the end.
+struct HeldOpen {
+    bytes: Cursor<Vec<u8>>,
+    hold_open: Duration,
+}
+
+impl io::Read for HeldOpen {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.bytes.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            std::thread::sleep(std::mem::take(&mut self.hold_open));
+        }
+        Ok(n)
+    }
+}
+
+impl Acceptor for Replay {
+    fn accept(&mut self, timeout: Duration) -> io::Result<Connection> {
+        match self.stream.take() {
+            Some(stream) => Ok(Connection {
+                reader: Box::new(HeldOpen { bytes: Cursor::new(stream), hold_open: self.hold_open }),
+                writer: Box::new(io::sink()),
+                closer: Box::new(|| {}),
+                peer: "corpus".into(),
+            }),
+            None => {
+                std::thread::sleep(timeout.min(Duration::from_millis(100)));
+                Err(io::Error::new(io::ErrorKind::TimedOut, "no more connections"))
+            }
+        }
+    }
+
+    fn local_addr(&self) -> String {
+        "corpus".into()
+    }
+}
+
+/// Feeds `stream` to a fresh destination, its connection held open for `hold_open` after
+/// its bytes; returns the destination's report, or its error, and whether a guest was
+/// resumed.
+pub fn replay(stream: &[u8], hold_open: Duration) -> (Result<DestinationReport, String>, bool) {
+    let config = DestinationConfig {
+        max_memory_bytes: GUEST_BYTES,
+        accept_timeout: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let mut vm = SyntheticDestination::new(GUEST_BYTES, HugePolicy::Never);
+    let mut acceptor = Replay { stream: Some(stream.to_vec()), hold_open };
+    let report = receive(&mut acceptor, &mut vm, &config).map_err(|e| e.to_string());
+    let resumed = vm.guest().is_some();
+    (report, resumed)
+}
