@@ -4,10 +4,11 @@
 //! way per connection between the sockets and the application rings.
 
 use crate::fanout::{local_port_for, Steering};
+use crate::faults::{Faults, FaultyDevice};
 use crate::layers::{trace_frame, ChecksumPolicy, Checksums};
 use crate::pipe::{PipeShared, CHUNK_BYTES};
 use smoltcp::iface::{Config, Interface, PollIngressSingleResult, PollResult, SocketHandle, SocketSet};
-use smoltcp::phy::{Device, FaultInjector, PcapMode, PcapWriter, Tracer};
+use smoltcp::phy::{Device, PcapMode, PcapWriter, Tracer};
 use smoltcp::socket::tcp::{self, State};
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, IpCidr, IpEndpoint, Ipv4Address};
@@ -95,10 +96,8 @@ pub enum Congestion {
 /// injection (drop and corrupt chances, deterministic for a seed) and pcap capture.
 #[derive(Debug, Clone, Default)]
 pub struct DeviceWrappers {
-    /// Percent of frames dropped, each way.
-    pub drop_pct: u8,
-    /// Percent of frames with one byte corrupted, each way.
-    pub corrupt_pct: u8,
+    /// Faults on what each end receives (so both ways when both ends are ours).
+    pub faults: Faults,
     pub seed: u32,
     /// Write every frame, both ways, to this pcap file.
     pub pcap: Option<std::path::PathBuf>,
@@ -141,12 +140,10 @@ impl CoreHandle {
                 }
             };
             let device = Checksums::new(device, config.wrappers.checksum);
-            // smoltcp's FaultInjector caps the MTU at 1536 bytes: wrap only when asked to.
+            // Wrapped only when asked to: the wrapper copies every frame it receives.
             let wrappers = config.wrappers.clone();
-            if wrappers.drop_pct > 0 || wrappers.corrupt_pct > 0 {
-                let mut faulty = FaultInjector::new(device, wrappers.seed);
-                faulty.set_drop_chance(wrappers.drop_pct);
-                faulty.set_corrupt_chance(wrappers.corrupt_pct);
+            if wrappers.faults.any() {
+                let faulty = FaultyDevice::new(device, wrappers.faults, u64::from(wrappers.seed));
                 run_traced(faulty, config, opened, receiver, &flag);
             } else {
                 run_traced(device, config, opened, receiver, &flag);

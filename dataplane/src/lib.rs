@@ -14,6 +14,7 @@ pub mod core;
 #[cfg(feature = "dpdk")]
 pub mod dpdk_nic;
 pub mod fanout;
+pub mod faults;
 pub mod layers;
 pub mod pipe;
 pub mod stack;

@@ -153,6 +153,20 @@ pub struct QemuRecvArgs {
     pub stack: StackOptions,
 }
 
+fn parse_percent(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(pct) if (0.0..=100.0).contains(&pct) => Ok(pct),
+        _ => Err(format!("expected a percentage from 0 to 100, got {text:?}")),
+    }
+}
+
+fn parse_blackout(text: &str) -> Result<dataplane::faults::Blackout, String> {
+    let (after, length) = text.split_once(':').ok_or_else(|| format!("expected AFTER_MS:LENGTH_MS, got {text:?}"))?;
+    let ms =
+        |part: &str| part.parse::<u64>().map(std::time::Duration::from_millis).map_err(|e| format!("{part:?}: {e}"));
+    Ok(dataplane::faults::Blackout { after: ms(after)?, length: ms(length)? })
+}
+
 /// `unix:PATH`, as QEMU writes socket addresses.
 pub fn parse_unix(text: &str) -> Result<PathBuf, String> {
     match text.strip_prefix("unix:") {
@@ -263,12 +277,22 @@ pub enum CongestionArg {
 /// Debug layers around our stack's NIC backend (not the kernel stack).
 #[derive(Args, Debug, Clone)]
 pub struct WrapperOptions {
-    /// Drop this percent of frames each way (seeded, deterministic).
-    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
-    pub fault_drop: u8,
-    /// Corrupt one byte in this percent of frames each way (seeded, deterministic).
-    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
-    pub fault_corrupt: u8,
+    /// Drop this percent of the frames each end receives (seeded, deterministic; 0.1 is
+    /// one in a thousand).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_percent)]
+    pub fault_drop: f64,
+    /// Flip one bit in this percent of the frames each end receives.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_percent)]
+    pub fault_corrupt: f64,
+    /// Deliver this percent of the frames twice.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_percent)]
+    pub fault_duplicate: f64,
+    /// Hold back this percent of the frames and deliver them after the next one.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_percent)]
+    pub fault_reorder: f64,
+    /// Take the link down AFTER_MS after the first frame, for LENGTH_MS (`AFTER_MS:LENGTH_MS`).
+    #[arg(long, value_parser = parse_blackout)]
+    pub fault_blackout: Option<dataplane::faults::Blackout>,
     /// Seed of the fault injector.
     #[arg(long, default_value_t = 1)]
     pub fault_seed: u32,

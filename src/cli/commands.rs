@@ -6,6 +6,7 @@ use super::dpdk::PortRequest;
 use super::report;
 use anyhow::{bail, Context, Result};
 use dataplane::core::{Congestion, CoreConfig, DeviceWrappers, IdlePolicy};
+use dataplane::faults::Faults;
 use dataplane::layers::ChecksumPolicy;
 use dataplane::stack::{CoreStack, LoopbackOptions, LoopbackStack, NicBackend};
 use dataplane::wire_types::{EthernetAddress, IpCidr};
@@ -307,8 +308,13 @@ pub(super) fn loopback_options(options: &DataplaneOptions) -> LoopbackOptions {
 
 fn device_wrappers(options: &WrapperOptions) -> DeviceWrappers {
     DeviceWrappers {
-        drop_pct: options.fault_drop,
-        corrupt_pct: options.fault_corrupt,
+        faults: Faults {
+            drop: options.fault_drop / 100.0,
+            corrupt: options.fault_corrupt / 100.0,
+            duplicate: options.fault_duplicate / 100.0,
+            reorder: options.fault_reorder / 100.0,
+            blackout: options.fault_blackout,
+        },
         seed: options.fault_seed,
         pcap: options.pcap.clone(),
         trace: options.trace,

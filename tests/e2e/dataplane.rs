@@ -64,7 +64,8 @@ fn lossy_and_corrupting_wire_still_migrates_intact() {
     // from loss by retransmission timeouts (no SACK), so the guest is kept small; the
     // point is that every byte arrives intact: corrupted frames fail the TCP checksum and
     // are retransmitted, and our frame CRC32C stands behind it.
-    let wrappers = dataplane::core::DeviceWrappers { drop_pct: 1, corrupt_pct: 1, seed: 7, ..Default::default() };
+    let faults = dataplane::faults::Faults { drop: 0.01, corrupt: 0.01, ..Default::default() };
+    let wrappers = dataplane::core::DeviceWrappers { faults, seed: 7, ..Default::default() };
     let config = SourceConfig {
         codec: Codec::Lz4,
         connections: 2,
@@ -91,3 +92,66 @@ fn connections_spread_over_two_dataplane_cores_per_side() {
         check(&link, workload, Codec::Lz4, connections, true);
     }
 }
+
+/// The fault matrix over the in-process wire (seeded faults on what each end receives):
+/// every migration either completes and verifies, or fails with a clear error, the source
+/// guest still running and no destination guest, within a bound. Prints one row per case.
+#[test]
+fn every_fault_ends_verified_or_cleanly_failed_in_bounded_time() {
+    use dataplane::faults::{Blackout, Faults};
+    let second = Duration::from_secs(1);
+    let cases: Vec<(&str, Faults)> = vec![
+        ("loss 0.1%", Faults { drop: 0.001, ..Default::default() }),
+        ("loss 1%", Faults { drop: 0.01, ..Default::default() }),
+        ("loss 5%", Faults { drop: 0.05, ..Default::default() }),
+        ("reordering 1%", Faults { reorder: 0.01, ..Default::default() }),
+        ("duplication 1%", Faults { duplicate: 0.01, ..Default::default() }),
+        ("corruption 1%", Faults { corrupt: 0.01, ..Default::default() }),
+        ("link down 1 s", Faults { blackout: Some(Blackout { after: 50 * MS, length: second }), ..Default::default() }),
+        (
+            "link down 30 s",
+            Faults { blackout: Some(Blackout { after: 50 * MS, length: 30 * second }), ..Default::default() },
+        ),
+    ];
+    // 50 MB/s: the bulk round of 8 MiB lasts longer than the time before a blackout.
+    let config = SourceConfig {
+        codec: Codec::Lz4,
+        connections: 2,
+        verify: true,
+        max_bandwidth_bytes_per_s: Some(50_000_000),
+        ..SourceConfig::default()
+    };
+    let mut rows = Vec::new();
+    for (name, faults) in cases {
+        let wrappers = dataplane::core::DeviceWrappers { faults, seed: 11, ..Default::default() };
+        let started = std::time::Instant::now();
+        let outcome = vmigrate_tests::session::migrate_synthetic_on(
+            Link::LossyLoopback { mtu: 1500, wrappers },
+            8 << 20,
+            WorkloadSpec::Dirty { area_bytes: 4 << 20, pages_per_s: 2000, bits: 16 },
+            &config,
+        );
+        let took = started.elapsed();
+        // The harness's connections give up after 20 s of silence.
+        assert!(took < Duration::from_secs(60), "{name}: {took:?}");
+        let verdict = match &outcome.source {
+            Ok(stats) => {
+                assert_eq!(stats.verified, Some(true), "{name}");
+                outcome.destination_check.as_ref().unwrap_or_else(|e| panic!("{name}: {e}"));
+                "completed, verified".to_string()
+            }
+            Err(err) => {
+                assert!(outcome.source_writes_after > 0, "{name}: the source guest stopped");
+                assert!(outcome.destination.is_err() && outcome.writes_after_resume == 0, "{name}: a guest resumed");
+                format!("failed cleanly: {err}")
+            }
+        };
+        rows.push(format!("| {name} | {:.1} s | {verdict} |", took.as_secs_f64()));
+    }
+    eprintln!("| fault | time | outcome |\n|---|---|---|\n{}", rows.join("\n"));
+    // A link down for a second is ridden out; one down for 30 s is given up on.
+    assert!(rows[6].contains("completed"), "{}", rows[6]);
+    assert!(rows[7].contains("failed cleanly"), "{}", rows[7]);
+}
+
+const MS: Duration = Duration::from_millis(1);
