@@ -88,10 +88,16 @@ pub fn damaged(stream: &[u8]) -> Vec<(String, Vec<u8>)> {
     let mut huge = stream.to_vec();
     huge[16 + 16..16 + 20].copy_from_slice(&u32::MAX.to_le_bytes());
     out.push(("hello-length-4GiB".into(), huge));
-    // A second copy of the stream after the first: frames out of sequence.
-    let mut twice = stream.to_vec();
-    twice.extend_from_slice(&stream[16..]);
-    out.push(("frames-repeated".into(), twice));
+    // The frame after the Hello sent twice: a repeated sequence number mid-stream. (A copy
+    // after the stream's end would come after the destination had rightly completed.)
+    let frame_len =
+        |at: usize| 24 + u32::from_le_bytes(stream[at + 16..at + 20].try_into().unwrap_or_default()) as usize;
+    let second = 16 + frame_len(16);
+    let end = second + frame_len(second);
+    let mut repeated = stream[..end].to_vec();
+    repeated.extend_from_slice(&stream[second..end]);
+    repeated.extend_from_slice(&stream[end..]);
+    out.push(("frame-repeated".into(), repeated));
     out
 }
 
