@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use transport::cancel::Cancel;
 use transport::pipe::{Connector, TcpAcceptor, TcpConnector};
 use transport::qemu::destination::{relay_destination, DestinationRelayConfig};
 use transport::qemu::qmp::Qmp;
@@ -79,7 +80,11 @@ pub fn qemu_migrate(args: QemuMigrateArgs) -> Result<ExitCode> {
     let source_relay = std::thread::Builder::new().name("relay-source".into()).spawn(move || relay.run(&*connector))?;
     source.execute("migrate", json!({ "uri": format!("unix:{}", relay_socket.display()) })).context("migrate")?;
 
-    let info = follow(&mut source, seconds("--timeout", args.timeout)?, args.relay.json)?;
+    // SIGINT or SIGTERM cancels QEMU's migration (the source guest runs on); a second one
+    // quits at once.
+    let cancel = Cancel::new();
+    super::control::cancel_on_signals(&cancel)?;
+    let info = follow(&mut source, seconds("--timeout", args.timeout)?, &cancel, args.relay.json)?;
     let source_report = source_relay.join().unwrap_or_else(|_| Err(RelayFailure::Local("the relay panicked".into())));
     let destination_report = destination_relay
         .map(|thread| thread.join().unwrap_or_else(|_| Err(RelayFailure::Local("the relay panicked".into()))));
@@ -132,8 +137,8 @@ fn configure(qmp: &mut Qmp, args: &QemuMigrateArgs) -> Result<()> {
 }
 
 /// Polls `query-migrate` until the migration ends, showing progress on a terminal; past
-/// `timeout` the migration is cancelled.
-fn follow(source: &mut Qmp, timeout: Duration, json: bool) -> Result<Value> {
+/// `timeout`, or when `cancel` is, the migration is cancelled on the source QEMU.
+fn follow(source: &mut Qmp, timeout: Duration, cancel: &Cancel, json: bool) -> Result<Value> {
     let bar = (!json && std::io::stderr().is_terminal()).then(|| {
         let bar = ProgressBar::new_spinner();
         bar.set_style(ProgressStyle::with_template("{spinner} {msg}").expect("valid template"));
@@ -163,8 +168,12 @@ fn follow(source: &mut Qmp, timeout: Duration, json: bool) -> Result<Value> {
             ));
             bar.tick();
         }
-        if started.elapsed() > timeout && !cancelled {
-            eprintln!("vmigrate: the migration ran past --timeout: cancelling it");
+        if !cancelled && (started.elapsed() > timeout || cancel.is_cancelled()) {
+            if cancel.is_cancelled() {
+                eprintln!("vmigrate: {}: cancelling the migration", cancel.reason());
+            } else {
+                eprintln!("vmigrate: the migration ran past --timeout: cancelling it");
+            }
             source.execute("migrate_cancel", json!({}))?;
             cancelled = true;
         }

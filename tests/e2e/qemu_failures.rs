@@ -178,3 +178,46 @@ fn link_cut_between_the_relays() {
     assert!(cut.elapsed() < Duration::from_secs(30), "the relays took {:?} to notice", cut.elapsed());
     migration.assert_source_survived();
 }
+
+#[test]
+fn sigint_to_qemu_migrate_cancels_the_migration() {
+    if skip("sigint_to_qemu_migrate_cancels_the_migration") {
+        return;
+    }
+    let dir = vmigrate_tests::qemu::tempdir(&format!("{}-sigint", std::process::id()));
+    let image = vmigrate_tests::qemu::sweeper_image(&dir);
+    let source = vmigrate_tests::qemu::Vm::start(&dir, "source", &image, false);
+    let destination = vmigrate_tests::qemu::Vm::start(&dir, "destination", &image, true);
+    let mut source_qmp = source.qmp();
+    assert!(source.wait_markers_above(0, Duration::from_secs(30)), "the source guest never swept");
+    let socket = |vm: &vmigrate_tests::qemu::Vm| format!("unix:{}", vm.control_socket().display());
+    let orchestrator = Command::new(BIN)
+        .args(["qemu-migrate", "--src-qmp", &socket(&source), "--dst-qmp", &socket(&destination)])
+        .args(["--max-bandwidth", "20MB"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start qemu-migrate");
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let info = source_qmp.execute("query-migrate", serde_json::json!({})).expect("query-migrate");
+        if info["ram"]["transferred"].as_u64().unwrap_or(0) >= 10 << 20 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the migration never got going: {info}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let kill = Command::new("kill").args(["-INT", &orchestrator.id().to_string()]).status().expect("kill");
+    assert!(kill.success());
+    let finished = vmigrate_tests::process::wait(orchestrator, DEADLINE, String::new());
+    let error = error_line(&finished);
+    assert!(error.contains("cancelled"), "{error}");
+    let info = vmigrate_tests::qemu::wait_migration(&mut source_qmp, DEADLINE);
+    assert_eq!(info["status"], "cancelled", "{info}");
+    let run = source_qmp.execute("query-status", serde_json::json!({})).expect("query-status");
+    assert_eq!(run["status"], "running", "{run}");
+    let markers = source.markers();
+    assert!(source.wait_markers_above(markers, Duration::from_secs(60)), "the source guest stopped sweeping");
+    drop((source, destination));
+    let _ = std::fs::remove_dir_all(&dir);
+}
