@@ -7,6 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 use vmigrate_tests::process::{run, Receiver};
 use vmigrate_tests::proxy::{Fault, FaultProxy};
+use vmigrate_tests::reliability::{record, Ending};
 use vmigrate_tests::stream;
 
 const BIN: &str = env!("CARGO_BIN_EXE_vmigrate");
@@ -232,12 +233,15 @@ fn the_corpus_of_damaged_streams_is_refused_cleanly() {
         let (report, resumed) = result
             .recv_timeout(Duration::from_secs(20))
             .unwrap_or_else(|_| panic!("{name}: the destination hung or panicked"));
+        let kind = name.trim_end_matches(".bin").split("-at-").next().unwrap_or_default().to_string();
         if name == "valid.bin" {
             assert!(report.is_ok() && resumed, "{name}: {report:?}");
+            record("corpus stream replayed to a destination", "whole recorded stream", Ending::Verified);
         } else {
             let err = report.expect_err(&name);
             assert!(!resumed, "{name}: a guest was resumed ({err})");
             assert!(!err.is_empty());
+            record("corpus stream replayed to a destination", &kind, Ending::Refused);
         }
     }
 }
@@ -248,6 +252,7 @@ fn the_corpus_of_damaged_streams_is_refused_cleanly() {
 /// its guest running. A point past the end of the migration lets it complete.
 #[test]
 fn peers_killed_at_random_points_lose_nothing() {
+    const GROUP: &str = "peer killed at a seeded point (kernel TCP)";
     let mut state = 0x5eed_u64;
     let mut next = || {
         state ^= state << 13;
@@ -276,6 +281,7 @@ fn peers_killed_at_random_points_lose_nothing() {
             let sent = vmigrate_tests::process::wait(sender, DEADLINE, String::new());
             assert!(sent.status.success(), "{who} at {point}: {}", sent.stderr);
             let _ = receiver.wait(DEADLINE);
+            record(GROUP, &format!("{who} killed past the migration's end"), Ending::Verified);
             continue;
         }
         if kill_source {
@@ -284,17 +290,21 @@ fn peers_killed_at_random_points_lose_nothing() {
             let received = receiver.wait(DEADLINE);
             received.assert_clean_failure();
             assert!(!received.stdout.contains("destination-guest"), "source killed at {point}: a guest was resumed");
+            record(GROUP, "source killed mid-migration", Ending::FailedCleanly);
         } else {
             receiver.kill();
             let sent = vmigrate_tests::process::wait(sender, DEADLINE, String::new());
             // Killed after the switchover, the migration may have completed on the source.
-            if !sent.status.success() {
+            if sent.status.success() {
+                record(GROUP, "destination killed mid-migration", Ending::Verified);
+            } else {
                 sent.assert_clean_failure();
                 assert!(
                     sent.stderr.contains("source guest keeps running"),
                     "destination killed at {point}: {}",
                     sent.stderr
                 );
+                record(GROUP, "destination killed mid-migration", Ending::FailedCleanly);
             }
         }
     }

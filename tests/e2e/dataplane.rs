@@ -99,6 +99,7 @@ fn connections_spread_over_two_dataplane_cores_per_side() {
 #[test]
 fn every_fault_ends_verified_or_cleanly_failed_in_bounded_time() {
     use dataplane::faults::{Blackout, Faults};
+    use vmigrate_tests::reliability::{record, Ending};
     let second = Duration::from_secs(1);
     let cases: Vec<(&str, Faults)> = vec![
         ("loss 0.1%", Faults { drop: 0.001, ..Default::default() }),
@@ -138,11 +139,13 @@ fn every_fault_ends_verified_or_cleanly_failed_in_bounded_time() {
             Ok(stats) => {
                 assert_eq!(stats.verified, Some(true), "{name}");
                 outcome.destination_check.as_ref().unwrap_or_else(|e| panic!("{name}: {e}"));
+                record("network fault (in-process wire, seeded)", name, Ending::Verified);
                 "completed, verified".to_string()
             }
             Err(err) => {
                 assert!(outcome.source_writes_after > 0, "{name}: the source guest stopped");
                 assert!(outcome.destination.is_err() && outcome.writes_after_resume == 0, "{name}: a guest resumed");
+                record("network fault (in-process wire, seeded)", name, Ending::FailedCleanly);
                 format!("failed cleanly: {err}")
             }
         };

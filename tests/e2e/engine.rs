@@ -188,5 +188,15 @@ fn a_cancel_in_any_phase_keeps_the_source_guest_and_starts_none() {
             assert!(destination.contains("cancelled"), "{at:?}: the destination was told why: {destination}");
         }
         eprintln!("{at:?}: source: {err}; destination: {destination}");
+        let phase = match at {
+            CancelAt::Setup => "setup".to_string(),
+            CancelAt::Stage(stage) => stage.to_string(),
+            CancelAt::StopAndCopy => "stop-and-copy".to_string(),
+        };
+        vmigrate_tests::reliability::record(
+            "cancellation (engine)",
+            &phase,
+            vmigrate_tests::reliability::Ending::FailedCleanly,
+        );
     }
 }

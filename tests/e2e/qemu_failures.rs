@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 use vmigrate_tests::netns::Namespaces;
 use vmigrate_tests::process::{is_root, Finished, Receiver};
 use vmigrate_tests::qemu::{qemu_available, Migration, GUEST_MIB};
+use vmigrate_tests::reliability::{record, Ending};
+
+const GROUP: &str = "QEMU migration through the relays";
 
 const BIN: &str = env!("CARGO_BIN_EXE_vmigrate");
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -71,6 +74,7 @@ fn destination_qemu_absent() {
     assert!(send_error.contains("destination QEMU"), "{send_error}");
     assert!(recv_error.contains("destination QEMU"), "{recv_error}");
     migration.assert_source_survived();
+    record(GROUP, "destination QEMU absent", Ending::FailedCleanly);
 }
 
 #[test]
@@ -86,6 +90,7 @@ fn destination_qemu_refuses() {
     let (send_error, recv_error) = (error_line(&sent), error_line(&received));
     eprintln!("qemu-send: {send_error}\nqemu-recv: {recv_error}");
     migration.assert_source_survived();
+    record(GROUP, "destination QEMU refusing", Ending::FailedCleanly);
 }
 
 #[test]
@@ -102,6 +107,7 @@ fn killed_destination_relay() {
     let error = error_line(&sent);
     assert!(error.contains("relay link") || error.contains("closed"), "{error}");
     migration.assert_source_survived();
+    record(GROUP, "destination relay killed", Ending::FailedCleanly);
 }
 
 #[test]
@@ -120,6 +126,7 @@ fn killed_source_relay() {
     // The killed relay could not remove its socket; QEMU's view is what counts here.
     let _ = std::fs::remove_file(&migration.relay);
     migration.assert_source_survived();
+    record(GROUP, "source relay killed", Ending::FailedCleanly);
 }
 
 #[test]
@@ -140,6 +147,7 @@ fn migrate_cancel_on_the_source() {
     let recv_error = error_line(&received);
     assert!(recv_error.contains("aborted"), "{recv_error}");
     assert_eq!(migration.assert_source_survived(), "cancelled");
+    record(GROUP, "migrate_cancel on the source", Ending::FailedCleanly);
 }
 
 #[test]
@@ -177,6 +185,7 @@ fn link_cut_between_the_relays() {
     eprintln!("after {:?}: qemu-send: {send_error}\nqemu-recv: {recv_error}", cut.elapsed());
     assert!(cut.elapsed() < Duration::from_secs(30), "the relays took {:?} to notice", cut.elapsed());
     migration.assert_source_survived();
+    record(GROUP, "link cut between the relays (30 s silence)", Ending::FailedCleanly);
 }
 
 #[test]

@@ -8,5 +8,6 @@ pub mod netns;
 pub mod process;
 pub mod proxy;
 pub mod qemu;
+pub mod reliability;
 pub mod session;
 pub mod stream;
