@@ -129,11 +129,14 @@ impl<T> Ring<T> {
 
     /// Pushes without waiting; false (dropping `item`) when the ring is full.
     pub fn try_push(&self, item: T) -> bool {
-        let pushed = self.queue.push(item).is_ok();
-        if pushed {
-            self.wake();
-        }
-        pushed
+        self.try_push_back(item).is_ok()
+    }
+
+    /// As `try_push`, handing the item back when the ring is full.
+    pub fn try_push_back(&self, item: T) -> Result<(), T> {
+        self.queue.push(item)?;
+        self.wake();
+        Ok(())
     }
 
     pub fn try_pop(&self) -> Option<T> {

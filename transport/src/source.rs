@@ -58,6 +58,11 @@ const FRAME_RING_CAPACITY: usize = 8;
 const ABORT_NOTICE_WAIT: Duration = Duration::from_millis(200);
 /// A cancel is not urgent: the destination's being told why is worth a longer wait.
 const CANCEL_NOTICE_WAIT: Duration = Duration::from_secs(2);
+/// How often an idle writer of connection 0 looks for a notice to send.
+const WRITER_NOTICE_POLL: Duration = Duration::from_millis(5);
+/// After a cancel's notice went out, how long the destination has to act on it before the
+/// connections are shut.
+const CANCEL_GRACE: Duration = Duration::from_millis(300);
 /// How often the cancel watcher looks at the caller's token.
 const CANCEL_POLL: Duration = Duration::from_millis(5);
 /// How often progress is reported inside a long round.
@@ -114,6 +119,8 @@ struct Shared<'a> {
     session: Mutex<SourceSession>,
     /// The session's clock: `now` for the state machines is time since this instant.
     clock: Instant,
+    /// An Abort notice for connection 0's writer to send before anything else queued.
+    notice: Mutex<Option<Vec<u8>>>,
     /// Set by connection 0's writer once an Abort notice is on the wire.
     abort_sent: AtomicBool,
     /// Whether the bulk round fills the XBZRLE cache (only when the cache holds it all).
@@ -219,6 +226,7 @@ fn run_session(
         finished: AtomicBool::new(false),
         session: Mutex::new(SourceSession::new(config.verify, config.answer_timeout)),
         clock: Instant::now(),
+        notice: Mutex::new(None),
         abort_sent: AtomicBool::new(false),
         cache_bulk: AtomicBool::new(false),
         committed: Mutex::new(false),
@@ -279,7 +287,7 @@ fn run_session(
                 shared.finished.store(true, Ordering::Release);
                 shared.abort.close_all();
             }
-            Err(err) => notify_and_abort(&shared, &err.to_string(), ABORT_NOTICE_WAIT),
+            Err(err) => notify_and_abort(&shared, &err.to_string(), ABORT_NOTICE_WAIT, false),
         }
         stop_workers(&shared, &mut workers);
         result
@@ -287,19 +295,25 @@ fn run_session(
 }
 
 /// A failure of our own (not a broken connection), or a cancel: tells the destination why
-/// before the connections are shut, giving the writer up to `wait` to send it (it may be
-/// in the middle of a frame, or held by the bandwidth cap), then aborts.
-fn notify_and_abort(shared: &Shared<'_>, reason: &str, wait: Duration) {
+/// before the connections are shut, then aborts. The notice goes to connection 0's writer
+/// ahead of everything queued (`Shared::notice`), so it is the next frame on the wire
+/// whatever the scanner and workers keep queueing; the writer stops after it. The writer
+/// gets up to `wait` (it may be in the middle of a frame, or held by the bandwidth cap);
+/// after a cancel, whose session is still running, the destination then gets a moment to
+/// read the notice and stop before the connections are shut under it.
+fn notify_and_abort(shared: &Shared<'_>, reason: &str, wait: Duration, cancelled: bool) {
     if !shared.abort.is_raised() {
-        // Frames still queued for connection 0 are moot now: drop them so the notice goes
-        // next.
-        while shared.outgoing[0].try_pop().is_some() {}
-        let payload = migration::handshake::encode_reason(reason);
-        if shared.outgoing[0].try_push(Outgoing::Control { kind: FrameKind::Abort, epoch: 0, payload }) {
-            let deadline = Instant::now() + wait;
-            while !shared.abort_sent.load(Ordering::Acquire) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(1));
-            }
+        let deadline = Instant::now() + wait;
+        shared
+            .notice
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with(|| migration::handshake::encode_reason(reason));
+        while !shared.abort_sent.load(Ordering::Acquire) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if cancelled && shared.abort_sent.load(Ordering::Acquire) {
+            std::thread::sleep(CANCEL_GRACE.min(deadline.saturating_duration_since(Instant::now())));
         }
     }
     shared.abort.raise(reason);
@@ -315,7 +329,8 @@ fn watch_for_cancel(shared: &Shared<'_>, cancel: &Cancel) {
         if cancel.is_cancelled() {
             let committed = shared.committed.lock().unwrap_or_else(|p| p.into_inner());
             if !*committed {
-                notify_and_abort(shared, &format!("migration cancelled: {}", cancel.reason()), CANCEL_NOTICE_WAIT);
+                let reason = format!("migration cancelled: {}", cancel.reason());
+                notify_and_abort(shared, &reason, CANCEL_NOTICE_WAIT, true);
             }
             return;
         }
@@ -350,8 +365,18 @@ fn connection_writer(shared: &Shared<'_>, index: usize, mut writer: Box<dyn Writ
         writer.write_all(bytes)
     };
     loop {
-        let Ok(item) = shared.outgoing[index].pop(&shared.abort) else {
-            return;
+        if index == 0 {
+            let notice = shared.notice.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(payload) = notice {
+                let _ = send(&migration::frame::encode_frame(FrameKind::Abort, 0, seq.take(), &payload));
+                shared.abort_sent.store(true, Ordering::Release);
+                return;
+            }
+        }
+        let item = match shared.outgoing[index].pop_timeout(&shared.abort, WRITER_NOTICE_POLL) {
+            Ok(Some(item)) => item,
+            Ok(None) => continue,
+            Err(_) => return,
         };
         let result = match item {
             Outgoing::Pages { mut frame, epoch } => {
