@@ -129,14 +129,11 @@ impl<T> Ring<T> {
 
     /// Pushes without waiting; false (dropping `item`) when the ring is full.
     pub fn try_push(&self, item: T) -> bool {
-        self.try_push_back(item).is_ok()
-    }
-
-    /// As `try_push`, handing the item back when the ring is full.
-    pub fn try_push_back(&self, item: T) -> Result<(), T> {
-        self.queue.push(item)?;
-        self.wake();
-        Ok(())
+        let pushed = self.queue.push(item).is_ok();
+        if pushed {
+            self.wake();
+        }
+        pushed
     }
 
     pub fn try_pop(&self) -> Option<T> {

@@ -393,11 +393,7 @@ fn connection_writer(shared: &Shared<'_>, index: usize, mut writer: Box<dyn Writ
                 send(&migration::frame::encode_frame(FrameKind::RoundEnd, epoch, seq.take(), &payload))
             }
             Outgoing::Control { kind, epoch, payload } => {
-                let result = send(&migration::frame::encode_frame(kind, epoch, seq.take(), &payload));
-                if kind == FrameKind::Abort {
-                    shared.abort_sent.store(true, Ordering::Release);
-                }
-                result
+                send(&migration::frame::encode_frame(kind, epoch, seq.take(), &payload))
             }
             Outgoing::Close => return,
         };

@@ -150,7 +150,7 @@ pub fn pump(
     let up = up.join().unwrap_or_else(|_| Err(RelayFailure::Local("the relay's sending thread panicked".into())));
     fail_session(&up, abort, channel);
     if abort.is_raised() {
-        return Err(RelayFailure::Aborted(abort.reason().unwrap_or_default()));
+        return Err(RelayFailure::aborted(abort));
     }
     let (sent, stream, encodings) = up?;
     Ok(ChannelReport {
@@ -225,7 +225,7 @@ fn pump_up(
 
     loop {
         if abort.is_raised() {
-            return Err(RelayFailure::Aborted(abort.reason().unwrap_or_default()));
+            return Err(RelayFailure::aborted(abort));
         }
         match local.read(&mut buffer) {
             Ok(0) => {
@@ -294,20 +294,16 @@ impl Outlet<'_> {
                 stats.chunks += 1;
                 lock(writer).send(FrameKind::StreamData, payload).map_err(RelayFailure::link)
             }
-            Outlet::Workers(squeezers) => squeezers.data(payload).map_err(|_| aborted(abort)),
+            Outlet::Workers(squeezers) => squeezers.data(payload).map_err(|_| RelayFailure::aborted(abort)),
         }
     }
 
     fn control(&mut self, kind: FrameKind, payload: &[u8], abort: &SessionAbort) -> Result<(), RelayFailure> {
         match self {
             Outlet::Direct(writer) => lock(writer).send(kind, payload).map_err(RelayFailure::link),
-            Outlet::Workers(squeezers) => squeezers.control(kind, payload).map_err(|_| aborted(abort)),
+            Outlet::Workers(squeezers) => squeezers.control(kind, payload).map_err(|_| RelayFailure::aborted(abort)),
         }
     }
-}
-
-fn aborted(abort: &SessionAbort) -> RelayFailure {
-    RelayFailure::Aborted(abort.reason().unwrap_or_default())
 }
 
 /// Page-aware chunks being built from the reader's pieces: the bytes between pages as they
@@ -388,7 +384,7 @@ fn pump_down(
     loop {
         let header = match read_frame(&mut *reader, &mut payload, limit) {
             Ok(header) => header,
-            Err(_) if abort.is_raised() => return Err(RelayFailure::Aborted(abort.reason().unwrap_or_default())),
+            Err(_) if abort.is_raised() => return Err(RelayFailure::aborted(abort)),
             Err(ReadError::Closed) => {
                 return Err(RelayFailure::Link(format!("{peer} closed the relay connection mid-stream")))
             }

@@ -51,6 +51,11 @@ impl RelayFailure {
     pub(crate) fn link(err: io::Error) -> RelayFailure {
         RelayFailure::Link(err.to_string())
     }
+
+    /// The session was aborted: its first failure, which names its channel.
+    pub(crate) fn aborted(abort: &crate::abort::SessionAbort) -> RelayFailure {
+        RelayFailure::Aborted(abort.reason().unwrap_or_default())
+    }
 }
 
 /// A relay session at its end: every stream it carried.

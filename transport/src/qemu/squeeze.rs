@@ -15,7 +15,6 @@ use migration::relay_pages::squeeze;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 /// Chunks waiting for a worker, per worker.
 const QUEUED_PER_WORKER: usize = 2;
@@ -133,7 +132,7 @@ fn send(done: &Ring<(u64, Out)>, writer: &Mutex<NetWriter>, abort: &SessionAbort
     let mut next = 0u64;
     let mut sent = Sent::default();
     loop {
-        let (seq, out) = done.pop(abort).map_err(|_| RelayFailure::Aborted(abort.reason().unwrap_or_default()))?;
+        let (seq, out) = done.pop(abort).map_err(|_| RelayFailure::aborted(abort))?;
         pending.insert(seq, out);
         while let Some(out) = pending.remove(&next) {
             next += 1;
@@ -146,10 +145,9 @@ fn send(done: &Ring<(u64, Out)>, writer: &Mutex<NetWriter>, abort: &SessionAbort
                 }
                 Out::Control { kind, payload } => (*kind, payload),
             };
+            // A dead connection: the stream's sending side reports this, and its reader,
+            // which fails too, aborts the session (with the peer's reason, if it sent one).
             if let Err(err) = super::channel::lock(writer).send(kind, payload) {
-                // A dead connection: its reader will say more (the peer's reason, if it
-                // sent one); give it a moment before aborting with this.
-                std::thread::sleep(Duration::from_millis(300));
                 return Err(RelayFailure::link(err));
             }
             if kind == FrameKind::StreamEnd {
