@@ -211,6 +211,8 @@ pub struct StreamLoopbackArgs {
     pub mtu: usize,
     #[arg(long)]
     pub no_pin: bool,
+    #[command(flatten)]
+    pub tls: TlsOptions,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -345,6 +347,8 @@ pub struct StackOptions {
     pub wrappers: WrapperOptions,
     #[command(flatten)]
     pub dataplane: DataplaneOptions,
+    #[command(flatten)]
+    pub tls: TlsOptions,
     /// --stack dpdk: the port's MTU (default: the device's, usually 1500; an AF_PACKET vdev
     /// needs `framesz=` in its devargs for more).
     #[arg(long)]
@@ -357,6 +361,32 @@ pub struct StackOptions {
     /// --vdev net_af_packet0,iface=eth1`).
     #[arg(last = true)]
     pub eal: Vec<String>,
+}
+
+/// Encryption and mutual authentication of every connection (TLS 1.3, rustls).
+#[derive(Args, Debug, Clone, Default)]
+pub struct TlsOptions {
+    /// Encrypt and authenticate every connection with TLS 1.3, both ends proving who they
+    /// are: with --tls-cert, --tls-key and --tls-ca, or with --tls-psk. (`demo --tls` alone
+    /// uses a fresh random key.) Both ends must agree.
+    #[arg(long)]
+    pub tls: bool,
+    /// This side's certificate chain (PEM).
+    #[arg(long, requires_all = ["tls_key", "tls_ca"], conflicts_with = "tls_psk")]
+    pub tls_cert: Option<PathBuf>,
+    /// This side's private key (PEM, readable by its owner only).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// The CA certificate(s) the peer's chain must lead to (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
+    /// A file holding a secret both ends share (at least 32 bytes, readable by its owner
+    /// only; `openssl rand -hex 32 > FILE` makes one).
+    #[arg(long)]
+    pub tls_psk: Option<PathBuf>,
+    /// The name the destination's certificate must carry (default: the host of --to).
+    #[arg(long)]
+    pub tls_server_name: Option<String>,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -478,6 +508,8 @@ pub struct DemoArgs {
     pub destination: DestinationOptions,
     #[command(flatten)]
     pub common: CommonOptions,
+    #[command(flatten)]
+    pub tls: TlsOptions,
     /// Seconds the resumed guest runs on the destination before the demo ends.
     #[arg(long, default_value_t = 1.0)]
     pub run_after: f64,

@@ -43,7 +43,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::StreamLoopback(args) => {
             let options = LoopbackOptions { mtu: args.mtu, pin: !args.no_pin, ..loopback_options(&args.dataplane) };
             let streams = args.streams.unwrap_or(options.cores);
-            super::stream::loopback(args.bytes, options, streams)
+            super::stream::loopback(args.bytes, options, streams, &args.tls)
         }
     }
 }
@@ -177,7 +177,8 @@ fn demo_link(args: &DemoArgs) -> Result<DemoLink> {
 fn demo(args: DemoArgs) -> Result<ExitCode> {
     let source_guest = boot_guest(&args.guest, &args.common)?;
     let backing = source_guest.ram().backing();
-    let (connector, mut acceptor, _stack) = demo_link(&args)?;
+    let (connector, acceptor, _stack) = demo_link(&args)?;
+    let (connector, mut acceptor) = super::tls::secure_demo_link(&args.tls, connector, acceptor)?;
     let policy = parse_huge_policy(&args.common.hugepages).map_err(anyhow::Error::msg)?;
     let dest_config = destination_config(&args.destination, &args.common, args.guest.mem, Duration::from_secs(10));
     let run_after = args.run_after;
@@ -340,17 +341,19 @@ pub(super) fn connector_for(
     to: &str,
     timeouts: Timeouts,
 ) -> Result<(Box<dyn Connector>, Option<CoreStack>)> {
-    Ok(match stack.stack {
+    let (connector, cores): (Box<dyn Connector>, _) = match stack.stack {
         NetStack::Kernel => {
             let connector = TcpConnector::new(to, timeouts).with_context(|| format!("resolving {to}"))?;
             (Box::new(connector), None)
         }
         NetStack::Tap | NetStack::AfPacket | NetStack::Dpdk => {
-            let to: SocketAddrV4 = to.parse().with_context(|| format!("--to {to} is not IPV4-ADDRESS:PORT"))?;
-            let stack = user_stack(stack, pin)?;
-            (Box::new(stack.connector(to, timeouts)), Some(stack))
+            let address: SocketAddrV4 =
+                to.parse().with_context(|| format!("--to {to} is not IPV4-ADDRESS:PORT"))?;
+            let cores = user_stack(stack, pin)?;
+            (Box::new(cores.connector(address, timeouts)), Some(cores))
         }
-    })
+    };
+    Ok((super::tls::secure_connector(&stack.tls, connector, to)?, cores))
 }
 
 /// The destination's side of the stack the options choose.
@@ -360,17 +363,18 @@ pub(super) fn acceptor_for(
     listen: std::net::SocketAddr,
     timeouts: Timeouts,
 ) -> Result<(Box<dyn Acceptor>, Option<CoreStack>)> {
-    Ok(match stack.stack {
+    let (acceptor, cores): (Box<dyn Acceptor>, _) = match stack.stack {
         NetStack::Kernel => {
             let acceptor = TcpAcceptor::bind(listen, timeouts).with_context(|| format!("listening on {listen}"))?;
             (Box::new(acceptor), None)
         }
         NetStack::Tap | NetStack::AfPacket | NetStack::Dpdk => {
-            let stack = user_stack(stack, pin)?;
-            let acceptor = stack.acceptor(listen.port(), timeouts)?;
-            (Box::new(acceptor), Some(stack))
+            let cores = user_stack(stack, pin)?;
+            let acceptor = cores.acceptor(listen.port(), timeouts)?;
+            (Box::new(acceptor), Some(cores))
         }
-    })
+    };
+    Ok((super::tls::secure_acceptor(&stack.tls, acceptor)?, cores))
 }
 
 fn send(args: SendArgs) -> Result<ExitCode> {

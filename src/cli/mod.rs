@@ -8,6 +8,7 @@ mod qemu_migrate;
 mod relay;
 mod report;
 mod stream;
+mod tls;
 
 pub use args::Cli;
 pub use commands::run;

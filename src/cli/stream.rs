@@ -1,6 +1,7 @@
 //! Link benchmarks: one bulk TCP stream over a stack, with goodput and CPU time, so that our
 //! userspace stack can be put beside the kernel's on the same link in one run.
 
+use super::args::TlsOptions;
 use anyhow::{bail, Context, Result};
 use dataplane::stack::{LoopbackOptions, LoopbackStack};
 use std::io::{Read, Write};
@@ -97,11 +98,14 @@ pub fn receive(acceptor: &mut dyn Acceptor) -> Result<ExitCode> {
 
 /// Both ends in this process, on dataplane cores joined by in-process wires: `streams`
 /// bulk streams of `bytes` each, in parallel (they spread over the cores).
-pub fn loopback(bytes: u64, options: LoopbackOptions, streams: usize) -> Result<ExitCode> {
+pub fn loopback(bytes: u64, options: LoopbackOptions, streams: usize, tls: &TlsOptions) -> Result<ExitCode> {
     let stack = LoopbackStack::start_with(options)?;
     let timeouts = Timeouts::default();
-    let mut acceptor = stack.acceptor(5001, timeouts)?;
-    let connector = stack.connector(5001, timeouts);
+    let (connector, mut acceptor) = super::tls::secure_demo_link(
+        tls,
+        Box::new(stack.connector(5001, timeouts)),
+        Box::new(stack.acceptor(5001, timeouts)?),
+    )?;
     let streams = streams.max(1);
     let cpu = cpu_time();
     let start = Instant::now();
@@ -119,7 +123,7 @@ pub fn loopback(bytes: u64, options: LoopbackOptions, streams: usize) -> Result<
             })?;
             Ok((totals.iter().map(|t| t.0).sum(), totals.iter().map(|t| t.1).max().unwrap_or_default()))
         });
-        let writers: Vec<_> = (0..streams).map(|_| scope.spawn(|| write_stream(&connector, bytes))).collect();
+        let writers: Vec<_> = (0..streams).map(|_| scope.spawn(|| write_stream(&*connector, bytes))).collect();
         for writer in writers {
             writer.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
         }

@@ -20,6 +20,7 @@ pub mod rate;
 pub mod ring;
 pub mod source;
 pub mod synthetic;
+pub mod tls;
 pub mod verify;
 pub mod vm;
 

@@ -1,0 +1,275 @@
+//! One TLS session under the engine's split connection. The engine reads a connection on
+//! one thread and writes it on another, while a rustls session is one state machine; so the
+//! session sits behind a lock that each half holds only to encrypt or decrypt, never while
+//! it waits on the network. Ciphertext goes out under a second lock, taken before the
+//! session's, so records leave in the order they were sealed. (Holding the session's lock
+//! through a blocked write would let two peers, each writing to the other, stop each
+//! other's readers for good.)
+
+use crate::pipe::Connection;
+use rustls::{ClientConnection, ServerConnection};
+use std::io::{self, Read, Write};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Sent by the destination once it has accepted the source's certificate. TLS 1.3 lets a
+/// client finish its handshake before the server has checked the client's certificate;
+/// waiting for this byte makes a refusal surface in `connect`, before any migration data.
+const GO_AHEAD: u8 = 0x56;
+
+/// Ciphertext read from the network per read call.
+const READ_CHUNK_BYTES: usize = 64 * 1024;
+
+struct Session {
+    tls: Mutex<rustls::Connection>,
+    /// The connection's writer; whoever holds it may seal and send records.
+    wire_out: Mutex<Box<dyn Write + Send>>,
+}
+
+fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere leaves the session unusable anyway; the next TLS call says so.
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Turns a rustls error into an operator's sentence.
+pub(super) fn describe(err: &rustls::Error) -> String {
+    use rustls::{AlertDescription as Alert, CertificateError, Error};
+    match err {
+        Error::InvalidCertificate(CertificateError::UnknownIssuer | CertificateError::BadSignature) => {
+            "the peer's certificate is not signed by our CA (or it does not hold the same pre-shared key)".into()
+        }
+        Error::InvalidCertificate(CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. }) => {
+            "the destination's certificate is not valid for the name we connect to (see --tls-server-name)".into()
+        }
+        Error::InvalidCertificate(other) => format!("the peer's certificate is not acceptable: {other:?}"),
+        Error::NoCertificatesPresented => "the source presented no certificate".into(),
+        Error::AlertReceived(Alert::CertificateRequired) => "the destination requires a certificate".into(),
+        Error::AlertReceived(
+            Alert::UnknownCA | Alert::BadCertificate | Alert::DecryptError | Alert::CertificateUnknown,
+        ) => "the peer refused our certificate: it does not trust our CA or pre-shared key".into(),
+        Error::InvalidMessage(_) => "the peer does not speak TLS (is TLS on at both ends?)".into(),
+        other => format!("TLS: {other}"),
+    }
+}
+
+fn tls_error(err: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::PermissionDenied, describe(&err))
+}
+
+/// One Read + Write over the connection's halves, for the handshake.
+struct Joined<'a> {
+    reader: &'a mut (dyn Read + Send),
+    writer: &'a mut (dyn Write + Send),
+}
+
+impl Read for Joined<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.reader.read(buf)
+    }
+}
+
+impl Write for Joined<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.writer.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.writer.flush()
+    }
+}
+
+/// Runs the handshake to its end over the plain connection.
+fn handshake(connection: &mut Connection, tls: &mut rustls::Connection) -> io::Result<()> {
+    let mut io = Joined { reader: &mut *connection.reader, writer: &mut *connection.writer };
+    while tls.is_handshaking() {
+        match tls.complete_io(&mut io) {
+            Ok((0, 0)) if tls.is_handshaking() => {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the peer closed the connection during the TLS handshake"));
+            }
+            Ok(_) => {}
+            Err(err) => {
+                let inner = err.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()).map(describe);
+                return Err(io::Error::new(err.kind(), inner.unwrap_or_else(|| format!("TLS handshake: {err}"))));
+            }
+        }
+    }
+    // Whatever the handshake left to send (the client's Finished) goes out now.
+    while tls.wants_write() {
+        tls.write_tls(&mut io)?;
+    }
+    io.flush()
+}
+
+/// Secures the source's end: handshake, then the destination's go-ahead.
+pub(super) fn secure_client(mut connection: Connection, session: ClientConnection) -> io::Result<Connection> {
+    let mut tls = rustls::Connection::from(session);
+    let result = handshake(&mut connection, &mut tls).map(|()| split(connection, tls)).and_then(|mut secured| {
+        let mut byte = [0u8; 1];
+        secured.reader.read_exact(&mut byte).map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => {
+                io::Error::new(e.kind(), "the destination closed the connection after the TLS handshake")
+            }
+            _ => e,
+        })?;
+        if byte[0] != GO_AHEAD {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "the destination sent no TLS go-ahead"));
+        }
+        Ok(secured)
+    });
+    result
+}
+
+/// Secures the destination's end: handshake (the source's certificate is checked in it),
+/// then the go-ahead.
+pub(super) fn secure_server(mut connection: Connection, session: ServerConnection) -> io::Result<Connection> {
+    let mut tls = rustls::Connection::from(session);
+    if let Err(err) = handshake(&mut connection, &mut tls) {
+        (connection.closer)();
+        return Err(err);
+    }
+    let mut secured = split(connection, tls);
+    secured.writer.write_all(&[GO_AHEAD])?;
+    Ok(secured)
+}
+
+fn split(connection: Connection, mut tls: rustls::Connection) -> Connection {
+    // Each write is sealed and sent whole (`TlsWriter::seal_and_send`), so the records it
+    // makes are bounded by the engine's largest frame, not by rustls's default 64 KiB.
+    tls.set_buffer_limit(None);
+    let Connection { reader, writer, closer, peer } = connection;
+    let session = Arc::new(Session { tls: Mutex::new(tls), wire_out: Mutex::new(writer) });
+    Connection {
+        reader: Box::new(TlsReader {
+            session: session.clone(),
+            wire_in: reader,
+            pending: vec![0; READ_CHUNK_BYTES].into_boxed_slice(),
+            offset: 0,
+            filled: 0,
+        }),
+        writer: Box::new(TlsWriter { session, sealed: Vec::new() }),
+        closer,
+        peer,
+    }
+}
+
+struct TlsReader {
+    session: Arc<Session>,
+    wire_in: Box<dyn Read + Send>,
+    /// Ciphertext read (`offset..filled`) but not yet given to rustls, which takes records
+    /// only while its plaintext buffer has room.
+    pending: Box<[u8]>,
+    offset: usize,
+    filled: usize,
+}
+
+impl TlsReader {
+    /// Sends what decrypting made rustls want to say (a key update, an alert), if no
+    /// writer is sending right now; a writer that is sends it with its own records.
+    fn answer(&self) -> io::Result<()> {
+        let Ok(mut wire) = self.session.wire_out.try_lock() else { return Ok(()) };
+        let mut sealed = Vec::new();
+        {
+            let mut tls = lock(&self.session.tls);
+            while tls.wants_write() {
+                tls.write_tls(&mut sealed)?;
+            }
+        }
+        wire.write_all(&sealed)
+    }
+}
+
+impl Read for TlsReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if out.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            let wants_write = {
+                let mut tls = lock(&self.session.tls);
+                match tls.reader().read(out) {
+                    Ok(n) => return Ok(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                        return Err(io::Error::new(e.kind(), "the peer closed the connection without a TLS close_notify"))
+                    }
+                    Err(e) => return Err(e),
+                }
+                if self.offset < self.filled {
+                    let mut rest = &self.pending[self.offset..self.filled];
+                    let taken = tls.read_tls(&mut rest)?;
+                    self.offset += taken;
+                    let processed = tls.process_new_packets();
+                    if let Err(err) = processed {
+                        drop(tls);
+                        let _ = self.answer();
+                        return Err(tls_error(err));
+                    }
+                    continue;
+                }
+                tls.wants_write()
+            };
+            if wants_write {
+                self.answer()?;
+            }
+            self.offset = 0;
+            self.filled = 0;
+            let n = self.wire_in.read(&mut self.pending)?;
+            self.filled = n;
+            if n == 0 {
+                // The end of the ciphertext: rustls decides whether it was a clean close.
+                let mut tls = lock(&self.session.tls);
+                tls.read_tls(&mut io::empty())?;
+                tls.process_new_packets().map_err(tls_error)?;
+                match tls.reader().read(out) {
+                    Ok(n) => return Ok(n),
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                        return Err(io::Error::new(e.kind(), "the peer closed the connection without a TLS close_notify"))
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+}
+
+struct TlsWriter {
+    session: Arc<Session>,
+    /// Records sealed by the last write, reused.
+    sealed: Vec<u8>,
+}
+
+impl TlsWriter {
+    /// Seals `plaintext` (all of it) and sends the records.
+    fn seal_and_send(&mut self, plaintext: &[u8], close: bool) -> io::Result<()> {
+        let mut wire = lock(&self.session.wire_out);
+        self.sealed.clear();
+        {
+            let mut tls = lock(&self.session.tls);
+            tls.writer().write_all(plaintext)?;
+            if close {
+                tls.send_close_notify();
+            }
+            while tls.wants_write() {
+                tls.write_tls(&mut self.sealed)?;
+            }
+        }
+        wire.write_all(&self.sealed)
+    }
+}
+
+impl Write for TlsWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.seal_and_send(buf, false)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        lock(&self.session.wire_out).flush()
+    }
+}
+
+impl Drop for TlsWriter {
+    /// Tells the peer this direction ended on purpose, so it sees a clean end of stream
+    /// rather than a truncation.
+    fn drop(&mut self) {
+        let _ = self.seal_and_send(&[], true);
+    }
+}
