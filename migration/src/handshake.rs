@@ -34,9 +34,19 @@ pub const MAX_REGIONS: u16 = 64;
 /// Rejection reasons are for humans; keep them short.
 pub const MAX_REASON_BYTES: usize = 512;
 
+/// A TLS record starts with its content type (22, a handshake) and major version 3: a
+/// source using TLS has met a destination that is not.
+fn tls_hint(found: &[u8; 8]) -> &'static str {
+    if found[0] == 0x16 && found[1] == 0x03 {
+        " (a TLS handshake: the source uses --tls, this end does not)"
+    } else {
+        ""
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum HandshakeError {
-    #[error("not a vmigrate stream: bad magic {found:02x?}")]
+    #[error("not a vmigrate stream: bad magic {found:02x?}{}", tls_hint(found))]
     BadMagic { found: [u8; 8] },
     #[error("no common protocol version: peer speaks {peer_min}..={peer_max}, we speak {VERSION_MIN}..={VERSION_MAX}")]
     VersionMismatch { peer_min: u16, peer_max: u16 },

@@ -11,3 +11,4 @@ pub mod qemu;
 pub mod reliability;
 pub mod session;
 pub mod stream;
+pub mod tls;

@@ -184,7 +184,12 @@ fn open_connection(connector: &dyn Connector, hello: &Hello) -> Result<Connectio
         .map_err(io)?;
     let mut payload = Vec::new();
     let header = read_frame(&mut *connection.reader, &mut payload, |_| CONTROL_FRAME_LIMIT_BYTES)
-        .map_err(|e| MigrationError::Failed(format!("connection {index}: no answer to Hello: {e}")))?;
+        .map_err(|e| {
+            MigrationError::Failed(format!(
+                "connection {index}: no answer to Hello: {e} (a destination that requires TLS hangs up on a \
+                 source without it)"
+            ))
+        })?;
     match (header.kind, header.seq) {
         (FrameKind::HelloAck, 0) => match HelloAck::decode(&payload)? {
             HelloAck::Accepted { .. } => Ok(connection),

@@ -10,6 +10,7 @@ use crate::pipe::Connection;
 use rustls::{ClientConnection, ServerConnection};
 use std::io::{self, Read, Write};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 /// Sent by the destination once it has accepted the source's certificate. TLS 1.3 lets a
 /// client finish its handshake before the server has checked the client's certificate;
@@ -86,6 +87,14 @@ fn handshake(connection: &mut Connection, tls: &mut rustls::Connection) -> io::R
             }
             Ok(_) => {}
             Err(err) => {
+                // rustls's last-gasp write sends one queued record; the alert that says
+                // why may be queued behind another (a compatibility ChangeCipherSpec).
+                while tls.wants_write() {
+                    if tls.write_tls(&mut io).is_err() {
+                        break;
+                    }
+                }
+                let _ = io.flush();
                 let inner = err.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()).map(describe);
                 return Err(io::Error::new(err.kind(), inner.unwrap_or_else(|| format!("TLS handshake: {err}"))));
             }
@@ -101,7 +110,11 @@ fn handshake(connection: &mut Connection, tls: &mut rustls::Connection) -> io::R
 /// Secures the source's end: handshake, then the destination's go-ahead.
 pub(super) fn secure_client(mut connection: Connection, session: ClientConnection) -> io::Result<Connection> {
     let mut tls = rustls::Connection::from(session);
-    let result = handshake(&mut connection, &mut tls).map(|()| split(connection, tls)).and_then(|mut secured| {
+    if let Err(err) = handshake(&mut connection, &mut tls) {
+        hang_up_after_alert(connection);
+        return Err(err);
+    }
+    let result = Ok(split(connection, tls)).and_then(|mut secured: Connection| {
         let mut byte = [0u8; 1];
         secured.reader.read_exact(&mut byte).map_err(|e| match e.kind() {
             io::ErrorKind::UnexpectedEof => {
@@ -117,12 +130,34 @@ pub(super) fn secure_client(mut connection: Connection, session: ClientConnectio
     result
 }
 
+/// How long a refusing end waits for the peer to hang up after reading its alert.
+const ALERT_LINGER: Duration = Duration::from_secs(1);
+
+/// Closes a connection whose handshake we failed, after the peer has had the chance to
+/// read our alert: closing a socket with unread input (the rest of the peer's flight)
+/// resets it, and a reset can destroy the alert before the peer reads it. So the input is
+/// drained until the peer, having read the alert, hangs up (or a short while passes).
+fn hang_up_after_alert(connection: Connection) {
+    let Connection { mut reader, writer, closer, .. } = connection;
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let drained = std::thread::Builder::new().name("tls-refused".into()).spawn(move || {
+        let mut sink = [0u8; 4096];
+        while matches!(reader.read(&mut sink), Ok(n) if n > 0) {}
+        let _ = done_tx.send(());
+    });
+    if drained.is_ok() {
+        let _ = done_rx.recv_timeout(ALERT_LINGER);
+    }
+    closer();
+    drop(writer);
+}
+
 /// Secures the destination's end: handshake (the source's certificate is checked in it),
 /// then the go-ahead.
 pub(super) fn secure_server(mut connection: Connection, session: ServerConnection) -> io::Result<Connection> {
     let mut tls = rustls::Connection::from(session);
     if let Err(err) = handshake(&mut connection, &mut tls) {
-        (connection.closer)();
+        hang_up_after_alert(connection);
         return Err(err);
     }
     let mut secured = split(connection, tls);
