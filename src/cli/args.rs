@@ -477,6 +477,10 @@ pub struct CommonOptions {
     /// Print one JSON object instead of tables.
     #[arg(long)]
     pub json: bool,
+    /// Seconds a connection may stay silent, or refuse our writes, before the peer is taken
+    /// for dead and the migration fails (the source guest runs on).
+    #[arg(long, default_value_t = 30.0)]
+    pub io_timeout: f64,
 }
 
 #[derive(Args, Debug)]

@@ -48,6 +48,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// The connections' timeouts `--io-timeout` asks for.
+fn timeouts(common: &CommonOptions) -> Result<Timeouts> {
+    Ok(Timeouts { io: super::relay::seconds("--io-timeout", common.io_timeout)?, ..Timeouts::default() })
+}
+
 fn source_config(args: &SourceOptions, common: &CommonOptions) -> SourceConfig {
     SourceConfig {
         codec: args.codec,
@@ -379,7 +384,7 @@ pub(super) fn acceptor_for(
 
 fn send(args: SendArgs) -> Result<ExitCode> {
     let guest = boot_guest(&args.guest, &args.common)?;
-    let (connector, _stack) = connector_for(&args.stack, !args.common.no_pin, &args.to, Timeouts::default())?;
+    let (connector, _stack) = connector_for(&args.stack, !args.common.no_pin, &args.to, timeouts(&args.common)?)?;
     let cancel = Cancel::new();
     super::control::cancel_on_signals(&cancel)?;
     let status = super::control::Status::default();
@@ -421,7 +426,8 @@ fn recv(args: RecvArgs) -> Result<ExitCode> {
     let policy = parse_huge_policy(&args.common.hugepages).map_err(anyhow::Error::msg)?;
     let config =
         destination_config(&args.destination, &args.common, args.max_mem, Duration::from_secs_f64(args.accept_timeout));
-    let (mut acceptor, _stack) = acceptor_for(&args.stack, !args.common.no_pin, args.listen, Timeouts::default())?;
+    let (mut acceptor, _stack) =
+        acceptor_for(&args.stack, !args.common.no_pin, args.listen, timeouts(&args.common)?)?;
     // Always on stderr (JSON goes to stdout): with --listen ADDR:0 this is how a caller
     // learns the port.
     eprintln!("vmigrate: waiting for a migration on {}", acceptor.local_addr());
