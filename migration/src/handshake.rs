@@ -182,6 +182,11 @@ impl Hello {
                 ));
             }
         }
+        // A total that wraps would pass the receiver's memory limit as a small number
+        // (found by the `handshake` fuzz target).
+        if region_bytes.iter().try_fold(0u64, |total, &bytes| total.checked_add(bytes)).is_none() {
+            return Err(malformed("hello", "the regions add up to more than 2^64 bytes"));
+        }
         Ok(Hello {
             session_id: le_u64(&payload[0..8]),
             connection_index,
@@ -193,8 +198,9 @@ impl Hello {
         })
     }
 
+    /// The guest's size; saturates (a decoded Hello never needs to).
     pub fn total_bytes(&self) -> u64 {
-        self.region_bytes.iter().sum()
+        self.region_bytes.iter().fold(0u64, |total, &bytes| total.saturating_add(bytes))
     }
 
     /// True when `other` describes the same session (all fields but the connection index).
@@ -312,5 +318,22 @@ mod tests {
             assert_eq!(HelloAck::decode(&ack.encode()).unwrap(), ack);
         }
         assert!(HelloAck::decode(&[3, 0, 0, 0, 0]).is_err());
+    }
+
+    #[test]
+    fn regions_whose_sizes_wrap_past_2_pow_64_are_refused() {
+        let hello = Hello {
+            session_id: 1,
+            connection_index: 0,
+            connection_count: 1,
+            page_size: PAGE_SIZE_BYTES as u32,
+            codec: Codec::None,
+            xbzrle: false,
+            // Each alone is a valid size; together they wrap to 4 KiB.
+            region_bytes: vec![1 << 63, 1 << 63, PAGE_SIZE_BYTES as u64],
+        };
+        let err = Hello::decode(&hello.encode()).unwrap_err();
+        assert!(err.to_string().contains("more than 2^64"), "{err}");
+        assert_eq!(hello.total_bytes(), u64::MAX);
     }
 }

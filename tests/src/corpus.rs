@@ -88,6 +88,17 @@ pub fn damaged(stream: &[u8]) -> Vec<(String, Vec<u8>)> {
     let mut huge = stream.to_vec();
     huge[16 + 16..16 + 20].copy_from_slice(&u32::MAX.to_le_bytes());
     out.push(("hello-length-4GiB".into(), huge));
+    // A well-formed Hello whose regions add up past 2^64 bytes, wrapping to a size under
+    // any limit (what the `handshake` fuzz target found).
+    let hello_len = 24 + u32::from_le_bytes(stream[16 + 16..16 + 20].try_into().unwrap_or_default()) as usize;
+    if let Ok(mut hello) = migration::handshake::Hello::decode(&stream[16 + 24..16 + hello_len]) {
+        hello.region_bytes = vec![1 << 63, 1 << 63, 1 << 20];
+        let payload = hello.encode();
+        let mut wrapped = stream[..16].to_vec();
+        wrapped.extend_from_slice(&migration::frame::encode_frame(migration::frame::FrameKind::Hello, 0, 0, &payload));
+        wrapped.extend_from_slice(&stream[16 + hello_len..]);
+        out.push(("hello-regions-wrap".into(), wrapped));
+    }
     // The frame after the Hello sent twice: a repeated sequence number mid-stream. (A copy
     // after the stream's end would come after the destination had rightly completed.)
     let frame_len =
