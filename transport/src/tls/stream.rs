@@ -114,20 +114,18 @@ pub(super) fn secure_client(mut connection: Connection, session: ClientConnectio
         hang_up_after_alert(connection);
         return Err(err);
     }
-    let result = Ok(split(connection, tls)).and_then(|mut secured: Connection| {
-        let mut byte = [0u8; 1];
-        secured.reader.read_exact(&mut byte).map_err(|e| match e.kind() {
-            io::ErrorKind::UnexpectedEof => {
-                io::Error::new(e.kind(), "the destination closed the connection after the TLS handshake")
-            }
-            _ => e,
-        })?;
-        if byte[0] != GO_AHEAD {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "the destination sent no TLS go-ahead"));
+    let mut secured = split(connection, tls);
+    let mut byte = [0u8; 1];
+    secured.reader.read_exact(&mut byte).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => {
+            io::Error::new(e.kind(), "the destination closed the connection after the TLS handshake")
         }
-        Ok(secured)
-    });
-    result
+        _ => e,
+    })?;
+    if byte[0] != GO_AHEAD {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "the destination sent no TLS go-ahead"));
+    }
+    Ok(secured)
 }
 
 /// How long a refusing end waits for the peer to hang up after reading its alert.
