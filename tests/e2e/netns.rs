@@ -516,6 +516,10 @@ fn network_faults_on_a_veth_link_end_verified_or_cleanly_failed() {
                 _ if name.starts_with("loss") || name.starts_with("duplication") => {
                     assert!(verified, "{stack} {name}: {outcome}")
                 }
+                // The destination's frame CRC refuses the damage, and tells the source why.
+                _ if name.starts_with("corruption") && !verified => {
+                    assert!(outcome.contains("checksum") || outcome.contains("frame"), "{stack}: {outcome}")
+                }
                 _ => {}
             }
         }

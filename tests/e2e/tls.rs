@@ -89,7 +89,7 @@ fn strangers_are_refused_before_any_memory_moves_and_the_listener_waits_on() {
 
     let plain = send(&receiver.address, &[], &[]);
     let error = plain.assert_clean_failure();
-    assert!(error.contains("requires TLS"), "{error}");
+    assert!(error.contains("require TLS"), "{error}");
     assert!(plain.stderr.contains("source guest keeps running"), "{}", plain.stderr);
     record("tls", "source without TLS", Ending::Refused);
 

@@ -167,6 +167,30 @@ fn turn_away(acceptor: &mut dyn Acceptor, shared: &Shared) {
     }
 }
 
+/// After an error the destination tells the source why (an `Abort` on connection 0) before
+/// its connections close: closing them at once would reset them, and the source would see
+/// a closed connection instead of the reason. So the session's abort closes them only after
+/// this grace, unless the session thread, its notice sent, closes them first; a thread
+/// blocked on a connection waits that long at most.
+const ABORT_NOTICE_GRACE: Duration = Duration::from_millis(300);
+/// How long the session thread lets its `Abort` travel before closing the connections.
+const ABORT_NOTICE_LINGER: Duration = Duration::from_millis(50);
+
+/// The session abort's closer: all connections, `ABORT_NOTICE_GRACE` after the first raise.
+fn close_later(closers: Arc<Vec<Arc<dyn Fn() + Send + Sync>>>) -> impl Fn() + Send + Sync {
+    let armed = AtomicBool::new(false);
+    move || {
+        if armed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let closers = closers.clone();
+        let _ = std::thread::Builder::new().name("abort-close".into()).spawn(move || {
+            std::thread::sleep(ABORT_NOTICE_GRACE);
+            closers.iter().for_each(|close| close());
+        });
+    }
+}
+
 fn refuse(connection: &mut Connection, reason: &str) {
     let _ = write_frame(
         &mut *connection.writer,
@@ -313,9 +337,10 @@ fn receive_session(
             );
         }
         let mut control_writer = None;
+        let mut closers: Vec<Arc<dyn Fn() + Send + Sync>> = Vec::new();
         for (index, connection) in connections.into_iter().enumerate() {
             let Connection { reader, writer, closer, .. } = connection;
-            shared.abort.on_raise(closer);
+            closers.push(Arc::from(closer));
             if index == 0 {
                 control_writer = Some(writer);
             }
@@ -326,6 +351,12 @@ fn receive_session(
                 .expect("spawn connection reader");
         }
         drop(events_tx);
+        let closers = Arc::new(closers);
+        let close_now = {
+            let closers = closers.clone();
+            move || closers.iter().for_each(|close| close())
+        };
+        shared.abort.on_raise(Box::new(close_later(closers)));
         // One session at a time: whoever else connects meanwhile is told so and let go.
         std::thread::Builder::new()
             .name("doorman".into())
@@ -344,13 +375,17 @@ fn receive_session(
         if let Err(err) = &result {
             // Tell the source why, then stop everything.
             let reason = err.to_string();
-            let _ =
-                write_frame(&mut *control, FrameKind::Abort, 0, &mut SeqCounter::default(), &encode_reason(&reason));
+            // In the control stream's sequence, or the source would refuse it as out of order.
+            let told = session.send(FrameKind::Abort, &encode_reason(&reason));
             shared.abort.raise(reason);
+            if told.is_ok() {
+                // Let the notice land before the connections close under it.
+                std::thread::sleep(ABORT_NOTICE_LINGER);
+            }
         }
         shared.finished.store(true, Ordering::Release);
         stop_workers(shared, &mut workers);
-        shared.abort.close_all();
+        close_now();
         result
     })
 }

@@ -185,10 +185,13 @@ fn open_connection(connector: &dyn Connector, hello: &Hello) -> Result<Connectio
     let mut payload = Vec::new();
     let header = read_frame(&mut *connection.reader, &mut payload, |_| CONTROL_FRAME_LIMIT_BYTES)
         .map_err(|e| {
-            MigrationError::Failed(format!(
-                "connection {index}: no answer to Hello: {e} (a destination that requires TLS hangs up on a \
-                 source without it)"
-            ))
+            // A destination that requires TLS hangs up on a plain hello.
+            let hint = match &e {
+                ReadError::Closed => " (does the destination require TLS?)",
+                ReadError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => " (does the destination require TLS?)",
+                _ => "",
+            };
+            MigrationError::Failed(format!("connection {index}: no answer to Hello: {e}{hint}"))
         })?;
     match (header.kind, header.seq) {
         (FrameKind::HelloAck, 0) => match HelloAck::decode(&payload)? {
