@@ -39,6 +39,20 @@ impl SessionAbort {
         self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Runs a session thread's `body`; if it panics (a bug, here or in a codec library),
+    /// the session is aborted with the panic's message instead of waiting on the dead
+    /// thread until a timeout, and the guest is handled as on any failure.
+    pub fn guard(&self, thread: &str, body: impl FnOnce()) {
+        if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            self.raise(format!("internal error: the {thread} thread panicked: {message}"));
+        }
+    }
+
     /// Registers a way to unblock a thread (normally: shut a socket down).
     pub fn on_raise(&self, closer: Closer) {
         self.closers.lock().unwrap_or_else(|p| p.into_inner()).push(closer);
@@ -55,3 +69,23 @@ impl SessionAbort {
 /// Returned by blocking operations that gave up because the session was aborted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Aborted;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_thread_aborts_the_session_with_its_message() {
+        let abort = SessionAbort::new();
+        let closed = std::sync::Arc::new(AtomicBool::new(false));
+        let seen = closed.clone();
+        abort.on_raise(Box::new(move || seen.store(true, Ordering::Release)));
+        abort.guard("compression", || {});
+        assert!(!abort.is_raised());
+        abort.guard("compression", || panic!("page 7 broke the codec"));
+        assert!(abort.is_raised());
+        assert!(closed.load(Ordering::Acquire), "the connections were not shut");
+        let reason = abort.reason().unwrap();
+        assert!(reason.contains("compression thread panicked: page 7 broke the codec"), "{reason}");
+    }
+}

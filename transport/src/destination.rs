@@ -332,7 +332,7 @@ fn receive_session(
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("decompress-{index}"))
-                    .spawn_scoped(scope, move || decompression_worker(shared, index, pin_workers))
+                    .spawn_scoped(scope, move || shared.abort.guard("decompression", || decompression_worker(shared, index, pin_workers)))
                     .expect("spawn decompression worker"),
             );
         }
@@ -347,7 +347,7 @@ fn receive_session(
             let events_tx = events_tx.clone();
             std::thread::Builder::new()
                 .name(format!("conn-reader-{index}"))
-                .spawn_scoped(scope, move || connection_reader(shared, index as u16, reader, events_tx))
+                .spawn_scoped(scope, move || shared.abort.guard("connection reader", || connection_reader(shared, index as u16, reader, events_tx)))
                 .expect("spawn connection reader");
         }
         drop(events_tx);

@@ -248,7 +248,7 @@ fn run_session(
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("compress-{index}"))
-                    .spawn_scoped(scope, move || compression_worker(shared, index))
+                    .spawn_scoped(scope, move || shared.abort.guard("compression", || compression_worker(shared, index)))
                     .expect("spawn compression worker"),
             );
         }
@@ -261,13 +261,13 @@ fn run_session(
                 let answers_tx = answers_tx.clone();
                 std::thread::Builder::new()
                     .name("control-reader".into())
-                    .spawn_scoped(scope, move || control_reader_loop(shared, reader, answers_tx))
+                    .spawn_scoped(scope, move || shared.abort.guard("control reader", || control_reader_loop(shared, reader, answers_tx)))
                     .expect("spawn control reader");
             }
             writers.push(
                 std::thread::Builder::new()
                     .name(format!("conn-writer-{index}"))
-                    .spawn_scoped(scope, move || connection_writer(shared, index, writer))
+                    .spawn_scoped(scope, move || shared.abort.guard("connection writer", || connection_writer(shared, index, writer)))
                     .expect("spawn connection writer"),
             );
         }

@@ -1,0 +1,308 @@
+//! Micro-benchmarks of the hot paths, each beside its baseline in the same run (the
+//! machines are shared and noisy, so only ratios within one run mean much). Groups, and
+//! the ratio `scripts/micro-bench` takes from each:
+//!
+//! - `zero_scan`: our SIMD zero-page check against a plain read of the same zero pages
+//!   (memory bandwidth), page by page as the scanner calls it;
+//! - `lz4_compress`, `lz4_decompress`: lz4_flex (ours) against the reference C LZ4;
+//! - `deflate_level1`: the two Rust deflate engines flate2 can sit on, miniz_oxide (our
+//!   build's) and zlib-rs, and our `PageCompressor` over flate2;
+//! - `xbzrle`: encoding and decoding a page against its previous version;
+//! - `ring_handoff`: one item through a bounded ring between two threads;
+//! - `compression_workers`: lz4 over the same pages with 1 and 2 worker threads;
+//! - `loopback_wire`: one TCP stream through two dataplane cores (one per side) joined by
+//!   the in-process wire.
+//!
+//! Guest-like pages: the non-zero pages of the synthetic `idle` guest (text, binaries and
+//! tables, as a booted OS holds them).
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use migration::codec::{Codec, PageCompressor};
+use migration::memory::GuestMemory;
+use migration::PAGE_SIZE_BYTES;
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Non-zero pages of a booted synthetic idle guest.
+fn guest_pages(count: usize) -> Vec<Vec<u8>> {
+    use transport::guest::GuestRam;
+    use transport::synthetic::{SyntheticGuest, WorkloadSpec};
+    let ram = Arc::new(GuestRam::allocate(&GuestRam::pc_layout(256 << 20), hugepages::HugePolicy::Never).unwrap());
+    let mut guest = SyntheticGuest::boot(ram.clone(), WorkloadSpec::Idle, 7).unwrap();
+    let mut pages = Vec::with_capacity(count);
+    let mut page = vec![0u8; PAGE_SIZE_BYTES];
+    'regions: for (region, bytes) in ram.region_bytes().into_iter().enumerate() {
+        for index in 0..bytes / PAGE_SIZE_BYTES as u64 {
+            ram.read_page(region, index, &mut page);
+            if !migration::zero::is_zero(&page) {
+                pages.push(page.clone());
+                if pages.len() == count {
+                    break 'regions;
+                }
+            }
+        }
+    }
+    guest.shutdown();
+    assert!(pages.len() == count, "the idle guest has only {} non-zero pages", pages.len());
+    pages
+}
+
+const PAGES: usize = 2048;
+
+fn zero_scan(c: &mut Criterion) {
+    // 512 MiB, past the caches, so both read from memory. Every page is zero but for its
+    // last 8 bytes, which number it: the check must read it all, and no two pages are
+    // alike (a hypervisor that merges identical pages would serve them all from one page
+    // in cache: all-zero pages read at 98 GB/s here).
+    let mut memory = vec![0u8; 512 << 20];
+    for (index, page) in memory.chunks_exact_mut(PAGE_SIZE_BYTES).enumerate() {
+        page[PAGE_SIZE_BYTES - 8..].copy_from_slice(&(index as u64 + 1).to_le_bytes());
+    }
+    let mut group = c.benchmark_group("zero_scan");
+    group.throughput(Throughput::Bytes(memory.len() as u64));
+    group.bench_function("read", |b| {
+        b.iter(|| {
+            let mut acc = 0u64;
+            for page in memory.chunks_exact(PAGE_SIZE_BYTES) {
+                for word in page.chunks_exact(8) {
+                    acc |= u64::from_ne_bytes(word.try_into().unwrap());
+                }
+            }
+            black_box(acc)
+        })
+    });
+    group.bench_function("is_zero", |b| {
+        b.iter(|| memory.chunks_exact(PAGE_SIZE_BYTES).filter(|p| migration::zero::is_zero(black_box(p))).count())
+    });
+    group.finish();
+}
+
+fn lz4(c: &mut Criterion) {
+    let pages = guest_pages(PAGES);
+    let bytes = (PAGES * PAGE_SIZE_BYTES) as u64;
+    let bound = lz4_flex::block::get_maximum_output_size(PAGE_SIZE_BYTES);
+    let mut out = vec![0u8; bound];
+    let mut group = c.benchmark_group("lz4_compress");
+    group.throughput(Throughput::Bytes(bytes));
+    group.bench_function("c_lz4", |b| {
+        b.iter(|| {
+            let mut total = 0;
+            for page in &pages {
+                total += lz4::block::compress_to_buffer(page, None, false, &mut out).unwrap();
+            }
+            total
+        })
+    });
+    group.bench_function("lz4_flex", |b| {
+        b.iter(|| pages.iter().map(|page| lz4_flex::block::compress_into(page, &mut out).unwrap()).sum::<usize>())
+    });
+    group.finish();
+
+    let packed: Vec<Vec<u8>> = pages.iter().map(|p| lz4_flex::block::compress(p)).collect();
+    let mut page = vec![0u8; PAGE_SIZE_BYTES];
+    let mut group = c.benchmark_group("lz4_decompress");
+    group.throughput(Throughput::Bytes(bytes));
+    group.bench_function("c_lz4", |b| {
+        b.iter(|| {
+            for p in &packed {
+                lz4::block::decompress_to_buffer(p, Some(PAGE_SIZE_BYTES as i32), &mut page).unwrap();
+            }
+        })
+    });
+    group.bench_function("lz4_flex", |b| {
+        b.iter(|| {
+            for p in &packed {
+                lz4_flex::block::decompress_into(p, &mut page).unwrap();
+            }
+        })
+    });
+    group.finish();
+}
+
+fn deflate(c: &mut Criterion) {
+    let pages = guest_pages(PAGES);
+    let mut group = c.benchmark_group("deflate_level1");
+    group.throughput(Throughput::Bytes((PAGES * PAGE_SIZE_BYTES) as u64));
+    let mut out = vec![0u8; 2 * PAGE_SIZE_BYTES];
+    group.bench_function("miniz_oxide", |b| {
+        use miniz_oxide::deflate::core::{compress, create_comp_flags_from_zip_params, CompressorOxide, TDEFLFlush};
+        // Raw deflate (no zlib header), level 1, as our codec sends it.
+        let mut state = CompressorOxide::new(create_comp_flags_from_zip_params(1, -15, 0));
+        b.iter(|| {
+            let mut total = 0;
+            for page in &pages {
+                state.reset();
+                let (_, _, written) = compress(&mut state, page, &mut out, TDEFLFlush::Finish);
+                total += written;
+            }
+            total
+        })
+    });
+    group.bench_function("zlib_rs", |b| {
+        let mut state = zlib_rs::Deflate::new(1, false, 15);
+        b.iter(|| {
+            let mut total = 0;
+            for page in &pages {
+                state.reset();
+                let before = state.total_out();
+                state.compress(page, &mut out, zlib_rs::DeflateFlush::Finish).unwrap();
+                total += state.total_out() - before;
+            }
+            total
+        })
+    });
+    group.bench_function("page_compressor", |b| {
+        let mut compressor = PageCompressor::new(Codec::Zlib { level: 1 });
+        b.iter(|| pages.iter().map(|page| compressor.compress(page)).filter(|c| !matches!(c, migration::codec::Compressed::Raw)).count())
+    });
+    group.finish();
+}
+
+fn xbzrle(c: &mut Criterion) {
+    let pages = guest_pages(256);
+    // Each page's next version: a few words changed, as a running guest rewrites counters.
+    let newer: Vec<Vec<u8>> = pages
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let mut n = p.clone();
+            for k in 0..8 {
+                let at = (i * 97 + k * 509) % (PAGE_SIZE_BYTES - 8);
+                n[at..at + 8].copy_from_slice(&(i as u64 * 31 + k as u64).to_le_bytes());
+            }
+            n
+        })
+        .collect();
+    let mut delta = vec![0u8; PAGE_SIZE_BYTES];
+    let deltas: Vec<Vec<u8>> = pages
+        .iter()
+        .zip(&newer)
+        .map(|(old, new)| {
+            let len = migration::xbzrle::encode(old, new, &mut delta).unwrap();
+            delta[..len].to_vec()
+        })
+        .collect();
+    let mut group = c.benchmark_group("xbzrle");
+    group.throughput(Throughput::Bytes((pages.len() * PAGE_SIZE_BYTES) as u64));
+    group.bench_function("encode", |b| {
+        b.iter(|| {
+            pages.iter().zip(&newer).map(|(old, new)| migration::xbzrle::encode(old, new, &mut delta).unwrap()).sum::<usize>()
+        })
+    });
+    let mut page = vec![0u8; PAGE_SIZE_BYTES];
+    group.bench_function("decode", |b| {
+        b.iter(|| {
+            for (old, d) in pages.iter().zip(&deltas) {
+                page.copy_from_slice(old);
+                migration::xbzrle::decode(d, &mut page).unwrap();
+            }
+        })
+    });
+    group.finish();
+}
+
+fn ring_handoff(c: &mut Criterion) {
+    use transport::abort::SessionAbort;
+    use transport::ring::Ring;
+    let mut group = c.benchmark_group("ring_handoff");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("bounded_ring_256", |b| {
+        b.iter_custom(|items| {
+            let ring = Arc::new(Ring::<u64>::new(256));
+            let abort = Arc::new(SessionAbort::new());
+            let consumer = {
+                let (ring, abort) = (ring.clone(), abort.clone());
+                std::thread::spawn(move || {
+                    let mut sum = 0u64;
+                    for _ in 0..items {
+                        sum = sum.wrapping_add(ring.pop(&abort).unwrap());
+                    }
+                    sum
+                })
+            };
+            let start = Instant::now();
+            for i in 0..items {
+                ring.push(i, &abort).unwrap();
+            }
+            black_box(consumer.join().unwrap());
+            start.elapsed()
+        })
+    });
+    group.finish();
+}
+
+fn compression_workers(c: &mut Criterion) {
+    let pages = guest_pages(PAGES);
+    let mut group = c.benchmark_group("compression_workers");
+    group.throughput(Throughput::Bytes((PAGES * PAGE_SIZE_BYTES) as u64));
+    for workers in [1usize, 2] {
+        group.bench_with_input(BenchmarkId::new("lz4", workers), &workers, |b, &workers| {
+            b.iter(|| {
+                std::thread::scope(|scope| {
+                    let share = pages.len().div_ceil(workers);
+                    let handles: Vec<_> = pages
+                        .chunks(share)
+                        .map(|chunk| {
+                            scope.spawn(move || {
+                                let mut compressor = PageCompressor::new(Codec::Lz4);
+                                chunk.iter().filter(|p| !matches!(compressor.compress(p), migration::codec::Compressed::Raw)).count()
+                            })
+                        })
+                        .collect();
+                    handles.into_iter().map(|h| h.join().unwrap()).sum::<usize>()
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+fn loopback_wire(c: &mut Criterion) {
+    use dataplane::stack::{LoopbackOptions, LoopbackStack};
+    use std::io::{Read, Write};
+    use transport::pipe::{Acceptor, Connector, Timeouts};
+    const STREAM: usize = 64 << 20;
+    let stack = LoopbackStack::start_with(LoopbackOptions { cores: 1, pin: false, ..LoopbackOptions::default() }).unwrap();
+    let timeouts = Timeouts::default();
+    let mut acceptor = stack.acceptor(5001, timeouts).unwrap();
+    let connector = stack.connector(5001, timeouts);
+    let block = vec![0x5au8; 1 << 20];
+    let mut group = c.benchmark_group("loopback_wire");
+    group.sample_size(10);
+    group.throughput(Throughput::Bytes(STREAM as u64));
+    group.bench_function("one_core_per_side", |b| {
+        b.iter_custom(|iterations| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iterations {
+                let mut sending = connector.connect().unwrap();
+                let mut receiving = acceptor.accept(Duration::from_secs(10)).unwrap();
+                let start = Instant::now();
+                let reader = std::thread::spawn(move || {
+                    let mut buffer = vec![0u8; 1 << 20];
+                    let mut got = 0;
+                    while got < STREAM {
+                        got += receiving.reader.read(&mut buffer).unwrap();
+                    }
+                    receiving
+                });
+                for _ in 0..STREAM / block.len() {
+                    sending.writer.write_all(&block).unwrap();
+                }
+                let receiving = reader.join().unwrap();
+                total += start.elapsed();
+                (sending.closer)();
+                (receiving.closer)();
+            }
+            total
+        })
+    });
+    group.finish();
+}
+
+criterion_group! {
+    name = micro;
+    config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
+    targets = zero_scan, lz4, deflate, xbzrle, ring_handoff, compression_workers, loopback_wire
+}
+criterion_main!(micro);
