@@ -130,6 +130,9 @@ pub struct MigrationStats {
     /// What the encoders did with every page, all rounds together.
     pub encode: EncodeCounters,
     pub guest_backing: String,
+    /// CPU seconds the migration used on this side (filled in by whoever can measure it:
+    /// the CLI counts its process less the guest's vCPU thread).
+    pub cpu_seconds: Option<f64>,
     pub rounds: Vec<RoundStats>,
     pub throttle_pct: u8,
     /// Time to stop the workers and free the XBZRLE cache, in microseconds.

@@ -394,6 +394,7 @@ fn send(args: SendArgs) -> Result<ExitCode> {
     };
     let config = SourceConfig { cancel: Some(cancel), ..source_config(&args.source, &args.common) };
     let mut progress = report::ProgressView::new(args.common.json);
+    let cpu = super::cpu::CpuWindow::start();
     let result = migrate(&guest, &*connector, &config, &mut |p| {
         status.update(p);
         progress.update(p)
@@ -401,6 +402,7 @@ fn send(args: SendArgs) -> Result<ExitCode> {
     progress.finish();
     match result {
         Ok(mut stats) => {
+            stats.cpu_seconds = Some(cpu.seconds());
             stats.guest_backing = guest.ram().backing().to_string();
             print_outcome(&stats, None, None, args.common.json)
         }
@@ -432,7 +434,9 @@ fn recv(args: RecvArgs) -> Result<ExitCode> {
     // learns the port.
     eprintln!("vmigrate: waiting for a migration on {}", acceptor.local_addr());
     let mut vm = SyntheticDestination::new(config.max_memory_bytes, policy);
-    let report = receive(&mut *acceptor, &mut vm, &config).context("receiving the migration")?;
+    let cpu = super::cpu::CpuWindow::start();
+    let mut report = receive(&mut *acceptor, &mut vm, &config).context("receiving the migration")?;
+    report.cpu_seconds = Some(cpu.seconds());
     let guest = run_destination_guest(&mut vm, args.run_after)?;
     if args.common.json {
         let mut value = serde_json::to_value(&report)?;

@@ -3,6 +3,7 @@
 mod args;
 mod commands;
 mod control;
+mod cpu;
 mod dpdk;
 mod qemu_migrate;
 mod relay;

@@ -2,6 +2,7 @@
 //! userspace stack can be put beside the kernel's on the same link in one run.
 
 use super::args::TlsOptions;
+use super::cpu::process_time as cpu_time;
 use anyhow::{bail, Context, Result};
 use dataplane::stack::{LoopbackOptions, LoopbackStack};
 use std::io::{Read, Write};
@@ -10,18 +11,6 @@ use std::time::{Duration, Instant};
 use transport::pipe::{Acceptor, Connector, Timeouts};
 
 const WRITE_BYTES: usize = 1 << 20;
-
-/// CPU time this process has used (user + system), from /proc/self/stat, whose tick is
-/// USER_HZ: 100 on every Linux architecture we run on.
-fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command name (which may contain spaces) start after the last ')'.
-    let fields: Vec<&str> =
-        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
-    Duration::from_millis((ticks(11) + ticks(12)) * 10)
-}
 
 fn report(role: &str, bytes: u64, elapsed: Duration, cpu: Duration) -> serde_json::Value {
     let seconds = elapsed.as_secs_f64();

@@ -52,6 +52,8 @@ pub struct DestinationReport {
     pub total_time_ms: u64,
     pub verify_time_ms: Option<u64>,
     pub verified: Option<bool>,
+    /// CPU seconds the receive used (filled in by whoever can measure it, as the CLI does).
+    pub cpu_seconds: Option<f64>,
 }
 
 struct Shared {
@@ -481,6 +483,7 @@ impl Session<'_, '_> {
             total_time_ms: started.elapsed().saturating_sub(verify_time.unwrap_or_default()).as_millis() as u64,
             verify_time_ms: verify_time.map(|t| t.as_millis() as u64),
             verified,
+            cpu_seconds: None,
         })
     }
 }
