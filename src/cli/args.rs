@@ -38,6 +38,48 @@ pub enum Command {
     /// QMP, run the relays, start the migration, show progress, report QEMU's and the
     /// relays' figures.
     QemuMigrate(QemuMigrateArgs),
+    /// The seed's tables: migrate an idle and a dirtying guest with each optimisation on
+    /// and off (as `send`/`recv` process pairs, in network namespaces with --netns), and
+    /// write a table, JSON and charts to --report.
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Guests to migrate: idle (a booted-OS image, no writes) and dirty (writing 5000
+    /// random pages per second over --dirty-area).
+    #[arg(long, value_delimiter = ',', default_value = "idle,dirty")]
+    pub guests: Vec<String>,
+    /// Guest memory.
+    #[arg(long, default_value = "4GiB", value_parser = parse_size)]
+    pub mem: u64,
+    /// The area the dirty guest writes to.
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    pub dirty_area: u64,
+    /// Rows of the table: plain, lz4, zlib, xbzrle, lz4+xbzrle, zlib+xbzrle,
+    /// skip-unused-off, deferred-cleanup-off. Plain keeps zero-page detection.
+    #[arg(long, value_delimiter = ',', default_value = super::bench::DEFAULT_ROWS)]
+    pub rows: Vec<String>,
+    /// Run the destination in namespace PREFIX-dst and the source in PREFIX-src, over the
+    /// link `scripts/netns up --prefix PREFIX` made (the destination is 10.77.0.2); without
+    /// it both run here over loopback.
+    #[arg(long)]
+    pub netns: Option<String>,
+    /// The link's name in the report (e.g. 1gbit, 10gbit, unshaped).
+    #[arg(long, default_value = "loopback")]
+    pub link: String,
+    /// Folder for bench.json, the table and the charts.
+    #[arg(long, default_value = "bench-report")]
+    pub report: PathBuf,
+    /// Compression workers on each side.
+    #[arg(long, default_value_t = 2)]
+    pub compress_threads: usize,
+    /// First TCP port used (one per run).
+    #[arg(long, default_value_t = 4800)]
+    pub port: u16,
+    /// Seconds any one migration may take before the bench gives up on it.
+    #[arg(long, default_value_t = 900.0)]
+    pub timeout: f64,
 }
 
 /// What both relay commands take.

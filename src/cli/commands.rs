@@ -26,6 +26,7 @@ use transport::synthetic::{SyntheticDestination, SyntheticGuest};
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Demo(args) => demo(args),
+        Command::Bench(args) => super::bench::run(args),
         Command::Send(args) => send(args),
         Command::Recv(args) => recv(args),
         Command::StreamSend(args) => {

@@ -1,6 +1,8 @@
 //! Subcommands and their shared options.
 
 mod args;
+mod bench;
+mod charts;
 mod commands;
 mod control;
 mod cpu;

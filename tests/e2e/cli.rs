@@ -223,3 +223,37 @@ fn sigint_sigterm_and_the_control_socket_cancel_a_migration() {
         cancel_a_running_send(how);
     }
 }
+
+#[test]
+fn bench_writes_the_table_json_and_charts() {
+    let report = std::env::temp_dir().join(format!("vmigrate-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&report);
+    let finished = run(
+        Command::new(BIN).args(["bench", "--mem", "64MiB", "--dirty-area", "16MiB", "--rows", "plain,lz4,xbzrle"]).arg("--report").arg(&report),
+        DEADLINE,
+    );
+    assert!(finished.status.success(), "bench failed:\n{}", finished.stderr);
+    for heading in ["total s", "downtime", "transferred", "total RAM", "CPU src", "CPU dst", "vs plain"] {
+        assert!(finished.stdout.contains(heading), "missing {heading:?}:\n{}", finished.stdout);
+    }
+    let value = json(&std::fs::read_to_string(report.join("bench.json")).expect("bench.json"));
+    let runs = value["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 6, "two guests, three rows");
+    for run in runs {
+        assert_eq!(run["verified"], true, "{run}");
+        assert!(run["total-time-ms"].as_u64().unwrap() > 0);
+        assert_eq!(run["total-bytes"], 64 << 20);
+        assert!(run["source-cpu-seconds"].as_f64().is_some());
+        assert!(!run["rounds"].as_array().unwrap().is_empty());
+    }
+    // The dirty guest's pages are random 16-bit numbers: lz4 shrinks them, so it sends less.
+    let sent = |row: &str| {
+        runs.iter().find(|r| r["guest"] == "dirty" && r["row"] == row).unwrap()["transferred-bytes"].as_u64().unwrap()
+    };
+    assert!(sent("lz4") < sent("plain"), "lz4 {} plain {}", sent("lz4"), sent("plain"));
+    for chart in ["total-time.svg", "rounds-idle.svg", "rounds-dirty.svg"] {
+        let svg = std::fs::read_to_string(report.join(chart)).unwrap_or_else(|e| panic!("{chart}: {e}"));
+        assert!(svg.starts_with("<svg") && svg.contains("plain"), "{chart} is not a chart");
+    }
+    let _ = std::fs::remove_dir_all(report);
+}
