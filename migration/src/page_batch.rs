@@ -36,6 +36,19 @@ enum Encoding {
     Lz4 = 3,
     Zlib = 4,
     Xbzrle = 5,
+    Zstd = 6,
+}
+
+impl Encoding {
+    /// How pages compressed with `codec` are marked in a batch.
+    fn of(codec: Codec) -> Option<Encoding> {
+        match codec {
+            Codec::None => None,
+            Codec::Lz4 => Some(Encoding::Lz4),
+            Codec::Zlib { .. } => Some(Encoding::Zlib),
+            Codec::Zstd { .. } => Some(Encoding::Zstd),
+        }
+    }
 }
 
 /// One decoded entry of a batch, borrowing its data from the frame payload.
@@ -182,11 +195,14 @@ fn parse_entry<'a>(
             let (data, rest) = take(body, PAGE_SIZE_BYTES)?;
             (PageEntry::Raw { page, data }, rest)
         }
-        e if e == Encoding::Lz4 as u8 || e == Encoding::Zlib as u8 => {
-            let is_lz4 = e == Encoding::Lz4 as u8;
-            let negotiated = matches!((is_lz4, limits.codec), (true, Codec::Lz4) | (false, Codec::Zlib { .. }));
-            if !negotiated {
-                return Err(BatchError::NotNegotiated { index, got: if is_lz4 { "lz4" } else { "zlib" } });
+        e if e == Encoding::Lz4 as u8 || e == Encoding::Zlib as u8 || e == Encoding::Zstd as u8 => {
+            if Encoding::of(limits.codec).map(|n| n as u8) != Some(e) {
+                let got = match e {
+                    e if e == Encoding::Lz4 as u8 => "lz4",
+                    e if e == Encoding::Zlib as u8 => "zlib",
+                    _ => "zstd",
+                };
+                return Err(BatchError::NotNegotiated { index, got });
             }
             let (data, rest) = sized(body)?;
             (PageEntry::Compressed { page, codec: limits.codec, data }, rest)
@@ -247,11 +263,7 @@ impl<'b> BatchWriter<'b> {
     }
 
     pub fn compressed(&mut self, page: u32, codec: Codec, data: &[u8]) {
-        let encoding = match codec {
-            Codec::Lz4 => Encoding::Lz4,
-            Codec::Zlib { .. } => Encoding::Zlib,
-            Codec::None => panic!("codec none has no compressed entries"),
-        };
+        let encoding = Encoding::of(codec).expect("codec none has no compressed entries");
         assert!(!data.is_empty() && data.len() < PAGE_SIZE_BYTES);
         self.entry(page, encoding);
         self.out.extend_from_slice(&(data.len() as u16).to_le_bytes());

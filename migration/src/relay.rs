@@ -23,10 +23,9 @@
 //! frame CRC and the sequence catch damage, loss and reordering chunk by chunk; the
 //! `StreamEnd` digest checks the whole stream once more, end to end.
 
-use crate::codec::Codec;
+use crate::codec::{BlockCompressor, BlockDecompressor, Codec};
 use crate::frame::{le_u16, le_u32, le_u64};
 use crate::handshake::{accept_preamble_of, encode_preamble_of, HandshakeError};
-use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 use thiserror::Error;
 
 pub const MAGIC: [u8; 8] = *b"VMRELAY\0";
@@ -182,43 +181,31 @@ pub fn max_data_payload_bytes() -> usize {
 
 /// Encodes chunks of a stream into `StreamData` payloads, reusing its buffers.
 pub struct ChunkEncoder {
-    codec: Codec,
-    deflate: Option<Compress>,
+    block: BlockCompressor,
     out: Vec<u8>,
 }
 
 impl ChunkEncoder {
     pub fn new(codec: Codec) -> Self {
-        let deflate = match codec {
-            Codec::Zlib { level } => Some(Compress::new(Compression::new(u32::from(level)), false)),
-            _ => None,
-        };
         let room = CHUNK_HEADER_BYTES + lz4_flex::block::get_maximum_output_size(MAX_CHUNK_BYTES);
-        ChunkEncoder { codec, deflate, out: Vec::with_capacity(room) }
+        ChunkEncoder { block: BlockCompressor::new(codec), out: Vec::with_capacity(room) }
     }
 
     /// The `StreamData` payload for `chunk` (at most `MAX_CHUNK_BYTES`): compressed with
     /// the stream's codec, or raw when that is not smaller.
     pub fn encode(&mut self, chunk: &[u8]) -> &[u8] {
         assert!(chunk.len() <= MAX_CHUNK_BYTES, "chunk over the limit");
-        let room = lz4_flex::block::get_maximum_output_size(chunk.len()).max(chunk.len());
-        self.out.clear();
-        self.out.resize(CHUNK_HEADER_BYTES + room, 0);
-        let body = &mut self.out[CHUNK_HEADER_BYTES..];
-        let packed = match self.codec {
-            Codec::None => None,
-            Codec::Lz4 => lz4_flex::block::compress_into(chunk, body).ok(),
-            Codec::Zlib { .. } => {
-                let deflate = self.deflate.as_mut().expect("zlib encoder has deflate state");
-                deflate.reset();
-                match deflate.compress(chunk, &mut body[..chunk.len()], FlushCompress::Finish) {
-                    Ok(Status::StreamEnd) => Some(deflate.total_out() as usize),
-                    _ => None,
-                }
-            }
+        let codec = self.block.codec();
+        // lz4 needs its worst case to start; the others stop once past the raw size.
+        let room = match codec {
+            Codec::Lz4 => lz4_flex::block::get_maximum_output_size(chunk.len()),
+            _ => chunk.len(),
         };
-        let (codec, len) = match packed {
-            Some(len) if len < chunk.len() => (self.codec, len),
+        self.out.clear();
+        self.out.resize(CHUNK_HEADER_BYTES + room.max(chunk.len()), 0);
+        let body = &mut self.out[CHUNK_HEADER_BYTES..];
+        let (codec, len) = match self.block.compress_into(chunk, &mut body[..room]) {
+            Some(len) if len < chunk.len() => (codec, len),
             _ => {
                 body[..chunk.len()].copy_from_slice(chunk);
                 (Codec::None, chunk.len())
@@ -234,13 +221,13 @@ impl ChunkEncoder {
 /// Decodes `StreamData` payloads back into the original bytes, every length bounded before
 /// anything is allocated.
 pub struct ChunkDecoder {
-    inflate: Decompress,
+    block: BlockDecompressor,
     out: Vec<u8>,
 }
 
 impl Default for ChunkDecoder {
     fn default() -> Self {
-        ChunkDecoder { inflate: Decompress::new(false), out: Vec::with_capacity(MAX_CHUNK_BYTES) }
+        ChunkDecoder { block: BlockDecompressor::default(), out: Vec::with_capacity(MAX_CHUNK_BYTES) }
     }
 }
 
@@ -254,30 +241,25 @@ impl ChunkDecoder {
             return Err(RelayError::Oversized { length });
         }
         let body = &payload[CHUNK_HEADER_BYTES..];
+        // The level is the sender's business; decoding does not need it.
         let codec = match payload[0] {
             1 => Codec::None,
             2 => Codec::Lz4,
             3 => Codec::Zlib { level: Codec::DEFAULT_ZLIB_LEVEL },
+            5 => Codec::Zstd { level: Codec::DEFAULT_ZSTD_LEVEL },
             other => return Err(RelayError::Malformed(format!("unknown chunk codec {other}"))),
         };
-        match codec {
-            Codec::None if body.len() == length => Ok(body),
-            Codec::None => Err(RelayError::Malformed(format!("raw chunk of {} bytes says {length}", body.len()))),
-            Codec::Lz4 => {
-                self.out.resize(length, 0);
-                match lz4_flex::block::decompress_into(body, &mut self.out) {
-                    Ok(n) if n == length => Ok(&self.out),
-                    _ => Err(RelayError::Corrupt { codec: "lz4" }),
-                }
-            }
-            Codec::Zlib { .. } => {
-                self.out.resize(length, 0);
-                self.inflate.reset(false);
-                match self.inflate.decompress(body, &mut self.out, FlushDecompress::Finish) {
-                    Ok(Status::StreamEnd) if self.inflate.total_out() as usize == length => Ok(&self.out),
-                    _ => Err(RelayError::Corrupt { codec: "zlib" }),
-                }
-            }
+        if codec == Codec::None {
+            return if body.len() == length {
+                Ok(body)
+            } else {
+                Err(RelayError::Malformed(format!("raw chunk of {} bytes says {length}", body.len())))
+            };
+        }
+        self.out.resize(length, 0);
+        match self.block.decompress_into(codec, body, &mut self.out) {
+            Ok(n) if n == length => Ok(&self.out),
+            _ => Err(RelayError::Corrupt { codec: codec.name() }),
         }
     }
 }
@@ -287,7 +269,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const CODECS: [Codec; 3] = [Codec::None, Codec::Lz4, Codec::Zlib { level: 1 }];
+    const CODECS: [Codec; 4] = [Codec::None, Codec::Lz4, Codec::Zlib { level: 1 }, Codec::Zstd { level: 1 }];
 
     #[test]
     fn preamble_and_hello_round_trip() {

@@ -437,7 +437,7 @@ mod tests {
 
     #[test]
     fn pages_round_trip_each_the_cheapest_way() {
-        for codec in [Codec::None, Codec::Lz4, Codec::Zlib { level: 1 }] {
+        for codec in [Codec::None, Codec::Lz4, Codec::Zlib { level: 1 }, Codec::Zstd { level: 1 }] {
             let mut encoder = RecordEncoder::new(codec, 64);
             let mut decoder = RecordDecoder::new(codec, 64);
             let mut original = Vec::new();

@@ -56,8 +56,9 @@ pub struct BenchArgs {
     /// The area the dirty guest writes to.
     #[arg(long, default_value = "1GiB", value_parser = parse_size)]
     pub dirty_area: u64,
-    /// Rows of the table: plain, lz4, zlib, xbzrle, lz4+xbzrle, zlib+xbzrle,
-    /// skip-unused-off, deferred-cleanup-off. Plain keeps zero-page detection.
+    /// Rows of the table: plain, lz4, zlib, zstd, xbzrle, lz4+xbzrle, zlib+xbzrle,
+    /// zstd+xbzrle, skip-unused-off, deferred-cleanup-off. Plain keeps zero-page
+    /// detection.
     #[arg(long, value_delimiter = ',', default_value = super::bench::DEFAULT_ROWS)]
     pub rows: Vec<String>,
     /// Run the destination in namespace PREFIX-dst and the source in PREFIX-src, over the
@@ -162,7 +163,7 @@ pub struct QemuSendArgs {
 #[derive(Args, Debug)]
 pub struct CarryOptions {
     /// Compression of the carried pages (and of streams that are not QEMU's): none, lz4,
-    /// zlib or zlib:LEVEL.
+    /// zlib[:LEVEL] or zstd[:LEVEL].
     #[arg(long, default_value = "lz4")]
     pub codec: Codec,
     /// XBZRLE: a page carried again goes as a delta against its copy carried last, when
@@ -455,7 +456,7 @@ pub enum OnLimit {
 /// How the source migrates: codec, connections, convergence, optimisations.
 #[derive(Args, Debug, Clone)]
 pub struct SourceOptions {
-    /// Page codec: none, lz4, zlib or zlib:LEVEL.
+    /// Page codec: none, lz4, zlib[:LEVEL] (1..=9) or zstd[:LEVEL] (1..=19).
     #[arg(long, default_value = "none")]
     pub codec: Codec,
     /// Pinned compression workers on the source.

@@ -12,7 +12,7 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 pub const DEFAULT_ROWS: &str =
-    "plain,lz4,zlib,xbzrle,lz4+xbzrle,zlib+xbzrle,skip-unused-off,deferred-cleanup-off";
+    "plain,lz4,zlib,zstd,xbzrle,lz4+xbzrle,zlib+xbzrle,zstd+xbzrle,skip-unused-off,deferred-cleanup-off";
 
 /// The `send` options of a row.
 fn row_options(row: &str, mem: u64) -> Result<Vec<String>> {
@@ -23,9 +23,11 @@ fn row_options(row: &str, mem: u64) -> Result<Vec<String>> {
         "plain" => &[],
         "lz4" => &["--codec", "lz4"],
         "zlib" => &["--codec", "zlib:1"],
+        "zstd" => &["--codec", "zstd:1"],
         "xbzrle" => &["--xbzrle-cache", &cache],
         "lz4+xbzrle" => &["--codec", "lz4", "--xbzrle-cache", &cache],
         "zlib+xbzrle" => &["--codec", "zlib:1", "--xbzrle-cache", &cache],
+        "zstd+xbzrle" => &["--codec", "zstd:1", "--xbzrle-cache", &cache],
         "skip-unused-off" => &["--no-skip-unused"],
         "deferred-cleanup-off" => &["--no-deferred-cleanup"],
         other => bail!("unknown bench row {other:?}; rows are {DEFAULT_ROWS}"),

@@ -481,7 +481,7 @@ mod tests {
     #[test]
     fn a_stream_arrives_exactly_as_written_with_every_codec() {
         let data: Vec<u8> = (0..1_000_000u32).flat_map(|i| (i / 7).to_le_bytes()).collect();
-        for codec in [Codec::None, Codec::Lz4, Codec::Zlib { level: 1 }] {
+        for codec in [Codec::None, Codec::Lz4, Codec::Zlib { level: 1 }, Codec::Zstd { level: 1 }] {
             let (received, source, destination) = carry(data.clone(), codec);
             assert!(received == data, "{codec}: the stream changed on the way");
             assert_eq!(source.sent.bytes, data.len() as u64);
