@@ -225,6 +225,23 @@ impl MappedRegion {
         })
     }
 
+    /// Asks the kernel for transparent huge pages on this mapping, or not (anonymous
+    /// memory only; hugetlb pages are huge regardless). Memory written sparsely is cheaper
+    /// without them: each first touch of a 2 MiB huge page zeroes all of it, so a few
+    /// scattered pages cost a full huge page each. Turned back on, khugepaged merges the
+    /// mapping into huge pages in the background.
+    pub fn advise_huge(&self, huge: bool) {
+        if self.backing != Backing::AnonymousThp {
+            return;
+        }
+        let advice = if huge { libc::MADV_HUGEPAGE } else { libc::MADV_NOHUGEPAGE };
+        // SAFETY: advice on our own whole mapping (page-aligned start, its mapped length);
+        // it changes no contents. Failure (THP compiled out) only costs performance.
+        unsafe {
+            libc::madvise(self.ptr.as_ptr().cast(), self.mapped_len_bytes, advice);
+        }
+    }
+
     /// Length in bytes as requested, not rounded up to whole huge pages.
     pub fn len(&self) -> usize {
         self.len_bytes

@@ -100,6 +100,14 @@ impl GuestRam {
     }
 
     /// Returns all memory to the kernel (it reads back as zero).
+    /// Transparent huge pages on or off for every anonymous region (see
+    /// `hugepages::HugeMapping::advise_huge`).
+    pub fn advise_huge(&self, huge: bool) {
+        for region in &self.regions {
+            region.advise_huge(huge);
+        }
+    }
+
     pub fn discard_all(&self) {
         for region in &self.regions {
             region.discard(0, region.len());
