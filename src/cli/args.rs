@@ -50,6 +50,10 @@ pub struct BenchArgs {
     /// random pages per second over --dirty-area).
     #[arg(long, value_delimiter = ',', default_value = "idle,dirty")]
     pub guests: Vec<String>,
+    /// The idle guest's memory: this image of a real idle guest (`scripts/guest-image`)
+    /// instead of the synthetic one.
+    #[arg(long)]
+    pub idle_image: Option<PathBuf>,
     /// Guest memory.
     #[arg(long, default_value = "4GiB", value_parser = parse_size)]
     pub mem: u64,
@@ -81,6 +85,10 @@ pub struct BenchArgs {
     /// Seconds any one migration may take before the bench gives up on it.
     #[arg(long, default_value_t = 900.0)]
     pub timeout: f64,
+    /// Hash all memory on both sides after each migration and compare (slower, and the
+    /// hashing counts in the CPU columns).
+    #[arg(long)]
+    pub verify: bool,
 }
 
 /// What both relay commands take.
@@ -266,8 +274,8 @@ pub struct GuestArgs {
     /// Guest RAM size (e.g. 256MiB, 4GiB).
     #[arg(long, default_value = "256MiB", value_parser = parse_size)]
     pub mem: u64,
-    /// idle | seq[:PAGES_PER_S] | dirty:AREA:PAGES_PER_S:BITS
-    #[arg(long, default_value = "seq")]
+    /// idle | seq[:PAGES_PER_S] | dirty:AREA:PAGES_PER_S:BITS (idle with --image)
+    #[arg(long, default_value = "seq", default_value_if("image", clap::builder::ArgPredicate::IsPresent, "idle"))]
     pub workload: WorkloadSpec,
     /// Seconds the guest runs before the migration starts.
     #[arg(long, default_value_t = 0.2)]
@@ -275,6 +283,10 @@ pub struct GuestArgs {
     /// Seed of the guest's random content (reproducible images).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Start from this memory image, a raw dump of a real guest's RAM
+    /// (`scripts/guest-image` makes one of an idle Linux guest), with the idle workload.
+    #[arg(long)]
+    pub image: Option<PathBuf>,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]

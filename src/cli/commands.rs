@@ -100,7 +100,19 @@ fn boot_guest(guest: &GuestArgs, common: &CommonOptions) -> Result<SyntheticGues
     let policy = parse_huge_policy(&common.hugepages).map_err(anyhow::Error::msg)?;
     let layout = GuestRam::pc_layout(guest.mem);
     let ram = Arc::new(GuestRam::allocate(&layout, policy).context("allocating guest memory")?);
-    let booted = SyntheticGuest::boot(ram, guest.workload, guest.seed).map_err(anyhow::Error::msg)?;
+    let booted = match &guest.image {
+        Some(path) => {
+            if guest.workload != transport::synthetic::WorkloadSpec::Idle {
+                bail!("--image runs the idle workload: --workload {} cannot run on it", guest.workload);
+            }
+            let mut image = std::io::BufReader::with_capacity(
+                1 << 20,
+                std::fs::File::open(path).with_context(|| format!("opening the memory image {}", path.display()))?,
+            );
+            SyntheticGuest::boot_image(ram, &mut image, guest.seed).map_err(anyhow::Error::msg)?
+        }
+        None => SyntheticGuest::boot(ram, guest.workload, guest.seed).map_err(anyhow::Error::msg)?,
+    };
     std::thread::sleep(Duration::from_secs_f64(guest.warmup));
     Ok(booted)
 }

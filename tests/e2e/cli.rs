@@ -229,7 +229,10 @@ fn bench_writes_the_table_json_and_charts() {
     let report = std::env::temp_dir().join(format!("vmigrate-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&report);
     let finished = run(
-        Command::new(BIN).args(["bench", "--mem", "64MiB", "--dirty-area", "16MiB", "--rows", "plain,lz4,xbzrle"]).arg("--report").arg(&report),
+        Command::new(BIN)
+            .args(["bench", "--verify", "--mem", "64MiB", "--dirty-area", "16MiB", "--rows", "plain,zstd,xbzrle"])
+            .arg("--report")
+            .arg(&report),
         DEADLINE,
     );
     assert!(finished.status.success(), "bench failed:\n{}", finished.stderr);
@@ -246,14 +249,42 @@ fn bench_writes_the_table_json_and_charts() {
         assert!(run["source-cpu-seconds"].as_f64().is_some());
         assert!(!run["rounds"].as_array().unwrap().is_empty());
     }
-    // The dirty guest's pages are random 16-bit numbers: lz4 shrinks them, so it sends less.
+    // The dirty guest's pages are random 16-bit numbers: zstd shrinks them, so it sends less.
     let sent = |row: &str| {
         runs.iter().find(|r| r["guest"] == "dirty" && r["row"] == row).unwrap()["transferred-bytes"].as_u64().unwrap()
     };
-    assert!(sent("lz4") < sent("plain"), "lz4 {} plain {}", sent("lz4"), sent("plain"));
+    assert!(sent("zstd") < sent("plain"), "zstd {} plain {}", sent("zstd"), sent("plain"));
     for chart in ["total-time.svg", "rounds-idle.svg", "rounds-dirty.svg"] {
         let svg = std::fs::read_to_string(report.join(chart)).unwrap_or_else(|e| panic!("{chart}: {e}"));
         assert!(svg.starts_with("<svg") && svg.contains("plain"), "{chart} is not a chart");
     }
     let _ = std::fs::remove_dir_all(report);
+}
+
+#[test]
+fn a_guest_booted_from_a_memory_image_migrates_its_pages() {
+    // A 16 MiB image: 300 pages of text at scattered places, the rest zero.
+    let image = std::env::temp_dir().join(format!("vmigrate-image-{}.img", std::process::id()));
+    let mut bytes = vec![0u8; 16 << 20];
+    for i in 0..300usize {
+        let at = (i * 13 % 4096) * 4096;
+        let text = format!("page {i} of a guest image ");
+        for (j, b) in text.bytes().cycle().take(4096).enumerate() {
+            bytes[at + j] = b;
+        }
+    }
+    std::fs::write(&image, &bytes).unwrap();
+    let finished = run(
+        Command::new(BIN).args(["demo", "--mem", "32MiB", "--verify", "--json", "--run-after", "0.1", "--image"]).arg(&image),
+        DEADLINE,
+    );
+    assert!(finished.status.success(), "demo from an image failed:\n{}", finished.stderr);
+    let value = json(&finished.stdout);
+    assert_eq!(value["verified"], true);
+    assert_eq!(value["ram"]["normal"], 300, "the image's 300 pages, no more: {}", value["ram"]);
+    // Larger than the guest: refused with a clear error.
+    let too_small = run(Command::new(BIN).args(["demo", "--mem", "8MiB", "--image"]).arg(&image), DEADLINE);
+    let error = too_small.assert_clean_failure();
+    assert!(error.contains("larger than the guest"), "{error}");
+    let _ = std::fs::remove_file(image);
 }

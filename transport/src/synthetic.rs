@@ -229,6 +229,45 @@ impl SyntheticGuest {
         Ok(guest)
     }
 
+    /// Boots an idle guest whose memory is an image of a real guest's (a raw dump of its
+    /// guest-physical RAM, as `scripts/guest-image` makes): the image's non-zero pages are
+    /// written, the rest of memory stays zero. An image larger than the RAM is refused.
+    pub fn boot_image(ram: Arc<GuestRam>, image: &mut dyn std::io::Read, seed: u64) -> Result<Self, String> {
+        let mut page = vec![0u8; PAGE_SIZE_BYTES];
+        let mut flat = 0u64;
+        loop {
+            let mut filled = 0;
+            while filled < PAGE_SIZE_BYTES {
+                match image.read(&mut page[filled..]) {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(format!("reading the memory image: {e}")),
+                }
+            }
+            if filled == 0 {
+                break;
+            }
+            if flat >= ram.total_pages() {
+                return Err(format!("the memory image is larger than the guest's {} bytes", ram.total_bytes()));
+            }
+            page[filled..].fill(0);
+            if !migration::zero::is_zero(&page) {
+                ram.write_flat_page(flat, &page);
+            }
+            flat += 1;
+        }
+        let mut guest = SyntheticGuest {
+            ram,
+            spec: WorkloadSpec::Idle,
+            control: Arc::new(VcpuControl::new()),
+            progress: Arc::new(Progress::default()),
+            thread: None,
+        };
+        guest.start(seed);
+        Ok(guest)
+    }
+
     /// Rebuilds the guest on the destination from migrated memory and device state, checks
     /// the memory where the workload can (seq), and starts the workload again.
     pub fn resume_from(ram: Arc<GuestRam>, device_state: &[u8]) -> Result<Self, String> {
