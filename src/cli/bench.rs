@@ -216,7 +216,17 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
             port += 1;
         }
     }
-    let table = table(&args.link, &results);
+    let mut table = table(&args.link, &results);
+    // What faster links would take: each stage's rate on one core, on these guests' pages.
+    let mut model = serde_json::Map::new();
+    for guest in &args.guests {
+        let image = if guest == "idle" { args.idle_image.as_deref() } else { None };
+        let pages = super::model::sample_pages(guest, image)?;
+        let rates = super::model::calibrate(&pages);
+        table += "\n";
+        table += &super::model::table(guest, &rates);
+        model.insert(guest.clone(), serde_json::to_value(&rates)?);
+    }
     print!("{table}");
     std::fs::write(args.report.join("table.txt"), &table)?;
     let json = serde_json::json!({
@@ -225,6 +235,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         "dirty-area": args.dirty_area,
         "idle-image": args.idle_image,
         "runs": results,
+        "model": model,
     });
     std::fs::write(args.report.join("bench.json"), serde_json::to_string_pretty(&json)?)?;
     match super::charts::write(&args.report, &args.link, &results) {
