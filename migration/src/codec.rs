@@ -27,6 +27,10 @@ pub enum Codec {
     Zstd {
         level: u8,
     },
+    /// Chosen per batch by the source among [`Codec::ADAPTIVE_CHOICES`] (no compression,
+    /// lz4, zstd:1), from the link's and the cores' measured rates; the destination takes
+    /// any of them.
+    Adaptive,
 }
 
 impl Codec {
@@ -36,6 +40,8 @@ impl Codec {
     /// zstd's fastest regular level: on guest memory it packs tighter than zlib at 1 and
     /// runs several times faster (the brief's measurements: 2.4x at ~450 MB/s per core).
     pub const DEFAULT_ZSTD_LEVEL: u8 = 1;
+    /// What `Adaptive` chooses among, cheapest first.
+    pub const ADAPTIVE_CHOICES: [Codec; 3] = [Codec::None, Codec::Lz4, Codec::Zstd { level: 1 }];
 
     /// The codec's number and level on the wire. Number 4 is taken: the relay marks its
     /// page-aware chunks with it (`relay_pages::RECORDS`), in the same byte.
@@ -45,6 +51,7 @@ impl Codec {
             Codec::Lz4 => (2, 0),
             Codec::Zlib { level } => (3, level),
             Codec::Zstd { level } => (5, level),
+            Codec::Adaptive => (6, 0),
         }
     }
 
@@ -54,6 +61,7 @@ impl Codec {
             (2, 0) => Some(Codec::Lz4),
             (3, 1..=9) => Some(Codec::Zlib { level }),
             (5, 1..=19) => Some(Codec::Zstd { level }),
+            (6, 0) => Some(Codec::Adaptive),
             _ => None,
         }
     }
@@ -64,6 +72,7 @@ impl Codec {
             Codec::Lz4 => "lz4",
             Codec::Zlib { .. } => "zlib",
             Codec::Zstd { .. } => "zstd",
+            Codec::Adaptive => "adaptive",
         }
     }
 }
@@ -80,7 +89,7 @@ impl fmt::Display for Codec {
 impl FromStr for Codec {
     type Err = String;
 
-    /// `none`, `lz4`, `zlib`, `zlib:LEVEL`, `zstd` or `zstd:LEVEL`.
+    /// `none`, `lz4`, `zlib`, `zlib:LEVEL`, `zstd`, `zstd:LEVEL` or `adaptive`.
     fn from_str(text: &str) -> Result<Self, String> {
         let (name, level) = match text.split_once(':') {
             Some((name, level)) => (name, Some(level)),
@@ -96,9 +105,10 @@ impl FromStr for Codec {
         match (name, level) {
             ("none", None) => Ok(Codec::None),
             ("lz4", None) => Ok(Codec::Lz4),
+            ("adaptive", None) => Ok(Codec::Adaptive),
             ("zlib", _) => Ok(Codec::Zlib { level: level_in(1..=9, Codec::DEFAULT_ZLIB_LEVEL)? }),
             ("zstd", _) => Ok(Codec::Zstd { level: level_in(1..=19, Codec::DEFAULT_ZSTD_LEVEL)? }),
-            _ => Err(format!("unknown codec {text:?}: expected none, lz4, zlib[:LEVEL] or zstd[:LEVEL]")),
+            _ => Err(format!("unknown codec {text:?}: expected none, lz4, zlib[:LEVEL], zstd[:LEVEL] or adaptive")),
         }
     }
 }
@@ -145,7 +155,8 @@ impl BlockCompressor {
     /// (the caller sizes `out` to what is worth sending) or the codec is `none`.
     pub fn compress_into(&mut self, input: &[u8], out: &mut [u8]) -> Option<usize> {
         match self.codec {
-            Codec::None => None,
+            // Adaptive chooses a concrete codec per batch; a compressor holds one.
+            Codec::None | Codec::Adaptive => None,
             Codec::Lz4 => lz4_flex::block::compress_into(input, out).ok(),
             Codec::Zlib { .. } => {
                 let deflate = self.deflate.as_mut().expect("zlib compressor has deflate state");
@@ -191,7 +202,7 @@ impl BlockDecompressor {
     pub fn decompress_into(&mut self, codec: Codec, data: &[u8], out: &mut [u8]) -> Result<usize, DecompressError> {
         let corrupt = DecompressError::Corrupt { codec: codec.name() };
         match codec {
-            Codec::None => Err(corrupt),
+            Codec::None | Codec::Adaptive => Err(corrupt),
             Codec::Lz4 => lz4_flex::block::decompress_into(data, out).map_err(|_| corrupt),
             Codec::Zlib { .. } => {
                 self.inflate.reset(false);
@@ -277,6 +288,7 @@ mod tests {
         Codec::Zlib { level: 9 },
         Codec::Zstd { level: 1 },
         Codec::Zstd { level: 19 },
+        Codec::Adaptive,
     ];
 
     fn round_trip(codec: Codec, page: &[u8]) -> Compressed {
@@ -325,6 +337,7 @@ mod tests {
         assert_eq!("zstd:3".parse::<Codec>(), Ok(Codec::Zstd { level: 3 }));
         assert!("zstd:20".parse::<Codec>().is_err());
         assert!("lz5".parse::<Codec>().is_err());
+        assert_eq!("adaptive".parse::<Codec>(), Ok(Codec::Adaptive));
         for codec in CODECS {
             let (c, l) = codec.to_wire();
             assert_eq!(Codec::from_wire(c, l), Some(codec));

@@ -43,7 +43,7 @@ impl Encoding {
     /// How pages compressed with `codec` are marked in a batch.
     fn of(codec: Codec) -> Option<Encoding> {
         match codec {
-            Codec::None => None,
+            Codec::None | Codec::Adaptive => None,
             Codec::Lz4 => Some(Encoding::Lz4),
             Codec::Zlib { .. } => Some(Encoding::Zlib),
             Codec::Zstd { .. } => Some(Encoding::Zstd),
@@ -196,16 +196,18 @@ fn parse_entry<'a>(
             (PageEntry::Raw { page, data }, rest)
         }
         e if e == Encoding::Lz4 as u8 || e == Encoding::Zlib as u8 || e == Encoding::Zstd as u8 => {
-            if Encoding::of(limits.codec).map(|n| n as u8) != Some(e) {
-                let got = match e {
-                    e if e == Encoding::Lz4 as u8 => "lz4",
-                    e if e == Encoding::Zlib as u8 => "zlib",
-                    _ => "zstd",
-                };
+            let (got, codec) = match e {
+                e if e == Encoding::Lz4 as u8 => ("lz4", Codec::Lz4),
+                e if e == Encoding::Zlib as u8 => ("zlib", limits.codec),
+                _ => ("zstd", Codec::Zstd { level: Codec::DEFAULT_ZSTD_LEVEL }),
+            };
+            let negotiated = Encoding::of(limits.codec).map(|n| n as u8) == Some(e)
+                || (limits.codec == Codec::Adaptive && Codec::ADAPTIVE_CHOICES.iter().any(|c| c.name() == got));
+            if !negotiated {
                 return Err(BatchError::NotNegotiated { index, got });
             }
             let (data, rest) = sized(body)?;
-            (PageEntry::Compressed { page, codec: limits.codec, data }, rest)
+            (PageEntry::Compressed { page, codec, data }, rest)
         }
         e if e == Encoding::Xbzrle as u8 => {
             if !limits.xbzrle {

@@ -60,7 +60,7 @@ pub struct BenchArgs {
     /// The area the dirty guest writes to.
     #[arg(long, default_value = "1GiB", value_parser = parse_size)]
     pub dirty_area: u64,
-    /// Rows of the table: plain, lz4, zlib, zstd, xbzrle, lz4+xbzrle, zlib+xbzrle,
+    /// Rows of the table: plain, lz4, zlib, zstd, adaptive, xbzrle, lz4+xbzrle, zlib+xbzrle,
     /// zstd+xbzrle, skip-unused-off, deferred-cleanup-off. Plain keeps zero-page
     /// detection.
     #[arg(long, value_delimiter = ',', default_value = super::bench::DEFAULT_ROWS)]
@@ -468,7 +468,8 @@ pub enum OnLimit {
 /// How the source migrates: codec, connections, convergence, optimisations.
 #[derive(Args, Debug, Clone)]
 pub struct SourceOptions {
-    /// Page codec: none, lz4, zlib[:LEVEL] (1..=9) or zstd[:LEVEL] (1..=19).
+    /// Page codec: none, lz4, zlib[:LEVEL] (1..=9), zstd[:LEVEL] (1..=19), or adaptive
+    /// (none, lz4 or zstd:1 per batch, from the link's and the cores' measured rates).
     #[arg(long, default_value = "none")]
     pub codec: Codec,
     /// Pinned compression workers on the source.

@@ -12,7 +12,7 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 pub const DEFAULT_ROWS: &str =
-    "plain,lz4,zlib,zstd,xbzrle,lz4+xbzrle,zlib+xbzrle,zstd+xbzrle,skip-unused-off,deferred-cleanup-off";
+    "plain,lz4,zlib,zstd,adaptive,xbzrle,lz4+xbzrle,zlib+xbzrle,zstd+xbzrle,skip-unused-off,deferred-cleanup-off";
 
 /// The `send` options of a row.
 fn row_options(row: &str, mem: u64) -> Result<Vec<String>> {
@@ -24,6 +24,7 @@ fn row_options(row: &str, mem: u64) -> Result<Vec<String>> {
         "lz4" => &["--codec", "lz4"],
         "zlib" => &["--codec", "zlib:1"],
         "zstd" => &["--codec", "zstd:1"],
+        "adaptive" => &["--codec", "adaptive"],
         "xbzrle" => &["--xbzrle-cache", &cache],
         "lz4+xbzrle" => &["--codec", "lz4", "--xbzrle-cache", &cache],
         "zlib+xbzrle" => &["--codec", "zlib:1", "--xbzrle-cache", &cache],

@@ -45,6 +45,9 @@ pub fn qemu_recv(args: QemuRecvArgs) -> Result<ExitCode> {
 
 /// The encoding the options ask for.
 pub(super) fn encoding(options: &CarryOptions) -> Result<Encoding> {
+    if options.codec == migration::codec::Codec::Adaptive {
+        anyhow::bail!("--codec adaptive is for send and demo; the relays take a fixed codec");
+    }
     let pages = if options.xbzrle { options.xbzrle_cache / PAGE_SIZE_BYTES as u64 } else { 0 };
     if pages > u64::from(MAX_CACHE_PAGES) {
         anyhow::bail!("--xbzrle-cache {}: at most {} MiB", options.xbzrle_cache, (MAX_CACHE_PAGES as u64 * 4096) >> 20);

@@ -8,6 +8,7 @@
 //! kernel's TCP provides here and the userspace dataplane provides elsewhere.
 
 pub mod abort;
+pub mod adaptive;
 pub mod cancel;
 pub mod config;
 pub mod destination;

@@ -19,6 +19,7 @@
 //! `deferred_cleanup` is off, which exists to measure what it saves).
 
 use crate::abort::SessionAbort;
+use crate::adaptive::AdaptivePolicy;
 use crate::cancel::Cancel;
 use crate::config::SourceConfig;
 use crate::framed::{read_frame, write_frame, ReadError, CONTROL_FRAME_LIMIT_BYTES};
@@ -125,6 +126,8 @@ struct Shared<'a> {
     abort_sent: AtomicBool,
     /// Whether the bulk round fills the XBZRLE cache (only when the cache holds it all).
     cache_bulk: AtomicBool,
+    /// With `Codec::Adaptive`: what chooses each batch's codec.
+    adaptive: Option<AdaptivePolicy>,
 }
 
 /// Migrates `vm` to the destination `connector` reaches. On success the source guest
@@ -237,6 +240,7 @@ fn run_session(
         notice: Mutex::new(None),
         abort_sent: AtomicBool::new(false),
         cache_bulk: AtomicBool::new(false),
+        adaptive: (config.codec == Codec::Adaptive).then(|| AdaptivePolicy::new(config.compress_threads)),
         committed: Mutex::new(false),
     };
     let (answers_tx, answers) = mpsc::channel::<Answer>();
@@ -452,8 +456,12 @@ fn compression_worker(shared: &Shared<'_>, index: usize) {
     if shared.config.pin_workers {
         pin::pin_current(index);
     }
+    let codecs = match shared.config.codec {
+        Codec::Adaptive => Codec::ADAPTIVE_CHOICES.to_vec(),
+        codec => vec![codec],
+    };
     let mut encoder = BatchEncoder {
-        compressor: PageCompressor::new(shared.config.codec),
+        compressors: codecs.into_iter().map(PageCompressor::new).collect(),
         page: vec![0u8; PAGE_SIZE_BYTES],
         delta: vec![0u8; PAGE_SIZE_BYTES - 1],
         counters: EncodeCounters::default(),
@@ -480,7 +488,8 @@ fn compression_worker(shared: &Shared<'_>, index: usize) {
 
 /// A compression worker's reusable state.
 struct BatchEncoder {
-    compressor: PageCompressor,
+    /// One per codec this worker may use (several with `Codec::Adaptive`).
+    compressors: Vec<PageCompressor>,
     page: Vec<u8>,
     delta: Vec<u8>,
     counters: EncodeCounters,
@@ -491,7 +500,20 @@ impl BatchEncoder {
     /// page unchanged since the copy the destination holds).
     fn encode(&mut self, shared: &Shared<'_>, job: &Job) -> Option<FrameBuf> {
         let mut frame = shared.frame_pool.take(|| FrameBuf::with_capacity(MAX_BATCH_BYTES));
-        let codec = self.compressor.codec();
+        let codec = match &shared.adaptive {
+            Some(policy) => policy.choose(
+                shared.wire_bytes.load(Ordering::Relaxed),
+                !shared.outgoing[job.connection].is_empty(),
+            ),
+            None => self.compressors[0].codec(),
+        };
+        let compressor = self
+            .compressors
+            .iter_mut()
+            .find(|c| c.codec() == codec)
+            .expect("a compressor for every codec the policy chooses");
+        // What the codec cost on this batch, for the adaptive policy.
+        let (mut codec_input, mut codec_output, mut codec_time) = (0u64, 0u64, Duration::ZERO);
         let bulk = job.epoch == FIRST_EPOCH;
         let use_cache = !bulk || shared.cache_bulk.load(Ordering::Relaxed);
         let entries = {
@@ -539,15 +561,21 @@ impl BatchEncoder {
                 if codec != Codec::None {
                     self.counters.codec_input_pages += 1;
                 }
-                match self.compressor.compress(&self.page) {
+                let timer = Instant::now();
+                let compressed = compressor.compress(&self.page);
+                codec_time += timer.elapsed();
+                codec_input += PAGE_SIZE_BYTES as u64;
+                match compressed {
                     Compressed::Packed { len } => {
-                        batch.compressed(page, codec, &self.compressor.output()[..len]);
+                        batch.compressed(page, codec, &compressor.output()[..len]);
                         self.counters.compressed_pages += 1;
                         self.counters.compressed_bytes += len as u64;
+                        codec_output += len as u64;
                     }
                     Compressed::Raw => {
                         batch.raw(page, &self.page);
                         self.counters.raw_pages += 1;
+                        codec_output += PAGE_SIZE_BYTES as u64;
                     }
                 }
             }
@@ -556,6 +584,9 @@ impl BatchEncoder {
             }
             batch.entries()
         };
+        if let Some(policy) = &shared.adaptive {
+            policy.record(codec, codec_input, codec_output, codec_time);
+        }
         if entries == 0 {
             shared.frame_pool.give(frame);
             return None;
