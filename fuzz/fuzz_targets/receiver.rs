@@ -1,8 +1,8 @@
 //! The destination's state machine and page applier, fed frames a source could send:
 //! every frame is sealed with a correct CRC and sequence number (a random one would only
 //! exercise the CRC check), so the fuzzer reaches the per-connection rules (epochs, rounds,
-//! Complete, Commit) and the page batches (zero runs, raw, lz4, zlib, XBZRLE deltas, page
-//! epochs) behind them. Whatever the frames, the answer is an error or progress: never a
+//! Complete, Commit) and the page batches (zero runs, raw, lz4, zlib, zstd, XBZRLE deltas,
+//! page epochs) behind them. Whatever the frames, the answer is an error or progress: never a
 //! panic, a write outside guest memory, or an allocation past the session's limits.
 #![no_main]
 
@@ -36,10 +36,12 @@ impl GuestMemory for Memory {
 
 fuzz_target!(|data: &[u8]| {
     let [setup, connection, records @ ..] = data else { return };
-    let codec = match setup % 3 {
+    let codec = match setup % 5 {
         0 => Codec::None,
         1 => Codec::Lz4,
-        _ => Codec::Zlib { level: 1 },
+        2 => Codec::Zlib { level: 1 },
+        3 => Codec::Zstd { level: 1 },
+        _ => Codec::Adaptive,
     };
     let limits = BatchLimits { region_pages: &REGION_PAGES, codec, xbzrle: setup & 0x80 != 0 };
     let memory = Memory(REGION_PAGES.iter().map(|&p| Mutex::new(vec![0u8; p as usize * PAGE_SIZE_BYTES])).collect());

@@ -89,6 +89,10 @@ pub struct BenchArgs {
     /// hashing counts in the CPU columns).
     #[arg(long)]
     pub verify: bool,
+    /// Runs per row; the table shows the run with the median total time (short runs on a
+    /// shared machine vary by tens of percent).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=99))]
+    pub repeat: u32,
 }
 
 /// What both relay commands take.
