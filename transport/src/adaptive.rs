@@ -96,7 +96,7 @@ impl AdaptivePolicy {
             }
         }
         let best = self.best(&state);
-        if state.batches % EXPLORE_EVERY == 0 {
+        if state.batches.is_multiple_of(EXPLORE_EVERY) {
             // The two others in turn.
             let others: Vec<usize> = (0..3).filter(|i| *i != best).collect();
             return Codec::ADAPTIVE_CHOICES[others[(state.batches / EXPLORE_EVERY) as usize % 2]];
