@@ -10,9 +10,9 @@ use libfuzzer_sys::fuzz_target;
 use migration::codec::Codec;
 use migration::frame::{FrameHeader, FrameKind};
 use migration::memory::GuestMemory;
-use migration::PAGE_SIZE_BYTES;
 use migration::page_batch::BatchLimits;
 use migration::receiver::{ApplyWorker, BatchApplier, ConnectionInbound, Inbound, PageEpochs};
+use migration::PAGE_SIZE_BYTES;
 use std::sync::Mutex;
 
 /// Two small regions, as a prepared destination holds them.

@@ -85,7 +85,12 @@ fn command(netns: Option<&str>, side: &str) -> Result<Command> {
 }
 
 /// Waits for `child` up to `deadline`; its stdout and stderr.
-fn finish(mut child: Child, mut stderr: impl Read + Send + 'static, deadline: Instant, what: &str) -> Result<(String, String)> {
+fn finish(
+    mut child: Child,
+    mut stderr: impl Read + Send + 'static,
+    deadline: Instant,
+    what: &str,
+) -> Result<(String, String)> {
     let mut stdout = child.stdout.take().context("piped stdout")?;
     let out = std::thread::spawn(move || {
         let mut text = String::new();
@@ -213,9 +218,11 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         for row in &args.rows {
             let mut runs = Vec::new();
             for attempt in 1..=args.repeat {
-                eprintln!("vmigrate bench: {guest} guest, {row}, over {} (run {attempt} of {})", args.link, args.repeat);
-                let result =
-                    one_run(&args, guest, row, port).with_context(|| format!("{guest} guest, row {row}"))?;
+                eprintln!(
+                    "vmigrate bench: {guest} guest, {row}, over {} (run {attempt} of {})",
+                    args.link, args.repeat
+                );
+                let result = one_run(&args, guest, row, port).with_context(|| format!("{guest} guest, row {row}"))?;
                 if result.verified == Some(false) {
                     bail!("{guest} guest, row {row}: the memory did not verify");
                 }

@@ -365,8 +365,7 @@ pub(super) fn connector_for(
             (Box::new(connector), None)
         }
         NetStack::Tap | NetStack::AfPacket | NetStack::Dpdk => {
-            let address: SocketAddrV4 =
-                to.parse().with_context(|| format!("--to {to} is not IPV4-ADDRESS:PORT"))?;
+            let address: SocketAddrV4 = to.parse().with_context(|| format!("--to {to} is not IPV4-ADDRESS:PORT"))?;
             let cores = user_stack(stack, pin)?;
             (Box::new(cores.connector(address, timeouts)), Some(cores))
         }
@@ -441,8 +440,7 @@ fn recv(args: RecvArgs) -> Result<ExitCode> {
     let policy = parse_huge_policy(&args.common.hugepages).map_err(anyhow::Error::msg)?;
     let config =
         destination_config(&args.destination, &args.common, args.max_mem, Duration::from_secs_f64(args.accept_timeout));
-    let (mut acceptor, _stack) =
-        acceptor_for(&args.stack, !args.common.no_pin, args.listen, timeouts(&args.common)?)?;
+    let (mut acceptor, _stack) = acceptor_for(&args.stack, !args.common.no_pin, args.listen, timeouts(&args.common)?)?;
     // Always on stderr (JSON goes to stdout): with --listen ADDR:0 this is how a caller
     // learns the port.
     eprintln!("vmigrate: waiting for a migration on {}", acceptor.local_addr());

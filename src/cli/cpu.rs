@@ -10,7 +10,8 @@ const TICK: Duration = Duration::from_millis(10);
 /// utime + stime from a /proc stat line (fields 14 and 15; the command name, which may
 /// hold spaces, ends at the last ')').
 fn ticks(stat: &str) -> u64 {
-    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
     let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
     field(11) + field(12)
 }

@@ -147,11 +147,16 @@ pub fn calibrate(pages: &[Vec<u8>]) -> Vec<StageRate> {
         })
         .collect();
     let mut delta = vec![0u8; PAGE_SIZE_BYTES - 1];
-    rates.push(stage("XBZRLE encode", "source", rate(pages, || {
-        for (old, new) in pages.iter().zip(&newer) {
-            std::hint::black_box(migration::xbzrle::encode(old, new, &mut delta).ok());
-        }
-    }), 1.0));
+    rates.push(stage(
+        "XBZRLE encode",
+        "source",
+        rate(pages, || {
+            for (old, new) in pages.iter().zip(&newer) {
+                std::hint::black_box(migration::xbzrle::encode(old, new, &mut delta).ok());
+            }
+        }),
+        1.0,
+    ));
     // Frames are sealed (CRC32C) on the source and checked on the destination.
     let payload: Vec<u8> = pages.iter().take(64).flatten().copied().collect();
     let sealed = rate(&pages[..64.min(pages.len())], || {

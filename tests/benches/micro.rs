@@ -154,7 +154,13 @@ fn deflate(c: &mut Criterion) {
     });
     group.bench_function("page_compressor", |b| {
         let mut compressor = PageCompressor::new(Codec::Zlib { level: 1 });
-        b.iter(|| pages.iter().map(|page| compressor.compress(page)).filter(|c| !matches!(c, migration::codec::Compressed::Raw)).count())
+        b.iter(|| {
+            pages
+                .iter()
+                .map(|page| compressor.compress(page))
+                .filter(|c| !matches!(c, migration::codec::Compressed::Raw))
+                .count()
+        })
     });
     group.finish();
 }
@@ -187,7 +193,11 @@ fn xbzrle(c: &mut Criterion) {
     group.throughput(Throughput::Bytes((pages.len() * PAGE_SIZE_BYTES) as u64));
     group.bench_function("encode", |b| {
         b.iter(|| {
-            pages.iter().zip(&newer).map(|(old, new)| migration::xbzrle::encode(old, new, &mut delta).unwrap()).sum::<usize>()
+            pages
+                .iter()
+                .zip(&newer)
+                .map(|(old, new)| migration::xbzrle::encode(old, new, &mut delta).unwrap())
+                .sum::<usize>()
         })
     });
     let mut page = vec![0u8; PAGE_SIZE_BYTES];
@@ -246,7 +256,10 @@ fn compression_workers(c: &mut Criterion) {
                         .map(|chunk| {
                             scope.spawn(move || {
                                 let mut compressor = PageCompressor::new(Codec::Lz4);
-                                chunk.iter().filter(|p| !matches!(compressor.compress(p), migration::codec::Compressed::Raw)).count()
+                                chunk
+                                    .iter()
+                                    .filter(|p| !matches!(compressor.compress(p), migration::codec::Compressed::Raw))
+                                    .count()
                             })
                         })
                         .collect();
@@ -263,7 +276,8 @@ fn loopback_wire(c: &mut Criterion) {
     use std::io::{Read, Write};
     use transport::pipe::{Acceptor, Connector, Timeouts};
     const STREAM: usize = 64 << 20;
-    let stack = LoopbackStack::start_with(LoopbackOptions { cores: 1, pin: false, ..LoopbackOptions::default() }).unwrap();
+    let stack =
+        LoopbackStack::start_with(LoopbackOptions { cores: 1, pin: false, ..LoopbackOptions::default() }).unwrap();
     let timeouts = Timeouts::default();
     let mut acceptor = stack.acceptor(5001, timeouts).unwrap();
     let connector = stack.connector(5001, timeouts);

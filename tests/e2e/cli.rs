@@ -275,7 +275,9 @@ fn a_guest_booted_from_a_memory_image_migrates_its_pages() {
     }
     std::fs::write(&image, &bytes).unwrap();
     let finished = run(
-        Command::new(BIN).args(["demo", "--mem", "32MiB", "--verify", "--json", "--run-after", "0.1", "--image"]).arg(&image),
+        Command::new(BIN)
+            .args(["demo", "--mem", "32MiB", "--verify", "--json", "--run-after", "0.1", "--image"])
+            .arg(&image),
         DEADLINE,
     );
     assert!(finished.status.success(), "demo from an image failed:\n{}", finished.stderr);

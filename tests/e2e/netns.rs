@@ -389,14 +389,19 @@ fn link_faults(prefix: &str) -> Vec<(String, LinkFault)> {
 }
 
 /// Puts both middle veth ends down for `length` (from `after`), unless told to end early.
-fn blackout(ns: &Namespaces, after: Duration, length: Duration) -> (std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+fn blackout(
+    ns: &Namespaces,
+    after: Duration,
+    length: Duration,
+) -> (std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>) {
     let (stop, stopped) = std::sync::mpsc::channel::<()>();
     let ends = [format!("{}-ms", ns.prefix), format!("{}-md", ns.prefix)];
     let set = {
         let prefix = ns.prefix.clone();
         move |state: &str| {
             for end in &ends {
-                let status = Command::new("ip").args(["-n", &format!("{prefix}-mid"), "link", "set", end, state]).status();
+                let status =
+                    Command::new("ip").args(["-n", &format!("{prefix}-mid"), "link", "set", end, state]).status();
                 assert!(status.is_ok_and(|s| s.success()), "ip link set {end} {state}");
             }
         }
@@ -490,7 +495,9 @@ fn migrate_through(ns: &Namespaces, stack: &str, port: u16, fault: &LinkFault) -
 fn network_faults_on_a_veth_link_end_verified_or_cleanly_failed() {
     use vmigrate_tests::reliability::{record, Ending};
     if !is_root() {
-        eprintln!("SKIPPED network_faults_on_a_veth_link_end_verified_or_cleanly_failed: needs root for network namespaces");
+        eprintln!(
+            "SKIPPED network_faults_on_a_veth_link_end_verified_or_cleanly_failed: needs root for network namespaces"
+        );
         return;
     }
     // The middle namespace carries the faults; its tbf at 10 Gbit/s shapes nothing here.
@@ -498,7 +505,11 @@ fn network_faults_on_a_veth_link_end_verified_or_cleanly_failed() {
     let mut rows = Vec::new();
     let mut port = 4700;
     for stack in ["kernel", "af-packet"] {
-        let group = if stack == "kernel" { "network fault (veth, kernel TCP)" } else { "network fault (veth, our stack on AF_PACKET)" };
+        let group = if stack == "kernel" {
+            "network fault (veth, kernel TCP)"
+        } else {
+            "network fault (veth, our stack on AF_PACKET)"
+        };
         for (name, fault) in link_faults(&ns.prefix) {
             port += 1;
             let (verified, took, outcome) = migrate_through(&ns, stack, port, &fault);

@@ -2,8 +2,8 @@
 //! certificate it signs, and pre-shared keys, written as files the CLI reads.
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-    KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
 };
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -30,9 +30,16 @@ impl Pki {
 }
 
 fn args(cert: &Path, key: &Path, ca: &Path) -> Vec<String> {
-    ["--tls-cert", &cert.display().to_string(), "--tls-key", &key.display().to_string(), "--tls-ca", &ca.display().to_string()]
-        .map(String::from)
-        .to_vec()
+    [
+        "--tls-cert",
+        &cert.display().to_string(),
+        "--tls-key",
+        &key.display().to_string(),
+        "--tls-ca",
+        &ca.display().to_string(),
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 /// Writes a private file (mode 600), as an operator keeps keys.

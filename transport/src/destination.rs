@@ -334,7 +334,9 @@ fn receive_session(
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("decompress-{index}"))
-                    .spawn_scoped(scope, move || shared.abort.guard("decompression", || decompression_worker(shared, index, pin_workers)))
+                    .spawn_scoped(scope, move || {
+                        shared.abort.guard("decompression", || decompression_worker(shared, index, pin_workers))
+                    })
                     .expect("spawn decompression worker"),
             );
         }
@@ -349,7 +351,11 @@ fn receive_session(
             let events_tx = events_tx.clone();
             std::thread::Builder::new()
                 .name(format!("conn-reader-{index}"))
-                .spawn_scoped(scope, move || shared.abort.guard("connection reader", || connection_reader(shared, index as u16, reader, events_tx)))
+                .spawn_scoped(scope, move || {
+                    shared
+                        .abort
+                        .guard("connection reader", || connection_reader(shared, index as u16, reader, events_tx))
+                })
                 .expect("spawn connection reader");
         }
         drop(events_tx);

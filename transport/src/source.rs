@@ -186,16 +186,17 @@ fn open_connection(connector: &dyn Connector, hello: &Hello) -> Result<Connectio
     write_frame(&mut *connection.writer, FrameKind::Hello, 0, &mut SeqCounter::default(), &hello.encode())
         .map_err(io)?;
     let mut payload = Vec::new();
-    let header = read_frame(&mut *connection.reader, &mut payload, |_| CONTROL_FRAME_LIMIT_BYTES)
-        .map_err(|e| {
-            // A destination that requires TLS hangs up on a plain hello.
-            let hint = match &e {
-                ReadError::Closed => " (does the destination require TLS?)",
-                ReadError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => " (does the destination require TLS?)",
-                _ => "",
-            };
-            MigrationError::Failed(format!("connection {index}: no answer to Hello: {e}{hint}"))
-        })?;
+    let header = read_frame(&mut *connection.reader, &mut payload, |_| CONTROL_FRAME_LIMIT_BYTES).map_err(|e| {
+        // A destination that requires TLS hangs up on a plain hello.
+        let hint = match &e {
+            ReadError::Closed => " (does the destination require TLS?)",
+            ReadError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+                " (does the destination require TLS?)"
+            }
+            _ => "",
+        };
+        MigrationError::Failed(format!("connection {index}: no answer to Hello: {e}{hint}"))
+    })?;
     match (header.kind, header.seq) {
         (FrameKind::HelloAck, 0) => match HelloAck::decode(&payload)? {
             HelloAck::Accepted { .. } => Ok(connection),
@@ -252,7 +253,9 @@ fn run_session(
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("compress-{index}"))
-                    .spawn_scoped(scope, move || shared.abort.guard("compression", || compression_worker(shared, index)))
+                    .spawn_scoped(scope, move || {
+                        shared.abort.guard("compression", || compression_worker(shared, index))
+                    })
                     .expect("spawn compression worker"),
             );
         }
@@ -265,13 +268,17 @@ fn run_session(
                 let answers_tx = answers_tx.clone();
                 std::thread::Builder::new()
                     .name("control-reader".into())
-                    .spawn_scoped(scope, move || shared.abort.guard("control reader", || control_reader_loop(shared, reader, answers_tx)))
+                    .spawn_scoped(scope, move || {
+                        shared.abort.guard("control reader", || control_reader_loop(shared, reader, answers_tx))
+                    })
                     .expect("spawn control reader");
             }
             writers.push(
                 std::thread::Builder::new()
                     .name(format!("conn-writer-{index}"))
-                    .spawn_scoped(scope, move || shared.abort.guard("connection writer", || connection_writer(shared, index, writer)))
+                    .spawn_scoped(scope, move || {
+                        shared.abort.guard("connection writer", || connection_writer(shared, index, writer))
+                    })
                     .expect("spawn connection writer"),
             );
         }
@@ -501,10 +508,9 @@ impl BatchEncoder {
     fn encode(&mut self, shared: &Shared<'_>, job: &Job) -> Option<FrameBuf> {
         let mut frame = shared.frame_pool.take(|| FrameBuf::with_capacity(MAX_BATCH_BYTES));
         let codec = match &shared.adaptive {
-            Some(policy) => policy.choose(
-                shared.wire_bytes.load(Ordering::Relaxed),
-                !shared.outgoing[job.connection].is_empty(),
-            ),
+            Some(policy) => {
+                policy.choose(shared.wire_bytes.load(Ordering::Relaxed), !shared.outgoing[job.connection].is_empty())
+            }
             None => self.compressors[0].codec(),
         };
         let compressor = self

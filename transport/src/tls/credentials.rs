@@ -30,7 +30,11 @@ impl TlsAuth {
         refuse_exposed(path)?;
         let secret = read(path)?.trim_ascii().to_vec();
         if secret.len() < psk::MIN_SECRET_BYTES {
-            return Err(TlsError::ShortSecret { origin: path.display().to_string(), len: secret.len(), min: psk::MIN_SECRET_BYTES });
+            return Err(TlsError::ShortSecret {
+                origin: path.display().to_string(),
+                len: secret.len(),
+                min: psk::MIN_SECRET_BYTES,
+            });
         }
         Ok(TlsAuth::PreSharedKey { secret })
     }
@@ -64,7 +68,9 @@ pub enum TlsError {
     NoKey { path: PathBuf },
     #[error("{path} is readable by other users (mode {mode:o}): chmod 600 it")]
     Exposed { path: PathBuf, mode: u32 },
-    #[error("the pre-shared key in {origin} is {len} bytes; at least {min} are needed (`openssl rand -hex 32 > FILE`)")]
+    #[error(
+        "the pre-shared key in {origin} is {len} bytes; at least {min} are needed (`openssl rand -hex 32 > FILE`)"
+    )]
     ShortSecret { origin: String, len: usize, min: usize },
     #[error("{0:?} is not a valid TLS server name")]
     ServerName(String),

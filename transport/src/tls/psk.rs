@@ -5,8 +5,8 @@
 //! handshake itself refuses it, exactly as with real certificates.
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-    KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
 };
 use ring::hkdf;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -66,8 +66,7 @@ pub(super) fn identity(secret: &[u8]) -> Result<DerivedIdentity, rcgen::Error> {
     let leaf_key = KeyPair::generate()?;
     let mut leaf_params = CertificateParams::new(vec![SERVER_NAME.to_string()])?;
     leaf_params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    leaf_params.extended_key_usages =
-        vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    leaf_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
     let leaf = leaf_params.signed_by(&leaf_key, &Issuer::new(ca_params, ca_key))?;
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
     Ok(DerivedIdentity { ca, chain: vec![leaf.der().clone()], key })

@@ -38,9 +38,9 @@ pub(super) fn describe(err: &rustls::Error) -> String {
         Error::InvalidCertificate(CertificateError::UnknownIssuer | CertificateError::BadSignature) => {
             "the peer's certificate is not signed by our CA (or it does not hold the same pre-shared key)".into()
         }
-        Error::InvalidCertificate(CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. }) => {
-            "the destination's certificate is not valid for the name we connect to (see --tls-server-name)".into()
-        }
+        Error::InvalidCertificate(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+        ) => "the destination's certificate is not valid for the name we connect to (see --tls-server-name)".into(),
         Error::InvalidCertificate(other) => format!("the peer's certificate is not acceptable: {other:?}"),
         Error::NoCertificatesPresented => "the source presented no certificate".into(),
         Error::AlertReceived(Alert::CertificateRequired) => "the destination requires a certificate".into(),
@@ -83,7 +83,10 @@ fn handshake(connection: &mut Connection, tls: &mut rustls::Connection) -> io::R
     while tls.is_handshaking() {
         match tls.complete_io(&mut io) {
             Ok((0, 0)) if tls.is_handshaking() => {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the peer closed the connection during the TLS handshake"));
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the peer closed the connection during the TLS handshake",
+                ));
             }
             Ok(_) => {}
             Err(err) => {
@@ -221,7 +224,10 @@ impl Read for TlsReader {
                     Ok(n) => return Ok(n),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                        return Err(io::Error::new(e.kind(), "the peer closed the connection without a TLS close_notify"))
+                        return Err(io::Error::new(
+                            e.kind(),
+                            "the peer closed the connection without a TLS close_notify",
+                        ))
                     }
                     Err(e) => return Err(e),
                 }
@@ -254,7 +260,10 @@ impl Read for TlsReader {
                 match tls.reader().read(out) {
                     Ok(n) => return Ok(n),
                     Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                        return Err(io::Error::new(e.kind(), "the peer closed the connection without a TLS close_notify"))
+                        return Err(io::Error::new(
+                            e.kind(),
+                            "the peer closed the connection without a TLS close_notify",
+                        ))
                     }
                     Err(e) => return Err(e),
                 }
