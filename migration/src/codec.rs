@@ -288,7 +288,6 @@ mod tests {
         Codec::Zlib { level: 9 },
         Codec::Zstd { level: 1 },
         Codec::Zstd { level: 19 },
-        Codec::Adaptive,
     ];
 
     fn round_trip(codec: Codec, page: &[u8]) -> Compressed {
@@ -338,7 +337,7 @@ mod tests {
         assert!("zstd:20".parse::<Codec>().is_err());
         assert!("lz5".parse::<Codec>().is_err());
         assert_eq!("adaptive".parse::<Codec>(), Ok(Codec::Adaptive));
-        for codec in CODECS {
+        for codec in CODECS.into_iter().chain([Codec::Adaptive]) {
             let (c, l) = codec.to_wire();
             assert_eq!(Codec::from_wire(c, l), Some(codec));
         }
