@@ -73,6 +73,10 @@ pub struct BenchArgs {
     /// The link's name in the report (e.g. 1gbit, 10gbit, unshaped).
     #[arg(long, default_value = "loopback")]
     pub link: String,
+    /// The stack both ends migrate over: the kernel's TCP, or (with --netns) our smoltcp
+    /// stack on packet sockets on the namespaces' veth ends.
+    #[arg(long, value_enum, default_value = "kernel")]
+    pub stack: BenchStack,
     /// Folder for bench.json, the table and the charts.
     #[arg(long, default_value = "bench-report")]
     pub report: PathBuf,
@@ -446,6 +450,12 @@ pub struct TlsOptions {
     /// The name the destination's certificate must carry (default: the host of --to).
     #[arg(long)]
     pub tls_server_name: Option<String>,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BenchStack {
+    Kernel,
+    AfPacket,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]

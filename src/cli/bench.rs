@@ -4,7 +4,7 @@
 //! same link, codecs and CPUs. What each run reports (total time, downtime, bytes, rounds,
 //! CPU on each side) goes into a table, `bench.json` and charts (`charts.rs`).
 
-use super::args::BenchArgs;
+use super::args::{BenchArgs, BenchStack};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::io::{BufRead, BufReader, Read};
@@ -122,11 +122,23 @@ fn finish(
 
 fn one_run(args: &BenchArgs, guest: &str, row: &str, port: u16) -> Result<RunResult> {
     let netns = args.netns.as_deref();
-    let host = if netns.is_some() { "10.77.0.2" } else { "127.0.0.1" };
+    // The destination's address and each side's stack options.
+    let (host, recv_stack, send_stack): (&str, Vec<String>, Vec<String>) = match (args.stack, netns) {
+        (BenchStack::Kernel, Some(_)) => ("10.77.0.2", Vec::new(), Vec::new()),
+        (BenchStack::Kernel, None) => ("127.0.0.1", Vec::new(), Vec::new()),
+        (BenchStack::AfPacket, Some(prefix)) => {
+            let ours = |veth: &str, ip: &str| {
+                ["--stack", "af-packet", "--iface", &format!("{prefix}-{veth}"), "--ip", ip].map(String::from).to_vec()
+            };
+            ("10.77.0.12", ours("vd", "10.77.0.12/24"), ours("vs", "10.77.0.11/24"))
+        }
+        (BenchStack::AfPacket, None) => bail!("--stack af-packet needs --netns (the namespaces' veth ends)"),
+    };
     let threads = args.compress_threads.to_string();
     let deadline = Instant::now() + Duration::from_secs_f64(args.timeout);
     let mut recv = command(netns, "dst")?;
     recv.args(["recv", "--json", "--run-after", "0.2", "--listen", &format!("{host}:{port}")])
+        .args(&recv_stack)
         .args(["--decompress-threads", &threads])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -142,6 +154,7 @@ fn one_run(args: &BenchArgs, guest: &str, row: &str, port: u16) -> Result<RunRes
     }
     let mut send = command(netns, "src")?;
     send.args(["send", "--json", "--to", &format!("{host}:{port}")])
+        .args(&send_stack)
         .args(if args.verify { &["--verify"][..] } else { &[] })
         .args(["--mem", &args.mem.to_string(), "--workload", &workload(guest, args)?])
         .args(match (guest, &args.idle_image) {
@@ -250,6 +263,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     std::fs::write(args.report.join("table.txt"), &table)?;
     let json = serde_json::json!({
         "link": args.link,
+        "stack": format!("{:?}", args.stack),
         "mem": args.mem,
         "dirty-area": args.dirty_area,
         "idle-image": args.idle_image,
