@@ -518,8 +518,8 @@ impl BatchEncoder {
             .iter_mut()
             .find(|c| c.codec() == codec)
             .expect("a compressor for every codec the policy chooses");
-        // What the codec cost on this batch, for the adaptive policy.
-        let (mut codec_input, mut codec_output, mut codec_time) = (0u64, 0u64, Duration::ZERO);
+        // The codec's time on this batch, for the adaptive policy (timed only for it).
+        let mut codec_time = Duration::ZERO;
         let bulk = job.epoch == FIRST_EPOCH;
         let use_cache = !bulk || shared.cache_bulk.load(Ordering::Relaxed);
         let entries = {
@@ -567,21 +567,20 @@ impl BatchEncoder {
                 if codec != Codec::None {
                     self.counters.codec_input_pages += 1;
                 }
-                let timer = Instant::now();
+                let timer = shared.adaptive.is_some().then(Instant::now);
                 let compressed = compressor.compress(&self.page);
-                codec_time += timer.elapsed();
-                codec_input += PAGE_SIZE_BYTES as u64;
+                if let Some(timer) = timer {
+                    codec_time += timer.elapsed();
+                }
                 match compressed {
                     Compressed::Packed { len } => {
                         batch.compressed(page, codec, &compressor.output()[..len]);
                         self.counters.compressed_pages += 1;
                         self.counters.compressed_bytes += len as u64;
-                        codec_output += len as u64;
                     }
                     Compressed::Raw => {
                         batch.raw(page, &self.page);
                         self.counters.raw_pages += 1;
-                        codec_output += PAGE_SIZE_BYTES as u64;
                     }
                 }
             }
@@ -591,7 +590,11 @@ impl BatchEncoder {
             batch.entries()
         };
         if let Some(policy) = &shared.adaptive {
-            policy.record(codec, codec_input, codec_output, codec_time);
+            // The counters hold this batch alone (the worker merges and resets them per job).
+            let page = PAGE_SIZE_BYTES as u64;
+            let input = self.counters.codec_input_pages * page;
+            let output = self.counters.compressed_bytes + self.counters.raw_pages * page;
+            policy.record(codec, input, output, codec_time);
         }
         if entries == 0 {
             shared.frame_pool.give(frame);
