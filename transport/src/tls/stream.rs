@@ -110,14 +110,19 @@ fn handshake(connection: &mut Connection, tls: &mut rustls::Connection) -> io::R
     io.flush()
 }
 
-/// Secures the source's end: handshake, then the destination's go-ahead.
-pub(super) fn secure_client(mut connection: Connection, session: ClientConnection) -> io::Result<Connection> {
-    let mut tls = rustls::Connection::from(session);
+/// Runs the handshake and splits the secured connection; a failed handshake's connection
+/// is hung up once the peer could read our alert.
+fn handshaken(mut connection: Connection, mut tls: rustls::Connection) -> io::Result<Connection> {
     if let Err(err) = handshake(&mut connection, &mut tls) {
         hang_up_after_alert(connection);
         return Err(err);
     }
-    let mut secured = split(connection, tls);
+    Ok(split(connection, tls))
+}
+
+/// Secures the source's end: handshake, then the destination's go-ahead.
+pub(super) fn secure_client(connection: Connection, session: ClientConnection) -> io::Result<Connection> {
+    let mut secured = handshaken(connection, session.into())?;
     let mut byte = [0u8; 1];
     secured.reader.read_exact(&mut byte).map_err(|e| match e.kind() {
         io::ErrorKind::UnexpectedEof => {
@@ -155,13 +160,8 @@ fn hang_up_after_alert(connection: Connection) {
 
 /// Secures the destination's end: handshake (the source's certificate is checked in it),
 /// then the go-ahead.
-pub(super) fn secure_server(mut connection: Connection, session: ServerConnection) -> io::Result<Connection> {
-    let mut tls = rustls::Connection::from(session);
-    if let Err(err) = handshake(&mut connection, &mut tls) {
-        hang_up_after_alert(connection);
-        return Err(err);
-    }
-    let mut secured = split(connection, tls);
+pub(super) fn secure_server(connection: Connection, session: ServerConnection) -> io::Result<Connection> {
+    let mut secured = handshaken(connection, session.into())?;
     secured.writer.write_all(&[GO_AHEAD])?;
     Ok(secured)
 }
@@ -220,16 +220,8 @@ impl Read for TlsReader {
         loop {
             let wants_write = {
                 let mut tls = lock(&self.session.tls);
-                match tls.reader().read(out) {
-                    Ok(n) => return Ok(n),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                        return Err(io::Error::new(
-                            e.kind(),
-                            "the peer closed the connection without a TLS close_notify",
-                        ))
-                    }
-                    Err(e) => return Err(e),
+                if let Some(n) = plaintext(&mut tls, out)? {
+                    return Ok(n);
                 }
                 if self.offset < self.filled {
                     let mut rest = &self.pending[self.offset..self.filled];
@@ -257,18 +249,22 @@ impl Read for TlsReader {
                 let mut tls = lock(&self.session.tls);
                 tls.read_tls(&mut io::empty())?;
                 tls.process_new_packets().map_err(tls_error)?;
-                match tls.reader().read(out) {
-                    Ok(n) => return Ok(n),
-                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                        return Err(io::Error::new(
-                            e.kind(),
-                            "the peer closed the connection without a TLS close_notify",
-                        ))
-                    }
-                    Err(e) => return Err(e),
-                }
+                return plaintext(&mut tls, out)?
+                    .ok_or_else(|| io::Error::new(io::ErrorKind::WouldBlock, "no TLS plaintext after the end"));
             }
         }
+    }
+}
+
+/// Reads decrypted bytes rustls holds: `None` when it has none yet.
+fn plaintext(tls: &mut rustls::Connection, out: &mut [u8]) -> io::Result<Option<usize>> {
+    match tls.reader().read(out) {
+        Ok(n) => Ok(Some(n)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            Err(io::Error::new(e.kind(), "the peer closed the connection without a TLS close_notify"))
+        }
+        Err(e) => Err(e),
     }
 }
 
