@@ -424,14 +424,8 @@ fn blackout(
 fn migrate_through(ns: &Namespaces, stack: &str, port: u16, fault: &LinkFault) -> (bool, Duration, String) {
     const IO_TIMEOUT: &str = "5";
     let listen = if stack == "kernel" { format!("10.77.0.2:{port}") } else { format!("10.77.0.12:{port}") };
-    let (mut recv, mut send) = if stack == "kernel" {
-        (Vec::new(), Vec::new())
-    } else {
-        let (src, dst) = our_stack(ns, stack);
-        (dst.args(), src.args())
-    };
-    recv.extend(strings(&["recv", "--json", "--run-after", "0.3", "--io-timeout", IO_TIMEOUT, "--listen", &listen]));
-    send.extend(strings(&[
+    let mut recv = strings(&["recv", "--json", "--run-after", "0.3", "--io-timeout", IO_TIMEOUT, "--listen", &listen]);
+    let mut send = strings(&[
         "send",
         "--to",
         &listen,
@@ -445,15 +439,12 @@ fn migrate_through(ns: &Namespaces, stack: &str, port: u16, fault: &LinkFault) -
         "200mbit",
         "--io-timeout",
         IO_TIMEOUT,
-    ]));
-    // `recv` must come first on the command line: the stack options follow the subcommand.
-    let reorder = |args: &mut Vec<String>, command: &str| {
-        let at = args.iter().position(|a| a == command).expect("subcommand");
-        let sub = args.remove(at);
-        args.insert(0, sub);
-    };
-    reorder(&mut recv, "recv");
-    reorder(&mut send, "send");
+    ]);
+    if stack != "kernel" {
+        let (src, dst) = our_stack(ns, stack);
+        recv.extend(dst.args());
+        send.extend(src.args());
+    }
     let recv_refs: Vec<&str> = recv.iter().map(String::as_str).collect();
     let send_refs: Vec<&str> = send.iter().map(String::as_str).collect();
     if let LinkFault::Rules(rules) = fault {
