@@ -230,26 +230,46 @@ pub struct PageCompressor {
 
 impl PageCompressor {
     pub fn new(codec: Codec) -> Self {
-        // lz4 may need more than a page for incompressible input; the others are stopped
-        // at one byte under a page, since a larger result would be sent raw anyway.
-        let out = vec![0u8; lz4_flex::block::get_maximum_output_size(PAGE_SIZE_BYTES)];
-        PageCompressor { block: BlockCompressor::new(codec), out }
+        let block = BlockCompressor::new(codec);
+        let out = vec![0u8; Self::room_for(codec)];
+        PageCompressor { block, out }
+    }
+
+    /// lz4 needs room for its worst case to compress at all; the others are stopped at
+    /// one byte under a page, since a larger result would be sent raw anyway.
+    fn room_for(codec: Codec) -> usize {
+        match codec {
+            Codec::Lz4 => lz4_flex::block::get_maximum_output_size(PAGE_SIZE_BYTES),
+            _ => PAGE_SIZE_BYTES - 1,
+        }
     }
 
     pub fn codec(&self) -> Codec {
         self.block.codec()
     }
 
-    /// Compresses one page. On `Packed { len }`, the bytes are `self.output()[..len]`.
-    pub fn compress(&mut self, page: &[u8]) -> Compressed {
+    /// The room [`PageCompressor::compress_into`] needs in its output.
+    pub fn room(&self) -> usize {
+        Self::room_for(self.codec())
+    }
+
+    /// Compresses one page into `out` (at least [`PageCompressor::room`] bytes long, e.g.
+    /// the end of a frame): the length written, or `None` when the page should go raw.
+    pub fn compress_into(&mut self, page: &[u8], out: &mut [u8]) -> Option<usize> {
         debug_assert_eq!(page.len(), PAGE_SIZE_BYTES);
-        let room = match self.block.codec() {
-            Codec::Lz4 => self.out.len(),
-            _ => PAGE_SIZE_BYTES - 1,
-        };
-        match self.block.compress_into(page, &mut self.out[..room]) {
-            Some(len) if len < PAGE_SIZE_BYTES => Compressed::Packed { len },
-            _ => Compressed::Raw,
+        let room = self.room();
+        self.block.compress_into(page, &mut out[..room]).filter(|len| *len < PAGE_SIZE_BYTES)
+    }
+
+    /// Compresses one page into this compressor's own buffer. On `Packed { len }`, the
+    /// bytes are `self.output()[..len]`.
+    pub fn compress(&mut self, page: &[u8]) -> Compressed {
+        let mut out = std::mem::take(&mut self.out);
+        let packed = self.compress_into(page, &mut out);
+        self.out = out;
+        match packed {
+            Some(len) => Compressed::Packed { len },
+            None => Compressed::Raw,
         }
     }
 

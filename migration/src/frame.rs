@@ -202,23 +202,73 @@ fn frame_crc(header: &[u8; HEADER_BYTES], payload: &[u8]) -> u32 {
 
 /// Builds a complete frame (header and payload) in one buffer. The transport reuses these
 /// buffers: `begin` keeps the allocation, so steady-state framing allocates nothing.
+///
+/// Compressors write page data straight into the frame ([`FrameBuf::fill_in_place`]),
+/// so the frame that goes to the socket is the compressor's output, with no copy between.
+/// For that, the buffer is kept initialized past the frame's end: `bytes` holds every byte
+/// ever written (zeroed once, on first use), and the frame is its first `len` bytes.
 #[derive(Debug, Default)]
 pub struct FrameBuf {
     bytes: Vec<u8>,
+    len: usize,
     payload_crc: Option<u32>,
 }
 
 impl FrameBuf {
     pub fn with_capacity(payload_bytes: usize) -> Self {
-        FrameBuf { bytes: Vec::with_capacity(HEADER_BYTES + payload_bytes), payload_crc: None }
+        FrameBuf { bytes: Vec::with_capacity(HEADER_BYTES + payload_bytes), len: 0, payload_crc: None }
     }
 
-    /// Starts a new frame, discarding what the buffer held; returns the payload to fill.
-    pub fn begin(&mut self) -> &mut Vec<u8> {
-        self.bytes.clear();
-        self.bytes.resize(HEADER_BYTES, 0);
+    /// Starts a new frame, discarding what the buffer held; returns the frame, whose
+    /// payload is written after the header's room.
+    pub fn begin(&mut self) -> &mut Self {
+        self.len = 0;
         self.payload_crc = None;
-        &mut self.bytes
+        self.extend_from_slice(&[0u8; HEADER_BYTES]);
+        self
+    }
+
+    /// Bytes in the frame so far, header included.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn extend_from_slice(&mut self, data: &[u8]) {
+        self.room(data.len()).copy_from_slice(data);
+        self.len += data.len();
+    }
+
+    /// Cuts the frame back to `len` bytes (no-op if it is shorter).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// The frame written so far, header included, for patching in place.
+    pub fn written_mut(&mut self) -> &mut [u8] {
+        &mut self.bytes[..self.len]
+    }
+
+    /// Lets `fill` write up to `room` bytes at the end of the frame, in place; keeps the
+    /// length it returns (`None` keeps nothing).
+    pub fn fill_in_place(&mut self, room: usize, fill: impl FnOnce(&mut [u8]) -> Option<usize>) -> Option<usize> {
+        let written = fill(self.room(room))?;
+        assert!(written <= room, "wrote {written} bytes into {room} bytes of room");
+        self.len += written;
+        Some(written)
+    }
+
+    /// The `n` bytes after the frame's end, zeroed only the first time the buffer reaches
+    /// that far (afterwards they hold old frames' bytes, about to be overwritten).
+    fn room(&mut self, n: usize) -> &mut [u8] {
+        let end = self.len + n;
+        if self.bytes.len() < end {
+            self.bytes.resize(end, 0);
+        }
+        &mut self.bytes[self.len..end]
     }
 
     /// Checksums the finished payload now, so that `seal` only has the header left to do.
@@ -228,25 +278,25 @@ impl FrameBuf {
 
     /// Writes the header over the first bytes once the payload is complete.
     pub fn seal(&mut self, kind: FrameKind, epoch: u32, seq: u64) {
-        assert!(self.bytes.len() >= HEADER_BYTES, "seal without begin");
+        assert!(self.len >= HEADER_BYTES, "seal without begin");
         let payload_crc = self.payload_crc.unwrap_or_else(|| crc32c::crc32c(self.payload()));
-        let header = FrameHeader::emit_with_payload_crc(kind, epoch, seq, self.bytes.len() - HEADER_BYTES, payload_crc);
+        let header = FrameHeader::emit_with_payload_crc(kind, epoch, seq, self.len - HEADER_BYTES, payload_crc);
         self.bytes[..HEADER_BYTES].copy_from_slice(&header);
     }
 
     /// Payload bytes (the frame's length less its header).
     pub fn payload_len(&self) -> usize {
-        self.bytes.len().saturating_sub(HEADER_BYTES)
+        self.len.saturating_sub(HEADER_BYTES)
     }
 
     /// The payload written so far (after `begin`).
     pub fn payload(&self) -> &[u8] {
-        &self.bytes[HEADER_BYTES.min(self.bytes.len())..]
+        &self.bytes[HEADER_BYTES.min(self.len)..self.len]
     }
 
     /// The whole frame, ready for the wire.
     pub fn as_bytes(&self) -> &[u8] {
-        &self.bytes
+        &self.bytes[..self.len]
     }
 }
 
@@ -361,6 +411,24 @@ mod tests {
         assert_eq!(frame.len(), HEADER_BYTES + 4);
         let header = FrameHeader::parse(frame[..HEADER_BYTES].try_into().unwrap()).unwrap();
         assert_eq!(header.crc, crc32c::crc32c_append(crc32c::crc32c(&[1, 2, 3, 4]), &frame[..20]));
+    }
+
+    #[test]
+    fn a_reused_frame_buffer_holds_only_the_new_frame() {
+        let mut frame = FrameBuf::with_capacity(16);
+        frame.begin().extend_from_slice(&[9; 100]);
+        frame.seal(FrameKind::Pages, 1, 0);
+        frame.begin().extend_from_slice(&[1, 2]);
+        assert_eq!(
+            frame.fill_in_place(50, |out| {
+                out[..3].copy_from_slice(&[3, 4, 5]);
+                Some(3)
+            }),
+            Some(3)
+        );
+        assert_eq!(frame.fill_in_place(50, |_| None), None);
+        frame.seal(FrameKind::Pages, 1, 1);
+        assert_eq!(frame.as_bytes(), &encode_frame(FrameKind::Pages, 1, 1, &[1, 2, 3, 4, 5])[..]);
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //! Every page index and run is checked against the region's size before use.
 
 use crate::codec::Codec;
-use crate::frame::{le_u16, le_u32};
+use crate::frame::{le_u16, le_u32, FrameBuf};
 use crate::PAGE_SIZE_BYTES;
 use thiserror::Error;
 
@@ -222,17 +222,70 @@ fn parse_entry<'a>(
     Ok((entry, rest))
 }
 
+/// Where a batch is written: a frame buffer, whose end compressors fill in place, or (in
+/// tests and tools) a plain vector.
+pub trait BatchOut {
+    /// Bytes written so far.
+    fn written_len(&self) -> usize;
+    fn extend_from_slice(&mut self, data: &[u8]);
+    fn truncate(&mut self, len: usize);
+    /// Everything written so far, for patching counts and lengths in place.
+    fn written_mut(&mut self) -> &mut [u8];
+    /// Lets `fill` write up to `room` bytes at the end; keeps the length it returns.
+    fn fill_in_place(&mut self, room: usize, fill: impl FnOnce(&mut [u8]) -> Option<usize>) -> Option<usize>;
+}
+
+impl BatchOut for FrameBuf {
+    fn written_len(&self) -> usize {
+        FrameBuf::len(self)
+    }
+    fn extend_from_slice(&mut self, data: &[u8]) {
+        FrameBuf::extend_from_slice(self, data)
+    }
+    fn truncate(&mut self, len: usize) {
+        FrameBuf::truncate(self, len)
+    }
+    fn written_mut(&mut self) -> &mut [u8] {
+        FrameBuf::written_mut(self)
+    }
+    fn fill_in_place(&mut self, room: usize, fill: impl FnOnce(&mut [u8]) -> Option<usize>) -> Option<usize> {
+        FrameBuf::fill_in_place(self, room, fill)
+    }
+}
+
+impl BatchOut for Vec<u8> {
+    fn written_len(&self) -> usize {
+        Vec::len(self)
+    }
+    fn extend_from_slice(&mut self, data: &[u8]) {
+        Vec::extend_from_slice(self, data)
+    }
+    fn truncate(&mut self, len: usize) {
+        Vec::truncate(self, len)
+    }
+    fn written_mut(&mut self) -> &mut [u8] {
+        self
+    }
+    fn fill_in_place(&mut self, room: usize, fill: impl FnOnce(&mut [u8]) -> Option<usize>) -> Option<usize> {
+        let at = self.len();
+        self.resize(at + room, 0);
+        let written = fill(&mut self[at..]);
+        self.truncate(at + written.unwrap_or(0).min(room));
+        written
+    }
+}
+
 /// Writes a page batch into a frame payload, entry by entry.
-pub struct BatchWriter<'b> {
-    out: &'b mut Vec<u8>,
+pub struct BatchWriter<'b, O: BatchOut = Vec<u8>> {
+    out: &'b mut O,
     start: usize,
     entries: u16,
 }
 
-impl<'b> BatchWriter<'b> {
-    /// Starts a batch at the end of `out` (normally a `FrameBuf` payload).
-    pub fn new(out: &'b mut Vec<u8>, region: u16) -> Self {
-        let start = out.len();
+impl<'b, O: BatchOut> BatchWriter<'b, O> {
+    /// Starts a batch at the end of `out` (normally a `FrameBuf` after its header).
+    pub fn new(out: &'b mut O, region: u16) -> Self {
+        let start = out.written_len();
         out.extend_from_slice(&region.to_le_bytes());
         out.extend_from_slice(&[0u8; 6]);
         BatchWriter { out, start, entries: 0 }
@@ -250,7 +303,7 @@ impl<'b> BatchWriter<'b> {
         assert!(!self.is_full(), "page batch is full");
         self.entries += 1;
         self.out.extend_from_slice(&page.to_le_bytes());
-        self.out.push(encoding as u8);
+        self.out.extend_from_slice(&[encoding as u8]);
     }
 
     pub fn zero_run(&mut self, page: u32, count: u32) {
@@ -264,12 +317,55 @@ impl<'b> BatchWriter<'b> {
         self.out.extend_from_slice(data);
     }
 
+    /// A raw entry whose page `read` writes straight into the batch (one copy from guest
+    /// memory to the frame, not two). `read` returns whether to keep it: a page it finds
+    /// zero is dropped again, leaving the batch as it was. Returns whether it was kept.
+    pub fn raw_in_place(&mut self, page: u32, read: impl FnOnce(&mut [u8]) -> bool) -> bool {
+        let mark = self.out.written_len();
+        self.entry(page, Encoding::Raw);
+        let kept = self.out.fill_in_place(PAGE_SIZE_BYTES, |slot| read(slot).then_some(PAGE_SIZE_BYTES));
+        if kept.is_none() {
+            self.undo_entry(mark);
+        }
+        kept.is_some()
+    }
+
     pub fn compressed(&mut self, page: u32, codec: Codec, data: &[u8]) {
-        let encoding = Encoding::of(codec).expect("codec none has no compressed entries");
         assert!(!data.is_empty() && data.len() < PAGE_SIZE_BYTES);
+        self.compressed_in_place(page, codec, data.len(), |out| {
+            out.copy_from_slice(data);
+            Some(data.len())
+        });
+    }
+
+    /// A compressed entry that `compress` writes straight into the batch, into at most
+    /// `room` bytes: the length kept. Unless it returns a length in 1..PAGE_SIZE_BYTES
+    /// (data worth sending compressed), the batch is left as it was and this is `None`.
+    pub fn compressed_in_place(
+        &mut self,
+        page: u32,
+        codec: Codec,
+        room: usize,
+        compress: impl FnOnce(&mut [u8]) -> Option<usize>,
+    ) -> Option<usize> {
+        let encoding = Encoding::of(codec).expect("codec none has no compressed entries");
+        let mark = self.out.written_len();
         self.entry(page, encoding);
-        self.out.extend_from_slice(&(data.len() as u16).to_le_bytes());
-        self.out.extend_from_slice(data);
+        let len_at = self.out.written_len();
+        self.out.extend_from_slice(&[0u8; 2]);
+        let written =
+            self.out.fill_in_place(room, |out| compress(out).filter(|len| (1..PAGE_SIZE_BYTES).contains(len)));
+        match written {
+            Some(len) => self.out.written_mut()[len_at..len_at + 2].copy_from_slice(&(len as u16).to_le_bytes()),
+            None => self.undo_entry(mark),
+        }
+        written
+    }
+
+    /// Takes back the entry begun at `mark`.
+    fn undo_entry(&mut self, mark: usize) {
+        self.out.truncate(mark);
+        self.entries -= 1;
     }
 
     pub fn xbzrle(&mut self, page: u32, base_epoch: u32, data: &[u8]) {
@@ -281,10 +377,10 @@ impl<'b> BatchWriter<'b> {
     }
 }
 
-impl Drop for BatchWriter<'_> {
+impl<O: BatchOut> Drop for BatchWriter<'_, O> {
     fn drop(&mut self) {
         let at = self.start + 2;
-        self.out[at..at + 2].copy_from_slice(&self.entries.to_le_bytes());
+        self.out.written_mut()[at..at + 2].copy_from_slice(&self.entries.to_le_bytes());
     }
 }
 
@@ -358,5 +454,36 @@ mod tests {
         proptest!(|(bytes in proptest::collection::vec(any::<u8>(), 0..6000))| {
             let _ = collect(&bytes, &limits(&[1000, 5]));
         });
+    }
+
+    #[test]
+    fn entries_written_in_place_match_copied_ones_and_refused_ones_leave_no_trace() {
+        let raw = vec![7u8; PAGE_SIZE_BYTES];
+        // A frame buffer that held a longer, different frame before: its old bytes must
+        // not show through.
+        let mut frame = FrameBuf::with_capacity(MAX_BATCH_BYTES);
+        frame.begin().extend_from_slice(&[0xee; 3 * PAGE_SIZE_BYTES]);
+        frame.begin();
+        {
+            let mut writer = BatchWriter::new(&mut frame, 1);
+            writer.zero_run(0, 10);
+            assert!(writer.raw_in_place(10, |slot| {
+                slot.copy_from_slice(&raw);
+                true
+            }));
+            assert!(!writer.raw_in_place(13, |_| false), "a page the reader drops");
+            assert_eq!(
+                writer.compressed_in_place(11, Codec::Lz4, 4000, |out| {
+                    out[..3].copy_from_slice(&[1, 2, 3]);
+                    Some(3)
+                }),
+                Some(3)
+            );
+            // Not worth sending compressed, or failed: nothing is kept.
+            assert_eq!(writer.compressed_in_place(14, Codec::Lz4, 5000, |_| Some(PAGE_SIZE_BYTES)), None);
+            assert_eq!(writer.compressed_in_place(14, Codec::Lz4, 5000, |_| None), None);
+            writer.xbzrle(12, 4, &[5, 6]);
+        }
+        assert_eq!(frame.payload(), &sample()[..]);
     }
 }

@@ -10,6 +10,8 @@
 //! - `xbzrle`: encoding and decoding a page against its previous version;
 //! - `ring_handoff`: one item through a bounded ring between two threads;
 //! - `compression_workers`: lz4 over the same pages with 1 and 2 worker threads;
+//! - `frame_building`: batches of raw and of lz4 pages put into a frame through a scratch
+//!   buffer (the copy the source used to make) and in place;
 //! - `loopback_wire`: one TCP stream through two dataplane cores (one per side) joined by
 //!   the in-process wire.
 //!
@@ -271,6 +273,80 @@ fn compression_workers(c: &mut Criterion) {
     group.finish();
 }
 
+fn frame_building(c: &mut Criterion) {
+    use migration::frame::FrameBuf;
+    use migration::page_batch::{BatchWriter, MAX_BATCH_BYTES, MAX_ENTRIES_PER_BATCH};
+    let pages = guest_pages(PAGES);
+    let mut frame = FrameBuf::with_capacity(MAX_BATCH_BYTES);
+    let mut scratch = vec![0u8; PAGE_SIZE_BYTES];
+    let mut group = c.benchmark_group("frame_building");
+    group.throughput(Throughput::Bytes((PAGES * PAGE_SIZE_BYTES) as u64));
+    // Raw pages: guest memory into a scratch page, then into the frame; or straight in.
+    group.bench_function("raw_via_scratch", |b| {
+        b.iter(|| {
+            for batch_pages in pages.chunks(MAX_ENTRIES_PER_BATCH) {
+                let mut batch = BatchWriter::new(frame.begin(), 0);
+                for (index, page) in batch_pages.iter().enumerate() {
+                    scratch.copy_from_slice(black_box(page));
+                    batch.raw(index as u32, &scratch);
+                }
+            }
+            frame.len()
+        })
+    });
+    group.bench_function("raw_in_place", |b| {
+        b.iter(|| {
+            for batch_pages in pages.chunks(MAX_ENTRIES_PER_BATCH) {
+                let mut batch = BatchWriter::new(frame.begin(), 0);
+                for (index, page) in batch_pages.iter().enumerate() {
+                    batch.raw_in_place(index as u32, |slot| {
+                        slot.copy_from_slice(black_box(page));
+                        true
+                    });
+                }
+            }
+            frame.len()
+        })
+    });
+    // lz4 pages: compressed into the compressor's buffer and copied into the frame, or
+    // compressed into the frame itself.
+    let mut compressor = PageCompressor::new(Codec::Lz4);
+    group.bench_function("lz4_via_buffer", |b| {
+        b.iter(|| {
+            for batch_pages in pages.chunks(MAX_ENTRIES_PER_BATCH) {
+                let mut batch = BatchWriter::new(frame.begin(), 0);
+                for (index, page) in batch_pages.iter().enumerate() {
+                    match compressor.compress(black_box(page)) {
+                        migration::codec::Compressed::Packed { len } => {
+                            batch.compressed(index as u32, Codec::Lz4, &compressor.output()[..len])
+                        }
+                        migration::codec::Compressed::Raw => batch.raw(index as u32, page),
+                    }
+                }
+            }
+            frame.len()
+        })
+    });
+    group.bench_function("lz4_in_place", |b| {
+        b.iter(|| {
+            for batch_pages in pages.chunks(MAX_ENTRIES_PER_BATCH) {
+                let mut batch = BatchWriter::new(frame.begin(), 0);
+                for (index, page) in batch_pages.iter().enumerate() {
+                    let room = compressor.room();
+                    let packed = batch.compressed_in_place(index as u32, Codec::Lz4, room, |out| {
+                        compressor.compress_into(black_box(page), out)
+                    });
+                    if packed.is_none() {
+                        batch.raw(index as u32, page);
+                    }
+                }
+            }
+            frame.len()
+        })
+    });
+    group.finish();
+}
+
 fn loopback_wire(c: &mut Criterion) {
     use dataplane::stack::{LoopbackOptions, LoopbackStack};
     use std::io::{Read, Write};
@@ -317,6 +393,6 @@ fn loopback_wire(c: &mut Criterion) {
 criterion_group! {
     name = micro;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = zero_scan, lz4, deflate, xbzrle, ring_handoff, compression_workers, loopback_wire
+    targets = zero_scan, lz4, deflate, xbzrle, ring_handoff, compression_workers, frame_building, loopback_wire
 }
 criterion_main!(micro);

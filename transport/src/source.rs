@@ -30,12 +30,12 @@ use crate::ring::{Pool, Ring};
 use crate::verify::memory_digest;
 use crate::vm::SourceVm;
 use crate::MigrationError;
-use migration::codec::{Codec, Compressed, PageCompressor};
+use migration::codec::{Codec, PageCompressor};
 use migration::dirty::{bitmap_words, for_each_set_bit};
 use migration::frame::{FrameBuf, FrameKind, SeqCounter, HEADER_BYTES, MAX_PAYLOAD_BYTES};
 use migration::handshake::{encode_preamble, HandshakeError, Hello, HelloAck};
 use migration::memory::{pages_of, GuestMemory};
-use migration::page_batch::{BatchWriter, MAX_BATCH_BYTES, MAX_ENTRIES_PER_BATCH};
+use migration::page_batch::{BatchOut, BatchWriter, MAX_BATCH_BYTES, MAX_ENTRIES_PER_BATCH};
 use migration::precopy::{Decision, Precopy, RoundReport};
 use migration::receiver::FIRST_EPOCH;
 use migration::source_session::{Answer, SourceSession};
@@ -513,41 +513,42 @@ impl BatchEncoder {
             }
             None => self.compressors[0].codec(),
         };
-        let compressor = self
+        let chosen = self
             .compressors
-            .iter_mut()
-            .find(|c| c.codec() == codec)
+            .iter()
+            .position(|c| c.codec() == codec)
             .expect("a compressor for every codec the policy chooses");
         // The codec's time on this batch, for the adaptive policy (timed only for it).
         let mut codec_time = Duration::ZERO;
         let bulk = job.epoch == FIRST_EPOCH;
         let use_cache = !bulk || shared.cache_bulk.load(Ordering::Relaxed);
+        // Pages that go raw and need no snapshot for the XBZRLE cache are read from guest
+        // memory straight into the frame: one copy, not two.
+        let direct = codec == Codec::None && !(shared.cache.is_some() && use_cache);
         let entries = {
             let mut batch = BatchWriter::new(frame.begin(), job.region);
-            let mut zero_run: Option<(u32, u32)> = None;
+            let mut zero_runs = ZeroRuns::default();
             for &page in &job.pages {
-                shared.memory.read_page(usize::from(job.region), u64::from(page), &mut self.page);
-                if shared.config.zero_detect && zero::is_zero(&self.page) {
-                    if let Some(cache) = &shared.cache {
-                        cache.forget(job.region, u64::from(page));
+                let (region, index) = (usize::from(job.region), u64::from(page));
+                if direct {
+                    let kept = batch.raw_in_place(page, |slot| {
+                        shared.memory.read_page(region, index, slot);
+                        !(shared.config.zero_detect && zero::is_zero(slot))
+                    });
+                    if kept {
+                        self.counters.raw_pages += 1;
+                    } else {
+                        self.zero_page(shared, job, page, &mut zero_runs, &mut batch);
                     }
-                    self.counters.zero_pages += 1;
-                    zero_run = match zero_run {
-                        Some((first, count)) if first + count == page => Some((first, count + 1)),
-                        previous => {
-                            if let Some((first, count)) = previous {
-                                batch.zero_run(first, count);
-                            }
-                            Some((page, 1))
-                        }
-                    };
                     continue;
                 }
-                if let Some((first, count)) = zero_run.take() {
-                    batch.zero_run(first, count);
+                shared.memory.read_page(region, index, &mut self.page);
+                if shared.config.zero_detect && zero::is_zero(&self.page) {
+                    self.zero_page(shared, job, page, &mut zero_runs, &mut batch);
+                    continue;
                 }
                 if let (Some(cache), true) = (&shared.cache, use_cache) {
-                    match cache.encode(job.region, u64::from(page), job.epoch, &self.page, &mut self.delta, true) {
+                    match cache.encode(job.region, index, job.epoch, &self.page, &mut self.delta, true) {
                         XbzrleOutcome::Unchanged => {
                             self.counters.xbzrle_unchanged += 1;
                             continue;
@@ -564,29 +565,30 @@ impl BatchEncoder {
                         XbzrleOutcome::Overflow => self.counters.xbzrle_overflow += 1,
                     }
                 }
-                if codec != Codec::None {
-                    self.counters.codec_input_pages += 1;
+                if codec == Codec::None {
+                    batch.raw(page, &self.page);
+                    self.counters.raw_pages += 1;
+                    continue;
                 }
+                self.counters.codec_input_pages += 1;
                 let timer = shared.adaptive.is_some().then(Instant::now);
-                let compressed = compressor.compress(&self.page);
+                // The compressor writes into the frame itself, which goes to the socket as it is.
+                let compressor = &mut self.compressors[chosen];
+                let packed = batch.compressed_in_place(page, codec, compressor.room(), |out| {
+                    compressor.compress_into(&self.page, out)
+                });
                 if let Some(timer) = timer {
                     codec_time += timer.elapsed();
                 }
-                match compressed {
-                    Compressed::Packed { len } => {
-                        batch.compressed(page, codec, &compressor.output()[..len]);
-                        self.counters.compressed_pages += 1;
-                        self.counters.compressed_bytes += len as u64;
-                    }
-                    Compressed::Raw => {
-                        batch.raw(page, &self.page);
-                        self.counters.raw_pages += 1;
-                    }
+                if let Some(len) = packed {
+                    self.counters.compressed_pages += 1;
+                    self.counters.compressed_bytes += len as u64;
+                } else {
+                    batch.raw(page, &self.page);
+                    self.counters.raw_pages += 1;
                 }
             }
-            if let Some((first, count)) = zero_run {
-                batch.zero_run(first, count);
-            }
+            zero_runs.flush(&mut batch);
             batch.entries()
         };
         if let Some(policy) = &shared.adaptive {
@@ -603,6 +605,53 @@ impl BatchEncoder {
         frame.checksum_payload();
         self.counters.wire_bytes += (HEADER_BYTES + frame.payload_len()) as u64;
         Some(frame)
+    }
+}
+
+impl BatchEncoder {
+    /// A page found zero: the destination's copy becomes zero through a run entry, and the
+    /// XBZRLE cache forgets the page (its next version is sent whole).
+    fn zero_page<O: BatchOut>(
+        &mut self,
+        shared: &Shared<'_>,
+        job: &Job,
+        page: u32,
+        runs: &mut ZeroRuns,
+        batch: &mut BatchWriter<'_, O>,
+    ) {
+        if let Some(cache) = &shared.cache {
+            cache.forget(job.region, u64::from(page));
+        }
+        self.counters.zero_pages += 1;
+        runs.add(page, batch);
+    }
+}
+
+/// Zero pages of a batch gathered into runs of consecutive pages, one entry per run.
+#[derive(Default)]
+struct ZeroRuns {
+    open: Option<(u32, u32)>,
+}
+
+impl ZeroRuns {
+    /// Adds `page`, extending the open run or writing it out and starting another.
+    fn add<O: BatchOut>(&mut self, page: u32, batch: &mut BatchWriter<'_, O>) {
+        self.open = match self.open {
+            Some((first, count)) if first + count == page => Some((first, count + 1)),
+            previous => {
+                if let Some((first, count)) = previous {
+                    batch.zero_run(first, count);
+                }
+                Some((page, 1))
+            }
+        };
+    }
+
+    /// Writes out the open run.
+    fn flush<O: BatchOut>(&mut self, batch: &mut BatchWriter<'_, O>) {
+        if let Some((first, count)) = self.open.take() {
+            batch.zero_run(first, count);
+        }
     }
 }
 
