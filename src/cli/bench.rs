@@ -228,9 +228,11 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     let mut port = args.port;
     for guest in &args.guests {
         workload(guest, &args)?;
-        for row in &args.rows {
-            let mut runs = Vec::new();
-            for attempt in 1..=args.repeat {
+        // Repeats go round the rows (plain, lz4, ..., plain, lz4, ...), so that a slow
+        // spell of this shared machine falls on every row alike, not on one row's runs.
+        let mut runs: Vec<Vec<RunResult>> = vec![Vec::new(); args.rows.len()];
+        for attempt in 1..=args.repeat {
+            for (row, row_runs) in args.rows.iter().zip(&mut runs) {
                 eprintln!(
                     "vmigrate bench: {guest} guest, {row}, over {} (run {attempt} of {})",
                     args.link, args.repeat
@@ -239,12 +241,14 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
                 if result.verified == Some(false) {
                     bail!("{guest} guest, row {row}: the memory did not verify");
                 }
-                runs.push(result);
+                row_runs.push(result);
                 port += 1;
             }
-            runs.sort_by_key(|r| r.total_time_ms);
-            let mut median = runs[runs.len() / 2].clone();
-            median.total_times_ms = runs.iter().map(|r| r.total_time_ms).collect();
+        }
+        for mut row_runs in runs {
+            row_runs.sort_by_key(|r| r.total_time_ms);
+            let mut median = row_runs[row_runs.len() / 2].clone();
+            median.total_times_ms = row_runs.iter().map(|r| r.total_time_ms).collect();
             results.push(median);
         }
     }

@@ -19,7 +19,7 @@
 //! `deferred_cleanup` is off, which exists to measure what it saves).
 
 use crate::abort::SessionAbort;
-use crate::adaptive::AdaptivePolicy;
+use crate::adaptive::{self, AdaptivePolicy};
 use crate::cancel::Cancel;
 use crate::config::SourceConfig;
 use crate::framed::{read_frame, write_frame, ReadError, CONTROL_FRAME_LIMIT_BYTES};
@@ -518,8 +518,8 @@ impl BatchEncoder {
             .iter()
             .position(|c| c.codec() == codec)
             .expect("a compressor for every codec the policy chooses");
-        // The codec's time on this batch, for the adaptive policy (timed only for it).
-        let mut codec_time = Duration::ZERO;
+        // The batch's CPU time, for the adaptive policy (measured only for it).
+        let cpu_start = shared.adaptive.is_some().then(adaptive::cpu::thread_time);
         let bulk = job.epoch == FIRST_EPOCH;
         let use_cache = !bulk || shared.cache_bulk.load(Ordering::Relaxed);
         // Pages that go raw and need no snapshot for the XBZRLE cache are read from guest
@@ -571,15 +571,11 @@ impl BatchEncoder {
                     continue;
                 }
                 self.counters.codec_input_pages += 1;
-                let timer = shared.adaptive.is_some().then(Instant::now);
                 // The compressor writes into the frame itself, which goes to the socket as it is.
                 let compressor = &mut self.compressors[chosen];
                 let packed = batch.compressed_in_place(page, codec, compressor.room(), |out| {
                     compressor.compress_into(&self.page, out)
                 });
-                if let Some(timer) = timer {
-                    codec_time += timer.elapsed();
-                }
                 if let Some(len) = packed {
                     self.counters.compressed_pages += 1;
                     self.counters.compressed_bytes += len as u64;
@@ -591,19 +587,19 @@ impl BatchEncoder {
             zero_runs.flush(&mut batch);
             batch.entries()
         };
-        if let Some(policy) = &shared.adaptive {
-            // The counters hold this batch alone (the worker merges and resets them per job).
-            let page = PAGE_SIZE_BYTES as u64;
-            let input = self.counters.codec_input_pages * page;
-            let output = self.counters.compressed_bytes + self.counters.raw_pages * page;
-            policy.record(codec, input, output, codec_time);
-        }
         if entries == 0 {
             shared.frame_pool.give(frame);
             return None;
         }
         frame.checksum_payload();
         self.counters.wire_bytes += (HEADER_BYTES + frame.payload_len()) as u64;
+        if let (Some(policy), Some(cpu_start)) = (&shared.adaptive, cpu_start) {
+            // The counters hold this batch alone (the worker merges and resets them per job).
+            let page = PAGE_SIZE_BYTES as u64;
+            let input = (self.counters.raw_pages + self.counters.compressed_pages) * page;
+            let output = self.counters.compressed_bytes + self.counters.raw_pages * page;
+            policy.record(codec, input, output, adaptive::cpu::thread_time() - cpu_start);
+        }
         Some(frame)
     }
 }
