@@ -74,7 +74,9 @@ pub struct BenchArgs {
     #[arg(long, default_value = "loopback")]
     pub link: String,
     /// The stack both ends migrate over: the kernel's TCP, or (with --netns) our smoltcp
-    /// stack on packet sockets on the namespaces' veth ends.
+    /// stack on the namespaces' veth ends, on packet sockets (af-packet) or on a DPDK port
+    /// (dpdk: DPDK's net_af_packet driver on the veth end, no hugepages; needs a build with
+    /// the dpdk feature).
     #[arg(long, value_enum, default_value = "kernel")]
     pub stack: BenchStack,
     /// Folder for bench.json, the table and the charts.
@@ -456,6 +458,7 @@ pub struct TlsOptions {
 pub enum BenchStack {
     Kernel,
     AfPacket,
+    Dpdk,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]

@@ -122,39 +122,55 @@ fn finish(
 
 fn one_run(args: &BenchArgs, guest: &str, row: &str, port: u16) -> Result<RunResult> {
     let netns = args.netns.as_deref();
-    // The destination's address and each side's stack options.
+    // The destination's address and each side's stack options; DPDK's EAL arguments go
+    // last, after `--`.
+    let ours = |stack: &str, prefix: &str, veth: &str, ip: &str| {
+        let mut options = vec!["--stack".into(), stack.into(), "--ip".into(), ip.into(), "--iface".into()];
+        let iface = format!("{prefix}-{veth}");
+        if stack == "dpdk" {
+            let lcore = if veth == "vs" { "1" } else { "0" };
+            options.push("net_af_packet0".into());
+            options.extend(
+                ["--", "--no-huge", "-m", "256", "--no-pci", "-l", lcore, "--log-level=error"].map(String::from),
+            );
+            options.push(format!("--file-prefix={iface}"));
+            options.extend(["--vdev".into(), format!("net_af_packet0,iface={iface}")]);
+        } else {
+            options.push(iface);
+        }
+        options
+    };
     let (host, recv_stack, send_stack): (&str, Vec<String>, Vec<String>) = match (args.stack, netns) {
         (BenchStack::Kernel, Some(_)) => ("10.77.0.2", Vec::new(), Vec::new()),
         (BenchStack::Kernel, None) => ("127.0.0.1", Vec::new(), Vec::new()),
-        (BenchStack::AfPacket, Some(prefix)) => {
-            let ours = |veth: &str, ip: &str| {
-                ["--stack", "af-packet", "--iface", &format!("{prefix}-{veth}"), "--ip", ip].map(String::from).to_vec()
-            };
-            ("10.77.0.12", ours("vd", "10.77.0.12/24"), ours("vs", "10.77.0.11/24"))
+        (BenchStack::AfPacket | BenchStack::Dpdk, Some(prefix)) => {
+            let stack = if args.stack == BenchStack::Dpdk { "dpdk" } else { "af-packet" };
+            ("10.77.0.12", ours(stack, prefix, "vd", "10.77.0.12/24"), ours(stack, prefix, "vs", "10.77.0.11/24"))
         }
-        (BenchStack::AfPacket, None) => bail!("--stack af-packet needs --netns (the namespaces' veth ends)"),
+        (_, None) => bail!("--stack af-packet and dpdk need --netns (the namespaces' veth ends)"),
     };
     let threads = args.compress_threads.to_string();
     let deadline = Instant::now() + Duration::from_secs_f64(args.timeout);
     let mut recv = command(netns, "dst")?;
     recv.args(["recv", "--json", "--run-after", "0.2", "--listen", &format!("{host}:{port}")])
-        .args(&recv_stack)
         .args(["--decompress-threads", &threads])
+        .args(&recv_stack)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut receiver = recv.spawn().context("starting vmigrate recv")?;
     let mut stderr = BufReader::new(receiver.stderr.take().context("piped stderr")?);
     let mut line = String::new();
+    let mut said = String::new();
     while !line.starts_with("vmigrate: waiting for a migration on") {
         line.clear();
         if stderr.read_line(&mut line)? == 0 {
             let _ = receiver.kill();
-            bail!("vmigrate recv ended before listening");
+            bail!("vmigrate recv ended before listening:\n{said}");
         }
+        said += &line;
     }
     let mut send = command(netns, "src")?;
     send.args(["send", "--json", "--to", &format!("{host}:{port}")])
-        .args(&send_stack)
         .args(if args.verify { &["--verify"][..] } else { &[] })
         .args(["--mem", &args.mem.to_string(), "--workload", &workload(guest, args)?])
         .args(match (guest, &args.idle_image) {
@@ -163,6 +179,7 @@ fn one_run(args: &BenchArgs, guest: &str, row: &str, port: u16) -> Result<RunRes
         })
         .args(["--compress-threads", &threads])
         .args(row_options(row, args.mem)?)
+        .args(&send_stack)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut sender = send.spawn().context("starting vmigrate send")?;

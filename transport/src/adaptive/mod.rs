@@ -3,8 +3,9 @@
 //! what this migration measures as it runs:
 //! - each choice's cost, in guest bytes per CPU-second of a worker (the whole batch:
 //!   reading pages, the zero check, compressing, the checksum), and its ratio on these pages;
-//! - the free cores: the CPU the workers use now plus the machine's idle CPUs, at most one
-//!   per worker;
+//! - the free cores: the CPU the workers use now plus the machine's idle CPUs (or, where
+//!   workers share CPUs with our polling dataplane cores, which always look busy, at least
+//!   the workers' fair share of the CPUs), at most one per worker;
 //! - the link's rate, measured while frames wait for it.
 //!
 //! A choice `c` can move at most `free cores x rate_c` guest bytes per second through the
@@ -56,14 +57,9 @@ struct Window {
 }
 
 impl Window {
-    fn open(wire_bytes: u64) -> Self {
-        Window {
-            start: Instant::now(),
-            wire_bytes,
-            backlog: false,
-            worker_cpu: 0.0,
-            idle_at_start: cpu::idle_seconds(),
-        }
+    /// A window from now; `idle_at_start` is the machine's idle CPU-seconds now.
+    fn open(wire_bytes: u64, idle_at_start: Option<f64>) -> Self {
+        Window { start: Instant::now(), wire_bytes, backlog: false, worker_cpu: 0.0, idle_at_start }
     }
 }
 
@@ -101,7 +97,7 @@ impl AdaptivePolicy {
                 batches: 0,
                 link: None,
                 free_cores: None,
-                window: Window::open(0),
+                window: Window::open(0, cpu::idle_seconds()),
             }),
         }
     }
@@ -145,10 +141,24 @@ impl AdaptivePolicy {
         let idle_now = cpu::idle_seconds();
         if let (Some(before), Some(now)) = (window.idle_at_start, idle_now) {
             let idle_cores = (now - before).max(0.0) / seconds;
-            let cores = (window.worker_cpu / seconds + idle_cores).min(self.workers as f64);
-            smooth(&mut state.free_cores, cores);
+            let cores = (window.worker_cpu / seconds + idle_cores).max(self.share_beside_pollers());
+            smooth(&mut state.free_cores, cores.min(self.workers as f64));
         }
-        state.window = Window { idle_at_start: idle_now, ..Window::open(wire_bytes) };
+        state.window = Window::open(wire_bytes, idle_now);
+    }
+
+    /// Where the workers share CPUs with this process's polling dataplane cores (more
+    /// pollers and workers than CPUs), the cores the workers can count on: their fair share
+    /// of the CPUs. A poller keeps its CPU busy whether or not it has work, so the machine
+    /// never looks idle, yet the scheduler gives a worker that wants CPU its turn. Pollers
+    /// on CPUs of their own (a dedicated NIC core) leave nothing to share.
+    fn share_beside_pollers(&self) -> f64 {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let pollers = cpu::pollers();
+        if pollers == 0 || pollers + self.workers <= cpus {
+            return 0.0;
+        }
+        (cpus * self.workers) as f64 / (self.workers + pollers) as f64
     }
 
     /// Guest bytes per second each choice could move; the index of the largest, with
