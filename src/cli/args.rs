@@ -489,9 +489,10 @@ pub struct SourceOptions {
     /// (none, lz4 or zstd:1 per batch, from the link's and the cores' measured rates).
     #[arg(long, default_value = "none")]
     pub codec: Codec,
-    /// Pinned compression workers on the source.
-    #[arg(long, default_value_t = 2)]
-    pub compress_threads: usize,
+    /// Pinned compression workers on the source [default: one per CPU this process may use,
+    /// less its dataplane cores, at most 8 (QEMU's default)].
+    #[arg(long)]
+    pub compress_threads: Option<usize>,
     /// Enable XBZRLE for re-sent pages with a cache of this size (e.g. 64MiB).
     #[arg(long, value_parser = parse_size)]
     pub xbzrle_cache: Option<u64>,
@@ -530,9 +531,10 @@ pub struct SourceOptions {
 /// How the destination receives.
 #[derive(Args, Debug, Clone)]
 pub struct DestinationOptions {
-    /// Pinned decompression workers on the destination.
-    #[arg(long, default_value_t = 2)]
-    pub decompress_threads: usize,
+    /// Pinned decompression workers on the destination [default: one per CPU this process
+    /// may use, less its dataplane cores, at most 8].
+    #[arg(long)]
+    pub decompress_threads: Option<usize>,
 }
 
 /// Options of every side.

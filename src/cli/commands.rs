@@ -54,10 +54,31 @@ fn timeouts(common: &CommonOptions) -> Result<Timeouts> {
     Ok(Timeouts { io: super::relay::seconds("--io-timeout", common.io_timeout)?, ..Timeouts::default() })
 }
 
-fn source_config(args: &SourceOptions, common: &CommonOptions) -> SourceConfig {
+/// The pools' sizing: polling cores this process runs, and pools sharing the rest.
+#[derive(Clone, Copy)]
+struct CoreShare {
+    polling_cores: usize,
+    pools: usize,
+}
+
+impl CoreShare {
+    /// One end on `stack`: its polling cores, unless it is the kernel's TCP.
+    fn one_end(stack: &StackOptions) -> Self {
+        let polling_cores =
+            if stack.stack == NetStack::Kernel { 0 } else { usize::from(stack.dataplane.dataplane_cores) };
+        CoreShare { polling_cores, pools: 1 }
+    }
+
+    /// Workers for a pool: as asked, or sized from the machine's cores.
+    fn workers(self, asked: Option<usize>) -> usize {
+        asked.unwrap_or_else(|| transport::pin::default_workers(self.polling_cores, self.pools)).max(1)
+    }
+}
+
+fn source_config(args: &SourceOptions, common: &CommonOptions, cores: CoreShare) -> SourceConfig {
     SourceConfig {
         codec: args.codec,
-        compress_threads: args.compress_threads.max(1),
+        compress_threads: cores.workers(args.compress_threads),
         xbzrle_cache_bytes: args.xbzrle_cache,
         connections: args.connections,
         precopy: PrecopyConfig {
@@ -84,11 +105,12 @@ fn source_config(args: &SourceOptions, common: &CommonOptions) -> SourceConfig {
 fn destination_config(
     args: &DestinationOptions,
     common: &CommonOptions,
+    cores: CoreShare,
     max_memory_bytes: u64,
     accept_timeout: Duration,
 ) -> DestinationConfig {
     DestinationConfig {
-        decompress_threads: args.decompress_threads.max(1),
+        decompress_threads: cores.workers(args.decompress_threads),
         max_memory_bytes,
         pin_workers: !common.no_pin,
         accept_timeout,
@@ -198,7 +220,14 @@ fn demo(args: DemoArgs) -> Result<ExitCode> {
     let (connector, acceptor, _stack) = demo_link(&args)?;
     let (connector, mut acceptor) = super::tls::secure_demo_link(&args.tls, connector, acceptor)?;
     let policy = parse_huge_policy(&args.common.hugepages).map_err(anyhow::Error::msg)?;
-    let dest_config = destination_config(&args.destination, &args.common, args.guest.mem, Duration::from_secs(10));
+    // Both ends run here: each side's polling cores, and the rest shared by two pools.
+    let sides_cores = match args.stack {
+        DemoStack::Kernel => 0,
+        DemoStack::Loopback | DemoStack::Dpdk => 2 * usize::from(args.dataplane.dataplane_cores),
+    };
+    let cores = CoreShare { polling_cores: sides_cores, pools: 2 };
+    let dest_config =
+        destination_config(&args.destination, &args.common, cores, args.guest.mem, Duration::from_secs(10));
     let run_after = args.run_after;
     let destination = std::thread::Builder::new().name("destination".into()).spawn(move || {
         let mut vm = SyntheticDestination::new(dest_config.max_memory_bytes, policy);
@@ -206,7 +235,7 @@ fn demo(args: DemoArgs) -> Result<ExitCode> {
         let guest = run_destination_guest(&mut vm, run_after)?;
         anyhow::Ok((report, guest))
     })?;
-    let config = source_config(&args.source, &args.common);
+    let config = source_config(&args.source, &args.common, cores);
     let mut progress = report::ProgressView::new(args.common.json);
     let result = migrate(&source_guest, &*connector, &config, &mut |p| progress.update(p));
     progress.finish();
@@ -404,7 +433,8 @@ fn send(args: SendArgs) -> Result<ExitCode> {
         Some(path) => Some(super::control::ControlSocket::start(path, cancel.clone(), status.clone())?),
         None => None,
     };
-    let config = SourceConfig { cancel: Some(cancel), ..source_config(&args.source, &args.common) };
+    let cores = CoreShare::one_end(&args.stack);
+    let config = SourceConfig { cancel: Some(cancel), ..source_config(&args.source, &args.common, cores) };
     let mut progress = report::ProgressView::new(args.common.json);
     let cpu = super::cpu::CpuWindow::start();
     let result = migrate(&guest, &*connector, &config, &mut |p| {
@@ -438,8 +468,14 @@ fn send(args: SendArgs) -> Result<ExitCode> {
 
 fn recv(args: RecvArgs) -> Result<ExitCode> {
     let policy = parse_huge_policy(&args.common.hugepages).map_err(anyhow::Error::msg)?;
-    let config =
-        destination_config(&args.destination, &args.common, args.max_mem, Duration::from_secs_f64(args.accept_timeout));
+    let cores = CoreShare::one_end(&args.stack);
+    let config = destination_config(
+        &args.destination,
+        &args.common,
+        cores,
+        args.max_mem,
+        Duration::from_secs_f64(args.accept_timeout),
+    );
     let (mut acceptor, _stack) = acceptor_for(&args.stack, !args.common.no_pin, args.listen, timeouts(&args.common)?)?;
     // Always on stderr (JSON goes to stdout): with --listen ADDR:0 this is how a caller
     // learns the port.

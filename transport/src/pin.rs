@@ -14,6 +14,22 @@ pub fn core_count() -> usize {
     cores().len().max(1)
 }
 
+/// Most workers a pool gets unless asked for more: QEMU's default number of compression
+/// threads. A migration shares its host with running guests; more is a choice to make.
+pub const MAX_DEFAULT_WORKERS: usize = 8;
+
+/// The size of a compression or decompression pool when none is asked for: one worker per
+/// core this process may use, less the `dataplane_cores` its polling cores hold, shared
+/// among `pools` pools in this process (two when both ends run in it); at least one, at
+/// most [`MAX_DEFAULT_WORKERS`].
+pub fn default_workers(dataplane_cores: usize, pools: usize) -> usize {
+    workers_from(core_count(), dataplane_cores, pools)
+}
+
+fn workers_from(cores: usize, dataplane_cores: usize, pools: usize) -> usize {
+    (cores.saturating_sub(dataplane_cores) / pools.max(1)).clamp(1, MAX_DEFAULT_WORKERS)
+}
+
 /// Pins the calling thread to core `index` modulo the available cores. Returns false when
 /// pinning is not possible here (the worker then runs unpinned).
 pub fn pin_current(index: usize) -> bool {
@@ -55,6 +71,15 @@ fn claim_cpu_in(directory: &std::path::Path, preferred: usize) -> Option<CpuClai
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn default_pools_take_the_cores_the_polling_cores_leave() {
+        assert_eq!(super::workers_from(2, 0, 1), 2);
+        assert_eq!(super::workers_from(2, 1, 1), 1);
+        assert_eq!(super::workers_from(2, 2, 2), 1, "never none");
+        assert_eq!(super::workers_from(16, 2, 2), 7);
+        assert_eq!(super::workers_from(96, 4, 1), super::MAX_DEFAULT_WORKERS);
+    }
+
     use super::*;
 
     #[test]

@@ -19,7 +19,7 @@
 //! `deferred_cleanup` is off, which exists to measure what it saves).
 
 use crate::abort::SessionAbort;
-use crate::adaptive::{self, AdaptivePolicy};
+use crate::adaptive::{self, AdaptivePolicy, Choice};
 use crate::cancel::Cancel;
 use crate::config::SourceConfig;
 use crate::framed::{read_frame, write_frame, ReadError, CONTROL_FRAME_LIMIT_BYTES};
@@ -30,7 +30,7 @@ use crate::ring::{Pool, Ring};
 use crate::verify::memory_digest;
 use crate::vm::SourceVm;
 use crate::MigrationError;
-use migration::codec::{Codec, PageCompressor};
+use migration::codec::{Codec, Compressed, PageCompressor};
 use migration::dirty::{bitmap_words, for_each_set_bit};
 use migration::frame::{FrameBuf, FrameKind, SeqCounter, HEADER_BYTES, MAX_PAYLOAD_BYTES};
 use migration::handshake::{encode_preamble, HandshakeError, Hello, HelloAck};
@@ -472,6 +472,7 @@ fn compression_worker(shared: &Shared<'_>, index: usize) {
         page: vec![0u8; PAGE_SIZE_BYTES],
         delta: vec![0u8; PAGE_SIZE_BYTES - 1],
         counters: EncodeCounters::default(),
+        measured: Vec::with_capacity(MAX_ENTRIES_PER_BATCH),
     };
     while let Ok(Some(job)) = shared.jobs.pop(&shared.abort) {
         let frame = encoder.encode(shared, &job);
@@ -500,6 +501,8 @@ struct BatchEncoder {
     page: Vec<u8>,
     delta: Vec<u8>,
     counters: EncodeCounters,
+    /// Pages of a batch the adaptive policy measures its choices on.
+    measured: Vec<u32>,
 }
 
 impl BatchEncoder {
@@ -507,19 +510,20 @@ impl BatchEncoder {
     /// page unchanged since the copy the destination holds).
     fn encode(&mut self, shared: &Shared<'_>, job: &Job) -> Option<FrameBuf> {
         let mut frame = shared.frame_pool.take(|| FrameBuf::with_capacity(MAX_BATCH_BYTES));
-        let codec = match &shared.adaptive {
+        let choice = match &shared.adaptive {
             Some(policy) => {
                 policy.choose(shared.wire_bytes.load(Ordering::Relaxed), !shared.outgoing[job.connection].is_empty())
             }
-            None => self.compressors[0].codec(),
+            None => Choice { codec: self.compressors[0].codec(), measure: false },
         };
+        let codec = choice.codec;
         let chosen = self
             .compressors
             .iter()
             .position(|c| c.codec() == codec)
             .expect("a compressor for every codec the policy chooses");
         // The batch's CPU time, for the adaptive policy (measured only for it).
-        let cpu_start = shared.adaptive.is_some().then(adaptive::cpu::thread_time);
+        let started = shared.adaptive.is_some().then(|| (adaptive::cpu::thread_time(), Instant::now()));
         let bulk = job.epoch == FIRST_EPOCH;
         let use_cache = !bulk || shared.cache_bulk.load(Ordering::Relaxed);
         // Pages that go raw and need no snapshot for the XBZRLE cache are read from guest
@@ -587,20 +591,47 @@ impl BatchEncoder {
             zero_runs.flush(&mut batch);
             batch.entries()
         };
-        if entries == 0 {
+        let frame = if entries == 0 {
             shared.frame_pool.give(frame);
-            return None;
+            None
+        } else {
+            frame.checksum_payload();
+            self.counters.wire_bytes += (HEADER_BYTES + frame.payload_len()) as u64;
+            Some(frame)
+        };
+        if let (Some(policy), Some((cpu_start, wall_start))) = (&shared.adaptive, started) {
+            if choice.measure {
+                self.measure_choices(shared, job, policy);
+            }
+            policy.account(adaptive::cpu::thread_time() - cpu_start, wall_start.elapsed());
         }
-        frame.checksum_payload();
-        self.counters.wire_bytes += (HEADER_BYTES + frame.payload_len()) as u64;
-        if let (Some(policy), Some(cpu_start)) = (&shared.adaptive, cpu_start) {
-            // The counters hold this batch alone (the worker merges and resets them per job).
-            let page = PAGE_SIZE_BYTES as u64;
-            let input = (self.counters.raw_pages + self.counters.compressed_pages) * page;
-            let output = self.counters.compressed_bytes + self.counters.raw_pages * page;
-            policy.record(codec, input, output, adaptive::cpu::thread_time() - cpu_start);
+        frame
+    }
+
+    /// Compresses the batch's non-zero pages with every choice the adaptive policy has, and
+    /// tells it what each made of them and at what CPU cost: all measured on the same pages.
+    fn measure_choices(&mut self, shared: &Shared<'_>, job: &Job, policy: &AdaptivePolicy) {
+        let region = usize::from(job.region);
+        self.measured.clear();
+        for &page in &job.pages {
+            shared.memory.read_page(region, u64::from(page), &mut self.page);
+            if !zero::is_zero(&self.page) {
+                self.measured.push(page);
+            }
         }
-        Some(frame)
+        for compressor in &mut self.compressors {
+            let start = adaptive::cpu::thread_time();
+            let mut output = 0;
+            for &page in &self.measured {
+                shared.memory.read_page(region, u64::from(page), &mut self.page);
+                output += match compressor.compress(&self.page) {
+                    Compressed::Packed { len } => len,
+                    Compressed::Raw => PAGE_SIZE_BYTES,
+                } as u64;
+            }
+            let input = (self.measured.len() * PAGE_SIZE_BYTES) as u64;
+            policy.measure(compressor.codec(), input, output, adaptive::cpu::thread_time() - start);
+        }
     }
 }
 

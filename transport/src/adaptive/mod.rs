@@ -1,11 +1,11 @@
 //! Adaptive compression: for each batch of pages, the codec among
 //! [`Codec::ADAPTIVE_CHOICES`] (none, lz4, zstd:1) that moves guest memory fastest, given
 //! what this migration measures as it runs:
-//! - each choice's cost, in guest bytes per CPU-second of a worker (the whole batch:
-//!   reading pages, the zero check, compressing, the checksum), and its ratio on these pages;
+//! - each choice's cost, in guest bytes per CPU-second of a worker (reading the pages and
+//!   compressing them), and its ratio, all measured on the same batches of pages;
 //! - the free cores: the CPU the workers use now plus the machine's idle CPUs (or, where
-//!   workers share CPUs with our polling dataplane cores, which always look busy, at least
-//!   the workers' fair share of the CPUs), at most one per worker;
+//!   workers share CPUs with our polling dataplane cores, which always look busy, what the
+//!   workers got of a CPU while they had work), at most one per worker;
 //! - the link's rate, measured while frames wait for it.
 //!
 //! A choice `c` can move at most `free cores x rate_c` guest bytes per second through the
@@ -15,8 +15,9 @@
 //! CPU-seconds and counting only free cores matters when the link itself costs CPU (a
 //! kernel TCP stack, or both ends on one host): compressing then takes cores the link needs.
 //!
-//! Estimates start from one batch of each choice and are refreshed by sending every 64th
-//! batch with another choice than the best, so a change in the data or the link is seen.
+//! Until every choice has been measured, pages go raw. Then one batch in 64 is compressed
+//! with every choice besides the one it is sent with, so that the estimates follow the
+//! data from region to region without sending a batch with a worse codec.
 
 pub mod cpu;
 
@@ -24,12 +25,13 @@ use migration::codec::Codec;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// One batch in this many tries another codec than the best one (at 1 in 16 the tries
-/// cost the dirty guest 5% at 1 Gbit/s: a batch of incompressible pages sent with lz4).
-const EXPLORE_EVERY: u64 = 64;
+/// One batch in this many is also compressed with every choice, to measure them all on
+/// the same pages (about 3% more codec work).
+const MEASURE_EVERY: u64 = 64;
 /// How long the link's rate and the free cores are averaged over.
 const WINDOW: Duration = Duration::from_millis(50);
-/// Weight of a new measurement in the running averages.
+/// Weight of a new measurement in the running averages (and what the codecs' running
+/// sums forget per batch).
 const SMOOTHING: f64 = 0.2;
 /// How much more a codec must promise than sending pages as they are: compressing also
 /// costs the destination CPU, which this end does not see.
@@ -37,21 +39,41 @@ const CODEC_MARGIN: f64 = 1.05;
 
 #[derive(Clone, Copy, Default)]
 struct ChoiceEstimate {
-    /// Guest bytes per CPU-second of one worker.
-    rate: f64,
-    /// Guest bytes per wire byte.
-    ratio: f64,
+    /// Guest bytes in, wire bytes out and worker CPU-seconds of the recent batches, each a
+    /// running sum that forgets old batches geometrically. Rates and ratios are taken from
+    /// the sums, so a batch weighs by its bytes: one page of a batch that packs 80x moves
+    /// the ratio as one page, not as a batch.
+    input: f64,
+    output: f64,
+    cpu: f64,
     samples: u64,
+}
+
+impl ChoiceEstimate {
+    /// Guest bytes per CPU-second of one worker.
+    fn rate(&self) -> f64 {
+        self.input / self.cpu.max(1e-12)
+    }
+
+    /// Guest bytes per wire byte.
+    fn ratio(&self) -> f64 {
+        self.input / self.output.max(1.0)
+    }
 }
 
 /// What is measured over the current window.
 struct Window {
     start: Instant,
     wire_bytes: u64,
-    /// Whether frames were waiting for the link during the window.
-    backlog: bool,
+    /// Batches for which frames were waiting for the link.
+    backlog: u32,
+    /// Batches chosen for during the window.
+    batches: u32,
     /// CPU-seconds the workers spent on the batches recorded in the window.
     worker_cpu: f64,
+    /// Wall-clock seconds those batches took (more than their CPU time where the workers
+    /// waited for a CPU).
+    worker_wall: f64,
     /// The machine's idle CPU-seconds at the window's start.
     idle_at_start: Option<f64>,
 }
@@ -59,7 +81,15 @@ struct Window {
 impl Window {
     /// A window from now; `idle_at_start` is the machine's idle CPU-seconds now.
     fn open(wire_bytes: u64, idle_at_start: Option<f64>) -> Self {
-        Window { start: Instant::now(), wire_bytes, backlog: false, worker_cpu: 0.0, idle_at_start }
+        Window {
+            start: Instant::now(),
+            wire_bytes,
+            backlog: 0,
+            batches: 0,
+            worker_cpu: 0.0,
+            worker_wall: 0.0,
+            idle_at_start,
+        }
     }
 }
 
@@ -75,7 +105,17 @@ struct State {
     window: Window,
 }
 
-/// The shared policy: workers ask it for a codec per batch and report what the batch cost.
+/// The policy's answer for one batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Choice {
+    /// The codec to send the batch with.
+    pub codec: Codec,
+    /// Whether to measure every choice on this batch's pages too ([`AdaptivePolicy::measure`]).
+    pub measure: bool,
+}
+
+/// The shared policy: workers ask it for a codec per batch, report each batch's CPU and
+/// wall time, and now and then measure every choice on one batch's pages.
 pub struct AdaptivePolicy {
     workers: usize,
     state: Mutex<State>,
@@ -108,57 +148,56 @@ impl AdaptivePolicy {
 
     /// The codec for the next batch, given the bytes written to the link so far and
     /// whether frames are waiting for it now.
-    pub fn choose(&self, wire_bytes: u64, backlog: bool) -> Codec {
+    pub fn choose(&self, wire_bytes: u64, backlog: bool) -> Choice {
         let mut state = self.lock();
         state.batches += 1;
-        state.window.backlog |= backlog;
+        state.window.batches += 1;
+        state.window.backlog += u32::from(backlog);
         if state.window.start.elapsed() >= WINDOW {
             self.close_window(&mut state, wire_bytes);
         }
-        // First, one measurement of each choice; none last, which then goes on until the
-        // link has been seen full.
-        for i in [1, 2, 0] {
-            if state.estimates[i].samples == 0 {
-                return Codec::ADAPTIVE_CHOICES[i];
-            }
-        }
-        let best = self.best(&state);
-        if state.batches.is_multiple_of(EXPLORE_EVERY) {
-            // The two others in turn.
-            let others: Vec<usize> = (0..3).filter(|i| *i != best).collect();
-            return Codec::ADAPTIVE_CHOICES[others[(state.batches / EXPLORE_EVERY) as usize % 2]];
-        }
-        Codec::ADAPTIVE_CHOICES[best]
+        // Every choice is measured on the same pages: on the first batches until each has
+        // a measurement (meanwhile pages go raw), then on one batch in `MEASURE_EVERY`.
+        // Measuring them on different batches compared them on different data: an idle
+        // guest's regions pack from 1x to 80x.
+        let unmeasured = state.estimates.iter().any(|e| e.samples == 0);
+        let measure = unmeasured || state.batches.is_multiple_of(MEASURE_EVERY);
+        let best = if unmeasured { 0 } else { self.best(&state) };
+        Choice { codec: Codec::ADAPTIVE_CHOICES[best], measure }
     }
 
-    /// Ends the window: the link's rate (if it had a backlog) and the free cores.
+    /// Ends the window: the link's rate (if it had a backlog throughout) and the free cores.
     fn close_window(&self, state: &mut State, wire_bytes: u64) {
         let window = &state.window;
         let seconds = window.start.elapsed().as_secs_f64();
-        if window.backlog {
+        // Only a window in which nearly every batch found frames waiting for the link
+        // measures it: the link then set the pace. A momentary queue in a window that the
+        // scanner or the workers paced (sparse pages, a slow codec) would make a slow link.
+        if window.batches >= 4 && window.backlog * 4 >= window.batches * 3 {
             smooth(&mut state.link, wire_bytes.saturating_sub(window.wire_bytes) as f64 / seconds);
         }
         let idle_now = cpu::idle_seconds();
         if let (Some(before), Some(now)) = (window.idle_at_start, idle_now) {
             let idle_cores = (now - before).max(0.0) / seconds;
-            let cores = (window.worker_cpu / seconds + idle_cores).max(self.share_beside_pollers());
+            let mut cores = window.worker_cpu / seconds + idle_cores;
+            if self.beside_pollers() && window.worker_wall > 0.0 {
+                // Our polling cores keep their CPUs busy whether or not they have work, so
+                // the machine never looks idle beside them; what the workers got of a CPU
+                // while they had work says what they can have.
+                cores = cores.max(self.workers as f64 * window.worker_cpu / window.worker_wall);
+            }
             smooth(&mut state.free_cores, cores.min(self.workers as f64));
         }
         state.window = Window::open(wire_bytes, idle_now);
     }
 
-    /// Where the workers share CPUs with this process's polling dataplane cores (more
-    /// pollers and workers than CPUs), the cores the workers can count on: their fair share
-    /// of the CPUs. A poller keeps its CPU busy whether or not it has work, so the machine
-    /// never looks idle, yet the scheduler gives a worker that wants CPU its turn. Pollers
-    /// on CPUs of their own (a dedicated NIC core) leave nothing to share.
-    fn share_beside_pollers(&self) -> f64 {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    /// Whether the workers share CPUs with this process's polling dataplane cores (more
+    /// pollers and workers than CPUs). Pollers on CPUs of their own (a dedicated NIC core)
+    /// leave the workers the machine's idle CPUs to count.
+    fn beside_pollers(&self) -> bool {
         let pollers = cpu::pollers();
-        if pollers == 0 || pollers + self.workers <= cpus {
-            return 0.0;
-        }
-        (cpus * self.workers) as f64 / (self.workers + pollers) as f64
+        // The process's cores, not this (pinned) worker's one.
+        pollers > 0 && pollers + self.workers > crate::pin::core_count()
     }
 
     /// Guest bytes per second each choice could move; the index of the largest, with
@@ -169,8 +208,8 @@ impl AdaptivePolicy {
         let cores = state.free_cores.unwrap_or(self.workers as f64);
         let throughput = |i: usize| {
             let e = state.estimates[i];
-            let ratio = if i == 0 { 1.0 } else { e.ratio.max(1.0) };
-            (cores * e.rate).min(link * ratio)
+            let ratio = if i == 0 { 1.0 } else { e.ratio().max(1.0) };
+            (cores * e.rate()).min(link * ratio)
         };
         let best_codec = if throughput(2) > throughput(1) { 2 } else { 1 };
         if throughput(best_codec) > CODEC_MARGIN * throughput(0) {
@@ -180,24 +219,27 @@ impl AdaptivePolicy {
         }
     }
 
-    /// What a batch sent with `codec` cost: `input` guest bytes (pages not found zero or
-    /// unchanged) became `output` wire bytes in `cpu` of one worker's CPU time.
-    pub fn record(&self, codec: Codec, input: u64, output: u64, cpu: Duration) {
-        let Some(i) = Codec::ADAPTIVE_CHOICES.iter().position(|c| *c == codec) else { return };
+    /// A batch's cost to its worker, whatever it was sent with: `cpu` of the worker's CPU
+    /// time in `wall` of wall-clock time (for the free cores).
+    pub fn account(&self, cpu: Duration, wall: Duration) {
         let mut state = self.lock();
         state.window.worker_cpu += cpu.as_secs_f64();
+        state.window.worker_wall += wall.max(cpu).as_secs_f64();
+    }
+
+    /// A measurement: `codec` made `output` wire bytes of a batch's `input` guest bytes
+    /// (its pages not found zero or unchanged) in `cpu` of a worker's CPU time.
+    pub fn measure(&self, codec: Codec, input: u64, output: u64, cpu: Duration) {
+        let Some(i) = Codec::ADAPTIVE_CHOICES.iter().position(|c| *c == codec) else { return };
         if input == 0 || cpu.is_zero() {
             return;
         }
-        let rate = input as f64 / cpu.as_secs_f64();
-        let ratio = input as f64 / output.max(1) as f64;
+        let mut state = self.lock();
         let estimate = &mut state.estimates[i];
-        if estimate.samples == 0 {
-            (estimate.rate, estimate.ratio) = (rate, ratio);
-        } else {
-            estimate.rate += SMOOTHING * (rate - estimate.rate);
-            estimate.ratio += SMOOTHING * (ratio - estimate.ratio);
-        }
+        let keep = 1.0 - SMOOTHING;
+        estimate.input = keep * estimate.input + input as f64;
+        estimate.output = keep * estimate.output + output as f64;
+        estimate.cpu = keep * estimate.cpu + cpu.as_secs_f64();
         estimate.samples += 1;
     }
 }
@@ -215,9 +257,9 @@ mod tests {
     fn policy(cores: f64, lz4: f64, zstd: f64, link: f64) -> AdaptivePolicy {
         let policy = AdaptivePolicy::new(2);
         let second = Duration::from_secs(1);
-        policy.record(NONE, 10_000_000_000, 10_000_000_000, second);
-        policy.record(Codec::Lz4, lz4 as u64, lz4 as u64 / 2, second);
-        policy.record(ZSTD, zstd as u64, zstd as u64 / 3, second);
+        policy.measure(NONE, 10_000_000_000, 10_000_000_000, second);
+        policy.measure(Codec::Lz4, lz4 as u64, lz4 as u64 / 2, second);
+        policy.measure(ZSTD, zstd as u64, zstd as u64 / 3, second);
         let mut state = policy.lock();
         state.link = Some(link);
         state.free_cores = Some(cores);
@@ -228,8 +270,7 @@ mod tests {
     }
 
     fn steady_choice(policy: &AdaptivePolicy) -> Codec {
-        // Skip the batches that explore.
-        (0..EXPLORE_EVERY - 1).map(|_| policy.choose(0, true)).last().unwrap()
+        policy.choose(0, true).codec
     }
 
     #[test]
@@ -257,39 +298,56 @@ mod tests {
         // lz4 on incompressible pages (ratio 1) moves what the link moves raw, for CPU.
         let policy = policy(2.0, 4e9, 1e8, 1.25e9);
         for _ in 0..50 {
-            policy.record(Codec::Lz4, 1 << 20, 1 << 20, Duration::from_micros(250));
+            policy.measure(Codec::Lz4, 1 << 20, 1 << 20, Duration::from_micros(250));
         }
         assert_eq!(steady_choice(&policy), NONE);
     }
 
     #[test]
-    fn every_choice_is_measured_first_and_others_are_tried_now_and_then() {
+    fn batches_weigh_by_their_bytes() {
         let policy = AdaptivePolicy::new(2);
-        assert_eq!(policy.choose(0, false), Codec::Lz4);
-        policy.record(Codec::Lz4, 1 << 20, 1 << 19, Duration::from_millis(1));
-        assert_eq!(policy.choose(0, false), ZSTD);
-        policy.record(ZSTD, 1 << 20, 1 << 18, Duration::from_millis(3));
-        assert_eq!(policy.choose(0, false), NONE);
-        policy.record(NONE, 1 << 20, 1 << 20, Duration::from_micros(100));
-        // The link not yet seen full: uncompressed, with the codecs tried now and then.
-        let choices: Vec<Codec> = (0..4 * EXPLORE_EVERY).map(|_| policy.choose(0, false)).collect();
-        let kinds = |c: Codec| choices.iter().filter(|x| **x == c).count();
-        assert!(kinds(NONE) as u64 > 3 * EXPLORE_EVERY, "{choices:?}");
-        assert!(kinds(Codec::Lz4) > 0 && kinds(ZSTD) > 0, "{choices:?}");
+        let batch = 64 << 12;
+        for _ in 0..10 {
+            policy.measure(Codec::Lz4, batch, batch, Duration::from_micros(200));
+        }
+        // One page that packs 80x, alone in its batch.
+        policy.measure(Codec::Lz4, 4096, 51, Duration::from_micros(4));
+        let ratio = policy.lock().estimates[1].ratio();
+        assert!(ratio < 1.02, "{ratio}");
+    }
+
+    #[test]
+    fn pages_go_raw_until_every_choice_is_measured_then_all_are_measured_now_and_then() {
+        let policy = AdaptivePolicy::new(2);
+        let raw_and_measured = Choice { codec: NONE, measure: true };
+        assert_eq!(policy.choose(0, false), raw_and_measured);
+        policy.measure(NONE, 1 << 20, 1 << 20, Duration::from_micros(100));
+        policy.measure(Codec::Lz4, 1 << 20, 1 << 19, Duration::from_millis(1));
+        assert_eq!(policy.choose(0, false), raw_and_measured, "zstd not measured yet");
+        policy.measure(ZSTD, 1 << 20, 1 << 18, Duration::from_millis(3));
+        // The link not yet seen full: raw, every choice measured on one batch in 64.
+        let choices: Vec<Choice> = (0..4 * MEASURE_EVERY).map(|_| policy.choose(0, false)).collect();
+        assert!(choices.iter().all(|c| c.codec == NONE), "{choices:?}");
+        assert_eq!(choices.iter().filter(|c| c.measure).count(), 4, "{choices:?}");
     }
 
     #[test]
     fn the_link_is_measured_only_while_frames_wait_for_it() {
         let policy = policy(2.0, 1e9, 4e8, 1.25e8);
-        // A window in which the link idled (the codecs were the bottleneck) says nothing.
-        policy.lock().window.start = Instant::now() - WINDOW;
-        policy.choose(1_000, false);
-        assert_eq!(policy.lock().link, Some(1.25e8));
-        // A window with frames waiting measures it.
-        policy.lock().window.start = Instant::now() - Duration::from_secs(1);
-        policy.choose(1_000 + 1_000_000_000, true);
-        let link = policy.lock().link.unwrap();
-        assert!(link > 1.25e8, "{link}");
+        // A window of batches `waiting` of which found frames queued, `bytes` written.
+        let window = |batches: u32, waiting: u32, bytes: u64| {
+            let start = Instant::now() - Duration::from_secs(1);
+            let mut state = policy.lock();
+            state.window = Window { start, batches, backlog: waiting, ..Window::open(0, None) };
+            drop(state);
+            policy.choose(bytes, true);
+            policy.lock().link.unwrap()
+        };
+        // The link idled through most of the window (the scanner or the codecs set the
+        // pace): says nothing, however few bytes went.
+        assert_eq!(window(20, 10, 1_000), 1.25e8);
+        // Frames waited throughout: the link's rate.
+        assert!(window(20, 19, 1_000_000_000) > 1.25e8);
     }
 
     #[test]
@@ -315,5 +373,24 @@ mod tests {
         }
         policy.choose(0, false);
         assert_eq!(policy.lock().free_cores, Some(2.0));
+    }
+
+    #[test]
+    fn beside_polling_cores_free_cores_are_the_share_the_workers_got() {
+        // As many polling cores as CPUs: the workers share with them whatever the machine.
+        let _pollers: Vec<_> = (0..crate::pin::core_count()).map(|_| cpu::PollingCore::register()).collect();
+        let policy = policy(2.0, 1e9, 4e8, 1.25e8);
+        {
+            let mut state = policy.lock();
+            state.free_cores = None;
+            state.window.start = Instant::now() - Duration::from_secs(1);
+            // Busy 0.3 CPU-seconds in batches that took 0.9 s: a third of a CPU each.
+            state.window.worker_cpu = 0.3;
+            state.window.worker_wall = 0.9;
+            state.window.idle_at_start = cpu::idle_seconds().map(|s| s + 1e6);
+        }
+        policy.choose(0, false);
+        let free = policy.lock().free_cores.unwrap();
+        assert!((free - 2.0 / 3.0).abs() < 0.01, "{free}");
     }
 }
