@@ -25,9 +25,13 @@ use migration::codec::Codec;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// One batch in this many is also compressed with every choice, to measure them all on
-/// the same pages (about 3% more codec work).
+/// At most one batch in this many is also compressed with every choice, to measure them
+/// all on the same pages...
 const MEASURE_EVERY: u64 = 64;
+/// ...and only while measuring has taken at most this share of the workers' CPU time. A
+/// batch sent raw costs little, so measuring lz4 and zstd on one batch in 64 of them
+/// would add some 40% to the workers' work on a fast link.
+const MEASURE_BUDGET: f64 = 0.03;
 /// How long the link's rate and the free cores are averaged over.
 const WINDOW: Duration = Duration::from_millis(50);
 /// Weight of a new measurement in the running averages (and what the codecs' running
@@ -96,6 +100,11 @@ impl Window {
 struct State {
     estimates: [ChoiceEstimate; 3],
     batches: u64,
+    /// The batch that was last measured on.
+    measured_at: u64,
+    /// Worker CPU-seconds spent on all batches, and on measuring.
+    worker_cpu: f64,
+    measure_cpu: f64,
     /// The link's rate, in wire bytes per second, measured over windows in which it had
     /// frames waiting to go (so it, not the codecs, set the pace); unknown at first.
     link: Option<f64>,
@@ -135,6 +144,9 @@ impl AdaptivePolicy {
             state: Mutex::new(State {
                 estimates: [ChoiceEstimate::default(); 3],
                 batches: 0,
+                measured_at: 0,
+                worker_cpu: 0.0,
+                measure_cpu: 0.0,
                 link: None,
                 free_cores: None,
                 window: Window::open(0, cpu::idle_seconds()),
@@ -157,11 +169,16 @@ impl AdaptivePolicy {
             self.close_window(&mut state, wire_bytes);
         }
         // Every choice is measured on the same pages: on the first batches until each has
-        // a measurement (meanwhile pages go raw), then on one batch in `MEASURE_EVERY`.
-        // Measuring them on different batches compared them on different data: an idle
-        // guest's regions pack from 1x to 80x.
+        // a measurement (meanwhile pages go raw), then on one batch in `MEASURE_EVERY`
+        // within `MEASURE_BUDGET`. Measuring them on different batches compared them on
+        // different data: an idle guest's regions pack from 1x to 80x.
         let unmeasured = state.estimates.iter().any(|e| e.samples == 0);
-        let measure = unmeasured || state.batches.is_multiple_of(MEASURE_EVERY);
+        let due = state.batches - state.measured_at >= MEASURE_EVERY
+            && state.measure_cpu <= MEASURE_BUDGET * state.worker_cpu;
+        let measure = unmeasured || due;
+        if measure {
+            state.measured_at = state.batches;
+        }
         let best = if unmeasured { 0 } else { self.best(&state) };
         Choice { codec: Codec::ADAPTIVE_CHOICES[best], measure }
     }
@@ -223,6 +240,7 @@ impl AdaptivePolicy {
     /// time in `wall` of wall-clock time (for the free cores).
     pub fn account(&self, cpu: Duration, wall: Duration) {
         let mut state = self.lock();
+        state.worker_cpu += cpu.as_secs_f64();
         state.window.worker_cpu += cpu.as_secs_f64();
         state.window.worker_wall += wall.max(cpu).as_secs_f64();
     }
@@ -231,10 +249,11 @@ impl AdaptivePolicy {
     /// (its pages not found zero or unchanged) in `cpu` of a worker's CPU time.
     pub fn measure(&self, codec: Codec, input: u64, output: u64, cpu: Duration) {
         let Some(i) = Codec::ADAPTIVE_CHOICES.iter().position(|c| *c == codec) else { return };
+        let mut state = self.lock();
+        state.measure_cpu += cpu.as_secs_f64();
         if input == 0 || cpu.is_zero() {
             return;
         }
-        let mut state = self.lock();
         let estimate = &mut state.estimates[i];
         let keep = 1.0 - SMOOTHING;
         estimate.input = keep * estimate.input + input as f64;
@@ -325,10 +344,17 @@ mod tests {
         policy.measure(Codec::Lz4, 1 << 20, 1 << 19, Duration::from_millis(1));
         assert_eq!(policy.choose(0, false), raw_and_measured, "zstd not measured yet");
         policy.measure(ZSTD, 1 << 20, 1 << 18, Duration::from_millis(3));
-        // The link not yet seen full: raw, every choice measured on one batch in 64.
+        // The link not yet seen full: raw, every choice measured on one batch in 64 while
+        // measuring stays within its share of the workers' CPU.
+        policy.account(Duration::from_secs(1), Duration::from_secs(1));
         let choices: Vec<Choice> = (0..4 * MEASURE_EVERY).map(|_| policy.choose(0, false)).collect();
         assert!(choices.iter().all(|c| c.codec == NONE), "{choices:?}");
         assert_eq!(choices.iter().filter(|c| c.measure).count(), 4, "{choices:?}");
+        // Measuring took more than its share: it waits until the work catches up.
+        policy.measure(ZSTD, 1 << 20, 1 << 18, Duration::from_millis(100));
+        assert!((0..4 * MEASURE_EVERY).all(|_| !policy.choose(0, false).measure));
+        policy.account(Duration::from_secs(5), Duration::from_secs(5));
+        assert!((0..MEASURE_EVERY).any(|_| policy.choose(0, false).measure));
     }
 
     #[test]
