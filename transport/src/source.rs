@@ -19,7 +19,7 @@
 //! `deferred_cleanup` is off, which exists to measure what it saves).
 
 use crate::abort::SessionAbort;
-use crate::adaptive::{self, AdaptivePolicy, Choice};
+use crate::adaptive::{self, AdaptivePolicy, Choice, Pipeline};
 use crate::cancel::Cancel;
 use crate::config::SourceConfig;
 use crate::framed::{read_frame, write_frame, ReadError, CONTROL_FRAME_LIMIT_BYTES};
@@ -511,9 +511,11 @@ impl BatchEncoder {
     fn encode(&mut self, shared: &Shared<'_>, job: &Job) -> Option<FrameBuf> {
         let mut frame = shared.frame_pool.take(|| FrameBuf::with_capacity(MAX_BATCH_BYTES));
         let choice = match &shared.adaptive {
-            Some(policy) => {
-                policy.choose(shared.wire_bytes.load(Ordering::Relaxed), !shared.outgoing[job.connection].is_empty())
-            }
+            Some(policy) => policy.choose(Pipeline {
+                wire_bytes: shared.wire_bytes.load(Ordering::Relaxed),
+                link_backlog: !shared.outgoing[job.connection].is_empty(),
+                scanner_ahead: !shared.jobs.is_empty(),
+            }),
             None => Choice { codec: self.compressors[0].codec(), measure: false },
         };
         let codec = choice.codec;
@@ -603,7 +605,9 @@ impl BatchEncoder {
             if choice.measure {
                 self.measure_choices(shared, job, policy);
             }
-            policy.account(adaptive::cpu::thread_time() - cpu_start, wall_start.elapsed());
+            // The counters hold this batch alone (the worker merges and resets them per job).
+            let input = (self.counters.raw_pages + self.counters.compressed_pages) * PAGE_SIZE_BYTES as u64;
+            policy.account(input, adaptive::cpu::thread_time() - cpu_start, wall_start.elapsed());
         }
         frame
     }

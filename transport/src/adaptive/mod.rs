@@ -37,6 +37,8 @@ const WINDOW: Duration = Duration::from_millis(50);
 /// Weight of a new measurement in the running averages (and what the codecs' running
 /// sums forget per batch).
 const SMOOTHING: f64 = 0.2;
+/// How fast an observation of a choice not in use fades toward the model, per window.
+const FADE: f64 = 0.02;
 /// How much more a codec must promise than sending pages as they are: compressing also
 /// costs the destination CPU, which this end does not see.
 const CODEC_MARGIN: f64 = 1.05;
@@ -73,6 +75,13 @@ struct Window {
     backlog: u32,
     /// Batches chosen for during the window.
     batches: u32,
+    /// Batches for which the scanner had jobs queued for the workers (it was not what
+    /// held the migration back).
+    scanner_ahead: u32,
+    /// Batches sent with each choice.
+    chosen: [u32; 3],
+    /// Guest bytes (pages not found zero or unchanged) the workers handled.
+    guest_bytes: f64,
     /// CPU-seconds the workers spent on the batches recorded in the window.
     worker_cpu: f64,
     /// Wall-clock seconds those batches took (more than their CPU time where the workers
@@ -90,6 +99,9 @@ impl Window {
             wire_bytes,
             backlog: 0,
             batches: 0,
+            scanner_ahead: 0,
+            chosen: [0; 3],
+            guest_bytes: 0.0,
             worker_cpu: 0.0,
             worker_wall: 0.0,
             idle_at_start,
@@ -111,7 +123,22 @@ struct State {
     /// Cores the workers can have: what they use plus what sits idle; unknown at first
     /// (taken as one per worker).
     free_cores: Option<f64>,
+    /// Guest bytes per second each choice was seen to move, over windows sent with it in
+    /// which the scanner kept ahead: what the model's bounds miss (the destination's CPU
+    /// where the ends share a host, caches, the stack) shows here.
+    observed: [Option<f64>; 3],
     window: Window,
+}
+
+/// The state of the pipeline when a worker asks for a codec.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Pipeline {
+    /// Bytes written to the link so far.
+    pub wire_bytes: u64,
+    /// Whether frames are queued for the link.
+    pub link_backlog: bool,
+    /// Whether the scanner has more jobs queued for the workers.
+    pub scanner_ahead: bool,
 }
 
 /// The policy's answer for one batch.
@@ -149,6 +176,7 @@ impl AdaptivePolicy {
                 measure_cpu: 0.0,
                 link: None,
                 free_cores: None,
+                observed: [None; 3],
                 window: Window::open(0, cpu::idle_seconds()),
             }),
         }
@@ -158,15 +186,15 @@ impl AdaptivePolicy {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The codec for the next batch, given the bytes written to the link so far and
-    /// whether frames are waiting for it now.
-    pub fn choose(&self, wire_bytes: u64, backlog: bool) -> Choice {
+    /// The codec for the next batch.
+    pub fn choose(&self, pipeline: Pipeline) -> Choice {
         let mut state = self.lock();
         state.batches += 1;
         state.window.batches += 1;
-        state.window.backlog += u32::from(backlog);
+        state.window.backlog += u32::from(pipeline.link_backlog);
+        state.window.scanner_ahead += u32::from(pipeline.scanner_ahead);
         if state.window.start.elapsed() >= WINDOW {
-            self.close_window(&mut state, wire_bytes);
+            self.close_window(&mut state, pipeline.wire_bytes);
         }
         // Every choice is measured on the same pages: on the first batches until each has
         // a measurement (meanwhile pages go raw), then on one batch in `MEASURE_EVERY`
@@ -180,6 +208,7 @@ impl AdaptivePolicy {
             state.measured_at = state.batches;
         }
         let best = if unmeasured { 0 } else { self.best(&state) };
+        state.window.chosen[best] += 1;
         Choice { codec: Codec::ADAPTIVE_CHOICES[best], measure }
     }
 
@@ -192,6 +221,23 @@ impl AdaptivePolicy {
         // scanner or the workers paced (sparse pages, a slow codec) would make a slow link.
         if window.batches >= 4 && window.backlog * 4 >= window.batches * 3 {
             smooth(&mut state.link, wire_bytes.saturating_sub(window.wire_bytes) as f64 / seconds);
+        }
+        // A window sent (nearly) all with one choice, with the scanner ahead throughout,
+        // shows what that choice moves: the workers or the link set the pace.
+        if window.batches >= 8 && window.scanner_ahead * 4 >= window.batches * 3 {
+            if let Some(i) = (0..3).find(|&i| window.chosen[i] * 10 >= window.batches * 9) {
+                smooth(&mut state.observed[i], window.guest_bytes / seconds);
+            }
+        }
+        // What a choice was seen to do fades toward what the model says while it is not
+        // used (by half in about 35 windows): the data and the link change.
+        for i in 0..3 {
+            if state.window.chosen[i] == 0 {
+                let model = self.model(state, i);
+                if let Some(seen) = &mut state.observed[i] {
+                    *seen += FADE * (model - *seen);
+                }
+            }
         }
         let idle_now = cpu::idle_seconds();
         if let (Some(before), Some(now)) = (window.idle_at_start, idle_now) {
@@ -220,13 +266,9 @@ impl AdaptivePolicy {
     /// Guest bytes per second each choice could move; the index of the largest, with
     /// sending pages as they are kept unless a codec promises `CODEC_MARGIN` more.
     fn best(&self, state: &State) -> usize {
-        // Until the link has been seen full, sending uncompressed is the way to fill it.
-        let link = state.link.unwrap_or(f64::INFINITY).max(1.0);
-        let cores = state.free_cores.unwrap_or(self.workers as f64);
         let throughput = |i: usize| {
-            let e = state.estimates[i];
-            let ratio = if i == 0 { 1.0 } else { e.ratio().max(1.0) };
-            (cores * e.rate()).min(link * ratio)
+            let model = self.model(state, i);
+            state.observed[i].map_or(model, |seen| model.min(seen))
         };
         let best_codec = if throughput(2) > throughput(1) { 2 } else { 1 };
         if throughput(best_codec) > CODEC_MARGIN * throughput(0) {
@@ -236,10 +278,23 @@ impl AdaptivePolicy {
         }
     }
 
-    /// A batch's cost to its worker, whatever it was sent with: `cpu` of the worker's CPU
-    /// time in `wall` of wall-clock time (for the free cores).
-    pub fn account(&self, cpu: Duration, wall: Duration) {
+    /// What choice `i` could move, by the model: the smaller of what the free cores can
+    /// process with it and what the link can carry at its ratio.
+    fn model(&self, state: &State, i: usize) -> f64 {
+        // Until the link has been seen full, sending uncompressed is the way to fill it.
+        let link = state.link.unwrap_or(f64::INFINITY).max(1.0);
+        let cores = state.free_cores.unwrap_or(self.workers as f64);
+        let e = state.estimates[i];
+        let ratio = if i == 0 { 1.0 } else { e.ratio().max(1.0) };
+        (cores * e.rate()).min(link * ratio)
+    }
+
+    /// A batch's cost to its worker, whatever it was sent with: `input` guest bytes (pages
+    /// not found zero or unchanged) in `cpu` of the worker's CPU time and `wall` of
+    /// wall-clock time.
+    pub fn account(&self, input: u64, cpu: Duration, wall: Duration) {
         let mut state = self.lock();
+        state.window.guest_bytes += input as f64;
         state.worker_cpu += cpu.as_secs_f64();
         state.window.worker_cpu += cpu.as_secs_f64();
         state.window.worker_wall += wall.max(cpu).as_secs_f64();
@@ -270,6 +325,11 @@ mod tests {
     const NONE: Codec = Codec::None;
     const ZSTD: Codec = Codec::Zstd { level: 1 };
 
+    /// A pipeline whose link has frames queued, `wire_bytes` written so far.
+    fn backlogged(wire_bytes: u64) -> Pipeline {
+        Pipeline { wire_bytes, link_backlog: true, scanner_ahead: true }
+    }
+
     /// A policy that has measured, per worker CPU-second, raw sending at 10 GB/s, lz4 at
     /// `lz4` bytes/s with ratio 2 and zstd at `zstd` with ratio 3, with `cores` free cores
     /// and a link seen at `link` bytes/s.
@@ -289,7 +349,7 @@ mod tests {
     }
 
     fn steady_choice(policy: &AdaptivePolicy) -> Codec {
-        policy.choose(0, true).codec
+        policy.choose(backlogged(0)).codec
     }
 
     #[test]
@@ -339,22 +399,22 @@ mod tests {
     fn pages_go_raw_until_every_choice_is_measured_then_all_are_measured_now_and_then() {
         let policy = AdaptivePolicy::new(2);
         let raw_and_measured = Choice { codec: NONE, measure: true };
-        assert_eq!(policy.choose(0, false), raw_and_measured);
+        assert_eq!(policy.choose(Pipeline::default()), raw_and_measured);
         policy.measure(NONE, 1 << 20, 1 << 20, Duration::from_micros(100));
         policy.measure(Codec::Lz4, 1 << 20, 1 << 19, Duration::from_millis(1));
-        assert_eq!(policy.choose(0, false), raw_and_measured, "zstd not measured yet");
+        assert_eq!(policy.choose(Pipeline::default()), raw_and_measured, "zstd not measured yet");
         policy.measure(ZSTD, 1 << 20, 1 << 18, Duration::from_millis(3));
         // The link not yet seen full: raw, every choice measured on one batch in 64 while
         // measuring stays within its share of the workers' CPU.
-        policy.account(Duration::from_secs(1), Duration::from_secs(1));
-        let choices: Vec<Choice> = (0..4 * MEASURE_EVERY).map(|_| policy.choose(0, false)).collect();
+        policy.account(0, Duration::from_secs(1), Duration::from_secs(1));
+        let choices: Vec<Choice> = (0..4 * MEASURE_EVERY).map(|_| policy.choose(Pipeline::default())).collect();
         assert!(choices.iter().all(|c| c.codec == NONE), "{choices:?}");
         assert_eq!(choices.iter().filter(|c| c.measure).count(), 4, "{choices:?}");
         // Measuring took more than its share: it waits until the work catches up.
         policy.measure(ZSTD, 1 << 20, 1 << 18, Duration::from_millis(100));
-        assert!((0..4 * MEASURE_EVERY).all(|_| !policy.choose(0, false).measure));
-        policy.account(Duration::from_secs(5), Duration::from_secs(5));
-        assert!((0..MEASURE_EVERY).any(|_| policy.choose(0, false).measure));
+        assert!((0..4 * MEASURE_EVERY).all(|_| !policy.choose(Pipeline::default()).measure));
+        policy.account(0, Duration::from_secs(5), Duration::from_secs(5));
+        assert!((0..MEASURE_EVERY).any(|_| policy.choose(Pipeline::default()).measure));
     }
 
     #[test]
@@ -366,7 +426,7 @@ mod tests {
             let mut state = policy.lock();
             state.window = Window { start, batches, backlog: waiting, ..Window::open(0, None) };
             drop(state);
-            policy.choose(bytes, true);
+            policy.choose(backlogged(bytes));
             policy.lock().link.unwrap()
         };
         // The link idled through most of the window (the scanner or the codecs set the
@@ -387,7 +447,7 @@ mod tests {
             state.window.worker_cpu = 0.5;
             state.window.idle_at_start = cpu::idle_seconds().map(|s| s + 1e6);
         }
-        policy.choose(0, false);
+        policy.choose(Pipeline::default());
         assert_eq!(policy.lock().free_cores.map(|c| (c * 100.0).round() / 100.0), Some(0.5));
         {
             let mut state = policy.lock();
@@ -397,7 +457,7 @@ mod tests {
             // 100 idle CPU-seconds in one second: capped at one core per worker.
             state.window.idle_at_start = cpu::idle_seconds().map(|s| s - 100.0);
         }
-        policy.choose(0, false);
+        policy.choose(Pipeline::default());
         assert_eq!(policy.lock().free_cores, Some(2.0));
     }
 
@@ -415,8 +475,25 @@ mod tests {
             state.window.worker_wall = 0.9;
             state.window.idle_at_start = cpu::idle_seconds().map(|s| s + 1e6);
         }
-        policy.choose(0, false);
+        policy.choose(Pipeline::default());
         let free = policy.lock().free_cores.unwrap();
         assert!((free - 2.0 / 3.0).abs() < 0.01, "{free}");
+    }
+
+    #[test]
+    fn a_codec_seen_moving_less_than_promised_gives_way() {
+        // At 1 Gbit/s the model puts zstd (0.375 GB/s) ahead of lz4 (0.25 GB/s)...
+        let policy = policy(2.0, 1e9, 4e8, 1.25e8);
+        assert_eq!(steady_choice(&policy), ZSTD);
+        // ...but a window sent with zstd, the scanner ahead throughout, moved 0.2 GB/s.
+        {
+            let mut state = policy.lock();
+            let start = Instant::now() - Duration::from_secs(1);
+            state.window = Window { start, batches: 20, scanner_ahead: 20, ..Window::open(0, None) };
+            state.window.chosen[2] = 20;
+            state.window.guest_bytes = 2e8;
+        }
+        assert_eq!(policy.choose(backlogged(0)).codec, Codec::Lz4);
+        assert!(policy.lock().observed[2].is_some_and(|seen| (seen - 2e8).abs() < 1e6));
     }
 }
