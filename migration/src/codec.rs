@@ -256,18 +256,13 @@ impl PageCompressor {
     /// Compresses one page into `out` (at least [`PageCompressor::room`] bytes long, e.g.
     /// the end of a frame): the length written, or `None` when the page should go raw.
     pub fn compress_into(&mut self, page: &[u8], out: &mut [u8]) -> Option<usize> {
-        debug_assert_eq!(page.len(), PAGE_SIZE_BYTES);
-        let room = self.room();
-        self.block.compress_into(page, &mut out[..room]).filter(|len| *len < PAGE_SIZE_BYTES)
+        pack(&mut self.block, page, out)
     }
 
     /// Compresses one page into this compressor's own buffer. On `Packed { len }`, the
     /// bytes are `self.output()[..len]`.
     pub fn compress(&mut self, page: &[u8]) -> Compressed {
-        let mut out = std::mem::take(&mut self.out);
-        let packed = self.compress_into(page, &mut out);
-        self.out = out;
-        match packed {
+        match pack(&mut self.block, page, &mut self.out) {
             Some(len) => Compressed::Packed { len },
             None => Compressed::Raw,
         }
@@ -276,6 +271,13 @@ impl PageCompressor {
     pub fn output(&self) -> &[u8] {
         &self.out
     }
+}
+
+/// One page through `block` into `out`: the length, unless the page should go raw.
+fn pack(block: &mut BlockCompressor, page: &[u8], out: &mut [u8]) -> Option<usize> {
+    debug_assert_eq!(page.len(), PAGE_SIZE_BYTES);
+    let room = PageCompressor::room_for(block.codec());
+    block.compress_into(page, &mut out[..room]).filter(|len| *len < PAGE_SIZE_BYTES)
 }
 
 /// Per-worker page decompression.

@@ -71,16 +71,16 @@ fn claim_cpu_in(directory: &std::path::Path, preferred: usize) -> Option<CpuClai
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn default_pools_take_the_cores_the_polling_cores_leave() {
-        assert_eq!(super::workers_from(2, 0, 1), 2);
-        assert_eq!(super::workers_from(2, 1, 1), 1);
-        assert_eq!(super::workers_from(2, 2, 2), 1, "never none");
-        assert_eq!(super::workers_from(16, 2, 2), 7);
-        assert_eq!(super::workers_from(96, 4, 1), super::MAX_DEFAULT_WORKERS);
+        assert_eq!(workers_from(2, 0, 1), 2);
+        assert_eq!(workers_from(2, 1, 1), 1);
+        assert_eq!(workers_from(2, 2, 2), 1, "never none");
+        assert_eq!(workers_from(16, 2, 2), 7);
+        assert_eq!(workers_from(96, 4, 1), MAX_DEFAULT_WORKERS);
     }
-
-    use super::*;
 
     #[test]
     fn a_claimed_cpu_is_not_claimed_again_until_released() {

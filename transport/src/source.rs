@@ -637,9 +637,7 @@ impl BatchEncoder {
             policy.measure(compressor.codec(), input, output, adaptive::cpu::thread_time() - start);
         }
     }
-}
 
-impl BatchEncoder {
     /// A page found zero: the destination's copy becomes zero through a run entry, and the
     /// XBZRLE cache forgets the page (its next version is sent whole).
     fn zero_page<O: BatchOut>(

@@ -6,18 +6,21 @@
 //! - the free cores: the CPU the workers use now plus the machine's idle CPUs (or, where
 //!   workers share CPUs with our polling dataplane cores, which always look busy, what the
 //!   workers got of a CPU while they had work), at most one per worker;
-//! - the link's rate, measured while frames wait for it.
+//! - the link's rate, measured while frames wait for it;
+//! - what each choice was seen to move, over windows sent with it while the scanner kept
+//!   ahead of the workers.
 //!
 //! A choice `c` can move at most `free cores x rate_c` guest bytes per second through the
-//! cores and `link x ratio_c` through the link; the policy picks the choice whose smaller
-//! bound is largest. The seed found compression made 10 Gbit/s migrations slower; here a
+//! cores and `link x ratio_c` through the link, and no more than it was seen to move; the
+//! policy picks the choice whose bound is largest. The seed found compression made 10 Gbit/s migrations slower; here a
 //! codec is only chosen while the free cores can outrun the link with it. Pricing codecs by
 //! CPU-seconds and counting only free cores matters when the link itself costs CPU (a
 //! kernel TCP stack, or both ends on one host): compressing then takes cores the link needs.
 //!
-//! Until every choice has been measured, pages go raw. Then one batch in 64 is compressed
-//! with every choice besides the one it is sent with, so that the estimates follow the
-//! data from region to region without sending a batch with a worse codec.
+//! Until every choice has been measured, pages go raw. Then one batch in 64 (while that
+//! takes at most 3% of the workers' CPU) is also compressed with every choice, the one it
+//! is sent with included, so that the estimates follow the data from region to region
+//! without sending a batch with a worse codec.
 
 pub mod cpu;
 
