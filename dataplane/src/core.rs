@@ -221,6 +221,8 @@ struct Pipe {
     shared: Arc<PipeShared>,
     /// A chunk taken from the application, partly written into the socket.
     pending: Option<(Vec<u8>, usize)>,
+    /// Bytes written into the socket so far.
+    sent: u64,
     eof_sent: bool,
     closing: bool,
 }
@@ -403,7 +405,14 @@ impl<D: Device> Core<D> {
 
     fn adopt(&mut self, handle: SocketHandle) -> Arc<PipeShared> {
         let shared = PipeShared::new();
-        self.pipes.push(Pipe { handle, shared: shared.clone(), pending: None, eof_sent: false, closing: false });
+        self.pipes.push(Pipe {
+            handle,
+            shared: shared.clone(),
+            pending: None,
+            sent: 0,
+            eof_sent: false,
+            closing: false,
+        });
         shared
     }
 
@@ -475,6 +484,7 @@ impl<D: Device> Core<D> {
                 break;
             }
             *offset += sent;
+            pipe.sent += sent as u64;
             budget = budget.saturating_sub(sent);
             progress = true;
             if *offset == chunk.len() {
@@ -483,6 +493,13 @@ impl<D: Device> Core<D> {
                 }
             }
         }
+
+        // What left the send buffer was acknowledged. A buffer over half full of bytes not
+        // yet acknowledged waits for the link (or the peer): when the link keeps up, only
+        // the bytes on their way are there, and the writer's bursts never fill it.
+        let queued = socket.send_queue();
+        pipe.shared.acknowledged.store(pipe.sent - queued as u64, Ordering::Relaxed);
+        pipe.shared.send_full.store(2 * queued >= socket.send_capacity(), Ordering::Relaxed);
 
         // Network to application.
         let mut budget = PUMP_BUDGET_BYTES;

@@ -3,10 +3,11 @@
 //! engine as a `transport::pipe::Connection`.
 
 use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use transport::abort::SessionAbort;
-use transport::pipe::Connection;
+use transport::pipe::{Connection, SendProbe};
 use transport::ring::{Pool, Ring};
 
 /// Bytes per chunk handed between an application thread and its core: large enough that
@@ -24,6 +25,20 @@ pub struct PipeShared {
     /// Raised when the application closes the connection (or the core lost it).
     pub(crate) closed: SessionAbort,
     pub(crate) free: Pool<Vec<u8>>,
+    /// Bytes the peer has acknowledged, as the core last saw them.
+    pub(crate) acknowledged: AtomicU64,
+    /// Whether the socket's send buffer was full when the core last looked.
+    pub(crate) send_full: AtomicBool,
+}
+
+impl SendProbe for PipeShared {
+    fn acknowledged(&self) -> u64 {
+        self.acknowledged.load(Ordering::Relaxed)
+    }
+
+    fn full(&self) -> bool {
+        self.send_full.load(Ordering::Relaxed)
+    }
 }
 
 impl PipeShared {
@@ -33,6 +48,8 @@ impl PipeShared {
             from_net: Ring::new(PIPE_RING_CHUNKS),
             closed: SessionAbort::new(),
             free: Pool::new(2 * PIPE_RING_CHUNKS),
+            acknowledged: AtomicU64::new(0),
+            send_full: AtomicBool::new(false),
         })
     }
 }
@@ -97,10 +114,12 @@ impl Write for PipeWriter {
 /// waits for the peer, as a kernel socket's read timeout does.
 pub(crate) fn connection(shared: Arc<PipeShared>, peer: String, timeout: Duration) -> Connection {
     let closer = shared.clone();
+    let probe = shared.clone();
     Connection {
         reader: Box::new(PipeReader { shared: shared.clone(), current: Vec::new(), offset: 0, eof: false, timeout }),
         writer: Box::new(PipeWriter { shared }),
         closer: Box::new(move || closer.closed.raise("closed by the application")),
         peer,
+        probe: Some(probe),
     }
 }

@@ -1,10 +1,14 @@
 //! Migrations over smoltcp on the in-process wire (two dataplane cores, no kernel
-//! networking): every workload, one and four connections, MTU 1500 and 9000, verified.
+//! networking): every workload, one and four connections, MTU 1500 and 9000, verified;
+//! and what the send probes of our stack and of the kernel's TCP say of the link.
 
+use dataplane::stack::{LoopbackStack, DEFAULT_SOCKET_BUFFER_BYTES};
 use migration::codec::Codec;
 use migration::precopy::PrecopyConfig;
-use std::time::Duration;
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
 use transport::config::SourceConfig;
+use transport::pipe::{Acceptor, Connection, Connector, TcpAcceptor, TcpConnector, Timeouts};
 use transport::synthetic::WorkloadSpec;
 use vmigrate_tests::session::{migrate_synthetic_on, Link};
 
@@ -158,3 +162,60 @@ fn every_fault_ends_verified_or_cleanly_failed_in_bounded_time() {
 }
 
 const MS: Duration = Duration::from_millis(1);
+
+/// What a stack's send probe says while the reader stalls and then drains (adaptive
+/// compression measures the link by it): the send buffer fills and says so, bytes the
+/// receiver has not taken in are not counted acknowledged, and once everything is read,
+/// all of it was acknowledged and the buffer is no longer full.
+fn probe_follows_a_stalled_then_draining_reader(sender: Connection, mut receiver: Connection) {
+    const BYTES: usize = 32 << 20;
+    let probe = sender.probe.clone().expect("the stack has a send probe");
+    assert_eq!(probe.acknowledged(), 0);
+    assert!(!probe.full(), "nothing written yet");
+    let writer = std::thread::spawn(move || {
+        let mut sender = sender;
+        sender.writer.write_all(&vec![7u8; BYTES]).expect("write");
+        sender
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !probe.full() {
+        assert!(Instant::now() < deadline, "the send buffer never showed full behind a stalled reader");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let held_back = probe.acknowledged();
+    assert!(held_back < BYTES as u64, "{held_back} bytes acknowledged while the reader stalls");
+    let mut read = 0;
+    let mut buffer = vec![0u8; 1 << 20];
+    while read < BYTES {
+        let n = receiver.reader.read(&mut buffer).expect("read");
+        assert!(n > 0, "the stream ended after {read} bytes");
+        read += n;
+    }
+    let _sender = writer.join().expect("writer");
+    while probe.acknowledged() < BYTES as u64 {
+        assert!(Instant::now() < deadline, "acknowledged {} of {BYTES} bytes read", probe.acknowledged());
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(probe.acknowledged(), BYTES as u64);
+    assert!(!probe.full(), "everything acknowledged, yet the send buffer shows full");
+}
+
+#[test]
+fn the_send_probe_follows_the_link_on_our_stack() {
+    let stack = LoopbackStack::start(1500, DEFAULT_SOCKET_BUFFER_BYTES, false).expect("start the loopback wire");
+    let timeouts = Timeouts { connect: Duration::from_secs(10), io: Duration::from_secs(30) };
+    let mut acceptor = stack.acceptor(4710, timeouts).expect("listen");
+    let sender = stack.connector(4710, timeouts).connect().expect("connect");
+    let receiver = acceptor.accept(Duration::from_secs(10)).expect("accept");
+    probe_follows_a_stalled_then_draining_reader(sender, receiver);
+}
+
+#[test]
+fn the_send_probe_follows_the_link_on_kernel_tcp() {
+    let timeouts = Timeouts { connect: Duration::from_secs(10), io: Duration::from_secs(30) };
+    let mut acceptor = TcpAcceptor::bind("127.0.0.1:0", timeouts).expect("listen");
+    let address = acceptor.local_socket_addr().expect("address");
+    let sender = TcpConnector::new(address, timeouts).expect("connector").connect().expect("connect");
+    let receiver = acceptor.accept(Duration::from_secs(10)).expect("accept");
+    probe_follows_a_stalled_then_draining_reader(sender, receiver);
+}

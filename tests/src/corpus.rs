@@ -145,6 +145,7 @@ impl Acceptor for Replay {
                 writer: Box::new(io::sink()),
                 closer: Box::new(|| {}),
                 peer: "corpus".into(),
+                probe: None,
             }),
             None => {
                 std::thread::sleep(timeout.min(Duration::from_millis(100)));

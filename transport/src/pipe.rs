@@ -6,6 +6,9 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub struct Connection {
@@ -15,6 +18,69 @@ pub struct Connection {
     pub closer: Box<dyn Fn() + Send + Sync>,
     /// The peer, for messages.
     pub peer: String,
+    /// What the stack can say about the write half's progress; `None` where it cannot.
+    pub probe: Option<Arc<dyn SendProbe>>,
+}
+
+/// What a stack can say about a connection's send side, for measuring the link while a
+/// migration runs (adaptive compression). Bytes written say little: a kernel socket's
+/// buffer and the queues on the way take in megabytes at first; and frames queued in
+/// this process may only wait for a writer thread that has no CPU.
+pub trait SendProbe: Send + Sync {
+    /// Bytes the peer has acknowledged so far.
+    fn acknowledged(&self) -> u64;
+    /// Whether the stack's send buffer is full, so that a write now would wait for the
+    /// link or the peer.
+    fn full(&self) -> bool;
+}
+
+/// A kernel TCP socket's write half, counting what the socket accepted.
+struct CountingWriter {
+    stream: TcpStream,
+    written: Arc<AtomicU64>,
+}
+
+impl Write for CountingWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.stream.write(buf)?;
+        self.written.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.stream.flush()
+    }
+}
+
+/// A kernel TCP socket's send side, seen through ioctl and poll.
+struct TcpProbe {
+    stream: TcpStream,
+    /// Bytes the socket accepted (counted by [`CountingWriter`]).
+    written: Arc<AtomicU64>,
+}
+
+impl SendProbe for TcpProbe {
+    fn acknowledged(&self) -> u64 {
+        // What the socket accepted less what it holds unacknowledged (sent or not). Read
+        // in this order, a byte written in between counts as held, never as acknowledged.
+        let written = self.written.load(Ordering::Relaxed);
+        let mut held: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ (SIOCOUTQ) on a socket writes one int through the pointer,
+        // which points at a live c_int; the descriptor stays open while `self` lives.
+        let rc = unsafe { libc::ioctl(self.stream.as_raw_fd(), libc::TIOCOUTQ, &mut held) };
+        if rc != 0 {
+            return 0;
+        }
+        written.saturating_sub(u64::try_from(held).unwrap_or(0))
+    }
+
+    fn full(&self) -> bool {
+        // The kernel reports a TCP socket writable while a third of its buffer is free.
+        let mut fd = libc::pollfd { fd: self.stream.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+        // SAFETY: one valid pollfd, a zero timeout: poll only reads and writes `fd`.
+        let ready = unsafe { libc::poll(&mut fd, 1, 0) };
+        ready == 0
+    }
 }
 
 /// Opens connections to a destination (the source side).
@@ -50,13 +116,16 @@ fn tcp_connection(stream: TcpStream, timeouts: Timeouts) -> io::Result<Connectio
     let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
     let reader = stream.try_clone()?;
     let closer = stream.try_clone()?;
+    let written = Arc::new(AtomicU64::new(0));
+    let probe = TcpProbe { stream: stream.try_clone()?, written: written.clone() };
     Ok(Connection {
         reader: Box::new(reader),
-        writer: Box::new(stream),
+        writer: Box::new(CountingWriter { stream, written }),
         closer: Box::new(move || {
             let _ = closer.shutdown(Shutdown::Both);
         }),
         peer,
+        probe: Some(Arc::new(probe)),
     })
 }
 

@@ -108,7 +108,7 @@ pub fn pump(
     abort: &Arc<SessionAbort>,
 ) -> Result<ChannelReport, RelayFailure> {
     let started = Instant::now();
-    let Connection { reader, writer, closer, peer } = net;
+    let Connection { reader, writer, closer, peer, .. } = net;
     let closer: Arc<dyn Fn() + Send + Sync> = Arc::from(closer);
     let writer = Arc::new(Mutex::new(NetWriter {
         writer,

@@ -170,7 +170,8 @@ fn split(connection: Connection, mut tls: rustls::Connection) -> Connection {
     // Each write is sealed and sent whole (`TlsWriter::seal_and_send`), so the records it
     // makes are bounded by the engine's largest frame, not by rustls's default 64 KiB.
     tls.set_buffer_limit(None);
-    let Connection { reader, writer, closer, peer } = connection;
+    // The probe counts ciphertext: a record's overhead off the guest's bytes.
+    let Connection { reader, writer, closer, peer, probe } = connection;
     let session = Arc::new(Session { tls: Mutex::new(tls), wire_out: Mutex::new(writer) });
     Connection {
         reader: Box::new(TlsReader {
@@ -183,6 +184,7 @@ fn split(connection: Connection, mut tls: rustls::Connection) -> Connection {
         writer: Box::new(TlsWriter { session, sealed: Vec::new() }),
         closer,
         peer,
+        probe,
     }
 }
 
