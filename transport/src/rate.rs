@@ -46,4 +46,36 @@ impl RateLimiter {
             std::thread::sleep(wait);
         }
     }
+
+    /// Whether writes wait for the cap now: more was taken than the rate has paid back.
+    /// The cap is then the link's limit, though the stack under it never fills.
+    pub fn holding_back(&self) -> bool {
+        let bucket = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        bucket.tokens + bucket.last.elapsed().as_secs_f64() * self.bytes_per_s < 0.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cap_holds_back_while_more_was_taken_than_it_paid_back() {
+        let limiter = RateLimiter::new(1_000_000);
+        assert!(!limiter.holding_back(), "nothing taken yet");
+        // The bucket starts empty: 60 KB at 1 MB/s wait 60 ms.
+        let started = Instant::now();
+        limiter.acquire(60_000);
+        assert!(started.elapsed() >= Duration::from_millis(60));
+        assert!(!limiter.holding_back(), "the wait paid it back");
+        {
+            // Taken ahead of the rate (as a write that is still waiting has).
+            let mut bucket = limiter.state.lock().unwrap();
+            bucket.tokens = -20_000.0;
+            bucket.last = Instant::now();
+        }
+        assert!(limiter.holding_back());
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(!limiter.holding_back(), "20 ms later it has paid back");
+    }
 }

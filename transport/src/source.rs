@@ -24,7 +24,7 @@ use crate::cancel::Cancel;
 use crate::config::SourceConfig;
 use crate::framed::{read_frame, write_frame, ReadError, CONTROL_FRAME_LIMIT_BYTES};
 use crate::pin;
-use crate::pipe::{Connection, Connector};
+use crate::pipe::{Connection, Connector, SendProbe};
 use crate::rate::RateLimiter;
 use crate::ring::{Pool, Ring};
 use crate::verify::memory_digest;
@@ -45,7 +45,7 @@ use migration::{zero, PAGE_SIZE_BYTES};
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Jobs waiting for a compression worker. Enough to keep every worker busy while the
@@ -128,6 +128,23 @@ struct Shared<'a> {
     cache_bulk: AtomicBool,
     /// With `Codec::Adaptive`: what chooses each batch's codec.
     adaptive: Option<AdaptivePolicy>,
+    /// What each connection's stack says of its send side (all of them, or none).
+    probes: Option<Vec<Arc<dyn SendProbe>>>,
+}
+
+impl Shared<'_> {
+    /// The link as the adaptive policy sees it when a worker on `connection` asks: bytes
+    /// the destination has acknowledged, and whether the link holds writes back (every
+    /// connection's stack has its send buffer full, or the bandwidth cap makes writes
+    /// wait). Where a stack cannot tell: bytes written, and whether frames wait for the
+    /// connection's writer.
+    fn link_state(&self, connection: usize) -> (u64, bool) {
+        let capped = self.limiter.as_ref().is_some_and(|limiter| limiter.holding_back());
+        match &self.probes {
+            Some(probes) => (probes.iter().map(|p| p.acknowledged()).sum(), capped || probes.iter().all(|p| p.full())),
+            None => (self.wire_bytes.load(Ordering::Relaxed), !self.outgoing[connection].is_empty()),
+        }
+    }
 }
 
 /// Migrates `vm` to the destination `connector` reaches. On success the source guest
@@ -221,6 +238,7 @@ fn run_session(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<MigrationStats, MigrationError> {
     let count = connections.len();
+    let probes = connections.iter().map(|c| c.probe.clone()).collect();
     let shared = Shared {
         abort: SessionAbort::new(),
         config,
@@ -243,6 +261,7 @@ fn run_session(
         cache_bulk: AtomicBool::new(false),
         adaptive: (config.codec == Codec::Adaptive).then(|| AdaptivePolicy::new(config.compress_threads)),
         committed: Mutex::new(false),
+        probes,
     };
     let (answers_tx, answers) = mpsc::channel::<Answer>();
 
@@ -511,11 +530,10 @@ impl BatchEncoder {
     fn encode(&mut self, shared: &Shared<'_>, job: &Job) -> Option<FrameBuf> {
         let mut frame = shared.frame_pool.take(|| FrameBuf::with_capacity(MAX_BATCH_BYTES));
         let choice = match &shared.adaptive {
-            Some(policy) => policy.choose(Pipeline {
-                wire_bytes: shared.wire_bytes.load(Ordering::Relaxed),
-                link_backlog: !shared.outgoing[job.connection].is_empty(),
-                scanner_ahead: !shared.jobs.is_empty(),
-            }),
+            Some(policy) => {
+                let (delivered_bytes, link_full) = shared.link_state(job.connection);
+                policy.choose(Pipeline { delivered_bytes, link_full, scanner_ahead: !shared.jobs.is_empty() })
+            }
             None => Choice { codec: self.compressors[0].codec(), measure: false },
         };
         let codec = choice.codec;

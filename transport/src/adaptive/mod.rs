@@ -6,7 +6,9 @@
 //! - the free cores: the CPU the workers use now plus the machine's idle CPUs (or, where
 //!   workers share CPUs with our polling dataplane cores, which always look busy, what the
 //!   workers got of a CPU while they had work), at most one per worker;
-//! - the link's rate, measured while frames wait for it;
+//! - the link's rate: the bytes the destination acknowledged per second while the link
+//!   held writes back (bytes written would count the megabytes a socket buffer and the
+//!   queues on the way take in at first);
 //! - what each choice was seen to move, over windows sent with it while the scanner kept
 //!   ahead of the workers.
 //!
@@ -17,10 +19,12 @@
 //! CPU-seconds and counting only free cores matters when the link itself costs CPU (a
 //! kernel TCP stack, or both ends on one host): compressing then takes cores the link needs.
 //!
-//! Until every choice has been measured, pages go raw. Then one batch in 64 (while that
-//! takes at most 3% of the workers' CPU) is also compressed with every choice, the one it
-//! is sent with included, so that the estimates follow the data from region to region
-//! without sending a batch with a worse codec.
+//! Until every choice has been measured, pages go raw; so they do until the link has been
+//! seen full, which is first measured over the first few milliseconds it holds writes
+//! back (every page sent raw meanwhile is one a codec might have shrunk). Then one batch
+//! in 64 (while that takes at most 3% of the workers' CPU) is also compressed with every
+//! choice, the one it is sent with included, so that the estimates follow the data from
+//! region to region without sending a batch with a worse codec.
 
 pub mod cpu;
 
@@ -37,6 +41,11 @@ const MEASURE_EVERY: u64 = 64;
 const MEASURE_BUDGET: f64 = 0.03;
 /// How long the link's rate and the free cores are averaged over.
 const WINDOW: Duration = Duration::from_millis(50);
+/// The spans the link's rate is first taken over, each one in which it held writes back
+/// at every batch: at 1 Gbit/s, some 600 KB acknowledged...
+const FIRST_LINK_SPAN: Duration = Duration::from_millis(5);
+/// ...the rate taken once a span's is at most this much above the span's before.
+const SETTLED: f64 = 1.2;
 /// Weight of a new measurement in the running averages (and what the codecs' running
 /// sums forget per batch).
 const SMOOTHING: f64 = 0.2;
@@ -73,9 +82,9 @@ impl ChoiceEstimate {
 /// What is measured over the current window.
 struct Window {
     start: Instant,
-    wire_bytes: u64,
-    /// Batches for which frames were waiting for the link.
-    backlog: u32,
+    delivered_bytes: u64,
+    /// Batches for which the link held writes back.
+    full: u32,
     /// Batches chosen for during the window.
     batches: u32,
     /// Batches for which the scanner had jobs queued for the workers (it was not what
@@ -96,11 +105,11 @@ struct Window {
 
 impl Window {
     /// A window from now; `idle_at_start` is the machine's idle CPU-seconds now.
-    fn open(wire_bytes: u64, idle_at_start: Option<f64>) -> Self {
+    fn open(delivered_bytes: u64, idle_at_start: Option<f64>) -> Self {
         Window {
             start: Instant::now(),
-            wire_bytes,
-            backlog: 0,
+            delivered_bytes,
+            full: 0,
             batches: 0,
             scanner_ahead: 0,
             chosen: [0; 3],
@@ -120,9 +129,12 @@ struct State {
     /// Worker CPU-seconds spent on all batches, and on measuring.
     worker_cpu: f64,
     measure_cpu: f64,
-    /// The link's rate, in wire bytes per second, measured over windows in which it had
-    /// frames waiting to go (so it, not the codecs, set the pace); unknown at first.
+    /// The link's rate, in wire bytes per second, measured over windows in which it held
+    /// writes back (so it, not the codecs, set the pace); unknown at first.
     link: Option<f64>,
+    /// The span of the link's first measurement under way: every batch in it found the
+    /// link holding writes back.
+    first_span: Option<Span>,
     /// Cores the workers can have: what they use plus what sits idle; unknown at first
     /// (taken as one per worker).
     free_cores: Option<f64>,
@@ -136,10 +148,12 @@ struct State {
 /// The state of the pipeline when a worker asks for a codec.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Pipeline {
-    /// Bytes written to the link so far.
-    pub wire_bytes: u64,
-    /// Whether frames are queued for the link.
-    pub link_backlog: bool,
+    /// Bytes the destination has acknowledged so far (where the stack cannot tell, the
+    /// bytes written).
+    pub delivered_bytes: u64,
+    /// Whether the link holds writes back: the stack's send buffers are full (or, where
+    /// the stack cannot tell, frames wait for the connection's writer).
+    pub link_full: bool,
     /// Whether the scanner has more jobs queued for the workers.
     pub scanner_ahead: bool,
 }
@@ -160,6 +174,43 @@ pub struct AdaptivePolicy {
     state: Mutex<State>,
 }
 
+/// The link's first measurement: over spans of `FIRST_LINK_SPAN` in which it held writes
+/// back at every batch, what the destination acknowledged, once a span's rate is no more
+/// than `SETTLED` times the one before. While TCP opens its window, the link looks slower
+/// than it is; in the first span after an idle spell, faster (a shaper's or a switch's
+/// burst allowance). Waiting for a window to close would send its 50 ms raw.
+fn first_link(state: &mut State, pipeline: Pipeline) {
+    if !pipeline.link_full {
+        state.first_span = None;
+        return;
+    }
+    let span = state.first_span.get_or_insert(Span::open(pipeline.delivered_bytes, None));
+    let elapsed = span.start.elapsed();
+    let acknowledged = pipeline.delivered_bytes.saturating_sub(span.delivered_bytes);
+    if elapsed < FIRST_LINK_SPAN || acknowledged == 0 {
+        return;
+    }
+    let rate = acknowledged as f64 / elapsed.as_secs_f64();
+    match span.previous_rate {
+        Some(previous) if rate <= SETTLED * previous => state.link = Some(rate),
+        _ => *span = Span::open(pipeline.delivered_bytes, Some(rate)),
+    }
+}
+
+/// A span of the link's first measurement.
+struct Span {
+    start: Instant,
+    delivered_bytes: u64,
+    /// The rate over the span before, if this one follows it.
+    previous_rate: Option<f64>,
+}
+
+impl Span {
+    fn open(delivered_bytes: u64, previous_rate: Option<f64>) -> Self {
+        Span { start: Instant::now(), delivered_bytes, previous_rate }
+    }
+}
+
 fn smooth(average: &mut Option<f64>, sample: f64) {
     *average = Some(match *average {
         Some(value) => value + SMOOTHING * (sample - value),
@@ -178,6 +229,7 @@ impl AdaptivePolicy {
                 worker_cpu: 0.0,
                 measure_cpu: 0.0,
                 link: None,
+                first_span: None,
                 free_cores: None,
                 observed: [None; 3],
                 window: Window::open(0, cpu::idle_seconds()),
@@ -194,10 +246,13 @@ impl AdaptivePolicy {
         let mut state = self.lock();
         state.batches += 1;
         state.window.batches += 1;
-        state.window.backlog += u32::from(pipeline.link_backlog);
+        state.window.full += u32::from(pipeline.link_full);
         state.window.scanner_ahead += u32::from(pipeline.scanner_ahead);
         if state.window.start.elapsed() >= WINDOW {
-            self.close_window(&mut state, pipeline.wire_bytes);
+            self.close_window(&mut state, pipeline.delivered_bytes);
+        }
+        if state.link.is_none() {
+            first_link(&mut state, pipeline);
         }
         // Every choice is measured on the same pages: on the first batches until each has
         // a measurement (meanwhile pages go raw), then on one batch in `MEASURE_EVERY`
@@ -215,15 +270,15 @@ impl AdaptivePolicy {
         Choice { codec: Codec::ADAPTIVE_CHOICES[best], measure }
     }
 
-    /// Ends the window: the link's rate (if it had a backlog throughout) and the free cores.
-    fn close_window(&self, state: &mut State, wire_bytes: u64) {
+    /// Ends the window: the link's rate (if it was full throughout) and the free cores.
+    fn close_window(&self, state: &mut State, delivered_bytes: u64) {
         let window = &state.window;
         let seconds = window.start.elapsed().as_secs_f64();
-        // Only a window in which nearly every batch found frames waiting for the link
+        // Only a window in which nearly every batch found the link holding writes back
         // measures it: the link then set the pace. A momentary queue in a window that the
         // scanner or the workers paced (sparse pages, a slow codec) would make a slow link.
-        if window.batches >= 4 && window.backlog * 4 >= window.batches * 3 {
-            smooth(&mut state.link, wire_bytes.saturating_sub(window.wire_bytes) as f64 / seconds);
+        if window.batches >= 4 && window.full * 4 >= window.batches * 3 {
+            smooth(&mut state.link, delivered_bytes.saturating_sub(window.delivered_bytes) as f64 / seconds);
         }
         // A window sent (nearly) all with one choice, with the scanner ahead throughout,
         // shows what that choice moves: the workers or the link set the pace.
@@ -254,7 +309,7 @@ impl AdaptivePolicy {
             }
             smooth(&mut state.free_cores, cores.min(self.workers as f64));
         }
-        state.window = Window::open(wire_bytes, idle_now);
+        state.window = Window::open(delivered_bytes, idle_now);
     }
 
     /// Whether the workers share CPUs with this process's polling dataplane cores (more
@@ -328,9 +383,9 @@ mod tests {
     const NONE: Codec = Codec::None;
     const ZSTD: Codec = Codec::Zstd { level: 1 };
 
-    /// A pipeline whose link has frames queued, `wire_bytes` written so far.
-    fn backlogged(wire_bytes: u64) -> Pipeline {
-        Pipeline { wire_bytes, link_backlog: true, scanner_ahead: true }
+    /// A pipeline whose link holds writes back, `delivered_bytes` acknowledged so far.
+    fn full_link(delivered_bytes: u64) -> Pipeline {
+        Pipeline { delivered_bytes, link_full: true, scanner_ahead: true }
     }
 
     /// A policy that has measured, per worker CPU-second, raw sending at 10 GB/s, lz4 at
@@ -352,7 +407,7 @@ mod tests {
     }
 
     fn steady_choice(policy: &AdaptivePolicy) -> Codec {
-        policy.choose(backlogged(0)).codec
+        policy.choose(full_link(0)).codec
     }
 
     #[test]
@@ -421,22 +476,51 @@ mod tests {
     }
 
     #[test]
-    fn the_link_is_measured_only_while_frames_wait_for_it() {
+    fn the_link_is_measured_only_while_it_holds_writes_back() {
         let policy = policy(2.0, 1e9, 4e8, 1.25e8);
-        // A window of batches `waiting` of which found frames queued, `bytes` written.
+        // A window of batches `waiting` of which found the link full, `bytes` acknowledged.
         let window = |batches: u32, waiting: u32, bytes: u64| {
             let start = Instant::now() - Duration::from_secs(1);
             let mut state = policy.lock();
-            state.window = Window { start, batches, backlog: waiting, ..Window::open(0, None) };
+            state.window = Window { start, batches, full: waiting, ..Window::open(0, None) };
             drop(state);
-            policy.choose(backlogged(bytes));
+            policy.choose(full_link(bytes));
             policy.lock().link.unwrap()
         };
         // The link idled through most of the window (the scanner or the codecs set the
         // pace): says nothing, however few bytes went.
         assert_eq!(window(20, 10, 1_000), 1.25e8);
-        // Frames waited throughout: the link's rate.
+        // The link was full throughout: its rate.
         assert!(window(20, 19, 1_000_000_000) > 1.25e8);
+    }
+
+    #[test]
+    fn the_link_is_first_measured_by_what_was_acknowledged_once_the_rate_settles() {
+        // Every choice measured (lz4 packs 2x at 1 GB/s a core), the link not yet seen.
+        let policy = policy(2.0, 1e9, 4e8, 1.25e8);
+        policy.lock().link = None;
+        let idle_link = Pipeline { delivered_bytes: 0, link_full: false, scanner_ahead: true };
+        assert_eq!(policy.choose(full_link(0)).codec, NONE, "until the link is seen full, pages go raw");
+        // A batch that found the link keeping up ends the span.
+        policy.choose(idle_link);
+        assert!(policy.lock().first_span.is_none());
+        policy.choose(full_link(1_000_000));
+        assert!(policy.lock().first_span.is_some());
+        // A span of 10 ms full, in which 0.5 MB were acknowledged (however many the
+        // socket took in); then TCP's window opens and 1.25 MB go in the next 10 ms; then
+        // 1.3 MB: the rate has settled at some 130 MB/s.
+        let mut acknowledged = 1_000_000;
+        for (bytes, settled) in [(500_000, false), (1_250_000, false), (1_300_000, true)] {
+            policy.lock().first_span.as_mut().unwrap().start = Instant::now() - Duration::from_millis(10);
+            acknowledged += bytes;
+            let choice = policy.choose(full_link(acknowledged));
+            let link = policy.lock().link;
+            assert_eq!(link.is_some(), settled, "after {bytes} bytes: {link:?}");
+            if let Some(link) = link {
+                assert!((1.2e8..1.31e8).contains(&link), "{link}");
+                assert_eq!(choice.codec, ZSTD, "the link is the limit: the tightest codec the cores can feed");
+            }
+        }
     }
 
     #[test]
@@ -496,7 +580,7 @@ mod tests {
             state.window.chosen[2] = 20;
             state.window.guest_bytes = 2e8;
         }
-        assert_eq!(policy.choose(backlogged(0)).codec, Codec::Lz4);
+        assert_eq!(policy.choose(full_link(0)).codec, Codec::Lz4);
         assert!(policy.lock().observed[2].is_some_and(|seen| (seen - 2e8).abs() < 1e6));
     }
 }
