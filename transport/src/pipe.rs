@@ -69,7 +69,8 @@ impl SendProbe for TcpProbe {
         // which points at a live c_int; the descriptor stays open while `self` lives.
         let rc = unsafe { libc::ioctl(self.stream.as_raw_fd(), libc::TIOCOUTQ, &mut held) };
         if rc != 0 {
-            return 0;
+            // The socket cannot say (closing): what it accepted, which never goes back.
+            return written;
         }
         written.saturating_sub(u64::try_from(held).unwrap_or(0))
     }
