@@ -529,6 +529,37 @@ mod tests {
     }
 
     #[test]
+    fn a_peer_that_ended_its_direction_and_then_left_fails_the_sending_side() {
+        // The peer ends the stream towards this QEMU at once (as a destination QEMU that
+        // refused the migration does), then its relay goes away while QEMU still sends:
+        // the reader is done, so only the workers' sender sees the connection die.
+        let (source_net, mut peer) = net_pair();
+        let (mut source_qemu, source_local) = UnixStream::pair().unwrap();
+        let abort = Arc::new(SessionAbort::new());
+        let (finished_tx, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = finished_tx.send(pump(0, source_local, source_net, LZ4, TWO, &abort));
+        });
+        let mut frame = FrameBuf::with_capacity(MAX_CHUNK_BYTES);
+        frame.begin().extend_from_slice(&StreamDigest::default().end().encode());
+        frame.seal(FrameKind::StreamEnd, 0, SeqCounter::default().take());
+        peer.writer.write_all(frame.as_bytes()).unwrap();
+        let mut back = Vec::new();
+        source_qemu.try_clone().unwrap().read_to_end(&mut back).unwrap();
+        assert!(back.is_empty(), "the peer's direction ended empty");
+        drop(peer);
+        // QEMU keeps sending (pages of numbers, so the workers have work) until the relay
+        // gives up on its stream.
+        std::thread::spawn(move || {
+            let chunk: Vec<u8> = (0..1_000_000u32).flat_map(|i| (i / 7).to_le_bytes()).collect();
+            while source_qemu.write_all(&chunk).is_ok() {}
+        });
+        let result =
+            finished.recv_timeout(Duration::from_secs(30)).expect("the source relay hung on a dead connection");
+        assert!(result.is_err(), "{result:?}");
+    }
+
+    #[test]
     fn the_last_chunk_of_a_stream_whose_digest_fails_never_reaches_qemu() {
         let (mut forger, destination_net) = net_pair();
         let (mut destination_qemu, destination_local) = UnixStream::pair().unwrap();

@@ -15,9 +15,13 @@ use migration::relay_pages::squeeze;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 /// Chunks waiting for a worker, per worker.
 const QUEUED_PER_WORKER: usize = 2;
+/// How long a sender whose write failed leaves the stream's reader to abort the session
+/// with the peer's own reason, before it aborts the session itself.
+const READER_GRACE: Duration = Duration::from_millis(250);
 
 /// What the sender puts on the connection, in sequence order.
 enum Out {
@@ -78,7 +82,7 @@ impl Squeezers {
             let (done, abort) = (done.clone(), abort.clone());
             std::thread::Builder::new()
                 .name(format!("relay-send-{channel}"))
-                .spawn(move || send(&done, &writer, &abort))
+                .spawn(move || send(&done, &writer, &abort, channel))
                 .map_err(RelayFailure::local)?
         };
         Ok(Squeezers { jobs, done, next: 0, workers, sender, abort })
@@ -127,7 +131,12 @@ fn work(codec: Codec, jobs: &Ring<Job>, done: &Ring<(u64, Out)>, abort: &Session
 }
 
 /// Writes the chunks and control frames in sequence order until the stream's end.
-fn send(done: &Ring<(u64, Out)>, writer: &Mutex<NetWriter>, abort: &SessionAbort) -> Result<Sent, RelayFailure> {
+fn send(
+    done: &Ring<(u64, Out)>,
+    writer: &Mutex<NetWriter>,
+    abort: &SessionAbort,
+    channel: u16,
+) -> Result<Sent, RelayFailure> {
     let mut pending = BTreeMap::new();
     let mut next = 0u64;
     let mut sent = Sent::default();
@@ -145,10 +154,21 @@ fn send(done: &Ring<(u64, Out)>, writer: &Mutex<NetWriter>, abort: &SessionAbort
                 }
                 Out::Control { kind, payload } => (*kind, payload),
             };
-            // A dead connection: the stream's sending side reports this, and its reader,
-            // which fails too, aborts the session (with the peer's reason, if it sent one).
+            // A dead connection. Its reader usually fails too and aborts the session with
+            // the peer's reason, which says more. But a reader that has already seen the
+            // peer end its direction never will, and with this sender gone the workers and
+            // the stream's reader would wait on full queues for ever: after a moment for
+            // the reader, the sender aborts the session itself.
             if let Err(err) = super::channel::lock(writer).send(kind, payload) {
-                return Err(RelayFailure::link(err));
+                let failure = RelayFailure::link(err);
+                let waited = Instant::now();
+                while !abort.is_raised() && waited.elapsed() < READER_GRACE {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                if !abort.is_raised() {
+                    abort.raise(format!("channel {channel}: {failure}"));
+                }
+                return Err(failure);
             }
             if kind == FrameKind::StreamEnd {
                 return Ok(sent);
