@@ -133,16 +133,23 @@ struct Shared<'a> {
 }
 
 impl Shared<'_> {
-    /// The link as the adaptive policy sees it when a worker on `connection` asks: bytes
-    /// the destination has acknowledged, and whether the link holds writes back (every
+    /// Whether the link holds writes back when a worker on `connection` asks: every
     /// connection's stack has its send buffer full, or the bandwidth cap makes writes
-    /// wait). Where a stack cannot tell: bytes written, and whether frames wait for the
-    /// connection's writer.
-    fn link_state(&self, connection: usize) -> (u64, bool) {
-        let capped = self.limiter.as_ref().is_some_and(|limiter| limiter.holding_back());
+    /// wait. Where a stack cannot tell: whether frames wait for the connection's writer.
+    fn link_full(&self, connection: usize) -> bool {
         match &self.probes {
-            Some(probes) => (probes.iter().map(|p| p.acknowledged()).sum(), capped || probes.iter().all(|p| p.full())),
-            None => (self.wire_bytes.load(Ordering::Relaxed), !self.outgoing[connection].is_empty()),
+            Some(probes) => {
+                self.limiter.as_ref().is_some_and(|limiter| limiter.holding_back()) || probes.iter().all(|p| p.full())
+            }
+            None => !self.outgoing[connection].is_empty(),
+        }
+    }
+
+    /// Bytes the destination has acknowledged; where a stack cannot tell, bytes written.
+    fn delivered_bytes(&self) -> u64 {
+        match &self.probes {
+            Some(probes) => probes.iter().map(|p| p.acknowledged()).sum(),
+            None => self.wire_bytes.load(Ordering::Relaxed),
         }
     }
 }
@@ -531,8 +538,9 @@ impl BatchEncoder {
         let mut frame = shared.frame_pool.take(|| FrameBuf::with_capacity(MAX_BATCH_BYTES));
         let choice = match &shared.adaptive {
             Some(policy) => {
-                let (delivered_bytes, link_full) = shared.link_state(job.connection);
-                policy.choose(Pipeline { delivered_bytes, link_full, scanner_ahead: !shared.jobs.is_empty() })
+                let pipeline =
+                    Pipeline { link_full: shared.link_full(job.connection), scanner_ahead: !shared.jobs.is_empty() };
+                policy.choose(pipeline, &|| shared.delivered_bytes())
             }
             None => Choice { codec: self.compressors[0].codec(), measure: false },
         };

@@ -148,9 +148,6 @@ struct State {
 /// The state of the pipeline when a worker asks for a codec.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Pipeline {
-    /// Bytes the destination has acknowledged so far (where the stack cannot tell, the
-    /// bytes written).
-    pub delivered_bytes: u64,
     /// Whether the link holds writes back: the stack's send buffers are full (or, where
     /// the stack cannot tell, frames wait for the connection's writer).
     pub link_full: bool,
@@ -179,21 +176,21 @@ pub struct AdaptivePolicy {
 /// than `SETTLED` times the one before. While TCP opens its window, the link looks slower
 /// than it is; in the first span after an idle spell, faster (a shaper's or a switch's
 /// burst allowance). Waiting for a window to close would send its 50 ms raw.
-fn first_link(state: &mut State, pipeline: Pipeline) {
-    if !pipeline.link_full {
+fn first_link(state: &mut State, link_full: bool, delivered_bytes: u64) {
+    if !link_full {
         state.first_span = None;
         return;
     }
-    let span = state.first_span.get_or_insert(Span::open(pipeline.delivered_bytes, None));
+    let span = state.first_span.get_or_insert(Span::open(delivered_bytes, None));
     let elapsed = span.start.elapsed();
-    let acknowledged = pipeline.delivered_bytes.saturating_sub(span.delivered_bytes);
+    let acknowledged = delivered_bytes.saturating_sub(span.delivered_bytes);
     if elapsed < FIRST_LINK_SPAN || acknowledged == 0 {
         return;
     }
     let rate = acknowledged as f64 / elapsed.as_secs_f64();
     match span.previous_rate {
         Some(previous) if rate <= SETTLED * previous => state.link = Some(rate),
-        _ => *span = Span::open(pipeline.delivered_bytes, Some(rate)),
+        _ => *span = Span::open(delivered_bytes, Some(rate)),
     }
 }
 
@@ -241,18 +238,24 @@ impl AdaptivePolicy {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The codec for the next batch.
-    pub fn choose(&self, pipeline: Pipeline) -> Choice {
+    /// The codec for the next batch. `delivered_bytes` says how many bytes the destination
+    /// has acknowledged so far (where the stack cannot tell, the bytes written); it is
+    /// asked only when the link is measured, as asking may cost a system call per
+    /// connection.
+    pub fn choose(&self, pipeline: Pipeline, delivered_bytes: &dyn Fn() -> u64) -> Choice {
+        let mut acknowledged = None;
+        let mut delivered = || *acknowledged.get_or_insert_with(delivered_bytes);
         let mut state = self.lock();
         state.batches += 1;
         state.window.batches += 1;
         state.window.full += u32::from(pipeline.link_full);
         state.window.scanner_ahead += u32::from(pipeline.scanner_ahead);
         if state.window.start.elapsed() >= WINDOW {
-            self.close_window(&mut state, pipeline.delivered_bytes);
+            self.close_window(&mut state, delivered());
         }
         if state.link.is_none() {
-            first_link(&mut state, pipeline);
+            let link_full = pipeline.link_full;
+            first_link(&mut state, link_full, if link_full { delivered() } else { 0 });
         }
         // Every choice is measured on the same pages: on the first batches until each has
         // a measurement (meanwhile pages go raw), then on one batch in `MEASURE_EVERY`
@@ -383,9 +386,12 @@ mod tests {
     const NONE: Codec = Codec::None;
     const ZSTD: Codec = Codec::Zstd { level: 1 };
 
-    /// A pipeline whose link holds writes back, `delivered_bytes` acknowledged so far.
-    fn full_link(delivered_bytes: u64) -> Pipeline {
-        Pipeline { delivered_bytes, link_full: true, scanner_ahead: true }
+    /// A pipeline whose link holds writes back.
+    const FULL_LINK: Pipeline = Pipeline { link_full: true, scanner_ahead: true };
+
+    /// `policy`'s choice for `pipeline`, `delivered_bytes` acknowledged so far.
+    fn choose(policy: &AdaptivePolicy, pipeline: Pipeline, delivered_bytes: u64) -> Choice {
+        policy.choose(pipeline, &|| delivered_bytes)
     }
 
     /// A policy that has measured, per worker CPU-second, raw sending at 10 GB/s, lz4 at
@@ -407,7 +413,7 @@ mod tests {
     }
 
     fn steady_choice(policy: &AdaptivePolicy) -> Codec {
-        policy.choose(full_link(0)).codec
+        choose(policy, FULL_LINK, 0).codec
     }
 
     #[test]
@@ -457,22 +463,22 @@ mod tests {
     fn pages_go_raw_until_every_choice_is_measured_then_all_are_measured_now_and_then() {
         let policy = AdaptivePolicy::new(2);
         let raw_and_measured = Choice { codec: NONE, measure: true };
-        assert_eq!(policy.choose(Pipeline::default()), raw_and_measured);
+        assert_eq!(choose(&policy, Pipeline::default(), 0), raw_and_measured);
         policy.measure(NONE, 1 << 20, 1 << 20, Duration::from_micros(100));
         policy.measure(Codec::Lz4, 1 << 20, 1 << 19, Duration::from_millis(1));
-        assert_eq!(policy.choose(Pipeline::default()), raw_and_measured, "zstd not measured yet");
+        assert_eq!(choose(&policy, Pipeline::default(), 0), raw_and_measured, "zstd not measured yet");
         policy.measure(ZSTD, 1 << 20, 1 << 18, Duration::from_millis(3));
         // The link not yet seen full: raw, every choice measured on one batch in 64 while
         // measuring stays within its share of the workers' CPU.
         policy.account(0, Duration::from_secs(1), Duration::from_secs(1));
-        let choices: Vec<Choice> = (0..4 * MEASURE_EVERY).map(|_| policy.choose(Pipeline::default())).collect();
+        let choices: Vec<Choice> = (0..4 * MEASURE_EVERY).map(|_| choose(&policy, Pipeline::default(), 0)).collect();
         assert!(choices.iter().all(|c| c.codec == NONE), "{choices:?}");
         assert_eq!(choices.iter().filter(|c| c.measure).count(), 4, "{choices:?}");
         // Measuring took more than its share: it waits until the work catches up.
         policy.measure(ZSTD, 1 << 20, 1 << 18, Duration::from_millis(100));
-        assert!((0..4 * MEASURE_EVERY).all(|_| !policy.choose(Pipeline::default()).measure));
+        assert!((0..4 * MEASURE_EVERY).all(|_| !choose(&policy, Pipeline::default(), 0).measure));
         policy.account(0, Duration::from_secs(5), Duration::from_secs(5));
-        assert!((0..MEASURE_EVERY).any(|_| policy.choose(Pipeline::default()).measure));
+        assert!((0..MEASURE_EVERY).any(|_| choose(&policy, Pipeline::default(), 0).measure));
     }
 
     #[test]
@@ -484,7 +490,7 @@ mod tests {
             let mut state = policy.lock();
             state.window = Window { start, batches, full: waiting, ..Window::open(0, None) };
             drop(state);
-            policy.choose(full_link(bytes));
+            choose(&policy, FULL_LINK, bytes);
             policy.lock().link.unwrap()
         };
         // The link idled through most of the window (the scanner or the codecs set the
@@ -499,12 +505,12 @@ mod tests {
         // Every choice measured (lz4 packs 2x at 1 GB/s a core), the link not yet seen.
         let policy = policy(2.0, 1e9, 4e8, 1.25e8);
         policy.lock().link = None;
-        let idle_link = Pipeline { delivered_bytes: 0, link_full: false, scanner_ahead: true };
-        assert_eq!(policy.choose(full_link(0)).codec, NONE, "until the link is seen full, pages go raw");
+        let idle_link = Pipeline { link_full: false, scanner_ahead: true };
+        assert_eq!(choose(&policy, FULL_LINK, 0).codec, NONE, "until the link is seen full, pages go raw");
         // A batch that found the link keeping up ends the span.
-        policy.choose(idle_link);
+        choose(&policy, idle_link, 0);
         assert!(policy.lock().first_span.is_none());
-        policy.choose(full_link(1_000_000));
+        choose(&policy, FULL_LINK, 1_000_000);
         assert!(policy.lock().first_span.is_some());
         // A span of 10 ms full, in which 0.5 MB were acknowledged (however many the
         // socket took in); then TCP's window opens and 1.25 MB go in the next 10 ms; then
@@ -513,7 +519,7 @@ mod tests {
         for (bytes, settled) in [(500_000, false), (1_250_000, false), (1_300_000, true)] {
             policy.lock().first_span.as_mut().unwrap().start = Instant::now() - Duration::from_millis(10);
             acknowledged += bytes;
-            let choice = policy.choose(full_link(acknowledged));
+            let choice = choose(&policy, FULL_LINK, acknowledged);
             let link = policy.lock().link;
             assert_eq!(link.is_some(), settled, "after {bytes} bytes: {link:?}");
             if let Some(link) = link {
@@ -534,7 +540,7 @@ mod tests {
             state.window.worker_cpu = 0.5;
             state.window.idle_at_start = cpu::idle_seconds().map(|s| s + 1e6);
         }
-        policy.choose(Pipeline::default());
+        choose(&policy, Pipeline::default(), 0);
         assert_eq!(policy.lock().free_cores.map(|c| (c * 100.0).round() / 100.0), Some(0.5));
         {
             let mut state = policy.lock();
@@ -544,7 +550,7 @@ mod tests {
             // 100 idle CPU-seconds in one second: capped at one core per worker.
             state.window.idle_at_start = cpu::idle_seconds().map(|s| s - 100.0);
         }
-        policy.choose(Pipeline::default());
+        choose(&policy, Pipeline::default(), 0);
         assert_eq!(policy.lock().free_cores, Some(2.0));
     }
 
@@ -562,7 +568,7 @@ mod tests {
             state.window.worker_wall = 0.9;
             state.window.idle_at_start = cpu::idle_seconds().map(|s| s + 1e6);
         }
-        policy.choose(Pipeline::default());
+        choose(&policy, Pipeline::default(), 0);
         let free = policy.lock().free_cores.unwrap();
         assert!((free - 2.0 / 3.0).abs() < 0.01, "{free}");
     }
@@ -580,7 +586,7 @@ mod tests {
             state.window.chosen[2] = 20;
             state.window.guest_bytes = 2e8;
         }
-        assert_eq!(policy.choose(full_link(0)).codec, Codec::Lz4);
+        assert_eq!(choose(&policy, FULL_LINK, 0).codec, Codec::Lz4);
         assert!(policy.lock().observed[2].is_some_and(|seen| (seen - 2e8).abs() < 1e6));
     }
 }
