@@ -5,15 +5,15 @@
 //! The "VMM" here is a toy: 16 MiB of guest memory held as atomic words, one vCPU thread
 //! that stores a counter into random pages, and a device state that is that counter.
 
+use engine::config::{DestinationConfig, SourceConfig};
+use engine::vm::{DestinationVm, SourceVm};
 use migration::codec::Codec;
 use migration::dirty::{AtomicBitmap, DirtyLog};
 use migration::memory::GuestMemory;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use transport::config::{DestinationConfig, SourceConfig};
 use transport::pipe::{TcpAcceptor, TcpConnector, Timeouts};
-use transport::vm::{DestinationVm, SourceVm};
 
 const PAGE: usize = migration::PAGE_SIZE_BYTES;
 const WORDS_PER_PAGE: usize = PAGE / 8;
@@ -141,12 +141,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         scope.spawn(|| vm.run_vcpu(&stop));
         let destination = scope.spawn(move || {
             let mut toy = ToyDestination::default();
-            let report = transport::destination::receive(&mut acceptor, &mut toy, &DestinationConfig::default());
+            let report = engine::destination::receive(&mut acceptor, &mut toy, &DestinationConfig::default());
             (report, toy)
         });
         std::thread::sleep(Duration::from_millis(100));
         let config = SourceConfig { codec: Codec::Lz4, connections: 2, verify: true, ..SourceConfig::default() };
-        let stats = transport::source::migrate(&vm, &connector, &config, &mut |_| {});
+        let stats = engine::source::migrate(&vm, &connector, &config, &mut |_| {});
         stop.store(true, Ordering::Release);
         let (report, toy) = destination.join().expect("destination thread");
         match (stats, report) {

@@ -15,6 +15,7 @@
 //! outlives the call that made it.
 
 use crate::fanout::FanoutGroup;
+use crate::netdev::{check, set_packet_option};
 use smoltcp::phy::{self, Checksum, Device, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 use std::io;
@@ -117,28 +118,6 @@ pub struct AfPacket {
     _socket: OwnedFd,
 }
 
-fn check(result: libc::c_int, what: &str) -> io::Result<()> {
-    if result < 0 {
-        let err = io::Error::last_os_error();
-        return Err(io::Error::new(err.kind(), format!("{what}: {err}")));
-    }
-    Ok(())
-}
-
-pub(crate) fn set_option<T>(fd: i32, option: libc::c_int, value: &T, what: &str) -> io::Result<()> {
-    // SAFETY: `value` points to a live `T` of the size passed, as setsockopt requires.
-    let result = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_PACKET,
-            option,
-            (value as *const T).cast(),
-            std::mem::size_of::<T>() as libc::socklen_t,
-        )
-    };
-    check(result, what)
-}
-
 /// The status word at `ptr` (a `u32` the kernel shares with us).
 ///
 /// # Safety
@@ -177,7 +156,7 @@ impl AfPacket {
         fanout: Option<&FanoutGroup>,
         verify_receive: bool,
     ) -> io::Result<AfPacket> {
-        let ifindex = crate::stack::interface_index(iface)?;
+        let ifindex = crate::netdev::interface_index(iface)?;
         let protocol = (libc::ETH_P_ALL as u16).to_be();
         // SAFETY: plain socket creation; the result is checked before use.
         let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_NONBLOCK, i32::from(protocol)) };
@@ -185,18 +164,23 @@ impl AfPacket {
         // SAFETY: `fd` is a fresh descriptor that nothing else owns.
         let socket = unsafe { OwnedFd::from_raw_fd(fd) };
 
-        set_option(fd, libc::PACKET_VERSION, &(libc::tpacket_versions::TPACKET_V2 as libc::c_int), "PACKET_VERSION")?;
+        set_packet_option(
+            fd,
+            libc::PACKET_VERSION,
+            &(libc::tpacket_versions::TPACKET_V2 as libc::c_int),
+            "PACKET_VERSION",
+        )?;
         // Our own transmissions and the kernel's are not frames for our stack.
-        let _ = set_option(fd, libc::PACKET_IGNORE_OUTGOING, &(1 as libc::c_int), "PACKET_IGNORE_OUTGOING");
+        let _ = set_packet_option(fd, libc::PACKET_IGNORE_OUTGOING, &(1 as libc::c_int), "PACKET_IGNORE_OUTGOING");
         if qdisc_bypass {
-            set_option(fd, libc::PACKET_QDISC_BYPASS, &(1 as libc::c_int), "PACKET_QDISC_BYPASS")?;
+            set_packet_option(fd, libc::PACKET_QDISC_BYPASS, &(1 as libc::c_int), "PACKET_QDISC_BYPASS")?;
         }
-        let mtu = crate::stack::interface_mtu(iface);
+        let mtu = crate::netdev::interface_mtu(iface);
         let slot = slot_bytes(mtu);
         let rx_req = ring_request(slot, RX_RING_BYTES);
-        set_option(fd, libc::PACKET_RX_RING, &rx_req, "PACKET_RX_RING")?;
+        set_packet_option(fd, libc::PACKET_RX_RING, &rx_req, "PACKET_RX_RING")?;
         let tx_req = ring_request(slot, TX_RING_BYTES);
-        set_option(fd, libc::PACKET_TX_RING, &tx_req, "PACKET_TX_RING")?;
+        set_packet_option(fd, libc::PACKET_TX_RING, &tx_req, "PACKET_TX_RING")?;
 
         let rx_len = (rx_req.tp_block_size * rx_req.tp_block_nr) as usize;
         let len = rx_len + (tx_req.tp_block_size * tx_req.tp_block_nr) as usize;

@@ -300,7 +300,7 @@ impl<D: Device> Core<D> {
         // core on the host until this core stops; none free: run unpinned.
         let _cpu = self.config.pin_core.and_then(transport::pin::claim_cpu);
         // Counted for adaptive compression: a worker sharing this core's CPU gets its share.
-        let _registered = transport::adaptive::cpu::PollingCore::register();
+        let _registered = transport::pin::PollingCore::register();
         let mut idle = 0u32;
         while !stop.load(Ordering::Acquire) {
             while let Ok(command) = commands.try_recv() {

@@ -109,10 +109,10 @@ impl FanoutGroup {
     pub fn join(&self, fd: i32) -> io::Result<()> {
         let mode = libc::PACKET_FANOUT_CBPF | libc::PACKET_FANOUT_FLAG_IGNORE_OUTGOING;
         let arg = u32::from(self.id) | (mode << 16);
-        crate::af_packet::set_option(fd, libc::PACKET_FANOUT, &arg, "PACKET_FANOUT")?;
+        crate::netdev::set_packet_option(fd, libc::PACKET_FANOUT, &arg, "PACKET_FANOUT")?;
         let mut program = steering_program(self.cores);
         let fprog = libc::sock_fprog { len: program.len() as u16, filter: program.as_mut_ptr() };
-        crate::af_packet::set_option(fd, libc::PACKET_FANOUT_DATA, &fprog, "PACKET_FANOUT_DATA (steering program)")
+        crate::netdev::set_packet_option(fd, libc::PACKET_FANOUT_DATA, &fprog, "PACKET_FANOUT_DATA (steering program)")
     }
 }
 

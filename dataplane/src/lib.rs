@@ -16,6 +16,7 @@ pub mod dpdk_nic;
 pub mod fanout;
 pub mod faults;
 pub mod layers;
+mod netdev;
 pub mod pipe;
 pub mod stack;
 pub mod tap;

@@ -119,7 +119,9 @@ impl CoreStack {
         let count = cores.max(1);
         let shared = SharedFrames::new(count);
         let group = match backend {
-            NicBackend::AfPacket { .. } if count > 1 => Some(FanoutGroup::new(interface_index(iface)?, count)),
+            NicBackend::AfPacket { .. } if count > 1 => {
+                Some(FanoutGroup::new(crate::netdev::interface_index(iface)?, count))
+            }
             _ => None,
         };
         let machine = transport::pin::core_count().max(1);
@@ -207,24 +209,6 @@ impl CoreStack {
             never: SessionAbort::new(),
         })
     }
-}
-
-pub(crate) fn interface_index(iface: &str) -> io::Result<u32> {
-    let name =
-        std::ffi::CString::new(iface).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "bad interface name"))?;
-    // SAFETY: a C string that outlives the call.
-    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
-        0 => Err(io::Error::new(io::ErrorKind::NotFound, format!("no interface named {iface}"))),
-        index => Ok(index),
-    }
-}
-
-/// The MTU of the interface `iface` (1500 when it cannot be read).
-pub(crate) fn interface_mtu(iface: &str) -> usize {
-    std::fs::read_to_string(format!("/sys/class/net/{iface}/mtu"))
-        .ok()
-        .and_then(|text| text.trim().parse().ok())
-        .unwrap_or(1500)
 }
 
 /// Settings of a loopback stack.

@@ -50,7 +50,7 @@ pub fn open_tap(name: &str) -> io::Result<TapQueue> {
     if result < 0 {
         return Err(context(io::Error::last_os_error()));
     }
-    let mtu = crate::stack::interface_mtu(name);
+    let mtu = crate::netdev::interface_mtu(name);
     Ok(TapQueue { file, mtu, rx_buffer: vec![0; mtu + 14], tx_buffer: Vec::new(), tx_dropped: 0 })
 }
 

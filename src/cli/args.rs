@@ -1,8 +1,8 @@
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use guests::synthetic::WorkloadSpec;
 use migration::codec::Codec;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use transport::synthetic::WorkloadSpec;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -44,6 +44,10 @@ pub enum Command {
     Bench(BenchArgs),
 }
 
+/// Every row `bench` knows, in the order of its table.
+pub const BENCH_ROWS: &str =
+    "plain,lz4,zlib,zstd,adaptive,xbzrle,lz4+xbzrle,zlib+xbzrle,zstd+xbzrle,skip-unused-off,deferred-cleanup-off";
+
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// Guests to migrate: idle (a booted-OS image, no writes) and dirty (writing 5000
@@ -63,7 +67,7 @@ pub struct BenchArgs {
     /// Rows of the table: plain, lz4, zlib, zstd, adaptive, xbzrle, lz4+xbzrle, zlib+xbzrle,
     /// zstd+xbzrle, skip-unused-off, deferred-cleanup-off. Plain keeps zero-page
     /// detection.
-    #[arg(long, value_delimiter = ',', default_value = super::bench::DEFAULT_ROWS)]
+    #[arg(long, value_delimiter = ',', default_value = BENCH_ROWS)]
     pub rows: Vec<String>,
     /// Run the destination in namespace PREFIX-dst and the source in PREFIX-src, over the
     /// link `scripts/netns up --prefix PREFIX` made (the destination is 10.77.0.2); without
@@ -636,7 +640,7 @@ pub struct RecvArgs {
 }
 
 pub fn parse_size(text: &str) -> Result<u64, String> {
-    transport::synthetic::parse_size(text)
+    guests::synthetic::parse_size(text)
 }
 
 /// `1gbit`, `100mbit`, `10kbit` are bits per second; anything else is a size per second.

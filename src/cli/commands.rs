@@ -1,27 +1,24 @@
 use super::args::{
-    ChecksumArg, Cli, Command, CommonOptions, CongestionArg, DataplaneOptions, DemoArgs, DemoStack, DestinationOptions,
-    GuestArgs, IdleArg, NetStack, OnLimit, RecvArgs, SendArgs, SourceOptions, StackOptions, WrapperOptions,
+    Cli, Command, CommonOptions, DemoArgs, DemoStack, DestinationOptions, GuestArgs, NetStack, OnLimit, RecvArgs,
+    SendArgs, SourceOptions, StackOptions,
 };
 use super::dpdk::PortRequest;
 use super::report;
+use super::stacks::{acceptor_for, connector_for, core_config, device_wrappers, loopback_options, seconds};
 use anyhow::{bail, Context, Result};
-use dataplane::core::{Congestion, CoreConfig, DeviceWrappers, IdlePolicy};
-use dataplane::faults::Faults;
-use dataplane::layers::ChecksumPolicy;
-use dataplane::stack::{CoreStack, LoopbackOptions, LoopbackStack, NicBackend};
-use dataplane::wire_types::{EthernetAddress, IpCidr};
+use dataplane::stack::{CoreStack, LoopbackOptions, LoopbackStack};
+use engine::cancel::Cancel;
+use engine::config::{DestinationConfig, SourceConfig};
+use engine::destination::{receive, DestinationReport};
+use engine::source::migrate;
+use guests::guest::{parse_huge_policy, GuestRam};
+use guests::synthetic::{SyntheticDestination, SyntheticGuest};
 use migration::precopy::{LimitAction, PrecopyConfig};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
-use transport::cancel::Cancel;
-use transport::config::{DestinationConfig, SourceConfig};
-use transport::destination::{receive, DestinationReport};
-use transport::guest::{parse_huge_policy, GuestRam};
 use transport::pipe::{Acceptor, Connector, TcpAcceptor, TcpConnector, Timeouts};
-use transport::source::migrate;
-use transport::synthetic::{SyntheticDestination, SyntheticGuest};
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
@@ -51,7 +48,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
 
 /// The connections' timeouts `--io-timeout` asks for.
 fn timeouts(common: &CommonOptions) -> Result<Timeouts> {
-    Ok(Timeouts { io: super::relay::seconds("--io-timeout", common.io_timeout)?, ..Timeouts::default() })
+    Ok(Timeouts { io: seconds("--io-timeout", common.io_timeout)?, ..Timeouts::default() })
 }
 
 /// The pools' sizing: polling cores this process runs, and pools sharing the rest.
@@ -124,7 +121,7 @@ fn boot_guest(guest: &GuestArgs, common: &CommonOptions) -> Result<SyntheticGues
     let ram = Arc::new(GuestRam::allocate(&layout, policy).context("allocating guest memory")?);
     let booted = match &guest.image {
         Some(path) => {
-            if guest.workload != transport::synthetic::WorkloadSpec::Idle {
+            if guest.workload != guests::synthetic::WorkloadSpec::Idle {
                 bail!("--image runs the idle workload: --workload {} cannot run on it", guest.workload);
             }
             let mut image = std::io::BufReader::with_capacity(
@@ -145,7 +142,7 @@ fn run_destination_guest(destination: &mut SyntheticDestination, seconds: f64) -
     let guest = destination.guest().context("no guest was resumed")?;
     let before = guest.writes();
     std::thread::sleep(Duration::from_secs_f64(seconds));
-    use transport::vm::SourceVm;
+    use engine::vm::SourceVm;
     guest.pause();
     let writes_after_resume = guest.writes() - before;
     let check = guest.check();
@@ -277,152 +274,6 @@ fn print_outcome(
     Ok(ExitCode::SUCCESS)
 }
 
-/// Our userspace stack on the TAP device, interface (AF_PACKET) or DPDK port the options name.
-fn user_stack(options: &StackOptions, pin: bool) -> Result<CoreStack> {
-    let iface = options.iface.as_deref().context("--stack tap, af-packet and dpdk need --iface")?;
-    let ip_text = options.ip.as_deref().context("--stack tap, af-packet and dpdk need --ip ADDR/PREFIX")?;
-    let (address, prefix) = ip_text.split_once('/').context("--ip needs a prefix, e.g. 10.77.0.11/24")?;
-    let address: Ipv4Addr = address.parse().with_context(|| format!("bad --ip address {address:?}"))?;
-    let prefix: u8 = prefix.parse().ok().filter(|p| *p <= 32).with_context(|| format!("bad --ip prefix {prefix:?}"))?;
-    let mac = options.mac.as_deref().map(parse_mac).transpose()?;
-    let mut config = core_config(iface, address, prefix, mac, &options.dataplane, &options.wrappers, pin);
-    config.gateway = options.gateway;
-    let cores = usize::from(options.dataplane.dataplane_cores);
-    match options.stack {
-        NetStack::AfPacket => {
-            CoreStack::start(NicBackend::AfPacket { qdisc_bypass: options.qdisc_bypass }, iface, cores, config)
-                .with_context(|| format!("starting the AF_PACKET dataplane on {iface}"))
-        }
-        NetStack::Dpdk => {
-            let request = PortRequest { name: iface, cores, mtu: options.port_mtu, xstats: options.nic_xstats };
-            super::dpdk::stack(&options.eal, &request, config)
-        }
-        _ => CoreStack::start(NicBackend::Tap, iface, cores, config).context("starting the TAP dataplane"),
-    }
-}
-
-/// The settings of our stack's cores on a real link: its own address, and a MAC address of
-/// its own (default: 02:00 followed by the address).
-fn core_config(
-    iface: &str,
-    address: Ipv4Addr,
-    prefix: u8,
-    mac: Option<EthernetAddress>,
-    dataplane: &DataplaneOptions,
-    wrappers: &WrapperOptions,
-    pin: bool,
-) -> CoreConfig {
-    let [a, b, c, d] = address.octets();
-    CoreConfig {
-        name: format!("dataplane-{iface}"),
-        mac: mac.unwrap_or(EthernetAddress([0x02, 0x00, a, b, c, d])),
-        ip: IpCidr::new(address.into(), prefix),
-        gateway: None,
-        socket_buffer_bytes: dataplane.socket_buffer as usize,
-        pin_core: pin.then(|| transport::pin::core_count() - 1),
-        wrappers: device_wrappers(wrappers),
-        congestion: congestion(dataplane.congestion.unwrap_or(CongestionArg::Cubic)),
-        idle: idle_policy(dataplane.idle),
-        min_rto: Duration::from_millis(dataplane.min_rto_ms),
-        steering: None,
-    }
-}
-
-fn idle_policy(arg: IdleArg) -> IdlePolicy {
-    match arg {
-        IdleArg::Spin => IdlePolicy::Spin,
-        IdleArg::Nap => IdlePolicy::SpinThenNap,
-    }
-}
-
-pub(super) fn congestion(arg: CongestionArg) -> Congestion {
-    match arg {
-        CongestionArg::Cubic => Congestion::Cubic,
-        CongestionArg::Reno => Congestion::Reno,
-        CongestionArg::None => Congestion::None,
-    }
-}
-
-pub(super) fn loopback_options(options: &DataplaneOptions) -> LoopbackOptions {
-    LoopbackOptions {
-        cores: usize::from(options.dataplane_cores),
-        socket_buffer_bytes: options.socket_buffer as usize,
-        congestion: congestion(options.congestion.unwrap_or(CongestionArg::None)),
-        idle: idle_policy(options.idle),
-        min_rto: Duration::from_millis(options.min_rto_ms),
-        ..LoopbackOptions::default()
-    }
-}
-
-fn device_wrappers(options: &WrapperOptions) -> DeviceWrappers {
-    DeviceWrappers {
-        faults: Faults {
-            drop: options.fault_drop / 100.0,
-            corrupt: options.fault_corrupt / 100.0,
-            duplicate: options.fault_duplicate / 100.0,
-            reorder: options.fault_reorder / 100.0,
-            blackout: options.fault_blackout,
-        },
-        seed: options.fault_seed,
-        pcap: options.pcap.clone(),
-        trace: options.trace,
-        checksum: match options.checksum {
-            ChecksumArg::Full => ChecksumPolicy::Full,
-            ChecksumArg::TrustReceive => ChecksumPolicy::TrustReceive,
-        },
-    }
-}
-
-fn parse_mac(text: &str) -> Result<EthernetAddress> {
-    let bytes: Vec<u8> =
-        text.split(':').map(|b| u8::from_str_radix(b, 16)).collect::<Result<_, _>>().ok().unwrap_or_default();
-    let bytes: [u8; 6] =
-        bytes.try_into().ok().with_context(|| format!("bad --mac {text:?}: expected six hex bytes"))?;
-    Ok(EthernetAddress(bytes))
-}
-
-/// The source's side of the stack the options choose.
-pub(super) fn connector_for(
-    stack: &StackOptions,
-    pin: bool,
-    to: &str,
-    timeouts: Timeouts,
-) -> Result<(Box<dyn Connector>, Option<CoreStack>)> {
-    let (connector, cores): (Box<dyn Connector>, _) = match stack.stack {
-        NetStack::Kernel => {
-            let connector = TcpConnector::new(to, timeouts).with_context(|| format!("resolving {to}"))?;
-            (Box::new(connector), None)
-        }
-        NetStack::Tap | NetStack::AfPacket | NetStack::Dpdk => {
-            let address: SocketAddrV4 = to.parse().with_context(|| format!("--to {to} is not IPV4-ADDRESS:PORT"))?;
-            let cores = user_stack(stack, pin)?;
-            (Box::new(cores.connector(address, timeouts)), Some(cores))
-        }
-    };
-    Ok((super::tls::secure_connector(&stack.tls, connector, to)?, cores))
-}
-
-/// The destination's side of the stack the options choose.
-pub(super) fn acceptor_for(
-    stack: &StackOptions,
-    pin: bool,
-    listen: std::net::SocketAddr,
-    timeouts: Timeouts,
-) -> Result<(Box<dyn Acceptor>, Option<CoreStack>)> {
-    let (acceptor, cores): (Box<dyn Acceptor>, _) = match stack.stack {
-        NetStack::Kernel => {
-            let acceptor = TcpAcceptor::bind(listen, timeouts).with_context(|| format!("listening on {listen}"))?;
-            (Box::new(acceptor), None)
-        }
-        NetStack::Tap | NetStack::AfPacket | NetStack::Dpdk => {
-            let cores = user_stack(stack, pin)?;
-            let acceptor = cores.acceptor(listen.port(), timeouts)?;
-            (Box::new(acceptor), Some(cores))
-        }
-    };
-    Ok((super::tls::secure_acceptor(&stack.tls, acceptor)?, cores))
-}
-
 fn send(args: SendArgs) -> Result<ExitCode> {
     let guest = boot_guest(&args.guest, &args.common)?;
     let (connector, _stack) = connector_for(&args.stack, !args.common.no_pin, &args.to, timeouts(&args.common)?)?;
@@ -452,14 +303,14 @@ fn send(args: SendArgs) -> Result<ExitCode> {
             // The engine resumed the guest; show that it really runs on.
             let before = guest.writes();
             std::thread::sleep(Duration::from_millis(200));
-            let running = guest.writes() > before || matches!(guest.spec(), transport::synthetic::WorkloadSpec::Idle);
+            let running = guest.writes() > before || matches!(guest.spec(), guests::synthetic::WorkloadSpec::Idle);
             eprintln!(
                 "vmigrate: source guest {} ({} stores in the 200 ms after the failure)",
                 if running { "keeps running" } else { "is NOT running" },
                 guest.writes() - before
             );
             match err {
-                transport::MigrationError::Cancelled(_) => bail!("{err}"),
+                engine::MigrationError::Cancelled(_) => bail!("{err}"),
                 _ => bail!("migration failed: {err}"),
             }
         }

@@ -6,14 +6,14 @@
 //! per line: `cancel` cancels, `status` answers with the migration's last progress as JSON.
 
 use anyhow::{Context, Result};
+use engine::cancel::Cancel;
+use engine::source::Progress;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use transport::cancel::Cancel;
-use transport::source::Progress;
 
 /// Turns SIGINT and SIGTERM into a cancel of `cancel`.
 pub fn cancel_on_signals(cancel: &Cancel) -> Result<()> {

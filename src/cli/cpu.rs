@@ -39,7 +39,7 @@ pub struct CpuWindow {
     guest: Duration,
 }
 
-/// The synthetic guest's vCPU thread (transport::synthetic).
+/// The synthetic guest's vCPU thread (guests::synthetic).
 const GUEST_THREAD: &str = "guest-vcpu";
 
 impl CpuWindow {

@@ -2,15 +2,14 @@
 
 mod args;
 mod bench;
-mod charts;
 mod commands;
 mod control;
 mod cpu;
 mod dpdk;
-mod model;
 mod qemu_migrate;
 mod relay;
 mod report;
+mod stacks;
 mod stream;
 mod tls;
 

@@ -4,9 +4,14 @@
 //! final figures printed beside the relays'.
 
 use super::args::QemuMigrateArgs;
-use super::commands::connector_for;
-use super::relay::{encoding, print_report, report_json, seconds, timeouts};
+use super::relay::{encoding, print_report, report_json, timeouts};
+use super::stacks::{connector_for, seconds};
+use ::relay::destination::{relay_destination, DestinationRelayConfig};
+use ::relay::qmp::Qmp;
+use ::relay::source::{SourceRelay, SourceRelayConfig};
+use ::relay::{RelayFailure, RelayReport};
 use anyhow::{bail, Context, Result};
+use engine::cancel::Cancel;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use std::io::IsTerminal;
@@ -14,12 +19,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use transport::cancel::Cancel;
 use transport::pipe::{Connector, TcpAcceptor, TcpConnector};
-use transport::qemu::destination::{relay_destination, DestinationRelayConfig};
-use transport::qemu::qmp::Qmp;
-use transport::qemu::source::{SourceRelay, SourceRelayConfig};
-use transport::qemu::{RelayFailure, RelayReport};
 
 type RelayThread = JoinHandle<Result<RelayReport, RelayFailure>>;
 

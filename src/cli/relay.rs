@@ -2,16 +2,15 @@
 //! stacks, and its report.
 
 use super::args::{CarryOptions, QemuRecvArgs, QemuSendArgs, RelayOptions};
-use super::commands::{acceptor_for, connector_for};
+use super::stacks::{acceptor_for, connector_for, seconds};
+use ::relay::destination::{relay_destination, DestinationRelayConfig};
+use ::relay::source::{SourceRelay, SourceRelayConfig};
+use ::relay::RelayReport;
 use anyhow::{Context, Result};
 use migration::relay::{Encoding, MAX_CACHE_PAGES};
 use migration::PAGE_SIZE_BYTES;
 use std::process::ExitCode;
-use std::time::Duration;
 use transport::pipe::Timeouts;
-use transport::qemu::destination::{relay_destination, DestinationRelayConfig};
-use transport::qemu::source::{SourceRelay, SourceRelayConfig};
-use transport::qemu::RelayReport;
 
 pub fn qemu_send(args: QemuSendArgs) -> Result<ExitCode> {
     let timeouts = timeouts(&args.relay)?;
@@ -57,10 +56,6 @@ pub(super) fn encoding(options: &CarryOptions) -> Result<Encoding> {
 
 pub(super) fn timeouts(options: &RelayOptions) -> Result<Timeouts> {
     Ok(Timeouts { io: seconds("--io-timeout", options.io_timeout)?, ..Timeouts::default() })
-}
-
-pub(super) fn seconds(option: &str, value: f64) -> Result<Duration> {
-    Duration::try_from_secs_f64(value).map_err(|_| anyhow::anyhow!("{option} {value}: not a number of seconds"))
 }
 
 /// One line per carried stream, then the totals; or the whole report as JSON.

@@ -1,11 +1,11 @@
 //! Human output: a live progress line on a terminal, and at the end a table like the
 //! seed's (total time, downtime, transferred RAM, total RAM) plus one row per round.
 
+use engine::destination::DestinationReport;
+use engine::source::Progress;
 use indicatif::{ProgressBar, ProgressStyle};
 use migration::stats::MigrationStats;
 use std::io::IsTerminal;
-use transport::destination::DestinationReport;
-use transport::source::Progress;
 
 pub struct ProgressView {
     bar: Option<ProgressBar>,

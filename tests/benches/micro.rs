@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 
 /// Non-zero pages of a booted synthetic idle guest.
 fn guest_pages(count: usize) -> Vec<Vec<u8>> {
-    use transport::guest::GuestRam;
-    use transport::synthetic::{SyntheticGuest, WorkloadSpec};
+    use guests::guest::GuestRam;
+    use guests::synthetic::{SyntheticGuest, WorkloadSpec};
     let ram = Arc::new(GuestRam::allocate(&GuestRam::pc_layout(256 << 20), hugepages::HugePolicy::Never).unwrap());
     let mut guest = SyntheticGuest::boot(ram.clone(), WorkloadSpec::Idle, 7).unwrap();
     let mut pages = Vec::with_capacity(count);

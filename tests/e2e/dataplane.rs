@@ -3,13 +3,13 @@
 //! and what the send probes of our stack and of the kernel's TCP say of the link.
 
 use dataplane::stack::{LoopbackStack, DEFAULT_SOCKET_BUFFER_BYTES};
+use engine::config::SourceConfig;
+use guests::synthetic::WorkloadSpec;
 use migration::codec::Codec;
 use migration::precopy::PrecopyConfig;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
-use transport::config::SourceConfig;
 use transport::pipe::{Acceptor, Connection, Connector, TcpAcceptor, TcpConnector, Timeouts};
-use transport::synthetic::WorkloadSpec;
 use vmigrate_tests::session::{migrate_synthetic_on, Link};
 
 const MEM: u64 = 32 << 20;

@@ -3,15 +3,15 @@
 //! verified. At the end the process holds as many file descriptors and threads as at the
 //! start, the hugepages it used are free again, and its memory is back within a margin.
 
+use engine::config::{DestinationConfig, SourceConfig};
+use engine::destination::receive;
+use engine::source::migrate;
+use guests::guest::GuestRam;
+use guests::synthetic::{SyntheticDestination, SyntheticGuest, WorkloadSpec};
 use hugepages::HugePolicy;
 use std::sync::Arc;
 use std::time::Duration;
-use transport::config::{DestinationConfig, SourceConfig};
-use transport::destination::receive;
-use transport::guest::GuestRam;
 use transport::pipe::{TcpAcceptor, TcpConnector, Timeouts};
-use transport::source::migrate;
-use transport::synthetic::{SyntheticDestination, SyntheticGuest, WorkloadSpec};
 
 const GUEST_BYTES: u64 = 64 << 20;
 const MIGRATIONS: usize = 20;

@@ -2,11 +2,11 @@
 //! setting migrates with verification, the destination guest checks its memory and keeps
 //! running, and the source guest stays paused (handed over).
 
+use engine::config::SourceConfig;
+use guests::synthetic::WorkloadSpec;
 use migration::codec::Codec;
 use migration::precopy::PrecopyConfig;
 use std::time::Duration;
-use transport::config::SourceConfig;
-use transport::synthetic::WorkloadSpec;
 use vmigrate_tests::session::migrate_synthetic;
 use vmigrate_tests::session::{migrate_and_cancel, CancelAt};
 

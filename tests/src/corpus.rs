@@ -3,16 +3,16 @@
 //! chosen places. Replaying feeds a stream to an in-process destination as if a source
 //! sent it, and answers nothing back.
 
+use engine::config::{DestinationConfig, SourceConfig};
+use engine::destination::{receive, DestinationReport};
+use engine::source::migrate;
+use guests::guest::GuestRam;
+use guests::synthetic::{SyntheticDestination, SyntheticGuest, WorkloadSpec};
 use hugepages::HugePolicy;
 use std::io::{self, Cursor, Write};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use transport::config::{DestinationConfig, SourceConfig};
-use transport::destination::{receive, DestinationReport};
-use transport::guest::GuestRam;
 use transport::pipe::{Acceptor, Connection, Connector, TcpAcceptor, TcpConnector, Timeouts};
-use transport::source::migrate;
-use transport::synthetic::{SyntheticDestination, SyntheticGuest, WorkloadSpec};
 
 /// The guest the recorded stream carries.
 pub const GUEST_BYTES: u64 = 4 << 20;

@@ -3,10 +3,10 @@
 //! and the checks made on them: memory dumps compared byte for byte, the sweep's shape,
 //! and serial markers.
 
+use relay::qmp::Qmp;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use transport::qemu::qmp::Qmp;
 
 pub const QEMU: &str = "qemu-system-x86_64";
 /// Guest RAM: the sweep covers 1 MiB to 101 MiB of it.

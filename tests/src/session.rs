@@ -3,18 +3,18 @@
 
 use dataplane::core::DeviceWrappers;
 use dataplane::stack::{LoopbackOptions, LoopbackStack};
+use engine::cancel::Cancel;
+use engine::config::{DestinationConfig, SourceConfig};
+use engine::destination::{receive, DestinationReport};
+use engine::source::{migrate, Progress};
+use engine::vm::SourceVm;
+use guests::guest::GuestRam;
+use guests::synthetic::{SyntheticDestination, SyntheticGuest, WorkloadSpec};
 use hugepages::HugePolicy;
 use migration::stats::MigrationStats;
 use std::sync::Arc;
 use std::time::Duration;
-use transport::cancel::Cancel;
-use transport::config::{DestinationConfig, SourceConfig};
-use transport::destination::{receive, DestinationReport};
-use transport::guest::GuestRam;
 use transport::pipe::{Acceptor, Connector, TcpAcceptor, TcpConnector, Timeouts};
-use transport::source::{migrate, Progress};
-use transport::synthetic::{SyntheticDestination, SyntheticGuest, WorkloadSpec};
-use transport::vm::SourceVm;
 
 pub struct Outcome {
     pub source: Result<MigrationStats, String>,

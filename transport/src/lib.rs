@@ -1,29 +1,18 @@
-//! The engine of vmigrate: it spawns and pins the workers, owns the bounded rings between
-//! them, drives the `migration` state machines and moves frames between workers and byte
-//! pipes. This is the API a Rust VMM embeds: hand [`source::migrate`] your memory regions,
-//! dirty log and a pause/resume hook ([`vm::SourceVm`]), and [`destination::receive`] a
-//! place to put memory and a way to resume ([`vm::DestinationVm`]).
+//! The connection seam of vmigrate: what every stack implements and what the engine and
+//! the relay see of a connection. [`pipe::Connection`] is a byte pipe with an optional send
+//! probe; [`pipe::Connector`] and [`pipe::Acceptor`] open them (the kernel's TCP here, the
+//! userspace dataplane in `vmigrate-dataplane`); [`tls`] wraps any of them in TLS 1.3;
+//! [`framed`] reads and writes the protocol's frames over one.
 //!
-//! It knows nothing of NICs: connections are [`pipe::Connection`]s, byte pipes that the
-//! kernel's TCP provides here and the userspace dataplane provides elsewhere.
+//! Beside the seam, the pieces that every threaded layer above it shares: bounded rings
+//! that never drop ([`ring`]), a session-wide abort that wakes whoever waits
+//! ([`abort`]), and core pinning with per-CPU claims across processes ([`pin`]).
+//!
+//! It knows nothing of pages, sessions or NICs.
 
 pub mod abort;
-pub mod adaptive;
-pub mod cancel;
-pub mod config;
-pub mod destination;
-mod framed;
-pub mod guest;
+pub mod framed;
 pub mod pin;
 pub mod pipe;
-pub mod qemu;
-pub mod rate;
 pub mod ring;
-pub mod source;
-pub mod synthetic;
 pub mod tls;
-pub mod verify;
-pub mod vm;
-
-mod error;
-pub use error::MigrationError;

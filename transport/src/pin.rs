@@ -2,6 +2,7 @@
 //! that each keeps its caches and the scheduler does not stack two of them on one core
 //! while another idles.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 fn cores() -> &'static [core_affinity::CoreId] {
@@ -69,6 +70,30 @@ fn claim_cpu_in(directory: &std::path::Path, preferred: usize) -> Option<CpuClai
     })
 }
 
+/// Polling dataplane cores running in this process.
+static POLLERS: AtomicUsize = AtomicUsize::new(0);
+
+/// A polling core's registration: counts the core as running while held.
+pub struct PollingCore(());
+
+impl PollingCore {
+    pub fn register() -> Self {
+        POLLERS.fetch_add(1, Ordering::Relaxed);
+        PollingCore(())
+    }
+}
+
+impl Drop for PollingCore {
+    fn drop(&mut self) {
+        POLLERS.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Polling cores running in this process.
+pub fn pollers() -> usize {
+    POLLERS.load(Ordering::Relaxed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,5 +124,13 @@ mod tests {
         assert_eq!(again.index, last);
         drop(again);
         let _ = std::fs::remove_dir_all(&directory);
+    }
+
+    #[test]
+    fn polling_cores_are_counted_while_registered() {
+        let core = PollingCore::register();
+        // Other tests' cores may come and go; this one is counted until dropped.
+        assert!(pollers() >= 1);
+        drop(core);
     }
 }

@@ -4,15 +4,15 @@
 //! same link, codecs and CPUs. What each run reports (total time, downtime, bytes, rounds,
 //! CPU on each side) goes into a table, `bench.json` and charts (`charts.rs`).
 
-use super::args::{BenchArgs, BenchStack};
+mod charts;
+mod model;
+
+use super::args::{BenchArgs, BenchStack, BENCH_ROWS};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
-
-pub const DEFAULT_ROWS: &str =
-    "plain,lz4,zlib,zstd,adaptive,xbzrle,lz4+xbzrle,zlib+xbzrle,zstd+xbzrle,skip-unused-off,deferred-cleanup-off";
 
 /// The `send` options of a row.
 fn row_options(row: &str, mem: u64) -> Result<Vec<String>> {
@@ -31,7 +31,7 @@ fn row_options(row: &str, mem: u64) -> Result<Vec<String>> {
         "zstd+xbzrle" => &["--codec", "zstd:1", "--xbzrle-cache", &cache],
         "skip-unused-off" => &["--no-skip-unused"],
         "deferred-cleanup-off" => &["--no-deferred-cleanup"],
-        other => bail!("unknown bench row {other:?}; rows are {DEFAULT_ROWS}"),
+        other => bail!("unknown bench row {other:?}; rows are {BENCH_ROWS}"),
     };
     Ok(options.iter().map(|s| s.to_string()).collect())
 }
@@ -274,10 +274,10 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     let mut model = serde_json::Map::new();
     for guest in &args.guests {
         let image = if guest == "idle" { args.idle_image.as_deref() } else { None };
-        let pages = super::model::sample_pages(guest, image)?;
-        let rates = super::model::calibrate(&pages);
+        let pages = model::sample_pages(guest, image)?;
+        let rates = model::calibrate(&pages);
         table += "\n";
-        table += &super::model::table(guest, &rates);
+        table += &model::table(guest, &rates);
         model.insert(guest.clone(), serde_json::to_value(&rates)?);
     }
     print!("{table}");
@@ -292,7 +292,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         "model": model,
     });
     std::fs::write(args.report.join("bench.json"), serde_json::to_string_pretty(&json)?)?;
-    match super::charts::write(&args.report, &args.link, &results) {
+    match charts::write(&args.report, &args.link, &results) {
         Ok(files) => eprintln!("vmigrate bench: wrote {} charts to {}", files, args.report.display()),
         Err(err) => eprintln!("vmigrate: warning: no charts: {err:#}"),
     }

@@ -1,7 +1,7 @@
 //! The bench's charts (plotters, SVG): a bar chart of the table's total times, and per
 //! guest the rounds of every row over time, throughput above and pages left below.
 
-use super::bench::RunResult;
+use super::RunResult;
 use anyhow::{Context, Result};
 use plotters::prelude::*;
 use std::path::Path;

@@ -18,15 +18,10 @@
 //! teardown and freeing the XBZRLE cache wait until the destination has resumed (unless
 //! `deferred_cleanup` is off, which exists to measure what it saves).
 
-use crate::abort::SessionAbort;
 use crate::adaptive::{self, AdaptivePolicy, Choice, Pipeline};
 use crate::cancel::Cancel;
 use crate::config::SourceConfig;
-use crate::framed::{read_frame, write_frame, ReadError, CONTROL_FRAME_LIMIT_BYTES};
-use crate::pin;
-use crate::pipe::{Connection, Connector, SendProbe};
 use crate::rate::RateLimiter;
-use crate::ring::{Pool, Ring};
 use crate::verify::memory_digest;
 use crate::vm::SourceVm;
 use crate::MigrationError;
@@ -47,6 +42,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use transport::abort::SessionAbort;
+use transport::framed::{read_frame, write_frame, ReadError, CONTROL_FRAME_LIMIT_BYTES};
+use transport::pin;
+use transport::pipe::{Connection, Connector, SendProbe};
+use transport::ring::{Pool, Ring};
 
 /// Jobs waiting for a compression worker. Enough to keep every worker busy while the
 /// scanner fills the next; each holds only page numbers.

@@ -13,7 +13,7 @@
 //!   migration-test pattern). The destination checks every page.
 
 use crate::guest::GuestRam;
-use crate::vm::{DestinationVm, SourceVm};
+use engine::vm::{DestinationVm, SourceVm};
 use migration::dirty::DirtyLog;
 use migration::memory::GuestMemory;
 use migration::PAGE_SIZE_BYTES;

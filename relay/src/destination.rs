@@ -7,11 +7,8 @@
 //! order, is refused with a reason. The session ends when the main channel has ended both
 //! ways and every other channel has too.
 
-use super::channel::{pump, Workers};
-use super::{collect, RelayFailure, RelayReport};
-use crate::abort::SessionAbort;
-use crate::framed::{read_frame, write_frame, ReadError, CONTROL_FRAME_LIMIT_BYTES};
-use crate::pipe::{Acceptor, Connection};
+use crate::channel::{pump, Workers};
+use crate::{collect, RelayFailure, RelayReport};
 use migration::frame::{FrameKind, SeqCounter};
 use migration::handshake::HelloAck;
 use migration::relay::{accept_preamble, StreamHello, PREAMBLE_BYTES};
@@ -21,6 +18,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use transport::abort::SessionAbort;
+use transport::framed::{read_frame, write_frame, ReadError, CONTROL_FRAME_LIMIT_BYTES};
+use transport::pipe::{Acceptor, Connection};
 
 /// How long one accept waits before the loop looks at finished streams.
 const POLL: Duration = Duration::from_millis(50);

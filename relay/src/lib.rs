@@ -13,6 +13,7 @@
 
 pub mod channel;
 pub mod destination;
+mod net_writer;
 pub mod qmp;
 pub mod source;
 mod squeeze;
@@ -53,7 +54,7 @@ impl RelayFailure {
     }
 
     /// The session was aborted: its first failure, which names its channel.
-    pub(crate) fn aborted(abort: &crate::abort::SessionAbort) -> RelayFailure {
+    pub(crate) fn aborted(abort: &transport::abort::SessionAbort) -> RelayFailure {
         RelayFailure::Aborted(abort.reason().unwrap_or_default())
     }
 }
@@ -86,7 +87,7 @@ impl RelayReport {
 /// channel's report in channel order.
 fn collect(
     pumps: Vec<(u16, std::thread::JoinHandle<Result<ChannelReport, RelayFailure>>)>,
-    abort: &crate::abort::SessionAbort,
+    abort: &transport::abort::SessionAbort,
 ) -> Result<Vec<ChannelReport>, RelayFailure> {
     let mut reports = Vec::with_capacity(pumps.len());
     let mut failure = None;

@@ -14,13 +14,11 @@
 //! Any failure raises the session's abort: every channel's sockets are shut, both QEMUs see
 //! their migration streams end early, and the peer relay is told why (an `Abort` frame).
 
-use super::squeeze::Squeezers;
-use super::RelayFailure;
-use crate::abort::SessionAbort;
-use crate::framed::{read_frame, ReadError, CONTROL_FRAME_LIMIT_BYTES};
-use crate::pipe::Connection;
+use crate::net_writer::{lock, NetWriter};
+use crate::squeeze::Squeezers;
+use crate::RelayFailure;
 use migration::codec::Codec;
-use migration::frame::{FrameBuf, FrameKind, SeqCounter};
+use migration::frame::FrameKind;
 use migration::handshake::{decode_reason, encode_reason};
 use migration::qemu_stream::{starts_a_qemu_stream, Kind, Piece, Progress, StreamReader, PAGE_BYTES};
 use migration::relay::Encoding;
@@ -32,6 +30,9 @@ use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use transport::abort::SessionAbort;
+use transport::framed::{read_frame, ReadError, CONTROL_FRAME_LIMIT_BYTES};
+use transport::pipe::Connection;
 
 /// How long QEMU may stay quiet before a heartbeat tells the peer the link is alive. It
 /// also bounds how long a held-back chunk waits in a quiet stream.
@@ -74,27 +75,6 @@ pub struct Workers {
     pub first_core: Option<usize>,
 }
 
-/// The relay connection's writer, shared by the two directions: data and heartbeats go
-/// out from the "up" side, an `Abort` from whichever side failed.
-pub(super) struct NetWriter {
-    writer: Box<dyn Write + Send>,
-    seq: SeqCounter,
-    frame: FrameBuf,
-}
-
-impl NetWriter {
-    pub(super) fn send(&mut self, kind: FrameKind, payload: &[u8]) -> io::Result<()> {
-        self.frame.begin().extend_from_slice(payload);
-        self.frame.seal(kind, 0, self.seq.take());
-        self.writer.write_all(self.frame.as_bytes())?;
-        self.writer.flush()
-    }
-}
-
-pub(super) fn lock(writer: &Mutex<NetWriter>) -> std::sync::MutexGuard<'_, NetWriter> {
-    writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 /// Pumps `local` (a QEMU socket) and `net` (the relay connection, past its handshake) both
 /// ways until both directions have ended, or the session aborts. `encoding` (agreed in the
 /// stream's hello) serves both directions; `workers` compress what goes out (0: the sending
@@ -110,11 +90,7 @@ pub fn pump(
     let started = Instant::now();
     let Connection { reader, writer, closer, peer, .. } = net;
     let closer: Arc<dyn Fn() + Send + Sync> = Arc::from(closer);
-    let writer = Arc::new(Mutex::new(NetWriter {
-        writer,
-        seq: SeqCounter::default(),
-        frame: FrameBuf::with_capacity(MAX_CHUNK_BYTES + 64),
-    }));
+    let writer = Arc::new(Mutex::new(NetWriter::new(writer)));
     {
         // When the session aborts, every channel tells the peer why (if its writer is free:
         // one blocked in a write is not waited for), then shuts its sockets.
@@ -431,7 +407,8 @@ fn pump_down(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipe::{Acceptor, Connector, TcpAcceptor, TcpConnector, Timeouts};
+    use migration::frame::{FrameBuf, SeqCounter};
+    use transport::pipe::{Acceptor, Connector, TcpAcceptor, TcpConnector, Timeouts};
 
     const RAW: Encoding = Encoding { codec: Codec::None, xbzrle_cache_pages: 0 };
     const LZ4: Encoding = Encoding { codec: Codec::Lz4, xbzrle_cache_pages: 0 };

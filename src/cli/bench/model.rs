@@ -3,13 +3,13 @@
 //! and a 40 Gbit/s link full at the compression ratio those pages give.
 
 use anyhow::{Context, Result};
+use guests::guest::GuestRam;
+use guests::synthetic::{SyntheticGuest, WorkloadSpec};
 use migration::codec::{Codec, Compressed, PageCompressor, PageDecompressor};
 use migration::PAGE_SIZE_BYTES;
 use serde::Serialize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use transport::guest::GuestRam;
-use transport::synthetic::{SyntheticGuest, WorkloadSpec};
 
 /// Pages sampled from the guest.
 const SAMPLE_PAGES: usize = 4096;

@@ -319,9 +319,9 @@ impl AdaptivePolicy {
     /// pollers and workers than CPUs). Pollers on CPUs of their own (a dedicated NIC core)
     /// leave the workers the machine's idle CPUs to count.
     fn beside_pollers(&self) -> bool {
-        let pollers = cpu::pollers();
+        let pollers = transport::pin::pollers();
         // The process's cores, not this (pinned) worker's one.
-        pollers > 0 && pollers + self.workers > crate::pin::core_count()
+        pollers > 0 && pollers + self.workers > transport::pin::core_count()
     }
 
     /// Guest bytes per second each choice could move; the index of the largest, with
@@ -557,7 +557,8 @@ mod tests {
     #[test]
     fn beside_polling_cores_free_cores_are_the_share_the_workers_got() {
         // As many polling cores as CPUs: the workers share with them whatever the machine.
-        let _pollers: Vec<_> = (0..crate::pin::core_count()).map(|_| cpu::PollingCore::register()).collect();
+        let _pollers: Vec<_> =
+            (0..transport::pin::core_count()).map(|_| transport::pin::PollingCore::register()).collect();
         let policy = policy(2.0, 1e9, 4e8, 1.25e8);
         {
             let mut state = policy.lock();

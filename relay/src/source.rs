@@ -8,11 +8,8 @@
 //! opens its connections in the same order. The session ends when the main channel has
 //! ended both ways and every other channel has too.
 
-use super::channel::{pump, Workers};
-use super::{collect, RelayFailure, RelayReport};
-use crate::abort::SessionAbort;
-use crate::framed::{read_frame, write_frame, ReadError, CONTROL_FRAME_LIMIT_BYTES};
-use crate::pipe::{Connection, Connector};
+use crate::channel::{pump, Workers};
+use crate::{collect, RelayFailure, RelayReport};
 use migration::frame::{FrameKind, SeqCounter};
 use migration::handshake::{decode_reason, HelloAck};
 use migration::relay::{encode_preamble, Encoding, StreamHello, MAX_CHANNELS};
@@ -21,6 +18,9 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use transport::abort::SessionAbort;
+use transport::framed::{read_frame, write_frame, ReadError, CONTROL_FRAME_LIMIT_BYTES};
+use transport::pipe::{Connection, Connector};
 
 /// How often the accept loop looks for new streams and finished ones.
 const POLL: Duration = Duration::from_millis(20);

@@ -12,12 +12,7 @@
 //! page of round k+1, and a delta always finds the version it was made from (the page
 //! epoch table checks both).
 
-use crate::abort::SessionAbort;
 use crate::config::DestinationConfig;
-use crate::framed::{read_frame, write_frame, ReadError, CONTROL_FRAME_LIMIT_BYTES};
-use crate::pin;
-use crate::pipe::{Acceptor, Connection};
-use crate::ring::{Pool, Ring};
 use crate::verify::memory_digest;
 use crate::vm::DestinationVm;
 use crate::MigrationError;
@@ -31,6 +26,11 @@ use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+use transport::abort::SessionAbort;
+use transport::framed::{read_frame, write_frame, ReadError, CONTROL_FRAME_LIMIT_BYTES};
+use transport::pin;
+use transport::pipe::{Acceptor, Connection};
+use transport::ring::{Pool, Ring};
 
 /// Received batches waiting for a decompression worker: bounds the receive buffers to
 /// ~17 MiB however fast the source sends.

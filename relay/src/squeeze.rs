@@ -5,10 +5,8 @@
 //! back in order on the connection. Every queue is bounded: a slow link slows the workers,
 //! which slow the reader, which slows QEMU.
 
-use super::channel::NetWriter;
-use super::RelayFailure;
-use crate::abort::{Aborted, SessionAbort};
-use crate::ring::Ring;
+use crate::net_writer::{lock, NetWriter};
+use crate::RelayFailure;
 use migration::codec::{Codec, PageCompressor};
 use migration::frame::FrameKind;
 use migration::relay_pages::squeeze;
@@ -16,6 +14,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use transport::abort::{Aborted, SessionAbort};
+use transport::ring::Ring;
 
 /// Chunks waiting for a worker, per worker.
 const QUEUED_PER_WORKER: usize = 2;
@@ -71,7 +71,7 @@ impl Squeezers {
                 .name(format!("relay-zip-{channel}.{index}"))
                 .spawn(move || {
                     if let Some(first) = first_core {
-                        crate::pin::pin_current(first + index);
+                        transport::pin::pin_current(first + index);
                     }
                     work(codec, &jobs, &done, &abort)
                 })
@@ -159,7 +159,7 @@ fn send(
             // peer end its direction never will, and with this sender gone the workers and
             // the stream's reader would wait on full queues for ever: after a moment for
             // the reader, the sender aborts the session itself.
-            if let Err(err) = super::channel::lock(writer).send(kind, payload) {
+            if let Err(err) = lock(writer).send(kind, payload) {
                 let failure = RelayFailure::link(err);
                 let waited = Instant::now();
                 while !abort.is_raised() && waited.elapsed() < READER_GRACE {

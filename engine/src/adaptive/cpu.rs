@@ -1,9 +1,8 @@
 //! The CPU measurements adaptive compression needs: how much CPU a worker thread has used
-//! (to price each codec per core-second, whatever else runs on the machine), how many of
-//! the machine's CPUs sit idle, and how many polling dataplane cores this process runs
-//! (they look busy to the kernel whether or not they have work).
+//! (to price each codec per core-second, whatever else runs on the machine) and how many of
+//! the machine's CPUs sit idle. How many polling dataplane cores this process runs (they
+//! look busy to the kernel whether or not they have work) is `transport::pin::pollers`.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// CPU time the calling thread has used so far.
@@ -38,30 +37,6 @@ fn parse_idle(line: &str) -> Option<f64> {
     Some((ticks.get(3)? + ticks.get(4)?) as f64 / TICKS_PER_SECOND)
 }
 
-/// Polling dataplane cores running in this process.
-static POLLERS: AtomicUsize = AtomicUsize::new(0);
-
-/// A polling core's registration: counts the core as running while held.
-pub struct PollingCore(());
-
-impl PollingCore {
-    pub fn register() -> Self {
-        POLLERS.fetch_add(1, Ordering::Relaxed);
-        PollingCore(())
-    }
-}
-
-impl Drop for PollingCore {
-    fn drop(&mut self) {
-        POLLERS.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Polling cores running in this process.
-pub fn pollers() -> usize {
-    POLLERS.load(Ordering::Relaxed)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -82,13 +57,5 @@ mod tests {
             x = std::hint::black_box(x.wrapping_add(1));
         }
         assert!(thread_time() > start);
-    }
-
-    #[test]
-    fn polling_cores_are_counted_while_registered() {
-        let core = PollingCore::register();
-        // Other tests' cores may come and go; this one is counted until dropped.
-        assert!(pollers() >= 1);
-        drop(core);
     }
 }

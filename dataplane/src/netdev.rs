@@ -1,0 +1,47 @@
+//! Small helpers over the kernel's view of a network interface and its packet sockets,
+//! shared by the backends that open one (AF_PACKET, TAP) and the fanout group.
+
+use std::io;
+
+/// The kernel's index of the interface named `iface`.
+pub(crate) fn interface_index(iface: &str) -> io::Result<u32> {
+    let name =
+        std::ffi::CString::new(iface).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "bad interface name"))?;
+    // SAFETY: a C string that outlives the call.
+    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
+        0 => Err(io::Error::new(io::ErrorKind::NotFound, format!("no interface named {iface}"))),
+        index => Ok(index),
+    }
+}
+
+/// The MTU of the interface `iface` (1500 when it cannot be read).
+pub(crate) fn interface_mtu(iface: &str) -> usize {
+    std::fs::read_to_string(format!("/sys/class/net/{iface}/mtu"))
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(1500)
+}
+
+/// Sets a `SOL_PACKET` option on a packet socket; `what` names it in the error.
+pub(crate) fn set_packet_option<T>(fd: i32, option: libc::c_int, value: &T, what: &str) -> io::Result<()> {
+    // SAFETY: `value` points to a live `T` of the size passed, as setsockopt requires.
+    let result = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_PACKET,
+            option,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
+    };
+    check(result, what)
+}
+
+/// A libc result as an `io::Result`, the OS error prefixed with `what` failed.
+pub(crate) fn check(result: libc::c_int, what: &str) -> io::Result<()> {
+    if result < 0 {
+        let err = io::Error::last_os_error();
+        return Err(io::Error::new(err.kind(), format!("{what}: {err}")));
+    }
+    Ok(())
+}

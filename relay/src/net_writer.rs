@@ -1,0 +1,35 @@
+//! The relay connection's writer, shared by the two directions of a carried stream and
+//! by the compression workers that send what they squeezed.
+
+use migration::frame::{FrameBuf, FrameKind, SeqCounter};
+use migration::relay::MAX_CHUNK_BYTES;
+use std::io::{self, Write};
+use std::sync::{Mutex, MutexGuard};
+
+/// Data and heartbeats go out from the "up" side, an `Abort` from whichever side failed;
+/// every frame is sealed with the connection's next sequence number.
+pub(crate) struct NetWriter {
+    writer: Box<dyn Write + Send>,
+    seq: SeqCounter,
+    frame: FrameBuf,
+}
+
+impl NetWriter {
+    pub(crate) fn new(writer: Box<dyn Write + Send>) -> Self {
+        // A whole chunk and its frame header fit without growing the buffer.
+        NetWriter { writer, seq: SeqCounter::default(), frame: FrameBuf::with_capacity(MAX_CHUNK_BYTES + 64) }
+    }
+
+    pub(crate) fn send(&mut self, kind: FrameKind, payload: &[u8]) -> io::Result<()> {
+        self.frame.begin().extend_from_slice(payload);
+        self.frame.seal(kind, 0, self.seq.take());
+        self.writer.write_all(self.frame.as_bytes())?;
+        self.writer.flush()
+    }
+}
+
+/// The writer, even when a thread panicked holding it: a frame is written whole or the
+/// connection fails, so what a poisoned lock guards is still consistent.
+pub(crate) fn lock(writer: &Mutex<NetWriter>) -> MutexGuard<'_, NetWriter> {
+    writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
