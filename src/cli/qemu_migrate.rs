@@ -38,9 +38,9 @@ pub fn qemu_migrate(args: QemuMigrateArgs) -> Result<ExitCode> {
         configure(qmp, &args).with_context(|| format!("setting up the {side} QEMU"))?;
     }
 
-    let work = std::env::temp_dir().join(format!("vmigrate-qemu-migrate-{}", std::process::id()));
-    std::fs::create_dir_all(&work)?;
-    let _cleanup = RemoveOnDrop(work.clone());
+    // Removed with everything in it however the command ends.
+    let work_dir = private_work_dir()?;
+    let work = work_dir.path();
     let timeouts = timeouts(&args.relay)?;
 
     // The destination relay: a remote one the user started, or ours, in this process.
@@ -208,11 +208,36 @@ fn print_qemu(info: &Value) {
     }
 }
 
-/// Removes a work directory (the relays' sockets) however the command ends.
-struct RemoveOnDrop(PathBuf);
+/// A directory for the relays' unix sockets that only this user can enter, under a name
+/// no one can guess: a socket there carries guest memory, and another local user who could
+/// place or swap one would receive it. `tempfile` fails rather than reuse a path that
+/// already exists; the mode is asked for (its default follows the umask, 0755 here).
+fn private_work_dir() -> std::io::Result<tempfile::TempDir> {
+    use std::os::unix::fs::PermissionsExt;
+    tempfile::Builder::new()
+        .prefix("vmigrate-qemu-migrate-")
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir()
+}
 
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn the_work_dir_is_private_and_unpredictable() {
+        let first = private_work_dir().unwrap();
+        let second = private_work_dir().unwrap();
+        assert_ne!(first.path(), second.path(), "each run gets a directory of its own");
+        let metadata = std::fs::metadata(first.path()).unwrap();
+        assert_eq!(metadata.mode() & 0o777, 0o700, "only the owner may enter or list it");
+        let mine = tempfile::tempfile().unwrap().metadata().unwrap();
+        assert_eq!(metadata.uid(), mine.uid(), "owned by the user who runs the command");
+        assert!(!first.path().to_string_lossy().contains(&std::process::id().to_string()), "no pid in the name");
+        let path = first.path().to_path_buf();
+        std::fs::write(path.join("source.sock"), b"").unwrap();
+        drop(first);
+        assert!(!path.exists(), "removed with its sockets when dropped");
     }
 }

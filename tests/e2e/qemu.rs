@@ -171,8 +171,11 @@ fn qemu_migrate_drives_both_qemus_and_the_relays() {
     let (mut source_qmp, mut destination_qmp) = (source.qmp(), destination.qmp());
     assert!(source.wait_markers_above(0, Duration::from_secs(30)), "the source guest never swept");
     let socket = |vm: &Vm| format!("unix:{}", vm.control_socket().display());
+    // A temp dir of the command's own, to see that it leaves nothing there.
+    let temp = dir.join("tmp");
+    std::fs::create_dir_all(&temp).unwrap();
     let finished = run(
-        Command::new(BIN).args([
+        Command::new(BIN).env("TMPDIR", &temp).args([
             "qemu-migrate",
             "--src-qmp",
             &socket(&source),
@@ -202,11 +205,10 @@ fn qemu_migrate_drives_both_qemus_and_the_relays() {
     }
     let point = check_migrated(&source, &destination, &mut source_qmp, &mut destination_qmp);
     eprintln!("orchestrated: memory equal on both sides, the sweep stood at page {point}");
-    assert!(
-        !std::fs::read_dir(std::env::temp_dir())
-            .expect("temp dir")
-            .flatten()
-            .any(|entry| entry.file_name().to_string_lossy().contains(&format!("qemu-migrate-{}", std::process::id()))),
-        "qemu-migrate left its sockets behind"
+    assert_eq!(
+        std::fs::read_dir(&temp).expect("the command's temp dir").count(),
+        0,
+        "qemu-migrate left its sockets behind in {}",
+        temp.display()
     );
 }

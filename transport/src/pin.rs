@@ -58,16 +58,28 @@ pub fn claim_cpu(preferred: usize) -> Option<CpuClaim> {
 
 fn claim_cpu_in(directory: &std::path::Path, preferred: usize) -> Option<CpuClaim> {
     use std::os::fd::AsRawFd;
-    use std::os::unix::fs::OpenOptionsExt;
     let cores = cores();
     let count = cores.len();
     (0..count).map(|step| (preferred + count - step % count) % count).find_map(|index| {
         let path = directory.join(format!("vmigrate-dataplane-cpu-{}.lock", cores[index].id));
-        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o666).open(path).ok()?;
+        let file = open_lock_file(&path).ok()?;
         // SAFETY: flock on a descriptor we own; the lock lives as long as the file.
         let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
         (locked && core_affinity::set_for_current(cores[index])).then_some(CpuClaim { index, _lock: file })
     })
+}
+
+/// Opens (creating it if need be) a CPU's lock file for `flock`, which needs no write
+/// access: read-only, so a file another user's vmigrate created (mode 0644) can still be
+/// locked, and nobody else can write to ours. A symbolic link in its place is refused
+/// (O_NOFOLLOW), never followed: in a shared temp directory it could point anywhere.
+fn open_lock_file(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CREAT | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .mode(0o644)
+        .open(path)
 }
 
 /// Polling dataplane cores running in this process.
@@ -132,5 +144,28 @@ mod tests {
         // Other tests' cores may come and go; this one is counted until dropped.
         assert!(pollers() >= 1);
         drop(core);
+    }
+
+    #[test]
+    fn lock_files_are_not_writable_by_others_and_links_are_not_followed() {
+        use std::os::unix::fs::PermissionsExt;
+        let directory = std::env::temp_dir().join(format!("vmigrate-pin-links-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&directory);
+        std::fs::create_dir_all(&directory).unwrap();
+        let last = core_count() - 1;
+        // Someone planted a link where the preferred CPU's lock file goes.
+        let target = directory.join("victim");
+        let planted = directory.join(format!("vmigrate-dataplane-cpu-{}.lock", cores()[last].id));
+        std::os::unix::fs::symlink(&target, &planted).unwrap();
+        let claim = claim_cpu_in(&directory, last);
+        assert!(!target.exists(), "the link was followed and its target created");
+        assert!(claim.as_ref().is_none_or(|claim| claim.index != last), "a CPU behind a link was claimed");
+        drop(claim);
+        // A lock file we create is writable by its owner alone (or nobody).
+        let file = directory.join("vmigrate-dataplane-cpu-test.lock");
+        drop(open_lock_file(&file).unwrap());
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o022, 0, "lock file mode {mode:o} lets others write");
+        let _ = std::fs::remove_dir_all(&directory);
     }
 }
