@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
+    cli::init_logging(&args.verbosity);
     match cli::run(args) {
         Ok(code) => code,
         Err(err) => {

@@ -350,11 +350,14 @@ impl Device for AfPacket {
     fn receive(&mut self, _timestamp: Instant) -> Option<(AfRx, AfTx<'_>)> {
         if self.rx.truncated > 0 && !self.warned_truncated {
             self.warned_truncated = true;
-            eprintln!(
-                "vmigrate: warning: frames larger than the MTU ({}) arrive on {}: they are dropped. Turn off \
+            log::warn!(
+                "frames larger than the MTU ({}) arrive on {}: they are dropped. Turn off \
                  receive aggregation (ethtool -K {} gro off lro off) or, on a veth pair, the peer's \
                  segmentation offload (ip link set PEER gso_max_size {})",
-                self.mtu, self.iface, self.iface, self.mtu
+                self.mtu,
+                self.iface,
+                self.iface,
+                self.mtu
             );
         }
         if !self.tx.slot_free() {
@@ -398,10 +401,10 @@ impl Drop for AfPacket {
         self.tx.flush();
         let (bad, truncated, oversize) = (self.rx.bad_checksum, self.rx.truncated, self.tx.oversize);
         if bad + truncated + oversize > 0 {
-            eprintln!(
-                "vmigrate: af-packet on {}: dropped {bad} frames with bad checksums, {truncated} larger than \
-                 the MTU received, {oversize} too large to send",
-                self.iface
+            log::info!(
+                iface = self.iface.as_str();
+                "af-packet: dropped {bad} frames with bad checksums, {truncated} larger than the MTU \
+                 received, {oversize} too large to send"
             );
         }
     }

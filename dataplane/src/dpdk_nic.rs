@@ -167,10 +167,10 @@ impl Drop for DpdkQueue {
     fn drop(&mut self) {
         self.flush();
         if self.no_mbuf > 0 {
-            eprintln!("vmigrate: dpdk queue {}: {} frames dropped for want of an mbuf", self.queue, self.no_mbuf);
+            log::info!(queue = self.queue; "dpdk: {} frames dropped for want of an mbuf", self.no_mbuf);
         }
         if self.bad_checksum > 0 {
-            eprintln!("vmigrate: dpdk queue {}: {} frames dropped for a bad checksum", self.queue, self.bad_checksum);
+            log::info!(queue = self.queue; "dpdk: {} frames dropped for a bad checksum", self.bad_checksum);
         }
     }
 }

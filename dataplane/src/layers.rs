@@ -90,9 +90,13 @@ fn only_transmit(checksum: Checksum) -> Checksum {
     }
 }
 
+/// The log target of traced frames. `--trace` installs the tracer, and the binary lets
+/// this target through at the trace level whatever the verbosity.
+pub const FRAME_TRACE_TARGET: &str = "vmigrate::frames";
+
 /// The `Tracer` writer: one line per frame, with its direction and decoded headers.
 pub fn trace_frame(timestamp: Instant, packet: TracerPacket) {
-    eprintln!("{timestamp} {packet}");
+    log::trace!(target: FRAME_TRACE_TARGET, "{timestamp} {packet}");
 }
 
 #[cfg(test)]

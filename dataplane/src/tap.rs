@@ -84,7 +84,7 @@ impl phy::TxToken for TapTx<'_> {
 impl Drop for TapQueue {
     fn drop(&mut self) {
         if self.tx_dropped > 0 {
-            eprintln!("vmigrate: tap: the kernel refused {} frames (its queue was full)", self.tx_dropped);
+            log::info!("tap: the kernel refused {} frames (its queue was full)", self.tx_dropped);
         }
     }
 }

@@ -142,8 +142,11 @@ pub fn receive(
 ) -> Result<DestinationReport, MigrationError> {
     let mut prepared = false;
     let result = receive_session(acceptor, vm, config, &mut prepared);
-    if result.is_err() && prepared {
-        vm.discard();
+    if let Err(err) = &result {
+        log::debug!(prepared; "the migration failed, discarding what was received: {err}");
+        if prepared {
+            vm.discard();
+        }
     }
     result
 }

@@ -1022,6 +1022,10 @@ impl<'s, 'a> Scanner<'s, 'a> {
                 backlog_bytes,
             };
             let decision = precopy.round_finished(clock.elapsed(), report);
+            log::debug!(
+                round = epoch, stage, pages_sent = report.pages_sent, dirty_pages = dirty,
+                ms = duration.as_millis() as u64; "round finished: {decision:?}"
+            );
             self.record_round(epoch, stage, duration, &counters, dirty, Some(&precopy));
             self.maybe_report(epoch, stage, dirty);
             pages = dirty;
@@ -1049,6 +1053,7 @@ impl<'s, 'a> Scanner<'s, 'a> {
         // Stop-and-copy: the downtime window starts here.
         epoch += 1;
         let downtime_start = Instant::now();
+        log::debug!(round = epoch; "stop-and-copy: pausing the guest");
         self.vm.pause();
         *paused = true;
         let final_pages = self.sync(true);

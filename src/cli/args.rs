@@ -13,6 +13,10 @@ use std::path::PathBuf;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// -v: debug lines too, -vv: trace; -q: warnings and errors only, -qq: errors only.
+    /// RUST_LOG refines it per crate (RUST_LOG=vmigrate_engine=debug).
+    #[command(flatten)]
+    pub verbosity: clap_verbosity_flag::Verbosity<clap_verbosity_flag::InfoLevel>,
 }
 
 #[derive(Subcommand, Debug)]

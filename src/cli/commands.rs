@@ -32,7 +32,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::StreamRecv(args) => {
             let (mut acceptor, _stack) = acceptor_for(&args.stack, !args.no_pin, args.listen, Timeouts::default())?;
-            eprintln!("vmigrate: waiting for a stream on {}", acceptor.local_addr());
+            log::info!("waiting for a stream on {}", acceptor.local_addr());
             super::stream::receive(&mut *acceptor)
         }
         Command::QemuSend(args) => super::relay::qemu_send(args),
@@ -268,7 +268,7 @@ fn print_outcome(
         report::print_tables(stats, destination, guest);
     }
     if stats.verified == Some(false) {
-        eprintln!("vmigrate: error: verification failed: destination memory differs from the source's");
+        log::error!("verification failed: destination memory differs from the source's");
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
@@ -304,11 +304,12 @@ fn send(args: SendArgs) -> Result<ExitCode> {
             let before = guest.writes();
             std::thread::sleep(Duration::from_millis(200));
             let running = guest.writes() > before || matches!(guest.spec(), guests::synthetic::WorkloadSpec::Idle);
-            eprintln!(
-                "vmigrate: source guest {} ({} stores in the 200 ms after the failure)",
-                if running { "keeps running" } else { "is NOT running" },
-                guest.writes() - before
-            );
+            let stores = guest.writes() - before;
+            if running {
+                log::info!("source guest keeps running ({stores} stores in the 200 ms after the failure)");
+            } else {
+                log::error!("source guest is NOT running ({stores} stores in the 200 ms after the failure)");
+            }
             match err {
                 engine::MigrationError::Cancelled(_) => bail!("{err}"),
                 _ => bail!("migration failed: {err}"),
@@ -330,7 +331,7 @@ fn recv(args: RecvArgs) -> Result<ExitCode> {
     let (mut acceptor, _stack) = acceptor_for(&args.stack, !args.common.no_pin, args.listen, timeouts(&args.common)?)?;
     // Always on stderr (JSON goes to stdout): with --listen ADDR:0 this is how a caller
     // learns the port.
-    eprintln!("vmigrate: waiting for a migration on {}", acceptor.local_addr());
+    log::info!("waiting for a migration on {}", acceptor.local_addr());
     let mut vm = SyntheticDestination::new(config.max_memory_bytes, policy);
     let cpu = super::cpu::CpuWindow::start();
     let mut report = receive(&mut *acceptor, &mut vm, &config).context("receiving the migration")?;
@@ -344,7 +345,7 @@ fn recv(args: RecvArgs) -> Result<ExitCode> {
         report::print_destination(&report, &guest);
     }
     if report.verified == Some(false) {
-        eprintln!("vmigrate: error: verification failed: received memory differs from the source's");
+        log::error!("verification failed: received memory differs from the source's");
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)

@@ -23,10 +23,10 @@ pub fn cancel_on_signals(cancel: &Cancel) -> Result<()> {
         for signal in signals.forever() {
             let name = if signal == SIGINT { "SIGINT" } else { "SIGTERM" };
             if cancel.is_cancelled() {
-                eprintln!("vmigrate: {name} again: quitting now");
+                log::info!("{name} again: quitting now");
                 std::process::exit(128 + signal);
             }
-            eprintln!("vmigrate: {name}: cancelling the migration (send it again to quit at once)");
+            log::info!("{name}: cancelling the migration (send it again to quit at once)");
             cancel.cancel(format!("{name} received"));
         }
     })?;
@@ -86,7 +86,7 @@ fn serve(stream: UnixStream, cancel: &Cancel, status: &Status) {
         let Ok(line) = line else { return };
         let answer = match line.trim() {
             "cancel" => {
-                eprintln!("vmigrate: cancel requested on the control socket");
+                log::info!("cancel requested on the control socket");
                 cancel.cancel("cancelled on the control socket");
                 "ok".to_string()
             }

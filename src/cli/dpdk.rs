@@ -50,7 +50,7 @@ mod with_dpdk {
         let port = dpdk::Port::start(eal, name, cores as u16, pool, request.mtu)
             .with_context(|| format!("starting DPDK port {name}"))?;
         let port = Arc::new(port);
-        eprintln!("vmigrate: {}", describe(&port));
+        log::info!("{}", describe(&port));
         let xstats = request.xstats;
         let teardown = port.clone();
         let stack = CoreStack::start(NicBackend::Dpdk { port, pool }, name, cores, config)
@@ -82,31 +82,33 @@ mod with_dpdk {
     fn finish(port: Arc<dpdk::Port<'static>>, pool: &'static dpdk::Mempool, xstats: bool) {
         let name = port.name().to_string();
         let stats = port.stats();
-        eprintln!(
-            "vmigrate: DPDK port {name}: {} packets received, {} sent; {} missed, {} receive errors, \
+        log::info!(
+            "DPDK port {name}: {} packets received, {} sent; {} missed, {} receive errors, \
              {} transmit errors, {} dropped at a full transmit queue",
-            stats.rx_packets, stats.tx_packets, stats.rx_missed, stats.rx_errors, stats.tx_errors, stats.tx_dropped
+            stats.rx_packets,
+            stats.tx_packets,
+            stats.rx_missed,
+            stats.rx_errors,
+            stats.tx_errors,
+            stats.tx_dropped
         );
         if xstats {
             for (stat, value) in port.xstats().into_iter().filter(|(_, value)| *value != 0) {
-                eprintln!("vmigrate:   {stat} = {value}");
+                log::info!("  {stat} = {value}");
             }
         }
         match Arc::try_unwrap(port) {
             Ok(port) => drop(port),
             Err(_) => {
-                eprintln!("vmigrate: warning: DPDK port {name} still in use at teardown: its mbufs were not counted");
+                log::warn!("DPDK port {name} still in use at teardown: its mbufs were not counted");
                 return;
             }
         }
         let (available, size) = (pool.available(), pool.size());
         if available == size {
-            eprintln!("vmigrate: DPDK port {name} closed: all {size} mbufs back in the pool");
+            log::info!("DPDK port {name} closed: all {size} mbufs back in the pool");
         } else {
-            eprintln!(
-                "vmigrate: warning: DPDK port {name} closed: {} of {size} mbufs never came back to the pool",
-                size - available
-            );
+            log::warn!("DPDK port {name} closed: {} of {size} mbufs never came back to the pool", size - available);
         }
     }
 }

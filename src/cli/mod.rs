@@ -6,6 +6,7 @@ mod commands;
 mod control;
 mod cpu;
 mod dpdk;
+mod logging;
 mod qemu_migrate;
 mod relay;
 mod report;
@@ -15,3 +16,4 @@ mod tls;
 
 pub use args::Cli;
 pub use commands::run;
+pub use logging::init as init_logging;

@@ -12,7 +12,6 @@ use ::relay::source::{SourceRelay, SourceRelayConfig};
 use ::relay::{RelayFailure, RelayReport};
 use anyhow::{bail, Context, Result};
 use engine::cancel::Cancel;
-use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -139,11 +138,7 @@ fn configure(qmp: &mut Qmp, args: &QemuMigrateArgs) -> Result<()> {
 /// Polls `query-migrate` until the migration ends, showing progress on a terminal; past
 /// `timeout`, or when `cancel` is, the migration is cancelled on the source QEMU.
 fn follow(source: &mut Qmp, timeout: Duration, cancel: &Cancel, json: bool) -> Result<Value> {
-    let bar = (!json && std::io::stderr().is_terminal()).then(|| {
-        let bar = ProgressBar::new_spinner();
-        bar.set_style(ProgressStyle::with_template("{spinner} {msg}").expect("valid template"));
-        bar
-    });
+    let bar = (!json && std::io::stderr().is_terminal()).then(super::logging::spinner);
     let started = Instant::now();
     let mut cancelled = false;
     loop {
@@ -170,9 +165,9 @@ fn follow(source: &mut Qmp, timeout: Duration, cancel: &Cancel, json: bool) -> R
         }
         if !cancelled && (started.elapsed() > timeout || cancel.is_cancelled()) {
             if cancel.is_cancelled() {
-                eprintln!("vmigrate: {}: cancelling the migration", cancel.reason());
+                log::info!("{}: cancelling the migration", cancel.reason());
             } else {
-                eprintln!("vmigrate: the migration ran past --timeout: cancelling it");
+                log::info!("the migration ran past --timeout: cancelling it");
             }
             source.execute("migrate_cancel", json!({}))?;
             cancelled = true;

@@ -3,7 +3,7 @@
 
 use engine::destination::DestinationReport;
 use engine::source::Progress;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use migration::stats::MigrationStats;
 use std::io::IsTerminal;
 
@@ -14,11 +14,7 @@ pub struct ProgressView {
 impl ProgressView {
     /// Shows progress only on a terminal and never in JSON mode.
     pub fn new(json: bool) -> Self {
-        let bar = (!json && std::io::stderr().is_terminal()).then(|| {
-            let bar = ProgressBar::new_spinner();
-            bar.set_style(ProgressStyle::with_template("{spinner} {msg}").expect("valid template"));
-            bar
-        });
+        let bar = (!json && std::io::stderr().is_terminal()).then(super::logging::spinner);
         ProgressView { bar }
     }
 

@@ -95,6 +95,41 @@ fn demo_over_dpdk_ports() {
     assert!(!finished.stderr.contains("warning"), "{}", finished.stderr);
 }
 
+/// The libraries speak through the log facade; the binary shows info and up by default,
+/// debug lines with -v, warnings only with -q, and what RUST_LOG asks for per crate.
+#[test]
+fn verbosity_follows_v_q_and_rust_log() {
+    let demo = |flags: &[&str], rust_log: Option<&str>| {
+        let mut command = Command::new(BIN);
+        command.args(flags).args(["demo", "--mem", "16MiB", "--run-after", "0.1"]).env_remove("RUST_LOG");
+        if let Some(filter) = rust_log {
+            command.env("RUST_LOG", filter);
+        }
+        let finished = run(&mut command, DEADLINE);
+        assert!(finished.status.success(), "demo {flags:?} failed:\n{}", finished.stderr);
+        finished.stderr
+    };
+    let round_line = "vmigrate: DEBUG vmigrate_engine::source: round finished";
+    let plain = demo(&[], None);
+    assert!(!plain.contains("DEBUG"), "debug lines by default:\n{plain}");
+    let verbose = demo(&["-v"], None);
+    assert!(verbose.contains(round_line) && verbose.contains(" round=1 "), "no round lines with -v:\n{verbose}");
+    let filtered = demo(&[], Some("vmigrate_engine=debug"));
+    assert!(filtered.contains(round_line), "RUST_LOG=vmigrate_engine=debug ignored:\n{filtered}");
+    // -q leaves warnings and errors: a receiver nobody connects to says only why it failed.
+    let lonely = |flag: &[&str]| {
+        let mut command = Command::new(BIN);
+        command.args(flag).args(["recv", "--listen", "127.0.0.1:0", "--accept-timeout", "0.2"]).env_remove("RUST_LOG");
+        let finished = run(&mut command, DEADLINE);
+        assert!(!finished.status.success());
+        finished.stderr
+    };
+    assert!(lonely(&[]).contains("vmigrate: waiting for a migration on 127.0.0.1:"));
+    let quiet = lonely(&["-q"]);
+    assert!(!quiet.contains("waiting for a migration"), "-q still shows info lines:\n{quiet}");
+    assert!(quiet.contains("vmigrate: error: receiving the migration"), "-q hid the error:\n{quiet}");
+}
+
 #[test]
 fn trusting_received_checksums_still_catches_corruption_by_the_stream_crc() {
     // Our stack skips its IPv4/TCP receive checks; a corrupted frame then reaches the

@@ -250,10 +250,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         let mut runs: Vec<Vec<RunResult>> = vec![Vec::new(); args.rows.len()];
         for attempt in 1..=args.repeat {
             for (row, row_runs) in args.rows.iter().zip(&mut runs) {
-                eprintln!(
-                    "vmigrate bench: {guest} guest, {row}, over {} (run {attempt} of {})",
-                    args.link, args.repeat
-                );
+                log::info!("bench: {guest} guest, {row}, over {} (run {attempt} of {})", args.link, args.repeat);
                 let result = one_run(&args, guest, row, port).with_context(|| format!("{guest} guest, row {row}"))?;
                 if result.verified == Some(false) {
                     bail!("{guest} guest, row {row}: the memory did not verify");
@@ -293,8 +290,8 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     });
     std::fs::write(args.report.join("bench.json"), serde_json::to_string_pretty(&json)?)?;
     match charts::write(&args.report, &args.link, &results) {
-        Ok(files) => eprintln!("vmigrate bench: wrote {} charts to {}", files, args.report.display()),
-        Err(err) => eprintln!("vmigrate: warning: no charts: {err:#}"),
+        Ok(files) => log::info!("bench: wrote {} charts to {}", files, args.report.display()),
+        Err(err) => log::warn!("no charts: {err:#}"),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -79,11 +79,11 @@ impl TlsAcceptor {
             pending: Arc::new(AtomicUsize::new(0)),
             done_tx,
             done_rx,
-            on_refusal: Box::new(|reason| eprintln!("vmigrate: warning: refused a TLS connection from {reason}")),
+            on_refusal: Box::new(|reason| log::warn!("refused a TLS connection from {reason}")),
         }
     }
 
-    /// Where refusals are reported (by default a warning on stderr).
+    /// Where refusals are reported (by default a warning through the log facade).
     pub fn on_refusal(mut self, report: impl Fn(&str) + Send + 'static) -> Self {
         self.on_refusal = Box::new(report);
         self
