@@ -173,8 +173,8 @@ struct RttEstimator {
     timestamp: Option<(Instant, TcpSeqNumber)>,
     max_seq_sent: Option<TcpSeqNumber>,
     rto_count: u8,
-    /// Floor of the computed RTO in milliseconds (vmigrate patch: RTTE_MIN_RTO by default,
-    /// lowered per socket with `Socket::set_min_retransmission_timeout`).
+    /// Floor of the RTO computed from RTT samples, in milliseconds: RTTE_MIN_RTO unless
+    /// lowered with `Socket::set_min_retransmission_timeout`.
     min_rto: u32,
 }
 
@@ -527,9 +527,9 @@ pub struct Socket<'a> {
     local_rx_dup_acks: u8,
     /// If a fast retransmit needs to occur
     pending_fast_retransmit: bool,
-    /// vmigrate patch (RFC 6582 NewReno): while recovering from a loss found by duplicate
-    /// ACKs, the highest sequence number sent when recovery began. An ACK below it is a
-    /// partial ACK: the next hole is retransmitted at once, not after a timeout.
+    /// While recovering from a loss found by duplicate ACKs, the highest sequence number
+    /// sent when recovery began (RFC 6582's "recover"). An ACK below it is a partial ACK:
+    /// the next hole is retransmitted at once rather than after a timeout.
     fast_recovery_end: Option<TcpSeqNumber>,
 
     /// Duration for Delayed ACK. If None no ACKs will be delayed.
@@ -831,6 +831,31 @@ impl<'a> Socket<'a> {
         self.nagle = enabled
     }
 
+    /// Return the floor of the retransmission timeout.
+    ///
+    /// See also the [set_min_retransmission_timeout](#method.set_min_retransmission_timeout)
+    /// method.
+    pub fn min_retransmission_timeout(&self) -> Duration {
+        Duration::from_millis(self.rtte.min_rto as u64)
+    }
+
+    /// Set the floor of the retransmission timeout computed from RTT samples.
+    ///
+    /// RFC 6298 (2.4) asks for at least one second, which suits the Internet, and is the
+    /// default. On a link whose round trip is far shorter (a data-centre link, a virtual
+    /// link between two hosts' namespaces) every loss that fast retransmit cannot repair,
+    /// such as the tail of a burst or a lost retransmission, then stalls the connection for
+    /// a full second; RFC 6298 allows a lower floor where the network is known. The initial
+    /// RTO, before any RTT sample (for the SYN, say), stays at one second. The floor is
+    /// kept when the socket is reset and reused.
+    pub fn set_min_retransmission_timeout(&mut self, floor: Duration) {
+        let floor = (floor.total_millis() as u32).clamp(1, RTTE_MAX_RTO);
+        self.rtte.min_rto = floor;
+        if self.rtte.have_measurement {
+            self.rtte.rto = self.rtte.rto.max(floor);
+        }
+    }
+
     /// Return the keep-alive interval.
     ///
     /// See also the [set_keep_alive](#method.set_keep_alive) method.
@@ -850,21 +875,6 @@ impl<'a> Socket<'a> {
     ///
     /// The keep-alive functionality together with the timeout functionality allows to react
     /// to these error conditions.
-    /// Set the floor of the retransmission timeout (vmigrate patch).
-    ///
-    /// RFC 6298 asks for at least one second, which suits the Internet; on a link whose
-    /// round trip is microseconds (a data-centre migration link, a veth pair) every loss
-    /// that fast retransmit cannot repair then stalls the connection for a second. The
-    /// floor applies to the RTO computed from RTT samples; the initial RTO (before any
-    /// sample, e.g. for the SYN) stays at RFC 6298's one second.
-    pub fn set_min_retransmission_timeout(&mut self, floor: Duration) {
-        let floor = (floor.total_millis() as u32).clamp(1, RTTE_MAX_RTO);
-        self.rtte.min_rto = floor;
-        if self.rtte.have_measurement {
-            self.rtte.rto = self.rtte.rto.max(floor);
-        }
-    }
-
     pub fn set_keep_alive(&mut self, interval: Option<Duration>) {
         self.keep_alive = interval;
         if self.keep_alive.is_some() {
@@ -2168,8 +2178,10 @@ impl<'a> Socket<'a> {
                     }
                     self.local_rx_last_ack = Some(ack_number);
 
-                    // vmigrate patch (RFC 6582): a partial ACK during fast recovery
-                    // retransmits the next unacknowledged segment; a full ACK ends recovery.
+                    // RFC 6582 (3.2, step 3): during fast recovery, an ACK that covers new data
+                    // but not everything sent before recovery began is a partial ACK, and the
+                    // next unacknowledged segment is lost too: retransmit it now. A full ACK
+                    // ends recovery.
                     if let Some(end) = self.fast_recovery_end {
                         if ack_number < end {
                             if ack_len > 0 {
@@ -7066,6 +7078,68 @@ mod test {
     }
 
     #[test]
+    fn test_fast_retransmit_partial_ack_retransmits_next_hole() {
+        let mut s = socket_established();
+        s.remote_mss = 3;
+
+        send!(s, time 0, TcpRepr {
+            seq_number: REMOTE_SEQ + 1,
+            ack_number: Some(LOCAL_SEQ + 1),
+            ..SEND_TEMPL
+        });
+        s.send_slice(b"aaaBBBcccDDDeeeFFF").unwrap();
+
+        // "aaa" and "ccc" are lost, the others arrive.
+        for (i, payload) in [b"aaa", b"BBB", b"ccc", b"DDD", b"eee", b"FFF"].iter().enumerate() {
+            recv!(s, time 1000 + i as i64, Ok(TcpRepr {
+                seq_number: LOCAL_SEQ + 1 + 3 * i,
+                ack_number: Some(REMOTE_SEQ + 1),
+                payload:    &payload[..],
+                ..RECV_TEMPL
+            }));
+        }
+
+        // Four duplicate ACKs (for "BBB", "DDD", "eee", "FFF"): fast retransmit of "aaa".
+        for t in 0..4 {
+            send!(s, time 1010 + t, TcpRepr {
+                seq_number: REMOTE_SEQ + 1,
+                ack_number: Some(LOCAL_SEQ + 1),
+                ..SEND_TEMPL
+            });
+        }
+        recv!(s, time 1020, Ok(TcpRepr {
+            seq_number: LOCAL_SEQ + 1,
+            ack_number: Some(REMOTE_SEQ + 1),
+            payload:    &b"aaa"[..],
+            ..RECV_TEMPL
+        }));
+        recv_nothing!(s, time 1021);
+
+        // The ACK for "aaa" stops at the second hole: a partial ACK. "ccc" goes out again
+        // at once, not after the retransmission timeout.
+        send!(s, time 1030, TcpRepr {
+            seq_number: REMOTE_SEQ + 1,
+            ack_number: Some(LOCAL_SEQ + 1 + 6),
+            ..SEND_TEMPL
+        });
+        recv!(s, time 1031, Ok(TcpRepr {
+            seq_number: LOCAL_SEQ + 1 + 6,
+            ack_number: Some(REMOTE_SEQ + 1),
+            payload:    &b"ccc"[..],
+            ..RECV_TEMPL
+        }));
+
+        // Everything is acknowledged: recovery ends, nothing more is sent.
+        send!(s, time 1040, TcpRepr {
+            seq_number: REMOTE_SEQ + 1,
+            ack_number: Some(LOCAL_SEQ + 1 + 18),
+            ..SEND_TEMPL
+        });
+        assert_eq!(s.fast_recovery_end, None);
+        recv_nothing!(s, time 1050);
+    }
+
+    #[test]
     fn test_fast_retransmit_duplicate_detection_with_data() {
         let mut s = socket_established();
 
@@ -9624,6 +9698,72 @@ mod test {
             r.sample(2000);
             assert_eq!(r.retransmission_timeout(), Duration::from_millis(rto));
         }
+    }
+
+    #[test]
+    fn test_rtt_estimator_min_rto() {
+        let mut r = RttEstimator {
+            min_rto: 20,
+            ..RttEstimator::default()
+        };
+        for _ in 0..32 {
+            r.sample(1);
+        }
+        assert_eq!(r.retransmission_timeout(), Duration::from_millis(20));
+
+        let mut r = RttEstimator::default();
+        for _ in 0..32 {
+            r.sample(1);
+        }
+        assert_eq!(
+            r.retransmission_timeout(),
+            Duration::from_millis(RTTE_MIN_RTO as u64)
+        );
+    }
+
+    #[test]
+    fn test_min_retransmission_timeout() {
+        let mut s = socket_established();
+        s.set_min_retransmission_timeout(Duration::from_millis(20));
+        assert_eq!(s.min_retransmission_timeout(), Duration::from_millis(20));
+
+        // One RTT sample of 1 ms.
+        s.send_slice(b"abc").unwrap();
+        recv!(s, time 0, Ok(TcpRepr {
+            seq_number: LOCAL_SEQ + 1,
+            ack_number: Some(REMOTE_SEQ + 1),
+            payload:    &b"abc"[..],
+            ..RECV_TEMPL
+        }));
+        send!(s, time 1, TcpRepr {
+            seq_number: REMOTE_SEQ + 1,
+            ack_number: Some(LOCAL_SEQ + 1 + 3),
+            ..SEND_TEMPL
+        });
+
+        // This segment is lost; it is sent again at the 20 ms floor, not after a second.
+        s.send_slice(b"def").unwrap();
+        recv!(s, time 2, Ok(TcpRepr {
+            seq_number: LOCAL_SEQ + 1 + 3,
+            ack_number: Some(REMOTE_SEQ + 1),
+            payload:    &b"def"[..],
+            ..RECV_TEMPL
+        }));
+        recv_nothing!(s, time 15);
+        recv!(s, time 25, Ok(TcpRepr {
+            seq_number: LOCAL_SEQ + 1 + 3,
+            ack_number: Some(REMOTE_SEQ + 1),
+            payload:    &b"def"[..],
+            ..RECV_TEMPL
+        }));
+    }
+
+    #[test]
+    fn test_min_retransmission_timeout_kept_on_reset() {
+        let mut s = socket_established();
+        s.set_min_retransmission_timeout(Duration::from_millis(20));
+        s.reset();
+        assert_eq!(s.min_retransmission_timeout(), Duration::from_millis(20));
     }
 
     #[test]
