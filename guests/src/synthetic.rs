@@ -7,7 +7,7 @@
 //!   text, some zeroed pages, most pages never touched), then no writes.
 //! - `dirty:AREA:PAGES_PER_S:BITS`: fills AREA with random BITS-bit numbers stored as
 //!   32-bit words, then writes one random BITS-bit number into PAGES_PER_S random pages of
-//!   the area each second (the seed's "writes random numbers to a 1 GB area").
+//!   the area each second (the 2015 KVM live-migration talk's "writes random numbers to a 1 GB area").
 //! - `seq[:PAGES_PER_S]`: every page holds a counter; a sweep increments them page after
 //!   page, so every page equals its neighbour except where the sweep has reached (QEMU's
 //!   migration-test pattern). The destination checks every page.

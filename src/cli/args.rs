@@ -42,7 +42,7 @@ pub enum Command {
     /// QMP, run the relays, start the migration, show progress, report QEMU's and the
     /// relays' figures.
     QemuMigrate(QemuMigrateArgs),
-    /// The seed's tables: migrate an idle and a dirtying guest with each optimisation on
+    /// The tables of Intel's 2015 KVM live-migration talk: migrate an idle and a dirtying guest with each optimisation on
     /// and off (as `send`/`recv` process pairs, in network namespaces with --netns), and
     /// write a table, JSON and charts to --report.
     Bench(BenchArgs),

@@ -1,4 +1,4 @@
-//! CPU time spent migrating, as the seed's tables report it: this process's CPU time over
+//! CPU time spent migrating, as the 2015 KVM live-migration talk's tables report it: this process's CPU time over
 //! a window, less what the guest's own vCPU thread used meanwhile (a real VMM's vCPUs are
 //! not the migration's cost either).
 

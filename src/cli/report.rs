@@ -1,5 +1,6 @@
 //! Human output: a live progress line on a terminal, and at the end a table like the
-//! seed's (total time, downtime, transferred RAM, total RAM) plus one row per round.
+//! the 2015 KVM live-migration talk's (total time, downtime, transferred RAM, total RAM)
+//! plus one row per round.
 
 use engine::destination::DestinationReport;
 use engine::source::Progress;

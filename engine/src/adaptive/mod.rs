@@ -14,7 +14,7 @@
 //!
 //! A choice `c` can move at most `free cores x rate_c` guest bytes per second through the
 //! cores and `link x ratio_c` through the link, and no more than it was seen to move; the
-//! policy picks the choice whose bound is largest. The seed found compression made 10 Gbit/s migrations slower; here a
+//! policy picks the choice whose bound is largest. The 2015 KVM live-migration talk found compression made 10 Gbit/s migrations slower; here a
 //! codec is only chosen while the free cores can outrun the link with it. Pricing codecs by
 //! CPU-seconds and counting only free cores matters when the link itself costs CPU (a
 //! kernel TCP stack, or both ends on one host): compressing then takes cores the link needs.

@@ -1,4 +1,4 @@
-//! `vmigrate bench`: the seed's tables, reproduced side by side in one run. Each row is one
+//! `vmigrate bench`: the tables of Intel's 2015 KVM live-migration talk, reproduced side by side in one run. Each row is one
 //! real migration between two `vmigrate` processes (`recv`, then `send`), in two network
 //! namespaces over a shaped veth link when `--netns` names them, so every row meets the
 //! same link, codecs and CPUs. What each run reports (total time, downtime, bytes, rounds,
@@ -209,7 +209,7 @@ fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1 << 20) as f64
 }
 
-/// The seed's table: one line per guest and row, with each row's total time against plain.
+/// The talk's table: one line per guest and row, with each row's total time against plain.
 pub fn table(link: &str, results: &[RunResult]) -> String {
     let mut out = format!(
         "link: {link}\n{:<6} {:<21} {:>9} {:>10} {:>12} {:>10} {:>8} {:>8} {:>9}\n",
