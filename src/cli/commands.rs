@@ -32,7 +32,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::StreamRecv(args) => {
             let (mut acceptor, _stack) = acceptor_for(&args.stack, !args.no_pin, args.listen, Timeouts::default())?;
-            log::info!("waiting for a stream on {}", acceptor.local_addr());
+            eprintln!("vmigrate: waiting for a stream on {}", acceptor.local_addr());
             super::stream::receive(&mut *acceptor)
         }
         Command::QemuSend(args) => super::relay::qemu_send(args),
@@ -329,9 +329,9 @@ fn recv(args: RecvArgs) -> Result<ExitCode> {
         Duration::from_secs_f64(args.accept_timeout),
     );
     let (mut acceptor, _stack) = acceptor_for(&args.stack, !args.common.no_pin, args.listen, timeouts(&args.common)?)?;
-    // Always on stderr (JSON goes to stdout): with --listen ADDR:0 this is how a caller
-    // learns the port.
-    log::info!("waiting for a migration on {}", acceptor.local_addr());
+    // Always on stderr, whatever the verbosity (JSON goes to stdout): with --listen ADDR:0
+    // this is how a caller learns the port.
+    eprintln!("vmigrate: waiting for a migration on {}", acceptor.local_addr());
     let mut vm = SyntheticDestination::new(config.max_memory_bytes, policy);
     let cpu = super::cpu::CpuWindow::start();
     let mut report = receive(&mut *acceptor, &mut vm, &config).context("receiving the migration")?;

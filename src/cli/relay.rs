@@ -22,7 +22,8 @@ pub fn qemu_send(args: QemuSendArgs) -> Result<ExitCode> {
         first_connection_timeout: seconds("--wait", args.relay.wait)?,
     };
     let relay = SourceRelay::bind(&args.listen, config)?;
-    log::info!("waiting for QEMU on unix:{}", relay.path().display());
+    // Announcements, not log lines: callers wait for them, whatever the verbosity.
+    eprintln!("vmigrate: waiting for QEMU on unix:{}", relay.path().display());
     let report = relay.run(&*connector).context("relaying the QEMU migration")?;
     print_report("sent", &report, args.relay.json)?;
     Ok(ExitCode::SUCCESS)
@@ -36,7 +37,8 @@ pub fn qemu_recv(args: QemuRecvArgs) -> Result<ExitCode> {
         first_connection_timeout: seconds("--wait", args.relay.wait)?,
         qemu_connect_timeout: seconds("--qemu-wait", args.qemu_wait)?,
     };
-    log::info!("waiting for the source relay on {}", acceptor.local_addr());
+    // Always shown: with --listen ADDR:0 this is how a caller learns the port.
+    eprintln!("vmigrate: waiting for the source relay on {}", acceptor.local_addr());
     let report = relay_destination(&mut *acceptor, &config).context("relaying the QEMU migration")?;
     print_report("received", &report, args.relay.json)?;
     Ok(ExitCode::SUCCESS)

@@ -116,18 +116,23 @@ fn verbosity_follows_v_q_and_rust_log() {
     assert!(verbose.contains(round_line) && verbose.contains(" round=1 "), "no round lines with -v:\n{verbose}");
     let filtered = demo(&[], Some("vmigrate_engine=debug"));
     assert!(filtered.contains(round_line), "RUST_LOG=vmigrate_engine=debug ignored:\n{filtered}");
-    // -q leaves warnings and errors: a receiver nobody connects to says only why it failed.
-    let lonely = |flag: &[&str]| {
+    // -q leaves warnings and errors: a source whose destination is not there says why it
+    // failed, but not (an info line) that its guest runs on.
+    let refused = |flag: &[&str]| {
         let mut command = Command::new(BIN);
-        command.args(flag).args(["recv", "--listen", "127.0.0.1:0", "--accept-timeout", "0.2"]).env_remove("RUST_LOG");
+        command.args(flag).args(["send", "--to", "127.0.0.1:1", "--mem", "16MiB"]).env_remove("RUST_LOG");
         let finished = run(&mut command, DEADLINE);
         assert!(!finished.status.success());
         finished.stderr
     };
-    assert!(lonely(&[]).contains("vmigrate: waiting for a migration on 127.0.0.1:"));
-    let quiet = lonely(&["-q"]);
-    assert!(!quiet.contains("waiting for a migration"), "-q still shows info lines:\n{quiet}");
-    assert!(quiet.contains("vmigrate: error: receiving the migration"), "-q hid the error:\n{quiet}");
+    assert!(refused(&[]).contains("vmigrate: source guest keeps running"));
+    let quiet = refused(&["-q"]);
+    assert!(!quiet.contains("keeps running"), "-q still shows info lines:\n{quiet}");
+    assert!(quiet.contains("vmigrate: error: migration failed"), "-q hid the error:\n{quiet}");
+    // Announcements that callers wait for are not log lines: -q keeps them.
+    let mut lonely = Command::new(BIN);
+    lonely.args(["-q", "recv", "--listen", "127.0.0.1:0", "--accept-timeout", "0.2"]);
+    assert!(run(&mut lonely, DEADLINE).stderr.contains("vmigrate: waiting for a migration on 127.0.0.1:"));
 }
 
 #[test]
