@@ -55,6 +55,10 @@ pub struct DestinationConfig {
     /// The largest guest this destination accepts, in bytes.
     pub max_memory_bytes: u64,
     pub pin_workers: bool,
+    /// The CPU the first decompression worker is pinned to; the others follow it. Workers
+    /// pin from the first CPU up and polling cores from the last down, so 0 unless a
+    /// source's compression pool runs in the same process (the demo): then past it.
+    pub first_worker_cpu: usize,
     /// How long to wait for the source's connections and for each frame.
     pub accept_timeout: Duration,
     pub deferred_cleanup: bool,
@@ -66,6 +70,7 @@ impl Default for DestinationConfig {
             decompress_threads: 2,
             max_memory_bytes: 64 << 30,
             pin_workers: true,
+            first_worker_cpu: 0,
             accept_timeout: Duration::from_secs(30),
             deferred_cleanup: true,
         }

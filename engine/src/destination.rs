@@ -333,12 +333,12 @@ fn receive_session(
         let shared = &shared;
         let mut workers = Vec::new();
         for index in 0..config.decompress_threads.max(1) {
-            let pin_workers = config.pin_workers;
+            let first_cpu = config.pin_workers.then_some(config.first_worker_cpu);
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("decompress-{index}"))
                     .spawn_scoped(scope, move || {
-                        shared.abort.guard("decompression", || decompression_worker(shared, index, pin_workers))
+                        shared.abort.guard("decompression", || decompression_worker(shared, index, first_cpu))
                     })
                     .expect("spawn decompression worker"),
             );
@@ -576,11 +576,10 @@ fn connection_reader(
     }
 }
 
-fn decompression_worker(shared: &Shared, index: usize, pin_workers: bool) {
-    if pin_workers {
-        // Start from the last core so that, when both ends share a machine (the demo),
-        // decompression does not stack on the cores compression starts from.
-        pin::pin_current(pin::core_count() - 1 + index);
+/// Pinned to `first_cpu + index` when pinning (`DestinationConfig::first_worker_cpu`).
+fn decompression_worker(shared: &Shared, index: usize, first_cpu: Option<usize>) {
+    if let Some(first) = first_cpu {
+        pin::pin_current(first + index);
     }
     let applier = BatchApplier { limits: shared.limits(), memory: &*shared.memory, epochs: &shared.epochs };
     let mut worker = ApplyWorker::new();

@@ -367,17 +367,20 @@ mod tests {
 
     proptest! {
         #[test]
-        fn any_page_round_trips(seed: Vec<u8>, repeat in 1usize..64, codec in 0usize..4) {
+        fn any_page_round_trips(seed: Vec<u8>, repeat in 1usize..64, codec in proptest::sample::select(CODECS.to_vec())) {
             let page: Vec<u8> = if seed.is_empty() { vec![0; PAGE_SIZE_BYTES] } else {
                 seed.iter().flat_map(|&b| std::iter::repeat_n(b, repeat)).cycle().take(PAGE_SIZE_BYTES).collect()
             };
-            round_trip(CODECS[codec], &page);
+            round_trip(codec, &page);
         }
 
         #[test]
-        fn corrupt_data_never_panics(data in proptest::collection::vec(any::<u8>(), 0..5000), codec in 1usize..3) {
+        fn corrupt_data_never_panics(
+            data in proptest::collection::vec(any::<u8>(), 0..5000),
+            codec in proptest::sample::select(CODECS[1..].to_vec()),
+        ) {
             let mut out = vec![0u8; PAGE_SIZE_BYTES];
-            let _ = PageDecompressor::default().decompress(CODECS[codec], &data, &mut out);
+            let _ = PageDecompressor::default().decompress(codec, &data, &mut out);
         }
     }
 }

@@ -110,6 +110,7 @@ fn destination_config(
         decompress_threads: cores.workers(args.decompress_threads),
         max_memory_bytes,
         pin_workers: !common.no_pin,
+        first_worker_cpu: 0,
         accept_timeout,
         deferred_cleanup: !common.no_deferred_cleanup,
     }
@@ -223,8 +224,12 @@ fn demo(args: DemoArgs) -> Result<ExitCode> {
         DemoStack::Loopback | DemoStack::Dpdk => 2 * usize::from(args.dataplane.dataplane_cores),
     };
     let cores = CoreShare { polling_cores: sides_cores, pools: 2 };
-    let dest_config =
-        destination_config(&args.destination, &args.common, cores, args.guest.mem, Duration::from_secs(10));
+    let config = source_config(&args.source, &args.common, cores);
+    let dest_config = DestinationConfig {
+        // Past the compression workers, which pin from the first CPU up.
+        first_worker_cpu: config.compress_threads,
+        ..destination_config(&args.destination, &args.common, cores, args.guest.mem, Duration::from_secs(10))
+    };
     let run_after = args.run_after;
     let destination = std::thread::Builder::new().name("destination".into()).spawn(move || {
         let mut vm = SyntheticDestination::new(dest_config.max_memory_bytes, policy);
@@ -232,7 +237,6 @@ fn demo(args: DemoArgs) -> Result<ExitCode> {
         let guest = run_destination_guest(&mut vm, run_after)?;
         anyhow::Ok((report, guest))
     })?;
-    let config = source_config(&args.source, &args.common, cores);
     let mut progress = report::ProgressView::new(args.common.json);
     let result = migrate(&source_guest, &*connector, &config, &mut |p| progress.update(p));
     progress.finish();
