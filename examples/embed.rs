@@ -7,6 +7,7 @@
 
 use engine::config::{DestinationConfig, SourceConfig};
 use engine::vm::{DestinationVm, SourceVm};
+use engine::VmError;
 use migration::codec::Codec;
 use migration::dirty::{AtomicBitmap, DirtyLog};
 use migration::memory::GuestMemory;
@@ -108,14 +109,14 @@ struct ToyDestination {
 }
 
 impl DestinationVm for ToyDestination {
-    fn prepare(&mut self, region_bytes: &[u64]) -> Result<Arc<dyn GuestMemory>, String> {
-        let [bytes] = region_bytes else { return Err("the toy VMM has one region".into()) };
+    fn prepare(&mut self, region_bytes: &[u64]) -> Result<Arc<dyn GuestMemory>, VmError> {
+        let [bytes] = region_bytes else { return Err(VmError::Unfit("the toy VMM has one region".into())) };
         let memory = Arc::new(ToyMemory::new(*bytes as usize));
         self.memory = Some(memory.clone());
         Ok(memory)
     }
-    fn resume(&mut self, device_state: &[u8]) -> Result<(), String> {
-        let counter = device_state.try_into().map_err(|_| "bad device state")?;
+    fn resume(&mut self, device_state: &[u8]) -> Result<(), VmError> {
+        let counter = device_state.try_into().map_err(|_| VmError::Resume("bad device state".into()))?;
         self.restored_counter = Some(u64::from_le_bytes(counter));
         Ok(())
     }

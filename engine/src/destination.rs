@@ -13,6 +13,7 @@
 //! epoch table checks both).
 
 use crate::config::DestinationConfig;
+use crate::error::{LimitExceeded, ProtocolViolation};
 use crate::verify::memory_digest;
 use crate::vm::DestinationVm;
 use crate::MigrationError;
@@ -87,7 +88,7 @@ impl Shared {
     }
 
     fn failure(&self) -> MigrationError {
-        MigrationError::Failed(self.abort.reason().unwrap_or_else(|| "aborted".into()))
+        MigrationError::Aborted(self.abort.reason().unwrap_or_else(|| "aborted".into()))
     }
 
     /// The round barrier: returns once every connection has ended the round and every
@@ -213,18 +214,18 @@ fn read_hello(connection: &mut Connection) -> Result<(Hello, u16), MigrationErro
     connection
         .reader
         .read_exact(&mut preamble)
-        .map_err(|e| MigrationError::Failed(format!("no preamble from {}: {e}", connection.peer)))?;
+        .map_err(|e| ProtocolViolation::BadGreeting(format!("no preamble from {}: {e}", connection.peer)))?;
     let version = accept_preamble(&preamble).map_err(|err| {
         refuse(connection, &err.to_string());
         MigrationError::from(err)
     })?;
     let mut payload = Vec::new();
     let header = read_frame(&mut *connection.reader, &mut payload, |_| CONTROL_FRAME_LIMIT_BYTES)
-        .map_err(|e| MigrationError::Failed(format!("bad Hello from {}: {e}", connection.peer)))?;
+        .map_err(|e| ProtocolViolation::BadGreeting(format!("bad Hello from {}: {e}", connection.peer)))?;
     if header.kind != FrameKind::Hello || header.seq != 0 {
         let reason = format!("expected Hello, got {:?} (seq {})", header.kind, header.seq);
         refuse(connection, &reason);
-        return Err(MigrationError::Failed(reason));
+        return Err(ProtocolViolation::BadGreeting(reason).into());
     }
     let hello = Hello::decode(&payload).map_err(|err| {
         refuse(connection, &err.to_string());
@@ -251,32 +252,32 @@ fn receive_session(
     prepared: &mut bool,
 ) -> Result<DestinationReport, MigrationError> {
     let accept = |acceptor: &mut dyn Acceptor| {
-        acceptor
-            .accept(config.accept_timeout)
-            .map_err(|e| MigrationError::Failed(format!("waiting for the source on {}: {e}", acceptor.local_addr())))
+        acceptor.accept(config.accept_timeout).map_err(|e| match e.kind() {
+            std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => MigrationError::TimedOut {
+                waiting_for: format!("a connection from the source on {}", acceptor.local_addr()),
+                after: config.accept_timeout,
+            },
+            _ => MigrationError::Io { connection: 0, source: e },
+        })
     };
     let mut first = accept(acceptor)?;
     let (hello, version) = read_hello(&mut first)?;
     let started = Instant::now();
     if hello.connection_index != 0 {
-        let reason = format!("first connection is number {}, expected 0", hello.connection_index);
-        refuse(&mut first, &reason);
-        return Err(MigrationError::Failed(reason));
+        let err = ProtocolViolation::FirstConnectionNotZero { index: hello.connection_index };
+        refuse(&mut first, &err.to_string());
+        return Err(err.into());
     }
     if hello.total_bytes() > config.max_memory_bytes {
-        let reason = format!(
-            "guest of {} bytes exceeds this destination's limit of {} bytes",
-            hello.total_bytes(),
-            config.max_memory_bytes
-        );
-        refuse(&mut first, &reason);
-        return Err(MigrationError::Failed(reason));
+        let err = LimitExceeded::GuestTooLarge { bytes: hello.total_bytes(), limit: config.max_memory_bytes };
+        refuse(&mut first, &err.to_string());
+        return Err(err.into());
     }
     let memory = match vm.prepare(&hello.region_bytes) {
         Ok(memory) => memory,
-        Err(reason) => {
-            refuse(&mut first, &reason);
-            return Err(MigrationError::Failed(reason));
+        Err(err) => {
+            refuse(&mut first, &err.to_string());
+            return Err(err.into());
         }
     };
     *prepared = true;
@@ -297,10 +298,10 @@ fn receive_session(
         }
         let index = usize::from(other.connection_index);
         if !other.same_session(&hello) || connections[index].is_some() {
-            let reason =
-                format!("connection {index} does not belong to session {:#x} or repeats an index", hello.session_id);
-            refuse(&mut connection, &reason);
-            return Err(MigrationError::Failed(reason));
+            let err =
+                ProtocolViolation::ForeignConnection { index: other.connection_index, session_id: hello.session_id };
+            refuse(&mut connection, &err.to_string());
+            return Err(err.into());
         }
         accept_ack(&mut connection, version)?;
         connections[index] = Some(connection);
@@ -418,18 +419,20 @@ impl Session<'_, '_> {
             match self.events.recv_timeout(Duration::from_millis(20)) {
                 Ok((kind, payload)) if kind == expected => return Ok(payload),
                 Ok((FrameKind::RoundApplied, payload)) => self.send(FrameKind::RoundApplied, &payload)?,
-                Ok((kind, _)) => {
-                    return Err(MigrationError::Failed(format!(
-                        "source sent {kind:?} while we waited for {expected:?}"
-                    )))
-                }
+                Ok((got, _)) => return Err(ProtocolViolation::UnexpectedControl { got, expected }.into()),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     std::thread::sleep(Duration::from_millis(5));
                     return Err(if self.shared.abort.is_raised() {
                         self.shared.failure()
                     } else {
-                        MigrationError::Failed(format!("source went away while we waited for {expected:?}"))
+                        MigrationError::Io {
+                            connection: 0,
+                            source: std::io::Error::new(
+                                std::io::ErrorKind::UnexpectedEof,
+                                format!("source went away while we waited for {expected:?}"),
+                            ),
+                        }
                     });
                 }
             }
@@ -454,7 +457,7 @@ impl Session<'_, '_> {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take()
-            .ok_or_else(|| MigrationError::Failed("the source completed without sending device state".into()))?;
+            .ok_or(ProtocolViolation::MissingDeviceState)?;
         self.send(FrameKind::Ready, &[])?;
         let commit = self.wait_event(FrameKind::Commit)?;
         let verify = commit.first() == Some(&1);
@@ -468,7 +471,7 @@ impl Session<'_, '_> {
         if !config.deferred_cleanup {
             stop_workers(self.shared, self.workers);
         }
-        vm.resume(&device_state).map_err(|e| MigrationError::Failed(format!("could not resume the guest: {e}")))?;
+        vm.resume(&device_state)?;
         let verify_ms = verify_time.map_or(0, |t| t.as_millis() as u64);
         self.send(FrameKind::Resumed, &verify_ms.to_le_bytes())?;
         let mut verified = None;

@@ -18,5 +18,5 @@ pub mod source;
 pub mod verify;
 pub mod vm;
 
-mod error;
-pub use error::MigrationError;
+pub mod error;
+pub use error::{MigrationError, VmError};

@@ -21,6 +21,7 @@
 use crate::adaptive::{self, AdaptivePolicy, Choice, Pipeline};
 use crate::cancel::Cancel;
 use crate::config::SourceConfig;
+use crate::error::{LimitExceeded, ProtocolViolation};
 use crate::rate::RateLimiter;
 use crate::verify::memory_digest;
 use crate::vm::SourceVm;
@@ -212,14 +213,12 @@ fn open_connection(connector: &dyn Connector, hello: &Hello) -> Result<Connectio
     let mut payload = Vec::new();
     let header = read_frame(&mut *connection.reader, &mut payload, |_| CONTROL_FRAME_LIMIT_BYTES).map_err(|e| {
         // A destination that requires TLS hangs up on a plain hello.
-        let hint = match &e {
-            ReadError::Closed => " (does the destination require TLS?)",
-            ReadError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
-                " (does the destination require TLS?)"
-            }
-            _ => "",
+        let tls_hint = match &e {
+            ReadError::Closed => true,
+            ReadError::Io(io) => io.kind() == std::io::ErrorKind::UnexpectedEof,
+            _ => false,
         };
-        MigrationError::Failed(format!("connection {index}: no answer to Hello: {e}{hint}"))
+        ProtocolViolation::NoHelloAnswer { connection: index, reason: e.to_string(), tls_hint }
     })?;
     match (header.kind, header.seq) {
         (FrameKind::HelloAck, 0) => match HelloAck::decode(&payload)? {
@@ -227,8 +226,9 @@ fn open_connection(connector: &dyn Connector, hello: &Hello) -> Result<Connectio
             HelloAck::Refused { reason } => Err(HandshakeError::Refused { reason }.into()),
         },
         (FrameKind::Abort, _) => Err(MigrationError::PeerAborted(migration::handshake::decode_reason(&payload))),
-        (kind, seq) => {
-            Err(MigrationError::Failed(format!("connection {index}: expected HelloAck, got {kind:?} (seq {seq})")))
+        (got, seq) => {
+            Err(ProtocolViolation::UnexpectedFrame { connection: index, expected: "HelloAck", got, seq: seq.into() }
+                .into())
         }
     }
 }
@@ -833,7 +833,7 @@ impl<'s, 'a> Scanner<'s, 'a> {
     }
 
     fn aborted(&self) -> MigrationError {
-        MigrationError::Failed(self.shared.abort.reason().unwrap_or_else(|| "aborted".into()))
+        MigrationError::Aborted(self.shared.abort.reason().unwrap_or_else(|| "aborted".into()))
     }
 
     fn dispatch(&mut self, epoch: u32, region: u16, pages: Vec<u32>) -> Result<(), MigrationError> {
@@ -915,13 +915,19 @@ impl<'s, 'a> Scanner<'s, 'a> {
                 Ok(answer) => return Ok(answer),
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     self.check_abort()?;
-                    self.session().handle_timeout(self.now()).map_err(|e| MigrationError::Failed(e.to_string()))?;
+                    self.session().handle_timeout(self.now())?;
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     // The reader has raised the abort with its reason (or is about to).
                     std::thread::sleep(Duration::from_millis(5));
                     self.check_abort()?;
-                    return Err(MigrationError::Failed("the destination's answers stopped".into()));
+                    return Err(MigrationError::Io {
+                        connection: 0,
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "the destination's answers stopped",
+                        ),
+                    });
                 }
             }
         }
@@ -935,7 +941,7 @@ impl<'s, 'a> Scanner<'s, 'a> {
     ) -> Result<T, MigrationError> {
         let answer = self.wait_answer(answers)?;
         let description = format!("{answer:?}");
-        pick(answer).ok_or_else(|| MigrationError::Failed(format!("unexpected answer {description}")))
+        pick(answer).ok_or_else(|| ProtocolViolation::UnexpectedAnswer(description).into())
     }
 
     fn wait_applied(&self, epoch: u32) -> Result<(), MigrationError> {
@@ -943,10 +949,10 @@ impl<'s, 'a> Scanner<'s, 'a> {
         while self.session().applied_epoch() < epoch {
             self.check_abort()?;
             if Instant::now() >= deadline {
-                return Err(MigrationError::Failed(format!(
-                    "destination did not confirm round {epoch} within {:?}",
-                    self.shared.config.answer_timeout
-                )));
+                return Err(MigrationError::TimedOut {
+                    waiting_for: format!("the destination's confirmation of round {epoch}"),
+                    after: self.shared.config.answer_timeout,
+                });
             }
             std::thread::sleep(Duration::from_micros(200));
         }
@@ -1061,10 +1067,11 @@ impl<'s, 'a> Scanner<'s, 'a> {
         self.send_round(epoch, "stop-and-copy", final_pages)?;
         let device_state = self.vm.device_state();
         if device_state.len() > MAX_PAYLOAD_BYTES as usize {
-            return Err(MigrationError::Failed(format!(
-                "device state of {} bytes exceeds the {MAX_PAYLOAD_BYTES}-byte limit",
-                device_state.len()
-            )));
+            return Err(LimitExceeded::DeviceStateTooLarge {
+                bytes: device_state.len(),
+                limit: MAX_PAYLOAD_BYTES as usize,
+            }
+            .into());
         }
         if !config.deferred_cleanup {
             self.cleanup(workers, true);
@@ -1081,7 +1088,7 @@ impl<'s, 'a> Scanner<'s, 'a> {
             // decides under this lock).
             let mut committed = self.shared.committed.lock().unwrap_or_else(|p| p.into_inner());
             if self.shared.abort.is_raised() {
-                return Err(MigrationError::Failed(self.shared.abort.reason().unwrap_or_default()));
+                return Err(self.aborted());
             }
             *committed = true;
         }

@@ -2,6 +2,7 @@
 //! two traits over its own memory, dirty log and vCPUs; the synthetic guest implements
 //! them for the demo and the tests.
 
+use crate::VmError;
 use migration::dirty::DirtyLog;
 use migration::memory::GuestMemory;
 use std::sync::Arc;
@@ -25,10 +26,10 @@ pub trait SourceVm: Send + Sync {
 /// The guest being built on the destination.
 pub trait DestinationVm: Send {
     /// Called once with the source's memory layout. Returns zeroed memory to receive into,
-    /// or a reason to refuse the session (it does not fit, say).
-    fn prepare(&mut self, region_bytes: &[u64]) -> Result<Arc<dyn GuestMemory>, String>;
+    /// or why the session is refused (it does not fit, say); the source is told why.
+    fn prepare(&mut self, region_bytes: &[u64]) -> Result<Arc<dyn GuestMemory>, VmError>;
     /// All state arrived, was checked, and the source let go: start the guest.
-    fn resume(&mut self, device_state: &[u8]) -> Result<(), String>;
+    fn resume(&mut self, device_state: &[u8]) -> Result<(), VmError>;
     /// The migration failed before `resume`: free everything received.
     fn discard(&mut self);
 }

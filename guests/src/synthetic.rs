@@ -14,6 +14,7 @@
 
 use crate::guest::GuestRam;
 use engine::vm::{DestinationVm, SourceVm};
+use engine::VmError;
 use migration::dirty::DirtyLog;
 use migration::memory::GuestMemory;
 use migration::PAGE_SIZE_BYTES;
@@ -419,15 +420,15 @@ impl SyntheticDestination {
 }
 
 impl DestinationVm for SyntheticDestination {
-    fn prepare(&mut self, region_bytes: &[u64]) -> Result<Arc<dyn GuestMemory>, String> {
+    fn prepare(&mut self, region_bytes: &[u64]) -> Result<Arc<dyn GuestMemory>, VmError> {
         let total: u64 = region_bytes.iter().sum();
         if total > self.max_memory_bytes {
-            return Err(format!(
+            return Err(VmError::Unfit(format!(
                 "guest of {total} bytes exceeds this destination's limit of {} bytes",
                 self.max_memory_bytes
-            ));
+            )));
         }
-        let ram = Arc::new(GuestRam::allocate(region_bytes, self.policy).map_err(|e| e.to_string())?);
+        let ram = Arc::new(GuestRam::allocate(region_bytes, self.policy)?);
         // Received pages arrive scattered over the guest (an idle guest's 200 MiB over
         // 4 GiB): on transparent huge pages each would fault in, and zero, a whole 2 MiB.
         // Base pages while receiving; huge pages again once the guest runs (resume).
@@ -436,10 +437,10 @@ impl DestinationVm for SyntheticDestination {
         Ok(ram)
     }
 
-    fn resume(&mut self, device_state: &[u8]) -> Result<(), String> {
-        let ram = self.ram.clone().ok_or("resume before memory was prepared")?;
+    fn resume(&mut self, device_state: &[u8]) -> Result<(), VmError> {
+        let ram = self.ram.clone().ok_or_else(|| VmError::Resume("resume before memory was prepared".into()))?;
         ram.advise_huge(true);
-        self.guest = Some(SyntheticGuest::resume_from(ram, device_state)?);
+        self.guest = Some(SyntheticGuest::resume_from(ram, device_state).map_err(VmError::Resume)?);
         Ok(())
     }
 

@@ -225,3 +225,46 @@ fn a_cancel_in_any_phase_keeps_the_source_guest_and_starts_none() {
         );
     }
 }
+
+/// A caller can act on why a migration failed: the error's variant says what happened,
+/// on each side.
+#[test]
+fn failures_say_what_kind_they_are() {
+    use engine::config::DestinationConfig;
+    use engine::error::LimitExceeded;
+    use engine::MigrationError;
+    use guests::guest::GuestRam;
+    use guests::synthetic::{SyntheticDestination, SyntheticGuest};
+    use hugepages::HugePolicy;
+    use migration::handshake::HandshakeError;
+    use std::sync::Arc;
+    use transport::pipe::{TcpAcceptor, TcpConnector, Timeouts};
+
+    // Nobody connects: the destination timed out.
+    let mut lonely = TcpAcceptor::bind("127.0.0.1:0", Timeouts::default()).expect("bind");
+    let config = DestinationConfig { accept_timeout: Duration::from_millis(100), ..Default::default() };
+    let mut vm = SyntheticDestination::new(config.max_memory_bytes, HugePolicy::Never);
+    let waited = engine::destination::receive(&mut lonely, &mut vm, &config);
+    assert!(matches!(waited, Err(MigrationError::TimedOut { .. })), "{waited:?}");
+
+    // A guest over the destination's limit: refused by the peer at the source, over a
+    // limit at the destination.
+    let mut acceptor = TcpAcceptor::bind("127.0.0.1:0", Timeouts::default()).expect("bind");
+    let connector =
+        TcpConnector::new(acceptor.local_socket_addr().expect("address"), Timeouts::default()).expect("connector");
+    let destination = std::thread::spawn(move || {
+        let config = DestinationConfig { max_memory_bytes: MEM / 2, ..Default::default() };
+        let mut vm = SyntheticDestination::new(config.max_memory_bytes, HugePolicy::Never);
+        engine::destination::receive(&mut acceptor, &mut vm, &config).map(|_| ())
+    });
+    let ram = Arc::new(GuestRam::allocate(&GuestRam::pc_layout(MEM), HugePolicy::Never).expect("guest memory"));
+    let mut guest = SyntheticGuest::boot(ram, WorkloadSpec::Idle, 7).expect("boot guest");
+    let sent = engine::source::migrate(&guest, &connector, &SourceConfig::default(), &mut |_| {});
+    guest.shutdown();
+    assert!(matches!(sent, Err(MigrationError::Handshake(HandshakeError::Refused { .. }))), "{sent:?}");
+    let received = destination.join().expect("destination thread");
+    assert!(
+        matches!(received, Err(MigrationError::Limit(LimitExceeded::GuestTooLarge { bytes: MEM, limit })) if limit == MEM / 2),
+        "{received:?}"
+    );
+}
