@@ -17,6 +17,8 @@ use crate::error::{LimitExceeded, ProtocolViolation};
 use crate::verify::memory_digest;
 use crate::vm::DestinationVm;
 use crate::MigrationError;
+use migration::control::Control;
+use migration::destination_session::{DestinationAction, DestinationSession};
 use migration::frame::{FrameKind, SeqCounter, MAX_PAYLOAD_BYTES};
 use migration::handshake::{accept_preamble, decode_reason, encode_reason, Hello, HelloAck, PREAMBLE_BYTES};
 use migration::memory::{pages_of, GuestMemory};
@@ -143,11 +145,16 @@ pub fn receive(
 ) -> Result<DestinationReport, MigrationError> {
     let mut prepared = false;
     let result = receive_session(acceptor, vm, config, &mut prepared);
-    if let Err(err) = &result {
-        log::debug!(prepared; "the migration failed, discarding what was received: {err}");
-        if prepared {
-            vm.discard();
+    match &result {
+        // The source let go of the guest and it runs here: the only copy.
+        Err(err @ MigrationError::FailedAfterResume(_)) => log::warn!("{err}"),
+        Err(err) => {
+            log::debug!(prepared; "the migration failed, discarding what was received: {err}");
+            if prepared {
+                vm.discard();
+            }
         }
+        Ok(_) => {}
     }
     result
 }
@@ -328,7 +335,7 @@ fn receive_session(
         received_bytes: AtomicU64::new(0),
         rounds: AtomicU64::new(0),
     };
-    let (events_tx, events) = mpsc::channel::<(FrameKind, Vec<u8>)>();
+    let (events_tx, events) = mpsc::channel::<Event>();
 
     std::thread::scope(|scope| {
         let shared = &shared;
@@ -381,6 +388,8 @@ fn receive_session(
             control: &mut *control,
             seq: SeqCounter::default(),
             workers: &mut workers,
+            machine: DestinationSession::new(config.accept_timeout),
+            clock: Instant::now(),
         };
         session.seq.take(); // HelloAck
         let result = session.run(vm, config, started);
@@ -402,85 +411,50 @@ fn receive_session(
     })
 }
 
+/// What the connection readers tell the session thread, in the order connection 0's
+/// frames arrived.
+enum Event {
+    /// Every connection ended this round and all its pages are applied.
+    RoundApplied(u32),
+    /// The device state arrived (the reader keeps it in `Shared::device_state`).
+    DeviceState,
+    /// A control frame from the source, to be parsed by the session.
+    Control(FrameKind, Vec<u8>),
+}
+
+/// The session thread: drives `migration::destination_session` with what the readers
+/// report and does what it asks, on connection 0 and with the VM.
 struct Session<'s, 'scope> {
     shared: &'s Shared,
-    events: &'s mpsc::Receiver<(FrameKind, Vec<u8>)>,
+    events: &'s mpsc::Receiver<Event>,
     control: &'s mut (dyn Write + Send),
     seq: SeqCounter,
     workers: &'s mut Vec<std::thread::ScopedJoinHandle<'scope, ()>>,
+    machine: DestinationSession,
+    clock: Instant,
 }
 
 impl Session<'_, '_> {
-    fn wait_event(&mut self, expected: FrameKind) -> Result<Vec<u8>, MigrationError> {
-        loop {
-            if self.shared.abort.is_raised() {
-                return Err(self.shared.failure());
-            }
-            match self.events.recv_timeout(Duration::from_millis(20)) {
-                Ok((kind, payload)) if kind == expected => return Ok(payload),
-                Ok((FrameKind::RoundApplied, payload)) => self.send(FrameKind::RoundApplied, &payload)?,
-                Ok((got, _)) => return Err(ProtocolViolation::UnexpectedControl { got, expected }.into()),
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    std::thread::sleep(Duration::from_millis(5));
-                    return Err(if self.shared.abort.is_raised() {
-                        self.shared.failure()
-                    } else {
-                        MigrationError::Io {
-                            connection: 0,
-                            source: std::io::Error::new(
-                                std::io::ErrorKind::UnexpectedEof,
-                                format!("source went away while we waited for {expected:?}"),
-                            ),
-                        }
-                    });
-                }
-            }
-        }
-    }
-
     fn send(&mut self, kind: FrameKind, payload: &[u8]) -> Result<(), MigrationError> {
         write_frame(&mut *self.control, kind, 0, &mut self.seq, payload)
             .map_err(|source| MigrationError::Io { connection: 0, source })
     }
 
+    /// Runs the completion exchange; once the guest was resumed here, a failure comes
+    /// back as `FailedAfterResume` (the guest runs on and must be kept).
     fn run(
         &mut self,
         vm: &mut dyn DestinationVm,
         config: &DestinationConfig,
         started: Instant,
     ) -> Result<DestinationReport, MigrationError> {
-        self.wait_event(FrameKind::Complete)?;
-        let device_state = self
-            .shared
-            .device_state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-            .ok_or(ProtocolViolation::MissingDeviceState)?;
-        self.send(FrameKind::Ready, &[])?;
-        let commit = self.wait_event(FrameKind::Commit)?;
-        let verify = commit.first() == Some(&1);
         let mut verify_time = None;
-        let digest = verify.then(|| {
-            let start = Instant::now();
-            let digest = memory_digest(&*self.shared.memory, pin::core_count());
-            verify_time = Some(start.elapsed());
-            digest
-        });
-        if !config.deferred_cleanup {
-            stop_workers(self.shared, self.workers);
-        }
-        vm.resume(&device_state)?;
-        let verify_ms = verify_time.map_or(0, |t| t.as_millis() as u64);
-        self.send(FrameKind::Resumed, &verify_ms.to_le_bytes())?;
-        let mut verified = None;
-        if let Some(digest) = digest {
-            let theirs = self.wait_event(FrameKind::VerifyDigest)?;
-            let matched = theirs.as_slice() == digest.to_le_bytes().as_slice();
-            self.send(FrameKind::VerifyResult, &[u8::from(matched)])?;
-            verified = Some(matched);
-        }
+        let result = self.exchange(vm, config, &mut verify_time);
+        let verified = match result {
+            Ok(verified) => verified,
+            Err(err) if self.machine.guest_resumed() => return Err(MigrationError::FailedAfterResume(Box::new(err))),
+            Err(err) => return Err(err),
+        };
         let counters = *self.shared.counters.lock().unwrap_or_else(|p| p.into_inner());
         Ok(DestinationReport {
             session_id: self.shared.hello.session_id,
@@ -497,6 +471,70 @@ impl Session<'_, '_> {
             verified,
             cpu_seconds: None,
         })
+    }
+
+    /// Feeds the machine until it finishes; returns the digests' verdict, if asked for.
+    fn exchange(
+        &mut self,
+        vm: &mut dyn DestinationVm,
+        config: &DestinationConfig,
+        verify_time: &mut Option<Duration>,
+    ) -> Result<Option<bool>, MigrationError> {
+        loop {
+            while let Some(action) = self.machine.poll_action() {
+                match action {
+                    DestinationAction::Send(message) => self.send(message.kind(), &message.payload())?,
+                    DestinationAction::HashMemory => {
+                        let start = Instant::now();
+                        let digest = memory_digest(&*self.shared.memory, pin::core_count());
+                        *verify_time = Some(start.elapsed());
+                        self.machine.handle_digest(digest);
+                    }
+                    DestinationAction::ResumeGuest => {
+                        if !config.deferred_cleanup {
+                            stop_workers(self.shared, self.workers);
+                        }
+                        let device_state = self.shared.device_state.lock().unwrap_or_else(|p| p.into_inner()).take();
+                        // The machine asks for a resume only once the device state came.
+                        vm.resume(&device_state.unwrap_or_default())?;
+                        let verify_ms = verify_time.map_or(0, |t| t.as_millis() as u64);
+                        self.machine.handle_guest_resumed(verify_ms, self.clock.elapsed());
+                    }
+                    DestinationAction::Finish { verified } => return Ok(verified),
+                }
+            }
+            self.next_event()?;
+        }
+    }
+
+    /// Waits for the readers' next event (or the machine's deadline) and feeds it.
+    fn next_event(&mut self) -> Result<(), MigrationError> {
+        if self.shared.abort.is_raised() {
+            return Err(self.shared.failure());
+        }
+        let now = self.clock.elapsed();
+        match self.events.recv_timeout(Duration::from_millis(20)) {
+            Ok(Event::RoundApplied(epoch)) => self.machine.handle_round_applied(epoch),
+            Ok(Event::DeviceState) => self.machine.handle_device_state()?,
+            Ok(Event::Control(kind, payload)) => {
+                let message = Control::parse(kind, &payload).map_err(ProtocolViolation::from)?;
+                self.machine.handle_control(message, now)?;
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => self.machine.handle_timeout(now)?,
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                // The readers raise the abort with their reason before they end.
+                std::thread::sleep(Duration::from_millis(5));
+                return Err(if self.shared.abort.is_raised() {
+                    self.shared.failure()
+                } else {
+                    MigrationError::Io {
+                        connection: 0,
+                        source: std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the source went away"),
+                    }
+                });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -519,12 +557,7 @@ fn frame_limit(kind: FrameKind) -> u32 {
     }
 }
 
-fn connection_reader(
-    shared: &Shared,
-    index: u16,
-    mut reader: Box<dyn Read + Send>,
-    events: mpsc::Sender<(FrameKind, Vec<u8>)>,
-) {
+fn connection_reader(shared: &Shared, index: u16, mut reader: Box<dyn Read + Send>, events: mpsc::Sender<Event>) {
     let mut inbound = ConnectionInbound::new(index, 1);
     let fail = |reason: String| shared.abort.raise(format!("connection {index}: {reason}"));
     loop {
@@ -555,23 +588,24 @@ fn connection_reader(
             }
             Inbound::RoundEnd { epoch } => match shared.end_round() {
                 Ok(true) => {
-                    let _ = events.send((FrameKind::RoundApplied, epoch.to_le_bytes().to_vec()));
+                    let _ = events.send(Event::RoundApplied(epoch));
                 }
                 Ok(false) => {}
                 Err(_) => return,
             },
             Inbound::DeviceState => {
                 *shared.device_state.lock().unwrap_or_else(|p| p.into_inner()) = Some(buffer.clone());
+                let _ = events.send(Event::DeviceState);
             }
             Inbound::Complete { .. } => {
                 shared.complete_seen.store(true, Ordering::Release);
-                let _ = events.send((FrameKind::Complete, Vec::new()));
+                let _ = events.send(Event::Control(FrameKind::Complete, buffer.clone()));
             }
             Inbound::Commit => {
-                let _ = events.send((FrameKind::Commit, buffer.clone()));
+                let _ = events.send(Event::Control(FrameKind::Commit, buffer.clone()));
             }
             Inbound::VerifyDigest => {
-                let _ = events.send((FrameKind::VerifyDigest, buffer.clone()));
+                let _ = events.send(Event::Control(FrameKind::VerifyDigest, buffer.clone()));
             }
             Inbound::Abort => return fail(format!("the source aborted: {}", decode_reason(&buffer))),
         }

@@ -1,3 +1,5 @@
+use migration::control::ControlError;
+use migration::destination_session::DestinationFailure;
 use migration::frame::FrameKind;
 use migration::handshake::HandshakeError;
 use migration::receiver::ReceiveError;
@@ -38,6 +40,13 @@ pub enum MigrationError {
     Limit(#[from] LimitExceeded),
     #[error(transparent)]
     Vm(#[from] VmError),
+    /// The source's part of the session broke its order or form (the destination's view).
+    #[error(transparent)]
+    Session(DestinationFailure),
+    /// The guest was resumed here (the source had let go of it), and then the session
+    /// failed: the guest runs on and must be kept.
+    #[error("{0} (after the guest was resumed here: it runs on)")]
+    FailedAfterResume(Box<MigrationError>),
     /// The session was aborted by one of its threads (a connection's reader or writer, a
     /// worker), which gave this reason.
     #[error("{0}")]
@@ -55,10 +64,8 @@ pub enum ProtocolViolation {
     FirstConnectionNotZero { index: u16 },
     #[error("connection {index} does not belong to session {session_id:#x} or repeats an index")]
     ForeignConnection { index: u16, session_id: u64 },
-    #[error("the source completed without sending device state")]
-    MissingDeviceState,
-    #[error("the source sent {got:?} while we waited for {expected:?}")]
-    UnexpectedControl { got: FrameKind, expected: FrameKind },
+    #[error(transparent)]
+    Control(#[from] ControlError),
     #[error("unexpected answer {0}")]
     UnexpectedAnswer(String),
     #[error("{0}")]
@@ -97,6 +104,19 @@ impl From<AnswerError> for MigrationError {
                 after: timeout,
             },
             other => MigrationError::Answer(other),
+        }
+    }
+}
+
+impl From<DestinationFailure> for MigrationError {
+    fn from(err: DestinationFailure) -> Self {
+        match err {
+            DestinationFailure::SourceAborted { reason } => MigrationError::PeerAborted(reason),
+            DestinationFailure::Timeout { phase, timeout } => MigrationError::TimedOut {
+                waiting_for: format!("the source while the destination was {phase}"),
+                after: timeout,
+            },
+            other => MigrationError::Session(other),
         }
     }
 }

@@ -9,6 +9,8 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod codec;
+pub mod control;
+pub mod destination_session;
 pub mod dirty;
 pub mod frame;
 pub mod handshake;
