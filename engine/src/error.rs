@@ -3,7 +3,7 @@ use migration::destination_session::DestinationFailure;
 use migration::frame::FrameKind;
 use migration::handshake::HandshakeError;
 use migration::receiver::ReceiveError;
-use migration::source_session::AnswerError;
+use migration::source_session::{AnswerError, SourceFailure};
 use std::time::Duration;
 use thiserror::Error;
 
@@ -117,6 +117,21 @@ impl From<DestinationFailure> for MigrationError {
                 after: timeout,
             },
             other => MigrationError::Session(other),
+        }
+    }
+}
+
+impl From<SourceFailure> for MigrationError {
+    fn from(err: SourceFailure) -> Self {
+        match err {
+            SourceFailure::Answer(err) => err.into(),
+            SourceFailure::DestinationAborted { reason } => MigrationError::PeerAborted(reason),
+            SourceFailure::Cancelled { reason } => MigrationError::Cancelled(reason),
+            err @ SourceFailure::DidNotConverge { .. } => MigrationError::Cancelled(err.to_string()),
+            SourceFailure::RoundNotApplied { epoch, timeout } => MigrationError::TimedOut {
+                waiting_for: format!("the destination's confirmation of round {epoch}"),
+                after: timeout,
+            },
         }
     }
 }

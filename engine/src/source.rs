@@ -32,9 +32,9 @@ use migration::frame::{FrameBuf, FrameKind, SeqCounter, HEADER_BYTES, MAX_PAYLOA
 use migration::handshake::{encode_preamble, HandshakeError, Hello, HelloAck};
 use migration::memory::{pages_of, GuestMemory};
 use migration::page_batch::{BatchOut, BatchWriter, MAX_BATCH_BYTES, MAX_ENTRIES_PER_BATCH};
-use migration::precopy::{Decision, Precopy, RoundReport};
+use migration::precopy::{Precopy, RoundReport};
 use migration::receiver::FIRST_EPOCH;
-use migration::source_session::{Answer, SourceSession};
+use migration::source_session::{SourceAction, SourceOutcome, SourceSession, Stage};
 use migration::stats::{mbps, EncodeCounters, MigrationStats, RoundStats};
 use migration::xbzrle_cache::{XbzrleCache, XbzrleOutcome};
 use migration::{zero, PAGE_SIZE_BYTES};
@@ -99,8 +99,6 @@ enum Outgoing {
 /// State shared by the scanner, workers and writers of one session.
 struct Shared<'a> {
     abort: SessionAbort,
-    /// Set (under the lock) just before Commit is sent: past it a cancel is refused.
-    committed: Mutex<bool>,
     config: &'a SourceConfig,
     memory: &'a dyn GuestMemory,
     jobs: Ring<Option<Job>>,
@@ -117,7 +115,8 @@ struct Shared<'a> {
     limiter: Option<RateLimiter>,
     /// Set once the session completed: the connections are then shut under the reader.
     finished: AtomicBool,
-    /// The destination's answers, checked; fed by the control reader, driven by the scanner.
+    /// The session's state machine: fed by the scanner (rounds), the control reader (the
+    /// destination's answers) and the cancel watcher; the scanner does what it asks.
     session: Mutex<SourceSession>,
     /// The session's clock: `now` for the state machines is time since this instant.
     clock: Instant,
@@ -261,16 +260,20 @@ fn run_session(
         cache: config.xbzrle_cache_bytes.map(XbzrleCache::new),
         limiter: config.max_bandwidth_bytes_per_s.map(RateLimiter::new),
         finished: AtomicBool::new(false),
-        session: Mutex::new(SourceSession::new(config.verify, config.answer_timeout)),
+        session: Mutex::new(SourceSession::new(
+            config.precopy.clone(),
+            config.verify,
+            config.answer_timeout,
+            Duration::ZERO,
+        )),
         clock: Instant::now(),
         notice: Mutex::new(None),
         abort_sent: AtomicBool::new(false),
         cache_bulk: AtomicBool::new(false),
         adaptive: (config.codec == Codec::Adaptive).then(|| AdaptivePolicy::new(config.compress_threads)),
-        committed: Mutex::new(false),
         probes,
     };
-    let (answers_tx, answers) = mpsc::channel::<Answer>();
+    let (wake_tx, wake) = mpsc::channel::<()>();
 
     std::thread::scope(|scope| {
         let mut workers = Vec::new();
@@ -291,11 +294,11 @@ fn run_session(
             shared.abort.on_raise(closer);
             let shared = &shared;
             if index == 0 {
-                let answers_tx = answers_tx.clone();
+                let wake_tx = wake_tx.clone();
                 std::thread::Builder::new()
                     .name("control-reader".into())
                     .spawn_scoped(scope, move || {
-                        shared.abort.guard("control reader", || control_reader_loop(shared, reader, answers_tx))
+                        shared.abort.guard("control reader", || control_reader_loop(shared, reader, wake_tx))
                     })
                     .expect("spawn control reader");
             }
@@ -308,7 +311,7 @@ fn run_session(
                     .expect("spawn connection writer"),
             );
         }
-        drop(answers_tx);
+        drop(wake_tx);
         if let Some(cancel) = &config.cancel {
             let shared = &shared;
             std::thread::Builder::new()
@@ -318,7 +321,7 @@ fn run_session(
         }
 
         let mut scanner = Scanner::new(&shared, vm, hello, started, setup_time, progress);
-        let result = scanner.run(paused, &answers, &mut workers);
+        let result = scanner.run(paused, &wake, &mut workers);
         match &result {
             Ok(_) => {
                 // Writers send what is queued and exit on Close; then the sockets are shut
@@ -372,10 +375,10 @@ fn watch_for_cancel(shared: &Shared<'_>, cancel: &Cancel) {
             return;
         }
         if cancel.is_cancelled() {
-            let committed = shared.committed.lock().unwrap_or_else(|p| p.into_inner());
-            if !*committed {
-                let reason = format!("migration cancelled: {}", cancel.reason());
-                notify_and_abort(shared, &reason, CANCEL_NOTICE_WAIT, true);
+            // Refused once Commit is decided: the guest is the destination's then.
+            let refused = shared.session.lock().unwrap_or_else(|p| p.into_inner()).handle_cancel(&cancel.reason());
+            if let Err(failure) = refused {
+                notify_and_abort(shared, &failure.to_string(), CANCEL_NOTICE_WAIT, true);
             }
             return;
         }
@@ -449,7 +452,9 @@ fn connection_writer(shared: &Shared<'_>, index: usize, mut writer: Box<dyn Writ
     }
 }
 
-fn control_reader_loop(shared: &Shared<'_>, mut reader: Box<dyn std::io::Read + Send>, answers: mpsc::Sender<Answer>) {
+/// Reads the destination's answers on connection 0 and feeds them to the session machine,
+/// then wakes the scanner to do what it now asks.
+fn control_reader_loop(shared: &Shared<'_>, mut reader: Box<dyn std::io::Read + Send>, wake: mpsc::Sender<()>) {
     let mut payload = Vec::new();
     loop {
         let header = match read_frame(&mut *reader, &mut payload, |_| CONTROL_FRAME_LIMIT_BYTES) {
@@ -465,22 +470,15 @@ fn control_reader_loop(shared: &Shared<'_>, mut reader: Box<dyn std::io::Read + 
                 return;
             }
         };
-        let answer = shared.session.lock().unwrap_or_else(|p| p.into_inner()).handle_answer(&header, &payload);
-        match answer {
-            Ok(Answer::RoundApplied { .. }) => {}
-            Ok(Answer::Abort { reason }) => {
-                shared.abort.raise(format!("the destination aborted: {reason}"));
-                return;
-            }
-            Ok(answer) => {
-                if answers.send(answer).is_err() {
-                    return;
-                }
-            }
-            Err(err) => {
-                shared.abort.raise(err.to_string());
-                return;
-            }
+        let now = shared.clock.elapsed();
+        let fed = shared.session.lock().unwrap_or_else(|p| p.into_inner()).handle_answer(&header, &payload, now);
+        if let Err(failure) = fed {
+            // The session machine has failed; the scanner finds the abort and ends.
+            shared.abort.raise(failure.to_string());
+            return;
+        }
+        if wake.send(()).is_err() {
+            return;
         }
     }
 }
@@ -710,6 +708,27 @@ impl ZeroRuns {
     }
 }
 
+/// Moments of the switchover, for the statistics.
+#[derive(Default)]
+struct Switchover {
+    /// Bytes written before the guest stopped.
+    precopy_bytes: u64,
+    downtime_start: Option<Instant>,
+    /// When the destination's `Resumed` had come (the scanner's first action after it).
+    resumed_at: Option<Instant>,
+    /// Bytes written from the guest's stop until then.
+    downtime_bytes: u64,
+}
+
+impl Switchover {
+    fn resumed(&mut self, wire_bytes: u64) {
+        if self.resumed_at.is_none() {
+            self.resumed_at = Some(Instant::now());
+            self.downtime_bytes = wire_bytes.saturating_sub(self.precopy_bytes);
+        }
+    }
+}
+
 /// The scanner: runs the rounds on the calling thread.
 struct Scanner<'s, 'a> {
     shared: &'s Shared<'a>,
@@ -721,6 +740,8 @@ struct Scanner<'s, 'a> {
     bitmaps: Vec<Vec<u64>>,
     scratch: Vec<Vec<u64>>,
     next_connection: usize,
+    /// The round being sent (or last sent): control frames carry it.
+    epoch: u32,
     stats: MigrationStats,
     totals: EncodeCounters,
     last_progress: Instant,
@@ -749,6 +770,7 @@ impl<'s, 'a> Scanner<'s, 'a> {
             bitmaps,
             scratch,
             next_connection: 0,
+            epoch: 0,
             stats: MigrationStats::default(),
             totals: EncodeCounters::default(),
             last_progress: Instant::now(),
@@ -824,8 +846,9 @@ impl<'s, 'a> Scanner<'s, 'a> {
         self.check_abort()
     }
 
+    /// Puts `RoundEnd` on every connection (the session machine already counts the round
+    /// as closed, so its `RoundApplied` is never early).
     fn close_round(&self, epoch: u32) -> Result<(), MigrationError> {
-        self.session().round_closed(epoch);
         for ring in &self.shared.outgoing {
             ring.push(Outgoing::RoundEnd { epoch }, &self.shared.abort).map_err(|_| self.aborted())?;
         }
@@ -904,59 +927,27 @@ impl<'s, 'a> Scanner<'s, 'a> {
         self.shared.session.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The destination's next answer (Ready, Resumed or VerifyResult: the session state
-    /// machine lets only the one due through), within the session's answer timeout.
-    fn wait_answer(&self, answers: &mpsc::Receiver<Answer>) -> Result<Answer, MigrationError> {
-        loop {
-            // The channel before the abort flag: the destination closes its end right after
-            // its last answer, and the reader may report that closing before we have taken
-            // the answer it forwarded.
-            match answers.recv_timeout(Duration::from_millis(20)) {
-                Ok(answer) => return Ok(answer),
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    self.check_abort()?;
-                    self.session().handle_timeout(self.now())?;
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    // The reader has raised the abort with its reason (or is about to).
-                    std::thread::sleep(Duration::from_millis(5));
-                    self.check_abort()?;
-                    return Err(MigrationError::Io {
-                        connection: 0,
-                        source: std::io::Error::new(
-                            std::io::ErrorKind::UnexpectedEof,
-                            "the destination's answers stopped",
-                        ),
-                    });
-                }
+    /// Waits until the session machine may have something to do: an answer came, or it is
+    /// time to check its deadline.
+    fn wait_for_session(&self, wake: &mpsc::Receiver<()>) -> Result<(), MigrationError> {
+        // The channel before the abort flag: the destination closes its end right after its
+        // last answer, and the reader may report that closing before we have acted on it.
+        match wake.recv_timeout(Duration::from_millis(20)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                self.check_abort()?;
+                Ok(self.session().handle_timeout(self.now())?)
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                // The reader has raised the abort with its reason (or is about to).
+                std::thread::sleep(Duration::from_millis(5));
+                self.check_abort()?;
+                Err(MigrationError::Io {
+                    connection: 0,
+                    source: std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the destination's answers stopped"),
+                })
             }
         }
-    }
-
-    /// The next answer, which the session state machine has already checked is the one due.
-    fn expect<T>(
-        &self,
-        answers: &mpsc::Receiver<Answer>,
-        pick: impl Fn(Answer) -> Option<T>,
-    ) -> Result<T, MigrationError> {
-        let answer = self.wait_answer(answers)?;
-        let description = format!("{answer:?}");
-        pick(answer).ok_or_else(|| ProtocolViolation::UnexpectedAnswer(description).into())
-    }
-
-    fn wait_applied(&self, epoch: u32) -> Result<(), MigrationError> {
-        let deadline = Instant::now() + self.shared.config.answer_timeout;
-        while self.session().applied_epoch() < epoch {
-            self.check_abort()?;
-            if Instant::now() >= deadline {
-                return Err(MigrationError::TimedOut {
-                    waiting_for: format!("the destination's confirmation of round {epoch}"),
-                    after: self.shared.config.answer_timeout,
-                });
-            }
-            std::thread::sleep(Duration::from_micros(200));
-        }
-        Ok(())
     }
 
     fn control(&self, kind: FrameKind, epoch: u32, payload: Vec<u8>) -> Result<(), MigrationError> {
@@ -965,18 +956,56 @@ impl<'s, 'a> Scanner<'s, 'a> {
             .map_err(|_| self.aborted())
     }
 
+    /// Drives the session machine (`migration::source_session`) to its end: does each
+    /// thing it asks, and feeds it what came of it.
     fn run(
         &mut self,
         paused: &mut bool,
-        answers: &mpsc::Receiver<Answer>,
+        wake: &mpsc::Receiver<()>,
         workers: &mut Vec<std::thread::ScopedJoinHandle<'_, ()>>,
     ) -> Result<MigrationStats, MigrationError> {
+        let mut pages = self.bulk_pages();
+        let mut switchover = Switchover::default();
+        loop {
+            let action = self.session().poll_action();
+            let Some(action) = action else {
+                self.wait_for_session(wake)?;
+                continue;
+            };
+            match action {
+                SourceAction::SendRound { epoch, stage } => pages = self.precopy_round(epoch, stage, pages)?,
+                SourceAction::SetThrottle { pct } => self.vm.set_throttle(pct),
+                SourceAction::StopAndCopy { epoch } => {
+                    switchover.precopy_bytes = self.shared.wire_bytes.load(Ordering::Relaxed);
+                    // The downtime window starts here.
+                    switchover.downtime_start = Some(Instant::now());
+                    *paused = true;
+                    self.stop_and_copy(epoch, workers)?;
+                }
+                SourceAction::Send(message) => self.control(message.kind(), self.epoch, message.payload())?,
+                SourceAction::HashMemory => {
+                    switchover.resumed(self.shared.wire_bytes.load(Ordering::Relaxed));
+                    // The source's paused memory is hashed only now: hashing it while the
+                    // destination hashes its own would compete for the same cores and
+                    // lengthen the downtime.
+                    let digest = memory_digest(self.shared.memory, pin::core_count());
+                    let now = self.now();
+                    self.session().handle_digest(digest, now);
+                }
+                SourceAction::Finish(outcome) => {
+                    switchover.resumed(self.shared.wire_bytes.load(Ordering::Relaxed));
+                    // Teardown, after the switchover.
+                    self.cleanup(workers, false);
+                    return Ok(self.final_stats(outcome, &switchover));
+                }
+            }
+        }
+    }
+
+    /// The bulk stage's pages: those written since logging started, or every page.
+    fn bulk_pages(&mut self) -> u64 {
         let config = self.shared.config;
         let total_pages: u64 = self.hello.region_bytes.iter().map(|&b| pages_of(b)).sum();
-        let clock = Instant::now();
-        let mut precopy = Precopy::new(config.precopy.clone(), Duration::ZERO);
-
-        // Bulk stage: the pages written since logging started, or every page.
         let used = self.sync(false);
         let bulk_pages = if config.skip_unused {
             used
@@ -1003,65 +1032,58 @@ impl<'s, 'a> Scanner<'s, 'a> {
             let fits = cache.size_bytes() >= bulk_pages * PAGE_SIZE_BYTES as u64;
             self.shared.cache_bulk.store(fits, Ordering::Relaxed);
         }
+        bulk_pages
+    }
 
-        let mut epoch = FIRST_EPOCH;
-        let mut pages = bulk_pages;
-        let mut last_dirty_rate;
-        loop {
-            let stage = if epoch == FIRST_EPOCH { "bulk" } else { "iterative" };
-            let round_start = Instant::now();
-            let written_before = self.shared.wire_bytes.load(Ordering::Relaxed);
-            self.send_round(epoch, stage, pages)?;
-            self.close_round(epoch)?;
-            let counters = self.take_round_counters();
-            let dirty = self.sync(false);
-            let duration = round_start.elapsed();
-            last_dirty_rate = (dirty as f64 / duration.as_secs_f64().max(1e-6)) as u64;
-            let backlog_bytes =
-                self.totals.wire_bytes.saturating_sub(self.shared.page_bytes_written.load(Ordering::Relaxed));
-            let report = RoundReport {
-                duration,
-                bytes_sent: self.shared.wire_bytes.load(Ordering::Relaxed) - written_before,
-                pages_sent: counters.pages(),
-                bytes_encoded: counters.wire_bytes,
-                dirty_pages: dirty,
-                backlog_bytes,
-            };
-            let decision = precopy.round_finished(clock.elapsed(), report);
-            log::debug!(
-                round = epoch, stage, pages_sent = report.pages_sent, dirty_pages = dirty,
-                ms = duration.as_millis() as u64; "round finished: {decision:?}"
-            );
-            self.record_round(epoch, stage, duration, &counters, dirty, Some(&precopy));
-            self.maybe_report(epoch, stage, dirty);
-            pages = dirty;
-            match decision {
-                Decision::NextRound { throttle_pct } => {
-                    self.vm.set_throttle(throttle_pct);
-                    epoch += 1;
-                }
-                Decision::StopAndCopy { .. } => break,
-                Decision::Cancel { rounds } => {
-                    return Err(MigrationError::Cancelled(format!(
-                        "did not converge in {rounds} rounds (expected downtime {} ms, limit {} ms); the source guest keeps running",
-                        precopy.expected_downtime().as_millis(),
-                        config.precopy.downtime_limit.as_millis()
-                    )))
-                }
-            }
-        }
-        let precopy_bytes = self.shared.wire_bytes.load(Ordering::Relaxed);
+    /// Sends `pages` (set in the bitmaps) as round `epoch`, closes it, syncs the dirty log
+    /// and tells the session machine what the round measured. Returns the next round's
+    /// pages.
+    fn precopy_round(&mut self, epoch: u32, stage: Stage, pages: u64) -> Result<u64, MigrationError> {
+        self.epoch = epoch;
+        let stage = stage.name();
+        let round_start = Instant::now();
+        let written_before = self.shared.wire_bytes.load(Ordering::Relaxed);
+        self.send_round(epoch, stage, pages)?;
+        self.close_round(epoch)?;
+        let counters = self.take_round_counters();
+        let dirty = self.sync(false);
+        let duration = round_start.elapsed();
+        self.stats.ram.dirty_pages_rate = (dirty as f64 / duration.as_secs_f64().max(1e-6)) as u64;
+        let backlog_bytes =
+            self.totals.wire_bytes.saturating_sub(self.shared.page_bytes_written.load(Ordering::Relaxed));
+        let report = RoundReport {
+            duration,
+            bytes_sent: self.shared.wire_bytes.load(Ordering::Relaxed) - written_before,
+            pages_sent: counters.pages(),
+            bytes_encoded: counters.wire_bytes,
+            dirty_pages: dirty,
+            backlog_bytes,
+        };
+        let now = self.now();
+        let precopy = {
+            let mut session = self.session();
+            session.handle_round_sent(report, now)?;
+            session.precopy().clone()
+        };
+        log::debug!(
+            round = epoch, stage, pages_sent = report.pages_sent, dirty_pages = dirty,
+            ms = duration.as_millis() as u64; "round finished, expected downtime {:?}", precopy.expected_downtime()
+        );
+        self.record_round(epoch, stage, duration, &counters, dirty, Some(&precopy));
+        self.maybe_report(epoch, stage, dirty);
+        Ok(dirty)
+    }
 
-        // The destination must have applied every earlier round before the guest stops:
-        // otherwise its backlog (socket and ring buffers, page faults) lands in the downtime.
-        self.wait_applied(epoch)?;
-
-        // Stop-and-copy: the downtime window starts here.
-        epoch += 1;
-        let downtime_start = Instant::now();
+    /// Stop-and-copy, inside the downtime window: the guest stops, the last dirty pages and
+    /// the device state go out as round `epoch`, and the round is closed.
+    fn stop_and_copy(
+        &mut self,
+        epoch: u32,
+        workers: &mut Vec<std::thread::ScopedJoinHandle<'_, ()>>,
+    ) -> Result<(), MigrationError> {
+        self.epoch = epoch;
         log::debug!(round = epoch; "stop-and-copy: pausing the guest");
         self.vm.pause();
-        *paused = true;
         let final_pages = self.sync(true);
         let round_start = Instant::now();
         self.send_round(epoch, "stop-and-copy", final_pages)?;
@@ -1073,50 +1095,33 @@ impl<'s, 'a> Scanner<'s, 'a> {
             }
             .into());
         }
-        if !config.deferred_cleanup {
+        if !self.shared.config.deferred_cleanup {
             self.cleanup(workers, true);
         }
         self.control(FrameKind::DeviceState, epoch, device_state)?;
         self.close_round(epoch)?;
-        self.session().complete_sent(self.now());
-        self.control(FrameKind::Complete, epoch, epoch.to_le_bytes().to_vec())?;
+        let now = self.now();
+        self.session().handle_final_round_sent(now);
         let counters = self.take_round_counters();
         self.record_round(epoch, "stop-and-copy", round_start.elapsed(), &counters, 0, None);
-        self.expect(answers, |a| matches!(a, Answer::Ready).then_some(()))?;
-        {
-            // The point of no return: from here a cancel is refused (`watch_for_cancel`
-            // decides under this lock).
-            let mut committed = self.shared.committed.lock().unwrap_or_else(|p| p.into_inner());
-            if self.shared.abort.is_raised() {
-                return Err(self.aborted());
-            }
-            *committed = true;
-        }
-        self.session().commit_sent(self.now());
-        self.control(FrameKind::Commit, epoch, vec![u8::from(config.verify)])?;
-        let destination_verify_ms = self.expect(answers, |a| match a {
-            Answer::Resumed { destination_verify_ms } => Some(destination_verify_ms),
-            _ => None,
-        })?;
-        let downtime = downtime_start.elapsed().saturating_sub(Duration::from_millis(destination_verify_ms));
-        let downtime_bytes = self.shared.wire_bytes.load(Ordering::Relaxed) - precopy_bytes;
-        let total_time = self.started.elapsed().saturating_sub(Duration::from_millis(destination_verify_ms));
+        Ok(())
+    }
 
-        // The source's paused memory is hashed only now: hashing it while the destination
-        // hashes its own would compete for the same cores and lengthen the downtime.
+    /// The statistics of a completed migration, under QEMU's names.
+    fn final_stats(&mut self, outcome: SourceOutcome, switchover: &Switchover) -> MigrationStats {
+        let config = self.shared.config;
+        let verify_time = Duration::from_millis(outcome.destination_verify_ms);
+        let resumed_at = switchover.resumed_at.unwrap_or_else(Instant::now);
+        let downtime = switchover
+            .downtime_start
+            .map_or(Duration::ZERO, |start| resumed_at.duration_since(start))
+            .saturating_sub(verify_time);
+        let total_time = resumed_at.duration_since(self.started).saturating_sub(verify_time);
+        let precopy = self.session().precopy().clone();
         if config.verify {
-            let digest = memory_digest(self.shared.memory, pin::core_count());
-            self.session().digest_sent(self.now());
-            self.control(FrameKind::VerifyDigest, epoch, digest.to_le_bytes().to_vec())?;
-            let matched = self.expect(answers, |a| match a {
-                Answer::VerifyResult { matched } => Some(matched),
-                _ => None,
-            })?;
-            self.stats.verified = Some(matched);
-            self.stats.verify_time = Some(destination_verify_ms);
+            self.stats.verified = outcome.verified;
+            self.stats.verify_time = Some(outcome.destination_verify_ms);
         }
-        // Teardown, after the switchover.
-        self.cleanup(workers, false);
 
         let stats = &mut self.stats;
         let t = &self.totals;
@@ -1133,11 +1138,10 @@ impl<'s, 'a> Scanner<'s, 'a> {
         stats.ram.duplicate = t.zero_pages;
         stats.ram.normal = t.raw_pages + t.compressed_pages;
         stats.ram.normal_bytes = stats.ram.normal * PAGE_SIZE_BYTES as u64;
-        stats.ram.dirty_pages_rate = last_dirty_rate;
         stats.ram.mbps = mbps(transferred, total_time.as_secs_f64());
         stats.ram.pages_per_second = (t.pages() as f64 / total_time.as_secs_f64().max(1e-6)) as u64;
-        stats.ram.precopy_bytes = precopy_bytes;
-        stats.ram.downtime_bytes = downtime_bytes;
+        stats.ram.precopy_bytes = switchover.precopy_bytes;
+        stats.ram.downtime_bytes = switchover.downtime_bytes;
         if let Some(cache) = &self.shared.cache {
             let x = &mut stats.xbzrle_cache;
             x.cache_size = cache.size_bytes();
@@ -1164,7 +1168,7 @@ impl<'s, 'a> Scanner<'s, 'a> {
         stats.connections = self.hello.connection_count;
         stats.compress_threads = config.compress_threads;
         stats.encode = *t;
-        Ok(std::mem::take(stats))
+        std::mem::take(stats)
     }
 
     /// Stops the compression workers and frees the XBZRLE cache; records how long that

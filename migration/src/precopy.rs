@@ -118,6 +118,10 @@ impl Precopy {
         self.bandwidth_bytes_per_s
     }
 
+    pub fn downtime_limit(&self) -> Duration {
+        self.config.downtime_limit
+    }
+
     pub fn throttle_pct(&self) -> u8 {
         self.throttle_pct
     }
