@@ -109,7 +109,7 @@ fn verbosity_follows_v_q_and_rust_log() {
         assert!(finished.status.success(), "demo {flags:?} failed:\n{}", finished.stderr);
         finished.stderr
     };
-    let round_line = "vmigrate: DEBUG vmigrate_engine::source: round finished";
+    let round_line = "vmigrate: DEBUG vmigrate_engine::source::scanner: round finished";
     let plain = demo(&[], None);
     assert!(!plain.contains("DEBUG"), "debug lines by default:\n{plain}");
     let verbose = demo(&["-v"], None);

@@ -1,0 +1,289 @@
+//! The destination engine: accepts the source's connections, applies pages with pinned
+//! decompression workers, and resumes the guest only once every round is applied, the
+//! device state is in and the source has let go.
+//!
+//! ```text
+//! byte pipe --> connection reader --(page batches)--> decode ring --> decompression
+//!               (checks frames, holds at RoundEnd)                   workers -> memory
+//!               connection 0 reader --(Complete, Commit, VerifyDigest)--> session thread
+//! ```
+//! Every connection stops at each `RoundEnd` until all connections have reached it and
+//! every batch of that round is applied: a page of round k can never land after the same
+//! page of round k+1, and a delta always finds the version it was made from (the page
+//! epoch table checks both).
+
+use crate::config::DestinationConfig;
+use crate::vm::DestinationVm;
+use crate::MigrationError;
+use migration::frame::FrameKind;
+use migration::handshake::{encode_reason, Hello};
+use migration::memory::{pages_of, GuestMemory};
+use migration::page_batch::BatchLimits;
+use migration::receiver::{ApplyCounters, PageEpochs};
+use serde::Serialize;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::time::Duration;
+use transport::abort::SessionAbort;
+use transport::pipe::{Acceptor, Connection};
+use transport::ring::{Pool, Ring};
+
+mod greeting;
+mod reader;
+mod session;
+
+use greeting::{accept_session, turn_away, Greeted};
+use reader::{connection_reader, decompression_worker};
+use session::{Event, Session};
+
+/// Received batches waiting for a decompression worker: bounds the receive buffers to
+/// ~17 MiB however fast the source sends.
+const DECODE_RING_CAPACITY: usize = 64;
+
+/// What the destination saw of a completed migration.
+#[derive(Debug, Default, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DestinationReport {
+    pub session_id: u64,
+    pub connections: u16,
+    pub ram_total: u64,
+    pub received_bytes: u64,
+    pub rounds: u32,
+    pub zero_pages: u64,
+    pub raw_pages: u64,
+    pub compressed_pages: u64,
+    pub xbzrle_pages: u64,
+    pub total_time_ms: u64,
+    pub verify_time_ms: Option<u64>,
+    pub verified: Option<bool>,
+    /// CPU seconds the receive used (filled in by whoever can measure it, as the CLI does).
+    pub cpu_seconds: Option<f64>,
+}
+
+struct Shared {
+    abort: SessionAbort,
+    memory: Arc<dyn GuestMemory>,
+    region_pages: Vec<u64>,
+    hello: Hello,
+    epochs: PageEpochs,
+    decode: Ring<Option<(u32, Vec<u8>)>>,
+    buffers: Pool<Vec<u8>>,
+    in_flight: AtomicU64,
+    barrier: Mutex<BarrierState>,
+    barrier_changed: Condvar,
+    device_state: Mutex<Option<Vec<u8>>>,
+    complete_seen: AtomicBool,
+    finished: AtomicBool,
+    counters: Mutex<ApplyCounters>,
+    received_bytes: AtomicU64,
+    rounds: AtomicU64,
+}
+
+#[derive(Default)]
+struct BarrierState {
+    arrived: usize,
+    generation: u64,
+}
+
+impl Shared {
+    fn limits(&self) -> BatchLimits<'_> {
+        BatchLimits { region_pages: &self.region_pages, codec: self.hello.codec, xbzrle: self.hello.xbzrle }
+    }
+
+    fn failure(&self) -> MigrationError {
+        MigrationError::Aborted(self.abort.reason().unwrap_or_else(|| "aborted".into()))
+    }
+
+    /// The round barrier: returns once every connection has ended the round and every
+    /// batch of it is applied; `Ok(true)` for the caller that completed it.
+    fn end_round(&self) -> Result<bool, MigrationError> {
+        let connections = usize::from(self.hello.connection_count);
+        let mut state = self.barrier.lock().unwrap_or_else(|p| p.into_inner());
+        let generation = state.generation;
+        state.arrived += 1;
+        if state.arrived == connections {
+            while self.in_flight.load(Ordering::Acquire) > 0 {
+                if self.abort.is_raised() {
+                    return Err(self.failure());
+                }
+                state = self
+                    .barrier_changed
+                    .wait_timeout(state, Duration::from_millis(1))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+            state.arrived = 0;
+            state.generation += 1;
+            self.rounds.fetch_add(1, Ordering::Relaxed);
+            self.barrier_changed.notify_all();
+            return Ok(true);
+        }
+        while state.generation == generation {
+            if self.abort.is_raised() {
+                return Err(self.failure());
+            }
+            state =
+                self.barrier_changed.wait_timeout(state, Duration::from_millis(1)).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        Ok(false)
+    }
+
+    fn batch_applied(&self) {
+        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let _state = self.barrier.lock().unwrap_or_else(|p| p.into_inner());
+            self.barrier_changed.notify_all();
+        }
+    }
+}
+
+/// Receives one migration into `vm`. On success the guest runs on this side. On any
+/// failure before resume, everything received is discarded (`vm.discard()`), the source
+/// is told why when possible, and the error is returned.
+pub fn receive(
+    acceptor: &mut dyn Acceptor,
+    vm: &mut dyn DestinationVm,
+    config: &DestinationConfig,
+) -> Result<DestinationReport, MigrationError> {
+    let mut prepared = false;
+    let result = receive_session(acceptor, vm, config, &mut prepared);
+    match &result {
+        // The source let go of the guest and it runs here: the only copy.
+        Err(err @ MigrationError::FailedAfterResume(_)) => log::warn!("{err}"),
+        Err(err) => {
+            log::debug!(prepared; "the migration failed, discarding what was received: {err}");
+            if prepared {
+                vm.discard();
+            }
+        }
+        Ok(_) => {}
+    }
+    result
+}
+
+/// After an error the destination tells the source why (an `Abort` on connection 0) before
+/// its connections close: closing them at once would reset them, and the source would see
+/// a closed connection instead of the reason. So the session's abort closes them only after
+/// this grace, unless the session thread, its notice sent, closes them first; a thread
+/// blocked on a connection waits that long at most.
+const ABORT_NOTICE_GRACE: Duration = Duration::from_millis(300);
+/// How long the session thread lets its `Abort` travel before closing the connections.
+const ABORT_NOTICE_LINGER: Duration = Duration::from_millis(50);
+
+/// The session abort's closer: all connections, `ABORT_NOTICE_GRACE` after the first raise.
+fn close_later(closers: Arc<Vec<Arc<dyn Fn() + Send + Sync>>>) -> impl Fn() + Send + Sync {
+    let armed = AtomicBool::new(false);
+    move || {
+        if armed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let closers = closers.clone();
+        let _ = std::thread::Builder::new().name("abort-close".into()).spawn(move || {
+            std::thread::sleep(ABORT_NOTICE_GRACE);
+            closers.iter().for_each(|close| close());
+        });
+    }
+}
+
+fn receive_session(
+    acceptor: &mut dyn Acceptor,
+    vm: &mut dyn DestinationVm,
+    config: &DestinationConfig,
+    prepared: &mut bool,
+) -> Result<DestinationReport, MigrationError> {
+    let Greeted { hello, connections, memory, started } = accept_session(acceptor, vm, config, prepared)?;
+    let region_pages: Vec<u64> = hello.region_bytes.iter().map(|&b| pages_of(b)).collect();
+    let shared = Shared {
+        abort: SessionAbort::new(),
+        memory,
+        epochs: PageEpochs::new(&region_pages),
+        region_pages,
+        hello: hello.clone(),
+        decode: Ring::new(DECODE_RING_CAPACITY),
+        buffers: Pool::new(DECODE_RING_CAPACITY + usize::from(hello.connection_count) + config.decompress_threads),
+        in_flight: AtomicU64::new(0),
+        barrier: Mutex::new(BarrierState::default()),
+        barrier_changed: Condvar::new(),
+        device_state: Mutex::new(None),
+        complete_seen: AtomicBool::new(false),
+        finished: AtomicBool::new(false),
+        counters: Mutex::new(ApplyCounters::default()),
+        received_bytes: AtomicU64::new(0),
+        rounds: AtomicU64::new(0),
+    };
+    let (events_tx, events) = mpsc::channel::<Event>();
+
+    std::thread::scope(|scope| {
+        let shared = &shared;
+        let mut workers = Vec::new();
+        for index in 0..config.decompress_threads.max(1) {
+            let first_cpu = config.pin_workers.then_some(config.first_worker_cpu);
+            workers.push(
+                std::thread::Builder::new()
+                    .name(format!("decompress-{index}"))
+                    .spawn_scoped(scope, move || {
+                        shared.abort.guard("decompression", || decompression_worker(shared, index, first_cpu))
+                    })
+                    .expect("spawn decompression worker"),
+            );
+        }
+        let mut control_writer = None;
+        let mut closers: Vec<Arc<dyn Fn() + Send + Sync>> = Vec::new();
+        for (index, connection) in connections.into_iter().enumerate() {
+            let Connection { reader, writer, closer, .. } = connection;
+            closers.push(Arc::from(closer));
+            if index == 0 {
+                control_writer = Some(writer);
+            }
+            let events_tx = events_tx.clone();
+            std::thread::Builder::new()
+                .name(format!("conn-reader-{index}"))
+                .spawn_scoped(scope, move || {
+                    shared
+                        .abort
+                        .guard("connection reader", || connection_reader(shared, index as u16, reader, events_tx))
+                })
+                .expect("spawn connection reader");
+        }
+        drop(events_tx);
+        let closers = Arc::new(closers);
+        let close_now = {
+            let closers = closers.clone();
+            move || closers.iter().for_each(|close| close())
+        };
+        shared.abort.on_raise(Box::new(close_later(closers)));
+        // One session at a time: whoever else connects meanwhile is told so and let go.
+        std::thread::Builder::new()
+            .name("doorman".into())
+            .spawn_scoped(scope, move || turn_away(acceptor, shared))
+            .expect("spawn doorman");
+        let mut control = control_writer.expect("connection 0 exists");
+        let mut session = Session::new(shared, &events, &mut *control, &mut workers, config.accept_timeout);
+        let result = session.run(vm, config, started);
+        if let Err(err) = &result {
+            // Tell the source why, then stop everything.
+            let reason = err.to_string();
+            // In the control stream's sequence, or the source would refuse it as out of order.
+            let told = session.send(FrameKind::Abort, &encode_reason(&reason));
+            shared.abort.raise(reason);
+            if told.is_ok() {
+                // Let the notice land before the connections close under it.
+                std::thread::sleep(ABORT_NOTICE_LINGER);
+            }
+        }
+        shared.finished.store(true, Ordering::Release);
+        stop_workers(shared, &mut workers);
+        close_now();
+        result
+    })
+}
+
+fn stop_workers(shared: &Shared, workers: &mut Vec<std::thread::ScopedJoinHandle<'_, ()>>) {
+    for _ in 0..workers.len() {
+        if shared.decode.push(None, &shared.abort).is_err() {
+            break;
+        }
+    }
+    for worker in workers.drain(..) {
+        let _ = worker.join();
+    }
+}

@@ -1,0 +1,251 @@
+//! The compression workers: each takes a job (up to 64 pages of one region), reads the
+//! pages, finds zero pages, tries XBZRLE, compresses, and builds the batch frame in place.
+
+use crate::adaptive::{self, AdaptivePolicy, Choice, Pipeline};
+use migration::codec::{Codec, Compressed, PageCompressor};
+use migration::frame::{FrameBuf, HEADER_BYTES};
+use migration::page_batch::{BatchOut, BatchWriter, MAX_BATCH_BYTES, MAX_ENTRIES_PER_BATCH};
+use migration::receiver::FIRST_EPOCH;
+use migration::stats::EncodeCounters;
+use migration::xbzrle_cache::XbzrleOutcome;
+use migration::{zero, PAGE_SIZE_BYTES};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+use transport::pin;
+
+use super::{Job, Outgoing, Shared};
+
+pub(super) fn compression_worker(shared: &Shared<'_>, index: usize) {
+    if shared.config.pin_workers {
+        pin::pin_current(index);
+    }
+    let codecs = match shared.config.codec {
+        Codec::Adaptive => Codec::ADAPTIVE_CHOICES.to_vec(),
+        codec => vec![codec],
+    };
+    let mut encoder = BatchEncoder {
+        compressors: codecs.into_iter().map(PageCompressor::new).collect(),
+        page: vec![0u8; PAGE_SIZE_BYTES],
+        delta: vec![0u8; PAGE_SIZE_BYTES - 1],
+        counters: EncodeCounters::default(),
+        measured: Vec::with_capacity(MAX_ENTRIES_PER_BATCH),
+    };
+    while let Ok(Some(job)) = shared.jobs.pop(&shared.abort) {
+        let frame = encoder.encode(shared, &job);
+        let pushed = match frame {
+            Some(frame) => {
+                shared.outgoing[job.connection].push(Outgoing::Pages { frame, epoch: job.epoch }, &shared.abort)
+            }
+            None => Ok(()),
+        };
+        shared.round_counters.lock().unwrap_or_else(|p| p.into_inner()).merge(&encoder.counters);
+        encoder.counters = EncodeCounters::default();
+        let mut pages = job.pages;
+        pages.clear();
+        shared.job_pool.give(pages);
+        shared.jobs_in_flight.fetch_sub(1, Ordering::AcqRel);
+        if pushed.is_err() {
+            return;
+        }
+    }
+}
+
+/// A compression worker's reusable state.
+struct BatchEncoder {
+    /// One per codec this worker may use (several with `Codec::Adaptive`).
+    compressors: Vec<PageCompressor>,
+    page: Vec<u8>,
+    delta: Vec<u8>,
+    counters: EncodeCounters,
+    /// Pages of a batch the adaptive policy measures its choices on.
+    measured: Vec<u32>,
+}
+
+impl BatchEncoder {
+    /// Encodes one job into a page-batch frame; `None` if nothing needs sending (every
+    /// page unchanged since the copy the destination holds).
+    fn encode(&mut self, shared: &Shared<'_>, job: &Job) -> Option<FrameBuf> {
+        let mut frame = shared.frame_pool.take(|| FrameBuf::with_capacity(MAX_BATCH_BYTES));
+        let choice = self.choose(shared, job);
+        let codec = choice.codec;
+        let chosen = self
+            .compressors
+            .iter()
+            .position(|c| c.codec() == codec)
+            .expect("a compressor for every codec the policy chooses");
+        // The batch's CPU time, for the adaptive policy (measured only for it).
+        let started = shared.adaptive.is_some().then(|| (adaptive::cpu::thread_time(), Instant::now()));
+        let bulk = job.epoch == FIRST_EPOCH;
+        let use_cache = !bulk || shared.cache_bulk.load(Ordering::Relaxed);
+        // Pages that go raw and need no snapshot for the XBZRLE cache are read from guest
+        // memory straight into the frame: one copy, not two.
+        let direct = codec == Codec::None && !(shared.cache.is_some() && use_cache);
+        let entries = {
+            let mut batch = BatchWriter::new(frame.begin(), job.region);
+            let mut zero_runs = ZeroRuns::default();
+            for &page in &job.pages {
+                let (region, index) = (usize::from(job.region), u64::from(page));
+                if direct {
+                    let kept = batch.raw_in_place(page, |slot| {
+                        shared.memory.read_page(region, index, slot);
+                        !(shared.config.zero_detect && zero::is_zero(slot))
+                    });
+                    if kept {
+                        self.counters.raw_pages += 1;
+                    } else {
+                        self.zero_page(shared, job, page, &mut zero_runs, &mut batch);
+                    }
+                    continue;
+                }
+                shared.memory.read_page(region, index, &mut self.page);
+                if shared.config.zero_detect && zero::is_zero(&self.page) {
+                    self.zero_page(shared, job, page, &mut zero_runs, &mut batch);
+                    continue;
+                }
+                if let (Some(cache), true) = (&shared.cache, use_cache) {
+                    match cache.encode(job.region, index, job.epoch, &self.page, &mut self.delta, true) {
+                        XbzrleOutcome::Unchanged => {
+                            self.counters.xbzrle_unchanged += 1;
+                            continue;
+                        }
+                        XbzrleOutcome::Delta { len, base_epoch } => {
+                            batch.xbzrle(page, base_epoch, &self.delta[..len]);
+                            self.counters.xbzrle_pages += 1;
+                            self.counters.xbzrle_bytes += len as u64;
+                            continue;
+                        }
+                        // Every bulk page misses (first sight); QEMU counts none of them.
+                        XbzrleOutcome::Miss if bulk => {}
+                        XbzrleOutcome::Miss => self.counters.xbzrle_cache_miss += 1,
+                        XbzrleOutcome::Overflow => self.counters.xbzrle_overflow += 1,
+                    }
+                }
+                if codec == Codec::None {
+                    batch.raw(page, &self.page);
+                    self.counters.raw_pages += 1;
+                    continue;
+                }
+                self.counters.codec_input_pages += 1;
+                // The compressor writes into the frame itself, which goes to the socket as it is.
+                let compressor = &mut self.compressors[chosen];
+                let packed = batch.compressed_in_place(page, codec, compressor.room(), |out| {
+                    compressor.compress_into(&self.page, out)
+                });
+                if let Some(len) = packed {
+                    self.counters.compressed_pages += 1;
+                    self.counters.compressed_bytes += len as u64;
+                } else {
+                    batch.raw(page, &self.page);
+                    self.counters.raw_pages += 1;
+                }
+            }
+            zero_runs.flush(&mut batch);
+            batch.entries()
+        };
+        let frame = self.seal(shared, frame, entries);
+        if let (Some(policy), Some((cpu_start, wall_start))) = (&shared.adaptive, started) {
+            if choice.measure {
+                self.measure_choices(shared, job, policy);
+            }
+            // The counters hold this batch alone (the worker merges and resets them per job).
+            let input = (self.counters.raw_pages + self.counters.compressed_pages) * PAGE_SIZE_BYTES as u64;
+            policy.account(input, adaptive::cpu::thread_time() - cpu_start, wall_start.elapsed());
+        }
+        frame
+    }
+
+    /// The codec for this batch: the adaptive policy's choice, or the one configured.
+    fn choose(&self, shared: &Shared<'_>, job: &Job) -> Choice {
+        match &shared.adaptive {
+            Some(policy) => {
+                let pipeline =
+                    Pipeline { link_full: shared.link_full(job.connection), scanner_ahead: !shared.jobs.is_empty() };
+                policy.choose(pipeline, &|| shared.delivered_bytes())
+            }
+            None => Choice { codec: self.compressors[0].codec(), measure: false },
+        }
+    }
+
+    /// The frame of a batch of `entries` entries, checksummed and counted; none for an
+    /// empty batch (its buffer goes back to the pool).
+    fn seal(&mut self, shared: &Shared<'_>, mut frame: FrameBuf, entries: usize) -> Option<FrameBuf> {
+        if entries == 0 {
+            shared.frame_pool.give(frame);
+            return None;
+        }
+        frame.checksum_payload();
+        self.counters.wire_bytes += (HEADER_BYTES + frame.payload_len()) as u64;
+        Some(frame)
+    }
+
+    /// Compresses the batch's non-zero pages with every choice the adaptive policy has, and
+    /// tells it what each made of them and at what CPU cost: all measured on the same pages.
+    fn measure_choices(&mut self, shared: &Shared<'_>, job: &Job, policy: &AdaptivePolicy) {
+        let region = usize::from(job.region);
+        self.measured.clear();
+        for &page in &job.pages {
+            shared.memory.read_page(region, u64::from(page), &mut self.page);
+            if !zero::is_zero(&self.page) {
+                self.measured.push(page);
+            }
+        }
+        for compressor in &mut self.compressors {
+            let start = adaptive::cpu::thread_time();
+            let mut output = 0;
+            for &page in &self.measured {
+                shared.memory.read_page(region, u64::from(page), &mut self.page);
+                output += match compressor.compress(&self.page) {
+                    Compressed::Packed { len } => len,
+                    Compressed::Raw => PAGE_SIZE_BYTES,
+                } as u64;
+            }
+            let input = (self.measured.len() * PAGE_SIZE_BYTES) as u64;
+            policy.measure(compressor.codec(), input, output, adaptive::cpu::thread_time() - start);
+        }
+    }
+
+    /// A page found zero: the destination's copy becomes zero through a run entry, and the
+    /// XBZRLE cache forgets the page (its next version is sent whole).
+    fn zero_page<O: BatchOut>(
+        &mut self,
+        shared: &Shared<'_>,
+        job: &Job,
+        page: u32,
+        runs: &mut ZeroRuns,
+        batch: &mut BatchWriter<'_, O>,
+    ) {
+        if let Some(cache) = &shared.cache {
+            cache.forget(job.region, u64::from(page));
+        }
+        self.counters.zero_pages += 1;
+        runs.add(page, batch);
+    }
+}
+
+/// Zero pages of a batch gathered into runs of consecutive pages, one entry per run.
+#[derive(Default)]
+struct ZeroRuns {
+    open: Option<(u32, u32)>,
+}
+
+impl ZeroRuns {
+    /// Adds `page`, extending the open run or writing it out and starting another.
+    fn add<O: BatchOut>(&mut self, page: u32, batch: &mut BatchWriter<'_, O>) {
+        self.open = match self.open {
+            Some((first, count)) if first + count == page => Some((first, count + 1)),
+            previous => {
+                if let Some((first, count)) = previous {
+                    batch.zero_run(first, count);
+                }
+                Some((page, 1))
+            }
+        };
+    }
+
+    /// Writes out the open run.
+    fn flush<O: BatchOut>(&mut self, batch: &mut BatchWriter<'_, O>) {
+        if let Some((first, count)) = self.open.take() {
+            batch.zero_run(first, count);
+        }
+    }
+}
