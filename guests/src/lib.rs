@@ -4,4 +4,5 @@
 //! `SourceVm` / `DestinationVm` traits, exactly as a VMM that embeds the engine would.
 
 pub mod guest;
+mod idle_image;
 pub mod synthetic;

@@ -1,0 +1,128 @@
+//! The QEMU relay commands' options: `qemu-send`, `qemu-recv`, `qemu-migrate`.
+
+use super::{parse_size, StackOptions};
+use clap::Args;
+use migration::codec::Codec;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// What both relay commands take.
+#[derive(Args, Debug)]
+pub struct RelayOptions {
+    /// Seconds to wait for the first connection (QEMU's, or the source relay's).
+    #[arg(long, default_value_t = 600.0)]
+    pub wait: f64,
+    /// Seconds a relay connection may stay silent (no data, no heartbeat) before the link
+    /// is taken for dead and the migration fails.
+    #[arg(long, default_value_t = 30.0)]
+    pub io_timeout: f64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long)]
+    pub no_pin: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct QemuMigrateArgs {
+    /// The source QEMU's QMP socket: `unix:PATH`.
+    #[arg(long, value_parser = parse_unix)]
+    pub src_qmp: PathBuf,
+    /// The destination QEMU's QMP socket: `unix:PATH`. It must have been started with
+    /// `-incoming defer`.
+    #[arg(long, value_parser = parse_unix)]
+    pub dst_qmp: PathBuf,
+    /// A destination relay already running (`vmigrate qemu-recv`, e.g. on the destination
+    /// host) to carry the migration to; it must have been started with `--to` the socket
+    /// given here as --dst-incoming. Default: a destination relay in this process, over
+    /// the kernel's TCP on 127.0.0.1.
+    #[arg(long, requires = "dst_incoming")]
+    pub to: Option<String>,
+    /// With --to: the destination QEMU's incoming socket (`unix:PATH`), as the remote relay
+    /// knows it.
+    #[arg(long, value_parser = parse_unix)]
+    pub dst_incoming: Option<PathBuf>,
+    /// QEMU's multifd with this many channels (each carried on a relay connection).
+    #[arg(long)]
+    pub multifd: Option<u32>,
+    #[command(flatten)]
+    pub carry: CarryOptions,
+    /// QEMU's own XBZRLE on both QEMUs.
+    #[arg(long)]
+    pub qemu_xbzrle: bool,
+    /// QEMU's downtime limit, in milliseconds.
+    #[arg(long, default_value_t = 300)]
+    pub downtime_limit_ms: u64,
+    /// QEMU's bandwidth cap in bytes per second (QEMU's own default is 128 MiB/s).
+    #[arg(long, default_value = "100GiB", value_parser = parse_size)]
+    pub max_bandwidth: u64,
+    /// Seconds after which an unfinished migration is cancelled.
+    #[arg(long, default_value_t = 3600.0)]
+    pub timeout: f64,
+    #[command(flatten)]
+    pub relay: RelayOptions,
+    /// The source relay's stack (with --to).
+    #[command(flatten)]
+    pub stack: StackOptions,
+}
+
+#[derive(Args, Debug)]
+pub struct QemuSendArgs {
+    /// The unix socket the source QEMU migrates to: `unix:PATH` (QEMU's `migrate unix:PATH`).
+    #[arg(long, value_parser = parse_unix)]
+    pub listen: PathBuf,
+    /// The destination relay (`vmigrate qemu-recv --listen`).
+    #[arg(long)]
+    pub to: String,
+    #[command(flatten)]
+    pub carry: CarryOptions,
+    #[command(flatten)]
+    pub relay: RelayOptions,
+    #[command(flatten)]
+    pub stack: StackOptions,
+}
+
+/// How the source relay encodes QEMU's streams.
+#[derive(Args, Debug)]
+pub struct CarryOptions {
+    /// Compression of the carried pages (and of streams that are not QEMU's): none, lz4,
+    /// zlib[:LEVEL] or zstd[:LEVEL].
+    #[arg(long, default_value = "lz4")]
+    pub codec: Codec,
+    /// XBZRLE: a page carried again goes as a delta against its copy carried last, when
+    /// that is smaller. Both relays keep a cache of --xbzrle-cache per stream.
+    #[arg(long)]
+    pub xbzrle: bool,
+    /// The XBZRLE cache of each stream, on each relay (QEMU's default is 64 MiB).
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    pub xbzrle_cache: u64,
+    /// Compression workers per stream (0: the stream's own thread compresses). Pages are
+    /// decided in stream order on the stream's thread; the workers compress the chunks.
+    #[arg(long, default_value_t = 2)]
+    pub compress_threads: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct QemuRecvArgs {
+    /// Where the source relay connects.
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// The destination QEMU's incoming socket: `unix:PATH`.
+    #[arg(long, value_parser = parse_unix)]
+    pub to: PathBuf,
+    /// Seconds to keep trying the destination QEMU's socket (it may still be starting).
+    #[arg(long, default_value_t = 10.0)]
+    pub qemu_wait: f64,
+    #[command(flatten)]
+    pub relay: RelayOptions,
+    #[command(flatten)]
+    pub stack: StackOptions,
+}
+
+/// `unix:PATH`, as QEMU writes socket addresses.
+pub fn parse_unix(text: &str) -> Result<PathBuf, String> {
+    match text.strip_prefix("unix:") {
+        Some(path) if !path.is_empty() => Ok(PathBuf::from(path)),
+        _ => Err(format!("expected unix:PATH, got {text:?}")),
+    }
+}
