@@ -16,7 +16,7 @@
 
 use crate::net_writer::{lock, NetWriter};
 use crate::squeeze::Squeezers;
-use crate::RelayFailure;
+use crate::{LinkFailure, RelayFailure};
 use migration::codec::Codec;
 use migration::frame::FrameKind;
 use migration::handshake::{decode_reason, encode_reason};
@@ -362,12 +362,13 @@ fn pump_down(
             Ok(header) => header,
             Err(_) if abort.is_raised() => return Err(RelayFailure::aborted(abort)),
             Err(ReadError::Closed) => {
-                return Err(RelayFailure::Link(format!("{peer} closed the relay connection mid-stream")))
+                let lost = format!("{peer} closed the relay connection mid-stream");
+                return Err(RelayFailure::Link(LinkFailure::Lost(lost)));
             }
-            Err(err) => return Err(RelayFailure::Link(format!("from {peer}: {err}"))),
+            Err(err) => return Err(RelayFailure::read(&format!("from {peer}"), &err)),
         };
         if header.seq != expected_seq {
-            return Err(RelayFailure::Link(format!(
+            return Err(RelayFailure::damaged(format!(
                 "frame out of sequence: expected {expected_seq}, got {}",
                 header.seq
             )));
@@ -377,10 +378,10 @@ fn pump_down(
             FrameKind::StreamData => {
                 let bytes = if payload.first() == Some(&RECORDS) {
                     rebuilt.clear();
-                    records.decode(&payload, &mut rebuilt).map_err(|err| RelayFailure::Link(err.to_string()))?;
+                    records.decode(&payload, &mut rebuilt).map_err(RelayFailure::damaged)?;
                     &rebuilt[..]
                 } else {
-                    decoder.decode(&payload).map_err(|err| RelayFailure::Link(err.to_string()))?
+                    decoder.decode(&payload).map_err(RelayFailure::damaged)?
                 };
                 release(&mut held, &mut local)?;
                 digest.update(bytes);
@@ -391,15 +392,15 @@ fn pump_down(
             }
             FrameKind::Heartbeat => release(&mut held, &mut local)?,
             FrameKind::StreamEnd => {
-                let end = StreamEnd::decode(&payload).map_err(|err| RelayFailure::Link(err.to_string()))?;
-                digest.check(&end).map_err(|err| RelayFailure::Link(err.to_string()))?;
+                let end = StreamEnd::decode(&payload).map_err(RelayFailure::damaged)?;
+                digest.check(&end).map_err(RelayFailure::damaged)?;
                 release(&mut held, &mut local)?;
                 // QEMU reads the end of its stream; the other direction stays open.
                 let _ = local.shutdown(Shutdown::Write);
                 return Ok(stats);
             }
             FrameKind::Abort => return Err(RelayFailure::Peer(decode_reason(&payload))),
-            other => return Err(RelayFailure::Link(format!("unexpected {other:?} frame in a carried stream"))),
+            other => return Err(RelayFailure::unexpected(format!("unexpected {other:?} frame in a carried stream"))),
         }
     }
 }

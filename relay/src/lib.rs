@@ -23,6 +23,7 @@ pub use channel::{ChannelReport, DirectionStats};
 use serde::Serialize;
 use std::io;
 use thiserror::Error;
+use transport::framed::ReadError;
 
 /// Why a relay session failed.
 #[derive(Debug, Clone, Error)]
@@ -30,9 +31,9 @@ pub enum RelayFailure {
     /// This host's side: its QEMU socket, or the relay's own setup.
     #[error("{0}")]
     Local(String),
-    /// The relay connection: cut, timed out, or damaged.
+    /// The relay connection: cut, timed out, damaged, or spoken to out of turn.
     #[error("relay link: {0}")]
-    Link(String),
+    Link(LinkFailure),
     /// The peer relay gave up, and said why.
     #[error("the peer relay aborted: {0}")]
     Peer(String),
@@ -44,13 +45,55 @@ pub enum RelayFailure {
     Aborted(String),
 }
 
+/// What went wrong on the relay connection, for a caller that acts on it (retry a lost
+/// link, distrust a damaged one).
+#[derive(Debug, Clone, Error)]
+pub enum LinkFailure {
+    /// Nothing came within the connection's I/O timeout.
+    #[error("{0}")]
+    TimedOut(String),
+    /// The connection closed or failed.
+    #[error("{0}")]
+    Lost(String),
+    /// What arrived was damaged: a checksum or sequence number wrong, a chunk that does
+    /// not decode, a stream whose digest does not match what was sent.
+    #[error("{0}")]
+    Damaged(String),
+    /// The peer sent a frame the protocol does not allow where it came.
+    #[error("{0}")]
+    Unexpected(String),
+}
+
 impl RelayFailure {
     pub(crate) fn local(err: io::Error) -> RelayFailure {
         RelayFailure::Local(err.to_string())
     }
 
+    /// A failed write or connect on the relay connection.
     pub(crate) fn link(err: io::Error) -> RelayFailure {
-        RelayFailure::Link(err.to_string())
+        let timed_out = matches!(err.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock);
+        RelayFailure::Link(if timed_out { LinkFailure::TimedOut } else { LinkFailure::Lost }(err.to_string()))
+    }
+
+    /// A frame that could not be read from the relay connection; `context` says what was
+    /// being read.
+    pub(crate) fn read(context: &str, err: &ReadError) -> RelayFailure {
+        let message = format!("{context}: {err}");
+        RelayFailure::Link(match err {
+            ReadError::Io(io) if matches!(io.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock) => {
+                LinkFailure::TimedOut(message)
+            }
+            ReadError::Io(_) | ReadError::Closed => LinkFailure::Lost(message),
+            ReadError::Frame(_) | ReadError::TooLarge { .. } => LinkFailure::Damaged(message),
+        })
+    }
+
+    pub(crate) fn damaged(message: impl std::fmt::Display) -> RelayFailure {
+        RelayFailure::Link(LinkFailure::Damaged(message.to_string()))
+    }
+
+    pub(crate) fn unexpected(message: impl std::fmt::Display) -> RelayFailure {
+        RelayFailure::Link(LinkFailure::Unexpected(message.to_string()))
     }
 
     /// The session was aborted: its first failure, which names its channel.
@@ -113,5 +156,29 @@ fn collect(
             reports.sort_by_key(|r| r.channel);
             Ok(reports)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use migration::frame::FrameError;
+
+    #[test]
+    fn link_failures_say_what_kind_they_are() {
+        let kind = |err: ReadError| match RelayFailure::read("reading", &err) {
+            RelayFailure::Link(failure) => failure,
+            other => panic!("not a link failure: {other:?}"),
+        };
+        let timed_out = io::Error::new(io::ErrorKind::WouldBlock, "no data");
+        assert!(matches!(kind(ReadError::Io(timed_out)), LinkFailure::TimedOut(_)));
+        assert!(matches!(kind(ReadError::Closed), LinkFailure::Lost(_)));
+        assert!(matches!(kind(ReadError::Io(io::Error::from(io::ErrorKind::ConnectionReset))), LinkFailure::Lost(_)));
+        let corrupt = FrameError::Checksum { seq: 3, expected: 1, computed: 2 };
+        assert!(matches!(kind(ReadError::Frame(corrupt)), LinkFailure::Damaged(_)));
+        let failure = RelayFailure::read("from 10.0.0.1", &ReadError::Closed);
+        assert_eq!(failure.to_string(), "relay link: from 10.0.0.1: connection closed by the peer");
+        let refused = RelayFailure::link(io::Error::from(io::ErrorKind::TimedOut));
+        assert!(matches!(refused, RelayFailure::Link(LinkFailure::TimedOut(_))));
     }
 }

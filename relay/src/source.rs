@@ -9,7 +9,7 @@
 //! ended both ways and every other channel has too.
 
 use crate::channel::{pump, Workers};
-use crate::{collect, RelayFailure, RelayReport};
+use crate::{collect, LinkFailure, RelayFailure, RelayReport};
 use migration::frame::{FrameKind, SeqCounter};
 use migration::handshake::{decode_reason, HelloAck};
 use migration::relay::{encode_preamble, Encoding, StreamHello, MAX_CHANNELS};
@@ -146,8 +146,9 @@ fn open_stream(
     channel: u16,
     encoding: Encoding,
 ) -> Result<Connection, RelayFailure> {
-    let mut net =
-        connector.connect().map_err(|err| RelayFailure::Link(format!("connecting to the destination relay: {err}")))?;
+    let mut net = connector.connect().map_err(|err| {
+        RelayFailure::link(io::Error::new(err.kind(), format!("connecting to the destination relay: {err}")))
+    })?;
     net.writer.write_all(&encode_preamble()).map_err(RelayFailure::link)?;
     let hello = StreamHello { session_id, channel, encoding };
     let mut seq = SeqCounter::default();
@@ -155,17 +156,20 @@ fn open_stream(
     let mut payload = Vec::new();
     let header = match read_frame(&mut *net.reader, &mut payload, |_| CONTROL_FRAME_LIMIT_BYTES) {
         Ok(header) => header,
-        Err(ReadError::Closed) => return Err(RelayFailure::Link("the destination relay closed the connection".into())),
-        Err(err) => return Err(RelayFailure::Link(format!("waiting for the destination relay: {err}"))),
+        Err(ReadError::Closed) => {
+            let lost = "the destination relay closed the connection".to_string();
+            return Err(RelayFailure::Link(LinkFailure::Lost(lost)));
+        }
+        Err(err) => return Err(RelayFailure::read("waiting for the destination relay", &err)),
     };
     match header.kind {
         FrameKind::HelloAck => match HelloAck::decode(&payload) {
             Ok(HelloAck::Accepted { .. }) => {}
             Ok(HelloAck::Refused { reason }) => return Err(RelayFailure::Refused(reason)),
-            Err(err) => return Err(RelayFailure::Link(err.to_string())),
+            Err(err) => return Err(RelayFailure::damaged(err)),
         },
         FrameKind::Abort => return Err(RelayFailure::Refused(decode_reason(&payload))),
-        other => return Err(RelayFailure::Link(format!("the destination relay answered with {other:?}"))),
+        other => return Err(RelayFailure::unexpected(format!("the destination relay answered with {other:?}"))),
     }
     // The stream's own frames count from 0 again: the handshake was one frame each way.
     Ok(net)
