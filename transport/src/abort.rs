@@ -53,6 +53,21 @@ impl SessionAbort {
         }
     }
 
+    /// Spawns a thread of the session in `scope`, named `name`, its body guarded as
+    /// [`guard`](Self::guard) does under `role`: a panic aborts the session with its message.
+    pub fn spawn_guarded<'scope, 'env>(
+        &'scope self,
+        scope: &'scope std::thread::Scope<'scope, 'env>,
+        name: String,
+        role: &'static str,
+        body: impl FnOnce() + Send + 'scope,
+    ) -> std::thread::ScopedJoinHandle<'scope, ()> {
+        std::thread::Builder::new()
+            .name(name)
+            .spawn_scoped(scope, move || self.guard(role, body))
+            .unwrap_or_else(|err| panic!("spawning the {role} thread: {err}"))
+    }
+
     /// Registers a way to unblock a thread (normally: shut a socket down).
     pub fn on_raise(&self, closer: Closer) {
         self.closers.lock().unwrap_or_else(|p| p.into_inner()).push(closer);

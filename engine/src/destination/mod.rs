@@ -217,14 +217,8 @@ fn receive_session(
         let mut workers = Vec::new();
         for index in 0..config.decompress_threads.max(1) {
             let first_cpu = config.pin_workers.then_some(config.first_worker_cpu);
-            workers.push(
-                std::thread::Builder::new()
-                    .name(format!("decompress-{index}"))
-                    .spawn_scoped(scope, move || {
-                        shared.abort.guard("decompression", || decompression_worker(shared, index, first_cpu))
-                    })
-                    .expect("spawn decompression worker"),
-            );
+            let body = move || decompression_worker(shared, index, first_cpu);
+            workers.push(shared.abort.spawn_guarded(scope, format!("decompress-{index}"), "decompression", body));
         }
         let mut control_writer = None;
         let mut closers: Vec<Arc<dyn Fn() + Send + Sync>> = Vec::new();
@@ -235,14 +229,8 @@ fn receive_session(
                 control_writer = Some(writer);
             }
             let events_tx = events_tx.clone();
-            std::thread::Builder::new()
-                .name(format!("conn-reader-{index}"))
-                .spawn_scoped(scope, move || {
-                    shared
-                        .abort
-                        .guard("connection reader", || connection_reader(shared, index as u16, reader, events_tx))
-                })
-                .expect("spawn connection reader");
+            let body = move || connection_reader(shared, index as u16, reader, events_tx);
+            shared.abort.spawn_guarded(scope, format!("conn-reader-{index}"), "connection reader", body);
         }
         drop(events_tx);
         let closers = Arc::new(closers);

@@ -281,14 +281,8 @@ fn run_session(
         let mut workers = Vec::new();
         for index in 0..config.compress_threads.max(1) {
             let shared = &shared;
-            workers.push(
-                std::thread::Builder::new()
-                    .name(format!("compress-{index}"))
-                    .spawn_scoped(scope, move || {
-                        shared.abort.guard("compression", || compression_worker(shared, index))
-                    })
-                    .expect("spawn compression worker"),
-            );
+            let body = move || compression_worker(shared, index);
+            workers.push(shared.abort.spawn_guarded(scope, format!("compress-{index}"), "compression", body));
         }
         let writers = spawn_connection_threads(scope, &shared, connections, wake_tx);
         if let Some(cancel) = &config.cancel {
@@ -335,21 +329,11 @@ fn spawn_connection_threads<'scope, 'env>(
         shared.abort.on_raise(closer);
         if index == 0 {
             let wake = wake.clone();
-            std::thread::Builder::new()
-                .name("control-reader".into())
-                .spawn_scoped(scope, move || {
-                    shared.abort.guard("control reader", || control_reader_loop(shared, reader, wake))
-                })
-                .expect("spawn control reader");
+            let body = move || control_reader_loop(shared, reader, wake);
+            shared.abort.spawn_guarded(scope, "control-reader".into(), "control reader", body);
         }
-        writers.push(
-            std::thread::Builder::new()
-                .name(format!("conn-writer-{index}"))
-                .spawn_scoped(scope, move || {
-                    shared.abort.guard("connection writer", || connection_writer(shared, index, writer))
-                })
-                .expect("spawn connection writer"),
-        );
+        let body = move || connection_writer(shared, index, writer);
+        writers.push(shared.abort.spawn_guarded(scope, format!("conn-writer-{index}"), "connection writer", body));
     }
     writers
 }
