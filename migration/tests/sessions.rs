@@ -438,6 +438,23 @@ fn every_wait_for_the_destination_times_out_and_keeps_the_guest_where_it_belongs
         no_resumed.source_result
     );
 
+    // With verify, no VerifyResult comes back: the source times out (its guest, committed,
+    // is the destination's, which runs on).
+    let no_verdict = Harness::new(true, PrecopyConfig::default(), &[1_000]).with_hook(|p| {
+        if p == Point::ToSource(FrameKind::VerifyResult) {
+            Hook::Drop
+        } else {
+            Hook::Nothing
+        }
+    });
+    let no_verdict = no_verdict.run();
+    assert!(
+        matches!(&no_verdict.source_result, Some(Err(SourceFailure::Answer(AnswerError::Timeout { .. })))),
+        "{:?}",
+        no_verdict.source_result
+    );
+    assert!(no_verdict.destination_running && no_verdict.source.committed());
+
     // With verify, no digest reaches the destination: it times out, its guest runs on.
     let no_digest = Harness::new(true, PrecopyConfig::default(), &[1_000]).with_hook(|p| {
         if p == Point::ToDestination(FrameKind::VerifyDigest) {
