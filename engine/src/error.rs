@@ -66,8 +66,6 @@ pub enum ProtocolViolation {
     ForeignConnection { index: u16, session_id: u64 },
     #[error(transparent)]
     Control(#[from] ControlError),
-    #[error("unexpected answer {0}")]
-    UnexpectedAnswer(String),
     #[error("{0}")]
     BadGreeting(String),
 }
