@@ -87,8 +87,9 @@ impl Harness {
         }
     }
 
-    fn with_hook(mut self, hook: impl FnMut(Point) -> Hook + 'static) -> Harness {
-        self.hook = Box::new(hook);
+    /// Does `hook` when the harness reaches `point`, and nothing anywhere else.
+    fn at(mut self, point: Point, hook: Hook) -> Harness {
+        self.hook = Box::new(move |reached| if reached == point { hook } else { Hook::Nothing });
         self
     }
 
@@ -314,7 +315,7 @@ fn every_phase_in_order_with_verify() {
 fn stop_and_copy_waits_until_the_last_round_is_applied() {
     // The destination's RoundApplied for the last round (3) is lost: the source must not
     // stop the guest, and gives up after its answer timeout with the guest running.
-    let harness = converging().with_hook(|point| if point == Point::RoundSent(3) { Hook::Drop } else { Hook::Nothing });
+    let harness = converging().at(Point::RoundSent(3), Hook::Drop);
     let harness = harness.run();
     assert_eq!(
         harness.source_result,
@@ -361,7 +362,7 @@ fn a_cancel_before_commit_keeps_the_source_guest_in_every_phase() {
         Point::ToSource(FrameKind::Ready),
     ];
     for at in points {
-        let harness = converging().with_hook(move |point| if point == at { Hook::CancelSource } else { Hook::Nothing });
+        let harness = converging().at(at, Hook::CancelSource);
         let harness = harness.run();
         assert!(
             matches!(&harness.source_result, Some(Err(SourceFailure::Cancelled { .. }))),
@@ -381,7 +382,7 @@ fn a_cancel_before_commit_keeps_the_source_guest_in_every_phase() {
 fn a_cancel_after_commit_is_refused_and_the_migration_completes() {
     for at in [Point::ToDestination(FrameKind::Commit), Point::DestinationResumed, Point::ToSource(FrameKind::Resumed)]
     {
-        let harness = converging().with_hook(move |point| if point == at { Hook::CancelSource } else { Hook::Nothing });
+        let harness = converging().at(at, Hook::CancelSource);
         let harness = harness.run();
         completed(&harness);
     }
@@ -391,8 +392,7 @@ fn a_cancel_after_commit_is_refused_and_the_migration_completes() {
 fn an_abort_from_the_destination_in_every_phase_before_resume_keeps_the_source_guest() {
     let points = [Point::RoundSent(1), Point::RoundSent(3), Point::ToDestination(FrameKind::Complete)];
     for at in points {
-        let harness =
-            converging().with_hook(move |point| if point == at { Hook::AbortDestination } else { Hook::Nothing });
+        let harness = converging().at(at, Hook::AbortDestination);
         let harness = harness.run();
         assert!(
             matches!(&harness.source_result, Some(Err(SourceFailure::DestinationAborted { .. }))),
@@ -406,8 +406,7 @@ fn an_abort_from_the_destination_in_every_phase_before_resume_keeps_the_source_g
 #[test]
 fn every_wait_for_the_destination_times_out_and_keeps_the_guest_where_it_belongs() {
     // No Ready: the source gives up, its guest runs on; the destination started none.
-    let no_ready =
-        converging().with_hook(|p| if p == Point::ToSource(FrameKind::Ready) { Hook::Drop } else { Hook::Nothing });
+    let no_ready = converging().at(Point::ToSource(FrameKind::Ready), Hook::Drop);
     let no_ready = no_ready.run();
     assert!(
         matches!(&no_ready.source_result, Some(Err(SourceFailure::Answer(AnswerError::Timeout { .. })))),
@@ -417,9 +416,7 @@ fn every_wait_for_the_destination_times_out_and_keeps_the_guest_where_it_belongs
     failed_before_commit(&no_ready);
 
     // No Commit reaches the destination: it times out waiting and starts no guest.
-    let no_commit =
-        converging()
-            .with_hook(|p| if p == Point::ToDestination(FrameKind::Commit) { Hook::Drop } else { Hook::Nothing });
+    let no_commit = converging().at(Point::ToDestination(FrameKind::Commit), Hook::Drop);
     let no_commit = no_commit.run();
     assert!(
         matches!(&no_commit.destination_result, Some(Err(DestinationFailure::Timeout { .. }))),
@@ -429,8 +426,7 @@ fn every_wait_for_the_destination_times_out_and_keeps_the_guest_where_it_belongs
     assert!(!no_commit.destination_running);
 
     // No Resumed: the source times out after Commit.
-    let no_resumed =
-        converging().with_hook(|p| if p == Point::ToSource(FrameKind::Resumed) { Hook::Drop } else { Hook::Nothing });
+    let no_resumed = converging().at(Point::ToSource(FrameKind::Resumed), Hook::Drop);
     let no_resumed = no_resumed.run();
     assert!(
         matches!(&no_resumed.source_result, Some(Err(SourceFailure::Answer(AnswerError::Timeout { .. })))),
@@ -440,13 +436,8 @@ fn every_wait_for_the_destination_times_out_and_keeps_the_guest_where_it_belongs
 
     // With verify, no VerifyResult comes back: the source times out (its guest, committed,
     // is the destination's, which runs on).
-    let no_verdict = Harness::new(true, PrecopyConfig::default(), &[1_000]).with_hook(|p| {
-        if p == Point::ToSource(FrameKind::VerifyResult) {
-            Hook::Drop
-        } else {
-            Hook::Nothing
-        }
-    });
+    let no_verdict =
+        Harness::new(true, PrecopyConfig::default(), &[1_000]).at(Point::ToSource(FrameKind::VerifyResult), Hook::Drop);
     let no_verdict = no_verdict.run();
     assert!(
         matches!(&no_verdict.source_result, Some(Err(SourceFailure::Answer(AnswerError::Timeout { .. })))),
@@ -456,13 +447,8 @@ fn every_wait_for_the_destination_times_out_and_keeps_the_guest_where_it_belongs
     assert!(no_verdict.destination_running && no_verdict.source.committed());
 
     // With verify, no digest reaches the destination: it times out, its guest runs on.
-    let no_digest = Harness::new(true, PrecopyConfig::default(), &[1_000]).with_hook(|p| {
-        if p == Point::ToDestination(FrameKind::VerifyDigest) {
-            Hook::Drop
-        } else {
-            Hook::Nothing
-        }
-    });
+    let no_digest = Harness::new(true, PrecopyConfig::default(), &[1_000])
+        .at(Point::ToDestination(FrameKind::VerifyDigest), Hook::Drop);
     let no_digest = no_digest.run();
     assert!(
         matches!(&no_digest.destination_result, Some(Err(DestinationFailure::Timeout { .. }))),
