@@ -1,6 +1,6 @@
 //! The session's control messages, parsed: the payloads of the control frames on
 //! connection 0 (`Complete`, `Ready`, `Commit`, `Resumed`, `VerifyDigest`, `VerifyResult`,
-//! `RoundApplied`, `Abort`), as a `Repr` beside the frame views. Every length is checked
+//! `RoundApplied`, `Heartbeat`, `Abort`), as a `Repr` beside the frame views. Every length is checked
 //! once in [`Control::parse`]; nothing else reads these payloads.
 
 use crate::frame::{le_u32, le_u64, FrameKind};
@@ -24,6 +24,9 @@ pub enum Control {
     VerifyResult { matched: bool },
     /// Destination: every page of round `epoch` is applied.
     RoundApplied { epoch: u32 },
+    /// Destination: nothing to say, but alive. Connection 0 is otherwise silent while a
+    /// long round arrives, and the source reads it with the connections' io timeout.
+    Heartbeat,
     /// Either side: the session is abandoned, and why.
     Abort { reason: String },
 }
@@ -46,6 +49,7 @@ impl Control {
             Control::VerifyDigest { .. } => FrameKind::VerifyDigest,
             Control::VerifyResult { .. } => FrameKind::VerifyResult,
             Control::RoundApplied { .. } => FrameKind::RoundApplied,
+            Control::Heartbeat => FrameKind::Heartbeat,
             Control::Abort { .. } => FrameKind::Abort,
         }
     }
@@ -73,6 +77,10 @@ impl Control {
             }
             FrameKind::VerifyResult => Control::VerifyResult { matched: flag(sized(1)?[0])? },
             FrameKind::RoundApplied => Control::RoundApplied { epoch: le_u32(sized(4)?) },
+            FrameKind::Heartbeat => {
+                sized(0)?;
+                Control::Heartbeat
+            }
             FrameKind::Abort => Control::Abort { reason: decode_reason(payload) },
             kind => return Err(ControlError::NotControl { kind }),
         })
@@ -82,7 +90,7 @@ impl Control {
     pub fn payload(&self) -> Vec<u8> {
         match self {
             Control::Complete { epoch } | Control::RoundApplied { epoch } => epoch.to_le_bytes().to_vec(),
-            Control::Ready => Vec::new(),
+            Control::Ready | Control::Heartbeat => Vec::new(),
             Control::Commit { verify: flag } | Control::VerifyResult { matched: flag } => vec![u8::from(*flag)],
             Control::Resumed { destination_verify_ms } => destination_verify_ms.to_le_bytes().to_vec(),
             Control::VerifyDigest { digest } => digest.to_le_bytes().to_vec(),
@@ -106,6 +114,7 @@ mod tests {
             Control::VerifyResult { matched: true },
             Control::VerifyResult { matched: false },
             Control::RoundApplied { epoch: 3 },
+            Control::Heartbeat,
             Control::Abort { reason: "disk on fire".into() },
         ]
     }

@@ -14,6 +14,11 @@
 //! VerifyDigest          -->   VerifyResult            (only if verify)
 //! ```
 //!
+//! While it waits (rounds arriving, `Commit`, the digest) and connection 0 has been quiet
+//! for [`HEARTBEAT_INTERVAL`], it sends a `Heartbeat`: the source reads connection 0 with
+//! the connections' io timeout, and a long round under loss would otherwise look like a
+//! dead destination.
+//!
 //! The guest is resumed only after `Commit`: until then the source holds it, and any
 //! failure discards what was received. Once the guest runs here it is the only copy (the
 //! source let go at `Commit`): a failure after that point is reported with
@@ -27,6 +32,10 @@ use crate::frame::FrameKind;
 use std::collections::VecDeque;
 use std::time::Duration;
 use thiserror::Error;
+
+/// How long connection 0 may stay quiet before a `Heartbeat` goes out: well under the
+/// shortest io timeout the command line takes (one second).
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(250);
 
 /// What the engine is to do next.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,14 +106,16 @@ pub struct DestinationSession {
     resumed: bool,
     wait_timeout: Duration,
     deadline: Option<Duration>,
+    /// When the last message went out on connection 0 (the session's start at first).
+    last_sent: Duration,
     actions: VecDeque<DestinationAction>,
 }
 
 impl DestinationSession {
     /// `wait_timeout` bounds each wait for the source once the destination has answered
     /// (`Ready`, `Resumed`): the source's pages are bounded by the connections' own
-    /// timeouts instead, since a round may take long.
-    pub fn new(wait_timeout: Duration) -> Self {
+    /// timeouts instead, since a round may take long. `now` is the session's start.
+    pub fn new(wait_timeout: Duration, now: Duration) -> Self {
         DestinationSession {
             phase: Phase::Receiving,
             device_state: false,
@@ -113,6 +124,7 @@ impl DestinationSession {
             resumed: false,
             wait_timeout,
             deadline: None,
+            last_sent: now,
             actions: VecDeque::new(),
         }
     }
@@ -132,20 +144,41 @@ impl DestinationSession {
         self.actions.pop_front()
     }
 
-    /// When the current wait for the source expires, if there is one.
+    /// When [`Self::handle_timeout`] has something to do next: the current wait for the
+    /// source expires, or a heartbeat is due.
     pub fn poll_timeout(&self) -> Option<Duration> {
-        self.deadline
+        let heartbeat = self.sends_heartbeats().then(|| self.last_sent + HEARTBEAT_INTERVAL);
+        match (self.deadline, heartbeat) {
+            (Some(deadline), Some(heartbeat)) => Some(deadline.min(heartbeat)),
+            (deadline, heartbeat) => deadline.or(heartbeat),
+        }
     }
 
-    /// An error once the current wait has expired at `now`.
+    /// An error once the current wait has expired at `now`; a heartbeat if one is due.
     pub fn handle_timeout(&mut self, now: Duration) -> Result<(), DestinationFailure> {
         match self.deadline {
             Some(deadline) if now >= deadline => {
                 let phase = self.phase.describe();
                 self.fail(DestinationFailure::Timeout { phase, timeout: self.wait_timeout })
             }
-            _ => Ok(()),
+            _ => {
+                if self.sends_heartbeats() && now >= self.last_sent + HEARTBEAT_INTERVAL {
+                    self.send(Control::Heartbeat, now);
+                }
+                Ok(())
+            }
         }
+    }
+
+    /// Whether the destination is waiting on the source (and so keeps connection 0 alive).
+    /// Not while the engine hashes or resumes (it does nothing else then), nor once done.
+    fn sends_heartbeats(&self) -> bool {
+        matches!(self.phase, Phase::Receiving | Phase::AwaitingCommit | Phase::AwaitingDigest)
+    }
+
+    fn send(&mut self, message: Control, now: Duration) {
+        self.last_sent = now;
+        self.actions.push_back(DestinationAction::Send(message));
     }
 
     /// The source's device state arrived (it comes once, in the final round).
@@ -162,9 +195,9 @@ impl DestinationSession {
 
     /// Every connection ended round `epoch` and all its pages are applied: the source may
     /// go on (it waits for this before stopping the guest).
-    pub fn handle_round_applied(&mut self, epoch: u32) {
+    pub fn handle_round_applied(&mut self, epoch: u32, now: Duration) {
         if !matches!(self.phase, Phase::Done | Phase::Failed) {
-            self.actions.push_back(DestinationAction::Send(Control::RoundApplied { epoch }));
+            self.send(Control::RoundApplied { epoch }, now);
         }
     }
 
@@ -180,7 +213,7 @@ impl DestinationSession {
                 if !self.device_state {
                     return self.fail(DestinationFailure::MissingDeviceState);
                 }
-                self.actions.push_back(DestinationAction::Send(Control::Ready));
+                self.send(Control::Ready, now);
                 self.wait(Phase::AwaitingCommit, now);
                 Ok(())
             }
@@ -198,7 +231,7 @@ impl DestinationSession {
             }
             (Phase::AwaitingDigest, Control::VerifyDigest { digest }) => {
                 let matched = Some(digest) == self.digest;
-                self.actions.push_back(DestinationAction::Send(Control::VerifyResult { matched }));
+                self.send(Control::VerifyResult { matched }, now);
                 self.actions.push_back(DestinationAction::Finish { verified: Some(matched) });
                 self.phase = Phase::Done;
                 self.deadline = None;
@@ -228,7 +261,7 @@ impl DestinationSession {
             return;
         }
         self.resumed = true;
-        self.actions.push_back(DestinationAction::Send(Control::Resumed { destination_verify_ms }));
+        self.send(Control::Resumed { destination_verify_ms }, now);
         if self.verify {
             self.wait(Phase::AwaitingDigest, now);
         } else {
@@ -266,8 +299,8 @@ mod tests {
 
     /// Brings a session to where it has sent `Ready`.
     fn ready() -> DestinationSession {
-        let mut session = DestinationSession::new(WAIT);
-        session.handle_round_applied(1);
+        let mut session = DestinationSession::new(WAIT, at(0));
+        session.handle_round_applied(1, at(50));
         session.handle_device_state().unwrap();
         session.handle_control(Control::Complete { epoch: 2 }, at(100)).unwrap();
         assert_eq!(
@@ -280,7 +313,6 @@ mod tests {
     #[test]
     fn without_verify_commit_resumes_and_finishes() {
         let mut session = ready();
-        assert_eq!(session.poll_timeout(), Some(at(100) + WAIT));
         session.handle_control(Control::Commit { verify: false }, at(200)).unwrap();
         assert_eq!(drain(&mut session), [DestinationAction::ResumeGuest]);
         assert!(!session.guest_resumed(), "not before the engine says so");
@@ -307,7 +339,6 @@ mod tests {
             assert_eq!(drain(&mut session), [DestinationAction::ResumeGuest]);
             session.handle_guest_resumed(35, at(300));
             assert_eq!(drain(&mut session), [DestinationAction::Send(Control::Resumed { destination_verify_ms: 35 })]);
-            assert_eq!(session.poll_timeout(), Some(at(300) + WAIT));
             session.handle_control(Control::VerifyDigest { digest: theirs }, at(310)).unwrap();
             assert_eq!(
                 drain(&mut session),
@@ -321,7 +352,7 @@ mod tests {
 
     #[test]
     fn complete_without_device_state_is_refused() {
-        let mut session = DestinationSession::new(WAIT);
+        let mut session = DestinationSession::new(WAIT, at(0));
         assert_eq!(
             session.handle_control(Control::Complete { epoch: 1 }, at(0)),
             Err(DestinationFailure::MissingDeviceState)
@@ -331,7 +362,7 @@ mod tests {
 
     #[test]
     fn device_state_twice_is_refused() {
-        let mut session = DestinationSession::new(WAIT);
+        let mut session = DestinationSession::new(WAIT, at(0));
         session.handle_device_state().unwrap();
         assert_eq!(session.handle_device_state(), Err(DestinationFailure::DuplicateDeviceState));
     }
@@ -339,7 +370,7 @@ mod tests {
     #[test]
     fn a_source_that_lies_about_the_order_is_refused_in_every_phase() {
         // Commit before Ready: the destination must never resume a guest it was not given.
-        let mut early = DestinationSession::new(WAIT);
+        let mut early = DestinationSession::new(WAIT, at(0));
         early.handle_device_state().unwrap();
         assert!(matches!(
             early.handle_control(Control::Commit { verify: false }, at(0)),
@@ -378,7 +409,7 @@ mod tests {
             assert_eq!(result, Err(DestinationFailure::SourceAborted { reason: "cancelled".into() }));
             assert_eq!(drain(session), []);
         };
-        aborted(&mut DestinationSession::new(WAIT));
+        aborted(&mut DestinationSession::new(WAIT, at(0)));
         aborted(&mut ready());
         let mut hashing = ready();
         hashing.handle_control(Control::Commit { verify: true }, at(200)).unwrap();
@@ -405,7 +436,55 @@ mod tests {
         assert!(waiting_digest.guest_resumed(), "a timeout after resume keeps the guest");
 
         // While rounds arrive the connections' own timeouts apply, not this one.
-        let receiving = DestinationSession::new(WAIT);
-        assert_eq!(receiving.poll_timeout(), None);
+        let mut receiving = DestinationSession::new(WAIT, at(0));
+        assert_eq!(receiving.handle_timeout(at(0) + WAIT * 10), Ok(()));
+    }
+
+    /// Connection 0 is never quiet for longer than the heartbeat interval while the
+    /// destination waits on the source, and heartbeats stop once it is done.
+    #[test]
+    fn heartbeats_go_out_while_waiting_and_stop_when_done() {
+        let beat = HEARTBEAT_INTERVAL;
+        let mut session = DestinationSession::new(WAIT, at(0));
+        assert_eq!(session.poll_timeout(), Some(beat), "receiving: no deadline, a heartbeat due");
+        session.handle_timeout(beat - at(1)).unwrap();
+        assert_eq!(drain(&mut session), [], "not yet");
+        session.handle_timeout(beat).unwrap();
+        assert_eq!(drain(&mut session), [DestinationAction::Send(Control::Heartbeat)]);
+        assert_eq!(session.poll_timeout(), Some(beat * 2));
+
+        // Any message counts: a RoundApplied puts the next heartbeat off.
+        session.handle_round_applied(1, beat + at(100));
+        drain(&mut session);
+        session.handle_timeout(beat * 2).unwrap();
+        assert_eq!(drain(&mut session), []);
+        assert_eq!(session.poll_timeout(), Some(beat * 2 + at(100)));
+
+        // Waiting for Commit: heartbeats before the deadline, which still fails the wait.
+        session.handle_device_state().unwrap();
+        session.handle_control(Control::Complete { epoch: 2 }, at(1000)).unwrap();
+        drain(&mut session);
+        assert_eq!(session.poll_timeout(), Some(at(1000) + beat));
+        session.handle_timeout(at(1000) + beat).unwrap();
+        assert_eq!(drain(&mut session), [DestinationAction::Send(Control::Heartbeat)]);
+
+        // Resumed without verify: done, and silent from then on.
+        session.handle_control(Control::Commit { verify: false }, at(1300)).unwrap();
+        assert_eq!(session.poll_timeout(), None, "resuming: the engine is busy with the guest");
+        drain(&mut session);
+        session.handle_guest_resumed(0, at(1400));
+        drain(&mut session);
+        session.handle_timeout(at(1400) + beat * 10).unwrap();
+        assert_eq!(drain(&mut session), []);
+        assert_eq!(session.poll_timeout(), None);
+    }
+
+    #[test]
+    fn the_deadline_comes_first_when_it_is_nearer_than_a_heartbeat() {
+        let short = Duration::from_millis(100);
+        let mut session = DestinationSession::new(short, at(0));
+        session.handle_device_state().unwrap();
+        session.handle_control(Control::Complete { epoch: 1 }, at(10)).unwrap();
+        assert_eq!(session.poll_timeout(), Some(at(110)));
     }
 }

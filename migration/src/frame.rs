@@ -8,7 +8,7 @@
 //! ```text
 //! offset  size  field
 //!      0     1  kind      (FrameKind; 0 is invalid)
-//!      1     1  flags     (must be 0 in version 1)
+//!      1     1  flags     (must be 0)
 //!      2     2  reserved  (must be 0)
 //!      4     4  epoch     (pre-copy round the frame belongs to)
 //!      8     8  seq       (per-connection sequence number, from 0)
@@ -78,7 +78,8 @@ pub enum FrameKind {
     StreamData = 15,
     /// Relay, either way: the stream in this direction ended; its length and digest.
     StreamEnd = 16,
-    /// Relay, either way: nothing to carry now, but alive.
+    /// Either way: nothing to carry now, but alive. The relay's links both ways; the
+    /// engine's destination on connection 0 while the source's rounds arrive.
     Heartbeat = 17,
 }
 

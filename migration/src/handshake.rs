@@ -22,9 +22,10 @@ pub const MAGIC: [u8; 8] = *b"VMIGRATE";
 pub const PREAMBLE_BYTES: usize = 16;
 
 /// Protocol versions this build speaks. A peer's window must overlap ours; the highest
-/// common version is used.
-pub const VERSION_MIN: u16 = 1;
-pub const VERSION_MAX: u16 = 1;
+/// common version is used. Version 2 added the destination's `Heartbeat` on connection 0,
+/// which a version-1 source would take for a protocol violation.
+pub const VERSION_MIN: u16 = 2;
+pub const VERSION_MAX: u16 = 2;
 
 /// More connections than this buy nothing on any link we target (8 saturate 100G) and
 /// each costs the receiver a thread and buffers.
@@ -301,15 +302,15 @@ mod tests {
 
     #[test]
     fn preamble_checks_magic_and_version() {
-        assert_eq!(accept_preamble(&encode_preamble()), Ok(1));
+        assert_eq!(accept_preamble(&encode_preamble()), Ok(2));
         let mut wrong = encode_preamble();
         wrong[0] = b'X';
         assert!(matches!(accept_preamble(&wrong), Err(HandshakeError::BadMagic { .. })));
         let mut newer = encode_preamble();
-        newer[8..10].copy_from_slice(&2u16.to_le_bytes());
-        newer[10..12].copy_from_slice(&3u16.to_le_bytes());
+        newer[8..10].copy_from_slice(&3u16.to_le_bytes());
+        newer[10..12].copy_from_slice(&4u16.to_le_bytes());
         let err = accept_preamble(&newer).unwrap_err();
-        assert_eq!(err.to_string(), "no common protocol version: peer speaks 2..=3, we speak 1..=1");
+        assert_eq!(err.to_string(), "no common protocol version: peer speaks 3..=4, we speak 2..=2");
     }
 
     #[test]

@@ -151,6 +151,8 @@ impl AnswerChecker {
         })?;
         match (self.phase, &answer) {
             (_, Control::Abort { .. }) => return Ok(answer),
+            // Only says the destination lives; the connection's read timeout is what it resets.
+            (phase, Control::Heartbeat) if phase != Phase::Done => return Ok(answer),
             (phase, Control::RoundApplied { epoch }) if phase != Phase::Done => {
                 if *epoch > self.closed_epoch {
                     return Err(AnswerError::FutureRound { epoch: *epoch, closed: self.closed_epoch });
@@ -406,7 +408,7 @@ impl SourceSession {
                 }
             }
             Control::VerifyResult { matched } => self.finish(Some(matched)),
-            // The checker lets nothing else through.
+            // Heartbeats need nothing; the checker lets nothing else through.
             _ => {}
         }
         Ok(())

@@ -4,7 +4,7 @@ use super::args::{
 };
 use super::dpdk::PortRequest;
 use super::report;
-use super::stacks::{acceptor_for, connector_for, core_config, device_wrappers, loopback_options, seconds};
+use super::stacks::{acceptor_for, connector_for, core_config, device_wrappers, io_timeouts, loopback_options};
 use anyhow::{bail, Context, Result};
 use dataplane::stack::{CoreStack, LoopbackOptions, LoopbackStack};
 use engine::cancel::Cancel;
@@ -48,7 +48,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
 
 /// The connections' timeouts `--io-timeout` asks for.
 fn timeouts(common: &CommonOptions) -> Result<Timeouts> {
-    Ok(Timeouts { io: seconds("--io-timeout", common.io_timeout)?, ..Timeouts::default() })
+    io_timeouts(common.io_timeout)
 }
 
 /// The pools' sizing: polling cores this process runs, and pools sharing the rest.
@@ -171,7 +171,7 @@ enum DemoCores {
 }
 
 fn demo_link(args: &DemoArgs) -> Result<DemoLink> {
-    let timeouts = Timeouts::default();
+    let timeouts = timeouts(&args.common)?;
     match args.stack {
         DemoStack::Kernel => {
             let acceptor =

@@ -2,7 +2,7 @@
 //! stacks, and its report.
 
 use super::args::{CarryOptions, QemuRecvArgs, QemuSendArgs, RelayOptions};
-use super::stacks::{acceptor_for, connector_for, seconds};
+use super::stacks::{acceptor_for, connector_for, io_timeouts, seconds};
 use ::relay::destination::{relay_destination, DestinationRelayConfig};
 use ::relay::source::{SourceRelay, SourceRelayConfig};
 use ::relay::RelayReport;
@@ -57,7 +57,7 @@ pub(super) fn encoding(options: &CarryOptions) -> Result<Encoding> {
 }
 
 pub(super) fn timeouts(options: &RelayOptions) -> Result<Timeouts> {
-    Ok(Timeouts { io: seconds("--io-timeout", options.io_timeout)?, ..Timeouts::default() })
+    io_timeouts(options.io_timeout)
 }
 
 /// One line per carried stream, then the totals; or the whole report as JSON.

@@ -164,3 +164,20 @@ pub(super) fn acceptor_for(
 pub(super) fn seconds(option: &str, value: f64) -> Result<Duration> {
     Duration::try_from_secs_f64(value).map_err(|_| anyhow::anyhow!("{option} {value}: not a number of seconds"))
 }
+
+/// The shortest `--io-timeout`: several heartbeats fit in it (the engine's destination
+/// sends one after 250 ms of quiet, the relays after 100 ms), so a quiet but live peer is
+/// never taken for a dead one.
+const MIN_IO_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The connections' timeouts `--io-timeout` asks for.
+pub(super) fn io_timeouts(value: f64) -> Result<Timeouts> {
+    let io = seconds("--io-timeout", value)?;
+    if io < MIN_IO_TIMEOUT {
+        anyhow::bail!(
+            "--io-timeout {value}: at least {} s (a live peer may be quiet that long)",
+            MIN_IO_TIMEOUT.as_secs()
+        );
+    }
+    Ok(Timeouts { io, ..Timeouts::default() })
+}

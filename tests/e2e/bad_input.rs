@@ -48,6 +48,27 @@ fn newer_protocol_version_is_refused() {
 }
 
 #[test]
+fn a_version_1_source_is_refused_before_it_meets_a_heartbeat() {
+    // Version 1 sources took the destination's heartbeat for a protocol violation.
+    let mut bytes = stream::opening(1 << 20);
+    bytes[8..12].copy_from_slice(&[1, 0, 1, 0]);
+    let error = feed_receiver(&bytes);
+    assert!(error.contains("no common protocol version: peer speaks 1..=1"), "{error}");
+}
+
+#[test]
+fn an_io_timeout_shorter_than_the_heartbeats_is_refused() {
+    for (command, extra) in [
+        ("recv", &["--listen", "127.0.0.1:0"][..]),
+        ("qemu-recv", &["--listen", "127.0.0.1:0", "--to", "unix:/nonexistent"]),
+    ] {
+        let finished = run(Command::new(BIN).arg(command).args(extra).args(["--io-timeout", "0.5"]), DEADLINE);
+        let error = finished.assert_clean_failure();
+        assert!(error.contains("--io-timeout 0.5: at least 1 s"), "{command}: {error}");
+    }
+}
+
+#[test]
 fn oversized_length_is_refused_before_allocation() {
     let mut bytes = stream::opening(1 << 20);
     let mut frame = stream::raw_pages(1, 1, 0, 1, 0xab);

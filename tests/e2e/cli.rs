@@ -51,6 +51,24 @@ fn demo_runs_and_reports_qemu_names() {
     );
 }
 
+/// Rounds of 2 s (24 MiB at 100 Mbit/s) under a 1 s `--io-timeout`: connection 0 carries
+/// nothing else from the destination while a round arrives, so only its heartbeats keep
+/// the source from taking it for dead. Both stacks, since each has its own read timeout.
+#[test]
+fn rounds_longer_than_the_io_timeout_are_kept_alive_by_heartbeats() {
+    for stack in ["kernel", "loopback"] {
+        let mut demo = Command::new(BIN);
+        demo.args(["demo", "--stack", stack, "--workload", "seq:1000", "--mem", "24MiB", "--verify"]);
+        demo.args(["--max-bandwidth", "100mbit", "--io-timeout", "1", "--json", "--run-after", "0.2"]);
+        let finished = run(&mut demo, DEADLINE);
+        assert!(finished.status.success(), "{stack}: demo failed:\n{}", finished.stderr);
+        let value = json(&finished.stdout);
+        assert!(value["total-time"].as_f64().unwrap() > 2000.0, "{stack}: the rounds were not long: {value}");
+        assert_eq!(value["verified"], true, "{stack}");
+        assert_eq!(value["destination-guest"]["check"], "ok", "{stack}");
+    }
+}
+
 #[test]
 fn demo_prints_the_seed_table() {
     let finished =

@@ -18,6 +18,9 @@ use transport::pin;
 
 use super::{stop_workers, DestinationReport, Shared};
 
+/// How often the session thread looks for an abort while it waits for events.
+const ABORT_POLL: Duration = Duration::from_millis(20);
+
 /// What the connection readers tell the session thread, in the order connection 0's
 /// frames arrived.
 pub(super) enum Event {
@@ -58,7 +61,7 @@ impl<'s, 'scope> Session<'s, 'scope> {
             control,
             seq,
             workers,
-            machine: DestinationSession::new(wait_timeout),
+            machine: DestinationSession::new(wait_timeout, Duration::ZERO),
             clock: Instant::now(),
         }
     }
@@ -135,20 +138,25 @@ impl<'s, 'scope> Session<'s, 'scope> {
         }
     }
 
-    /// Waits for the readers' next event (or the machine's deadline) and feeds it.
+    /// Waits for the readers' next event (or the machine's next timeout) and feeds it.
     fn next_event(&mut self) -> Result<(), MigrationError> {
         if self.shared.abort.is_raised() {
             return Err(self.shared.failure());
         }
+        let wait = match self.machine.poll_timeout() {
+            Some(due) => due.saturating_sub(self.clock.elapsed()).min(ABORT_POLL),
+            None => ABORT_POLL,
+        };
+        let event = self.events.recv_timeout(wait);
         let now = self.clock.elapsed();
-        match self.events.recv_timeout(Duration::from_millis(20)) {
-            Ok(Event::RoundApplied(epoch)) => self.machine.handle_round_applied(epoch),
+        match event {
+            Ok(Event::RoundApplied(epoch)) => self.machine.handle_round_applied(epoch, now),
             Ok(Event::DeviceState) => self.machine.handle_device_state()?,
             Ok(Event::Control(kind, payload)) => {
                 let message = Control::parse(kind, &payload).map_err(ProtocolViolation::from)?;
                 self.machine.handle_control(message, now)?;
             }
-            Err(mpsc::RecvTimeoutError::Timeout) => self.machine.handle_timeout(now)?,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 // The readers raise the abort with their reason before they end.
                 std::thread::sleep(Duration::from_millis(5));
@@ -162,6 +170,8 @@ impl<'s, 'scope> Session<'s, 'scope> {
                 });
             }
         }
-        Ok(())
+        // Deadlines and heartbeats, whatever woke us: a steady stream of events must not
+        // hold a heartbeat back.
+        Ok(self.machine.handle_timeout(now)?)
     }
 }
