@@ -197,6 +197,8 @@ pub struct StreamReader {
     keep_field: bool,
     progress: Progress,
     pages: u64,
+    /// Pages of multifd packets QEMU compressed itself, passed whole without being read.
+    compressed_pages: u64,
     /// Why the reader stopped following the stream, if it did.
     gave_up: Option<&'static str>,
 }
@@ -219,6 +221,7 @@ impl Default for StreamReader {
             keep_field: false,
             progress: Progress::Iterating,
             pages: 0,
+            compressed_pages: 0,
             gave_up: None,
         }
     }
@@ -236,6 +239,12 @@ impl StreamReader {
     /// Pages whose contents the reader has found so far.
     pub fn pages(&self) -> u64 {
         self.pages
+    }
+
+    /// Pages the stream carried so far: those found, and those in multifd packets QEMU
+    /// compressed itself (passed whole, their contents unread).
+    pub fn pages_carried(&self) -> u64 {
+        self.pages + self.compressed_pages
     }
 
     /// Why the reader stopped following the stream (the rest passes as opaque bytes).
@@ -428,6 +437,7 @@ impl StreamReader {
                 self.multifd_offsets.extend(field.chunks_exact(8).take(normal).map(be64));
                 if flags & MULTIFD_COMPRESSION_MASK != 0 {
                     // QEMU compressed these pages itself: they pass whole.
+                    self.compressed_pages += normal as u64;
                     self.skip(u64::from(next), Then::MultifdHeader)
                 } else {
                     self.multifd_page(0)

@@ -15,6 +15,7 @@
 //! their migration streams end early, and the peer relay is told why (an `Abort` frame).
 
 use crate::net_writer::{lock, NetWriter};
+use crate::qemu_sink::{is_closed_by_qemu, qemu_failure, QemuSink};
 use crate::squeeze::Squeezers;
 use crate::{LinkFailure, RelayFailure};
 use migration::codec::Codec;
@@ -25,7 +26,7 @@ use migration::relay::Encoding;
 use migration::relay::{max_data_payload_bytes, ChunkDecoder, ChunkEncoder, StreamDigest, StreamEnd, MAX_CHUNK_BYTES};
 use migration::relay_pages::{PageCounts, RecordDecoder, RecordEncoder, RECORDS};
 use serde::Serialize;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
@@ -46,6 +47,9 @@ pub struct DirectionStats {
     /// Frame payloads on the relay connection (after compression).
     pub wire_bytes: u64,
     pub chunks: u64,
+    /// Carried here, but QEMU had closed its end: the trailing packet without pages that
+    /// QEMU 7.2 may leave on a multifd channel (`qemu_sink`). 0 but on such a channel.
+    pub undelivered: u64,
 }
 
 /// One carried stream, at its end.
@@ -152,15 +156,6 @@ fn fail_session<T>(result: &Result<T, RelayFailure>, abort: &SessionAbort, chann
     }
 }
 
-/// An error on this host's QEMU socket, said the way an operator reads it.
-fn qemu_failure(doing: &str, err: &io::Error) -> RelayFailure {
-    if matches!(err.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) {
-        RelayFailure::Local(format!("QEMU closed its migration stream (it failed or refused the migration): {err}"))
-    } else {
-        RelayFailure::Local(format!("{doing} QEMU: {err}"))
-    }
-}
-
 /// QEMU to the network: chunks, heartbeats while QEMU is quiet, and the stream's end.
 /// The stream is read as it passes (`StreamReader`). Once it shows itself a QEMU
 /// migration stream, chunks are page-aware (`PageChunks`); anything else goes in chunks
@@ -243,6 +238,16 @@ fn pump_up(
                 out.control(FrameKind::Heartbeat, &[], abort)?;
             }
             Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            // A QEMU that never wrote here (a destination's multifd channel) and closed
+            // with bytes unread: this direction's stream ended empty; the other direction
+            // (`QemuSink`) judges what QEMU left unread.
+            Err(err) if is_closed_by_qemu(&err) && stats.bytes == 0 => {
+                out.control(FrameKind::StreamEnd, &digest.end().encode(), abort)?;
+                if let Outlet::Workers(squeezers) = out {
+                    squeezers.finish()?;
+                }
+                return Ok((stats, stream, pages.encoder.counts));
+            }
             Err(err) => return Err(qemu_failure("reading from", &err)),
         }
     }
@@ -334,7 +339,7 @@ impl PageChunks {
 /// The network to QEMU: checked, decompressed chunks, the last one held back until the
 /// next frame proves more is coming (or the stream's digest checks out).
 fn pump_down(
-    mut local: UnixStream,
+    local: UnixStream,
     mut reader: Box<dyn Read + Send>,
     peer: &str,
     encoding: Encoding,
@@ -350,9 +355,10 @@ fn pump_down(
     let mut expected_seq = 0u64;
     let data_limit = max_data_payload_bytes() as u32;
     let limit = |kind: FrameKind| if kind == FrameKind::StreamData { data_limit } else { CONTROL_FRAME_LIMIT_BYTES };
-    let release = |held: &mut Vec<u8>, local: &mut UnixStream| -> Result<(), RelayFailure> {
+    let mut local = QemuSink::new(local);
+    let release = |held: &mut Vec<u8>, local: &mut QemuSink| -> Result<(), RelayFailure> {
         if !held.is_empty() {
-            local.write_all(held).map_err(|err| qemu_failure("writing to", &err))?;
+            local.deliver(held)?;
             held.clear();
         }
         Ok(())
@@ -395,8 +401,7 @@ fn pump_down(
                 let end = StreamEnd::decode(&payload).map_err(RelayFailure::damaged)?;
                 digest.check(&end).map_err(RelayFailure::damaged)?;
                 release(&mut held, &mut local)?;
-                // QEMU reads the end of its stream; the other direction stays open.
-                let _ = local.shutdown(Shutdown::Write);
+                stats.undelivered = local.finish()?;
                 return Ok(stats);
             }
             FrameKind::Abort => return Err(RelayFailure::Peer(decode_reason(&payload))),
@@ -409,6 +414,7 @@ fn pump_down(
 mod tests {
     use super::*;
     use migration::frame::{FrameBuf, SeqCounter};
+    use std::io::Write;
     use transport::pipe::{Acceptor, Connector, TcpAcceptor, TcpConnector, Timeouts};
 
     const RAW: Encoding = Encoding { codec: Codec::None, xbzrle_cache_pages: 0 };

@@ -14,6 +14,7 @@
 pub mod channel;
 pub mod destination;
 mod net_writer;
+mod qemu_sink;
 pub mod qmp;
 pub mod source;
 mod squeeze;
@@ -120,6 +121,7 @@ impl RelayReport {
                 total.bytes += one.bytes;
                 total.wire_bytes += one.wire_bytes;
                 total.chunks += one.chunks;
+                total.undelivered += one.undelivered;
             }
         }
         (sent, received)
