@@ -145,7 +145,7 @@ impl CoreStack {
             let shared = shared.clone();
             let handle = match backend.clone() {
                 NicBackend::Tap => CoreHandle::start(
-                    move || Ok(SharedLink::new(crate::tap::open_tap(&name)?, shared, core, count > 1)),
+                    move || Ok(SharedLink::new(crate::tap::open_tap(&name, count)?, shared, core, count > 1)),
                     config,
                 )?,
                 NicBackend::AfPacket { qdisc_bypass } => {

@@ -2,8 +2,10 @@
 //! which the test harness bridges to a veth pair between network namespaces. Our stack
 //! owns an address the kernel does not have on that link.
 //!
-//! Every queue is opened with IFF_MULTI_QUEUE, so one core or several can attach to the
-//! same device (the harness makes its TAP devices `multi_queue`). The kernel sends each
+//! A device made `multi_queue` (as the harness makes them, and as one created here is)
+//! takes a queue per core; a plain one (`ip tuntap add dev tap0 mode tap`) takes one queue,
+//! so one core, and more are refused with how to make a device that has them. On a
+//! multi-queue device the kernel sends each
 //! flow to the queue that last wrote a frame of it (the tun driver's flow table) and a new
 //! flow to a queue chosen by its hash; `fanout::SharedLink` takes care of the frames that
 //! belong to no one flow.
@@ -25,13 +27,32 @@ pub struct TapQueue {
     tx_dropped: u64,
 }
 
-/// Attaches a new queue to the TAP device `name` (created by the harness, or created here
-/// when run as root).
-pub fn open_tap(name: &str) -> io::Result<TapQueue> {
+/// The tun driver's flags of an existing device (sysfs `tun_flags`), or None when there
+/// is no such TUN/TAP device yet.
+fn existing_flags(name: &str) -> Option<libc::c_int> {
+    let text = std::fs::read_to_string(format!("/sys/class/net/{name}/tun_flags")).ok()?;
+    libc::c_int::from_str_radix(text.trim().trim_start_matches("0x"), 16).ok()
+}
+
+/// Attaches a new queue, one of `queues` this process will attach, to the TAP device
+/// `name` (made beforehand, or created here, multi-queue, when run as root).
+pub fn open_tap(name: &str, queues: usize) -> io::Result<TapQueue> {
     let context =
         |e: io::Error| io::Error::new(e.kind(), format!("TAP device {name}: {e} (it needs root or CAP_NET_ADMIN)"));
     if name.len() >= libc::IFNAMSIZ {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("TAP device name {name:?} is too long")));
+    }
+    // The driver refuses a queue whose IFF_MULTI_QUEUE does not match the device's own.
+    let multi_queue = existing_flags(name).is_none_or(|flags| flags & libc::IFF_MULTI_QUEUE != 0);
+    if !multi_queue && queues > 1 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "TAP device {name} has one queue, and {queues} dataplane cores need one each: use \
+                 --dataplane-cores 1, or make the device with queues \
+                 (ip tuntap add dev {name} mode tap multi_queue)"
+            ),
+        ));
     }
     let file = OpenOptions::new()
         .read(true)
@@ -44,7 +65,8 @@ pub fn open_tap(name: &str) -> io::Result<TapQueue> {
     for (slot, byte) in request.ifr_name.iter_mut().zip(name.bytes()) {
         *slot = byte as libc::c_char;
     }
-    request.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_MULTI_QUEUE) as libc::c_short;
+    let queue_flag = if multi_queue { libc::IFF_MULTI_QUEUE } else { 0 };
+    request.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | queue_flag) as libc::c_short;
     // SAFETY: TUNSETIFF reads and writes the ifreq we pass, which lives across the call.
     let result = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut request as *mut libc::ifreq) };
     if result < 0 {

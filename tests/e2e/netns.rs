@@ -102,6 +102,32 @@ fn migrations_between_namespaces() {
             }
         }
     }
+    // A plain TAP device, made as a new user makes one (single queue): one core works on
+    // it, and two are refused with how to make a device that has the queues.
+    for side in ["src", "dst"] {
+        for step in [
+            &["tuntap", "add", "dev", "tap1", "mode", "tap"][..],
+            &["link", "set", "tap1", "master", "br0"],
+            &["link", "set", "tap1", "up"],
+        ] {
+            assert!(ns.program(side, "ip", step).status().expect("ip").success(), "{side}: ip {step:?}");
+        }
+    }
+    let single = |ip: &str, tail: &[&str]| {
+        let mut args = strings(&["--stack", "tap", "--iface", "tap1", "--ip", ip]);
+        args.extend(strings(tail));
+        args
+    };
+    let recv = single("10.77.0.12/24", &["--listen", "10.77.0.12:4601"]);
+    let send = single("10.77.0.11/24", &["--to", "10.77.0.12:4601", "--connections", "2"]);
+    migrate(&ns, &recv, &send, WORKLOADS[0]);
+    let mut two =
+        vec!["recv", "--stack", "tap", "--iface", "tap1", "--ip", "10.77.0.12/24", "--listen", "10.77.0.12:4602"];
+    two.extend(["--dataplane-cores", "2", "--accept-timeout", "1"]);
+    let refused = run(&mut ns.command("dst", &two), DEADLINE);
+    let error = refused.assert_clean_failure();
+    assert!(error.contains("has one queue") && error.contains("multi_queue"), "{error}");
+
     // Codecs and qdisc bypass ride on the same stacks.
     migrate_ours(&ns, "af-packet", 4600, "seq", &["--connections", "2", "--codec", "zlib", "--qdisc-bypass"], &[]);
 
