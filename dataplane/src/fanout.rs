@@ -21,7 +21,7 @@ use crossbeam_queue::ArrayQueue;
 use smoltcp::phy::{self, Device, DeviceCapabilities};
 use smoltcp::time::Instant;
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// The core that owns the TCP flow between `local_port` and `remote_port`.
 pub fn core_for_ports(local_port: u16, remote_port: u16, cores: usize) -> usize {
@@ -89,27 +89,38 @@ pub fn steering_program(cores: usize) -> Vec<libc::sock_filter> {
 }
 
 /// A PACKET_FANOUT group of packet sockets on one interface, one per core, joined in core
-/// order (the kernel numbers members in the order they join).
+/// order (the kernel numbers members in the order they join). Clones are the same group.
 #[derive(Debug, Clone)]
 pub struct FanoutGroup {
-    id: u16,
+    /// The group's id, which the kernel picks when the first socket joins: unique in the
+    /// network namespace, so no other group (another interface of this process, another
+    /// process) can be joined by mistake, which an id of our own making could not promise.
+    id: Arc<OnceLock<u16>>,
     cores: usize,
 }
 
 impl FanoutGroup {
-    /// A group for `cores` sockets on the interface `ifindex`; the id is unique to this
-    /// process and interface, so two processes on one interface do not mix their groups.
-    pub fn new(ifindex: u32, cores: usize) -> FanoutGroup {
-        let id = (std::process::id() ^ ifindex.rotate_left(16)) as u16;
-        FanoutGroup { id, cores }
+    /// A group for `cores` sockets on one interface.
+    pub fn new(cores: usize) -> FanoutGroup {
+        FanoutGroup { id: Arc::new(OnceLock::new()), cores }
     }
 
     /// Adds the packet socket `fd` (bound to the interface) to the group and sets the
-    /// steering program.
+    /// steering program. The first socket creates the group; the rest join it.
     pub fn join(&self, fd: i32) -> io::Result<()> {
         let mode = libc::PACKET_FANOUT_CBPF | libc::PACKET_FANOUT_FLAG_IGNORE_OUTGOING;
-        let arg = u32::from(self.id) | (mode << 16);
-        crate::netdev::set_packet_option(fd, libc::PACKET_FANOUT, &arg, "PACKET_FANOUT")?;
+        match self.id.get() {
+            Some(&id) => {
+                let arg = u32::from(id) | (mode << 16);
+                crate::netdev::set_packet_option(fd, libc::PACKET_FANOUT, &arg, "PACKET_FANOUT")?;
+            }
+            None => {
+                let arg = (mode | libc::PACKET_FANOUT_FLAG_UNIQUEID) << 16;
+                crate::netdev::set_packet_option(fd, libc::PACKET_FANOUT, &arg, "PACKET_FANOUT (a new group)")?;
+                let joined = crate::netdev::packet_option_u32(fd, libc::PACKET_FANOUT, "PACKET_FANOUT (its id)")?;
+                let _ = self.id.set(joined as u16);
+            }
+        }
         let mut program = steering_program(self.cores);
         let fprog = libc::sock_fprog { len: program.len() as u16, filter: program.as_mut_ptr() };
         crate::netdev::set_packet_option(fd, libc::PACKET_FANOUT_DATA, &fprog, "PACKET_FANOUT_DATA (steering program)")
@@ -254,6 +265,26 @@ impl<D: Device> Device for SharedLink<D> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two groups of one process on one interface (or on two) are two groups: each gets an
+    /// id of its own from the kernel. (The id was once the process id for every interface.)
+    #[test]
+    fn groups_of_one_process_get_ids_of_their_own() {
+        let (first, second) = (FanoutGroup::new(2), FanoutGroup::new(2));
+        let mut sockets = Vec::new();
+        for group in [&first, &second, &first, &second] {
+            match crate::af_packet::AfPacket::open("lo", false, Some(group), true) {
+                Ok(socket) => sockets.push(socket),
+                Err(err) if err.kind() == io::ErrorKind::PermissionDenied => {
+                    eprintln!("SKIPPED groups_of_one_process_get_ids_of_their_own: {err}");
+                    return;
+                }
+                Err(err) => panic!("{err}"),
+            }
+        }
+        let (a, b) = (first.id.get().copied(), second.id.get().copied());
+        assert!(a.is_some() && b.is_some() && a != b, "ids {a:?} and {b:?}");
+    }
 
     #[test]
     fn flows_are_steered_the_same_way_in_both_directions() {

@@ -37,6 +37,16 @@ pub(crate) fn set_packet_option<T>(fd: i32, option: libc::c_int, value: &T, what
     check(result, what)
 }
 
+/// Reads a `u32` `SOL_PACKET` option of a packet socket; `what` names it in the error.
+pub(crate) fn packet_option_u32(fd: i32, option: libc::c_int, what: &str) -> io::Result<u32> {
+    let mut value: u32 = 0;
+    let mut len = std::mem::size_of::<u32>() as libc::socklen_t;
+    // SAFETY: `value` and `len` are live for the call and `len` holds `value`'s size.
+    let result = unsafe { libc::getsockopt(fd, libc::SOL_PACKET, option, (&mut value as *mut u32).cast(), &mut len) };
+    check(result, what)?;
+    Ok(value)
+}
+
 /// A libc result as an `io::Result`, the OS error prefixed with `what` failed.
 pub(crate) fn check(result: libc::c_int, what: &str) -> io::Result<()> {
     if result < 0 {

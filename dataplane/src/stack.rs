@@ -119,9 +119,7 @@ impl CoreStack {
         let count = cores.max(1);
         let shared = SharedFrames::new(count);
         let group = match backend {
-            NicBackend::AfPacket { .. } if count > 1 => {
-                Some(FanoutGroup::new(crate::netdev::interface_index(iface)?, count))
-            }
+            NicBackend::AfPacket { .. } if count > 1 => Some(FanoutGroup::new(count)),
             _ => None,
         };
         let machine = transport::pin::core_count().max(1);

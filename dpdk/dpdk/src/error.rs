@@ -10,6 +10,12 @@ pub enum DpdkError {
     BadArgument(String),
     #[error("no DPDK port named {0:?} (check the --vdev or PCI address given to the EAL)")]
     NoSuchPort(String),
+    #[error(
+        "DPDK port {port} has {max} queue pair(s), and {asked} were asked for (one per dataplane core): \
+         use fewer --dataplane-cores, or give the device more (net_af_packet: qpairs=N; net_tap: \
+         queues=N; net_af_xdp: queue_count=N)"
+    )]
+    TooManyQueues { port: String, asked: u16, max: u16 },
 }
 
 #[cfg(dpdk)]

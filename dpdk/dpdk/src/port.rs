@@ -90,7 +90,13 @@ impl<'pool> Port<'pool> {
         let mut info = dpdk_sys::rte_eth_dev_info::default();
         // SAFETY: the port exists; `info` is a live struct of the right type.
         check("rte_eth_dev_info_get", unsafe { dpdk_sys::rte_eth_dev_info_get(id, &mut info) })?;
-        let queues = queues.max(1).min(info.max_rx_queues).min(info.max_tx_queues).max(1);
+        // A core per queue pair: fewer queues than cores would leave cores polling queues
+        // that do not exist (DPDK hands the driver a null queue), so it is an error.
+        let queues = queues.max(1);
+        let max = info.max_rx_queues.min(info.max_tx_queues);
+        if queues > max {
+            return Err(DpdkError::TooManyQueues { port: name.to_string(), asked: queues, max });
+        }
 
         let mut conf = dpdk_sys::rte_eth_conf::default();
         let receive_checksums = consts::RTE_ETH_RX_OFFLOAD_IPV4_CKSUM | consts::RTE_ETH_RX_OFFLOAD_TCP_CKSUM;

@@ -21,10 +21,10 @@ mod with_dpdk {
     /// that concurrent test processes do not share runtime files.
     fn eal_args() -> Vec<String> {
         let prefix = format!("--file-prefix=vmigrate-test-{}", std::process::id());
-        ["--no-huge", "-m", "256", "--no-pci", "-l", "0", "--vdev", "net_null0", "--log-level=error", &prefix]
-            .iter()
-            .map(|arg| arg.to_string())
-            .collect()
+        let args =
+            ["--no-huge", "-m", "256", "--no-pci", "-l", "0", "--vdev", "net_null0", "--log-level=error", &prefix];
+        // A one-queue device (AF_PACKET's default qpairs=1) on loopback, for the queue check.
+        args.into_iter().chain(["--vdev", "net_af_packet1,iface=lo"]).map(|arg| arg.to_string()).collect()
     }
 
     pub fn run() {
@@ -43,6 +43,10 @@ mod with_dpdk {
         {
             let port = Port::start(&eal, "net_null0", 1, &pool, None).expect("start the null port");
             assert!(matches!(Port::start(&eal, "net_nope9", 1, &pool, None), Err(DpdkError::NoSuchPort(_))));
+            // More cores than the device has queue pairs is refused, not clamped.
+            let refused = Port::start(&eal, "net_af_packet1", 2, &pool, None).map(|_| ()).unwrap_err();
+            assert!(matches!(refused, DpdkError::TooManyQueues { asked: 2, max: 1, .. }), "{refused}");
+            assert!(refused.to_string().contains("qpairs=N"), "{refused}");
             let packets: Vec<Mbuf> = (0..64)
                 .map(|_| {
                     let mut mbuf = Mbuf::alloc(&pool).expect("an mbuf");
