@@ -226,6 +226,9 @@ pub struct LoopbackOptions {
     pub congestion: Congestion,
     pub idle: IdlePolicy,
     pub min_rto: Duration,
+    /// Large frames without checksums on the wires (`wire`'s offload); never while faults
+    /// are injected, whose corruption only checksums catch.
+    pub offload: bool,
 }
 
 impl Default for LoopbackOptions {
@@ -239,6 +242,7 @@ impl Default for LoopbackOptions {
             congestion: Congestion::default(),
             idle: IdlePolicy::default(),
             min_rto: crate::core::DEFAULT_MIN_RTO,
+            offload: true,
         }
     }
 }
@@ -259,7 +263,7 @@ impl LoopbackStack {
         let machine_cores = transport::pin::core_count();
         let mut pairs = Vec::new();
         for pair in 0..options.cores.clamp(1, 250) {
-            let (a, b) = wire_pair(options.mtu);
+            let (a, b) = wire_pair(options.mtu, options.offload && !options.wrappers.faults.any());
             // Each wire is its own /24 in 127/8: frames never leave the process.
             let subnet = pair as u8;
             let source_ip = Ipv4Address::new(127, 0, subnet, 1);

@@ -2,11 +2,22 @@
 //! smoltcp stacks in one process exchange Ethernet frames with no kernel and no root. It
 //! is the default stack of `vmigrate demo` and the baseline of the dataplane's own
 //! benchmarks.
+//!
+//! With offload (the default when no faults are injected) the wire behaves as the kernel's
+//! loopback does: frames pass whole, up to a 64 KiB TCP segment, and carry no checksums,
+//! since nothing between the two stacks can corrupt them. The sending stack hands it one
+//! large segment where it would have cut MTU-sized ones, and the receiving stack takes it
+//! as it is: the MTU is still what each end advertises as its MSS.
 
 use crossbeam_queue::ArrayQueue;
-use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
+use smoltcp::phy::{self, Checksum, Device, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
+use std::num::NonZeroUsize;
 use std::sync::Arc;
+
+/// The largest frame the wire passes with offload: the largest IPv4 packet, and its
+/// Ethernet header.
+pub const WIRE_SUPER_FRAME_BYTES: usize = u16::MAX as usize + 14;
 
 /// Frames in flight per direction. Enough for a megabyte TCP window of 1500-byte frames;
 /// a full queue drops the frame, as a NIC ring would, and TCP recovers.
@@ -19,16 +30,19 @@ pub struct WireEnd {
     /// Spent frame buffers, shared by both ends, so steady state allocates nothing.
     free: Arc<ArrayQueue<Vec<u8>>>,
     mtu: usize,
+    offload: bool,
 }
 
-/// Two ends of one wire: what one transmits, the other receives.
-pub fn wire_pair(mtu: usize) -> (WireEnd, WireEnd) {
+/// Two ends of one wire: what one transmits, the other receives. `offload`: large frames
+/// and no checksums (see the module's comment); without it, MTU-sized frames, each
+/// checksummed by the stacks, as a link that can corrupt needs.
+pub fn wire_pair(mtu: usize, offload: bool) -> (WireEnd, WireEnd) {
     let a_to_b = Arc::new(ArrayQueue::new(WIRE_QUEUE_FRAMES));
     let b_to_a = Arc::new(ArrayQueue::new(WIRE_QUEUE_FRAMES));
     let free = Arc::new(ArrayQueue::new(4 * WIRE_QUEUE_FRAMES));
     (
-        WireEnd { tx: a_to_b.clone(), rx: b_to_a.clone(), free: free.clone(), mtu },
-        WireEnd { tx: b_to_a, rx: a_to_b, free, mtu },
+        WireEnd { tx: a_to_b.clone(), rx: b_to_a.clone(), free: free.clone(), mtu, offload },
+        WireEnd { tx: b_to_a, rx: a_to_b, free, mtu, offload },
     )
 }
 
@@ -89,6 +103,11 @@ impl Device for WireEnd {
         caps.max_transmission_unit = self.mtu + 14;
         // A burst per poll keeps one core from starving the other end.
         caps.max_burst_size = Some(64);
+        if self.offload {
+            caps.checksum.ipv4 = Checksum::None;
+            caps.checksum.tcp = Checksum::None;
+            caps.segmentation.tcpv4 = NonZeroUsize::new(WIRE_SUPER_FRAME_BYTES);
+        }
         caps
     }
 }

@@ -8,7 +8,8 @@ busy() {
     awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9; exit }' /proc/stat
 }
 
-# One stream: recv in the destination namespace, send in the source namespace.
+# One stream: recv in the destination namespace, send in the source namespace; or, for
+# kernel-loopback, the kernel's TCP on 127.0.0.1 in this namespace.
 stream() {
     local name=$1 port=$2; shift 2
     # Options for both ends (e.g. --tls-psk FILE).
@@ -17,7 +18,12 @@ stream() {
     local recv_args=() send_args=() recv_eal=() send_eal=()
     # 4 MiB windows: the receiving core is the bottleneck here, and frames queue in its ring.
     local ours=(--socket-buffer 4MiB)
-    if [ "$name" = tap ]; then
+    local in_dst=(scripts/netns exec dst --prefix "$prefix" --) in_src=(scripts/netns exec src --prefix "$prefix" --)
+    if [ "$name" = kernel-loopback ]; then
+        in_dst=() in_src=()
+        recv_args=(--listen "127.0.0.1:$port")
+        send_args=(--to "127.0.0.1:$port")
+    elif [ "$name" = tap ]; then
         recv_args=(--stack tap --iface tap0 --ip 10.77.0.12/24 --listen "10.77.0.12:$port" "${ours[@]}")
         send_args=(--stack tap --iface tap0 --ip 10.77.0.11/24 --to "10.77.0.12:$port" "${ours[@]}")
     elif [ "$name" = dpdk ]; then
@@ -33,13 +39,13 @@ stream() {
         recv_args=(--listen "10.77.0.2:$port")
         send_args=(--to "10.77.0.2:$port")
     fi
-    scripts/netns exec dst --prefix "$prefix" -- "$bin" stream-recv "${recv_args[@]}" "${both[@]}" "${recv_eal[@]}" \
+    "${in_dst[@]}" "$bin" stream-recv "${recv_args[@]}" "${both[@]}" "${recv_eal[@]}" \
         >"$out/recv.json" 2>"$out/recv.log" &
     local recv_pid=$!
     for _ in $(seq 100); do grep -q waiting "$out/recv.log" 2>/dev/null && break; sleep 0.05; done
     local before after
     before=$(busy)
-    scripts/netns exec src --prefix "$prefix" -- "$bin" stream-send "${send_args[@]}" "${both[@]}" --bytes "$bytes" "${send_eal[@]}" \
+    "${in_src[@]}" "$bin" stream-send "${send_args[@]}" "${both[@]}" --bytes "$bytes" "${send_eal[@]}" \
         >"$out/send.json"
     wait "$recv_pid"
     after=$(busy)

@@ -87,6 +87,7 @@ pub(super) fn loopback_options(options: &DataplaneOptions) -> LoopbackOptions {
         congestion: congestion(options.congestion.unwrap_or(CongestionArg::None)),
         idle: idle_policy(options.idle),
         min_rto: Duration::from_millis(options.min_rto_ms),
+        offload: !options.no_offload,
         ..LoopbackOptions::default()
     }
 }

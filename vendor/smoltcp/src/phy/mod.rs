@@ -268,6 +268,42 @@ pub struct SegmentationCapabilities {
     pub tcpv6: Option<NonZeroUsize>,
 }
 
+#[cfg(feature = "segmentation-offload")]
+impl SegmentationCapabilities {
+    /// Whether the device segments packets of any protocol. Each field exists only with
+    /// its IP version's feature, so a build with one IP version reads only its own.
+    pub fn any(&self) -> bool {
+        let any = false;
+        #[cfg(all(feature = "socket-tcp", feature = "proto-ipv4"))]
+        let any = any || self.tcpv4.is_some();
+        #[cfg(all(feature = "socket-tcp", feature = "proto-ipv6"))]
+        let any = any || self.tcpv6.is_some();
+        any
+    }
+}
+
+#[cfg(all(test, feature = "segmentation-offload", feature = "socket-tcp"))]
+mod segmentation_tests {
+    use super::*;
+
+    #[test]
+    fn any_is_true_for_each_protocol_alone() {
+        assert!(!SegmentationCapabilities::default().any());
+        #[cfg(feature = "proto-ipv4")]
+        {
+            let mut caps = SegmentationCapabilities::default();
+            caps.tcpv4 = NonZeroUsize::new(65535);
+            assert!(caps.any());
+        }
+        #[cfg(feature = "proto-ipv6")]
+        {
+            let mut caps = SegmentationCapabilities::default();
+            caps.tcpv6 = NonZeroUsize::new(65535);
+            assert!(caps.any());
+        }
+    }
+}
+
 /// A description of device capabilities.
 ///
 /// Higher-level protocols may achieve higher throughput or lower latency if they consider

@@ -214,10 +214,7 @@ impl Interface {
 
         #[cfg(feature = "segmentation-offload")]
         // Segmentation offload requires checksum offload.
-        if [caps.segmentation.tcpv4, caps.segmentation.tcpv6]
-            .iter()
-            .any(Option::is_some)
-        {
+        if caps.segmentation.any() {
             assert!(
                 !caps.checksum.tcp.tx(),
                 "Device capabilities are inconsistent."
