@@ -63,6 +63,17 @@ pub struct CoreConfig {
     pub min_rto: Duration,
     /// This core's place among the cores sharing one interface (None: it has it alone).
     pub steering: Option<Steering>,
+    /// Large segments and checksums handed to the device where it takes them (TAP's
+    /// virtio-net headers); see `offload_in_use`.
+    pub offload: bool,
+}
+
+impl CoreConfig {
+    /// Whether the device is to be opened with offload: asked for, and no faults injected
+    /// (their corruption is caught only by checksums our stack computes and checks).
+    pub fn offload_in_use(&self) -> bool {
+        self.offload && !self.wrappers.faults.any()
+    }
 }
 
 /// The retransmission timeout floor of a migration link: well above the scheduling delays

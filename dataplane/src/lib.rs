@@ -20,6 +20,7 @@ mod netdev;
 pub mod pipe;
 pub mod stack;
 pub mod tap;
+pub mod vnet;
 pub mod wire;
 
 /// The smoltcp address types a caller needs to configure a stack.

@@ -143,7 +143,14 @@ impl CoreStack {
             let shared = shared.clone();
             let handle = match backend.clone() {
                 NicBackend::Tap => CoreHandle::start(
-                    move || Ok(SharedLink::new(crate::tap::open_tap(&name, count)?, shared, core, count > 1)),
+                    {
+                        let (offload, verify) =
+                            (config.offload_in_use(), config.wrappers.checksum == ChecksumPolicy::Full);
+                        move || {
+                            let queue = crate::tap::open_tap(&name, count, offload, verify)?;
+                            Ok(SharedLink::new(queue, shared, core, count > 1))
+                        }
+                    },
                     config,
                 )?,
                 NicBackend::AfPacket { qdisc_bypass } => {
@@ -280,6 +287,7 @@ impl LoopbackStack {
                 idle: options.idle,
                 min_rto: options.min_rto,
                 steering: None,
+                offload: options.offload,
             };
             let seed = options.wrappers.seed.wrapping_add(2 * pair as u32);
             let source_wrappers = DeviceWrappers {

@@ -4,6 +4,7 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 use transport::pipe::{Acceptor, Connector, Timeouts};
 use vmigrate_dataplane::core::DeviceWrappers;
+use vmigrate_dataplane::layers::pcap_frame_lengths;
 use vmigrate_dataplane::stack::{LoopbackOptions, LoopbackStack, DEFAULT_SOCKET_BUFFER_BYTES};
 use vmigrate_dataplane::wire::WIRE_SUPER_FRAME_BYTES;
 
@@ -54,18 +55,6 @@ fn streams_arrive_intact_in_both_directions() {
     carry(&LoopbackStack::start(1500, DEFAULT_SOCKET_BUFFER_BYTES, false).unwrap());
 }
 
-/// The lengths of the frames in a pcap file (classic format, as smoltcp's writer makes).
-fn frame_lengths(pcap: &[u8]) -> Vec<usize> {
-    let mut lengths = Vec::new();
-    let mut at = 24;
-    while at + 16 <= pcap.len() {
-        let captured = u32::from_le_bytes(pcap[at + 8..at + 12].try_into().unwrap()) as usize;
-        lengths.push(captured);
-        at += 16 + captured;
-    }
-    lengths
-}
-
 /// With offload the sender hands the wire segments far above the MTU and the receiver
 /// takes them whole; without, no frame exceeds the MTU. Each is seen in a capture of the
 /// source's end, and the stream arrives intact either way.
@@ -76,7 +65,7 @@ fn segments_pass_the_wire_whole_with_offload_and_cut_to_the_mtu_without() {
         let wrappers = DeviceWrappers { pcap: Some(pcap.clone()), ..DeviceWrappers::default() };
         let stack = LoopbackStack::start_with(LoopbackOptions { offload, wrappers, ..LoopbackOptions::default() });
         carry(&stack.unwrap());
-        let lengths = frame_lengths(&std::fs::read(&pcap).expect("the capture"));
+        let lengths = pcap_frame_lengths(&std::fs::read(&pcap).expect("the capture"));
         let _ = std::fs::remove_file(&pcap);
         let largest = lengths.iter().copied().max().unwrap_or(0);
         let over_mtu = lengths.iter().filter(|&&len| len > 1514).count();

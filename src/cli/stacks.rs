@@ -62,6 +62,7 @@ pub(super) fn core_config(
         idle: idle_policy(dataplane.idle),
         min_rto: Duration::from_millis(dataplane.min_rto_ms),
         steering: None,
+        offload: !dataplane.no_offload,
     }
 }
 

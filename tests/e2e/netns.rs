@@ -75,6 +75,30 @@ fn migrate_ours(ns: &Namespaces, stack: &str, port: u16, workload: &str, send_ex
 
 const WORKLOADS: [&str; 2] = ["seq", "dirty:32MiB:5000:16"];
 
+/// A migration over TAP with both ends capturing (`--pcap`); returns the lengths of the
+/// frames in the source's capture and in the destination's.
+fn tap_captures(ns: &Namespaces, port: u16, offload: bool) -> (Vec<usize>, Vec<usize>) {
+    let (src, dst) = our_stack(ns, "tap");
+    let dir = std::env::temp_dir();
+    let capture = |side: &str| dir.join(format!("vmigrate-tap-{}-{port}-{side}.pcap", std::process::id()));
+    let listen = format!("10.77.0.12:{port}");
+    let mut recv = dst.args();
+    recv.extend(strings(&["--listen", &listen, "--pcap", &capture("dst").display().to_string()]));
+    let mut send = src.args();
+    send.extend(strings(&["--to", &listen, "--pcap", &capture("src").display().to_string()]));
+    if !offload {
+        recv.push("--no-offload".into());
+        send.push("--no-offload".into());
+    }
+    migrate(ns, &recv, &send, WORKLOADS[0]);
+    let lengths = |side: &str| {
+        let bytes = std::fs::read(capture(side)).expect("the capture");
+        let _ = std::fs::remove_file(capture(side));
+        dataplane::layers::pcap_frame_lengths(&bytes)
+    };
+    (lengths("src"), lengths("dst"))
+}
+
 #[test]
 fn migrations_between_namespaces() {
     if !is_root() {
@@ -102,6 +126,24 @@ fn migrations_between_namespaces() {
             }
         }
     }
+    // TAP's offload: our 64 KiB segments leave through the virtio-net header and cross the
+    // bridge and the veth whole, so the destination's capture holds them as large frames
+    // too; with --no-offload no frame exceeds the MTU. Each migration verifies.
+    for (port, offload) in [(4603, true), (4604, false)] {
+        let (src_lengths, dst_lengths) = tap_captures(&ns, port, offload);
+        let over = |lengths: &[usize]| lengths.iter().filter(|&&len| len > 1514).count();
+        let largest = |lengths: &[usize]| lengths.iter().copied().max().unwrap_or(0);
+        eprintln!(
+            "TAP offload {offload}: source sent {} frames ({} over the MTU, the largest {}), destination got {} ({} over, the largest {})",
+            src_lengths.len(), over(&src_lengths), largest(&src_lengths), dst_lengths.len(), over(&dst_lengths), largest(&dst_lengths)
+        );
+        if offload {
+            assert!(largest(&src_lengths) > 16 * 1514 && largest(&dst_lengths) > 16 * 1514);
+        } else {
+            assert_eq!((over(&src_lengths), over(&dst_lengths)), (0, 0));
+        }
+    }
+
     // A plain TAP device, made as a new user makes one (single queue): one core works on
     // it, and two are refused with how to make a device that has the queues.
     for side in ["src", "dst"] {

@@ -217,8 +217,9 @@ pub struct DataplaneOptions {
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     pub min_rto_ms: u64,
     /// Cut TCP segments to the MTU in our stack, with a checksum each, even where the
-    /// device takes large segments (the in-process wire, where offload is the default and
-    /// is off anyway while faults are injected).
+    /// device takes large segments and checksums (the in-process wire; TAP, through
+    /// virtio-net headers). Offload is the default there, and off anyway while faults are
+    /// injected.
     #[arg(long)]
     pub no_offload: bool,
 }
