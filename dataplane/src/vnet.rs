@@ -92,7 +92,7 @@ pub fn prepare_transmit(frame: &mut [u8], segment_size: Option<u16>) -> VnetHdr 
 /// For an IPv4 TCP frame: its IP header length, the TCP length, and the pseudo-header's
 /// one's-complement sum folded to 16 bits (not complemented: the kernel adds the segment).
 fn tcp_over_ipv4(frame: &[u8]) -> Option<(usize, usize, u16)> {
-    let ethernet = EthernetFrame::new_checked(&frame[..]).ok()?;
+    let ethernet = EthernetFrame::new_checked(frame).ok()?;
     if ethernet.ethertype() != EthernetProtocol::Ipv4 {
         return None;
     }
