@@ -409,3 +409,28 @@ impl Drop for AfPacket {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two groups of one process on one interface (or on two) are two groups: each gets an
+    /// id of its own from the kernel. (The id was once the process id for every interface.)
+    #[test]
+    fn groups_of_one_process_get_ids_of_their_own() {
+        let (first, second) = (FanoutGroup::new(2), FanoutGroup::new(2));
+        let mut sockets = Vec::new();
+        for group in [&first, &second, &first, &second] {
+            match AfPacket::open("lo", false, Some(group), true) {
+                Ok(socket) => sockets.push(socket),
+                Err(err) if err.kind() == io::ErrorKind::PermissionDenied => {
+                    eprintln!("SKIPPED groups_of_one_process_get_ids_of_their_own: {err}");
+                    return;
+                }
+                Err(err) => panic!("{err}"),
+            }
+        }
+        let (a, b) = (first.id(), second.id());
+        assert!(a.is_some() && b.is_some() && a != b, "ids {a:?} and {b:?}");
+    }
+}

@@ -228,8 +228,7 @@ fn open_connection(connector: &dyn Connector, hello: &Hello) -> Result<Connectio
         },
         (FrameKind::Abort, _) => Err(MigrationError::PeerAborted(migration::handshake::decode_reason(&payload))),
         (got, seq) => {
-            Err(ProtocolViolation::UnexpectedFrame { connection: index, expected: "HelloAck", got, seq }
-                .into())
+            Err(ProtocolViolation::UnexpectedFrame { connection: index, expected: "HelloAck", got, seq }.into())
         }
     }
 }
