@@ -9,7 +9,7 @@
 //! with a partial checksum (`NEEDS_CSUM`: it never left the host) or one the kernel
 //! checked (`DATA_VALID`); any other frame is checked here.
 
-use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet};
+use smoltcp::wire::{checksum, EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet};
 
 /// Bytes of the header as the kernel's TAP default size (`TUNSETVNETHDRSZ` unset).
 pub const VNET_HDR_BYTES: usize = 10;
@@ -105,16 +105,8 @@ fn tcp_over_ipv4(frame: &[u8]) -> Option<(usize, usize, u16)> {
     if tcp_length < 20 || ETHERNET_HEADER_BYTES + ip_header + 20 > frame.len() {
         return None;
     }
-    let mut sum: u32 = 0;
-    for pair in ip.src_addr().octets().chunks(2).chain(ip.dst_addr().octets().chunks(2)) {
-        sum += u32::from(u16::from_be_bytes([pair[0], pair[1]]));
-    }
-    sum += u32::from(u8::from(IpProtocol::Tcp));
-    sum += tcp_length as u32;
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    Some((ip_header, tcp_length, sum as u16))
+    let pseudo = checksum::pseudo_header_v4(&ip.src_addr(), &ip.dst_addr(), IpProtocol::Tcp, tcp_length as u32);
+    Some((ip_header, tcp_length, pseudo))
 }
 
 #[cfg(test)]
@@ -126,15 +118,9 @@ mod tests {
     /// bytes from `csum_start`, complemented, stored at `csum_start + csum_offset`.
     fn finish_checksum(frame: &mut [u8], header: &VnetHdr) {
         let start = usize::from(header.csum_start);
-        let mut sum: u32 = 0;
-        for pair in frame[start..].chunks(2) {
-            sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
-        }
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
+        let sum = checksum::data(&frame[start..]);
         let at = start + usize::from(header.csum_offset);
-        frame[at..at + 2].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+        frame[at..at + 2].copy_from_slice(&(!sum).to_be_bytes());
     }
 
     #[test]

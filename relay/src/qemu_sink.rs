@@ -54,7 +54,11 @@ impl QemuSink {
         if self.closed.is_none() {
             match self.local.write_all(bytes) {
                 Ok(()) => {
-                    self.stream.feed(bytes, &mut |_| {});
+                    // Read only what may need judging: a main stream closed early fails
+                    // whatever it held, so its bytes are not parsed twice over.
+                    if matches!(self.stream.kind(), Kind::Unknown | Kind::Multifd) {
+                        self.stream.feed(bytes, &mut |_| {});
+                    }
                     return Ok(());
                 }
                 Err(err) if is_closed_by_qemu(&err) && self.stream.kind() == Kind::Multifd => {
