@@ -23,6 +23,10 @@ pub mod tap;
 pub mod vnet;
 pub mod wire;
 
+/// The largest frame a device with segmentation offload takes from our stack (the wire,
+/// TAP): the largest IPv4 packet, and its Ethernet header.
+pub const SUPER_FRAME_BYTES: usize = u16::MAX as usize + 14;
+
 /// The smoltcp address types a caller needs to configure a stack.
 pub mod wire_types {
     pub use smoltcp::wire::{EthernetAddress, IpCidr};

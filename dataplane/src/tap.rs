@@ -18,6 +18,7 @@
 
 use crate::layers::checksums_ok;
 use crate::vnet::{prepare_transmit, VnetHdr, VNET_HDR_BYTES};
+use crate::SUPER_FRAME_BYTES;
 use smoltcp::phy::{self, Checksum, Device, DeviceCapabilities, Medium, PacketMeta};
 use smoltcp::time::Instant;
 use std::fs::{File, OpenOptions};
@@ -26,8 +27,6 @@ use std::num::NonZeroUsize;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 
-/// The largest frame with offload: the largest IPv4 packet and its Ethernet header.
-const SUPER_FRAME_BYTES: usize = u16::MAX as usize + 14;
 /// Frames with bad checksums skipped in one `receive` before it gives up for this poll.
 const BAD_FRAMES_PER_POLL: usize = 16;
 

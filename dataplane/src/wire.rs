@@ -15,10 +15,6 @@ use smoltcp::time::Instant;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 
-/// The largest frame the wire passes with offload: the largest IPv4 packet, and its
-/// Ethernet header.
-pub const WIRE_SUPER_FRAME_BYTES: usize = u16::MAX as usize + 14;
-
 /// Frames in flight per direction. Enough for a megabyte TCP window of 1500-byte frames;
 /// a full queue drops the frame, as a NIC ring would, and TCP recovers.
 pub const WIRE_QUEUE_FRAMES: usize = 1024;
@@ -109,7 +105,7 @@ impl Device for WireEnd {
         if self.offload {
             caps.checksum.ipv4 = Checksum::None;
             caps.checksum.tcp = Checksum::None;
-            caps.segmentation.tcpv4 = NonZeroUsize::new(WIRE_SUPER_FRAME_BYTES);
+            caps.segmentation.tcpv4 = NonZeroUsize::new(crate::SUPER_FRAME_BYTES);
         }
         caps
     }

@@ -6,7 +6,7 @@ use transport::pipe::{Acceptor, Connector, Timeouts};
 use vmigrate_dataplane::core::DeviceWrappers;
 use vmigrate_dataplane::layers::pcap_frame_lengths;
 use vmigrate_dataplane::stack::{LoopbackOptions, LoopbackStack, DEFAULT_SOCKET_BUFFER_BYTES};
-use vmigrate_dataplane::wire::WIRE_SUPER_FRAME_BYTES;
+use vmigrate_dataplane::SUPER_FRAME_BYTES;
 
 fn pattern(index: usize) -> u8 {
     (index.wrapping_mul(2654435761) >> 13) as u8
@@ -71,7 +71,7 @@ fn segments_pass_the_wire_whole_with_offload_and_cut_to_the_mtu_without() {
         let over_mtu = lengths.iter().filter(|&&len| len > 1514).count();
         eprintln!("offload {offload}: {} frames, the largest {largest} bytes, {over_mtu} over the MTU", lengths.len());
         if offload {
-            assert!(largest > 16 * 1514 && largest <= WIRE_SUPER_FRAME_BYTES, "largest frame {largest}");
+            assert!(largest > 16 * 1514 && largest <= SUPER_FRAME_BYTES, "largest frame {largest}");
             assert!(over_mtu * 4 > lengths.len() / 2, "{over_mtu} of {} frames over the MTU", lengths.len());
         } else {
             assert_eq!(largest, 1514, "a full-sized frame, and nothing larger");
