@@ -69,10 +69,19 @@ pub struct CoreConfig {
 }
 
 impl CoreConfig {
-    /// Whether the device is to be opened with offload: asked for, and no faults injected
-    /// (their corruption is caught only by checksums our stack computes and checks).
+    /// Whether the device is to be opened with offload: asked for, and the wrappers allow
+    /// it.
     pub fn offload_in_use(&self) -> bool {
-        self.offload && !self.wrappers.faults.any()
+        self.offload && self.wrappers.allow_offload()
+    }
+}
+
+impl DeviceWrappers {
+    /// Whether a device under these wrappers may offload checksums and segmentation: not
+    /// while faults are injected, whose corruption only checksums our stack computes and
+    /// checks can catch.
+    pub fn allow_offload(&self) -> bool {
+        !self.faults.any()
     }
 }
 

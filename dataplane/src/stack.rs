@@ -270,7 +270,7 @@ impl LoopbackStack {
         let machine_cores = transport::pin::core_count();
         let mut pairs = Vec::new();
         for pair in 0..options.cores.clamp(1, 250) {
-            let (a, b) = wire_pair(options.mtu, options.offload && !options.wrappers.faults.any());
+            let (a, b) = wire_pair(options.mtu, options.offload && options.wrappers.allow_offload());
             // Each wire is its own /24 in 127/8: frames never leave the process.
             let subnet = pair as u8;
             let source_ip = Ipv4Address::new(127, 0, subnet, 1);

@@ -35,16 +35,28 @@ pub struct TapQueue {
     file: File,
     mtu: usize,
     rx_buffer: Vec<u8>,
-    tx_buffer: Vec<u8>,
-    /// Frames the kernel would not take (its queue full): dropped, as a NIC would.
-    tx_dropped: u64,
-    /// Virtio-net headers, partial checksums and large segments (see the module's comment).
-    offload: bool,
+    transmit: Transmit,
     /// Check the checksums the kernel does not vouch for (with offload, smoltcp checks
     /// none itself).
     verify_receive: bool,
     /// Received frames dropped for a bad checksum.
     rx_bad: u64,
+}
+
+/// What sending needs, apart from the device: kept in a field of its own so that a
+/// transmit token can borrow it beside a received frame.
+struct Transmit {
+    buffer: Vec<u8>,
+    /// Frames the kernel would not take (its queue full): dropped, as a NIC would.
+    dropped: u64,
+    /// Virtio-net headers, partial checksums and large segments (see the module's comment).
+    offload: bool,
+}
+
+impl Transmit {
+    fn token<'a>(&'a mut self, file: &'a File) -> TapTx<'a> {
+        TapTx { file, buffer: &mut self.buffer, dropped: &mut self.dropped, offload: self.offload, segment: None }
+    }
 }
 
 /// The tun driver's flags of an existing device (sysfs `tun_flags`), or None when there
@@ -109,9 +121,7 @@ pub fn open_tap(name: &str, queues: usize, offload: bool, verify_receive: bool) 
         file,
         mtu,
         rx_buffer: vec![0; rx_bytes],
-        tx_buffer: Vec::new(),
-        tx_dropped: 0,
-        offload,
+        transmit: Transmit { buffer: Vec::new(), dropped: 0, offload },
         verify_receive,
         rx_bad: 0,
     })
@@ -122,7 +132,7 @@ pub struct TapRx<'a> {
 }
 
 pub struct TapTx<'a> {
-    file: &'a mut File,
+    file: &'a File,
     buffer: &'a mut Vec<u8>,
     dropped: &'a mut u64,
     offload: bool,
@@ -137,7 +147,7 @@ impl phy::RxToken for TapRx<'_> {
 }
 
 impl phy::TxToken for TapTx<'_> {
-    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(mut self, len: usize, f: F) -> R {
         let header = if self.offload { VNET_HDR_BYTES } else { 0 };
         self.buffer.resize(header + len, 0);
         let (vnet, frame) = self.buffer.split_at_mut(header);
@@ -158,23 +168,11 @@ impl phy::TxToken for TapTx<'_> {
 
 impl Drop for TapQueue {
     fn drop(&mut self) {
-        if self.tx_dropped > 0 {
-            log::info!("tap: the kernel refused {} frames (its queue was full)", self.tx_dropped);
+        if self.transmit.dropped > 0 {
+            log::info!("tap: the kernel refused {} frames (its queue was full)", self.transmit.dropped);
         }
         if self.rx_bad > 0 {
             log::info!("tap: {} received frames dropped for a bad checksum", self.rx_bad);
-        }
-    }
-}
-
-impl TapQueue {
-    fn tx_token(&mut self) -> TapTx<'_> {
-        TapTx {
-            file: &mut self.file,
-            buffer: &mut self.tx_buffer,
-            dropped: &mut self.tx_dropped,
-            offload: self.offload,
-            segment: None,
         }
     }
 }
@@ -190,7 +188,7 @@ impl Device for TapQueue {
                 Ok(len) if len > 0 => len,
                 _ => return None,
             };
-            if !self.offload {
+            if !self.transmit.offload {
                 frame = Some(0..len);
                 break;
             }
@@ -208,25 +206,18 @@ impl Device for TapQueue {
             self.rx_bad += 1;
         }
         let frame = frame?;
-        let tx = TapTx {
-            file: &mut self.file,
-            buffer: &mut self.tx_buffer,
-            dropped: &mut self.tx_dropped,
-            offload: self.offload,
-            segment: None,
-        };
-        Some((TapRx { frame: &self.rx_buffer[frame] }, tx))
+        Some((TapRx { frame: &self.rx_buffer[frame] }, self.transmit.token(&self.file)))
     }
 
     fn transmit(&mut self, _timestamp: Instant) -> Option<TapTx<'_>> {
-        Some(self.tx_token())
+        Some(self.transmit.token(&self.file))
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ethernet;
         caps.max_transmission_unit = self.mtu + 14;
-        if self.offload {
+        if self.transmit.offload {
             // The kernel finishes what we send and vouches for (or we check) what we get.
             caps.checksum.tcp = Checksum::None;
             caps.segmentation.tcpv4 = NonZeroUsize::new(SUPER_FRAME_BYTES);
