@@ -198,7 +198,14 @@ fn pump_up(
         if abort.is_raised() {
             return Err(RelayFailure::aborted(abort));
         }
-        match local.read(&mut buffer) {
+        let read = match local.read(&mut buffer) {
+            // A QEMU that never wrote here (a destination's multifd channel) and closed
+            // with bytes unread: this direction's stream ended empty; the other direction
+            // (`QemuSink`) judges what QEMU left unread.
+            Err(err) if is_closed_by_qemu(&err) && stats.bytes == 0 => Ok(0),
+            read => read,
+        };
+        match read {
             Ok(0) => {
                 if stream.kind() == Kind::Main && stream.progress() != Progress::Completing {
                     return Err(RelayFailure::Local(
@@ -238,16 +245,6 @@ fn pump_up(
                 out.control(FrameKind::Heartbeat, &[], abort)?;
             }
             Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-            // A QEMU that never wrote here (a destination's multifd channel) and closed
-            // with bytes unread: this direction's stream ended empty; the other direction
-            // (`QemuSink`) judges what QEMU left unread.
-            Err(err) if is_closed_by_qemu(&err) && stats.bytes == 0 => {
-                out.control(FrameKind::StreamEnd, &digest.end().encode(), abort)?;
-                if let Outlet::Workers(squeezers) = out {
-                    squeezers.finish()?;
-                }
-                return Ok((stats, stream, pages.encoder.counts));
-            }
             Err(err) => return Err(qemu_failure("reading from", &err)),
         }
     }
