@@ -78,7 +78,11 @@ impl Controller for Cubic {
     }
 
     fn on_ack(&mut self, now: Instant, len: usize, in_flight: usize, rtt: &RttEstimator) {
-        let segment = len.min(self.mss);
+        // The window grows with the bytes acknowledged, not the number of ACKs (RFC 3465
+        // byte counting, as Linux counts the segments a TSO/GRO ACK covers): with
+        // segmentation offload one ACK may cover a 64 KiB segment, and growth of one MSS
+        // per ACK would hold the window to a fraction of what the path carries.
+        let acked = len;
 
         self.absorb_idle(now);
 
@@ -104,12 +108,8 @@ impl Controller for Cubic {
             self.w_est = self.cwnd as f64;
             return;
         } else if self.cwnd < self.ssthresh {
-            // Slow start: increase `cwnd` by 1 MSS per ACK.
-            self.cwnd = self
-                .cwnd
-                .saturating_add(segment)
-                .min(self.rwnd)
-                .max(self.mss);
+            // Slow start: increase `cwnd` by the bytes acknowledged (1 MSS per MSS).
+            self.cwnd = self.cwnd.saturating_add(acked).min(self.rwnd).max(self.mss);
             return;
         }
 
@@ -147,7 +147,7 @@ impl Controller for Cubic {
                 ALPHA_CUBIC
             };
 
-            self.w_est += alpha * self.mss as f64 * segment as f64 / self.cwnd as f64;
+            self.w_est += alpha * self.mss as f64 * acked as f64 / self.cwnd as f64;
             self.w_est
         };
 
@@ -169,7 +169,7 @@ impl Controller for Cubic {
 
         // TODO: clamps to 0 on small w_cubic_target (i.e. close to plateau)
         // add additional counter (linux `cwnd_cnt`?) to track "lost" bytes
-        let increment = (w_cubic_target as usize).saturating_sub(self.cwnd) * segment / self.cwnd;
+        let increment = (w_cubic_target as usize).saturating_sub(self.cwnd) * acked / self.cwnd;
         self.cwnd = (self.cwnd + increment).min(self.rwnd).max(self.mss);
     }
 
@@ -360,6 +360,49 @@ mod test {
     }
 
     #[test]
+    fn slow_start_counts_bytes_acknowledged() {
+        // One ACK of a 16-MSS segment (segmentation offload) grows the window as
+        // much as 16 ACKs of one MSS each.
+        let mut per_segment = Cubic::new();
+        per_segment.set_mss(MSS);
+        for i in 0..16 {
+            ack(&mut per_segment, MSS, Instant::from_millis(i));
+        }
+        let mut large = Cubic::new();
+        large.set_mss(MSS);
+        ack(&mut large, 16 * MSS, Instant::from_millis(0));
+        assert_eq!(large.window(), 2 * MSS + 16 * MSS);
+        assert_eq!(large.window(), per_segment.window());
+    }
+
+    #[test]
+    fn congestion_avoidance_counts_bytes_acknowledged() {
+        // In congestion avoidance, one ACK of 8 MSS grows the window about as much
+        // as 8 ACKs of one MSS each (within a factor of two), not one eighth of it.
+        let start = |cubic: &mut Cubic| {
+            cubic.set_mss(MSS);
+            cubic.cwnd = MSS * 32;
+            cubic.ssthresh = cubic.cwnd;
+            cubic.w_max = cubic.cwnd;
+            cubic.recovery_start = Some(Instant::from_millis(0));
+            cubic.w_est = cubic.cwnd as f64;
+            cubic.cwnd_prior = cubic.cwnd;
+        };
+        let mut per_segment = Cubic::new();
+        start(&mut per_segment);
+        for _ in 0..8 {
+            ack(&mut per_segment, MSS, Instant::from_millis(1));
+        }
+        let mut large = Cubic::new();
+        start(&mut large);
+        ack(&mut large, 8 * MSS, Instant::from_millis(1));
+        let grown = |cubic: &Cubic| cubic.window() - MSS * 32;
+        assert!(grown(&per_segment) > 0);
+        assert!(grown(&large) * 2 >= grown(&per_segment));
+        assert!(grown(&large) <= grown(&per_segment) * 2);
+    }
+
+    #[test]
     fn fast_recovery_works() {
         let mut cubic = Cubic::new();
         cubic.set_mss(MSS);
@@ -480,13 +523,13 @@ mod test {
         assert_eq!(cubic.recovery_start, None);
         assert_eq!(cubic.w_max, w_max_before_rto);
 
-        // slow start grows by at most the MSS per ack
+        // slow start grows by the bytes each ack covers, also beyond the MSS
         let initial_cwnd = cubic.window();
-        for i in 0..10 {
+        for i in 0..5 {
             let initial_cwnd = cubic.window();
             let now = Instant::from_millis(i);
             ack(&mut cubic, MSS * 2, now);
-            assert_eq!(cubic.window(), initial_cwnd + MSS);
+            assert_eq!(cubic.window(), initial_cwnd + MSS * 2);
         }
         assert_eq!(cubic.window(), initial_cwnd + MSS * 10);
 

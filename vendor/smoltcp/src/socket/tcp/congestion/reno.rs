@@ -56,12 +56,15 @@ impl Controller for Reno {
             return;
         }
 
+        // The window grows with the bytes acknowledged, not the number of ACKs (RFC 3465
+        // byte counting, as Linux counts the segments a TSO/GRO ACK covers): with
+        // segmentation offload one ACK may cover a 64 KiB segment.
         let inc = if self.cwnd < self.ssthresh {
-            // Slow start: increase `cwnd` by 1 MSS per ACK.
-            len.min(self.mss)
+            // Slow start: increase `cwnd` by the bytes acknowledged (1 MSS per MSS).
+            len
         } else {
-            // Congestion avoidance: increase by ~1 MSS per RTT.
-            (self.mss * self.mss / self.cwnd).max(1)
+            // Congestion avoidance: increase by ~1 MSS per RTT (per window acknowledged).
+            (self.mss * len / self.cwnd).max(1)
         };
 
         self.cwnd = self.cwnd.saturating_add(inc).min(self.rwnd).max(self.mss);
@@ -147,6 +150,33 @@ mod test {
     }
 
     #[test]
+    fn window_grows_with_bytes_acknowledged() {
+        // One ACK of a 16-MSS segment (segmentation offload) grows the window as
+        // much as 16 ACKs of one MSS each: exactly in slow start, within a factor of
+        // two in congestion avoidance (not one sixteenth of it).
+        let run = |acks: &[usize], cwnd: usize, ssthresh: usize| {
+            let mut reno = Reno::new();
+            reno.set_mss(MSS);
+            reno.cwnd = cwnd;
+            reno.ssthresh = ssthresh;
+            for (i, &len) in acks.iter().enumerate() {
+                ack(&mut reno, len, Instant::from_millis(i as i64));
+            }
+            reno.window()
+        };
+        let (per_segment, large) = ([MSS; 16], [16 * MSS]);
+        assert_eq!(run(&large, 2 * MSS, usize::MAX), 18 * MSS);
+        assert_eq!(
+            run(&large, 2 * MSS, usize::MAX),
+            run(&per_segment, 2 * MSS, usize::MAX)
+        );
+        let grown = |acks: &[usize]| run(acks, 32 * MSS, MSS) - 32 * MSS;
+        assert!(grown(&per_segment) > 0);
+        assert!(grown(&large) * 2 >= grown(&per_segment));
+        assert!(grown(&large) <= grown(&per_segment) * 2);
+    }
+
+    #[test]
     fn fast_recovery_works() {
         let mut reno = Reno::new();
         reno.set_mss(MSS);
@@ -211,13 +241,13 @@ mod test {
         assert_eq!(reno.ssthresh, inflight / 2);
         assert_eq!(reno.window(), MSS);
 
-        // slow start grows by at most the MSS per ack
+        // slow start grows by the bytes each ack covers, also beyond the MSS
         let initial_cwnd = reno.window();
-        for i in 0..10 {
+        for i in 0..5 {
             let initial_cwnd = reno.window();
             let now = Instant::from_millis(i);
             ack(&mut reno, MSS * 2, now);
-            assert_eq!(reno.window(), initial_cwnd + MSS);
+            assert_eq!(reno.window(), initial_cwnd + MSS * 2);
         }
         assert_eq!(reno.window(), initial_cwnd + MSS * 10);
 
