@@ -122,7 +122,7 @@ impl FanoutGroup {
             None => {
                 let arg = (mode | libc::PACKET_FANOUT_FLAG_UNIQUEID) << 16;
                 crate::netdev::set_packet_option(fd, libc::PACKET_FANOUT, &arg, "PACKET_FANOUT (a new group)")?;
-                let joined = crate::netdev::packet_option_u32(fd, libc::PACKET_FANOUT, "PACKET_FANOUT (its id)")?;
+                let joined = crate::netdev::packet_option::<u32>(fd, libc::PACKET_FANOUT, "PACKET_FANOUT (its id)")?;
                 let _ = self.id.set(joined as u16);
             }
         }

@@ -37,14 +37,26 @@ pub(crate) fn set_packet_option<T>(fd: i32, option: libc::c_int, value: &T, what
     check(result, what)
 }
 
-/// Reads a `u32` `SOL_PACKET` option of a packet socket; `what` names it in the error.
-pub(crate) fn packet_option_u32(fd: i32, option: libc::c_int, what: &str) -> io::Result<u32> {
-    let mut value: u32 = 0;
-    let mut len = std::mem::size_of::<u32>() as libc::socklen_t;
-    // SAFETY: `value` and `len` are live for the call and `len` holds `value`'s size.
-    let result = unsafe { libc::getsockopt(fd, libc::SOL_PACKET, option, (&mut value as *mut u32).cast(), &mut len) };
+/// Reads a `SOL_PACKET` option of a packet socket (a plain C struct or integer);
+/// `what` names it in the error.
+pub(crate) fn packet_option<T: Copy + Default>(fd: i32, option: libc::c_int, what: &str) -> io::Result<T> {
+    let mut value = T::default();
+    let mut len = std::mem::size_of::<T>() as libc::socklen_t;
+    // SAFETY: `value` and `len` are live for the call and `len` holds `value`'s size; the
+    // kernel writes at most `len` bytes of plain data.
+    let result = unsafe { libc::getsockopt(fd, libc::SOL_PACKET, option, (&mut value as *mut T).cast(), &mut len) };
     check(result, what)?;
     Ok(value)
+}
+
+/// A packet socket's counters since they were last read (`struct tpacket_stats`, what
+/// `PACKET_STATISTICS` returns for TPACKET_V2 rings).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct PacketStats {
+    pub packets: u32,
+    /// Frames the kernel dropped because the receive ring was full.
+    pub drops: u32,
 }
 
 /// A libc result as an `io::Result`, the OS error prefixed with `what` failed.

@@ -1,6 +1,7 @@
 //! Stacks as the engine sees them: a `Connector` for the source and an `Acceptor` for the
 //! destination, each backed by a dataplane core.
 
+use crate::af_packet::{AfPacket, AfPacketOptions};
 use crate::core::{Command, Congestion, CoreConfig, CoreHandle, DeviceWrappers, IdlePolicy};
 use crate::fanout::{FanoutGroup, SharedFrames, SharedLink, Steering};
 use crate::layers::ChecksumPolicy;
@@ -155,10 +156,17 @@ impl CoreStack {
                 )?,
                 NicBackend::AfPacket { qdisc_bypass } => {
                     let group = group.clone();
-                    let verify = config.wrappers.checksum == ChecksumPolicy::Full;
+                    // Large segments that bypass the qdisc layer (`dev_direct_xmit`, which
+                    // skips the kernel's software fallbacks for the device) stalled the
+                    // connection on a veth (Linux 6.18): bypass sends MTU-sized frames.
+                    let options = AfPacketOptions {
+                        qdisc_bypass,
+                        offload: config.offload_in_use() && !qdisc_bypass,
+                        verify_receive: config.wrappers.checksum == ChecksumPolicy::Full,
+                    };
                     CoreHandle::start(
                         move || {
-                            let socket = crate::af_packet::AfPacket::open(&name, qdisc_bypass, group.as_ref(), verify)?;
+                            let socket = AfPacket::open(&name, options, group.as_ref())?;
                             Ok(SharedLink::new(socket, shared, core, false))
                         },
                         config,

@@ -385,14 +385,11 @@ fn dpdk_migrations() {
     }
 
     // DPDK on one side, the kernel's TCP or our AF_PACKET stack on the other: plain TCP.
-    // Over a veth the kernel leaves its checksums for a NIC to finish, and DPDK's af_packet
-    // PMD does not report that, so the kernel's side computes them itself (as it does
-    // before any NIC without checksum offload). Last: it changes the kernel's side.
-    let (_, dst) = our_stack(&ns, "af-packet");
-    let mut recv = dst.args();
-    recv.extend(strings(&["--listen", "10.77.0.12:4951"]));
-    let send = ours("src", 1, false, &["--to", "10.77.0.12:4951"]);
-    migrate(&ns, &recv, &send, WORKLOADS[0]);
+    // Over a veth the kernel leaves its checksums, and our AF_PACKET stack's with offload,
+    // for a NIC to finish, and DPDK's af_packet PMD does not report that; with checksum
+    // offload off on the destination's devices the kernel computes them (as it does before
+    // any NIC without it), for its own TCP and for our offloaded segments, which it then
+    // also cuts to the MTU itself. Last: it changes the destination's side.
     for device in ["br0", &format!("{}-vd", ns.prefix)] {
         let status = Command::new("ip")
             .args(["netns", "exec", &format!("{}-dst", ns.prefix), "ethtool", "-K", device, "tx", "off"])
@@ -401,6 +398,11 @@ fn dpdk_migrations() {
             .expect("run ethtool");
         assert!(status.success(), "could not turn off checksum offload on {device}");
     }
+    let (_, dst) = our_stack(&ns, "af-packet");
+    let mut recv = dst.args();
+    recv.extend(strings(&["--listen", "10.77.0.12:4951"]));
+    let send = ours("src", 1, false, &["--to", "10.77.0.12:4951"]);
+    migrate(&ns, &recv, &send, WORKLOADS[0]);
     let send = ours("src", 1, false, &["--to", "10.77.0.2:4950"]);
     migrate(&ns, &strings(&["--listen", "10.77.0.2:4950"]), &send, WORKLOADS[1]);
 }

@@ -288,7 +288,8 @@ pub struct StackOptions {
     /// address --ip.
     #[arg(long, value_enum, default_value = "kernel")]
     pub stack: NetStack,
-    /// af-packet: send frames straight to the driver, bypassing the qdisc layer.
+    /// af-packet: send frames straight to the driver, bypassing the qdisc layer. Turns
+    /// offload off on that socket (as --no-offload): large segments sent this way stall.
     #[arg(long)]
     pub qdisc_bypass: bool,
     /// Interface our stack drives (--stack tap).
