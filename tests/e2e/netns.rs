@@ -75,12 +75,32 @@ fn migrate_ours(ns: &Namespaces, stack: &str, port: u16, workload: &str, send_ex
 
 const WORKLOADS: [&str; 2] = ["seq", "dirty:32MiB:5000:16"];
 
-/// A migration over TAP with both ends capturing (`--pcap`); returns the lengths of the
-/// frames in the source's capture and in the destination's.
-fn tap_captures(ns: &Namespaces, port: u16, offload: bool) -> (Vec<usize>, Vec<usize>) {
-    let (src, dst) = our_stack(ns, "tap");
-    let dir = std::env::temp_dir();
-    let capture = |side: &str| dir.join(format!("vmigrate-tap-{}-{port}-{side}.pcap", std::process::id()));
+/// Where a `--pcap` capture of this test process goes.
+fn capture_path(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("vmigrate-{}-{name}.pcap", std::process::id()))
+}
+
+/// The lengths of the frames in the capture at `path`, which is then removed.
+fn captured_lengths(path: &std::path::Path) -> Vec<usize> {
+    let bytes = std::fs::read(path).expect("the capture");
+    let _ = std::fs::remove_file(path);
+    dataplane::layers::pcap_frame_lengths(&bytes)
+}
+
+/// Frames longer than an MTU-sized (1500) Ethernet frame.
+fn over_mtu(lengths: &[usize]) -> usize {
+    lengths.iter().filter(|&&len| len > 1514).count()
+}
+
+fn largest(lengths: &[usize]) -> usize {
+    lengths.iter().copied().max().unwrap_or(0)
+}
+
+/// A migration over our stack on `stack` with both ends capturing (`--pcap`); returns the
+/// lengths of the frames in the source's capture and in the destination's.
+fn captures(ns: &Namespaces, stack: &str, port: u16, offload: bool) -> (Vec<usize>, Vec<usize>) {
+    let (src, dst) = our_stack(ns, stack);
+    let capture = |side: &str| capture_path(&format!("{stack}-{port}-{side}"));
     let listen = format!("10.77.0.12:{port}");
     let mut recv = dst.args();
     recv.extend(strings(&["--listen", &listen, "--pcap", &capture("dst").display().to_string()]));
@@ -91,12 +111,7 @@ fn tap_captures(ns: &Namespaces, port: u16, offload: bool) -> (Vec<usize>, Vec<u
         send.push("--no-offload".into());
     }
     migrate(ns, &recv, &send, WORKLOADS[0]);
-    let lengths = |side: &str| {
-        let bytes = std::fs::read(capture(side)).expect("the capture");
-        let _ = std::fs::remove_file(capture(side));
-        dataplane::layers::pcap_frame_lengths(&bytes)
-    };
-    (lengths("src"), lengths("dst"))
+    (captured_lengths(&capture("src")), captured_lengths(&capture("dst")))
 }
 
 #[test]
@@ -126,21 +141,22 @@ fn migrations_between_namespaces() {
             }
         }
     }
-    // TAP's offload: our 64 KiB segments leave through the virtio-net header and cross the
-    // bridge and the veth whole, so the destination's capture holds them as large frames
-    // too; with --no-offload no frame exceeds the MTU. Each migration verifies.
-    for (port, offload) in [(4603, true), (4604, false)] {
-        let (src_lengths, dst_lengths) = tap_captures(&ns, port, offload);
-        let over = |lengths: &[usize]| lengths.iter().filter(|&&len| len > 1514).count();
-        let largest = |lengths: &[usize]| lengths.iter().copied().max().unwrap_or(0);
+    // Offload on TAP (virtio-net headers) and on packet sockets (PACKET_VNET_HDR): our
+    // 64 KiB segments leave whole and cross the bridge and the veth whole, so the
+    // destination's capture holds them as large frames too; with --no-offload no frame
+    // exceeds the MTU. Each migration verifies.
+    for (stack, port, offload) in
+        [("tap", 4603, true), ("tap", 4604, false), ("af-packet", 4605, true), ("af-packet", 4606, false)]
+    {
+        let (src_lengths, dst_lengths) = captures(&ns, stack, port, offload);
         eprintln!(
-            "TAP offload {offload}: source sent {} frames ({} over the MTU, the largest {}), destination got {} ({} over, the largest {})",
-            src_lengths.len(), over(&src_lengths), largest(&src_lengths), dst_lengths.len(), over(&dst_lengths), largest(&dst_lengths)
+            "{stack} offload {offload}: source sent {} frames ({} over the MTU, the largest {}), destination got {} ({} over, the largest {})",
+            src_lengths.len(), over_mtu(&src_lengths), largest(&src_lengths), dst_lengths.len(), over_mtu(&dst_lengths), largest(&dst_lengths)
         );
         if offload {
             assert!(largest(&src_lengths) > 16 * 1514 && largest(&dst_lengths) > 16 * 1514);
         } else {
-            assert_eq!((over(&src_lengths), over(&dst_lengths)), (0, 0));
+            assert_eq!((over_mtu(&src_lengths), over_mtu(&dst_lengths)), (0, 0));
         }
     }
 
@@ -187,21 +203,52 @@ fn migrations_between_namespaces() {
     migrate(&ns, &strings(&["--listen", "10.77.0.2:4447"]), &send, WORKLOADS[1]);
 
     // The kernel's TCP sending to our stack on a packet socket. Over a veth the kernel
-    // hands its 64 KiB GSO segments across whole, and a packet socket sees them so (as it
-    // sees GRO's aggregates on a NIC): the sending side's segmentation is capped at the
-    // MTU, as a dataplane interface's receive aggregation must be turned off. Last, since it
-    // changes the kernel's side for the rest of the run.
-    for device in ["br0", &format!("{}-vs", ns.prefix)] {
-        let status = Command::new("ip")
-            .args(["-n", &format!("{}-src", ns.prefix), "link", "set", device, "gso_max_size", "1500"])
-            .status()
-            .expect("run ip");
+    // hands its 64 KiB GSO segments across whole, and our offloaded socket takes them so.
+    let (_, dst) = our_stack(&ns, "af-packet");
+    let kernel_to_ours = |port: u16, tail: &[&str]| {
+        let mut recv = dst.args();
+        recv.extend(strings(&["--listen", &format!("10.77.0.12:{port}")]));
+        recv.extend(strings(tail));
+        migrate(&ns, &recv, &strings(&["--to", &format!("10.77.0.12:{port}"), "--connections", "4"]), WORKLOADS[1]);
+    };
+    let received = |port: u16, tail: &[&str]| {
+        let path = capture_path(&format!("kernel-{port}"));
+        let mut tail = strings(tail);
+        tail.extend(["--pcap".to_string(), path.display().to_string()]);
+        kernel_to_ours(port, &tail.iter().map(String::as_str).collect::<Vec<_>>());
+        captured_lengths(&path)
+    };
+    let whole = received(4449, &[]);
+    assert!(largest(&whole) > 16 * 1514, "the kernel's segments did not arrive whole: the largest {}", largest(&whole));
+    // With the sending side's segmentation capped at the MTU and its veth end's TSO off,
+    // as a NIC's wire carries frames (a veth aggregates only frames from a peer without
+    // TSO), receive aggregation (GRO, turned on for the veth end) hands our socket large
+    // frames again; without offload the socket takes only MTU-sized frames, so GRO must be
+    // off. Last, since it changes the kernel's side for the rest of the run.
+    for device in ["br0", &ns.veth("src")] {
+        let status =
+            ns.program("src", "ip", &["link", "set", device, "gso_max_size", "1500"]).status().expect("run ip");
         assert!(status.success(), "could not cap GSO on {device}");
     }
-    let (_, dst) = our_stack(&ns, "af-packet");
-    let mut recv = dst.args();
-    recv.extend(strings(&["--listen", "10.77.0.12:4448", "--dataplane-cores", "2"]));
-    migrate(&ns, &recv, &strings(&["--to", "10.77.0.12:4448", "--connections", "4"]), WORKLOADS[1]);
+    let status = ns.program("src", "ethtool", &["-K", &ns.veth("src"), "tso", "off"]).status().expect("run ethtool");
+    assert!(status.success(), "could not turn TSO off on the source's veth end");
+    let gro = |setting: &str| {
+        let device = ns.veth("dst");
+        let status = ns.program("dst", "ethtool", &["-K", &device, "gro", setting]).status().expect("run ethtool");
+        assert!(status.success(), "could not turn GRO {setting} on {device}");
+    };
+    gro("on");
+    let aggregated = received(4450, &[]);
+    assert!(largest(&aggregated) > 2 * 1514, "no GRO aggregates arrived: the largest frame {}", largest(&aggregated));
+    gro("off");
+    kernel_to_ours(4448, &["--dataplane-cores", "2", "--no-offload"]);
+    eprintln!(
+        "kernel to our AF_PACKET: the largest frame {} with the sender's GSO, {} with GRO ({} of {} over the MTU)",
+        largest(&whole),
+        largest(&aggregated),
+        over_mtu(&aggregated),
+        aggregated.len()
+    );
 }
 
 #[test]
