@@ -113,6 +113,65 @@ fn demo_over_dpdk_ports() {
     assert!(!finished.stderr.contains("warning"), "{}", finished.stderr);
 }
 
+/// DPDK with no kernel in the path: `recv` and `send` as two processes, each on its end of
+/// a memif pair (shared memory; the receiver is the server of the memif socket), with and
+/// without hugepages, one connection and four.
+#[test]
+fn migrations_over_memif_between_two_processes() {
+    if !cfg!(feature = "dpdk") {
+        eprintln!("SKIPPED migrations_over_memif_between_two_processes: built without the dpdk feature");
+        return;
+    }
+    if !is_root() {
+        eprintln!("SKIPPED migrations_over_memif_between_two_processes: DPDK's EAL needs root here");
+        return;
+    }
+    let socket = std::env::temp_dir().join(format!("vmigrate-memif-{}.sock", std::process::id()));
+    for (run_index, (hugepages, connections)) in [(false, "1"), (false, "4"), (true, "2")].into_iter().enumerate() {
+        let port = 4700 + run_index;
+        let side = |role: &str, ip: &str, lcore: &str, tail: &[&str]| {
+            let mut args: Vec<String> =
+                ["--stack", "dpdk", "--iface", "net_memif0", "--ip", ip].iter().map(|s| s.to_string()).collect();
+            args.extend(tail.iter().map(|s| s.to_string()));
+            args.extend(["--", "--no-pci", "--log-level=error", "-m", "128", "-l", lcore].map(String::from));
+            if !hugepages {
+                args.push("--no-huge".into());
+            }
+            args.push(format!("--file-prefix=vmigrate-memif-{}-{role}", std::process::id()));
+            args.push(format!("--vdev=net_memif0,role={role},id=0,socket={}", socket.display()));
+            args
+        };
+        let listen = format!("10.77.0.12:{port}");
+        let mut recv = Command::new(BIN);
+        recv.args(["recv", "--json", "--run-after", "0.3"]).args(side(
+            "server",
+            "10.77.0.12/24",
+            "0",
+            &["--listen", &listen],
+        ));
+        let receiver = Receiver::spawn(recv);
+        let mut send = Command::new(BIN);
+        send.args(["send", "--mem", "64MiB", "--workload", "dirty:32MiB:5000:16", "--verify", "--json"]).args(side(
+            "client",
+            "10.77.0.11/24",
+            "1",
+            &["--to", &listen, "--connections", connections],
+        ));
+        let sent = run(&mut send, DEADLINE);
+        let received = receiver.wait(DEADLINE);
+        assert_migrated(&sent, &received);
+        for output in [&sent, &received] {
+            assert!(
+                output.stderr.contains("DPDK port net_memif0 closed: all "),
+                "no clean teardown:\n{}",
+                output.stderr
+            );
+            assert!(!output.stderr.contains("warning"), "{}", output.stderr);
+        }
+        let _ = std::fs::remove_file(&socket);
+    }
+}
+
 /// The libraries speak through the log facade; the binary shows info and up by default,
 /// debug lines with -v, warnings only with -q, and what RUST_LOG asks for per crate.
 #[test]
