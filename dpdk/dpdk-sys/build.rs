@@ -1,7 +1,9 @@
 //! Builds the bindings to the system DPDK: finds it with pkg-config (`libdpdk`, 22.11 or
 //! newer), compiles the C shim over its static inline fast path with DPDK's own compiler
 //! flags, and runs bindgen over the shim's header. Without DPDK the crate builds empty (cfg
-//! `dpdk` unset), so the workspace builds everywhere; CI installs DPDK and tests it.
+//! `dpdk` unset), so the workspace builds everywhere; CI installs DPDK and tests it. With the
+//! `required` feature (vmigrate's `dpdk` feature turns it on) a missing DPDK fails the build
+//! with what to install.
 
 use std::env;
 use std::path::PathBuf;
@@ -18,6 +20,15 @@ fn main() {
     // Probe first without telling cargo anything: the libraries are linked after the shim.
     if let Err(err) = pkg_config::Config::new().atleast_version(MINIMUM_VERSION).cargo_metadata(false).probe("libdpdk")
     {
+        if env::var_os("CARGO_FEATURE_REQUIRED").is_some() {
+            // Asked for by vmigrate's `dpdk` feature: an empty crate would only fail later,
+            // with unresolved imports that do not say what is missing.
+            panic!(
+                "the dpdk feature needs DPDK {MINIMUM_VERSION} or newer, found by pkg-config as \
+                 libdpdk: install libdpdk-dev, dpdk, clang, libclang-dev and pkg-config \
+                 (Debian 12), or build without --features dpdk ({err})"
+            );
+        }
         println!(
             "cargo:warning=DPDK not found (pkg-config libdpdk >= {MINIMUM_VERSION}): dpdk-sys is built empty ({err})"
         );
