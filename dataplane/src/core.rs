@@ -3,6 +3,7 @@
 //! iteration: ingress and egress through smoltcp, then at most `PUMP_BUDGET_BYTES` each
 //! way per connection between the sockets and the application rings.
 
+use crate::clock::StackClock;
 use crate::fanout::{local_port_for, Steering};
 use crate::faults::{Faults, FaultyDevice};
 use crate::layers::{trace_frame, ChecksumPolicy, Checksums};
@@ -10,7 +11,6 @@ use crate::pipe::{PipeShared, CHUNK_BYTES};
 use smoltcp::iface::{Config, Interface, PollIngressSingleResult, PollResult, SocketHandle, SocketSet};
 use smoltcp::phy::{Device, PcapMode, PcapWriter, Tracer};
 use smoltcp::socket::tcp::{self, State};
-use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, IpCidr, IpEndpoint, Ipv4Address};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -276,11 +276,13 @@ struct Core<D: Device> {
     connecting: Vec<Connecting>,
     listeners: Vec<Listener>,
     next_port: u16,
+    clock: StackClock,
 }
 
 impl<D: Device> Core<D> {
     fn new(mut device: D, config: CoreConfig) -> Self {
-        let mut iface = Interface::new(Config::new(config.mac.into()), &mut device, Instant::now());
+        let clock = StackClock::new();
+        let mut iface = Interface::new(Config::new(config.mac.into()), &mut device, clock.now());
         iface.update_ip_addrs(|addrs| {
             let _ = addrs.push(config.ip);
         });
@@ -296,6 +298,7 @@ impl<D: Device> Core<D> {
             connecting: Vec::new(),
             listeners: Vec::new(),
             next_port: EPHEMERAL_PORT_BASE,
+            clock,
         }
     }
 
@@ -364,7 +367,7 @@ impl<D: Device> Core<D> {
     /// after every `ACK_EVERY_FRAMES`, then egress until the sockets have nothing to send.
     /// Returns whether any frame came in.
     fn poll_stack(&mut self) -> bool {
-        let now = Instant::now();
+        let now = self.clock.now();
         self.iface.poll_maintenance(now);
         let mut frames = 0;
         while frames < INGRESS_BUDGET {

@@ -10,6 +10,7 @@
 //! `transport::pipe::{Connector, Acceptor}` and the engine does the rest.
 
 pub mod af_packet;
+mod clock;
 pub mod core;
 #[cfg(feature = "dpdk")]
 pub mod dpdk_nic;
