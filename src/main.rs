@@ -8,6 +8,7 @@ use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    cli::tune_allocator();
     let args = cli::Cli::parse();
     cli::init_logging(&args.verbosity);
     match cli::run(args) {

@@ -1,5 +1,6 @@
 //! Subcommands and their shared options.
 
+mod allocator;
 mod args;
 mod bench;
 mod commands;
@@ -14,6 +15,7 @@ mod stacks;
 mod stream;
 mod tls;
 
+pub use allocator::tune as tune_allocator;
 pub use args::Cli;
 pub use commands::run;
 pub use logging::init as init_logging;
