@@ -505,27 +505,43 @@ fn link_faults(prefix: &str) -> Vec<(String, LinkFault)> {
     cases
 }
 
-/// Puts both middle veth ends down for `length` (from `after`), unless told to end early.
+/// Bytes the middle namespace's end toward the source has received so far (the stream's
+/// data, once the migration runs), for the namespaces of `prefix`.
+fn bytes_from_source(prefix: &str) -> u64 {
+    let path = format!("/sys/class/net/{prefix}-ms/statistics/rx_bytes");
+    Command::new("ip")
+        .args(["netns", "exec", &format!("{prefix}-mid"), "cat", &path])
+        .output()
+        .ok()
+        .and_then(|out| String::from_utf8_lossy(&out.stdout).trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Puts both middle veth ends down for `length`, once `after` bytes from the source have
+/// crossed (so the migration's connections are up and its data under way: an outage
+/// during the connection's setup would test the connect timeout instead), unless told to
+/// end early.
 fn blackout(
     ns: &Namespaces,
-    after: Duration,
+    after: u64,
     length: Duration,
 ) -> (std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>) {
     let (stop, stopped) = std::sync::mpsc::channel::<()>();
     let ends = [format!("{}-ms", ns.prefix), format!("{}-md", ns.prefix)];
-    let set = {
-        let prefix = ns.prefix.clone();
-        move |state: &str| {
-            for end in &ends {
-                let status =
-                    Command::new("ip").args(["-n", &format!("{prefix}-mid"), "link", "set", end, state]).status();
-                assert!(status.is_ok_and(|s| s.success()), "ip link set {end} {state}");
-            }
+    let mid = format!("{}-mid", ns.prefix);
+    let set = move |state: &str| {
+        for end in &ends {
+            let status = Command::new("ip").args(["-n", &mid, "link", "set", end, state]).status();
+            assert!(status.is_ok_and(|s| s.success()), "ip link set {end} {state}");
         }
     };
+    let prefix = ns.prefix.clone();
     let handle = std::thread::spawn(move || {
-        if stopped.recv_timeout(after).is_ok() {
-            return;
+        let started = bytes_from_source(&prefix);
+        while bytes_from_source(&prefix) < started + after {
+            if stopped.recv_timeout(Duration::from_millis(10)).is_ok() {
+                return;
+            }
         }
         set("down");
         let _ = stopped.recv_timeout(length);
@@ -574,7 +590,7 @@ fn migrate_through(ns: &Namespaces, stack: &str, port: u16, fault: &LinkFault) -
     let receiver = Receiver::spawn(ns.command("dst", &recv_refs));
     let started = std::time::Instant::now();
     let outage = match fault {
-        LinkFault::Down(length) => Some(blackout(ns, Duration::from_millis(300), *length)),
+        LinkFault::Down(length) => Some(blackout(ns, 1 << 20, *length)),
         LinkFault::Rules(_) => None,
     };
     let sent = run(&mut ns.command("src", &send_refs), DEADLINE);
