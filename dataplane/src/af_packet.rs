@@ -22,7 +22,7 @@
 //! outlives the call that made it.
 
 use crate::fanout::FanoutGroup;
-use crate::netdev::{check, set_packet_option};
+use crate::netdev::{check, set_packet_option, set_socket_option};
 use crate::vnet::{prepare_transmit, VNET_HDR_BYTES};
 use crate::SUPER_FRAME_BYTES;
 use smoltcp::phy::{self, Checksum, Device, DeviceCapabilities, Medium, PacketMeta};
@@ -183,21 +183,8 @@ unsafe fn status(ptr: *mut u8) -> &'static AtomicU32 {
 /// CAP_NET_ADMIN the kernel caps the size at `wmem_max`.
 fn allow_whole_ring_in_flight(fd: i32, ring_bytes: usize) {
     let bytes = libc::c_int::try_from(ring_bytes).unwrap_or(libc::c_int::MAX);
-    for option in [libc::SO_SNDBUFFORCE, libc::SO_SNDBUF] {
-        // SAFETY: `bytes` is a live c_int whose size is passed, as setsockopt requires.
-        let result = unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                option,
-                (&bytes as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if result == 0 {
-            return;
-        }
-    }
+    let _ = set_socket_option(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, &bytes, "SO_SNDBUFFORCE")
+        .or_else(|_| set_socket_option(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, &bytes, "SO_SNDBUF"));
 }
 
 /// The geometry of a ring of `ring_bytes`: without offload, power-of-two slots that hold

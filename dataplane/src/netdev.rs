@@ -24,15 +24,20 @@ pub(crate) fn interface_mtu(iface: &str) -> usize {
 
 /// Sets a `SOL_PACKET` option on a packet socket; `what` names it in the error.
 pub(crate) fn set_packet_option<T>(fd: i32, option: libc::c_int, value: &T, what: &str) -> io::Result<()> {
+    set_socket_option(fd, libc::SOL_PACKET, option, value, what)
+}
+
+/// Sets a socket option at `level`; `what` names it in the error.
+pub(crate) fn set_socket_option<T>(
+    fd: i32,
+    level: libc::c_int,
+    option: libc::c_int,
+    value: &T,
+    what: &str,
+) -> io::Result<()> {
     // SAFETY: `value` points to a live `T` of the size passed, as setsockopt requires.
     let result = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_PACKET,
-            option,
-            (value as *const T).cast(),
-            std::mem::size_of::<T>() as libc::socklen_t,
-        )
+        libc::setsockopt(fd, level, option, (value as *const T).cast(), std::mem::size_of::<T>() as libc::socklen_t)
     };
     check(result, what)
 }
