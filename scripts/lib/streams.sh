@@ -8,7 +8,7 @@ busy() {
     awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9; exit }' /proc/stat
 }
 
-# One stream: recv in the destination namespace, send in the source namespace; or, for
+# A stream (or --streams N): recv in the destination namespace, send in the source namespace; or, for
 # kernel-loopback, the kernel's TCP on 127.0.0.1 in this namespace.
 stream() {
     local name=$1 port=$2; shift 2

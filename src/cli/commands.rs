@@ -28,12 +28,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Recv(args) => recv(args),
         Command::StreamSend(args) => {
             let connector = connector_for(&args.stack, !args.no_pin, &args.to, Timeouts::default())?;
-            super::stream::send(&*connector.0, args.bytes)
+            super::stream::send(&*connector.0, args.bytes, args.streams)
         }
         Command::StreamRecv(args) => {
             let (mut acceptor, _stack) = acceptor_for(&args.stack, !args.no_pin, args.listen, Timeouts::default())?;
             eprintln!("vmigrate: waiting for a stream on {}", acceptor.local_addr());
-            super::stream::receive(&mut *acceptor)
+            super::stream::receive(&mut *acceptor, args.streams)
         }
         Command::QemuSend(args) => super::relay::qemu_send(args),
         Command::QemuRecv(args) => super::relay::qemu_recv(args),

@@ -1,5 +1,6 @@
-//! Link benchmarks: one bulk TCP stream over a stack, with goodput and CPU time, so that our
-//! userspace stack can be put beside the kernel's on the same link in one run.
+//! Link benchmarks: bulk TCP streams (one, or several in parallel) over a stack, with
+//! goodput and CPU time, so that our userspace stack can be put beside the kernel's on the
+//! same link in one run.
 
 use super::args::TlsOptions;
 use super::cpu::process_time as cpu_time;
@@ -44,9 +45,28 @@ fn write_stream(connector: &dyn Connector, bytes: u64) -> Result<()> {
     Ok(())
 }
 
-fn read_stream(acceptor: &mut dyn Acceptor) -> Result<(u64, Duration)> {
-    let connection = acceptor.accept(Duration::from_secs(60)).context("waiting for the stream")?;
-    read_connection(connection)
+/// Takes `streams` connections and reads them in parallel: the bytes of all, and the
+/// longest of their times.
+fn read_streams(acceptor: &mut dyn Acceptor, streams: usize) -> Result<(u64, Duration)> {
+    let connections: Vec<_> = (0..streams.max(1))
+        .map(|_| acceptor.accept(Duration::from_secs(60)).context("waiting for a stream"))
+        .collect::<Result<_>>()?;
+    let totals = std::thread::scope(|scope| {
+        let readers: Vec<_> = connections.into_iter().map(|c| scope.spawn(move || read_connection(c))).collect();
+        readers
+            .into_iter()
+            .map(|h| h.join().map_err(|_| anyhow::anyhow!("reader panicked"))?)
+            .collect::<Result<Vec<_>>>()
+    })?;
+    Ok((totals.iter().map(|t| t.0).sum(), totals.iter().map(|t| t.1).max().unwrap_or_default()))
+}
+
+/// `streams` connections, each sending `bytes`, in parallel.
+fn write_streams(connector: &dyn Connector, bytes: u64, streams: usize) -> Result<()> {
+    std::thread::scope(|scope| {
+        let writers: Vec<_> = (0..streams.max(1)).map(|_| scope.spawn(|| write_stream(connector, bytes))).collect();
+        writers.into_iter().try_for_each(|w| w.join().map_err(|_| anyhow::anyhow!("writer panicked"))?)
+    })
 }
 
 fn read_connection(mut connection: transport::pipe::Connection) -> Result<(u64, Duration)> {
@@ -71,16 +91,18 @@ fn read_connection(mut connection: transport::pipe::Connection) -> Result<(u64, 
     Ok((received, elapsed))
 }
 
-pub fn send(connector: &dyn Connector, bytes: u64) -> Result<ExitCode> {
+/// `streams` bulk streams of `bytes` each; the report counts them all.
+pub fn send(connector: &dyn Connector, bytes: u64, streams: usize) -> Result<ExitCode> {
     let (start, cpu) = (Instant::now(), cpu_time());
-    write_stream(connector, bytes)?;
-    println!("{}", report("send", bytes, start.elapsed(), cpu_time() - cpu));
+    write_streams(connector, bytes, streams)?;
+    let total = bytes * streams.max(1) as u64;
+    println!("{}", report("send", total, start.elapsed(), cpu_time() - cpu));
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn receive(acceptor: &mut dyn Acceptor) -> Result<ExitCode> {
+pub fn receive(acceptor: &mut dyn Acceptor, streams: usize) -> Result<ExitCode> {
     let cpu = cpu_time();
-    let (bytes, elapsed) = read_stream(acceptor)?;
+    let (bytes, elapsed) = read_streams(acceptor, streams)?;
     println!("{}", report("recv", bytes, elapsed, cpu_time() - cpu));
     Ok(ExitCode::SUCCESS)
 }
@@ -99,23 +121,8 @@ pub fn loopback(bytes: u64, options: LoopbackOptions, streams: usize, tls: &TlsO
     let cpu = cpu_time();
     let start = Instant::now();
     let (received, _) = std::thread::scope(|scope| -> Result<(u64, Duration)> {
-        let receiver = scope.spawn(|| -> Result<(u64, Duration)> {
-            let readers: Vec<_> = (0..streams)
-                .map(|_| acceptor.accept(Duration::from_secs(60)).context("waiting for a stream"))
-                .collect::<Result<_>>()?;
-            let totals = std::thread::scope(|inner| {
-                let handles: Vec<_> = readers.into_iter().map(|c| inner.spawn(move || read_connection(c))).collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().map_err(|_| anyhow::anyhow!("reader panicked"))?)
-                    .collect::<Result<Vec<_>>>()
-            })?;
-            Ok((totals.iter().map(|t| t.0).sum(), totals.iter().map(|t| t.1).max().unwrap_or_default()))
-        });
-        let writers: Vec<_> = (0..streams).map(|_| scope.spawn(|| write_stream(&*connector, bytes))).collect();
-        for writer in writers {
-            writer.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
-        }
+        let receiver = scope.spawn(|| read_streams(&mut *acceptor, streams));
+        write_streams(&*connector, bytes, streams)?;
         receiver.join().map_err(|_| anyhow::anyhow!("receiver panicked"))?
     })?;
     println!("{}", report("loopback", received, start.elapsed(), cpu_time() - cpu));

@@ -278,6 +278,20 @@ fn link_benchmark_streams_count_every_byte() {
     assert!(sent.status.success(), "{}", sent.stderr);
     assert!(received.status.success(), "{}", received.stderr);
     assert_eq!(json(&received.stdout)["bytes"], 8 << 20);
+
+    // Three streams in parallel: both ends count all of them.
+    let mut command = Command::new(BIN);
+    command.args(["stream-recv", "--listen", "127.0.0.1:0", "--streams", "3"]);
+    let receiver = vmigrate_tests::process::Receiver::spawn_announcing(command, "vmigrate: waiting for a stream on ");
+    let sent = run(
+        Command::new(BIN).args(["stream-send", "--to", &receiver.address, "--bytes", "8MiB", "--streams", "3"]),
+        DEADLINE,
+    );
+    let received = receiver.wait(DEADLINE);
+    assert!(sent.status.success(), "{}", sent.stderr);
+    assert!(received.status.success(), "{}", received.stderr);
+    assert_eq!(json(&sent.stdout)["bytes"], 3 * (8 << 20));
+    assert_eq!(json(&received.stdout)["bytes"], 3 * (8 << 20));
 }
 
 /// `vmigrate send` cancelled mid-migration, by `how`: "SIGINT", "SIGTERM" or the control

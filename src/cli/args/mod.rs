@@ -130,8 +130,12 @@ fn parse_blackout(text: &str) -> Result<dataplane::faults::Blackout, String> {
 pub struct StreamSendArgs {
     #[arg(long)]
     pub to: String,
+    /// Bytes per stream.
     #[arg(long, default_value = "1GiB", value_parser = parse_size)]
     pub bytes: u64,
+    /// Parallel streams (the receiver must be given as many).
+    #[arg(long, default_value_t = 1)]
+    pub streams: usize,
     #[command(flatten)]
     pub stack: StackOptions,
     #[arg(long)]
@@ -142,6 +146,9 @@ pub struct StreamSendArgs {
 pub struct StreamRecvArgs {
     #[arg(long)]
     pub listen: SocketAddr,
+    /// Parallel streams to take (as the sender's --streams).
+    #[arg(long, default_value_t = 1)]
+    pub streams: usize,
     #[command(flatten)]
     pub stack: StackOptions,
     #[arg(long)]
