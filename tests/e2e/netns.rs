@@ -211,14 +211,13 @@ fn migrations_between_namespaces() {
         recv.extend(strings(tail));
         migrate(&ns, &recv, &strings(&["--to", &format!("10.77.0.12:{port}"), "--connections", "4"]), WORKLOADS[1]);
     };
-    let received = |port: u16, tail: &[&str]| {
+    // The lengths of the frames our receiver captured in a migration on `port`.
+    let received = |port: u16| {
         let path = capture_path(&format!("kernel-{port}"));
-        let mut tail = strings(tail);
-        tail.extend(["--pcap".to_string(), path.display().to_string()]);
-        kernel_to_ours(port, &tail.iter().map(String::as_str).collect::<Vec<_>>());
+        kernel_to_ours(port, &["--pcap", &path.display().to_string()]);
         captured_lengths(&path)
     };
-    let whole = received(4449, &[]);
+    let whole = received(4449);
     assert!(largest(&whole) > 16 * 1514, "the kernel's segments did not arrive whole: the largest {}", largest(&whole));
     // With the sending side's segmentation capped at the MTU and its veth end's TSO off,
     // as a NIC's wire carries frames (a veth aggregates only frames from a peer without
@@ -238,7 +237,7 @@ fn migrations_between_namespaces() {
         assert!(status.success(), "could not turn GRO {setting} on {device}");
     };
     gro("on");
-    let aggregated = received(4450, &[]);
+    let aggregated = received(4450);
     assert!(largest(&aggregated) > 2 * 1514, "no GRO aggregates arrived: the largest frame {}", largest(&aggregated));
     gro("off");
     kernel_to_ours(4448, &["--dataplane-cores", "2", "--no-offload"]);
