@@ -18,6 +18,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
+use transport::pipe::{Next, Outbound};
 use transport::ring::Ring;
 
 /// Bytes moved per connection and direction in one loop iteration, so one busy connection
@@ -241,6 +242,9 @@ struct Pipe {
     shared: Arc<PipeShared>,
     /// A chunk taken from the application, partly written into the socket.
     pending: Option<(Vec<u8>, usize)>,
+    /// The write side the application handed over: pulled straight into the socket once
+    /// the chunks written before it are sent.
+    outbound: Option<Box<dyn Outbound>>,
     /// Bytes written into the socket so far.
     sent: u64,
     eof_sent: bool,
@@ -252,6 +256,13 @@ impl Pipe {
     /// (then only this core holds the shared state): either way, a close.
     fn application_gone(&self) -> bool {
         self.shared.closed.is_raised() || Arc::strong_count(&self.shared) == 1
+    }
+
+    /// Whether nothing the application gave is left to put into the socket.
+    fn drained(&mut self) -> bool {
+        self.pending.is_none()
+            && self.shared.to_net.is_empty()
+            && !self.outbound.as_mut().is_some_and(|outbound| matches!(outbound.next(), Next::Bytes(_)))
     }
 }
 
@@ -432,6 +443,7 @@ impl<D: Device> Core<D> {
             handle,
             shared: shared.clone(),
             pending: None,
+            outbound: None,
             sent: 0,
             eof_sent: false,
             closing: false,
@@ -516,6 +528,25 @@ impl<D: Device> Core<D> {
                 }
             }
         }
+        // Then the handed-over write side, once every chunk written before it is in.
+        if pipe.outbound.is_none() && pipe.pending.is_none() && pipe.shared.to_net.is_empty() {
+            pipe.outbound = pipe.shared.take_outbound();
+        }
+        if let (Some(outbound), None) = (pipe.outbound.as_mut(), pipe.pending.as_ref()) {
+            while budget > 0 && socket.can_send() {
+                let sent = match outbound.next() {
+                    Next::Bytes(bytes) => socket.send_slice(bytes).unwrap_or(0),
+                    Next::Idle | Next::Done => break,
+                };
+                if sent == 0 {
+                    break;
+                }
+                outbound.advance(sent);
+                pipe.sent += sent as u64;
+                budget = budget.saturating_sub(sent);
+                progress = true;
+            }
+        }
 
         // What left the send buffer was acknowledged. A buffer over half full of bytes not
         // yet acknowledged waits for the link (or the peer): when the link keeps up, only
@@ -559,7 +590,7 @@ impl<D: Device> Core<D> {
         }
 
         // The application closed (or dropped the connection): send what it wrote, then FIN.
-        if pipe.application_gone() && !pipe.closing && pipe.pending.is_none() && pipe.shared.to_net.is_empty() {
+        if pipe.application_gone() && !pipe.closing && pipe.drained() {
             socket.close();
             pipe.closing = true;
             progress = true;
@@ -575,6 +606,11 @@ impl<D: Device> Core<D> {
             let state = self.sockets.get::<tcp::Socket>(handle).state();
             let done = matches!(state, State::Closed | State::TimeWait) && self.pipes[index].closing;
             let lost = state == State::Closed && !self.pipes[index].closing;
+            if lost {
+                if let Some(mut outbound) = self.pipes[index].outbound.take() {
+                    outbound.lost("the connection was reset");
+                }
+            }
             if lost && !self.pipes[index].eof_sent {
                 // Reset by the peer: the application sees the end of the stream.
                 if self.pipes[index].shared.from_net.try_push(Vec::new()) {

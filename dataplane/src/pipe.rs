@@ -4,10 +4,10 @@
 
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use transport::abort::SessionAbort;
-use transport::pipe::{Connection, SendProbe};
+use transport::pipe::{Connection, Outbound, SendProbe};
 use transport::ring::{Pool, Ring};
 
 /// Bytes per chunk handed between an application thread and its core: large enough that
@@ -29,6 +29,11 @@ pub struct PipeShared {
     pub(crate) acknowledged: AtomicU64,
     /// Whether the socket's send buffer was full when the core last looked.
     pub(crate) send_full: AtomicBool,
+    /// The write side, once the application handed it over (`Connection::direct`): the
+    /// core takes it after draining what `to_net` holds, and pulls from it from then on.
+    pub(crate) outbound: Mutex<Option<Box<dyn Outbound>>>,
+    /// Set once `outbound` was filled, so the core need not lock to look.
+    pub(crate) attached: AtomicBool,
 }
 
 impl SendProbe for PipeShared {
@@ -50,7 +55,17 @@ impl PipeShared {
             free: Pool::new(2 * PIPE_RING_CHUNKS),
             acknowledged: AtomicU64::new(0),
             send_full: AtomicBool::new(false),
+            outbound: Mutex::new(None),
+            attached: AtomicBool::new(false),
         })
+    }
+
+    /// Takes the write side the application handed over, if it has (once).
+    pub(crate) fn take_outbound(&self) -> Option<Box<dyn Outbound>> {
+        if !self.attached.load(Ordering::Acquire) {
+            return None;
+        }
+        self.outbound.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 }
 
@@ -115,11 +130,16 @@ impl Write for PipeWriter {
 pub(crate) fn connection(shared: Arc<PipeShared>, peer: String, timeout: Duration) -> Connection {
     let closer = shared.clone();
     let probe = shared.clone();
+    let attach = shared.clone();
     Connection {
         reader: Box::new(PipeReader { shared: shared.clone(), current: Vec::new(), offset: 0, eof: false, timeout }),
         writer: Box::new(PipeWriter { shared }),
         closer: Box::new(move || closer.closed.raise("closed by the application")),
         peer,
         probe: Some(probe),
+        direct: Some(Box::new(move |outbound| {
+            *attach.outbound.lock().unwrap_or_else(|p| p.into_inner()) = Some(outbound);
+            attach.attached.store(true, Ordering::Release);
+        })),
     }
 }

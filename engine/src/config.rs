@@ -23,6 +23,10 @@ pub struct SourceConfig {
     /// Hash both sides' memory after completion.
     pub verify: bool,
     pub pin_workers: bool,
+    /// Hand each connection's write side to its stack where the stack can pull (the
+    /// dataplane's polling cores) instead of running a writer thread per connection. Off
+    /// exists to measure what it saves.
+    pub direct_send: bool,
     /// How long to wait for the destination's answers (Ready, Resumed).
     pub answer_timeout: Duration,
     /// A way to cancel the migration from outside (signals, a control command).
@@ -43,6 +47,7 @@ impl Default for SourceConfig {
             deferred_cleanup: true,
             verify: false,
             pin_workers: true,
+            direct_send: true,
             answer_timeout: Duration::from_secs(30),
             cancel: None,
         }

@@ -28,22 +28,26 @@ impl RateLimiter {
 
     /// Waits until `bytes` may be sent.
     pub fn acquire(&self, bytes: usize) {
-        let wait = {
-            let mut bucket = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            let now = Instant::now();
-            let burst = self.bytes_per_s * BURST.as_secs_f64();
-            bucket.tokens =
-                (bucket.tokens + now.duration_since(bucket.last).as_secs_f64() * self.bytes_per_s).min(burst);
-            bucket.last = now;
-            bucket.tokens -= bytes as f64;
-            if bucket.tokens < 0.0 {
-                Duration::from_secs_f64(-bucket.tokens / self.bytes_per_s)
-            } else {
-                Duration::ZERO
-            }
-        };
+        let wait = self.reserve(bytes);
         if !wait.is_zero() {
             std::thread::sleep(wait);
+        }
+    }
+
+    /// Takes `bytes` from the bucket and returns how long the caller must wait before
+    /// sending them: for a caller that cannot sleep (a polling core), which holds the
+    /// bytes back that long instead.
+    pub fn reserve(&self, bytes: usize) -> Duration {
+        let mut bucket = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let burst = self.bytes_per_s * BURST.as_secs_f64();
+        bucket.tokens = (bucket.tokens + now.duration_since(bucket.last).as_secs_f64() * self.bytes_per_s).min(burst);
+        bucket.last = now;
+        bucket.tokens -= bytes as f64;
+        if bucket.tokens < 0.0 {
+            Duration::from_secs_f64(-bucket.tokens / self.bytes_per_s)
+        } else {
+            Duration::ZERO
         }
     }
 

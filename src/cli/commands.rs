@@ -95,6 +95,7 @@ fn source_config(args: &SourceOptions, common: &CommonOptions, cores: CoreShare)
         deferred_cleanup: !common.no_deferred_cleanup,
         verify: args.verify,
         pin_workers: !common.no_pin,
+        direct_send: !common.writer_threads,
         ..SourceConfig::default()
     }
 }

@@ -219,3 +219,127 @@ fn the_send_probe_follows_the_link_on_kernel_tcp() {
     let receiver = acceptor.accept(Duration::from_secs(10)).expect("accept");
     probe_follows_a_stalled_then_draining_reader(sender, receiver);
 }
+
+/// The names of this process's threads now.
+fn thread_names() -> Vec<String> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return Vec::new() };
+    tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim().to_string())
+        .collect()
+}
+
+/// Migrates over the wire and returns whether a connection writer thread was seen while
+/// the migration ran (sampled every millisecond).
+fn writer_thread_seen(direct_send: bool) -> bool {
+    let config = SourceConfig {
+        codec: Codec::None,
+        connections: 2,
+        verify: true,
+        direct_send,
+        // Slow enough that the connections live for a few hundred sampling periods.
+        max_bandwidth_bytes_per_s: Some(200 << 20),
+        precopy: PrecopyConfig { downtime_limit: Duration::ZERO, max_rounds: 2, ..Default::default() },
+        ..SourceConfig::default()
+    };
+    let workload = WorkloadSpec::Seq { pages_per_s: 20_000 };
+    let running = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let seen = {
+        let running = running.clone();
+        std::thread::spawn(move || {
+            let mut seen = false;
+            while running.load(std::sync::atomic::Ordering::Acquire) {
+                seen |= thread_names().iter().any(|name| name.starts_with("conn-writer"));
+                std::thread::sleep(MS);
+            }
+            seen
+        })
+    };
+    let outcome = migrate_synthetic_on(Link::Loopback { mtu: 1500, cores: 1 }, MEM, workload, &config);
+    running.store(false, std::sync::atomic::Ordering::Release);
+    let seen = seen.join().expect("sampler");
+    assert_eq!(outcome.source.expect("source").verified, Some(true));
+    outcome.destination_check.expect("destination guest intact");
+    seen
+}
+
+/// The send path of the design: over our stack, the polling cores take the compression
+/// workers' frames from their rings themselves; no writer thread runs per connection (the
+/// same migration with writer threads shows that the sampling would see one).
+#[test]
+fn polling_cores_pull_frames_without_writer_threads() {
+    assert!(writer_thread_seen(false), "the sampler missed the writer threads it was shown");
+    assert!(!writer_thread_seen(true), "a connection writer thread ran over our stack");
+}
+
+/// An `Outbound` that offers `total` bytes of a counting pattern in slices of odd sizes,
+/// with an idle poll between slices, then says it is done.
+struct Pattern {
+    total: usize,
+    offset: usize,
+    idle_next: bool,
+    bytes: Vec<u8>,
+    lost: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl transport::pipe::Outbound for Pattern {
+    fn next(&mut self) -> transport::pipe::Next<'_> {
+        use transport::pipe::Next;
+        if self.offset == self.total {
+            return Next::Done;
+        }
+        self.idle_next = !self.idle_next;
+        if self.idle_next {
+            return Next::Idle;
+        }
+        let len = (self.total - self.offset).min(1 + self.offset % 70_001);
+        self.bytes = (self.offset..self.offset + len).map(|i| i as u8).collect();
+        Next::Bytes(&self.bytes)
+    }
+
+    fn advance(&mut self, n: usize) {
+        self.offset += n;
+        // The rest of a slice not taken is offered again (the pattern is positional).
+        self.idle_next = true;
+    }
+
+    fn lost(&mut self, why: &str) {
+        *self.lost.lock().unwrap() = Some(why.to_string());
+    }
+}
+
+/// A connection's write side handed to its core: what the writer wrote before comes
+/// first, then every byte the `Outbound` offers, in order, then the end of the stream
+/// once the application closes.
+#[test]
+fn a_core_drains_a_handed_over_write_side_in_order() {
+    const TOTAL: usize = 8 << 20;
+    let stack = LoopbackStack::start(1500, DEFAULT_SOCKET_BUFFER_BYTES, false).expect("start the loopback wire");
+    let timeouts = Timeouts { connect: Duration::from_secs(10), io: Duration::from_secs(30) };
+    let mut acceptor = stack.acceptor(4711, timeouts).expect("listen");
+    let mut sender = stack.connector(4711, timeouts).connect().expect("connect");
+    let mut receiver = acceptor.accept(Duration::from_secs(10)).expect("accept");
+    sender.writer.write_all(b"first").expect("write before the hand-over");
+    let lost = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let pattern = Pattern { total: TOTAL, offset: 0, idle_next: false, bytes: Vec::new(), lost: lost.clone() };
+    let attach = sender.direct.take().expect("our stack takes the write side");
+    attach(Box::new(pattern));
+    drop(sender.writer);
+    let mut head = [0u8; 5];
+    receiver.reader.read_exact(&mut head).expect("read the first bytes");
+    assert_eq!(&head, b"first");
+    let mut received = Vec::with_capacity(TOTAL);
+    let mut buffer = vec![0u8; 1 << 16];
+    while received.len() < TOTAL {
+        let n = receiver.reader.read(&mut buffer).expect("read");
+        assert!(n > 0, "the stream ended after {} bytes", received.len());
+        received.extend_from_slice(&buffer[..n]);
+    }
+    assert_eq!(received.len(), TOTAL);
+    if let Some(i) = received.iter().enumerate().position(|(i, &b)| b != i as u8) {
+        panic!("byte {i} is {} where {} was sent", received[i], i as u8);
+    }
+    (sender.closer)();
+    assert_eq!(receiver.reader.read(&mut buffer).expect("read the end"), 0, "the stream goes on after the close");
+    assert_eq!(*lost.lock().unwrap(), None);
+}

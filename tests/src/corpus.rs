@@ -43,7 +43,9 @@ impl Write for Tee {
 impl Connector for Recording {
     fn connect(&self) -> io::Result<Connection> {
         let connection = self.inner.connect()?;
-        Ok(Connection { writer: Box::new(Tee { inner: connection.writer, copy: self.copy.clone() }), ..connection })
+        // The tee sees every byte only if the stack is not handed the write side.
+        let writer = Box::new(Tee { inner: connection.writer, copy: self.copy.clone() });
+        Ok(Connection { writer, direct: None, ..connection })
     }
 }
 
@@ -146,6 +148,7 @@ impl Acceptor for Replay {
                 closer: Box::new(|| {}),
                 peer: "corpus".into(),
                 probe: None,
+                direct: None,
             }),
             None => {
                 std::thread::sleep(timeout.min(Duration::from_millis(100)));

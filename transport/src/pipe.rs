@@ -20,6 +20,35 @@ pub struct Connection {
     pub peer: String,
     /// What the stack can say about the write half's progress; `None` where it cannot.
     pub probe: Option<Arc<dyn SendProbe>>,
+    /// Where the stack can drain the write side itself (a polling core): hand it an
+    /// [`Outbound`] and stop using `writer`. Bytes written before stay ahead of it. A
+    /// wrapper that transforms what `writer` carries (TLS, a tee) must set this to `None`.
+    pub direct: Option<Attach>,
+}
+
+/// Hands a connection's write side to its stack; see [`Connection::direct`].
+pub type Attach = Box<dyn FnOnce(Box<dyn Outbound>) + Send>;
+
+/// A source of outgoing bytes that a polling stack drains on its own thread, straight
+/// into its socket's send buffer: no writer thread, no copy on the way. Calls come from
+/// one thread, in a loop that must not block.
+pub trait Outbound: Send {
+    /// What to send next. The same bytes are offered again until `advance` takes them.
+    fn next(&mut self) -> Next<'_>;
+    /// The stack took the first `n` bytes of what `next` offered.
+    fn advance(&mut self, n: usize);
+    /// The connection is lost: nothing more will be taken.
+    fn lost(&mut self, why: &str);
+}
+
+/// What an [`Outbound`] has for its stack.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next<'a> {
+    Bytes(&'a [u8]),
+    /// Nothing yet: ask again on a later poll.
+    Idle,
+    /// Everything was sent: the connection may be closed once the application says so.
+    Done,
 }
 
 /// What a stack can say about a connection's send side, for measuring the link while a
@@ -127,6 +156,7 @@ fn tcp_connection(stream: TcpStream, timeouts: Timeouts) -> io::Result<Connectio
         }),
         peer,
         probe: Some(Arc::new(probe)),
+        direct: None,
     })
 }
 

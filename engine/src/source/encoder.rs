@@ -34,7 +34,7 @@ pub(super) fn compression_worker(shared: &Shared<'_>, index: usize) {
         let frame = encoder.encode(shared, &job);
         let pushed = match frame {
             Some(frame) => {
-                shared.outgoing[job.connection].push(Outgoing::Pages { frame, epoch: job.epoch }, &shared.abort)
+                shared.links.outgoing[job.connection].push(Outgoing::Pages { frame, epoch: job.epoch }, &shared.abort)
             }
             None => Ok(()),
         };
@@ -65,7 +65,7 @@ impl BatchEncoder {
     /// Encodes one job into a page-batch frame; `None` if nothing needs sending (every
     /// page unchanged since the copy the destination holds).
     fn encode(&mut self, shared: &Shared<'_>, job: &Job) -> Option<FrameBuf> {
-        let mut frame = shared.frame_pool.take(|| FrameBuf::with_capacity(MAX_BATCH_BYTES));
+        let mut frame = shared.links.frame_pool.take(|| FrameBuf::with_capacity(MAX_BATCH_BYTES));
         let choice = self.choose(shared, job);
         let codec = choice.codec;
         let chosen = self
@@ -170,7 +170,7 @@ impl BatchEncoder {
     /// empty batch (its buffer goes back to the pool).
     fn seal(&mut self, shared: &Shared<'_>, mut frame: FrameBuf, entries: usize) -> Option<FrameBuf> {
         if entries == 0 {
-            shared.frame_pool.give(frame);
+            shared.links.frame_pool.give(frame);
             return None;
         }
         frame.checksum_payload();

@@ -1,65 +1,262 @@
-//! The connections' threads: a writer per connection (frames in ring order, the abort
-//! notice first on connection 0), and connection 0's reader of the destination's answers.
+//! The connections' send sides and connection 0's reader of the destination's answers.
+//!
+//! A `LinkWriter` sends one connection's frames in ring order (the abort notice first on
+//! connection 0). Over our stack the connection's polling core pulls it itself (it is the
+//! connection's `Outbound`): no thread per connection, no copy into the core's rings.
+//! Over kernel TCP and TLS, `connection_writer` drives it on a thread of its own.
 
-use migration::frame::{FrameKind, SeqCounter};
+use migration::frame::{FrameBuf, FrameKind, SeqCounter};
 use std::io::Write;
-use std::sync::atomic::Ordering;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Instant;
+use transport::abort::SessionAbort;
 use transport::framed::{read_frame, ReadError, CONTROL_FRAME_LIMIT_BYTES};
+use transport::pipe::{Next, Outbound};
+use transport::ring::{Pool, Ring};
 
 use super::{Outgoing, Shared, WRITER_NOTICE_POLL};
+use crate::rate::RateLimiter;
 
-pub(super) fn connection_writer(shared: &Shared<'_>, index: usize, mut writer: Box<dyn Write + Send>) {
-    // The Hello was sequence 0.
-    let mut seq = SeqCounter::default();
-    seq.take();
-    let mut pages_frames: u64 = 0;
-    let mut send = |bytes: &[u8]| -> std::io::Result<()> {
-        if let Some(limiter) = &shared.limiter {
-            limiter.acquire(bytes.len());
+/// What the connections' write sides share with the scanner and the workers. Owned
+/// (`Arc`), not borrowed from the session, so that a polling core of the dataplane can
+/// hold a connection's [`LinkWriter`] on its own thread.
+pub(super) struct Links {
+    pub abort: Arc<SessionAbort>,
+    /// Frames for each connection, in the order they go on the wire.
+    pub outgoing: Vec<Ring<Outgoing>>,
+    pub frame_pool: Pool<FrameBuf>,
+    /// Bytes handed to the connections (counted before they leave: see `LinkWriter`).
+    pub wire_bytes: AtomicU64,
+    /// Page-frame bytes handed to the connections (encoded bytes less these are still
+    /// queued).
+    pub page_bytes_written: AtomicU64,
+    pub limiter: Option<RateLimiter>,
+    /// An Abort notice for connection 0 to send before anything else queued.
+    notice: Mutex<Option<Vec<u8>>>,
+    /// Whether `notice` holds one, so that a polling core need not lock to look.
+    notice_posted: AtomicBool,
+    /// Set once connection 0 has handed the Abort notice to its stack.
+    pub abort_sent: AtomicBool,
+    /// Writers that took their connection's `Close`: everything before it is in the stack.
+    closed_writers: AtomicUsize,
+}
+
+impl Links {
+    pub fn new(
+        abort: Arc<SessionAbort>,
+        connections: usize,
+        frames_per_connection: usize,
+        spare_frames: usize,
+    ) -> Self {
+        Links {
+            abort,
+            outgoing: (0..connections).map(|_| Ring::new(frames_per_connection)).collect(),
+            frame_pool: Pool::new(connections * frames_per_connection + spare_frames),
+            wire_bytes: AtomicU64::new(0),
+            page_bytes_written: AtomicU64::new(0),
+            limiter: None,
+            notice: Mutex::new(None),
+            notice_posted: AtomicBool::new(false),
+            abort_sent: AtomicBool::new(false),
+            closed_writers: AtomicUsize::new(0),
         }
-        // Counted before the write: the destination may answer a frame (VerifyResult to
-        // VerifyDigest) before this thread runs again, and the totals read then must
-        // include it. A failed write fails the session, so the count never lies.
-        shared.wire_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        writer.write_all(bytes)
-    };
-    loop {
-        if index == 0 {
-            let notice = shared.notice.lock().unwrap_or_else(|p| p.into_inner()).take();
-            if let Some(payload) = notice {
-                let _ = send(&migration::frame::encode_frame(FrameKind::Abort, 0, seq.take(), &payload));
-                shared.abort_sent.store(true, Ordering::Release);
+    }
+
+    /// Posts an Abort notice for connection 0 (the first one posted stays).
+    pub fn post_notice(&self, payload: impl FnOnce() -> Vec<u8>) {
+        self.notice.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(payload);
+        self.notice_posted.store(true, Ordering::Release);
+    }
+
+    fn take_notice(&self) -> Option<Vec<u8>> {
+        if !self.notice_posted.load(Ordering::Acquire) {
+            return None;
+        }
+        self.notice.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// How many writers have taken their `Close`.
+    pub fn closed_writers(&self) -> usize {
+        self.closed_writers.load(Ordering::Acquire)
+    }
+}
+
+/// What a writer is sending.
+enum Sending {
+    Page(FrameBuf),
+    Other { bytes: Vec<u8>, notice: bool },
+}
+
+impl Sending {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Sending::Page(frame) => frame.as_bytes(),
+            Sending::Other { bytes, .. } => bytes,
+        }
+    }
+}
+
+/// One connection's write side: takes its frames in ring order, seals them with the
+/// connection's sequence numbers (and a round's `RoundEnd` with its count of page
+/// frames), holds them to the bandwidth cap, and offers them to the stack. Connection 0
+/// sends a posted Abort notice ahead of everything queued, then stops. A polling core
+/// drives it as an [`Outbound`]; on a kernel socket, [`connection_writer`] does.
+pub(super) struct LinkWriter {
+    links: Arc<Links>,
+    index: usize,
+    seq: SeqCounter,
+    /// Page frames since the last `RoundEnd`.
+    pages_frames: u64,
+    sending: Option<Sending>,
+    offset: usize,
+    /// When the bandwidth cap lets the frame in `sending` go.
+    not_before: Option<Instant>,
+    done: bool,
+}
+
+impl LinkWriter {
+    pub fn new(links: Arc<Links>, index: usize) -> Self {
+        // The Hello was sequence 0.
+        let mut seq = SeqCounter::default();
+        seq.take();
+        LinkWriter { links, index, seq, pages_frames: 0, sending: None, offset: 0, not_before: None, done: false }
+    }
+
+    /// Takes the next frame to send, if there is one now: a posted notice first.
+    fn stage(&mut self) {
+        if self.index == 0 {
+            if let Some(payload) = self.links.take_notice() {
+                let bytes = migration::frame::encode_frame(FrameKind::Abort, 0, self.seq.take(), &payload);
+                self.start(Sending::Other { bytes, notice: true });
                 return;
             }
         }
-        let item = match shared.outgoing[index].pop_timeout(&shared.abort, WRITER_NOTICE_POLL) {
-            Ok(Some(item)) => item,
-            Ok(None) => continue,
-            Err(_) => return,
-        };
-        let result = match item {
+        if self.links.abort.is_raised() {
+            self.done = true;
+            return;
+        }
+        if let Some(item) = self.links.outgoing[self.index].try_pop() {
+            self.stage_item(item);
+        }
+    }
+
+    fn stage_item(&mut self, item: Outgoing) {
+        let sending = match item {
             Outgoing::Pages { mut frame, epoch } => {
-                frame.seal(FrameKind::Pages, epoch, seq.take());
-                pages_frames += 1;
-                let result = send(frame.as_bytes());
-                shared.page_bytes_written.fetch_add(frame.as_bytes().len() as u64, Ordering::Relaxed);
-                shared.frame_pool.give(frame);
-                result
+                frame.seal(FrameKind::Pages, epoch, self.seq.take());
+                self.pages_frames += 1;
+                Sending::Page(frame)
             }
             Outgoing::RoundEnd { epoch } => {
-                let payload = pages_frames.to_le_bytes();
-                pages_frames = 0;
-                send(&migration::frame::encode_frame(FrameKind::RoundEnd, epoch, seq.take(), &payload))
+                let payload = std::mem::take(&mut self.pages_frames).to_le_bytes();
+                let bytes = migration::frame::encode_frame(FrameKind::RoundEnd, epoch, self.seq.take(), &payload);
+                Sending::Other { bytes, notice: false }
             }
             Outgoing::Control { kind, epoch, payload } => {
-                send(&migration::frame::encode_frame(kind, epoch, seq.take(), &payload))
+                let bytes = migration::frame::encode_frame(kind, epoch, self.seq.take(), &payload);
+                Sending::Other { bytes, notice: false }
             }
-            Outgoing::Close => return,
+            Outgoing::Close => {
+                self.done = true;
+                self.links.closed_writers.fetch_add(1, Ordering::AcqRel);
+                return;
+            }
         };
-        if let Err(err) = result {
-            shared.abort.raise(format!("connection {index}: write failed: {err}"));
+        self.start(sending);
+    }
+
+    /// Makes `sending` the frame on offer: held to the bandwidth cap, and counted.
+    fn start(&mut self, sending: Sending) {
+        let len = sending.bytes().len();
+        if let Some(limiter) = &self.links.limiter {
+            let wait = limiter.reserve(len);
+            self.not_before = (!wait.is_zero()).then(|| Instant::now() + wait);
+        }
+        // Counted before the bytes leave: the destination may answer a frame (VerifyResult
+        // to VerifyDigest) before this writer runs again, and the totals read then must
+        // include it. A failed send fails the session, so the count never lies.
+        self.links.wire_bytes.fetch_add(len as u64, Ordering::Relaxed);
+        self.sending = Some(sending);
+        self.offset = 0;
+    }
+
+    /// Waits (on a writer thread) until `next` may have something: the bandwidth cap's
+    /// hold, or a frame in the ring (or the poll interval, to look for a notice).
+    fn wait(&mut self) {
+        if let Some(until) = self.not_before {
+            std::thread::sleep(until.saturating_duration_since(Instant::now()));
             return;
+        }
+        if self.sending.is_none() && !self.done {
+            // An abort shows in the next `next`; a notice may be posted meanwhile.
+            if let Ok(Some(item)) = self.links.outgoing[self.index].pop_timeout(&self.links.abort, WRITER_NOTICE_POLL) {
+                self.stage_item(item);
+            }
+        }
+    }
+}
+
+impl Outbound for LinkWriter {
+    fn next(&mut self) -> Next<'_> {
+        if self.sending.is_none() && !self.done {
+            self.stage();
+        }
+        if let Some(until) = self.not_before {
+            if Instant::now() < until {
+                return Next::Idle;
+            }
+            self.not_before = None;
+        }
+        match &self.sending {
+            Some(sending) => Next::Bytes(&sending.bytes()[self.offset..]),
+            None if self.done => Next::Done,
+            None => Next::Idle,
+        }
+    }
+
+    fn advance(&mut self, n: usize) {
+        self.offset += n;
+        let Some(sending) = &self.sending else { return };
+        if self.offset < sending.bytes().len() {
+            return;
+        }
+        match self.sending.take() {
+            Some(Sending::Page(frame)) => {
+                self.links.page_bytes_written.fetch_add(frame.as_bytes().len() as u64, Ordering::Relaxed);
+                self.links.frame_pool.give(frame);
+            }
+            Some(Sending::Other { notice: true, .. }) => {
+                self.links.abort_sent.store(true, Ordering::Release);
+                self.done = true;
+            }
+            _ => {}
+        }
+    }
+
+    fn lost(&mut self, why: &str) {
+        self.done = true;
+        self.links.abort.raise(format!("connection {}: {why}", self.index));
+    }
+}
+
+/// Drives a connection's [`LinkWriter`] on a thread of its own, for a stack that cannot
+/// pull (a kernel socket, or TLS, which seals records on the writer's thread).
+pub(super) fn connection_writer(mut link: LinkWriter, mut writer: Box<dyn Write + Send>) {
+    loop {
+        let written = match link.next() {
+            Next::Bytes(bytes) => writer.write(bytes),
+            Next::Idle => {
+                link.wait();
+                continue;
+            }
+            Next::Done => return,
+        };
+        match written {
+            Ok(0) => return link.lost("write failed: the stack took nothing"),
+            Ok(n) => link.advance(n),
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(err) => return link.lost(&format!("write failed: {err}")),
         }
     }
 }

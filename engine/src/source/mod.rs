@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! scanner (calling thread) --jobs--> compression workers (pinned) --frames--> ring per
-//! connection --> connection writer --> byte pipe
+//! connection --> our stack: the polling core pulls them (links::LinkWriter as Outbound)
+//!                kernel TCP, TLS: a connection writer thread --> byte pipe
 //!                                      connection 0 reader <-- Ready, Resumed, Abort
 //! ```
 //! The scanner takes the dirty log, cuts the round's pages into jobs of up to 64 pages of
@@ -48,7 +49,7 @@ mod links;
 mod scanner;
 
 use encoder::compression_worker;
-use links::{connection_writer, control_reader_loop};
+use links::{connection_writer, control_reader_loop, LinkWriter, Links};
 use scanner::Scanner;
 
 /// Jobs waiting for a compression worker. Enough to keep every worker busy while the
@@ -64,6 +65,8 @@ const ABORT_NOTICE_WAIT: Duration = Duration::from_millis(200);
 const CANCEL_NOTICE_WAIT: Duration = Duration::from_secs(2);
 /// How often an idle writer of connection 0 looks for a notice to send.
 const WRITER_NOTICE_POLL: Duration = Duration::from_millis(5);
+/// How often a completed session looks whether every connection's writer took its Close.
+const CLOSE_POLL: Duration = Duration::from_micros(200);
 /// After a cancel's notice went out, how long the destination has to act on it before the
 /// connections are shut.
 const CANCEL_GRACE: Duration = Duration::from_millis(300);
@@ -100,21 +103,16 @@ enum Outgoing {
 
 /// State shared by the scanner, workers and writers of one session.
 struct Shared<'a> {
-    abort: SessionAbort,
+    abort: Arc<SessionAbort>,
     config: &'a SourceConfig,
     memory: &'a dyn GuestMemory,
     jobs: Ring<Option<Job>>,
     job_pool: Pool<Vec<u32>>,
-    outgoing: Vec<Ring<Outgoing>>,
-    frame_pool: Pool<FrameBuf>,
+    /// The connections' write sides, and what they count.
+    links: Arc<Links>,
     jobs_in_flight: AtomicU64,
     round_counters: Mutex<EncodeCounters>,
-    wire_bytes: AtomicU64,
-    /// Page-frame bytes written by the connection writers (encoded bytes less these are
-    /// still queued).
-    page_bytes_written: AtomicU64,
     cache: Option<XbzrleCache>,
-    limiter: Option<RateLimiter>,
     /// Set once the session completed: the connections are then shut under the reader.
     finished: AtomicBool,
     /// The session's state machine: fed by the scanner (rounds), the control reader (the
@@ -122,10 +120,6 @@ struct Shared<'a> {
     session: Mutex<SourceSession>,
     /// The session's clock: `now` for the state machines is time since this instant.
     clock: Instant,
-    /// An Abort notice for connection 0's writer to send before anything else queued.
-    notice: Mutex<Option<Vec<u8>>>,
-    /// Set by connection 0's writer once an Abort notice is on the wire.
-    abort_sent: AtomicBool,
     /// Whether the bulk round fills the XBZRLE cache (only when the cache holds it all).
     cache_bulk: AtomicBool,
     /// With `Codec::Adaptive`: what chooses each batch's codec.
@@ -141,9 +135,10 @@ impl Shared<'_> {
     fn link_full(&self, connection: usize) -> bool {
         match &self.probes {
             Some(probes) => {
-                self.limiter.as_ref().is_some_and(|limiter| limiter.holding_back()) || probes.iter().all(|p| p.full())
+                self.links.limiter.as_ref().is_some_and(|limiter| limiter.holding_back())
+                    || probes.iter().all(|p| p.full())
             }
-            None => !self.outgoing[connection].is_empty(),
+            None => !self.links.outgoing[connection].is_empty(),
         }
     }
 
@@ -151,7 +146,7 @@ impl Shared<'_> {
     fn delivered_bytes(&self) -> u64 {
         match &self.probes {
             Some(probes) => probes.iter().map(|p| p.acknowledged()).sum(),
-            None => self.wire_bytes.load(Ordering::Relaxed),
+            None => self.links.wire_bytes.load(Ordering::Relaxed),
         }
     }
 }
@@ -246,20 +241,19 @@ fn run_session(
 ) -> Result<MigrationStats, MigrationError> {
     let count = connections.len();
     let probes = connections.iter().map(|c| c.probe.clone()).collect();
+    let abort = Arc::new(SessionAbort::new());
+    let mut links = Links::new(abort.clone(), count, FRAME_RING_CAPACITY, 2 * config.compress_threads);
+    links.limiter = config.max_bandwidth_bytes_per_s.map(RateLimiter::new);
     let shared = Shared {
-        abort: SessionAbort::new(),
+        abort,
         config,
         memory: vm.memory(),
         jobs: Ring::new(JOB_RING_CAPACITY),
         job_pool: Pool::new(JOB_RING_CAPACITY + config.compress_threads),
-        outgoing: (0..count).map(|_| Ring::new(FRAME_RING_CAPACITY)).collect(),
-        frame_pool: Pool::new(count * FRAME_RING_CAPACITY + 2 * config.compress_threads),
+        links: Arc::new(links),
         jobs_in_flight: AtomicU64::new(0),
         round_counters: Mutex::new(EncodeCounters::default()),
-        wire_bytes: AtomicU64::new(0),
-        page_bytes_written: AtomicU64::new(0),
         cache: config.xbzrle_cache_bytes.map(XbzrleCache::new),
-        limiter: config.max_bandwidth_bytes_per_s.map(RateLimiter::new),
         finished: AtomicBool::new(false),
         session: Mutex::new(SourceSession::new(
             config.precopy.clone(),
@@ -268,8 +262,6 @@ fn run_session(
             Duration::ZERO,
         )),
         clock: Instant::now(),
-        notice: Mutex::new(None),
-        abort_sent: AtomicBool::new(false),
         cache_bulk: AtomicBool::new(false),
         adaptive: (config.codec == Codec::Adaptive).then(|| AdaptivePolicy::new(config.compress_threads)),
         probes,
@@ -296,13 +288,18 @@ fn run_session(
         let result = scanner.run(paused, &wake, &mut workers);
         match &result {
             Ok(_) => {
-                // Writers send what is queued and exit on Close; then the sockets are shut
+                // Writers send what is queued and stop at Close; then the sockets are shut
                 // so that the control reader, blocked in a read, returns too.
-                for ring in &shared.outgoing {
+                for ring in &shared.links.outgoing {
                     let _ = ring.push(Outgoing::Close, &shared.abort);
                 }
                 for writer in writers {
                     let _ = writer.join();
+                }
+                // Writers a polling core drives have no thread to join: wait until each
+                // has taken its Close (or the session failed).
+                while shared.links.closed_writers() < count && !shared.abort.is_raised() {
+                    std::thread::sleep(CLOSE_POLL);
                 }
                 shared.finished.store(true, Ordering::Release);
                 shared.abort.close_all();
@@ -314,8 +311,9 @@ fn run_session(
     })
 }
 
-/// A writer per connection, and connection 0's reader (which wakes the scanner through
-/// `wake` after each answer it fed the session machine). Returns the writers.
+/// A write side per connection (handed to the stack where it can pull, a writer thread
+/// otherwise), and connection 0's reader (which wakes the scanner through `wake` after
+/// each answer it fed the session machine). Returns the writer threads.
 fn spawn_connection_threads<'scope, 'env>(
     scope: &'scope std::thread::Scope<'scope, 'env>,
     shared: &'scope Shared<'env>,
@@ -324,15 +322,22 @@ fn spawn_connection_threads<'scope, 'env>(
 ) -> Vec<std::thread::ScopedJoinHandle<'scope, ()>> {
     let mut writers = Vec::new();
     for (index, connection) in connections.into_iter().enumerate() {
-        let Connection { reader, writer, closer, .. } = connection;
+        let Connection { reader, writer, closer, direct, .. } = connection;
         shared.abort.on_raise(closer);
         if index == 0 {
             let wake = wake.clone();
             let body = move || control_reader_loop(shared, reader, wake);
             shared.abort.spawn_guarded(scope, "control-reader".into(), "control reader", body);
         }
-        let body = move || connection_writer(shared, index, writer);
-        writers.push(shared.abort.spawn_guarded(scope, format!("conn-writer-{index}"), "connection writer", body));
+        let link = LinkWriter::new(shared.links.clone(), index);
+        match direct {
+            Some(attach) if shared.config.direct_send => attach(Box::new(link)),
+            _ => {
+                let body = move || connection_writer(link, writer);
+                let name = format!("conn-writer-{index}");
+                writers.push(shared.abort.spawn_guarded(scope, name, "connection writer", body));
+            }
+        }
     }
     writers
 }
@@ -347,15 +352,11 @@ fn spawn_connection_threads<'scope, 'env>(
 fn notify_and_abort(shared: &Shared<'_>, reason: &str, wait: Duration, cancelled: bool) {
     if !shared.abort.is_raised() {
         let deadline = Instant::now() + wait;
-        shared
-            .notice
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_or_insert_with(|| migration::handshake::encode_reason(reason));
-        while !shared.abort_sent.load(Ordering::Acquire) && Instant::now() < deadline {
+        shared.links.post_notice(|| migration::handshake::encode_reason(reason));
+        while !shared.links.abort_sent.load(Ordering::Acquire) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(1));
         }
-        if cancelled && shared.abort_sent.load(Ordering::Acquire) {
+        if cancelled && shared.links.abort_sent.load(Ordering::Acquire) {
             std::thread::sleep(CANCEL_GRACE.min(deadline.saturating_duration_since(Instant::now())));
         }
     }

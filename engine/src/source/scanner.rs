@@ -164,7 +164,7 @@ impl<'s, 'a> Scanner<'s, 'a> {
     /// Puts `RoundEnd` on every connection (the session machine already counts the round
     /// as closed, so its `RoundApplied` is never early).
     fn close_round(&self, epoch: u32) -> Result<(), MigrationError> {
-        for ring in &self.shared.outgoing {
+        for ring in &self.shared.links.outgoing {
             ring.push(Outgoing::RoundEnd { epoch }, &self.shared.abort).map_err(|_| self.aborted())?;
         }
         Ok(())
@@ -176,7 +176,7 @@ impl<'s, 'a> Scanner<'s, 'a> {
 
     fn dispatch(&mut self, epoch: u32, region: u16, pages: Vec<u32>) -> Result<(), MigrationError> {
         let connection = self.next_connection;
-        self.next_connection = (self.next_connection + 1) % self.shared.outgoing.len();
+        self.next_connection = (self.next_connection + 1) % self.shared.links.outgoing.len();
         self.shared.jobs_in_flight.fetch_add(1, Ordering::AcqRel);
         if self.shared.jobs.push(Some(Job { epoch, region, pages, connection }), &self.shared.abort).is_err() {
             self.shared.jobs_in_flight.fetch_sub(1, Ordering::AcqRel);
@@ -191,7 +191,7 @@ impl<'s, 'a> Scanner<'s, 'a> {
         }
         self.last_progress = Instant::now();
         let elapsed = self.started.elapsed();
-        let transferred_bytes = self.shared.wire_bytes.load(Ordering::Relaxed);
+        let transferred_bytes = self.shared.links.wire_bytes.load(Ordering::Relaxed);
         (self.progress)(&Progress {
             round,
             stage,
@@ -266,7 +266,7 @@ impl<'s, 'a> Scanner<'s, 'a> {
     }
 
     fn control(&self, kind: FrameKind, epoch: u32, payload: Vec<u8>) -> Result<(), MigrationError> {
-        self.shared.outgoing[0]
+        self.shared.links.outgoing[0]
             .push(Outgoing::Control { kind, epoch, payload }, &self.shared.abort)
             .map_err(|_| self.aborted())
     }
@@ -291,7 +291,7 @@ impl<'s, 'a> Scanner<'s, 'a> {
                 SourceAction::SendRound { epoch, stage } => pages = self.precopy_round(epoch, stage, pages)?,
                 SourceAction::SetThrottle { pct } => self.vm.set_throttle(pct),
                 SourceAction::StopAndCopy { epoch } => {
-                    switchover.precopy_bytes = self.shared.wire_bytes.load(Ordering::Relaxed);
+                    switchover.precopy_bytes = self.shared.links.wire_bytes.load(Ordering::Relaxed);
                     // The downtime window starts here.
                     switchover.downtime_start = Some(Instant::now());
                     *paused = true;
@@ -299,7 +299,7 @@ impl<'s, 'a> Scanner<'s, 'a> {
                 }
                 SourceAction::Send(message) => self.control(message.kind(), self.epoch, message.payload())?,
                 SourceAction::HashMemory => {
-                    switchover.resumed(self.shared.wire_bytes.load(Ordering::Relaxed));
+                    switchover.resumed(self.shared.links.wire_bytes.load(Ordering::Relaxed));
                     // The source's paused memory is hashed only now: hashing it while the
                     // destination hashes its own would compete for the same cores and
                     // lengthen the downtime.
@@ -308,7 +308,7 @@ impl<'s, 'a> Scanner<'s, 'a> {
                     self.session().handle_digest(digest, now);
                 }
                 SourceAction::Finish(outcome) => {
-                    switchover.resumed(self.shared.wire_bytes.load(Ordering::Relaxed));
+                    switchover.resumed(self.shared.links.wire_bytes.load(Ordering::Relaxed));
                     // Teardown, after the switchover.
                     self.cleanup(workers, false);
                     return Ok(self.final_stats(outcome, &switchover));
@@ -357,7 +357,7 @@ impl<'s, 'a> Scanner<'s, 'a> {
         self.epoch = epoch;
         let stage = stage.name();
         let round_start = Instant::now();
-        let written_before = self.shared.wire_bytes.load(Ordering::Relaxed);
+        let written_before = self.shared.links.wire_bytes.load(Ordering::Relaxed);
         self.send_round(epoch, stage, pages)?;
         self.close_round(epoch)?;
         let counters = self.take_round_counters();
@@ -365,10 +365,10 @@ impl<'s, 'a> Scanner<'s, 'a> {
         let duration = round_start.elapsed();
         self.stats.ram.dirty_pages_rate = (dirty as f64 / duration.as_secs_f64().max(1e-6)) as u64;
         let backlog_bytes =
-            self.totals.wire_bytes.saturating_sub(self.shared.page_bytes_written.load(Ordering::Relaxed));
+            self.totals.wire_bytes.saturating_sub(self.shared.links.page_bytes_written.load(Ordering::Relaxed));
         let report = RoundReport {
             duration,
-            bytes_sent: self.shared.wire_bytes.load(Ordering::Relaxed) - written_before,
+            bytes_sent: self.shared.links.wire_bytes.load(Ordering::Relaxed) - written_before,
             pages_sent: counters.pages(),
             bytes_encoded: counters.wire_bytes,
             dirty_pages: dirty,
@@ -446,7 +446,7 @@ impl<'s, 'a> Scanner<'s, 'a> {
         stats.downtime = downtime.as_millis() as u64;
         stats.expected_downtime = precopy.expected_downtime().as_millis().min(u128::from(u64::MAX)) as u64;
         stats.throttle_pct = precopy.throttle_pct();
-        let transferred = self.shared.wire_bytes.load(Ordering::Relaxed);
+        let transferred = self.shared.links.wire_bytes.load(Ordering::Relaxed);
         stats.ram.total = self.hello.total_bytes();
         stats.ram.transferred = transferred;
         stats.ram.remaining = 0;

@@ -450,6 +450,10 @@ pub struct CommonOptions {
     /// Do not pin worker threads to cores.
     #[arg(long)]
     pub no_pin: bool,
+    /// Run a writer thread per connection even where the dataplane's cores could pull
+    /// frames straight from the compression workers (to measure what that saves).
+    #[arg(long)]
+    pub writer_threads: bool,
     /// Guest memory on hugepages: auto (when reserved), on (required) or off.
     #[arg(long, default_value = "auto")]
     pub hugepages: String,

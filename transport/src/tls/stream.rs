@@ -171,7 +171,8 @@ fn split(connection: Connection, mut tls: rustls::Connection) -> Connection {
     // makes are bounded by the engine's largest frame, not by rustls's default 64 KiB.
     tls.set_buffer_limit(None);
     // The probe counts ciphertext: a record's overhead off the guest's bytes.
-    let Connection { reader, writer, closer, peer, probe } = connection;
+    // The write side is ours now: records are sealed on the writer's thread.
+    let Connection { reader, writer, closer, peer, probe, direct: _ } = connection;
     let session = Arc::new(Session { tls: Mutex::new(tls), wire_out: Mutex::new(writer) });
     Connection {
         reader: Box::new(TlsReader {
@@ -185,6 +186,7 @@ fn split(connection: Connection, mut tls: rustls::Connection) -> Connection {
         closer,
         peer,
         probe,
+        direct: None,
     }
 }
 
