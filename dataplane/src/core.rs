@@ -4,6 +4,7 @@
 //! way per connection between the sockets and the application rings.
 
 use crate::clock::StackClock;
+use crate::delivery::Delivery;
 use crate::fanout::{local_port_for, Steering};
 use crate::faults::{Faults, FaultyDevice};
 use crate::layers::{trace_frame, ChecksumPolicy, Checksums};
@@ -245,6 +246,8 @@ struct Pipe {
     /// The write side the application handed over: pulled straight into the socket once
     /// the chunks written before it are sent.
     outbound: Option<Box<dyn Outbound>>,
+    /// The read side the application handed over: fed here instead of `from_net`.
+    delivery: Option<Delivery>,
     /// Bytes written into the socket so far.
     sent: u64,
     eof_sent: bool,
@@ -288,6 +291,8 @@ struct Core<D: Device> {
     listeners: Vec<Listener>,
     next_port: u16,
     clock: StackClock,
+    /// The stack's time at the last poll.
+    now: smoltcp::time::Instant,
 }
 
 impl<D: Device> Core<D> {
@@ -309,6 +314,7 @@ impl<D: Device> Core<D> {
             connecting: Vec::new(),
             listeners: Vec::new(),
             next_port: EPHEMERAL_PORT_BASE,
+            now: clock.now(),
             clock,
         }
     }
@@ -379,6 +385,7 @@ impl<D: Device> Core<D> {
     /// Returns whether any frame came in.
     fn poll_stack(&mut self) -> bool {
         let now = self.clock.now();
+        self.now = now;
         self.iface.poll_maintenance(now);
         let mut frames = 0;
         while frames < INGRESS_BUDGET {
@@ -444,6 +451,7 @@ impl<D: Device> Core<D> {
             shared: shared.clone(),
             pending: None,
             outbound: None,
+            delivery: None,
             sent: 0,
             eof_sent: false,
             closing: false,
@@ -555,9 +563,15 @@ impl<D: Device> Core<D> {
         pipe.shared.acknowledged.store(pipe.sent - queued as u64, Ordering::Relaxed);
         pipe.shared.send_full.store(2 * queued >= socket.send_capacity(), Ordering::Relaxed);
 
-        // Network to application.
+        // Network to application: to the read side it handed over, or into `from_net`.
+        if pipe.delivery.is_none() {
+            pipe.delivery = pipe.shared.take_inbound().map(Delivery::new);
+        }
+        if let Some(delivery) = pipe.delivery.as_mut() {
+            progress |= delivery.deliver(socket, &pipe.shared, self.now, PUMP_BUDGET_BYTES);
+        }
         let mut budget = PUMP_BUDGET_BYTES;
-        while budget > 0 && socket.can_recv() && !pipe.shared.from_net.is_full() {
+        while pipe.delivery.is_none() && budget > 0 && socket.can_recv() && !pipe.shared.from_net.is_full() {
             let mut chunk = pipe.shared.free.take(|| Vec::with_capacity(CHUNK_BYTES));
             chunk.clear();
             let received = socket
@@ -580,6 +594,7 @@ impl<D: Device> Core<D> {
         // The peer finished sending: tell the application once everything before it is
         // delivered.
         if !pipe.eof_sent
+            && pipe.delivery.is_none()
             && !socket.may_recv()
             && !socket.can_recv()
             && socket.state() != State::Established
@@ -610,8 +625,11 @@ impl<D: Device> Core<D> {
                 if let Some(mut outbound) = self.pipes[index].outbound.take() {
                     outbound.lost("the connection was reset");
                 }
+                if let Some(delivery) = self.pipes[index].delivery.as_mut() {
+                    delivery.end(Err("the connection was reset"));
+                }
             }
-            if lost && !self.pipes[index].eof_sent {
+            if lost && !self.pipes[index].eof_sent && self.pipes[index].delivery.is_none() {
                 // Reset by the peer: the application sees the end of the stream.
                 if self.pipes[index].shared.from_net.try_push(Vec::new()) {
                     self.pipes[index].eof_sent = true;

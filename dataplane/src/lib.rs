@@ -12,6 +12,7 @@
 pub mod af_packet;
 mod clock;
 pub mod core;
+mod delivery;
 #[cfg(feature = "dpdk")]
 pub mod dpdk_nic;
 pub mod fanout;

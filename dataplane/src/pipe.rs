@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use transport::abort::SessionAbort;
-use transport::pipe::{Connection, Outbound, SendProbe};
+use transport::pipe::{Connection, Inbound, Outbound, SendProbe};
 use transport::ring::{Pool, Ring};
 
 /// Bytes per chunk handed between an application thread and its core: large enough that
@@ -29,11 +29,18 @@ pub struct PipeShared {
     pub(crate) acknowledged: AtomicU64,
     /// Whether the socket's send buffer was full when the core last looked.
     pub(crate) send_full: AtomicBool,
-    /// The write side, once the application handed it over (`Connection::direct`): the
+    /// The write side, once the application handed it over (`Connection::direct_send`): the
     /// core takes it after draining what `to_net` holds, and pulls from it from then on.
     pub(crate) outbound: Mutex<Option<Box<dyn Outbound>>>,
     /// Set once `outbound` was filled, so the core need not lock to look.
     pub(crate) attached: AtomicBool,
+    /// The read side, once the application handed it over (`Connection::direct_receive`),
+    /// with the read timeout: the core feeds it what `from_net` holds, then the socket.
+    pub(crate) inbound: Mutex<Option<(Box<dyn Inbound>, Duration)>>,
+    pub(crate) inbound_attached: AtomicBool,
+    /// What the application's reader had taken from `from_net` and not returned when it was
+    /// handed over: the first bytes for the `Inbound`.
+    pub(crate) unread: Mutex<Option<(Vec<u8>, usize)>>,
 }
 
 impl SendProbe for PipeShared {
@@ -57,6 +64,9 @@ impl PipeShared {
             send_full: AtomicBool::new(false),
             outbound: Mutex::new(None),
             attached: AtomicBool::new(false),
+            inbound: Mutex::new(None),
+            inbound_attached: AtomicBool::new(false),
+            unread: Mutex::new(None),
         })
     }
 
@@ -67,6 +77,25 @@ impl PipeShared {
         }
         self.outbound.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
+
+    /// Takes the read side the application handed over, if it has (once).
+    pub(crate) fn take_inbound(&self) -> Option<HandedInbound> {
+        if !self.inbound_attached.load(Ordering::Acquire) {
+            return None;
+        }
+        let (inbound, timeout) = self.inbound.lock().unwrap_or_else(|p| p.into_inner()).take()?;
+        let unread = self.unread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        Some(HandedInbound { inbound, timeout, unread })
+    }
+}
+
+/// A read side handed over to the core.
+pub(crate) struct HandedInbound {
+    pub inbound: Box<dyn Inbound>,
+    /// How long the peer may stay silent while the `Inbound` waits for it.
+    pub timeout: Duration,
+    /// What the application's reader took from `from_net` and left unread (chunk, offset).
+    pub unread: Option<(Vec<u8>, usize)>,
 }
 
 struct PipeReader {
@@ -103,6 +132,17 @@ impl Read for PipeReader {
     }
 }
 
+impl Drop for PipeReader {
+    /// Leaves what it took and did not return for whoever reads on: the core, when the
+    /// read side is handed over (`Connection::direct_receive`).
+    fn drop(&mut self) {
+        if self.offset < self.current.len() && !self.eof {
+            let current = std::mem::take(&mut self.current);
+            *self.shared.unread.lock().unwrap_or_else(|p| p.into_inner()) = Some((current, self.offset));
+        }
+    }
+}
+
 struct PipeWriter {
     shared: Arc<PipeShared>,
 }
@@ -131,15 +171,22 @@ pub(crate) fn connection(shared: Arc<PipeShared>, peer: String, timeout: Duratio
     let closer = shared.clone();
     let probe = shared.clone();
     let attach = shared.clone();
+    let attach_inbound = shared.clone();
     Connection {
         reader: Box::new(PipeReader { shared: shared.clone(), current: Vec::new(), offset: 0, eof: false, timeout }),
         writer: Box::new(PipeWriter { shared }),
         closer: Box::new(move || closer.closed.raise("closed by the application")),
         peer,
         probe: Some(probe),
-        direct: Some(Box::new(move |outbound| {
+        direct_send: Some(Box::new(move |outbound| {
             *attach.outbound.lock().unwrap_or_else(|p| p.into_inner()) = Some(outbound);
             attach.attached.store(true, Ordering::Release);
+        })),
+        direct_receive: Some(Box::new(move |reader, inbound| {
+            // Dropped first: a pipe reader leaves its unread bytes to the core.
+            drop(reader);
+            *attach_inbound.inbound.lock().unwrap_or_else(|p| p.into_inner()) = Some((inbound, timeout));
+            attach_inbound.inbound_attached.store(true, Ordering::Release);
         })),
     }
 }

@@ -67,6 +67,10 @@ pub struct DestinationConfig {
     /// How long to wait for the source's connections and for each frame.
     pub accept_timeout: Duration,
     pub deferred_cleanup: bool,
+    /// Over a stack that can (our polling cores), hand each connection's read side to its
+    /// core, which puts the frames together and queues the batches itself, instead of a
+    /// reader thread per connection. Off exists to measure what it saves.
+    pub direct_receive: bool,
 }
 
 impl Default for DestinationConfig {
@@ -78,6 +82,7 @@ impl Default for DestinationConfig {
             first_worker_cpu: 0,
             accept_timeout: Duration::from_secs(30),
             deferred_cleanup: true,
+            direct_receive: true,
         }
     }
 }

@@ -95,7 +95,7 @@ fn source_config(args: &SourceOptions, common: &CommonOptions, cores: CoreShare)
         deferred_cleanup: !common.no_deferred_cleanup,
         verify: args.verify,
         pin_workers: !common.no_pin,
-        direct_send: !common.writer_threads,
+        direct_send: !common.connection_threads,
         ..SourceConfig::default()
     }
 }
@@ -114,6 +114,7 @@ fn destination_config(
         first_worker_cpu: 0,
         accept_timeout,
         deferred_cleanup: !common.no_deferred_cleanup,
+        direct_receive: !common.connection_threads,
     }
 }
 

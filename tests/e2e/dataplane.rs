@@ -229,14 +229,14 @@ fn thread_names() -> Vec<String> {
         .collect()
 }
 
-/// Migrates over the wire and returns whether a connection writer thread was seen while
-/// the migration ran (sampled every millisecond).
-fn writer_thread_seen(direct_send: bool) -> bool {
+/// Migrates over the wire and returns whether connection writer and reader threads were
+/// seen while the migration ran (sampled every millisecond).
+fn connection_threads_seen(direct: bool) -> (bool, bool) {
     let config = SourceConfig {
         codec: Codec::None,
         connections: 2,
         verify: true,
-        direct_send,
+        direct_send: direct,
         // Slow enough that the connections live for a few hundred sampling periods.
         max_bandwidth_bytes_per_s: Some(200 << 20),
         precopy: PrecopyConfig { downtime_limit: Duration::ZERO, max_rounds: 2, ..Default::default() },
@@ -247,12 +247,14 @@ fn writer_thread_seen(direct_send: bool) -> bool {
     let seen = {
         let running = running.clone();
         std::thread::spawn(move || {
-            let mut seen = false;
+            let (mut writers, mut readers) = (false, false);
             while running.load(std::sync::atomic::Ordering::Acquire) {
-                seen |= thread_names().iter().any(|name| name.starts_with("conn-writer"));
+                let names = thread_names();
+                writers |= names.iter().any(|name| name.starts_with("conn-writer"));
+                readers |= names.iter().any(|name| name.starts_with("conn-reader"));
                 std::thread::sleep(MS);
             }
-            seen
+            (writers, readers)
         })
     };
     let outcome = migrate_synthetic_on(Link::Loopback { mtu: 1500, cores: 1 }, MEM, workload, &config);
@@ -263,13 +265,17 @@ fn writer_thread_seen(direct_send: bool) -> bool {
     seen
 }
 
-/// The send path of the design: over our stack, the polling cores take the compression
-/// workers' frames from their rings themselves; no writer thread runs per connection (the
-/// same migration with writer threads shows that the sampling would see one).
+/// The design's shape: over our stack, the polling cores take the compression workers'
+/// frames from their rings themselves, and put the frames they receive together and queue
+/// them for the decompression workers themselves; no writer or reader thread runs per
+/// connection (the same migration with connection threads shows that the sampling would
+/// see them). Connection 0's answer reader on the source stays a thread.
 #[test]
-fn polling_cores_pull_frames_without_writer_threads() {
-    assert!(writer_thread_seen(false), "the sampler missed the writer threads it was shown");
-    assert!(!writer_thread_seen(true), "a connection writer thread ran over our stack");
+fn polling_cores_move_frames_without_connection_threads() {
+    assert_eq!(connection_threads_seen(false), (true, true), "the sampler missed the threads it was shown");
+    let (writers, readers) = connection_threads_seen(true);
+    assert!(!writers, "a connection writer thread ran over our stack");
+    assert!(!readers, "a destination connection reader thread ran over our stack");
 }
 
 /// An `Outbound` that offers `total` bytes of a counting pattern in slices of odd sizes,
@@ -322,7 +328,7 @@ fn a_core_drains_a_handed_over_write_side_in_order() {
     sender.writer.write_all(b"first").expect("write before the hand-over");
     let lost = std::sync::Arc::new(std::sync::Mutex::new(None));
     let pattern = Pattern { total: TOTAL, offset: 0, idle_next: false, bytes: Vec::new(), lost: lost.clone() };
-    let attach = sender.direct.take().expect("our stack takes the write side");
+    let attach = sender.direct_send.take().expect("our stack takes the write side");
     attach(Box::new(pattern));
     drop(sender.writer);
     let mut head = [0u8; 5];
@@ -342,4 +348,96 @@ fn a_core_drains_a_handed_over_write_side_in_order() {
     (sender.closer)();
     assert_eq!(receiver.reader.read(&mut buffer).expect("read the end"), 0, "the stream goes on after the close");
     assert_eq!(*lost.lock().unwrap(), None);
+}
+
+/// What an `Inbound` was given, and how its stream ended.
+#[derive(Default)]
+struct Collected {
+    bytes: Vec<u8>,
+    end: Option<Result<(), String>>,
+}
+
+/// An `Inbound` that takes odd-sized bites and holds back on every third call, as a
+/// receiver whose queues fill would.
+struct Collector {
+    collected: std::sync::Arc<std::sync::Mutex<Collected>>,
+    calls: usize,
+}
+
+impl transport::pipe::Inbound for Collector {
+    fn receive(&mut self, bytes: &[u8]) -> usize {
+        self.calls += 1;
+        if self.calls.is_multiple_of(3) {
+            return 0;
+        }
+        let n = bytes.len().min(1 + self.calls % 40_000);
+        self.collected.lock().unwrap().bytes.extend_from_slice(&bytes[..n]);
+        n
+    }
+
+    fn holding(&self) -> bool {
+        false
+    }
+
+    fn end(&mut self, how: Result<(), &str>) {
+        self.collected.lock().unwrap().end = Some(how.map_err(str::to_string));
+    }
+}
+
+fn collector() -> (Box<Collector>, std::sync::Arc<std::sync::Mutex<Collected>>) {
+    let collected = std::sync::Arc::new(std::sync::Mutex::new(Collected::default()));
+    (Box::new(Collector { collected: collected.clone(), calls: 0 }), collected)
+}
+
+/// Waits until the collector's stream ended.
+fn ended(collected: &std::sync::Mutex<Collected>) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(end) = collected.lock().unwrap().end.clone() {
+            return end;
+        }
+        assert!(Instant::now() < deadline, "the stream never ended for the Inbound");
+        std::thread::sleep(MS);
+    }
+}
+
+/// A connection's read side handed to its core: what the reader had received and not
+/// returned comes first, then every byte sent, in order, however the `Inbound` takes them,
+/// then the end of the stream. A peer silent past the read timeout ends it with why.
+#[test]
+fn a_core_delivers_to_a_handed_over_read_side_in_order() {
+    const TOTAL: usize = 8 << 20;
+    let stack = LoopbackStack::start(1500, DEFAULT_SOCKET_BUFFER_BYTES, false).expect("start the loopback wire");
+    let timeouts = Timeouts { connect: Duration::from_secs(10), io: Duration::from_millis(300) };
+    let mut acceptor = stack.acceptor(4712, timeouts).expect("listen");
+    let mut sender = stack.connector(4712, timeouts).connect().expect("connect");
+    let mut receiver = acceptor.accept(Duration::from_secs(10)).expect("accept");
+    sender.writer.write_all(b"first").expect("write before the hand-over");
+    let mut head = [0u8; 2];
+    receiver.reader.read_exact(&mut head).expect("read the first bytes");
+    assert_eq!(&head, b"fi");
+    let (inbound, collected) = collector();
+    let attach = receiver.direct_receive.take().expect("our stack delivers the read side");
+    attach(receiver.reader, inbound);
+    let pattern: Vec<u8> = (0..TOTAL).map(|i| i as u8).collect();
+    sender.writer.write_all(&pattern).expect("write");
+    drop(sender.writer);
+    (sender.closer)();
+    assert_eq!(ended(&collected), Ok(()));
+    let collected = std::mem::take(&mut collected.lock().unwrap().bytes);
+    assert_eq!(collected.len(), 3 + TOTAL);
+    assert_eq!(&collected[..3], b"rst");
+    if let Some(i) = collected[3..].iter().zip(&pattern).position(|(a, b)| a != b) {
+        panic!("byte {i} is {} where {} was sent", collected[3 + i], pattern[i]);
+    }
+
+    // A peer that connects and then says nothing.
+    let _quiet = stack.connector(4712, timeouts).connect().expect("connect");
+    let receiver = acceptor.accept(Duration::from_secs(10)).expect("accept");
+    let (inbound, collected) = collector();
+    let started = Instant::now();
+    (receiver.direct_receive.expect("our stack delivers the read side"))(receiver.reader, inbound);
+    let end = ended(&collected);
+    assert!(end.as_ref().is_err_and(|why| why.contains("silent")), "{end:?}");
+    assert!(started.elapsed() >= Duration::from_millis(300), "ended before the read timeout");
 }

@@ -45,7 +45,7 @@ impl Connector for Recording {
         let connection = self.inner.connect()?;
         // The tee sees every byte only if the stack is not handed the write side.
         let writer = Box::new(Tee { inner: connection.writer, copy: self.copy.clone() });
-        Ok(Connection { writer, direct: None, ..connection })
+        Ok(Connection { writer, direct_send: None, ..connection })
     }
 }
 
@@ -148,7 +148,8 @@ impl Acceptor for Replay {
                 closer: Box::new(|| {}),
                 peer: "corpus".into(),
                 probe: None,
-                direct: None,
+                direct_send: None,
+                direct_receive: None,
             }),
             None => {
                 std::thread::sleep(timeout.min(Duration::from_millis(100)));

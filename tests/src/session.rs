@@ -131,6 +131,8 @@ fn run(
         max_memory_bytes: mem_bytes,
         // A migration cancelled before it connects leaves the destination waiting.
         accept_timeout: Duration::from_secs(if cancel_at == Some(CancelAt::Setup) { 2 } else { 10 }),
+        // One switch for both ends, as the CLI's `--connection-threads`.
+        direct_receive: config.direct_send,
         ..Default::default()
     };
     let destination = std::thread::spawn(move || {

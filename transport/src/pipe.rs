@@ -23,11 +23,36 @@ pub struct Connection {
     /// Where the stack can drain the write side itself (a polling core): hand it an
     /// [`Outbound`] and stop using `writer`. Bytes written before stay ahead of it. A
     /// wrapper that transforms what `writer` carries (TLS, a tee) must set this to `None`.
-    pub direct: Option<Attach>,
+    pub direct_send: Option<AttachOutbound>,
+    /// Where the stack can deliver what arrives itself (a polling core): hand it
+    /// `reader` and an [`Inbound`]. What `reader` had received and not yet returned
+    /// comes first. A wrapper of `reader` must set this to `None`, as for `direct_send`.
+    pub direct_receive: Option<AttachInbound>,
 }
 
-/// Hands a connection's write side to its stack; see [`Connection::direct`].
-pub type Attach = Box<dyn FnOnce(Box<dyn Outbound>) + Send>;
+/// Hands a connection's write side to its stack; see [`Connection::direct_send`].
+pub type AttachOutbound = Box<dyn FnOnce(Box<dyn Outbound>) + Send>;
+
+/// Hands a connection's read side to its stack, with the connection's own `reader`
+/// (whatever it still holds goes to the `Inbound` first); see
+/// [`Connection::direct_receive`].
+pub type AttachInbound = Box<dyn FnOnce(Box<dyn Read + Send>, Box<dyn Inbound>) + Send>;
+
+/// A sink for incoming bytes that a polling stack feeds on its own thread, straight from
+/// its socket's receive buffer: no reader thread, no copy on the way. Calls come from one
+/// thread, in a loop that must not block.
+pub trait Inbound: Send {
+    /// Offers the bytes that arrived and were not taken yet, in order (empty when nothing
+    /// new did: a poll, so that what it holds can move on). Returns how many it took from
+    /// the front; the rest is offered again, and the peer is held back meanwhile.
+    fn receive(&mut self, bytes: &[u8]) -> usize;
+    /// Whether it holds back for its own consumers (full queues, a barrier) rather than
+    /// waiting for the peer: a peer quiet meanwhile has not timed out.
+    fn holding(&self) -> bool;
+    /// The stream ended after everything before it was taken: `Ok` when the peer finished
+    /// sending, `Err` with why when it was lost or stayed silent past the read timeout.
+    fn end(&mut self, how: Result<(), &str>);
+}
 
 /// A source of outgoing bytes that a polling stack drains on its own thread, straight
 /// into its socket's send buffer: no writer thread, no copy on the way. Calls come from
@@ -156,7 +181,8 @@ fn tcp_connection(stream: TcpStream, timeouts: Timeouts) -> io::Result<Connectio
         }),
         peer,
         probe: Some(Arc::new(probe)),
-        direct: None,
+        direct_send: None,
+        direct_receive: None,
     })
 }
 

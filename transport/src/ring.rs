@@ -136,6 +136,13 @@ impl<T> Ring<T> {
         pushed
     }
 
+    /// Pushes without waiting; gives `item` back when the ring is full.
+    pub fn offer(&self, item: T) -> Result<(), T> {
+        self.queue.push(item)?;
+        self.wake();
+        Ok(())
+    }
+
     pub fn try_pop(&self) -> Option<T> {
         let item = self.queue.pop();
         if item.is_some() {

@@ -29,10 +29,12 @@ use transport::pipe::{Acceptor, Connection};
 use transport::ring::{Pool, Ring};
 
 mod greeting;
+mod inbound;
 mod reader;
 mod session;
 
 use greeting::{accept_session, turn_away, Greeted};
+use inbound::FrameInbound;
 use reader::{connection_reader, decompression_worker};
 use session::{Event, Session};
 
@@ -97,35 +99,44 @@ impl Shared {
     /// The round barrier: returns once every connection has ended the round and every
     /// batch of it is applied; `Ok(true)` for the caller that completed it.
     fn end_round(&self) -> Result<bool, MigrationError> {
-        let connections = usize::from(self.hello.connection_count);
+        let generation = self.arrive_at_round_end();
+        loop {
+            if let Some(completed) = self.pass_round_end(generation)? {
+                return Ok(completed);
+            }
+            let state = self.barrier.lock().unwrap_or_else(|p| p.into_inner());
+            if state.generation == generation {
+                let _ = self.barrier_changed.wait_timeout(state, Duration::from_millis(1));
+            }
+        }
+    }
+
+    /// A connection reached the end of a round: returns the barrier's generation to pass.
+    fn arrive_at_round_end(&self) -> u64 {
         let mut state = self.barrier.lock().unwrap_or_else(|p| p.into_inner());
-        let generation = state.generation;
         state.arrived += 1;
-        if state.arrived == connections {
-            while self.in_flight.load(Ordering::Acquire) > 0 {
-                if self.abort.is_raised() {
-                    return Err(self.failure());
-                }
-                state = self
-                    .barrier_changed
-                    .wait_timeout(state, Duration::from_millis(1))
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0;
-            }
-            state.arrived = 0;
-            state.generation += 1;
-            self.rounds.fetch_add(1, Ordering::Relaxed);
-            self.barrier_changed.notify_all();
-            return Ok(true);
+        state.generation
+    }
+
+    /// Whether the barrier of `generation` is open, without waiting: `Some(true)` for the
+    /// caller that opened it (every connection arrived, every batch applied), `None` while
+    /// it stays shut.
+    fn pass_round_end(&self, generation: u64) -> Result<Option<bool>, MigrationError> {
+        if self.abort.is_raised() {
+            return Err(self.failure());
         }
-        while state.generation == generation {
-            if self.abort.is_raised() {
-                return Err(self.failure());
-            }
-            state =
-                self.barrier_changed.wait_timeout(state, Duration::from_millis(1)).unwrap_or_else(|p| p.into_inner()).0;
+        let mut state = self.barrier.lock().unwrap_or_else(|p| p.into_inner());
+        if state.generation != generation {
+            return Ok(Some(false));
         }
-        Ok(false)
+        if state.arrived < usize::from(self.hello.connection_count) || self.in_flight.load(Ordering::Acquire) > 0 {
+            return Ok(None);
+        }
+        state.arrived = 0;
+        state.generation += 1;
+        self.rounds.fetch_add(1, Ordering::Relaxed);
+        self.barrier_changed.notify_all();
+        Ok(Some(true))
     }
 
     fn batch_applied(&self) {
@@ -192,7 +203,8 @@ fn receive_session(
 ) -> Result<DestinationReport, MigrationError> {
     let Greeted { hello, connections, memory, started } = accept_session(acceptor, vm, config, prepared)?;
     let region_pages: Vec<u64> = hello.region_bytes.iter().map(|&b| pages_of(b)).collect();
-    let shared = Shared {
+    // Shared with the polling cores' `Inbound`s too, which outlive this scope.
+    let shared = Arc::new(Shared {
         abort: SessionAbort::new(),
         memory,
         epochs: PageEpochs::new(&region_pages),
@@ -209,11 +221,12 @@ fn receive_session(
         counters: Mutex::new(ApplyCounters::default()),
         received_bytes: AtomicU64::new(0),
         rounds: AtomicU64::new(0),
-    };
+    });
     let (events_tx, events) = mpsc::channel::<Event>();
 
     std::thread::scope(|scope| {
-        let shared = &shared;
+        let shared_arc = &shared;
+        let shared: &Shared = &shared;
         let mut workers = Vec::new();
         for index in 0..config.decompress_threads.max(1) {
             let first_cpu = config.pin_workers.then_some(config.first_worker_cpu);
@@ -223,14 +236,22 @@ fn receive_session(
         let mut control_writer = None;
         let mut closers: Vec<Arc<dyn Fn() + Send + Sync>> = Vec::new();
         for (index, connection) in connections.into_iter().enumerate() {
-            let Connection { reader, writer, closer, .. } = connection;
+            let Connection { reader, writer, closer, direct_receive, .. } = connection;
             closers.push(Arc::from(closer));
             if index == 0 {
                 control_writer = Some(writer);
             }
             let events_tx = events_tx.clone();
-            let body = move || connection_reader(shared, index as u16, reader, events_tx);
-            shared.abort.spawn_guarded(scope, format!("conn-reader-{index}"), "connection reader", body);
+            match direct_receive {
+                // The polling core delivers what arrives itself: no reader thread.
+                Some(attach) if config.direct_receive => {
+                    attach(reader, Box::new(FrameInbound::new(shared_arc.clone(), index as u16, events_tx)))
+                }
+                _ => {
+                    let body = move || connection_reader(shared, index as u16, reader, events_tx);
+                    shared.abort.spawn_guarded(scope, format!("conn-reader-{index}"), "connection reader", body);
+                }
+            }
         }
         drop(events_tx);
         let closers = Arc::new(closers);

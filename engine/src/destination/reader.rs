@@ -2,7 +2,7 @@
 //! ring, round ends to the barrier, control to the session thread) and the decompression
 //! workers that apply the pages.
 
-use migration::frame::{FrameKind, MAX_PAYLOAD_BYTES};
+use migration::frame::{FrameHeader, FrameKind, MAX_PAYLOAD_BYTES};
 use migration::handshake::decode_reason;
 use migration::page_batch::MAX_BATCH_BYTES;
 use migration::receiver::{ApplyWorker, BatchApplier, ConnectionInbound, Inbound};
@@ -15,7 +15,7 @@ use transport::pin;
 use super::session::Event;
 use super::Shared;
 
-fn frame_limit(kind: FrameKind) -> u32 {
+pub(super) fn frame_limit(kind: FrameKind) -> u32 {
     match kind {
         FrameKind::Pages => MAX_BATCH_BYTES as u32,
         FrameKind::DeviceState => MAX_PAYLOAD_BYTES,
@@ -30,58 +30,103 @@ pub(super) fn connection_reader(
     events: mpsc::Sender<Event>,
 ) {
     let mut inbound = ConnectionInbound::new(index, 1);
-    let fail = |reason: String| shared.abort.raise(format!("connection {index}: {reason}"));
     loop {
         let mut buffer = shared.buffers.take(|| Vec::with_capacity(MAX_BATCH_BYTES));
         let header = match read_frame(&mut *reader, &mut buffer, frame_limit) {
             Ok(header) => header,
-            Err(ReadError::Closed)
-                if shared.finished.load(Ordering::Acquire)
-                    || (index != 0 && shared.complete_seen.load(Ordering::Acquire)) =>
-            {
-                return
-            }
-            Err(_) if shared.finished.load(Ordering::Acquire) || shared.abort.is_raised() => return,
-            Err(err) => return fail(err.to_string()),
+            Err(err) => return stream_ended(shared, index, &err),
         };
-        shared.received_bytes.fetch_add((migration::frame::HEADER_BYTES + buffer.len()) as u64, Ordering::Relaxed);
-        let event = match inbound.on_frame(&header, &buffer) {
-            Ok(event) => event,
-            Err(err) => return fail(err.to_string()),
-        };
-        match event {
-            Inbound::Pages => {
-                shared.in_flight.fetch_add(1, Ordering::AcqRel);
-                if shared.decode.push(Some((header.epoch, buffer)), &shared.abort).is_err() {
+        match on_frame(shared, index, &mut inbound, &events, &header, buffer) {
+            Step::Read => {}
+            Step::Apply(epoch, batch) => {
+                if shared.decode.push(Some((epoch, batch)), &shared.abort).is_err() {
                     return;
                 }
-                continue;
             }
-            Inbound::RoundEnd { epoch } => match shared.end_round() {
+            Step::RoundEnd(epoch) => match shared.end_round() {
                 Ok(true) => {
                     let _ = events.send(Event::RoundApplied(epoch));
                 }
                 Ok(false) => {}
                 Err(_) => return,
             },
-            Inbound::DeviceState => {
-                *shared.device_state.lock().unwrap_or_else(|p| p.into_inner()) = Some(buffer.clone());
-                let _ = events.send(Event::DeviceState);
-            }
-            Inbound::Complete { .. } => {
-                shared.complete_seen.store(true, Ordering::Release);
-                let _ = events.send(Event::Control(FrameKind::Complete, buffer.clone()));
-            }
-            Inbound::Commit => {
-                let _ = events.send(Event::Control(FrameKind::Commit, buffer.clone()));
-            }
-            Inbound::VerifyDigest => {
-                let _ = events.send(Event::Control(FrameKind::VerifyDigest, buffer.clone()));
-            }
-            Inbound::Abort => return fail(format!("the source aborted: {}", decode_reason(&buffer))),
+            Step::Stop => return,
         }
-        shared.buffers.give(buffer);
     }
+}
+
+/// What a connection does after a frame.
+pub(super) enum Step {
+    /// Read the next frame.
+    Read,
+    /// Queue this batch of the round `epoch` for the decompression workers.
+    Apply(u32, Vec<u8>),
+    /// Hold at the round barrier; whoever opens it reports the round applied.
+    RoundEnd(u32),
+    /// Stop: the session failed (the abort is raised), or the source aborted.
+    Stop,
+}
+
+/// Checks a frame with the connection's state machine and does what needs no wait:
+/// control frames and the device state go to the session thread. Page batches and round
+/// ends are the caller's: a reader thread waits for room and at the barrier, a polling
+/// core's `Inbound` must not.
+pub(super) fn on_frame(
+    shared: &Shared,
+    index: u16,
+    inbound: &mut ConnectionInbound,
+    events: &mpsc::Sender<Event>,
+    header: &FrameHeader,
+    buffer: Vec<u8>,
+) -> Step {
+    let fail = |reason: String| {
+        shared.abort.raise(format!("connection {index}: {reason}"));
+        Step::Stop
+    };
+    shared.received_bytes.fetch_add((migration::frame::HEADER_BYTES + buffer.len()) as u64, Ordering::Relaxed);
+    let event = match inbound.on_frame(header, &buffer) {
+        Ok(event) => event,
+        Err(err) => return fail(err.to_string()),
+    };
+    let step = match event {
+        Inbound::Pages => {
+            shared.in_flight.fetch_add(1, Ordering::AcqRel);
+            return Step::Apply(header.epoch, buffer);
+        }
+        Inbound::RoundEnd { epoch } => Step::RoundEnd(epoch),
+        Inbound::DeviceState => {
+            *shared.device_state.lock().unwrap_or_else(|p| p.into_inner()) = Some(buffer.clone());
+            let _ = events.send(Event::DeviceState);
+            Step::Read
+        }
+        Inbound::Complete { .. } => {
+            shared.complete_seen.store(true, Ordering::Release);
+            let _ = events.send(Event::Control(FrameKind::Complete, buffer.clone()));
+            Step::Read
+        }
+        Inbound::Commit => {
+            let _ = events.send(Event::Control(FrameKind::Commit, buffer.clone()));
+            Step::Read
+        }
+        Inbound::VerifyDigest => {
+            let _ = events.send(Event::Control(FrameKind::VerifyDigest, buffer.clone()));
+            Step::Read
+        }
+        Inbound::Abort => fail(format!("the source aborted: {}", decode_reason(&buffer))),
+    };
+    shared.buffers.give(buffer);
+    step
+}
+
+/// A connection's stream ended (or failed): the end of the session when it was due, else
+/// the session's failure.
+pub(super) fn stream_ended(shared: &Shared, index: u16, err: &ReadError) {
+    let due = shared.finished.load(Ordering::Acquire) || (index != 0 && shared.complete_seen.load(Ordering::Acquire));
+    if (matches!(err, ReadError::Closed) && due) || shared.finished.load(Ordering::Acquire) || shared.abort.is_raised()
+    {
+        return;
+    }
+    shared.abort.raise(format!("connection {index}: {err}"));
 }
 
 /// Pinned to `first_cpu + index` when pinning (`DestinationConfig::first_worker_cpu`).

@@ -322,7 +322,7 @@ fn spawn_connection_threads<'scope, 'env>(
 ) -> Vec<std::thread::ScopedJoinHandle<'scope, ()>> {
     let mut writers = Vec::new();
     for (index, connection) in connections.into_iter().enumerate() {
-        let Connection { reader, writer, closer, direct, .. } = connection;
+        let Connection { reader, writer, closer, direct_send, .. } = connection;
         shared.abort.on_raise(closer);
         if index == 0 {
             let wake = wake.clone();
@@ -330,7 +330,7 @@ fn spawn_connection_threads<'scope, 'env>(
             shared.abort.spawn_guarded(scope, "control-reader".into(), "control reader", body);
         }
         let link = LinkWriter::new(shared.links.clone(), index);
-        match direct {
+        match direct_send {
             Some(attach) if shared.config.direct_send => attach(Box::new(link)),
             _ => {
                 let body = move || connection_writer(link, writer);

@@ -450,10 +450,11 @@ pub struct CommonOptions {
     /// Do not pin worker threads to cores.
     #[arg(long)]
     pub no_pin: bool,
-    /// Run a writer thread per connection even where the dataplane's cores could pull
-    /// frames straight from the compression workers (to measure what that saves).
+    /// Run a thread per connection (a writer on the source, a reader on the destination)
+    /// even where the dataplane's polling cores could move the frames between the
+    /// sockets and the workers themselves (to measure what that saves).
     #[arg(long)]
-    pub writer_threads: bool,
+    pub connection_threads: bool,
     /// Guest memory on hugepages: auto (when reserved), on (required) or off.
     #[arg(long, default_value = "auto")]
     pub hugepages: String,

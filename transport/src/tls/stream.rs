@@ -172,7 +172,7 @@ fn split(connection: Connection, mut tls: rustls::Connection) -> Connection {
     tls.set_buffer_limit(None);
     // The probe counts ciphertext: a record's overhead off the guest's bytes.
     // The write side is ours now: records are sealed on the writer's thread.
-    let Connection { reader, writer, closer, peer, probe, direct: _ } = connection;
+    let Connection { reader, writer, closer, peer, probe, .. } = connection;
     let session = Arc::new(Session { tls: Mutex::new(tls), wire_out: Mutex::new(writer) });
     Connection {
         reader: Box::new(TlsReader {
@@ -186,7 +186,8 @@ fn split(connection: Connection, mut tls: rustls::Connection) -> Connection {
         closer,
         peer,
         probe,
-        direct: None,
+        direct_send: None,
+        direct_receive: None,
     }
 }
 
