@@ -238,7 +238,9 @@ fn migrations_between_namespaces() {
     };
     gro("on");
     let aggregated = received(4450);
-    assert!(largest(&aggregated) > 2 * 1514, "no GRO aggregates arrived: the largest frame {}", largest(&aggregated));
+    // Any frame over the MTU is an aggregate here; how many segments GRO merges depends on
+    // how many arrive within one NAPI poll, which a busy machine lowers (two, at times).
+    assert!(largest(&aggregated) > 1514, "no GRO aggregates arrived: the largest frame {}", largest(&aggregated));
     gro("off");
     kernel_to_ours(4448, &["--dataplane-cores", "2", "--no-offload"]);
     eprintln!(
