@@ -7,6 +7,9 @@
 //!               (checks frames, holds at RoundEnd)                   workers -> memory
 //!               connection 0 reader --(Complete, Commit, VerifyDigest)--> session thread
 //! ```
+//! Over kernel TCP and TLS the connection readers are threads (`reader.rs`); over our
+//! stack the polling cores feed each connection's `inbound::FrameInbound` straight from
+//! their sockets, with the same checks and no thread in between.
 //! Every connection stops at each `RoundEnd` until all connections have reached it and
 //! every batch of that round is applied: a page of round k can never land after the same
 //! page of round k+1, and a delta always finds the version it was made from (the page
