@@ -200,13 +200,20 @@ fn probe_follows_a_stalled_then_draining_reader(sender: Connection, mut receiver
     assert!(!probe.full(), "everything acknowledged, yet the send buffer shows full");
 }
 
+/// One connection over a fresh loopback wire on `port`, its reads timing out after `io`:
+/// the stack and the acceptor (both must live while the connection does) and both ends.
+fn wire_connection(port: u16, io: Duration) -> (LoopbackStack, dataplane::stack::CoreAcceptor, Connection, Connection) {
+    let stack = LoopbackStack::start(1500, DEFAULT_SOCKET_BUFFER_BYTES, false).expect("start the loopback wire");
+    let timeouts = Timeouts { connect: Duration::from_secs(10), io };
+    let mut acceptor = stack.acceptor(port, timeouts).expect("listen");
+    let sender = stack.connector(port, timeouts).connect().expect("connect");
+    let receiver = acceptor.accept(Duration::from_secs(10)).expect("accept");
+    (stack, acceptor, sender, receiver)
+}
+
 #[test]
 fn the_send_probe_follows_the_link_on_our_stack() {
-    let stack = LoopbackStack::start(1500, DEFAULT_SOCKET_BUFFER_BYTES, false).expect("start the loopback wire");
-    let timeouts = Timeouts { connect: Duration::from_secs(10), io: Duration::from_secs(30) };
-    let mut acceptor = stack.acceptor(4710, timeouts).expect("listen");
-    let sender = stack.connector(4710, timeouts).connect().expect("connect");
-    let receiver = acceptor.accept(Duration::from_secs(10)).expect("accept");
+    let (_stack, _acceptor, sender, receiver) = wire_connection(4710, Duration::from_secs(30));
     probe_follows_a_stalled_then_draining_reader(sender, receiver);
 }
 
@@ -320,11 +327,7 @@ impl transport::pipe::Outbound for Pattern {
 #[test]
 fn a_core_drains_a_handed_over_write_side_in_order() {
     const TOTAL: usize = 8 << 20;
-    let stack = LoopbackStack::start(1500, DEFAULT_SOCKET_BUFFER_BYTES, false).expect("start the loopback wire");
-    let timeouts = Timeouts { connect: Duration::from_secs(10), io: Duration::from_secs(30) };
-    let mut acceptor = stack.acceptor(4711, timeouts).expect("listen");
-    let mut sender = stack.connector(4711, timeouts).connect().expect("connect");
-    let mut receiver = acceptor.accept(Duration::from_secs(10)).expect("accept");
+    let (_stack, _acceptor, mut sender, mut receiver) = wire_connection(4711, Duration::from_secs(30));
     sender.writer.write_all(b"first").expect("write before the hand-over");
     let lost = std::sync::Arc::new(std::sync::Mutex::new(None));
     let pattern = Pattern { total: TOTAL, offset: 0, idle_next: false, bytes: Vec::new(), lost: lost.clone() };
@@ -407,11 +410,8 @@ fn ended(collected: &std::sync::Mutex<Collected>) -> Result<(), String> {
 #[test]
 fn a_core_delivers_to_a_handed_over_read_side_in_order() {
     const TOTAL: usize = 8 << 20;
-    let stack = LoopbackStack::start(1500, DEFAULT_SOCKET_BUFFER_BYTES, false).expect("start the loopback wire");
     let timeouts = Timeouts { connect: Duration::from_secs(10), io: Duration::from_millis(300) };
-    let mut acceptor = stack.acceptor(4712, timeouts).expect("listen");
-    let mut sender = stack.connector(4712, timeouts).connect().expect("connect");
-    let mut receiver = acceptor.accept(Duration::from_secs(10)).expect("accept");
+    let (stack, mut acceptor, mut sender, mut receiver) = wire_connection(4712, timeouts.io);
     sender.writer.write_all(b"first").expect("write before the hand-over");
     let mut head = [0u8; 2];
     receiver.reader.read_exact(&mut head).expect("read the first bytes");
