@@ -1,14 +1,14 @@
 //! A dataplane core: one pinned thread that owns one NIC device, one smoltcp `Interface`
 //! and the TCP sockets of its connections, and polls them in a loop with bounded work per
-//! iteration: ingress and egress through smoltcp, then at most `PUMP_BUDGET_BYTES` each
+//! iteration: ingress and egress through smoltcp, then at most `connection::PUMP_BUDGET_BYTES` each
 //! way per connection between the sockets and the application rings.
 
 use crate::clock::StackClock;
-use crate::delivery::Delivery;
+use crate::connection::Pipe;
 use crate::fanout::{local_port_for, Steering};
 use crate::faults::{Faults, FaultyDevice};
 use crate::layers::{trace_frame, ChecksumPolicy, Checksums};
-use crate::pipe::{PipeShared, CHUNK_BYTES};
+use crate::pipe::PipeShared;
 use smoltcp::iface::{Config, Interface, PollIngressSingleResult, PollResult, SocketHandle, SocketSet};
 use smoltcp::phy::{Device, PcapMode, PcapWriter, Tracer};
 use smoltcp::socket::tcp::{self, State};
@@ -19,12 +19,8 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
-use transport::pipe::{Next, Outbound};
 use transport::ring::Ring;
 
-/// Bytes moved per connection and direction in one loop iteration, so one busy connection
-/// cannot starve the others or the stack's own timers.
-const PUMP_BUDGET_BYTES: usize = 512 * 1024;
 /// Frames taken from the device per loop iteration, so a flood cannot starve the pumps.
 const INGRESS_BUDGET: usize = 256;
 /// Frames received between egress passes. smoltcp acknowledges once per egress pass, and
@@ -237,38 +233,6 @@ fn run_captured<D: Device>(
     }
 }
 
-/// A connection owned by the core.
-struct Pipe {
-    handle: SocketHandle,
-    shared: Arc<PipeShared>,
-    /// A chunk taken from the application, partly written into the socket.
-    pending: Option<(Vec<u8>, usize)>,
-    /// The write side the application handed over: pulled straight into the socket once
-    /// the chunks written before it are sent.
-    outbound: Option<Box<dyn Outbound>>,
-    /// The read side the application handed over: fed here instead of `from_net`.
-    delivery: Option<Delivery>,
-    /// Bytes written into the socket so far.
-    sent: u64,
-    eof_sent: bool,
-    closing: bool,
-}
-
-impl Pipe {
-    /// Whether the application has closed the connection, or dropped both its halves
-    /// (then only this core holds the shared state): either way, a close.
-    fn application_gone(&self) -> bool {
-        self.shared.closed.is_raised() || Arc::strong_count(&self.shared) == 1
-    }
-
-    /// Whether nothing the application gave is left to put into the socket.
-    fn drained(&mut self) -> bool {
-        self.pending.is_none()
-            && self.shared.to_net.is_empty()
-            && !self.outbound.as_mut().is_some_and(|outbound| matches!(outbound.next(), Next::Bytes(_)))
-    }
-}
-
 struct Connecting {
     handle: SocketHandle,
     reply: mpsc::Sender<io::Result<Arc<PipeShared>>>,
@@ -446,16 +410,7 @@ impl<D: Device> Core<D> {
 
     fn adopt(&mut self, handle: SocketHandle) -> Arc<PipeShared> {
         let shared = PipeShared::new();
-        self.pipes.push(Pipe {
-            handle,
-            shared: shared.clone(),
-            pending: None,
-            outbound: None,
-            delivery: None,
-            sent: 0,
-            eof_sent: false,
-            closing: false,
-        });
+        self.pipes.push(Pipe::new(handle, shared.clone()));
         shared
     }
 
@@ -506,104 +461,13 @@ impl<D: Device> Core<D> {
         progress
     }
 
-    /// Moves bytes between one connection's socket and its application rings.
+    /// Moves bytes between one connection's socket and its application rings (or what
+    /// the application handed over), and closes it once the application is done.
     fn pump(&mut self, index: usize) -> bool {
         let pipe = &mut self.pipes[index];
         let socket = self.sockets.get_mut::<tcp::Socket>(pipe.handle);
-        let mut progress = false;
-
-        // Application to network.
-        let mut budget = PUMP_BUDGET_BYTES;
-        while budget > 0 && socket.can_send() {
-            if pipe.pending.is_none() {
-                match pipe.shared.to_net.try_pop() {
-                    Some(chunk) => pipe.pending = Some((chunk, 0)),
-                    None => break,
-                }
-            }
-            let Some((chunk, offset)) = pipe.pending.as_mut() else { break };
-            let sent = socket.send_slice(&chunk[*offset..]).unwrap_or(0);
-            if sent == 0 {
-                break;
-            }
-            *offset += sent;
-            pipe.sent += sent as u64;
-            budget = budget.saturating_sub(sent);
-            progress = true;
-            if *offset == chunk.len() {
-                if let Some((chunk, _)) = pipe.pending.take() {
-                    pipe.shared.free.give(chunk);
-                }
-            }
-        }
-        // Then the handed-over write side, once every chunk written before it is in.
-        if pipe.outbound.is_none() && pipe.pending.is_none() && pipe.shared.to_net.is_empty() {
-            pipe.outbound = pipe.shared.take_outbound();
-        }
-        if let (Some(outbound), None) = (pipe.outbound.as_mut(), pipe.pending.as_ref()) {
-            while budget > 0 && socket.can_send() {
-                let sent = match outbound.next() {
-                    Next::Bytes(bytes) => socket.send_slice(bytes).unwrap_or(0),
-                    Next::Idle | Next::Done => break,
-                };
-                if sent == 0 {
-                    break;
-                }
-                outbound.advance(sent);
-                pipe.sent += sent as u64;
-                budget = budget.saturating_sub(sent);
-                progress = true;
-            }
-        }
-
-        // What left the send buffer was acknowledged. A buffer over half full of bytes not
-        // yet acknowledged waits for the link (or the peer): when the link keeps up, only
-        // the bytes on their way are there, and the writer's bursts never fill it.
-        let queued = socket.send_queue();
-        pipe.shared.acknowledged.store(pipe.sent - queued as u64, Ordering::Relaxed);
-        pipe.shared.send_full.store(2 * queued >= socket.send_capacity(), Ordering::Relaxed);
-
-        // Network to application: to the read side it handed over, or into `from_net`.
-        if pipe.delivery.is_none() {
-            pipe.delivery = pipe.shared.take_inbound().map(Delivery::new);
-        }
-        if let Some(delivery) = pipe.delivery.as_mut() {
-            progress |= delivery.deliver(socket, &pipe.shared, self.now, PUMP_BUDGET_BYTES);
-        }
-        let mut budget = PUMP_BUDGET_BYTES;
-        while pipe.delivery.is_none() && budget > 0 && socket.can_recv() && !pipe.shared.from_net.is_full() {
-            let mut chunk = pipe.shared.free.take(|| Vec::with_capacity(CHUNK_BYTES));
-            chunk.clear();
-            let received = socket
-                .recv(|data| {
-                    let n = data.len().min(CHUNK_BYTES);
-                    chunk.extend_from_slice(&data[..n]);
-                    (n, n)
-                })
-                .unwrap_or(0);
-            if received == 0 {
-                pipe.shared.free.give(chunk);
-                break;
-            }
-            // Only this core pushes, and it checked for room.
-            let _ = pipe.shared.from_net.try_push(chunk);
-            budget = budget.saturating_sub(received);
-            progress = true;
-        }
-
-        // The peer finished sending: tell the application once everything before it is
-        // delivered.
-        if !pipe.eof_sent
-            && pipe.delivery.is_none()
-            && !socket.may_recv()
-            && !socket.can_recv()
-            && socket.state() != State::Established
-            && pipe.shared.from_net.try_push(Vec::new())
-        {
-            pipe.eof_sent = true;
-            progress = true;
-        }
-
+        let mut progress = pipe.send(socket);
+        progress |= pipe.receive(socket, self.now);
         // The application closed (or dropped the connection): send what it wrote, then FIN.
         if pipe.application_gone() && !pipe.closing && pipe.drained() {
             socket.close();

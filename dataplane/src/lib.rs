@@ -11,6 +11,7 @@
 
 pub mod af_packet;
 mod clock;
+mod connection;
 pub mod core;
 mod delivery;
 #[cfg(feature = "dpdk")]
