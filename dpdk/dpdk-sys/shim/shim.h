@@ -14,6 +14,9 @@
 #include <rte_mbuf.h>
 #include <rte_mempool.h>
 #include <rte_version.h>
+#include <rte_gro.h>
+#include <rte_gso.h>
+#include <rte_net.h>
 
 uint16_t vm_rte_eth_rx_burst(uint16_t port_id, uint16_t queue_id, struct rte_mbuf **rx_pkts, uint16_t nb_pkts);
 uint16_t vm_rte_eth_tx_burst(uint16_t port_id, uint16_t queue_id, struct rte_mbuf **tx_pkts, uint16_t nb_pkts);
@@ -26,6 +29,20 @@ uint32_t vm_rte_pktmbuf_pkt_len(const struct rte_mbuf *m);
 uint64_t vm_rte_mbuf_ol_flags(const struct rte_mbuf *m);
 void vm_rte_mbuf_set_tx_offload(struct rte_mbuf *m, uint64_t ol_flags, uint16_t l2_len, uint16_t l3_len,
                                 uint16_t l4_len);
+/* Large TCP segments (see shim.c): cutting one into frames (GSO), merging frames back into
+ * one (GRO), and the checksums either way. Each works on an IPv4 TCP frame whose l2_len,
+ * l3_len and l4_len are set (vm_classify sets them on a received frame). */
+int vm_gso_tcp4(struct rte_mbuf *pkt, struct rte_mempool *direct, struct rte_mempool *indirect, uint16_t mss,
+                struct rte_mbuf **out, uint16_t out_len);
+void vm_request_tso(struct rte_mbuf *m, uint16_t mss);
+void vm_tcp4_checksums(struct rte_mbuf *m, int device);
+int vm_classify_tcp4(struct rte_mbuf *m);
+int vm_checksums_ok(const struct rte_mbuf *m);
+uint16_t vm_gro_tcp4(struct rte_mbuf **pkts, uint16_t count);
+uint16_t vm_rte_pktmbuf_nb_segs(const struct rte_mbuf *m);
+void vm_rte_mbuf_header_lengths(const struct rte_mbuf *m, uint16_t *l2, uint16_t *l3, uint16_t *l4);
+uint32_t vm_pktmbuf_copy_out(const struct rte_mbuf *m, uint8_t *out, uint32_t capacity);
+
 unsigned int vm_rte_mempool_avail_count(const struct rte_mempool *mp);
 int vm_rte_errno(void);
 
@@ -44,10 +61,14 @@ extern const uint64_t vm_RTE_ETH_TX_OFFLOAD_IPV4_CKSUM;
 extern const uint64_t vm_RTE_ETH_TX_OFFLOAD_TCP_CKSUM;
 extern const uint64_t vm_RTE_ETH_RX_OFFLOAD_IPV4_CKSUM;
 extern const uint64_t vm_RTE_ETH_RX_OFFLOAD_TCP_CKSUM;
+extern const uint64_t vm_RTE_MBUF_F_TX_TCP_SEG;
+extern const uint64_t vm_RTE_ETH_TX_OFFLOAD_TCP_TSO;
+extern const uint64_t vm_RTE_ETH_TX_OFFLOAD_MULTI_SEGS;
 extern const uint64_t vm_RTE_ETH_RSS_IP;
 extern const uint64_t vm_RTE_ETH_RSS_TCP;
 extern const uint32_t vm_RTE_MBUF_DEFAULT_BUF_SIZE;
 extern const uint32_t vm_RTE_PKTMBUF_HEADROOM;
+extern const uint32_t vm_RTE_GRO_MAX_BURST_ITEM_NUM;
 extern const int vm_SOCKET_ID_ANY;
 
 #endif

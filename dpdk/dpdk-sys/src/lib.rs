@@ -24,6 +24,9 @@ pub mod consts {
     pub const RTE_MBUF_F_TX_IPV4: u64 = 1 << 55;
     pub const RTE_MBUF_F_TX_IP_CKSUM: u64 = 1 << 54;
     pub const RTE_MBUF_F_TX_TCP_CKSUM: u64 = 1 << 52;
+    pub const RTE_MBUF_F_TX_TCP_SEG: u64 = 1 << 50;
+    pub const RTE_ETH_TX_OFFLOAD_TCP_TSO: u64 = 1 << 5;
+    pub const RTE_ETH_TX_OFFLOAD_MULTI_SEGS: u64 = 1 << 15;
     pub const RTE_ETH_TX_OFFLOAD_IPV4_CKSUM: u64 = 1 << 1;
     pub const RTE_ETH_TX_OFFLOAD_TCP_CKSUM: u64 = 1 << 3;
     pub const RTE_ETH_RX_OFFLOAD_IPV4_CKSUM: u64 = 1 << 1;
@@ -31,6 +34,8 @@ pub mod consts {
     pub const RTE_ETH_RSS_IP: u64 = (1 << 2) | (1 << 3) | (1 << 7) | (1 << 8) | (1 << 9) | (1 << 13) | (1 << 15);
     pub const RTE_ETH_RSS_TCP: u64 = (1 << 4) | (1 << 10) | (1 << 16);
     pub const RTE_PKTMBUF_HEADROOM: u32 = 128;
+    /// The most frames `rte_gro_reassemble_burst` takes at once.
+    pub const RTE_GRO_MAX_BURST_ITEM_NUM: usize = 128;
     pub const RTE_MBUF_DEFAULT_BUF_SIZE: u32 = 2048 + RTE_PKTMBUF_HEADROOM;
     pub const SOCKET_ID_ANY: i32 = -1;
 }
@@ -54,6 +59,9 @@ mod tests {
                 ("RTE_MBUF_F_TX_IPV4", vm_RTE_MBUF_F_TX_IPV4, RTE_MBUF_F_TX_IPV4),
                 ("RTE_MBUF_F_TX_IP_CKSUM", vm_RTE_MBUF_F_TX_IP_CKSUM, RTE_MBUF_F_TX_IP_CKSUM),
                 ("RTE_MBUF_F_TX_TCP_CKSUM", vm_RTE_MBUF_F_TX_TCP_CKSUM, RTE_MBUF_F_TX_TCP_CKSUM),
+                ("RTE_MBUF_F_TX_TCP_SEG", vm_RTE_MBUF_F_TX_TCP_SEG, RTE_MBUF_F_TX_TCP_SEG),
+                ("RTE_ETH_TX_OFFLOAD_TCP_TSO", vm_RTE_ETH_TX_OFFLOAD_TCP_TSO, RTE_ETH_TX_OFFLOAD_TCP_TSO),
+                ("RTE_ETH_TX_OFFLOAD_MULTI_SEGS", vm_RTE_ETH_TX_OFFLOAD_MULTI_SEGS, RTE_ETH_TX_OFFLOAD_MULTI_SEGS),
                 ("RTE_ETH_TX_OFFLOAD_IPV4_CKSUM", vm_RTE_ETH_TX_OFFLOAD_IPV4_CKSUM, RTE_ETH_TX_OFFLOAD_IPV4_CKSUM),
                 ("RTE_ETH_TX_OFFLOAD_TCP_CKSUM", vm_RTE_ETH_TX_OFFLOAD_TCP_CKSUM, RTE_ETH_TX_OFFLOAD_TCP_CKSUM),
                 ("RTE_ETH_RX_OFFLOAD_IPV4_CKSUM", vm_RTE_ETH_RX_OFFLOAD_IPV4_CKSUM, RTE_ETH_RX_OFFLOAD_IPV4_CKSUM),
@@ -65,6 +73,11 @@ mod tests {
                     "RTE_MBUF_DEFAULT_BUF_SIZE",
                     u64::from(vm_RTE_MBUF_DEFAULT_BUF_SIZE),
                     u64::from(RTE_MBUF_DEFAULT_BUF_SIZE),
+                ),
+                (
+                    "RTE_GRO_MAX_BURST_ITEM_NUM",
+                    u64::from(vm_RTE_GRO_MAX_BURST_ITEM_NUM),
+                    RTE_GRO_MAX_BURST_ITEM_NUM as u64,
                 ),
                 ("SOCKET_ID_ANY", vm_SOCKET_ID_ANY as u64, SOCKET_ID_ANY as u64),
             ]

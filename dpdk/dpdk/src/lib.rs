@@ -21,6 +21,8 @@ mod mbuf;
 mod mempool;
 #[cfg(dpdk)]
 mod port;
+#[cfg(dpdk)]
+pub mod segments;
 
 #[cfg(dpdk)]
 pub use eal::Eal;
@@ -29,4 +31,4 @@ pub use mbuf::Mbuf;
 #[cfg(dpdk)]
 pub use mempool::Mempool;
 #[cfg(dpdk)]
-pub use port::{ChecksumOffload, LinkStatus, Port, PortStats};
+pub use port::{ChecksumOffload, LinkStatus, Port, PortStats, SegmentOffload};

@@ -33,6 +33,10 @@ impl<'pool> Mbuf<'pool> {
         raw
     }
 
+    pub(crate) fn as_ptr(&self) -> *mut dpdk_sys::rte_mbuf {
+        self.mbuf.as_ptr()
+    }
+
     /// Appends `len` bytes at the end of the data and returns them to be filled; None when
     /// the buffer has no room.
     pub fn append(&mut self, len: u16) -> Option<&mut [u8]> {

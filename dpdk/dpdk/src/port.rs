@@ -19,6 +19,7 @@ pub struct Port<'pool> {
     name: String,
     queues: u16,
     checksum_offload: ChecksumOffload,
+    segment_offload: SegmentOffload,
     _pool: &'pool Mempool,
     /// Packets freed because the transmit queue stayed full.
     tx_dropped: AtomicU64,
@@ -33,6 +34,16 @@ pub struct ChecksumOffload {
     pub receive: bool,
     /// The device fills in the checksums of packets flagged for it.
     pub transmit: bool,
+}
+
+/// What the device takes of large segments (see `segments`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SegmentOffload {
+    /// The device cuts a large TCP segment into frames itself (TSO), and fills in their
+    /// checksums.
+    pub tso: bool,
+    /// The device sends packets chained over several mbufs (GSO's frames are).
+    pub multi_segment: bool,
 }
 
 // SAFETY: DPDK allows each queue of a port to be used from its own lcore at once; every
@@ -111,6 +122,16 @@ impl<'pool> Port<'pool> {
         if checksum_offload.transmit {
             conf.txmode.offloads |= transmit_checksums;
         }
+        let segment_offload = SegmentOffload {
+            tso: info.tx_offload_capa & consts::RTE_ETH_TX_OFFLOAD_TCP_TSO != 0,
+            multi_segment: info.tx_offload_capa & consts::RTE_ETH_TX_OFFLOAD_MULTI_SEGS != 0,
+        };
+        if segment_offload.tso {
+            conf.txmode.offloads |= consts::RTE_ETH_TX_OFFLOAD_TCP_TSO;
+        }
+        if segment_offload.multi_segment {
+            conf.txmode.offloads |= consts::RTE_ETH_TX_OFFLOAD_MULTI_SEGS;
+        }
         let rss = (consts::RTE_ETH_RSS_IP | consts::RTE_ETH_RSS_TCP) & info.flow_type_rss_offloads;
         if queues > 1 && rss != 0 {
             conf.rxmode.mq_mode = dpdk_sys::rte_eth_rx_mq_mode_RTE_ETH_MQ_RX_RSS;
@@ -148,7 +169,15 @@ impl<'pool> Port<'pool> {
         // the stack is given the port's own address.
         // SAFETY: the port is started.
         let _ = unsafe { dpdk_sys::rte_eth_promiscuous_enable(id) };
-        Ok(Port { id, name: name.to_string(), queues, checksum_offload, _pool: pool, tx_dropped: AtomicU64::new(0) })
+        Ok(Port {
+            id,
+            name: name.to_string(),
+            queues,
+            checksum_offload,
+            segment_offload,
+            _pool: pool,
+            tx_dropped: AtomicU64::new(0),
+        })
     }
 
     /// The name the EAL knows the port by (e.g. `net_af_packet0`).
@@ -162,6 +191,10 @@ impl<'pool> Port<'pool> {
 
     pub fn checksum_offload(&self) -> ChecksumOffload {
         self.checksum_offload
+    }
+
+    pub fn segment_offload(&self) -> SegmentOffload {
+        self.segment_offload
     }
 
     /// The port's MTU (the largest IP packet it sends).
