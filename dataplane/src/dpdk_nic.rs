@@ -8,142 +8,345 @@
 //! (counted), and a frame the device did not check is checked here. With transmit offload
 //! smoltcp leaves the IPv4 and TCP checksums to the device: each IPv4 mbuf is flagged for
 //! it, with the TCP pseudo-header sum in the checksum field as DPDK asks.
+//!
+//! Large segments (`dpdk::segments`, with offload in use): smoltcp hands the queue TCP
+//! segments of up to 64 KiB, built in a large mbuf, and the MSS to cut them to; the device
+//! cuts them (TSO) where the port offers it, DPDK's GSO library otherwise, and each frame
+//! gets its checksums here or from the device. Received frames are checked, then each
+//! burst's consecutive frames of a flow are merged by DPDK's GRO library into one segment,
+//! which smoltcp takes whole (copied out of its chain of mbufs into one buffer): a stack
+//! that handles one segment where it would have handled forty-five.
 
 use crate::layers::checksums_ok;
-use dpdk::{consts, ChecksumOffload, Mbuf, Mempool, Port};
-use smoltcp::phy::{self, Checksum, Device, DeviceCapabilities, Medium};
+use dpdk::segments::{merge_tcp4, HeaderLengths, SegmentPools, LARGE_FRAME_BYTES};
+use dpdk::{consts, Mbuf, Mempool, Port};
+use smoltcp::phy::{self, Checksum, Device, DeviceCapabilities, Medium, PacketMeta};
 use smoltcp::time::Instant;
-use smoltcp::wire::{checksum, EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet};
+use smoltcp::wire::{checksum, EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, TcpPacket};
 use std::collections::VecDeque;
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 
 /// Packets asked of the queue per receive burst, and gathered per transmit burst.
 const BURST: u16 = 32;
 
 pub struct DpdkQueue {
+    receive: Receive,
+    transmit: Transmit,
+    mtu: usize,
+}
+
+/// The receive half: what came in a burst, waiting for smoltcp.
+struct Receive {
     port: Arc<Port<'static>>,
-    pool: &'static Mempool,
     queue: u16,
-    offload: ChecksumOffload,
+    /// The device checks received checksums and says so in each mbuf.
+    offload: bool,
     /// Check the frames the device did not vouch for (off when the receive side is trusted).
     verify: bool,
+    /// Merge each burst's frames of a flow into large segments (GRO).
+    merge: bool,
     received: VecDeque<Mbuf<'static>>,
-    to_send: Vec<Mbuf<'static>>,
-    mtu: usize,
-    /// Frames smoltcp built that no mbuf could hold (the pool empty): dropped.
-    no_mbuf: u64,
+    burst: Vec<Mbuf<'static>>,
+    /// A merged segment, copied out of its chain for smoltcp.
+    joined: Vec<u8>,
     /// Frames received with a bad checksum (the device's verdict or ours): dropped.
     bad_checksum: u64,
+    /// Segments handed to smoltcp that GRO had merged from several frames, and those frames.
+    merged: Counted,
+}
+
+/// The transmit half: frames smoltcp built, gathered into bursts.
+struct Transmit {
+    port: Arc<Port<'static>>,
+    pool: &'static Mempool,
+    /// The largest frame an mbuf of `pool` holds (an Ethernet frame of the MTU).
+    frame_room: usize,
+    queue: u16,
+    /// The device fills in the checksums of frames flagged for it.
+    offload: bool,
+    /// Large segments, and how they are cut (None: frames of one MTU at most).
+    segments: Option<Segmenting>,
+    to_send: Vec<Mbuf<'static>>,
+    /// Frames smoltcp built that no mbuf could hold (the pool empty), or that GSO could not
+    /// cut (its pools empty): dropped.
+    no_mbuf: u64,
+}
+
+struct Segmenting {
+    pools: &'static SegmentPools,
+    /// The device cuts segments itself (TSO); else DPDK's GSO library does it here.
+    device: bool,
+    /// Segments cut, and the frames they were cut into.
+    cut: Counted,
+    frames: Vec<Mbuf<'static>>,
+}
+
+/// How many large things, and how many frames they were (or became).
+#[derive(Debug, Default, Clone, Copy)]
+struct Counted {
+    segments: u64,
+    frames: u64,
 }
 
 impl DpdkQueue {
-    /// Queue pair `queue` of `port`; `verify` checks received checksums the device did not.
-    pub fn new(port: Arc<Port<'static>>, pool: &'static Mempool, queue: u16, verify: bool) -> DpdkQueue {
+    /// Queue pair `queue` of `port`; `verify` checks received checksums the device did not;
+    /// with `segments`, large segments both ways (the port must chain mbufs, or offer TSO).
+    pub fn new(
+        port: Arc<Port<'static>>,
+        pool: &'static Mempool,
+        queue: u16,
+        verify: bool,
+        segments: Option<&'static SegmentPools>,
+    ) -> DpdkQueue {
+        let offload = port.checksum_offload();
+        let can_cut = port.segment_offload();
+        let segments = segments.filter(|_| can_cut.tso || can_cut.multi_segment).map(|pools| Segmenting {
+            pools,
+            device: can_cut.tso,
+            cut: Counted::default(),
+            frames: Vec::new(),
+        });
+        let mtu = usize::from(port.mtu());
         DpdkQueue {
-            offload: port.checksum_offload(),
-            mtu: usize::from(port.mtu()),
-            port,
-            pool,
-            queue,
-            verify,
-            received: VecDeque::with_capacity(usize::from(BURST)),
-            to_send: Vec::with_capacity(usize::from(BURST)),
-            no_mbuf: 0,
-            bad_checksum: 0,
+            mtu,
+            receive: Receive {
+                port: port.clone(),
+                queue,
+                offload: offload.receive,
+                verify,
+                merge: segments.is_some(),
+                received: VecDeque::with_capacity(usize::from(dpdk::MAX_RX_BURST)),
+                burst: Vec::with_capacity(usize::from(dpdk::MAX_RX_BURST)),
+                joined: Vec::new(),
+                bad_checksum: 0,
+                merged: Counted::default(),
+            },
+            transmit: Transmit {
+                port,
+                pool,
+                frame_room: mtu + 14,
+                queue,
+                offload: offload.transmit,
+                segments,
+                to_send: Vec::with_capacity(usize::from(BURST)),
+                no_mbuf: 0,
+            },
         }
     }
+}
 
-    /// Whether a received frame's checksums hold, by the device's flags where it checked
-    /// them (only asked with receive offload on).
-    fn received_checksums_ok(&self, mbuf: &Mbuf<'static>) -> bool {
+impl Receive {
+    /// The device's verdict on a received frame's checksums: None where it did not check.
+    fn device_verdict(&self, mbuf: &Mbuf<'static>) -> Option<bool> {
+        if !self.offload {
+            return None;
+        }
         let flags = mbuf.offload_flags();
         let ip = flags & consts::RTE_MBUF_F_RX_IP_CKSUM_MASK;
         let tcp = flags & consts::RTE_MBUF_F_RX_L4_CKSUM_MASK;
         if ip == consts::RTE_MBUF_F_RX_IP_CKSUM_BAD || tcp == consts::RTE_MBUF_F_RX_L4_CKSUM_BAD {
-            return false;
+            return Some(false);
         }
-        if ip == consts::RTE_MBUF_F_RX_IP_CKSUM_GOOD && tcp == consts::RTE_MBUF_F_RX_L4_CKSUM_GOOD {
-            return true;
-        }
-        // Not checked by the device (not TCP, say, or a partial checksum from a local
-        // sender): ours to check.
-        !self.verify || checksums_ok(mbuf.data())
+        (ip == consts::RTE_MBUF_F_RX_IP_CKSUM_GOOD && tcp == consts::RTE_MBUF_F_RX_L4_CKSUM_GOOD).then_some(true)
     }
 
+    /// Whether a frame's checksums hold: by the device's verdict, or checked here (for a
+    /// frame the device did not check: not TCP, or a partial checksum from a local sender).
+    /// Only asked where smoltcp does not check them itself.
+    fn checksums_ok(&self, mbuf: &mut Mbuf<'static>) -> bool {
+        if let Some(verdict) = self.device_verdict(mbuf) {
+            return verdict;
+        }
+        if !self.verify {
+            return true;
+        }
+        if self.merge && mbuf.classify_tcp4() {
+            // Over the whole chain (a device may chain one frame over several mbufs).
+            return mbuf.tcp4_checksums_ok();
+        }
+        checksums_ok(mbuf.data())
+    }
+
+    /// Takes in a burst: checked, and with large segments merged (GRO).
+    fn fill(&mut self) {
+        if !self.merge {
+            self.port.receive(self.queue, &mut self.received, BURST);
+            return;
+        }
+        let mut burst = std::mem::take(&mut self.burst);
+        self.port.receive(self.queue, &mut burst, dpdk::MAX_RX_BURST);
+        let before = burst.len();
+        burst.retain_mut(|mbuf| {
+            let ok = self.checksums_ok(mbuf);
+            // GRO reads the packet type and header lengths that `classify_tcp4` sets.
+            let _ = ok && mbuf.classify_tcp4();
+            ok
+        });
+        self.bad_checksum += (before - burst.len()) as u64;
+        let frames = burst.len();
+        merge_tcp4(&mut burst);
+        if burst.len() < frames {
+            let merged = burst.iter().filter(|mbuf| mbuf.segments() > 1).count();
+            self.merged.segments += merged as u64;
+            self.merged.frames += (frames - burst.len() + merged) as u64;
+        }
+        self.received.extend(burst.drain(..));
+        self.burst = burst;
+    }
+
+    /// The next received frame, as smoltcp takes it: the mbuf itself, or a merged segment
+    /// copied out of its chain.
+    fn next(&mut self) -> Option<DpdkRx<'_>> {
+        loop {
+            if self.received.is_empty() {
+                self.fill();
+            }
+            let mut mbuf = self.received.pop_front()?;
+            if !self.merge && self.offload && !self.checksums_ok(&mut mbuf) {
+                self.bad_checksum += 1;
+                continue;
+            }
+            if mbuf.segments() == 1 {
+                return Some(DpdkRx::Frame(mbuf));
+            }
+            self.joined.resize(mbuf.len(), 0);
+            let len = mbuf.copy_to(&mut self.joined);
+            return Some(DpdkRx::Joined(&self.joined[..len]));
+        }
+    }
+}
+
+impl Transmit {
     fn flush(&mut self) {
         if !self.to_send.is_empty() {
             let batch = std::mem::replace(&mut self.to_send, Vec::with_capacity(usize::from(BURST)));
             self.port.transmit(self.queue, batch);
         }
     }
+
+    fn queue_frame(&mut self, mbuf: Mbuf<'static>) {
+        self.to_send.push(mbuf);
+        if self.to_send.len() >= usize::from(BURST) {
+            self.flush();
+        }
+    }
+
+    /// Sends a frame smoltcp built with large segments on: an IPv4 TCP segment longer than
+    /// one `mss` is cut (by the device or GSO); every TCP frame gets its checksums.
+    fn send_segment(&mut self, mut mbuf: Mbuf<'static>, mss: Option<u16>) {
+        let Some(lengths) = tcp4_header_lengths(mbuf.data()) else {
+            // ARP, or an IPv4 frame smoltcp completed (its checksums are not declared off).
+            return self.queue_frame(mbuf);
+        };
+        mbuf.set_header_lengths(lengths);
+        let payload = mbuf.len() - usize::from(lengths.total());
+        let segmenting = self.segments.as_mut().expect("only called with large segments");
+        let Some(mss) = mss.filter(|&mss| payload > usize::from(mss)) else {
+            mbuf.finish_tcp4_checksums(self.offload);
+            return self.queue_frame(mbuf);
+        };
+        if segmenting.device {
+            mbuf.request_tso(mss);
+            segmenting.cut.segments += 1;
+            segmenting.cut.frames += payload.div_ceil(usize::from(mss)) as u64;
+            return self.queue_frame(mbuf);
+        }
+        let mut frames = std::mem::take(&mut segmenting.frames);
+        match segmenting.pools.cut_tcp4(mbuf, mss, self.pool, &mut frames) {
+            Ok(()) => {
+                segmenting.cut.segments += 1;
+                segmenting.cut.frames += frames.len() as u64;
+            }
+            Err(err) => {
+                log::debug!("dpdk: GSO could not cut a segment: {err}");
+                self.no_mbuf += 1;
+            }
+        }
+        for mut frame in frames.drain(..) {
+            frame.finish_tcp4_checksums(self.offload);
+            self.queue_frame(frame);
+        }
+        if let Some(segmenting) = self.segments.as_mut() {
+            segmenting.frames = frames;
+        }
+    }
 }
 
-pub struct DpdkRx {
-    mbuf: Mbuf<'static>,
+pub enum DpdkRx<'a> {
+    Frame(Mbuf<'static>),
+    Joined(&'a [u8]),
 }
 
 pub struct DpdkTx<'a> {
-    queue: &'a mut DpdkQueue,
+    transmit: &'a mut Transmit,
+    /// The payload size the stack asked segments to be cut to (`PacketMeta`).
+    segment: Option<u16>,
 }
 
-impl phy::RxToken for DpdkRx {
+impl phy::RxToken for DpdkRx<'_> {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        f(self.mbuf.data())
+        match self {
+            DpdkRx::Frame(mbuf) => f(mbuf.data()),
+            DpdkRx::Joined(bytes) => f(bytes),
+        }
     }
 }
 
 impl phy::TxToken for DpdkTx<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let queue = self.queue;
-        let mut mbuf = match Mbuf::alloc(queue.pool) {
+        let transmit = self.transmit;
+        let pool = match &transmit.segments {
+            Some(segmenting) if len > transmit.frame_room => segmenting.pools.large(),
+            _ => transmit.pool,
+        };
+        let mut mbuf = match Mbuf::alloc(pool) {
             Some(mbuf) => mbuf,
             None => {
-                queue.no_mbuf += 1;
+                transmit.no_mbuf += 1;
                 return f(&mut vec![0; len]);
             }
         };
-        let Some(data) = mbuf.append(len as u16) else {
-            queue.no_mbuf += 1;
+        let Some(data) = u16::try_from(len).ok().and_then(|len| mbuf.append(len)) else {
+            transmit.no_mbuf += 1;
             return f(&mut vec![0; len]);
         };
         let result = f(data);
-        if queue.offload.transmit {
+        if transmit.segments.is_some() {
+            transmit.send_segment(mbuf, self.segment);
+            return result;
+        }
+        if transmit.offload {
             if let Some((l3_len, flags)) = prepare_checksum_offload(data) {
                 mbuf.request_offload(flags, 14, l3_len, 0);
             }
         }
-        queue.to_send.push(mbuf);
-        if queue.to_send.len() >= usize::from(BURST) {
-            queue.flush();
-        }
+        transmit.queue_frame(mbuf);
         result
+    }
+
+    fn set_meta(&mut self, meta: PacketMeta) {
+        self.segment = meta.segmentation_offload_size.map(u16::from);
     }
 }
 
 impl Device for DpdkQueue {
-    type RxToken<'a> = DpdkRx;
+    type RxToken<'a> = DpdkRx<'a>;
     type TxToken<'a> = DpdkTx<'a>;
 
-    fn receive(&mut self, _timestamp: Instant) -> Option<(DpdkRx, DpdkTx<'_>)> {
-        loop {
-            if self.received.is_empty() {
-                self.port.receive(self.queue, &mut self.received, BURST);
-            }
-            let Some(mbuf) = self.received.pop_front() else {
+    fn receive(&mut self, _timestamp: Instant) -> Option<(DpdkRx<'_>, DpdkTx<'_>)> {
+        match self.receive.next() {
+            Some(frame) => Some((frame, DpdkTx { transmit: &mut self.transmit, segment: None })),
+            None => {
                 // Input drained: send what this round of the stack queued, as one burst.
-                self.flush();
-                return None;
-            };
-            if self.offload.receive && !self.received_checksums_ok(&mbuf) {
-                self.bad_checksum += 1;
-                continue;
+                self.transmit.flush();
+                None
             }
-            return Some((DpdkRx { mbuf }, DpdkTx { queue: self }));
         }
     }
 
     fn transmit(&mut self, _timestamp: Instant) -> Option<DpdkTx<'_>> {
-        Some(DpdkTx { queue: self })
+        Some(DpdkTx { transmit: &mut self.transmit, segment: None })
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -151,7 +354,15 @@ impl Device for DpdkQueue {
         caps.medium = Medium::Ethernet;
         caps.max_transmission_unit = self.mtu + 14;
         caps.max_burst_size = Some(usize::from(BURST));
-        let checksum = match (self.offload.receive, self.offload.transmit) {
+        if self.transmit.segments.is_some() {
+            // TCP checksums are done per frame (here or by the device), after cutting;
+            // received frames are checked before merging, which leaves stale sums.
+            caps.checksum.ipv4 = Checksum::Tx;
+            caps.checksum.tcp = Checksum::None;
+            caps.segmentation.tcpv4 = NonZeroUsize::new(LARGE_FRAME_BYTES.min(crate::SUPER_FRAME_BYTES));
+            return caps;
+        }
+        let checksum = match (self.receive.offload, self.transmit.offload) {
             (false, false) => Checksum::Both,
             (true, false) => Checksum::Tx,
             (false, true) => Checksum::Rx,
@@ -165,14 +376,36 @@ impl Device for DpdkQueue {
 
 impl Drop for DpdkQueue {
     fn drop(&mut self) {
-        self.flush();
-        if self.no_mbuf > 0 {
-            log::info!(queue = self.queue; "dpdk: {} frames dropped for want of an mbuf", self.no_mbuf);
+        self.transmit.flush();
+        let queue = self.transmit.queue;
+        if self.transmit.no_mbuf > 0 {
+            log::info!(queue = queue; "dpdk: {} frames dropped for want of an mbuf", self.transmit.no_mbuf);
         }
-        if self.bad_checksum > 0 {
-            log::info!(queue = self.queue; "dpdk: {} frames dropped for a bad checksum", self.bad_checksum);
+        if self.receive.bad_checksum > 0 {
+            log::info!(queue = queue; "dpdk: {} frames dropped for a bad checksum", self.receive.bad_checksum);
+        }
+        if let Some(segmenting) = &self.transmit.segments {
+            let Counted { segments, frames } = segmenting.cut;
+            let by = if segmenting.device { "the device (TSO)" } else { "GSO" };
+            log::info!(queue = queue; "dpdk: {segments} large segments sent, cut into {frames} frames by {by}");
+            let Counted { segments, frames } = self.receive.merged;
+            log::info!(queue = queue; "dpdk: {segments} large segments received, merged from {frames} frames by GRO");
         }
     }
+}
+
+/// The header lengths of an IPv4 TCP frame (None for anything else).
+fn tcp4_header_lengths(frame: &[u8]) -> Option<HeaderLengths> {
+    let ethernet = EthernetFrame::new_checked(frame).ok()?;
+    if ethernet.ethertype() != EthernetProtocol::Ipv4 {
+        return None;
+    }
+    let ip = Ipv4Packet::new_checked(ethernet.payload()).ok()?;
+    if ip.next_header() != IpProtocol::Tcp {
+        return None;
+    }
+    let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
+    Some(HeaderLengths { l2: 14, l3: u16::from(ip.header_len()), l4: u16::from(tcp.header_len()) })
 }
 
 /// Readies an outgoing frame for the device's checksum offload: an IPv4 packet gets a zero

@@ -83,9 +83,14 @@ pub enum NicBackend {
     AfPacket { qdisc_bypass: bool },
     /// One RX/TX queue pair per core of a started DPDK port. Each core holds the port
     /// until it stops, so whoever started it can close it once the cores are gone (and then
-    /// count the pool's mbufs).
+    /// count the pool's mbufs). `segments`: the pools for large segments
+    /// (`dpdk::segments`), used where offload is.
     #[cfg(feature = "dpdk")]
-    Dpdk { port: Arc<dpdk::Port<'static>>, pool: &'static dpdk::Mempool },
+    Dpdk {
+        port: Arc<dpdk::Port<'static>>,
+        pool: &'static dpdk::Mempool,
+        segments: Option<&'static dpdk::segments::SegmentPools>,
+    },
 }
 
 /// Dataplane cores on one interface, with our own address on its link. Each core owns one
@@ -173,14 +178,15 @@ impl CoreStack {
                     )?
                 }
                 #[cfg(feature = "dpdk")]
-                NicBackend::Dpdk { port, pool } => {
+                NicBackend::Dpdk { port, pool, segments } => {
                     let verify = config.wrappers.checksum == ChecksumPolicy::Full;
+                    let segments = segments.filter(|_| config.offload_in_use());
                     CoreHandle::start(
                         // RSS spreads flows by its own hash, not our rule: pass misdelivered
                         // segments on, as on TAP.
                         move || {
                             Ok(SharedLink::new(
-                                crate::dpdk_nic::DpdkQueue::new(port, pool, core as u16, verify),
+                                crate::dpdk_nic::DpdkQueue::new(port, pool, core as u16, verify, segments),
                                 shared,
                                 core,
                                 count > 1,

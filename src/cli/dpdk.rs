@@ -49,17 +49,32 @@ mod with_dpdk {
         let pool: &'static dpdk::Mempool = Box::leak(Box::new(pool));
         let port = dpdk::Port::start(eal, name, cores as u16, pool, request.mtu)
             .with_context(|| format!("starting DPDK port {name}"))?;
+        // Large segments wherever offload is on (the default): their own pools.
+        let segments = match config.offload_in_use() {
+            true => Some(&*Box::leak(Box::new(
+                dpdk::segments::SegmentPools::new(eal, &format!("vm_{name}"), cores as u16)
+                    .with_context(|| format!("the large-segment pools for DPDK port {name}"))?,
+            ))),
+            false => None,
+        };
         let port = Arc::new(port);
-        log::info!("{}", describe(&port));
+        log::info!("{}", describe(&port, segments.is_some()));
         let xstats = request.xstats;
         let teardown = port.clone();
-        let stack = CoreStack::start(NicBackend::Dpdk { port, pool }, name, cores, config)
+        let stack = CoreStack::start(NicBackend::Dpdk { port, pool, segments }, name, cores, config)
             .with_context(|| format!("starting the dataplane on DPDK port {name}"))?;
-        Ok(stack.on_teardown(move || finish(teardown, pool, xstats)))
+        Ok(stack.on_teardown(move || finish(teardown, pool, segments, xstats)))
     }
 
-    fn describe(port: &dpdk::Port) -> String {
+    fn describe(port: &dpdk::Port, large: bool) -> String {
         let offload = port.checksum_offload();
+        let cut = port.segment_offload();
+        let segments = match (large, cut.tso, cut.multi_segment) {
+            (false, _, _) => "off",
+            (true, true, _) => "64 KiB, cut by the device (TSO), merged by GRO",
+            (true, false, true) => "64 KiB, cut by GSO, merged by GRO",
+            (true, false, false) => "off (the device chains no mbufs)",
+        };
         let checksums = match (offload.receive, offload.transmit) {
             (true, true) => "receive and transmit",
             (true, false) => "receive",
@@ -68,7 +83,8 @@ mod with_dpdk {
         };
         let link = port.link();
         format!(
-            "DPDK port {}: {} queue pair(s), MTU {}, link {} {} Mbit/s, checksum offload: {checksums}",
+            "DPDK port {}: {} queue pair(s), MTU {}, link {} {} Mbit/s, checksum offload: {checksums}, \
+             large segments: {segments}",
             port.name(),
             port.queues(),
             port.mtu(),
@@ -79,7 +95,12 @@ mod with_dpdk {
 
     /// Reports the port's counters, closes it (its queues give back the mbufs they held)
     /// and checks that the pool is full again: anything missing is a leak.
-    fn finish(port: Arc<dpdk::Port<'static>>, pool: &'static dpdk::Mempool, xstats: bool) {
+    fn finish(
+        port: Arc<dpdk::Port<'static>>,
+        pool: &'static dpdk::Mempool,
+        segments: Option<&'static dpdk::segments::SegmentPools>,
+        xstats: bool,
+    ) {
         let name = port.name().to_string();
         let stats = port.stats();
         log::info!(
@@ -105,7 +126,9 @@ mod with_dpdk {
             }
         }
         let (available, size) = (pool.available(), pool.size());
-        if available == size {
+        if let Some(Err(missing)) = segments.map(|pools| pools.all_back()) {
+            log::warn!("DPDK port {name} closed: {missing} never came back to their pools");
+        } else if available == size {
             log::info!("DPDK port {name} closed: all {size} mbufs back in the pool");
         } else {
             log::warn!("DPDK port {name} closed: {} of {size} mbufs never came back to the pool", size - available);

@@ -4,7 +4,7 @@
 use std::io::{BufRead, Write};
 use std::process::Command;
 use std::time::Duration;
-use vmigrate_tests::process::{assert_migrated, is_root, json, run, Receiver};
+use vmigrate_tests::process::{assert_large_segments_both_ways, assert_migrated, is_root, json, run, Receiver};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vmigrate");
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -110,6 +110,7 @@ fn demo_over_dpdk_ports() {
         let closed = format!("DPDK port {port} closed: all ");
         assert!(finished.stderr.contains(&closed), "{port}: no clean teardown in:\n{}", finished.stderr);
     }
+    assert_large_segments_both_ways(&finished.stderr);
     assert!(!finished.stderr.contains("warning"), "{}", finished.stderr);
 }
 
@@ -168,6 +169,8 @@ fn migrations_over_memif_between_two_processes() {
             );
             assert!(!output.stderr.contains("warning"), "{}", output.stderr);
         }
+        // The sender's segments were cut, the receiver's frames merged.
+        assert_large_segments_both_ways(&format!("{}{}", sent.stderr, received.stderr));
         let _ = std::fs::remove_file(&socket);
     }
 }

@@ -172,3 +172,25 @@ pub fn is_root() -> bool {
         .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
         .unwrap_or(false)
 }
+
+/// The DPDK queues' counters at teardown (`dpdk_nic`): the sender's stack handed the queue
+/// large segments that GSO cut into frames of the MTU, and the receiver's GRO merged
+/// frames back into segments of several frames each.
+pub fn assert_large_segments_both_ways(stderr: &str) {
+    let (sent, cut) = segment_counts(stderr, "large segments sent, cut into");
+    assert!(sent > 0 && cut > 2 * sent, "{sent} large segments sent, cut into {cut} frames:\n{stderr}");
+    let (merged, frames) = segment_counts(stderr, "large segments received, merged from");
+    assert!(merged > 0 && frames > 2 * merged, "{merged} large segments received, merged from {frames}:\n{stderr}");
+}
+
+/// The two numbers of the lines `dpdk: A <phrase> B frames ...`, summed over the queues.
+fn segment_counts(stderr: &str, phrase: &str) -> (u64, u64) {
+    let number = |text: &str| text.split_whitespace().last().and_then(|word| word.parse::<u64>().ok());
+    stderr
+        .lines()
+        .filter_map(|line| {
+            let (before, after) = line.split_once(phrase)?;
+            Some((number(before)?, number(after.split(" frames").next()?)?))
+        })
+        .fold((0, 0), |(a, b), (segments, frames)| (a + segments, b + frames))
+}

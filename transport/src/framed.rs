@@ -223,7 +223,7 @@ mod tests {
         assert!(matches!(error, ReadError::Frame(FrameError::Checksum { seq: 4, .. })), "{error}");
 
         let big = encode_frame(FrameKind::Commit, 0, 0, &[0; CONTROL_FRAME_LIMIT_BYTES as usize + 1]);
-        let error = FrameAssembler::new(limit).push(&big, &mut Vec::new()).err().expect("refused");
+        let error = FrameAssembler::new(limit).push(&big, &mut Vec::new()).expect_err("refused");
         assert!(matches!(error, ReadError::TooLarge { kind: FrameKind::Commit, .. }), "{error}");
     }
 }

@@ -31,4 +31,4 @@ pub use mbuf::Mbuf;
 #[cfg(dpdk)]
 pub use mempool::Mempool;
 #[cfg(dpdk)]
-pub use port::{ChecksumOffload, LinkStatus, Port, PortStats, SegmentOffload};
+pub use port::{ChecksumOffload, LinkStatus, Port, PortStats, SegmentOffload, MAX_RX_BURST};

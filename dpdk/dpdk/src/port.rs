@@ -122,8 +122,15 @@ impl<'pool> Port<'pool> {
         if checksum_offload.transmit {
             conf.txmode.offloads |= transmit_checksums;
         }
+        // SAFETY: DPDK fills in the driver's name as a static C string (or leaves it null).
+        let driver = (!info.driver_name.is_null())
+            .then(|| unsafe { std::ffi::CStr::from_ptr(info.driver_name) }.to_string_lossy().into_owned());
+        // net_tap's TSO is DPDK's GSO library inside the driver, and 22.11's driver refuses
+        // (counts an error and stops the burst at) any segment cut to a full MTU: it compares
+        // the Ethernet frame with the IP MTU. Our own GSO does the same work without that.
+        let tso_usable = driver.as_deref() != Some("net_tap");
         let segment_offload = SegmentOffload {
-            tso: info.tx_offload_capa & consts::RTE_ETH_TX_OFFLOAD_TCP_TSO != 0,
+            tso: tso_usable && info.tx_offload_capa & consts::RTE_ETH_TX_OFFLOAD_TCP_TSO != 0,
             multi_segment: info.tx_offload_capa & consts::RTE_ETH_TX_OFFLOAD_MULTI_SEGS != 0,
         };
         if segment_offload.tso {

@@ -49,7 +49,8 @@ mod with_dpdk {
 
     pub fn run() {
         let prefix = format!("--file-prefix=vmigrate-segments-{}", std::process::id());
-        let args = ["--no-huge", "-m", "256", "--no-pci", "-l", "0", "--vdev", "net_ring0", "--log-level=error", &prefix];
+        let args =
+            ["--no-huge", "-m", "256", "--no-pci", "-l", "0", "--vdev", "net_ring0", "--log-level=error", &prefix];
         let eal = match Eal::init(&args.map(String::from)) {
             Ok(eal) => eal,
             Err(err) => {
