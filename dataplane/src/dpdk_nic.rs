@@ -29,11 +29,17 @@ use std::sync::Arc;
 
 /// Packets asked of the queue per receive burst, and gathered per transmit burst.
 const BURST: u16 = 32;
+/// Frames a full transmit ring leaves waiting before smoltcp is told to stop sending:
+/// about a ring's worth (one 64 KiB segment is 45 frames at MTU 1500).
+const HELD_FRAMES: usize = 1024;
 
 pub struct DpdkQueue {
     receive: Receive,
     transmit: Transmit,
     mtu: usize,
+    /// The polling thread as an lcore, for the mempools' per-lcore caches (None where DPDK
+    /// had no lcore id left: it still works, through the pools' shared rings).
+    _lcore: Option<dpdk::LcoreRegistration>,
 }
 
 /// The receive half: what came in a burst, waiting for smoltcp.
@@ -68,6 +74,8 @@ struct Transmit {
     /// Large segments, and how they are cut (None: frames of one MTU at most).
     segments: Option<Segmenting>,
     to_send: Vec<Mbuf<'static>>,
+    /// Frames the queue would not take at the last flush (at the front of `to_send`).
+    waiting: usize,
     /// Frames smoltcp built that no mbuf could hold (the pool empty), or that GSO could not
     /// cut (its pools empty): dropped.
     no_mbuf: u64,
@@ -90,8 +98,9 @@ struct Counted {
 }
 
 impl DpdkQueue {
-    /// Queue pair `queue` of `port`; `verify` checks received checksums the device did not;
-    /// with `segments`, large segments both ways (the port must chain mbufs, or offer TSO).
+    /// Queue pair `queue` of `port`, polled by the calling thread; `verify` checks received
+    /// checksums the device did not; with `segments`, large segments both ways (the port
+    /// must chain mbufs, or offer TSO).
     pub fn new(
         port: Arc<Port<'static>>,
         pool: &'static Mempool,
@@ -108,8 +117,13 @@ impl DpdkQueue {
             frames: Vec::new(),
         });
         let mtu = usize::from(port.mtu());
+        let lcore = port
+            .register_polling_thread()
+            .map_err(|err| log::warn!("dpdk: queue {queue} polls without mempool caches: {err}"))
+            .ok();
         DpdkQueue {
             mtu,
+            _lcore: lcore,
             receive: Receive {
                 port: port.clone(),
                 queue,
@@ -130,6 +144,7 @@ impl DpdkQueue {
                 offload: offload.transmit,
                 segments,
                 to_send: Vec::with_capacity(usize::from(BURST)),
+                waiting: 0,
                 no_mbuf: 0,
             },
         }
@@ -218,16 +233,16 @@ impl Receive {
 }
 
 impl Transmit {
+    /// Hands the queue what it takes of the frames gathered; the rest wait for the next
+    /// flush (a full ring is backpressure: `DpdkQueue::transmit` stops smoltcp).
     fn flush(&mut self) {
-        if !self.to_send.is_empty() {
-            let batch = std::mem::replace(&mut self.to_send, Vec::with_capacity(usize::from(BURST)));
-            self.port.transmit(self.queue, batch);
-        }
+        self.port.transmit_some(self.queue, &mut self.to_send);
+        self.waiting = self.to_send.len();
     }
 
     fn queue_frame(&mut self, mbuf: Mbuf<'static>) {
         self.to_send.push(mbuf);
-        if self.to_send.len() >= usize::from(BURST) {
+        if self.to_send.len() >= self.waiting + usize::from(BURST) {
             self.flush();
         }
     }
@@ -346,6 +361,13 @@ impl Device for DpdkQueue {
     }
 
     fn transmit(&mut self, _timestamp: Instant) -> Option<DpdkTx<'_>> {
+        if self.transmit.waiting >= HELD_FRAMES {
+            // The device is behind: smoltcp keeps its data until a flush makes room.
+            self.transmit.flush();
+            if self.transmit.waiting >= HELD_FRAMES {
+                return None;
+            }
+        }
         Some(DpdkTx { transmit: &mut self.transmit, segment: None })
     }
 
@@ -376,7 +398,10 @@ impl Device for DpdkQueue {
 
 impl Drop for DpdkQueue {
     fn drop(&mut self) {
-        self.transmit.flush();
+        // The last frames get a few tries; what the device still would not take is freed
+        // (and counted by the port).
+        let last = std::mem::take(&mut self.transmit.to_send);
+        self.transmit.port.transmit(self.transmit.queue, last);
         let queue = self.transmit.queue;
         if self.transmit.no_mbuf > 0 {
             log::info!(queue = queue; "dpdk: {} frames dropped for want of an mbuf", self.transmit.no_mbuf);

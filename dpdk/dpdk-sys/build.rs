@@ -51,7 +51,9 @@ fn main() {
         // What vmigrate uses (EAL, ports and queues, mbufs and mempools, errors) and what
         // those pull in; not rte_flow, whose packed protocol headers bindgen cannot express.
         .allowlist_function("vm_.*|rte_eal_.*|rte_eth_.*|rte_pktmbuf_.*|rte_mempool_.*|rte_lcore_.*|rte_socket_id")
-        .allowlist_function("rte_strerror|rte_version|rte_exit|rte_get_main_lcore")
+        .allowlist_function(
+            "rte_strerror|rte_version|rte_exit|rte_get_main_lcore|rte_thread_register|rte_thread_unregister",
+        )
         .allowlist_var("vm_.*|RTE_ETH_.*|RTE_MAX_ETHPORTS|RTE_MAX_LCORE|RTE_ETHER_.*")
         .blocklist_function("rte_eth_.*flow.*|rte_eth_dev_priv_dump")
         .derive_default(true)

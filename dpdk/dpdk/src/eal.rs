@@ -36,3 +36,32 @@ impl Eal {
         Ok(Eal { _private: () })
     }
 }
+
+/// The calling thread known to DPDK as an lcore of its own (`rte_thread_register`) until
+/// dropped, on the same thread: a thread that is not one gets no per-lcore mempool cache,
+/// and every mbuf it allocates or frees (GSO takes two per frame) goes through the pool's
+/// shared ring.
+pub struct LcoreRegistration {
+    /// Unregistering must happen on the registered thread: not Send.
+    _thread: std::marker::PhantomData<*const ()>,
+}
+
+impl LcoreRegistration {
+    /// Registers the calling thread (the EAL is initialised: callers hold a port); an error
+    /// where every lcore id is taken.
+    pub(crate) fn register() -> Result<LcoreRegistration, DpdkError> {
+        // SAFETY: the EAL is initialised; registering the calling thread has no other
+        // precondition (a thread already registered keeps its id).
+        if unsafe { dpdk_sys::rte_thread_register() } < 0 {
+            return Err(DpdkError::from_errno("rte_thread_register"));
+        }
+        Ok(LcoreRegistration { _thread: std::marker::PhantomData })
+    }
+}
+
+impl Drop for LcoreRegistration {
+    fn drop(&mut self) {
+        // SAFETY: called on the thread that registered (the type is not Send).
+        unsafe { dpdk_sys::rte_thread_unregister() };
+    }
+}

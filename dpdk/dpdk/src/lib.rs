@@ -25,7 +25,7 @@ mod port;
 pub mod segments;
 
 #[cfg(dpdk)]
-pub use eal::Eal;
+pub use eal::{Eal, LcoreRegistration};
 #[cfg(dpdk)]
 pub use mbuf::Mbuf;
 #[cfg(dpdk)]

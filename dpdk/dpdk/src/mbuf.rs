@@ -5,6 +5,8 @@ use crate::Mempool;
 use std::marker::PhantomData;
 use std::ptr::NonNull;
 
+/// Transparent: a `Vec<Mbuf>`'s buffer is an array of `rte_mbuf` pointers (`Port::transmit_some`).
+#[repr(transparent)]
 pub struct Mbuf<'pool> {
     mbuf: NonNull<dpdk_sys::rte_mbuf>,
     _pool: PhantomData<&'pool Mempool>,

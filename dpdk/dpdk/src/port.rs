@@ -187,6 +187,12 @@ impl<'pool> Port<'pool> {
         })
     }
 
+    /// Makes the calling thread, which will poll this port's queues, an lcore of its own
+    /// for as long as the registration lives (see `LcoreRegistration`).
+    pub fn register_polling_thread(&self) -> Result<crate::LcoreRegistration, DpdkError> {
+        crate::LcoreRegistration::register()
+    }
+
     /// The name the EAL knows the port by (e.g. `net_af_packet0`).
     pub fn name(&self) -> &str {
         &self.name
@@ -225,6 +231,26 @@ impl<'pool> Port<'pool> {
             unsafe { Mbuf::from_raw(mbuf) }
         }));
         usize::from(count)
+    }
+
+    /// Hands `queue` what it takes of `packets` now, from the front, in one try; what it
+    /// would not take stays in `packets`, in order, for the caller to try again (a full
+    /// queue is backpressure, not loss). Returns how many went.
+    pub fn transmit_some(&self, queue: u16, packets: &mut Vec<Mbuf<'pool>>) -> usize {
+        if packets.is_empty() {
+            return 0;
+        }
+        let count = packets.len().min(usize::from(u16::MAX)) as u16;
+        // `Mbuf` is a transparent owning pointer, so the Vec's buffer is the array of mbuf
+        // pointers the driver reads.
+        let raw = packets.as_mut_ptr().cast::<*mut dpdk_sys::rte_mbuf>();
+        // SAFETY: `raw` points at `count` live mbufs we own; the driver takes ownership of
+        // the first `sent`, which are then forgotten here (not freed twice).
+        let sent = usize::from(unsafe { dpdk_sys::vm_rte_eth_tx_burst(self.id, queue, raw, count) });
+        for mbuf in packets.drain(..sent) {
+            std::mem::forget(mbuf);
+        }
+        sent
     }
 
     /// Sends `packets` on `queue`, retrying a full queue a few times; what it still would

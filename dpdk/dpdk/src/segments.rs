@@ -33,7 +33,7 @@ impl SegmentPools {
     /// transmit ring's worth of frames that point into them.
     pub fn new(eal: &Eal, name: &str, queues: u16) -> Result<SegmentPools, DpdkError> {
         let queues = u32::from(queues.max(1));
-        let large = Mempool::with_data_room(eal, &format!("{name}_large"), 128 * queues - 1, 0, u16::MAX)?;
+        let large = Mempool::with_data_room(eal, &format!("{name}_large"), 128 * queues - 1, 32, u16::MAX)?;
         let indirect = Mempool::with_data_room(eal, &format!("{name}_ind"), 8192 * queues - 1, 256, 0)?;
         Ok(SegmentPools { large, indirect })
     }
