@@ -1,8 +1,8 @@
 //! Large segments through a real EAL: a 60 000-byte TCP segment cut by DPDK's GSO library
 //! into MTU-sized frames with correct checksums, sent through the ring PMD (a port whose
 //! transmit queue is its own receive queue), and merged back whole by DPDK's GRO library;
-//! a full ring that leaves frames waiting in order; no mbuf leaked. One test per process (one EAL per process); SKIPPED without DPDK or
-//! root.
+//! a full ring that leaves frames waiting in order; no mbuf leaked. One test per process
+//! (one EAL per process); SKIPPED without DPDK or root.
 
 #[test]
 fn a_large_segment_is_cut_sent_and_merged_back_whole() {
