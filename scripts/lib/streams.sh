@@ -32,6 +32,13 @@ stream() {
         recv_eal=(-- "${eal[@]}" "net_af_packet0,iface=$prefix-vd" -l 0 --file-prefix "$prefix-dst")
         send_args=(--stack dpdk --iface net_af_packet0 --ip 10.77.0.11/24 --to "10.77.0.12:$port" "${ours[@]}")
         send_eal=(-- "${eal[@]}" "net_af_packet0,iface=$prefix-vs" -l 1 --file-prefix "$prefix-src")
+    elif [ "$name" = af-xdp ]; then
+        # DPDK's AF_XDP driver: an XSK socket on queue 0 of each veth end.
+        local eal=(--no-huge -m 256 --no-pci --log-level=error --vdev)
+        recv_args=(--stack dpdk --iface net_af_xdp0 --ip 10.77.0.12/24 --listen "10.77.0.12:$port" "${ours[@]}")
+        recv_eal=(-- "${eal[@]}" "net_af_xdp0,iface=$prefix-vd,start_queue=0,queue_count=1" -l 0 --file-prefix "$prefix-xd")
+        send_args=(--stack dpdk --iface net_af_xdp0 --ip 10.77.0.11/24 --to "10.77.0.12:$port" "${ours[@]}")
+        send_eal=(-- "${eal[@]}" "net_af_xdp0,iface=$prefix-vs,start_queue=0,queue_count=1" -l 1 --file-prefix "$prefix-xs")
     elif [ "$name" = memif ]; then
         # Two processes on the two ends of a DPDK memif pair (shared memory, no kernel in
         # the path): the receiver is the memif socket's server.

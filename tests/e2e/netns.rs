@@ -411,6 +411,24 @@ fn dpdk_migrations() {
         assert!(good.and_then(|n| n.parse::<u64>().ok()).is_some_and(|n| n > 0), "{}", received.stderr);
     }
 
+    // DPDK's AF_XDP driver on the veth ends (an XSK socket on queue 0, with the driver's
+    // XDP program loaded on the veth; no bpffs in the namespaces, so libxdp loads it
+    // without its dispatcher). It chains no mbufs: frames of the MTU.
+    let xdp = |side: &str, tail: &[&str]| {
+        let veth = format!("{}-{}", ns.prefix, if side == "src" { "vs" } else { "vd" });
+        let vdev = format!("net_af_xdp0,iface={veth},start_queue=0,queue_count=1");
+        dpdk_side(&ns, side, "net_af_xdp0", &vdev, 1, false, tail)
+    };
+    let recv = xdp("dst", &["--listen", "10.77.0.12:4953"]);
+    let send = xdp("src", &["--to", "10.77.0.12:4953", "--connections", "2"]);
+    eprintln!("migrating {} over DPDK net_af_xdp", WORKLOADS[1]);
+    let (sent, received) = migrate_runs(&ns, &recv, &send, WORKLOADS[1]);
+    for output in [&sent, &received] {
+        assert!(output.stderr.contains("DPDK port net_af_xdp0: 1 queue pair(s)"), "{}", output.stderr);
+        assert!(output.stderr.contains("DPDK port net_af_xdp0 closed: all mbufs back"), "{}", output.stderr);
+        assert!(!output.stderr.contains("warning: DPDK"), "{}", output.stderr);
+    }
+
     // net_tap vdevs: DPDK makes a kernel TAP device for each port, which the harness
     // bridges to the veth end once it appears (the sender's SYN is retried meanwhile).
     let attach: Vec<_> = ["src", "dst"]

@@ -17,6 +17,8 @@ pub const MAX_RX_BURST: u16 = 64;
 pub struct Port<'pool> {
     id: u16,
     name: String,
+    /// The driver's name (`net_memif`, `net_af_xdp`, ...).
+    driver: String,
     queues: u16,
     checksum_offload: ChecksumOffload,
     segment_offload: SegmentOffload,
@@ -179,6 +181,7 @@ impl<'pool> Port<'pool> {
         Ok(Port {
             id,
             name: name.to_string(),
+            driver: driver.unwrap_or_default(),
             queues,
             checksum_offload,
             segment_offload,
@@ -196,6 +199,11 @@ impl<'pool> Port<'pool> {
     /// The name the EAL knows the port by (e.g. `net_af_packet0`).
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The driver's name (`net_memif`, `net_af_xdp`, ...).
+    pub fn driver(&self) -> &str {
+        &self.driver
     }
 
     pub fn queues(&self) -> u16 {
