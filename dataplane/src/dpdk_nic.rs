@@ -17,7 +17,9 @@
 //! which smoltcp takes whole (copied out of its chain of mbufs into one buffer): a stack
 //! that handles one segment where it would have handled forty-five.
 
+use crate::fanout::{owner, Steering};
 use crate::layers::checksums_ok;
+use crossbeam_queue::ArrayQueue;
 use dpdk::segments::{merge_tcp4, HeaderLengths, SegmentPools, LARGE_FRAME_BYTES};
 use dpdk::{consts, Mbuf, Mempool, Port};
 use smoltcp::phy::{self, Checksum, Device, DeviceCapabilities, Medium, PacketMeta};
@@ -42,6 +44,63 @@ pub struct DpdkQueue {
     _lcore: Option<dpdk::LcoreRegistration>,
 }
 
+/// The queues' inboxes on one port: where a core puts the frames of flows another core
+/// owns (the device spread flows by a hash of its own), as mbufs: no copy.
+pub struct Inboxes {
+    queues: Vec<ArrayQueue<Mbuf<'static>>>,
+}
+
+/// Frames one core's inbox holds; a full inbox drops, as a full NIC queue would.
+const INBOX_FRAMES: usize = 4096;
+
+impl Inboxes {
+    pub fn new(cores: usize) -> Arc<Inboxes> {
+        Arc::new(Inboxes { queues: (0..cores.max(1)).map(|_| ArrayQueue::new(INBOX_FRAMES)).collect() })
+    }
+}
+
+/// A core's place among the queues of its port, and where the others' frames go.
+struct Steer {
+    at: Steering,
+    inboxes: Arc<Inboxes>,
+    /// Frames received from the device, and those of them handed to their owner.
+    received: u64,
+    moved: u64,
+}
+
+impl Steer {
+    /// Takes out of `burst[from..]` the frames of flows other cores own and puts them in
+    /// their inboxes (frames that are not TCP stay: the `SharedLink` above passes them on
+    /// to all).
+    fn hand_over(&mut self, burst: &mut Vec<Mbuf<'static>>, from: usize) {
+        self.received += (burst.len() - from) as u64;
+        let (core, cores) = (self.at.core, self.at.cores);
+        let mut index = from;
+        while index < burst.len() {
+            match owner(burst[index].data(), cores) {
+                Some(other) if other != core => {
+                    let frame = burst.remove(index);
+                    self.moved += 1;
+                    // A full inbox drops the frame (TCP resends it).
+                    let _ = self.inboxes.queues[other].push(frame);
+                }
+                _ => index += 1,
+            }
+        }
+    }
+
+    /// Frames other cores handed over, up to `max` in `burst`.
+    fn take_inbox(&self, burst: &mut Vec<Mbuf<'static>>, max: usize) {
+        let inbox = &self.inboxes.queues[self.at.core];
+        while burst.len() < max {
+            match inbox.pop() {
+                Some(frame) => burst.push(frame),
+                None => break,
+            }
+        }
+    }
+}
+
 /// The receive half: what came in a burst, waiting for smoltcp.
 struct Receive {
     port: Arc<Port<'static>>,
@@ -60,6 +119,8 @@ struct Receive {
     bad_checksum: u64,
     /// Segments handed to smoltcp that GRO had merged from several frames, and those frames.
     merged: Counted,
+    /// With other cores on the port: frames of their flows handed to them.
+    steer: Option<Steer>,
 }
 
 /// The transmit half: frames smoltcp built, gathered into bursts.
@@ -107,6 +168,7 @@ impl DpdkQueue {
         queue: u16,
         verify: bool,
         segments: Option<&'static SegmentPools>,
+        steering: Option<(Steering, Arc<Inboxes>)>,
     ) -> DpdkQueue {
         let offload = port.checksum_offload();
         let can_cut = port.segment_offload();
@@ -135,6 +197,7 @@ impl DpdkQueue {
                 joined: Vec::new(),
                 bad_checksum: 0,
                 merged: Counted::default(),
+                steer: steering.map(|(at, inboxes)| Steer { at, inboxes, received: 0, moved: 0 }),
             },
             transmit: Transmit {
                 port,
@@ -183,14 +246,26 @@ impl Receive {
         checksums_ok(mbuf.data())
     }
 
-    /// Takes in a burst: checked, and with large segments merged (GRO).
+    /// Takes in a burst (frames other cores handed over first, then the device's, less
+    /// those of other cores' flows): checked, and with large segments merged (GRO).
     fn fill(&mut self) {
+        let mut burst = std::mem::take(&mut self.burst);
+        let max = if self.merge { dpdk::MAX_RX_BURST } else { BURST };
+        if let Some(steer) = &self.steer {
+            steer.take_inbox(&mut burst, usize::from(max));
+        }
+        let handed = burst.len();
+        if handed < usize::from(max) {
+            self.port.receive(self.queue, &mut burst, max - handed as u16);
+        }
+        if let Some(steer) = &mut self.steer {
+            steer.hand_over(&mut burst, handed);
+        }
         if !self.merge {
-            self.port.receive(self.queue, &mut self.received, BURST);
+            self.received.extend(burst.drain(..));
+            self.burst = burst;
             return;
         }
-        let mut burst = std::mem::take(&mut self.burst);
-        self.port.receive(self.queue, &mut burst, dpdk::MAX_RX_BURST);
         let before = burst.len();
         burst.retain_mut(|mbuf| {
             let ok = self.checksums_ok(mbuf);
@@ -408,6 +483,13 @@ impl Drop for DpdkQueue {
         }
         if self.receive.bad_checksum > 0 {
             log::info!(queue = queue; "dpdk: {} frames dropped for a bad checksum", self.receive.bad_checksum);
+        }
+        if let Some(steer) = &self.receive.steer {
+            log::info!(
+                queue = queue;
+                "dpdk: {} of {} frames received handed to the core that owns their flow (an mbuf, no copy)",
+                steer.moved, steer.received
+            );
         }
         if let Some(segmenting) = &self.transmit.segments {
             let Counted { segments, frames } = segmenting.cut;

@@ -153,7 +153,7 @@ fn is_tcp(frame: &[u8]) -> bool {
 
 /// The core that owns an Ethernet frame, by the same rule as `steering_program`; None for
 /// a frame that is not TCP (every core gets it).
-fn owner(frame: &[u8], cores: usize) -> Option<usize> {
+pub(crate) fn owner(frame: &[u8], cores: usize) -> Option<usize> {
     if !is_tcp(frame) {
         return None;
     }

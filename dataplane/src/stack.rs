@@ -128,6 +128,8 @@ impl CoreStack {
             NicBackend::AfPacket { .. } if count > 1 => Some(FanoutGroup::new(count)),
             _ => None,
         };
+        #[cfg(feature = "dpdk")]
+        let inboxes = crate::dpdk_nic::Inboxes::new(count);
         let machine = transport::pin::core_count().max(1);
         let mut handles = Vec::with_capacity(count);
         // Cores start one after another: a packet socket's place in the fanout group is
@@ -181,16 +183,15 @@ impl CoreStack {
                 NicBackend::Dpdk { port, pool, segments } => {
                     let verify = config.wrappers.checksum == ChecksumPolicy::Full;
                     let segments = segments.filter(|_| config.offload_in_use());
+                    let steering = config.steering.map(|at| (at, inboxes.clone()));
                     CoreHandle::start(
-                        // RSS spreads flows by its own hash, not our rule: pass misdelivered
-                        // segments on, as on TAP.
+                        // RSS spreads flows by its own hash, not our rule: the queue hands
+                        // other cores' frames to them itself (mbufs, no copy), and the
+                        // shared link passes on only what is not TCP.
                         move || {
-                            Ok(SharedLink::new(
-                                crate::dpdk_nic::DpdkQueue::new(port, pool, core as u16, verify, segments),
-                                shared,
-                                core,
-                                count > 1,
-                            ))
+                            let queue =
+                                crate::dpdk_nic::DpdkQueue::new(port, pool, core as u16, verify, segments, steering);
+                            Ok(SharedLink::new(queue, shared, core, false))
                         },
                         config,
                     )?

@@ -128,11 +128,16 @@ fn migrations_over_memif_between_two_processes() {
         return;
     }
     let socket = std::env::temp_dir().join(format!("vmigrate-memif-{}.sock", std::process::id()));
-    for (run_index, (hugepages, connections)) in [(false, "1"), (false, "4"), (true, "2")].into_iter().enumerate() {
+    // (hugepages, connections, dataplane cores a side)
+    let runs = [(false, "1", "1"), (false, "4", "1"), (true, "2", "1"), (false, "4", "2")];
+    for (run_index, (hugepages, connections, cores)) in runs.into_iter().enumerate() {
         let port = 4700 + run_index;
         let side = |role: &str, ip: &str, lcore: &str, tail: &[&str]| {
             let mut args: Vec<String> =
-                ["--stack", "dpdk", "--iface", "net_memif0", "--ip", ip].iter().map(|s| s.to_string()).collect();
+                ["--stack", "dpdk", "--iface", "net_memif0", "--ip", ip, "--dataplane-cores", cores]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect();
             args.extend(tail.iter().map(|s| s.to_string()));
             args.extend(["--", "--no-pci", "--log-level=error", "-m", "128", "-l", lcore].map(String::from));
             if !hugepages {
@@ -171,6 +176,14 @@ fn migrations_over_memif_between_two_processes() {
         }
         // The sender's segments were cut, the receiver's frames merged.
         assert_large_segments_both_ways(&format!("{}{}", sent.stderr, received.stderr));
+        if cores != "1" {
+            // memif's queue k at one end is queue k at the other, and both ends steer by
+            // the same rule: every frame arrives on the core that owns its flow.
+            for output in [&sent, &received] {
+                let none_moved = output.stderr.lines().filter(|line| line.contains("dpdk: 0 of ")).count();
+                assert_eq!(none_moved, 2, "frames moved between cores:\n{}", output.stderr);
+            }
+        }
         let _ = std::fs::remove_file(&socket);
     }
 }

@@ -12,6 +12,11 @@ pub struct Mbuf<'pool> {
     _pool: PhantomData<&'pool Mempool>,
 }
 
+// SAFETY: an mbuf is a buffer owned by whoever holds the pointer; DPDK lets any thread free
+// it or hand it to a queue (a registered lcore frees into its own cache, any other thread
+// into the pool's shared ring). `Mbuf` is the only owner, so moving it moves the ownership.
+unsafe impl Send for Mbuf<'_> {}
+
 impl<'pool> Mbuf<'pool> {
     /// An empty mbuf, or None when the pool is exhausted.
     pub fn alloc(pool: &'pool Mempool) -> Option<Mbuf<'pool>> {
