@@ -583,7 +583,7 @@ fn blackout(
     (stop, handle)
 }
 
-/// Runs one migration through `fault` over `stack` ("kernel" or "af-packet"), the peers
+/// Runs one migration through `fault` over `stack` ("kernel", "af-packet", "tap" or "dpdk"), the peers
 /// giving up after `io_timeout` of silence. Returns how it ended, after checking that
 /// nothing was lost: verified, or both ends failed with one clear error, the source guest
 /// running on and no destination guest.
@@ -606,7 +606,14 @@ fn migrate_through(ns: &Namespaces, stack: &str, port: u16, fault: &LinkFault) -
         "--io-timeout",
         IO_TIMEOUT,
     ]);
-    if stack != "kernel" {
+    if stack == "dpdk" {
+        // DPDK's net_af_packet on each veth end, with GSO and GRO (the EAL's arguments last).
+        #[cfg(feature = "dpdk")]
+        for (side, args) in [("dst", &mut recv), ("src", &mut send)] {
+            let veth = format!("{}-{}", ns.prefix, if side == "src" { "vs" } else { "vd" });
+            args.extend(dpdk_side(ns, side, "net_af_packet0", &format!("net_af_packet0,iface={veth}"), 1, false, &[]));
+        }
+    } else if stack != "kernel" {
         let (src, dst) = our_stack(ns, stack);
         recv.extend(dst.args());
         send.extend(src.args());
@@ -663,10 +670,14 @@ fn network_faults_on_a_veth_link_end_verified_or_cleanly_failed() {
     let mut port = 4700;
     // Our stack on its offload paths (64 KiB segments, partial checksums) on packet sockets
     // and TAP: the faults are on the link, not injected by our stack, so offload stays on.
-    for stack in ["kernel", "af-packet", "tap"] {
+    // Built with DPDK, also DPDK's net_af_packet with 64 KiB segments (GSO, GRO).
+    let stacks: &[&str] =
+        if cfg!(feature = "dpdk") { &["kernel", "af-packet", "tap", "dpdk"] } else { &["kernel", "af-packet", "tap"] };
+    for &stack in stacks {
         let group = match stack {
             "kernel" => "network fault (veth, kernel TCP)",
             "af-packet" => "network fault (veth, our stack on AF_PACKET, offload)",
+            "dpdk" => "network fault (veth, our stack on DPDK net_af_packet, GSO and GRO)",
             _ => "network fault (veth, our stack on TAP, offload)",
         };
         for (name, fault) in link_faults(&ns.prefix) {
