@@ -503,14 +503,7 @@ impl Drop for DpdkQueue {
 
 /// The header lengths of an IPv4 TCP frame (None for anything else).
 fn tcp4_header_lengths(frame: &[u8]) -> Option<HeaderLengths> {
-    let ethernet = EthernetFrame::new_checked(frame).ok()?;
-    if ethernet.ethertype() != EthernetProtocol::Ipv4 {
-        return None;
-    }
-    let ip = Ipv4Packet::new_checked(ethernet.payload()).ok()?;
-    if ip.next_header() != IpProtocol::Tcp {
-        return None;
-    }
+    let ip = crate::layers::ipv4_carrying_tcp(frame)?;
     let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
     Some(HeaderLengths { l2: 14, l3: u16::from(ip.header_len()), l4: u16::from(tcp.header_len()) })
 }

@@ -31,6 +31,16 @@ pub fn checksums_ok(frame: &[u8]) -> bool {
     }
 }
 
+/// The IPv4 packet of an Ethernet frame that carries TCP (None for anything else).
+pub(crate) fn ipv4_carrying_tcp(frame: &[u8]) -> Option<Ipv4Packet<&[u8]>> {
+    let ethernet = EthernetFrame::new_checked(frame).ok()?;
+    if ethernet.ethertype() != EthernetProtocol::Ipv4 {
+        return None;
+    }
+    let ip = Ipv4Packet::new_checked(ethernet.payload()).ok()?;
+    (ip.next_header() == IpProtocol::Tcp).then_some(ip)
+}
+
 /// Which IPv4 and TCP checksums our stack computes and checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ChecksumPolicy {

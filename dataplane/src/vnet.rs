@@ -9,7 +9,7 @@
 //! with a partial checksum (`NEEDS_CSUM`: it never left the host) or one the kernel
 //! checked (`DATA_VALID`); any other frame is checked here.
 
-use smoltcp::wire::{checksum, EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet};
+use smoltcp::wire::{checksum, IpProtocol};
 
 /// Bytes of the header as the kernel's TAP default size (`TUNSETVNETHDRSZ` unset).
 pub const VNET_HDR_BYTES: usize = 10;
@@ -92,14 +92,7 @@ pub fn prepare_transmit(frame: &mut [u8], segment_size: Option<u16>) -> VnetHdr 
 /// For an IPv4 TCP frame: its IP header length, the TCP length, and the pseudo-header's
 /// one's-complement sum folded to 16 bits (not complemented: the kernel adds the segment).
 fn tcp_over_ipv4(frame: &[u8]) -> Option<(usize, usize, u16)> {
-    let ethernet = EthernetFrame::new_checked(frame).ok()?;
-    if ethernet.ethertype() != EthernetProtocol::Ipv4 {
-        return None;
-    }
-    let ip = Ipv4Packet::new_checked(ethernet.payload()).ok()?;
-    if ip.next_header() != IpProtocol::Tcp {
-        return None;
-    }
+    let ip = crate::layers::ipv4_carrying_tcp(frame)?;
     let ip_header = usize::from(ip.header_len());
     let tcp_length = usize::from(ip.total_len()).checked_sub(ip_header)?;
     if tcp_length < 20 || ETHERNET_HEADER_BYTES + ip_header + 20 > frame.len() {
