@@ -54,8 +54,10 @@ mod with_dpdk {
         let pool: &'static dpdk::Mempool = Box::leak(Box::new(pool));
         let port = dpdk::Port::start(eal, name, cores as u16, pool, request.mtu)
             .with_context(|| format!("starting DPDK port {name}"))?;
-        // Large segments wherever offload is on (the default): their own pools.
-        let segments = match config.offload_in_use() {
+        // Large segments wherever offload is on (the default) and the port can send them
+        // (it chains mbufs, or cuts segments itself): their own pools.
+        let can_cut = port.segment_offload().tso || port.segment_offload().multi_segment;
+        let segments = match config.offload_in_use() && can_cut {
             true => Some(&*Box::leak(Box::new(
                 dpdk::segments::SegmentPools::new(eal, &format!("vm_{name}"), cores as u16)
                     .with_context(|| format!("the large-segment pools for DPDK port {name}"))?,
@@ -63,7 +65,7 @@ mod with_dpdk {
             false => None,
         };
         let port = Arc::new(port);
-        log::info!("{}", describe(&port, segments.is_some()));
+        log::info!("{}", describe(&port, config.offload_in_use()));
         let xstats = request.xstats;
         let teardown = port.clone();
         let stack = CoreStack::start(NicBackend::Dpdk { port, pool, segments }, name, cores, config)
@@ -71,15 +73,16 @@ mod with_dpdk {
         Ok(stack.on_teardown(move || finish(teardown, pool, segments, xstats)))
     }
 
-    fn describe(port: &dpdk::Port, large: bool) -> String {
-        let offload = port.checksum_offload();
+    /// The port's line in the log; `offload`: large segments were asked for.
+    fn describe(port: &dpdk::Port, offload: bool) -> String {
         let cut = port.segment_offload();
-        let segments = match (large, cut.tso, cut.multi_segment) {
+        let segments = match (offload, cut.tso, cut.multi_segment) {
             (false, _, _) => "off",
             (true, true, _) => "64 KiB, cut by the device (TSO), merged by GRO",
             (true, false, true) => "64 KiB, cut by GSO, merged by GRO",
             (true, false, false) => "off (the device chains no mbufs)",
         };
+        let offload = port.checksum_offload();
         let checksums = match (offload.receive, offload.transmit) {
             (true, true) => "receive and transmit",
             (true, false) => "receive",
