@@ -231,15 +231,16 @@ impl Receive {
 
     /// Whether a frame's checksums hold: by the device's verdict, or checked here (for a
     /// frame the device did not check: not TCP, or a partial checksum from a local sender).
-    /// Only asked where smoltcp does not check them itself.
-    fn checksums_ok(&self, mbuf: &mut Mbuf<'static>) -> bool {
+    /// Only asked where smoltcp does not check them itself. `tcp4`: the frame was
+    /// classified (`Mbuf::classify_tcp4`) as IPv4 TCP.
+    fn checksums_ok(&self, mbuf: &Mbuf<'static>, tcp4: bool) -> bool {
         if let Some(verdict) = self.device_verdict(mbuf) {
             return verdict;
         }
         if !self.verify {
             return true;
         }
-        if self.merge && mbuf.classify_tcp4() {
+        if tcp4 {
             // Over the whole chain (a device may chain one frame over several mbufs).
             return mbuf.tcp4_checksums_ok();
         }
@@ -268,10 +269,9 @@ impl Receive {
         }
         let before = burst.len();
         burst.retain_mut(|mbuf| {
-            let ok = self.checksums_ok(mbuf);
             // GRO reads the packet type and header lengths that `classify_tcp4` sets.
-            let _ = ok && mbuf.classify_tcp4();
-            ok
+            let tcp4 = mbuf.classify_tcp4();
+            self.checksums_ok(mbuf, tcp4)
         });
         self.bad_checksum += (before - burst.len()) as u64;
         let frames = burst.len();
@@ -292,8 +292,8 @@ impl Receive {
             if self.received.is_empty() {
                 self.fill();
             }
-            let mut mbuf = self.received.pop_front()?;
-            if !self.merge && self.offload && !self.checksums_ok(&mut mbuf) {
+            let mbuf = self.received.pop_front()?;
+            if !self.merge && self.offload && !self.checksums_ok(&mbuf, false) {
                 self.bad_checksum += 1;
                 continue;
             }
