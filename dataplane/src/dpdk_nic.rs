@@ -15,7 +15,9 @@
 //! gets its checksums here or from the device. Received frames are checked, then each
 //! burst's consecutive frames of a flow are merged by DPDK's GRO library into one segment,
 //! which smoltcp takes whole (copied out of its chain of mbufs into one buffer): a stack
-//! that handles one segment where it would have handled forty-five.
+//! that handles one segment where it would have handled forty-five. A port that neither
+//! chains mbufs nor offers TSO (net_af_xdp) still merges what it receives, and sends
+//! frames of the MTU whose checksums are filled in here too.
 
 use crate::fanout::{owner, Steering};
 use crate::layers::checksums_ok;
@@ -132,6 +134,10 @@ struct Transmit {
     queue: u16,
     /// The device fills in the checksums of frames flagged for it.
     offload: bool,
+    /// smoltcp leaves the TCP checksums to the queue (which merges what it receives, so
+    /// the stack's checksum settings are off both ways): each frame gets them here or
+    /// from the device.
+    checksums_here: bool,
     /// Large segments, and how they are cut (None: frames of one MTU at most).
     segments: Option<Segmenting>,
     to_send: Vec<Mbuf<'static>>,
@@ -160,13 +166,14 @@ struct Counted {
 
 impl DpdkQueue {
     /// Queue pair `queue` of `port`, polled by the calling thread; `verify` checks received
-    /// checksums the device did not; with `segments`, large segments both ways (the port
-    /// must chain mbufs, or offer TSO).
+    /// checksums the device did not; with `merge`, received frames are merged (GRO) and,
+    /// given `segments` and a port that chains mbufs or offers TSO, large segments sent.
     pub fn new(
         port: Arc<Port<'static>>,
         pool: &'static Mempool,
         queue: u16,
         verify: bool,
+        merge: bool,
         segments: Option<&'static SegmentPools>,
         steering: Option<(Steering, Arc<Inboxes>)>,
     ) -> DpdkQueue {
@@ -191,7 +198,7 @@ impl DpdkQueue {
                 queue,
                 offload: offload.receive,
                 verify,
-                merge: segments.is_some(),
+                merge,
                 received: VecDeque::with_capacity(usize::from(dpdk::MAX_RX_BURST)),
                 burst: Vec::with_capacity(usize::from(dpdk::MAX_RX_BURST)),
                 joined: Vec::new(),
@@ -205,6 +212,7 @@ impl DpdkQueue {
                 frame_room: mtu + 14,
                 queue,
                 offload: offload.transmit,
+                checksums_here: merge,
                 segments,
                 to_send: Vec::with_capacity(usize::from(BURST)),
                 waiting: 0,
@@ -322,8 +330,8 @@ impl Transmit {
         }
     }
 
-    /// Sends a frame smoltcp built with large segments on: an IPv4 TCP segment longer than
-    /// one `mss` is cut (by the device or GSO); every TCP frame gets its checksums.
+    /// Sends a frame smoltcp left the checksums of: an IPv4 TCP segment longer than one
+    /// `mss` is cut (by the device or GSO); every TCP frame gets its checksums.
     fn send_segment(&mut self, mut mbuf: Mbuf<'static>, mss: Option<u16>) {
         let Some(lengths) = tcp4_header_lengths(mbuf.data()) else {
             // ARP, or an IPv4 frame smoltcp completed (its checksums are not declared off).
@@ -331,8 +339,8 @@ impl Transmit {
         };
         mbuf.set_header_lengths(lengths);
         let payload = mbuf.len() - usize::from(lengths.total());
-        let segmenting = self.segments.as_mut().expect("only called with large segments");
-        let Some(mss) = mss.filter(|&mss| payload > usize::from(mss)) else {
+        let (Some(segmenting), Some(mss)) = (self.segments.as_mut(), mss.filter(|&mss| payload > usize::from(mss)))
+        else {
             mbuf.finish_tcp4_checksums(self.offload);
             return self.queue_frame(mbuf);
         };
@@ -402,7 +410,7 @@ impl phy::TxToken for DpdkTx<'_> {
             return f(&mut vec![0; len]);
         };
         let result = f(data);
-        if transmit.segments.is_some() {
+        if transmit.checksums_here {
             transmit.send_segment(mbuf, self.segment);
             return result;
         }
@@ -451,12 +459,14 @@ impl Device for DpdkQueue {
         caps.medium = Medium::Ethernet;
         caps.max_transmission_unit = self.mtu + 14;
         caps.max_burst_size = Some(usize::from(BURST));
-        if self.transmit.segments.is_some() {
+        if self.transmit.checksums_here {
             // TCP checksums are done per frame (here or by the device), after cutting;
             // received frames are checked before merging, which leaves stale sums.
             caps.checksum.ipv4 = Checksum::Tx;
             caps.checksum.tcp = Checksum::None;
-            caps.segmentation.tcpv4 = NonZeroUsize::new(LARGE_FRAME_BYTES.min(crate::SUPER_FRAME_BYTES));
+            if self.transmit.segments.is_some() {
+                caps.segmentation.tcpv4 = NonZeroUsize::new(LARGE_FRAME_BYTES.min(crate::SUPER_FRAME_BYTES));
+            }
             return caps;
         }
         let checksum = match (self.receive.offload, self.transmit.offload) {
@@ -495,6 +505,8 @@ impl Drop for DpdkQueue {
             let Counted { segments, frames } = segmenting.cut;
             let by = if segmenting.device { "the device (TSO)" } else { "GSO" };
             log::info!(queue = queue; "dpdk: {segments} large segments sent, cut into {frames} frames by {by}");
+        }
+        if self.receive.merge {
             let Counted { segments, frames } = self.receive.merged;
             log::info!(queue = queue; "dpdk: {segments} large segments received, merged from {frames} frames by GRO");
         }

@@ -182,15 +182,23 @@ impl CoreStack {
                 #[cfg(feature = "dpdk")]
                 NicBackend::Dpdk { port, pool, segments } => {
                     let verify = config.wrappers.checksum == ChecksumPolicy::Full;
-                    let segments = segments.filter(|_| config.offload_in_use());
+                    let merge = config.offload_in_use();
+                    let segments = segments.filter(|_| merge);
                     let steering = config.steering.map(|at| (at, inboxes.clone()));
                     CoreHandle::start(
                         // RSS spreads flows by its own hash, not our rule: the queue hands
                         // other cores' frames to them itself (mbufs, no copy), and the
                         // shared link passes on only what is not TCP.
                         move || {
-                            let queue =
-                                crate::dpdk_nic::DpdkQueue::new(port, pool, core as u16, verify, segments, steering);
+                            let queue = crate::dpdk_nic::DpdkQueue::new(
+                                port,
+                                pool,
+                                core as u16,
+                                verify,
+                                merge,
+                                segments,
+                                steering,
+                            );
                             Ok(SharedLink::new(queue, shared, core, false))
                         },
                         config,

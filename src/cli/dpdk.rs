@@ -80,7 +80,7 @@ mod with_dpdk {
             (false, _, _) => "off",
             (true, true, _) => "64 KiB, cut by the device (TSO), merged by GRO",
             (true, false, true) => "64 KiB, cut by GSO, merged by GRO",
-            (true, false, false) => "off (the device chains no mbufs)",
+            (true, false, false) => "merged by GRO when received; sent at the MTU (the device chains no mbufs)",
         };
         let offload = port.checksum_offload();
         let checksums = match (offload.receive, offload.transmit) {

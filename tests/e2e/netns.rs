@@ -441,6 +441,11 @@ fn dpdk_migrations() {
             assert!(output.stderr.contains("DPDK port net_af_xdp0 closed: all mbufs back"), "{}", output.stderr);
             assert!(!output.stderr.contains("warning: DPDK"), "{}", output.stderr);
         }
+        // It cannot send large segments, but merges what it receives.
+        let merged = received.stderr.lines().find_map(|line| {
+            line.split_once("dpdk: ")?.1.split_once(" large segments received")?.0.parse::<u64>().ok()
+        });
+        assert!(merged.is_some_and(|merged| merged > 0), "{}", received.stderr);
     } else {
         let why = probed.stderr.lines().last().unwrap_or("no output");
         eprintln!("SKIPPED the AF_XDP migration: this kernel would not open an AF_XDP port on a veth ({why})");
