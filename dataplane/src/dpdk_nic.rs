@@ -580,5 +580,16 @@ mod tests {
         let before = frame.clone();
         assert_eq!(prepare_checksum_offload(&mut frame), None);
         assert_eq!(frame, before);
+        assert_eq!(tcp4_header_lengths(&frame), None, "only IPv4 TCP frames are cut or checksummed here");
+    }
+
+    #[test]
+    fn a_tcp_frame_s_header_lengths_are_read_from_its_headers() {
+        let frame = tcp_frame(&[7u8; 100]);
+        assert_eq!(tcp4_header_lengths(&frame), Some(HeaderLengths { l2: 14, l3: 20, l4: 20 }));
+        // A TCP header with 12 bytes of options (data offset 8 words).
+        let mut with_options = frame.clone();
+        with_options[14 + 20 + 12] = 8 << 4;
+        assert_eq!(tcp4_header_lengths(&with_options).map(|lengths| lengths.l4), Some(32));
     }
 }
