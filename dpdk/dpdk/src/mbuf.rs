@@ -33,13 +33,6 @@ impl<'pool> Mbuf<'pool> {
         Mbuf { mbuf, _pool: PhantomData }
     }
 
-    /// Gives up ownership (to a transmit queue, which frees it once sent).
-    pub(crate) fn into_raw(self) -> *mut dpdk_sys::rte_mbuf {
-        let raw = self.mbuf.as_ptr();
-        std::mem::forget(self);
-        raw
-    }
-
     pub(crate) fn as_ptr(&self) -> *mut dpdk_sys::rte_mbuf {
         self.mbuf.as_ptr()
     }

@@ -263,25 +263,17 @@ impl<'pool> Port<'pool> {
 
     /// Sends `packets` on `queue`, retrying a full queue a few times; what it still would
     /// not take is freed and counted. Returns how many were queued for sending.
-    pub fn transmit(&self, queue: u16, packets: Vec<Mbuf<'pool>>) -> usize {
-        let mut raw: Vec<*mut dpdk_sys::rte_mbuf> = packets.into_iter().map(Mbuf::into_raw).collect();
-        let mut sent = 0usize;
+    pub fn transmit(&self, queue: u16, mut packets: Vec<Mbuf<'pool>>) -> usize {
+        let total = packets.len();
         for _ in 0..TX_ATTEMPTS {
-            if sent == raw.len() {
+            if packets.is_empty() {
                 break;
             }
-            let left = (raw.len() - sent).min(usize::from(u16::MAX)) as u16;
-            // SAFETY: the pointers from `sent` on are mbufs we own; the driver takes
-            // ownership of the ones it reports sent.
-            sent +=
-                usize::from(unsafe { dpdk_sys::vm_rte_eth_tx_burst(self.id, queue, raw[sent..].as_mut_ptr(), left) });
+            self.transmit_some(queue, &mut packets);
         }
-        for mbuf in raw.drain(sent..) {
-            // SAFETY: the driver did not take these: they are still ours to free.
-            unsafe { dpdk_sys::vm_rte_pktmbuf_free(mbuf) };
-            self.tx_dropped.fetch_add(1, Ordering::Relaxed);
-        }
-        sent
+        // What the driver still would not take is freed as `packets` drops.
+        self.tx_dropped.fetch_add(packets.len() as u64, Ordering::Relaxed);
+        total - packets.len()
     }
 
     pub fn link(&self) -> LinkStatus {

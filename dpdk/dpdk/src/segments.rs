@@ -65,17 +65,20 @@ impl SegmentPools {
     ) -> Result<(), DpdkError> {
         let payload = segment.len().saturating_sub(usize::from(segment.header_lengths().total()));
         let most = payload.div_ceil(usize::from(mss.max(1))) + 1;
-        let mut raw = vec![std::ptr::null_mut::<dpdk_sys::rte_mbuf>(); most];
+        // GSO writes the frames straight into `frames`' spare room: `Mbuf` is a transparent
+        // owning pointer, so that room is an array of mbuf pointers.
+        frames.reserve(most);
+        let at = frames.len();
         // SAFETY: the segment is ours and its header lengths are set; both pools are live
-        // for 'pool; `raw` has room for `most` frames, as passed.
+        // for 'pool; `frames` has room for `most` more pointers past `at`, as passed.
         let count = unsafe {
             dpdk_sys::vm_gso_tcp4(
                 segment.as_ptr(),
                 headers.as_ptr(),
                 self.indirect.as_ptr(),
                 mss,
-                raw.as_mut_ptr(),
-                most as u16,
+                frames.as_mut_ptr().add(at).cast::<*mut dpdk_sys::rte_mbuf>(),
+                most.min(usize::from(u16::MAX)) as u16,
             )
         };
         if count < 0 {
@@ -85,10 +88,9 @@ impl SegmentPools {
             frames.push(segment);
             return Ok(());
         }
-        frames.extend(raw[..count as usize].iter().filter_map(|&frame| std::ptr::NonNull::new(frame)).map(|frame| {
-            // SAFETY: GSO handed us these frames, each from our pools, owned by no one else.
-            unsafe { Mbuf::from_raw(frame) }
-        }));
+        // SAFETY: GSO filled `count` entries past `at` with frames (non-null, from our
+        // pools, owned by no one else); they become the Vec's.
+        unsafe { frames.set_len(at + count as usize) };
         // The frames hold references to the segment's data; ours goes (GSO leaves it to us).
         drop(segment);
         Ok(())
@@ -172,19 +174,26 @@ impl Mbuf<'_> {
 /// checked) into large segments, in place, with DPDK's GRO. Frames that cannot merge (other
 /// protocols, flags other than ACK) stay as they are, after the merged ones.
 pub fn merge_tcp4(frames: &mut Vec<Mbuf<'_>>) {
-    if frames.len() < 2 {
+    let total = frames.len();
+    if total < 2 {
         return;
     }
-    let mut raw: Vec<*mut dpdk_sys::rte_mbuf> = frames.drain(..).map(Mbuf::into_raw).collect();
-    for burst in raw.chunks_mut(dpdk_sys::consts::RTE_GRO_MAX_BURST_ITEM_NUM) {
-        // SAFETY: the burst's mbufs are ours; GRO frees those it merges into others and
-        // returns how many of the burst's first entries are left.
-        let left = unsafe { dpdk_sys::vm_gro_tcp4(burst.as_mut_ptr(), burst.len() as u16) };
-        frames.extend(burst[..usize::from(left)].iter().filter_map(|&frame| std::ptr::NonNull::new(frame)).map(
-            |frame| {
-                // SAFETY: GRO handed these back to us.
-                unsafe { Mbuf::from_raw(frame) }
-            },
-        ));
+    let raw = frames.as_mut_ptr().cast::<*mut dpdk_sys::rte_mbuf>();
+    // SAFETY: the frames pass to GRO as the array of pointers the Vec holds (`Mbuf` is a
+    // transparent owning pointer); the Vec owns none of them until the length is set back
+    // below to the ones GRO leaves, so none is freed twice.
+    unsafe { frames.set_len(0) };
+    let mut kept = 0;
+    for start in (0..total).step_by(dpdk_sys::consts::RTE_GRO_MAX_BURST_ITEM_NUM) {
+        let count = (total - start).min(dpdk_sys::consts::RTE_GRO_MAX_BURST_ITEM_NUM);
+        // SAFETY: `count` live mbufs from `start`; GRO frees those it merges into others
+        // and leaves the rest at the front of the burst; they move down to `kept`.
+        unsafe {
+            let left = usize::from(dpdk_sys::vm_gro_tcp4(raw.add(start), count as u16));
+            std::ptr::copy(raw.add(start), raw.add(kept), left);
+            kept += left;
+        }
     }
+    // SAFETY: the first `kept` entries are the frames GRO left, each owned by us alone.
+    unsafe { frames.set_len(kept) };
 }
