@@ -154,7 +154,6 @@ struct Segmenting {
     device: bool,
     /// Segments cut, and the frames they were cut into.
     cut: Counted,
-    frames: Vec<Mbuf<'static>>,
 }
 
 /// How many large things, and how many frames they were (or became).
@@ -183,7 +182,6 @@ impl DpdkQueue {
             pools,
             device: can_cut.tso,
             cut: Counted::default(),
-            frames: Vec::new(),
         });
         let mtu = usize::from(port.mtu());
         let lcore = port
@@ -325,6 +323,11 @@ impl Transmit {
 
     fn queue_frame(&mut self, mbuf: Mbuf<'static>) {
         self.to_send.push(mbuf);
+        self.flush_a_full_burst();
+    }
+
+    /// Flushes once a burst has gathered beyond what already waits.
+    fn flush_a_full_burst(&mut self) {
         if self.to_send.len() >= self.waiting + usize::from(BURST) {
             self.flush();
         }
@@ -350,24 +353,22 @@ impl Transmit {
             segmenting.cut.frames += payload.div_ceil(usize::from(mss)) as u64;
             return self.queue_frame(mbuf);
         }
-        let mut frames = std::mem::take(&mut segmenting.frames);
-        match segmenting.pools.cut_tcp4(mbuf, mss, self.pool, &mut frames) {
+        // GSO's frames go straight onto the send queue, then get their checksums.
+        let from = self.to_send.len();
+        match segmenting.pools.cut_tcp4(mbuf, mss, self.pool, &mut self.to_send) {
             Ok(()) => {
                 segmenting.cut.segments += 1;
-                segmenting.cut.frames += frames.len() as u64;
+                segmenting.cut.frames += (self.to_send.len() - from) as u64;
             }
             Err(err) => {
                 log::debug!("dpdk: GSO could not cut a segment: {err}");
                 self.no_mbuf += 1;
             }
         }
-        for mut frame in frames.drain(..) {
+        for frame in &mut self.to_send[from..] {
             frame.finish_tcp4_checksums(self.offload);
-            self.queue_frame(frame);
         }
-        if let Some(segmenting) = self.segments.as_mut() {
-            segmenting.frames = frames;
-        }
+        self.flush_a_full_burst();
     }
 }
 
