@@ -1,0 +1,162 @@
+//! The KVM guest's RAM: vm-memory's `GuestMemoryMmap`, one KVM memory slot per region with
+//! KVM's dirty logging on, seen by the engine through `GuestMemory` and `DirtyLog`.
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_ioctls::VmFd;
+use migration::dirty::{bitmap_words, DirtyLog};
+use migration::memory::{pages_of, GuestMemory};
+use migration::PAGE_SIZE_BYTES;
+use std::sync::Mutex;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+/// Guest RAM mapped in this process, regions at their guest-physical addresses.
+pub struct KvmMemory {
+    memory: GuestMemoryMmap,
+    /// Each region's guest-physical start, bytes and host address.
+    regions: Vec<(u64, u64, *mut u8)>,
+}
+
+// SAFETY: the raw host addresses point into `memory`'s mappings, which live as long as
+// `self` and are shared memory by nature (the vCPU writes them while the engine reads);
+// nothing here hands out references to them, only copies.
+unsafe impl Send for KvmMemory {}
+// SAFETY: as above; every access is a copy of whole pages through the raw pointers.
+unsafe impl Sync for KvmMemory {}
+
+impl KvmMemory {
+    /// Maps zeroed RAM for `regions` (guest-physical start, bytes).
+    pub fn map(regions: &[(u64, u64)]) -> Result<Self, String> {
+        let ranges: Vec<(GuestAddress, usize)> =
+            regions.iter().map(|&(start, bytes)| (GuestAddress(start), bytes as usize)).collect();
+        let memory = GuestMemoryMmap::<()>::from_ranges(&ranges)
+            .map_err(|e| format!("mapping {} bytes of guest memory: {e}", regions.iter().map(|r| r.1).sum::<u64>()))?;
+        let regions = memory
+            .iter()
+            .map(|region| {
+                let host = region
+                    .get_host_address(vm_memory::MemoryRegionAddress(0))
+                    .map_err(|e| format!("host address of guest memory: {e}"))?;
+                Ok((region.start_addr().0, region.len(), host))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(KvmMemory { memory, regions })
+    }
+
+    pub fn mmap(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.regions.iter().map(|r| r.1).sum()
+    }
+
+    /// Hands every region to KVM as a memory slot (slot N = region N), dirty logging on.
+    pub fn register_slots(&self, vm: &VmFd) -> Result<(), String> {
+        for (slot, &(start, bytes, host)) in self.regions.iter().enumerate() {
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: start,
+                memory_size: bytes,
+                userspace_addr: host as u64,
+                flags: KVM_MEM_LOG_DIRTY_PAGES,
+            };
+            // SAFETY: the mapping behind `host` is `bytes` long and outlives the VM: the
+            // VM fd is dropped before this memory (the guest owns both, VM first).
+            unsafe { vm.set_user_memory_region(region) }
+                .map_err(|e| format!("KVM_SET_USER_MEMORY_REGION for slot {slot} at {start:#x}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Maps (region, page) to the page's host address; panics outside guest memory.
+    fn page_pointer(&self, region: usize, page: u64) -> *mut u8 {
+        let (_, bytes, host) = self.regions[region];
+        assert!(page < pages_of(bytes), "page {page} beyond region {region} of {bytes} bytes");
+        // SAFETY: in bounds of the region's mapping, checked above.
+        unsafe { host.add(page as usize * PAGE_SIZE_BYTES) }
+    }
+
+    /// Reads a 64-bit field of the guest's memory (the configuration block).
+    pub fn read_u64(&self, address: GuestAddress) -> u64 {
+        use vm_memory::Bytes;
+        self.memory.read_obj(address).unwrap_or(0)
+    }
+
+    pub fn write_u64(&self, address: GuestAddress, value: u64) -> Result<(), String> {
+        use vm_memory::Bytes;
+        self.memory.write_obj(value, address).map_err(|e| format!("writing guest memory at {:#x}: {e}", address.0))
+    }
+}
+
+impl GuestMemory for KvmMemory {
+    fn region_bytes(&self) -> Vec<u64> {
+        self.regions.iter().map(|r| r.1).collect()
+    }
+
+    fn read_page(&self, region: usize, page: u64, dst: &mut [u8]) {
+        let source = self.page_pointer(region, page);
+        // SAFETY: `source` is a whole page inside the mapping; `dst` is a distinct buffer
+        // of one page. The vCPU may write the page meanwhile: the dirty log catches that.
+        unsafe { std::ptr::copy_nonoverlapping(source, dst.as_mut_ptr(), PAGE_SIZE_BYTES) }
+    }
+
+    fn write_page(&self, region: usize, page: u64, src: &[u8]) {
+        let target = self.page_pointer(region, page);
+        // SAFETY: as in read_page; on the destination no vCPU runs while pages arrive.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), target, PAGE_SIZE_BYTES) }
+    }
+}
+
+/// KVM's dirty log of every slot, plus the pages the VMM itself wrote before the guest
+/// ran (KVM logs only the guest's writes), handed out once with the first take.
+pub struct KvmDirtyLog {
+    vm: std::sync::Arc<VmFd>,
+    region_bytes: Vec<u64>,
+    written_by_vmm: Mutex<Vec<Vec<u64>>>,
+}
+
+impl KvmDirtyLog {
+    /// `written_by_vmm`: flat page numbers the VMM wrote (boot memory).
+    pub fn new(vm: std::sync::Arc<VmFd>, region_bytes: Vec<u64>, written_by_vmm: &[u64]) -> Self {
+        let mut bitmaps: Vec<Vec<u64>> = region_bytes.iter().map(|&b| vec![0; bitmap_words(pages_of(b))]).collect();
+        for &flat in written_by_vmm {
+            let mut page = flat;
+            for (region, &bytes) in region_bytes.iter().enumerate() {
+                if page < pages_of(bytes) {
+                    bitmaps[region][page as usize / 64] |= 1 << (page % 64);
+                    break;
+                }
+                page -= pages_of(bytes);
+            }
+        }
+        KvmDirtyLog { vm, region_bytes, written_by_vmm: Mutex::new(bitmaps) }
+    }
+}
+
+impl DirtyLog for KvmDirtyLog {
+    fn take_dirty(&self, region: usize, out: &mut [u64]) -> u64 {
+        let bytes = self.region_bytes[region] as usize;
+        let log = match self.vm.get_dirty_log(region as u32, bytes) {
+            Ok(log) => log,
+            Err(e) => {
+                // Without the log nothing can be skipped safely: report every page dirty.
+                log::error!("KVM_GET_DIRTY_LOG on slot {region}: {e}; sending every page of it again");
+                vec![!0u64; out.len()]
+            }
+        };
+        let mut vmm = self.written_by_vmm.lock().unwrap_or_else(|p| p.into_inner());
+        let extra = std::mem::take(&mut vmm[region]);
+        let pages = pages_of(self.region_bytes[region]);
+        let mut count = 0;
+        for (index, word) in out.iter_mut().enumerate() {
+            let mut bits = log.get(index).copied().unwrap_or(0) | extra.get(index).copied().unwrap_or(0);
+            let first_page = index as u64 * 64;
+            if first_page + 64 > pages {
+                bits &= (1u64 << (pages - first_page)) - 1;
+            }
+            *word = bits;
+            count += u64::from(bits.count_ones());
+        }
+        count
+    }
+}

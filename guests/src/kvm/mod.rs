@@ -1,0 +1,252 @@
+//! The KVM guest (`--guest kvm`): a micro-VM on rust-vmm's crates (kvm-ioctls,
+//! kvm-bindings, vm-memory) that runs a program of our own (asm/kvm_guest.S) in long mode
+//! on one vCPU, migrated with KVM's own dirty log and vCPU state. The workloads are the
+//! synthetic guest's, run inside the guest, which checks its own memory on request and
+//! reports on its serial port (`check ok N` or `check BAD page P`).
+//!
+//! It implements the engine's `SourceVm` and `DestinationVm` through their public API
+//! only, as a VMM that embeds the engine would.
+
+mod layout;
+mod machine;
+mod memory;
+mod state;
+mod vcpu;
+
+use crate::synthetic::WorkloadSpec;
+use engine::vm::{DestinationVm, SourceVm};
+use engine::VmError;
+use kvm_bindings::kvm_cpuid_entry2;
+use layout::{config, config_field, ProgramConfig};
+use machine::{Machine, Running};
+use memory::{KvmDirtyLog, KvmMemory};
+use migration::dirty::DirtyLog;
+use migration::memory::GuestMemory;
+use serde::{Deserialize, Serialize};
+use state::VcpuState;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use machine::available;
+
+/// The guest program, assembled by build.rs (empty where binutils were missing).
+const PROGRAM_IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kvm_guest.bin"));
+
+/// How long a check of the whole area may take (the guest reads every page once).
+const CHECK_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What crosses with the final round: the vCPU as the source left it, the CPU model the
+/// guest saw, and the workload (for reports).
+#[derive(Serialize, Deserialize)]
+struct KvmDeviceState {
+    workload: WorkloadSpec,
+    cpuid: Vec<kvm_cpuid_entry2>,
+    vcpu: VcpuState,
+}
+
+/// The running KVM guest, on the source (booted here) or on the destination (resumed).
+pub struct KvmGuest {
+    running: Running,
+    dirty: KvmDirtyLog,
+    cpuid: Vec<kvm_cpuid_entry2>,
+    spec: WorkloadSpec,
+}
+
+impl KvmGuest {
+    /// Boots a guest of `memory_bytes` running `spec`'s workload.
+    pub fn boot(memory_bytes: u64, spec: WorkloadSpec, seed: u64) -> Result<Self, String> {
+        if PROGRAM_IMAGE.is_empty() {
+            return Err("this build has no KVM guest program: install binutils (as, ld) and rebuild".into());
+        }
+        layout::check_size(memory_bytes)?;
+        let kvm = machine::open_kvm()?;
+        let memory = Arc::new(KvmMemory::map(&layout::regions(memory_bytes))?);
+        let machine = Machine::create(kvm, memory.clone(), None)?;
+        let program = program_config(spec, memory_bytes, machine.tsc_hz()?, seed)?;
+        let mut written = layout::write_boot_memory(memory.mmap(), memory_bytes, PROGRAM_IMAGE, program)?;
+        if program.kind == layout::KIND_DIRTY {
+            let area =
+                layout::fill_dirty_area(memory.mmap(), memory_bytes, program.area_pages, program.word_mask, seed)?;
+            written.extend(area);
+        }
+        machine.set_boot_state()?;
+        let cpuid = machine.cpuid()?;
+        let dirty = KvmDirtyLog::new(machine.vm.clone(), memory.region_bytes(), &written);
+        Ok(KvmGuest { running: machine.run()?, dirty, cpuid, spec })
+    }
+
+    pub fn spec(&self) -> WorkloadSpec {
+        self.spec
+    }
+
+    /// Pages the guest has written since boot (its own counter, in its memory).
+    pub fn writes(&self) -> u64 {
+        self.running.memory.read_u64(config_field(config::WRITES))
+    }
+
+    /// Timer ticks the idle guest has taken (its own counter).
+    pub fn ticks(&self) -> u64 {
+        self.running.memory.read_u64(config_field(config::TICKS))
+    }
+
+    pub fn memory_bytes(&self) -> u64 {
+        self.running.memory.total_bytes()
+    }
+
+    /// Asks the guest to check its memory and waits for its verdict: `Ok(pages checked)`,
+    /// or the guest's report of a bad page, or why it did not answer.
+    pub fn check(&self) -> Result<u64, String> {
+        let memory = &self.running.memory;
+        let requests = memory.read_u64(config_field(config::CHECK_REQUESTS));
+        let lines_before = self.running.vcpu.serial_lines().len();
+        memory.write_u64(config_field(config::CHECK_REQUESTS), requests + 1)?;
+        let line = self.running.vcpu.wait_for_line("check ", lines_before, CHECK_TIMEOUT)?;
+        match line.strip_prefix("check ok ") {
+            Some(pages) => pages.trim().parse().map_err(|_| format!("the guest's report {line:?} is garbled")),
+            None => Err(format!("the guest's own check failed: {line}")),
+        }
+    }
+
+    /// Why the guest stopped, if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.running.vcpu.failure()
+    }
+
+    /// Everything the guest wrote on its serial port.
+    pub fn serial_lines(&self) -> Vec<String> {
+        self.running.vcpu.serial_lines()
+    }
+
+    fn save_device_state(&self) -> Result<Vec<u8>, String> {
+        let vcpu = self.running.vcpu.with_fd(|fd| VcpuState::save(fd, &self.running.msrs))?;
+        let state = KvmDeviceState { workload: self.spec, cpuid: self.cpuid.clone(), vcpu };
+        serde_json::to_vec(&state).map_err(|e| format!("encoding the vCPU state: {e}"))
+    }
+}
+
+/// The guest program's configuration for a workload.
+fn program_config(spec: WorkloadSpec, memory_bytes: u64, tsc_hz: u64, seed: u64) -> Result<ProgramConfig, String> {
+    let max_area = layout::max_area_pages(memory_bytes);
+    let pacing = |pages_per_s: u64| if pages_per_s == 0 { 0 } else { (tsc_hz / pages_per_s).max(1) };
+    let seed = seed | 1;
+    Ok(match spec {
+        WorkloadSpec::Idle => {
+            ProgramConfig { kind: layout::KIND_IDLE, area_pages: 0, tsc_per_page: 0, word_mask: 0, seed }
+        }
+        WorkloadSpec::Seq { pages_per_s } => ProgramConfig {
+            kind: layout::KIND_SWEEP,
+            area_pages: max_area,
+            tsc_per_page: pacing(pages_per_s),
+            word_mask: 0,
+            seed,
+        },
+        WorkloadSpec::Dirty { area_bytes, pages_per_s, bits } => {
+            let area_pages = area_bytes / migration::PAGE_SIZE_BYTES as u64;
+            if area_pages > max_area {
+                return Err(format!(
+                    "the dirty area of {area_bytes} bytes does not fit a KVM guest of {memory_bytes} bytes (at most {} bytes past its first 4 MiB)",
+                    max_area * migration::PAGE_SIZE_BYTES as u64
+                ));
+            }
+            let word_mask = if bits >= 32 { u32::MAX } else { (1u32 << bits) - 1 };
+            ProgramConfig { kind: layout::KIND_DIRTY, area_pages, tsc_per_page: pacing(pages_per_s), word_mask, seed }
+        }
+    })
+}
+
+impl SourceVm for KvmGuest {
+    fn memory(&self) -> &dyn GuestMemory {
+        &*self.running.memory
+    }
+
+    fn dirty_log(&self) -> &dyn DirtyLog {
+        &self.dirty
+    }
+
+    fn pause(&self) {
+        self.running.vcpu.pause();
+    }
+
+    fn resume(&self) {
+        self.running.vcpu.resume();
+    }
+
+    fn device_state(&self) -> Vec<u8> {
+        match self.save_device_state() {
+            Ok(state) => state,
+            Err(e) => {
+                // An empty state fails the destination's resume, and the source runs on.
+                log::error!("KVM guest: {e}");
+                Vec::new()
+            }
+        }
+    }
+
+    fn set_throttle(&self, pct: u8) {
+        self.running.vcpu.set_throttle(pct);
+    }
+}
+
+/// The destination of a KVM guest: memory for the source's layout within a limit, then a
+/// VM built around it and the vCPU restored from the migrated state.
+pub struct KvmDestination {
+    max_memory_bytes: u64,
+    memory: Option<Arc<KvmMemory>>,
+    guest: Option<KvmGuest>,
+}
+
+impl KvmDestination {
+    /// Checks, before any page arrives, that this machine can host a KVM guest.
+    pub fn new(max_memory_bytes: u64) -> Result<Self, String> {
+        machine::available()?;
+        Ok(KvmDestination { max_memory_bytes, memory: None, guest: None })
+    }
+
+    /// The resumed guest, once the migration completed.
+    pub fn guest(&self) -> Option<&KvmGuest> {
+        self.guest.as_ref()
+    }
+
+    pub fn take_guest(&mut self) -> Option<KvmGuest> {
+        self.guest.take()
+    }
+
+    fn build(&self, device_state: &[u8]) -> Result<KvmGuest, String> {
+        let memory = self.memory.clone().ok_or("resume before memory was prepared")?;
+        let state: KvmDeviceState =
+            serde_json::from_slice(device_state).map_err(|e| format!("the device state is not a KVM guest's ({e})"))?;
+        if memory.read_u64(config_field(config::MAGIC)) != config::MAGIC_VALUE {
+            return Err("the memory received holds no KVM guest program".into());
+        }
+        let machine = Machine::create(machine::open_kvm()?, memory.clone(), Some(&state.cpuid))?;
+        machine.restore(&state.vcpu)?;
+        let dirty = KvmDirtyLog::new(machine.vm.clone(), memory.region_bytes(), &[]);
+        Ok(KvmGuest { running: machine.run()?, dirty, cpuid: state.cpuid, spec: state.workload })
+    }
+}
+
+impl DestinationVm for KvmDestination {
+    fn prepare(&mut self, region_bytes: &[u64]) -> Result<Arc<dyn GuestMemory>, VmError> {
+        let total: u64 = region_bytes.iter().sum();
+        if total > self.max_memory_bytes {
+            return Err(VmError::Unfit(format!(
+                "guest of {total} bytes exceeds this destination's limit of {} bytes",
+                self.max_memory_bytes
+            )));
+        }
+        let regions = layout::regions_for(region_bytes).map_err(VmError::Unfit)?;
+        let memory = Arc::new(KvmMemory::map(&regions).map_err(VmError::Unfit)?);
+        self.memory = Some(memory.clone());
+        Ok(memory)
+    }
+
+    fn resume(&mut self, device_state: &[u8]) -> Result<(), VmError> {
+        self.guest = Some(self.build(device_state).map_err(VmError::Resume)?);
+        Ok(())
+    }
+
+    fn discard(&mut self) {
+        self.guest = None;
+        self.memory = None;
+    }
+}
