@@ -1,5 +1,6 @@
-//! In-process migrations of a synthetic guest over loopback kernel TCP: the source and the
-//! destination engines run in one test process, as an embedding VMM would run them.
+//! In-process migrations of a synthetic or a KVM guest over loopback kernel TCP or the
+//! in-process wire: the source and the destination engines run in one test process, as an
+//! embedding VMM would run them.
 
 use dataplane::core::DeviceWrappers;
 use dataplane::stack::{LoopbackOptions, LoopbackStack};
@@ -9,6 +10,7 @@ use engine::destination::{receive, DestinationReport};
 use engine::source::{migrate, Progress};
 use engine::vm::SourceVm;
 use guests::guest::GuestRam;
+use guests::kvm::{KvmDestination, KvmGuest};
 use guests::synthetic::{SyntheticDestination, SyntheticGuest, WorkloadSpec};
 use hugepages::HugePolicy;
 use migration::stats::MigrationStats;
@@ -39,6 +41,15 @@ pub enum Link {
     LossyLoopback { mtu: usize, wrappers: DeviceWrappers },
 }
 
+/// Which guest a test migrates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestKind {
+    /// The synthetic guest: a thread writing guest memory.
+    Synthetic,
+    /// The KVM micro-VM (`guests::kvm`): a vCPU under KVM, its dirty log and vCPU state.
+    Kvm,
+}
+
 /// Boots a synthetic guest of `mem_bytes` running `workload`, migrates it with `config`
 /// over the kernel's TCP, lets the destination guest run briefly, and reports what both
 /// sides saw.
@@ -48,7 +59,29 @@ pub fn migrate_synthetic(mem_bytes: u64, workload: WorkloadSpec, config: &Source
 
 /// As [`migrate_synthetic`], over `link`.
 pub fn migrate_synthetic_on(link: Link, mem_bytes: u64, workload: WorkloadSpec, config: &SourceConfig) -> Outcome {
-    run(link, mem_bytes, workload, config, None)
+    run(GuestKind::Synthetic, link, mem_bytes, workload, config, None)
+}
+
+/// As [`migrate_synthetic_on`], with the guest of `kind`.
+pub fn migrate_guest_on(
+    kind: GuestKind,
+    link: Link,
+    mem_bytes: u64,
+    workload: WorkloadSpec,
+    config: &SourceConfig,
+) -> Outcome {
+    run(kind, link, mem_bytes, workload, config, None)
+}
+
+/// Whether the KVM guest can run here; says SKIPPED for `test` where it cannot.
+pub fn kvm_or_skip(test: &str) -> bool {
+    match guests::kvm::available() {
+        Ok(()) => true,
+        Err(why) => {
+            eprintln!("SKIPPED {test}: no usable KVM ({why})");
+            false
+        }
+    }
 }
 
 /// Where a test cancels a migration (`SourceConfig::cancel`).
@@ -64,12 +97,106 @@ pub enum CancelAt {
 
 /// As [`migrate_synthetic`], cancelling the migration at `at`.
 pub fn migrate_and_cancel(mem_bytes: u64, workload: WorkloadSpec, config: &SourceConfig, at: CancelAt) -> Outcome {
-    run(Link::Kernel, mem_bytes, workload, config, Some(at))
+    run(GuestKind::Synthetic, Link::Kernel, mem_bytes, workload, config, Some(at))
 }
 
-/// The source VM of a test: the synthetic guest, with a hook on pause.
+/// As [`migrate_and_cancel`], with the guest of `kind`.
+pub fn migrate_guest_and_cancel(
+    kind: GuestKind,
+    mem_bytes: u64,
+    workload: WorkloadSpec,
+    config: &SourceConfig,
+    at: CancelAt,
+) -> Outcome {
+    run(kind, Link::Kernel, mem_bytes, workload, config, Some(at))
+}
+
+/// A source guest whose stores can be counted.
+trait CountedGuest: SourceVm {
+    fn writes(&self) -> u64;
+}
+
+impl CountedGuest for SyntheticGuest {
+    fn writes(&self) -> u64 {
+        SyntheticGuest::writes(self)
+    }
+}
+
+impl CountedGuest for KvmGuest {
+    fn writes(&self) -> u64 {
+        KvmGuest::writes(self)
+    }
+}
+
+fn boot(kind: GuestKind, mem_bytes: u64, workload: WorkloadSpec) -> Box<dyn CountedGuest> {
+    match kind {
+        GuestKind::Synthetic => {
+            let layout = GuestRam::pc_layout(mem_bytes);
+            let ram = Arc::new(GuestRam::allocate(&layout, HugePolicy::Never).expect("guest memory"));
+            Box::new(SyntheticGuest::boot(ram, workload, 7).expect("boot guest"))
+        }
+        GuestKind::Kvm => {
+            let guest = KvmGuest::boot(mem_bytes, workload, 7).expect("boot the KVM guest");
+            if let WorkloadSpec::Seq { .. } = workload {
+                // Pages the guest never touched are skipped (KVM's log runs since boot):
+                // let the sweeper cover its area once, as the synthetic seq guest's boot does.
+                let deadline = std::time::Instant::now() + Duration::from_secs(20);
+                while guest.writes() < mem_bytes / 4096 && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+            Box::new(guest)
+        }
+    }
+}
+
+/// Receives into a guest of `kind`, lets it run 200 ms, and has it checked: the report,
+/// the stores it made while running, and the check's verdict.
+fn receive_and_check(
+    kind: GuestKind,
+    acceptor: &mut dyn Acceptor,
+    config: &DestinationConfig,
+) -> (Result<DestinationReport, String>, u64, Result<(), String>) {
+    let run_for = Duration::from_millis(200);
+    match kind {
+        GuestKind::Synthetic => {
+            let mut vm = SyntheticDestination::new(config.max_memory_bytes, HugePolicy::Never);
+            let report = receive(acceptor, &mut vm, config).map_err(|e| e.to_string());
+            let (writes, check) = match vm.guest() {
+                Some(guest) => {
+                    let before = guest.writes();
+                    std::thread::sleep(run_for);
+                    guest.pause();
+                    let writes = guest.writes() - before;
+                    let check = guest.check();
+                    guest.shutdown();
+                    (writes, check)
+                }
+                None => (0, Err("no guest resumed".to_string())),
+            };
+            (report, writes, check)
+        }
+        GuestKind::Kvm => {
+            let mut vm = KvmDestination::new(config.max_memory_bytes).expect("KVM on the destination");
+            let report = receive(acceptor, &mut vm, config).map_err(|e| e.to_string());
+            let (writes, check) = match vm.guest() {
+                Some(guest) => {
+                    let before = guest.writes();
+                    std::thread::sleep(run_for);
+                    let writes = guest.writes() - before;
+                    // The guest checks itself, running, and says so on its serial port.
+                    (writes, guest.check().map(drop))
+                }
+                None => (0, Err("no guest resumed".to_string())),
+            };
+            (report, writes, check)
+        }
+    }
+}
+
+/// The source VM of a test: the guest, with a hook on pause.
 struct HookedGuest<'a> {
-    guest: &'a SyntheticGuest,
+    guest: &'a dyn CountedGuest,
     on_pause: Box<dyn Fn() + Send + Sync + 'a>,
 }
 
@@ -96,14 +223,14 @@ impl SourceVm for HookedGuest<'_> {
 }
 
 fn run(
+    kind: GuestKind,
     link: Link,
     mem_bytes: u64,
     workload: WorkloadSpec,
     config: &SourceConfig,
     cancel_at: Option<CancelAt>,
 ) -> Outcome {
-    let ram = Arc::new(GuestRam::allocate(&GuestRam::pc_layout(mem_bytes), HugePolicy::Never).expect("guest memory"));
-    let guest = SyntheticGuest::boot(ram, workload, 7).expect("boot guest");
+    let guest = boot(kind, mem_bytes, workload);
     std::thread::sleep(Duration::from_millis(50));
     let timeouts = Timeouts { connect: Duration::from_secs(5), io: Duration::from_secs(20) };
     let (connector, mut acceptor, _stack): (Box<dyn Connector>, Box<dyn Acceptor + Send>, _) = match link {
@@ -135,30 +262,14 @@ fn run(
         direct_receive: config.direct_send,
         ..Default::default()
     };
-    let destination = std::thread::spawn(move || {
-        let mut vm = SyntheticDestination::new(dest_config.max_memory_bytes, HugePolicy::Never);
-        let report = receive(&mut *acceptor, &mut vm, &dest_config).map_err(|e| e.to_string());
-        let (writes, check) = match vm.guest() {
-            Some(guest) => {
-                let before = guest.writes();
-                std::thread::sleep(Duration::from_millis(200));
-                guest.pause();
-                let writes = guest.writes() - before;
-                let check = guest.check();
-                guest.shutdown();
-                (writes, check)
-            }
-            None => (0, Err("no guest resumed".to_string())),
-        };
-        (report, writes, check)
-    });
+    let destination = std::thread::spawn(move || receive_and_check(kind, &mut *acceptor, &dest_config));
     let cancel = Cancel::new();
     let config = SourceConfig { cancel: cancel_at.map(|_| cancel.clone()), ..config.clone() };
     if cancel_at == Some(CancelAt::Setup) {
         cancel.cancel("test, at setup");
     }
     let vm = HookedGuest {
-        guest: &guest,
+        guest: &*guest,
         on_pause: Box::new(|| {
             if cancel_at == Some(CancelAt::StopAndCopy) {
                 cancel.cancel("test, in stop-and-copy");

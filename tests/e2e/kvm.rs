@@ -1,0 +1,115 @@
+//! The KVM guest migrated end to end in process: KVM's dirty log drives the rounds, the
+//! vCPU's state crosses at stop-and-copy, and the guest on the destination checks its own
+//! memory (`check ok N` on its serial port) while the engines verify every page too.
+//! Without a usable /dev/kvm each test says SKIPPED.
+
+use engine::config::SourceConfig;
+use guests::synthetic::WorkloadSpec;
+use migration::codec::Codec;
+use migration::precopy::PrecopyConfig;
+use std::time::Duration;
+use vmigrate_tests::session::{kvm_or_skip, migrate_guest_and_cancel, migrate_guest_on, CancelAt, GuestKind, Link};
+
+const MEM: u64 = 32 << 20;
+/// The sweeper at a rate the cap below cannot outrun in one round, so rounds repeat.
+const SWEEP: WorkloadSpec = WorkloadSpec::Seq { pages_per_s: 20_000 };
+const DIRTY: WorkloadSpec = WorkloadSpec::Dirty { area_bytes: 16 << 20, pages_per_s: 5000, bits: 16 };
+
+fn config(codec: Codec, connections: u16, xbzrle: bool) -> SourceConfig {
+    SourceConfig {
+        codec,
+        connections,
+        xbzrle_cache_bytes: xbzrle.then_some(MEM),
+        verify: true,
+        compress_threads: 2,
+        max_bandwidth_bytes_per_s: Some(100 << 20),
+        // Never met while the guest writes: iterative rounds until the round limit.
+        precopy: PrecopyConfig { downtime_limit: Duration::ZERO, max_rounds: 3, ..Default::default() },
+        ..SourceConfig::default()
+    }
+}
+
+fn migrate_and_check(label: &str, link: Link, workload: WorkloadSpec, config: &SourceConfig) {
+    let outcome = migrate_guest_on(GuestKind::Kvm, link, MEM, workload, config);
+    let stats = outcome.source.unwrap_or_else(|e| panic!("{label}: source failed: {e}"));
+    let report = outcome.destination.unwrap_or_else(|e| panic!("{label}: destination failed: {e}"));
+    assert_eq!(stats.verified, Some(true), "{label}: memory differs");
+    assert_eq!(report.verified, Some(true), "{label}: the destination saw a mismatch");
+    outcome.destination_check.unwrap_or_else(|e| panic!("{label}: {e}"));
+    assert!(outcome.writes_after_resume > 0, "{label}: the destination guest did not run");
+    assert_eq!(outcome.source_writes_after, 0, "{label}: the source guest ran after handing over");
+    assert!(stats.rounds.len() >= 3, "{label}: expected iterative rounds, got {}", stats.rounds.len());
+    if config.xbzrle_cache_bytes.is_some() && matches!(workload, WorkloadSpec::Dirty { .. }) {
+        assert!(stats.xbzrle_cache.pages > 0, "{label}: XBZRLE never used");
+    }
+    eprintln!("{label}: ok, {} rounds, downtime {:?}", stats.rounds.len(), stats.downtime);
+}
+
+#[test]
+fn sweeper_and_dirtier_migrate_over_kernel_tcp() {
+    if !kvm_or_skip("sweeper_and_dirtier_migrate_over_kernel_tcp") {
+        return;
+    }
+    for workload in [SWEEP, DIRTY] {
+        for (codec, connections, xbzrle) in
+            [(Codec::None, 1, false), (Codec::Lz4, 4, false), (Codec::Zstd { level: 1 }, 1, true)]
+        {
+            let label = format!("kvm {workload} {codec} x{connections} xbzrle={xbzrle}");
+            migrate_and_check(&label, Link::Kernel, workload, &config(codec, connections, xbzrle));
+        }
+    }
+}
+
+#[test]
+fn sweeper_and_dirtier_migrate_over_the_in_process_wire() {
+    if !kvm_or_skip("sweeper_and_dirtier_migrate_over_the_in_process_wire") {
+        return;
+    }
+    for workload in [SWEEP, DIRTY] {
+        for connections in [1, 4] {
+            let label = format!("kvm {workload} wire x{connections}");
+            let link = Link::Loopback { mtu: 1500, cores: 1 };
+            migrate_and_check(&label, link, workload, &config(Codec::Lz4, connections, connections == 4));
+        }
+    }
+}
+
+#[test]
+fn an_idle_guest_migrates_with_its_timer_running() {
+    if !kvm_or_skip("an_idle_guest_migrates_with_its_timer_running") {
+        return;
+    }
+    let outcome =
+        migrate_guest_on(GuestKind::Kvm, Link::Kernel, 64 << 20, WorkloadSpec::Idle, &SourceConfig {
+            verify: true,
+            ..SourceConfig::default()
+        });
+    let stats = outcome.source.expect("migration");
+    assert_eq!(stats.verified, Some(true));
+    outcome.destination_check.expect("the idle guest answers its check");
+    // Only the boot image and the pages the guest touched go: the rest is skipped.
+    assert!(stats.ram.skipped > (64 << 20) / 4096 * 9 / 10, "skipped {} pages", stats.ram.skipped);
+}
+
+/// A cancel in each phase up to the switchover: the source's vCPU runs on, the
+/// destination starts nothing.
+#[test]
+fn a_cancel_in_any_phase_keeps_the_source_vcpu_running() {
+    if !kvm_or_skip("a_cancel_in_any_phase_keeps_the_source_vcpu_running") {
+        return;
+    }
+    let slow = SourceConfig { max_bandwidth_bytes_per_s: Some(100 << 20), ..SourceConfig::default() };
+    let iterating = SourceConfig {
+        precopy: PrecopyConfig { downtime_limit: Duration::from_millis(5), ..Default::default() },
+        ..slow.clone()
+    };
+    for at in [CancelAt::Setup, CancelAt::Stage("bulk"), CancelAt::Stage("iterative"), CancelAt::StopAndCopy] {
+        let config = if at == CancelAt::Stage("iterative") { &iterating } else { &slow };
+        let outcome = migrate_guest_and_cancel(GuestKind::Kvm, MEM, SWEEP, config, at);
+        let err = outcome.source.expect_err("a cancelled migration fails");
+        assert!(err.starts_with("migration cancelled: test"), "{at:?}: {err}");
+        assert!(outcome.source_writes_after > 0, "{at:?}: the source vCPU must run on");
+        outcome.destination.expect_err("the destination must not complete");
+        assert_eq!(outcome.writes_after_resume, 0, "{at:?}: a destination guest ran");
+    }
+}
