@@ -22,8 +22,8 @@
  * pacing), busy-waiting in between as a vCPU that computes would.
  *
  * The VMM writes the configuration block before the first run and asks for a check by
- * adding one to CONFIG_CHECK_REQUESTS; the guest notices between two page writes (or
- * timer ticks), runs the check and sets CONFIG_CHECKS_DONE to the request it answered.
+ * adding one to CONFIG_CHECK_REQUESTS; the guest notices between two writes (or timer
+ * ticks), sets CONFIG_CHECKS_DONE to the request it answers, and runs the check.
  * Guest pages are numbered over the flat RAM, low region then high: index i is at
  * guest-physical address i * 4096, plus CONFIG_HOLE_PAGES pages once i reaches
  * CONFIG_LOW_PAGES (the hole below 4 GiB).
@@ -260,6 +260,10 @@ poll_check:
         pushq   %r8
         pushq   %r9
         pushq   %r10
+        /* Answered from here on: a request that arrives during the check gets a check
+         * of its own (copying the count at the end would swallow it). */
+        movq    CONFIG_CHECK_REQUESTS(%r15), %rax
+        movq    %rax, CONFIG_CHECKS_DONE(%r15)
         movq    CONFIG_KIND(%r15), %rax
         cmpq    $1, %rax
         je      check_sweep
@@ -288,8 +292,6 @@ check_failed_sum:
 check_done:
         movb    $'\n', %al
         call    print_char
-        movq    CONFIG_CHECK_REQUESTS(%r15), %rax
-        movq    %rax, CONFIG_CHECKS_DONE(%r15)
         popq    %r10
         popq    %r9
         popq    %r8

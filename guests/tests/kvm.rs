@@ -81,3 +81,53 @@ fn probe_rates() {
         }
     }
 }
+
+/// Overwrites page `page` of the area (flat page 1024 + page) with `edit` applied.
+fn edit_area_page(guest: &KvmGuest, page: u64, edit: impl FnOnce(&mut [u8])) {
+    let mut bytes = vec![0u8; 4096];
+    guest.memory().read_page(0, 1024 + page, &mut bytes);
+    edit(&mut bytes);
+    guest.memory().write_page(0, 1024 + page, &bytes);
+}
+
+#[test]
+fn the_guests_own_checks_catch_torn_and_stale_pages() {
+    if !kvm_or_skip("the_guests_own_checks_catch_torn_and_stale_pages") {
+        return;
+    }
+    let sweep = KvmGuest::boot(16 << 20, WorkloadSpec::Seq { pages_per_s: 0 }, 1).unwrap();
+    wait_for_writes(&sweep, 20_000);
+    sweep.pause();
+    edit_area_page(&sweep, 7, |bytes| bytes[0] = bytes[0].wrapping_add(5));
+    sweep.resume();
+    let verdict = sweep.check().unwrap_err();
+    assert!(verdict.contains("check BAD page 7"), "{verdict}");
+
+    let dirty =
+        KvmGuest::boot(16 << 20, WorkloadSpec::Dirty { area_bytes: 1 << 20, pages_per_s: 0, bits: 16 }, 2).unwrap();
+    // A torn page: one word changed without its page's sum.
+    dirty.pause();
+    edit_area_page(&dirty, 3, |bytes| bytes[100] ^= 1);
+    dirty.resume();
+    let verdict = dirty.check().unwrap_err();
+    assert!(verdict.contains("check BAD page 3"), "{verdict}");
+    dirty.pause();
+    edit_area_page(&dirty, 3, |bytes| bytes[100] ^= 1);
+    dirty.resume();
+    // At once: a request right after an answer is answered too.
+    assert_eq!(dirty.check().unwrap(), 256, "whole again");
+
+    // A stale page: a whole older version of itself, as a lost dirty bit would leave it.
+    let mut old = vec![0u8; 4096];
+    dirty.memory().read_page(0, 1024 + 5, &mut old);
+    let mut now = old.clone();
+    while now == old {
+        wait_for_writes(&dirty, 1000);
+        dirty.memory().read_page(0, 1024 + 5, &mut now);
+    }
+    dirty.pause();
+    edit_area_page(&dirty, 5, |bytes| bytes.copy_from_slice(&old));
+    dirty.resume();
+    let verdict = dirty.check().unwrap_err();
+    assert!(verdict.contains("check BAD sum"), "{verdict}");
+}

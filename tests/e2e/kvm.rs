@@ -79,11 +79,13 @@ fn an_idle_guest_migrates_with_its_timer_running() {
     if !kvm_or_skip("an_idle_guest_migrates_with_its_timer_running") {
         return;
     }
-    let outcome =
-        migrate_guest_on(GuestKind::Kvm, Link::Kernel, 64 << 20, WorkloadSpec::Idle, &SourceConfig {
-            verify: true,
-            ..SourceConfig::default()
-        });
+    let outcome = migrate_guest_on(
+        GuestKind::Kvm,
+        Link::Kernel,
+        64 << 20,
+        WorkloadSpec::Idle,
+        &SourceConfig { verify: true, ..SourceConfig::default() },
+    );
     let stats = outcome.source.expect("migration");
     assert_eq!(stats.verified, Some(true));
     outcome.destination_check.expect("the idle guest answers its check");
