@@ -1,8 +1,9 @@
 use super::args::{
-    Cli, Command, CommonOptions, DemoArgs, DemoStack, DestinationOptions, GuestArgs, NetStack, OnLimit, RecvArgs,
-    SendArgs, SourceOptions, StackOptions,
+    Cli, Command, CommonOptions, DemoArgs, DemoStack, DestinationOptions, NetStack, OnLimit, RecvArgs, SendArgs,
+    SourceOptions, StackOptions,
 };
 use super::dpdk::PortRequest;
+use super::guest::{DestinationGuest, SourceGuest};
 use super::report;
 use super::stacks::{acceptor_for, connector_for, core_config, device_wrappers, io_timeouts, loopback_options};
 use anyhow::{bail, Context, Result};
@@ -11,12 +12,9 @@ use engine::cancel::Cancel;
 use engine::config::{DestinationConfig, SourceConfig};
 use engine::destination::{receive, DestinationReport};
 use engine::source::migrate;
-use guests::guest::{parse_huge_policy, GuestRam};
-use guests::synthetic::{SyntheticDestination, SyntheticGuest};
 use migration::precopy::{LimitAction, PrecopyConfig};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 use transport::pipe::{Acceptor, Connector, TcpAcceptor, TcpConnector, Timeouts};
 
@@ -118,48 +116,6 @@ fn destination_config(
     }
 }
 
-fn boot_guest(guest: &GuestArgs, common: &CommonOptions) -> Result<SyntheticGuest> {
-    let policy = parse_huge_policy(&common.hugepages).map_err(anyhow::Error::msg)?;
-    let layout = GuestRam::pc_layout(guest.mem);
-    let ram = Arc::new(GuestRam::allocate(&layout, policy).context("allocating guest memory")?);
-    let booted = match &guest.image {
-        Some(path) => {
-            if guest.workload != guests::synthetic::WorkloadSpec::Idle {
-                bail!("--image runs the idle workload: --workload {} cannot run on it", guest.workload);
-            }
-            let mut image = std::io::BufReader::with_capacity(
-                1 << 20,
-                std::fs::File::open(path).with_context(|| format!("opening the memory image {}", path.display()))?,
-            );
-            SyntheticGuest::boot_image(ram, &mut image, guest.seed).map_err(anyhow::Error::msg)?
-        }
-        None => SyntheticGuest::boot(ram, guest.workload, guest.seed).map_err(anyhow::Error::msg)?,
-    };
-    std::thread::sleep(Duration::from_secs_f64(guest.warmup));
-    Ok(booted)
-}
-
-/// Lets the resumed guest run, then pauses it and checks its memory. Returns the stores it
-/// made after resuming (proof that it runs) and the check's verdict.
-fn run_destination_guest(destination: &mut SyntheticDestination, seconds: f64) -> Result<serde_json::Value> {
-    let guest = destination.guest().context("no guest was resumed")?;
-    let before = guest.writes();
-    std::thread::sleep(Duration::from_secs_f64(seconds));
-    use engine::vm::SourceVm;
-    guest.pause();
-    let writes_after_resume = guest.writes() - before;
-    let check = guest.check();
-    let value = serde_json::json!({
-        "workload": guest.spec().to_string(),
-        "ran-seconds": seconds,
-        "writes-after-resume": writes_after_resume,
-        "check": match &check { Ok(()) => "ok".to_string(), Err(e) => e.clone() },
-    });
-    guest.shutdown();
-    check.map_err(anyhow::Error::msg)?;
-    Ok(value)
-}
-
 /// The two ends of the demo's link: a connector for the source, an acceptor for the
 /// destination, and whatever must outlive the migration (the userspace stack's cores).
 type DemoLink = (Box<dyn Connector>, Box<dyn Acceptor + Send>, DemoCores);
@@ -215,11 +171,11 @@ fn demo_link(args: &DemoArgs) -> Result<DemoLink> {
 }
 
 fn demo(args: DemoArgs) -> Result<ExitCode> {
-    let source_guest = boot_guest(&args.guest, &args.common)?;
-    let backing = source_guest.ram().backing();
+    let source_guest = SourceGuest::boot(&args.guest, &args.common)?;
+    let backing = source_guest.backing();
     let (connector, acceptor, _stack) = demo_link(&args)?;
     let (connector, mut acceptor) = super::tls::secure_demo_link(&args.tls, connector, acceptor)?;
-    let policy = parse_huge_policy(&args.common.hugepages).map_err(anyhow::Error::msg)?;
+    let mut vm = DestinationGuest::new(args.guest.guest, args.guest.mem, &args.common)?;
     // Both ends run here: each side's polling cores, and the rest shared by two pools.
     let sides_cores = match args.stack {
         DemoStack::Kernel => 0,
@@ -234,13 +190,12 @@ fn demo(args: DemoArgs) -> Result<ExitCode> {
     };
     let run_after = args.run_after;
     let destination = std::thread::Builder::new().name("destination".into()).spawn(move || {
-        let mut vm = SyntheticDestination::new(dest_config.max_memory_bytes, policy);
-        let report = receive(&mut *acceptor, &mut vm, &dest_config)?;
-        let guest = run_destination_guest(&mut vm, run_after)?;
+        let report = receive(&mut *acceptor, vm.vm(), &dest_config)?;
+        let guest = vm.run_and_check(run_after)?;
         anyhow::Ok((report, guest))
     })?;
     let mut progress = report::ProgressView::new(args.common.json);
-    let result = migrate(&source_guest, &*connector, &config, &mut |p| progress.update(p));
+    let result = migrate(source_guest.vm(), &*connector, &config, &mut |p| progress.update(p));
     progress.finish();
     let destination = destination.join().map_err(|_| anyhow::anyhow!("destination thread panicked"))?;
     let mut stats = match result {
@@ -251,7 +206,7 @@ fn demo(args: DemoArgs) -> Result<ExitCode> {
         }
     };
     let (dest_report, dest_guest) = destination.context("destination failed")?;
-    stats.guest_backing = backing.to_string();
+    stats.guest_backing = backing;
     print_outcome(&stats, Some(&dest_report), Some(&dest_guest), args.common.json)
 }
 
@@ -281,7 +236,7 @@ fn print_outcome(
 }
 
 fn send(args: SendArgs) -> Result<ExitCode> {
-    let guest = boot_guest(&args.guest, &args.common)?;
+    let guest = SourceGuest::boot(&args.guest, &args.common)?;
     let (connector, _stack) = connector_for(&args.stack, !args.common.no_pin, &args.to, timeouts(&args.common)?)?;
     let cancel = Cancel::new();
     super::control::cancel_on_signals(&cancel)?;
@@ -294,7 +249,7 @@ fn send(args: SendArgs) -> Result<ExitCode> {
     let config = SourceConfig { cancel: Some(cancel), ..source_config(&args.source, &args.common, cores) };
     let mut progress = report::ProgressView::new(args.common.json);
     let cpu = super::cpu::CpuWindow::start();
-    let result = migrate(&guest, &*connector, &config, &mut |p| {
+    let result = migrate(guest.vm(), &*connector, &config, &mut |p| {
         status.update(p);
         progress.update(p)
     });
@@ -302,19 +257,19 @@ fn send(args: SendArgs) -> Result<ExitCode> {
     match result {
         Ok(mut stats) => {
             stats.cpu_seconds = Some(cpu.seconds());
-            stats.guest_backing = guest.ram().backing().to_string();
+            stats.guest_backing = guest.backing();
             print_outcome(&stats, None, None, args.common.json)
         }
         Err(err) => {
             // The engine resumed the guest; show that it really runs on.
-            let before = guest.writes();
+            let before = guest.progress();
             std::thread::sleep(Duration::from_millis(200));
-            let running = guest.writes() > before || matches!(guest.spec(), guests::synthetic::WorkloadSpec::Idle);
-            let stores = guest.writes() - before;
+            let running = guest.progress() > before || guest.silent();
+            let steps = guest.progress() - before;
             if running {
-                log::info!("source guest keeps running ({stores} stores in the 200 ms after the failure)");
+                log::info!("source guest keeps running ({steps} stores or ticks in the 200 ms after the failure)");
             } else {
-                log::error!("source guest is NOT running ({stores} stores in the 200 ms after the failure)");
+                log::error!("source guest is NOT running ({steps} stores or ticks in the 200 ms after the failure)");
             }
             match err {
                 engine::MigrationError::Cancelled(_) => bail!("{err}"),
@@ -325,7 +280,6 @@ fn send(args: SendArgs) -> Result<ExitCode> {
 }
 
 fn recv(args: RecvArgs) -> Result<ExitCode> {
-    let policy = parse_huge_policy(&args.common.hugepages).map_err(anyhow::Error::msg)?;
     let cores = CoreShare::one_end(&args.stack);
     let config = destination_config(
         &args.destination,
@@ -334,15 +288,17 @@ fn recv(args: RecvArgs) -> Result<ExitCode> {
         args.max_mem,
         Duration::from_secs_f64(args.accept_timeout),
     );
+    // Before listening: a destination that cannot host the guest refuses before any source
+    // pauses for it.
+    let mut vm = DestinationGuest::new(args.guest, config.max_memory_bytes, &args.common)?;
     let (mut acceptor, _stack) = acceptor_for(&args.stack, !args.common.no_pin, args.listen, timeouts(&args.common)?)?;
     // Always on stderr, whatever the verbosity (JSON goes to stdout): with --listen ADDR:0
     // this is how a caller learns the port.
     eprintln!("vmigrate: waiting for a migration on {}", acceptor.local_addr());
-    let mut vm = SyntheticDestination::new(config.max_memory_bytes, policy);
     let cpu = super::cpu::CpuWindow::start();
-    let mut report = receive(&mut *acceptor, &mut vm, &config).context("receiving the migration")?;
+    let mut report = receive(&mut *acceptor, vm.vm(), &config).context("receiving the migration")?;
     report.cpu_seconds = Some(cpu.seconds());
-    let guest = run_destination_guest(&mut vm, args.run_after)?;
+    let guest = vm.run_and_check(args.run_after)?;
     if args.common.json {
         let mut value = serde_json::to_value(&report)?;
         value["destination-guest"] = guest;

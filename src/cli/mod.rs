@@ -7,6 +7,7 @@ mod commands;
 mod control;
 mod cpu;
 mod dpdk;
+mod guest;
 mod logging;
 mod qemu_migrate;
 mod relay;

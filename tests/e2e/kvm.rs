@@ -115,3 +115,65 @@ fn a_cancel_in_any_phase_keeps_the_source_vcpu_running() {
         assert_eq!(outcome.writes_after_resume, 0, "{at:?}: a destination guest ran");
     }
 }
+
+const BIN: &str = env!("CARGO_BIN_EXE_vmigrate");
+const DEADLINE: Duration = Duration::from_secs(120);
+
+/// `vmigrate send --guest kvm` to `vmigrate recv --guest kvm`: two processes, each with its
+/// own VM, the vCPU state in the stream.
+#[test]
+fn send_and_recv_a_kvm_guest_in_two_processes() {
+    use std::process::Command;
+    use vmigrate_tests::process::{assert_migrated, run, Receiver};
+    if !kvm_or_skip("send_and_recv_a_kvm_guest_in_two_processes") {
+        return;
+    }
+    let receiver = Receiver::start(BIN, &["--guest", "kvm", "--json", "--run-after", "0.3"]);
+    let sender = run(
+        Command::new(BIN).args([
+            "send",
+            "--guest",
+            "kvm",
+            "--to",
+            receiver.address.as_str(),
+            "--mem",
+            "64MiB",
+            "--workload",
+            "dirty:16MiB:5000:16",
+            "--connections",
+            "4",
+            "--codec",
+            "zstd",
+            "--xbzrle-cache",
+            "16MiB",
+            "--downtime-limit",
+            "1",
+            "--max-rounds",
+            "3",
+            "--verify",
+            "--json",
+        ]),
+        DEADLINE,
+    );
+    let received = receiver.wait(DEADLINE);
+    let (sent, received) = assert_migrated(&sender, &received);
+    assert_eq!(received["destination-guest"]["check"], "ok 4096", "the guest checked its whole area");
+    assert!(sent["xbzrle-cache"]["pages"].as_u64().unwrap_or(0) > 0, "XBZRLE used: {sent}");
+}
+
+/// A `recv --guest kvm` on a machine without KVM says so before it listens.
+#[test]
+fn a_kvm_destination_needs_kvm_before_it_listens() {
+    use std::process::Command;
+    use vmigrate_tests::process::run;
+    let finished = run(
+        Command::new(BIN)
+            .args(["recv", "--guest", "kvm", "--listen", "127.0.0.1:0", "--accept-timeout", "0.2"])
+            // A KVM that cannot be opened: the device node is read through this path.
+            .env("VMIGRATE_KVM_DEVICE", "/nonexistent/kvm"),
+        DEADLINE,
+    );
+    assert!(!finished.status.success());
+    assert!(finished.stderr.contains("/nonexistent/kvm"), "{}", finished.stderr);
+    assert!(!finished.stderr.contains("waiting for a migration"), "it listened:\n{}", finished.stderr);
+}

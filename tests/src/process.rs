@@ -156,7 +156,9 @@ pub fn assert_migrated(sent: &Finished, received: &Finished) -> (serde_json::Val
     let received = json(&received.stdout);
     assert_eq!(sent["verified"], true);
     assert_eq!(received["verified"], true);
-    assert_eq!(received["destination-guest"]["check"], "ok");
+    // "ok", or the KVM guest's own "ok N" (pages it checked).
+    let check = received["destination-guest"]["check"].as_str().unwrap_or_default();
+    assert!(check == "ok" || check.starts_with("ok "), "the destination guest's check: {check}");
     assert!(
         received["destination-guest"]["writes-after-resume"].as_u64().unwrap_or(0) > 0,
         "destination guest did not run"

@@ -25,9 +25,17 @@ const REQUIRED_CAPS: [(Cap, &str); 7] = [
     (Cap::Xcrs, "KVM_CAP_XCRS"),
 ];
 
-/// Opens /dev/kvm and checks the capabilities this VMM uses.
+/// The KVM device: /dev/kvm, or the path in `VMIGRATE_KVM_DEVICE` (a container's own
+/// node, or a path that does not exist to see the refusal).
+fn kvm_device() -> std::ffi::CString {
+    let path = std::env::var_os("VMIGRATE_KVM_DEVICE").unwrap_or_else(|| "/dev/kvm".into());
+    std::ffi::CString::new(std::os::unix::ffi::OsStringExt::into_vec(path)).unwrap_or_else(|_| c"/dev/kvm".into())
+}
+
+/// Opens the KVM device and checks the capabilities this VMM uses.
 pub fn open_kvm() -> Result<Kvm, String> {
-    let kvm = Kvm::new().map_err(|e| format!("opening /dev/kvm: {e}"))?;
+    let device = kvm_device();
+    let kvm = Kvm::new_with_path(&device).map_err(|e| format!("opening {}: {e}", device.to_string_lossy()))?;
     let missing: Vec<&str> =
         REQUIRED_CAPS.iter().filter(|(cap, _)| !kvm.check_extension(*cap)).map(|&(_, name)| name).collect();
     if !missing.is_empty() {
@@ -133,7 +141,7 @@ impl Machine {
     /// Starts the vCPU on its thread; what stays is what the running guest needs.
     pub fn run(self) -> Result<Running, String> {
         let vcpu = Vcpu::start(self.vcpu)?;
-        Ok(Running { vcpu, vm: self.vm, _kvm: self.kvm, memory: self.memory, msrs: self.msrs })
+        Ok(Running { vcpu, _vm: self.vm, _kvm: self.kvm, memory: self.memory, msrs: self.msrs })
     }
 }
 
@@ -141,7 +149,8 @@ impl Machine {
 /// memory.
 pub struct Running {
     pub vcpu: Vcpu,
-    pub vm: Arc<VmFd>,
+    /// Held so that the VM outlives its vCPU (the dirty log holds it too).
+    _vm: Arc<VmFd>,
     _kvm: Kvm,
     pub memory: Arc<KvmMemory>,
     pub msrs: Vec<u32>,

@@ -94,9 +94,4 @@ impl VcpuState {
         vcpu.set_vcpu_events(&self.events).map_err(context("KVM_SET_VCPU_EVENTS"))?;
         Ok(())
     }
-
-    /// The instruction pointer (for reports and tests).
-    pub fn rip(&self) -> u64 {
-        self.regs.rip
-    }
 }

@@ -175,8 +175,9 @@ pub struct StreamLoopbackArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct GuestArgs {
-    /// Guest kind: only the synthetic guest today.
-    #[arg(long, default_value = "synthetic")]
+    /// Guest kind: the synthetic guest (a thread writing memory), or a KVM micro-VM (one
+    /// vCPU in /dev/kvm running the workload in long mode, checking its own memory).
+    #[arg(long, value_enum, default_value = "synthetic")]
     pub guest: GuestKind,
     /// Guest RAM size (e.g. 256MiB, 4GiB).
     #[arg(long, default_value = "256MiB", value_parser = parse_size)]
@@ -199,6 +200,7 @@ pub struct GuestArgs {
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GuestKind {
     Synthetic,
+    Kvm,
 }
 
 /// How our userspace stack runs (not the kernel's).
@@ -527,6 +529,9 @@ pub struct RecvArgs {
     /// Address to listen on.
     #[arg(long)]
     pub listen: SocketAddr,
+    /// The guest to build: as the source's `--guest`.
+    #[arg(long, value_enum, default_value = "synthetic")]
+    pub guest: GuestKind,
     /// Seconds the resumed guest runs before recv exits.
     #[arg(long, default_value_t = 1.0)]
     pub run_after: f64,
