@@ -25,7 +25,7 @@ impl SourceGuest {
                 if guest.image.is_some() {
                     bail!("--image loads a memory image into the synthetic guest; the KVM guest runs its own program");
                 }
-                let booted = KvmGuest::boot(guest.mem, guest.workload, guest.seed)
+                let booted = KvmGuest::boot_with(guest.mem, guest.workload, guest.seed, guest.kvm_dirty)
                     .map_err(anyhow::Error::msg)
                     .context("booting the KVM guest")?;
                 SourceGuest::Kvm(booted)
@@ -67,7 +67,7 @@ impl SourceGuest {
     pub fn backing(&self) -> String {
         match self {
             SourceGuest::Synthetic(guest) => guest.ram().backing().to_string(),
-            SourceGuest::Kvm(_) => "KVM memory slots (anonymous mmap)".to_string(),
+            SourceGuest::Kvm(guest) => format!("KVM memory slots (anonymous mmap), {}", guest.dirty_tracking()),
         }
     }
 }

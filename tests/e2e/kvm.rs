@@ -30,7 +30,11 @@ fn config(codec: Codec, connections: u16, xbzrle: bool) -> SourceConfig {
 }
 
 fn migrate_and_check(label: &str, link: Link, workload: WorkloadSpec, config: &SourceConfig) {
-    let outcome = migrate_guest_on(GuestKind::Kvm, link, MEM, workload, config);
+    migrate_kind_and_check(GuestKind::Kvm, label, link, workload, config);
+}
+
+fn migrate_kind_and_check(kind: GuestKind, label: &str, link: Link, workload: WorkloadSpec, config: &SourceConfig) {
+    let outcome = migrate_guest_on(kind, link, MEM, workload, config);
     let stats = outcome.source.unwrap_or_else(|e| panic!("{label}: source failed: {e}"));
     let report = outcome.destination.unwrap_or_else(|e| panic!("{label}: destination failed: {e}"));
     assert_eq!(stats.verified, Some(true), "{label}: memory differs");
@@ -70,6 +74,20 @@ fn sweeper_and_dirtier_migrate_over_the_in_process_wire() {
             let label = format!("kvm {workload} wire x{connections}");
             let link = Link::Loopback { mtu: 1500, cores: 1 };
             migrate_and_check(&label, link, workload, &config(Codec::Lz4, connections, connections == 4));
+        }
+    }
+}
+
+#[test]
+fn the_dirty_ring_drives_the_rounds_as_the_log_does() {
+    if !kvm_or_skip("the_dirty_ring_drives_the_rounds_as_the_log_does") {
+        return;
+    }
+    for workload in [SWEEP, DIRTY] {
+        for connections in [1, 4] {
+            let label = format!("kvm dirty ring {workload} x{connections}");
+            let config = config(Codec::Lz4, connections, connections == 4);
+            migrate_kind_and_check(GuestKind::KvmDirtyRing, &label, Link::Kernel, workload, &config);
         }
     }
 }

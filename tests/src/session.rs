@@ -10,7 +10,7 @@ use engine::destination::{receive, DestinationReport};
 use engine::source::{migrate, Progress};
 use engine::vm::SourceVm;
 use guests::guest::GuestRam;
-use guests::kvm::{KvmDestination, KvmGuest};
+use guests::kvm::{DirtyTracking, KvmDestination, KvmGuest};
 use guests::synthetic::{SyntheticDestination, SyntheticGuest, WorkloadSpec};
 use hugepages::HugePolicy;
 use migration::stats::MigrationStats;
@@ -48,6 +48,8 @@ pub enum GuestKind {
     Synthetic,
     /// The KVM micro-VM (`guests::kvm`): a vCPU under KVM, its dirty log and vCPU state.
     Kvm,
+    /// The same, its writes recorded by KVM's dirty ring.
+    KvmDirtyRing,
 }
 
 /// Boots a synthetic guest of `mem_bytes` running `workload`, migrates it with `config`
@@ -135,8 +137,9 @@ fn boot(kind: GuestKind, mem_bytes: u64, workload: WorkloadSpec) -> Box<dyn Coun
             let ram = Arc::new(GuestRam::allocate(&layout, HugePolicy::Never).expect("guest memory"));
             Box::new(SyntheticGuest::boot(ram, workload, 7).expect("boot guest"))
         }
-        GuestKind::Kvm => {
-            let guest = KvmGuest::boot(mem_bytes, workload, 7).expect("boot the KVM guest");
+        GuestKind::Kvm | GuestKind::KvmDirtyRing => {
+            let tracking = if kind == GuestKind::Kvm { DirtyTracking::Log } else { DirtyTracking::Ring };
+            let guest = KvmGuest::boot_with(mem_bytes, workload, 7, tracking).expect("boot the KVM guest");
             if let WorkloadSpec::Seq { .. } = workload {
                 // Pages the guest never touched are skipped (KVM's log runs since boot):
                 // let the sweeper cover its area once, as the synthetic seq guest's boot does.
@@ -176,7 +179,7 @@ fn receive_and_check(
             };
             (report, writes, check)
         }
-        GuestKind::Kvm => {
+        GuestKind::Kvm | GuestKind::KvmDirtyRing => {
             let mut vm = KvmDestination::new(config.max_memory_bytes).expect("KVM on the destination");
             let report = receive(acceptor, &mut vm, config).map_err(|e| e.to_string());
             let (writes, check) = match vm.guest() {

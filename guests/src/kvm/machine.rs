@@ -2,12 +2,14 @@
 //! per RAM region, and one vCPU, either booted into the guest program or restored from a
 //! migrated vCPU state.
 
+use super::dirty::{self, DirtyRing, DirtyTracking, KvmDirtyLog, Mode};
 use super::layout::{self, CODE_SELECTOR, DATA_SELECTOR, PML4, PROGRAM, STACK_TOP};
 use super::memory::KvmMemory;
 use super::state::VcpuState;
 use super::vcpu::Vcpu;
 use kvm_bindings::{kvm_cpuid_entry2, kvm_segment, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use migration::memory::GuestMemory;
 use std::sync::Arc;
 
 /// KVM's TSS for real-mode emulation: three pages in the hole below 4 GiB, where no RAM is.
@@ -57,17 +59,31 @@ pub struct Machine {
     pub kvm: Kvm,
     pub memory: Arc<KvmMemory>,
     pub msrs: Vec<u32>,
+    dirty_mode: Mode,
+    ring: Option<Arc<DirtyRing>>,
 }
 
 impl Machine {
     /// Creates the VM over `memory` with one vCPU that sees `cpuid` (the host's supported
-    /// set on the source; the source's on the destination).
-    pub fn create(kvm: Kvm, memory: Arc<KvmMemory>, cpuid: Option<&[kvm_cpuid_entry2]>) -> Result<Self, String> {
+    /// set on the source; the source's on the destination), its writes recorded by
+    /// `tracking`.
+    pub fn create(
+        kvm: Kvm,
+        memory: Arc<KvmMemory>,
+        cpuid: Option<&[kvm_cpuid_entry2]>,
+        tracking: DirtyTracking,
+    ) -> Result<Self, String> {
         let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
         vm.set_tss_address(TSS_ADDRESS).map_err(|e| format!("KVM_SET_TSS_ADDR: {e}"))?;
         vm.create_irq_chip().map_err(|e| format!("KVM_CREATE_IRQCHIP: {e}"))?;
+        let dirty_mode = dirty::enable(&kvm, &vm, tracking)?;
         memory.register_slots(&vm)?;
         let vcpu = vm.create_vcpu(0).map_err(|e| format!("KVM_CREATE_VCPU: {e}"))?;
+        let vm = Arc::new(vm);
+        let ring = match dirty_mode {
+            Mode::Ring { bytes } => Some(Arc::new(DirtyRing::map(&vcpu, bytes, vm.clone(), &memory.region_bytes())?)),
+            Mode::Log { .. } => None,
+        };
         let cpuid = match cpuid {
             Some(entries) => CpuId::from_entries(entries).map_err(|e| format!("the source's CPUID: {e:?}"))?,
             None => {
@@ -76,7 +92,19 @@ impl Machine {
         };
         vcpu.set_cpuid2(&cpuid).map_err(|e| format!("KVM_SET_CPUID2 (the guest's CPU model): {e}"))?;
         let msrs = super::state::carried_msrs(&kvm)?;
-        Ok(Machine { vcpu, vm: Arc::new(vm), kvm, memory, msrs })
+        Ok(Machine { vcpu, vm, kvm, memory, msrs, dirty_mode, ring })
+    }
+
+    /// The engine's view of the guest's writes; `written_by_vmm`: the flat pages the VMM
+    /// wrote itself before the first run.
+    pub fn dirty_log(&self, written_by_vmm: &[u64]) -> Result<KvmDirtyLog, String> {
+        KvmDirtyLog::new(
+            self.vm.clone(),
+            self.memory.region_bytes(),
+            self.dirty_mode,
+            self.ring.clone(),
+            written_by_vmm,
+        )
     }
 
     /// The vCPU's CPUID, to carry to the destination.
@@ -140,14 +168,19 @@ impl Machine {
 
     /// Starts the vCPU on its thread; what stays is what the running guest needs.
     pub fn run(self) -> Result<Running, String> {
-        let vcpu = Vcpu::start(self.vcpu)?;
-        Ok(Running { vcpu, _vm: self.vm, _kvm: self.kvm, memory: self.memory, msrs: self.msrs })
+        // A full ring stops the vCPU until it is harvested: the vCPU harvests it itself.
+        let on_ring_full = self.ring.clone().map(|ring| -> super::vcpu::RingFull { Box::new(move || ring.harvest()) });
+        let reaper = self.ring.clone().map(dirty::Reaper::start).transpose()?;
+        let vcpu = Vcpu::start(self.vcpu, on_ring_full)?;
+        Ok(Running { _reaper: reaper, vcpu, _vm: self.vm, _kvm: self.kvm, memory: self.memory, msrs: self.msrs })
     }
 }
 
-/// A VM whose vCPU runs. Fields drop in order: the vCPU (its thread joined), the VM, the
-/// memory.
+/// A VM whose vCPU runs. Fields drop in order: the ring's reaper, the vCPU (its thread
+/// joined), the VM, the memory.
 pub struct Running {
+    /// Harvests the dirty ring while the guest runs (ring mode only).
+    _reaper: Option<dirty::Reaper>,
     pub vcpu: Vcpu,
     /// Held so that the VM outlives its vCPU (the dirty log holds it too).
     _vm: Arc<VmFd>,

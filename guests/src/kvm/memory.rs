@@ -1,12 +1,10 @@
 //! The KVM guest's RAM: vm-memory's `GuestMemoryMmap`, one KVM memory slot per region with
-//! KVM's dirty logging on, seen by the engine through `GuestMemory` and `DirtyLog`.
+//! KVM's dirty logging on, seen by the engine through `GuestMemory`.
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
-use migration::dirty::{bitmap_words, DirtyLog};
 use migration::memory::{pages_of, GuestMemory};
 use migration::PAGE_SIZE_BYTES;
-use std::sync::Mutex;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 /// Guest RAM mapped in this process, regions at their guest-physical addresses.
@@ -104,59 +102,5 @@ impl GuestMemory for KvmMemory {
         let target = self.page_pointer(region, page);
         // SAFETY: as in read_page; on the destination no vCPU runs while pages arrive.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), target, PAGE_SIZE_BYTES) }
-    }
-}
-
-/// KVM's dirty log of every slot, plus the pages the VMM itself wrote before the guest
-/// ran (KVM logs only the guest's writes), handed out once with the first take.
-pub struct KvmDirtyLog {
-    vm: std::sync::Arc<VmFd>,
-    region_bytes: Vec<u64>,
-    written_by_vmm: Mutex<Vec<Vec<u64>>>,
-}
-
-impl KvmDirtyLog {
-    /// `written_by_vmm`: flat page numbers the VMM wrote (boot memory).
-    pub fn new(vm: std::sync::Arc<VmFd>, region_bytes: Vec<u64>, written_by_vmm: &[u64]) -> Self {
-        let mut bitmaps: Vec<Vec<u64>> = region_bytes.iter().map(|&b| vec![0; bitmap_words(pages_of(b))]).collect();
-        for &flat in written_by_vmm {
-            let mut page = flat;
-            for (region, &bytes) in region_bytes.iter().enumerate() {
-                if page < pages_of(bytes) {
-                    bitmaps[region][page as usize / 64] |= 1 << (page % 64);
-                    break;
-                }
-                page -= pages_of(bytes);
-            }
-        }
-        KvmDirtyLog { vm, region_bytes, written_by_vmm: Mutex::new(bitmaps) }
-    }
-}
-
-impl DirtyLog for KvmDirtyLog {
-    fn take_dirty(&self, region: usize, out: &mut [u64]) -> u64 {
-        let bytes = self.region_bytes[region] as usize;
-        let log = match self.vm.get_dirty_log(region as u32, bytes) {
-            Ok(log) => log,
-            Err(e) => {
-                // Without the log nothing can be skipped safely: report every page dirty.
-                log::error!("KVM_GET_DIRTY_LOG on slot {region}: {e}; sending every page of it again");
-                vec![!0u64; out.len()]
-            }
-        };
-        let mut vmm = self.written_by_vmm.lock().unwrap_or_else(|p| p.into_inner());
-        let extra = std::mem::take(&mut vmm[region]);
-        let pages = pages_of(self.region_bytes[region]);
-        let mut count = 0;
-        for (index, word) in out.iter_mut().enumerate() {
-            let mut bits = log.get(index).copied().unwrap_or(0) | extra.get(index).copied().unwrap_or(0);
-            let first_page = index as u64 * 64;
-            if first_page + 64 > pages {
-                bits &= (1u64 << (pages - first_page)) - 1;
-            }
-            *word = bits;
-            count += u64::from(bits.count_ones());
-        }
-        count
     }
 }

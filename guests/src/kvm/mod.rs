@@ -7,6 +7,7 @@
 //! It implements the engine's `SourceVm` and `DestinationVm` through their public API
 //! only, as a VMM that embeds the engine would.
 
+mod dirty;
 mod layout;
 mod machine;
 mod memory;
@@ -14,12 +15,13 @@ mod state;
 mod vcpu;
 
 use crate::synthetic::WorkloadSpec;
+use dirty::KvmDirtyLog;
 use engine::vm::{DestinationVm, SourceVm};
 use engine::VmError;
 use kvm_bindings::kvm_cpuid_entry2;
 use layout::{config, config_field, ProgramConfig};
 use machine::{Machine, Running};
-use memory::{KvmDirtyLog, KvmMemory};
+use memory::KvmMemory;
 use migration::dirty::DirtyLog;
 use migration::memory::GuestMemory;
 use serde::{Deserialize, Serialize};
@@ -27,6 +29,7 @@ use state::VcpuState;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use dirty::DirtyTracking;
 pub use machine::available;
 
 /// The guest program, assembled by build.rs (empty where binutils were missing).
@@ -53,15 +56,26 @@ pub struct KvmGuest {
 }
 
 impl KvmGuest {
-    /// Boots a guest of `memory_bytes` running `spec`'s workload.
+    /// Boots a guest of `memory_bytes` running `spec`'s workload, its writes in KVM's
+    /// dirty log.
     pub fn boot(memory_bytes: u64, spec: WorkloadSpec, seed: u64) -> Result<Self, String> {
+        Self::boot_with(memory_bytes, spec, seed, DirtyTracking::Log)
+    }
+
+    /// As `boot`, its writes recorded by `tracking`.
+    pub fn boot_with(
+        memory_bytes: u64,
+        spec: WorkloadSpec,
+        seed: u64,
+        tracking: DirtyTracking,
+    ) -> Result<Self, String> {
         if PROGRAM_IMAGE.is_empty() {
             return Err("this build has no KVM guest program: install binutils (as, ld) and rebuild".into());
         }
         layout::check_size(memory_bytes)?;
         let kvm = machine::open_kvm()?;
         let memory = Arc::new(KvmMemory::map(&layout::regions(memory_bytes))?);
-        let machine = Machine::create(kvm, memory.clone(), None)?;
+        let machine = Machine::create(kvm, memory.clone(), None, tracking)?;
         let program = program_config(spec, memory_bytes, machine.tsc_hz()?, seed)?;
         let mut written = layout::write_boot_memory(memory.mmap(), memory_bytes, PROGRAM_IMAGE, program)?;
         if program.kind == layout::KIND_DIRTY {
@@ -71,7 +85,8 @@ impl KvmGuest {
         }
         machine.set_boot_state()?;
         let cpuid = machine.cpuid()?;
-        let dirty = KvmDirtyLog::new(machine.vm.clone(), memory.region_bytes(), &written);
+        let dirty = machine.dirty_log(&written)?;
+        log::debug!("KVM guest: {} MiB, {spec}, {}", memory_bytes >> 20, dirty.describe());
         Ok(KvmGuest { running: machine.run()?, dirty, cpuid, spec })
     }
 
@@ -110,6 +125,11 @@ impl KvmGuest {
     /// Why the guest stopped, if it did.
     pub fn failure(&self) -> Option<String> {
         self.running.vcpu.failure()
+    }
+
+    /// Which of KVM's mechanisms records the guest's writes.
+    pub fn dirty_tracking(&self) -> &'static str {
+        self.dirty.describe()
     }
 
     /// Everything the guest wrote on its serial port.
@@ -218,9 +238,11 @@ impl KvmDestination {
         if memory.read_u64(config_field(config::MAGIC)) != config::MAGIC_VALUE {
             return Err("the memory received holds no KVM guest program".into());
         }
-        let machine = Machine::create(machine::open_kvm()?, memory.clone(), Some(&state.cpuid))?;
+        let machine = Machine::create(machine::open_kvm()?, memory.clone(), Some(&state.cpuid), DirtyTracking::Log)?;
         machine.restore(&state.vcpu)?;
-        let dirty = KvmDirtyLog::new(machine.vm.clone(), memory.region_bytes(), &[]);
+        // Every page came from the source: all of them are the next migration's to send.
+        let all: Vec<u64> = (0..memory.total_bytes() / migration::PAGE_SIZE_BYTES as u64).collect();
+        let dirty = machine.dirty_log(&all)?;
         Ok(KvmGuest { running: machine.run()?, dirty, cpuid: state.cpuid, spec: state.workload })
     }
 }

@@ -2,6 +2,7 @@
 //! run control from other threads (pause, resume, throttle, stop) by kicking the vCPU out
 //! of KVM_RUN with `immediate_exit` and a signal, as QEMU and Cloud Hypervisor do.
 
+use kvm_bindings::KVM_EXIT_DIRTY_RING_FULL;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -95,8 +96,9 @@ pub struct Vcpu {
 }
 
 impl Vcpu {
-    /// Starts running `fd` (state already set) on a thread of its own.
-    pub fn start(mut fd: VcpuFd) -> Result<Self, String> {
+    /// Starts running `fd` (state already set) on a thread of its own. `on_ring_full`
+    /// harvests the dirty ring when KVM stops the vCPU because it is full.
+    pub fn start(mut fd: VcpuFd, on_ring_full: Option<RingFull>) -> Result<Self, String> {
         install_kick_handler()?;
         let immediate_exit = ImmediateExit(std::ptr::addr_of_mut!(fd.get_kvm_run().immediate_exit));
         let shared = Arc::new(Shared {
@@ -110,7 +112,7 @@ impl Vcpu {
             let (shared, fd) = (shared.clone(), fd.clone());
             std::thread::Builder::new()
                 .name("kvm-vcpu0".into())
-                .spawn(move || run_loop(&shared, &fd))
+                .spawn(move || run_loop(&shared, &fd, on_ring_full.as_deref()))
                 .map_err(|e| format!("starting the vCPU thread: {e}"))?
         };
         Ok(Vcpu { shared, fd, thread: Some(thread), throttler: Mutex::new(None) })
@@ -216,7 +218,11 @@ impl Drop for Vcpu {
     }
 }
 
-fn run_loop(shared: &Shared, vcpu_fd: &Mutex<VcpuFd>) {
+/// What the vCPU calls when its dirty ring is full: harvests it, and says how many
+/// entries it took.
+pub type RingFull = Box<dyn Fn() -> Result<u64, String> + Send>;
+
+fn run_loop(shared: &Shared, vcpu_fd: &Mutex<VcpuFd>, on_ring_full: Option<&(dyn Fn() -> Result<u64, String> + Send)>) {
     let lock_fd = || vcpu_fd.lock().unwrap_or_else(|p| p.into_inner());
     let mut fd = lock_fd();
     // Whether the last KVM_RUN ended with nothing left for KVM to complete (an I/O exit
@@ -254,7 +260,7 @@ fn run_loop(shared: &Shared, vcpu_fd: &Mutex<VcpuFd>) {
         match fd.run() {
             Ok(exit) => {
                 settled = false;
-                if let Err(why) = handle_exit(shared, exit) {
+                if let Err(why) = handle_exit(shared, exit, on_ring_full) {
                     let mut state = shared.lock();
                     log::error!("KVM guest stopped: {why}");
                     state.failed = Some(why);
@@ -276,7 +282,11 @@ fn run_loop(shared: &Shared, vcpu_fd: &Mutex<VcpuFd>) {
     }
 }
 
-fn handle_exit(shared: &Shared, exit: VcpuExit<'_>) -> Result<(), String> {
+fn handle_exit(
+    shared: &Shared,
+    exit: VcpuExit<'_>,
+    on_ring_full: Option<&(dyn Fn() -> Result<u64, String> + Send)>,
+) -> Result<(), String> {
     match exit {
         VcpuExit::IoOut(SERIAL_PORT, data) => {
             let mut state = shared.lock();
@@ -306,6 +316,12 @@ fn handle_exit(shared: &Shared, exit: VcpuExit<'_>) -> Result<(), String> {
             std::thread::sleep(Duration::from_millis(1));
             Ok(())
         }
+        VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL) => match on_ring_full.map(|harvest| harvest()) {
+            Some(Ok(0)) => Err("KVM says the dirty ring is full, but it holds no entry (KVM lost track of it)".into()),
+            Some(Ok(_)) => Ok(()),
+            Some(Err(e)) => Err(e),
+            None => Err("the dirty ring is full and nothing harvests it".into()),
+        },
         VcpuExit::Shutdown => Err("the vCPU shut down (a triple fault)".into()),
         VcpuExit::FailEntry(reason, cpu) => {
             Err(format!("KVM could not enter the vCPU (reason {reason:#x}, cpu {cpu})"))

@@ -179,6 +179,11 @@ pub struct GuestArgs {
     /// vCPU in /dev/kvm running the workload in long mode, checking its own memory).
     #[arg(long, value_enum, default_value = "synthetic")]
     pub guest: GuestKind,
+    /// The KVM guest's record of its writes: `log` (KVM_GET_DIRTY_LOG, cleared with
+    /// KVM_CLEAR_DIRTY_LOG where the kernel offers manual protection) or `ring` (the
+    /// per-vCPU dirty ring).
+    #[arg(long, default_value = "log")]
+    pub kvm_dirty: guests::kvm::DirtyTracking,
     /// Guest RAM size (e.g. 256MiB, 4GiB).
     #[arg(long, default_value = "256MiB", value_parser = parse_size)]
     pub mem: u64,
