@@ -195,3 +195,34 @@ fn a_kvm_destination_needs_kvm_before_it_listens() {
     assert!(finished.stderr.contains("/nonexistent/kvm"), "{}", finished.stderr);
     assert!(!finished.stderr.contains("waiting for a migration"), "it listened:\n{}", finished.stderr);
 }
+
+/// Auto-converge that converges: a guest dirtying twice what the link carries is
+/// throttled (kept out of KVM_RUN for a growing share of each 10 ms) until a round fits
+/// the downtime limit, and the switchover keeps under it.
+#[test]
+fn auto_converge_brings_a_guest_at_twice_the_link_under_the_downtime_limit() {
+    if !kvm_or_skip("auto_converge_brings_a_guest_at_twice_the_link_under_the_downtime_limit") {
+        return;
+    }
+    let limit = Duration::from_millis(50);
+    let config = SourceConfig {
+        verify: true,
+        // 40 MiB/s against the sweeper's 20 000 pages (78 MiB) a second.
+        max_bandwidth_bytes_per_s: Some(40 << 20),
+        precopy: PrecopyConfig { downtime_limit: limit, max_rounds: 60, auto_converge: true, ..Default::default() },
+        ..SourceConfig::default()
+    };
+    let outcome = migrate_guest_on(GuestKind::Kvm, Link::Kernel, MEM, SWEEP, &config);
+    let stats = outcome.source.expect("migration");
+    assert_eq!(stats.verified, Some(true));
+    outcome.destination_check.expect("the guest's own check");
+    let rounds: Vec<(u64, u8)> = stats.rounds.iter().map(|r| (r.dirty_pages_after, r.throttle_pct)).collect();
+    assert!(stats.throttle_pct >= 30, "throttled: {rounds:?}");
+    assert!(stats.rounds.len() <= 60, "converged before the round limit: {rounds:?}");
+    assert!(
+        Duration::from_millis(stats.downtime) <= limit,
+        "downtime {} ms over the {limit:?} limit; rounds {rounds:?}",
+        stats.downtime
+    );
+    eprintln!("converged in {} rounds, throttle {}%, downtime {} ms: {rounds:?}", stats.rounds.len(), stats.throttle_pct, stats.downtime);
+}
