@@ -6,11 +6,11 @@
 //! that stores a counter into random pages, and a device state that is that counter.
 
 use engine::config::{DestinationConfig, SourceConfig};
-use engine::vm::{DestinationVm, SourceVm};
+use engine::vm::{DestinationVm, GuestLayout, LogCoverage, SourceVm};
 use engine::VmError;
 use migration::codec::Codec;
 use migration::dirty::{AtomicBitmap, DirtyLog};
-use migration::memory::GuestMemory;
+use migration::memory::{GuestMemory, Region};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,6 +33,9 @@ impl ToyMemory {
 impl GuestMemory for ToyMemory {
     fn region_bytes(&self) -> Vec<u64> {
         vec![(self.words.len() * 8) as u64]
+    }
+    fn region_addresses(&self) -> Vec<u64> {
+        vec![0] // guest-physical address 0
     }
     fn read_page(&self, _region: usize, page: u64, dst: &mut [u8]) {
         let words = &self.words[page as usize * WORDS_PER_PAGE..][..WORDS_PER_PAGE];
@@ -87,6 +90,10 @@ impl SourceVm for ToyVm {
     fn dirty_log(&self) -> &dyn DirtyLog {
         self
     }
+    fn log_coverage(&self) -> LogCoverage {
+        // The bitmap exists before the vCPU's first store: untouched pages can be skipped.
+        LogCoverage::SinceBoot
+    }
     fn pause(&self) {
         self.paused.store(true, Ordering::SeqCst);
         while self.in_store.load(Ordering::SeqCst) {
@@ -109,9 +116,11 @@ struct ToyDestination {
 }
 
 impl DestinationVm for ToyDestination {
-    fn prepare(&mut self, region_bytes: &[u64]) -> Result<Arc<dyn GuestMemory>, VmError> {
-        let [bytes] = region_bytes else { return Err(VmError::Unfit("the toy VMM has one region".into())) };
-        let memory = Arc::new(ToyMemory::new(*bytes as usize));
+    fn prepare(&mut self, layout: &GuestLayout) -> Result<Arc<dyn GuestMemory>, VmError> {
+        let [Region { guest_address: 0, bytes }] = layout.regions[..] else {
+            return Err(VmError::Unfit("the toy VMM has one region, at address 0".into()));
+        };
+        let memory = Arc::new(ToyMemory::new(bytes as usize));
         self.memory = Some(memory.clone());
         Ok(memory)
     }

@@ -14,7 +14,8 @@ pub struct SourceConfig {
     pub connections: u16,
     pub precopy: PrecopyConfig,
     pub max_bandwidth_bytes_per_s: Option<u64>,
-    /// Bulk stage: visit only pages written since logging started.
+    /// Bulk stage: visit only pages written since boot, where the VM's dirty log covers
+    /// that (`SourceVm::log_coverage`); otherwise every page goes.
     pub skip_unused: bool,
     /// Send zero pages as runs without payload.
     pub zero_detect: bool,

@@ -86,6 +86,10 @@ pub enum VmError {
     /// It cannot hold a guest of this layout (too large, too many regions, ...).
     #[error("the destination VM cannot take this guest: {0}")]
     Unfit(String),
+    /// Its hypervisor cannot give the guest what the source's requirements ask (a CPU
+    /// feature, a capability, a vCPU state it cannot load).
+    #[error("the destination cannot host this guest: {0}")]
+    Incompatible(String),
     /// Its memory could not be provided.
     #[error("the destination VM's memory: {0}")]
     Memory(#[from] hugepages::Error),

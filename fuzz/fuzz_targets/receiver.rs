@@ -24,6 +24,9 @@ impl GuestMemory for Memory {
     fn region_bytes(&self) -> Vec<u64> {
         self.0.iter().map(|r| r.lock().unwrap().len() as u64).collect()
     }
+    fn region_addresses(&self) -> Vec<u64> {
+        migration::memory::contiguous_addresses(&self.region_bytes())
+    }
     fn read_page(&self, region: usize, page: u64, dst: &mut [u8]) {
         let start = page as usize * PAGE_SIZE_BYTES;
         dst.copy_from_slice(&self.0[region].lock().unwrap()[start..start + PAGE_SIZE_BYTES]);

@@ -3,16 +3,19 @@
 
 use hugepages::{Backing, HugePolicy, MappedRegion};
 use migration::dirty::{AtomicBitmap, DirtyLog};
-use migration::memory::{pages_of, GuestMemory};
+use migration::memory::{pages_of, GuestMemory, Region};
 use migration::PAGE_SIZE_BYTES;
 
 /// A PC guest's RAM is split around the PCI hole below 4 GiB; QEMU's q35 keeps at most
 /// 2 GiB below it by default and puts the rest above 4 GiB. We mirror that split so that
 /// multi-region migration is exercised by every guest over 2 GiB.
 pub const LOW_MEMORY_BYTES: u64 = 2 << 30;
+/// Where RAM above the hole starts.
+pub const HIGH_MEMORY_START: u64 = 4 << 30;
 
 pub struct GuestRam {
     regions: Vec<MappedRegion>,
+    addresses: Vec<u64>,
     dirty: Vec<AtomicBitmap>,
 }
 
@@ -26,14 +29,41 @@ impl GuestRam {
         }
     }
 
-    /// Allocates zeroed regions, dirty logging on from the start.
+    /// Where a PC puts regions of these sizes: the first at 0, the rest from 4 GiB up.
+    pub fn pc_addresses(region_bytes: &[u64]) -> Vec<u64> {
+        let mut next_high = HIGH_MEMORY_START;
+        region_bytes
+            .iter()
+            .enumerate()
+            .map(|(index, &bytes)| {
+                if index == 0 {
+                    return 0;
+                }
+                let address = next_high;
+                next_high += bytes;
+                address
+            })
+            .collect()
+    }
+
+    /// Allocates zeroed regions laid out as a PC's, dirty logging on from the start.
     pub fn allocate(region_bytes: &[u64], policy: HugePolicy) -> Result<Self, hugepages::Error> {
-        let mut regions = Vec::with_capacity(region_bytes.len());
-        for &bytes in region_bytes {
-            regions.push(MappedRegion::allocate(bytes as usize, policy)?);
+        let regions: Vec<Region> = Self::pc_addresses(region_bytes)
+            .into_iter()
+            .zip(region_bytes)
+            .map(|(guest_address, &bytes)| Region { guest_address, bytes })
+            .collect();
+        Self::allocate_at(&regions, policy)
+    }
+
+    /// Allocates zeroed regions at these guest-physical addresses (a source's layout).
+    pub fn allocate_at(layout: &[Region], policy: HugePolicy) -> Result<Self, hugepages::Error> {
+        let mut regions = Vec::with_capacity(layout.len());
+        for region in layout {
+            regions.push(MappedRegion::allocate(region.bytes as usize, policy)?);
         }
-        let dirty = region_bytes.iter().map(|&b| AtomicBitmap::new(pages_of(b))).collect();
-        Ok(GuestRam { regions, dirty })
+        let dirty = layout.iter().map(|r| AtomicBitmap::new(pages_of(r.bytes))).collect();
+        Ok(GuestRam { regions, addresses: layout.iter().map(|r| r.guest_address).collect(), dirty })
     }
 
     pub fn total_bytes(&self) -> u64 {
@@ -118,6 +148,10 @@ impl GuestRam {
 impl GuestMemory for GuestRam {
     fn region_bytes(&self) -> Vec<u64> {
         self.dirty.iter().map(|b| b.pages() * PAGE_SIZE_BYTES as u64).collect()
+    }
+
+    fn region_addresses(&self) -> Vec<u64> {
+        self.addresses.clone()
     }
 
     fn read_page(&self, region: usize, page: u64, dst: &mut [u8]) {

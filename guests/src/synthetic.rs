@@ -14,7 +14,7 @@
 
 use crate::guest::GuestRam;
 use crate::idle_image::write_idle_image;
-use engine::vm::{DestinationVm, SourceVm};
+use engine::vm::{DestinationVm, GuestLayout, LogCoverage, SourceVm};
 use engine::VmError;
 use migration::dirty::DirtyLog;
 use migration::memory::GuestMemory;
@@ -371,6 +371,10 @@ impl SourceVm for SyntheticGuest {
     fn dirty_log(&self) -> &dyn DirtyLog {
         &*self.ram
     }
+    fn log_coverage(&self) -> LogCoverage {
+        // Its bitmaps mark every store from allocation on, the boot image's included.
+        LogCoverage::SinceBoot
+    }
     fn pause(&self) {
         self.control.pause();
     }
@@ -421,15 +425,15 @@ impl SyntheticDestination {
 }
 
 impl DestinationVm for SyntheticDestination {
-    fn prepare(&mut self, region_bytes: &[u64]) -> Result<Arc<dyn GuestMemory>, VmError> {
-        let total: u64 = region_bytes.iter().sum();
+    fn prepare(&mut self, layout: &GuestLayout) -> Result<Arc<dyn GuestMemory>, VmError> {
+        let total = layout.total_bytes();
         if total > self.max_memory_bytes {
             return Err(VmError::Unfit(format!(
                 "guest of {total} bytes exceeds this destination's limit of {} bytes",
                 self.max_memory_bytes
             )));
         }
-        let ram = Arc::new(GuestRam::allocate(region_bytes, self.policy)?);
+        let ram = Arc::new(GuestRam::allocate_at(&layout.regions, self.policy)?);
         // Received pages arrive scattered over the guest (an idle guest's 200 MiB over
         // 4 GiB): on transparent huge pages each would fault in, and zero, a whole 2 MiB.
         // Base pages while receiving; huge pages again once the guest runs (resume).

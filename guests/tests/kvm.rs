@@ -2,7 +2,6 @@
 //! itself; pause and resume hold it still. Skipped (and says so) without /dev/kvm.
 
 use engine::vm::SourceVm;
-use migration::dirty::DirtyLog;
 use std::time::{Duration, Instant};
 use vmigrate_guests::kvm::{self, KvmGuest};
 use vmigrate_guests::synthetic::WorkloadSpec;

@@ -9,7 +9,8 @@
 //! preamble:  magic "VMIGRATE" (8) | version_min u16 | version_max u16 | reserved u32 (0)
 //! Hello:     session_id u64 | connection_index u16 | connection_count u16 | page_size u32
 //!            | codec u8 | zlib_level u8 | xbzrle u8 | reserved u8
-//!            | region_count u16 | region_count x region_bytes u64
+//!            | region_count u16 | region_count x (guest_address u64 | bytes u64)
+//!            | requirements_len u32 | requirements (the source VM's, opaque to the engine)
 //! HelloAck:  accepted u8 (1 yes, 2 no) | version u16 | reason_len u16 | reason (UTF-8)
 //! ```
 
@@ -23,9 +24,11 @@ pub const PREAMBLE_BYTES: usize = 16;
 
 /// Protocol versions this build speaks. A peer's window must overlap ours; the highest
 /// common version is used. Version 2 added the destination's `Heartbeat` on connection 0,
-/// which a version-1 source would take for a protocol violation.
-pub const VERSION_MIN: u16 = 2;
-pub const VERSION_MAX: u16 = 2;
+/// which a version-1 source would take for a protocol violation. Version 3 put each
+/// region's guest-physical address and the source VM's requirements in the Hello, so that
+/// a destination that cannot host the guest refuses before the source pauses it.
+pub const VERSION_MIN: u16 = 3;
+pub const VERSION_MAX: u16 = 3;
 
 /// More connections than this buy nothing on any link we target (8 saturate 100G) and
 /// each costs the receiver a thread and buffers.
@@ -34,6 +37,11 @@ pub const MAX_CONNECTIONS: u16 = 64;
 pub const MAX_REGIONS: u16 = 64;
 /// Rejection reasons are for humans; keep them short.
 pub const MAX_REASON_BYTES: usize = 512;
+/// A VM's requirements (a CPU model, capabilities): a few KiB for a KVM vCPU.
+pub const MAX_REQUIREMENTS_BYTES: usize = 64 << 10;
+/// The largest Hello frame a receiver reads: the fixed fields, the most regions, the
+/// largest requirements.
+pub const HELLO_FRAME_LIMIT_BYTES: u32 = (26 + 16 * MAX_REGIONS as usize + MAX_REQUIREMENTS_BYTES) as u32;
 
 /// A TLS record starts with its content type (22, a handshake) and major version 3: a
 /// source using TLS has met a destination that is not.
@@ -115,11 +123,16 @@ pub struct Hello {
     pub xbzrle: bool,
     /// Size of each guest memory region, in bytes (a multiple of the page size).
     pub region_bytes: Vec<u64>,
+    /// Where each region sits in the guest's physical address space (page aligned, no
+    /// two overlapping).
+    pub region_addresses: Vec<u64>,
+    /// What the source VM needs of the destination's (`SourceVm::requirements`).
+    pub vm_requirements: Vec<u8>,
 }
 
 impl Hello {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(24 + 8 * self.region_bytes.len());
+        let mut out = Vec::with_capacity(26 + 16 * self.region_bytes.len() + self.vm_requirements.len());
         out.extend_from_slice(&self.session_id.to_le_bytes());
         out.extend_from_slice(&self.connection_index.to_le_bytes());
         out.extend_from_slice(&self.connection_count.to_le_bytes());
@@ -127,9 +140,12 @@ impl Hello {
         let (codec, level) = self.codec.to_wire();
         out.extend_from_slice(&[codec, level, self.xbzrle as u8, 0]);
         out.extend_from_slice(&(self.region_bytes.len() as u16).to_le_bytes());
-        for bytes in &self.region_bytes {
+        for (address, bytes) in self.region_addresses.iter().zip(&self.region_bytes) {
+            out.extend_from_slice(&address.to_le_bytes());
             out.extend_from_slice(&bytes.to_le_bytes());
         }
+        out.extend_from_slice(&(self.vm_requirements.len() as u32).to_le_bytes());
+        out.extend_from_slice(&self.vm_requirements);
         out
     }
 
@@ -167,22 +183,43 @@ impl Hello {
         if region_count == 0 || region_count > MAX_REGIONS {
             return Err(malformed("hello", format!("{region_count} regions (limit {MAX_REGIONS})")));
         }
-        let expected = FIXED + 8 * region_count as usize;
-        if payload.len() != expected {
+        let regions_end = FIXED + 16 * region_count as usize;
+        if payload.len() < regions_end + 4 {
             return Err(malformed(
                 "hello",
-                format!("{} bytes for {region_count} regions, expected {expected}", payload.len()),
+                format!("{} bytes for {region_count} regions, expected at least {}", payload.len(), regions_end + 4),
             ));
         }
-        let region_bytes: Vec<u64> = payload[FIXED..].chunks_exact(8).map(le_u64).collect();
-        for (index, &bytes) in region_bytes.iter().enumerate() {
-            if bytes == 0 || bytes % PAGE_SIZE_BYTES as u64 != 0 {
+        let pairs: Vec<(u64, u64)> =
+            payload[FIXED..regions_end].chunks_exact(16).map(|pair| (le_u64(&pair[..8]), le_u64(&pair[8..]))).collect();
+        let requirements_len = le_u32(&payload[regions_end..regions_end + 4]) as usize;
+        if requirements_len > MAX_REQUIREMENTS_BYTES || payload.len() != regions_end + 4 + requirements_len {
+            return Err(malformed(
+                "hello",
+                format!(
+                    "requirements of {requirements_len} bytes in {} bytes (limit {MAX_REQUIREMENTS_BYTES})",
+                    payload.len()
+                ),
+            ));
+        }
+        let page = PAGE_SIZE_BYTES as u64;
+        for (index, &(address, bytes)) in pairs.iter().enumerate() {
+            if bytes == 0 || bytes % page != 0 {
                 return Err(malformed(
                     "hello",
                     format!("region {index} is {bytes} bytes, not a positive multiple of the page size"),
                 ));
             }
+            if address % page != 0 || address.checked_add(bytes).is_none() {
+                return Err(malformed("hello", format!("region {index} at {address:#x} is not a page-aligned range")));
+            }
         }
+        for (index, &(address, bytes)) in pairs.iter().enumerate() {
+            if let Some(other) = pairs[..index].iter().position(|&(a, b)| address < a + b && a < address + bytes) {
+                return Err(malformed("hello", format!("regions {other} and {index} overlap")));
+            }
+        }
+        let region_bytes: Vec<u64> = pairs.iter().map(|&(_, bytes)| bytes).collect();
         // A total that wraps would pass the receiver's memory limit as a small number
         // (found by the `handshake` fuzz target).
         if region_bytes.iter().try_fold(0u64, |total, &bytes| total.checked_add(bytes)).is_none() {
@@ -196,6 +233,8 @@ impl Hello {
             codec,
             xbzrle,
             region_bytes,
+            region_addresses: pairs.iter().map(|&(address, _)| address).collect(),
+            vm_requirements: payload[regions_end + 4..].to_vec(),
         })
     }
 
@@ -277,6 +316,8 @@ mod tests {
             codec: Codec::Zlib { level: 1 },
             xbzrle: true,
             region_bytes: vec![1 << 30, 4096 * 3],
+            region_addresses: vec![0, 4 << 30],
+            vm_requirements: b"cpu model".to_vec(),
         }
     }
 
@@ -298,19 +339,29 @@ mod tests {
         let mut odd_region = hello();
         odd_region.region_bytes[0] = 4097;
         assert!(Hello::decode(&odd_region.encode()).is_err());
+        let mut unaligned = hello();
+        unaligned.region_addresses[1] = 4097;
+        assert!(Hello::decode(&unaligned.encode()).is_err());
+        let mut overlapping = hello();
+        overlapping.region_addresses[1] = (1 << 30) - 4096;
+        let err = Hello::decode(&overlapping.encode()).unwrap_err();
+        assert!(err.to_string().contains("overlap"), "{err}");
+        let mut huge = hello();
+        huge.vm_requirements = vec![0; MAX_REQUIREMENTS_BYTES + 1];
+        assert!(Hello::decode(&huge.encode()).is_err());
     }
 
     #[test]
     fn preamble_checks_magic_and_version() {
-        assert_eq!(accept_preamble(&encode_preamble()), Ok(2));
+        assert_eq!(accept_preamble(&encode_preamble()), Ok(3));
         let mut wrong = encode_preamble();
         wrong[0] = b'X';
         assert!(matches!(accept_preamble(&wrong), Err(HandshakeError::BadMagic { .. })));
         let mut newer = encode_preamble();
-        newer[8..10].copy_from_slice(&3u16.to_le_bytes());
-        newer[10..12].copy_from_slice(&4u16.to_le_bytes());
+        newer[8..10].copy_from_slice(&4u16.to_le_bytes());
+        newer[10..12].copy_from_slice(&5u16.to_le_bytes());
         let err = accept_preamble(&newer).unwrap_err();
-        assert_eq!(err.to_string(), "no common protocol version: peer speaks 3..=4, we speak 2..=2");
+        assert_eq!(err.to_string(), "no common protocol version: peer speaks 4..=5, we speak 3..=3");
     }
 
     #[test]
@@ -332,9 +383,13 @@ mod tests {
             xbzrle: false,
             // Each alone is a valid size; together they wrap to 4 KiB.
             region_bytes: vec![1 << 63, 1 << 63, PAGE_SIZE_BYTES as u64],
+            region_addresses: vec![0, 1 << 63, 0],
+            vm_requirements: Vec::new(),
         };
+        // Regions that fit the address space side by side cannot add up past it: the
+        // second reaches beyond 2^64.
         let err = Hello::decode(&hello.encode()).unwrap_err();
-        assert!(err.to_string().contains("more than 2^64"), "{err}");
+        assert!(err.to_string().contains("not a page-aligned range"), "{err}");
         assert_eq!(hello.total_bytes(), u64::MAX);
     }
 }

@@ -14,6 +14,10 @@ pub trait GuestMemory: Send + Sync {
     /// Size of each region in bytes (each a multiple of the page size).
     fn region_bytes(&self) -> Vec<u64>;
 
+    /// Where each region starts in guest-physical address space (page aligned, no two
+    /// overlapping). A destination lays its memory out the same way.
+    fn region_addresses(&self) -> Vec<u64>;
+
     /// Copies page `page` of `region` into `dst` (one page long).
     fn read_page(&self, region: usize, page: u64, dst: &mut [u8]);
 
@@ -27,6 +31,27 @@ pub trait GuestMemory: Send + Sync {
             self.write_page(region, page, &zero);
         }
     }
+}
+
+/// One region of guest memory as the guest sees it: where it sits in guest-physical
+/// address space and how large it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Region {
+    pub guest_address: u64,
+    pub bytes: u64,
+}
+
+/// Addresses for regions laid end to end from 0: for memories with no guest-physical
+/// layout of their own (test memories, a flat buffer).
+pub fn contiguous_addresses(region_bytes: &[u64]) -> Vec<u64> {
+    region_bytes
+        .iter()
+        .scan(0u64, |next, &bytes| {
+            let address = *next;
+            *next += bytes;
+            Some(address)
+        })
+        .collect()
 }
 
 /// Pages in a region of `bytes` bytes.

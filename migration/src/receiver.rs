@@ -292,6 +292,9 @@ mod tests {
         fn region_bytes(&self) -> Vec<u64> {
             vec![self.0.lock().unwrap().len() as u64]
         }
+        fn region_addresses(&self) -> Vec<u64> {
+            vec![0]
+        }
         fn read_page(&self, _: usize, page: u64, dst: &mut [u8]) {
             let at = page as usize * PAGE_SIZE_BYTES;
             dst.copy_from_slice(&self.0.lock().unwrap()[at..at + PAGE_SIZE_BYTES]);

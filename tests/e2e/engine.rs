@@ -108,6 +108,20 @@ fn idle_guest_skips_unused_pages_and_sends_little() {
     assert!(stats.ram.duplicate > pages * 8 / 10);
 }
 
+/// A VMM whose dirty log started with the migration says so, and nothing is skipped: the
+/// pages written before (most of the idle guest's image) all arrive.
+#[test]
+fn a_log_started_late_skips_nothing() {
+    use vmigrate_tests::session::{migrate_guest_on, GuestKind, Link};
+    let mem = 64 << 20;
+    let config = SourceConfig { verify: true, ..SourceConfig::default() };
+    let outcome = migrate_guest_on(GuestKind::SyntheticLateLog, Link::Kernel, mem, WorkloadSpec::Idle, &config);
+    let stats = outcome.source.expect("migration");
+    assert_eq!(stats.verified, Some(true));
+    assert_eq!(stats.ram.skipped, 0, "skip-unused must not trust a log that started late");
+    assert_eq!(stats.ram.normal + stats.ram.duplicate, mem / 4096, "every page visited");
+}
+
 #[test]
 fn adaptive_compresses_where_the_link_is_the_limit() {
     // 10 MiB/s: the idle guest's pages pack 2x and more, and two workers compress far

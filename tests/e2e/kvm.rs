@@ -224,5 +224,55 @@ fn auto_converge_brings_a_guest_at_twice_the_link_under_the_downtime_limit() {
         "downtime {} ms over the {limit:?} limit; rounds {rounds:?}",
         stats.downtime
     );
-    eprintln!("converged in {} rounds, throttle {}%, downtime {} ms: {rounds:?}", stats.rounds.len(), stats.throttle_pct, stats.downtime);
+    eprintln!(
+        "converged in {} rounds, throttle {}%, downtime {} ms: {rounds:?}",
+        stats.rounds.len(),
+        stats.throttle_pct,
+        stats.downtime
+    );
+}
+
+/// A destination whose KVM cannot host the source's vCPU refuses in the handshake, with
+/// the reason, before the source pauses: the source guest never stops.
+#[test]
+fn a_destination_that_cannot_host_the_vcpu_refuses_before_the_source_pauses() {
+    use vmigrate_tests::session::migrate_kvm_requiring;
+    if !kvm_or_skip("a_destination_that_cannot_host_the_vcpu_refuses_before_the_source_pauses") {
+        return;
+    }
+    let config = SourceConfig { verify: true, ..SourceConfig::default() };
+    let future_cpu = |r: &mut guests::kvm::KvmRequirements| {
+        // A source CPU with every feature of leaf 7: no host offers all of them.
+        let leaf7 = r.cpuid.iter_mut().find(|e| e.function == 7 && e.index == 0).expect("leaf 7");
+        leaf7.ebx = u32::MAX;
+    };
+    let odd_msr = |r: &mut guests::kvm::KvmRequirements| r.msrs.push(0x4b56_4d99);
+    for (what, edit, expected) in [
+        ("CPU features", &future_cpu as &dyn Fn(&mut guests::kvm::KvmRequirements), "CPUID leaf 0x7.0 ebx"),
+        ("an MSR", &odd_msr, "MSR 0x4b564d99"),
+    ] {
+        let outcome = migrate_kvm_requiring(MEM, SWEEP, &config, edit);
+        let err = outcome.source.expect_err("refused");
+        assert!(err.contains("the destination cannot host this guest") && err.contains(expected), "{what}: {err}");
+        let destination = outcome.destination.expect_err("nothing received");
+        assert!(destination.contains(expected), "{what}: the destination says why: {destination}");
+        assert!(outcome.source_writes_after > 0, "{what}: the source guest runs on");
+        assert_eq!(outcome.writes_after_resume, 0, "{what}: no destination guest ran");
+    }
+}
+
+/// A synthetic source sent to a KVM destination: refused at once, no page moved.
+#[test]
+fn a_kvm_destination_refuses_a_guest_that_is_not_a_kvm_guest() {
+    use std::process::Command;
+    use vmigrate_tests::process::{run, Receiver};
+    if !kvm_or_skip("a_kvm_destination_refuses_a_guest_that_is_not_a_kvm_guest") {
+        return;
+    }
+    let receiver = Receiver::start(BIN, &["--guest", "kvm"]);
+    let sender = run(Command::new(BIN).args(["send", "--to", receiver.address.as_str(), "--mem", "64MiB"]), DEADLINE);
+    let received = receiver.wait(DEADLINE);
+    assert!(!sender.status.success() && !received.status.success());
+    assert!(sender.stderr.contains("the source is not a KVM guest"), "{}", sender.stderr);
+    assert!(sender.stderr.contains("source guest keeps running"), "{}", sender.stderr);
 }

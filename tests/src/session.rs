@@ -50,6 +50,9 @@ pub enum GuestKind {
     Kvm,
     /// The same, its writes recorded by KVM's dirty ring.
     KvmDirtyRing,
+    /// The synthetic guest presented as a VMM that turned its dirty log on when the
+    /// migration started (`LogCoverage::SinceMigrationStart`).
+    SyntheticLateLog,
 }
 
 /// Boots a synthetic guest of `mem_bytes` running `workload`, migrates it with `config`
@@ -61,7 +64,7 @@ pub fn migrate_synthetic(mem_bytes: u64, workload: WorkloadSpec, config: &Source
 
 /// As [`migrate_synthetic`], over `link`.
 pub fn migrate_synthetic_on(link: Link, mem_bytes: u64, workload: WorkloadSpec, config: &SourceConfig) -> Outcome {
-    run(GuestKind::Synthetic, link, mem_bytes, workload, config, None)
+    run(GuestKind::Synthetic, link, mem_bytes, workload, config, None, None)
 }
 
 /// As [`migrate_synthetic_on`], with the guest of `kind`.
@@ -72,7 +75,7 @@ pub fn migrate_guest_on(
     workload: WorkloadSpec,
     config: &SourceConfig,
 ) -> Outcome {
-    run(kind, link, mem_bytes, workload, config, None)
+    run(kind, link, mem_bytes, workload, config, None, None)
 }
 
 /// Whether the KVM guest can run here; says SKIPPED for `test` where it cannot.
@@ -99,7 +102,7 @@ pub enum CancelAt {
 
 /// As [`migrate_synthetic`], cancelling the migration at `at`.
 pub fn migrate_and_cancel(mem_bytes: u64, workload: WorkloadSpec, config: &SourceConfig, at: CancelAt) -> Outcome {
-    run(GuestKind::Synthetic, Link::Kernel, mem_bytes, workload, config, Some(at))
+    run(GuestKind::Synthetic, Link::Kernel, mem_bytes, workload, config, Some(at), None)
 }
 
 /// As [`migrate_and_cancel`], with the guest of `kind`.
@@ -110,7 +113,18 @@ pub fn migrate_guest_and_cancel(
     config: &SourceConfig,
     at: CancelAt,
 ) -> Outcome {
-    run(kind, Link::Kernel, mem_bytes, workload, config, Some(at))
+    run(kind, Link::Kernel, mem_bytes, workload, config, Some(at), None)
+}
+
+/// Migrates a KVM guest whose requirements (CPU model, MSRs) `edit` changes on the way
+/// out, as a source on another host would state them.
+pub fn migrate_kvm_requiring(
+    mem_bytes: u64,
+    workload: WorkloadSpec,
+    config: &SourceConfig,
+    edit: &dyn Fn(&mut guests::kvm::KvmRequirements),
+) -> Outcome {
+    run(GuestKind::Kvm, Link::Kernel, mem_bytes, workload, config, None, Some(edit))
 }
 
 /// A source guest whose stores can be counted.
@@ -132,7 +146,7 @@ impl CountedGuest for KvmGuest {
 
 fn boot(kind: GuestKind, mem_bytes: u64, workload: WorkloadSpec) -> Box<dyn CountedGuest> {
     match kind {
-        GuestKind::Synthetic => {
+        GuestKind::Synthetic | GuestKind::SyntheticLateLog => {
             let layout = GuestRam::pc_layout(mem_bytes);
             let ram = Arc::new(GuestRam::allocate(&layout, HugePolicy::Never).expect("guest memory"));
             Box::new(SyntheticGuest::boot(ram, workload, 7).expect("boot guest"))
@@ -162,7 +176,7 @@ fn receive_and_check(
 ) -> (Result<DestinationReport, String>, u64, Result<(), String>) {
     let run_for = Duration::from_millis(200);
     match kind {
-        GuestKind::Synthetic => {
+        GuestKind::Synthetic | GuestKind::SyntheticLateLog => {
             let mut vm = SyntheticDestination::new(config.max_memory_bytes, HugePolicy::Never);
             let report = receive(acceptor, &mut vm, config).map_err(|e| e.to_string());
             let (writes, check) = match vm.guest() {
@@ -200,6 +214,10 @@ fn receive_and_check(
 /// The source VM of a test: the guest, with a hook on pause.
 struct HookedGuest<'a> {
     guest: &'a dyn CountedGuest,
+    /// What the log is said to cover, where the test overrides the guest's own answer.
+    coverage: Option<engine::vm::LogCoverage>,
+    /// Requirements stated instead of the guest's own.
+    requirements: Option<Vec<u8>>,
     on_pause: Box<dyn Fn() + Send + Sync + 'a>,
 }
 
@@ -209,6 +227,12 @@ impl SourceVm for HookedGuest<'_> {
     }
     fn dirty_log(&self) -> &dyn migration::dirty::DirtyLog {
         SourceVm::dirty_log(self.guest)
+    }
+    fn log_coverage(&self) -> engine::vm::LogCoverage {
+        self.coverage.unwrap_or_else(|| SourceVm::log_coverage(self.guest))
+    }
+    fn requirements(&self) -> Vec<u8> {
+        self.requirements.clone().unwrap_or_else(|| SourceVm::requirements(self.guest))
     }
     fn pause(&self) {
         SourceVm::pause(self.guest);
@@ -232,6 +256,7 @@ fn run(
     workload: WorkloadSpec,
     config: &SourceConfig,
     cancel_at: Option<CancelAt>,
+    edit_requirements: Option<&dyn Fn(&mut guests::kvm::KvmRequirements)>,
 ) -> Outcome {
     let guest = boot(kind, mem_bytes, workload);
     std::thread::sleep(Duration::from_millis(50));
@@ -273,6 +298,13 @@ fn run(
     }
     let vm = HookedGuest {
         guest: &*guest,
+        coverage: (kind == GuestKind::SyntheticLateLog).then_some(engine::vm::LogCoverage::SinceMigrationStart),
+        requirements: edit_requirements.map(|edit| {
+            let mut requirements =
+                guests::kvm::KvmRequirements::decode(&guest.requirements()).expect("a KVM guest's requirements");
+            edit(&mut requirements);
+            requirements.encode()
+        }),
         on_pause: Box::new(|| {
             if cancel_at == Some(CancelAt::StopAndCopy) {
                 cancel.cancel("test, in stop-and-copy");

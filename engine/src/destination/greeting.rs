@@ -4,16 +4,16 @@
 
 use crate::config::DestinationConfig;
 use crate::error::{LimitExceeded, ProtocolViolation};
-use crate::vm::DestinationVm;
+use crate::vm::{DestinationVm, GuestLayout};
 use crate::MigrationError;
 use migration::frame::{FrameKind, SeqCounter};
-use migration::handshake::{accept_preamble, Hello, HelloAck, PREAMBLE_BYTES};
-use migration::memory::GuestMemory;
+use migration::handshake::{accept_preamble, Hello, HelloAck, HELLO_FRAME_LIMIT_BYTES, PREAMBLE_BYTES};
+use migration::memory::{GuestMemory, Region};
 use std::io::Read;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use transport::framed::{read_frame, write_frame, CONTROL_FRAME_LIMIT_BYTES};
+use transport::framed::{read_frame, write_frame};
 use transport::pipe::{Acceptor, Connection};
 
 use super::Shared;
@@ -62,7 +62,7 @@ fn read_hello(connection: &mut Connection) -> Result<(Hello, u16), MigrationErro
         MigrationError::from(err)
     })?;
     let mut payload = Vec::new();
-    let header = read_frame(&mut *connection.reader, &mut payload, |_| CONTROL_FRAME_LIMIT_BYTES)
+    let header = read_frame(&mut *connection.reader, &mut payload, |_| HELLO_FRAME_LIMIT_BYTES)
         .map_err(|e| ProtocolViolation::BadGreeting(format!("bad Hello from {}: {e}", connection.peer)))?;
     if header.kind != FrameKind::Hello || header.seq != 0 {
         let reason = format!("expected Hello, got {:?} (seq {})", header.kind, header.seq);
@@ -127,7 +127,16 @@ pub(super) fn accept_session(
         refuse(&mut first, &err.to_string());
         return Err(err.into());
     }
-    let memory = match vm.prepare(&hello.region_bytes) {
+    let layout = GuestLayout {
+        regions: hello
+            .region_addresses
+            .iter()
+            .zip(&hello.region_bytes)
+            .map(|(&guest_address, &bytes)| Region { guest_address, bytes })
+            .collect(),
+        requirements: hello.vm_requirements.clone(),
+    };
+    let memory = match vm.prepare(&layout) {
         Ok(memory) => memory,
         Err(err) => {
             refuse(&mut first, &err.to_string());

@@ -162,6 +162,8 @@ pub fn migrate(
 ) -> Result<MigrationStats, MigrationError> {
     let started = Instant::now();
     let layout = vm.memory().region_bytes();
+    let addresses = vm.memory().region_addresses();
+    assert_eq!(addresses.len(), layout.len(), "GuestMemory gives an address per region");
     let hello = Hello {
         session_id: rand::random(),
         connection_index: 0,
@@ -170,6 +172,8 @@ pub fn migrate(
         codec: config.codec,
         xbzrle: config.xbzrle_cache_bytes.is_some(),
         region_bytes: layout.clone(),
+        region_addresses: addresses,
+        vm_requirements: vm.requirements(),
     };
     let cancelled =
         || config.cancel.as_ref().filter(|c| c.is_cancelled()).map(|c| MigrationError::Cancelled(c.reason()));

@@ -4,7 +4,7 @@
 
 use crate::error::LimitExceeded;
 use crate::verify::memory_digest;
-use crate::vm::SourceVm;
+use crate::vm::{LogCoverage, SourceVm};
 use crate::MigrationError;
 use migration::dirty::{bitmap_words, for_each_set_bit};
 use migration::frame::{FrameKind, MAX_PAYLOAD_BYTES};
@@ -317,12 +317,17 @@ impl<'s, 'a> Scanner<'s, 'a> {
         }
     }
 
-    /// The bulk stage's pages: those written since logging started, or every page.
+    /// The bulk stage's pages: those written since boot where the VMM's log covers the
+    /// guest's whole life, or every page.
     fn bulk_pages(&mut self) -> u64 {
         let config = self.shared.config;
         let total_pages: u64 = self.hello.region_bytes.iter().map(|&b| pages_of(b)).sum();
         let used = self.sync(false);
-        let bulk_pages = if config.skip_unused {
+        let since_boot = self.vm.log_coverage() == LogCoverage::SinceBoot;
+        if config.skip_unused && !since_boot {
+            log::info!("the VMM's dirty log does not cover the guest since boot: every page goes in the bulk stage");
+        }
+        let bulk_pages = if config.skip_unused && since_boot {
             used
         } else {
             for bitmap in &mut self.bitmaps {

@@ -34,8 +34,7 @@ pub const PAGE_DIRECTORIES: u64 = 0x20_2000;
 /// The first page of the workload's area (4 MiB).
 pub const AREA_FIRST_PAGE: u64 = AREA_START / PAGE_SIZE_BYTES as u64;
 const AREA_START: u64 = 0x40_0000;
-/// Where RAM above the low region starts.
-pub const HIGH_MEMORY_START: u64 = 4 << 30;
+pub use crate::guest::HIGH_MEMORY_START;
 /// The page directories fill the rest of their 2 MiB page: 510 of them, 510 GiB mapped.
 const MAX_MAPPED_GIB: u64 = (AREA_START - PAGE_DIRECTORIES) / 0x1000;
 /// The smallest guest: the program, the tables and one page of area.
@@ -80,18 +79,20 @@ pub fn regions(total_bytes: u64) -> Vec<(u64, u64)> {
     }
 }
 
-/// The region layout for a destination that received `region_bytes`: the same split, or
-/// why it cannot be a KVM guest's.
-pub fn regions_for(region_bytes: &[u64]) -> Result<Vec<(u64, u64)>, String> {
-    let total: u64 = region_bytes.iter().sum();
-    let expected: Vec<u64> = regions(total).iter().map(|&(_, bytes)| bytes).collect();
-    if expected != region_bytes {
+/// Checks that a source's layout, (guest-physical start, bytes) per region, is this
+/// VMM's for its size, and returns it.
+pub fn regions_for(layout: &[(u64, u64)]) -> Result<Vec<(u64, u64)>, String> {
+    let total: u64 = layout.iter().map(|&(_, bytes)| bytes).sum();
+    let expected = regions(total);
+    if expected != layout {
+        let shown: Vec<String> = layout.iter().map(|&(at, bytes)| format!("{bytes} bytes at {at:#x}")).collect();
         return Err(format!(
-            "memory layout {region_bytes:?} is not a KVM guest's (up to {LOW_MEMORY_BYTES} bytes at 0, the rest at 4 GiB)"
+            "memory layout [{}] is not a KVM guest's (up to {LOW_MEMORY_BYTES} bytes at 0, the rest at 4 GiB)",
+            shown.join(", ")
         ));
     }
     check_size(total)?;
-    Ok(regions(total))
+    Ok(expected)
 }
 
 /// Whether a guest of `total_bytes` fits this layout.
@@ -235,8 +236,9 @@ mod tests {
     fn small_guests_have_one_region_and_large_ones_skip_the_hole() {
         assert_eq!(regions(64 << 20), vec![(0, 64 << 20)]);
         assert_eq!(regions(6 << 30), vec![(0, 2 << 30), (4 << 30, 4 << 30)]);
-        assert_eq!(regions_for(&[2 << 30, 4 << 30]).unwrap(), regions(6 << 30));
-        assert!(regions_for(&[1 << 30, 1 << 30]).is_err(), "a split other than the PC's");
+        assert_eq!(regions_for(&[(0, 2 << 30), (4 << 30, 4 << 30)]).unwrap(), regions(6 << 30));
+        assert!(regions_for(&[(0, 1 << 30), (4 << 30, 1 << 30)]).is_err(), "a split other than the PC's");
+        assert!(regions_for(&[(0, 2 << 30), (8 << 30, 1 << 30)]).is_err(), "high memory elsewhere");
         assert!(check_size(4 << 20).is_err(), "too small for the program and tables");
         assert!(check_size(MAX_MEMORY_BYTES + (1 << 30)).is_err());
     }

@@ -61,6 +61,7 @@ pub struct Machine {
     pub msrs: Vec<u32>,
     dirty_mode: Mode,
     ring: Option<Arc<DirtyRing>>,
+    cpuid: Vec<kvm_cpuid_entry2>,
 }
 
 impl Machine {
@@ -92,7 +93,8 @@ impl Machine {
         };
         vcpu.set_cpuid2(&cpuid).map_err(|e| format!("KVM_SET_CPUID2 (the guest's CPU model): {e}"))?;
         let msrs = super::state::carried_msrs(&kvm)?;
-        Ok(Machine { vcpu, vm, kvm, memory, msrs, dirty_mode, ring })
+        let cpuid = cpuid.as_slice().to_vec();
+        Ok(Machine { vcpu, vm, kvm, memory, msrs, dirty_mode, ring, cpuid })
     }
 
     /// The engine's view of the guest's writes; `written_by_vmm`: the flat pages the VMM
@@ -107,10 +109,10 @@ impl Machine {
         )
     }
 
-    /// The vCPU's CPUID, to carry to the destination.
-    pub fn cpuid(&self) -> Result<Vec<kvm_cpuid_entry2>, String> {
-        let cpuid = self.vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(|e| format!("KVM_GET_CPUID2: {e}"))?;
-        Ok(cpuid.as_slice().to_vec())
+    /// The CPUID the vCPU was given, to carry to the destination. (What KVM_GET_CPUID2
+    /// reads back is not it under this machine's PVM, which reports the host's features.)
+    pub fn cpuid(&self) -> Vec<kvm_cpuid_entry2> {
+        self.cpuid.clone()
     }
 
     /// Puts the vCPU at the guest program's first instruction, in long mode.

@@ -91,6 +91,10 @@ impl GuestMemory for KvmMemory {
         self.regions.iter().map(|r| r.1).collect()
     }
 
+    fn region_addresses(&self) -> Vec<u64> {
+        self.regions.iter().map(|r| r.0).collect()
+    }
+
     fn read_page(&self, region: usize, page: u64, dst: &mut [u8]) {
         let source = self.page_pointer(region, page);
         // SAFETY: `source` is a whole page inside the mapping; `dst` is a distinct buffer

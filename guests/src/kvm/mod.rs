@@ -7,6 +7,7 @@
 //! It implements the engine's `SourceVm` and `DestinationVm` through their public API
 //! only, as a VMM that embeds the engine would.
 
+mod compat;
 mod dirty;
 mod layout;
 mod machine;
@@ -16,7 +17,7 @@ mod vcpu;
 
 use crate::synthetic::WorkloadSpec;
 use dirty::KvmDirtyLog;
-use engine::vm::{DestinationVm, SourceVm};
+use engine::vm::{DestinationVm, GuestLayout, LogCoverage, SourceVm};
 use engine::VmError;
 use kvm_bindings::kvm_cpuid_entry2;
 use layout::{config, config_field, ProgramConfig};
@@ -29,6 +30,7 @@ use state::VcpuState;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use compat::KvmRequirements;
 pub use dirty::DirtyTracking;
 pub use machine::available;
 
@@ -84,7 +86,7 @@ impl KvmGuest {
             written.extend(area);
         }
         machine.set_boot_state()?;
-        let cpuid = machine.cpuid()?;
+        let cpuid = machine.cpuid();
         let dirty = machine.dirty_log(&written)?;
         log::debug!("KVM guest: {} MiB, {spec}, {}", memory_bytes >> 20, dirty.describe());
         Ok(KvmGuest { running: machine.run()?, dirty, cpuid, spec })
@@ -183,12 +185,22 @@ impl SourceVm for KvmGuest {
         &self.dirty
     }
 
+    fn log_coverage(&self) -> LogCoverage {
+        // The slots log from their creation, before the first KVM_RUN, and the first
+        // take adds the pages this VMM wrote itself (program, tables, initial image).
+        LogCoverage::SinceBoot
+    }
+
     fn pause(&self) {
         self.running.vcpu.pause();
     }
 
     fn resume(&self) {
         self.running.vcpu.resume();
+    }
+
+    fn requirements(&self) -> Vec<u8> {
+        KvmRequirements { cpuid: self.cpuid.clone(), msrs: self.running.msrs.clone() }.encode()
     }
 
     fn device_state(&self) -> Vec<u8> {
@@ -248,15 +260,23 @@ impl KvmDestination {
 }
 
 impl DestinationVm for KvmDestination {
-    fn prepare(&mut self, region_bytes: &[u64]) -> Result<Arc<dyn GuestMemory>, VmError> {
-        let total: u64 = region_bytes.iter().sum();
+    fn prepare(&mut self, layout: &GuestLayout) -> Result<Arc<dyn GuestMemory>, VmError> {
+        let total = layout.total_bytes();
         if total > self.max_memory_bytes {
             return Err(VmError::Unfit(format!(
                 "guest of {total} bytes exceeds this destination's limit of {} bytes",
                 self.max_memory_bytes
             )));
         }
-        let regions = layout::regions_for(region_bytes).map_err(VmError::Unfit)?;
+        let source: Vec<(u64, u64)> = layout.regions.iter().map(|r| (r.guest_address, r.bytes)).collect();
+        let regions = layout::regions_for(&source).map_err(VmError::Unfit)?;
+        if layout.requirements.is_empty() {
+            return Err(VmError::Incompatible("the source is not a KVM guest (it states no CPU model)".into()));
+        }
+        let kvm = machine::open_kvm().map_err(VmError::Incompatible)?;
+        KvmRequirements::decode(&layout.requirements)
+            .and_then(|requirements| requirements.check(&kvm))
+            .map_err(VmError::Incompatible)?;
         let memory = Arc::new(KvmMemory::map(&regions).map_err(VmError::Unfit)?);
         self.memory = Some(memory.clone());
         Ok(memory)
