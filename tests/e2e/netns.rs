@@ -254,6 +254,35 @@ fn migrations_between_namespaces() {
     );
 }
 
+/// The KVM guest between namespaces over our stack on packet sockets: its vCPU state
+/// crosses, and the guest on the destination checks its own memory.
+#[test]
+fn kvm_guest_migrations_between_namespaces() {
+    if !is_root() {
+        eprintln!("SKIPPED kvm_guest_migrations_between_namespaces: needs root for network namespaces");
+        return;
+    }
+    if let Err(why) = guests::kvm::available() {
+        eprintln!("SKIPPED kvm_guest_migrations_between_namespaces: no usable KVM ({why})");
+        return;
+    }
+    let ns = Namespaces::up(&format!("vmk{}", std::process::id() % 100_000), &[], BIN);
+    let mut port = 4700;
+    for workload in ["seq:20000", "dirty:16MiB:5000:16"] {
+        for connections in ["1", "4"] {
+            port += 1;
+            migrate_ours(
+                &ns,
+                "af-packet",
+                port,
+                workload,
+                &["--connections", connections, "--codec", "lz4", "--xbzrle-cache", "16MiB"],
+                &["--guest", "kvm"],
+            );
+        }
+    }
+}
+
 #[test]
 fn migration_through_a_shaped_link() {
     if !is_root() {
