@@ -205,7 +205,14 @@ fn demo(args: DemoArgs) -> Result<ExitCode> {
             bail!("migration failed: {err}{detail}");
         }
     };
-    let (dest_report, dest_guest) = destination.context("destination failed")?;
+    let (dest_report, mut dest_guest) = destination.context("destination failed")?;
+    if let Some(times) = source_guest.switchover_times() {
+        // Both ends of the KVM guest's switchover in one place: the source's pause and
+        // state save, the destination's VM build.
+        dest_guest["switchover"]["pause-us"] = times.pause_us.into();
+        dest_guest["switchover"]["state-save-us"] = times.state_save_us.into();
+        dest_guest["switchover"]["state-bytes"] = times.state_bytes.into();
+    }
     stats.guest_backing = backing;
     print_outcome(&stats, Some(&dest_report), Some(&dest_guest), args.common.json)
 }
@@ -258,6 +265,14 @@ fn send(args: SendArgs) -> Result<ExitCode> {
         Ok(mut stats) => {
             stats.cpu_seconds = Some(cpu.seconds());
             stats.guest_backing = guest.backing();
+            if let Some(t) = guest.switchover_times() {
+                log::info!(
+                    "KVM guest: vCPU paused in {} us, its state ({} bytes) saved in {} us",
+                    t.pause_us,
+                    t.state_bytes,
+                    t.state_save_us
+                );
+            }
             print_outcome(&stats, None, None, args.common.json)
         }
         Err(err) => {

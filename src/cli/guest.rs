@@ -63,6 +63,14 @@ impl SourceGuest {
         matches!(self, SourceGuest::Synthetic(guest) if guest.spec() == WorkloadSpec::Idle)
     }
 
+    /// The KVM guest's side of the switchover: its pause and state save.
+    pub fn switchover_times(&self) -> Option<guests::kvm::SwitchoverTimes> {
+        match self {
+            SourceGuest::Kvm(guest) => Some(guest.switchover_times()),
+            SourceGuest::Synthetic(_) => None,
+        }
+    }
+
     /// How the guest's memory is backed, for the report.
     pub fn backing(&self) -> String {
         match self {
@@ -122,6 +130,7 @@ impl DestinationGuest {
     /// synthetic guest paused, by us; the KVM guest running, by itself). Returns the stores
     /// it made after resuming and the verdict; fails if the check did.
     pub fn run_and_check(&mut self, seconds: f64) -> Result<serde_json::Value> {
+        let mut switchover = serde_json::Value::Null;
         let (workload, writes_after_resume, check) = match self {
             DestinationGuest::Synthetic(vm) => {
                 let guest = vm.guest().context("no guest was resumed")?;
@@ -139,15 +148,19 @@ impl DestinationGuest {
                 std::thread::sleep(Duration::from_secs_f64(seconds));
                 let writes = guest.writes() - before;
                 let check = guest.check().map(|pages| format!("ok {pages}"));
+                switchover = serde_json::json!({ "vm-build-us": guest.switchover_times().vm_build_us });
                 (guest.spec(), writes, check)
             }
         };
-        let value = serde_json::json!({
+        let mut value = serde_json::json!({
             "workload": workload.to_string(),
             "ran-seconds": seconds,
             "writes-after-resume": writes_after_resume,
             "check": match &check { Ok(verdict) => verdict.clone(), Err(e) => e.clone() },
         });
+        if !switchover.is_null() {
+            value["switchover"] = switchover;
+        }
         check.map_err(anyhow::Error::msg)?;
         Ok(value)
     }

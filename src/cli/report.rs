@@ -145,5 +145,16 @@ pub fn print_destination(report: &DestinationReport, guest: &serde_json::Value) 
             guest["writes-after-resume"],
             guest["check"].as_str().unwrap_or("?")
         );
+        let times = &guest["switchover"];
+        if !times.is_null() {
+            let shown = |key: &str| times[key].as_u64().map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+            println!(
+                "KVM switchover: vCPU paused in {} us, state ({} bytes) saved in {} us; destination VM built in {} us",
+                shown("pause-us"),
+                shown("state-bytes"),
+                shown("state-save-us"),
+                shown("vm-build-us")
+            );
+        }
     }
 }

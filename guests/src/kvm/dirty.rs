@@ -300,6 +300,19 @@ impl KvmDirtyLog {
         Ok(KvmDirtyLog { vm, region_bytes, source, written_by_vmm: Mutex::new(bitmaps) })
     }
 
+    /// Marks every page as written by the VMM (a destination's memory, all received):
+    /// the first take reports them all.
+    pub fn mark_all_written(&self) {
+        let mut vmm = self.written_by_vmm.lock().unwrap_or_else(|p| p.into_inner());
+        for (bitmap, &bytes) in vmm.iter_mut().zip(&self.region_bytes) {
+            bitmap.fill(!0);
+            let pages = pages_of(bytes);
+            if let Some(last) = bitmap.last_mut().filter(|_| pages % 64 != 0) {
+                *last = (1u64 << (pages % 64)) - 1;
+            }
+        }
+    }
+
     /// Which mechanism it reads, for reports.
     pub fn describe(&self) -> &'static str {
         match self.source {

@@ -28,7 +28,7 @@ use migration::memory::GuestMemory;
 use serde::{Deserialize, Serialize};
 use state::VcpuState;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub use compat::KvmRequirements;
 pub use dirty::DirtyTracking;
@@ -49,12 +49,28 @@ struct KvmDeviceState {
     vcpu: VcpuState,
 }
 
+/// Where the KVM guest's part of a switchover went: the source's pause and state save,
+/// the destination's VM build (VM, slots, vCPU, state restored, thread started).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SwitchoverTimes {
+    /// Kick to the vCPU parked out of KVM_RUN (its pending I/O completed).
+    pub pause_us: u64,
+    /// Reading the vCPU's state and encoding it.
+    pub state_save_us: u64,
+    pub state_bytes: u64,
+    /// On the destination: the vCPU state restored into the VM (built before the
+    /// switchover) and the vCPU started.
+    pub vm_build_us: u64,
+}
+
 /// The running KVM guest, on the source (booted here) or on the destination (resumed).
 pub struct KvmGuest {
     running: Running,
     dirty: KvmDirtyLog,
     cpuid: Vec<kvm_cpuid_entry2>,
     spec: WorkloadSpec,
+    times: std::sync::Mutex<SwitchoverTimes>,
 }
 
 impl KvmGuest {
@@ -89,7 +105,16 @@ impl KvmGuest {
         let cpuid = machine.cpuid();
         let dirty = machine.dirty_log(&written)?;
         log::debug!("KVM guest: {} MiB, {spec}, {}", memory_bytes >> 20, dirty.describe());
-        Ok(KvmGuest { running: machine.run()?, dirty, cpuid, spec })
+        Ok(KvmGuest { running: machine.run()?, dirty, cpuid, spec, times: Default::default() })
+    }
+
+    /// What the last switchover cost this guest's VMM (source or destination side).
+    pub fn switchover_times(&self) -> SwitchoverTimes {
+        *self.times.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn record(&self, update: impl FnOnce(&mut SwitchoverTimes)) {
+        update(&mut self.times.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
     pub fn spec(&self) -> WorkloadSpec {
@@ -140,9 +165,15 @@ impl KvmGuest {
     }
 
     fn save_device_state(&self) -> Result<Vec<u8>, String> {
+        let started = Instant::now();
         let vcpu = self.running.vcpu.with_fd(|fd| VcpuState::save(fd, &self.running.msrs))?;
         let state = KvmDeviceState { workload: self.spec, cpuid: self.cpuid.clone(), vcpu };
-        serde_json::to_vec(&state).map_err(|e| format!("encoding the vCPU state: {e}"))
+        let bytes = serde_json::to_vec(&state).map_err(|e| format!("encoding the vCPU state: {e}"))?;
+        self.record(|t| {
+            t.state_save_us = started.elapsed().as_micros() as u64;
+            t.state_bytes = bytes.len() as u64;
+        });
+        Ok(bytes)
     }
 }
 
@@ -192,7 +223,9 @@ impl SourceVm for KvmGuest {
     }
 
     fn pause(&self) {
+        let started = Instant::now();
         self.running.vcpu.pause();
+        self.record(|t| t.pause_us = started.elapsed().as_micros() as u64);
     }
 
     fn resume(&self) {
@@ -224,6 +257,10 @@ impl SourceVm for KvmGuest {
 pub struct KvmDestination {
     max_memory_bytes: u64,
     memory: Option<Arc<KvmMemory>>,
+    /// The VM, built when memory is prepared (its vCPU given the source's CPUID), so that
+    /// only the vCPU state's restore falls in the downtime.
+    machine: Option<Machine>,
+    cpuid: Vec<kvm_cpuid_entry2>,
     guest: Option<KvmGuest>,
 }
 
@@ -231,7 +268,7 @@ impl KvmDestination {
     /// Checks, before any page arrives, that this machine can host a KVM guest.
     pub fn new(max_memory_bytes: u64) -> Result<Self, String> {
         machine::available()?;
-        Ok(KvmDestination { max_memory_bytes, memory: None, guest: None })
+        Ok(KvmDestination { max_memory_bytes, memory: None, machine: None, cpuid: Vec::new(), guest: None })
     }
 
     /// The resumed guest, once the migration completed.
@@ -243,19 +280,27 @@ impl KvmDestination {
         self.guest.take()
     }
 
-    fn build(&self, device_state: &[u8]) -> Result<KvmGuest, String> {
+    /// Restores the vCPU state into the prepared VM and starts it.
+    fn start(&mut self, device_state: &[u8]) -> Result<KvmGuest, String> {
+        let started = Instant::now();
         let memory = self.memory.clone().ok_or("resume before memory was prepared")?;
+        let machine = self.machine.take().ok_or("resume before the VM was prepared")?;
         let state: KvmDeviceState =
             serde_json::from_slice(device_state).map_err(|e| format!("the device state is not a KVM guest's ({e})"))?;
+        if state.cpuid != self.cpuid {
+            return Err("the vCPU state names another CPU model than the handshake did".into());
+        }
         if memory.read_u64(config_field(config::MAGIC)) != config::MAGIC_VALUE {
             return Err("the memory received holds no KVM guest program".into());
         }
-        let machine = Machine::create(machine::open_kvm()?, memory.clone(), Some(&state.cpuid), DirtyTracking::Log)?;
         machine.restore(&state.vcpu)?;
-        // Every page came from the source: all of them are the next migration's to send.
-        let all: Vec<u64> = (0..memory.total_bytes() / migration::PAGE_SIZE_BYTES as u64).collect();
-        let dirty = machine.dirty_log(&all)?;
-        Ok(KvmGuest { running: machine.run()?, dirty, cpuid: state.cpuid, spec: state.workload })
+        let dirty = machine.dirty_log(&[])?;
+        // Every page came from the source, written by us: all of them are the next
+        // migration's to send.
+        dirty.mark_all_written();
+        let running = machine.run()?;
+        let times = SwitchoverTimes { vm_build_us: started.elapsed().as_micros() as u64, ..Default::default() };
+        Ok(KvmGuest { running, dirty, cpuid: state.cpuid, spec: state.workload, times: std::sync::Mutex::new(times) })
     }
 }
 
@@ -274,21 +319,28 @@ impl DestinationVm for KvmDestination {
             return Err(VmError::Incompatible("the source is not a KVM guest (it states no CPU model)".into()));
         }
         let kvm = machine::open_kvm().map_err(VmError::Incompatible)?;
-        KvmRequirements::decode(&layout.requirements)
-            .and_then(|requirements| requirements.check(&kvm))
+        let requirements = KvmRequirements::decode(&layout.requirements)
+            .and_then(|requirements| requirements.check(&kvm).map(|()| requirements))
             .map_err(VmError::Incompatible)?;
         let memory = Arc::new(KvmMemory::map(&regions).map_err(VmError::Unfit)?);
+        // The VM now, outside the downtime: slots over the memory being received, the
+        // vCPU with the source's CPU model.
+        let machine = Machine::create(kvm, memory.clone(), Some(&requirements.cpuid), DirtyTracking::Log)
+            .map_err(VmError::Incompatible)?;
+        self.cpuid = requirements.cpuid;
+        self.machine = Some(machine);
         self.memory = Some(memory.clone());
         Ok(memory)
     }
 
     fn resume(&mut self, device_state: &[u8]) -> Result<(), VmError> {
-        self.guest = Some(self.build(device_state).map_err(VmError::Resume)?);
+        self.guest = Some(self.start(device_state).map_err(VmError::Resume)?);
         Ok(())
     }
 
     fn discard(&mut self) {
         self.guest = None;
+        self.machine = None;
         self.memory = None;
     }
 }
