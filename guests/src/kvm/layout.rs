@@ -64,11 +64,21 @@ pub mod config {
     pub const MAGIC_VALUE: u64 = u64::from_le_bytes(*b"vmigKVM1");
 }
 
-/// The code and data segment selectors (GDT entries 1 and 2).
+/// The code and data segment selectors: kernel (GDT entries 1 and 2) and user (3 and 4,
+/// with their privilege level in the low bits).
 pub const CODE_SELECTOR: u16 = 0x08;
 pub const DATA_SELECTOR: u16 = 0x10;
-/// Flat 64-bit code, and flat data: what the GDT holds and the vCPU's hidden parts mirror.
-const GDT_ENTRIES: [u64; 3] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
+pub const USER_CODE_SELECTOR: u16 = 0x18 | 3;
+pub const USER_DATA_SELECTOR: u16 = 0x20 | 3;
+/// The task register's selector (only its hidden part is used).
+pub const TSS_SELECTOR: u16 = 0x28;
+/// Flat 64-bit code and flat data at privilege 0 and 3: what the GDT holds and the vCPU's
+/// hidden parts mirror.
+const GDT_ENTRIES: [u64; 5] =
+    [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x00af_fb00_0000_ffff, 0x00cf_f300_0000_ffff];
+/// Where the guest writes its serial output: a page in the hole below 4 GiB that no slot
+/// backs, so each store exits to the VMM (asm/kvm_guest.S, SERIAL_MMIO).
+pub const SERIAL_MMIO: u64 = 0xd000_0000;
 
 /// RAM's regions: (guest-physical start, bytes).
 pub fn regions(total_bytes: u64) -> Vec<(u64, u64)> {
@@ -144,14 +154,13 @@ pub fn write_boot_memory(
         written.extend(first..=last);
         Ok(())
     };
-    write(PML4, &(PDPT | 0b11).to_le_bytes())?;
+    // Present, writable, user (the workloads run at CPL 3); 2 MiB pages.
+    write(PML4, &(PDPT | 0b111).to_le_bytes())?;
     for gib in 0..mapped_gib {
         let directory = PAGE_DIRECTORIES + gib * 0x1000;
-        write(PDPT + gib * 8, &(directory | 0b11).to_le_bytes())?;
-        let entries: Vec<u8> = (0..512u64)
-            // Present, writable, 2 MiB page.
-            .flat_map(|entry| (((gib << 30) + (entry << 21)) | 0x83).to_le_bytes())
-            .collect();
+        write(PDPT + gib * 8, &(directory | 0b111).to_le_bytes())?;
+        let entries: Vec<u8> =
+            (0..512u64).flat_map(|entry| (((gib << 30) + (entry << 21)) | 0x87).to_le_bytes()).collect();
         write(directory, &entries)?;
     }
     let gdt: Vec<u8> = GDT_ENTRIES.iter().flat_map(|e| e.to_le_bytes()).collect();
@@ -251,10 +260,10 @@ mod tests {
         let written = write_boot_memory(&memory, total, &[0xf4], config).unwrap();
         assert!(written.contains(&(PROGRAM / 4096)) && written.contains(&0) && written.contains(&(PML4 / 4096)));
         let entry = |address: u64| memory.read_obj::<u64>(GuestAddress(address)).unwrap();
-        assert_eq!(entry(PML4), PDPT | 3);
+        assert_eq!(entry(PML4), PDPT | 7);
         // Four GiB mapped (the APIC's page), each 2 MiB page onto itself.
-        assert_eq!(entry(PDPT + 3 * 8), (PAGE_DIRECTORIES + 3 * 0x1000) | 3);
-        assert_eq!(entry(PAGE_DIRECTORIES + 3 * 0x1000 + 511 * 8), ((3 << 30) + (511 << 21)) | 0x83);
+        assert_eq!(entry(PDPT + 3 * 8), (PAGE_DIRECTORIES + 3 * 0x1000) | 7);
+        assert_eq!(entry(PAGE_DIRECTORIES + 3 * 0x1000 + 511 * 8), ((3 << 30) + (511 << 21)) | 0x87);
         assert_eq!(entry(CONFIG + config::MAGIC), config::MAGIC_VALUE);
         assert_eq!(entry(CONFIG + config::AREA_PAGES), 16);
     }

@@ -115,8 +115,9 @@ impl Machine {
         self.cpuid.clone()
     }
 
-    /// Puts the vCPU at the guest program's first instruction, in long mode.
-    pub fn set_boot_state(&self) -> Result<(), String> {
+    /// Puts the vCPU at the guest program's first instruction, in long mode, at CPL 3 for
+    /// `user` (the busy workloads: see asm/kvm_guest.S) or CPL 0.
+    pub fn set_boot_state(&self, user: bool) -> Result<(), String> {
         let mut sregs = self.vcpu.get_sregs().map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
         let code = kvm_segment {
             base: 0,
@@ -133,7 +134,12 @@ impl Machine {
             unusable: 0,
             padding: 0,
         };
-        let data = kvm_segment { selector: DATA_SELECTOR, type_: 0x3, db: 1, l: 0, ..code };
+        let (code, data_selector) = if user {
+            (kvm_segment { selector: layout::USER_CODE_SELECTOR, dpl: 3, ..code }, layout::USER_DATA_SELECTOR)
+        } else {
+            (code, DATA_SELECTOR)
+        };
+        let data = kvm_segment { selector: data_selector, type_: 0x3, db: 1, l: 0, ..code };
         sregs.cs = code;
         sregs.ds = data;
         sregs.es = data;
@@ -141,9 +147,10 @@ impl Machine {
         sregs.gs = data;
         sregs.ss = data;
         // Long mode wants a 64-bit busy TSS in TR; the guest never switches tasks.
-        sregs.tr = kvm_segment { selector: 0x18, type_: 0xb, s: 0, l: 0, g: 0, limit: 0x67, ..code };
+        sregs.tr =
+            kvm_segment { selector: layout::TSS_SELECTOR, type_: 0xb, s: 0, l: 0, g: 0, dpl: 0, limit: 0x67, ..code };
         sregs.gdt.base = layout::GDT;
-        sregs.gdt.limit = 3 * 8 - 1;
+        sregs.gdt.limit = 5 * 8 - 1;
         sregs.cr3 = PML4;
         sregs.cr4 = (1 << 5) | (1 << 9) | (1 << 10); // PAE, OSFXSR, OSXMMEXCPT
         sregs.cr0 = 0x8001_0033; // PG, WP, NE, ET, MP, PE

@@ -101,7 +101,7 @@ impl KvmGuest {
                 layout::fill_dirty_area(memory.mmap(), memory_bytes, program.area_pages, program.word_mask, seed)?;
             written.extend(area);
         }
-        machine.set_boot_state()?;
+        machine.set_boot_state(program.kind != layout::KIND_IDLE)?;
         let cpuid = machine.cpuid();
         let dirty = machine.dirty_log(&written)?;
         log::debug!("KVM guest: {} MiB, {spec}, {}", memory_bytes >> 20, dirty.describe());

@@ -13,6 +13,8 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 /// The first serial port (COM1), where the guest writes its reports.
 const SERIAL_PORT: u16 = 0x3f8;
+/// The serial page the guest program writes to (its stores exit to us at any CPL).
+const SERIAL_MMIO: u64 = super::layout::SERIAL_MMIO;
 /// Its line status register: reads "transmitter empty" so that a polling guest goes on.
 const SERIAL_LINE_STATUS: u16 = 0x3fd;
 /// Auto-converge's period: the vCPU sleeps its throttled share of each (QEMU's is 10 ms).
@@ -288,7 +290,7 @@ fn handle_exit(
     on_ring_full: Option<&(dyn Fn() -> Result<u64, String> + Send)>,
 ) -> Result<(), String> {
     match exit {
-        VcpuExit::IoOut(SERIAL_PORT, data) => {
+        VcpuExit::IoOut(SERIAL_PORT, data) | VcpuExit::MmioWrite(SERIAL_MMIO, data) => {
             let mut state = shared.lock();
             for &byte in data {
                 if byte == b'\n' {
@@ -304,6 +306,10 @@ fn handle_exit(
             Ok(())
         }
         VcpuExit::IoOut(..) => Ok(()),
+        VcpuExit::MmioRead(_, data) => {
+            data.fill(0);
+            Ok(())
+        }
         VcpuExit::IoIn(port, data) => {
             data.fill(0);
             if port == SERIAL_LINE_STATUS {
