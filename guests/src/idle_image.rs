@@ -2,7 +2,6 @@
 //! like to a migration (mostly never touched; some code, data and text; some zeroed pages),
 //! so that codecs and zero detection meet realistic pages.
 
-use crate::guest::GuestRam;
 use migration::PAGE_SIZE_BYTES;
 use rand::rngs::SmallRng;
 use rand::Rng;
@@ -16,10 +15,9 @@ const IDLE_ZEROED_SHARE: f64 = 0.01;
 /// Allocations come in clusters, as a booted OS's memory map does.
 const IDLE_CLUSTER_PAGES: u64 = 32;
 
-/// Writes an idle, booted-OS-like image into `ram`: code, data and text in clusters over
-/// mostly untouched memory.
-pub(crate) fn write_idle_image(ram: &GuestRam, rng: &mut SmallRng) {
-    let pages = ram.total_pages();
+/// Writes an idle, booted-OS-like image over `pages` pages with `write(page, bytes)`: code,
+/// data and text in clusters over mostly untouched memory.
+pub(crate) fn write_idle_image(pages: u64, rng: &mut SmallRng, mut write: impl FnMut(u64, &[u8])) {
     let mut page = vec![0u8; PAGE_SIZE_BYTES];
     // A contiguous kernel image at 16 MiB (or as much as fits), like a loaded bzImage.
     let kernel_start = (16u64 << 20) / PAGE_SIZE_BYTES as u64;
@@ -32,7 +30,7 @@ pub(crate) fn write_idle_image(ram: &GuestRam, rng: &mut SmallRng) {
         } else {
             fill_binary(rng, &mut page);
         }
-        ram.write_flat_page(flat, &page);
+        write(flat, &page);
     }
     let mut cluster = 0;
     while cluster * IDLE_CLUSTER_PAGES < pages {
@@ -57,7 +55,7 @@ pub(crate) fn write_idle_image(ram: &GuestRam, rng: &mut SmallRng) {
                 1 => fill_text(rng, &mut page),
                 _ => page.fill(0),
             }
-            ram.write_flat_page(flat, &page);
+            write(flat, &page);
         }
     }
 }

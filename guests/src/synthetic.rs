@@ -207,7 +207,9 @@ impl SyntheticGuest {
         let progress = Arc::new(Progress::default());
         let mut rng = SmallRng::seed_from_u64(seed);
         match spec {
-            WorkloadSpec::Idle => write_idle_image(&ram, &mut rng),
+            WorkloadSpec::Idle => {
+                write_idle_image(ram.total_pages(), &mut rng, |flat, page| ram.write_flat_page(flat, page))
+            }
             WorkloadSpec::Dirty { area_bytes, bits, .. } => {
                 let area_pages = dirty_area_pages(&ram, area_bytes)?;
                 let mut page = vec![0u8; PAGE_SIZE_BYTES];

@@ -276,3 +276,24 @@ fn a_kvm_destination_refuses_a_guest_that_is_not_a_kvm_guest() {
     assert!(sender.stderr.contains("the source is not a KVM guest"), "{}", sender.stderr);
     assert!(sender.stderr.contains("source guest keeps running"), "{}", sender.stderr);
 }
+
+/// examples/kvm_vmm.rs, the embedding over vm-memory and kvm-ioctls, migrates its guest
+/// (cargo test builds the examples beside the test binaries).
+#[test]
+fn the_kvm_embedding_example_migrates_its_guest() {
+    use std::process::Command;
+    use vmigrate_tests::process::run;
+    if !kvm_or_skip("the_kvm_embedding_example_migrates_its_guest") {
+        return;
+    }
+    let exe = std::env::current_exe().expect("test path");
+    let example = exe.parent().and_then(|deps| deps.parent()).map(|dir| dir.join("examples/kvm_vmm"));
+    let Some(example) = example.filter(|path| path.exists()) else {
+        eprintln!("SKIPPED the_kvm_embedding_example_migrates_its_guest: the example is not built");
+        return;
+    };
+    let finished = run(&mut Command::new(example), DEADLINE);
+    assert!(finished.status.success(), "{}", finished.stderr);
+    assert!(finished.stdout.contains("verified Ok(Some(true))"), "{}", finished.stdout);
+    assert!(finished.stdout.contains("destination vCPU ran on"), "{}", finished.stdout);
+}

@@ -200,14 +200,10 @@ pub fn fill_dirty_area(
 ) -> Result<Vec<u64>, String> {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
-    let low_pages = total_bytes.min(LOW_MEMORY_BYTES) / PAGE_SIZE_BYTES as u64;
-    let hole_pages = (HIGH_MEMORY_START - LOW_MEMORY_BYTES) / PAGE_SIZE_BYTES as u64;
     let mut page = vec![0u8; PAGE_SIZE_BYTES];
     let mut area_sum = 0u32;
     let mut written = Vec::with_capacity(area_pages as usize);
     for index in 0..area_pages {
-        let flat = AREA_FIRST_PAGE + index;
-        let physical = if flat < low_pages { flat } else { flat + hole_pages };
         let mut page_sum = 0u32;
         for word in page.chunks_exact_mut(4).skip(1) {
             let value = rng.gen::<u32>() & word_mask;
@@ -216,15 +212,24 @@ pub fn fill_dirty_area(
         }
         page[..4].copy_from_slice(&page_sum.to_le_bytes());
         area_sum ^= page_sum;
-        memory
-            .write_slice(&page, GuestAddress(physical * PAGE_SIZE_BYTES as u64))
-            .map_err(|e| format!("filling the dirty area: {e}"))?;
-        written.push(flat);
+        written.push(write_area_page(memory, total_bytes, index, &page)?);
     }
     memory
         .write_obj(u64::from(area_sum), GuestAddress(CONFIG + config::SUM))
         .map_err(|e| format!("writing the area's sum: {e}"))?;
     Ok(written)
+}
+
+/// Writes page `index` of the workload's area (a VMM's write, before boot).
+pub fn write_area_page(memory: &GuestMemoryMmap, total_bytes: u64, index: u64, bytes: &[u8]) -> Result<u64, String> {
+    let low_pages = total_bytes.min(LOW_MEMORY_BYTES) / PAGE_SIZE_BYTES as u64;
+    let hole_pages = (HIGH_MEMORY_START - LOW_MEMORY_BYTES) / PAGE_SIZE_BYTES as u64;
+    let flat = AREA_FIRST_PAGE + index;
+    let physical = if flat < low_pages { flat } else { flat + hole_pages };
+    memory
+        .write_slice(bytes, GuestAddress(physical * PAGE_SIZE_BYTES as u64))
+        .map_err(|e| format!("writing the guest's initial image: {e}"))?;
+    Ok(flat)
 }
 
 /// The most pages the workload's area can have in a guest of `total_bytes`.

@@ -101,6 +101,21 @@ impl KvmGuest {
                 layout::fill_dirty_area(memory.mmap(), memory_bytes, program.area_pages, program.word_mask, seed)?;
             written.extend(area);
         }
+        if program.kind == layout::KIND_IDLE {
+            // The synthetic idle guest's booted-OS-like image (kernel, data, text, zeroed
+            // pages over mostly untouched memory), loaded as a VMM loads a kernel.
+            let mut rng = rand::SeedableRng::seed_from_u64(seed);
+            let mut failed = None;
+            crate::idle_image::write_idle_image(layout::max_area_pages(memory_bytes), &mut rng, |index, page| {
+                match layout::write_area_page(memory.mmap(), memory_bytes, index, page) {
+                    Ok(flat) => written.push(flat),
+                    Err(e) => failed = Some(e),
+                }
+            });
+            if let Some(e) = failed {
+                return Err(e);
+            }
+        }
         machine.set_boot_state(program.kind != layout::KIND_IDLE)?;
         let cpuid = machine.cpuid();
         let dirty = machine.dirty_log(&written)?;
