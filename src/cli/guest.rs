@@ -13,7 +13,7 @@ use std::time::Duration;
 /// The running guest on the source.
 pub enum SourceGuest {
     Synthetic(SyntheticGuest),
-    Kvm(KvmGuest),
+    Kvm(Box<KvmGuest>),
 }
 
 impl SourceGuest {
@@ -28,7 +28,7 @@ impl SourceGuest {
                 let booted = KvmGuest::boot_with(guest.mem, guest.workload, guest.seed, guest.kvm_dirty)
                     .map_err(anyhow::Error::msg)
                     .context("booting the KVM guest")?;
-                SourceGuest::Kvm(booted)
+                SourceGuest::Kvm(Box::new(booted))
             }
         };
         std::thread::sleep(Duration::from_secs_f64(guest.warmup));
@@ -38,7 +38,7 @@ impl SourceGuest {
     pub fn vm(&self) -> &dyn SourceVm {
         match self {
             SourceGuest::Synthetic(guest) => guest,
-            SourceGuest::Kvm(guest) => guest,
+            SourceGuest::Kvm(guest) => &**guest,
         }
     }
 
@@ -102,7 +102,7 @@ fn boot_synthetic(guest: &GuestArgs, common: &CommonOptions) -> Result<Synthetic
 /// The guest being built on the destination.
 pub enum DestinationGuest {
     Synthetic(SyntheticDestination),
-    Kvm(KvmDestination),
+    Kvm(Box<KvmDestination>),
 }
 
 impl DestinationGuest {
@@ -113,16 +113,16 @@ impl DestinationGuest {
                 let policy = parse_huge_policy(&common.hugepages).map_err(anyhow::Error::msg)?;
                 DestinationGuest::Synthetic(SyntheticDestination::new(max_memory_bytes, policy))
             }
-            GuestKind::Kvm => DestinationGuest::Kvm(
+            GuestKind::Kvm => DestinationGuest::Kvm(Box::new(
                 KvmDestination::new(max_memory_bytes).map_err(anyhow::Error::msg).context("a KVM destination")?,
-            ),
+            )),
         })
     }
 
     pub fn vm(&mut self) -> &mut dyn DestinationVm {
         match self {
             DestinationGuest::Synthetic(vm) => vm,
-            DestinationGuest::Kvm(vm) => vm,
+            DestinationGuest::Kvm(vm) => &mut **vm,
         }
     }
 

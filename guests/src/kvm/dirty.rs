@@ -307,7 +307,7 @@ impl KvmDirtyLog {
         for (bitmap, &bytes) in vmm.iter_mut().zip(&self.region_bytes) {
             bitmap.fill(!0);
             let pages = pages_of(bytes);
-            if let Some(last) = bitmap.last_mut().filter(|_| pages % 64 != 0) {
+            if let Some(last) = bitmap.last_mut().filter(|_| !pages.is_multiple_of(64)) {
                 *last = (1u64 << (pages % 64)) - 1;
             }
         }

@@ -112,7 +112,7 @@ pub fn check_size(total_bytes: u64) -> Result<(), String> {
             "a KVM guest needs {MIN_MEMORY_BYTES} to {MAX_MEMORY_BYTES} bytes of memory, not {total_bytes}"
         ));
     }
-    if total_bytes % PAGE_SIZE_BYTES as u64 != 0 {
+    if !total_bytes.is_multiple_of(PAGE_SIZE_BYTES as u64) {
         return Err(format!("guest memory must be whole pages, not {total_bytes} bytes"));
     }
     Ok(())

@@ -195,7 +195,7 @@ impl KvmGuest {
 /// The guest program's configuration for a workload.
 fn program_config(spec: WorkloadSpec, memory_bytes: u64, tsc_hz: u64, seed: u64) -> Result<ProgramConfig, String> {
     let max_area = layout::max_area_pages(memory_bytes);
-    let pacing = |pages_per_s: u64| if pages_per_s == 0 { 0 } else { (tsc_hz / pages_per_s).max(1) };
+    let pacing = |pages_per_s: u64| tsc_hz.checked_div(pages_per_s).map_or(0, |ticks| ticks.max(1));
     let seed = seed | 1;
     Ok(match spec {
         WorkloadSpec::Idle => {
