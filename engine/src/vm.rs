@@ -38,6 +38,17 @@ impl GuestLayout {
     pub fn region_bytes(&self) -> Vec<u64> {
         self.regions.iter().map(|r| r.bytes).collect()
     }
+
+    /// `VmError::Unfit` where the guest is larger than `max_bytes`.
+    pub fn check_fits(&self, max_bytes: u64) -> Result<(), VmError> {
+        let total = self.total_bytes();
+        if total > max_bytes {
+            return Err(VmError::Unfit(format!(
+                "guest of {total} bytes exceeds this destination's limit of {max_bytes} bytes"
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// The running guest on the source.

@@ -428,13 +428,7 @@ impl SyntheticDestination {
 
 impl DestinationVm for SyntheticDestination {
     fn prepare(&mut self, layout: &GuestLayout) -> Result<Arc<dyn GuestMemory>, VmError> {
-        let total = layout.total_bytes();
-        if total > self.max_memory_bytes {
-            return Err(VmError::Unfit(format!(
-                "guest of {total} bytes exceeds this destination's limit of {} bytes",
-                self.max_memory_bytes
-            )));
-        }
+        layout.check_fits(self.max_memory_bytes)?;
         let ram = Arc::new(GuestRam::allocate_at(&layout.regions, self.policy)?);
         // Received pages arrive scattered over the guest (an idle guest's 200 MiB over
         // 4 GiB): on transparent huge pages each would fault in, and zero, a whole 2 MiB.

@@ -321,13 +321,7 @@ impl KvmDestination {
 
 impl DestinationVm for KvmDestination {
     fn prepare(&mut self, layout: &GuestLayout) -> Result<Arc<dyn GuestMemory>, VmError> {
-        let total = layout.total_bytes();
-        if total > self.max_memory_bytes {
-            return Err(VmError::Unfit(format!(
-                "guest of {total} bytes exceeds this destination's limit of {} bytes",
-                self.max_memory_bytes
-            )));
-        }
+        layout.check_fits(self.max_memory_bytes)?;
         let source: Vec<(u64, u64)> = layout.regions.iter().map(|r| (r.guest_address, r.bytes)).collect();
         let regions = layout::regions_for(&source).map_err(VmError::Unfit)?;
         if layout.requirements.is_empty() {
