@@ -2,7 +2,7 @@
  * enters in long mode, with every guest-physical address mapped to itself by 2 MiB pages.
  * It runs one of three workloads over an area of guest pages, and on request checks the
  * whole area against the workload's invariant and reports on the first serial port:
- * (written byte by byte to the serial MMIO page at SERIAL_MMIO, which the VMM collects)
+ * (byte by byte: to the serial port at CPL 0, to the serial MMIO page at CPL 3)
  *   "check ok N\n"      all N pages hold what they must
  *   "check BAD page P\n" page P (index in the area) does not
  *   "check BAD sum ...\n" every page is whole, but one is an older version
@@ -53,6 +53,7 @@
         .set CONFIG_TICKS,          0x60
         .set CONFIG_SUM,            0x68
 
+        .set SERIAL,                0x3f8
         .set SERIAL_MMIO,           0xd0000000  /* in the hole below 4 GiB, no RAM there */
         .set LAPIC,                 0xfee00000
         .set TIMER_VECTOR,          0x20
@@ -317,11 +318,19 @@ print:
         jmp     print
 18:     ret
 
-/* One byte to the VMM's serial MMIO page: a store to guest-physical memory no slot backs
- * exits to the VMM at any privilege level, where `out` would need an I/O bitmap at CPL 3. */
+/* One byte of output: to the first serial port at CPL 0 (an I/O exit), to the VMM's
+ * serial MMIO page at CPL 3, where `out` would need an I/O bitmap (a store to memory no
+ * slot backs exits to the VMM at any privilege level). */
 print_char:
         pushq   %rdx
-        movl    $SERIAL_MMIO, %edx
+        movw    %cs, %dx
+        testb   $3, %dl
+        jnz     20f
+        movw    $SERIAL, %dx
+        outb    %al, %dx
+        popq    %rdx
+        ret
+20:     movl    $SERIAL_MMIO, %edx
         movb    %al, (%rdx)
         popq    %rdx
         ret

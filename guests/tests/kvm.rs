@@ -67,21 +67,6 @@ fn a_paused_guest_writes_nothing_and_resumes() {
     assert!(guest.check().is_ok());
 }
 
-#[test]
-#[ignore]
-fn probe_rates() {
-    for spec in
-        [WorkloadSpec::Seq { pages_per_s: 0 }, WorkloadSpec::Dirty { area_bytes: 16 << 20, pages_per_s: 0, bits: 16 }]
-    {
-        let guest = KvmGuest::boot(64 << 20, spec, 2).unwrap();
-        for _ in 0..5 {
-            let before = guest.writes();
-            std::thread::sleep(Duration::from_millis(500));
-            eprintln!("{spec}: {} pages/s {:?}", (guest.writes() - before) * 2, guest.failure());
-        }
-    }
-}
-
 /// Overwrites page `page` of the area (flat page 1024 + page) with `edit` applied.
 fn edit_area_page(guest: &KvmGuest, page: u64, edit: impl FnOnce(&mut [u8])) {
     let mut bytes = vec![0u8; 4096];
