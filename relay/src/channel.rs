@@ -7,9 +7,12 @@
 //! heartbeat goes out whenever QEMU has been quiet for `HEARTBEAT`, so the peer can tell a
 //! quiet stream from a dead link. From the network ("down"): check each frame's CRC and
 //! sequence, decompress, write to QEMU. The last chunk is held back until the next one, a
-//! heartbeat or the stream's end arrives: QEMU's final bytes (the end of its stream) reach
-//! QEMU only once the whole stream's digest has checked out, so a destination QEMU never
-//! completes an incoming migration from a stream that did not arrive whole and intact.
+//! heartbeat or the stream's end arrives; once a main stream's RAM has ended, QEMU's
+//! end-of-file marker, on which the destination QEMU finishes loading and starts the guest,
+//! and whatever follows it wait for the stream's end, whatever arrives meanwhile: they
+//! reach QEMU only once the whole stream's digest has checked out, so a destination QEMU
+//! never completes an incoming migration from a stream that did not arrive whole and
+//! intact.
 //!
 //! Any failure raises the session's abort: every channel's sockets are shut, both QEMUs see
 //! their migration streams end early, and the peer relay is told why (an `Abort` frame).
@@ -21,7 +24,9 @@ use crate::{LinkFailure, RelayFailure};
 use migration::codec::Codec;
 use migration::frame::FrameKind;
 use migration::handshake::{decode_reason, encode_reason};
-use migration::qemu_stream::{starts_a_qemu_stream, Kind, Piece, Progress, StreamReader, PAGE_BYTES};
+use migration::qemu_stream::{
+    end_marker_candidate, starts_a_qemu_stream, Kind, Piece, Progress, StreamReader, PAGE_BYTES,
+};
 use migration::relay::Encoding;
 use migration::relay::{max_data_payload_bytes, ChunkDecoder, ChunkEncoder, StreamDigest, StreamEnd, MAX_CHUNK_BYTES};
 use migration::relay_pages::{PageCounts, RecordDecoder, RecordEncoder, RECORDS};
@@ -50,6 +55,9 @@ pub struct DirectionStats {
     /// Carried here, but QEMU had closed its end: the trailing packet without pages that
     /// QEMU 7.2 may leave on a multifd channel (`qemu_sink`). 0 but on such a channel.
     pub undelivered: u64,
+    /// Bytes from QEMU's end-of-file marker on, held back until the stream's digest
+    /// checked out (a completed main stream's; 0 on other streams).
+    pub held_for_digest: u64,
 }
 
 /// One carried stream, at its end.
@@ -334,7 +342,8 @@ impl PageChunks {
 }
 
 /// The network to QEMU: checked, decompressed chunks, the last one held back until the
-/// next frame proves more is coming (or the stream's digest checks out).
+/// next frame proves more is coming (or the stream's digest checks out), and QEMU's
+/// end-of-file marker held back until the digest checks out whatever comes after it.
 fn pump_down(
     local: UnixStream,
     mut reader: Box<dyn Read + Send>,
@@ -353,6 +362,9 @@ fn pump_down(
     let data_limit = max_data_payload_bytes() as u32;
     let limit = |kind: FrameKind| if kind == FrameKind::StreamData { data_limit } else { CONTROL_FRAME_LIMIT_BYTES };
     let mut local = QemuSink::new(local);
+    // The main stream as it passes, to know when its last, opaque part (the device state,
+    // then QEMU's end-of-file marker) has begun.
+    let mut stream = StreamReader::default();
     let release = |held: &mut Vec<u8>, local: &mut QemuSink| -> Result<(), RelayFailure> {
         if !held.is_empty() {
             local.deliver(held)?;
@@ -360,6 +372,23 @@ fn pump_down(
         }
         Ok(())
     };
+    // What a new frame or a heartbeat lets go of: everything held, except in a completing
+    // main stream, where QEMU's end-of-file marker (on which the destination QEMU starts
+    // the guest) and what follows it wait for the digest.
+    let release_before_marker =
+        |held: &mut Vec<u8>, local: &mut QemuSink, stream: &StreamReader| -> Result<(), RelayFailure> {
+            let completing = stream.kind() == Kind::Main && stream.progress() == Progress::Completing;
+            match end_marker_candidate(held).filter(|_| completing) {
+                Some(at) => {
+                    if at > 0 {
+                        local.deliver(&held[..at])?;
+                        held.drain(..at);
+                    }
+                    Ok(())
+                }
+                None => release(held, local),
+            }
+        };
     loop {
         let header = match read_frame(&mut *reader, &mut payload, limit) {
             Ok(header) => header,
@@ -386,17 +415,24 @@ fn pump_down(
                 } else {
                     decoder.decode(&payload).map_err(RelayFailure::damaged)?
                 };
-                release(&mut held, &mut local)?;
+                release_before_marker(&mut held, &mut local, &stream)?;
                 digest.update(bytes);
+                if matches!(stream.kind(), Kind::Unknown | Kind::Main) {
+                    stream.feed(bytes, &mut |_| {});
+                }
                 held.extend_from_slice(bytes);
                 stats.bytes += bytes.len() as u64;
                 stats.wire_bytes += payload.len() as u64;
                 stats.chunks += 1;
             }
-            FrameKind::Heartbeat => release(&mut held, &mut local)?,
+            FrameKind::Heartbeat => release_before_marker(&mut held, &mut local, &stream)?,
             FrameKind::StreamEnd => {
                 let end = StreamEnd::decode(&payload).map_err(RelayFailure::damaged)?;
                 digest.check(&end).map_err(RelayFailure::damaged)?;
+                let completing = stream.kind() == Kind::Main && stream.progress() == Progress::Completing;
+                if completing {
+                    stats.held_for_digest = end_marker_candidate(&held).map_or(0, |at| (held.len() - at) as u64);
+                }
                 release(&mut held, &mut local)?;
                 stats.undelivered = local.finish()?;
                 return Ok(stats);
@@ -564,5 +600,98 @@ mod tests {
         let mut received = Vec::new();
         let _ = destination_qemu.read_to_end(&mut received);
         assert_eq!(received, b"first chunk;", "only what the next frame vouched for reached QEMU");
+    }
+
+    /// A main stream as QEMU 7.2 ends one: RAM's setup and end sections, a device's state,
+    /// the end-of-file marker and the machine's description. Returns it and where the
+    /// marker is.
+    fn ending_main_stream() -> (Vec<u8>, usize) {
+        let mut s = b"QEVM\0\0\0\x03".to_vec();
+        s.push(0x07);
+        s.extend(13u32.to_be_bytes());
+        s.extend(b"pc-i440fx-7.2");
+        // RAM's start section: one block of 1 MiB, then end of its data and the footer.
+        s.extend([0x01, 0, 0, 0, 2, 3]);
+        s.extend(b"ram");
+        s.extend([0, 0, 0, 0, 0, 0, 0, 4]);
+        s.extend(((1u64 << 20) | 0x04).to_be_bytes());
+        s.push(6);
+        s.extend(b"pc.ram");
+        s.extend((1u64 << 20).to_be_bytes());
+        s.extend(0x10u64.to_be_bytes());
+        s.extend([0x7e, 0, 0, 0, 2]);
+        // RAM's end section, with the guest stopped: from here on the migration completes.
+        s.extend([0x03, 0, 0, 0, 2]);
+        s.extend(0x10u64.to_be_bytes());
+        s.extend([0x7e, 0, 0, 0, 2]);
+        // A device's state (with zeros in it, and a 0x00 0x06), the marker, the description.
+        s.extend([0x04, 0, 0, 0, 3, 5]);
+        s.extend(b"timer");
+        s.extend([0, 0, 0, 0, 0, 0, 0, 2, 0x00, 0x06, 0xbe, 0xef, 0x00, 0x7e, 0, 0, 0, 3]);
+        let marker = s.len();
+        s.push(0x00);
+        let json = br#"{"page_size": 4096, "devices": []}"#;
+        s.push(0x06);
+        s.extend((json.len() as u32).to_be_bytes());
+        s.extend(json);
+        (s, marker)
+    }
+
+    /// Sends `stream` to a destination pump in `cuts` (a heartbeat after each), then a
+    /// StreamEnd whose digest is right or not; returns the pump's result and what reached
+    /// QEMU.
+    fn deliver_in_pieces(
+        stream: &[u8],
+        cuts: &[usize],
+        digest_right: bool,
+    ) -> (Result<ChannelReport, RelayFailure>, Vec<u8>) {
+        let (mut forger, destination_net) = net_pair();
+        let (mut destination_qemu, destination_local) = UnixStream::pair().unwrap();
+        let abort = Arc::new(SessionAbort::new());
+        let destination = std::thread::spawn(move || pump(0, destination_local, destination_net, RAW, NONE, &abort));
+        let mut seq = SeqCounter::default();
+        let mut frame = FrameBuf::with_capacity(MAX_CHUNK_BYTES);
+        let mut send = |kind: FrameKind, payload: &[u8]| {
+            frame.begin().extend_from_slice(payload);
+            frame.seal(kind, 0, seq.take());
+            forger.writer.write_all(frame.as_bytes()).unwrap();
+        };
+        let mut encoder = ChunkEncoder::new(Codec::None);
+        let mut start = 0;
+        for &cut in cuts.iter().chain([&stream.len()]) {
+            send(FrameKind::StreamData, encoder.encode(&stream[start..cut]));
+            send(FrameKind::Heartbeat, &[]);
+            start = cut;
+        }
+        let mut digest = StreamDigest::default();
+        digest.update(stream);
+        if !digest_right {
+            digest.update(b"!");
+        }
+        send(FrameKind::StreamEnd, &digest.end().encode());
+        // The relay ends QEMU's incoming stream (whole, or cut by the failure); QEMU then
+        // ends its own direction, as a destination QEMU does, and the pump returns.
+        let mut received = Vec::new();
+        let _ = destination_qemu.read_to_end(&mut received);
+        let _ = destination_qemu.shutdown(std::net::Shutdown::Write);
+        let result = destination.join().unwrap();
+        (result, received)
+    }
+
+    #[test]
+    fn qemus_end_of_file_marker_waits_for_the_digest_whatever_arrives_after_it() {
+        let (stream, marker) = ending_main_stream();
+        // The marker in a chunk of its own, in the middle of one, and with the description
+        // arriving later in pieces: heartbeats and later chunks release everything before
+        // it, nothing from it on, until the stream's end checks out.
+        for cuts in [vec![marker, marker + 1, marker + 4], vec![marker - 3, marker + 2], vec![marker + 1]] {
+            let (result, received) = deliver_in_pieces(&stream, &cuts, false);
+            assert!(result.as_ref().is_err_and(|e| e.to_string().contains("digest mismatch")), "{result:?}");
+            assert_eq!(received, &stream[..marker], "cuts {cuts:?}: QEMU got nothing from its end marker on");
+            let (result, received) = deliver_in_pieces(&stream, &cuts, true);
+            let held = result.as_ref().map(|report| report.received.held_for_digest);
+            assert_eq!(held.ok(), Some((stream.len() - marker) as u64), "{result:?}");
+            assert_eq!(received, stream, "cuts {cuts:?}: a stream that checks out arrives whole");
+        }
     }
 }

@@ -122,6 +122,7 @@ impl RelayReport {
                 total.wire_bytes += one.wire_bytes;
                 total.chunks += one.chunks;
                 total.undelivered += one.undelivered;
+                total.held_for_digest += one.held_for_digest;
             }
         }
         (sent, received)

@@ -126,6 +126,10 @@ fn migrate_sweeper(link: &Link, multifd: Option<u32>, codec: &str, port: u16) ->
     // on some of its channels (`relay::qemu_sink`); the memory check below proves it.
     let undelivered = received["received"]["undelivered"].as_u64().expect("undelivered");
     assert!(undelivered <= 1344 * multifd.unwrap_or(0) as u64, "{received}");
+    // QEMU's end-of-file marker (and its machine description after it) reached the
+    // destination QEMU only once the stream's digest had checked out.
+    let held = received["received"]["held_for_digest"].as_u64().expect("held_for_digest");
+    assert!(held > 0, "the end marker was not held back: {received}");
 
     // Both paused now: the source by the completed migration, the destination by -S.
     let point = check_migrated(&source, &destination, &mut source_qmp, &mut destination_qmp);

@@ -72,7 +72,7 @@ fn main_stream(complete: bool) -> (Vec<u8>, Vec<(PageKey, Vec<u8>)>) {
         pages.push((PageKey { block: 1, offset: 0x5000 }, page(4)));
         w.be64(0x10).footer(2);
         w.u8(0x04).be32(3).name("timer").be32(0).be32(2).raw(&[0xde, 0xad, 0xbe, 0xef]).footer(3);
-        w.u8(0x1f);
+        w.u8(0x00);
     }
     (w.bytes, pages)
 }
@@ -186,5 +186,65 @@ proptest! {
         }
         let (_, joined, _) = read(&stream, step);
         prop_assert_eq!(joined, stream);
+    }
+}
+
+/// A completed main stream as QEMU 7.2 ends it: the device state, the end-of-file
+/// marker, and the machine's description.
+fn ended_stream() -> (Vec<u8>, usize) {
+    let (mut stream, _) = main_stream(true);
+    let marker = stream.len() - 1;
+    let json = br#"{"page_size": 4096, "devices": [{"name": "timer"}]}"#;
+    stream.push(0x06);
+    stream.extend_from_slice(&(json.len() as u32).to_be_bytes());
+    stream.extend_from_slice(json);
+    (stream, marker)
+}
+
+#[test]
+fn the_end_marker_is_found_in_every_tail_that_holds_it() {
+    let (stream, marker) = ended_stream();
+    let mut reader = StreamReader::default();
+    reader.feed(&stream[..marker], &mut |_| {});
+    assert_eq!(reader.progress(), Progress::Completing, "the device state comes after RAM's end");
+    // Whatever part of the device state is still held, and however much of the
+    // description has arrived, the marker is where holding back starts.
+    for start in [marker - 12, marker - 5, marker] {
+        for end in marker + 1..=stream.len() {
+            let tail = &stream[start..end];
+            let found = end_marker_candidate(tail).map(|at| start + at);
+            assert!(found.is_some_and(|at| at <= marker), "tail {start}..{end}: {found:?}");
+        }
+    }
+    // Before the marker arrives, device state that ends in other bytes holds nothing back.
+    assert_eq!(end_marker_candidate(&stream[marker - 4..marker]), None);
+}
+
+#[test]
+fn a_zero_in_device_state_is_let_go_once_more_bytes_show_it_is_not_the_marker() {
+    let state = [0x10, 0x00, 0x42, 0x43, 0x44];
+    assert_eq!(end_marker_candidate(&state[..2]), Some(1), "could be the marker, for now");
+    assert_eq!(end_marker_candidate(&state), None, "0x42 cannot follow the marker");
+    // A 0x00 0x06 whose announced description is shorter than what followed.
+    let fake = [0x00, 0x06, 0, 0, 0, 2, b'{', b'}', b'x'];
+    assert_eq!(end_marker_candidate(&fake), None);
+    // Or followed by another 0x00 past its length field.
+    let fake = [0x00, 0x06, 0, 0, 0, 9, b'{', 0x00];
+    assert_eq!(end_marker_candidate(&fake), Some(7), "only the last zero may still be it");
+}
+
+proptest! {
+    #[test]
+    fn the_marker_is_never_released_early(state in proptest::collection::vec(any::<u8>(), 0..300), cut in 0usize..400) {
+        // Device state of any bytes, then the marker and a description.
+        let mut stream = state.clone();
+        let marker = stream.len();
+        stream.push(0x00);
+        stream.push(0x06);
+        stream.extend_from_slice(&2u32.to_be_bytes());
+        stream.extend_from_slice(b"{}");
+        let end = (marker + 1 + cut % 7).min(stream.len());
+        let found = end_marker_candidate(&stream[..end]);
+        prop_assert!(found.is_some_and(|at| at <= marker), "{:?}", found);
     }
 }
