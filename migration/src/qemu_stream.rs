@@ -42,41 +42,14 @@ const MULTIFD_HEADER_BYTES: usize = 320;
 const MULTIFD_MAX_PAGES: usize = 4096;
 const MULTIFD_COMPRESSION_MASK: u32 = 0xe;
 
+mod end_marker;
 mod records;
+pub use end_marker::end_marker_candidate;
 use records::{ram_flag, section};
 
 /// Whether `bytes`, a stream's first, start a QEMU migration stream (main or multifd).
 pub fn starts_a_qemu_stream(bytes: &[u8]) -> bool {
     bytes.starts_with(b"QEVM") || bytes.starts_with(&MULTIFD_MAGIC.to_be_bytes())
-}
-
-/// QEMU's end-of-file section byte (QEMU_VM_EOF, savevm.c): the destination QEMU finishes
-/// loading, and starts the guest, when it reads it. What may follow is the machine's
-/// description, QEMU_VM_VMDESCRIPTION: 0x06, a be32 length, and that much JSON, which QEMU
-/// does not need.
-const END_OF_FILE: u8 = 0x00;
-const VM_DESCRIPTION: u8 = 0x06;
-
-/// Where QEMU's end-of-file marker may start in `tail`, bytes of a main stream's last,
-/// opaque part (its device state, after `Progress::Completing`): the first 0x00 that
-/// what follows it could belong to the marker (nothing, or 0x06, a be32 length and no
-/// more JSON than it announces, which has no NUL: QEMU escapes control characters).
-/// A 0x00 inside device state may look like one until more bytes arrive; the real marker
-/// always does, so holding back from here holds it back.
-pub fn end_marker_candidate(tail: &[u8]) -> Option<usize> {
-    tail.iter().enumerate().filter(|&(_, &byte)| byte == END_OF_FILE).map(|(at, _)| at).find(|&at| {
-        let rest = &tail[at + 1..];
-        match rest.split_first() {
-            None => true,
-            Some((&VM_DESCRIPTION, after)) if after.len() < 4 => true,
-            Some((&VM_DESCRIPTION, after)) => {
-                let length = u32::from_be_bytes([after[0], after[1], after[2], after[3]]) as usize;
-                let json = &after[4..];
-                json.len() <= length && !json.contains(&END_OF_FILE)
-            }
-            Some(_) => false,
-        }
-    })
 }
 
 /// Which guest page a payload is: the RAM block's index in the order this stream named

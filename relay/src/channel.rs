@@ -533,20 +533,30 @@ mod tests {
         }
     }
 
+    /// The start of a main stream as QEMU 7.2 writes it: the magic, the configuration, and
+    /// RAM's start section (one block of 1 MiB, the end of its data, the footer).
+    fn ram_set_up() -> Vec<u8> {
+        let mut s = b"QEVM\0\0\0\x03".to_vec();
+        s.push(0x07);
+        s.extend(13u32.to_be_bytes());
+        s.extend(b"pc-i440fx-7.2");
+        s.extend([0x01, 0, 0, 0, 2, 3]);
+        s.extend(b"ram");
+        s.extend([0, 0, 0, 0, 0, 0, 0, 4]);
+        s.extend(((1u64 << 20) | 0x04).to_be_bytes());
+        s.push(6);
+        s.extend(b"pc.ram");
+        s.extend((1u64 << 20).to_be_bytes());
+        s.extend(0x10u64.to_be_bytes());
+        s.extend([0x7e, 0, 0, 0, 2]);
+        s
+    }
+
     /// A main stream from a QEMU other than the one the reader knows: a page, then a
     /// section type 7.2 does not have, then more bytes that look like RAM records.
     #[test]
     fn a_stream_the_relay_does_not_understand_is_carried_byte_for_byte() {
-        let mut stream = b"QEVM\0\0\0\x03".to_vec();
-        stream.extend([0x01, 0, 0, 0, 2, 3]);
-        stream.extend(b"ram");
-        stream.extend([0, 0, 0, 0, 0, 0, 0, 4]);
-        stream.extend(((1u64 << 20) | 0x04).to_be_bytes());
-        stream.push(6);
-        stream.extend(b"pc.ram");
-        stream.extend((1u64 << 20).to_be_bytes());
-        stream.extend(0x10u64.to_be_bytes());
-        stream.extend([0x7e, 0, 0, 0, 2]);
+        let mut stream = ram_set_up();
         stream.extend([0x02, 0, 0, 0, 2]);
         stream.extend((0x1000u64 | 0x08).to_be_bytes());
         stream.push(6);
@@ -557,7 +567,7 @@ mod tests {
         // A section type of a later QEMU, and data the reader cannot frame.
         stream.push(0x0b);
         for i in 0..50_000u32 {
-            stream.extend((0x2000u64 * u64::from(i) | 0x08 | 0x20).to_be_bytes());
+            stream.extend(((0x2000u64 * u64::from(i)) | 0x08 | 0x20).to_be_bytes());
         }
         for codec in [Codec::None, Codec::Lz4] {
             let (received, source, destination) = carry(stream.clone(), codec);
@@ -635,29 +645,39 @@ mod tests {
         assert!(result.is_err(), "{result:?}");
     }
 
-    #[test]
-    fn the_last_chunk_of_a_stream_whose_digest_fails_never_reaches_qemu() {
+    /// A forged peer relay: `frames` sends what it likes (kind, payload) to a destination
+    /// pump; returns the pump's result and what reached its QEMU.
+    fn forge(frames: impl FnOnce(&mut dyn FnMut(FrameKind, &[u8]))) -> (Result<ChannelReport, RelayFailure>, Vec<u8>) {
         let (mut forger, destination_net) = net_pair();
         let (mut destination_qemu, destination_local) = UnixStream::pair().unwrap();
         let abort = Arc::new(SessionAbort::new());
         let destination = std::thread::spawn(move || pump(0, destination_local, destination_net, RAW, NONE, &abort));
         let mut seq = SeqCounter::default();
         let mut frame = FrameBuf::with_capacity(MAX_CHUNK_BYTES);
-        let mut send = |kind: FrameKind, payload: &[u8]| {
+        frames(&mut |kind: FrameKind, payload: &[u8]| {
             frame.begin().extend_from_slice(payload);
             frame.seal(kind, 0, seq.take());
             forger.writer.write_all(frame.as_bytes()).unwrap();
-        };
-        let mut encoder = ChunkEncoder::new(Codec::None);
-        send(FrameKind::StreamData, encoder.encode(b"first chunk;"));
-        send(FrameKind::StreamData, encoder.encode(b"the end of the stream"));
-        let mut digest = StreamDigest::default();
-        digest.update(b"first chunk;the end of the streaM");
-        send(FrameKind::StreamEnd, &digest.end().encode());
-        let result = destination.join().unwrap();
-        assert!(result.as_ref().is_err_and(|err| err.to_string().contains("digest mismatch")), "{result:?}");
+        });
+        // The relay ends QEMU's incoming stream (whole, or cut by the failure); QEMU then
+        // ends its own direction, as a destination QEMU does, and the pump returns.
         let mut received = Vec::new();
         let _ = destination_qemu.read_to_end(&mut received);
+        let _ = destination_qemu.shutdown(std::net::Shutdown::Write);
+        (destination.join().unwrap(), received)
+    }
+
+    #[test]
+    fn the_last_chunk_of_a_stream_whose_digest_fails_never_reaches_qemu() {
+        let (result, received) = forge(|send| {
+            let mut encoder = ChunkEncoder::new(Codec::None);
+            send(FrameKind::StreamData, encoder.encode(b"first chunk;"));
+            send(FrameKind::StreamData, encoder.encode(b"the end of the stream"));
+            let mut digest = StreamDigest::default();
+            digest.update(b"first chunk;the end of the streaM");
+            send(FrameKind::StreamEnd, &digest.end().encode());
+        });
+        assert!(result.as_ref().is_err_and(|err| err.to_string().contains("digest mismatch")), "{result:?}");
         assert_eq!(received, b"first chunk;", "only what the next frame vouched for reached QEMU");
     }
 
@@ -665,20 +685,7 @@ mod tests {
     /// the end-of-file marker and the machine's description. Returns it and where the
     /// marker is.
     fn ending_main_stream() -> (Vec<u8>, usize) {
-        let mut s = b"QEVM\0\0\0\x03".to_vec();
-        s.push(0x07);
-        s.extend(13u32.to_be_bytes());
-        s.extend(b"pc-i440fx-7.2");
-        // RAM's start section: one block of 1 MiB, then end of its data and the footer.
-        s.extend([0x01, 0, 0, 0, 2, 3]);
-        s.extend(b"ram");
-        s.extend([0, 0, 0, 0, 0, 0, 0, 4]);
-        s.extend(((1u64 << 20) | 0x04).to_be_bytes());
-        s.push(6);
-        s.extend(b"pc.ram");
-        s.extend((1u64 << 20).to_be_bytes());
-        s.extend(0x10u64.to_be_bytes());
-        s.extend([0x7e, 0, 0, 0, 2]);
+        let mut s = ram_set_up();
         // RAM's end section, with the guest stopped: from here on the migration completes.
         s.extend([0x03, 0, 0, 0, 2]);
         s.extend(0x10u64.to_be_bytes());
@@ -704,37 +711,21 @@ mod tests {
         cuts: &[usize],
         digest_right: bool,
     ) -> (Result<ChannelReport, RelayFailure>, Vec<u8>) {
-        let (mut forger, destination_net) = net_pair();
-        let (mut destination_qemu, destination_local) = UnixStream::pair().unwrap();
-        let abort = Arc::new(SessionAbort::new());
-        let destination = std::thread::spawn(move || pump(0, destination_local, destination_net, RAW, NONE, &abort));
-        let mut seq = SeqCounter::default();
-        let mut frame = FrameBuf::with_capacity(MAX_CHUNK_BYTES);
-        let mut send = |kind: FrameKind, payload: &[u8]| {
-            frame.begin().extend_from_slice(payload);
-            frame.seal(kind, 0, seq.take());
-            forger.writer.write_all(frame.as_bytes()).unwrap();
-        };
-        let mut encoder = ChunkEncoder::new(Codec::None);
-        let mut start = 0;
-        for &cut in cuts.iter().chain([&stream.len()]) {
-            send(FrameKind::StreamData, encoder.encode(&stream[start..cut]));
-            send(FrameKind::Heartbeat, &[]);
-            start = cut;
-        }
-        let mut digest = StreamDigest::default();
-        digest.update(stream);
-        if !digest_right {
-            digest.update(b"!");
-        }
-        send(FrameKind::StreamEnd, &digest.end().encode());
-        // The relay ends QEMU's incoming stream (whole, or cut by the failure); QEMU then
-        // ends its own direction, as a destination QEMU does, and the pump returns.
-        let mut received = Vec::new();
-        let _ = destination_qemu.read_to_end(&mut received);
-        let _ = destination_qemu.shutdown(std::net::Shutdown::Write);
-        let result = destination.join().unwrap();
-        (result, received)
+        forge(|send| {
+            let mut encoder = ChunkEncoder::new(Codec::None);
+            let mut start = 0;
+            for &cut in cuts.iter().chain([&stream.len()]) {
+                send(FrameKind::StreamData, encoder.encode(&stream[start..cut]));
+                send(FrameKind::Heartbeat, &[]);
+                start = cut;
+            }
+            let mut digest = StreamDigest::default();
+            digest.update(stream);
+            if !digest_right {
+                digest.update(b"!");
+            }
+            send(FrameKind::StreamEnd, &digest.end().encode());
+        })
     }
 
     #[test]

@@ -1,0 +1,30 @@
+//! Where a main stream's end-of-file marker may be, in the bytes the reader cannot frame.
+
+/// QEMU's end-of-file section byte (QEMU_VM_EOF, savevm.c): the destination QEMU finishes
+/// loading, and starts the guest, when it reads it. What may follow is the machine's
+/// description, QEMU_VM_VMDESCRIPTION: 0x06, a be32 length, and that much JSON, which QEMU
+/// does not need.
+const END_OF_FILE: u8 = 0x00;
+const VM_DESCRIPTION: u8 = 0x06;
+
+/// Where QEMU's end-of-file marker may start in `tail`, bytes of a main stream's last,
+/// opaque part (its device state, after `Progress::Completing`): the first 0x00 that
+/// what follows it could belong to the marker (nothing, or 0x06, a be32 length and no
+/// more JSON than it announces, which has no NUL: QEMU escapes control characters).
+/// A 0x00 inside device state may look like one until more bytes arrive; the real marker
+/// always does, so holding back from here holds it back.
+pub fn end_marker_candidate(tail: &[u8]) -> Option<usize> {
+    tail.iter().enumerate().filter(|&(_, &byte)| byte == END_OF_FILE).map(|(at, _)| at).find(|&at| {
+        let rest = &tail[at + 1..];
+        match rest.split_first() {
+            None => true,
+            Some((&VM_DESCRIPTION, after)) if after.len() < 4 => true,
+            Some((&VM_DESCRIPTION, after)) => {
+                let length = u32::from_be_bytes([after[0], after[1], after[2], after[3]]) as usize;
+                let json = &after[4..];
+                json.len() <= length && !json.contains(&END_OF_FILE)
+            }
+            Some(_) => false,
+        }
+    })
+}
