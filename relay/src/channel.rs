@@ -165,8 +165,12 @@ pub fn pump(
 /// Why the reader gave up on a QEMU stream before its last part, where it expects to (the
 /// device state after RAM's end has no framing it can follow); None where it did not.
 fn not_understood(stream: &StreamReader) -> Option<&'static str> {
-    let completing = stream.kind() == Kind::Main && stream.progress() == Progress::Completing;
-    stream.gave_up().filter(|_| matches!(stream.kind(), Kind::Main | Kind::Multifd) && !completing)
+    stream.gave_up().filter(|_| matches!(stream.kind(), Kind::Main | Kind::Multifd) && !completing(stream))
+}
+
+/// A main stream past RAM's end section: its migration is completing.
+fn completing(stream: &StreamReader) -> bool {
+    stream.kind() == Kind::Main && stream.progress() == Progress::Completing
 }
 
 /// On the first failure, abort the whole session (every channel then tells the peer why).
@@ -232,7 +236,7 @@ fn pump_up(
                 // a cancelled one: the stream ends as it is, and the destination QEMU
                 // judges it (the digest still proves it arrived whole).
                 let judged = not_understood(&stream).is_none();
-                if judged && stream.kind() == Kind::Main && stream.progress() != Progress::Completing {
+                if judged && stream.kind() == Kind::Main && !completing(&stream) {
                     return Err(RelayFailure::Local(
                         "QEMU's migration stream ended before the migration completed (cancelled or failed there)"
                             .into(),
@@ -401,8 +405,7 @@ fn pump_down(
     // the guest) and what follows it wait for the digest.
     let release_before_marker =
         |held: &mut Vec<u8>, local: &mut QemuSink, stream: &StreamReader| -> Result<(), RelayFailure> {
-            let completing = stream.kind() == Kind::Main && stream.progress() == Progress::Completing;
-            match end_marker_candidate(held).filter(|_| completing) {
+            match end_marker_candidate(held).filter(|_| completing(stream)) {
                 Some(at) => {
                     if at > 0 {
                         local.deliver(&held[..at])?;
@@ -453,8 +456,7 @@ fn pump_down(
             FrameKind::StreamEnd => {
                 let end = StreamEnd::decode(&payload).map_err(RelayFailure::damaged)?;
                 digest.check(&end).map_err(RelayFailure::damaged)?;
-                let completing = stream.kind() == Kind::Main && stream.progress() == Progress::Completing;
-                if completing {
+                if completing(&stream) {
                     stats.held_for_digest = end_marker_candidate(&held).map_or(0, |at| (held.len() - at) as u64);
                 }
                 release(&mut held, &mut local)?;

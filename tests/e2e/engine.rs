@@ -18,21 +18,7 @@ const CODECS: [Codec; 5] =
     [Codec::None, Codec::Lz4, Codec::Zlib { level: 1 }, Codec::Zstd { level: 1 }, Codec::Adaptive];
 
 fn config(codec: Codec, connections: u16, xbzrle: bool) -> SourceConfig {
-    SourceConfig {
-        codec,
-        connections,
-        // As large as the guest: seq re-dirties every page each round, which thrashes a
-        // smaller direct-mapped cache (as it would QEMU's).
-        xbzrle_cache_bytes: xbzrle.then_some(MEM),
-        verify: true,
-        compress_threads: 2,
-        max_bandwidth_bytes_per_s: Some(LINK_BYTES_PER_S),
-        // A zero downtime limit is never met while the guest writes, so the migration
-        // runs iterative rounds (where XBZRLE works) until the round limit forces the
-        // switchover.
-        precopy: PrecopyConfig { downtime_limit: Duration::ZERO, max_rounds: 3, ..Default::default() },
-        ..SourceConfig::default()
-    }
+    vmigrate_tests::session::iterating_config(MEM, codec, connections, xbzrle)
 }
 
 /// `expect_deltas`: the workload re-dirties pages across rounds (random writes do; a

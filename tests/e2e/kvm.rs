@@ -16,17 +16,7 @@ const SWEEP: WorkloadSpec = WorkloadSpec::Seq { pages_per_s: 20_000 };
 const DIRTY: WorkloadSpec = WorkloadSpec::Dirty { area_bytes: 16 << 20, pages_per_s: 5000, bits: 16 };
 
 fn config(codec: Codec, connections: u16, xbzrle: bool) -> SourceConfig {
-    SourceConfig {
-        codec,
-        connections,
-        xbzrle_cache_bytes: xbzrle.then_some(MEM),
-        verify: true,
-        compress_threads: 2,
-        max_bandwidth_bytes_per_s: Some(100 << 20),
-        // Never met while the guest writes: iterative rounds until the round limit.
-        precopy: PrecopyConfig { downtime_limit: Duration::ZERO, max_rounds: 3, ..Default::default() },
-        ..SourceConfig::default()
-    }
+    vmigrate_tests::session::iterating_config(MEM, codec, connections, xbzrle)
 }
 
 fn migrate_and_check(label: &str, link: Link, workload: WorkloadSpec, config: &SourceConfig) {

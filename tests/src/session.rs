@@ -13,6 +13,8 @@ use guests::guest::GuestRam;
 use guests::kvm::{DirtyTracking, KvmDestination, KvmGuest};
 use guests::synthetic::{SyntheticDestination, SyntheticGuest, WorkloadSpec};
 use hugepages::HugePolicy;
+use migration::codec::Codec;
+use migration::precopy::PrecopyConfig;
 use migration::stats::MigrationStats;
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +41,25 @@ pub enum Link {
     Loopback { mtu: usize, cores: usize },
     /// The same with fault injection (and capture) around both ends of the wire.
     LossyLoopback { mtu: usize, wrappers: DeviceWrappers },
+}
+
+/// A source configuration that keeps a writing guest of `mem_bytes` iterating: a
+/// 100 MiB/s cap (loopback moves tens of MiB in milliseconds, faster than any guest
+/// dirties them) and a zero downtime limit, never met while the guest writes, so that
+/// rounds repeat (where XBZRLE works) until the limit of 3 forces the switchover. The
+/// XBZRLE cache, when on, is as large as the guest: a sweep re-dirties every page each
+/// round, which thrashes a smaller direct-mapped cache (as it would QEMU's).
+pub fn iterating_config(mem_bytes: u64, codec: Codec, connections: u16, xbzrle: bool) -> SourceConfig {
+    SourceConfig {
+        codec,
+        connections,
+        xbzrle_cache_bytes: xbzrle.then_some(mem_bytes),
+        verify: true,
+        compress_threads: 2,
+        max_bandwidth_bytes_per_s: Some(100 << 20),
+        precopy: PrecopyConfig { downtime_limit: Duration::ZERO, max_rounds: 3, ..Default::default() },
+        ..SourceConfig::default()
+    }
 }
 
 /// Which guest a test migrates.

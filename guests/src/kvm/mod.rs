@@ -271,8 +271,7 @@ impl SourceVm for KvmGuest {
 /// VM built around it and the vCPU restored from the migrated state.
 pub struct KvmDestination {
     max_memory_bytes: u64,
-    memory: Option<Arc<KvmMemory>>,
-    /// The VM, built when memory is prepared (its vCPU given the source's CPUID), so that
+    /// The VM over the memory being received, built when memory is prepared (its vCPU given the source's CPUID), so that
     /// only the vCPU state's restore falls in the downtime.
     machine: Option<Machine>,
     cpuid: Vec<kvm_cpuid_entry2>,
@@ -283,7 +282,7 @@ impl KvmDestination {
     /// Checks, before any page arrives, that this machine can host a KVM guest.
     pub fn new(max_memory_bytes: u64) -> Result<Self, String> {
         machine::available()?;
-        Ok(KvmDestination { max_memory_bytes, memory: None, machine: None, cpuid: Vec::new(), guest: None })
+        Ok(KvmDestination { max_memory_bytes, machine: None, cpuid: Vec::new(), guest: None })
     }
 
     /// The resumed guest, once the migration completed.
@@ -298,8 +297,8 @@ impl KvmDestination {
     /// Restores the vCPU state into the prepared VM and starts it.
     fn start(&mut self, device_state: &[u8]) -> Result<KvmGuest, String> {
         let started = Instant::now();
-        let memory = self.memory.clone().ok_or("resume before memory was prepared")?;
-        let machine = self.machine.take().ok_or("resume before the VM was prepared")?;
+        let machine = self.machine.take().ok_or("resume before memory and the VM were prepared")?;
+        let memory = machine.memory.clone();
         let state: KvmDeviceState =
             serde_json::from_slice(device_state).map_err(|e| format!("the device state is not a KVM guest's ({e})"))?;
         if state.cpuid != self.cpuid {
@@ -338,7 +337,6 @@ impl DestinationVm for KvmDestination {
             .map_err(VmError::Incompatible)?;
         self.cpuid = requirements.cpuid;
         self.machine = Some(machine);
-        self.memory = Some(memory.clone());
         Ok(memory)
     }
 
@@ -350,6 +348,5 @@ impl DestinationVm for KvmDestination {
     fn discard(&mut self) {
         self.guest = None;
         self.machine = None;
-        self.memory = None;
     }
 }
