@@ -13,6 +13,7 @@ pub mod adaptive;
 pub mod cancel;
 pub mod config;
 pub mod destination;
+pub mod pool;
 pub mod rate;
 pub mod source;
 pub mod verify;

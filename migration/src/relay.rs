@@ -9,6 +9,7 @@
 //! preamble:     magic "VMRELAY\0" (8) | version_min u16 | version_max u16 | reserved u32 (0)
 //! StreamHello:  session_id u64 | channel u16 | codec u8 | zlib_level u8      (source -> destination)
 //!               | xbzrle_cache_pages u32 (0: no XBZRLE)
+//!               (codec adaptive: each chunk says which codec it was squeezed with)
 //! HelloAck:     as in handshake.rs                                           (destination -> source)
 //! StreamData:   codec u8 | original_len u32 | data                           (either way)
 //!               (codec 4: page-aware records, `relay_pages.rs`)
@@ -30,8 +31,10 @@ use thiserror::Error;
 
 pub const MAGIC: [u8; 8] = *b"VMRELAY\0";
 pub const PREAMBLE_BYTES: usize = crate::handshake::PREAMBLE_BYTES;
-pub const VERSION_MIN: u16 = 1;
-pub const VERSION_MAX: u16 = 1;
+/// Version 2: each page-aware chunk names its own page codec (the adaptive policy's
+/// choice), and a hello may say `adaptive`.
+pub const VERSION_MIN: u16 = 2;
+pub const VERSION_MAX: u16 = 2;
 
 /// The most original bytes one chunk carries: large enough that per-frame costs vanish,
 /// small enough that a chunk crosses a link in well under a millisecond.
@@ -273,7 +276,11 @@ mod tests {
 
     #[test]
     fn preamble_and_hello_round_trip() {
-        assert_eq!(accept_preamble(&encode_preamble()), Ok(1));
+        assert_eq!(accept_preamble(&encode_preamble()), Ok(2));
+        // A relay of version 1 (one page codec per stream) is refused by its version.
+        let mut old = encode_preamble();
+        old[8..12].copy_from_slice(&[1, 0, 1, 0]);
+        assert!(matches!(accept_preamble(&old), Err(HandshakeError::VersionMismatch { .. })));
         let mut engine = crate::handshake::encode_preamble();
         assert!(
             matches!(accept_preamble(&engine), Err(HandshakeError::BadMagic { .. })),
@@ -282,7 +289,7 @@ mod tests {
         engine[..8].copy_from_slice(&MAGIC);
         engine[8..12].copy_from_slice(&[5, 0, 6, 0]);
         assert!(matches!(accept_preamble(&engine), Err(HandshakeError::VersionMismatch { .. })));
-        for codec in CODECS {
+        for codec in CODECS.into_iter().chain([Codec::Adaptive]) {
             let hello = StreamHello {
                 session_id: 0xdead_beef,
                 channel: 3,

@@ -4,12 +4,13 @@
 //! bytes between them as they are. The destination rebuilds the exact bytes.
 //!
 //! ```text
-//! chunk:  u8 4 | u32 original_len | items...
+//! chunk:  u8 4 | u32 original_len | u8 codec | u8 level | items...
+//!         (codec and level: the chunk's page codec, as in a hello; never adaptive)
 //! item:   u8 tag, then
 //!   OTHER     u16 len, bytes                  (stream bytes that are not page contents)
 //!   OTHER_LZ4 u16 len, u16 packed_len, lz4 block (the same, compressed)
 //!   RAW       key, 4096 bytes
-//!   PACKED    key, u16 len, bytes            (the stream's codec: lz4 or raw deflate)
+//!   PACKED    key, u16 len, bytes            (the chunk's codec)
 //!   XBZRLE    key, u16 len, delta            (against the page's copy in the cache)
 //!   ZERO      key
 //!   UNCHANGED key                            (equal to the page's copy in the cache)
@@ -24,7 +25,9 @@
 //! cache is kept in stream order: `RecordEncoder` decides each page in order (zero,
 //! unchanged, delta, or to be compressed) and, deferring compression, leaves the latter
 //! RAW; `squeeze`, a pure function of one chunk that any worker can run, then compresses
-//! the RAW pages (and long runs of other bytes).
+//! the RAW pages (and long runs of other bytes) with the codec it is given (each chunk may
+//! have its own: the adaptive policy chooses per chunk) and writes that codec into the
+//! chunk's header.
 
 use crate::codec::{Codec, Compressed, PageCompressor, PageDecompressor};
 use crate::frame::{le_u16, le_u32, le_u64};
@@ -46,6 +49,8 @@ mod tag {
 }
 
 const KEY_BYTES: usize = 10;
+/// `RECORDS`, the original length, the codec and its level.
+const HEADER_BYTES: usize = 7;
 /// A delta longer than this is not worth it: the page goes compressed or raw instead.
 const XBZRLE_LIMIT: usize = PAGE_SIZE_BYTES * 3 / 4;
 /// Runs of other bytes shorter than this are not worth compressing (record headers are a
@@ -117,8 +122,10 @@ pub struct RecordEncoder {
 }
 
 impl RecordEncoder {
-    /// `codec` for pages that are neither zero nor deltas; `cache_pages` > 0 turns XBZRLE on.
+    /// `codec` for pages that are neither zero nor deltas (not `Adaptive`: a chunk's codec
+    /// is chosen by whoever squeezes it); `cache_pages` > 0 turns XBZRLE on.
     pub fn new(codec: Codec, cache_pages: usize) -> RecordEncoder {
+        assert_ne!(codec, Codec::Adaptive, "a chunk's codec is a fixed one");
         RecordEncoder {
             compressor: PageCompressor::new(codec),
             cache: (cache_pages > 0).then(|| PageCache::new(cache_pages)),
@@ -132,9 +139,9 @@ impl RecordEncoder {
     }
 
     /// As `new`, leaving the compression of pages (and long runs of other bytes) to
-    /// `squeeze`: the pages that would be compressed are counted as raw here.
-    pub fn deferring_compression(codec: Codec, cache_pages: usize) -> RecordEncoder {
-        RecordEncoder { defer_compression: true, ..RecordEncoder::new(codec, cache_pages) }
+    /// `squeeze` and its codec: the pages that would be compressed go and are counted raw.
+    pub fn deferring_compression(cache_pages: usize) -> RecordEncoder {
+        RecordEncoder { defer_compression: true, ..RecordEncoder::new(Codec::None, cache_pages) }
     }
 
     /// Starts a new chunk if the last one was handed out.
@@ -143,6 +150,8 @@ impl RecordEncoder {
             self.out.clear();
             self.out.push(RECORDS);
             self.out.extend_from_slice(&[0; 4]);
+            let (codec, level) = self.compressor.codec().to_wire();
+            self.out.extend_from_slice(&[codec, level]);
             self.original = 0;
         }
     }
@@ -235,17 +244,15 @@ impl RecordEncoder {
 
 /// Rebuilds the original bytes of page-aware chunks on the receiving side.
 pub struct RecordDecoder {
-    codec: Codec,
     decompressor: PageDecompressor,
     cache: Option<PageCache>,
     page: Vec<u8>,
 }
 
 impl RecordDecoder {
-    /// The same `codec` and cache size as the sender's.
-    pub fn new(codec: Codec, cache_pages: usize) -> RecordDecoder {
+    /// The same cache size as the sender's; each chunk names its own codec.
+    pub fn new(cache_pages: usize) -> RecordDecoder {
         RecordDecoder {
-            codec,
             decompressor: PageDecompressor::default(),
             cache: (cache_pages > 0).then(|| PageCache::new(cache_pages)),
             page: vec![0; PAGE_SIZE_BYTES],
@@ -255,15 +262,21 @@ impl RecordDecoder {
     /// Appends the original bytes of the chunk `payload` to `out`, every length checked.
     pub fn decode(&mut self, payload: &[u8], out: &mut Vec<u8>) -> Result<(), RelayError> {
         let malformed = |what: String| RelayError::Malformed(format!("page chunk: {what}"));
-        if payload.len() < 5 || payload[0] != RECORDS {
+        if payload.len() < HEADER_BYTES || payload[0] != RECORDS {
             return Err(malformed("no header".into()));
         }
         let original = le_u32(&payload[1..5]) as usize;
         if original > crate::relay::MAX_CHUNK_BYTES + PAGE_SIZE_BYTES {
             return Err(RelayError::Oversized { length: original });
         }
+        let codec = match Codec::from_wire(payload[5], payload[6]) {
+            Some(Codec::Adaptive) | None => {
+                return Err(malformed(format!("unknown page codec {} level {}", payload[5], payload[6])))
+            }
+            Some(codec) => codec,
+        };
         let start = out.len();
-        let mut rest = &payload[5..];
+        let mut rest = &payload[HEADER_BYTES..];
         while !rest.is_empty() {
             let tag = take(&mut rest, 1)?[0];
             // Every item's output is bounded by what the chunk declares, before it is made.
@@ -301,7 +314,7 @@ impl RecordDecoder {
                     let len = usize::from(le_u16(take(&mut rest, 2)?));
                     let data = take(&mut rest, len)?;
                     self.decompressor
-                        .decompress(self.codec, data, &mut self.page)
+                        .decompress(codec, data, &mut self.page)
                         .map_err(|err| malformed(err.to_string()))?;
                 }
                 tag::XBZRLE | tag::UNCHANGED => {
@@ -333,17 +346,24 @@ impl RecordDecoder {
     }
 }
 
-/// Compresses the RAW page items of `chunk` (a page-aware chunk) with `compressor` and the
-/// long runs of other bytes with lz4, writing the result to `out`; returns how many pages
-/// it compressed. Everything else is copied as it is. A pure function of the chunk: any
-/// worker may squeeze any chunk.
+/// Compresses the RAW page items of `chunk` (a page-aware chunk built by a
+/// `deferring_compression` encoder) with `compressor` and the long runs of other bytes
+/// with lz4, writing the result, which names the compressor's codec, to `out`; returns how
+/// many pages it compressed. Everything else is copied as it is. A pure function of the
+/// chunk: any worker may squeeze any chunk.
 pub fn squeeze(chunk: &[u8], compressor: &mut PageCompressor, out: &mut Vec<u8>) -> Result<usize, RelayError> {
     out.clear();
-    if chunk.len() < 5 || chunk[0] != RECORDS {
+    if chunk.len() < HEADER_BYTES || chunk[0] != RECORDS {
         return Err(RelayError::Malformed("squeeze: not a page chunk".into()));
     }
+    let (none, level) = Codec::None.to_wire();
+    if chunk[5..HEADER_BYTES] != [none, level] {
+        return Err(RelayError::Malformed("squeeze: the chunk was compressed already".into()));
+    }
     out.extend_from_slice(&chunk[..5]);
-    let mut rest = &chunk[5..];
+    let (codec, level) = compressor.codec().to_wire();
+    out.extend_from_slice(&[codec, level]);
+    let mut rest = &chunk[HEADER_BYTES..];
     let mut packed_pages = 0;
     while !rest.is_empty() {
         let tag = take(&mut rest, 1)?[0];
@@ -412,6 +432,42 @@ pub fn squeeze(chunk: &[u8], compressor: &mut PageCompressor, out: &mut Vec<u8>)
     Ok(packed_pages)
 }
 
+/// The RAW pages of a page-aware chunk (what `squeeze` would compress), for measuring
+/// codecs on them.
+pub fn raw_pages(chunk: &[u8]) -> Result<Vec<&[u8]>, RelayError> {
+    if chunk.len() < HEADER_BYTES || chunk[0] != RECORDS {
+        return Err(RelayError::Malformed("not a page chunk".into()));
+    }
+    let mut rest = &chunk[HEADER_BYTES..];
+    let mut pages = Vec::new();
+    while !rest.is_empty() {
+        let tag = take(&mut rest, 1)?[0];
+        match tag {
+            tag::OTHER => {
+                let len = le_u16(take(&mut rest, 2)?);
+                take(&mut rest, usize::from(len))?;
+            }
+            tag::OTHER_LZ4 => {
+                let lengths = take(&mut rest, 4)?;
+                take(&mut rest, usize::from(le_u16(&lengths[2..])))?;
+            }
+            tag::RAW => {
+                take(&mut rest, KEY_BYTES)?;
+                pages.push(take(&mut rest, PAGE_SIZE_BYTES)?);
+            }
+            tag::PACKED | tag::XBZRLE => {
+                let head = take(&mut rest, KEY_BYTES + 2)?;
+                take(&mut rest, usize::from(le_u16(&head[KEY_BYTES..])))?;
+            }
+            tag::ZERO | tag::UNCHANGED => {
+                take(&mut rest, KEY_BYTES)?;
+            }
+            other => return Err(RelayError::Malformed(format!("unknown item {other}"))),
+        }
+    }
+    Ok(pages)
+}
+
 /// The next `n` bytes of a chunk being read.
 fn take<'a>(rest: &mut &'a [u8], n: usize) -> Result<&'a [u8], RelayError> {
     if rest.len() < n {
@@ -439,7 +495,7 @@ mod tests {
     fn pages_round_trip_each_the_cheapest_way() {
         for codec in [Codec::None, Codec::Lz4, Codec::Zlib { level: 1 }, Codec::Zstd { level: 1 }] {
             let mut encoder = RecordEncoder::new(codec, 64);
-            let mut decoder = RecordDecoder::new(codec, 64);
+            let mut decoder = RecordDecoder::new(64);
             let mut original = Vec::new();
             let mut changed = text_page(1);
             changed[100] ^= 0xff;
@@ -471,7 +527,7 @@ mod tests {
         // A cache of 4 pages and 6 pages cycling through it: pages 2 and 3 keep their slots,
         // the others evict each other, on both sides alike.
         let mut encoder = RecordEncoder::new(Codec::Lz4, 4);
-        let mut decoder = RecordDecoder::new(Codec::Lz4, 4);
+        let mut decoder = RecordDecoder::new(4);
         for round in 0..5u8 {
             let mut original = Vec::new();
             for page in 0..6u64 {
@@ -490,11 +546,11 @@ mod tests {
 
     #[test]
     fn squeezing_elsewhere_gives_what_compressing_in_place_gives() {
-        for codec in [Codec::Lz4, Codec::Zlib { level: 1 }] {
+        for codec in [Codec::Lz4, Codec::Zlib { level: 1 }, Codec::Zstd { level: 1 }] {
             let pages: Vec<Vec<u8>> = (0..12u8).map(text_page).collect();
             let other: Vec<u8> = b"device state, repeated; ".iter().cycle().take(5000).copied().collect();
             let mut direct = RecordEncoder::new(codec, 16);
-            let mut deferred = RecordEncoder::deferring_compression(codec, 16);
+            let mut deferred = RecordEncoder::deferring_compression(16);
             let mut original = Vec::new();
             for encoder in [&mut direct, &mut deferred] {
                 for (i, page) in pages.iter().enumerate() {
@@ -507,14 +563,40 @@ mod tests {
             }
             original.extend_from_slice(&other);
             assert_eq!(deferred.counts.raw, 12, "deferred pages are counted raw until squeezed");
+            let chunk = deferred.finish().to_vec();
+            assert_eq!(raw_pages(&chunk).unwrap(), pages.iter().map(|p| &p[..]).collect::<Vec<_>>());
             let mut squeezed = Vec::new();
-            let packed = squeeze(deferred.finish(), &mut PageCompressor::new(codec), &mut squeezed).unwrap();
+            let packed = squeeze(&chunk, &mut PageCompressor::new(codec), &mut squeezed).unwrap();
             assert_eq!(packed as u64, direct.counts.packed, "{codec}");
             let direct_chunk = direct.finish().to_vec();
             assert!(squeezed.len() < direct_chunk.len(), "{codec}: the long run of other bytes is compressed too");
             let mut rebuilt = Vec::new();
-            RecordDecoder::new(codec, 16).decode(&squeezed, &mut rebuilt).unwrap();
+            RecordDecoder::new(16).decode(&squeezed, &mut rebuilt).unwrap();
             assert_eq!(rebuilt, original, "{codec}");
+            // Squeezing twice would name a codec the pages no longer have.
+            assert!(squeeze(&squeezed, &mut PageCompressor::new(codec), &mut Vec::new()).is_err());
+        }
+    }
+
+    #[test]
+    fn each_chunk_names_its_own_codec() {
+        // One decoder takes chunks squeezed with different codecs, as the adaptive policy
+        // sends them, and a chunk whose codec byte is unknown (or adaptive) is refused.
+        let mut decoder = RecordDecoder::new(0);
+        for codec in [Codec::Zstd { level: 1 }, Codec::None, Codec::Lz4, Codec::Zlib { level: 3 }] {
+            let mut encoder = RecordEncoder::deferring_compression(0);
+            encoder.page(key(0), &text_page(9));
+            let mut squeezed = Vec::new();
+            squeeze(encoder.finish(), &mut PageCompressor::new(codec), &mut squeezed).unwrap();
+            let mut rebuilt = Vec::new();
+            decoder.decode(&squeezed, &mut rebuilt).unwrap();
+            assert_eq!(rebuilt, text_page(9), "{codec}");
+            for (byte, level) in [(6, 0), (9, 0), (3, 0)] {
+                let mut bad = squeezed.clone();
+                bad[5..7].copy_from_slice(&[byte, level]);
+                let err = decoder.decode(&bad, &mut Vec::new()).unwrap_err();
+                assert!(err.to_string().contains("unknown page codec"), "{err}");
+            }
         }
     }
 
@@ -528,7 +610,7 @@ mod tests {
         encoder.page(key(0), &changed);
         let payload = encoder.finish().to_vec();
         // A decoder that never saw the first chunk has no copy to apply the delta to.
-        let err = RecordDecoder::new(Codec::None, 8).decode(&payload, &mut Vec::new()).unwrap_err();
+        let err = RecordDecoder::new(8).decode(&payload, &mut Vec::new()).unwrap_err();
         assert!(err.to_string().contains("no cached copy"), "{err}");
     }
 
@@ -538,9 +620,10 @@ mod tests {
             if let Some(first) = payload.first_mut() {
                 *first = RECORDS;
             }
-            let _ = RecordDecoder::new(Codec::Lz4, 8).decode(&payload, &mut Vec::new());
-            let _ = RecordDecoder::new(Codec::Zlib { level: 1 }, 0).decode(&payload, &mut Vec::new());
+            let _ = RecordDecoder::new(8).decode(&payload, &mut Vec::new());
+            let _ = RecordDecoder::new(0).decode(&payload, &mut Vec::new());
             let _ = squeeze(&payload, &mut PageCompressor::new(Codec::Lz4), &mut Vec::new());
+            let _ = raw_pages(&payload);
         }
     }
 }

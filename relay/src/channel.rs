@@ -17,6 +17,7 @@
 //! Any failure raises the session's abort: every channel's sockets are shut, both QEMUs see
 //! their migration streams end early, and the peer relay is told why (an `Abort` frame).
 
+use crate::compression::SessionCompression;
 use crate::net_writer::{lock, NetWriter};
 use crate::qemu_sink::{is_closed_by_qemu, qemu_failure, QemuSink};
 use crate::squeeze::Squeezers;
@@ -31,6 +32,7 @@ use migration::relay::Encoding;
 use migration::relay::{max_data_payload_bytes, ChunkDecoder, ChunkEncoder, StreamDigest, StreamEnd, MAX_CHUNK_BYTES};
 use migration::relay_pages::{PageCounts, RecordDecoder, RecordEncoder, RECORDS};
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::io::{self, Read};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
@@ -38,7 +40,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use transport::abort::SessionAbort;
 use transport::framed::{read_frame, ReadError, CONTROL_FRAME_LIMIT_BYTES};
-use transport::pipe::Connection;
+use transport::pipe::{Connection, SendProbe};
 
 /// How long QEMU may stay quiet before a heartbeat tells the peer the link is alive. It
 /// also bounds how long a held-back chunk waits in a quiet stream.
@@ -79,32 +81,26 @@ pub struct ChannelReport {
     /// migration's last, opaque part (another QEMU version's sections, say): from there on
     /// the stream went byte for byte, as it was, without page-aware compression.
     pub not_understood: Option<&'static str>,
+    /// Page-aware chunks this host sent, by the codec the pool squeezed them with (empty
+    /// where the stream's own thread compressed).
+    pub codecs: BTreeMap<String, u64>,
     pub seconds: f64,
-}
-
-/// The compression workers of a stream's sending side.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Workers {
-    /// 0: the sending thread compresses.
-    pub count: usize,
-    /// Pin worker i to core `first_core + i` (None: unpinned).
-    pub first_core: Option<usize>,
 }
 
 /// Pumps `local` (a QEMU socket) and `net` (the relay connection, past its handshake) both
 /// ways until both directions have ended, or the session aborts. `encoding` (agreed in the
-/// stream's hello) serves both directions; `workers` compress what goes out (0: the sending
-/// thread compresses it itself), pinned from core `workers.first_core` on when given.
-pub fn pump(
+/// stream's hello) serves both directions; the session's `compression` pool squeezes what
+/// goes out (None: the sending thread compresses it itself).
+pub(crate) fn pump(
     channel: u16,
     local: UnixStream,
     net: Connection,
     encoding: Encoding,
-    workers: Workers,
+    compression: Option<Arc<SessionCompression>>,
     abort: &Arc<SessionAbort>,
 ) -> Result<ChannelReport, RelayFailure> {
     let started = Instant::now();
-    let Connection { reader, writer, closer, peer, .. } = net;
+    let Connection { reader, writer, closer, peer, probe, .. } = net;
     let closer: Arc<dyn Fn() + Send + Sync> = Arc::from(closer);
     let writer = Arc::new(Mutex::new(NetWriter::new(writer)));
     {
@@ -127,7 +123,7 @@ pub fn pump(
         std::thread::Builder::new()
             .name(format!("relay-up-{channel}"))
             .spawn(move || {
-                let result = pump_up(local, &writer, encoding, workers, &abort, channel);
+                let result = pump_up(local, &writer, encoding, compression, probe, &abort, channel);
                 // A connection that failed under a write is dead: its reader ends at once, and
                 // reports better (the peer's own reason, when it sent one first).
                 if !matches!(result, Err(RelayFailure::Link(_))) {
@@ -144,7 +140,7 @@ pub fn pump(
     if abort.is_raised() {
         return Err(RelayFailure::aborted(abort));
     }
-    let (sent, stream, encodings) = up?;
+    let (sent, stream, encodings, codecs) = up?;
     let not_understood = not_understood(&stream);
     Ok(ChannelReport {
         channel,
@@ -158,6 +154,7 @@ pub fn pump(
         sent,
         received: down?,
         not_understood,
+        codecs,
         seconds: started.elapsed().as_secs_f64(),
     })
 }
@@ -191,26 +188,25 @@ fn pump_up(
     mut local: UnixStream,
     writer: &Arc<Mutex<NetWriter>>,
     encoding: Encoding,
-    workers: Workers,
+    compression: Option<Arc<SessionCompression>>,
+    probe: Option<Arc<dyn SendProbe>>,
     abort: &Arc<SessionAbort>,
     channel: u16,
-) -> Result<(DirectionStats, StreamReader, PageCounts), RelayFailure> {
+) -> Result<UpReport, RelayFailure> {
     local.set_read_timeout(Some(HEARTBEAT)).map_err(RelayFailure::local)?;
-    let mut chunks = ChunkEncoder::new(encoding.codec);
-    let parallel = workers.count > 0 && encoding.codec != Codec::None;
-    let mut pages = PageChunks::new(encoding, parallel);
-    let mut out = if parallel {
-        let squeezers = Squeezers::start(
-            encoding.codec,
-            workers.count,
-            workers.first_core,
-            writer.clone(),
-            abort.clone(),
-            channel,
-        )?;
-        Outlet::Workers(squeezers)
-    } else {
-        Outlet::Direct(writer)
+    // What this thread compresses itself: streams that are not QEMU's, and everything
+    // without a pool. The adaptive policy needs the pool's measurements: lz4 here.
+    let own_codec = match encoding.codec {
+        Codec::Adaptive => Codec::Lz4,
+        codec => codec,
+    };
+    let mut chunks = ChunkEncoder::new(own_codec);
+    let mut pages = PageChunks::new(own_codec, encoding.xbzrle_cache_pages, compression.is_some());
+    let mut out = match compression {
+        Some(compression) => {
+            Outlet::Pool(Squeezers::start(compression, probe, writer.clone(), abort.clone(), channel)?)
+        }
+        None => Outlet::Direct(writer),
     };
     let mut digest = StreamDigest::default();
     let mut stats = DirectionStats::default();
@@ -248,14 +244,16 @@ fn pump_up(
                 }
                 out.control(FrameKind::StreamEnd, &digest.end().encode(), abort)?;
                 let mut counts = pages.encoder.counts;
-                if let Outlet::Workers(squeezers) = out {
+                let mut codecs = BTreeMap::new();
+                if let Outlet::Pool(squeezers) = out {
                     let sent = squeezers.finish()?;
                     stats.wire_bytes = sent.wire_bytes;
                     stats.chunks = sent.chunks;
                     counts.raw -= sent.packed_pages;
                     counts.packed += sent.packed_pages;
+                    codecs = sent.codecs;
                 }
-                return Ok((stats, stream, counts));
+                return Ok((stats, stream, counts, codecs));
             }
             Ok(n) => {
                 let data = &buffer[..n];
@@ -286,11 +284,15 @@ fn pump_up(
     }
 }
 
+/// What the sending side reports at its end: its bytes, the stream as read, how its pages
+/// went, and its chunks by codec.
+type UpReport = (DirectionStats, StreamReader, PageCounts, BTreeMap<String, u64>);
+
 /// Where the sending side's frames go: straight onto the connection, or through the
-/// stream's compression workers (which keep their order).
+/// session's compression pool (the stream's chunks keep their order).
 enum Outlet<'a> {
     Direct(&'a Mutex<NetWriter>),
-    Workers(Squeezers),
+    Pool(Squeezers),
 }
 
 impl Outlet<'_> {
@@ -308,14 +310,14 @@ impl Outlet<'_> {
                 stats.chunks += 1;
                 lock(writer).send(FrameKind::StreamData, payload).map_err(RelayFailure::link)
             }
-            Outlet::Workers(squeezers) => squeezers.data(payload).map_err(|_| RelayFailure::aborted(abort)),
+            Outlet::Pool(squeezers) => squeezers.data(payload).map_err(|_| RelayFailure::aborted(abort)),
         }
     }
 
     fn control(&mut self, kind: FrameKind, payload: &[u8], abort: &SessionAbort) -> Result<(), RelayFailure> {
         match self {
             Outlet::Direct(writer) => lock(writer).send(kind, payload).map_err(RelayFailure::link),
-            Outlet::Workers(squeezers) => squeezers.control(kind, payload).map_err(|_| RelayFailure::aborted(abort)),
+            Outlet::Pool(squeezers) => squeezers.control(kind, payload).map_err(|_| RelayFailure::aborted(abort)),
         }
     }
 }
@@ -328,14 +330,14 @@ struct PageChunks {
 }
 
 impl PageChunks {
-    /// `deferred`: leave page compression to the stream's workers.
-    fn new(encoding: Encoding, deferred: bool) -> PageChunks {
-        let cache = encoding.xbzrle_cache_pages as usize;
+    /// Pages compressed with `codec`, or (`deferred`) left to the session's pool.
+    fn new(codec: Codec, cache_pages: u32, deferred: bool) -> PageChunks {
+        let cache = cache_pages as usize;
         PageChunks {
             encoder: if deferred {
-                RecordEncoder::deferring_compression(encoding.codec, cache)
+                RecordEncoder::deferring_compression(cache)
             } else {
-                RecordEncoder::new(encoding.codec, cache)
+                RecordEncoder::new(codec, cache)
             },
             page: Vec::with_capacity(PAGE_BYTES),
         }
@@ -380,7 +382,7 @@ fn pump_down(
     abort: &SessionAbort,
 ) -> Result<DirectionStats, RelayFailure> {
     let mut decoder = ChunkDecoder::default();
-    let mut records = RecordDecoder::new(encoding.codec, encoding.xbzrle_cache_pages as usize);
+    let mut records = RecordDecoder::new(encoding.xbzrle_cache_pages as usize);
     let mut rebuilt: Vec<u8> = Vec::with_capacity(2 * MAX_CHUNK_BYTES);
     let mut digest = StreamDigest::default();
     let mut stats = DirectionStats::default();
@@ -478,8 +480,13 @@ mod tests {
 
     const RAW: Encoding = Encoding { codec: Codec::None, xbzrle_cache_pages: 0 };
     const LZ4: Encoding = Encoding { codec: Codec::Lz4, xbzrle_cache_pages: 0 };
-    const NONE: Workers = Workers { count: 0, first_core: None };
-    const TWO: Workers = Workers { count: 2, first_core: None };
+    const NONE: Option<Arc<SessionCompression>> = None;
+
+    /// A pool of two workers for `codec`, as a source relay's session starts it.
+    fn two(codec: Codec, abort: &Arc<SessionAbort>) -> Option<Arc<SessionCompression>> {
+        let config = crate::compression::CompressionConfig { codec, workers: 2, first_cpu: None };
+        SessionCompression::start(config, abort.clone()).unwrap()
+    }
     use migration::relay::{ChunkEncoder, StreamDigest};
 
     /// A relay connection pair over loopback TCP.
@@ -499,7 +506,8 @@ mod tests {
         let (mut source_qemu, source_local) = UnixStream::pair().unwrap();
         let (mut destination_qemu, destination_local) = UnixStream::pair().unwrap();
         let (source_abort, destination_abort) = (Arc::new(SessionAbort::new()), Arc::new(SessionAbort::new()));
-        let source = std::thread::spawn(move || pump(0, source_local, source_net, codec, TWO, &source_abort));
+        let pool = two(codec.codec, &source_abort);
+        let source = std::thread::spawn(move || pump(0, source_local, source_net, codec, pool, &source_abort));
         let destination =
             std::thread::spawn(move || pump(0, destination_local, destination_net, codec, NONE, &destination_abort));
         let writer = std::thread::spawn(move || {
@@ -524,7 +532,7 @@ mod tests {
     #[test]
     fn a_stream_arrives_exactly_as_written_with_every_codec() {
         let data: Vec<u8> = (0..1_000_000u32).flat_map(|i| (i / 7).to_le_bytes()).collect();
-        for codec in [Codec::None, Codec::Lz4, Codec::Zlib { level: 1 }, Codec::Zstd { level: 1 }] {
+        for codec in [Codec::None, Codec::Lz4, Codec::Zlib { level: 1 }, Codec::Zstd { level: 1 }, Codec::Adaptive] {
             let (received, source, destination) = carry(data.clone(), codec);
             assert!(received == data, "{codec}: the stream changed on the way");
             assert_eq!(source.sent.bytes, data.len() as u64);
@@ -600,7 +608,8 @@ mod tests {
         let (mut destination_qemu, destination_local) = UnixStream::pair().unwrap();
         let source_abort = Arc::new(SessionAbort::new());
         let destination_abort = Arc::new(SessionAbort::new());
-        let source = std::thread::spawn(move || pump(0, source_local, source_net, LZ4, TWO, &source_abort));
+        let pool = two(Codec::Lz4, &source_abort);
+        let source = std::thread::spawn(move || pump(0, source_local, source_net, LZ4, pool, &source_abort));
         let destination =
             std::thread::spawn(move || pump(0, destination_local, destination_net, LZ4, NONE, &destination_abort));
         source_qemu.write_all(&[1u8; 100_000]).unwrap();
@@ -626,7 +635,8 @@ mod tests {
         let abort = Arc::new(SessionAbort::new());
         let (finished_tx, finished) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let _ = finished_tx.send(pump(0, source_local, source_net, LZ4, TWO, &abort));
+            let pool = two(Codec::Lz4, &abort);
+            let _ = finished_tx.send(pump(0, source_local, source_net, LZ4, pool, &abort));
         });
         let mut frame = FrameBuf::with_capacity(MAX_CHUNK_BYTES);
         frame.begin().extend_from_slice(&StreamDigest::default().end().encode());
@@ -744,6 +754,89 @@ mod tests {
             let held = result.as_ref().map(|report| report.received.held_for_digest);
             assert_eq!(held.ok(), Some((stream.len() - marker) as u64), "{result:?}");
             assert_eq!(received, stream, "cuts {cuts:?}: a stream that checks out arrives whole");
+        }
+    }
+
+    /// A whole main stream (set-up, one iteration of `pages` in block pc.ram, and the
+    /// ending of `ending_main_stream`), as QEMU 7.2 writes one.
+    fn main_stream_with_pages(pages: &[Vec<u8>]) -> Vec<u8> {
+        let (ending, _) = ending_main_stream();
+        let set_up = ram_set_up();
+        let mut s = set_up.clone();
+        s.extend([0x02, 0, 0, 0, 2]);
+        for (i, page) in pages.iter().enumerate() {
+            let first = i == 0;
+            s.extend(((i as u64 * 0x1000) | 0x08 | if first { 0 } else { 0x20 }).to_be_bytes());
+            if first {
+                s.push(6);
+                s.extend(b"pc.ram");
+            }
+            s.extend(page);
+        }
+        s.extend(0x10u64.to_be_bytes());
+        s.extend([0x7e, 0, 0, 0, 2]);
+        s.extend(&ending[set_up.len()..]);
+        s
+    }
+
+    #[test]
+    fn streams_share_one_adaptive_pool_and_arrive_exactly() {
+        // 16-bit numbers in 32-bit words: zstd halves them, lz4 barely.
+        let mut seed = 7u64;
+        let pages: Vec<Vec<u8>> = (0..600)
+            .map(|_| {
+                (0..PAGE_BYTES / 4)
+                    .flat_map(|_| {
+                        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        ((seed >> 48) as u32).to_le_bytes()
+                    })
+                    .collect()
+            })
+            .collect();
+        let source_abort = Arc::new(SessionAbort::new());
+        let pool = two(Codec::Adaptive, &source_abort);
+        let adaptive = Encoding { codec: Codec::Adaptive, xbzrle_cache_pages: 0 };
+        let streams: Vec<Vec<u8>> = [&pages[..300], &pages[300..]].iter().map(|p| main_stream_with_pages(p)).collect();
+        let mut carried = Vec::new();
+        for (channel, stream) in streams.iter().enumerate() {
+            let (source_net, destination_net) = net_pair();
+            let (mut source_qemu, source_local) = UnixStream::pair().unwrap();
+            let (mut destination_qemu, destination_local) = UnixStream::pair().unwrap();
+            let (pool, abort) = (pool.clone(), source_abort.clone());
+            let channel = channel as u16;
+            let source = std::thread::spawn(move || pump(channel, source_local, source_net, adaptive, pool, &abort));
+            let destination_abort = Arc::new(SessionAbort::new());
+            let destination = std::thread::spawn(move || {
+                pump(channel, destination_local, destination_net, adaptive, NONE, &destination_abort)
+            });
+            let stream = stream.clone();
+            let writer = std::thread::spawn(move || {
+                source_qemu.write_all(&stream).unwrap();
+                source_qemu.shutdown(Shutdown::Write).unwrap();
+                let mut back = Vec::new();
+                source_qemu.read_to_end(&mut back).unwrap();
+            });
+            let reader = std::thread::spawn(move || {
+                let mut received = Vec::new();
+                destination_qemu.read_to_end(&mut received).unwrap();
+                destination_qemu.shutdown(Shutdown::Write).unwrap();
+                received
+            });
+            carried.push((source, destination, writer, reader));
+        }
+        for (stream, (source, destination, writer, reader)) in streams.iter().zip(carried) {
+            let received = reader.join().unwrap();
+            writer.join().unwrap();
+            let (source, destination) = (source.join().unwrap().unwrap(), destination.join().unwrap().unwrap());
+            assert!(received == *stream, "channel {}: the stream changed on the way", source.channel);
+            assert_eq!(source.pages, 300);
+            let (sent, received) = (source.sent, destination.received);
+            assert_eq!(
+                (received.bytes, received.wire_bytes, received.chunks),
+                (sent.bytes, sent.wire_bytes, sent.chunks)
+            );
+            // Every page-aware chunk went through the pool, each with the codec chosen for it.
+            assert_eq!(source.codecs.values().sum::<u64>(), source.sent.chunks, "{:?}", source.codecs);
         }
     }
 }

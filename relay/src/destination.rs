@@ -7,7 +7,7 @@
 //! order, is refused with a reason. The session ends when the main channel has ended both
 //! ways and every other channel has too.
 
-use crate::channel::{pump, Workers};
+use crate::channel::pump;
 use crate::{collect, RelayFailure, RelayReport};
 use migration::frame::{FrameKind, SeqCounter};
 use migration::handshake::HelloAck;
@@ -101,7 +101,7 @@ pub fn relay_destination(
         let (channel, abort) = (hello.channel, abort.clone());
         let pump = std::thread::Builder::new()
             .name(format!("relay-{channel}"))
-            .spawn(move || pump(channel, local, net, hello.encoding, Workers::default(), &abort))
+            .spawn(move || pump(channel, local, net, hello.encoding, None, &abort))
             .map_err(RelayFailure::local)?;
         pumps.push((channel, pump));
     }

@@ -12,6 +12,7 @@
 //! `qmp.rs` is a small QMP client, for orchestration and tests.
 
 pub mod channel;
+pub mod compression;
 pub mod destination;
 mod net_writer;
 mod qemu_sink;

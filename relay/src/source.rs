@@ -8,7 +8,8 @@
 //! opens its connections in the same order. The session ends when the main channel has
 //! ended both ways and every other channel has too.
 
-use crate::channel::{pump, Workers};
+use crate::channel::pump;
+use crate::compression::{CompressionConfig, SessionCompression};
 use crate::{collect, LinkFailure, RelayFailure, RelayReport};
 use migration::frame::{FrameKind, SeqCounter};
 use migration::handshake::{decode_reason, HelloAck};
@@ -29,9 +30,10 @@ const POLL: Duration = Duration::from_millis(20);
 pub struct SourceRelayConfig {
     /// How the carried streams are encoded (codec, XBZRLE cache).
     pub encoding: Encoding,
-    /// Compression workers per stream (0: each stream's sending thread compresses).
+    /// Compression workers, one pool for all the session's streams (0: each stream's
+    /// sending thread compresses).
     pub compress_threads: usize,
-    /// Pin the workers to cores, the first stream's from core 0 up, the next's after them.
+    /// Pin the workers to cores, from core 0 up.
     pub pin_workers: bool,
     /// How long to wait for the source QEMU's first connection.
     pub first_connection_timeout: Duration,
@@ -63,6 +65,12 @@ impl SourceRelay {
         let started = Instant::now();
         let session_id: u64 = rand::random();
         let abort = Arc::new(SessionAbort::new());
+        let compression = CompressionConfig {
+            codec: self.config.encoding.codec,
+            workers: self.config.compress_threads,
+            first_cpu: self.config.pin_workers.then_some(0),
+        };
+        let compression = SessionCompression::start(compression, abort.clone()).map_err(RelayFailure::local)?;
         let mut pumps = Vec::new();
         let deadline = started + self.config.first_connection_timeout;
         loop {
@@ -80,13 +88,11 @@ impl SourceRelay {
                     }
                     match open_stream(connector, session_id, channel, self.config.encoding) {
                         Ok(net) => {
-                            let abort = abort.clone();
-                            let count = self.config.compress_threads;
-                            let first_core = self.config.pin_workers.then_some(usize::from(channel) * count);
-                            let (encoding, workers) = (self.config.encoding, Workers { count, first_core });
+                            let (abort, compression) = (abort.clone(), compression.clone());
+                            let encoding = self.config.encoding;
                             let pump = std::thread::Builder::new()
                                 .name(format!("relay-{channel}"))
-                                .spawn(move || pump(channel, local, net, encoding, workers, &abort))
+                                .spawn(move || pump(channel, local, net, encoding, compression, &abort))
                                 .map_err(RelayFailure::local)?;
                             pumps.push((channel, pump));
                         }

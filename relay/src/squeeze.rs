@@ -1,15 +1,14 @@
-//! The compression workers of one carried stream. The stream's reader decides each page in
-//! stream order (zero, unchanged, delta: the XBZRLE cache must see pages in that order on
-//! both relays) and hands whole chunks to a pool of workers that compress the rest
-//! (`relay_pages::squeeze`); a sender puts the chunks, and the reader's heartbeats and end,
-//! back in order on the connection. Every queue is bounded: a slow link slows the workers,
-//! which slow the reader, which slows QEMU.
+//! One carried stream's way out through the session's compression pool. The stream's
+//! reader decides each page in stream order (zero, unchanged, delta: the XBZRLE cache must
+//! see pages in that order on both relays) and hands whole chunks to the pool, whose
+//! workers squeeze them (`compression.rs`); this stream's sender puts the chunks, and the
+//! reader's heartbeats and end, back in order on the connection. Every queue is bounded: a
+//! slow link slows the workers, which slow the readers, which slow QEMU.
 
+use crate::compression::{SessionCompression, Squeezed};
 use crate::net_writer::{lock, NetWriter};
 use crate::RelayFailure;
-use migration::codec::{Codec, PageCompressor};
 use migration::frame::FrameKind;
-use migration::relay_pages::squeeze;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -17,80 +16,70 @@ use std::time::{Duration, Instant};
 use transport::abort::{Aborted, SessionAbort};
 use transport::ring::Ring;
 
-/// Chunks waiting for a worker, per worker.
-const QUEUED_PER_WORKER: usize = 2;
+/// Chunks squeezed and waiting for this stream's sender, at most (the pool's queue bounds
+/// what is in the workers).
+const DONE_CAPACITY: usize = 8;
 /// How long a sender whose write failed leaves the stream's reader to abort the session
 /// with the peer's own reason, before it aborts the session itself.
 const READER_GRACE: Duration = Duration::from_millis(250);
 
 /// What the sender puts on the connection, in sequence order.
 enum Out {
-    Data { payload: Vec<u8>, packed: usize },
+    Data(Squeezed),
     Control { kind: FrameKind, payload: Vec<u8> },
 }
 
-/// A chunk for a worker; `None` tells a worker to stop.
-type Job = Option<(u64, Vec<u8>)>;
-
 /// What the sender counted.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub(super) struct Sent {
     pub wire_bytes: u64,
     pub chunks: u64,
     /// Pages the workers compressed (the reader counted them raw).
     pub packed_pages: u64,
+    /// Page-aware chunks by the codec they were squeezed with.
+    pub codecs: BTreeMap<String, u64>,
 }
 
 pub(super) struct Squeezers {
-    jobs: Arc<Ring<Job>>,
+    compression: Arc<SessionCompression>,
     done: Arc<Ring<(u64, Out)>>,
     next: u64,
-    workers: Vec<JoinHandle<()>>,
+    link: usize,
     sender: JoinHandle<Result<Sent, RelayFailure>>,
     abort: Arc<SessionAbort>,
 }
 
 impl Squeezers {
-    /// `count` workers compressing with `codec` (pinned to cores `first_core`, the next...,
-    /// as the engine's workers are, when given), and the sender writing to `writer`.
+    /// This stream's way through `compression`'s pool, and its sender writing to
+    /// `writer`; `probe` is what the connection's stack says of its send side.
     pub fn start(
-        codec: Codec,
-        count: usize,
-        first_core: Option<usize>,
+        compression: Arc<SessionCompression>,
+        probe: Option<Arc<dyn transport::pipe::SendProbe>>,
         writer: Arc<Mutex<NetWriter>>,
         abort: Arc<SessionAbort>,
         channel: u16,
     ) -> Result<Squeezers, RelayFailure> {
-        let count = count.max(1);
-        let jobs: Arc<Ring<Job>> = Arc::new(Ring::new(QUEUED_PER_WORKER * count));
-        let done: Arc<Ring<(u64, Out)>> = Arc::new(Ring::new(QUEUED_PER_WORKER * count));
-        let mut workers = Vec::with_capacity(count);
-        for index in 0..count {
-            let (jobs, done, abort) = (jobs.clone(), done.clone(), abort.clone());
-            let worker = std::thread::Builder::new()
-                .name(format!("relay-zip-{channel}.{index}"))
-                .spawn(move || {
-                    if let Some(first) = first_core {
-                        transport::pin::pin_current(first + index);
-                    }
-                    work(codec, &jobs, &done, &abort)
-                })
-                .map_err(RelayFailure::local)?;
-            workers.push(worker);
-        }
+        let done: Arc<Ring<(u64, Out)>> = Arc::new(Ring::new(DONE_CAPACITY));
+        let link = compression.add_link(probe);
         let sender = {
-            let (done, abort) = (done.clone(), abort.clone());
+            let (done, abort, compression) = (done.clone(), abort.clone(), compression.clone());
             std::thread::Builder::new()
                 .name(format!("relay-send-{channel}"))
-                .spawn(move || send(&done, &writer, &abort, channel))
+                .spawn(move || send(&done, &writer, &compression, &abort, channel))
                 .map_err(RelayFailure::local)?
         };
-        Ok(Squeezers { jobs, done, next: 0, workers, sender, abort })
+        Ok(Squeezers { compression, done, next: 0, link, sender, abort })
     }
 
-    /// A page-aware chunk to compress and send.
+    /// A page-aware chunk to squeeze and send.
     pub fn data(&mut self, chunk: &[u8]) -> Result<(), Aborted> {
-        self.jobs.push(Some((self.next, chunk.to_vec())), &self.abort)?;
+        let (seq, link, chunk) = (self.next, self.link, chunk.to_vec());
+        let (done, abort, compression) = (self.done.clone(), self.abort.clone(), self.compression.clone());
+        self.compression.pool().submit(Box::new(move |worker| {
+            let squeezed = compression.squeeze(worker, &chunk, link, !done.is_empty());
+            // An abort ends the session; the pool's other tasks see it too.
+            let _ = done.push((seq, Out::Data(squeezed)), &abort);
+        }))?;
         self.next += 1;
         Ok(())
     }
@@ -103,30 +92,9 @@ impl Squeezers {
     }
 
     /// Waits for everything to be sent (the last control frame must have been the
-    /// stream's end) and stops the workers.
+    /// stream's end).
     pub fn finish(self) -> Result<Sent, RelayFailure> {
-        for _ in &self.workers {
-            let _ = self.jobs.push(None, &self.abort);
-        }
-        for worker in self.workers {
-            let _ = worker.join();
-        }
         self.sender.join().unwrap_or_else(|_| Err(RelayFailure::Local("the relay's sender panicked".into())))
-    }
-}
-
-fn work(codec: Codec, jobs: &Ring<Job>, done: &Ring<(u64, Out)>, abort: &SessionAbort) {
-    let mut compressor = PageCompressor::new(codec);
-    while let Ok(Some((seq, chunk))) = jobs.pop(abort) {
-        let mut payload = Vec::with_capacity(chunk.len());
-        let out = match squeeze(&chunk, &mut compressor, &mut payload) {
-            Ok(packed) => Out::Data { payload, packed },
-            // Not expected (the reader built the chunk); send it as built.
-            Err(_) => Out::Data { payload: chunk, packed: 0 },
-        };
-        if done.push((seq, out), abort).is_err() {
-            return;
-        }
     }
 }
 
@@ -134,6 +102,7 @@ fn work(codec: Codec, jobs: &Ring<Job>, done: &Ring<(u64, Out)>, abort: &Session
 fn send(
     done: &Ring<(u64, Out)>,
     writer: &Mutex<NetWriter>,
+    compression: &SessionCompression,
     abort: &SessionAbort,
     channel: u16,
 ) -> Result<Sent, RelayFailure> {
@@ -146,10 +115,12 @@ fn send(
         while let Some(out) = pending.remove(&next) {
             next += 1;
             let (kind, payload) = match &out {
-                Out::Data { payload, packed, .. } => {
+                Out::Data(Squeezed { payload, packed, codec }) => {
                     sent.wire_bytes += payload.len() as u64;
                     sent.chunks += 1;
                     sent.packed_pages += *packed as u64;
+                    *sent.codecs.entry(codec.to_string()).or_default() += 1;
+                    compression.wrote(payload.len());
                     (FrameKind::StreamData, payload)
                 }
                 Out::Control { kind, payload } => (*kind, payload),

@@ -71,7 +71,7 @@ pub fn qemu_migrate(args: QemuMigrateArgs) -> Result<ExitCode> {
     let relay_socket = work.join("source.sock");
     let config = SourceRelayConfig {
         encoding: encoding(&args.carry)?,
-        compress_threads: args.carry.compress_threads,
+        compress_threads: super::relay::compress_threads(&args.carry, &args.stack),
         pin_workers: !args.relay.no_pin,
         first_connection_timeout: seconds("--wait", args.relay.wait)?,
     };

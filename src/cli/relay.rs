@@ -1,7 +1,8 @@
 //! `qemu-send` and `qemu-recv`: the relay pair that carries a QEMU migration over our
 //! stacks, and its report.
 
-use super::args::{CarryOptions, QemuRecvArgs, QemuSendArgs, RelayOptions};
+use super::args::{CarryOptions, QemuRecvArgs, QemuSendArgs, RelayOptions, StackOptions};
+use super::commands::CoreShare;
 use super::stacks::{acceptor_for, connector_for, io_timeouts, seconds};
 use ::relay::destination::{relay_destination, DestinationRelayConfig};
 use ::relay::source::{SourceRelay, SourceRelayConfig};
@@ -17,7 +18,7 @@ pub fn qemu_send(args: QemuSendArgs) -> Result<ExitCode> {
     let (connector, _stack) = connector_for(&args.stack, !args.relay.no_pin, &args.to, timeouts)?;
     let config = SourceRelayConfig {
         encoding: encoding(&args.carry)?,
-        compress_threads: args.carry.compress_threads,
+        compress_threads: compress_threads(&args.carry, &args.stack),
         pin_workers: !args.relay.no_pin,
         first_connection_timeout: seconds("--wait", args.relay.wait)?,
     };
@@ -44,11 +45,17 @@ pub fn qemu_recv(args: QemuRecvArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The source relay's pool: as asked, or one worker per CPU less the polling cores of
+/// `stack` (at most 8).
+pub(super) fn compress_threads(options: &CarryOptions, stack: &StackOptions) -> usize {
+    match options.compress_threads {
+        Some(asked) => asked,
+        None => CoreShare::one_end(stack).workers(None),
+    }
+}
+
 /// The encoding the options ask for.
 pub(super) fn encoding(options: &CarryOptions) -> Result<Encoding> {
-    if options.codec == migration::codec::Codec::Adaptive {
-        anyhow::bail!("--codec adaptive is for send and demo; the relays take a fixed codec");
-    }
     let pages = if options.xbzrle { options.xbzrle_cache / PAGE_SIZE_BYTES as u64 } else { 0 };
     if pages > u64::from(MAX_CACHE_PAGES) {
         anyhow::bail!("--xbzrle-cache {}: at most {} MiB", options.xbzrle_cache, (MAX_CACHE_PAGES as u64 * 4096) >> 20);

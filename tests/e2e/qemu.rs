@@ -149,7 +149,12 @@ fn qemu_migrates_through_the_relays_over_kernel_tcp() {
         eprintln!("SKIPPED qemu_migrates_through_the_relays_over_kernel_tcp: QEMU not installed (qemu-system-x86)");
         return;
     }
-    migrate_sweeper(&Link::Kernel, None, "lz4", 1);
+    // The default: adaptive, on one pool for the main stream and both multifd streams.
+    let sent = migrate_sweeper(&Link::Kernel, Some(2), "adaptive", 1);
+    for channel in sent["channels"].as_array().expect("channels") {
+        let by_codec: u64 = channel["codecs"].as_object().expect("codecs").values().filter_map(|n| n.as_u64()).sum();
+        assert_eq!(Some(by_codec), channel["sent"]["chunks"].as_u64(), "every chunk through the pool: {channel}");
+    }
     migrate_sweeper(&Link::Kernel, Some(2), "zlib", 2);
     // XBZRLE in the relay, with a cache that holds the whole guest: the pages the sweep
     // dirtied go again as deltas against the copies carried first.

@@ -19,12 +19,8 @@ pub(super) fn compression_worker(shared: &Shared<'_>, index: usize) {
     if shared.config.pin_workers {
         pin::pin_current(index);
     }
-    let codecs = match shared.config.codec {
-        Codec::Adaptive => Codec::ADAPTIVE_CHOICES.to_vec(),
-        codec => vec![codec],
-    };
     let mut encoder = BatchEncoder {
-        compressors: codecs.into_iter().map(PageCompressor::new).collect(),
+        compressors: crate::pool::compressors_for(shared.config.codec),
         page: vec![0u8; PAGE_SIZE_BYTES],
         delta: vec![0u8; PAGE_SIZE_BYTES - 1],
         counters: EncodeCounters::default(),

@@ -398,7 +398,7 @@ pub enum OnLimit {
 pub struct SourceOptions {
     /// Page codec: none, lz4, zlib[:LEVEL] (1..=9), zstd[:LEVEL] (1..=19), or adaptive
     /// (none, lz4 or zstd:1 per batch, from the link's and the cores' measured rates).
-    #[arg(long, default_value = "none")]
+    #[arg(long, default_value = "adaptive")]
     pub codec: Codec,
     /// Pinned compression workers on the source [default: one per CPU this process may use,
     /// less its dataplane cores, at most 8 (QEMU's default)].

@@ -85,9 +85,10 @@ pub struct QemuSendArgs {
 /// How the source relay encodes QEMU's streams.
 #[derive(Args, Debug)]
 pub struct CarryOptions {
-    /// Compression of the carried pages (and of streams that are not QEMU's): none, lz4,
-    /// zlib[:LEVEL] or zstd[:LEVEL].
-    #[arg(long, default_value = "lz4")]
+    /// Compression of the carried pages: none, lz4, zlib[:LEVEL], zstd[:LEVEL], or adaptive
+    /// (none, lz4 or zstd:1 per chunk, from the link's and the cores' measured rates, as
+    /// on `send`). Streams that are not QEMU's go in lz4 under adaptive.
+    #[arg(long, default_value = "adaptive")]
     pub codec: Codec,
     /// XBZRLE: a page carried again goes as a delta against its copy carried last, when
     /// that is smaller. Both relays keep a cache of --xbzrle-cache per stream.
@@ -96,10 +97,12 @@ pub struct CarryOptions {
     /// The XBZRLE cache of each stream, on each relay (QEMU's default is 64 MiB).
     #[arg(long, default_value = "64MiB", value_parser = parse_size)]
     pub xbzrle_cache: u64,
-    /// Compression workers per stream (0: the stream's own thread compresses). Pages are
-    /// decided in stream order on the stream's thread; the workers compress the chunks.
-    #[arg(long, default_value_t = 2)]
-    pub compress_threads: usize,
+    /// Compression workers, one pool shared by all of QEMU's streams (0: each stream's own
+    /// thread compresses) [default: one per CPU this process may use, less its dataplane
+    /// cores, at most 8]. Pages are decided in stream order on the stream's thread; the
+    /// workers compress the chunks.
+    #[arg(long)]
+    pub compress_threads: Option<usize>,
 }
 
 #[derive(Args, Debug)]

@@ -1,0 +1,168 @@
+//! A relay session's compression: the engine's pool ([`engine::pool`]), one for all the
+//! session's carried streams, and what its adaptive policy needs to know of the links.
+//!
+//! Each stream's reader decides its pages in stream order (zero, unchanged, delta) and
+//! hands whole page-aware chunks to the pool; a worker squeezes a chunk with the codec the
+//! policy chooses for it (or the one configured), and the stream's sender puts the chunks
+//! back in order (`squeeze.rs`). Under `adaptive` the policy prices each codec on the
+//! chunks' own pages, as the engine's source does on its batches.
+
+use engine::adaptive::{cpu, Choice, Pipeline};
+use engine::pool::{CompressionPool, PoolConfig, PoolWorker};
+use migration::codec::{Codec, Compressed};
+use migration::relay_pages::{raw_pages, squeeze};
+use migration::PAGE_SIZE_BYTES;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use transport::abort::SessionAbort;
+use transport::pipe::SendProbe;
+
+/// How a source relay compresses.
+#[derive(Debug, Clone, Copy)]
+pub struct CompressionConfig {
+    /// The page codec; `Adaptive` chooses per chunk.
+    pub codec: Codec,
+    /// Workers of the session's pool (0: each stream's own thread compresses, with lz4
+    /// under `adaptive`).
+    pub workers: usize,
+    /// Pin worker i to CPU `first_cpu + i`.
+    pub first_cpu: Option<usize>,
+}
+
+/// The pool and the links it feeds.
+pub(crate) struct SessionCompression {
+    pool: CompressionPool,
+    links: Links,
+}
+
+/// The session's relay connections, as the adaptive policy sees them.
+#[derive(Default)]
+struct Links {
+    /// What each stream's stack says of its send side (`None` where it cannot say).
+    probes: Mutex<Vec<Option<Arc<dyn SendProbe>>>>,
+    /// Frame payload bytes the streams' senders have written.
+    written: AtomicU64,
+}
+
+/// What a squeezed chunk became.
+pub(crate) struct Squeezed {
+    pub payload: Vec<u8>,
+    /// Pages compressed (the reader counted them raw).
+    pub packed: usize,
+    pub codec: Codec,
+}
+
+impl SessionCompression {
+    /// A pool for `config`, or none where the streams' own threads compress.
+    pub fn start(config: CompressionConfig, abort: Arc<SessionAbort>) -> std::io::Result<Option<Arc<Self>>> {
+        if config.workers == 0 || config.codec == Codec::None {
+            return Ok(None);
+        }
+        let pool_config = PoolConfig {
+            workers: config.workers,
+            first_cpu: config.first_cpu,
+            codec: config.codec,
+            name: "relay-zip".into(),
+        };
+        let pool = CompressionPool::start(&pool_config, abort)?;
+        Ok(Some(Arc::new(SessionCompression { pool, links: Links::default() })))
+    }
+
+    pub fn pool(&self) -> &CompressionPool {
+        &self.pool
+    }
+
+    /// Registers a stream's connection; returns its number for [`Self::squeeze`].
+    pub fn add_link(&self, probe: Option<Arc<dyn SendProbe>>) -> usize {
+        let mut probes = self.links.probes.lock().unwrap_or_else(|p| p.into_inner());
+        probes.push(probe);
+        probes.len() - 1
+    }
+
+    /// Counts payload bytes a stream's sender wrote.
+    pub fn wrote(&self, bytes: usize) {
+        self.links.written.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Squeezes one chunk on `worker`: with the configured codec, or the one the policy
+    /// chooses, which then also learns what it cost (and, now and then, what every choice
+    /// would have made of the chunk's pages). `sender_behind` says whether the stream's
+    /// sender has chunks waiting, for a stack that cannot say whether its link is full.
+    pub fn squeeze(&self, worker: &mut PoolWorker, chunk: &[u8], link: usize, sender_behind: bool) -> Squeezed {
+        let choice = match worker.policy() {
+            Some(policy) => {
+                let pipeline =
+                    Pipeline { link_full: self.link_full(link, sender_behind), scanner_ahead: self.pool.backlog() };
+                policy.choose(pipeline, &|| self.delivered_bytes())
+            }
+            None => Choice { codec: self.pool.codec(), measure: false },
+        };
+        let started = worker.policy().is_some().then(|| (cpu::thread_time(), Instant::now()));
+        let mut payload = Vec::with_capacity(chunk.len());
+        let squeezed = match squeeze(chunk, worker.compressor(choice.codec), &mut payload) {
+            Ok(packed) => Squeezed { payload, packed, codec: choice.codec },
+            // Not expected (the reader built the chunk): it goes as it was built.
+            Err(_) => Squeezed { payload: chunk.to_vec(), packed: 0, codec: Codec::None },
+        };
+        if let Some((cpu_start, wall_start)) = started {
+            let input = raw_pages(chunk).map_or(0, |pages| pages.len() * PAGE_SIZE_BYTES) as u64;
+            let spent = cpu::thread_time() - cpu_start;
+            if choice.measure {
+                measure_choices(worker, chunk);
+            }
+            if let Some(policy) = worker.policy() {
+                policy.account(input, spent, wall_start.elapsed());
+            }
+        }
+        squeezed
+    }
+
+    /// Whether `link`'s stack holds writes back (its send buffer full), or where it cannot
+    /// say, whether the stream's sender is behind.
+    fn link_full(&self, link: usize, sender_behind: bool) -> bool {
+        let probes = self.links.probes.lock().unwrap_or_else(|p| p.into_inner());
+        match probes.get(link) {
+            Some(Some(probe)) => probe.full(),
+            _ => sender_behind,
+        }
+    }
+
+    /// Bytes the destination relay acknowledged over every stream; where a stack cannot
+    /// say, what the senders wrote.
+    fn delivered_bytes(&self) -> u64 {
+        let probes = self.links.probes.lock().unwrap_or_else(|p| p.into_inner());
+        if probes.iter().all(Option::is_some) {
+            probes.iter().flatten().map(|p| p.acknowledged()).sum()
+        } else {
+            self.links.written.load(Ordering::Relaxed)
+        }
+    }
+}
+
+/// Compresses `chunk`'s raw pages with every choice the worker has and tells the policy
+/// what each made of them, at what CPU cost: all measured on the same pages.
+fn measure_choices(worker: &mut PoolWorker, chunk: &[u8]) {
+    let Ok(pages) = raw_pages(chunk) else { return };
+    if pages.is_empty() {
+        return;
+    }
+    let input = (pages.len() * PAGE_SIZE_BYTES) as u64;
+    let mut results = Vec::new();
+    for compressor in worker.compressors() {
+        let start = cpu::thread_time();
+        let output: usize = pages
+            .iter()
+            .map(|page| match compressor.compress(page) {
+                Compressed::Packed { len } => len,
+                Compressed::Raw => PAGE_SIZE_BYTES,
+            })
+            .sum();
+        results.push((compressor.codec(), output as u64, cpu::thread_time() - start));
+    }
+    if let Some(policy) = worker.policy() {
+        for (codec, output, spent) in results {
+            policy.measure(codec, input, output, spent);
+        }
+    }
+}
