@@ -21,6 +21,7 @@ pub mod qemu_stream;
 pub mod receiver;
 pub mod relay;
 pub mod relay_pages;
+pub mod shuffle;
 pub mod source_session;
 pub mod stats;
 pub mod xbzrle;

@@ -10,6 +10,9 @@
 //!     4 zlib     : len u16 | len bytes  (raw deflate, 1 <= len < 4096)
 //!     5 xbzrle   : base_epoch u32 | len u16 | len bytes (delta against the copy of the
 //!                  page the destination holds from round base_epoch; len < 4096)
+//!     6 zstd     : len u16 | len bytes
+//!     7 shuffle-lz4  : len u16 | len bytes  (lz4 of the page byte-shuffled, `shuffle.rs`)
+//!     8 shuffle-zstd : len u16 | len bytes
 //! ```
 //! Every page index and run is checked against the region's size before use.
 
@@ -37,7 +40,19 @@ enum Encoding {
     Zlib = 4,
     Xbzrle = 5,
     Zstd = 6,
+    ShuffleLz4 = 7,
+    ShuffleZstd = 8,
 }
+
+/// The compressed encodings and the codecs that decode them (levels are the sender's
+/// business; zlib's is the session's).
+const COMPRESSED: [(Encoding, Codec); 5] = [
+    (Encoding::Lz4, Codec::Lz4),
+    (Encoding::Zlib, Codec::Zlib { level: Codec::DEFAULT_ZLIB_LEVEL }),
+    (Encoding::Zstd, Codec::Zstd { level: Codec::DEFAULT_ZSTD_LEVEL }),
+    (Encoding::ShuffleLz4, Codec::ShuffleLz4),
+    (Encoding::ShuffleZstd, Codec::ShuffleZstd { level: Codec::DEFAULT_ZSTD_LEVEL }),
+];
 
 impl Encoding {
     /// How pages compressed with `codec` are marked in a batch.
@@ -47,6 +62,8 @@ impl Encoding {
             Codec::Lz4 => Some(Encoding::Lz4),
             Codec::Zlib { .. } => Some(Encoding::Zlib),
             Codec::Zstd { .. } => Some(Encoding::Zstd),
+            Codec::ShuffleLz4 => Some(Encoding::ShuffleLz4),
+            Codec::ShuffleZstd { .. } => Some(Encoding::ShuffleZstd),
         }
     }
 }
@@ -195,12 +212,10 @@ fn parse_entry<'a>(
             let (data, rest) = take(body, PAGE_SIZE_BYTES)?;
             (PageEntry::Raw { page, data }, rest)
         }
-        e if e == Encoding::Lz4 as u8 || e == Encoding::Zlib as u8 || e == Encoding::Zstd as u8 => {
-            let (got, codec) = match e {
-                e if e == Encoding::Lz4 as u8 => ("lz4", Codec::Lz4),
-                e if e == Encoding::Zlib as u8 => ("zlib", limits.codec),
-                _ => ("zstd", Codec::Zstd { level: Codec::DEFAULT_ZSTD_LEVEL }),
-            };
+        e if COMPRESSED.iter().any(|(encoding, _)| *encoding as u8 == e) => {
+            let (_, codec) = *COMPRESSED.iter().find(|(encoding, _)| *encoding as u8 == e).expect("matched above");
+            let codec = if e == Encoding::Zlib as u8 { limits.codec } else { codec };
+            let got = codec.name();
             let negotiated = Encoding::of(limits.codec).map(|n| n as u8) == Some(e)
                 || (limits.codec == Codec::Adaptive && Codec::ADAPTIVE_CHOICES.iter().any(|c| c.name() == got));
             if !negotiated {

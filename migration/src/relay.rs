@@ -200,7 +200,7 @@ impl ChunkEncoder {
         assert!(chunk.len() <= MAX_CHUNK_BYTES, "chunk over the limit");
         let codec = self.block.codec();
         // lz4 needs its worst case to start; the others stop once past the raw size.
-        let room = match codec {
+        let room = match codec.unfiltered() {
             Codec::Lz4 => lz4_flex::block::get_maximum_output_size(chunk.len()),
             _ => chunk.len(),
         };
@@ -250,6 +250,8 @@ impl ChunkDecoder {
             2 => Codec::Lz4,
             3 => Codec::Zlib { level: Codec::DEFAULT_ZLIB_LEVEL },
             5 => Codec::Zstd { level: Codec::DEFAULT_ZSTD_LEVEL },
+            7 => Codec::ShuffleLz4,
+            8 => Codec::ShuffleZstd { level: Codec::DEFAULT_ZSTD_LEVEL },
             other => return Err(RelayError::Malformed(format!("unknown chunk codec {other}"))),
         };
         if codec == Codec::None {
@@ -272,7 +274,14 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const CODECS: [Codec; 4] = [Codec::None, Codec::Lz4, Codec::Zlib { level: 1 }, Codec::Zstd { level: 1 }];
+    const CODECS: [Codec; 6] = [
+        Codec::None,
+        Codec::Lz4,
+        Codec::Zlib { level: 1 },
+        Codec::Zstd { level: 1 },
+        Codec::ShuffleLz4,
+        Codec::ShuffleZstd { level: 1 },
+    ];
 
     #[test]
     fn preamble_and_hello_round_trip() {

@@ -52,8 +52,8 @@ pub enum Command {
 }
 
 /// Every row `bench` knows, in the order of its table.
-pub const BENCH_ROWS: &str =
-    "plain,lz4,zlib,zstd,adaptive,xbzrle,lz4+xbzrle,zlib+xbzrle,zstd+xbzrle,skip-unused-off,deferred-cleanup-off";
+pub const BENCH_ROWS: &str = "plain,lz4,zlib,zstd,shuffle-lz4,shuffle-zstd,adaptive,xbzrle,lz4+xbzrle,zlib+xbzrle,\
+                              zstd+xbzrle,skip-unused-off,deferred-cleanup-off";
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {

@@ -19,18 +19,21 @@ fn row_options(row: &str, mem: u64) -> Result<Vec<String>> {
     // QEMU's XBZRLE cache defaults to 64 MiB for any guest; a sixteenth of the guest
     // gives the dirty guest's hot pages room (256 MiB for 4 GiB).
     let cache = format!("{}", (mem / 16).max(4 << 20));
+    // Rows that name no codec send pages as they are (`send` itself defaults to adaptive).
     let options: &[&str] = match row {
-        "plain" => &[],
+        "plain" => &["--codec", "none"],
         "lz4" => &["--codec", "lz4"],
         "zlib" => &["--codec", "zlib:1"],
         "zstd" => &["--codec", "zstd:1"],
+        "shuffle-lz4" => &["--codec", "shuffle-lz4"],
+        "shuffle-zstd" => &["--codec", "shuffle-zstd:1"],
         "adaptive" => &["--codec", "adaptive"],
-        "xbzrle" => &["--xbzrle-cache", &cache],
+        "xbzrle" => &["--codec", "none", "--xbzrle-cache", &cache],
         "lz4+xbzrle" => &["--codec", "lz4", "--xbzrle-cache", &cache],
         "zlib+xbzrle" => &["--codec", "zlib:1", "--xbzrle-cache", &cache],
         "zstd+xbzrle" => &["--codec", "zstd:1", "--xbzrle-cache", &cache],
-        "skip-unused-off" => &["--no-skip-unused"],
-        "deferred-cleanup-off" => &["--no-deferred-cleanup"],
+        "skip-unused-off" => &["--codec", "none", "--no-skip-unused"],
+        "deferred-cleanup-off" => &["--codec", "none", "--no-deferred-cleanup"],
         other => bail!("unknown bench row {other:?}; rows are {BENCH_ROWS}"),
     };
     Ok(options.iter().map(|s| s.to_string()).collect())
