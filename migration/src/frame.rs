@@ -81,6 +81,9 @@ pub enum FrameKind {
     /// Either way: nothing to carry now, but alive. The relay's links both ways; the
     /// engine's destination on connection 0 while the source's rounds arrive.
     Heartbeat = 17,
+    /// Relay, either way: how many page-aware chunks of the other direction have been
+    /// decoded, so that its XBZRLE may build on the copies they left (`relay_cache.rs`).
+    StreamDecoded = 18,
 }
 
 impl FrameKind {
@@ -104,6 +107,7 @@ impl FrameKind {
             15 => StreamData,
             16 => StreamEnd,
             17 => Heartbeat,
+            18 => StreamDecoded,
             _ => return None,
         })
     }

@@ -20,6 +20,7 @@ pub mod precopy;
 pub mod qemu_stream;
 pub mod receiver;
 pub mod relay;
+pub mod relay_cache;
 pub mod relay_pages;
 pub mod shuffle;
 pub mod source_session;

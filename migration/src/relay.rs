@@ -15,6 +15,8 @@
 //!               (codec 4: page-aware records, `relay_pages.rs`)
 //! StreamEnd:    total_bytes u64 | crc32c u32 (of every original byte)        (either way)
 //! Heartbeat:    empty                                                        (either way)
+//! StreamDecoded: chunks u64: page-aware chunks of the other direction        (either way)
+//!               decoded so far (the shared XBZRLE cache's ordering, `relay_cache.rs`)
 //! Abort:        reason (UTF-8)                                               (either way)
 //! ```
 //!

@@ -30,6 +30,7 @@ use migration::qemu_stream::{
 };
 use migration::relay::Encoding;
 use migration::relay::{max_data_payload_bytes, ChunkDecoder, ChunkEncoder, StreamDigest, StreamEnd, MAX_CHUNK_BYTES};
+use migration::relay_cache::SharedPageCache;
 use migration::relay_pages::{PageCounts, RecordDecoder, RecordEncoder, RECORDS};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -87,6 +88,20 @@ pub struct ChannelReport {
     pub seconds: f64,
 }
 
+/// How often, at most, a receiving side tells the sender how many page-aware chunks it has
+/// decoded (and on every heartbeat): deltas across streams wait for it, but only pages
+/// carried again, a round later, need it.
+const DECODED_EVERY: Duration = Duration::from_millis(2);
+
+/// A session's XBZRLE caches (`migration::relay_cache`), one for all its streams: the one
+/// this relay's encoders share (the source relay's) and the one its decoders share (the
+/// destination relay's). None where XBZRLE is off, or in the direction that has no pages.
+#[derive(Clone, Default)]
+pub(crate) struct SessionCaches {
+    pub outgoing: Option<Arc<SharedPageCache>>,
+    pub incoming: Option<Arc<SharedPageCache>>,
+}
+
 /// Pumps `local` (a QEMU socket) and `net` (the relay connection, past its handshake) both
 /// ways until both directions have ended, or the session aborts. `encoding` (agreed in the
 /// stream's hello) serves both directions; the session's `compression` pool squeezes what
@@ -97,6 +112,7 @@ pub(crate) fn pump(
     net: Connection,
     encoding: Encoding,
     compression: Option<Arc<SessionCompression>>,
+    caches: SessionCaches,
     abort: &Arc<SessionAbort>,
 ) -> Result<ChannelReport, RelayFailure> {
     let started = Instant::now();
@@ -119,11 +135,12 @@ pub(crate) fn pump(
     }
     let up = {
         let local = local.try_clone().map_err(RelayFailure::local)?;
-        let (writer, abort) = (writer.clone(), abort.clone());
+        let (writer, abort, cache) = (writer.clone(), abort.clone(), caches.outgoing.clone());
         std::thread::Builder::new()
             .name(format!("relay-up-{channel}"))
             .spawn(move || {
-                let result = pump_up(local, &writer, encoding, compression, probe, &abort, channel);
+                let ways = Outgoing { encoding, compression, probe, cache };
+                let result = pump_up(local, &writer, ways, &abort, channel);
                 // A connection that failed under a write is dead: its reader ends at once, and
                 // reports better (the peer's own reason, when it sent one first).
                 if !matches!(result, Err(RelayFailure::Link(_))) {
@@ -133,7 +150,8 @@ pub(crate) fn pump(
             })
             .map_err(RelayFailure::local)?
     };
-    let down = pump_down(local, reader, &peer, encoding, abort);
+    let net = Incoming { reader, peer: &peer, writer: &writer, caches: &caches, channel };
+    let down = pump_down(local, net, abort);
     fail_session(&down, abort, channel);
     let up = up.join().unwrap_or_else(|_| Err(RelayFailure::Local("the relay's sending thread panicked".into())));
     fail_session(&up, abort, channel);
@@ -187,12 +205,11 @@ fn fail_session<T>(result: &Result<T, RelayFailure>, abort: &SessionAbort, chann
 fn pump_up(
     mut local: UnixStream,
     writer: &Arc<Mutex<NetWriter>>,
-    encoding: Encoding,
-    compression: Option<Arc<SessionCompression>>,
-    probe: Option<Arc<dyn SendProbe>>,
+    ways: Outgoing,
     abort: &Arc<SessionAbort>,
     channel: u16,
 ) -> Result<UpReport, RelayFailure> {
+    let Outgoing { encoding, compression, probe, cache } = ways;
     local.set_read_timeout(Some(HEARTBEAT)).map_err(RelayFailure::local)?;
     // What this thread compresses itself: streams that are not QEMU's, and everything
     // without a pool. The adaptive policy needs the pool's measurements: lz4 here.
@@ -201,7 +218,8 @@ fn pump_up(
         codec => codec,
     };
     let mut chunks = ChunkEncoder::new(own_codec);
-    let mut pages = PageChunks::new(own_codec, encoding.xbzrle_cache_pages, compression.is_some());
+    let cache = cache.filter(|_| encoding.xbzrle_cache_pages > 0);
+    let mut pages = PageChunks::new(own_codec, cache, channel, compression.is_some());
     let mut out = match compression {
         Some(compression) => {
             Outlet::Pool(Squeezers::start(compression, probe, writer.clone(), abort.clone(), channel)?)
@@ -284,6 +302,25 @@ fn pump_up(
     }
 }
 
+/// How the sending side encodes: as the hello said, on the session's pool and its cache.
+struct Outgoing {
+    encoding: Encoding,
+    compression: Option<Arc<SessionCompression>>,
+    /// What the connection's stack says of its send side.
+    probe: Option<Arc<dyn SendProbe>>,
+    cache: Option<Arc<SharedPageCache>>,
+}
+
+/// The receiving side's connection: its read half, the peer's name for messages, the
+/// writer it tells the peer what it decoded through, and the session's caches.
+struct Incoming<'a> {
+    reader: Box<dyn Read + Send>,
+    peer: &'a str,
+    writer: &'a Mutex<NetWriter>,
+    caches: &'a SessionCaches,
+    channel: u16,
+}
+
 /// What the sending side reports at its end: its bytes, the stream as read, how its pages
 /// went, and its chunks by codec.
 type UpReport = (DirectionStats, StreamReader, PageCounts, BTreeMap<String, u64>);
@@ -330,14 +367,14 @@ struct PageChunks {
 }
 
 impl PageChunks {
-    /// Pages compressed with `codec`, or (`deferred`) left to the session's pool.
-    fn new(codec: Codec, cache_pages: u32, deferred: bool) -> PageChunks {
-        let cache = cache_pages as usize;
+    /// Stream `channel`'s pages, compressed with `codec` or (`deferred`) left to the
+    /// session's pool, with XBZRLE on the session's `cache` where there is one.
+    fn new(codec: Codec, cache: Option<Arc<SharedPageCache>>, channel: u16, deferred: bool) -> PageChunks {
         PageChunks {
             encoder: if deferred {
-                RecordEncoder::deferring_compression(cache)
+                RecordEncoder::deferring_compression(cache, channel)
             } else {
-                RecordEncoder::new(codec, cache)
+                RecordEncoder::new(codec, cache, channel)
             },
             page: Vec::with_capacity(PAGE_BYTES),
         }
@@ -374,15 +411,11 @@ impl PageChunks {
 /// The network to QEMU: checked, decompressed chunks, the last one held back until the
 /// next frame proves more is coming (or the stream's digest checks out), and QEMU's
 /// end-of-file marker held back until the digest checks out whatever comes after it.
-fn pump_down(
-    local: UnixStream,
-    mut reader: Box<dyn Read + Send>,
-    peer: &str,
-    encoding: Encoding,
-    abort: &SessionAbort,
-) -> Result<DirectionStats, RelayFailure> {
+fn pump_down(local: UnixStream, net: Incoming<'_>, abort: &SessionAbort) -> Result<DirectionStats, RelayFailure> {
+    let Incoming { mut reader, peer, writer, caches, channel } = net;
     let mut decoder = ChunkDecoder::default();
-    let mut records = RecordDecoder::new(encoding.xbzrle_cache_pages as usize);
+    let mut records = RecordDecoder::new(caches.incoming.clone(), channel);
+    let mut told = (0u64, Instant::now());
     let mut rebuilt: Vec<u8> = Vec::with_capacity(2 * MAX_CHUNK_BYTES);
     let mut digest = StreamDigest::default();
     let mut stats = DirectionStats::default();
@@ -440,6 +473,9 @@ fn pump_down(
                 let bytes = if payload.first() == Some(&RECORDS) {
                     rebuilt.clear();
                     records.decode(&payload, &mut rebuilt).map_err(RelayFailure::damaged)?;
+                    if told.1.elapsed() >= DECODED_EVERY {
+                        tell_decoded(writer, &records, &mut told);
+                    }
                     &rebuilt[..]
                 } else {
                     decoder.decode(&payload).map_err(RelayFailure::damaged)?
@@ -454,8 +490,20 @@ fn pump_down(
                 stats.wire_bytes += payload.len() as u64;
                 stats.chunks += 1;
             }
-            FrameKind::Heartbeat => release_before_marker(&mut held, &mut local, &stream)?,
+            FrameKind::Heartbeat => {
+                tell_decoded(writer, &records, &mut told);
+                release_before_marker(&mut held, &mut local, &stream)?;
+            }
+            FrameKind::StreamDecoded => {
+                let chunks: [u8; 8] = payload[..]
+                    .try_into()
+                    .map_err(|_| RelayFailure::damaged(format!("a StreamDecoded frame of {} bytes", payload.len())))?;
+                if let Some(cache) = &caches.outgoing {
+                    cache.peer_decoded(channel, u64::from_le_bytes(chunks));
+                }
+            }
             FrameKind::StreamEnd => {
+                tell_decoded(writer, &records, &mut told);
                 let end = StreamEnd::decode(&payload).map_err(RelayFailure::damaged)?;
                 digest.check(&end).map_err(RelayFailure::damaged)?;
                 if completing(&stream) {
@@ -467,6 +515,22 @@ fn pump_down(
             }
             FrameKind::Abort => return Err(RelayFailure::Peer(decode_reason(&payload))),
             other => return Err(RelayFailure::unexpected(format!("unexpected {other:?} frame in a carried stream"))),
+        }
+    }
+}
+
+/// Tells the peer how many page-aware chunks of its stream have been decoded, if that
+/// grew since it was last told (`told`: the count and when), unless the writer is busy
+/// (the next chunk or heartbeat tells it) or this direction has ended.
+fn tell_decoded(writer: &Mutex<NetWriter>, records: &RecordDecoder, told: &mut (u64, Instant)) {
+    let chunks = records.decoded_chunks();
+    if chunks == told.0 {
+        return;
+    }
+    if let Ok(mut writer) = writer.try_lock() {
+        // A failed write fails the sending side, which reports it.
+        if !writer.ended() && writer.send(FrameKind::StreamDecoded, &chunks.to_le_bytes()).is_ok() {
+            *told = (chunks, Instant::now());
         }
     }
 }
@@ -507,9 +571,11 @@ mod tests {
         let (mut destination_qemu, destination_local) = UnixStream::pair().unwrap();
         let (source_abort, destination_abort) = (Arc::new(SessionAbort::new()), Arc::new(SessionAbort::new()));
         let pool = two(codec.codec, &source_abort);
-        let source = std::thread::spawn(move || pump(0, source_local, source_net, codec, pool, &source_abort));
-        let destination =
-            std::thread::spawn(move || pump(0, destination_local, destination_net, codec, NONE, &destination_abort));
+        let caches = SessionCaches::default();
+        let source = std::thread::spawn(move || pump(0, source_local, source_net, codec, pool, caches, &source_abort));
+        let destination = std::thread::spawn(move || {
+            pump(0, destination_local, destination_net, codec, NONE, SessionCaches::default(), &destination_abort)
+        });
         let writer = std::thread::spawn(move || {
             for piece in data.chunks(10_000) {
                 source_qemu.write_all(piece).unwrap();
@@ -609,9 +675,12 @@ mod tests {
         let source_abort = Arc::new(SessionAbort::new());
         let destination_abort = Arc::new(SessionAbort::new());
         let pool = two(Codec::Lz4, &source_abort);
-        let source = std::thread::spawn(move || pump(0, source_local, source_net, LZ4, pool, &source_abort));
-        let destination =
-            std::thread::spawn(move || pump(0, destination_local, destination_net, LZ4, NONE, &destination_abort));
+        let source = std::thread::spawn(move || {
+            pump(0, source_local, source_net, LZ4, pool, SessionCaches::default(), &source_abort)
+        });
+        let destination = std::thread::spawn(move || {
+            pump(0, destination_local, destination_net, LZ4, NONE, SessionCaches::default(), &destination_abort)
+        });
         source_qemu.write_all(&[1u8; 100_000]).unwrap();
         std::thread::sleep(Duration::from_millis(300));
         cutter();
@@ -636,7 +705,7 @@ mod tests {
         let (finished_tx, finished) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let pool = two(Codec::Lz4, &abort);
-            let _ = finished_tx.send(pump(0, source_local, source_net, LZ4, pool, &abort));
+            let _ = finished_tx.send(pump(0, source_local, source_net, LZ4, pool, SessionCaches::default(), &abort));
         });
         let mut frame = FrameBuf::with_capacity(MAX_CHUNK_BYTES);
         frame.begin().extend_from_slice(&StreamDigest::default().end().encode());
@@ -663,7 +732,9 @@ mod tests {
         let (mut forger, destination_net) = net_pair();
         let (mut destination_qemu, destination_local) = UnixStream::pair().unwrap();
         let abort = Arc::new(SessionAbort::new());
-        let destination = std::thread::spawn(move || pump(0, destination_local, destination_net, RAW, NONE, &abort));
+        let destination = std::thread::spawn(move || {
+            pump(0, destination_local, destination_net, RAW, NONE, SessionCaches::default(), &abort)
+        });
         let mut seq = SeqCounter::default();
         let mut frame = FrameBuf::with_capacity(MAX_CHUNK_BYTES);
         frames(&mut |kind: FrameKind, payload: &[u8]| {
@@ -779,55 +850,87 @@ mod tests {
         s
     }
 
-    #[test]
-    fn streams_share_one_adaptive_pool_and_arrive_exactly() {
-        // 16-bit numbers in 32-bit words: zstd halves them, lz4 barely.
+    /// `count` pages of 16-bit numbers in 32-bit words (zstd or a shuffle halves them, lz4
+    /// barely), each `version` in its word 1.
+    fn numeric_pages(count: usize, version: u32) -> Vec<Vec<u8>> {
         let mut seed = 7u64;
-        let pages: Vec<Vec<u8>> = (0..600)
+        (0..count)
             .map(|_| {
-                (0..PAGE_BYTES / 4)
+                let mut page: Vec<u8> = (0..PAGE_BYTES / 4)
                     .flat_map(|_| {
                         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                         ((seed >> 48) as u32).to_le_bytes()
                     })
-                    .collect()
+                    .collect();
+                page[4..8].copy_from_slice(&version.to_le_bytes());
+                page
             })
-            .collect();
-        let source_abort = Arc::new(SessionAbort::new());
-        let pool = two(Codec::Adaptive, &source_abort);
-        let adaptive = Encoding { codec: Codec::Adaptive, xbzrle_cache_pages: 0 };
-        let streams: Vec<Vec<u8>> = [&pages[..300], &pages[300..]].iter().map(|p| main_stream_with_pages(p)).collect();
-        let mut carried = Vec::new();
-        for (channel, stream) in streams.iter().enumerate() {
+            .collect()
+    }
+
+    /// A source relay's session: its pool and cache, and the destination relay's cache.
+    struct Session {
+        pool: Option<Arc<SessionCompression>>,
+        caches: (SessionCaches, SessionCaches),
+        encoding: Encoding,
+        abort: Arc<SessionAbort>,
+    }
+
+    impl Session {
+        fn new(codec: Codec, xbzrle_cache_pages: u32) -> Session {
+            let abort = Arc::new(SessionAbort::new());
+            let cache =
+                || (xbzrle_cache_pages > 0).then(|| Arc::new(SharedPageCache::new(xbzrle_cache_pages as usize, 4)));
+            let caches = (
+                SessionCaches { outgoing: cache(), incoming: None },
+                SessionCaches { outgoing: None, incoming: cache() },
+            );
+            Session { pool: two(codec, &abort), caches, encoding: Encoding { codec, xbzrle_cache_pages }, abort }
+        }
+
+        /// Carries `stream` on `channel` of the session, from a fake source QEMU to a fake
+        /// destination QEMU; the thread returns what arrived and both channel reports.
+        fn carry(
+            &self,
+            channel: u16,
+            stream: Vec<u8>,
+        ) -> std::thread::JoinHandle<(Vec<u8>, ChannelReport, ChannelReport)> {
             let (source_net, destination_net) = net_pair();
             let (mut source_qemu, source_local) = UnixStream::pair().unwrap();
             let (mut destination_qemu, destination_local) = UnixStream::pair().unwrap();
-            let (pool, abort) = (pool.clone(), source_abort.clone());
-            let channel = channel as u16;
-            let source = std::thread::spawn(move || pump(channel, source_local, source_net, adaptive, pool, &abort));
-            let destination_abort = Arc::new(SessionAbort::new());
+            let (pool, abort, encoding) = (self.pool.clone(), self.abort.clone(), self.encoding);
+            let (source_caches, destination_caches) = self.caches.clone();
+            let source = std::thread::spawn(move || {
+                pump(channel, source_local, source_net, encoding, pool, source_caches, &abort)
+            });
             let destination = std::thread::spawn(move || {
-                pump(channel, destination_local, destination_net, adaptive, NONE, &destination_abort)
+                let abort = Arc::new(SessionAbort::new());
+                pump(channel, destination_local, destination_net, encoding, NONE, destination_caches, &abort)
             });
-            let stream = stream.clone();
-            let writer = std::thread::spawn(move || {
-                source_qemu.write_all(&stream).unwrap();
-                source_qemu.shutdown(Shutdown::Write).unwrap();
-                let mut back = Vec::new();
-                source_qemu.read_to_end(&mut back).unwrap();
-            });
-            let reader = std::thread::spawn(move || {
+            std::thread::spawn(move || {
+                let writer = std::thread::spawn(move || {
+                    source_qemu.write_all(&stream).unwrap();
+                    source_qemu.shutdown(Shutdown::Write).unwrap();
+                    let mut back = Vec::new();
+                    source_qemu.read_to_end(&mut back).unwrap();
+                });
                 let mut received = Vec::new();
                 destination_qemu.read_to_end(&mut received).unwrap();
                 destination_qemu.shutdown(Shutdown::Write).unwrap();
-                received
-            });
-            carried.push((source, destination, writer, reader));
+                writer.join().unwrap();
+                (received, source.join().unwrap().unwrap(), destination.join().unwrap().unwrap())
+            })
         }
-        for (stream, (source, destination, writer, reader)) in streams.iter().zip(carried) {
-            let received = reader.join().unwrap();
-            writer.join().unwrap();
-            let (source, destination) = (source.join().unwrap().unwrap(), destination.join().unwrap().unwrap());
+    }
+
+    #[test]
+    fn streams_share_one_adaptive_pool_and_arrive_exactly() {
+        let pages = numeric_pages(600, 0);
+        let session = Session::new(Codec::Adaptive, 0);
+        let streams: Vec<Vec<u8>> = [&pages[..300], &pages[300..]].iter().map(|p| main_stream_with_pages(p)).collect();
+        let carried: Vec<_> = streams.iter().enumerate().map(|(i, s)| session.carry(i as u16, s.clone())).collect();
+        for (stream, carried) in streams.iter().zip(carried) {
+            let (received, source, destination) = carried.join().unwrap();
             assert!(received == *stream, "channel {}: the stream changed on the way", source.channel);
             assert_eq!(source.pages, 300);
             let (sent, received) = (source.sent, destination.received);
@@ -838,5 +941,21 @@ mod tests {
             // Every page-aware chunk went through the pool, each with the codec chosen for it.
             assert_eq!(source.codecs.values().sum::<u64>(), source.sent.chunks, "{:?}", source.codecs);
         }
+    }
+
+    #[test]
+    fn a_page_carried_again_on_another_stream_goes_as_a_delta() {
+        // Stream 0 carries the pages, then stream 1 their next versions (as QEMU's multifd
+        // does, on whichever channel is free): one cache for both, so they go as deltas.
+        let session = Session::new(Codec::Lz4, 1024);
+        let first = main_stream_with_pages(&numeric_pages(200, 1));
+        let again = main_stream_with_pages(&numeric_pages(200, 2));
+        let (received, source, _) = session.carry(0, first.clone()).join().unwrap();
+        assert!(received == first);
+        assert_eq!(source.encodings.xbzrle, 0);
+        let (received, source, _) = session.carry(1, again.clone()).join().unwrap();
+        assert!(received == again, "the deltas rebuilt the next versions");
+        assert_eq!((source.encodings.xbzrle, source.encodings.uncached), (200, 0), "{:?}", source.encodings);
+        assert!(source.sent.wire_bytes < 200 * 64, "{:?}", source.sent);
     }
 }

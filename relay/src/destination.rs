@@ -7,11 +7,13 @@
 //! order, is refused with a reason. The session ends when the main channel has ended both
 //! ways and every other channel has too.
 
-use crate::channel::pump;
+use crate::channel::{pump, SessionCaches};
 use crate::{collect, RelayFailure, RelayReport};
 use migration::frame::{FrameKind, SeqCounter};
 use migration::handshake::HelloAck;
+use migration::relay::MAX_CHANNELS;
 use migration::relay::{accept_preamble, StreamHello, PREAMBLE_BYTES};
+use migration::relay_cache::SharedPageCache;
 use std::io::{self, Read};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -43,6 +45,9 @@ pub fn relay_destination(
     let started = Instant::now();
     let abort = Arc::new(SessionAbort::new());
     let mut session: Option<u64> = None;
+    // The session's XBZRLE cache, made with its first stream (every hello of a session
+    // gives the same size).
+    let mut caches = SessionCaches::default();
     let mut pumps: Vec<(u16, JoinHandle<Result<_, RelayFailure>>)> = Vec::new();
     loop {
         if pumps.first().is_some_and(|(_, pump)| pump.is_finished()) || abort.is_raised() {
@@ -97,11 +102,15 @@ pub fn relay_destination(
             abort.raise(format!("channel {}: answering the source relay: {err}", hello.channel));
             break;
         }
+        if session.is_none() && hello.encoding.xbzrle_cache_pages > 0 {
+            let pages = hello.encoding.xbzrle_cache_pages as usize;
+            caches.incoming = Some(Arc::new(SharedPageCache::new(pages, MAX_CHANNELS)));
+        }
         session = Some(hello.session_id);
-        let (channel, abort) = (hello.channel, abort.clone());
+        let (channel, abort, caches) = (hello.channel, abort.clone(), caches.clone());
         let pump = std::thread::Builder::new()
             .name(format!("relay-{channel}"))
-            .spawn(move || pump(channel, local, net, hello.encoding, None, &abort))
+            .spawn(move || pump(channel, local, net, hello.encoding, None, caches, &abort))
             .map_err(RelayFailure::local)?;
         pumps.push((channel, pump));
     }

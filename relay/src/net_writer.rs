@@ -12,15 +12,28 @@ pub(crate) struct NetWriter {
     writer: Box<dyn Write + Send>,
     seq: SeqCounter,
     frame: FrameBuf,
+    /// This direction's `StreamEnd` went out: nothing may follow it.
+    ended: bool,
 }
 
 impl NetWriter {
     pub(crate) fn new(writer: Box<dyn Write + Send>) -> Self {
         // A whole chunk and its frame header fit without growing the buffer.
-        NetWriter { writer, seq: SeqCounter::default(), frame: FrameBuf::with_capacity(MAX_CHUNK_BYTES + 64) }
+        NetWriter {
+            writer,
+            seq: SeqCounter::default(),
+            frame: FrameBuf::with_capacity(MAX_CHUNK_BYTES + 64),
+            ended: false,
+        }
+    }
+
+    /// Whether this direction's stream has ended (its `StreamEnd` was sent).
+    pub(crate) fn ended(&self) -> bool {
+        self.ended
     }
 
     pub(crate) fn send(&mut self, kind: FrameKind, payload: &[u8]) -> io::Result<()> {
+        self.ended |= kind == FrameKind::StreamEnd;
         self.frame.begin().extend_from_slice(payload);
         self.frame.seal(kind, 0, self.seq.take());
         self.writer.write_all(self.frame.as_bytes())?;

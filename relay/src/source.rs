@@ -8,12 +8,13 @@
 //! opens its connections in the same order. The session ends when the main channel has
 //! ended both ways and every other channel has too.
 
-use crate::channel::pump;
+use crate::channel::{pump, SessionCaches};
 use crate::compression::{CompressionConfig, SessionCompression};
 use crate::{collect, LinkFailure, RelayFailure, RelayReport};
 use migration::frame::{FrameKind, SeqCounter};
 use migration::handshake::{decode_reason, HelloAck};
 use migration::relay::{encode_preamble, Encoding, StreamHello, MAX_CHANNELS};
+use migration::relay_cache::SharedPageCache;
 use std::io::{self, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -71,6 +72,13 @@ impl SourceRelay {
             first_cpu: self.config.pin_workers.then_some(0),
         };
         let compression = SessionCompression::start(compression, abort.clone()).map_err(RelayFailure::local)?;
+        // One XBZRLE cache for all the streams: QEMU's multifd puts a page's next version
+        // on whichever channel is free.
+        let pages = self.config.encoding.xbzrle_cache_pages as usize;
+        let caches = SessionCaches {
+            outgoing: (pages > 0).then(|| Arc::new(SharedPageCache::new(pages, MAX_CHANNELS))),
+            incoming: None,
+        };
         let mut pumps = Vec::new();
         let deadline = started + self.config.first_connection_timeout;
         loop {
@@ -88,11 +96,11 @@ impl SourceRelay {
                     }
                     match open_stream(connector, session_id, channel, self.config.encoding) {
                         Ok(net) => {
-                            let (abort, compression) = (abort.clone(), compression.clone());
+                            let (abort, compression, caches) = (abort.clone(), compression.clone(), caches.clone());
                             let encoding = self.config.encoding;
                             let pump = std::thread::Builder::new()
                                 .name(format!("relay-{channel}"))
-                                .spawn(move || pump(channel, local, net, encoding, compression, &abort))
+                                .spawn(move || pump(channel, local, net, encoding, compression, caches, &abort))
                                 .map_err(RelayFailure::local)?;
                             pumps.push((channel, pump));
                         }

@@ -71,9 +71,9 @@ pub struct BenchArgs {
     /// The area the dirty guest writes to.
     #[arg(long, default_value = "1GiB", value_parser = parse_size)]
     pub dirty_area: u64,
-    /// Rows of the table: plain, lz4, zlib, zstd, adaptive, xbzrle, lz4+xbzrle, zlib+xbzrle,
-    /// zstd+xbzrle, skip-unused-off, deferred-cleanup-off. Plain keeps zero-page
-    /// detection.
+    /// Rows of the table: plain, lz4, zlib, zstd, shuffle-lz4, shuffle-zstd, adaptive,
+    /// xbzrle, lz4+xbzrle, zlib+xbzrle, zstd+xbzrle, skip-unused-off,
+    /// deferred-cleanup-off. Plain (no codec) keeps zero-page detection.
     #[arg(long, value_delimiter = ',', default_value = BENCH_ROWS)]
     pub rows: Vec<String>,
     /// Run the destination in namespace PREFIX-dst and the source in PREFIX-src, over the

@@ -91,10 +91,11 @@ pub struct CarryOptions {
     #[arg(long, default_value = "adaptive")]
     pub codec: Codec,
     /// XBZRLE: a page carried again goes as a delta against its copy carried last, when
-    /// that is smaller. Both relays keep a cache of --xbzrle-cache per stream.
+    /// that is smaller, whichever of QEMU's streams carried it. Both relays keep one cache
+    /// of --xbzrle-cache for all the streams.
     #[arg(long)]
     pub xbzrle: bool,
-    /// The XBZRLE cache of each stream, on each relay (QEMU's default is 64 MiB).
+    /// The XBZRLE cache, on each relay (QEMU's default is 64 MiB).
     #[arg(long, default_value = "64MiB", value_parser = parse_size)]
     pub xbzrle_cache: u64,
     /// Compression workers, one pool shared by all of QEMU's streams (0: each stream's own
