@@ -199,11 +199,11 @@ fn killed_destination_leaves_the_source_guest_running() {
 #[test]
 fn a_second_source_is_turned_away_while_a_session_runs() {
     let receiver = Receiver::start(BIN, &["--json", "--run-after", "0.3"]);
-    // The first migration, slowed down (256 MiB at 50 MB/s, a guest that dirties little) so
-    // that the second arrives while it runs.
+    // The first migration, slowed down (256 MiB at 50 MB/s, a guest that dirties little,
+    // pages sent as they are) so that the second arrives while it runs.
     let first = Command::new(BIN)
         .args(["send", "--to", &receiver.address, "--mem", "256MiB", "--workload", "seq:1000", "--verify", "--json"])
-        .args(["--max-bandwidth", "400mbit"])
+        .args(["--max-bandwidth", "400mbit", "--codec", "none"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
