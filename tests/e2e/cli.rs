@@ -60,6 +60,9 @@ fn rounds_longer_than_the_io_timeout_are_kept_alive_by_heartbeats() {
         let mut demo = Command::new(BIN);
         demo.args(["demo", "--stack", stack, "--workload", "seq:1000", "--mem", "24MiB", "--verify"]);
         demo.args(["--max-bandwidth", "100mbit", "--io-timeout", "1", "--json", "--run-after", "0.2"]);
+        // Pages as they are: adaptive would pack the sweeper's pages 100x, and the rounds
+        // would be short.
+        demo.args(["--codec", "none"]);
         let finished = run(&mut demo, DEADLINE);
         assert!(finished.status.success(), "{stack}: demo failed:\n{}", finished.stderr);
         let value = json(&finished.stdout);
@@ -317,9 +320,10 @@ fn cancel_a_running_send(how: &str) {
     let receiver = Receiver::start(BIN, &["--json", "--run-after", "0.3"]);
     let control = std::env::temp_dir().join(format!("vmigrate-control-{}-{how}.sock", std::process::id()));
     let control_arg = format!("unix:{}", control.display());
-    // 256 MiB at 50 MB/s: seconds of bulk stage to cancel in.
+    // 256 MiB at 50 MB/s, pages as they are: seconds of bulk stage to cancel in.
     let send = Command::new(BIN)
         .args(["send", "--to", &receiver.address, "--mem", "256MiB", "--workload", "seq", "--max-bandwidth", "400mbit"])
+        .args(["--codec", "none"])
         .args(["--control", &control_arg])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

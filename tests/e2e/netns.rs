@@ -649,6 +649,10 @@ fn migrate_through(ns: &Namespaces, stack: &str, port: u16, fault: &LinkFault) -
         "200mbit",
         "--io-timeout",
         IO_TIMEOUT,
+        // Pages as they are, so that the faults' timing meets the migration as it was
+        // written for (adaptive would halve these pages).
+        "--codec",
+        "none",
     ]);
     if stack == "dpdk" {
         // DPDK's net_af_packet on each veth end, with GSO and GRO (the EAL's arguments last).
