@@ -440,7 +440,8 @@ fn pump_down(local: UnixStream, net: Incoming<'_>, abort: &SessionAbort) -> Resu
     // the guest) and what follows it wait for the digest.
     let release_before_marker =
         |held: &mut Vec<u8>, local: &mut QemuSink, stream: &StreamReader| -> Result<(), RelayFailure> {
-            match end_marker_candidate(held).filter(|_| completing(stream)) {
+            // Only a completing main stream has a marker to look for: the search walks every byte.
+            match completing(stream).then(|| end_marker_candidate(held)).flatten() {
                 Some(at) => {
                     if at > 0 {
                         local.deliver(&held[..at])?;

@@ -106,7 +106,14 @@ pub fn calibrate(pages: &[Vec<u8>]) -> Vec<StageRate> {
     let scan_rate = (scanned * PAGE_SIZE_BYTES) as f64 / scan_start.elapsed().as_secs_f64();
     drop(memory);
     rates.push(stage("zero-page scan", "source", scan_rate, 1.0));
-    for codec in [Codec::Lz4, Codec::Zstd { level: 1 }, Codec::Zlib { level: 1 }] {
+    let codecs = [
+        Codec::Lz4,
+        Codec::ShuffleLz4,
+        Codec::Zstd { level: 1 },
+        Codec::ShuffleZstd { level: 1 },
+        Codec::Zlib { level: 1 },
+    ];
+    for codec in codecs {
         let mut compressor = PageCompressor::new(codec);
         let packed: Vec<Option<Vec<u8>>> = pages
             .iter()
