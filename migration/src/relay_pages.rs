@@ -32,7 +32,7 @@
 //! chunk's header.
 
 use crate::codec::{Codec, Compressed, PageCompressor, PageDecompressor};
-use crate::frame::{le_u16, le_u32, le_u64};
+use crate::frame::{le_u16, le_u32, le_u64, FrameBuf};
 use crate::qemu_stream::PageKey;
 use crate::relay::RelayError;
 use crate::relay_cache::{Origin, SharedPageCache};
@@ -216,6 +216,13 @@ impl RecordEncoder {
         self.out.extend_from_slice(&key.offset.to_le_bytes());
     }
 
+    /// As [`RecordEncoder::finish`], handing the chunk over (the encoder goes on in
+    /// `spare`, a buffer the caller no longer needs).
+    pub fn finish_into(&mut self, spare: Vec<u8>) -> Vec<u8> {
+        self.finish();
+        std::mem::replace(&mut self.out, spare)
+    }
+
     /// The chunk built so far, as a `StreamData` payload; the next item starts a new one.
     pub fn finish(&mut self) -> &[u8] {
         self.open();
@@ -354,11 +361,12 @@ impl RecordDecoder {
 
 /// Compresses the RAW page items of `chunk` (a page-aware chunk built by a
 /// `deferring_compression` encoder) with `compressor` and the long runs of other bytes
-/// with lz4, writing the result, which names the compressor's codec, to `out`; returns how
-/// many pages it compressed. Everything else is copied as it is. A pure function of the
-/// chunk: any worker may squeeze any chunk.
-pub fn squeeze(chunk: &[u8], compressor: &mut PageCompressor, out: &mut Vec<u8>) -> Result<usize, RelayError> {
-    out.clear();
+/// with lz4, writing the result, which names the compressor's codec, as the payload of
+/// `out` (a frame begun, left unsealed): the compressors write into it in place. Returns
+/// how many pages it compressed. Everything else is copied as it is. A pure function of
+/// the chunk: any worker may squeeze any chunk.
+pub fn squeeze(chunk: &[u8], compressor: &mut PageCompressor, out: &mut FrameBuf) -> Result<usize, RelayError> {
+    out.begin();
     if chunk.len() < HEADER_BYTES || chunk[0] != RECORDS {
         return Err(RelayError::Malformed("squeeze: not a page chunk".into()));
     }
@@ -374,33 +382,36 @@ pub fn squeeze(chunk: &[u8], compressor: &mut PageCompressor, out: &mut Vec<u8>)
     while !rest.is_empty() {
         let item = next_item(&mut rest)?;
         let flags = item.tag & tag::UNCACHED;
+        let at = out.len();
         if item.tag == tag::OTHER && item.data.len() >= OTHER_SQUEEZE_MIN {
             let len = item.data.len();
-            let at = out.len();
-            out.resize(at + 5 + lz4_flex::block::get_maximum_output_size(len), 0);
-            match lz4_flex::block::compress_into(item.data, &mut out[at + 5..]) {
-                Ok(packed) if packed < len => {
-                    out[at] = tag::OTHER_LZ4;
-                    out[at + 1..at + 3].copy_from_slice(&(len as u16).to_le_bytes());
-                    out[at + 3..at + 5].copy_from_slice(&(packed as u16).to_le_bytes());
-                    out.truncate(at + 5 + packed);
-                    continue;
-                }
-                _ => out.truncate(at),
+            out.extend_from_slice(&[tag::OTHER_LZ4, 0, 0, 0, 0]);
+            let room = lz4_flex::block::get_maximum_output_size(len);
+            let packed = out.fill_in_place(room, |room| {
+                lz4_flex::block::compress_into(item.data, room).ok().filter(|&packed| packed < len)
+            });
+            if let Some(packed) = packed {
+                let header = &mut out.written_mut()[at + 1..at + 5];
+                header[..2].copy_from_slice(&(len as u16).to_le_bytes());
+                header[2..].copy_from_slice(&(packed as u16).to_le_bytes());
+                continue;
             }
+            out.truncate(at);
         }
-        if item.tag & !tag::UNCACHED == tag::RAW {
-            if let Compressed::Packed { len } = compressor.compress(item.data) {
-                out.push(tag::PACKED | flags);
-                out.extend_from_slice(item.fields);
-                out.extend_from_slice(&(len as u16).to_le_bytes());
-                out.extend_from_slice(&compressor.output()[..len]);
+        if item.tag & !tag::UNCACHED == tag::RAW && compressor.codec() != Codec::None {
+            out.extend_from_slice(&[tag::PACKED | flags]);
+            out.extend_from_slice(item.fields);
+            out.extend_from_slice(&[0, 0]);
+            if let Some(len) = out.fill_in_place(compressor.room(), |room| compressor.compress_into(item.data, room)) {
+                let length_at = at + 1 + item.fields.len();
+                out.written_mut()[length_at..length_at + 2].copy_from_slice(&(len as u16).to_le_bytes());
                 packed_pages += 1;
                 continue;
             }
+            out.truncate(at);
         }
         // Everything else goes as it is.
-        out.push(item.tag);
+        out.extend_from_slice(&[item.tag]);
         out.extend_from_slice(item.fields);
         out.extend_from_slice(item.data);
     }
@@ -561,8 +572,9 @@ mod tests {
             assert_eq!(deferred.counts.raw, 12, "deferred pages are counted raw until squeezed");
             let chunk = deferred.finish().to_vec();
             assert_eq!(raw_pages(&chunk).unwrap(), pages.iter().map(|p| &p[..]).collect::<Vec<_>>());
-            let mut squeezed = Vec::new();
-            let packed = squeeze(&chunk, &mut PageCompressor::new(codec), &mut squeezed).unwrap();
+            let mut frame = FrameBuf::default();
+            let packed = squeeze(&chunk, &mut PageCompressor::new(codec), &mut frame).unwrap();
+            let squeezed = frame.payload().to_vec();
             assert_eq!(packed as u64, direct.counts.packed, "{codec}");
             let direct_chunk = direct.finish().to_vec();
             assert!(squeezed.len() < direct_chunk.len(), "{codec}: the long run of other bytes is compressed too");
@@ -570,7 +582,7 @@ mod tests {
             RecordDecoder::new(cache(16), 0).decode(&squeezed, &mut rebuilt).unwrap();
             assert_eq!(rebuilt, original, "{codec}");
             // Squeezing twice would name a codec the pages no longer have.
-            assert!(squeeze(&squeezed, &mut PageCompressor::new(codec), &mut Vec::new()).is_err());
+            assert!(squeeze(&squeezed, &mut PageCompressor::new(codec), &mut FrameBuf::default()).is_err());
         }
     }
 
@@ -582,8 +594,9 @@ mod tests {
         for codec in [Codec::Zstd { level: 1 }, Codec::None, Codec::Lz4, Codec::Zlib { level: 3 }] {
             let mut encoder = RecordEncoder::deferring_compression(cache(0), 0);
             encoder.page(key(0), &text_page(9));
-            let mut squeezed = Vec::new();
-            squeeze(encoder.finish(), &mut PageCompressor::new(codec), &mut squeezed).unwrap();
+            let mut frame = FrameBuf::default();
+            squeeze(encoder.finish(), &mut PageCompressor::new(codec), &mut frame).unwrap();
+            let squeezed = frame.payload().to_vec();
             let mut rebuilt = Vec::new();
             decoder.decode(&squeezed, &mut rebuilt).unwrap();
             assert_eq!(rebuilt, text_page(9), "{codec}");
@@ -702,7 +715,7 @@ mod tests {
             }
             let _ = RecordDecoder::new(cache(8), 0).decode(&payload, &mut Vec::new());
             let _ = RecordDecoder::new(cache(0), 0).decode(&payload, &mut Vec::new());
-            let _ = squeeze(&payload, &mut PageCompressor::new(Codec::Lz4), &mut Vec::new());
+            let _ = squeeze(&payload, &mut PageCompressor::new(Codec::Lz4), &mut FrameBuf::default());
             let _ = raw_pages(&payload);
         }
     }

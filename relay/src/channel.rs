@@ -257,9 +257,7 @@ fn pump_up(
                     ));
                 }
                 // A page cut short by the end of the stream goes as the bytes it is.
-                if let Some((payload, original)) = pages.finish(true) {
-                    out.data(payload, original, &mut stats, abort)?;
-                }
+                out.pages(&mut pages, true, &mut stats, abort)?;
                 out.control(FrameKind::StreamEnd, &digest.end().encode(), abort)?;
                 let mut counts = pages.encoder.counts;
                 let mut codecs = BTreeMap::new();
@@ -285,9 +283,7 @@ fn pump_up(
                              carrying the rest byte for byte, as it is (no page-aware compression)"
                         );
                     }
-                    if let Some((payload, original)) = pages.finish(false) {
-                        out.data(payload, original, &mut stats, abort)?;
-                    }
+                    out.pages(&mut pages, false, &mut stats, abort)?;
                 } else {
                     stream.feed(data, &mut |_| {});
                     out.data(chunks.encode(data), n, &mut stats, abort)?;
@@ -333,6 +329,27 @@ enum Outlet<'a> {
 }
 
 impl Outlet<'_> {
+    /// The page-aware chunk built so far, if any (`ended`: the stream's last): sent as it
+    /// is, or handed to the pool to squeeze.
+    fn pages(
+        &mut self,
+        pages: &mut PageChunks,
+        ended: bool,
+        stats: &mut DirectionStats,
+        abort: &SessionAbort,
+    ) -> Result<(), RelayFailure> {
+        let Some(original) = pages.close(ended) else { return Ok(()) };
+        match self {
+            Outlet::Direct(_) => self.data(pages.encoder.finish(), original, stats, abort),
+            Outlet::Pool(squeezers) => {
+                stats.bytes += original as u64;
+                let chunk = pages.encoder.finish_into(squeezers.spare_chunk());
+                squeezers.squeeze(chunk).map_err(|_| RelayFailure::aborted(abort))
+            }
+        }
+    }
+
+    /// A chunk encoded already, `original` bytes of the stream.
     fn data(
         &mut self,
         payload: &[u8],
@@ -393,18 +410,15 @@ impl PageChunks {
         }
     }
 
-    /// The chunk so far, if it holds anything, and its original length; a page still
-    /// incomplete waits for the next chunk unless the stream `ended`.
-    fn finish(&mut self, ended: bool) -> Option<(&[u8], usize)> {
+    /// Whether the chunk so far holds anything, and its original length if so: the
+    /// encoder's chunk is then ready to finish. A page still incomplete waits for the next
+    /// chunk unless the stream `ended`.
+    fn close(&mut self, ended: bool) -> Option<usize> {
         if ended && !self.page.is_empty() {
             let partial = std::mem::take(&mut self.page);
             self.encoder.other(&partial);
         }
-        let original = self.encoder.original_len();
-        if original == 0 {
-            return None;
-        }
-        Some((self.encoder.finish(), original))
+        Some(self.encoder.original_len()).filter(|&original| original > 0)
     }
 }
 

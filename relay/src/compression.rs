@@ -10,6 +10,8 @@
 use engine::adaptive::{cpu, Choice, Pipeline};
 use engine::pool::{CompressionPool, PoolConfig, PoolWorker};
 use migration::codec::{Codec, Compressed};
+use migration::frame::FrameBuf;
+use migration::relay::{max_data_payload_bytes, MAX_CHUNK_BYTES};
 use migration::relay_pages::{raw_pages, squeeze};
 use migration::PAGE_SIZE_BYTES;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use transport::abort::SessionAbort;
 use transport::pipe::SendProbe;
+use transport::ring::Pool;
 
 /// How a source relay compresses.
 #[derive(Debug, Clone, Copy)]
@@ -30,10 +33,18 @@ pub struct CompressionConfig {
     pub first_cpu: Option<usize>,
 }
 
+/// Buffers kept for reuse (chunks the readers build, frames the workers fill): enough for
+/// everything in flight (the pool's queue, its workers, the streams' senders).
+const SPARE_BUFFERS: usize = 64;
+
 /// The pool and the links it feeds.
 pub(crate) struct SessionCompression {
     pool: CompressionPool,
     links: Links,
+    /// Chunk buffers the workers are done with, for the readers' next chunks.
+    chunks: Pool<Vec<u8>>,
+    /// Frames the senders have written, for the workers' next chunks.
+    frames: Pool<FrameBuf>,
 }
 
 /// The session's relay connections, as the adaptive policy sees them.
@@ -47,7 +58,8 @@ struct Links {
 
 /// What a squeezed chunk became.
 pub(crate) struct Squeezed {
-    pub payload: Vec<u8>,
+    /// A `StreamData` frame, its payload checksummed, waiting for its sequence number.
+    pub frame: FrameBuf,
     /// Pages compressed (the reader counted them raw).
     pub packed: usize,
     pub codec: Codec,
@@ -66,7 +78,12 @@ impl SessionCompression {
             name: "relay-zip".into(),
         };
         let pool = CompressionPool::start(&pool_config, abort)?;
-        Ok(Some(Arc::new(SessionCompression { pool, links: Links::default() })))
+        Ok(Some(Arc::new(SessionCompression {
+            pool,
+            links: Links::default(),
+            chunks: Pool::new(SPARE_BUFFERS),
+            frames: Pool::new(SPARE_BUFFERS),
+        })))
     }
 
     pub fn pool(&self) -> &CompressionPool {
@@ -85,11 +102,22 @@ impl SessionCompression {
         self.links.written.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
-    /// Squeezes one chunk on `worker`: with the configured codec, or the one the policy
+    /// A buffer for a reader's next chunk.
+    pub fn spare_chunk(&self) -> Vec<u8> {
+        self.chunks.take(|| Vec::with_capacity(2 * MAX_CHUNK_BYTES))
+    }
+
+    /// A frame a sender has written, for reuse.
+    pub fn give_frame(&self, frame: FrameBuf) {
+        self.frames.give(frame);
+    }
+
+    /// Squeezes one chunk on `worker` into a frame (checksummed here, on the worker, so
+    /// that the sender only seals it): with the configured codec, or the one the policy
     /// chooses, which then also learns what it cost (and, now and then, what every choice
     /// would have made of the chunk's pages). `sender_behind` says whether the stream's
     /// sender has chunks waiting, for a stack that cannot say whether its link is full.
-    pub fn squeeze(&self, worker: &mut PoolWorker, chunk: &[u8], link: usize, sender_behind: bool) -> Squeezed {
+    pub fn squeeze(&self, worker: &mut PoolWorker, chunk: Vec<u8>, link: usize, sender_behind: bool) -> Squeezed {
         let choice = match worker.policy() {
             Some(policy) => {
                 let pipeline =
@@ -99,22 +127,28 @@ impl SessionCompression {
             None => Choice { codec: self.pool.codec(), measure: false },
         };
         let started = worker.policy().is_some().then(|| (cpu::thread_time(), Instant::now()));
-        let mut payload = Vec::with_capacity(chunk.len());
-        let squeezed = match squeeze(chunk, worker.compressor(choice.codec), &mut payload) {
-            Ok(packed) => Squeezed { payload, packed, codec: choice.codec },
+        let mut frame = self.frames.take(|| FrameBuf::with_capacity(max_data_payload_bytes()));
+        let squeezed = match squeeze(&chunk, worker.compressor(choice.codec), &mut frame) {
+            Ok(packed) => Squeezed { frame, packed, codec: choice.codec },
             // Not expected (the reader built the chunk): it goes as it was built.
-            Err(_) => Squeezed { payload: chunk.to_vec(), packed: 0, codec: Codec::None },
+            Err(_) => {
+                frame.begin().extend_from_slice(&chunk);
+                Squeezed { frame, packed: 0, codec: Codec::None }
+            }
         };
         if let Some((cpu_start, wall_start)) = started {
-            let input = raw_pages(chunk).map_or(0, |pages| pages.len() * PAGE_SIZE_BYTES) as u64;
+            let input = raw_pages(&chunk).map_or(0, |pages| pages.len() * PAGE_SIZE_BYTES) as u64;
             let spent = cpu::thread_time() - cpu_start;
             if choice.measure {
-                measure_choices(worker, chunk);
+                measure_choices(worker, &chunk);
             }
             if let Some(policy) = worker.policy() {
                 policy.account(input, spent, wall_start.elapsed());
             }
         }
+        let mut squeezed = squeezed;
+        squeezed.frame.checksum_payload();
+        self.chunks.give(chunk);
         squeezed
     }
 

@@ -32,6 +32,15 @@ impl NetWriter {
         self.ended
     }
 
+    /// Seals `frame` (its payload written, and checksummed where the writer of it could
+    /// do that in parallel) with this connection's next sequence number and sends it.
+    pub(crate) fn send_frame(&mut self, kind: FrameKind, frame: &mut FrameBuf) -> io::Result<()> {
+        self.ended |= kind == FrameKind::StreamEnd;
+        frame.seal(kind, 0, self.seq.take());
+        self.writer.write_all(frame.as_bytes())?;
+        self.writer.flush()
+    }
+
     pub(crate) fn send(&mut self, kind: FrameKind, payload: &[u8]) -> io::Result<()> {
         self.ended |= kind == FrameKind::StreamEnd;
         self.frame.begin().extend_from_slice(payload);

@@ -3,7 +3,14 @@
 //! see pages in that order on both relays) and hands whole chunks to the pool, whose
 //! workers squeeze them (`compression.rs`); this stream's sender puts the chunks, and the
 //! reader's heartbeats and end, back in order on the connection. Every queue is bounded: a
-//! slow link slows the workers, which slow the readers, which slow QEMU.
+//! slow link slows its stream's reader, which slows QEMU.
+//!
+//! A worker must never wait on one stream: the pool serves them all, and QEMU's multifd
+//! channels wait for each other (a channel's data stuck behind a worker that waits for
+//! another channel's slow sender held the whole migration until the link timed out). So
+//! each stream has credits for what it has in flight: its reader takes one per chunk or
+//! control frame before handing it on, its sender gives it back once that went out, and
+//! the stream's queue to its sender holds as many as there are credits.
 
 use crate::compression::{SessionCompression, Squeezed};
 use crate::net_writer::{lock, NetWriter};
@@ -16,17 +23,23 @@ use std::time::{Duration, Instant};
 use transport::abort::{Aborted, SessionAbort};
 use transport::ring::Ring;
 
-/// Chunks squeezed and waiting for this stream's sender, at most (the pool's queue bounds
-/// what is in the workers).
-const DONE_CAPACITY: usize = 8;
+/// Chunks and control frames one stream may have in flight (handed on by its reader and
+/// not yet written by its sender).
+const CREDITS: usize = 8;
 /// How long a sender whose write failed leaves the stream's reader to abort the session
 /// with the peer's own reason, before it aborts the session itself.
 const READER_GRACE: Duration = Duration::from_millis(250);
 
 /// What the sender puts on the connection, in sequence order.
 enum Out {
-    Data(Squeezed),
-    Control { kind: FrameKind, payload: Vec<u8> },
+    /// A page-aware chunk, squeezed into its frame.
+    Squeezed(Squeezed),
+    /// A chunk of a stream that is not QEMU's, encoded by the reader.
+    Data(Vec<u8>),
+    Control {
+        kind: FrameKind,
+        payload: Vec<u8>,
+    },
 }
 
 /// What the sender counted.
@@ -42,6 +55,9 @@ pub(super) struct Sent {
 
 pub(super) struct Squeezers {
     compression: Arc<SessionCompression>,
+    /// One entry per item in flight: the reader pushes before handing an item on, the
+    /// sender pops once it went out.
+    credits: Arc<Ring<()>>,
     done: Arc<Ring<(u64, Out)>>,
     next: u64,
     link: usize,
@@ -59,33 +75,51 @@ impl Squeezers {
         abort: Arc<SessionAbort>,
         channel: u16,
     ) -> Result<Squeezers, RelayFailure> {
-        let done: Arc<Ring<(u64, Out)>> = Arc::new(Ring::new(DONE_CAPACITY));
+        // Never fuller than the credits: a worker's push never waits.
+        let done: Arc<Ring<(u64, Out)>> = Arc::new(Ring::new(CREDITS));
+        let credits = Arc::new(Ring::new(CREDITS));
         let link = compression.add_link(probe);
         let sender = {
-            let (done, abort, compression) = (done.clone(), abort.clone(), compression.clone());
+            let (done, credits, abort, compression) =
+                (done.clone(), credits.clone(), abort.clone(), compression.clone());
             std::thread::Builder::new()
                 .name(format!("relay-send-{channel}"))
-                .spawn(move || send(&done, &writer, &compression, &abort, channel))
+                .spawn(move || send(&done, &credits, &writer, &compression, &abort, channel))
                 .map_err(RelayFailure::local)?
         };
-        Ok(Squeezers { compression, done, next: 0, link, sender, abort })
+        Ok(Squeezers { compression, credits, done, next: 0, link, sender, abort })
+    }
+
+    /// A buffer for the reader's next page-aware chunk (one a worker has finished with).
+    pub fn spare_chunk(&self) -> Vec<u8> {
+        self.compression.spare_chunk()
     }
 
     /// A page-aware chunk to squeeze and send.
-    pub fn data(&mut self, chunk: &[u8]) -> Result<(), Aborted> {
-        let (seq, link, chunk) = (self.next, self.link, chunk.to_vec());
+    pub fn squeeze(&mut self, chunk: Vec<u8>) -> Result<(), Aborted> {
+        self.credits.push((), &self.abort)?;
+        let (seq, link) = (self.next, self.link);
         let (done, abort, compression) = (self.done.clone(), self.abort.clone(), self.compression.clone());
         self.compression.pool().submit(Box::new(move |worker| {
-            let squeezed = compression.squeeze(worker, &chunk, link, !done.is_empty());
+            let squeezed = compression.squeeze(worker, chunk, link, !done.is_empty());
             // An abort ends the session; the pool's other tasks see it too.
-            let _ = done.push((seq, Out::Data(squeezed)), &abort);
+            let _ = done.push((seq, Out::Squeezed(squeezed)), &abort);
         }))?;
+        self.next += 1;
+        Ok(())
+    }
+
+    /// A chunk to send as it is (encoded already), after everything before it.
+    pub fn data(&mut self, payload: &[u8]) -> Result<(), Aborted> {
+        self.credits.push((), &self.abort)?;
+        self.done.push((self.next, Out::Data(payload.to_vec())), &self.abort)?;
         self.next += 1;
         Ok(())
     }
 
     /// A frame to send as it is, after everything before it.
     pub fn control(&mut self, kind: FrameKind, payload: &[u8]) -> Result<(), Aborted> {
+        self.credits.push((), &self.abort)?;
         self.done.push((self.next, Out::Control { kind, payload: payload.to_vec() }), &self.abort)?;
         self.next += 1;
         Ok(())
@@ -101,6 +135,7 @@ impl Squeezers {
 /// Writes the chunks and control frames in sequence order until the stream's end.
 fn send(
     done: &Ring<(u64, Out)>,
+    credits: &Ring<()>,
     writer: &Mutex<NetWriter>,
     compression: &SessionCompression,
     abort: &SessionAbort,
@@ -114,23 +149,39 @@ fn send(
         pending.insert(seq, out);
         while let Some(out) = pending.remove(&next) {
             next += 1;
-            let (kind, payload) = match &out {
-                Out::Data(Squeezed { payload, packed, codec }) => {
+            let written = match out {
+                Out::Squeezed(Squeezed { mut frame, packed, codec }) => {
+                    sent.wire_bytes += frame.payload_len() as u64;
+                    sent.chunks += 1;
+                    sent.packed_pages += packed as u64;
+                    *sent.codecs.entry(codec.to_string()).or_default() += 1;
+                    compression.wrote(frame.payload_len());
+                    let written = lock(writer).send_frame(FrameKind::StreamData, &mut frame);
+                    compression.give_frame(frame);
+                    written
+                }
+                Out::Data(payload) => {
                     sent.wire_bytes += payload.len() as u64;
                     sent.chunks += 1;
-                    sent.packed_pages += *packed as u64;
-                    *sent.codecs.entry(codec.to_string()).or_default() += 1;
                     compression.wrote(payload.len());
-                    (FrameKind::StreamData, payload)
+                    lock(writer).send(FrameKind::StreamData, &payload)
                 }
-                Out::Control { kind, payload } => (*kind, payload),
+                Out::Control { kind, payload } => {
+                    let written = lock(writer).send(kind, &payload);
+                    if written.is_ok() && kind == FrameKind::StreamEnd {
+                        return Ok(sent);
+                    }
+                    written
+                }
             };
             // A dead connection. Its reader usually fails too and aborts the session with
             // the peer's reason, which says more. But a reader that has already seen the
             // peer end its direction never will, and with this sender gone the workers and
             // the stream's reader would wait on full queues for ever: after a moment for
             // the reader, the sender aborts the session itself.
-            if let Err(err) = lock(writer).send(kind, payload) {
+            // The item is out (or the session is over): its credit goes back.
+            let _ = credits.pop(abort);
+            if let Err(err) = written {
                 let failure = RelayFailure::link(err);
                 let waited = Instant::now();
                 while !abort.is_raised() && waited.elapsed() < READER_GRACE {
@@ -141,9 +192,87 @@ fn send(
                 }
                 return Err(failure);
             }
-            if kind == FrameKind::StreamEnd {
-                return Ok(sent);
-            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compression::CompressionConfig;
+    use migration::codec::Codec;
+    use migration::qemu_stream::PageKey;
+    use migration::relay_pages::RecordEncoder;
+    use std::io::{self, Write};
+    use std::sync::mpsc;
+
+    /// A connection that takes nothing until the test ends (a peer that stopped reading).
+    struct Stalled(Mutex<mpsc::Receiver<()>>);
+
+    impl Write for Stalled {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            let _ = self.0.lock().unwrap().recv();
+            Err(io::Error::new(io::ErrorKind::BrokenPipe, "released"))
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A connection that takes everything.
+    struct Sink;
+
+    impl Write for Sink {
+        fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A page-aware chunk of four pages, for the workers to squeeze.
+    fn chunk() -> Vec<u8> {
+        let mut encoder = RecordEncoder::deferring_compression(None, 0);
+        for i in 0..4u64 {
+            encoder.page(PageKey { block: 0, offset: i << 12 }, &[i as u8 + 1; 4096]);
+        }
+        encoder.finish().to_vec()
+    }
+
+    #[test]
+    fn a_stream_whose_link_stalls_holds_up_no_other_stream() {
+        let abort = Arc::new(SessionAbort::new());
+        let config = CompressionConfig { codec: Codec::Lz4, workers: 1, first_cpu: None };
+        let compression = SessionCompression::start(config, abort.clone()).unwrap().unwrap();
+        // Stream 0's peer stopped reading: its reader hands on chunks until it runs out of
+        // credits, and waits there.
+        let (release, stalled) = mpsc::channel::<()>();
+        let writer = Arc::new(Mutex::new(NetWriter::new(Box::new(Stalled(Mutex::new(stalled))))));
+        let mut stuck = Squeezers::start(compression.clone(), None, writer, abort.clone(), 0).unwrap();
+        let stuck_reader = std::thread::spawn(move || {
+            while stuck.squeeze(chunk()).is_ok() {}
+            stuck
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        // Stream 1 goes through the same one worker, whole.
+        let (done_tx, done_rx) = mpsc::channel();
+        let (compression_1, abort_1) = (compression.clone(), abort.clone());
+        std::thread::spawn(move || {
+            let writer = Arc::new(Mutex::new(NetWriter::new(Box::new(Sink))));
+            let mut flowing = Squeezers::start(compression_1, None, writer, abort_1, 1).unwrap();
+            for _ in 0..50 {
+                flowing.squeeze(chunk()).unwrap();
+            }
+            flowing.control(FrameKind::StreamEnd, &[0; 12]).unwrap();
+            let _ = done_tx.send(flowing.finish());
+        });
+        let sent = done_rx.recv_timeout(Duration::from_secs(20)).expect("stream 1 waited on stream 0's link");
+        assert_eq!(sent.expect("stream 1").chunks, 50);
+        abort.raise("test over");
+        drop(release);
+        let _ = stuck_reader.join().unwrap().finish();
     }
 }
