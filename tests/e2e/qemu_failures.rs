@@ -9,7 +9,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 use vmigrate_tests::netns::Namespaces;
 use vmigrate_tests::process::{is_root, Finished, Receiver};
-use vmigrate_tests::qemu::{qemu_available, Migration, GUEST_MIB};
+use vmigrate_tests::proxy::{Fault, FaultProxy};
+use vmigrate_tests::qemu::{qemu_available, wait_migration, Migration, GUEST_MIB};
 use vmigrate_tests::reliability::{record, Ending};
 
 const GROUP: &str = "QEMU migration through the relays";
@@ -91,6 +92,43 @@ fn destination_qemu_refuses() {
     eprintln!("qemu-send: {send_error}\nqemu-recv: {recv_error}");
     migration.assert_source_survived();
     record(GROUP, "destination QEMU refusing", Ending::FailedCleanly);
+}
+
+/// A main stream whose digest does not check out at the destination relay, though every
+/// frame's did (the proxy between the relays forges it): the destination QEMU never gets
+/// its end-of-file marker, so it never completes the migration nor starts the guest.
+#[test]
+fn a_stream_whose_digest_fails_never_completes_on_the_destination() {
+    if skip("a_stream_whose_digest_fails_never_completes_on_the_destination") {
+        return;
+    }
+    let mut migration = Migration::prepare(&format!("{}-digest", std::process::id()), None, 8 << 30, GUEST_MIB);
+    let incoming = format!("unix:{}", migration.incoming.display());
+    let mut recv = Command::new(BIN);
+    recv.args(["qemu-recv", "--listen", "127.0.0.1:0", "--to", &incoming, "--io-timeout", "3"]);
+    let receiver = Receiver::spawn_announcing(recv, "vmigrate: waiting for the source relay on ");
+    let proxy = FaultProxy::start(receiver.address.parse().unwrap(), Fault::ForgeRelayDigest { connection: 0 });
+    let mut send = Command::new(BIN);
+    let listen = format!("unix:{}", migration.relay.display());
+    send.args(["qemu-send", "--listen", &listen, "--to", &proxy.address.to_string(), "--io-timeout", "3"]);
+    let sender = Receiver::spawn_announcing(send, "vmigrate: waiting for QEMU on ");
+    migration.start();
+    let (sent, received) = (sender.wait(DEADLINE), receiver.wait(DEADLINE));
+    let recv_error = error_line(&received);
+    assert!(recv_error.contains("digest mismatch"), "{recv_error}");
+    assert!(error_line(&sent).contains("digest mismatch"), "the source relay was told why");
+    // The destination QEMU saw its stream end before its end-of-file marker: it failed the
+    // incoming migration (QEMU 7.2 then exits), and its guest never ran.
+    let (status, stderr) = migration.destination.wait_exit(DEADLINE).expect("the destination QEMU waits on");
+    assert!(!status.success(), "the destination QEMU exited cleanly: {stderr}");
+    assert!(stderr.contains("load of migration failed"), "{stderr}");
+    assert_eq!(migration.destination.markers(), 0, "the destination guest ran");
+    eprintln!("destination QEMU: {}", stderr.trim());
+    // The source QEMU, which has no return path to learn otherwise, saw its stream written
+    // whole: an operator resumes its guest (`cont`), as after any failed QEMU migration.
+    let info = wait_migration(&mut migration.source_qmp, DEADLINE);
+    eprintln!("source QEMU: migration {}", info["status"]);
+    record(GROUP, "stream digest forged between the relays", Ending::FailedCleanly);
 }
 
 #[test]

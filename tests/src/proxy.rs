@@ -22,6 +22,12 @@ pub enum Fault {
         connection: usize,
         bytes: u64,
     },
+    /// On the `connection`-th relay connection (`migration::relay`), change the digest
+    /// its `StreamEnd` carries, and seal the frame again so that its own checksum holds:
+    /// what a stream damaged past every frame check (a bug, memory going bad) looks like.
+    ForgeRelayDigest {
+        connection: usize,
+    },
 }
 
 pub struct FaultProxy {
@@ -47,7 +53,10 @@ impl FaultProxy {
                 let (client2, server2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
                 let fault = fault;
                 let counter = counter.clone();
-                std::thread::spawn(move || forward(client, server, index, fault, Some(counter)));
+                std::thread::spawn(move || match fault {
+                    Fault::ForgeRelayDigest { connection } if connection == index => forge_digest(client, server),
+                    fault => forward(client, server, index, fault, Some(counter)),
+                });
                 std::thread::spawn(move || forward(server2, client2, usize::MAX, Fault::None, None));
             }
         });
@@ -96,6 +105,34 @@ fn forward(mut from: TcpStream, mut to: TcpStream, index: usize, fault: Fault, c
         offset += n as u64;
         if let Some(counter) = &counter {
             counter.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+    let _ = to.shutdown(Shutdown::Both);
+    let _ = from.shutdown(Shutdown::Both);
+}
+
+/// Forwards a relay connection frame by frame, with its `StreamEnd`'s digest changed.
+fn forge_digest(mut from: TcpStream, mut to: TcpStream) {
+    use migration::frame::{FrameBuf, FrameHeader, FrameKind, HEADER_BYTES};
+    let mut preamble = [0u8; migration::relay::PREAMBLE_BYTES];
+    if from.read_exact(&mut preamble).is_err() || to.write_all(&preamble).is_err() {
+        return;
+    }
+    let mut header = [0u8; HEADER_BYTES];
+    let mut frame = FrameBuf::default();
+    while from.read_exact(&mut header).is_ok() {
+        let Ok(parsed) = FrameHeader::parse(&header) else { break };
+        let mut payload = vec![0u8; parsed.length as usize];
+        if from.read_exact(&mut payload).is_err() {
+            break;
+        }
+        if parsed.kind == FrameKind::StreamEnd && payload.len() >= 12 {
+            payload[8] ^= 0x01;
+        }
+        frame.begin().extend_from_slice(&payload);
+        frame.seal(parsed.kind, parsed.epoch, parsed.seq);
+        if to.write_all(frame.as_bytes()).is_err() {
+            break;
         }
     }
     let _ = to.shutdown(Shutdown::Both);

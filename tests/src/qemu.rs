@@ -92,6 +92,25 @@ impl Vm {
             .unwrap_or_else(|err| panic!("{}: {err}", self.name))
     }
 
+    /// Waits up to `timeout` for QEMU to exit by itself: its exit status and what it wrote
+    /// on stderr; None if it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<(std::process::ExitStatus, String)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                let mut stderr = String::new();
+                if let Some(mut pipe) = self.child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
+                }
+                return Some((status, stderr));
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Sweeps completed so far (one 'S' each on the serial port).
     pub fn markers(&self) -> usize {
         std::fs::read(self.dir.join("serial.log")).map(|log| log.iter().filter(|&&b| b == b'S').count()).unwrap_or(0)
