@@ -84,6 +84,9 @@ pub enum FrameKind {
     /// Relay, either way: how many page-aware chunks of the other direction have been
     /// decoded, so that its XBZRLE may build on the copies they left (`relay_cache.rs`).
     StreamDecoded = 18,
+    /// Relay, either way: the digest of the direction's bytes so far (as `StreamEnd`'s),
+    /// sent where a QEMU main stream may have ended but its socket stays open.
+    StreamCheckpoint = 19,
 }
 
 impl FrameKind {
@@ -108,6 +111,7 @@ impl FrameKind {
             16 => StreamEnd,
             17 => Heartbeat,
             18 => StreamDecoded,
+            19 => StreamCheckpoint,
             _ => return None,
         })
     }

@@ -44,7 +44,7 @@ const MULTIFD_COMPRESSION_MASK: u32 = 0xe;
 
 mod end_marker;
 mod records;
-pub use end_marker::end_marker_candidate;
+pub use end_marker::{end_marker_candidate, ends_at_end_marker};
 use records::{ram_flag, section};
 
 /// Whether `bytes`, a stream's first, start a QEMU migration stream (main or multifd).

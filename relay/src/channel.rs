@@ -9,10 +9,13 @@
 //! sequence, decompress, write to QEMU. The last chunk is held back until the next one, a
 //! heartbeat or the stream's end arrives; once a main stream's RAM has ended, QEMU's
 //! end-of-file marker, on which the destination QEMU finishes loading and starts the guest,
-//! and whatever follows it wait for the stream's end, whatever arrives meanwhile: they
-//! reach QEMU only once the whole stream's digest has checked out, so a destination QEMU
-//! never completes an incoming migration from a stream that did not arrive whole and
-//! intact.
+//! and whatever follows it wait for the stream's digest, whatever arrives meanwhile: they
+//! reach QEMU only once the digest of everything so far has checked out, so a destination
+//! QEMU never completes an incoming migration from a stream that did not arrive whole and
+//! intact. The digest comes with the stream's end, or earlier in a checkpoint: where a
+//! completing main stream's bytes end as QEMU's stream ends (the marker, and the machine's
+//! description whole), the source relay sends the digest so far at once, since with the
+//! return path QEMU keeps its socket open until the destination has loaded.
 //!
 //! Any failure raises the session's abort: every channel's sockets are shut, both QEMUs see
 //! their migration streams end early, and the peer relay is told why (an `Abort` frame).
@@ -26,7 +29,7 @@ use migration::codec::Codec;
 use migration::frame::FrameKind;
 use migration::handshake::{decode_reason, encode_reason};
 use migration::qemu_stream::{
-    end_marker_candidate, starts_a_qemu_stream, Kind, Piece, Progress, StreamReader, PAGE_BYTES,
+    end_marker_candidate, ends_at_end_marker, starts_a_qemu_stream, Kind, Piece, Progress, StreamReader, PAGE_BYTES,
 };
 use migration::relay::Encoding;
 use migration::relay::{max_data_payload_bytes, ChunkDecoder, ChunkEncoder, StreamDigest, StreamEnd, MAX_CHUNK_BYTES};
@@ -59,7 +62,8 @@ pub struct DirectionStats {
     /// QEMU 7.2 may leave on a multifd channel (`qemu_sink`). 0 but on such a channel.
     pub undelivered: u64,
     /// Bytes from QEMU's end-of-file marker on, held back until the stream's digest
-    /// checked out (a completed main stream's; 0 on other streams).
+    /// checked out, at a checkpoint or the stream's end (a completed main stream's; 0 on
+    /// other streams).
     pub held_for_digest: u64,
 }
 
@@ -230,6 +234,8 @@ fn pump_up(
     let mut stats = DirectionStats::default();
     let mut buffer = vec![0u8; MAX_CHUNK_BYTES];
     let mut stream = StreamReader::default();
+    // A completing main stream's bytes so far, to see where it may have ended.
+    let mut ending: Vec<u8> = Vec::new();
     // Decided by the stream's first bytes: QEMU's (page-aware chunks) or anything else.
     let mut page_aware: Option<bool> = None;
 
@@ -284,6 +290,15 @@ fn pump_up(
                         );
                     }
                     out.pages(&mut pages, false, &mut stats, abort)?;
+                    if completing(&stream) && pages.page.is_empty() {
+                        // QEMU's stream may end here, and with the return path QEMU keeps
+                        // its socket open until the destination has loaded: the digest
+                        // so far lets the destination relay pass the end-of-file marker on.
+                        ending.extend_from_slice(data);
+                        if ends_at_end_marker(&ending) {
+                            out.control(FrameKind::StreamCheckpoint, &digest.end().encode(), abort)?;
+                        }
+                    }
                 } else {
                     stream.feed(data, &mut |_| {});
                     out.data(chunks.encode(data), n, &mut stats, abort)?;
@@ -517,13 +532,18 @@ fn pump_down(local: UnixStream, net: Incoming<'_>, abort: &SessionAbort) -> Resu
                     cache.peer_decoded(channel, u64::from_le_bytes(chunks));
                 }
             }
+            FrameKind::StreamCheckpoint => {
+                // Everything so far checks out: the end-of-file marker may go on.
+                let point = StreamEnd::decode(&payload).map_err(RelayFailure::damaged)?;
+                digest.check(&point).map_err(RelayFailure::damaged)?;
+                stats.held_for_digest += held_from_marker(&held, &stream);
+                release(&mut held, &mut local)?;
+            }
             FrameKind::StreamEnd => {
                 tell_decoded(writer, &records, &mut told);
                 let end = StreamEnd::decode(&payload).map_err(RelayFailure::damaged)?;
                 digest.check(&end).map_err(RelayFailure::damaged)?;
-                if completing(&stream) {
-                    stats.held_for_digest = end_marker_candidate(&held).map_or(0, |at| (held.len() - at) as u64);
-                }
+                stats.held_for_digest += held_from_marker(&held, &stream);
                 release(&mut held, &mut local)?;
                 stats.undelivered = local.finish()?;
                 return Ok(stats);
@@ -532,6 +552,11 @@ fn pump_down(local: UnixStream, net: Incoming<'_>, abort: &SessionAbort) -> Resu
             other => return Err(RelayFailure::unexpected(format!("unexpected {other:?} frame in a carried stream"))),
         }
     }
+}
+
+/// Bytes of `held` from QEMU's end-of-file marker on, in a completing main stream.
+fn held_from_marker(held: &[u8], stream: &StreamReader) -> u64 {
+    completing(stream).then(|| end_marker_candidate(held)).flatten().map_or(0, |at| (held.len() - at) as u64)
 }
 
 /// Tells the peer how many page-aware chunks of its stream have been decoded, if that
@@ -972,5 +997,35 @@ mod tests {
         assert!(received == again, "the deltas rebuilt the next versions");
         assert_eq!((source.encodings.xbzrle, source.encodings.uncached), (200, 0), "{:?}", source.encodings);
         assert!(source.sent.wire_bytes < 200 * 64, "{:?}", source.sent);
+    }
+
+    #[test]
+    fn a_checkpoint_lets_the_end_marker_through_before_the_stream_ends() {
+        let (stream, marker) = ending_main_stream();
+        let digest_of = |bytes: &[u8]| {
+            let mut digest = StreamDigest::default();
+            digest.update(bytes);
+            digest.end().encode()
+        };
+        for checkpoint_right in [true, false] {
+            let (result, received) = forge(|send| {
+                let mut encoder = ChunkEncoder::new(Codec::None);
+                send(FrameKind::StreamData, encoder.encode(&stream));
+                let mut point = digest_of(&stream);
+                point[8] ^= u8::from(!checkpoint_right);
+                send(FrameKind::StreamCheckpoint, &point);
+                // A stream end that does not check out: what the checkpoint let through
+                // stays delivered, and the relay fails.
+                send(FrameKind::StreamEnd, &digest_of(b"something else"));
+            });
+            assert!(result.as_ref().is_err_and(|e| e.to_string().contains("digest mismatch")), "{result:?}");
+            if checkpoint_right {
+                assert_eq!(received, stream, "the checkpoint released the marker and the description");
+            } else {
+                // The failed checkpoint ends the stream there: QEMU got at most what came
+                // before the marker.
+                assert!(received.len() <= marker && stream.starts_with(&received), "{} bytes", received.len());
+            }
+        }
     }
 }

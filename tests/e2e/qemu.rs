@@ -13,7 +13,7 @@ use vmigrate_tests::netns::Namespaces;
 use vmigrate_tests::process::run;
 use vmigrate_tests::process::{is_root, Receiver};
 use vmigrate_tests::qemu::{
-    check_migrated, configure_migration, qemu_available, sweeper_image, tempdir, wait_migration, Vm,
+    check_migrated, configure_migration_with, qemu_available, sweeper_image, tempdir, wait_migration, Vm,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_vmigrate");
@@ -71,13 +71,24 @@ fn relay_command(args: &[&str]) -> Command {
 /// Migrates the sweeper from a fresh source QEMU to a fresh destination QEMU through the
 /// relays on `link`, then checks both guests.
 fn migrate_sweeper(link: &Link, multifd: Option<u32>, codec: &str, port: u16) -> serde_json::Value {
+    migrate_sweeper_with(link, multifd, false, codec, port)
+}
+
+/// As `migrate_sweeper`, with QEMU's return path or not.
+fn migrate_sweeper_with(
+    link: &Link,
+    multifd: Option<u32>,
+    return_path: bool,
+    codec: &str,
+    port: u16,
+) -> serde_json::Value {
     let dir = tempdir(&format!("{}-{port}", std::process::id()));
     let image = sweeper_image(&dir);
     let source = Vm::start(&dir, "source", &image, false);
     let destination = Vm::start(&dir, "destination", &image, true);
     let (mut source_qmp, mut destination_qmp) = (source.qmp(), destination.qmp());
     assert!(source.wait_markers_above(0, Duration::from_secs(30)), "the source guest never swept");
-    configure_migration(&mut source_qmp, &mut destination_qmp, multifd);
+    configure_migration_with(&mut source_qmp, &mut destination_qmp, multifd, 8 << 30, return_path);
     let dst_socket = destination.dir.join("incoming.sock").display().to_string();
     destination_qmp
         .execute("migrate-incoming", serde_json::json!({ "uri": format!("unix:{dst_socket}") }))
@@ -155,7 +166,9 @@ fn qemu_migrates_through_the_relays_over_kernel_tcp() {
         let by_codec: u64 = channel["codecs"].as_object().expect("codecs").values().filter_map(|n| n.as_u64()).sum();
         assert_eq!(Some(by_codec), channel["sent"]["chunks"].as_u64(), "every chunk through the pool: {channel}");
     }
-    migrate_sweeper(&Link::Kernel, Some(2), "zlib", 2);
+    // With the return path, the source QEMU keeps its main channel open until the
+    // destination has loaded: the relay's checkpoint lets the end-of-file marker through.
+    migrate_sweeper_with(&Link::Kernel, Some(2), true, "zlib", 2);
     // XBZRLE in the relay, with a cache that holds the whole guest: the pages the sweep
     // dirtied go again as deltas against the copies carried first, on one stream and
     // across multifd's (one cache for all the streams).

@@ -196,17 +196,27 @@ pub fn wait_migration(qmp: &mut Qmp, timeout: Duration) -> serde_json::Value {
 }
 
 /// Sets the same migration capabilities and parameters on both QEMUs: multifd with
-/// `channels` (None: off), and no bandwidth cap (QEMU's default would dominate the test).
-pub fn configure_migration(source: &mut Qmp, destination: &mut Qmp, channels: Option<u32>) {
-    configure_migration_at(source, destination, channels, 8 << 30);
+/// `channels` (None: off), and QEMU's own bandwidth cap (bytes per second; 8 GB/s is none,
+/// where QEMU's default would dominate a test; a slow migration leaves time to break it).
+pub fn configure_migration_at(source: &mut Qmp, destination: &mut Qmp, channels: Option<u32>, bandwidth: u64) {
+    configure_migration_with(source, destination, channels, bandwidth, false);
 }
 
-/// As `configure_migration`, with QEMU's own bandwidth cap (bytes per second): a slow
-/// migration leaves time to break it.
-pub fn configure_migration_at(source: &mut Qmp, destination: &mut Qmp, channels: Option<u32>, bandwidth: u64) {
+/// As `configure_migration_at`, with QEMU's return path (the destination answers on the
+/// main channel, and the source keeps it open until the destination has loaded) or not.
+pub fn configure_migration_with(
+    source: &mut Qmp,
+    destination: &mut Qmp,
+    channels: Option<u32>,
+    bandwidth: u64,
+    return_path: bool,
+) {
     for qmp in [source, destination] {
-        let multifd = serde_json::json!({ "capabilities": [{ "capability": "multifd", "state": channels.is_some() }] });
-        qmp.execute("migrate-set-capabilities", multifd).expect("set capabilities");
+        let capabilities = serde_json::json!({ "capabilities": [
+            { "capability": "multifd", "state": channels.is_some() },
+            { "capability": "return-path", "state": return_path },
+        ] });
+        qmp.execute("migrate-set-capabilities", capabilities).expect("set capabilities");
         let mut parameters = serde_json::json!({ "max-bandwidth": bandwidth, "downtime-limit": 1000 });
         if let Some(channels) = channels {
             parameters["multifd-channels"] = channels.into();

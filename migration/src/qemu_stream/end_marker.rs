@@ -28,3 +28,39 @@ pub fn end_marker_candidate(tail: &[u8]) -> Option<usize> {
         }
     })
 }
+
+/// Whether `tail` (as for [`end_marker_candidate`]) may end exactly where QEMU's stream
+/// ends: with the marker alone, or with the marker and the whole machine description it
+/// announces. The source relay then has the stream's digest checked at once (QEMU may keep
+/// its socket open until the destination has loaded, with the return path).
+pub fn ends_at_end_marker(tail: &[u8]) -> bool {
+    end_marker_candidate(tail).is_some_and(|at| {
+        let rest = &tail[at + 1..];
+        match rest.split_first() {
+            None => true,
+            Some((_, after)) if after.len() < 4 => false,
+            Some((_, after)) => {
+                u32::from_be_bytes([after[0], after[1], after[2], after[3]]) as usize == after.len() - 4
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stream_may_end_at_the_marker_or_after_the_whole_description() {
+        let json = br#"{"devices": []}"#;
+        let mut ending = vec![0x7e, 0x00, 0x06];
+        ending.extend((json.len() as u32).to_be_bytes());
+        ending.extend(json);
+        assert!(ends_at_end_marker(&ending));
+        assert!(ends_at_end_marker(&[0x7e, 0, 0, 0, 3, 0x00]), "the marker alone (no description)");
+        for cut in 3..ending.len() {
+            assert!(!ends_at_end_marker(&ending[..cut]), "cut at {cut}: the description is not whole");
+        }
+        assert!(!ends_at_end_marker(&[0x00, 0x05, 1, 2]), "not a description after the 0x00");
+    }
+}
