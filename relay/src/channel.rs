@@ -21,16 +21,16 @@
 //! their migration streams end early, and the peer relay is told why (an `Abort` frame).
 
 use crate::compression::SessionCompression;
+use crate::holdback::{completing, HoldBack};
 use crate::net_writer::{lock, NetWriter};
-use crate::qemu_sink::{is_closed_by_qemu, qemu_failure, QemuSink};
+use crate::qemu_sink::{is_closed_by_qemu, qemu_failure};
 use crate::squeeze::Squeezers;
+pub use crate::stats::DirectionStats;
 use crate::{LinkFailure, RelayFailure};
 use migration::codec::Codec;
 use migration::frame::FrameKind;
 use migration::handshake::{decode_reason, encode_reason};
-use migration::qemu_stream::{
-    end_marker_candidate, ends_at_end_marker, starts_a_qemu_stream, Kind, Piece, Progress, StreamReader, PAGE_BYTES,
-};
+use migration::qemu_stream::{ends_at_end_marker, starts_a_qemu_stream, Kind, Piece, StreamReader, PAGE_BYTES};
 use migration::relay::Encoding;
 use migration::relay::{max_data_payload_bytes, ChunkDecoder, ChunkEncoder, StreamDigest, StreamEnd, MAX_CHUNK_BYTES};
 use migration::relay_cache::SharedPageCache;
@@ -49,23 +49,6 @@ use transport::pipe::{Connection, SendProbe};
 /// How long QEMU may stay quiet before a heartbeat tells the peer the link is alive. It
 /// also bounds how long a held-back chunk waits in a quiet stream.
 pub const HEARTBEAT: Duration = Duration::from_millis(100);
-
-/// Bytes of one direction of a carried stream.
-#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
-pub struct DirectionStats {
-    /// As QEMU wrote them.
-    pub bytes: u64,
-    /// Frame payloads on the relay connection (after compression).
-    pub wire_bytes: u64,
-    pub chunks: u64,
-    /// Carried here, but QEMU had closed its end: the trailing packet without pages that
-    /// QEMU 7.2 may leave on a multifd channel (`qemu_sink`). 0 but on such a channel.
-    pub undelivered: u64,
-    /// Bytes from QEMU's end-of-file marker on, held back until the stream's digest
-    /// checked out, at a checkpoint or the stream's end (a completed main stream's; 0 on
-    /// other streams).
-    pub held_for_digest: u64,
-}
 
 /// One carried stream, at its end.
 #[derive(Debug, Clone, Serialize)]
@@ -187,11 +170,6 @@ fn not_understood(stream: &StreamReader) -> Option<&'static str> {
     stream.gave_up().filter(|_| matches!(stream.kind(), Kind::Main | Kind::Multifd) && !completing(stream))
 }
 
-/// A main stream past RAM's end section: its migration is completing.
-fn completing(stream: &StreamReader) -> bool {
-    stream.kind() == Kind::Main && stream.progress() == Progress::Completing
-}
-
 /// On the first failure, abort the whole session (every channel then tells the peer why).
 fn fail_session<T>(result: &Result<T, RelayFailure>, abort: &SessionAbort, channel: u16) {
     let Err(failure) = result else { return };
@@ -221,24 +199,27 @@ fn pump_up(
         Codec::Adaptive => Codec::Lz4,
         codec => codec,
     };
-    let mut chunks = ChunkEncoder::new(own_codec);
+    let chunks = ChunkEncoder::new(own_codec);
     let cache = cache.filter(|_| encoding.xbzrle_cache_pages > 0);
-    let mut pages = PageChunks::new(own_codec, cache, channel, compression.is_some());
-    let mut out = match compression {
+    let pages = PageChunks::new(own_codec, cache, channel, compression.is_some());
+    let out = match compression {
         Some(compression) => {
             Outlet::Pool(Squeezers::start(compression, probe, writer.clone(), abort.clone(), channel)?)
         }
         None => Outlet::Direct(writer),
     };
-    let mut digest = StreamDigest::default();
-    let mut stats = DirectionStats::default();
+    let mut up = Up {
+        out,
+        pages,
+        chunks,
+        digest: StreamDigest::default(),
+        stats: DirectionStats::default(),
+        stream: StreamReader::default(),
+        ending: Vec::new(),
+        page_aware: None,
+        channel,
+    };
     let mut buffer = vec![0u8; MAX_CHUNK_BYTES];
-    let mut stream = StreamReader::default();
-    // A completing main stream's bytes so far, to see where it may have ended.
-    let mut ending: Vec<u8> = Vec::new();
-    // Decided by the stream's first bytes: QEMU's (page-aware chunks) or anything else.
-    let mut page_aware: Option<bool> = None;
-
     loop {
         if abort.is_raised() {
             return Err(RelayFailure::aborted(abort));
@@ -247,69 +228,94 @@ fn pump_up(
             // A QEMU that never wrote here (a destination's multifd channel) and closed
             // with bytes unread: this direction's stream ended empty; the other direction
             // (`QemuSink`) judges what QEMU left unread.
-            Err(err) if is_closed_by_qemu(&err) && stats.bytes == 0 => Ok(0),
+            Err(err) if is_closed_by_qemu(&err) && up.stats.bytes == 0 => Ok(0),
             read => read,
         };
         match read {
-            Ok(0) => {
-                // Where the reader gave up early it cannot tell a completed migration from
-                // a cancelled one: the stream ends as it is, and the destination QEMU
-                // judges it (the digest still proves it arrived whole).
-                let judged = not_understood(&stream).is_none();
-                if judged && stream.kind() == Kind::Main && !completing(&stream) {
-                    return Err(RelayFailure::Local(
-                        "QEMU's migration stream ended before the migration completed (cancelled or failed there)"
-                            .into(),
-                    ));
-                }
-                // A page cut short by the end of the stream goes as the bytes it is.
-                out.pages(&mut pages, true, &mut stats, abort)?;
-                out.control(FrameKind::StreamEnd, &digest.end().encode(), abort)?;
-                let mut counts = pages.encoder.counts;
-                let mut codecs = BTreeMap::new();
-                if let Outlet::Pool(squeezers) = out {
-                    let sent = squeezers.finish()?;
-                    stats.wire_bytes = sent.wire_bytes;
-                    stats.chunks = sent.chunks;
-                    counts.raw -= sent.packed_pages;
-                    counts.packed += sent.packed_pages;
-                    codecs = sent.codecs;
-                }
-                return Ok((stats, stream, counts, codecs));
-            }
-            Ok(n) => {
-                let data = &buffer[..n];
-                digest.update(data);
-                if *page_aware.get_or_insert_with(|| starts_a_qemu_stream(data)) {
-                    let understood = not_understood(&stream).is_none();
-                    stream.feed(data, &mut |piece| pages.piece(piece));
-                    if let Some(why) = not_understood(&stream).filter(|_| understood) {
-                        log::warn!(
-                            "channel {channel}: QEMU's stream holds {why}, which this relay does not understand: \
-                             carrying the rest byte for byte, as it is (no page-aware compression)"
-                        );
-                    }
-                    out.pages(&mut pages, false, &mut stats, abort)?;
-                    if completing(&stream) && pages.page.is_empty() {
-                        // QEMU's stream may end here, and with the return path QEMU keeps
-                        // its socket open until the destination has loaded: the digest
-                        // so far lets the destination relay pass the end-of-file marker on.
-                        ending.extend_from_slice(data);
-                        if ends_at_end_marker(&ending) {
-                            out.control(FrameKind::StreamCheckpoint, &digest.end().encode(), abort)?;
-                        }
-                    }
-                } else {
-                    stream.feed(data, &mut |_| {});
-                    out.data(chunks.encode(data), n, &mut stats, abort)?;
-                }
-            }
+            Ok(0) => return up.end(abort),
+            Ok(n) => up.carry(&buffer[..n], abort)?,
             Err(err) if matches!(err.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-                out.control(FrameKind::Heartbeat, &[], abort)?;
+                up.out.control(FrameKind::Heartbeat, &[], abort)?;
             }
             Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
             Err(err) => return Err(qemu_failure("reading from", &err)),
         }
+    }
+}
+
+/// The sending side of a carried stream, between reads of QEMU's socket.
+struct Up<'a> {
+    out: Outlet<'a>,
+    pages: PageChunks,
+    /// Chunks of a stream that is not QEMU's, compressed whole.
+    chunks: ChunkEncoder,
+    digest: StreamDigest,
+    stats: DirectionStats,
+    stream: StreamReader,
+    /// A completing main stream's bytes so far, to see where it may have ended.
+    ending: Vec<u8>,
+    /// Decided by the stream's first bytes: QEMU's (page-aware chunks) or anything else.
+    page_aware: Option<bool>,
+    channel: u16,
+}
+
+impl Up<'_> {
+    /// Carries what QEMU wrote.
+    fn carry(&mut self, data: &[u8], abort: &SessionAbort) -> Result<(), RelayFailure> {
+        self.digest.update(data);
+        if !*self.page_aware.get_or_insert_with(|| starts_a_qemu_stream(data)) {
+            self.stream.feed(data, &mut |_| {});
+            return self.out.data(self.chunks.encode(data), data.len(), &mut self.stats, abort);
+        }
+        let understood = not_understood(&self.stream).is_none();
+        let pages = &mut self.pages;
+        self.stream.feed(data, &mut |piece| pages.piece(piece));
+        if let Some(why) = not_understood(&self.stream).filter(|_| understood) {
+            log::warn!(
+                "channel {}: QEMU's stream holds {why}, which this relay does not understand: \
+                 carrying the rest byte for byte, as it is (no page-aware compression)",
+                self.channel
+            );
+        }
+        self.out.pages(&mut self.pages, false, &mut self.stats, abort)?;
+        if completing(&self.stream) && self.pages.page.is_empty() {
+            // QEMU's stream may end here, and with the return path QEMU keeps its socket
+            // open until the destination has loaded: the digest so far lets the
+            // destination relay pass the end-of-file marker on.
+            self.ending.extend_from_slice(data);
+            if ends_at_end_marker(&self.ending) {
+                self.out.control(FrameKind::StreamCheckpoint, &self.digest.end().encode(), abort)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// QEMU closed its side: the stream's end, once all before it is out.
+    fn end(mut self, abort: &SessionAbort) -> Result<UpReport, RelayFailure> {
+        // Where the reader gave up early it cannot tell a completed migration from a
+        // cancelled one: the stream ends as it is, and the destination QEMU judges it (the
+        // digest still proves it arrived whole).
+        let judged = not_understood(&self.stream).is_none();
+        if judged && self.stream.kind() == Kind::Main && !completing(&self.stream) {
+            return Err(RelayFailure::Local(
+                "QEMU's migration stream ended before the migration completed (cancelled or failed there)".into(),
+            ));
+        }
+        // A page cut short by the end of the stream goes as the bytes it is.
+        self.out.pages(&mut self.pages, true, &mut self.stats, abort)?;
+        self.out.control(FrameKind::StreamEnd, &self.digest.end().encode(), abort)?;
+        let mut counts = self.pages.encoder.counts;
+        let mut codecs = BTreeMap::new();
+        let mut stats = self.stats;
+        if let Outlet::Pool(squeezers) = self.out {
+            let sent = squeezers.finish()?;
+            stats.wire_bytes = sent.wire_bytes;
+            stats.chunks = sent.chunks;
+            counts.raw -= sent.packed_pages;
+            counts.packed += sent.packed_pages;
+            codecs = sent.codecs;
+        }
+        Ok((stats, self.stream, counts, codecs))
     }
 }
 
@@ -446,41 +452,11 @@ fn pump_down(local: UnixStream, net: Incoming<'_>, abort: &SessionAbort) -> Resu
     let mut records = RecordDecoder::new(caches.incoming.clone(), channel);
     let mut told = (0u64, Instant::now());
     let mut rebuilt: Vec<u8> = Vec::with_capacity(2 * MAX_CHUNK_BYTES);
-    let mut digest = StreamDigest::default();
-    let mut stats = DirectionStats::default();
     let mut payload = Vec::with_capacity(MAX_CHUNK_BYTES + 64);
-    let mut held: Vec<u8> = Vec::with_capacity(MAX_CHUNK_BYTES);
     let mut expected_seq = 0u64;
     let data_limit = max_data_payload_bytes() as u32;
     let limit = |kind: FrameKind| if kind == FrameKind::StreamData { data_limit } else { CONTROL_FRAME_LIMIT_BYTES };
-    let mut local = QemuSink::new(local);
-    // The main stream as it passes, to know when its last, opaque part (the device state,
-    // then QEMU's end-of-file marker) has begun.
-    let mut stream = StreamReader::default();
-    let release = |held: &mut Vec<u8>, local: &mut QemuSink| -> Result<(), RelayFailure> {
-        if !held.is_empty() {
-            local.deliver(held)?;
-            held.clear();
-        }
-        Ok(())
-    };
-    // What a new frame or a heartbeat lets go of: everything held, except in a completing
-    // main stream, where QEMU's end-of-file marker (on which the destination QEMU starts
-    // the guest) and what follows it wait for the digest.
-    let release_before_marker =
-        |held: &mut Vec<u8>, local: &mut QemuSink, stream: &StreamReader| -> Result<(), RelayFailure> {
-            // Only a completing main stream has a marker to look for: the search walks every byte.
-            match completing(stream).then(|| end_marker_candidate(held)).flatten() {
-                Some(at) => {
-                    if at > 0 {
-                        local.deliver(&held[..at])?;
-                        held.drain(..at);
-                    }
-                    Ok(())
-                }
-                None => release(held, local),
-            }
-        };
+    let mut qemu = HoldBack::new(local);
     loop {
         let header = match read_frame(&mut *reader, &mut payload, limit) {
             Ok(header) => header,
@@ -510,19 +486,11 @@ fn pump_down(local: UnixStream, net: Incoming<'_>, abort: &SessionAbort) -> Resu
                 } else {
                     decoder.decode(&payload).map_err(RelayFailure::damaged)?
                 };
-                release_before_marker(&mut held, &mut local, &stream)?;
-                digest.update(bytes);
-                if matches!(stream.kind(), Kind::Unknown | Kind::Main) {
-                    stream.feed(bytes, &mut |_| {});
-                }
-                held.extend_from_slice(bytes);
-                stats.bytes += bytes.len() as u64;
-                stats.wire_bytes += payload.len() as u64;
-                stats.chunks += 1;
+                qemu.chunk(bytes, payload.len())?;
             }
             FrameKind::Heartbeat => {
                 tell_decoded(writer, &records, &mut told);
-                release_before_marker(&mut held, &mut local, &stream)?;
+                qemu.vouched()?;
             }
             FrameKind::StreamDecoded => {
                 let chunks: [u8; 8] = payload[..]
@@ -532,31 +500,19 @@ fn pump_down(local: UnixStream, net: Incoming<'_>, abort: &SessionAbort) -> Resu
                     cache.peer_decoded(channel, u64::from_le_bytes(chunks));
                 }
             }
+            // Everything so far checks out: the end-of-file marker may go on.
             FrameKind::StreamCheckpoint => {
-                // Everything so far checks out: the end-of-file marker may go on.
-                let point = StreamEnd::decode(&payload).map_err(RelayFailure::damaged)?;
-                digest.check(&point).map_err(RelayFailure::damaged)?;
-                stats.held_for_digest += held_from_marker(&held, &stream);
-                release(&mut held, &mut local)?;
+                qemu.checked(&StreamEnd::decode(&payload).map_err(RelayFailure::damaged)?)?
             }
             FrameKind::StreamEnd => {
                 tell_decoded(writer, &records, &mut told);
-                let end = StreamEnd::decode(&payload).map_err(RelayFailure::damaged)?;
-                digest.check(&end).map_err(RelayFailure::damaged)?;
-                stats.held_for_digest += held_from_marker(&held, &stream);
-                release(&mut held, &mut local)?;
-                stats.undelivered = local.finish()?;
-                return Ok(stats);
+                qemu.checked(&StreamEnd::decode(&payload).map_err(RelayFailure::damaged)?)?;
+                return qemu.finish();
             }
             FrameKind::Abort => return Err(RelayFailure::Peer(decode_reason(&payload))),
             other => return Err(RelayFailure::unexpected(format!("unexpected {other:?} frame in a carried stream"))),
         }
     }
-}
-
-/// Bytes of `held` from QEMU's end-of-file marker on, in a completing main stream.
-fn held_from_marker(held: &[u8], stream: &StreamReader) -> u64 {
-    completing(stream).then(|| end_marker_candidate(held)).flatten().map_or(0, |at| (held.len() - at) as u64)
 }
 
 /// Tells the peer how many page-aware chunks of its stream have been decoded, if that

@@ -14,11 +14,13 @@
 pub mod channel;
 pub mod compression;
 pub mod destination;
+mod holdback;
 mod net_writer;
 mod qemu_sink;
 pub mod qmp;
 pub mod source;
 mod squeeze;
+mod stats;
 
 pub use channel::{ChannelReport, DirectionStats};
 

@@ -1,7 +1,7 @@
 use super::args::{
-    Cli, Command, CommonOptions, DemoArgs, DemoStack, DestinationOptions, NetStack, OnLimit, RecvArgs, SendArgs,
-    SourceOptions, StackOptions,
+    Cli, Command, CommonOptions, DemoArgs, DemoStack, DestinationOptions, OnLimit, RecvArgs, SendArgs, SourceOptions,
 };
+use super::cores::CoreShare;
 use super::dpdk::PortRequest;
 use super::guest::{DestinationGuest, SourceGuest};
 use super::report;
@@ -47,27 +47,6 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
 /// The connections' timeouts `--io-timeout` asks for.
 fn timeouts(common: &CommonOptions) -> Result<Timeouts> {
     io_timeouts(common.io_timeout)
-}
-
-/// The pools' sizing: polling cores this process runs, and pools sharing the rest.
-#[derive(Clone, Copy)]
-pub(super) struct CoreShare {
-    polling_cores: usize,
-    pools: usize,
-}
-
-impl CoreShare {
-    /// One end on `stack`: its polling cores, unless it is the kernel's TCP.
-    pub(super) fn one_end(stack: &StackOptions) -> Self {
-        let polling_cores =
-            if stack.stack == NetStack::Kernel { 0 } else { usize::from(stack.dataplane.dataplane_cores) };
-        CoreShare { polling_cores, pools: 1 }
-    }
-
-    /// Workers for a pool: as asked, or sized from the machine's cores.
-    pub(super) fn workers(self, asked: Option<usize>) -> usize {
-        asked.unwrap_or_else(|| transport::pin::default_workers(self.polling_cores, self.pools)).max(1)
-    }
 }
 
 fn source_config(args: &SourceOptions, common: &CommonOptions, cores: CoreShare) -> SourceConfig {

@@ -5,6 +5,7 @@ mod args;
 mod bench;
 mod commands;
 mod control;
+mod cores;
 mod cpu;
 mod dpdk;
 mod guest;

@@ -2,7 +2,7 @@
 //! stacks, and its report.
 
 use super::args::{CarryOptions, QemuRecvArgs, QemuSendArgs, RelayOptions, StackOptions};
-use super::commands::CoreShare;
+use super::cores::CoreShare;
 use super::stacks::{acceptor_for, connector_for, io_timeouts, seconds};
 use ::relay::destination::{relay_destination, DestinationRelayConfig};
 use ::relay::source::{SourceRelay, SourceRelayConfig};

@@ -95,8 +95,9 @@ fn destination_qemu_refuses() {
 }
 
 /// A main stream whose digest does not check out at the destination relay, though every
-/// frame's did (the proxy between the relays forges it): the destination QEMU never gets
-/// its end-of-file marker, so it never completes the migration nor starts the guest.
+/// frame's did (the proxy between the relays forges it, at the checkpoint and the end):
+/// the destination QEMU never gets its end-of-file marker, so it never completes the
+/// migration nor starts the guest.
 #[test]
 fn a_stream_whose_digest_fails_never_completes_on_the_destination() {
     if skip("a_stream_whose_digest_fails_never_completes_on_the_destination") {

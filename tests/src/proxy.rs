@@ -22,9 +22,10 @@ pub enum Fault {
         connection: usize,
         bytes: u64,
     },
-    /// On the `connection`-th relay connection (`migration::relay`), change the digest
-    /// its `StreamEnd` carries, and seal the frame again so that its own checksum holds:
-    /// what a stream damaged past every frame check (a bug, memory going bad) looks like.
+    /// On the `connection`-th relay connection (`migration::relay`), change the digests
+    /// its `StreamCheckpoint`s and `StreamEnd` carry, and seal each frame again so that its
+    /// own checksum holds: what a stream damaged past every frame check (a bug, memory
+    /// going bad) looks like.
     ForgeRelayDigest {
         connection: usize,
     },
@@ -111,7 +112,7 @@ fn forward(mut from: TcpStream, mut to: TcpStream, index: usize, fault: Fault, c
     let _ = from.shutdown(Shutdown::Both);
 }
 
-/// Forwards a relay connection frame by frame, with its `StreamEnd`'s digest changed.
+/// Forwards a relay connection frame by frame, with its digests changed.
 fn forge_digest(mut from: TcpStream, mut to: TcpStream) {
     use migration::frame::{FrameBuf, FrameHeader, FrameKind, HEADER_BYTES};
     let mut preamble = [0u8; migration::relay::PREAMBLE_BYTES];
@@ -126,7 +127,7 @@ fn forge_digest(mut from: TcpStream, mut to: TcpStream) {
         if from.read_exact(&mut payload).is_err() {
             break;
         }
-        if parsed.kind == FrameKind::StreamEnd && payload.len() >= 12 {
+        if matches!(parsed.kind, FrameKind::StreamEnd | FrameKind::StreamCheckpoint) && payload.len() >= 12 {
             payload[8] ^= 0x01;
         }
         frame.begin().extend_from_slice(&payload);

@@ -1,0 +1,94 @@
+//! What reaches this host's QEMU from the network, and when. A chunk waits until the next
+//! frame (data, a heartbeat, a checkpoint or the end) proves more is coming; in a
+//! completing main stream, QEMU's end-of-file marker, on which the destination QEMU
+//! finishes loading and starts the guest, and what follows it wait until a digest of the
+//! whole stream so far (a checkpoint's or the end's) checks out.
+
+use crate::qemu_sink::QemuSink;
+use crate::stats::DirectionStats;
+use crate::RelayFailure;
+use migration::qemu_stream::{end_marker_candidate, Kind, Progress, StreamReader};
+use migration::relay::{StreamDigest, StreamEnd};
+use std::os::unix::net::UnixStream;
+
+pub(crate) struct HoldBack {
+    local: QemuSink,
+    held: Vec<u8>,
+    /// The stream as it passes, to know when its last, opaque part (the device state, then
+    /// the marker) has begun.
+    stream: StreamReader,
+    digest: StreamDigest,
+    pub stats: DirectionStats,
+}
+
+impl HoldBack {
+    pub fn new(local: UnixStream) -> HoldBack {
+        HoldBack {
+            local: QemuSink::new(local),
+            held: Vec::with_capacity(migration::relay::MAX_CHUNK_BYTES),
+            stream: StreamReader::default(),
+            digest: StreamDigest::default(),
+            stats: DirectionStats::default(),
+        }
+    }
+
+    /// A chunk's original `bytes` (`wire` bytes on the connection): what was held before
+    /// goes on, these wait.
+    pub fn chunk(&mut self, bytes: &[u8], wire: usize) -> Result<(), RelayFailure> {
+        self.vouched()?;
+        self.digest.update(bytes);
+        if matches!(self.stream.kind(), Kind::Unknown | Kind::Main) {
+            self.stream.feed(bytes, &mut |_| {});
+        }
+        self.held.extend_from_slice(bytes);
+        self.stats.bytes += bytes.len() as u64;
+        self.stats.wire_bytes += wire as u64;
+        self.stats.chunks += 1;
+        Ok(())
+    }
+
+    /// More is coming (a heartbeat, or the next chunk): what is held goes on, but for the
+    /// marker and what follows it in a completing main stream.
+    pub fn vouched(&mut self) -> Result<(), RelayFailure> {
+        // Only a completing main stream has a marker to look for: the search walks every byte.
+        match completing(&self.stream).then(|| end_marker_candidate(&self.held)).flatten() {
+            Some(0) => Ok(()),
+            Some(at) => {
+                self.local.deliver(&self.held[..at])?;
+                self.held.drain(..at);
+                Ok(())
+            }
+            None => self.release(),
+        }
+    }
+
+    /// The sender's digest of the stream so far (a checkpoint's, or the end's): if it
+    /// checks out, everything held goes on.
+    pub fn checked(&mut self, point: &StreamEnd) -> Result<(), RelayFailure> {
+        self.digest.check(point).map_err(RelayFailure::damaged)?;
+        self.stats.held_for_digest += completing(&self.stream)
+            .then(|| end_marker_candidate(&self.held))
+            .flatten()
+            .map_or(0, |at| (self.held.len() - at) as u64);
+        self.release()
+    }
+
+    /// The stream ended and checked out: how it went.
+    pub fn finish(mut self) -> Result<DirectionStats, RelayFailure> {
+        self.stats.undelivered = self.local.finish()?;
+        Ok(self.stats)
+    }
+
+    fn release(&mut self) -> Result<(), RelayFailure> {
+        if !self.held.is_empty() {
+            self.local.deliver(&self.held)?;
+            self.held.clear();
+        }
+        Ok(())
+    }
+}
+
+/// A main stream past RAM's end section: its migration is completing.
+pub(crate) fn completing(stream: &StreamReader) -> bool {
+    stream.kind() == Kind::Main && stream.progress() == Progress::Completing
+}
