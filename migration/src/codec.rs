@@ -341,6 +341,11 @@ impl PageCompressor {
     pub fn output(&self) -> &[u8] {
         &self.out
     }
+
+    /// The block codec underneath, for compressing several pages as one block.
+    pub fn block(&mut self) -> &mut BlockCompressor {
+        &mut self.block
+    }
 }
 
 /// One page through `block` into `out`: the length, unless the page should go raw.
@@ -363,6 +368,14 @@ impl PageDecompressor {
         debug_assert_eq!(page.len(), PAGE_SIZE_BYTES);
         match self.block.decompress_into(codec, data, page)? {
             PAGE_SIZE_BYTES => Ok(()),
+            got => Err(DecompressError::WrongSize { codec: codec.name(), got }),
+        }
+    }
+
+    /// Decompresses a block of several pages into `out`, which it must fill exactly.
+    pub fn decompress_block(&mut self, codec: Codec, data: &[u8], out: &mut [u8]) -> Result<(), DecompressError> {
+        match self.block.decompress_into(codec, data, out)? {
+            got if got == out.len() => Ok(()),
             got => Err(DecompressError::WrongSize { codec: codec.name(), got }),
         }
     }

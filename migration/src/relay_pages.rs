@@ -15,7 +15,10 @@
 //!   ZERO      key
 //!   UNCHANGED key                            (equal to the page's copy in the cache)
 //! key:    u16 block, u64 offset
-//! tag | 0x80 (RAW, PACKED, ZERO): the page leaves the cache alone on both sides
+//!   BLOCK     u16 pages, u32 len, bytes      (the chunk's codec over its raw pages as one
+//!                                            block, first; zstd's chunks)
+//!   BLOCKED   key                            (the block's next page)
+//! tag | 0x80 (RAW, PACKED, ZERO, BLOCKED): the page leaves the cache alone on both sides
 //! ```
 //!
 //! Both ends keep the same cache of the pages carried last, one for all the session's
@@ -32,7 +35,7 @@
 //! chunk's header.
 
 use crate::codec::{Codec, Compressed, PageCompressor, PageDecompressor};
-use crate::frame::{le_u16, le_u32, le_u64, FrameBuf};
+use crate::frame::{le_u16, le_u32, le_u64};
 use crate::qemu_stream::PageKey;
 use crate::relay::RelayError;
 use crate::relay_cache::{Origin, SharedPageCache};
@@ -50,7 +53,10 @@ mod tag {
     pub const XBZRLE: u8 = 3;
     pub const ZERO: u8 = 4;
     pub const UNCHANGED: u8 = 5;
-    /// Added to RAW, PACKED or ZERO: the page leaves the cache alone (`relay_cache.rs`).
+    pub const BLOCK: u8 = 7;
+    pub const BLOCKED: u8 = 8;
+    /// Added to RAW, PACKED, ZERO or BLOCKED: the page leaves the cache alone
+    /// (`relay_cache.rs`).
     pub const UNCACHED: u8 = 0x80;
 }
 
@@ -237,6 +243,9 @@ impl RecordEncoder {
 /// Rebuilds the original bytes of page-aware chunks on the receiving side.
 pub struct RecordDecoder {
     decompressor: PageDecompressor,
+    /// A chunk's block of pages (`BLOCK`), and how many of its bytes `BLOCKED` took.
+    block: Vec<u8>,
+    block_taken: usize,
     cache: Option<Arc<SharedPageCache>>,
     /// This stream, and its page-aware chunks decoded so far.
     stream: u16,
@@ -250,6 +259,8 @@ impl RecordDecoder {
     pub fn new(cache: Option<Arc<SharedPageCache>>, stream: u16) -> RecordDecoder {
         RecordDecoder {
             decompressor: PageDecompressor::default(),
+            block: Vec::new(),
+            block_taken: 0,
             cache,
             stream,
             chunks: 0,
@@ -281,8 +292,22 @@ impl RecordDecoder {
         let start = out.len();
         let mut rest = &payload[HEADER_BYTES..];
         let origin = Origin { stream: self.stream, chunk: self.chunks };
+        self.block.clear();
+        self.block_taken = 0;
         while !rest.is_empty() {
             let tag = take(&mut rest, 1)?[0];
+            if tag == tag::BLOCK {
+                let fields = take(&mut rest, 6)?;
+                let (pages, len) = (usize::from(le_u16(&fields[..2])), le_u32(&fields[2..]) as usize);
+                if !self.block.is_empty() || pages * PAGE_SIZE_BYTES > original {
+                    return Err(malformed(format!("a block of {pages} pages where it cannot be")));
+                }
+                self.block.resize(pages * PAGE_SIZE_BYTES, 0);
+                self.decompressor
+                    .decompress_block(codec, take(&mut rest, len)?, &mut self.block)
+                    .map_err(|err| malformed(err.to_string()))?;
+                continue;
+            }
             // Every item's output is bounded by what the chunk declares, before it is made.
             let room = original - (out.len() - start);
             if tag == tag::OTHER {
@@ -312,13 +337,18 @@ impl RecordDecoder {
             }
             let uncached = tag & tag::UNCACHED != 0;
             let tag = tag & !tag::UNCACHED;
-            if uncached && !matches!(tag, tag::RAW | tag::PACKED | tag::ZERO) {
+            if uncached && !matches!(tag, tag::RAW | tag::PACKED | tag::ZERO | tag::BLOCKED) {
                 return Err(malformed(format!("item {tag} cannot leave the cache alone")));
             }
             let key = take(&mut rest, KEY_BYTES)?;
             let key = PageKey { block: le_u16(&key[..2]), offset: le_u64(&key[2..]) };
             match tag {
                 tag::RAW => self.page.copy_from_slice(take(&mut rest, PAGE_SIZE_BYTES)?),
+                tag::BLOCKED => {
+                    let page = self.block.get(self.block_taken..self.block_taken + PAGE_SIZE_BYTES);
+                    self.page.copy_from_slice(page.ok_or_else(|| malformed("more pages than the block holds".into()))?);
+                    self.block_taken += PAGE_SIZE_BYTES;
+                }
                 tag::PACKED => {
                     let len = usize::from(le_u16(take(&mut rest, 2)?));
                     let data = take(&mut rest, len)?;
@@ -354,121 +384,16 @@ impl RecordDecoder {
         if out.len() - start != original {
             return Err(malformed(format!("{} bytes, the chunk declares {original}", out.len() - start)));
         }
+        if self.block_taken != self.block.len() {
+            return Err(malformed("pages of the block left over".into()));
+        }
         self.chunks += 1;
         Ok(())
     }
 }
 
-/// Compresses the RAW page items of `chunk` (a page-aware chunk built by a
-/// `deferring_compression` encoder) with `compressor` and the long runs of other bytes
-/// with lz4, writing the result, which names the compressor's codec, as the payload of
-/// `out` (a frame begun, left unsealed): the compressors write into it in place. Returns
-/// how many pages it compressed. Everything else is copied as it is. A pure function of
-/// the chunk: any worker may squeeze any chunk.
-pub fn squeeze(chunk: &[u8], compressor: &mut PageCompressor, out: &mut FrameBuf) -> Result<usize, RelayError> {
-    out.begin();
-    if chunk.len() < HEADER_BYTES || chunk[0] != RECORDS {
-        return Err(RelayError::Malformed("squeeze: not a page chunk".into()));
-    }
-    let (none, level) = Codec::None.to_wire();
-    if chunk[5..HEADER_BYTES] != [none, level] {
-        return Err(RelayError::Malformed("squeeze: the chunk was compressed already".into()));
-    }
-    out.extend_from_slice(&chunk[..5]);
-    let (codec, level) = compressor.codec().to_wire();
-    out.extend_from_slice(&[codec, level]);
-    let mut rest = &chunk[HEADER_BYTES..];
-    let mut packed_pages = 0;
-    while !rest.is_empty() {
-        let item = next_item(&mut rest)?;
-        let flags = item.tag & tag::UNCACHED;
-        let at = out.len();
-        if item.tag == tag::OTHER && item.data.len() >= OTHER_SQUEEZE_MIN {
-            let len = item.data.len();
-            out.extend_from_slice(&[tag::OTHER_LZ4, 0, 0, 0, 0]);
-            let room = lz4_flex::block::get_maximum_output_size(len);
-            let packed = out.fill_in_place(room, |room| {
-                lz4_flex::block::compress_into(item.data, room).ok().filter(|&packed| packed < len)
-            });
-            if let Some(packed) = packed {
-                let header = &mut out.written_mut()[at + 1..at + 5];
-                header[..2].copy_from_slice(&(len as u16).to_le_bytes());
-                header[2..].copy_from_slice(&(packed as u16).to_le_bytes());
-                continue;
-            }
-            out.truncate(at);
-        }
-        if item.tag & !tag::UNCACHED == tag::RAW && compressor.codec() != Codec::None {
-            out.extend_from_slice(&[tag::PACKED | flags]);
-            out.extend_from_slice(item.fields);
-            out.extend_from_slice(&[0, 0]);
-            if let Some(len) = out.fill_in_place(compressor.room(), |room| compressor.compress_into(item.data, room)) {
-                let length_at = at + 1 + item.fields.len();
-                out.written_mut()[length_at..length_at + 2].copy_from_slice(&(len as u16).to_le_bytes());
-                packed_pages += 1;
-                continue;
-            }
-            out.truncate(at);
-        }
-        // Everything else goes as it is.
-        out.extend_from_slice(&[item.tag]);
-        out.extend_from_slice(item.fields);
-        out.extend_from_slice(item.data);
-    }
-    Ok(packed_pages)
-}
-
-/// The RAW pages of a page-aware chunk (what `squeeze` would compress), for measuring
-/// codecs on them.
-pub fn raw_pages(chunk: &[u8]) -> Result<Vec<&[u8]>, RelayError> {
-    if chunk.len() < HEADER_BYTES || chunk[0] != RECORDS {
-        return Err(RelayError::Malformed("not a page chunk".into()));
-    }
-    let mut rest = &chunk[HEADER_BYTES..];
-    let mut pages = Vec::new();
-    while !rest.is_empty() {
-        let item = next_item(&mut rest)?;
-        if item.tag & !tag::UNCACHED == tag::RAW {
-            pages.push(item.data);
-        }
-    }
-    Ok(pages)
-}
-
-/// One item of a chunk as it stands: its tag (with its flag), its fixed fields (key,
-/// lengths) and its data.
-struct Item<'a> {
-    tag: u8,
-    fields: &'a [u8],
-    data: &'a [u8],
-}
-
-/// The next item of a chunk being read, every length checked against what is left.
-fn next_item<'a>(rest: &mut &'a [u8]) -> Result<Item<'a>, RelayError> {
-    let tag = take(rest, 1)?[0];
-    let base = match tag & !tag::UNCACHED {
-        base @ (tag::RAW | tag::PACKED | tag::ZERO) => base,
-        _ => tag,
-    };
-    let (fields, data_len) = match base {
-        tag::OTHER => {
-            let fields = take(rest, 2)?;
-            (fields, usize::from(le_u16(fields)))
-        }
-        tag::OTHER_LZ4 => {
-            let fields = take(rest, 4)?;
-            (fields, usize::from(le_u16(&fields[2..])))
-        }
-        tag::RAW => (take(rest, KEY_BYTES)?, PAGE_SIZE_BYTES),
-        tag::PACKED | tag::XBZRLE => {
-            let fields = take(rest, KEY_BYTES + 2)?;
-            (fields, usize::from(le_u16(&fields[KEY_BYTES..])))
-        }
-        tag::ZERO | tag::UNCHANGED => (take(rest, KEY_BYTES)?, 0),
-        other => return Err(RelayError::Malformed(format!("page chunk: unknown item {other}"))),
-    };
-    Ok(Item { tag, fields, data: take(rest, data_len)? })
-}
+mod squeeze;
+pub use squeeze::{in_blocks, raw_pages, squeeze, squeezed_len};
 
 /// The next `n` bytes of a chunk being read.
 fn take<'a>(rest: &mut &'a [u8], n: usize) -> Result<&'a [u8], RelayError> {
@@ -483,6 +408,7 @@ fn take<'a>(rest: &mut &'a [u8], n: usize) -> Result<&'a [u8], RelayError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::frame::FrameBuf;
     use proptest::prelude::*;
 
     /// A session's cache of `pages` pages (none for 0), for up to 4 streams.
@@ -587,6 +513,51 @@ mod tests {
     }
 
     #[test]
+    fn zstd_squeezes_a_chunks_pages_as_one_block() {
+        // Sixteen pages of text that differ a little: one block finds what they share.
+        let pages: Vec<Vec<u8>> = (0..16u8)
+            .map(|i| {
+                let mut page = b"the quick brown fox jumps over the lazy dog; ".repeat(100)[..PAGE_SIZE_BYTES].to_vec();
+                page[..64]
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(j, b)| *b = i.wrapping_mul(31).wrapping_add((j as u8).wrapping_mul(7)));
+                page
+            })
+            .collect();
+        let mut encoder = RecordEncoder::deferring_compression(cache(0), 0);
+        for (i, page) in pages.iter().enumerate() {
+            encoder.other(b"record header");
+            encoder.page(key(i as u64 * 4096), page);
+        }
+        let chunk = encoder.finish().to_vec();
+        let zstd = Codec::Zstd { level: 1 };
+        let mut compressor = PageCompressor::new(zstd);
+        let mut frame = FrameBuf::default();
+        assert_eq!(squeeze(&chunk, &mut compressor, &mut frame).unwrap(), 16);
+        let page_by_page: usize = pages
+            .iter()
+            .map(|p| match compressor.compress(p) {
+                Compressed::Packed { len } => len,
+                Compressed::Raw => PAGE_SIZE_BYTES,
+            })
+            .sum();
+        let squeezed = frame.payload().to_vec();
+        assert!(squeezed.len() * 2 < page_by_page, "one block {} bytes, page by page {page_by_page}", squeezed.len());
+        let refs: Vec<&[u8]> = pages.iter().map(|p| &p[..]).collect();
+        assert!(squeezed_len(&refs, &mut compressor) < squeezed.len(), "what the policy measures is the block");
+        let mut rebuilt = Vec::new();
+        RecordDecoder::new(cache(0), 0).decode(&squeezed, &mut rebuilt).unwrap();
+        let original: Vec<u8> = pages.iter().flat_map(|p| [&b"record header"[..], p].concat()).collect();
+        assert_eq!(rebuilt, original);
+        // A block that claims more pages than the chunk has, or fewer BLOCKED items than it
+        // holds, is refused.
+        let mut claims_more = squeezed.clone();
+        claims_more[HEADER_BYTES + 1..HEADER_BYTES + 3].copy_from_slice(&40u16.to_le_bytes());
+        assert!(RecordDecoder::new(cache(0), 0).decode(&claims_more, &mut Vec::new()).is_err());
+    }
+
+    #[test]
     fn each_chunk_names_its_own_codec() {
         // One decoder takes chunks squeezed with different codecs, as the adaptive policy
         // sends them, and a chunk whose codec byte is unknown (or adaptive) is refused.
@@ -662,14 +633,18 @@ mod tests {
         /// Three streams share a cache of 4 slots over 6 pages; the destination decodes
         /// each stream's chunks in order but the streams in any interleaving, and its
         /// acknowledgements reach the source late: every chunk still decodes to what was
-        /// sent.
+        /// sent. Each stream's chunks are squeezed with a codec of their own (zstd's as one
+        /// block).
         #[test]
         fn shared_caches_stay_consistent_whatever_the_streams_interleaving(
             steps in proptest::collection::vec((0u8..4, 0u8..3, 0u8..6, any::<u8>()), 1..300),
         ) {
             let (source, destination) = (cache(4), cache(4));
             let mut encoders: Vec<RecordEncoder> =
-                (0..3).map(|s| RecordEncoder::new(Codec::Lz4, source.clone(), s)).collect();
+                (0..3).map(|s| RecordEncoder::deferring_compression(source.clone(), s)).collect();
+            let codecs = [Codec::Zstd { level: 1 }, Codec::Lz4, Codec::ShuffleZstd { level: 1 }];
+            let mut compressors: Vec<PageCompressor> = codecs.iter().map(|&c| PageCompressor::new(c)).collect();
+            let mut frame = FrameBuf::default();
             let mut decoders: Vec<RecordDecoder> = (0..3).map(|s| RecordDecoder::new(destination.clone(), s)).collect();
             let mut originals: Vec<Vec<u8>> = vec![Vec::new(); 3];
             let mut in_flight: Vec<std::collections::VecDeque<(Vec<u8>, Vec<u8>)>> = vec![Default::default(); 3];
@@ -686,9 +661,10 @@ mod tests {
                         };
                         encoders[s].page(key(u64::from(page) * 4096), &contents);
                         originals[s].extend_from_slice(&contents);
-                        if action == 1 {
-                            let chunk = encoders[s].finish().to_vec();
-                            in_flight[s].push_back((chunk, std::mem::take(&mut originals[s])));
+                        // A chunk holds at most 16 pages, as the relay's do.
+                        if action == 1 || encoders[s].original_len() >= 16 * PAGE_SIZE_BYTES {
+                            squeeze(encoders[s].finish(), &mut compressors[s], &mut frame).unwrap();
+                            in_flight[s].push_back((frame.payload().to_vec(), std::mem::take(&mut originals[s])));
                         }
                     }
                     // The destination decodes stream s's next chunk and acknowledges it.

@@ -9,10 +9,10 @@
 
 use engine::adaptive::{cpu, Choice, Pipeline};
 use engine::pool::{CompressionPool, PoolConfig, PoolWorker};
-use migration::codec::{Codec, Compressed};
+use migration::codec::Codec;
 use migration::frame::FrameBuf;
 use migration::relay::{max_data_payload_bytes, MAX_CHUNK_BYTES};
-use migration::relay_pages::{raw_pages, squeeze};
+use migration::relay_pages::{raw_pages, squeeze, squeezed_len};
 use migration::PAGE_SIZE_BYTES;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -174,8 +174,9 @@ impl SessionCompression {
     }
 }
 
-/// Compresses `chunk`'s raw pages with every choice the worker has and tells the policy
-/// what each made of them, at what CPU cost: all measured on the same pages.
+/// Compresses `chunk`'s raw pages with every choice the worker has, as `squeeze` would
+/// (zstd's as one block), and tells the policy what each made of them, at what CPU cost:
+/// all measured on the same pages.
 fn measure_choices(worker: &mut PoolWorker, chunk: &[u8]) {
     let Ok(pages) = raw_pages(chunk) else { return };
     if pages.is_empty() {
@@ -185,13 +186,7 @@ fn measure_choices(worker: &mut PoolWorker, chunk: &[u8]) {
     let mut results = Vec::new();
     for compressor in worker.compressors() {
         let start = cpu::thread_time();
-        let output: usize = pages
-            .iter()
-            .map(|page| match compressor.compress(page) {
-                Compressed::Packed { len } => len,
-                Compressed::Raw => PAGE_SIZE_BYTES,
-            })
-            .sum();
+        let output = squeezed_len(&pages, compressor);
         results.push((compressor.codec(), output as u64, cpu::thread_time() - start));
     }
     if let Some(policy) = worker.policy() {
