@@ -20,8 +20,10 @@
 
 use crate::qemu_stream::PageKey;
 use crate::PAGE_SIZE_BYTES;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
+use xxhash_rust::xxh3::xxh3_64;
 
 /// Where a cache operation came from: a stream, and the index of its page-aware chunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +46,10 @@ pub struct Slots {
     /// The last operation on each slot.
     origins: Vec<Option<Origin>>,
     pages: Vec<u8>,
+    /// Each held page's content hash, and the slot holding a page of each content, so
+    /// that a page carried again under another key can go as a reference.
+    hashes: Vec<u64>,
+    by_content: HashMap<u64, usize>,
 }
 
 impl SharedPageCache {
@@ -55,6 +61,8 @@ impl SharedPageCache {
                 keys: vec![None; pages],
                 origins: vec![None; pages],
                 pages: vec![0; pages * PAGE_SIZE_BYTES],
+                hashes: vec![0; pages],
+                by_content: HashMap::new(),
             }),
             decoded: (0..streams).map(|_| AtomicU64::new(0)).collect(),
         }
@@ -103,9 +111,13 @@ impl Slots {
     /// Stores `page` as `key`'s copy, evicting whatever held the slot.
     pub fn put(&mut self, key: PageKey, page: &[u8], origin: Origin) {
         let slot = self.slot(key);
+        self.evict(slot);
         self.keys[slot] = Some(key);
         self.origins[slot] = Some(origin);
         self.pages[slot * PAGE_SIZE_BYTES..(slot + 1) * PAGE_SIZE_BYTES].copy_from_slice(page);
+        let hash = xxh3_64(page);
+        self.hashes[slot] = hash;
+        self.by_content.insert(hash, slot);
     }
 
     /// Drops `key`'s copy (the page went zero), if its slot holds it.
@@ -113,7 +125,22 @@ impl Slots {
         let slot = self.slot(key);
         self.origins[slot] = Some(origin);
         if self.keys[slot] == Some(key) {
-            self.keys[slot] = None;
+            self.evict(slot);
+        }
+    }
+
+    /// The key of a copy equal to `page` held under another key than `key`, if any (the
+    /// source looks before it stores `page`). Not an operation on any slot.
+    pub fn find_equal(&self, key: PageKey, page: &[u8]) -> Option<PageKey> {
+        let slot = *self.by_content.get(&xxh3_64(page))?;
+        let held = self.keys[slot].filter(|&held| held != key)?;
+        (self.pages[slot * PAGE_SIZE_BYTES..(slot + 1) * PAGE_SIZE_BYTES] == *page).then_some(held)
+    }
+
+    /// Empties `slot`, and its entry in the content index.
+    fn evict(&mut self, slot: usize) {
+        if self.keys[slot].take().is_some() && self.by_content.get(&self.hashes[slot]) == Some(&slot) {
+            self.by_content.remove(&self.hashes[slot]);
         }
     }
 }

@@ -18,6 +18,7 @@
 //!   BLOCK     u16 pages, u32 len, bytes      (the chunk's codec over its raw pages as one
 //!                                            block, first; zstd's chunks)
 //!   BLOCKED   key                            (the block's next page)
+//!   DUPLICATE key, key                       (equal to the second key's copy in the cache)
 //! tag | 0x80 (RAW, PACKED, ZERO, BLOCKED): the page leaves the cache alone on both sides
 //! ```
 //!
@@ -55,6 +56,7 @@ mod tag {
     pub const UNCHANGED: u8 = 5;
     pub const BLOCK: u8 = 7;
     pub const BLOCKED: u8 = 8;
+    pub const DUPLICATE: u8 = 9;
     /// Added to RAW, PACKED, ZERO or BLOCKED: the page leaves the cache alone
     /// (`relay_cache.rs`).
     pub const UNCACHED: u8 = 0x80;
@@ -80,6 +82,8 @@ pub struct PageCounts {
     /// Pages that went without the cache: their slot's last operation came from a chunk
     /// of another stream that the destination had not yet said it decoded.
     pub uncached: u64,
+    /// Pages that went as a reference to an equal page the cache held under another key.
+    pub duplicate: u64,
 }
 
 /// Builds page-aware chunks on the sending side.
@@ -176,8 +180,24 @@ impl RecordEncoder {
                 slots.forget(key, origin);
             } else {
                 let delta = slots.get(key, origin).map(|old| xbzrle::encode(old, page, &mut self.delta));
+                // A page held under another key (a copy, the same text in two places): a
+                // reference to it, where its slot may be read.
+                let equal = match delta {
+                    None => slots.find_equal(key, page).filter(|&other| cache.may_operate(&slots, other, origin)),
+                    Some(_) => None,
+                };
+                if let Some(other) = equal {
+                    slots.get(other, origin);
+                }
                 slots.put(key, page, origin);
                 drop(slots);
+                if let Some(other) = equal {
+                    self.item(tag::DUPLICATE, key);
+                    self.out.extend_from_slice(&other.block.to_le_bytes());
+                    self.out.extend_from_slice(&other.offset.to_le_bytes());
+                    self.counts.duplicate += 1;
+                    return;
+                }
                 match delta {
                     Some(Ok(0)) => {
                         self.item(tag::UNCHANGED, key);
@@ -355,6 +375,15 @@ impl RecordDecoder {
                     self.decompressor
                         .decompress(codec, data, &mut self.page)
                         .map_err(|err| malformed(err.to_string()))?;
+                }
+                tag::DUPLICATE => {
+                    let other = take(&mut rest, KEY_BYTES)?;
+                    let other = PageKey { block: le_u16(&other[..2]), offset: le_u64(&other[2..]) };
+                    let cache = self.cache.as_ref().ok_or_else(|| malformed("a reference without a cache".into()))?;
+                    let mut slots = cache.lock();
+                    let held =
+                        slots.get(other, origin).ok_or_else(|| malformed(format!("no cached copy of {other:?}")))?;
+                    self.page.copy_from_slice(held);
                 }
                 tag::XBZRLE | tag::UNCHANGED => {
                     let cache = self.cache.as_ref().ok_or_else(|| malformed("a delta without a cache".into()))?;
@@ -581,6 +610,31 @@ mod tests {
     }
 
     #[test]
+    fn a_page_held_under_another_key_goes_as_a_reference() {
+        let (source, destination) = (cache(8), cache(8));
+        let mut encoder = RecordEncoder::new(Codec::None, source, 0);
+        let mut decoder = RecordDecoder::new(destination, 0);
+        let mut original = Vec::new();
+        for offset in [0u64, 0x5000, 0x9000] {
+            encoder.page(key(offset), &text_page(7));
+            original.extend_from_slice(&text_page(7));
+        }
+        assert_eq!(encoder.counts.duplicate, 2, "{:?}", encoder.counts);
+        let payload = encoder.finish().to_vec();
+        assert!(payload.len() < PAGE_SIZE_BYTES + 100, "{} bytes", payload.len());
+        let mut rebuilt = Vec::new();
+        decoder.decode(&payload, &mut rebuilt).unwrap();
+        assert_eq!(rebuilt, original);
+        // A decoder whose cache never held the page refuses the reference.
+        let mut encoder = RecordEncoder::new(Codec::None, cache(8), 0);
+        encoder.page(key(0), &text_page(8));
+        encoder.finish();
+        encoder.page(key(0x3000), &text_page(8));
+        let err = RecordDecoder::new(cache(8), 0).decode(&encoder.finish().to_vec(), &mut Vec::new()).unwrap_err();
+        assert!(err.to_string().contains("no cached copy"), "{err}");
+    }
+
+    #[test]
     fn a_delta_without_its_copy_is_refused() {
         let mut encoder = RecordEncoder::new(Codec::None, cache(8), 0);
         encoder.page(key(0), &text_page(1));
@@ -654,7 +708,10 @@ mod tests {
                 match action {
                     // A page (every 16th value zero) on stream s, the chunk then sent.
                     0 | 1 => {
-                        let contents = if value % 16 == 0 { vec![0; PAGE_SIZE_BYTES] } else {
+                        // Odd values give the same few contents under any key: references.
+                        let contents = if value % 16 == 0 { vec![0; PAGE_SIZE_BYTES] } else if value % 2 == 1 {
+                            text_page(100 + value % 3)
+                        } else {
                             let mut p = text_page(page);
                             p[100] = value;
                             p

@@ -177,9 +177,10 @@ fn qemu_migrates_through_the_relays_over_kernel_tcp() {
         let channels = sent["channels"].as_array().expect("channels");
         let count = |what: &str| channels.iter().map(|c| c["encodings"][what].as_u64().unwrap_or(0)).sum::<u64>();
         eprintln!(
-            "  multifd {multifd:?}: {} deltas, {} unchanged, {} uncached",
+            "  multifd {multifd:?}: {} deltas, {} unchanged, {} references, {} uncached",
             count("xbzrle"),
             count("unchanged"),
+            count("duplicate"),
             count("uncached")
         );
         assert!(count("xbzrle") + count("unchanged") > 0, "no page went as a delta: {sent}");

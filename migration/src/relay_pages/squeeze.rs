@@ -206,6 +206,7 @@ fn next_item<'a>(rest: &mut &'a [u8]) -> Result<Item<'a>, RelayError> {
             (fields, usize::from(le_u16(&fields[KEY_BYTES..])))
         }
         tag::ZERO | tag::UNCHANGED | tag::BLOCKED => (take(rest, KEY_BYTES)?, 0),
+        tag::DUPLICATE => (take(rest, 2 * KEY_BYTES)?, 0),
         tag::BLOCK => {
             let fields = take(rest, 6)?;
             (fields, super::le_u32(&fields[2..]) as usize)
