@@ -295,7 +295,6 @@ impl RecordDecoder {
 
     /// Appends the original bytes of the chunk `payload` to `out`, every length checked.
     pub fn decode(&mut self, payload: &[u8], out: &mut Vec<u8>) -> Result<(), RelayError> {
-        let malformed = |what: String| RelayError::Malformed(format!("page chunk: {what}"));
         if payload.len() < HEADER_BYTES || payload[0] != RECORDS {
             return Err(malformed("no header".into()));
         }
@@ -360,46 +359,8 @@ impl RecordDecoder {
             if uncached && !matches!(tag, tag::RAW | tag::PACKED | tag::ZERO | tag::BLOCKED) {
                 return Err(malformed(format!("item {tag} cannot leave the cache alone")));
             }
-            let key = take(&mut rest, KEY_BYTES)?;
-            let key = PageKey { block: le_u16(&key[..2]), offset: le_u64(&key[2..]) };
-            match tag {
-                tag::RAW => self.page.copy_from_slice(take(&mut rest, PAGE_SIZE_BYTES)?),
-                tag::BLOCKED => {
-                    let page = self.block.get(self.block_taken..self.block_taken + PAGE_SIZE_BYTES);
-                    self.page.copy_from_slice(page.ok_or_else(|| malformed("more pages than the block holds".into()))?);
-                    self.block_taken += PAGE_SIZE_BYTES;
-                }
-                tag::PACKED => {
-                    let len = usize::from(le_u16(take(&mut rest, 2)?));
-                    let data = take(&mut rest, len)?;
-                    self.decompressor
-                        .decompress(codec, data, &mut self.page)
-                        .map_err(|err| malformed(err.to_string()))?;
-                }
-                tag::DUPLICATE => {
-                    let other = take(&mut rest, KEY_BYTES)?;
-                    let other = PageKey { block: le_u16(&other[..2]), offset: le_u64(&other[2..]) };
-                    let cache = self.cache.as_ref().ok_or_else(|| malformed("a reference without a cache".into()))?;
-                    let mut slots = cache.lock();
-                    let held =
-                        slots.get(other, origin).ok_or_else(|| malformed(format!("no cached copy of {other:?}")))?;
-                    self.page.copy_from_slice(held);
-                }
-                tag::XBZRLE | tag::UNCHANGED => {
-                    let cache = self.cache.as_ref().ok_or_else(|| malformed("a delta without a cache".into()))?;
-                    let mut slots = cache.lock();
-                    let old = slots.get(key, origin).ok_or_else(|| malformed(format!("no cached copy of {key:?}")))?;
-                    self.page.copy_from_slice(old);
-                    drop(slots);
-                    if tag == tag::XBZRLE {
-                        let len = usize::from(le_u16(take(&mut rest, 2)?));
-                        xbzrle::decode(take(&mut rest, len)?, &mut self.page)
-                            .map_err(|err| malformed(err.to_string()))?;
-                    }
-                }
-                tag::ZERO => self.page.fill(0),
-                other => return Err(malformed(format!("unknown item {other}"))),
-            }
+            let key = read_key(&mut rest)?;
+            self.rebuild_page(tag, key, &mut rest, codec, origin)?;
             if let (Some(cache), false) = (&self.cache, uncached) {
                 let mut slots = cache.lock();
                 if tag == tag::ZERO {
@@ -419,6 +380,59 @@ impl RecordDecoder {
         self.chunks += 1;
         Ok(())
     }
+
+    /// The contents of the page item `tag` for `key` into `self.page`, from its data in
+    /// `rest`, the chunk's block or the cache.
+    fn rebuild_page(
+        &mut self,
+        tag: u8,
+        key: PageKey,
+        rest: &mut &[u8],
+        codec: Codec,
+        origin: Origin,
+    ) -> Result<(), RelayError> {
+        match tag {
+            tag::RAW => self.page.copy_from_slice(take(rest, PAGE_SIZE_BYTES)?),
+            tag::BLOCKED => {
+                let page = self.block.get(self.block_taken..self.block_taken + PAGE_SIZE_BYTES);
+                self.page.copy_from_slice(page.ok_or_else(|| malformed("more pages than the block holds".into()))?);
+                self.block_taken += PAGE_SIZE_BYTES;
+            }
+            tag::PACKED => {
+                let len = usize::from(le_u16(take(rest, 2)?));
+                let data = take(rest, len)?;
+                self.decompressor.decompress(codec, data, &mut self.page).map_err(|err| malformed(err.to_string()))?;
+            }
+            tag::DUPLICATE | tag::XBZRLE | tag::UNCHANGED => {
+                // The copy the item builds on: another key's (a reference) or its own.
+                let base = if tag == tag::DUPLICATE { read_key(rest)? } else { key };
+                let cache =
+                    self.cache.as_ref().ok_or_else(|| malformed("a delta or reference without a cache".into()))?;
+                let mut slots = cache.lock();
+                let held = slots.get(base, origin).ok_or_else(|| malformed(format!("no cached copy of {base:?}")))?;
+                self.page.copy_from_slice(held);
+                drop(slots);
+                if tag == tag::XBZRLE {
+                    let len = usize::from(le_u16(take(rest, 2)?));
+                    xbzrle::decode(take(rest, len)?, &mut self.page).map_err(|err| malformed(err.to_string()))?;
+                }
+            }
+            tag::ZERO => self.page.fill(0),
+            other => return Err(malformed(format!("unknown item {other}"))),
+        }
+        Ok(())
+    }
+}
+
+/// A chunk the decoder refuses, and why.
+fn malformed(what: String) -> RelayError {
+    RelayError::Malformed(format!("page chunk: {what}"))
+}
+
+/// An item's page key.
+fn read_key(rest: &mut &[u8]) -> Result<PageKey, RelayError> {
+    let key = take(rest, KEY_BYTES)?;
+    Ok(PageKey { block: le_u16(&key[..2]), offset: le_u64(&key[2..]) })
 }
 
 mod squeeze;
