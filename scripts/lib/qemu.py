@@ -1,9 +1,11 @@
 """Helpers shared by the QEMU scripts (scripts/qemu-bench, scripts/guest-image): QMP over a
-unix socket, and waiting for a line on a guest's serial log."""
+unix socket, waiting for a line on a guest's serial log, and the RAM size that keeps QEMU
+before 9.0 from losing a TCG guest's dirty pages in migration (tcg_safe_mem)."""
 
 import json
 import re
 import socket
+import subprocess
 import time
 
 
@@ -53,3 +55,47 @@ def wait_serial(path, pattern, timeout, start=0):
             pass
         time.sleep(0.5)
     raise TimeoutError(f"no {pattern!r} in {path} within {timeout} s")
+
+
+def qemu_version(binary="qemu-system-x86_64"):
+    """QEMU's (major, minor) version, from `BINARY --version`."""
+    out = subprocess.run([binary, "--version"], check=True, capture_output=True, text=True).stdout
+    match = re.search(r"version (\d+)\.(\d+)", out)
+    if not match:
+        raise RuntimeError(f"cannot read the version in {out!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def parse_size(text):
+    """Bytes in a size as `-m` takes it: 4G, 1024M, 1048584K, or a bare number of MiB."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper().removesuffix("B")
+    if text[-1:] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text) << 20
+
+
+# QEMU before 9.0 loses dirty pages under TCG (fixed upstream by "physmem: Fix migration
+# dirty bitmap coherency with TCG memory access", QEMU 9.0): the fast path of
+# cpu_physical_memory_sync_dirty_bitmap(), taken for a RAM block whose length is a multiple
+# of 64 pages (256 KiB, one bitmap word), clears the migration bitmap without resetting the
+# TCG TLB's dirty state. The vCPU's later stores through TLB entries it still holds (the
+# guest kernel's stacks, per-CPU data, timers, page tables: pages it touches all the time)
+# then set no dirty bit, and the last version of such a page never goes out: the destination
+# resumes with a few stale kernel pages and oopses or panics ("Fatal exception in
+# interrupt" from the hrtimer code), QEMU's own migration as much as any other. The slow
+# path (any other length) resets the TLB for every dirty page it clears, so the RAM size is
+# nudged off the 256 KiB multiple.
+TCG_DIRTY_FIX = (9, 0)
+TCG_RAM_NUDGE = 8 << 10  # QEMU rounds -m to 8 KiB; this keeps it off a 256 KiB multiple
+
+
+def tcg_safe_mem(mem, version=None):
+    """The `-m` value to give a TCG guest of `mem` so that QEMU's migration does not lose
+    its dirty pages: `mem` itself on QEMU 9.0 and later, or where its size is no multiple of
+    256 KiB already; otherwise 8 KiB more, in KiB (4G -> 4194312K)."""
+    version = version or qemu_version()
+    size = parse_size(mem)
+    if version >= TCG_DIRTY_FIX or size % (256 << 10) != 0:
+        return mem
+    return f"{(size + TCG_RAM_NUDGE) >> 10}K"

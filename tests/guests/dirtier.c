@@ -1,21 +1,31 @@
 /* The Linux test guest's workload and memory checker, run by the initramfs's /init
  * (scripts/linux-guest builds both).
  *
- *   dirtier TOTAL_MIB AREA_MIB RATE
+ *   dirtier TOTAL_MIB AREA_MIB RATE [PATTERN]
  *
  * It allocates TOTAL_MIB and writes every 4 KiB page, then forever rewrites RATE random
  * pages a second among the first AREA_MIB (0 = idle) and checks pages against what they
- * must hold. A Linux guest's memory cannot be compared byte for byte after a migration
- * (under TCG a few page-table pages may differ), so the guest checks its own: a page lost,
- * stale or torn in transit shows up here, on the serial console.
+ * must hold. The guest checks its own memory, from inside, after it resumes on the
+ * destination: a page lost, stale or torn in transit shows up here, on the serial console.
+ * (Lost pages in the guest kernel's own memory show up as an oops or a panic instead; under
+ * QEMU before 9.0 with TCG that is what QEMU's own dirty tracking does to a guest whose RAM
+ * size is a multiple of 256 KiB: see scripts/lib/qemu.py, tcg_safe_mem.)
  *
  * A page's content follows from its index and generation (how often it was rewritten),
- * kept in a table of its own, so any page can be checked at any time. Half of a page is
- * pseudo-random and half zeros: no page is all zeros, and the whole compresses about as
- * much as real memory does, so compression on the path is neither flattered nor defeated.
+ * kept in a table of its own, so any page can be checked at any time. Every page starts
+ * with a header of two 64-bit words (index, generation) and ends with a trailer word; what
+ * lies between follows PATTERN:
+ *   halfzero (the default) the first half of the page pseudo-random 64-bit words, the
+ *            second half zeros: compresses about as much as real memory does (lz4 and
+ *            zstd both about 2x), so compression on the path is neither flattered nor
+ *            defeated;
+ *   numeric  32-bit words holding 16 random bits each (the high 16 bits zero), like an
+ *            array of small numbers: lz4 finds no 4-byte repeats and cannot shrink it,
+ *            while an entropy coder (zstd) gets about 1.5x.
+ * No page is all zeros under either pattern.
  *
  * Console lines (one "alive" a second; the counters are per second unless said):
- *   dirtier: ready MiB=3072 area=1024 rate=5000 fill_ms=9000
+ *   dirtier: ready MiB=3072 area=1024 rate=5000 pattern=halfzero fill_ms=9000
  *   dirtier: alive t=12 gen=60000 dirtied=5000 checked=40000 passes=0 bad=0
  *   dirtier: MEMORY CHECK FAILED page=123 gen=4 words=255 holds_page=123 holds_gen=3
  * gen is the total of rewrites so far; passes counts checks of every page; bad counts the
@@ -61,9 +71,12 @@ static uint64_t xorshift(uint64_t x)
 	return x;
 }
 
+enum pattern { HALFZERO, NUMERIC };
+static enum pattern pattern = HALFZERO;
+static const char *const pattern_names[] = {"halfzero", "numeric"};
+
 /* Writes page `index` at generation `gen` into `p`: a header (index, generation), the
- * pseudo-random half, zeros, and a trailer that catches a page whose tail came from
- * elsewhere. */
+ * pattern's body, and a trailer that catches a page whose tail came from elsewhere. */
 static void fill(uint64_t *p, uint64_t index, uint32_t gen)
 {
 	/* splitmix64's finaliser, so neighbouring (index, gen) give unrelated streams;
@@ -75,9 +88,21 @@ static void fill(uint64_t *p, uint64_t index, uint32_t gen)
 
 	p[0] = MAGIC ^ index;
 	p[1] = MAGIC ^ gen;
-	for (int k = 2; k < WORDS / 2; k++)
-		p[k] = x = xorshift(x);
-	memset(&p[WORDS / 2], 0, (WORDS / 2 - 1) * sizeof *p);
+	if (pattern == NUMERIC) {
+		/* Two little-endian 32-bit words per 64-bit word, each 16 random bits: one
+		 * step of the generator serves two 64-bit words, each its own bits of it. */
+		const uint64_t low16 = 0x0000ffff0000ffffULL;
+		for (int k = 2; k < WORDS - 1; k += 2) {
+			x = xorshift(x);
+			p[k] = x & low16;
+			if (k + 1 < WORDS - 1)
+				p[k + 1] = (x >> 16) & low16;
+		}
+	} else {
+		for (int k = 2; k < WORDS / 2; k++)
+			p[k] = x = xorshift(x);
+		memset(&p[WORDS / 2], 0, (WORDS / 2 - 1) * sizeof *p);
+	}
 	p[WORDS - 1] = MAGIC ^ (index << 32 | gen);
 }
 
@@ -94,9 +119,17 @@ static unsigned long parse(const char *s)
 
 int main(int argc, char **argv)
 {
-	if (argc != 4) {
-		fprintf(stderr, "usage: dirtier TOTAL_MIB AREA_MIB PAGES_PER_SEC\n");
+	if (argc != 4 && argc != 5) {
+		fprintf(stderr, "usage: dirtier TOTAL_MIB AREA_MIB PAGES_PER_SEC [halfzero|numeric]\n");
 		return 2;
+	}
+	if (argc == 5) {
+		if (strcmp(argv[4], "numeric") == 0)
+			pattern = NUMERIC;
+		else if (strcmp(argv[4], "halfzero") != 0) {
+			fprintf(stderr, "dirtier: unknown pattern %s (halfzero or numeric)\n", argv[4]);
+			return 2;
+		}
 	}
 	unsigned long total = parse(argv[1]), area = parse(argv[2]), rate = parse(argv[3]);
 	if (total == 0 || area > total) {
@@ -116,8 +149,8 @@ int main(int argc, char **argv)
 	uint64_t start = now_ns();
 	for (size_t i = 0; i < pages; i++)
 		fill(mem + i * WORDS, i, 0);
-	printf("dirtier: ready MiB=%lu area=%lu rate=%lu fill_ms=%llu\n", total, area, rate,
-	       (unsigned long long)((now_ns() - start) / 1000000));
+	printf("dirtier: ready MiB=%lu area=%lu rate=%lu pattern=%s fill_ms=%llu\n", total, area, rate,
+	       pattern_names[pattern], (unsigned long long)((now_ns() - start) / 1000000));
 
 	uint64_t expected[WORDS];
 	uint64_t rng = now_ns() | 1;
