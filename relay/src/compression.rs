@@ -128,7 +128,7 @@ impl SessionCompression {
         };
         let started = worker.policy().is_some().then(|| (cpu::thread_time(), Instant::now()));
         let mut frame = self.frames.take(|| FrameBuf::with_capacity(max_data_payload_bytes()));
-        let squeezed = match squeeze(&chunk, worker.compressor(choice.codec), &mut frame) {
+        let mut squeezed = match squeeze(&chunk, worker.compressor(choice.codec), &mut frame) {
             Ok(packed) => Squeezed { frame, packed, codec: choice.codec },
             // Not expected (the reader built the chunk): it goes as it was built.
             Err(_) => {
@@ -146,7 +146,6 @@ impl SessionCompression {
                 policy.account(input, spent, wall_start.elapsed());
             }
         }
-        let mut squeezed = squeezed;
         squeezed.frame.checksum_payload();
         self.chunks.give(chunk);
         squeezed
