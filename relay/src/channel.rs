@@ -30,7 +30,9 @@ use crate::{LinkFailure, RelayFailure};
 use migration::codec::Codec;
 use migration::frame::FrameKind;
 use migration::handshake::{decode_reason, encode_reason};
-use migration::qemu_stream::{ends_at_end_marker, starts_a_qemu_stream, Kind, Piece, StreamReader, PAGE_BYTES};
+use migration::qemu_stream::{
+    end_marker_candidate, ends_at_end_marker, starts_a_qemu_stream, Kind, Piece, StreamReader, PAGE_BYTES,
+};
 use migration::relay::Encoding;
 use migration::relay::{max_data_payload_bytes, ChunkDecoder, ChunkEncoder, StreamDigest, StreamEnd, MAX_CHUNK_BYTES};
 use migration::relay_cache::SharedPageCache;
@@ -283,6 +285,13 @@ impl Up<'_> {
             // open until the destination has loaded: the digest so far lets the
             // destination relay pass the end-of-file marker on.
             self.ending.extend_from_slice(data);
+            // A byte that cannot start the marker now never will (more bytes only rule
+            // candidates out): keep from the first that still can, so that the downtime's
+            // device state is not searched again at every read.
+            match end_marker_candidate(&self.ending) {
+                Some(at) => drop(self.ending.drain(..at)),
+                None => self.ending.clear(),
+            }
             if ends_at_end_marker(&self.ending) {
                 self.out.control(FrameKind::StreamCheckpoint, &self.digest.end().encode(), abort)?;
             }
@@ -450,7 +459,8 @@ fn pump_down(local: UnixStream, net: Incoming<'_>, abort: &SessionAbort) -> Resu
     let Incoming { mut reader, peer, writer, caches, channel } = net;
     let mut decoder = ChunkDecoder::default();
     let mut records = RecordDecoder::new(caches.incoming.clone(), channel);
-    let mut told = (0u64, Instant::now());
+    // Only a decoder with a cache has anything to tell: deltas across streams need it.
+    let mut told = caches.incoming.as_ref().map(|_| (0u64, Instant::now()));
     let mut rebuilt: Vec<u8> = Vec::with_capacity(2 * MAX_CHUNK_BYTES);
     let mut payload = Vec::with_capacity(MAX_CHUNK_BYTES + 64);
     let mut expected_seq = 0u64;
@@ -479,7 +489,7 @@ fn pump_down(local: UnixStream, net: Incoming<'_>, abort: &SessionAbort) -> Resu
                 let bytes = if payload.first() == Some(&RECORDS) {
                     rebuilt.clear();
                     records.decode(&payload, &mut rebuilt).map_err(RelayFailure::damaged)?;
-                    if told.1.elapsed() >= DECODED_EVERY {
+                    if told.is_some_and(|(_, at)| at.elapsed() >= DECODED_EVERY) {
                         tell_decoded(writer, &records, &mut told);
                     }
                     &rebuilt[..]
@@ -516,9 +526,11 @@ fn pump_down(local: UnixStream, net: Incoming<'_>, abort: &SessionAbort) -> Resu
 }
 
 /// Tells the peer how many page-aware chunks of its stream have been decoded, if that
-/// grew since it was last told (`told`: the count and when), unless the writer is busy
-/// (the next chunk or heartbeat tells it) or this direction has ended.
-fn tell_decoded(writer: &Mutex<NetWriter>, records: &RecordDecoder, told: &mut (u64, Instant)) {
+/// grew since it was last told (`told`: the count and when; None: there is no cache, and
+/// nothing to tell), unless the writer is busy (the next chunk or heartbeat tells it) or
+/// this direction has ended.
+fn tell_decoded(writer: &Mutex<NetWriter>, records: &RecordDecoder, told: &mut Option<(u64, Instant)>) {
+    let Some(told) = told else { return };
     let chunks = records.decoded_chunks();
     if chunks == told.0 {
         return;

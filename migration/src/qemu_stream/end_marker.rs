@@ -63,4 +63,26 @@ mod tests {
         }
         assert!(!ends_at_end_marker(&[0x00, 0x05, 1, 2]), "not a description after the 0x00");
     }
+
+    #[test]
+    fn a_byte_ruled_out_stays_ruled_out() {
+        // Device state full of zeros and 0x06s, then the marker and a description: at
+        // every cut, keeping only the bytes from the first candidate on (as the source
+        // relay does between reads) gives the same verdict as searching everything.
+        let json = br#"{"devices": [1, 2, 3]}"#;
+        let mut stream: Vec<u8> = (0..3000u32).map(|i| [0x00, 0x06, 0x7e, 0x01, 0x00][(i % 5) as usize]).collect();
+        stream.extend([0x00, 0x06]);
+        stream.extend((json.len() as u32).to_be_bytes());
+        stream.extend(json);
+        let mut kept = Vec::new();
+        for (i, &byte) in stream.iter().enumerate() {
+            kept.push(byte);
+            match end_marker_candidate(&kept) {
+                Some(at) => drop(kept.drain(..at)),
+                None => kept.clear(),
+            }
+            assert_eq!(ends_at_end_marker(&kept), ends_at_end_marker(&stream[..=i]), "at byte {i}");
+        }
+        assert!(ends_at_end_marker(&kept));
+    }
 }
