@@ -10,7 +10,8 @@ import time
 
 
 class Qmp:
-    """QMP over a unix socket: one JSON object per line."""
+    """QMP over a unix socket: one JSON object per line. The events that arrive while a
+    command waits for its reply are kept in `events`, with QEMU's own timestamps."""
 
     def __init__(self, path, timeout=60):
         deadline = time.time() + timeout
@@ -24,6 +25,7 @@ class Qmp:
                     raise
                 time.sleep(0.1)
         self.file = self.sock.makefile("rw")
+        self.events = []
         self.file.readline()
         self.execute("qmp_capabilities")
 
@@ -39,6 +41,17 @@ class Qmp:
                 return reply["return"]
             if "error" in reply:
                 raise RuntimeError(f"QMP {command}: {reply['error']}")
+            if "event" in reply:
+                self.events.append(reply)
+
+    def event_time(self, name, **data):
+        """When QEMU emitted the first event `name` whose data holds `data` (seconds of the
+        host's clock, as QEMU stamped it), or None if none has been seen yet."""
+        for event in self.events:
+            if event["event"] == name and all(event.get("data", {}).get(k) == v for k, v in data.items()):
+                stamp = event["timestamp"]
+                return stamp["seconds"] + stamp["microseconds"] / 1e6
+        return None
 
 
 def wait_serial(path, pattern, timeout, start=0):
