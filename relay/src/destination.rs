@@ -14,6 +14,7 @@ use migration::handshake::HelloAck;
 use migration::relay::MAX_CHANNELS;
 use migration::relay::{accept_preamble, StreamHello, PREAMBLE_BYTES};
 use migration::relay_cache::SharedPageCache;
+use std::convert::Infallible;
 use std::io::{self, Read};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -22,10 +23,14 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use transport::abort::SessionAbort;
 use transport::framed::{read_frame, write_frame, ReadError, CONTROL_FRAME_LIMIT_BYTES};
+use transport::lobby::{Lobby, LobbyError, Refusal};
 use transport::pipe::{Acceptor, Connection};
 
 /// How long one accept waits before the loop looks at finished streams.
 const POLL: Duration = Duration::from_millis(50);
+/// How long a connection has to send its preamble and hello before it is taken for a
+/// stranger and closed (a source relay sends both as soon as it has connected).
+const GREETING_TIME: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct DestinationRelayConfig {
@@ -49,31 +54,28 @@ pub fn relay_destination(
     // gives the same size).
     let mut caches = SessionCaches::default();
     let mut pumps: Vec<(u16, JoinHandle<Result<_, RelayFailure>>)> = Vec::new();
+    // Each connection greets on a thread of its own: a stranger holds up no stream.
+    let mut lobby = Lobby::new(GREETING_TIME, greet);
     loop {
         if pumps.first().is_some_and(|(_, pump)| pump.is_finished()) || abort.is_raised() {
             break;
         }
-        let mut net = match acceptor.accept(POLL) {
-            Ok(net) => net,
-            Err(err) if matches!(err.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock) => {
+        let (mut net, hello) = match lobby.accept(acceptor, POLL) {
+            Ok(greeted) => greeted,
+            Err(LobbyError::TimedOut) => {
                 if session.is_none() && started.elapsed() >= config.first_connection_timeout {
                     return Err(RelayFailure::Local(format!(
-                        "no connection from the source relay within {:?}",
-                        config.first_connection_timeout
+                        "no connection from the source relay within {:?}{}",
+                        config.first_connection_timeout,
+                        lobby.turned_away().summary()
                     )));
                 }
                 continue;
             }
-            Err(err) => return Err(RelayFailure::Local(format!("accepting the source relay: {err}"))),
-        };
-        let hello = match read_hello(&mut net) {
-            Ok(hello) => hello,
-            Err(reason) => {
-                // Not ours to carry (a stranger, or a vmigrate engine stream): refuse it
-                // and go on waiting; a session in progress is not disturbed.
-                refuse(&mut net, &reason);
-                continue;
+            Err(LobbyError::Accept(err)) => {
+                return Err(RelayFailure::Local(format!("accepting the source relay: {err}")))
             }
+            Err(LobbyError::Fatal(never)) => match never {},
         };
         let expected = pumps.len() as u16;
         let belongs = match session {
@@ -119,8 +121,17 @@ pub fn relay_destination(
     Ok(RelayReport { session_id, channels, seconds: started.elapsed().as_secs_f64() })
 }
 
-/// Reads a connection's relay preamble and `StreamHello` (within the connection's own read
-/// timeout); the error is the reason to give.
+/// A connection's greeting: its `StreamHello`; one that is not ours to carry (a stranger,
+/// or a vmigrate engine stream) is refused with the reason and turned away, and the relay
+/// goes on waiting: a session in progress is not disturbed.
+fn greet(net: &mut Connection) -> Result<StreamHello, Refusal<Infallible>> {
+    read_hello(net).map_err(|reason| {
+        refuse(net, &reason);
+        Refusal::Stranger(reason)
+    })
+}
+
+/// Reads a connection's relay preamble and `StreamHello`; the error is the reason to give.
 fn read_hello(net: &mut Connection) -> Result<StreamHello, String> {
     let mut preamble = [0u8; PREAMBLE_BYTES];
     net.reader.read_exact(&mut preamble).map_err(|err| format!("no relay preamble: {err}"))?;

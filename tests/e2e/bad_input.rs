@@ -5,9 +5,10 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
-use vmigrate_tests::process::{run, Receiver};
+use vmigrate_tests::process::{assert_migrated, run, Receiver};
 use vmigrate_tests::proxy::{Fault, FaultProxy};
 use vmigrate_tests::reliability::{record, Ending};
+use vmigrate_tests::strangers::Strangers;
 use vmigrate_tests::stream;
 
 const BIN: &str = env!("CARGO_BIN_EXE_vmigrate");
@@ -31,11 +32,42 @@ fn feed_receiver(bytes: &[u8]) -> String {
 }
 
 #[test]
-fn wrong_magic_is_refused() {
+fn wrong_magic_is_turned_away_and_named_when_no_source_comes() {
+    // A stranger: recv goes on waiting for the real source, and when none comes its error
+    // says whom it turned away and why (a source missing --tls reads its hint here).
     let mut bytes = stream::opening(1 << 20);
     bytes[..8].copy_from_slice(b"QEVMQEVM");
     let error = feed_receiver(&bytes);
+    assert!(error.contains("nothing within 10s"), "{error}");
+    assert!(error.contains("turned away 1 connection: 127.0.0.1:"), "{error}");
     assert!(error.contains("bad magic"), "{error}");
+}
+
+#[test]
+fn strangers_at_the_listener_hold_up_no_source() {
+    // Random bytes, an HTTP request, half a preamble and a silent connection come first
+    // and stay open; the real source still migrates, verified, and each stranger that
+    // said something is turned away with a warning naming it.
+    let receiver = Receiver::start(BIN, &["--accept-timeout", "60", "--run-after", "0.3", "--json"]);
+    let strangers = Strangers::connect(&receiver.address, &migration::handshake::MAGIC);
+    let sent = run(
+        Command::new(BIN)
+            .args(["send", "--to", &receiver.address, "--mem", "64MiB", "--workload", "seq"])
+            .args(["--verify", "--json"]),
+        DEADLINE,
+    );
+    let received = receiver.wait(DEADLINE);
+    assert_migrated(&sent, &received);
+    let peers = strangers.peers();
+    for (peer, (kind, _)) in peers.iter().zip(&strangers.sockets).take(2) {
+        assert!(
+            received
+                .stderr
+                .contains(&format!("turned away a connection from {peer}: not a vmigrate stream: bad magic")),
+            "{kind} stranger ({peer}) not named:\n{}",
+            received.stderr
+        );
+    }
 }
 
 #[test]

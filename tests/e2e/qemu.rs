@@ -15,6 +15,7 @@ use vmigrate_tests::process::{is_root, Receiver};
 use vmigrate_tests::qemu::{
     check_migrated, configure_migration_with, qemu_available, sweeper_image, tempdir, wait_migration, Vm,
 };
+use vmigrate_tests::strangers::Strangers;
 
 const BIN: &str = env!("CARGO_BIN_EXE_vmigrate");
 const DEADLINE: Duration = Duration::from_secs(180);
@@ -71,14 +72,24 @@ fn relay_command(args: &[&str]) -> Command {
 /// Migrates the sweeper from a fresh source QEMU to a fresh destination QEMU through the
 /// relays on `link`, then checks both guests.
 fn migrate_sweeper(link: &Link, multifd: Option<u32>, codec: &str, port: u16) -> serde_json::Value {
-    migrate_sweeper_with(link, multifd, false, codec, port)
+    migrate_sweeper_with(link, multifd, Extras::default(), codec, port)
 }
 
-/// As `migrate_sweeper`, with QEMU's return path or not.
+/// What a migration may have beside the relays and the guests.
+#[derive(Default)]
+struct Extras {
+    /// QEMU's return path.
+    return_path: bool,
+    /// Strangers connected to the destination relay's listener before the source relay
+    /// (`Link::Kernel` only: the test reaches loopback).
+    strangers: bool,
+}
+
+/// As `migrate_sweeper`, with `extras`.
 fn migrate_sweeper_with(
     link: &Link,
     multifd: Option<u32>,
-    return_path: bool,
+    extras: Extras,
     codec: &str,
     port: u16,
 ) -> serde_json::Value {
@@ -88,7 +99,7 @@ fn migrate_sweeper_with(
     let destination = Vm::start(&dir, "destination", &image, true);
     let (mut source_qmp, mut destination_qmp) = (source.qmp(), destination.qmp());
     assert!(source.wait_markers_above(0, Duration::from_secs(30)), "the source guest never swept");
-    configure_migration_with(&mut source_qmp, &mut destination_qmp, multifd, 8 << 30, return_path);
+    configure_migration_with(&mut source_qmp, &mut destination_qmp, multifd, 8 << 30, extras.return_path);
     let dst_socket = destination.dir.join("incoming.sock").display().to_string();
     destination_qmp
         .execute("migrate-incoming", serde_json::json!({ "uri": format!("unix:{dst_socket}") }))
@@ -98,6 +109,7 @@ fn migrate_sweeper_with(
     let (recv, mut send, fixed_address) = link.relays(&dst_socket, &src_socket, port);
     let receiver = Receiver::spawn_announcing(recv, "vmigrate: waiting for the source relay on ");
     let to = fixed_address.unwrap_or_else(|| receiver.address.clone());
+    let strangers = extras.strangers.then(|| Strangers::connect(&to, &migration::relay::MAGIC));
     send.args(["--to", &to, "--codec"]).args(codec.split(' '));
     let sender = Receiver::spawn_announcing(send, "vmigrate: waiting for QEMU on ");
 
@@ -109,6 +121,14 @@ fn migrate_sweeper_with(
     assert_eq!(info["status"], "completed", "{info}\nqemu-send:\n{}\nqemu-recv:\n{}", sent.stderr, received.stderr);
     assert!(sent.status.success(), "qemu-send failed:\n{}", sent.stderr);
     assert!(received.status.success(), "qemu-recv failed:\n{}", received.stderr);
+    if let Some(strangers) = &strangers {
+        // Each stranger that said something was turned away by name; the silent ones
+        // held up nothing (the migration above went through with them still open).
+        for peer in strangers.peers().iter().take(2) {
+            let warning = format!("turned away a connection from {peer}: not a vmigrate stream: bad magic");
+            assert!(received.stderr.contains(&warning), "{peer} not named:\n{}", received.stderr);
+        }
+    }
     let (sent, received) = (json(&sent.stdout), json(&received.stdout));
     let streams = 1 + multifd.unwrap_or(0) as usize;
     assert_eq!(sent["channels"].as_array().map(Vec::len), Some(streams), "{sent}");
@@ -161,14 +181,17 @@ fn qemu_migrates_through_the_relays_over_kernel_tcp() {
         return;
     }
     // The default: adaptive, on one pool for the main stream and both multifd streams.
-    let sent = migrate_sweeper(&Link::Kernel, Some(2), "adaptive", 1);
+    // Strangers (random bytes, HTTP, half a preamble, a silent connection) reach the
+    // destination relay's listener first: the source relay's streams still go through.
+    let strangers = Extras { strangers: true, ..Extras::default() };
+    let sent = migrate_sweeper_with(&Link::Kernel, Some(2), strangers, "adaptive", 1);
     for channel in sent["channels"].as_array().expect("channels") {
         let by_codec: u64 = channel["codecs"].as_object().expect("codecs").values().filter_map(|n| n.as_u64()).sum();
         assert_eq!(Some(by_codec), channel["sent"]["chunks"].as_u64(), "every chunk through the pool: {channel}");
     }
     // With the return path, the source QEMU keeps its main channel open until the
     // destination has loaded: the relay's checkpoint lets the end-of-file marker through.
-    migrate_sweeper_with(&Link::Kernel, Some(2), true, "zlib", 2);
+    migrate_sweeper_with(&Link::Kernel, Some(2), Extras { return_path: true, ..Extras::default() }, "zlib", 2);
     // XBZRLE in the relay, with a cache that holds the whole guest: the pages the sweep
     // dirtied go again as deltas against the copies carried first, on one stream and
     // across multifd's (one cache for all the streams).

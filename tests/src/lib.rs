@@ -10,5 +10,6 @@ pub mod proxy;
 pub mod qemu;
 pub mod reliability;
 pub mod session;
+pub mod strangers;
 pub mod stream;
 pub mod tls;

@@ -2,7 +2,8 @@
 //! the relay see of a connection. [`pipe::Connection`] is a byte pipe with an optional send
 //! probe; [`pipe::Connector`] and [`pipe::Acceptor`] open them (the kernel's TCP here, the
 //! userspace dataplane in `vmigrate-dataplane`); [`tls`] wraps any of them in TLS 1.3;
-//! [`framed`] reads and writes the protocol's frames over one.
+//! [`framed`] reads and writes the protocol's frames over one; [`lobby`] greets a
+//! listener's connections each on a thread of its own, so that strangers hold up no one.
 //!
 //! Beside the seam, the pieces that every threaded layer above it shares: bounded rings
 //! that never drop ([`ring`]), a session-wide abort that wakes whoever waits
@@ -12,6 +13,7 @@
 
 pub mod abort;
 pub mod framed;
+pub mod lobby;
 pub mod pin;
 pub mod pipe;
 pub mod ring;

@@ -1,23 +1,28 @@
 //! Greeting the source: its connections accepted and their Hellos checked (refused with a
-//! reason where they do not fit), and whoever else connects while a session runs turned
-//! away.
+//! reason where they do not fit), strangers at the listener turned away without holding it
+//! up (each connection greets in the lobby, on a thread of its own), and whoever else
+//! connects while a session runs turned away.
 
 use crate::config::DestinationConfig;
 use crate::error::{LimitExceeded, ProtocolViolation};
 use crate::vm::{DestinationVm, GuestLayout};
 use crate::MigrationError;
 use migration::frame::{FrameKind, SeqCounter};
-use migration::handshake::{accept_preamble, Hello, HelloAck, HELLO_FRAME_LIMIT_BYTES, PREAMBLE_BYTES};
+use migration::handshake::{accept_preamble, HandshakeError, Hello, HelloAck, HELLO_FRAME_LIMIT_BYTES, PREAMBLE_BYTES};
 use migration::memory::{GuestMemory, Region};
 use std::io::Read;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use transport::framed::{read_frame, write_frame};
+use transport::lobby::{Lobby, LobbyError, Refusal};
 use transport::pipe::{Acceptor, Connection};
 
 use super::Shared;
 
+/// How long a connection has to send its preamble and Hello before it is taken for a
+/// stranger and closed (a source sends both as soon as it has connected).
+const GREETING_TIME: Duration = Duration::from_secs(10);
 /// Why a connection from another source is refused while a session runs.
 const BUSY: &str = "another migration session is in progress on this destination";
 /// How often the doorman looks up from the listener to see whether the session ended.
@@ -50,30 +55,68 @@ pub(super) fn refuse(connection: &mut Connection, reason: &str) {
 }
 
 /// Reads a connection's preamble and Hello; returns the Hello and the protocol version
-/// both ends speak.
-fn read_hello(connection: &mut Connection) -> Result<(Hello, u16), MigrationError> {
+/// both ends speak. A connection that is not a vmigrate source (no preamble in time, bad
+/// magic, no Hello frame after it) is a stranger, turned away without a word; a source
+/// whose preamble or Hello cannot be served is refused with the reason, which ends the
+/// wait for it.
+fn read_hello(connection: &mut Connection) -> Result<(Hello, u16), Refusal<MigrationError>> {
     let mut preamble = [0u8; PREAMBLE_BYTES];
-    connection
-        .reader
-        .read_exact(&mut preamble)
-        .map_err(|e| ProtocolViolation::BadGreeting(format!("no preamble from {}: {e}", connection.peer)))?;
-    let version = accept_preamble(&preamble).map_err(|err| {
-        refuse(connection, &err.to_string());
-        MigrationError::from(err)
-    })?;
+    connection.reader.read_exact(&mut preamble).map_err(|e| Refusal::Stranger(closed_early("preamble", &e)))?;
+    let version = match accept_preamble(&preamble) {
+        Ok(version) => version,
+        Err(err @ HandshakeError::BadMagic { .. }) => return Err(Refusal::Stranger(err.to_string())),
+        Err(err) => {
+            refuse(connection, &err.to_string());
+            return Err(Refusal::Fatal(err.into()));
+        }
+    };
     let mut payload = Vec::new();
     let header = read_frame(&mut *connection.reader, &mut payload, |_| HELLO_FRAME_LIMIT_BYTES)
-        .map_err(|e| ProtocolViolation::BadGreeting(format!("bad Hello from {}: {e}", connection.peer)))?;
+        .map_err(|e| Refusal::Stranger(format!("a vmigrate preamble, then no Hello: {e}")))?;
     if header.kind != FrameKind::Hello || header.seq != 0 {
         let reason = format!("expected Hello, got {:?} (seq {})", header.kind, header.seq);
         refuse(connection, &reason);
-        return Err(ProtocolViolation::BadGreeting(reason).into());
+        return Err(Refusal::Fatal(ProtocolViolation::BadGreeting(reason).into()));
     }
     let hello = Hello::decode(&payload).map_err(|err| {
         refuse(connection, &err.to_string());
-        MigrationError::from(err)
+        Refusal::Fatal(MigrationError::from(err))
     })?;
     Ok((hello, version))
+}
+
+/// What a connection that ended (or was closed by the lobby) before its `what` did.
+fn closed_early(what: &str, err: &std::io::Error) -> String {
+    match err.kind() {
+        std::io::ErrorKind::UnexpectedEof => format!("closed before its {what} was whole"),
+        _ => format!("no {what}: {err}"),
+    }
+}
+
+/// The destination's lobby: connections greet on threads of their own, each within
+/// `GREETING_TIME`, so that strangers at the listener hold up no source.
+fn lobby() -> Lobby<(Hello, u16), MigrationError> {
+    Lobby::new(GREETING_TIME, read_hello)
+}
+
+/// Waits up to `config.accept_timeout` for the next connection that greets as a source.
+fn next_source(
+    lobby: &mut Lobby<(Hello, u16), MigrationError>,
+    acceptor: &mut dyn Acceptor,
+    config: &DestinationConfig,
+) -> Result<(Connection, (Hello, u16)), MigrationError> {
+    lobby.accept(acceptor, config.accept_timeout).map_err(|err| match err {
+        LobbyError::TimedOut => MigrationError::TimedOut {
+            waiting_for: format!(
+                "a connection from the source on {}{}",
+                acceptor.local_addr(),
+                lobby.turned_away().summary()
+            ),
+            after: config.accept_timeout,
+        },
+        LobbyError::Accept(source) => MigrationError::Io { connection: 0, source },
+        LobbyError::Fatal(err) => err,
+    })
 }
 
 fn accept_ack(connection: &mut Connection, version: u16) -> Result<(), MigrationError> {
@@ -105,17 +148,8 @@ pub(super) fn accept_session(
     config: &DestinationConfig,
     prepared: &mut bool,
 ) -> Result<Greeted, MigrationError> {
-    let accept = |acceptor: &mut dyn Acceptor| {
-        acceptor.accept(config.accept_timeout).map_err(|e| match e.kind() {
-            std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => MigrationError::TimedOut {
-                waiting_for: format!("a connection from the source on {}", acceptor.local_addr()),
-                after: config.accept_timeout,
-            },
-            _ => MigrationError::Io { connection: 0, source: e },
-        })
-    };
-    let mut first = accept(acceptor)?;
-    let (hello, version) = read_hello(&mut first)?;
+    let mut lobby = lobby();
+    let (mut first, (hello, version)) = next_source(&mut lobby, acceptor, config)?;
     let started = Instant::now();
     if hello.connection_index != 0 {
         let err = ProtocolViolation::FirstConnectionNotZero { index: hello.connection_index };
@@ -149,11 +183,11 @@ pub(super) fn accept_session(
     connections[0] = Some(first);
     let mut missing = usize::from(hello.connection_count) - 1;
     while missing > 0 {
-        let mut connection = accept(acceptor)?;
-        let (other, version) = match read_hello(&mut connection) {
-            Ok(answer) => answer,
-            // A stranger (or a broken peer) does not end the session being set up.
-            Err(_) => continue,
+        // A stranger (or a broken peer) does not end the session being set up.
+        let (mut connection, (other, version)) = match next_source(&mut lobby, acceptor, config) {
+            Ok(greeted) => greeted,
+            Err(MigrationError::Handshake(_) | MigrationError::Protocol(_)) => continue,
+            Err(err) => return Err(err),
         };
         if other.session_id != hello.session_id {
             refuse(&mut connection, BUSY);
