@@ -396,8 +396,10 @@ pub enum OnLimit {
 /// How the source migrates: codec, connections, convergence, optimisations.
 #[derive(Args, Debug, Clone)]
 pub struct SourceOptions {
-    /// Page codec: none, lz4, zlib[:LEVEL] (1..=9), zstd[:LEVEL] (1..=19), or adaptive
-    /// (none, lz4 or zstd:1 per batch, from the link's and the cores' measured rates).
+    /// Page codec: none, lz4, zlib[:LEVEL] (1..=9), zstd[:LEVEL] (1..=19), shuffle-lz4,
+    /// shuffle-zstd[:LEVEL] (a byte shuffle first, for numeric pages), or adaptive (none,
+    /// lz4, shuffle-lz4, zstd:1 or shuffle-zstd:1 per batch, from the link's and the cores'
+    /// measured rates).
     #[arg(long, default_value = "adaptive")]
     pub codec: Codec,
     /// Pinned compression workers on the source [default: one per CPU this process may use,

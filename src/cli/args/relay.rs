@@ -85,9 +85,10 @@ pub struct QemuSendArgs {
 /// How the source relay encodes QEMU's streams.
 #[derive(Args, Debug)]
 pub struct CarryOptions {
-    /// Compression of the carried pages: none, lz4, zlib[:LEVEL], zstd[:LEVEL], or adaptive
-    /// (none, lz4 or zstd:1 per chunk, from the link's and the cores' measured rates, as
-    /// on `send`). Streams that are not QEMU's go in lz4 under adaptive.
+    /// Compression of the carried pages: none, lz4, zlib[:LEVEL], zstd[:LEVEL], shuffle-lz4,
+    /// shuffle-zstd[:LEVEL], or adaptive (none, lz4, shuffle-lz4, zstd:1 or shuffle-zstd:1
+    /// per chunk, from the link's and the cores' measured rates, as on `send`). Streams that
+    /// are not QEMU's go in lz4 under adaptive.
     #[arg(long, default_value = "adaptive")]
     pub codec: Codec,
     /// XBZRLE: a page carried again goes as a delta against its copy carried last, when
