@@ -14,9 +14,10 @@ fn main() -> ExitCode {
     match cli::run(args) {
         Ok(code) => code,
         Err(err) => {
-            // One line, for operators and scripts alike.
+            // One line, for operators and scripts alike; the status says what kind of
+            // ending it was (docs/exit-codes.md).
             eprintln!("vmigrate: error: {:#}", err);
-            ExitCode::FAILURE
+            cli::exit_status(&err).code()
         }
     }
 }

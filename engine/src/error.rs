@@ -6,6 +6,7 @@ use migration::receiver::ReceiveError;
 use migration::source_session::{AnswerError, SourceFailure};
 use std::time::Duration;
 use thiserror::Error;
+use transport::abort::AbortKind;
 
 /// Why a migration did not complete. Every variant reads as one line for an operator, and
 /// the variant itself says what kind of failure it was, for a caller that acts on it:
@@ -48,9 +49,9 @@ pub enum MigrationError {
     #[error("{0} (after the guest was resumed here: it runs on)")]
     FailedAfterResume(Box<MigrationError>),
     /// The session was aborted by one of its threads (a connection's reader or writer, a
-    /// worker), which gave this reason.
-    #[error("{0}")]
-    Aborted(String),
+    /// worker), which gave this reason and said what kind of failure it was.
+    #[error("{reason}")]
+    Aborted { reason: String, kind: AbortKind },
 }
 
 /// The peer sent something the protocol does not allow where it came.

@@ -3,10 +3,11 @@ use super::args::{
 };
 use super::cores::CoreShare;
 use super::dpdk::PortRequest;
+use super::exit::{Exit, Failure};
 use super::guest::{DestinationGuest, SourceGuest};
 use super::report;
 use super::stacks::{acceptor_for, connector_for, core_config, device_wrappers, io_timeouts, loopback_options};
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use dataplane::stack::{CoreStack, LoopbackOptions, LoopbackStack};
 use engine::cancel::Cancel;
 use engine::config::{DestinationConfig, SourceConfig};
@@ -180,8 +181,9 @@ fn demo(args: DemoArgs) -> Result<ExitCode> {
     let mut stats = match result {
         Ok(stats) => stats,
         Err(err) => {
+            // The source's error decides the exit status; the destination's goes along.
             let detail = destination.err().map(|e| format!(" (destination: {e:#})")).unwrap_or_default();
-            bail!("migration failed: {err}{detail}");
+            return Err(anyhow::Error::new(err).context(format!("migration failed{detail}")));
         }
     };
     let (dest_report, mut dest_guest) = destination.context("destination failed")?;
@@ -215,8 +217,7 @@ fn print_outcome(
         report::print_tables(stats, destination, guest);
     }
     if stats.verified == Some(false) {
-        log::error!("verification failed: destination memory differs from the source's");
-        return Ok(ExitCode::FAILURE);
+        return Err(Failure::new(Exit::Integrity, "verification failed: destination memory differs from the source's"));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -266,8 +267,8 @@ fn send(args: SendArgs) -> Result<ExitCode> {
                 log::error!("source guest is NOT running ({steps} stores or ticks in the 200 ms after the failure)");
             }
             match err {
-                engine::MigrationError::Cancelled(_) => bail!("{err}"),
-                _ => bail!("migration failed: {err}"),
+                engine::MigrationError::Cancelled(_) => Err(err.into()),
+                _ => Err(anyhow::Error::new(err).context("migration failed")),
             }
         }
     }
@@ -301,8 +302,7 @@ fn recv(args: RecvArgs) -> Result<ExitCode> {
         report::print_destination(&report, &guest);
     }
     if report.verified == Some(false) {
-        log::error!("verification failed: received memory differs from the source's");
-        return Ok(ExitCode::FAILURE);
+        return Err(Failure::new(Exit::Integrity, "verification failed: received memory differs from the source's"));
     }
     Ok(ExitCode::SUCCESS)
 }

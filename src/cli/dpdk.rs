@@ -186,5 +186,7 @@ pub fn stack(eal_args: &[String], request: &PortRequest, config: CoreConfig) -> 
 
 #[cfg(not(feature = "dpdk"))]
 pub fn stack(_eal_args: &[String], _request: &PortRequest, _config: CoreConfig) -> Result<CoreStack> {
-    anyhow::bail!("this vmigrate was built without DPDK: build it with `--features dpdk` (needs libdpdk-dev)")
+    Err(super::exit::Failure::usage(
+        "this vmigrate was built without DPDK: build it with `--features dpdk` (needs libdpdk-dev)",
+    ))
 }

@@ -2,7 +2,8 @@
 //! source, built on the destination, and run and checked after the migration.
 
 use super::args::{CommonOptions, GuestArgs, GuestKind};
-use anyhow::{bail, Context, Result};
+use super::exit::Failure;
+use anyhow::{Context, Result};
 use engine::vm::{DestinationVm, SourceVm};
 use guests::guest::{parse_huge_policy, GuestRam};
 use guests::kvm::{KvmDestination, KvmGuest};
@@ -23,7 +24,9 @@ impl SourceGuest {
             GuestKind::Synthetic => SourceGuest::Synthetic(boot_synthetic(guest, common)?),
             GuestKind::Kvm => {
                 if guest.image.is_some() {
-                    bail!("--image loads a memory image into the synthetic guest; the KVM guest runs its own program");
+                    return Err(Failure::usage(
+                        "--image loads a memory image into the synthetic guest; the KVM guest runs its own program",
+                    ));
                 }
                 let booted = KvmGuest::boot_with(guest.mem, guest.workload, guest.seed, guest.kvm_dirty)
                     .map_err(anyhow::Error::msg)
@@ -87,7 +90,10 @@ fn boot_synthetic(guest: &GuestArgs, common: &CommonOptions) -> Result<Synthetic
     match &guest.image {
         Some(path) => {
             if guest.workload != WorkloadSpec::Idle {
-                bail!("--image runs the idle workload: --workload {} cannot run on it", guest.workload);
+                return Err(Failure::usage(format!(
+                    "--image runs the idle workload: --workload {} cannot run on it",
+                    guest.workload
+                )));
             }
             let mut image = std::io::BufReader::with_capacity(
                 1 << 20,

@@ -4,6 +4,7 @@
 //! final figures printed beside the relays'.
 
 use super::args::QemuMigrateArgs;
+use super::exit::{Exit, Failure};
 use super::relay::{encoding, print_report, report_json, timeouts};
 use super::stacks::{connector_for, seconds};
 use ::relay::destination::{relay_destination, DestinationRelayConfig};
@@ -107,8 +108,13 @@ pub fn qemu_migrate(args: QemuMigrateArgs) -> Result<ExitCode> {
     }
     if status != "completed" {
         let why = info["error-desc"].as_str().unwrap_or("no reason given");
-        let relay = source_report.err().map(|err| format!("; source relay: {err}")).unwrap_or_default();
-        bail!("the migration {status}: {why}{relay}");
+        // The source relay's failure, if any, says what kind of ending it was; else QEMU's
+        // status does.
+        return Err(match source_report {
+            Err(err) => anyhow::Error::new(err).context(format!("the migration {status}: {why}; source relay")),
+            Ok(_) if status == "cancelled" => Failure::new(Exit::Cancelled, format!("the migration {status}: {why}")),
+            Ok(_) => anyhow::anyhow!("the migration {status}: {why}"),
+        });
     }
     source_report.context("the source relay")?;
     if let Some(report) = destination_report {

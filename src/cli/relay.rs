@@ -3,6 +3,7 @@
 
 use super::args::{CarryOptions, QemuRecvArgs, QemuSendArgs, RelayOptions, StackOptions};
 use super::cores::CoreShare;
+use super::exit::Failure;
 use super::stacks::{acceptor_for, connector_for, io_timeouts, seconds};
 use ::relay::destination::{relay_destination, DestinationRelayConfig};
 use ::relay::source::{SourceRelay, SourceRelayConfig};
@@ -58,7 +59,8 @@ pub(super) fn compress_threads(options: &CarryOptions, stack: &StackOptions) -> 
 pub(super) fn encoding(options: &CarryOptions) -> Result<Encoding> {
     let pages = if options.xbzrle { options.xbzrle_cache / PAGE_SIZE_BYTES as u64 } else { 0 };
     if pages > u64::from(MAX_CACHE_PAGES) {
-        anyhow::bail!("--xbzrle-cache {}: at most {} MiB", options.xbzrle_cache, (MAX_CACHE_PAGES as u64 * 4096) >> 20);
+        let most = (MAX_CACHE_PAGES as u64 * 4096) >> 20;
+        return Err(Failure::usage(format!("--xbzrle-cache {}: at most {most} MiB", options.xbzrle_cache)));
     }
     Ok(Encoding { codec: options.codec, xbzrle_cache_pages: pages.max(u64::from(options.xbzrle)) as u32 })
 }

@@ -4,6 +4,7 @@
 
 use super::args::{ChecksumArg, CongestionArg, DataplaneOptions, IdleArg, NetStack, StackOptions, WrapperOptions};
 use super::dpdk::PortRequest;
+use super::exit::Failure;
 use anyhow::{Context, Result};
 use dataplane::core::{Congestion, CoreConfig, DeviceWrappers, IdlePolicy};
 use dataplane::faults::Faults;
@@ -164,7 +165,7 @@ pub(super) fn acceptor_for(
 
 /// A number of seconds from the command line, `option` naming it in the error.
 pub(super) fn seconds(option: &str, value: f64) -> Result<Duration> {
-    Duration::try_from_secs_f64(value).map_err(|_| anyhow::anyhow!("{option} {value}: not a number of seconds"))
+    Duration::try_from_secs_f64(value).map_err(|_| Failure::usage(format!("{option} {value}: not a number of seconds")))
 }
 
 /// The shortest `--io-timeout`: several heartbeats fit in it (the engine's destination
@@ -176,10 +177,10 @@ const MIN_IO_TIMEOUT: Duration = Duration::from_secs(1);
 pub(super) fn io_timeouts(value: f64) -> Result<Timeouts> {
     let io = seconds("--io-timeout", value)?;
     if io < MIN_IO_TIMEOUT {
-        anyhow::bail!(
+        return Err(Failure::usage(format!(
             "--io-timeout {value}: at least {} s (a live peer may be quiet that long)",
             MIN_IO_TIMEOUT.as_secs()
-        );
+        )));
     }
     Ok(Timeouts { io, ..Timeouts::default() })
 }

@@ -1,7 +1,8 @@
 //! `--tls*`: wraps the chosen stack's connector or acceptor in TLS.
 
 use super::args::TlsOptions;
-use anyhow::{bail, Context, Result};
+use super::exit::Failure;
+use anyhow::{Context, Result};
 use transport::pipe::{Acceptor, Connector};
 use transport::tls::{TlsAcceptor, TlsAuth, TlsConnector, TlsSettings};
 
@@ -13,10 +14,10 @@ fn settings(options: &TlsOptions) -> Result<Option<TlsSettings>> {
         }
         (None, None, None, Some(path)) => TlsAuth::psk_file(path)?,
         (None, None, None, None) if options.tls => {
-            bail!("--tls needs credentials: --tls-cert, --tls-key and --tls-ca, or --tls-psk")
+            return Err(Failure::usage("--tls needs credentials: --tls-cert, --tls-key and --tls-ca, or --tls-psk"))
         }
         (None, None, None, None) => return Ok(None),
-        _ => bail!("give either --tls-cert, --tls-key and --tls-ca, or --tls-psk"),
+        _ => return Err(Failure::usage("give either --tls-cert, --tls-key and --tls-ca, or --tls-psk")),
     };
     Ok(Some(TlsSettings { auth, server_name: options.tls_server_name.clone() }))
 }

@@ -13,9 +13,16 @@ use vmigrate_tests::stream;
 
 const BIN: &str = env!("CARGO_BIN_EXE_vmigrate");
 const DEADLINE: Duration = Duration::from_secs(60);
+// Exit statuses (docs/exit-codes.md).
+const USAGE: i32 = 2;
+const REFUSED: i32 = 3;
+const TIMED_OUT: i32 = 4;
+const INTEGRITY: i32 = 5;
+const LINK: i32 = 7;
 
-/// Sends `bytes` to a fresh `vmigrate recv`, then closes; returns recv's error line.
-fn feed_receiver(bytes: &[u8]) -> String {
+/// Sends `bytes` to a fresh `vmigrate recv`, then closes; returns recv's error line, after
+/// checking that recv exited with `code` (docs/exit-codes.md).
+fn feed_receiver(bytes: &[u8], code: i32) -> String {
     let receiver = Receiver::start(BIN, &["--accept-timeout", "10"]);
     {
         let mut socket = TcpStream::connect(&receiver.address).expect("connect to recv");
@@ -28,7 +35,7 @@ fn feed_receiver(bytes: &[u8]) -> String {
     }
     let finished = receiver.wait(DEADLINE);
     assert!(!finished.stdout.contains("destination-guest"), "a guest was resumed");
-    finished.assert_clean_failure().to_string()
+    finished.assert_failure_with(code).to_string()
 }
 
 #[test]
@@ -37,7 +44,7 @@ fn wrong_magic_is_turned_away_and_named_when_no_source_comes() {
     // says whom it turned away and why (a source missing --tls reads its hint here).
     let mut bytes = stream::opening(1 << 20);
     bytes[..8].copy_from_slice(b"QEVMQEVM");
-    let error = feed_receiver(&bytes);
+    let error = feed_receiver(&bytes, TIMED_OUT);
     assert!(error.contains("nothing within 10s"), "{error}");
     assert!(error.contains("turned away 1 connection: 127.0.0.1:"), "{error}");
     assert!(error.contains("bad magic"), "{error}");
@@ -75,7 +82,7 @@ fn newer_protocol_version_is_refused() {
     let mut bytes = stream::opening(1 << 20);
     bytes[8..10].copy_from_slice(&7u16.to_le_bytes());
     bytes[10..12].copy_from_slice(&9u16.to_le_bytes());
-    let error = feed_receiver(&bytes);
+    let error = feed_receiver(&bytes, REFUSED);
     assert!(error.contains("no common protocol version: peer speaks 7..=9"), "{error}");
 }
 
@@ -84,7 +91,7 @@ fn a_version_1_source_is_refused_before_it_meets_a_heartbeat() {
     // Version 1 sources took the destination's heartbeat for a protocol violation.
     let mut bytes = stream::opening(1 << 20);
     bytes[8..12].copy_from_slice(&[1, 0, 1, 0]);
-    let error = feed_receiver(&bytes);
+    let error = feed_receiver(&bytes, REFUSED);
     assert!(error.contains("no common protocol version: peer speaks 1..=1"), "{error}");
 }
 
@@ -95,7 +102,7 @@ fn an_io_timeout_shorter_than_the_heartbeats_is_refused() {
         ("qemu-recv", &["--listen", "127.0.0.1:0", "--to", "unix:/nonexistent"]),
     ] {
         let finished = run(Command::new(BIN).arg(command).args(extra).args(["--io-timeout", "0.5"]), DEADLINE);
-        let error = finished.assert_clean_failure();
+        let error = finished.assert_failure_with(USAGE);
         assert!(error.contains("--io-timeout 0.5: at least 1 s"), "{command}: {error}");
     }
 }
@@ -106,7 +113,7 @@ fn oversized_length_is_refused_before_allocation() {
     let mut frame = stream::raw_pages(1, 1, 0, 1, 0xab);
     frame[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
     bytes.extend(frame);
-    let error = feed_receiver(&bytes);
+    let error = feed_receiver(&bytes, INTEGRITY);
     assert!(error.contains("exceeds the limit"), "{error}");
 }
 
@@ -115,7 +122,7 @@ fn truncated_stream_is_reported() {
     let mut bytes = stream::opening(1 << 20);
     let frame = stream::raw_pages(1, 1, 0, 4, 0xab);
     bytes.extend_from_slice(&frame[..frame.len() / 2]);
-    let error = feed_receiver(&bytes);
+    let error = feed_receiver(&bytes, LINK);
     assert!(error.contains("truncated"), "{error}");
 }
 
@@ -126,7 +133,7 @@ fn flipped_payload_byte_is_caught() {
     let at = frame.len() - 100;
     frame[at] ^= 1;
     bytes.extend(frame);
-    let error = feed_receiver(&bytes);
+    let error = feed_receiver(&bytes, INTEGRITY);
     assert!(error.contains("checksum mismatch"), "{error}");
 }
 
@@ -137,15 +144,15 @@ fn guest_larger_than_the_destination_allows_is_refused() {
         Command::new(BIN).args(["send", "--to", &receiver.address, "--mem", "64MiB", "--workload", "seq"]),
         DEADLINE,
     );
-    let error = sender.assert_clean_failure();
+    let error = sender.assert_failure_with(REFUSED);
     assert!(error.contains("exceeds this destination's limit"), "{error}");
     assert!(sender.stderr.contains("source guest keeps running"), "{}", sender.stderr);
-    receiver.wait(DEADLINE).assert_clean_failure();
+    receiver.wait(DEADLINE).assert_failure_with(REFUSED);
 }
 
 /// A real migration through a proxy that damages the stream: both ends fail cleanly, the
 /// source guest runs on, the destination resumes nothing.
-fn migrate_through(fault: Fault, expect: &str) {
+fn migrate_through(fault: Fault, expect: &str, recv_code: i32) {
     let receiver = Receiver::start(BIN, &[]);
     let proxy = FaultProxy::start(receiver.address.parse().unwrap(), fault);
     let to = proxy.address.to_string();
@@ -165,7 +172,7 @@ fn migrate_through(fault: Fault, expect: &str) {
     );
     let received = receiver.wait(DEADLINE);
     let send_error = sender.assert_clean_failure();
-    let recv_error = received.assert_clean_failure();
+    let recv_error = received.assert_failure_with(recv_code);
     assert!(sender.stderr.contains("source guest keeps running"), "{}", sender.stderr);
     assert!(!received.stdout.contains("destination-guest"), "a guest was resumed");
     assert!(
@@ -176,12 +183,12 @@ fn migrate_through(fault: Fault, expect: &str) {
 
 #[test]
 fn corruption_in_flight_aborts_both_sides() {
-    migrate_through(Fault::FlipByte { connection: 1, offset: 3 << 20 }, "checksum mismatch");
+    migrate_through(Fault::FlipByte { connection: 1, offset: 3 << 20 }, "checksum mismatch", INTEGRITY);
 }
 
 #[test]
 fn cut_connection_aborts_both_sides() {
-    migrate_through(Fault::CutAfter { connection: 0, bytes: 5 << 20 }, "connection");
+    migrate_through(Fault::CutAfter { connection: 0, bytes: 5 << 20 }, "connection", LINK);
 }
 
 /// A migration that is well under way when something is killed: 8 MiB have crossed.
@@ -209,7 +216,7 @@ fn killed_source_leaves_the_destination_without_a_guest() {
     sender.kill().expect("kill send");
     let _ = sender.wait();
     let received = receiver.wait(DEADLINE);
-    let error = received.assert_clean_failure();
+    let error = received.assert_failure_with(LINK);
     assert!(error.contains("connection 0: connection closed by the peer"), "{error}");
     assert!(!received.stdout.contains("destination-guest"), "a guest was resumed");
 }
@@ -223,7 +230,7 @@ fn killed_destination_leaves_the_source_guest_running() {
     assert!(proxy.wait_forwarded(UNDER_WAY_BYTES, DEADLINE), "the migration never got under way");
     receiver.kill();
     let sent = sender.join().expect("sender thread");
-    let error = sent.assert_clean_failure();
+    let error = sent.assert_failure_with(LINK);
     assert!(error.contains("connection"), "{error}");
     assert!(sent.stderr.contains("source guest keeps running"), "{}", sent.stderr);
 }
@@ -245,7 +252,7 @@ fn a_second_source_is_turned_away_while_a_session_runs() {
         Command::new(BIN).args(["send", "--to", &receiver.address, "--mem", "32MiB", "--connections", "2"]),
         DEADLINE,
     );
-    let error = second.assert_clean_failure();
+    let error = second.assert_failure_with(REFUSED);
     assert!(error.contains("another migration session is in progress"), "{error}");
     assert!(second.stderr.contains("source guest keeps running"), "{}", second.stderr);
     // The first migration was not disturbed.

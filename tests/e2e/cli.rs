@@ -359,12 +359,13 @@ fn cancel_a_running_send(how: &str) {
         }
     }
     let sent = vmigrate_tests::process::wait(send, DEADLINE, String::new());
-    let error = sent.assert_clean_failure();
+    // Exit statuses (docs/exit-codes.md): cancelled here, the peer gave up there.
+    let error = sent.assert_failure_with(6);
     assert!(error.contains("migration cancelled"), "{how}: {error}");
     assert!(sent.stderr.contains("source guest keeps running"), "{how}: {}", sent.stderr);
     assert!(!control.exists(), "{how}: the control socket was left behind");
     let received = receiver.wait(DEADLINE);
-    let destination_error = received.assert_clean_failure();
+    let destination_error = received.assert_failure_with(7);
     assert!(destination_error.contains("the source aborted: migration cancelled"), "{how}: {destination_error}");
 }
 

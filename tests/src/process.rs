@@ -11,6 +11,18 @@ pub struct Finished {
 }
 
 impl Finished {
+    /// The process's exit status (docs/exit-codes.md), failing the test if a signal ended it.
+    pub fn code(&self) -> i32 {
+        self.status.code().unwrap_or_else(|| panic!("ended by a signal: {:?}\n{}", self.status, self.stderr))
+    }
+
+    /// As `assert_clean_failure`, and the exit status must be `code`.
+    pub fn assert_failure_with(&self, code: i32) -> &str {
+        let error = self.assert_clean_failure();
+        assert_eq!(self.code(), code, "exit status for: {error}");
+        error
+    }
+
     /// Fails the test if the process printed a panic or more than one error line.
     pub fn assert_clean_failure(&self) -> &str {
         assert!(!self.status.success(), "expected failure, got success; stderr:\n{}", self.stderr);

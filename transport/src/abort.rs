@@ -7,10 +7,29 @@ use std::sync::Mutex;
 
 type Closer = Box<dyn Fn() + Send + Sync>;
 
+/// What kind of failure raised a session's abort, for a caller that acts on it (an exit
+/// status, a retry): the reason says what happened, the kind which way to look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AbortKind {
+    /// This host's own failure, or one nobody classified (a panic).
+    #[default]
+    Local,
+    /// A connection was lost: closed, reset, its peer gone.
+    Link,
+    /// Nothing came within a connection's time.
+    TimedOut,
+    /// What arrived was damaged or broke the protocol.
+    Damaged,
+    /// The peer aborted the session and said why.
+    Peer,
+    /// The operator cancelled the session.
+    Cancelled,
+}
+
 #[derive(Default)]
 pub struct SessionAbort {
     raised: AtomicBool,
-    reason: Mutex<Option<String>>,
+    reason: Mutex<Option<(String, AbortKind)>>,
     closers: Mutex<Vec<Closer>>,
 }
 
@@ -25,10 +44,15 @@ impl SessionAbort {
 
     /// Raises the flag. The first reason wins: later ones are consequences of it.
     pub fn raise(&self, reason: impl Into<String>) {
+        self.raise_as(AbortKind::Local, reason);
+    }
+
+    /// Raises the flag, saying what kind of failure it was. The first reason wins.
+    pub fn raise_as(&self, kind: AbortKind, reason: impl Into<String>) {
         {
             let mut slot = self.reason.lock().unwrap_or_else(|p| p.into_inner());
             if slot.is_none() {
-                *slot = Some(reason.into());
+                *slot = Some((reason.into(), kind));
             }
         }
         self.raised.store(true, Ordering::Release);
@@ -36,7 +60,12 @@ impl SessionAbort {
     }
 
     pub fn reason(&self) -> Option<String> {
-        self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.reason.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|(reason, _)| reason.clone())
+    }
+
+    /// The kind of the first failure (`Local` while none was raised).
+    pub fn kind(&self) -> AbortKind {
+        self.reason.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map_or(AbortKind::Local, |(_, kind)| *kind)
     }
 
     /// Runs a session thread's `body`; if it panics (a bug, here or in a codec library),

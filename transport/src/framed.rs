@@ -1,6 +1,7 @@
 //! Reading and writing whole frames on a byte pipe, with every bound checked before any
 //! allocation.
 
+use crate::abort::AbortKind;
 use migration::frame::{encode_frame, FrameError, FrameHeader, FrameKind, SeqCounter, HEADER_BYTES};
 use std::io::{self, Read, Write};
 
@@ -33,6 +34,19 @@ impl std::fmt::Display for ReadError {
             ReadError::TooLarge { kind, length, limit } => {
                 write!(f, "{kind:?} frame of {length} bytes exceeds the limit of {limit} bytes for it")
             }
+        }
+    }
+}
+
+impl ReadError {
+    /// The kind of failure it is, for a session's abort.
+    pub fn abort_kind(&self) -> AbortKind {
+        match self {
+            ReadError::Io(err) if matches!(err.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                AbortKind::TimedOut
+            }
+            ReadError::Io(_) | ReadError::Closed => AbortKind::Link,
+            ReadError::Frame(_) | ReadError::TooLarge { .. } => AbortKind::Damaged,
         }
     }
 }

@@ -96,7 +96,10 @@ impl Shared {
     }
 
     fn failure(&self) -> MigrationError {
-        MigrationError::Aborted(self.abort.reason().unwrap_or_else(|| "aborted".into()))
+        MigrationError::Aborted {
+            reason: self.abort.reason().unwrap_or_else(|| "aborted".into()),
+            kind: self.abort.kind(),
+        }
     }
 
     /// The round barrier: returns once every connection has ended the round and every

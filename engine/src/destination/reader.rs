@@ -9,6 +9,7 @@ use migration::receiver::{ApplyWorker, BatchApplier, ConnectionInbound, Inbound}
 use std::io::Read;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
+use transport::abort::AbortKind;
 use transport::framed::{read_frame, ReadError, CONTROL_FRAME_LIMIT_BYTES};
 use transport::pin;
 
@@ -79,14 +80,14 @@ pub(super) fn on_frame(
     header: &FrameHeader,
     buffer: Vec<u8>,
 ) -> Step {
-    let fail = |reason: String| {
-        shared.abort.raise(format!("connection {index}: {reason}"));
+    let fail = |kind: AbortKind, reason: String| {
+        shared.abort.raise_as(kind, format!("connection {index}: {reason}"));
         Step::Stop
     };
     shared.received_bytes.fetch_add((migration::frame::HEADER_BYTES + buffer.len()) as u64, Ordering::Relaxed);
     let event = match inbound.on_frame(header, &buffer) {
         Ok(event) => event,
-        Err(err) => return fail(err.to_string()),
+        Err(err) => return fail(AbortKind::Damaged, err.to_string()),
     };
     let step = match event {
         Inbound::Pages => {
@@ -112,7 +113,7 @@ pub(super) fn on_frame(
             let _ = events.send(Event::Control(FrameKind::VerifyDigest, buffer.clone()));
             Step::Read
         }
-        Inbound::Abort => fail(format!("the source aborted: {}", decode_reason(&buffer))),
+        Inbound::Abort => fail(AbortKind::Peer, format!("the source aborted: {}", decode_reason(&buffer))),
     };
     shared.buffers.give(buffer);
     step
@@ -126,7 +127,7 @@ pub(super) fn stream_ended(shared: &Shared, index: u16, err: &ReadError) {
     {
         return;
     }
-    shared.abort.raise(format!("connection {index}: {err}"));
+    shared.abort.raise_as(err.abort_kind(), format!("connection {index}: {err}"));
 }
 
 /// Pinned to `first_cpu + index` when pinning (`DestinationConfig::first_worker_cpu`).
@@ -138,7 +139,7 @@ pub(super) fn decompression_worker(shared: &Shared, index: usize, first_cpu: Opt
     let mut worker = ApplyWorker::new();
     while let Ok(Some((epoch, buffer))) = shared.decode.pop(&shared.abort) {
         if let Err(err) = applier.apply(&buffer, epoch, &mut worker) {
-            shared.abort.raise(format!("round {epoch}: {err}"));
+            shared.abort.raise_as(AbortKind::Damaged, format!("round {epoch}: {err}"));
         }
         // Counted before the batch is reported applied, so the totals are complete when
         // the round barrier opens.

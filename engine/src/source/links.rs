@@ -6,10 +6,12 @@
 //! Over kernel TCP and TLS, `connection_writer` drives it on a thread of its own.
 
 use migration::frame::{FrameBuf, FrameKind, SeqCounter};
+use migration::source_session::SourceFailure;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
+use transport::abort::AbortKind;
 use transport::abort::SessionAbort;
 use transport::framed::{read_frame, ReadError, CONTROL_FRAME_LIMIT_BYTES};
 use transport::pipe::{Next, Outbound};
@@ -236,7 +238,7 @@ impl Outbound for LinkWriter {
 
     fn lost(&mut self, why: &str) {
         self.done = true;
-        self.links.abort.raise(format!("connection {}: {why}", self.index));
+        self.links.abort.raise_as(AbortKind::Link, format!("connection {}: {why}", self.index));
     }
 }
 
@@ -275,10 +277,11 @@ pub(super) fn control_reader_loop(
             Err(err) => {
                 // After a successful session the socket is shut under us: not an error.
                 if !shared.finished.load(Ordering::Acquire) {
-                    shared.abort.raise(match err {
+                    let reason = match &err {
                         ReadError::Closed => "the destination closed connection 0".to_string(),
                         err => format!("destination connection 0: {err}"),
-                    });
+                    };
+                    shared.abort.raise_as(err.abort_kind(), reason);
                 }
                 return;
             }
@@ -287,7 +290,13 @@ pub(super) fn control_reader_loop(
         let fed = shared.session.lock().unwrap_or_else(|p| p.into_inner()).handle_answer(&header, &payload, now);
         if let Err(failure) = fed {
             // The session machine has failed; the scanner finds the abort and ends.
-            shared.abort.raise(failure.to_string());
+            let kind = match failure {
+                SourceFailure::DestinationAborted { .. } => AbortKind::Peer,
+                SourceFailure::Cancelled { .. } => AbortKind::Cancelled,
+                SourceFailure::RoundNotApplied { .. } => AbortKind::TimedOut,
+                _ => AbortKind::Damaged,
+            };
+            shared.abort.raise_as(kind, failure.to_string());
             return;
         }
         if wake.send(()).is_err() {

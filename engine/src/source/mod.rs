@@ -39,6 +39,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use transport::abort::AbortKind;
 use transport::abort::SessionAbort;
 use transport::framed::{read_frame, write_frame, ReadError, CONTROL_FRAME_LIMIT_BYTES};
 use transport::pipe::{Connection, Connector, SendProbe};
@@ -364,7 +365,7 @@ fn notify_and_abort(shared: &Shared<'_>, reason: &str, wait: Duration, cancelled
             std::thread::sleep(CANCEL_GRACE.min(deadline.saturating_duration_since(Instant::now())));
         }
     }
-    shared.abort.raise(reason);
+    shared.abort.raise_as(if cancelled { AbortKind::Cancelled } else { AbortKind::Local }, reason);
 }
 
 /// Waits for a cancel and turns it into the session's abort, unless the destination has

@@ -171,7 +171,8 @@ impl<'s, 'a> Scanner<'s, 'a> {
     }
 
     fn aborted(&self) -> MigrationError {
-        MigrationError::Aborted(self.shared.abort.reason().unwrap_or_else(|| "aborted".into()))
+        let abort = &self.shared.abort;
+        MigrationError::Aborted { reason: abort.reason().unwrap_or_else(|| "aborted".into()), kind: abort.kind() }
     }
 
     fn dispatch(&mut self, epoch: u32, region: u16, pages: Vec<u32>) -> Result<(), MigrationError> {
