@@ -54,7 +54,7 @@ fn source_config(args: &SourceOptions, common: &CommonOptions, cores: CoreShare)
     SourceConfig {
         codec: args.codec,
         compress_threads: cores.workers(args.compress_threads),
-        xbzrle_cache_bytes: args.xbzrle_cache,
+        xbzrle_cache_bytes: super::args::xbzrle_cache(args.xbzrle, args.xbzrle_cache),
         connections: args.connections,
         precopy: PrecopyConfig {
             downtime_limit: Duration::from_millis(args.downtime_limit),

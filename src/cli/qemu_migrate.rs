@@ -129,7 +129,7 @@ fn configure(qmp: &mut Qmp, args: &QemuMigrateArgs) -> Result<()> {
     let capabilities = vec![capability("multifd", args.multifd.is_some()), capability("xbzrle", args.qemu_xbzrle)];
     qmp.execute("migrate-set-capabilities", json!({ "capabilities": capabilities }))?;
     let mut parameters = json!({
-        "downtime-limit": args.downtime_limit_ms,
+        "downtime-limit": args.downtime_limit,
         "max-bandwidth": args.max_bandwidth,
     });
     if let Some(channels) = args.multifd {

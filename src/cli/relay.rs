@@ -57,12 +57,14 @@ pub(super) fn compress_threads(options: &CarryOptions, stack: &StackOptions) -> 
 
 /// The encoding the options ask for.
 pub(super) fn encoding(options: &CarryOptions) -> Result<Encoding> {
-    let pages = if options.xbzrle { options.xbzrle_cache / PAGE_SIZE_BYTES as u64 } else { 0 };
+    let cache = super::args::xbzrle_cache(options.xbzrle, options.xbzrle_cache);
+    // A cache asked for holds at least one page.
+    let pages = cache.map_or(0, |bytes| (bytes / PAGE_SIZE_BYTES as u64).max(1));
     if pages > u64::from(MAX_CACHE_PAGES) {
         let most = (MAX_CACHE_PAGES as u64 * 4096) >> 20;
-        return Err(Failure::usage(format!("--xbzrle-cache {}: at most {most} MiB", options.xbzrle_cache)));
+        return Err(Failure::usage(format!("--xbzrle-cache {}: at most {most} MiB", cache.unwrap_or_default())));
     }
-    Ok(Encoding { codec: options.codec, xbzrle_cache_pages: pages.max(u64::from(options.xbzrle)) as u32 })
+    Ok(Encoding { codec: options.codec, xbzrle_cache_pages: pages as u32 })
 }
 
 pub(super) fn timeouts(options: &RelayOptions) -> Result<Timeouts> {

@@ -282,6 +282,28 @@ fn send_and_recv_four_connections_zlib_xbzrle() {
 }
 
 #[test]
+fn addresses_as_qemu_writes_them_and_xbzrle_turned_on_as_on_the_relays() {
+    // `tcp:` addresses on both ends; --xbzrle alone turns XBZRLE on with QEMU's 64 MiB.
+    let receiver = Receiver::spawn({
+        let mut command = Command::new(BIN);
+        command.args(["recv", "--listen", "tcp:127.0.0.1:0", "--json", "--run-after", "0.3"]);
+        command
+    });
+    let to = format!("tcp:{}", receiver.address);
+    let sender = run(
+        Command::new(BIN)
+            .args(["send", "--to", &to, "--mem", "64MiB", "--workload", "dirty:16MiB:5000:16", "--verify", "--json"])
+            .args(["--xbzrle", "--codec", "none", "--downtime-limit", "1", "--max-rounds", "3"]),
+        DEADLINE,
+    );
+    let received = receiver.wait(DEADLINE);
+    let (sent, _) = assert_migrated(&sender, &received);
+    assert_eq!(sent["xbzrle-cache"]["cache-size"], 64u64 << 20, "{sent}");
+    let bad = run(Command::new(BIN).args(["send", "--to", "tcp:nowhere", "--mem", "16MiB"]), DEADLINE);
+    assert_eq!(bad.code(), 2, "a malformed address is a usage error: {}", bad.stderr);
+}
+
+#[test]
 fn link_benchmark_streams_count_every_byte() {
     let looped = run(Command::new(BIN).args(["stream-loopback", "--bytes", "16MiB", "--no-pin"]), DEADLINE);
     assert!(looped.status.success(), "{}", looped.stderr);

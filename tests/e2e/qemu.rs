@@ -250,6 +250,11 @@ fn qemu_migrate_drives_both_qemus_and_the_relays() {
             "2",
             "--codec",
             "lz4",
+            // Written as on `send`: milliseconds, and bits per second.
+            "--downtime-limit",
+            "500",
+            "--max-bandwidth",
+            "10gbit",
             "--json",
         ]),
         DEADLINE,
@@ -267,6 +272,8 @@ fn qemu_migrate_drives_both_qemus_and_the_relays() {
     for qmp in [&mut source_qmp, &mut destination_qmp] {
         let parameters = qmp.execute("query-migrate-parameters", serde_json::json!({})).expect("parameters");
         assert_eq!(parameters["multifd-channels"], 2, "{parameters}");
+        assert_eq!(parameters["downtime-limit"], 500, "{parameters}");
+        assert_eq!(parameters["max-bandwidth"], 1_250_000_000u64, "{parameters}");
     }
     let point = check_migrated(&source, &destination, &mut source_qmp, &mut destination_qmp);
     eprintln!("orchestrated: memory equal on both sides, the sweep stood at page {point}");

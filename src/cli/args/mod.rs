@@ -128,7 +128,7 @@ fn parse_blackout(text: &str) -> Result<dataplane::faults::Blackout, String> {
 
 #[derive(Args, Debug)]
 pub struct StreamSendArgs {
-    #[arg(long)]
+    #[arg(long, value_parser = parse_tcp)]
     pub to: String,
     /// Bytes per stream.
     #[arg(long, default_value = "1GiB", value_parser = parse_size)]
@@ -144,7 +144,7 @@ pub struct StreamSendArgs {
 
 #[derive(Args, Debug)]
 pub struct StreamRecvArgs {
-    #[arg(long)]
+    #[arg(long, value_parser = parse_listen)]
     pub listen: SocketAddr,
     /// Parallel streams to take (as the sender's --streams).
     #[arg(long, default_value_t = 1)]
@@ -406,7 +406,12 @@ pub struct SourceOptions {
     /// less its dataplane cores, at most 8 (QEMU's default)].
     #[arg(long)]
     pub compress_threads: Option<usize>,
-    /// Enable XBZRLE for re-sent pages with a cache of this size (e.g. 64MiB).
+    /// XBZRLE: a page sent again goes as a delta against its copy sent last, when that is
+    /// smaller. Turned on by --xbzrle (a 64 MiB cache, QEMU's default) or by --xbzrle-cache,
+    /// as on the relays.
+    #[arg(long)]
+    pub xbzrle: bool,
+    /// The XBZRLE cache (e.g. 256MiB); giving it turns XBZRLE on.
     #[arg(long, value_parser = parse_size)]
     pub xbzrle_cache: Option<u64>,
     /// TCP connections carrying the migration.
@@ -514,8 +519,9 @@ pub struct DemoArgs {
 
 #[derive(Args, Debug)]
 pub struct SendArgs {
-    /// Destination address (where `vmigrate recv --listen` runs).
-    #[arg(long)]
+    /// Destination address (where `vmigrate recv --listen` runs): HOST:PORT (or
+    /// tcp:HOST:PORT, as QEMU writes it).
+    #[arg(long, value_parser = parse_tcp)]
     pub to: String,
     /// A control socket (`unix:PATH`) taking one command per line: `cancel` (as SIGINT or
     /// SIGTERM do), `status` (the last progress, as JSON).
@@ -533,8 +539,8 @@ pub struct SendArgs {
 
 #[derive(Args, Debug)]
 pub struct RecvArgs {
-    /// Address to listen on.
-    #[arg(long)]
+    /// Address to listen on: IP:PORT (or tcp:IP:PORT, as QEMU writes it).
+    #[arg(long, value_parser = parse_listen)]
     pub listen: SocketAddr,
     /// The guest to build: as the source's `--guest`.
     #[arg(long, value_enum, default_value = "synthetic")]
@@ -558,6 +564,30 @@ pub struct RecvArgs {
 
 pub fn parse_size(text: &str) -> Result<u64, String> {
     guests::synthetic::parse_size(text)
+}
+
+/// XBZRLE's cache when `--xbzrle` alone turns it on: QEMU's default.
+const DEFAULT_XBZRLE_CACHE: u64 = 64 << 20;
+
+/// The XBZRLE cache `--xbzrle` and `--xbzrle-cache` ask for, the same on every command:
+/// either turns it on, the size (if given) sets the cache; `None` is off.
+pub fn xbzrle_cache(xbzrle: bool, size: Option<u64>) -> Option<u64> {
+    size.or(xbzrle.then_some(DEFAULT_XBZRLE_CACHE))
+}
+
+/// A TCP address as QEMU writes it or as a socket address: `tcp:HOST:PORT` or `HOST:PORT`.
+pub fn parse_tcp(text: &str) -> Result<String, String> {
+    let address = text.strip_prefix("tcp:").unwrap_or(text);
+    if address.rsplit_once(':').is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err()) {
+        return Err(format!("{text:?}: not HOST:PORT (or tcp:HOST:PORT)"));
+    }
+    Ok(address.to_string())
+}
+
+/// A local address to listen on: `tcp:IP:PORT` or `IP:PORT`.
+pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    let address = text.strip_prefix("tcp:").unwrap_or(text);
+    address.parse().map_err(|err| format!("{text:?}: not IP:PORT (or tcp:IP:PORT): {err}"))
 }
 
 /// `1gbit`, `100mbit`, `10kbit` are bits per second; anything else is a size per second.

@@ -1,6 +1,6 @@
 //! The QEMU relay commands' options: `qemu-send`, `qemu-recv`, `qemu-migrate`.
 
-use super::{parse_size, StackOptions};
+use super::{parse_bandwidth, parse_listen, parse_size, parse_tcp, StackOptions};
 use clap::Args;
 use migration::codec::Codec;
 use std::net::SocketAddr;
@@ -36,7 +36,7 @@ pub struct QemuMigrateArgs {
     /// host) to carry the migration to; it must have been started with `--to` the socket
     /// given here as --dst-incoming. Default: a destination relay in this process, over
     /// the kernel's TCP on 127.0.0.1.
-    #[arg(long, requires = "dst_incoming")]
+    #[arg(long, requires = "dst_incoming", value_parser = parse_tcp)]
     pub to: Option<String>,
     /// With --to: the destination QEMU's incoming socket (`unix:PATH`), as the remote relay
     /// knows it.
@@ -50,11 +50,12 @@ pub struct QemuMigrateArgs {
     /// QEMU's own XBZRLE on both QEMUs.
     #[arg(long)]
     pub qemu_xbzrle: bool,
-    /// QEMU's downtime limit, in milliseconds.
-    #[arg(long, default_value_t = 300)]
-    pub downtime_limit_ms: u64,
-    /// QEMU's bandwidth cap in bytes per second (QEMU's own default is 128 MiB/s).
-    #[arg(long, default_value = "100GiB", value_parser = parse_size)]
+    /// QEMU's downtime limit, in milliseconds (as on `send`).
+    #[arg(long, default_value_t = 300, alias = "downtime-limit-ms")]
+    pub downtime_limit: u64,
+    /// QEMU's bandwidth cap: bits (1gbit, 100mbit) or bytes (100MiB) per second, as on
+    /// `send` (QEMU's own default is 128 MiB/s).
+    #[arg(long, default_value = "100GiB", value_parser = parse_bandwidth)]
     pub max_bandwidth: u64,
     /// Seconds after which an unfinished migration is cancelled.
     #[arg(long, default_value_t = 3600.0)]
@@ -71,8 +72,8 @@ pub struct QemuSendArgs {
     /// The unix socket the source QEMU migrates to: `unix:PATH` (QEMU's `migrate unix:PATH`).
     #[arg(long, value_parser = parse_unix)]
     pub listen: PathBuf,
-    /// The destination relay (`vmigrate qemu-recv --listen`).
-    #[arg(long)]
+    /// The destination relay (`vmigrate qemu-recv --listen`): HOST:PORT or tcp:HOST:PORT.
+    #[arg(long, value_parser = parse_tcp)]
     pub to: String,
     #[command(flatten)]
     pub carry: CarryOptions,
@@ -93,12 +94,13 @@ pub struct CarryOptions {
     pub codec: Codec,
     /// XBZRLE: a page carried again goes as a delta against its copy carried last, when
     /// that is smaller, whichever of QEMU's streams carried it. Both relays keep one cache
-    /// of --xbzrle-cache for all the streams.
+    /// for all the streams. Turned on by --xbzrle (a 64 MiB cache, QEMU's default) or by
+    /// --xbzrle-cache, as on `send`.
     #[arg(long)]
     pub xbzrle: bool,
-    /// The XBZRLE cache, on each relay (QEMU's default is 64 MiB).
-    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
-    pub xbzrle_cache: u64,
+    /// The XBZRLE cache on each relay (e.g. 256MiB); giving it turns XBZRLE on.
+    #[arg(long, value_parser = parse_size)]
+    pub xbzrle_cache: Option<u64>,
     /// Compression workers, one pool shared by all of QEMU's streams (0: each stream's own
     /// thread compresses) [default: one per CPU this process may use, less its dataplane
     /// cores, at most 8]. Pages are decided in stream order on the stream's thread; the
@@ -109,8 +111,8 @@ pub struct CarryOptions {
 
 #[derive(Args, Debug)]
 pub struct QemuRecvArgs {
-    /// Where the source relay connects.
-    #[arg(long)]
+    /// Where the source relay connects: IP:PORT (or tcp:IP:PORT).
+    #[arg(long, value_parser = parse_listen)]
     pub listen: SocketAddr,
     /// The destination QEMU's incoming socket: `unix:PATH`.
     #[arg(long, value_parser = parse_unix)]
