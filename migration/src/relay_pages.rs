@@ -73,6 +73,7 @@ const OTHER_SQUEEZE_MIN: usize = 1024;
 
 /// How the pages of a stream went, for the report.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct PageCounts {
     pub raw: u64,
     pub packed: u64,

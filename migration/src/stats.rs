@@ -6,6 +6,7 @@ use serde::Serialize;
 
 /// Counters of what the source's encoders did with pages, merged across workers.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct EncodeCounters {
     /// Zero pages sent as runs without payload (QEMU: `ram.duplicate`).
     pub zero_pages: u64,

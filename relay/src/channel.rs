@@ -54,6 +54,7 @@ pub const HEARTBEAT: Duration = Duration::from_millis(100);
 
 /// One carried stream, at its end.
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct ChannelReport {
     pub channel: u16,
     /// What QEMU sent on it: "main", "multifd", or "other" (this host's QEMU sent nothing

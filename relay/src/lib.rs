@@ -108,6 +108,7 @@ impl RelayFailure {
 
 /// A relay session at its end: every stream it carried.
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct RelayReport {
     pub session_id: u64,
     pub channels: Vec<ChannelReport>,

@@ -4,6 +4,7 @@ use serde::Serialize;
 
 /// Bytes of one direction of a carried stream.
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
 pub struct DirectionStats {
     /// As QEMU wrote them.
     pub bytes: u64,

@@ -150,7 +150,7 @@ fn migrate_sweeper_with(
         info["downtime"],
         ram["transferred"],
         sent["sent"]["bytes"],
-        sent["sent"]["wire_bytes"],
+        sent["sent"]["wire-bytes"],
         received["received"]["undelivered"]
     );
     // All QEMU 7.2 may leave behind is a trailing multifd packet with no pages (1344 bytes)
@@ -159,7 +159,7 @@ fn migrate_sweeper_with(
     assert!(undelivered <= 1344 * multifd.unwrap_or(0) as u64, "{received}");
     // QEMU's end-of-file marker (and its machine description after it) reached the
     // destination QEMU only once the stream's digest had checked out.
-    let held = received["received"]["held_for_digest"].as_u64().expect("held_for_digest");
+    let held = received["received"]["held-for-digest"].as_u64().expect("held-for-digest");
     assert!(held > 0, "the end marker was not held back: {received}");
 
     // Both paused now: the source by the completed migration, the destination by -S.
