@@ -37,6 +37,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::QemuSend(args) => super::relay::qemu_send(args),
         Command::QemuRecv(args) => super::relay::qemu_recv(args),
         Command::QemuMigrate(args) => super::qemu_migrate::qemu_migrate(args),
+        Command::Completions { shell } => super::docs::completions(shell),
+        Command::Man { dir } => super::docs::man_pages(&dir),
         Command::StreamLoopback(args) => {
             let options = LoopbackOptions { mtu: args.mtu, pin: !args.no_pin, ..loopback_options(&args.dataplane) };
             let streams = args.streams.unwrap_or(options.cores);

@@ -7,6 +7,7 @@ mod commands;
 mod control;
 mod cores;
 mod cpu;
+mod docs;
 mod dpdk;
 mod exit;
 mod guest;

@@ -304,6 +304,38 @@ fn addresses_as_qemu_writes_them_and_xbzrle_turned_on_as_on_the_relays() {
 }
 
 #[test]
+fn man_pages_and_completions_come_from_the_command_line_itself() {
+    let dir = std::env::temp_dir().join(format!("vmigrate-man-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let made = run(Command::new(BIN).arg("man").arg(&dir), DEADLINE);
+    assert!(made.status.success(), "{}", made.stderr);
+    // A page per command, each naming its options as --help does.
+    for (page, option) in [
+        ("vmigrate.1", "Exit status"),
+        ("vmigrate-send.1", "downtime\\-limit"),
+        ("vmigrate-recv.1", "accept\\-timeout"),
+        ("vmigrate-qemu-recv.1", "listen"),
+        ("vmigrate-qemu-migrate.1", "max\\-bandwidth"),
+    ] {
+        let text = std::fs::read_to_string(dir.join(page)).unwrap_or_else(|e| panic!("{page}: {e}"));
+        assert!(text.starts_with(".ie") || text.contains(".TH"), "{page} is not a man page:\n{text}");
+        assert!(text.contains(option), "{page} does not mention {option}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    // The bash completion script parses, and completes the commands and their options.
+    let script = run(Command::new(BIN).args(["completions", "bash"]), DEADLINE);
+    assert!(script.status.success(), "{}", script.stderr);
+    for word in ["qemu-migrate", "--downtime-limit", "--xbzrle-cache"] {
+        assert!(script.stdout.contains(word), "the completions lack {word}");
+    }
+    let path = std::env::temp_dir().join(format!("vmigrate-completion-{}.bash", std::process::id()));
+    std::fs::write(&path, &script.stdout).unwrap();
+    let parsed = run(Command::new("bash").arg("-n").arg(&path), DEADLINE);
+    let _ = std::fs::remove_file(&path);
+    assert!(parsed.status.success(), "bash cannot parse the completions: {}", parsed.stderr);
+}
+
+#[test]
 fn link_benchmark_streams_count_every_byte() {
     let looped = run(Command::new(BIN).args(["stream-loopback", "--bytes", "16MiB", "--no-pin"]), DEADLINE);
     assert!(looped.status.success(), "{}", looped.stderr);

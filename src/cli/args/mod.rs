@@ -7,11 +7,16 @@ use std::path::PathBuf;
 mod relay;
 pub use relay::*;
 
+/// The exit statuses (docs/exit-codes.md, src/cli/exit.rs), for `--help` and the man page.
+const EXIT_STATUSES: &str = "Exit status: 0 done; 1 a failure on this host; 2 usage; 3 refused by the peer; \
+4 timed out; 5 integrity (verification failed, a damaged stream); 6 cancelled; 7 the link or the peer failed.";
+
 #[derive(Parser, Debug)]
 #[command(
     name = "vmigrate",
     version,
-    about = "Live migration of guest memory: iterative pre-copy with compression, XBZRLE and zero-page elision"
+    about = "Live migration of guest memory: iterative pre-copy with compression, XBZRLE and zero-page elision",
+    after_long_help = EXIT_STATUSES
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -49,6 +54,15 @@ pub enum Command {
     /// and off (as `send`/`recv` process pairs, in network namespaces with --netns), and
     /// write a table, JSON and charts to --report.
     Bench(BenchArgs),
+    /// Print the completion script for a shell (bash, zsh, fish, elvish, powershell), made
+    /// from this command line's own definitions.
+    Completions { shell: clap_complete::Shell },
+    /// Write man pages (vmigrate.1, vmigrate-send.1, ...) into a directory, made from this
+    /// command line's own definitions.
+    Man {
+        /// The directory to write them into (created if missing).
+        dir: std::path::PathBuf,
+    },
 }
 
 /// Every row `bench` knows, in the order of its table.
