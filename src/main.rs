@@ -9,7 +9,14 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     cli::tune_allocator();
-    let args = cli::Cli::parse();
+    // `recv --config FILE`: the file's settings go in ahead of the command line's.
+    let args = match cli::expand_config(std::env::args_os().collect()) {
+        Ok(args) => cli::Cli::parse_from(args),
+        Err(err) => {
+            eprintln!("vmigrate: error: {:#}", err);
+            return cli::exit_status(&err).code();
+        }
+    };
     cli::init_logging(&args.verbosity);
     match cli::run(args) {
         Ok(code) => code,

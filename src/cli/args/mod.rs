@@ -16,6 +16,8 @@ const EXIT_STATUSES: &str = "Exit status: 0 done; 1 a failure on this host; 2 us
     name = "vmigrate",
     version,
     about = "Live migration of guest memory: iterative pre-copy with compression, XBZRLE and zero-page elision",
+    // A flag given twice takes its last value: a --config file's settings go in first.
+    args_override_self = true,
     after_long_help = EXIT_STATUSES
 )]
 pub struct Cli {
@@ -568,6 +570,10 @@ pub struct RecvArgs {
     /// Seconds to wait for the source to connect.
     #[arg(long, default_value_t = 60.0)]
     pub accept_timeout: f64,
+    /// A TOML file of settings, named as this command's long options (`listen = "..."`,
+    /// `accept-timeout = 600`); flags on the command line override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     #[command(flatten)]
     pub stack: StackOptions,
     #[command(flatten)]

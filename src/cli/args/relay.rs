@@ -114,6 +114,10 @@ pub struct QemuRecvArgs {
     /// Where the source relay connects: IP:PORT (or tcp:IP:PORT).
     #[arg(long, value_parser = parse_listen)]
     pub listen: SocketAddr,
+    /// A TOML file of settings, named as this command's long options (`listen = "..."`,
+    /// `io-timeout = 30`); flags on the command line override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// The destination QEMU's incoming socket: `unix:PATH`.
     #[arg(long, value_parser = parse_unix)]
     pub to: PathBuf,
