@@ -464,7 +464,45 @@ fn bench_writes_the_table_json_and_charts() {
         let svg = std::fs::read_to_string(report.join(chart)).unwrap_or_else(|e| panic!("{chart}: {e}"));
         assert!(svg.starts_with("<svg") && svg.contains("plain"), "{chart} is not a chart");
     }
+    check_html_report(&report.join("report.html"), runs.len());
     let _ = std::fs::remove_dir_all(report);
+}
+
+/// The bench's one-page report: its table holds every run and its charts are inline; in
+/// headless Chromium (where installed: CI installs it) the table is in the page as the
+/// browser built it, and the screenshot is not blank.
+fn check_html_report(page: &std::path::Path, runs: usize) {
+    let html = std::fs::read_to_string(page).expect("report.html");
+    assert!(html.contains("<table id=\"runs\">"), "no table in report.html");
+    assert_eq!(html.matches("<tr><td>").count(), runs, "a table row per run");
+    assert_eq!(html.matches("<svg").count(), 3, "the three charts inline");
+    if Command::new("chromium").arg("--version").output().is_err() {
+        eprintln!("SKIPPED opening report.html in a browser: no chromium (Debian's chromium package)");
+        return;
+    }
+    let url = format!("file://{}", page.display());
+    let headless = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1200,1600"];
+    let dom = run(Command::new("chromium").args(headless).args(["--dump-dom", &url]), DEADLINE);
+    assert!(
+        dom.stdout.contains("<table id=\"runs\">") && dom.stdout.contains("zstd"),
+        "the browser's page lacks the table"
+    );
+    let shot = page.with_file_name("report.png");
+    let taken = run(
+        Command::new("chromium").args(headless).arg(format!("--screenshot={}", shot.display())).arg(&url),
+        DEADLINE,
+    );
+    assert!(shot.exists(), "no screenshot: {}", taken.stderr);
+    let decoder = png::Decoder::new(std::fs::File::open(&shot).expect("screenshot"));
+    let mut reader = decoder.read_info().expect("a PNG");
+    let mut pixels = vec![0; reader.output_buffer_size()];
+    let frame = reader.next_frame(&mut pixels).expect("the PNG's pixels");
+    let pixels = &pixels[..frame.buffer_size()];
+    let step = frame.color_type.samples();
+    let inked = pixels.chunks(step).filter(|p| p.iter().take(3).any(|&c| c < 200)).count();
+    let share = inked as f64 / (pixels.len() / step) as f64;
+    // Text, table borders and chart lines: a few percent of the page at least, far from all.
+    assert!((0.01..0.9).contains(&share), "the screenshot looks blank or black: {:.1}% inked", share * 100.0);
 }
 
 #[test]

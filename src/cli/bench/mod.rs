@@ -5,6 +5,7 @@
 //! CPU on each side) goes into a table, `bench.json` and charts (`charts.rs`).
 
 mod charts;
+mod html;
 mod model;
 
 use super::args::{BenchArgs, BenchStack, BENCH_ROWS};
@@ -272,14 +273,16 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     let mut table = table(&args.link, &results);
     // What faster links would take: each stage's rate on one core, on these guests' pages.
     let mut model = serde_json::Map::new();
+    let mut model_text = String::new();
     for guest in &args.guests {
         let image = if guest == "idle" { args.idle_image.as_deref() } else { None };
         let pages = model::sample_pages(guest, image)?;
         let rates = model::calibrate(&pages);
-        table += "\n";
-        table += &model::table(guest, &rates);
+        model_text += "\n";
+        model_text += &model::table(guest, &rates);
         model.insert(guest.clone(), serde_json::to_value(&rates)?);
     }
+    table += &model_text;
     print!("{table}");
     std::fs::write(args.report.join("table.txt"), &table)?;
     let json = serde_json::json!({
@@ -296,5 +299,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         Ok(files) => log::info!("bench: wrote {} charts to {}", files, args.report.display()),
         Err(err) => log::warn!("no charts: {err:#}"),
     }
+    let page = html::write(&args.report, &args.link, &results, &model_text)?;
+    log::info!("bench: the report as one page: {}", page.display());
     Ok(ExitCode::SUCCESS)
 }
