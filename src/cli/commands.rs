@@ -234,12 +234,18 @@ fn send(args: SendArgs) -> Result<ExitCode> {
         Some(path) => Some(super::control::ControlSocket::start(path, cancel.clone(), status.clone())?),
         None => None,
     };
+    let metrics = super::metrics::MetricsPage::default();
+    if let Some(address) = args.metrics {
+        // Always on stderr: with port 0 this is how a scraper learns the port.
+        eprintln!("vmigrate: metrics at http://{}/metrics", metrics.serve(address)?);
+    }
     let cores = CoreShare::one_end(&args.stack);
     let config = SourceConfig { cancel: Some(cancel), ..source_config(&args.source, &args.common, cores) };
     let mut progress = report::ProgressView::new(args.common.json);
     let cpu = super::cpu::CpuWindow::start();
     let result = migrate(guest.vm(), &*connector, &config, &mut |p| {
         status.update(p);
+        metrics.update(p);
         progress.update(p)
     });
     progress.finish();

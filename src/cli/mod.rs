@@ -13,6 +13,7 @@ mod dpdk;
 mod exit;
 mod guest;
 mod logging;
+mod metrics;
 mod qemu_migrate;
 mod relay;
 mod report;

@@ -303,6 +303,76 @@ fn addresses_as_qemu_writes_them_and_xbzrle_turned_on_as_on_the_relays() {
     assert_eq!(bad.code(), 2, "a malformed address is a usage error: {}", bad.stderr);
 }
 
+/// Scrapes `http://ADDRESS/metrics` once: the body.
+fn scrape(address: &str) -> String {
+    let mut stream = std::net::TcpStream::connect(address).expect("connect to the metrics endpoint");
+    write!(stream, "GET /metrics HTTP/1.1\r\nHost: {address}\r\n\r\n").expect("request");
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut answer).expect("answer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    answer.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default()
+}
+
+#[test]
+fn a_running_migrations_metrics_parse_with_prometheus_own_parser() {
+    // Debian's python3-prometheus-client, the parser Prometheus's Python client uses.
+    let parser = "import json, sys\nfrom prometheus_client.parser import text_string_to_metric_families as parse\n\
+                  print(json.dumps({s.name + json.dumps(s.labels, sort_keys=True): s.value \
+                  for f in parse(sys.stdin.read()) for s in f.samples}))";
+    let python = "/usr/bin/python3";
+    if !run(Command::new(python).args(["-c", "import prometheus_client"]), DEADLINE).status.success() {
+        eprintln!(
+            "SKIPPED a_running_migrations_metrics_parse_with_prometheus_own_parser: no python3-prometheus-client"
+        );
+        return;
+    }
+    let receiver = Receiver::start(BIN, &["--run-after", "0.1"]);
+    // 256 MiB at 400 Mbit/s, pages as they are, a guest that dirties little: seconds of
+    // bulk stage to scrape in, then a quick end.
+    let mut send = Command::new(BIN)
+        .args(["send", "--to", &receiver.address, "--mem", "256MiB", "--workload", "seq:1000"])
+        .args(["--max-bandwidth", "400mbit"])
+        .args(["--codec", "none", "--metrics", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start send");
+    let mut stderr = std::io::BufReader::new(send.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    while !line.contains("metrics at http://") {
+        line.clear();
+        assert!(stderr.read_line(&mut line).expect("send's stderr") > 0, "send never served its metrics");
+    }
+    let address =
+        line.trim().trim_start_matches("vmigrate: metrics at http://").trim_end_matches("/metrics").to_string();
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    // Two scrapes while the bulk stage runs: the counters grow between them.
+    let mut parsed = Vec::new();
+    for _ in 0..2 {
+        std::thread::sleep(Duration::from_millis(700));
+        let mut python = Command::new(python)
+            .args(["-c", parser])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3");
+        python.stdin.take().expect("stdin").write_all(scrape(&address).as_bytes()).expect("feed the parser");
+        let out = python.wait_with_output().expect("the parser");
+        assert!(out.status.success(), "the parser refused the page");
+        parsed.push(json(&String::from_utf8_lossy(&out.stdout)));
+    }
+    let transferred = |v: &serde_json::Value| v["vmigrate_migration_transferred_bytes_total{}"].as_f64().unwrap_or(0.0);
+    assert!(transferred(&parsed[0]) > 0.0, "{}", parsed[0]);
+    assert!(transferred(&parsed[1]) > transferred(&parsed[0]), "the counter did not grow");
+    let raw = &parsed[1]["vmigrate_migration_pages_total{\"kind\": \"raw\"}"];
+    assert!(raw.as_f64().unwrap_or(0.0) > 0.0, "{}", parsed[1]);
+    for name in ["vmigrate_migration_expected_downtime_seconds{}", "vmigrate_migration_downtime_limit_seconds{}"] {
+        assert!(parsed[1][name].is_number(), "{name} missing: {}", parsed[1]);
+    }
+    assert!(send.wait().expect("send").success());
+    receiver.wait(DEADLINE);
+}
+
 #[test]
 fn man_pages_and_completions_come_from_the_command_line_itself() {
     let dir = std::env::temp_dir().join(format!("vmigrate-man-{}", std::process::id()));

@@ -86,6 +86,13 @@ pub struct Progress {
     pub transferred_bytes: u64,
     pub mbps: f64,
     pub elapsed: Duration,
+    /// What the encoders did with the pages so far (all rounds, this one included).
+    pub encoded: EncodeCounters,
+    /// The downtime the last round's figures predict for a switchover now, and the limit.
+    pub expected_downtime: Duration,
+    pub downtime_limit: Duration,
+    /// Pages the guest dirtied per second over the last round.
+    pub dirty_pages_rate: u64,
 }
 
 struct Job {

@@ -193,6 +193,12 @@ impl<'s, 'a> Scanner<'s, 'a> {
         self.last_progress = Instant::now();
         let elapsed = self.started.elapsed();
         let transferred_bytes = self.shared.links.wire_bytes.load(Ordering::Relaxed);
+        let mut encoded = self.totals;
+        encoded.merge(&self.shared.round_counters.lock().unwrap_or_else(|p| p.into_inner()));
+        let (expected_downtime, downtime_limit) = {
+            let session = self.session();
+            (session.precopy().expected_downtime(), session.precopy().downtime_limit())
+        };
         (self.progress)(&Progress {
             round,
             stage,
@@ -200,6 +206,10 @@ impl<'s, 'a> Scanner<'s, 'a> {
             transferred_bytes,
             mbps: mbps(transferred_bytes, elapsed.as_secs_f64()),
             elapsed,
+            encoded,
+            expected_downtime,
+            downtime_limit,
+            dirty_pages_rate: self.stats.ram.dirty_pages_rate,
         });
     }
 

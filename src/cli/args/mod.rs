@@ -543,6 +543,10 @@ pub struct SendArgs {
     /// SIGTERM do), `status` (the last progress, as JSON).
     #[arg(long, value_parser = parse_unix)]
     pub control: Option<PathBuf>,
+    /// Serve the running migration's figures in Prometheus's text format at
+    /// http://ADDR:PORT/metrics (port 0: one the system picks, printed on stderr).
+    #[arg(long, value_parser = parse_listen)]
+    pub metrics: Option<SocketAddr>,
     #[command(flatten)]
     pub stack: StackOptions,
     #[command(flatten)]
