@@ -375,7 +375,7 @@ mod tests {
         fn chunks_round_trip(data in proptest::collection::vec(any::<u8>(), 0..MAX_CHUNK_BYTES), zeros in 0usize..4096) {
             let mut chunk = data;
             chunk.truncate(MAX_CHUNK_BYTES - zeros.min(MAX_CHUNK_BYTES));
-            chunk.extend(std::iter::repeat(0).take(zeros));
+            chunk.extend(std::iter::repeat_n(0, zeros));
             for codec in CODECS {
                 let mut encoder = ChunkEncoder::new(codec);
                 let payload = encoder.encode(&chunk).to_vec();

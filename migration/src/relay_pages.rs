@@ -645,7 +645,7 @@ mod tests {
         encoder.page(key(0), &text_page(8));
         encoder.finish();
         encoder.page(key(0x3000), &text_page(8));
-        let err = RecordDecoder::new(cache(8), 0).decode(&encoder.finish().to_vec(), &mut Vec::new()).unwrap_err();
+        let err = RecordDecoder::new(cache(8), 0).decode(encoder.finish(), &mut Vec::new()).unwrap_err();
         assert!(err.to_string().contains("no cached copy"), "{err}");
     }
 

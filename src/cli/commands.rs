@@ -219,7 +219,7 @@ fn print_outcome(
         report::print_tables(stats, destination, guest);
     }
     if stats.verified == Some(false) {
-        return Err(Failure::new(Exit::Integrity, "verification failed: destination memory differs from the source's"));
+        return Err(Failure::err(Exit::Integrity, "verification failed: destination memory differs from the source's"));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -310,7 +310,7 @@ fn recv(args: RecvArgs) -> Result<ExitCode> {
         report::print_destination(&report, &guest);
     }
     if report.verified == Some(false) {
-        return Err(Failure::new(Exit::Integrity, "verification failed: received memory differs from the source's"));
+        return Err(Failure::err(Exit::Integrity, "verification failed: received memory differs from the source's"));
     }
     Ok(ExitCode::SUCCESS)
 }

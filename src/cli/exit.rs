@@ -46,13 +46,13 @@ pub struct Failure {
 }
 
 impl Failure {
-    pub fn new(kind: Exit, message: impl Into<String>) -> anyhow::Error {
+    pub fn err(kind: Exit, message: impl Into<String>) -> anyhow::Error {
         Failure { kind, message: message.into() }.into()
     }
 
     /// A command line that asks for something it cannot have.
     pub fn usage(message: impl Into<String>) -> anyhow::Error {
-        Failure::new(Exit::Usage, message)
+        Failure::err(Exit::Usage, message)
     }
 }
 

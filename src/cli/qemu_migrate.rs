@@ -112,7 +112,7 @@ pub fn qemu_migrate(args: QemuMigrateArgs) -> Result<ExitCode> {
         // status does.
         return Err(match source_report {
             Err(err) => anyhow::Error::new(err).context(format!("the migration {status}: {why}; source relay")),
-            Ok(_) if status == "cancelled" => Failure::new(Exit::Cancelled, format!("the migration {status}: {why}")),
+            Ok(_) if status == "cancelled" => Failure::err(Exit::Cancelled, format!("the migration {status}: {why}")),
             Ok(_) => anyhow::anyhow!("the migration {status}: {why}"),
         });
     }

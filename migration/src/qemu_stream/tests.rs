@@ -62,7 +62,7 @@ fn main_stream(complete: bool) -> (Vec<u8>, Vec<(PageKey, Vec<u8>)>) {
     pages.push((PageKey { block: 0, offset: 0x2000 }, page(2)));
     w.be64(0x3000 | 0x02 | 0x20).u8(0);
     w.be64(0x4000 | 0x40 | 0x20).u8(1).be16(5).raw(&[1, 2, 3, 4, 5]);
-    w.be64(0x0 | 0x08).name("pc.bios").raw(&page(3));
+    w.be64(0x08).name("pc.bios").raw(&page(3));
     pages.push((PageKey { block: 1, offset: 0 }, page(3)));
     w.be64(0x10).footer(2);
     if complete {
@@ -99,9 +99,12 @@ fn multifd_stream() -> (Vec<u8>, Vec<(PageKey, Vec<u8>)>) {
     (w.bytes, pages)
 }
 
+/// The pages a reader found: each page's key and bytes.
+type Found = Vec<(PageKey, Vec<u8>)>;
+
 /// Feeds `stream` in pieces of `step` bytes; returns the reader, the pieces' bytes put
 /// back together, and the pages found.
-fn read(stream: &[u8], step: usize) -> (StreamReader, Vec<u8>, Vec<(PageKey, Vec<u8>)>) {
+fn read(stream: &[u8], step: usize) -> (StreamReader, Vec<u8>, Found) {
     let mut reader = StreamReader::default();
     let mut joined = Vec::new();
     let mut pages: Vec<(PageKey, Vec<u8>)> = Vec::new();
