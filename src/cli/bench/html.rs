@@ -41,10 +41,7 @@ fn runs_table(results: &[RunResult]) -> String {
     }
     out += "</tr>\n";
     for result in results {
-        let plain = results.iter().find(|r| r.guest == result.guest && r.row == "plain");
-        let versus = plain
-            .map(|p| format!("{:+.0}%", 100.0 * (result.total_time_ms as f64 / p.total_time_ms.max(1) as f64 - 1.0)))
-            .unwrap_or_default();
+        let versus = super::versus_plain(result, results);
         let _ = writeln!(
             out,
             "<tr><td>{}</td><td>{}</td><td class=\"n\">{:.2}</td><td class=\"n\">{}</td><td class=\"n\">{:.0}</td>\

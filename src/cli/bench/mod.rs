@@ -214,16 +214,22 @@ fn mib(bytes: u64) -> f64 {
 }
 
 /// The talk's table: one line per guest and row, with each row's total time against plain.
+/// `result`'s total time against the plain row's of the same guest ("+12%"), or nothing
+/// where there is no plain row.
+fn versus_plain(result: &RunResult, results: &[RunResult]) -> String {
+    let plain = results.iter().find(|r| r.guest == result.guest && r.row == "plain");
+    plain
+        .map(|p| format!("{:+.0}%", 100.0 * (result.total_time_ms as f64 / p.total_time_ms.max(1) as f64 - 1.0)))
+        .unwrap_or_default()
+}
+
 pub fn table(link: &str, results: &[RunResult]) -> String {
     let mut out = format!(
         "link: {link}\n{:<6} {:<21} {:>9} {:>10} {:>12} {:>10} {:>8} {:>8} {:>9}\n",
         "guest", "row", "total s", "downtime", "transferred", "total RAM", "CPU src", "CPU dst", "vs plain"
     );
     for result in results {
-        let plain = results.iter().find(|r| r.guest == result.guest && r.row == "plain");
-        let versus = plain
-            .map(|p| format!("{:+.0}%", 100.0 * (result.total_time_ms as f64 / p.total_time_ms.max(1) as f64 - 1.0)))
-            .unwrap_or_default();
+        let versus = versus_plain(result, results);
         out += &format!(
             "{:<6} {:<21} {:>9.2} {:>7} ms {:>8.0} MiB {:>6.0} MiB {:>7.0}% {:>7.0}% {:>9}\n",
             result.guest,
