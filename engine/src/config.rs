@@ -32,6 +32,9 @@ pub struct SourceConfig {
     pub answer_timeout: Duration,
     /// A way to cancel the migration from outside (signals, a control command).
     pub cancel: Option<crate::cancel::Cancel>,
+    /// A way to change the running migration from outside (a control command): its
+    /// downtime limit, its bandwidth cap, a switchover now.
+    pub tuning: Option<crate::tuning::Tuning>,
 }
 
 impl Default for SourceConfig {
@@ -51,6 +54,7 @@ impl Default for SourceConfig {
             direct_send: true,
             answer_timeout: Duration::from_secs(30),
             cancel: None,
+            tuning: None,
         }
     }
 }

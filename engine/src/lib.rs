@@ -16,6 +16,7 @@ pub mod destination;
 pub mod pool;
 pub mod rate;
 pub mod source;
+pub mod tuning;
 pub mod verify;
 pub mod vm;
 

@@ -72,6 +72,8 @@ pub enum SwitchoverReason {
     Converged,
     /// The round limit or the timeout was reached with `LimitAction::Switchover`.
     LimitReached,
+    /// The operator asked for it (a control command), whatever the downtime.
+    Requested,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +86,8 @@ pub enum Decision {
 #[derive(Debug, Clone)]
 pub struct Precopy {
     config: PrecopyConfig,
+    /// The operator asked to switch over at the next decision.
+    switchover_requested: bool,
     started: Duration,
     rounds: u32,
     throttle_pct: u8,
@@ -97,6 +101,7 @@ impl Precopy {
     pub fn new(config: PrecopyConfig, now: Duration) -> Self {
         Precopy {
             config,
+            switchover_requested: false,
             started: now,
             rounds: 0,
             throttle_pct: 0,
@@ -120,6 +125,16 @@ impl Precopy {
 
     pub fn downtime_limit(&self) -> Duration {
         self.config.downtime_limit
+    }
+
+    /// A new downtime limit (an operator's), from the next decision on.
+    pub fn set_downtime_limit(&mut self, limit: Duration) {
+        self.config.downtime_limit = limit;
+    }
+
+    /// Switch over at the next decision, whatever the downtime.
+    pub fn request_switchover(&mut self) {
+        self.switchover_requested = true;
     }
 
     pub fn throttle_pct(&self) -> u8 {
@@ -147,6 +162,9 @@ impl Precopy {
         } else {
             Duration::MAX
         };
+        if self.switchover_requested {
+            return Decision::StopAndCopy { reason: SwitchoverReason::Requested };
+        }
         if self.expected_downtime <= self.config.downtime_limit {
             return Decision::StopAndCopy { reason: SwitchoverReason::Converged };
         }

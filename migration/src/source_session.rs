@@ -297,6 +297,11 @@ impl SourceSession {
         &self.precopy
     }
 
+    /// The pre-copy controller, for an operator's changes (downtime limit, switchover).
+    pub fn precopy_mut(&mut self) -> &mut Precopy {
+        &mut self.precopy
+    }
+
     /// The last round the destination reported fully applied.
     pub fn applied_epoch(&self) -> u32 {
         self.answers.applied_epoch()

@@ -230,8 +230,9 @@ fn send(args: SendArgs) -> Result<ExitCode> {
     let cancel = Cancel::new();
     super::control::cancel_on_signals(&cancel)?;
     let status = super::control::Status::default();
+    let tuning = engine::tuning::Tuning::new();
     let _control = match &args.control {
-        Some(path) => Some(super::control::ControlSocket::start(path, cancel.clone(), status.clone())?),
+        Some(path) => Some(super::control::ControlSocket::start(path, cancel.clone(), tuning.clone(), status.clone())?),
         None => None,
     };
     let metrics = super::metrics::MetricsPage::default();
@@ -240,7 +241,9 @@ fn send(args: SendArgs) -> Result<ExitCode> {
         eprintln!("vmigrate: metrics at http://{}/metrics", metrics.serve(address)?);
     }
     let cores = CoreShare::one_end(&args.stack);
-    let config = SourceConfig { cancel: Some(cancel), ..source_config(&args.source, &args.common, cores) };
+    // Only a control socket changes a running migration: without one, no tuning to read.
+    let tuning = args.control.is_some().then_some(tuning);
+    let config = SourceConfig { cancel: Some(cancel), tuning, ..source_config(&args.source, &args.common, cores) };
     let mut progress = report::ProgressView::new(args.common.json);
     let cpu = super::cpu::CpuWindow::start();
     let result = migrate(guest.vm(), &*connector, &config, &mut |p| {

@@ -3,11 +3,17 @@
 //!
 //! The first signal cancels the migration (the source guest runs on; the destination is
 //! told why); a second one ends the process at once. The control socket takes one command
-//! per line: `cancel` cancels, `status` answers with the migration's last progress as JSON.
+//! per line, in the manner of QMP (docs/control.md): a JSON object `{"execute": NAME,
+//! "arguments": {...}}` answered with `{"return": ...}` or `{"error": {"class", "desc"}}`:
+//! `query-migrate`, `migrate_cancel`, `migrate-set-parameters` (`downtime-limit` in ms,
+//! `max-bandwidth` in bytes per second, 0 for none) and `migrate-switchover` (end pre-copy
+//! now). The plain words `cancel` and `status` still work.
 
 use anyhow::{Context, Result};
 use engine::cancel::Cancel;
 use engine::source::Progress;
+use engine::tuning::Tuning;
+use serde_json::{json, Value};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use std::io::{BufRead, BufReader, Write};
@@ -40,17 +46,25 @@ pub struct Status(Arc<Mutex<serde_json::Value>>);
 impl Status {
     pub fn update(&self, progress: &Progress) {
         *self.0.lock().unwrap_or_else(|p| p.into_inner()) = serde_json::json!({
+            "status": "active",
             "round": progress.round,
             "stage": progress.stage,
             "remaining-pages": progress.remaining_pages,
             "transferred": progress.transferred_bytes,
             "mbps": progress.mbps,
             "elapsed-ms": progress.elapsed.as_millis() as u64,
+            "expected-downtime": progress.expected_downtime.as_millis().min(u128::from(u64::MAX)) as u64,
+            "downtime-limit": progress.downtime_limit.as_millis() as u64,
+            "dirty-pages-rate": progress.dirty_pages_rate,
         });
     }
 
     fn json(&self) -> String {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).to_string()
+        self.value().to_string()
+    }
+
+    fn value(&self) -> Value {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
@@ -61,13 +75,13 @@ pub struct ControlSocket {
 
 impl ControlSocket {
     /// Listens on `path` for commands (see the module's description).
-    pub fn start(path: &Path, cancel: Cancel, status: Status) -> Result<ControlSocket> {
+    pub fn start(path: &Path, cancel: Cancel, tuning: Tuning, status: Status) -> Result<ControlSocket> {
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path).with_context(|| format!("control socket {}", path.display()))?;
         std::thread::Builder::new().name("control".into()).spawn(move || {
             for stream in listener.incoming().flatten() {
-                let (cancel, status) = (cancel.clone(), status.clone());
-                std::thread::spawn(move || serve(stream, &cancel, &status));
+                let controls = Controls { cancel: cancel.clone(), tuning: tuning.clone(), status: status.clone() };
+                std::thread::spawn(move || serve(stream, &controls));
             }
         })?;
         Ok(ControlSocket { path: path.to_path_buf() })
@@ -80,22 +94,83 @@ impl Drop for ControlSocket {
     }
 }
 
-fn serve(stream: UnixStream, cancel: &Cancel, status: &Status) {
+/// What the control socket's commands act on.
+struct Controls {
+    cancel: Cancel,
+    tuning: Tuning,
+    status: Status,
+}
+
+fn serve(stream: UnixStream, controls: &Controls) {
     let Ok(mut writer) = stream.try_clone() else { return };
     for line in BufReader::new(stream).lines() {
         let Ok(line) = line else { return };
         let answer = match line.trim() {
+            "" => continue,
             "cancel" => {
-                log::info!("cancel requested on the control socket");
-                cancel.cancel("cancelled on the control socket");
+                cancel(&controls.cancel);
                 "ok".to_string()
             }
-            "status" => status.json(),
-            "" => continue,
-            other => format!("error: unknown command {other:?} (cancel, status)"),
+            "status" => controls.status.json(),
+            json if json.starts_with('{') => execute(json, controls).to_string(),
+            other => format!("error: unknown command {other:?} (cancel, status, or a JSON command)"),
         };
         if writeln!(writer, "{answer}").is_err() {
             return;
         }
+    }
+}
+
+fn cancel(cancel: &Cancel) {
+    log::info!("cancel requested on the control socket");
+    cancel.cancel("cancelled on the control socket");
+}
+
+/// One JSON command, QMP's way: `{"return": ...}` or `{"error": {"class", "desc"}}`.
+fn execute(line: &str, controls: &Controls) -> Value {
+    let error = |class: &str, desc: String| json!({ "error": { "class": class, "desc": desc } });
+    let command: Value = match serde_json::from_str(line) {
+        Ok(command) => command,
+        Err(err) => return error("GenericError", format!("not JSON: {err}")),
+    };
+    let arguments = &command["arguments"];
+    match command["execute"].as_str().unwrap_or_default() {
+        "query-migrate" => json!({ "return": controls.status.value() }),
+        "migrate_cancel" => {
+            cancel(&controls.cancel);
+            json!({ "return": {} })
+        }
+        "migrate-switchover" => {
+            log::info!("switchover asked for on the control socket");
+            controls.tuning.switch_over_now();
+            json!({ "return": {} })
+        }
+        "migrate-set-parameters" => {
+            let number = |name: &'static str| arguments.get(name).map(|v| v.as_u64().ok_or(name));
+            match (number("downtime-limit"), number("max-bandwidth")) {
+                (Some(Err(name)), _) | (_, Some(Err(name))) => {
+                    error("GenericError", format!("{name}: a whole number expected"))
+                }
+                (limit, bandwidth) => {
+                    if let Some(Ok(ms)) = limit {
+                        log::info!("downtime limit set to {ms} ms on the control socket");
+                        controls.tuning.set_downtime_limit(std::time::Duration::from_millis(ms));
+                    }
+                    if let Some(Ok(rate)) = bandwidth {
+                        log::info!("bandwidth cap set to {rate} bytes/s on the control socket (0: none)");
+                        controls.tuning.set_max_bandwidth((rate > 0).then_some(rate));
+                    }
+                    json!({ "return": {} })
+                }
+            }
+        }
+        "" => error("GenericError", "no \"execute\" in the command".into()),
+        other => error(
+            "CommandNotFound",
+            format!(
+                "the command {other} has not been found (query-migrate, migrate_cancel, migrate-set-parameters, \
+                 migrate-switchover)"
+            ),
+        ),
     }
 }

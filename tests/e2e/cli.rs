@@ -493,6 +493,77 @@ fn cancel_a_running_send(how: &str) {
     assert!(destination_error.contains("the source aborted: migration cancelled"), "{how}: {destination_error}");
 }
 
+/// One JSON command on a control socket: its answer.
+fn control_command(socket: &std::path::Path, command: &str) -> serde_json::Value {
+    let stream = std::os::unix::net::UnixStream::connect(socket).expect("control socket");
+    let mut writer = stream.try_clone().expect("clone");
+    writeln!(writer, "{command}").expect("command");
+    let mut line = String::new();
+    std::io::BufReader::new(stream).read_line(&mut line).expect("answer");
+    json(&line)
+}
+
+/// Bytes per second the migration moved over `span`, by `query-migrate`.
+fn rate_over(socket: &std::path::Path, span: Duration) -> f64 {
+    let query = r#"{"execute": "query-migrate"}"#;
+    let before = control_command(socket, query)["return"].clone();
+    std::thread::sleep(span);
+    let after = control_command(socket, query)["return"].clone();
+    let bytes = after["transferred"].as_f64().unwrap() - before["transferred"].as_f64().unwrap();
+    let ms = after["elapsed-ms"].as_f64().unwrap() - before["elapsed-ms"].as_f64().unwrap();
+    bytes / ms.max(1.0) * 1000.0
+}
+
+#[test]
+fn the_control_socket_changes_a_running_migration() {
+    let receiver = Receiver::start(BIN, &["--json", "--run-after", "0.3"]);
+    let control = std::env::temp_dir().join(format!("vmigrate-tune-{}.sock", std::process::id()));
+    // 256 MiB at 800 Mbit/s, pages as they are, a guest that dirties little.
+    let send = Command::new(BIN)
+        .args(["send", "--to", &receiver.address, "--mem", "256MiB", "--workload", "seq:1000", "--verify", "--json"])
+        .args(["--codec", "none", "--max-bandwidth", "800mbit"])
+        .arg("--control")
+        .arg(format!("unix:{}", control.display()))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start send");
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while !control.exists() || control_command(&control, r#"{"execute": "query-migrate"}"#)["return"]["stage"] != "bulk"
+    {
+        assert!(std::time::Instant::now() < deadline, "the migration never got going");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let unknown = control_command(&control, r#"{"execute": "migrate-pause"}"#);
+    assert_eq!(unknown["error"]["class"], "CommandNotFound", "{unknown}");
+    // A lower cap slows the running migration at once: 800 Mbit/s to 80.
+    let fast = rate_over(&control, Duration::from_millis(600));
+    let set =
+        control_command(&control, r#"{"execute": "migrate-set-parameters", "arguments": {"max-bandwidth": 10000000}}"#);
+    assert_eq!(set, serde_json::json!({ "return": {} }));
+    std::thread::sleep(Duration::from_millis(200));
+    let slow = rate_over(&control, Duration::from_millis(600));
+    eprintln!("rate {fast:.0} B/s, then {slow:.0} B/s under a cap of 10 MB/s");
+    assert!(slow < fast / 3.0, "the rate went from {fast:.0} to {slow:.0} B/s under a cap of 10 MB/s");
+    // The cap lifted and the switchover forced: the bulk round ends where it stands and
+    // the rest goes in the stop-and-copy.
+    control_command(
+        &control,
+        r#"{"execute": "migrate-set-parameters", "arguments": {"max-bandwidth": 0, "downtime-limit": 5000}}"#,
+    );
+    let forced = control_command(&control, r#"{"execute": "migrate-switchover"}"#);
+    assert_eq!(forced, serde_json::json!({ "return": {} }));
+    let sent = vmigrate_tests::process::wait(send, DEADLINE, String::new());
+    let received = receiver.wait(DEADLINE);
+    let (report, _) = assert_migrated(&sent, &received);
+    let rounds = report["rounds"].as_array().expect("rounds");
+    assert_eq!(rounds.len(), 2, "the bulk round, then the stop-and-copy: {rounds:?}");
+    let (bulk, last) = (rounds[0]["pages"].as_u64().unwrap(), rounds[1]["pages"].as_u64().unwrap());
+    assert!(bulk < 65_536, "the bulk round sent all {bulk} pages: it was not cut short");
+    assert!(bulk + last >= 65_536, "{bulk} + {last} pages: some were lost");
+    eprintln!("switchover forced: {bulk} pages in the bulk round, {last} in the stop-and-copy");
+}
+
 #[test]
 fn sigint_sigterm_and_the_control_socket_cancel_a_migration() {
     for how in ["SIGINT", "SIGTERM", "control"] {

@@ -255,7 +255,11 @@ fn run_session(
     let probes = connections.iter().map(|c| c.probe.clone()).collect();
     let abort = Arc::new(SessionAbort::new());
     let mut links = Links::new(abort.clone(), count, FRAME_RING_CAPACITY, 2 * config.compress_threads);
-    links.limiter = config.max_bandwidth_bytes_per_s.map(RateLimiter::new);
+    // With a tuning handle the cap may be set or changed later: a limiter from the start.
+    links.limiter = match &config.tuning {
+        Some(_) => Some(RateLimiter::with_rate(config.max_bandwidth_bytes_per_s)),
+        None => config.max_bandwidth_bytes_per_s.map(RateLimiter::new),
+    };
     let shared = Shared {
         abort,
         config,

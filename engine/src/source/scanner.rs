@@ -61,6 +61,9 @@ pub(super) struct Scanner<'s, 'a> {
     totals: EncodeCounters,
     last_progress: Instant,
     cleaned_up: bool,
+    /// The round under way stopped handing out pages early (a switchover asked for): the
+    /// pages it left are still set in the bitmaps.
+    round_cut: bool,
 }
 
 impl<'s, 'a> Scanner<'s, 'a> {
@@ -90,6 +93,7 @@ impl<'s, 'a> Scanner<'s, 'a> {
             totals: EncodeCounters::default(),
             last_progress: Instant::now(),
             cleaned_up: false,
+            round_cut: false,
         }
     }
 
@@ -124,12 +128,17 @@ impl<'s, 'a> Scanner<'s, 'a> {
     fn send_round(&mut self, epoch: u32, stage: &'static str, pages: u64) -> Result<(), MigrationError> {
         let shared = self.shared;
         let mut remaining = pages;
+        // A switchover asked for cuts a pre-copy round short (never the stop-and-copy's).
+        let tuning = shared.config.tuning.clone().filter(|_| stage != "stop-and-copy");
+        self.round_cut = false;
         for region in 0..self.bitmaps.len() {
             let mut batch = shared.job_pool.take(|| Vec::with_capacity(MAX_ENTRIES_PER_BATCH));
             let mut failed = Ok(());
-            let bitmap = std::mem::take(&mut self.bitmaps[region]);
+            // The first page the round did not hand out, when it was cut there.
+            let mut cut_at = None;
+            let mut bitmap = std::mem::take(&mut self.bitmaps[region]);
             for_each_set_bit(&bitmap, |page| {
-                if failed.is_err() {
+                if failed.is_err() || cut_at.is_some() {
                     return;
                 }
                 batch.push(page as u32);
@@ -141,8 +150,17 @@ impl<'s, 'a> Scanner<'s, 'a> {
                     );
                     failed = self.dispatch(epoch, region as u16, full);
                     self.maybe_report(epoch, stage, remaining);
+                    if tuning.as_ref().is_some_and(|t| t.switchover_asked()) {
+                        cut_at = Some(page + 1);
+                    }
                 }
             });
+            if let Some(at) = cut_at {
+                // What was handed out is sent; what was not stays dirty for the switchover.
+                clear_below(&mut bitmap, at);
+                self.bitmaps[..region].iter_mut().for_each(|sent| sent.fill(0));
+                self.round_cut = true;
+            }
             self.bitmaps[region] = bitmap;
             failed?;
             if batch.is_empty() {
@@ -150,6 +168,9 @@ impl<'s, 'a> Scanner<'s, 'a> {
             } else {
                 remaining -= batch.len() as u64;
                 self.dispatch(epoch, region as u16, batch)?;
+            }
+            if self.round_cut {
+                break;
             }
         }
         // Round barrier, source side: all of this round's batches are queued before any
@@ -187,6 +208,11 @@ impl<'s, 'a> Scanner<'s, 'a> {
     }
 
     fn maybe_report(&mut self, round: u32, stage: &'static str, remaining_pages: u64) {
+        // An operator's new bandwidth cap takes effect at once.
+        let tuning = self.shared.config.tuning.as_ref();
+        if let (Some(rate), Some(limiter)) = (tuning.and_then(|t| t.take_max_bandwidth()), &self.shared.links.limiter) {
+            limiter.set_rate(rate);
+        }
         if self.last_progress.elapsed() < PROGRESS_INTERVAL {
             return;
         }
@@ -377,7 +403,8 @@ impl<'s, 'a> Scanner<'s, 'a> {
         self.send_round(epoch, stage, pages)?;
         self.close_round(epoch)?;
         let counters = self.take_round_counters();
-        let dirty = self.sync(false);
+        // A round cut short left pages to send: the new dirty pages join them.
+        let dirty = self.sync(self.round_cut);
         let duration = round_start.elapsed();
         self.stats.ram.dirty_pages_rate = (dirty as f64 / duration.as_secs_f64().max(1e-6)) as u64;
         let backlog_bytes =
@@ -393,6 +420,14 @@ impl<'s, 'a> Scanner<'s, 'a> {
         let now = self.now();
         let precopy = {
             let mut session = self.session();
+            if let Some(tuning) = &self.shared.config.tuning {
+                if let Some(limit) = tuning.take_downtime_limit() {
+                    session.precopy_mut().set_downtime_limit(limit);
+                }
+                if tuning.switchover_asked() {
+                    session.precopy_mut().request_switchover();
+                }
+            }
             session.handle_round_sent(report, now)?;
             session.precopy().clone()
         };
@@ -516,5 +551,34 @@ impl<'s, 'a> Scanner<'s, 'a> {
         self.cleaned_up = true;
         self.stats.cleanup_time_us = start.elapsed().as_micros() as u64;
         self.stats.cleanup_in_downtime = in_downtime;
+    }
+}
+
+/// Clears the bits of pages below `page` in `bitmap`.
+fn clear_below(bitmap: &mut [u64], page: u64) {
+    let (words, bits) = ((page / 64) as usize, page % 64);
+    let words = words.min(bitmap.len());
+    bitmap[..words].fill(0);
+    if let Some(word) = bitmap.get_mut(words) {
+        *word &= !((1u64 << bits) - 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::clear_below;
+
+    #[test]
+    fn a_cut_round_keeps_the_pages_it_did_not_hand_out() {
+        let mut bitmap = vec![u64::MAX; 3];
+        clear_below(&mut bitmap, 70);
+        assert_eq!(bitmap, [0, !((1u64 << 6) - 1), u64::MAX]);
+        let mut bitmap = vec![u64::MAX; 2];
+        clear_below(&mut bitmap, 128);
+        assert_eq!(bitmap, [0, 0], "past the end: all handed out");
+        clear_below(&mut bitmap, 0);
+        let mut full = vec![u64::MAX; 1];
+        clear_below(&mut full, 0);
+        assert_eq!(full, [u64::MAX], "nothing handed out");
     }
 }
