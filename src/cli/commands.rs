@@ -231,8 +231,15 @@ fn send(args: SendArgs) -> Result<ExitCode> {
     super::control::cancel_on_signals(&cancel)?;
     let status = super::control::Status::default();
     let tuning = engine::tuning::Tuning::new();
+    let events = super::control::Events::default();
     let _control = match &args.control {
-        Some(path) => Some(super::control::ControlSocket::start(path, cancel.clone(), tuning.clone(), status.clone())?),
+        Some(path) => Some(super::control::ControlSocket::start(
+            path,
+            cancel.clone(),
+            tuning.clone(),
+            status.clone(),
+            events.clone(),
+        )?),
         None => None,
     };
     let metrics = super::metrics::MetricsPage::default();
@@ -249,9 +256,17 @@ fn send(args: SendArgs) -> Result<ExitCode> {
     let result = migrate(guest.vm(), &*connector, &config, &mut |p| {
         status.update(p);
         metrics.update(p);
+        events.progress(p);
         progress.update(p)
     });
     progress.finish();
+    let ended = match &result {
+        Ok(_) => "completed",
+        Err(engine::MigrationError::Cancelled(_)) => "cancelled",
+        Err(engine::MigrationError::Aborted { kind: transport::abort::AbortKind::Cancelled, .. }) => "cancelled",
+        Err(_) => "failed",
+    };
+    events.emit("MIGRATION", serde_json::json!({ "status": ended }));
     match result {
         Ok(mut stats) => {
             stats.cpu_seconds = Some(cpu.seconds());

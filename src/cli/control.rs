@@ -7,7 +7,10 @@
 //! "arguments": {...}}` answered with `{"return": ...}` or `{"error": {"class", "desc"}}`:
 //! `query-migrate`, `migrate_cancel`, `migrate-set-parameters` (`downtime-limit` in ms,
 //! `max-bandwidth` in bytes per second, 0 for none) and `migrate-switchover` (end pre-copy
-//! now). The plain words `cancel` and `status` still work.
+//! now). The plain words `cancel` and `status` still work. A client that sends
+//! `qmp_capabilities` (as a QMP client does first) also gets QMP's events from then on,
+//! each on a line of its own: `MIGRATION` when the state changes (active, completed,
+//! failed, cancelled), `MIGRATION_PASS` when a round begins.
 
 use anyhow::{Context, Result};
 use engine::cancel::Cancel;
@@ -19,7 +22,9 @@ use signal_hook::iterator::Signals;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Turns SIGINT and SIGTERM into a cancel of `cancel`.
 pub fn cancel_on_signals(cancel: &Cancel) -> Result<()> {
@@ -68,6 +73,52 @@ impl Status {
     }
 }
 
+/// The control socket's clients, to send QMP-style events to.
+#[derive(Clone, Default)]
+pub struct Events {
+    clients: Arc<Mutex<Vec<Client>>>,
+    /// The last round announced (0: none yet, the migration not yet active).
+    pass: Arc<AtomicU32>,
+}
+
+/// A client's write side, shared by its answers and the events.
+type Client = Arc<Mutex<UnixStream>>;
+
+impl Events {
+    /// Sends `{"event": NAME, "data": DATA, "timestamp": ...}` to every client (one that
+    /// has gone is dropped).
+    pub fn emit(&self, name: &str, data: Value) {
+        let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let line = json!({
+            "event": name,
+            "data": data,
+            "timestamp": { "seconds": since.as_secs(), "microseconds": since.subsec_micros() },
+        })
+        .to_string();
+        lock(&self.clients).retain(|client| writeln!(lock(client), "{line}").is_ok());
+    }
+
+    /// From a progress report: `MIGRATION` active with the first one, `MIGRATION_PASS`
+    /// with each new round.
+    pub fn progress(&self, progress: &Progress) {
+        let before = self.pass.swap(progress.round, Ordering::AcqRel);
+        if before == 0 {
+            self.emit("MIGRATION", json!({ "status": "active" }));
+        }
+        if progress.round != before {
+            self.emit("MIGRATION_PASS", json!({ "pass": progress.round }));
+        }
+    }
+
+    fn join(&self, client: Client) {
+        lock(&self.clients).push(client);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A control socket, removed when dropped.
 pub struct ControlSocket {
     path: PathBuf,
@@ -75,12 +126,17 @@ pub struct ControlSocket {
 
 impl ControlSocket {
     /// Listens on `path` for commands (see the module's description).
-    pub fn start(path: &Path, cancel: Cancel, tuning: Tuning, status: Status) -> Result<ControlSocket> {
+    pub fn start(path: &Path, cancel: Cancel, tuning: Tuning, status: Status, events: Events) -> Result<ControlSocket> {
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path).with_context(|| format!("control socket {}", path.display()))?;
         std::thread::Builder::new().name("control".into()).spawn(move || {
             for stream in listener.incoming().flatten() {
-                let controls = Controls { cancel: cancel.clone(), tuning: tuning.clone(), status: status.clone() };
+                let controls = Controls {
+                    cancel: cancel.clone(),
+                    tuning: tuning.clone(),
+                    status: status.clone(),
+                    events: events.clone(),
+                };
                 std::thread::spawn(move || serve(stream, &controls));
             }
         })?;
@@ -99,10 +155,12 @@ struct Controls {
     cancel: Cancel,
     tuning: Tuning,
     status: Status,
+    events: Events,
 }
 
 fn serve(stream: UnixStream, controls: &Controls) {
-    let Ok(mut writer) = stream.try_clone() else { return };
+    let Ok(writer) = stream.try_clone() else { return };
+    let writer: Client = Arc::new(Mutex::new(writer));
     for line in BufReader::new(stream).lines() {
         let Ok(line) = line else { return };
         let answer = match line.trim() {
@@ -112,10 +170,17 @@ fn serve(stream: UnixStream, controls: &Controls) {
                 "ok".to_string()
             }
             "status" => controls.status.json(),
-            json if json.starts_with('{') => execute(json, controls).to_string(),
+            json if json.starts_with('{') => {
+                let answer = execute(json, controls);
+                if answer.get("return").is_some() && json.contains("\"qmp_capabilities\"") {
+                    // Command mode, as QMP's: the events from now on.
+                    controls.events.join(writer.clone());
+                }
+                answer.to_string()
+            }
             other => format!("error: unknown command {other:?} (cancel, status, or a JSON command)"),
         };
-        if writeln!(writer, "{answer}").is_err() {
+        if writeln!(lock(&writer), "{answer}").is_err() {
             return;
         }
     }
@@ -135,6 +200,7 @@ fn execute(line: &str, controls: &Controls) -> Value {
     };
     let arguments = &command["arguments"];
     match command["execute"].as_str().unwrap_or_default() {
+        "qmp_capabilities" => json!({ "return": {} }),
         "query-migrate" => json!({ "return": controls.status.value() }),
         "migrate_cancel" => {
             cancel(&controls.cancel);
@@ -168,8 +234,8 @@ fn execute(line: &str, controls: &Controls) -> Value {
         other => error(
             "CommandNotFound",
             format!(
-                "the command {other} has not been found (query-migrate, migrate_cancel, migrate-set-parameters, \
-                 migrate-switchover)"
+                "the command {other} has not been found (qmp_capabilities, query-migrate, migrate_cancel, \
+                 migrate-set-parameters, migrate-switchover)"
             ),
         ),
     }

@@ -534,6 +534,12 @@ fn the_control_socket_changes_a_running_migration() {
         assert!(std::time::Instant::now() < deadline, "the migration never got going");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // A client in QMP's command mode only listens from then on: it gets the events.
+    let mut listener = std::os::unix::net::UnixStream::connect(&control).expect("control socket");
+    writeln!(listener, r#"{{"execute": "qmp_capabilities"}}"#).expect("qmp_capabilities");
+    let mut lines = std::io::BufReader::new(listener).lines().map_while(Result::ok);
+    assert_eq!(json(&lines.next().expect("an answer")), serde_json::json!({ "return": {} }));
+    let events = std::thread::spawn(move || lines.map(|l| json(&l)).collect::<Vec<_>>());
     let unknown = control_command(&control, r#"{"execute": "migrate-pause"}"#);
     assert_eq!(unknown["error"]["class"], "CommandNotFound", "{unknown}");
     // A lower cap slows the running migration at once: 800 Mbit/s to 80.
@@ -562,6 +568,11 @@ fn the_control_socket_changes_a_running_migration() {
     assert!(bulk < 65_536, "the bulk round sent all {bulk} pages: it was not cut short");
     assert!(bulk + last >= 65_536, "{bulk} + {last} pages: some were lost");
     eprintln!("switchover forced: {bulk} pages in the bulk round, {last} in the stop-and-copy");
+    // QMP's events, stamped: the last says the migration completed.
+    let events = events.join().expect("the listening client");
+    assert!(events.iter().all(|e| e["event"].is_string() && e["timestamp"]["seconds"].is_u64()), "{events:?}");
+    let last = events.last().expect("no event");
+    assert_eq!((&last["event"], &last["data"]["status"]), (&"MIGRATION".into(), &"completed".into()), "{events:?}");
 }
 
 #[test]
