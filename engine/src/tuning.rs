@@ -1,7 +1,7 @@
 //! Changes an operator makes to a running migration (a control socket's commands): a new
 //! downtime limit, a new bandwidth cap, a switchover now. Shared like [`crate::cancel::Cancel`]:
 //! the caller keeps a clone and sets; the source's scanner reads it between batches and at
-//! each round's end.
+//! each round's end (`qemu-migrate` reads it too, and hands the changes to QEMU).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -62,14 +62,15 @@ impl Tuning {
         self.inner.switchover.load(Ordering::Acquire)
     }
 
-    /// A new downtime limit, once.
-    pub(crate) fn take_downtime_limit(&self) -> Option<Duration> {
+    /// A new downtime limit, once (for whoever applies it: the engine, or a relay's
+    /// orchestrator handing it to QEMU).
+    pub fn take_downtime_limit(&self) -> Option<Duration> {
         let ms = self.inner.downtime_limit_ms.swap(UNSET, Ordering::AcqRel);
         (ms != UNSET).then(|| Duration::from_millis(ms))
     }
 
     /// A new bandwidth cap, once: `Some(None)` lifts it.
-    pub(crate) fn take_max_bandwidth(&self) -> Option<Option<u64>> {
+    pub fn take_max_bandwidth(&self) -> Option<Option<u64>> {
         let rate = self.inner.max_bandwidth.swap(UNSET, Ordering::AcqRel);
         (rate != UNSET).then_some((rate != 0).then_some(rate))
     }

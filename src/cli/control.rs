@@ -64,6 +64,11 @@ impl Status {
         });
     }
 
+    /// The status as it stands, whole (QEMU's own `query-migrate`, for `qemu-migrate`).
+    pub fn set(&self, value: Value) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = value;
+    }
+
     fn json(&self) -> String {
         self.value().to_string()
     }

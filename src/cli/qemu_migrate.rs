@@ -4,6 +4,7 @@
 //! final figures printed beside the relays'.
 
 use super::args::QemuMigrateArgs;
+use super::control::{ControlSocket, Events, Status};
 use super::exit::{Exit, Failure};
 use super::relay::{encoding, print_report, report_json, timeouts};
 use super::stacks::{connector_for, seconds};
@@ -13,6 +14,7 @@ use ::relay::source::{SourceRelay, SourceRelayConfig};
 use ::relay::{RelayFailure, RelayReport};
 use anyhow::{bail, Context, Result};
 use engine::cancel::Cancel;
+use engine::tuning::Tuning;
 use serde_json::{json, Value};
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -81,10 +83,9 @@ pub fn qemu_migrate(args: QemuMigrateArgs) -> Result<ExitCode> {
     source.execute("migrate", json!({ "uri": format!("unix:{}", relay_socket.display()) })).context("migrate")?;
 
     // SIGINT or SIGTERM cancels QEMU's migration (the source guest runs on); a second one
-    // quits at once.
-    let cancel = Cancel::new();
-    super::control::cancel_on_signals(&cancel)?;
-    let info = follow(&mut source, seconds("--timeout", args.timeout)?, &cancel, args.relay.json)?;
+    // quits at once. The control socket's commands go to the source QEMU.
+    let (watch, _control) = Watch::start(args.control.as_deref())?;
+    let info = follow(&mut source, seconds("--timeout", args.timeout)?, &watch, args.relay.json)?;
     let source_report = source_relay.join().unwrap_or_else(|_| Err(RelayFailure::Local("the relay panicked".into())));
     let destination_report = destination_relay
         .map(|thread| thread.join().unwrap_or_else(|_| Err(RelayFailure::Local("the relay panicked".into()))));
@@ -143,19 +144,65 @@ fn configure(qmp: &mut Qmp, args: &QemuMigrateArgs) -> Result<()> {
 
 /// Polls `query-migrate` until the migration ends, showing progress on a terminal; past
 /// `timeout`, or when `cancel` is, the migration is cancelled on the source QEMU.
-fn follow(source: &mut Qmp, timeout: Duration, cancel: &Cancel, json: bool) -> Result<Value> {
+/// What an operator reaches the running migration by: signals and the control socket.
+#[derive(Default)]
+struct Watch {
+    cancel: Cancel,
+    tuning: Tuning,
+    status: Status,
+    events: Events,
+}
+
+impl Watch {
+    /// Signals and (with `control`) the control socket, watched until dropped.
+    fn start(control: Option<&std::path::Path>) -> Result<(Watch, Option<ControlSocket>)> {
+        let watch = Watch::default();
+        super::control::cancel_on_signals(&watch.cancel)?;
+        let socket = match control {
+            Some(path) => Some(ControlSocket::start(
+                path,
+                watch.cancel.clone(),
+                watch.tuning.clone(),
+                watch.status.clone(),
+                watch.events.clone(),
+            )?),
+            None => None,
+        };
+        Ok((watch, socket))
+    }
+}
+
+/// QEMU's largest downtime limit (2000 s): with it QEMU switches over at its next
+/// iteration, whatever is left, which is how a switchover is forced on QEMU 7.2.
+const FORCE_DOWNTIME_MS: u64 = 2_000_000;
+
+fn follow(source: &mut Qmp, timeout: Duration, watch: &Watch, json: bool) -> Result<Value> {
     let bar = (!json && std::io::stderr().is_terminal()).then(super::logging::spinner);
     let started = Instant::now();
-    let mut cancelled = false;
+    let cancel = &watch.cancel;
+    let (mut cancelled, mut forced) = (false, false);
+    let (mut last_status, mut last_pass) = (String::new(), 0);
     loop {
         let info = source.execute("query-migrate", json!({}))?;
         let status = info["status"].as_str().unwrap_or("");
+        watch.status.set(info.clone());
+        // A pass before the state it led to: "completed" comes last.
+        let pass = info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
+        if pass != last_pass {
+            watch.events.emit("MIGRATION_PASS", json!({ "pass": pass }));
+            last_pass = pass;
+        }
+        if status != last_status {
+            watch.events.emit("MIGRATION", json!({ "status": status }));
+            last_status = status.to_string();
+        }
         if matches!(status, "completed" | "failed" | "cancelled") {
             if let Some(bar) = &bar {
                 bar.finish_and_clear();
             }
             return Ok(info);
         }
+        tune(source, &watch.tuning, &mut forced)?;
         if let Some(bar) = &bar {
             let ram = &info["ram"];
             let mib = |key: &str| ram[key].as_u64().unwrap_or(0) as f64 / (1u64 << 20) as f64;
@@ -180,6 +227,28 @@ fn follow(source: &mut Qmp, timeout: Duration, cancel: &Cancel, json: bool) -> R
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// The control socket's changes, handed to the source QEMU: a new downtime limit or
+/// bandwidth cap, a switchover forced (once) by QEMU's largest downtime limit.
+fn tune(source: &mut Qmp, tuning: &Tuning, forced: &mut bool) -> Result<()> {
+    let mut parameters = serde_json::Map::new();
+    if let Some(limit) = tuning.take_downtime_limit() {
+        parameters.insert("downtime-limit".into(), (limit.as_millis() as u64).min(FORCE_DOWNTIME_MS).into());
+    }
+    if let Some(rate) = tuning.take_max_bandwidth() {
+        // QEMU has no "no cap": its largest.
+        parameters.insert("max-bandwidth".into(), rate.unwrap_or(i64::MAX as u64).into());
+    }
+    if tuning.switchover_asked() && !*forced {
+        parameters.insert("downtime-limit".into(), FORCE_DOWNTIME_MS.into());
+        *forced = true;
+    }
+    if !parameters.is_empty() {
+        log::info!("control socket: {} on the source QEMU", Value::Object(parameters.clone()));
+        source.execute("migrate-set-parameters", Value::Object(parameters)).context("migrate-set-parameters")?;
+    }
+    Ok(())
 }
 
 /// QEMU's figures, under QEMU's names.

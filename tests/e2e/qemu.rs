@@ -7,6 +7,7 @@
 //! destination is let go and its serial markers must continue. Needs QEMU (and root for
 //! the namespaces); a run without them says SKIPPED.
 
+use std::io::{BufRead, Write};
 use std::process::Command;
 use std::time::Duration;
 use vmigrate_tests::netns::Namespaces;
@@ -283,4 +284,69 @@ fn qemu_migrate_drives_both_qemus_and_the_relays() {
         "qemu-migrate left its sockets behind in {}",
         temp.display()
     );
+}
+
+#[test]
+fn qemu_migrate_takes_control_commands() {
+    if !qemu_available() {
+        eprintln!("SKIPPED qemu_migrate_takes_control_commands: QEMU not installed (qemu-system-x86)");
+        return;
+    }
+    let dir = tempdir(&format!("{}-controlled", std::process::id()));
+    let image = sweeper_image(&dir);
+    let source = Vm::start(&dir, "source", &image, false);
+    let destination = Vm::start(&dir, "destination", &image, true);
+    let (mut source_qmp, mut destination_qmp) = (source.qmp(), destination.qmp());
+    assert!(source.wait_markers_above(0, Duration::from_secs(30)), "the source guest never swept");
+    let socket = |vm: &Vm| format!("unix:{}", vm.control_socket().display());
+    let control = dir.join("control.sock");
+    // 40 Mbit/s: the guest's 100 MiB of pages would take some 20 s.
+    let migrate = Command::new(BIN)
+        .args(["qemu-migrate", "--src-qmp", &socket(&source), "--dst-qmp", &socket(&destination)])
+        .args(["--codec", "none", "--max-bandwidth", "40mbit", "--json", "--control"])
+        .arg(format!("unix:{}", control.display()))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start qemu-migrate");
+    let ask = |command: &str| {
+        let stream = std::os::unix::net::UnixStream::connect(&control).expect("control socket");
+        let mut writer = stream.try_clone().expect("clone");
+        writeln!(writer, "{command}").expect("command");
+        let mut line = String::new();
+        std::io::BufReader::new(stream).read_line(&mut line).expect("answer");
+        json(&line)
+    };
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while !control.exists() || ask(r#"{"execute": "query-migrate"}"#)["return"]["status"] != "active" {
+        assert!(std::time::Instant::now() < deadline, "the migration never became active");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut listener = std::os::unix::net::UnixStream::connect(&control).expect("control socket");
+    writeln!(listener, r#"{{"execute": "qmp_capabilities"}}"#).expect("qmp_capabilities");
+    let mut lines = std::io::BufReader::new(listener).lines().map_while(Result::ok);
+    assert_eq!(json(&lines.next().expect("an answer")), serde_json::json!({ "return": {} }));
+    let events = std::thread::spawn(move || lines.map(|l| json(&l)).collect::<Vec<_>>());
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(ask(r#"{"execute": "migrate-switchover"}"#), serde_json::json!({ "return": {} }));
+    let finished = vmigrate_tests::process::wait(migrate, DEADLINE, String::new());
+    assert!(finished.status.success(), "qemu-migrate failed:\n{}", finished.stderr);
+    let report = json(&finished.stdout);
+    assert_eq!(report["qemu"]["status"], "completed", "{report}");
+    // Forced QEMU's way: its largest downtime limit, and what was left went in the downtime.
+    let parameters = source_qmp.execute("query-migrate-parameters", serde_json::json!({})).expect("parameters");
+    assert_eq!(parameters["downtime-limit"], 2_000_000, "{parameters}");
+    let ram = &report["qemu"]["ram"];
+    eprintln!(
+        "forced: {} ms in all, downtime {} ms, {} bytes in the downtime of {}",
+        report["qemu"]["total-time"], report["qemu"]["downtime"], ram["downtime-bytes"], ram["transferred"]
+    );
+    // At once: most of the pages went in the downtime, not at 40 Mbit/s before it.
+    let (downtime_bytes, transferred) = (ram["downtime-bytes"].as_u64().unwrap(), ram["transferred"].as_u64().unwrap());
+    assert!(downtime_bytes > transferred / 2, "{downtime_bytes} of {transferred} bytes in the downtime");
+    let events = events.join().expect("the listening client");
+    let last = events.last().expect("no event");
+    assert_eq!((&last["event"], &last["data"]["status"]), (&"MIGRATION".into(), &"completed".into()), "{events:?}");
+    check_migrated(&source, &destination, &mut source_qmp, &mut destination_qmp);
+    let _ = std::fs::remove_dir_all(&dir);
 }

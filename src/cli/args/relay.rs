@@ -60,6 +60,10 @@ pub struct QemuMigrateArgs {
     /// Seconds after which an unfinished migration is cancelled.
     #[arg(long, default_value_t = 3600.0)]
     pub timeout: f64,
+    /// A control socket (`unix:PATH`) taking QMP-style commands while the migration runs,
+    /// as `send`'s (docs/control.md); they go to the source QEMU.
+    #[arg(long, value_parser = parse_unix)]
+    pub control: Option<PathBuf>,
     #[command(flatten)]
     pub relay: RelayOptions,
     /// The source relay's stack (with --to).
