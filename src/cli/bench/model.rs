@@ -175,13 +175,15 @@ pub fn calibrate(pages: &[Vec<u8>]) -> Vec<StageRate> {
 
 /// The model's table.
 pub fn table(guest: &str, rates: &[StageRate]) -> String {
+    // As wide as the longest stage's name ("shuffle-zstd:1 decompress"), so columns line up.
+    let width = rates.iter().map(|r| r.stage.len()).max().unwrap_or(0).max("stage".len());
     let mut out = format!(
-        "{guest} guest, one core per stage:\n{:<20} {:<12} {:>12} {:>7} {:>12} {:>12}\n",
+        "{guest} guest, one core per stage:\n{:<width$} {:<12} {:>12} {:>7} {:>12} {:>12}\n",
         "stage", "side", "GB/s/core", "ratio", "cores 10G", "cores 40G"
     );
     for r in rates {
         out += &format!(
-            "{:<20} {:<12} {:>12.2} {:>7.2} {:>12.2} {:>12.2}\n",
+            "{:<width$} {:<12} {:>12.2} {:>7.2} {:>12.2} {:>12.2}\n",
             r.stage,
             r.side,
             r.bytes_per_s / 1e9,
