@@ -4,6 +4,7 @@
 use std::io::{BufRead, Write};
 use std::process::Command;
 use std::time::Duration;
+use vmigrate_tests::control::{self, assert_ends_completed, listen_for_events};
 use vmigrate_tests::process::{assert_large_segments_both_ways, assert_migrated, is_root, json, run, Receiver};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vmigrate");
@@ -493,22 +494,12 @@ fn cancel_a_running_send(how: &str) {
     assert!(destination_error.contains("the source aborted: migration cancelled"), "{how}: {destination_error}");
 }
 
-/// One JSON command on a control socket: its answer.
-fn control_command(socket: &std::path::Path, command: &str) -> serde_json::Value {
-    let stream = std::os::unix::net::UnixStream::connect(socket).expect("control socket");
-    let mut writer = stream.try_clone().expect("clone");
-    writeln!(writer, "{command}").expect("command");
-    let mut line = String::new();
-    std::io::BufReader::new(stream).read_line(&mut line).expect("answer");
-    json(&line)
-}
-
 /// Bytes per second the migration moved over `span`, by `query-migrate`.
 fn rate_over(socket: &std::path::Path, span: Duration) -> f64 {
     let query = r#"{"execute": "query-migrate"}"#;
-    let before = control_command(socket, query)["return"].clone();
+    let before = control::command(socket, query)["return"].clone();
     std::thread::sleep(span);
-    let after = control_command(socket, query)["return"].clone();
+    let after = control::command(socket, query)["return"].clone();
     let bytes = after["transferred"].as_f64().unwrap() - before["transferred"].as_f64().unwrap();
     let ms = after["elapsed-ms"].as_f64().unwrap() - before["elapsed-ms"].as_f64().unwrap();
     bytes / ms.max(1.0) * 1000.0
@@ -529,23 +520,22 @@ fn the_control_socket_changes_a_running_migration() {
         .spawn()
         .expect("start send");
     let deadline = std::time::Instant::now() + DEADLINE;
-    while !control.exists() || control_command(&control, r#"{"execute": "query-migrate"}"#)["return"]["stage"] != "bulk"
+    while !control.exists()
+        || control::command(&control, r#"{"execute": "query-migrate"}"#)["return"]["stage"] != "bulk"
     {
         assert!(std::time::Instant::now() < deadline, "the migration never got going");
         std::thread::sleep(Duration::from_millis(50));
     }
     // A client in QMP's command mode only listens from then on: it gets the events.
-    let mut listener = std::os::unix::net::UnixStream::connect(&control).expect("control socket");
-    writeln!(listener, r#"{{"execute": "qmp_capabilities"}}"#).expect("qmp_capabilities");
-    let mut lines = std::io::BufReader::new(listener).lines().map_while(Result::ok);
-    assert_eq!(json(&lines.next().expect("an answer")), serde_json::json!({ "return": {} }));
-    let events = std::thread::spawn(move || lines.map(|l| json(&l)).collect::<Vec<_>>());
-    let unknown = control_command(&control, r#"{"execute": "migrate-pause"}"#);
+    let events = listen_for_events(&control);
+    let unknown = control::command(&control, r#"{"execute": "migrate-pause"}"#);
     assert_eq!(unknown["error"]["class"], "CommandNotFound", "{unknown}");
     // A lower cap slows the running migration at once: 800 Mbit/s to 80.
     let fast = rate_over(&control, Duration::from_millis(600));
-    let set =
-        control_command(&control, r#"{"execute": "migrate-set-parameters", "arguments": {"max-bandwidth": 10000000}}"#);
+    let set = control::command(
+        &control,
+        r#"{"execute": "migrate-set-parameters", "arguments": {"max-bandwidth": 10000000}}"#,
+    );
     assert_eq!(set, serde_json::json!({ "return": {} }));
     std::thread::sleep(Duration::from_millis(200));
     let slow = rate_over(&control, Duration::from_millis(600));
@@ -553,11 +543,11 @@ fn the_control_socket_changes_a_running_migration() {
     assert!(slow < fast / 3.0, "the rate went from {fast:.0} to {slow:.0} B/s under a cap of 10 MB/s");
     // The cap lifted and the switchover forced: the bulk round ends where it stands and
     // the rest goes in the stop-and-copy.
-    control_command(
+    control::command(
         &control,
         r#"{"execute": "migrate-set-parameters", "arguments": {"max-bandwidth": 0, "downtime-limit": 5000}}"#,
     );
-    let forced = control_command(&control, r#"{"execute": "migrate-switchover"}"#);
+    let forced = control::command(&control, r#"{"execute": "migrate-switchover"}"#);
     assert_eq!(forced, serde_json::json!({ "return": {} }));
     let sent = vmigrate_tests::process::wait(send, DEADLINE, String::new());
     let received = receiver.wait(DEADLINE);
@@ -569,10 +559,7 @@ fn the_control_socket_changes_a_running_migration() {
     assert!(bulk + last >= 65_536, "{bulk} + {last} pages: some were lost");
     eprintln!("switchover forced: {bulk} pages in the bulk round, {last} in the stop-and-copy");
     // QMP's events, stamped: the last says the migration completed.
-    let events = events.join().expect("the listening client");
-    assert!(events.iter().all(|e| e["event"].is_string() && e["timestamp"]["seconds"].is_u64()), "{events:?}");
-    let last = events.last().expect("no event");
-    assert_eq!((&last["event"], &last["data"]["status"]), (&"MIGRATION".into(), &"completed".into()), "{events:?}");
+    assert_ends_completed(&events.join().expect("the listening client"));
 }
 
 #[test]

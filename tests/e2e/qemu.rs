@@ -7,9 +7,10 @@
 //! destination is let go and its serial markers must continue. Needs QEMU (and root for
 //! the namespaces); a run without them says SKIPPED.
 
-use std::io::{BufRead, Write};
+use relay::qmp::Qmp;
 use std::process::Command;
 use std::time::Duration;
+use vmigrate_tests::control;
 use vmigrate_tests::netns::Namespaces;
 use vmigrate_tests::process::run;
 use vmigrate_tests::process::{is_root, Receiver};
@@ -224,18 +225,35 @@ fn qemu_migrates_through_the_relays_between_namespaces() {
     migrate_sweeper(&Link::AfPacket(&ns), Some(2), "zlib --xbzrle", 4604);
 }
 
+/// A source QEMU running the sweeper (and sweeping) and a destination QEMU waiting for it,
+/// in a fresh directory named after `name`.
+struct Sweepers {
+    dir: std::path::PathBuf,
+    source: Vm,
+    destination: Vm,
+    source_qmp: Qmp,
+    destination_qmp: Qmp,
+}
+
+impl Sweepers {
+    fn start(name: &str) -> Sweepers {
+        let dir = tempdir(&format!("{}-{name}", std::process::id()));
+        let image = sweeper_image(&dir);
+        let source = Vm::start(&dir, "source", &image, false);
+        let destination = Vm::start(&dir, "destination", &image, true);
+        let (source_qmp, destination_qmp) = (source.qmp(), destination.qmp());
+        assert!(source.wait_markers_above(0, Duration::from_secs(30)), "the source guest never swept");
+        Sweepers { dir, source, destination, source_qmp, destination_qmp }
+    }
+}
+
 #[test]
 fn qemu_migrate_drives_both_qemus_and_the_relays() {
     if !qemu_available() {
         eprintln!("SKIPPED qemu_migrate_drives_both_qemus_and_the_relays: QEMU not installed (qemu-system-x86)");
         return;
     }
-    let dir = tempdir(&format!("{}-orchestrated", std::process::id()));
-    let image = sweeper_image(&dir);
-    let source = Vm::start(&dir, "source", &image, false);
-    let destination = Vm::start(&dir, "destination", &image, true);
-    let (mut source_qmp, mut destination_qmp) = (source.qmp(), destination.qmp());
-    assert!(source.wait_markers_above(0, Duration::from_secs(30)), "the source guest never swept");
+    let Sweepers { dir, source, destination, mut source_qmp, mut destination_qmp } = Sweepers::start("orchestrated");
     let socket = |vm: &Vm| format!("unix:{}", vm.control_socket().display());
     // A temp dir of the command's own, to see that it leaves nothing there.
     let temp = dir.join("tmp");
@@ -292,12 +310,7 @@ fn qemu_migrate_takes_control_commands() {
         eprintln!("SKIPPED qemu_migrate_takes_control_commands: QEMU not installed (qemu-system-x86)");
         return;
     }
-    let dir = tempdir(&format!("{}-controlled", std::process::id()));
-    let image = sweeper_image(&dir);
-    let source = Vm::start(&dir, "source", &image, false);
-    let destination = Vm::start(&dir, "destination", &image, true);
-    let (mut source_qmp, mut destination_qmp) = (source.qmp(), destination.qmp());
-    assert!(source.wait_markers_above(0, Duration::from_secs(30)), "the source guest never swept");
+    let Sweepers { dir, source, destination, mut source_qmp, mut destination_qmp } = Sweepers::start("controlled");
     let socket = |vm: &Vm| format!("unix:{}", vm.control_socket().display());
     let control = dir.join("control.sock");
     // 40 Mbit/s: the guest's 100 MiB of pages would take some 20 s.
@@ -309,24 +322,13 @@ fn qemu_migrate_takes_control_commands() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("start qemu-migrate");
-    let ask = |command: &str| {
-        let stream = std::os::unix::net::UnixStream::connect(&control).expect("control socket");
-        let mut writer = stream.try_clone().expect("clone");
-        writeln!(writer, "{command}").expect("command");
-        let mut line = String::new();
-        std::io::BufReader::new(stream).read_line(&mut line).expect("answer");
-        json(&line)
-    };
+    let ask = |line: &str| control::command(&control, line);
     let deadline = std::time::Instant::now() + DEADLINE;
     while !control.exists() || ask(r#"{"execute": "query-migrate"}"#)["return"]["status"] != "active" {
         assert!(std::time::Instant::now() < deadline, "the migration never became active");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let mut listener = std::os::unix::net::UnixStream::connect(&control).expect("control socket");
-    writeln!(listener, r#"{{"execute": "qmp_capabilities"}}"#).expect("qmp_capabilities");
-    let mut lines = std::io::BufReader::new(listener).lines().map_while(Result::ok);
-    assert_eq!(json(&lines.next().expect("an answer")), serde_json::json!({ "return": {} }));
-    let events = std::thread::spawn(move || lines.map(|l| json(&l)).collect::<Vec<_>>());
+    let events = control::listen_for_events(&control);
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(ask(r#"{"execute": "migrate-switchover"}"#), serde_json::json!({ "return": {} }));
     let finished = vmigrate_tests::process::wait(migrate, DEADLINE, String::new());
@@ -344,9 +346,7 @@ fn qemu_migrate_takes_control_commands() {
     // At once: most of the pages went in the downtime, not at 40 Mbit/s before it.
     let (downtime_bytes, transferred) = (ram["downtime-bytes"].as_u64().unwrap(), ram["transferred"].as_u64().unwrap());
     assert!(downtime_bytes > transferred / 2, "{downtime_bytes} of {transferred} bytes in the downtime");
-    let events = events.join().expect("the listening client");
-    let last = events.last().expect("no event");
-    assert_eq!((&last["event"], &last["data"]["status"]), (&"MIGRATION".into(), &"completed".into()), "{events:?}");
+    control::assert_ends_completed(&events.join().expect("the listening client"));
     check_migrated(&source, &destination, &mut source_qmp, &mut destination_qmp);
     let _ = std::fs::remove_dir_all(&dir);
 }

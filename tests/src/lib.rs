@@ -3,6 +3,7 @@
 //! network between them, and forge streams byte by byte. Everything here talks only to
 //! loopback addresses.
 
+pub mod control;
 pub mod corpus;
 pub mod netns;
 pub mod process;
