@@ -76,6 +76,8 @@ pub struct DestinationConfig {
     /// core, which puts the frames together and queues the batches itself, instead of a
     /// reader thread per connection. Off exists to measure what it saves.
     pub direct_receive: bool,
+    /// A caller watching the migration, and able to cancel or change it.
+    pub controls: Option<crate::destination::DestinationControls>,
 }
 
 impl Default for DestinationConfig {
@@ -88,6 +90,7 @@ impl Default for DestinationConfig {
             accept_timeout: Duration::from_secs(30),
             deferred_cleanup: true,
             direct_receive: true,
+            controls: None,
         }
     }
 }

@@ -62,6 +62,12 @@ impl Tuning {
         self.inner.switchover.load(Ordering::Acquire)
     }
 
+    /// Whether a switchover was asked for since the last call (for a destination, which
+    /// passes it on once).
+    pub fn take_switchover(&self) -> bool {
+        self.inner.switchover.swap(false, Ordering::AcqRel)
+    }
+
     /// A new downtime limit, once (for whoever applies it: the engine, or a relay's
     /// orchestrator handing it to QEMU).
     pub fn take_downtime_limit(&self) -> Option<Duration> {

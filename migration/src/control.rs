@@ -1,6 +1,6 @@
 //! The session's control messages, parsed: the payloads of the control frames on
 //! connection 0 (`Complete`, `Ready`, `Commit`, `Resumed`, `VerifyDigest`, `VerifyResult`,
-//! `RoundApplied`, `Heartbeat`, `Abort`), as a `Repr` beside the frame views. Every length is checked
+//! `RoundApplied`, `Heartbeat`, `Tune`, `Abort`), as a `Repr` beside the frame views. Every length is checked
 //! once in [`Control::parse`]; nothing else reads these payloads.
 
 use crate::frame::{le_u32, le_u64, FrameKind};
@@ -27,8 +27,58 @@ pub enum Control {
     /// Destination: nothing to say, but alive. Connection 0 is otherwise silent while a
     /// long round arrives, and the source reads it with the connections' io timeout.
     Heartbeat,
+    /// Destination: the operator changed the migration there; the source applies it.
+    Tune(Tune),
     /// Either side: the session is abandoned, and why.
     Abort { reason: String },
+}
+
+/// An operator's change to a running migration, made on the destination's control socket
+/// and carried to the source, which alone can apply it. Payload: flags u8 (1: a downtime
+/// limit, 2: a bandwidth cap, 4: switch over now; no other bit), the limit in ms u64, the
+/// cap in bytes per second u64 (0: none); a field whose flag is clear is 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Tune {
+    pub downtime_limit_ms: Option<u64>,
+    /// Bytes per second; `Some(0)` lifts the cap.
+    pub max_bandwidth: Option<u64>,
+    pub switchover: bool,
+}
+
+const TUNE_DOWNTIME: u8 = 1;
+const TUNE_BANDWIDTH: u8 = 2;
+const TUNE_SWITCHOVER: u8 = 4;
+const TUNE_BYTES: usize = 17;
+
+impl Tune {
+    /// Whether it asks for anything.
+    pub fn is_empty(&self) -> bool {
+        *self == Tune::default()
+    }
+
+    pub fn payload(&self) -> Vec<u8> {
+        let flags = self.downtime_limit_ms.map_or(0, |_| TUNE_DOWNTIME)
+            | self.max_bandwidth.map_or(0, |_| TUNE_BANDWIDTH)
+            | if self.switchover { TUNE_SWITCHOVER } else { 0 };
+        let mut out = vec![flags];
+        out.extend_from_slice(&self.downtime_limit_ms.unwrap_or(0).to_le_bytes());
+        out.extend_from_slice(&self.max_bandwidth.unwrap_or(0).to_le_bytes());
+        out
+    }
+
+    /// The payload's fields, or None where its length or flags are wrong.
+    pub fn parse(payload: &[u8]) -> Option<Tune> {
+        if payload.len() != TUNE_BYTES || payload[0] & !(TUNE_DOWNTIME | TUNE_BANDWIDTH | TUNE_SWITCHOVER) != 0 {
+            return None;
+        }
+        let flags = payload[0];
+        let field = |flag: u8, at: usize| (flags & flag != 0).then(|| le_u64(&payload[at..at + 8]));
+        Some(Tune {
+            downtime_limit_ms: field(TUNE_DOWNTIME, 1),
+            max_bandwidth: field(TUNE_BANDWIDTH, 9),
+            switchover: flags & TUNE_SWITCHOVER != 0,
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -50,6 +100,7 @@ impl Control {
             Control::VerifyResult { .. } => FrameKind::VerifyResult,
             Control::RoundApplied { .. } => FrameKind::RoundApplied,
             Control::Heartbeat => FrameKind::Heartbeat,
+            Control::Tune(_) => FrameKind::Tune,
             Control::Abort { .. } => FrameKind::Abort,
         }
     }
@@ -81,6 +132,7 @@ impl Control {
                 sized(0)?;
                 Control::Heartbeat
             }
+            FrameKind::Tune => Control::Tune(Tune::parse(payload).ok_or(malformed)?),
             FrameKind::Abort => Control::Abort { reason: decode_reason(payload) },
             kind => return Err(ControlError::NotControl { kind }),
         })
@@ -94,6 +146,7 @@ impl Control {
             Control::Commit { verify: flag } | Control::VerifyResult { matched: flag } => vec![u8::from(*flag)],
             Control::Resumed { destination_verify_ms } => destination_verify_ms.to_le_bytes().to_vec(),
             Control::VerifyDigest { digest } => digest.to_le_bytes().to_vec(),
+            Control::Tune(tune) => tune.payload(),
             Control::Abort { reason } => encode_reason(reason),
         }
     }
@@ -115,6 +168,8 @@ mod tests {
             Control::VerifyResult { matched: false },
             Control::RoundApplied { epoch: 3 },
             Control::Heartbeat,
+            Control::Tune(Tune { downtime_limit_ms: Some(300), max_bandwidth: None, switchover: false }),
+            Control::Tune(Tune { downtime_limit_ms: None, max_bandwidth: Some(0), switchover: true }),
             Control::Abort { reason: "disk on fire".into() },
         ]
     }
@@ -151,6 +206,10 @@ mod tests {
         for kind in [FrameKind::Commit, FrameKind::VerifyResult] {
             assert_eq!(Control::parse(kind, &[2]), Err(ControlError::Malformed { kind, len: 1 }));
         }
+        let mut unknown_flag = Tune { switchover: true, ..Tune::default() }.payload();
+        unknown_flag[0] |= 8;
+        let kind = FrameKind::Tune;
+        assert_eq!(Control::parse(kind, &unknown_flag), Err(ControlError::Malformed { kind, len: 17 }));
         assert_eq!(Control::parse(FrameKind::Pages, &[]), Err(ControlError::NotControl { kind: FrameKind::Pages }));
     }
 }

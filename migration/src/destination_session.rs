@@ -27,7 +27,7 @@
 //! Call order for the engine: feed every input as it arrives, then drain `poll_action`
 //! until it returns `None`, and wait for the next input no later than `poll_timeout`.
 
-use crate::control::Control;
+use crate::control::{Control, Tune};
 use crate::frame::FrameKind;
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -168,6 +168,23 @@ impl DestinationSession {
                 Ok(())
             }
         }
+    }
+
+    /// Whether the operator may still cancel here: until `Ready` goes out. From then on the
+    /// source may have let go of the guest (it commits when `Ready` arrives).
+    pub fn may_cancel(&self) -> bool {
+        self.phase == Phase::Receiving
+    }
+
+    /// The operator changed the migration here (`recv`'s control socket): the change goes
+    /// to the source, which alone applies it. False, with nothing sent, once pre-copy is
+    /// over (the source no longer takes changes).
+    pub fn request_tune(&mut self, tune: Tune, now: Duration) -> bool {
+        if self.phase != Phase::Receiving || tune.is_empty() {
+            return false;
+        }
+        self.send(Control::Tune(tune), now);
+        true
     }
 
     /// Whether the destination is waiting on the source (and so keeps connection 0 alive).
@@ -477,6 +494,22 @@ mod tests {
         session.handle_timeout(at(1400) + beat * 10).unwrap();
         assert_eq!(drain(&mut session), []);
         assert_eq!(session.poll_timeout(), None);
+    }
+
+    /// An operator's change goes to the source while rounds arrive, and not after.
+    #[test]
+    fn changes_go_to_the_source_only_during_pre_copy() {
+        let tune = Tune { max_bandwidth: Some(1000), ..Tune::default() };
+        let mut session = DestinationSession::new(WAIT, at(0));
+        assert!(!session.request_tune(Tune::default(), at(1)), "nothing asked, nothing sent");
+        assert!(session.request_tune(tune, at(1)) && session.may_cancel());
+        assert_eq!(drain(&mut session), [DestinationAction::Send(Control::Tune(tune))]);
+        session.handle_device_state().unwrap();
+        session.handle_control(Control::Complete { epoch: 1 }, at(10)).unwrap();
+        drain(&mut session);
+        assert!(!session.request_tune(tune, at(20)), "the source has switched over");
+        assert!(!session.may_cancel(), "Ready went out: the source may have let go");
+        assert_eq!(drain(&mut session), []);
     }
 
     #[test]

@@ -87,6 +87,9 @@ pub enum FrameKind {
     /// Relay, either way: the digest of the direction's bytes so far (as `StreamEnd`'s),
     /// sent where a QEMU main stream may have ended but its socket stays open.
     StreamCheckpoint = 19,
+    /// Destination to source (connection 0), and relay either way: an operator's change to
+    /// the running migration, asked for where the source cannot be reached (`Tune`).
+    Tune = 20,
 }
 
 impl FrameKind {
@@ -112,6 +115,7 @@ impl FrameKind {
             17 => Heartbeat,
             18 => StreamDecoded,
             19 => StreamCheckpoint,
+            20 => Tune,
             _ => return None,
         })
     }

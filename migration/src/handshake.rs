@@ -28,9 +28,11 @@ pub const PREAMBLE_BYTES: usize = 16;
 /// region's guest-physical address and the source VM's requirements in the Hello, so that
 /// a destination that cannot host the guest refuses before the source pauses it. Version 4
 /// added the shuffle codecs (`shuffle.rs`) among adaptive's choices: a version-3
-/// destination that agreed to adaptive would meet page encodings it does not know.
-pub const VERSION_MIN: u16 = 4;
-pub const VERSION_MAX: u16 = 4;
+/// destination that agreed to adaptive would meet page encodings it does not know. Version
+/// 5 added `Tune`, the destination's operator changing the migration, which a version-4
+/// source would take for a protocol violation.
+pub const VERSION_MIN: u16 = 5;
+pub const VERSION_MAX: u16 = 5;
 
 /// More connections than this buy nothing on any link we target (8 saturate 100G) and
 /// each costs the receiver a thread and buffers.
@@ -355,15 +357,15 @@ mod tests {
 
     #[test]
     fn preamble_checks_magic_and_version() {
-        assert_eq!(accept_preamble(&encode_preamble()), Ok(4));
+        assert_eq!(accept_preamble(&encode_preamble()), Ok(5));
         let mut wrong = encode_preamble();
         wrong[0] = b'X';
         assert!(matches!(accept_preamble(&wrong), Err(HandshakeError::BadMagic { .. })));
         let mut newer = encode_preamble();
-        newer[8..10].copy_from_slice(&5u16.to_le_bytes());
-        newer[10..12].copy_from_slice(&6u16.to_le_bytes());
+        newer[8..10].copy_from_slice(&6u16.to_le_bytes());
+        newer[10..12].copy_from_slice(&7u16.to_le_bytes());
         let err = accept_preamble(&newer).unwrap_err();
-        assert_eq!(err.to_string(), "no common protocol version: peer speaks 5..=6, we speak 4..=4");
+        assert_eq!(err.to_string(), "no common protocol version: peer speaks 6..=7, we speak 5..=5");
     }
 
     #[test]

@@ -22,7 +22,7 @@
 //! A `handle_*` that returns an error has ended the session: the engine aborts it, and
 //! the source guest, never committed, runs on.
 
-use crate::control::{Control, ControlError};
+use crate::control::{Control, ControlError, Tune};
 use crate::frame::{FrameError, FrameHeader, FrameKind, SeqCounter};
 use crate::precopy::{Decision, Precopy, PrecopyConfig, RoundReport};
 use std::collections::VecDeque;
@@ -153,6 +153,9 @@ impl AnswerChecker {
             (_, Control::Abort { .. }) => return Ok(answer),
             // Only says the destination lives; the connection's read timeout is what it resets.
             (phase, Control::Heartbeat) if phase != Phase::Done => return Ok(answer),
+            // An operator's change, asked for at the destination: the session applies it
+            // while it lasts (too late once done).
+            (phase, Control::Tune(_)) if phase != Phase::Done => return Ok(answer),
             (phase, Control::RoundApplied { epoch }) if phase != Phase::Done => {
                 if *epoch > self.closed_epoch {
                     return Err(AnswerError::FutureRound { epoch: *epoch, closed: self.closed_epoch });
@@ -270,6 +273,8 @@ pub struct SourceSession {
     committed: bool,
     destination_verify_ms: u64,
     actions: VecDeque<SourceAction>,
+    /// Changes the destination's operator asked for, not yet taken ([`Self::take_tune`]).
+    tune: Option<Tune>,
 }
 
 impl SourceSession {
@@ -287,6 +292,7 @@ impl SourceSession {
             committed: false,
             destination_verify_ms: 0,
             actions: VecDeque::new(),
+            tune: None,
         };
         session.next_round(Stage::Bulk);
         session
@@ -413,10 +419,23 @@ impl SourceSession {
                 }
             }
             Control::VerifyResult { matched } => self.finish(Some(matched)),
+            Control::Tune(asked) => {
+                // Later values win; a switchover asked for stays asked.
+                let tune = self.tune.get_or_insert_with(Tune::default);
+                tune.downtime_limit_ms = asked.downtime_limit_ms.or(tune.downtime_limit_ms);
+                tune.max_bandwidth = asked.max_bandwidth.or(tune.max_bandwidth);
+                tune.switchover |= asked.switchover;
+            }
             // Heartbeats need nothing; the checker lets nothing else through.
             _ => {}
         }
         Ok(())
+    }
+
+    /// What the destination's operator asked to change since the last call: the engine
+    /// applies it at once, as a control socket's command on this side.
+    pub fn take_tune(&mut self) -> Option<Tune> {
+        self.tune.take()
     }
 
     /// The paused guest's memory digest, after [`SourceAction::HashMemory`].
@@ -549,6 +568,21 @@ mod tests {
         assert_eq!(err.to_string(), "destination did not answer within 5s while the source was waiting for Ready");
         session.handle_answer(&frame(FrameKind::Ready, 1), &[]).unwrap();
         assert_eq!(session.poll_timeout(), None);
+    }
+
+    #[test]
+    fn the_destinations_changes_are_taken_once_the_later_values_winning() {
+        let mut session = SourceSession::new(PrecopyConfig::default(), false, TIMEOUT, Duration::ZERO);
+        let tune = |tune: Tune| Control::Tune(tune).payload();
+        let first = Tune { downtime_limit_ms: Some(100), max_bandwidth: Some(5), switchover: true };
+        session.handle_answer(&frame(FrameKind::Tune, 1), &tune(first), Duration::ZERO).unwrap();
+        let second = Tune { downtime_limit_ms: Some(200), ..Tune::default() };
+        session.handle_answer(&frame(FrameKind::Tune, 2), &tune(second), Duration::ZERO).unwrap();
+        assert_eq!(
+            session.take_tune(),
+            Some(Tune { downtime_limit_ms: Some(200), max_bandwidth: Some(5), switchover: true })
+        );
+        assert_eq!(session.take_tune(), None);
     }
 
     #[test]

@@ -95,6 +95,7 @@ fn destination_config(
         accept_timeout,
         deferred_cleanup: !common.no_deferred_cleanup,
         direct_receive: !common.connection_threads,
+        controls: None,
     }
 }
 
@@ -248,8 +249,8 @@ fn send(args: SendArgs) -> Result<ExitCode> {
         eprintln!("vmigrate: metrics at http://{}/metrics", metrics.serve(address)?);
     }
     let cores = CoreShare::one_end(&args.stack);
-    // Only a control socket changes a running migration: without one, no tuning to read.
-    let tuning = args.control.is_some().then_some(tuning);
+    // Changed by the control socket, or by the destination's (a `Tune` from `recv`).
+    let tuning = Some(tuning);
     let config = SourceConfig { cancel: Some(cancel), tuning, ..source_config(&args.source, &args.common, cores) };
     let mut progress = report::ProgressView::new(args.common.json);
     let cpu = super::cpu::CpuWindow::start();
@@ -260,13 +261,7 @@ fn send(args: SendArgs) -> Result<ExitCode> {
         progress.update(p)
     });
     progress.finish();
-    let ended = match &result {
-        Ok(_) => "completed",
-        Err(engine::MigrationError::Cancelled(_)) => "cancelled",
-        Err(engine::MigrationError::Aborted { kind: transport::abort::AbortKind::Cancelled, .. }) => "cancelled",
-        Err(_) => "failed",
-    };
-    events.emit("MIGRATION", serde_json::json!({ "status": ended }));
+    events.emit("MIGRATION", serde_json::json!({ "status": super::control::ending(&result) }));
     match result {
         Ok(mut stats) => {
             stats.cpu_seconds = Some(cpu.seconds());
@@ -302,13 +297,32 @@ fn send(args: SendArgs) -> Result<ExitCode> {
 
 fn recv(args: RecvArgs) -> Result<ExitCode> {
     let cores = CoreShare::one_end(&args.stack);
-    let config = destination_config(
+    let mut config = destination_config(
         &args.destination,
         &args.common,
         cores,
         args.max_mem,
         Duration::from_secs_f64(args.accept_timeout),
     );
+    let (status, events) = (super::control::Status::default(), super::control::Events::default());
+    let _control = match &args.control {
+        Some(path) => {
+            let controls = engine::destination::DestinationControls::default();
+            let (cancel, tuning) = (controls.cancel.clone(), controls.tuning.clone());
+            let socket = super::control::ControlSocket::start(path, cancel, tuning, status.clone(), events.clone())?;
+            let (status, events) = (status.clone(), events.clone());
+            let progress = move |p: &engine::destination::DestinationProgress| {
+                status.update_incoming(p);
+                events.pass(p.rounds + 1);
+            };
+            config.controls = Some(engine::destination::DestinationControls {
+                progress: Some(std::sync::Arc::new(progress)),
+                ..controls
+            });
+            Some(socket)
+        }
+        None => None,
+    };
     // Before listening: a destination that cannot host the guest refuses before any source
     // pauses for it.
     let mut vm = DestinationGuest::new(args.guest, config.max_memory_bytes, &args.common)?;
@@ -317,7 +331,9 @@ fn recv(args: RecvArgs) -> Result<ExitCode> {
     // this is how a caller learns the port.
     eprintln!("vmigrate: waiting for a migration on {}", acceptor.local_addr());
     let cpu = super::cpu::CpuWindow::start();
-    let mut report = receive(&mut *acceptor, vm.vm(), &config).context("receiving the migration")?;
+    let received = receive(&mut *acceptor, vm.vm(), &config);
+    events.emit("MIGRATION", serde_json::json!({ "status": super::control::ending(&received) }));
+    let mut report = received.context("receiving the migration")?;
     report.cpu_seconds = Some(cpu.seconds());
     let guest = vm.run_and_check(args.run_after)?;
     if args.common.json {

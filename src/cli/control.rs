@@ -14,6 +14,7 @@
 
 use anyhow::{Context, Result};
 use engine::cancel::Cancel;
+use engine::destination::DestinationProgress;
 use engine::source::Progress;
 use engine::tuning::Tuning;
 use serde_json::{json, Value};
@@ -64,6 +65,18 @@ impl Status {
         });
     }
 
+    /// From a destination's progress: what has arrived so far.
+    pub fn update_incoming(&self, progress: &DestinationProgress) {
+        self.set(json!({
+            "status": "active",
+            "round": progress.rounds + 1,
+            "rounds-applied": progress.rounds,
+            "received": progress.received_bytes,
+            "ram-total": progress.ram_total,
+            "elapsed-ms": progress.elapsed.as_millis() as u64,
+        }));
+    }
+
     /// The status as it stands, whole (QEMU's own `query-migrate`, for `qemu-migrate`).
     pub fn set(&self, value: Value) {
         *self.0.lock().unwrap_or_else(|p| p.into_inner()) = value;
@@ -75,6 +88,16 @@ impl Status {
 
     fn value(&self) -> Value {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// How a migration ended, as QMP's `MIGRATION` event says it.
+pub fn ending<T>(result: &Result<T, engine::MigrationError>) -> &'static str {
+    match result {
+        Ok(_) => "completed",
+        Err(engine::MigrationError::Cancelled(_)) => "cancelled",
+        Err(engine::MigrationError::Aborted { kind: transport::abort::AbortKind::Cancelled, .. }) => "cancelled",
+        Err(_) => "failed",
     }
 }
 
@@ -106,12 +129,18 @@ impl Events {
     /// From a progress report: `MIGRATION` active with the first one, `MIGRATION_PASS`
     /// with each new round.
     pub fn progress(&self, progress: &Progress) {
-        let before = self.pass.swap(progress.round, Ordering::AcqRel);
+        self.pass(progress.round);
+    }
+
+    /// Round `round` (from 1) is under way: `MIGRATION` active with the first call,
+    /// `MIGRATION_PASS` with each new round.
+    pub fn pass(&self, round: u32) {
+        let before = self.pass.swap(round, Ordering::AcqRel);
         if before == 0 {
             self.emit("MIGRATION", json!({ "status": "active" }));
         }
-        if progress.round != before {
-            self.emit("MIGRATION_PASS", json!({ "pass": progress.round }));
+        if round != before {
+            self.emit("MIGRATION_PASS", json!({ "pass": round }));
         }
     }
 

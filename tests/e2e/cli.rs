@@ -496,11 +496,16 @@ fn cancel_a_running_send(how: &str) {
 
 /// Bytes per second the migration moved over `span`, by `query-migrate`.
 fn rate_over(socket: &std::path::Path, span: Duration) -> f64 {
+    rate_of(socket, "transferred", span)
+}
+
+/// Bytes per second over `span` by `query-migrate`'s `field` (a byte count).
+fn rate_of(socket: &std::path::Path, field: &str, span: Duration) -> f64 {
     let query = r#"{"execute": "query-migrate"}"#;
     let before = control::command(socket, query)["return"].clone();
     std::thread::sleep(span);
     let after = control::command(socket, query)["return"].clone();
-    let bytes = after["transferred"].as_f64().unwrap() - before["transferred"].as_f64().unwrap();
+    let bytes = after[field].as_f64().unwrap() - before[field].as_f64().unwrap();
     let ms = after["elapsed-ms"].as_f64().unwrap() - before["elapsed-ms"].as_f64().unwrap();
     bytes / ms.max(1.0) * 1000.0
 }
@@ -560,6 +565,85 @@ fn the_control_socket_changes_a_running_migration() {
     eprintln!("switchover forced: {bulk} pages in the bulk round, {last} in the stop-and-copy");
     // QMP's events, stamped: the last says the migration completed.
     assert_ends_completed(&events.join().expect("the listening client"));
+}
+
+/// `recv --control` and a source started with no control socket of its own: waits until
+/// pages arrive; the receiver and its control socket's path.
+fn receive_under_control(name: &str, cap: &str) -> (Receiver, std::process::Child, std::path::PathBuf) {
+    let control = std::env::temp_dir().join(format!("vmigrate-{name}-{}.sock", std::process::id()));
+    let control_arg = format!("unix:{}", control.display());
+    let receiver = Receiver::start(BIN, &["--json", "--run-after", "0.3", "--control", &control_arg]);
+    // 256 MiB, pages as they are, a guest that dirties little.
+    let send = Command::new(BIN)
+        .args(["send", "--to", &receiver.address, "--mem", "256MiB", "--workload", "seq:1000", "--verify", "--json"])
+        .args(["--codec", "none", "--max-bandwidth", cap])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start send");
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while !control.exists()
+        || control::command(&control, r#"{"execute": "query-migrate"}"#)["return"]["received"].as_u64().unwrap_or(0)
+            == 0
+    {
+        assert!(std::time::Instant::now() < deadline, "the migration never got going");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (receiver, send, control)
+}
+
+/// The destination's operator changes the migration: the source applies what `recv`'s
+/// control socket was told.
+#[test]
+fn the_destinations_control_socket_changes_the_migration_at_the_source() {
+    let (receiver, send, control) = receive_under_control("recv-tune", "800mbit");
+    let events = listen_for_events(&control);
+    let fast = rate_of(&control, "received", Duration::from_millis(600));
+    let set = control::command(
+        &control,
+        r#"{"execute": "migrate-set-parameters", "arguments": {"max-bandwidth": 10000000}}"#,
+    );
+    assert_eq!(set, serde_json::json!({ "return": {} }));
+    std::thread::sleep(Duration::from_millis(300));
+    let slow = rate_of(&control, "received", Duration::from_millis(600));
+    eprintln!("received {fast:.0} B/s, then {slow:.0} B/s under a cap of 10 MB/s set at the destination");
+    assert!(slow < fast / 3.0, "the rate went from {fast:.0} to {slow:.0} B/s under a cap of 10 MB/s");
+    control::command(
+        &control,
+        r#"{"execute": "migrate-set-parameters", "arguments": {"max-bandwidth": 0, "downtime-limit": 5000}}"#,
+    );
+    let forced = control::command(&control, r#"{"execute": "migrate-switchover"}"#);
+    assert_eq!(forced, serde_json::json!({ "return": {} }));
+    let sent = vmigrate_tests::process::wait(send, DEADLINE, String::new());
+    let received = receiver.wait(DEADLINE);
+    let (report, _) = assert_migrated(&sent, &received);
+    assert!(sent.stderr.contains("bandwidth cap set to 10000000 bytes/s by the destination"), "{}", sent.stderr);
+    let rounds = report["rounds"].as_array().expect("rounds");
+    assert_eq!(rounds.len(), 2, "the bulk round, then the stop-and-copy: {rounds:?}");
+    let bulk = rounds[0]["pages"].as_u64().unwrap();
+    assert!(bulk < 65_536, "the bulk round sent all {bulk} pages: it was not cut short");
+    assert_ends_completed(&events.join().expect("the listening client"));
+    assert!(!control.exists(), "the control socket was left behind");
+}
+
+/// The destination's operator cancels: the source is told why and its guest runs on.
+#[test]
+fn the_destinations_control_socket_cancels_the_migration() {
+    let (receiver, send, control) = receive_under_control("recv-cancel", "400mbit");
+    let events = listen_for_events(&control);
+    let cancelled = control::command(&control, r#"{"execute": "migrate_cancel"}"#);
+    assert_eq!(cancelled, serde_json::json!({ "return": {} }));
+    let received = receiver.wait(DEADLINE);
+    let error = received.assert_failure_with(6);
+    assert!(error.contains("migration cancelled"), "{error}");
+    let sent = vmigrate_tests::process::wait(send, DEADLINE, String::new());
+    // Exit statuses (docs/exit-codes.md): cancelled here, the peer gave up there.
+    let source_error = sent.assert_failure_with(7);
+    assert!(source_error.contains("cancelled on the control socket"), "{source_error}");
+    assert!(sent.stderr.contains("source guest keeps running"), "{}", sent.stderr);
+    let events = events.join().expect("the listening client");
+    let last = events.last().expect("no event");
+    assert_eq!(last["data"]["status"], "cancelled", "{events:?}");
 }
 
 #[test]

@@ -121,8 +121,9 @@ fn migrate_sweeper_with(
     let sent = sender.wait(DEADLINE);
     let received = receiver.wait(DEADLINE);
     assert_eq!(info["status"], "completed", "{info}\nqemu-send:\n{}\nqemu-recv:\n{}", sent.stderr, received.stderr);
-    assert!(sent.status.success(), "qemu-send failed:\n{}", sent.stderr);
-    assert!(received.status.success(), "qemu-recv failed:\n{}", received.stderr);
+    let both = format!("qemu-send:\n{}\nqemu-recv:\n{}", sent.stderr, received.stderr);
+    assert!(sent.status.success(), "qemu-send failed:\n{both}");
+    assert!(received.status.success(), "qemu-recv failed:\n{both}");
     if let Some(strangers) = &strangers {
         // Each stranger that said something was turned away by name; the silent ones
         // held up nothing (the migration above went through with them still open).

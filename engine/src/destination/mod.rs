@@ -35,11 +35,13 @@ mod greeting;
 mod inbound;
 mod reader;
 mod session;
+mod watch;
 
 use greeting::{accept_session, turn_away, Greeted};
 use inbound::FrameInbound;
 use reader::{connection_reader, decompression_worker};
 use session::{Event, Session};
+pub use watch::{DestinationControls, DestinationProgress, WATCH_EVERY};
 
 /// Received batches waiting for a decompression worker: bounds the receive buffers to
 /// ~17 MiB however fast the source sends.
@@ -272,7 +274,8 @@ fn receive_session(
             .spawn_scoped(scope, move || turn_away(acceptor, shared))
             .expect("spawn doorman");
         let mut control = control_writer.expect("connection 0 exists");
-        let mut session = Session::new(shared, &events, &mut *control, &mut workers, config.accept_timeout);
+        let controls = config.controls.clone();
+        let mut session = Session::new(shared, &events, &mut *control, &mut workers, config.accept_timeout, controls);
         let result = session.run(vm, config, started);
         if let Err(err) = &result {
             // Tell the source why, then stop everything.

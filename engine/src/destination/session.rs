@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use transport::framed::write_frame;
 use transport::pin;
 
-use super::{stop_workers, DestinationReport, Shared};
+use super::{stop_workers, DestinationControls, DestinationProgress, DestinationReport, Shared, WATCH_EVERY};
 
 /// How often the session thread looks for an abort while it waits for events.
 const ABORT_POLL: Duration = Duration::from_millis(20);
@@ -42,6 +42,9 @@ pub(super) struct Session<'s, 'scope> {
     workers: &'s mut Vec<std::thread::ScopedJoinHandle<'scope, ()>>,
     machine: DestinationSession,
     clock: Instant,
+    /// The caller's hold on the migration, and when it was last looked at.
+    controls: Option<DestinationControls>,
+    watched: Option<Instant>,
 }
 
 impl<'s, 'scope> Session<'s, 'scope> {
@@ -52,6 +55,7 @@ impl<'s, 'scope> Session<'s, 'scope> {
         control: &'s mut (dyn Write + Send),
         workers: &'s mut Vec<std::thread::ScopedJoinHandle<'scope, ()>>,
         wait_timeout: Duration,
+        controls: Option<DestinationControls>,
     ) -> Self {
         let mut seq = SeqCounter::default();
         seq.take(); // the HelloAck
@@ -63,6 +67,8 @@ impl<'s, 'scope> Session<'s, 'scope> {
             workers,
             machine: DestinationSession::new(wait_timeout, Duration::ZERO),
             clock: Instant::now(),
+            controls,
+            watched: None,
         }
     }
 
@@ -170,8 +176,43 @@ impl<'s, 'scope> Session<'s, 'scope> {
                 });
             }
         }
+        self.watch(now)?;
         // Deadlines and heartbeats, whatever woke us: a steady stream of events must not
         // hold a heartbeat back.
         Ok(self.machine.handle_timeout(now)?)
+    }
+
+    /// Every [`WATCH_EVERY`]: tells the caller how the migration stands, and does what it
+    /// asked meanwhile (a cancel, changes for the source).
+    fn watch(&mut self, now: Duration) -> Result<(), MigrationError> {
+        let Some(controls) = &self.controls else { return Ok(()) };
+        if self.watched.is_some_and(|at| at.elapsed() < WATCH_EVERY) {
+            return Ok(());
+        }
+        self.watched = Some(Instant::now());
+        if let Some(progress) = &controls.progress {
+            progress(&DestinationProgress {
+                ram_total: self.shared.hello.total_bytes(),
+                received_bytes: self.shared.received_bytes.load(Ordering::Relaxed),
+                rounds: self.shared.rounds.load(Ordering::Relaxed) as u32,
+                elapsed: self.clock.elapsed(),
+            });
+        }
+        if controls.cancel.is_cancelled() {
+            if self.machine.may_cancel() {
+                return Err(MigrationError::Cancelled(controls.cancel.reason()));
+            }
+            log::warn!("too late to cancel: the source may have let go of the guest already");
+            if let Some(controls) = self.controls.as_mut() {
+                // Said once: the caller's later cancels no longer reach this session.
+                controls.cancel = Default::default();
+            }
+            return Ok(());
+        }
+        let tune = controls.take_tune();
+        if !tune.is_empty() && !self.machine.request_tune(tune, now) {
+            log::warn!("too late to change the migration ({tune:?}): pre-copy is over");
+        }
+        Ok(())
     }
 }

@@ -5,12 +5,14 @@
 //! connection's `Outbound`): no thread per connection, no copy into the core's rings.
 //! Over kernel TCP and TLS, `connection_writer` drives it on a thread of its own.
 
+use crate::tuning::Tuning;
+use migration::control::Tune;
 use migration::frame::{FrameBuf, FrameKind, SeqCounter};
 use migration::source_session::SourceFailure;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use transport::abort::AbortKind;
 use transport::abort::SessionAbort;
 use transport::framed::{read_frame, ReadError, CONTROL_FRAME_LIMIT_BYTES};
@@ -287,7 +289,14 @@ pub(super) fn control_reader_loop(
             }
         };
         let now = shared.clock.elapsed();
-        let fed = shared.session.lock().unwrap_or_else(|p| p.into_inner()).handle_answer(&header, &payload, now);
+        let (fed, tune) = {
+            let mut session = shared.session.lock().unwrap_or_else(|p| p.into_inner());
+            let fed = session.handle_answer(&header, &payload, now);
+            (fed, session.take_tune())
+        };
+        if let Some(tune) = tune {
+            apply_tune(shared.config.tuning.as_ref(), tune);
+        }
         if let Err(failure) = fed {
             // The session machine has failed; the scanner finds the abort and ends.
             let kind = match failure {
@@ -302,5 +311,26 @@ pub(super) fn control_reader_loop(
         if wake.send(()).is_err() {
             return;
         }
+    }
+}
+
+/// The destination's operator changed the migration (`Tune`): applied as this side's own
+/// control socket would, or refused with a warning where this source takes no changes.
+fn apply_tune(tuning: Option<&Tuning>, tune: Tune) {
+    let Some(tuning) = tuning else {
+        log::warn!("the destination asked to change the migration ({tune:?}), but this source takes no changes");
+        return;
+    };
+    if let Some(ms) = tune.downtime_limit_ms {
+        log::info!("downtime limit set to {ms} ms by the destination");
+        tuning.set_downtime_limit(Duration::from_millis(ms));
+    }
+    if let Some(rate) = tune.max_bandwidth {
+        log::info!("bandwidth cap set to {rate} bytes/s by the destination (0: none)");
+        tuning.set_max_bandwidth((rate > 0).then_some(rate));
+    }
+    if tune.switchover {
+        log::info!("switchover asked for by the destination");
+        tuning.switch_over_now();
     }
 }

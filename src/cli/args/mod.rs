@@ -527,8 +527,9 @@ pub struct SendArgs {
     /// tcp:HOST:PORT, as QEMU writes it).
     #[arg(long, value_parser = parse_tcp)]
     pub to: String,
-    /// A control socket (`unix:PATH`) taking one command per line: `cancel` (as SIGINT or
-    /// SIGTERM do), `status` (the last progress, as JSON).
+    /// A control socket (`unix:PATH`) taking QMP-style commands, one JSON object per line
+    /// (docs/control.md): query-migrate, migrate_cancel, migrate-set-parameters,
+    /// migrate-switchover; events for a client that sent qmp_capabilities.
     #[arg(long, value_parser = parse_unix)]
     pub control: Option<PathBuf>,
     /// Serve the running migration's figures in Prometheus's text format at
@@ -566,6 +567,11 @@ pub struct RecvArgs {
     /// `accept-timeout = 600`); flags on the command line override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// A control socket (`unix:PATH`), as `send --control`'s (docs/control.md): the
+    /// migration arriving here queried, cancelled (until the destination is ready), or
+    /// changed: the changes go to the source, which applies them.
+    #[arg(long, value_parser = parse_unix)]
+    pub control: Option<PathBuf>,
     #[command(flatten)]
     pub stack: StackOptions,
     #[command(flatten)]
