@@ -34,9 +34,10 @@ use thiserror::Error;
 pub const MAGIC: [u8; 8] = *b"VMRELAY\0";
 pub const PREAMBLE_BYTES: usize = crate::handshake::PREAMBLE_BYTES;
 /// Version 2: each page-aware chunk names its own page codec (the adaptive policy's
-/// choice), and a hello may say `adaptive`.
-pub const VERSION_MIN: u16 = 2;
-pub const VERSION_MAX: u16 = 2;
+/// choice), and a hello may say `adaptive`. Version 3: `Tune`, the destination relay's
+/// operator changing the migration, which a version-2 source relay would refuse.
+pub const VERSION_MIN: u16 = 3;
+pub const VERSION_MAX: u16 = 3;
 
 /// The most original bytes one chunk carries: large enough that per-frame costs vanish,
 /// small enough that a chunk crosses a link in well under a millisecond.
@@ -287,10 +288,10 @@ mod tests {
 
     #[test]
     fn preamble_and_hello_round_trip() {
-        assert_eq!(accept_preamble(&encode_preamble()), Ok(2));
-        // A relay of version 1 (one page codec per stream) is refused by its version.
+        assert_eq!(accept_preamble(&encode_preamble()), Ok(3));
+        // A relay of version 2 (no Tune) is refused by its version.
         let mut old = encode_preamble();
-        old[8..12].copy_from_slice(&[1, 0, 1, 0]);
+        old[8..12].copy_from_slice(&[2, 0, 2, 0]);
         assert!(matches!(accept_preamble(&old), Err(HandshakeError::VersionMismatch { .. })));
         let mut engine = crate::handshake::encode_preamble();
         assert!(

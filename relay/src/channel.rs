@@ -21,6 +21,7 @@
 //! their migration streams end early, and the peer relay is told why (an `Abort` frame).
 
 use crate::compression::SessionCompression;
+use crate::control::RelayControls;
 use crate::holdback::{completing, HoldBack};
 use crate::net_writer::{lock, NetWriter};
 use crate::qemu_sink::{is_closed_by_qemu, qemu_failure};
@@ -28,6 +29,7 @@ use crate::squeeze::Squeezers;
 pub use crate::stats::DirectionStats;
 use crate::{LinkFailure, RelayFailure};
 use migration::codec::Codec;
+use migration::control::Tune;
 use migration::frame::FrameKind;
 use migration::handshake::{decode_reason, encode_reason};
 use migration::qemu_stream::{
@@ -42,6 +44,7 @@ use std::collections::BTreeMap;
 use std::io::{self, Read};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use transport::abort::SessionAbort;
@@ -83,13 +86,15 @@ pub struct ChannelReport {
 /// carried again, a round later, need it.
 const DECODED_EVERY: Duration = Duration::from_millis(2);
 
-/// A session's XBZRLE caches (`migration::relay_cache`), one for all its streams: the one
-/// this relay's encoders share (the source relay's) and the one its decoders share (the
-/// destination relay's). None where XBZRLE is off, or in the direction that has no pages.
+/// What a session's streams share: its XBZRLE caches (`migration::relay_cache`), one for
+/// all its streams, the one this relay's encoders share (the source relay's) and the one
+/// its decoders share (the destination relay's), None where XBZRLE is off or in the
+/// direction that has no pages; and the operator's controls (`control.rs`).
 #[derive(Clone, Default)]
-pub(crate) struct SessionCaches {
+pub(crate) struct SessionShared {
     pub outgoing: Option<Arc<SharedPageCache>>,
     pub incoming: Option<Arc<SharedPageCache>>,
+    pub controls: Arc<RelayControls>,
 }
 
 /// Pumps `local` (a QEMU socket) and `net` (the relay connection, past its handshake) both
@@ -102,20 +107,20 @@ pub(crate) fn pump(
     net: Connection,
     encoding: Encoding,
     compression: Option<Arc<SessionCompression>>,
-    caches: SessionCaches,
+    caches: SessionShared,
     abort: &Arc<SessionAbort>,
 ) -> Result<ChannelReport, RelayFailure> {
     let started = Instant::now();
     let Connection { reader, writer, closer, peer, probe, .. } = net;
     let closer: Arc<dyn Fn() + Send + Sync> = Arc::from(closer);
-    let writer = Arc::new(Mutex::new(NetWriter::new(writer)));
+    let writer = Arc::new(Mutex::new(NetWriter::new(writer, caches.controls.clone())));
     {
-        // When the session aborts, every channel tells the peer why (if its writer is free:
-        // one blocked in a write is not waited for), then shuts its sockets.
+        // When the session aborts, every channel tells the peer why (if its writer comes
+        // free soon: one blocked in a write is not waited for), then shuts its sockets.
         let (closer, local) = (closer.clone(), local.try_clone().map_err(RelayFailure::local)?);
         let (writer, session) = (writer.clone(), Arc::downgrade(abort));
         abort.on_raise(Box::new(move || {
-            if let (Ok(mut writer), Some(session)) = (writer.try_lock(), session.upgrade()) {
+            if let (Some(mut writer), Some(session)) = (lock_soon(&writer), session.upgrade()) {
                 let reason = session.reason().unwrap_or_default();
                 let _ = writer.send(FrameKind::Abort, &encode_reason(&reason));
             }
@@ -126,10 +131,11 @@ pub(crate) fn pump(
     let up = {
         let local = local.try_clone().map_err(RelayFailure::local)?;
         let (writer, abort, cache) = (writer.clone(), abort.clone(), caches.outgoing.clone());
+        let controls = caches.controls.clone();
         std::thread::Builder::new()
             .name(format!("relay-up-{channel}"))
             .spawn(move || {
-                let ways = Outgoing { encoding, compression, probe, cache };
+                let ways = Outgoing { encoding, compression, probe, cache, controls };
                 let result = pump_up(local, &writer, ways, &abort, channel);
                 // A connection that failed under a write is dead: its reader ends at once, and
                 // reports better (the peer's own reason, when it sent one first).
@@ -167,6 +173,25 @@ pub(crate) fn pump(
     })
 }
 
+/// How long an abort waits for a channel's writer to tell the peer why: a frame paced
+/// under a bandwidth cap takes that long at most; a write blocked on a full link is let be.
+const ABORT_NOTICE_PATIENCE: Duration = Duration::from_millis(200);
+
+/// The writer, if it comes free within [`ABORT_NOTICE_PATIENCE`].
+fn lock_soon(writer: &Mutex<NetWriter>) -> Option<std::sync::MutexGuard<'_, NetWriter>> {
+    let deadline = Instant::now() + ABORT_NOTICE_PATIENCE;
+    loop {
+        match writer.try_lock() {
+            Ok(writer) => return Some(writer),
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => return Some(poisoned.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        }
+    }
+}
+
 /// Why the reader gave up on a QEMU stream before its last part, where it expects to (the
 /// device state after RAM's end has no framing it can follow); None where it did not.
 fn not_understood(stream: &StreamReader) -> Option<&'static str> {
@@ -194,7 +219,7 @@ fn pump_up(
     abort: &Arc<SessionAbort>,
     channel: u16,
 ) -> Result<UpReport, RelayFailure> {
-    let Outgoing { encoding, compression, probe, cache } = ways;
+    let Outgoing { encoding, compression, probe, cache, controls } = ways;
     local.set_read_timeout(Some(HEARTBEAT)).map_err(RelayFailure::local)?;
     // What this thread compresses itself: streams that are not QEMU's, and everything
     // without a pool. The adaptive policy needs the pool's measurements: lz4 here.
@@ -221,6 +246,7 @@ fn pump_up(
         ending: Vec::new(),
         page_aware: None,
         channel,
+        controls,
     };
     let mut buffer = vec![0u8; MAX_CHUNK_BYTES];
     loop {
@@ -243,6 +269,10 @@ fn pump_up(
             Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
             Err(err) => return Err(qemu_failure("reading from", &err)),
         }
+        // The operator's changes for the peer relay go on channel 0, between chunks.
+        if let Some(tune) = (channel == 0).then(|| up.controls.take_outgoing()).flatten() {
+            up.out.control(FrameKind::Tune, &tune.payload(), abort)?;
+        }
     }
 }
 
@@ -260,11 +290,13 @@ struct Up<'a> {
     /// Decided by the stream's first bytes: QEMU's (page-aware chunks) or anything else.
     page_aware: Option<bool>,
     channel: u16,
+    controls: Arc<RelayControls>,
 }
 
 impl Up<'_> {
     /// Carries what QEMU wrote.
     fn carry(&mut self, data: &[u8], abort: &SessionAbort) -> Result<(), RelayFailure> {
+        self.controls.meter.qemu_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
         self.digest.update(data);
         if !*self.page_aware.get_or_insert_with(|| starts_a_qemu_stream(data)) {
             self.stream.feed(data, &mut |_| {});
@@ -294,6 +326,7 @@ impl Up<'_> {
                 None => self.ending.clear(),
             }
             if ends_at_end_marker(&self.ending) {
+                self.controls.meter.main_ended.store(true, Ordering::Release);
                 self.out.control(FrameKind::StreamCheckpoint, &self.digest.end().encode(), abort)?;
             }
         }
@@ -310,6 +343,9 @@ impl Up<'_> {
             return Err(RelayFailure::Local(
                 "QEMU's migration stream ended before the migration completed (cancelled or failed there)".into(),
             ));
+        }
+        if self.stream.kind() == Kind::Main {
+            self.controls.meter.main_ended.store(true, Ordering::Release);
         }
         // A page cut short by the end of the stream goes as the bytes it is.
         self.out.pages(&mut self.pages, true, &mut self.stats, abort)?;
@@ -336,6 +372,7 @@ struct Outgoing {
     /// What the connection's stack says of its send side.
     probe: Option<Arc<dyn SendProbe>>,
     cache: Option<Arc<SharedPageCache>>,
+    controls: Arc<RelayControls>,
 }
 
 /// The receiving side's connection: its read half, the peer's name for messages, the
@@ -344,7 +381,7 @@ struct Incoming<'a> {
     reader: Box<dyn Read + Send>,
     peer: &'a str,
     writer: &'a Mutex<NetWriter>,
-    caches: &'a SessionCaches,
+    caches: &'a SessionShared,
     channel: u16,
 }
 
@@ -497,6 +534,7 @@ fn pump_down(local: UnixStream, net: Incoming<'_>, abort: &SessionAbort) -> Resu
                 } else {
                     decoder.decode(&payload).map_err(RelayFailure::damaged)?
                 };
+                caches.controls.meter.delivered_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                 qemu.chunk(bytes, payload.len())?;
             }
             FrameKind::Heartbeat => {
@@ -513,9 +551,19 @@ fn pump_down(local: UnixStream, net: Incoming<'_>, abort: &SessionAbort) -> Resu
             }
             // Everything so far checks out: the end-of-file marker may go on.
             FrameKind::StreamCheckpoint => {
+                if channel == 0 {
+                    caches.controls.meter.main_ended.store(true, Ordering::Release);
+                }
                 qemu.checked(&StreamEnd::decode(&payload).map_err(RelayFailure::damaged)?)?
             }
+            FrameKind::Tune => match Tune::parse(&payload) {
+                Some(tune) => caches.controls.peer_asked(&tune),
+                None => return Err(RelayFailure::damaged(format!("a Tune frame of {} bytes", payload.len()))),
+            },
             FrameKind::StreamEnd => {
+                if channel == 0 {
+                    caches.controls.meter.main_ended.store(true, Ordering::Release);
+                }
                 tell_decoded(writer, &records, &mut told);
                 qemu.checked(&StreamEnd::decode(&payload).map_err(RelayFailure::damaged)?)?;
                 return qemu.finish();
@@ -580,10 +628,10 @@ mod tests {
         let (mut destination_qemu, destination_local) = UnixStream::pair().unwrap();
         let (source_abort, destination_abort) = (Arc::new(SessionAbort::new()), Arc::new(SessionAbort::new()));
         let pool = two(codec.codec, &source_abort);
-        let caches = SessionCaches::default();
+        let caches = SessionShared::default();
         let source = std::thread::spawn(move || pump(0, source_local, source_net, codec, pool, caches, &source_abort));
         let destination = std::thread::spawn(move || {
-            pump(0, destination_local, destination_net, codec, NONE, SessionCaches::default(), &destination_abort)
+            pump(0, destination_local, destination_net, codec, NONE, SessionShared::default(), &destination_abort)
         });
         let writer = std::thread::spawn(move || {
             for piece in data.chunks(10_000) {
@@ -685,10 +733,10 @@ mod tests {
         let destination_abort = Arc::new(SessionAbort::new());
         let pool = two(Codec::Lz4, &source_abort);
         let source = std::thread::spawn(move || {
-            pump(0, source_local, source_net, LZ4, pool, SessionCaches::default(), &source_abort)
+            pump(0, source_local, source_net, LZ4, pool, SessionShared::default(), &source_abort)
         });
         let destination = std::thread::spawn(move || {
-            pump(0, destination_local, destination_net, LZ4, NONE, SessionCaches::default(), &destination_abort)
+            pump(0, destination_local, destination_net, LZ4, NONE, SessionShared::default(), &destination_abort)
         });
         source_qemu.write_all(&[1u8; 100_000]).unwrap();
         std::thread::sleep(Duration::from_millis(300));
@@ -714,7 +762,7 @@ mod tests {
         let (finished_tx, finished) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let pool = two(Codec::Lz4, &abort);
-            let _ = finished_tx.send(pump(0, source_local, source_net, LZ4, pool, SessionCaches::default(), &abort));
+            let _ = finished_tx.send(pump(0, source_local, source_net, LZ4, pool, SessionShared::default(), &abort));
         });
         let mut frame = FrameBuf::with_capacity(MAX_CHUNK_BYTES);
         frame.begin().extend_from_slice(&StreamDigest::default().end().encode());
@@ -742,7 +790,7 @@ mod tests {
         let (mut destination_qemu, destination_local) = UnixStream::pair().unwrap();
         let abort = Arc::new(SessionAbort::new());
         let destination = std::thread::spawn(move || {
-            pump(0, destination_local, destination_net, RAW, NONE, SessionCaches::default(), &abort)
+            pump(0, destination_local, destination_net, RAW, NONE, SessionShared::default(), &abort)
         });
         let mut seq = SeqCounter::default();
         let mut frame = FrameBuf::with_capacity(MAX_CHUNK_BYTES);
@@ -880,7 +928,7 @@ mod tests {
     /// A source relay's session: its pool and cache, and the destination relay's cache.
     struct Session {
         pool: Option<Arc<SessionCompression>>,
-        caches: (SessionCaches, SessionCaches),
+        caches: (SessionShared, SessionShared),
         encoding: Encoding,
         abort: Arc<SessionAbort>,
     }
@@ -891,8 +939,8 @@ mod tests {
             let cache =
                 || (xbzrle_cache_pages > 0).then(|| Arc::new(SharedPageCache::new(xbzrle_cache_pages as usize, 4)));
             let caches = (
-                SessionCaches { outgoing: cache(), incoming: None },
-                SessionCaches { outgoing: None, incoming: cache() },
+                SessionShared { outgoing: cache(), ..Default::default() },
+                SessionShared { incoming: cache(), ..Default::default() },
             );
             Session { pool: two(codec, &abort), caches, encoding: Encoding { codec, xbzrle_cache_pages }, abort }
         }

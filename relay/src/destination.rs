@@ -7,7 +7,8 @@
 //! order, is refused with a reason. The session ends when the main channel has ended both
 //! ways and every other channel has too.
 
-use crate::channel::{pump, SessionCaches};
+use crate::channel::{pump, SessionShared};
+use crate::control::{RelayControls, Watched};
 use crate::{collect, RelayFailure, RelayReport};
 use migration::frame::{FrameKind, SeqCounter};
 use migration::handshake::HelloAck;
@@ -46,13 +47,15 @@ pub struct DestinationRelayConfig {
 pub fn relay_destination(
     acceptor: &mut dyn Acceptor,
     config: &DestinationRelayConfig,
+    controls: Arc<RelayControls>,
 ) -> Result<RelayReport, RelayFailure> {
     let started = Instant::now();
     let abort = Arc::new(SessionAbort::new());
+    let _watched = Watched::start(&controls, &abort);
     let mut session: Option<u64> = None;
     // The session's XBZRLE cache, made with its first stream (every hello of a session
     // gives the same size).
-    let mut caches = SessionCaches::default();
+    let mut caches = SessionShared { controls: controls.clone(), ..Default::default() };
     let mut pumps: Vec<(u16, JoinHandle<Result<_, RelayFailure>>)> = Vec::new();
     // Each connection greets on a thread of its own: a stranger holds up no stream.
     let mut lobby = Lobby::new(GREETING_TIME, greet);
@@ -109,6 +112,7 @@ pub fn relay_destination(
             caches.incoming = Some(Arc::new(SharedPageCache::new(pages, MAX_CHANNELS)));
         }
         session = Some(hello.session_id);
+        controls.meter.stream_opened();
         let (channel, abort, caches) = (hello.channel, abort.clone(), caches.clone());
         let pump = std::thread::Builder::new()
             .name(format!("relay-{channel}"))

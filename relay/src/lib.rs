@@ -13,6 +13,7 @@
 
 pub mod channel;
 pub mod compression;
+pub mod control;
 pub mod destination;
 mod holdback;
 mod net_writer;
@@ -47,6 +48,9 @@ pub enum RelayFailure {
     /// Another channel of the session failed first.
     #[error("{0}")]
     Aborted(String),
+    /// The operator cancelled the session (its control socket).
+    #[error("{0}")]
+    Cancelled(String),
 }
 
 /// What went wrong on the relay connection, for a caller that acts on it (retry a lost
@@ -153,6 +157,9 @@ fn collect(
         }
     }
     if let Some(reason) = abort.reason() {
+        if abort.kind() == transport::abort::AbortKind::Cancelled {
+            return Err(RelayFailure::Cancelled(reason));
+        }
         // The first failure anywhere in the session (it names its channel), rather than
         // the consequences of it in the other channels.
         return Err(RelayFailure::Aborted(reason));

@@ -1,10 +1,12 @@
 //! The relay connection's writer, shared by the two directions of a carried stream and
 //! by the compression workers that send what they squeezed.
 
+use crate::control::RelayControls;
 use migration::frame::{FrameBuf, FrameKind, SeqCounter};
 use migration::relay::MAX_CHUNK_BYTES;
 use std::io::{self, Write};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Data and heartbeats go out from the "up" side, an `Abort` from whichever side failed;
 /// every frame is sealed with the connection's next sequence number.
@@ -14,16 +16,19 @@ pub(crate) struct NetWriter {
     frame: FrameBuf,
     /// This direction's `StreamEnd` went out: nothing may follow it.
     ended: bool,
+    /// The session's bandwidth cap (data frames wait for it) and its byte counts.
+    controls: Arc<RelayControls>,
 }
 
 impl NetWriter {
-    pub(crate) fn new(writer: Box<dyn Write + Send>) -> Self {
+    pub(crate) fn new(writer: Box<dyn Write + Send>, controls: Arc<RelayControls>) -> Self {
         // A whole chunk and its frame header fit without growing the buffer.
         NetWriter {
             writer,
             seq: SeqCounter::default(),
             frame: FrameBuf::with_capacity(MAX_CHUNK_BYTES + 64),
             ended: false,
+            controls,
         }
     }
 
@@ -37,16 +42,28 @@ impl NetWriter {
     pub(crate) fn send_frame(&mut self, kind: FrameKind, frame: &mut FrameBuf) -> io::Result<()> {
         self.ended |= kind == FrameKind::StreamEnd;
         frame.seal(kind, 0, self.seq.take());
-        self.writer.write_all(frame.as_bytes())?;
-        self.writer.flush()
+        self.write(kind, frame.as_bytes())
     }
 
     pub(crate) fn send(&mut self, kind: FrameKind, payload: &[u8]) -> io::Result<()> {
         self.ended |= kind == FrameKind::StreamEnd;
         self.frame.begin().extend_from_slice(payload);
         self.frame.seal(kind, 0, self.seq.take());
-        self.writer.write_all(self.frame.as_bytes())?;
-        self.writer.flush()
+        let frame = std::mem::take(&mut self.frame);
+        let written = self.write(kind, frame.as_bytes());
+        self.frame = frame;
+        written
+    }
+
+    /// Writes a sealed frame: data under the session's cap (control frames never wait).
+    fn write(&mut self, kind: FrameKind, bytes: &[u8]) -> io::Result<()> {
+        if kind == FrameKind::StreamData {
+            self.controls.pace(bytes.len());
+        }
+        self.writer.write_all(bytes)?;
+        self.writer.flush()?;
+        self.controls.meter.wire_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        Ok(())
     }
 }
 

@@ -8,8 +8,9 @@
 //! opens its connections in the same order. The session ends when the main channel has
 //! ended both ways and every other channel has too.
 
-use crate::channel::{pump, SessionCaches};
+use crate::channel::{pump, SessionShared};
 use crate::compression::{CompressionConfig, SessionCompression};
+use crate::control::{RelayControls, Watched};
 use crate::{collect, LinkFailure, RelayFailure, RelayReport};
 use migration::frame::{FrameKind, SeqCounter};
 use migration::handshake::{decode_reason, HelloAck};
@@ -61,11 +62,12 @@ impl SourceRelay {
     }
 
     /// Carries one migration session: every stream the source QEMU opens, over
-    /// connections from `connector`, until all have ended.
-    pub fn run(self, connector: &dyn Connector) -> Result<RelayReport, RelayFailure> {
+    /// connections from `connector`, until all have ended; `controls` are the operator's.
+    pub fn run(self, connector: &dyn Connector, controls: Arc<RelayControls>) -> Result<RelayReport, RelayFailure> {
         let started = Instant::now();
         let session_id: u64 = rand::random();
         let abort = Arc::new(SessionAbort::new());
+        let _watched = Watched::start(&controls, &abort);
         let compression = CompressionConfig {
             codec: self.config.encoding.codec,
             workers: self.config.compress_threads,
@@ -75,9 +77,10 @@ impl SourceRelay {
         // One XBZRLE cache for all the streams: QEMU's multifd puts a page's next version
         // on whichever channel is free.
         let pages = self.config.encoding.xbzrle_cache_pages as usize;
-        let caches = SessionCaches {
+        let caches = SessionShared {
             outgoing: (pages > 0).then(|| Arc::new(SharedPageCache::new(pages, MAX_CHANNELS))),
             incoming: None,
+            controls: controls.clone(),
         };
         let mut pumps = Vec::new();
         let deadline = started + self.config.first_connection_timeout;
@@ -96,6 +99,7 @@ impl SourceRelay {
                     }
                     match open_stream(connector, session_id, channel, self.config.encoding) {
                         Ok(net) => {
+                            controls.meter.stream_opened();
                             let (abort, compression, caches) = (abort.clone(), compression.clone(), caches.clone());
                             let encoding = self.config.encoding;
                             let pump = std::thread::Builder::new()

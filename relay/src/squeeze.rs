@@ -250,7 +250,7 @@ mod tests {
         // Stream 0's peer stopped reading: its reader hands on chunks until it runs out of
         // credits, and waits there.
         let (release, stalled) = mpsc::channel::<()>();
-        let writer = Arc::new(Mutex::new(NetWriter::new(Box::new(Stalled(Mutex::new(stalled))))));
+        let writer = Arc::new(Mutex::new(NetWriter::new(Box::new(Stalled(Mutex::new(stalled))), Default::default())));
         let mut stuck = Squeezers::start(compression.clone(), None, writer, abort.clone(), 0).unwrap();
         let stuck_reader = std::thread::spawn(move || {
             while stuck.squeeze(chunk()).is_ok() {}
@@ -261,7 +261,7 @@ mod tests {
         let (done_tx, done_rx) = mpsc::channel();
         let (compression_1, abort_1) = (compression.clone(), abort.clone());
         std::thread::spawn(move || {
-            let writer = Arc::new(Mutex::new(NetWriter::new(Box::new(Sink))));
+            let writer = Arc::new(Mutex::new(NetWriter::new(Box::new(Sink), Default::default())));
             let mut flowing = Squeezers::start(compression_1, None, writer, abort_1, 1).unwrap();
             for _ in 0..50 {
                 flowing.squeeze(chunk()).unwrap();

@@ -113,6 +113,7 @@ fn of_relay(err: &RelayFailure) -> Exit {
         RelayFailure::Link(LinkFailure::Damaged(_) | LinkFailure::Unexpected(_)) => Exit::Integrity,
         RelayFailure::Peer(_) | RelayFailure::Aborted(_) => Exit::Link,
         RelayFailure::Refused(_) => Exit::Refused,
+        RelayFailure::Cancelled(_) => Exit::Cancelled,
     }
 }
 

@@ -16,6 +16,7 @@ mod logging;
 mod metrics;
 mod qemu_migrate;
 mod relay;
+mod relay_control;
 mod report;
 mod stacks;
 mod stream;

@@ -64,7 +64,7 @@ pub fn qemu_migrate(args: QemuMigrateArgs) -> Result<ExitCode> {
                 };
                 let thread = std::thread::Builder::new()
                     .name("relay-destination".into())
-                    .spawn(move || relay_destination(&mut acceptor, &config))?;
+                    .spawn(move || relay_destination(&mut acceptor, &config, Default::default()))?;
                 (Box::new(connector), None, Some(thread), incoming)
             }
         };
@@ -79,7 +79,9 @@ pub fn qemu_migrate(args: QemuMigrateArgs) -> Result<ExitCode> {
         first_connection_timeout: seconds("--wait", args.relay.wait)?,
     };
     let relay = SourceRelay::bind(&relay_socket, config)?;
-    let source_relay = std::thread::Builder::new().name("relay-source".into()).spawn(move || relay.run(&*connector))?;
+    let source_relay = std::thread::Builder::new()
+        .name("relay-source".into())
+        .spawn(move || relay.run(&*connector, Default::default()))?;
     source.execute("migrate", json!({ "uri": format!("unix:{}", relay_socket.display()) })).context("migrate")?;
 
     // SIGINT or SIGTERM cancels QEMU's migration (the source guest runs on); a second one
@@ -174,7 +176,7 @@ impl Watch {
 
 /// QEMU's largest downtime limit (2000 s): with it QEMU switches over at its next
 /// iteration, whatever is left, which is how a switchover is forced on QEMU 7.2.
-const FORCE_DOWNTIME_MS: u64 = 2_000_000;
+pub(super) const FORCE_DOWNTIME_MS: u64 = 2_000_000;
 
 fn follow(source: &mut Qmp, timeout: Duration, watch: &Watch, json: bool) -> Result<Value> {
     let bar = (!json && std::io::stderr().is_terminal()).then(super::logging::spinner);

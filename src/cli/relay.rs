@@ -4,7 +4,9 @@
 use super::args::{CarryOptions, QemuRecvArgs, QemuSendArgs, RelayOptions, StackOptions};
 use super::cores::CoreShare;
 use super::exit::Failure;
+use super::relay_control::{ending, qemu_tuner, RelayControlSocket};
 use super::stacks::{acceptor_for, connector_for, io_timeouts, seconds};
+use ::relay::control::RelayControls;
 use ::relay::destination::{relay_destination, DestinationRelayConfig};
 use ::relay::source::{SourceRelay, SourceRelayConfig};
 use ::relay::RelayReport;
@@ -12,6 +14,7 @@ use anyhow::{Context, Result};
 use migration::relay::{Encoding, MAX_CACHE_PAGES};
 use migration::PAGE_SIZE_BYTES;
 use std::process::ExitCode;
+use std::sync::Arc;
 use transport::pipe::Timeouts;
 
 pub fn qemu_send(args: QemuSendArgs) -> Result<ExitCode> {
@@ -24,9 +27,15 @@ pub fn qemu_send(args: QemuSendArgs) -> Result<ExitCode> {
         first_connection_timeout: seconds("--wait", args.relay.wait)?,
     };
     let relay = SourceRelay::bind(&args.listen, config)?;
+    let controls = Arc::new(RelayControls::source(args.qmp.clone().map(qemu_tuner)));
+    let control = control_socket(args.control.as_deref(), &controls)?;
     // Announcements, not log lines: callers wait for them, whatever the verbosity.
     eprintln!("vmigrate: waiting for QEMU on unix:{}", relay.path().display());
-    let report = relay.run(&*connector).context("relaying the QEMU migration")?;
+    let result = relay.run(&*connector, controls);
+    if let Some(control) = &control {
+        control.ended(ending(&result));
+    }
+    let report = result.context("relaying the QEMU migration")?;
     print_report("sent", &report, args.relay.json)?;
     Ok(ExitCode::SUCCESS)
 }
@@ -39,11 +48,22 @@ pub fn qemu_recv(args: QemuRecvArgs) -> Result<ExitCode> {
         first_connection_timeout: seconds("--wait", args.relay.wait)?,
         qemu_connect_timeout: seconds("--qemu-wait", args.qemu_wait)?,
     };
+    let controls = Arc::new(RelayControls::destination());
+    let control = control_socket(args.control.as_deref(), &controls)?;
     // Always shown: with --listen ADDR:0 this is how a caller learns the port.
     eprintln!("vmigrate: waiting for the source relay on {}", acceptor.local_addr());
-    let report = relay_destination(&mut *acceptor, &config).context("relaying the QEMU migration")?;
+    let result = relay_destination(&mut *acceptor, &config, controls);
+    if let Some(control) = &control {
+        control.ended(ending(&result));
+    }
+    let report = result.context("relaying the QEMU migration")?;
     print_report("received", &report, args.relay.json)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The control socket `options` ask for, if any.
+fn control_socket(path: Option<&std::path::Path>, controls: &Arc<RelayControls>) -> Result<Option<RelayControlSocket>> {
+    path.map(|path| RelayControlSocket::start(path, controls)).transpose()
 }
 
 /// The source relay's pool: as asked, or one worker per CPU less the polling cores of

@@ -7,7 +7,6 @@
 //! destination is let go and its serial markers must continue. Needs QEMU (and root for
 //! the namespaces); a run without them says SKIPPED.
 
-use relay::qmp::Qmp;
 use std::process::Command;
 use std::time::Duration;
 use vmigrate_tests::control;
@@ -15,7 +14,7 @@ use vmigrate_tests::netns::Namespaces;
 use vmigrate_tests::process::run;
 use vmigrate_tests::process::{is_root, Receiver};
 use vmigrate_tests::qemu::{
-    check_migrated, configure_migration_with, qemu_available, sweeper_image, tempdir, wait_migration, Vm,
+    check_migrated, configure_migration_with, qemu_available, sweeper_image, tempdir, wait_migration, Sweepers, Vm,
 };
 use vmigrate_tests::strangers::Strangers;
 
@@ -224,28 +223,6 @@ fn qemu_migrates_through_the_relays_between_namespaces() {
     migrate_sweeper(&Link::KernelBetween(&ns), Some(2), "lz4", 4602);
     migrate_sweeper(&Link::AfPacket(&ns), None, "lz4", 4603);
     migrate_sweeper(&Link::AfPacket(&ns), Some(2), "zlib --xbzrle", 4604);
-}
-
-/// A source QEMU running the sweeper (and sweeping) and a destination QEMU waiting for it,
-/// in a fresh directory named after `name`.
-struct Sweepers {
-    dir: std::path::PathBuf,
-    source: Vm,
-    destination: Vm,
-    source_qmp: Qmp,
-    destination_qmp: Qmp,
-}
-
-impl Sweepers {
-    fn start(name: &str) -> Sweepers {
-        let dir = tempdir(&format!("{}-{name}", std::process::id()));
-        let image = sweeper_image(&dir);
-        let source = Vm::start(&dir, "source", &image, false);
-        let destination = Vm::start(&dir, "destination", &image, true);
-        let (source_qmp, destination_qmp) = (source.qmp(), destination.qmp());
-        assert!(source.wait_markers_above(0, Duration::from_secs(30)), "the source guest never swept");
-        Sweepers { dir, source, destination, source_qmp, destination_qmp }
-    }
 }
 
 #[test]

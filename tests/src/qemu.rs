@@ -317,3 +317,25 @@ impl Drop for Migration {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A source QEMU running the sweeper (and sweeping) and a destination QEMU waiting for it,
+/// in a fresh directory named after `name`.
+pub struct Sweepers {
+    pub dir: std::path::PathBuf,
+    pub source: Vm,
+    pub destination: Vm,
+    pub source_qmp: Qmp,
+    pub destination_qmp: Qmp,
+}
+
+impl Sweepers {
+    pub fn start(name: &str) -> Sweepers {
+        let dir = tempdir(&format!("{}-{name}", std::process::id()));
+        let image = sweeper_image(&dir);
+        let source = Vm::start(&dir, "source", &image, false);
+        let destination = Vm::start(&dir, "destination", &image, true);
+        let (source_qmp, destination_qmp) = (source.qmp(), destination.qmp());
+        assert!(source.wait_markers_above(0, Duration::from_secs(30)), "the source guest never swept");
+        Sweepers { dir, source, destination, source_qmp, destination_qmp }
+    }
+}

@@ -79,6 +79,16 @@ pub struct QemuSendArgs {
     /// The destination relay (`vmigrate qemu-recv --listen`): HOST:PORT or tcp:HOST:PORT.
     #[arg(long, value_parser = parse_tcp)]
     pub to: String,
+    /// A QMP socket of the source QEMU's (`unix:PATH`; one of its own: a QMP socket serves
+    /// one client), through which the control sockets' downtime limit and switchover reach
+    /// QEMU, which alone applies them.
+    #[arg(long, value_parser = parse_unix)]
+    pub qmp: Option<PathBuf>,
+    /// A control socket (`unix:PATH`), as `send --control`'s (docs/control.md): the
+    /// relayed migration queried, cancelled, or changed (a bandwidth cap caps this relay's
+    /// link; a downtime limit or a switchover goes to the source QEMU through --qmp).
+    #[arg(long, value_parser = parse_unix)]
+    pub control: Option<PathBuf>,
     #[command(flatten)]
     pub carry: CarryOptions,
     #[command(flatten)]
@@ -128,6 +138,11 @@ pub struct QemuRecvArgs {
     /// Seconds to keep trying the destination QEMU's socket (it may still be starting).
     #[arg(long, default_value_t = 10.0)]
     pub qemu_wait: f64,
+    /// A control socket (`unix:PATH`), as `send --control`'s (docs/control.md): the
+    /// relayed migration queried or cancelled here; changes go to the source relay, which
+    /// applies them.
+    #[arg(long, value_parser = parse_unix)]
+    pub control: Option<PathBuf>,
     #[command(flatten)]
     pub relay: RelayOptions,
     #[command(flatten)]
