@@ -15,6 +15,7 @@ pub mod channel;
 pub mod compression;
 pub mod control;
 pub mod destination;
+mod doorway;
 mod holdback;
 mod net_writer;
 mod qemu_sink;

@@ -2,16 +2,19 @@
 //! (`migrate unix:PATH`), and one relay connection per stream QEMU opens on it.
 //!
 //! QEMU opens its main channel first and then, with the multifd capability, one connection
-//! per multifd channel. Streams are numbered in the order they are accepted, and each is
-//! announced to the destination relay (and accepted by it, which means the destination
-//! QEMU took the matching connection) before the next is accepted: so the destination
+//! per multifd channel. Each connection is told apart by its first bytes (`doorway.rs`):
+//! the main stream is channel 0, the multifd streams follow in the order they spoke, and
+//! anything else on the socket is turned away with a warning, holding up nothing. Each
+//! stream is announced to the destination relay (and accepted by it, which means the
+//! destination QEMU took the matching connection) before the next: so the destination
 //! opens its connections in the same order. The session ends when the main channel has
 //! ended both ways and every other channel has too.
 
 use crate::channel::{pump, SessionShared};
 use crate::compression::{CompressionConfig, SessionCompression};
 use crate::control::{RelayControls, Watched};
-use crate::{collect, LinkFailure, RelayFailure, RelayReport};
+use crate::doorway::{look_at, peer_of, Arrival};
+use crate::{collect, ChannelReport, LinkFailure, RelayFailure, RelayReport};
 use migration::frame::{FrameKind, SeqCounter};
 use migration::handshake::{decode_reason, HelloAck};
 use migration::relay::{encode_preamble, Encoding, StreamHello, MAX_CHANNELS};
@@ -19,7 +22,9 @@ use migration::relay_cache::SharedPageCache;
 use std::io::{self, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use transport::abort::SessionAbort;
 use transport::framed::{read_frame, write_frame, ReadError, CONTROL_FRAME_LIMIT_BYTES};
@@ -37,7 +42,8 @@ pub struct SourceRelayConfig {
     pub compress_threads: usize,
     /// Pin the workers to cores, from core 0 up.
     pub pin_workers: bool,
-    /// How long to wait for the source QEMU's first connection.
+    /// How long to wait for the source QEMU's main stream (strangers on the socket do not
+    /// count).
     pub first_connection_timeout: Duration,
 }
 
@@ -82,55 +88,125 @@ impl SourceRelay {
             incoming: None,
             controls: controls.clone(),
         };
-        let mut pumps = Vec::new();
+        let mut streams = Streams {
+            connector,
+            session_id,
+            encoding: self.config.encoding,
+            compression,
+            caches,
+            abort: abort.clone(),
+            pumps: Vec::new(),
+            multifd_waiting: Vec::new(),
+        };
+        // Every connection is looked at on a thread of its own (`doorway`), which this
+        // flag lets go when the session ends, however it ends.
+        let over = OverOnDrop(Arc::new(AtomicBool::new(false)));
+        let (arrived, arrivals) = mpsc::channel();
         let deadline = started + self.config.first_connection_timeout;
         loop {
-            let main_done =
-                pumps.first().is_some_and(|(_, pump): &(u16, std::thread::JoinHandle<_>)| pump.is_finished());
-            if main_done || abort.is_raised() {
+            if streams.main_done() || abort.is_raised() {
                 break;
             }
+            self.accept_waiting(&arrived, &over.0)?;
+            match arrivals.recv_timeout(POLL) {
+                Ok(Arrival::Main(local)) if streams.pumps.is_empty() => streams.start(local)?,
+                Ok(Arrival::Main(local)) => self.turn_away(&peer_of(&local), "a second main stream in one session"),
+                Ok(Arrival::Multifd(local)) => streams.multifd_waiting.push(local),
+                Ok(Arrival::Stranger { peer, why }) => self.turn_away(&peer, &why),
+                Err(_) if streams.pumps.is_empty() && Instant::now() >= deadline => {
+                    return Err(RelayFailure::Local(format!(
+                        "no migration stream from QEMU on {} within {:?}",
+                        self.path.display(),
+                        self.config.first_connection_timeout
+                    )));
+                }
+                Err(_) => {}
+            }
+            // The destination QEMU takes its first connection as the main stream: the
+            // multifd streams follow it.
+            if !streams.pumps.is_empty() {
+                while let Some(local) = streams.multifd_waiting.pop() {
+                    streams.start(local)?;
+                }
+            }
+        }
+        let pumps = streams.pumps;
+        let channels = collect(pumps, &abort)?;
+        Ok(RelayReport { session_id, channels, seconds: started.elapsed().as_secs_f64() })
+    }
+}
+
+impl SourceRelay {
+    /// Hands every connection waiting on the socket to the doorway.
+    fn accept_waiting(&self, arrived: &mpsc::Sender<Arrival>, over: &Arc<AtomicBool>) -> Result<(), RelayFailure> {
+        loop {
             match self.listener.accept() {
-                Ok((local, _)) => {
-                    let channel = pumps.len() as u16;
-                    if channel >= MAX_CHANNELS {
-                        abort.raise(format!("QEMU opened more than {MAX_CHANNELS} streams"));
-                        break;
-                    }
-                    match open_stream(connector, session_id, channel, self.config.encoding) {
-                        Ok(net) => {
-                            controls.meter.stream_opened();
-                            let (abort, compression, caches) = (abort.clone(), compression.clone(), caches.clone());
-                            let encoding = self.config.encoding;
-                            let pump = std::thread::Builder::new()
-                                .name(format!("relay-{channel}"))
-                                .spawn(move || pump(channel, local, net, encoding, compression, caches, &abort))
-                                .map_err(RelayFailure::local)?;
-                            pumps.push((channel, pump));
-                        }
-                        Err(err) => {
-                            // QEMU's stream closes unanswered: its migration fails.
-                            drop(local);
-                            abort.raise(format!("channel {channel}: {err}"));
-                            break;
-                        }
-                    }
-                }
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
-                    if pumps.is_empty() && Instant::now() >= deadline {
-                        return Err(RelayFailure::Local(format!(
-                            "no connection from QEMU on {} within {:?}",
-                            self.path.display(),
-                            self.config.first_connection_timeout
-                        )));
-                    }
-                    std::thread::sleep(POLL);
-                }
+                Ok((local, _)) => look_at(local, arrived.clone(), over.clone()),
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
                 Err(err) => return Err(RelayFailure::Local(format!("accepting QEMU's connection: {err}"))),
             }
         }
-        let channels = collect(pumps, &abort)?;
-        Ok(RelayReport { session_id, channels, seconds: started.elapsed().as_secs_f64() })
+    }
+
+    /// A connection that is not one of QEMU's streams, closed (by the caller dropping it).
+    fn turn_away(&self, peer: &str, why: &str) {
+        log::warn!("turned away a connection on unix:{} from {peer}: {why}", self.path.display());
+    }
+}
+
+/// Sets the flag when dropped.
+struct OverOnDrop(Arc<AtomicBool>);
+
+impl Drop for OverOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// The session's streams: the pumps carrying those started, in channel order, and the
+/// multifd streams that came before the main one.
+struct Streams<'a> {
+    connector: &'a dyn Connector,
+    session_id: u64,
+    encoding: Encoding,
+    compression: Option<Arc<SessionCompression>>,
+    caches: SessionShared,
+    abort: Arc<SessionAbort>,
+    pumps: Vec<(u16, JoinHandle<Result<ChannelReport, RelayFailure>>)>,
+    multifd_waiting: Vec<UnixStream>,
+}
+
+impl Streams<'_> {
+    fn main_done(&self) -> bool {
+        self.pumps.first().is_some_and(|(_, pump)| pump.is_finished())
+    }
+
+    /// Carries `local` as the next channel: announced to the destination relay (which
+    /// answers once its QEMU took the matching connection), then pumped on a thread.
+    fn start(&mut self, local: UnixStream) -> Result<(), RelayFailure> {
+        let channel = self.pumps.len() as u16;
+        if channel >= MAX_CHANNELS {
+            self.abort.raise(format!("QEMU opened more than {MAX_CHANNELS} streams"));
+            return Ok(());
+        }
+        let net = match open_stream(self.connector, self.session_id, channel, self.encoding) {
+            Ok(net) => net,
+            Err(err) => {
+                // QEMU's stream closes unanswered: its migration fails.
+                self.abort.raise(format!("channel {channel}: {err}"));
+                return Ok(());
+            }
+        };
+        self.caches.controls.meter.stream_opened();
+        let (abort, compression, caches) = (self.abort.clone(), self.compression.clone(), self.caches.clone());
+        let encoding = self.encoding;
+        let pump = std::thread::Builder::new()
+            .name(format!("relay-{channel}"))
+            .spawn(move || pump(channel, local, net, encoding, compression, caches, &abort))
+            .map_err(RelayFailure::local)?;
+        self.pumps.push((channel, pump));
+        Ok(())
     }
 }
 

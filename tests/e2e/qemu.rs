@@ -7,6 +7,7 @@
 //! destination is let go and its serial markers must continue. Needs QEMU (and root for
 //! the namespaces); a run without them says SKIPPED.
 
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 use vmigrate_tests::control;
@@ -82,7 +83,8 @@ struct Extras {
     /// QEMU's return path.
     return_path: bool,
     /// Strangers connected to the destination relay's listener before the source relay
-    /// (`Link::Kernel` only: the test reaches loopback).
+    /// (`Link::Kernel` only: the test reaches loopback), and to the source relay's socket
+    /// before QEMU.
     strangers: bool,
 }
 
@@ -113,6 +115,7 @@ fn migrate_sweeper_with(
     let strangers = extras.strangers.then(|| Strangers::connect(&to, &migration::relay::MAGIC));
     send.args(["--to", &to, "--codec"]).args(codec.split(' '));
     let sender = Receiver::spawn_announcing(send, "vmigrate: waiting for QEMU on ");
+    let local_strangers = extras.strangers.then(|| Strangers::connect_unix(Path::new(&src_socket), b"QEVM\0\0\0\x03"));
 
     eprintln!("migrating the sweeper: multifd {multifd:?}, codec {codec}");
     source_qmp.execute("migrate", serde_json::json!({ "uri": format!("unix:{src_socket}") })).expect("migrate");
@@ -130,7 +133,13 @@ fn migrate_sweeper_with(
             let warning = format!("turned away a connection from {peer}: not a vmigrate stream: bad magic");
             assert!(received.stderr.contains(&warning), "{peer} not named:\n{}", received.stderr);
         }
+        // At the source relay's socket, the random bytes and the HTTP request were turned
+        // away, named by this process; half a QEMU header and silence held up nothing.
+        let warning = format!("turned away a connection on unix:{src_socket} from pid {} ", std::process::id());
+        assert_eq!(sent.stderr.matches(&warning).count(), 2, "strangers at the source relay:\n{}", sent.stderr);
+        assert!(sent.stderr.contains(r#"not a QEMU migration stream (it began "GET / HT")"#), "{}", sent.stderr);
     }
+    drop(local_strangers);
     let (sent, received) = (json(&sent.stdout), json(&received.stdout));
     let streams = 1 + multifd.unwrap_or(0) as usize;
     assert_eq!(sent["channels"].as_array().map(Vec::len), Some(streams), "{sent}");

@@ -4,6 +4,8 @@
 
 use std::io::Write;
 use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
 
 /// The strangers, connected in this order: random bytes, an HTTP request, the first half
 /// of a vmigrate preamble, and a connection that says nothing.
@@ -16,28 +18,38 @@ impl Strangers {
     /// own namespace) and leaves them open; the truncated preamble is the first half of
     /// `magic` (the listener's own protocol's).
     pub fn connect(address: &str, magic: &[u8; 8]) -> Strangers {
-        let random: Vec<u8> = (0..512u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
-        let greetings: [(&'static str, &[u8]); 4] = [
-            ("random bytes", &random),
-            ("HTTP", b"GET / HTTP/1.1\r\nHost: migration\r\n\r\n"),
-            ("truncated preamble", &magic[..4]),
-            ("silent", b""),
-        ];
-        let sockets = greetings
-            .into_iter()
-            .map(|(kind, bytes)| {
-                let mut socket = TcpStream::connect(address).unwrap_or_else(|e| panic!("{kind}: connect: {e}"));
-                // A listener that closed on the stranger may reset it: what was sent is
-                // what matters.
-                let _ = socket.write_all(bytes);
-                (kind, socket)
-            })
-            .collect();
-        Strangers { sockets }
+        Strangers { sockets: greet(magic, || TcpStream::connect(address)) }
+    }
+
+    /// The same strangers at the unix socket `path` (a relay's socket for QEMU); the
+    /// listener names them all by this process.
+    pub fn connect_unix(path: &Path, magic: &[u8; 8]) -> Vec<(&'static str, UnixStream)> {
+        greet(magic, || UnixStream::connect(path))
     }
 
     /// The peers the listener names in its warnings, one per stranger.
     pub fn peers(&self) -> Vec<String> {
         self.sockets.iter().map(|(_, s)| s.local_addr().expect("local address").to_string()).collect()
     }
+}
+
+/// Opens one connection per kind of stranger with `connect` and has each say its piece.
+fn greet<S: Write>(magic: &[u8; 8], connect: impl Fn() -> std::io::Result<S>) -> Vec<(&'static str, S)> {
+    let random: Vec<u8> = (0..512u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let greetings: [(&'static str, &[u8]); 4] = [
+        ("random bytes", &random),
+        ("HTTP", b"GET / HTTP/1.1\r\nHost: migration\r\n\r\n"),
+        ("truncated preamble", &magic[..4]),
+        ("silent", b""),
+    ];
+    greetings
+        .into_iter()
+        .map(|(kind, bytes)| {
+            let mut socket = connect().unwrap_or_else(|e| panic!("{kind}: connect: {e}"));
+            // A listener that closed on the stranger may reset it: what was sent is what
+            // matters.
+            let _ = socket.write_all(bytes);
+            (kind, socket)
+        })
+        .collect()
 }
