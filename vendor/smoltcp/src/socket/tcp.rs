@@ -527,6 +527,10 @@ pub struct Socket<'a> {
     local_rx_dup_acks: u8,
     /// If a fast retransmit needs to occur
     pending_fast_retransmit: bool,
+
+    /// Retransmissions since the socket was created or reset: retransmission timeouts,
+    /// fast retransmits and partial-ACK retransmits, each counted once.
+    retransmissions: u64,
     /// While recovering from a loss found by duplicate ACKs, the highest sequence number
     /// sent when recovery began (RFC 6582's "recover"). An ACK below it is a partial ACK:
     /// the next hole is retransmitted at once rather than after a timeout.
@@ -622,6 +626,7 @@ impl<'a> Socket<'a> {
             local_rx_last_seq: None,
             local_rx_dup_acks: 0,
             pending_fast_retransmit: false,
+            retransmissions: 0,
             fast_recovery_end: None,
             ack_delay: Some(ACK_DELAY_DEFAULT),
             ack_delay_timer: AckDelayTimer::Idle,
@@ -856,6 +861,20 @@ impl<'a> Socket<'a> {
         }
     }
 
+    /// Return the smoothed round-trip time (RFC 6298's SRTT, in whole milliseconds), or
+    /// `None` before the first sample (and after repeated timeouts have cleared it).
+    pub fn smoothed_rtt(&self) -> Option<Duration> {
+        self.rtte
+            .have_measurement
+            .then(|| Duration::from_millis(self.rtte.srtt as u64))
+    }
+
+    /// Return how many times the socket has retransmitted since it was created or reset:
+    /// each retransmission timeout, fast retransmit and partial-ACK retransmit counts once.
+    pub fn retransmissions(&self) -> u64 {
+        self.retransmissions
+    }
+
     /// Return the keep-alive interval.
     ///
     /// See also the [set_keep_alive](#method.set_keep_alive) method.
@@ -945,6 +964,7 @@ impl<'a> Socket<'a> {
             min_rto: self.rtte.min_rto,
             ..RttEstimator::default()
         };
+        self.retransmissions = 0;
         self.assembler = Assembler::new();
         self.tx_buffer.clear();
         self.rx_buffer.clear();
@@ -2186,6 +2206,7 @@ impl<'a> Socket<'a> {
                         if ack_number < end {
                             if ack_len > 0 {
                                 self.pending_fast_retransmit = true;
+                                self.retransmissions += 1;
                             }
                         } else {
                             self.fast_recovery_end = None;
@@ -2564,6 +2585,7 @@ impl<'a> Socket<'a> {
 
             // Inform RTTE, so that it can avoid bogus measurements.
             self.rtte.on_retransmit();
+            self.retransmissions += 1;
         }
 
         #[cfg(feature = "socket-tcp-pause-synack")]
@@ -7047,6 +7069,7 @@ mod test {
             ..SEND_TEMPL
         });
 
+        assert_eq!(s.retransmissions(), 0);
         // Fast retransmit should have triggered
         recv!(s, time 1100, Ok(TcpRepr {
             seq_number: LOCAL_SEQ + 1,
@@ -7054,6 +7077,7 @@ mod test {
             payload:    &b"aaa"[..],
             ..RECV_TEMPL
         }));
+        assert_eq!(s.retransmissions(), 1);
 
         // Transmission should continue as normal after re-transitting the first segment
         recv!(s, time 1105, Ok(TcpRepr {
@@ -9756,6 +9780,49 @@ mod test {
             payload:    &b"def"[..],
             ..RECV_TEMPL
         }));
+    }
+
+    #[test]
+    fn test_smoothed_rtt_and_retransmissions() {
+        let mut s = socket_established();
+        assert_eq!(s.smoothed_rtt(), None);
+        assert_eq!(s.retransmissions(), 0);
+
+        // One RTT sample of 10 ms.
+        s.send_slice(b"abc").unwrap();
+        recv!(s, time 0, Ok(TcpRepr {
+            seq_number: LOCAL_SEQ + 1,
+            ack_number: Some(REMOTE_SEQ + 1),
+            payload:    &b"abc"[..],
+            ..RECV_TEMPL
+        }));
+        send!(s, time 10, TcpRepr {
+            seq_number: REMOTE_SEQ + 1,
+            ack_number: Some(LOCAL_SEQ + 1 + 3),
+            ..SEND_TEMPL
+        });
+        assert_eq!(s.smoothed_rtt(), Some(Duration::from_millis(10)));
+
+        // A lost segment, sent again after the RTO: one retransmission.
+        s.send_slice(b"def").unwrap();
+        recv!(s, time 20, Ok(TcpRepr {
+            seq_number: LOCAL_SEQ + 1 + 3,
+            ack_number: Some(REMOTE_SEQ + 1),
+            payload:    &b"def"[..],
+            ..RECV_TEMPL
+        }));
+        assert_eq!(s.retransmissions(), 0);
+        recv!(s, time 1020, Ok(TcpRepr {
+            seq_number: LOCAL_SEQ + 1 + 3,
+            ack_number: Some(REMOTE_SEQ + 1),
+            payload:    &b"def"[..],
+            ..RECV_TEMPL
+        }));
+        assert_eq!(s.retransmissions(), 1);
+
+        s.reset();
+        assert_eq!(s.smoothed_rtt(), None);
+        assert_eq!(s.retransmissions(), 0);
     }
 
     #[test]
