@@ -9,6 +9,7 @@ use crate::fanout::{local_port_for, Steering};
 use crate::faults::{Faults, FaultyDevice};
 use crate::layers::{trace_frame, ChecksumPolicy, Checksums};
 use crate::pipe::PipeShared;
+use crate::stats::{ConnectionStats, CoreMeter, CoreSnapshot, CoreStats};
 use smoltcp::iface::{Config, Interface, PollIngressSingleResult, PollResult, SocketHandle, SocketSet};
 use smoltcp::phy::{Device, PcapMode, PcapWriter, Tracer};
 use smoltcp::socket::tcp::{self, State};
@@ -133,6 +134,7 @@ pub(crate) enum Command {
 pub struct CoreHandle {
     commands: mpsc::Sender<Command>,
     stop: Arc<AtomicBool>,
+    stats: Arc<CoreStats>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -149,6 +151,8 @@ impl CoreHandle {
         let (opened, open_result) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
+        let stats = Arc::new(CoreStats::named(&config.name));
+        let published = stats.clone();
         let thread = std::thread::Builder::new().name(config.name.clone()).spawn(move || {
             let device = match open() {
                 Ok(device) => device,
@@ -158,18 +162,28 @@ impl CoreHandle {
                 }
             };
             let device = Checksums::new(device, config.wrappers.checksum);
+            let run = Run { config, opened, commands: receiver, stop: &flag, stats: published };
             // Wrapped only when asked to: the wrapper copies every frame it receives.
-            let wrappers = config.wrappers.clone();
+            let wrappers = run.config.wrappers.clone();
             if wrappers.faults.any() {
                 let faulty = FaultyDevice::new(device, wrappers.faults, u64::from(wrappers.seed));
-                run_traced(faulty, config, opened, receiver, &flag);
+                run_traced(faulty, run);
             } else {
-                run_traced(device, config, opened, receiver, &flag);
+                run_traced(device, run);
             }
         })?;
-        let handle = CoreHandle { commands, stop, thread: Mutex::new(Some(thread)) };
+        let handle = CoreHandle { commands, stop, stats, thread: Mutex::new(Some(thread)) };
         open_result.recv().map_err(|_| io::Error::other("the dataplane core died while opening its device"))??;
         Ok(handle)
+    }
+
+    /// The core's figures as it last published them (every 100 ms).
+    pub fn stats(&self) -> CoreSnapshot {
+        self.stats.snapshot()
+    }
+
+    pub(crate) fn published(&self) -> Arc<CoreStats> {
+        self.stats.clone()
     }
 
     pub(crate) fn send(&self, command: Command) -> io::Result<()> {
@@ -193,42 +207,41 @@ impl Drop for CoreHandle {
     }
 }
 
-/// Runs a core on `device`, behind a tracer if the configuration asks for one.
-fn run_traced<D: Device>(
-    device: D,
+/// What a core's thread runs with, beside its device.
+struct Run<'a> {
     config: CoreConfig,
+    /// Told whether the core started.
     opened: mpsc::Sender<io::Result<()>>,
     commands: mpsc::Receiver<Command>,
-    stop: &AtomicBool,
-) {
-    if config.wrappers.trace {
-        run_captured(Tracer::new(device, trace_frame), config, opened, commands, stop);
+    stop: &'a AtomicBool,
+    stats: Arc<CoreStats>,
+}
+
+/// Runs a core on `device`, behind a tracer if the configuration asks for one.
+fn run_traced<D: Device>(device: D, run: Run<'_>) {
+    if run.config.wrappers.trace {
+        run_captured(Tracer::new(device, trace_frame), run);
     } else {
-        run_captured(device, config, opened, commands, stop);
+        run_captured(device, run);
     }
 }
 
 /// Runs a core on `device`, behind a pcap writer if the configuration asks for one, and
 /// reports on `opened` whether it started.
-fn run_captured<D: Device>(
-    device: D,
-    config: CoreConfig,
-    opened: mpsc::Sender<io::Result<()>>,
-    commands: mpsc::Receiver<Command>,
-    stop: &AtomicBool,
-) {
+fn run_captured<D: Device>(device: D, run: Run<'_>) {
+    let Run { config, opened, commands, stop, stats } = run;
     match config.wrappers.pcap.as_ref().map(std::fs::File::create).transpose() {
         Err(err) => {
             let _ = opened.send(Err(err));
         }
         Ok(None) => {
             let _ = opened.send(Ok(()));
-            Core::new(device, config).run(commands, stop);
+            Core::new(device, config, stats).run(commands, stop);
         }
         Ok(Some(file)) => {
             let _ = opened.send(Ok(()));
             let device = PcapWriter::new(device, std::io::BufWriter::new(file), PcapMode::Both);
-            Core::new(device, config).run(commands, stop);
+            Core::new(device, config, stats).run(commands, stop);
         }
     }
 }
@@ -257,10 +270,12 @@ struct Core<D: Device> {
     clock: StackClock,
     /// The stack's time at the last poll.
     now: smoltcp::time::Instant,
+    meter: CoreMeter,
+    stats: Arc<CoreStats>,
 }
 
 impl<D: Device> Core<D> {
-    fn new(mut device: D, config: CoreConfig) -> Self {
+    fn new(mut device: D, config: CoreConfig, stats: Arc<CoreStats>) -> Self {
         let clock = StackClock::new();
         let mut iface = Interface::new(Config::new(config.mac.into()), &mut device, clock.now());
         iface.update_ip_addrs(|addrs| {
@@ -279,6 +294,8 @@ impl<D: Device> Core<D> {
             listeners: Vec::new(),
             next_port: EPHEMERAL_PORT_BASE,
             now: clock.now(),
+            meter: CoreMeter::new(clock.now()),
+            stats,
             clock,
         }
     }
@@ -326,6 +343,10 @@ impl<D: Device> Core<D> {
     /// a spin or a nap when nothing moved.
     fn iterate(&mut self, idle: &mut u32) {
         let mut progress = self.poll_stack();
+        // `poll_stack` read the clock first: `now` is when this iteration began.
+        if self.meter.began(self.now) {
+            self.publish_stats();
+        }
         progress |= self.accept_and_connect();
         for index in 0..self.pipes.len() {
             progress |= self.pump(index);
@@ -333,6 +354,7 @@ impl<D: Device> Core<D> {
         self.reap();
         progress |= self.poll_stack();
         if progress {
+            self.meter.moved();
             *idle = 0;
         } else {
             *idle = idle.saturating_add(1);
@@ -478,6 +500,13 @@ impl<D: Device> Core<D> {
     }
 
     /// Frees the sockets of connections that are fully closed.
+    /// Hands the meter's figures and every open connection's to the core's handle.
+    fn publish_stats(&mut self) {
+        let connections =
+            self.pipes.iter().map(|pipe| ConnectionStats::of(self.sockets.get::<tcp::Socket>(pipe.handle))).collect();
+        self.meter.publish(self.now, &self.stats, connections);
+    }
+
     fn reap(&mut self) {
         let mut index = 0;
         while index < self.pipes.len() {
@@ -501,6 +530,7 @@ impl<D: Device> Core<D> {
             }
             if done || (lost && self.pipes[index].application_gone()) {
                 let pipe = self.pipes.swap_remove(index);
+                self.meter.closed(self.sockets.get::<tcp::Socket>(pipe.handle));
                 self.sockets.remove(pipe.handle);
             } else {
                 index += 1;

@@ -22,6 +22,7 @@ pub mod layers;
 mod netdev;
 pub mod pipe;
 pub mod stack;
+pub mod stats;
 pub mod tap;
 pub mod vnet;
 pub mod wire;

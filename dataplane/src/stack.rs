@@ -216,6 +216,11 @@ impl CoreStack {
         self
     }
 
+    /// The cores' figures (busy time, connections' RTT and retransmissions).
+    pub fn meter(&self) -> crate::stats::StackMeter {
+        crate::stats::StackMeter(self.cores.iter().map(|core| core.published()).collect())
+    }
+
     /// Opens connections to `remote` through every core in turn.
     pub fn connector(&self, remote: SocketAddrV4, timeouts: Timeouts) -> CoreConnector {
         let endpoint = IpEndpoint::new((*remote.ip()).into(), remote.port());
@@ -333,6 +338,13 @@ impl LoopbackStack {
             pairs.push((Arc::new(source), Arc::new(destination), destination_ip));
         }
         Ok(LoopbackStack { pairs })
+    }
+
+    /// The source side's cores and the destination side's, for their figures.
+    pub fn meters(&self) -> (crate::stats::StackMeter, crate::stats::StackMeter) {
+        let (sources, destinations) =
+            self.pairs.iter().map(|(source, destination, _)| (source.published(), destination.published())).unzip();
+        (crate::stats::StackMeter(sources), crate::stats::StackMeter(destinations))
     }
 
     pub fn connector(&self, port: u16, timeouts: Timeouts) -> CoreConnector {

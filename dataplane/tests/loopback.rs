@@ -86,3 +86,50 @@ fn connecting_to_a_closed_port_fails() {
     let error = stack.connector(9, timeouts).connect().err().expect("nobody listens on port 9");
     assert!(error.to_string().contains("refused") || error.kind() == std::io::ErrorKind::TimedOut, "{error}");
 }
+
+/// While a connection is open, each core reports it (both ends, a smoothed RTT once
+/// sampled) and a busy time that grew with the transfer and never exceeds its running
+/// time; on a wire that drops 2% of frames, the sender's retransmissions are counted.
+#[test]
+fn cores_report_their_connections_and_busy_time() {
+    use vmigrate_dataplane::faults::Faults;
+    for drop in [0.0, 0.02] {
+        let faults = Faults { drop, ..Faults::default() };
+        let wrappers = DeviceWrappers { faults, seed: 3, ..DeviceWrappers::default() };
+        let stack = LoopbackStack::start_with(LoopbackOptions { wrappers, ..LoopbackOptions::default() }).unwrap();
+        let timeouts = Timeouts { connect: Duration::from_secs(5), io: Duration::from_secs(20) };
+        let mut acceptor = stack.acceptor(4444, timeouts).unwrap();
+        let connector = stack.connector(4444, timeouts);
+        const BYTES: usize = 8 << 20;
+        let server = std::thread::spawn(move || {
+            let mut connection = acceptor.accept(Duration::from_secs(5)).expect("accept");
+            let mut buffer = vec![0u8; BYTES];
+            connection.reader.read_exact(&mut buffer).expect("read");
+            connection.writer.write_all(b"done").unwrap();
+            connection
+        });
+        let mut connection = connector.connect().expect("connect");
+        connection.writer.write_all(&vec![7u8; BYTES]).unwrap();
+        let mut answer = [0u8; 4];
+        connection.reader.read_exact(&mut answer).unwrap();
+        let _server_end = server.join().unwrap();
+        // Published every 100 ms.
+        std::thread::sleep(Duration::from_millis(300));
+        let (sources, destinations) = stack.meters();
+        let (source, destination) = (&sources.snapshot()[0], &destinations.snapshot()[0]);
+        eprintln!("drop {drop}: {source:?}\n{destination:?}");
+        for core in [source, destination] {
+            assert!(core.busy > Duration::ZERO && core.busy <= core.running, "{core:?}");
+            assert_eq!(core.connections.len(), 1, "{core:?}");
+            assert!(core.connections[0].smoothed_rtt.is_some(), "{core:?}");
+        }
+        assert_eq!(source.connections[0].remote, destination.connections[0].local);
+        assert_eq!(source.connections[0].local, destination.connections[0].remote);
+        // The wire drops a frame its queue has no room for, as a NIC ring does: a few
+        // retransmissions happen even without faults.
+        assert_eq!(source.retransmissions, source.connections[0].retransmissions);
+        if drop > 0.0 {
+            assert!(source.retransmissions > 10, "{source:?}");
+        }
+    }
+}
