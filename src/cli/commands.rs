@@ -243,10 +243,9 @@ fn send(args: SendArgs) -> Result<ExitCode> {
         )?),
         None => None,
     };
-    let metrics = super::metrics::MetricsPage::default();
-    if let Some(address) = args.metrics {
-        // Always on stderr: with port 0 this is how a scraper learns the port.
-        eprintln!("vmigrate: metrics at http://{}/metrics", metrics.serve(address)?);
+    let metrics = super::metrics::MetricsPage::default().with_stack(_stack.as_ref().map(CoreStack::meter));
+    if let Some(address) = args.metrics.metrics {
+        metrics.serve(address)?;
     }
     let cores = CoreShare::one_end(&args.stack);
     // Changed by the control socket, or by the destination's (a `Tune` from `recv`).
@@ -305,28 +304,34 @@ fn recv(args: RecvArgs) -> Result<ExitCode> {
         Duration::from_secs_f64(args.accept_timeout),
     );
     let (status, events) = (super::control::Status::default(), super::control::Events::default());
+    let metrics = super::metrics::MetricsPage::default();
+    let controls = engine::destination::DestinationControls::default();
     let _control = match &args.control {
         Some(path) => {
-            let controls = engine::destination::DestinationControls::default();
             let (cancel, tuning) = (controls.cancel.clone(), controls.tuning.clone());
-            let socket = super::control::ControlSocket::start(path, cancel, tuning, status.clone(), events.clone())?;
-            let (status, events) = (status.clone(), events.clone());
-            let progress = move |p: &engine::destination::DestinationProgress| {
-                status.update_incoming(p);
-                events.pass(p.rounds + 1);
-            };
-            config.controls = Some(engine::destination::DestinationControls {
-                progress: Some(std::sync::Arc::new(progress)),
-                ..controls
-            });
-            Some(socket)
+            Some(super::control::ControlSocket::start(path, cancel, tuning, status.clone(), events.clone())?)
         }
         None => None,
     };
+    if _control.is_some() || args.metrics.metrics.is_some() {
+        let (status, events, metrics) = (status.clone(), events.clone(), metrics.clone());
+        let progress = move |p: &engine::destination::DestinationProgress| {
+            status.update_incoming(p);
+            metrics.update_incoming(p);
+            events.pass(p.rounds + 1);
+        };
+        config.controls = Some(engine::destination::DestinationControls {
+            progress: Some(std::sync::Arc::new(progress)),
+            ..controls
+        });
+    }
     // Before listening: a destination that cannot host the guest refuses before any source
     // pauses for it.
     let mut vm = DestinationGuest::new(args.guest, config.max_memory_bytes, &args.common)?;
     let (mut acceptor, _stack) = acceptor_for(&args.stack, !args.common.no_pin, args.listen, timeouts(&args.common)?)?;
+    if let Some(address) = args.metrics.metrics {
+        metrics.with_stack(_stack.as_ref().map(CoreStack::meter)).serve(address)?;
+    }
     // Always on stderr, whatever the verbosity (JSON goes to stdout): with --listen ADDR:0
     // this is how a caller learns the port.
     eprintln!("vmigrate: waiting for a migration on {}", acceptor.local_addr());

@@ -6,8 +6,10 @@
 use super::args::QemuMigrateArgs;
 use super::control::{ControlSocket, Events, Status};
 use super::exit::{Exit, Failure};
+use super::metrics::MetricsPage;
 use super::relay::{encoding, print_report, report_json, timeouts};
 use super::stacks::{connector_for, seconds};
+use ::relay::control::RelayControls;
 use ::relay::destination::{relay_destination, DestinationRelayConfig};
 use ::relay::qmp::Qmp;
 use ::relay::source::{SourceRelay, SourceRelayConfig};
@@ -19,6 +21,7 @@ use serde_json::{json, Value};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use transport::pipe::{Connector, TcpAcceptor, TcpConnector};
@@ -79,14 +82,19 @@ pub fn qemu_migrate(args: QemuMigrateArgs) -> Result<ExitCode> {
         first_connection_timeout: seconds("--wait", args.relay.wait)?,
     };
     let relay = SourceRelay::bind(&relay_socket, config)?;
-    let source_relay = std::thread::Builder::new()
-        .name("relay-source".into())
-        .spawn(move || relay.run(&*connector, Default::default()))?;
+    let controls = Arc::new(RelayControls::default());
+    let watch = Watch::default();
+    if let Some(address) = args.metrics.metrics {
+        let page = watch.metrics.clone().with_relay(&controls);
+        page.with_stack(_stack.as_ref().map(dataplane::stack::CoreStack::meter)).serve(address)?;
+    }
+    let source_relay =
+        std::thread::Builder::new().name("relay-source".into()).spawn(move || relay.run(&*connector, controls))?;
     source.execute("migrate", json!({ "uri": format!("unix:{}", relay_socket.display()) })).context("migrate")?;
 
     // SIGINT or SIGTERM cancels QEMU's migration (the source guest runs on); a second one
     // quits at once. The control socket's commands go to the source QEMU.
-    let (watch, _control) = Watch::start(args.control.as_deref())?;
+    let _control = watch.start(args.control.as_deref())?;
     let info = follow(&mut source, seconds("--timeout", args.timeout)?, &watch, args.relay.json)?;
     let source_report = source_relay.join().unwrap_or_else(|_| Err(RelayFailure::Local("the relay panicked".into())));
     let destination_report = destination_relay
@@ -144,21 +152,21 @@ fn configure(qmp: &mut Qmp, args: &QemuMigrateArgs) -> Result<()> {
     Ok(())
 }
 
-/// Polls `query-migrate` until the migration ends, showing progress on a terminal; past
-/// `timeout`, or when `cancel` is, the migration is cancelled on the source QEMU.
-/// What an operator reaches the running migration by: signals and the control socket.
+/// What an operator reaches the running migration by: signals, the control socket and
+/// the metrics endpoint.
 #[derive(Default)]
 struct Watch {
     cancel: Cancel,
     tuning: Tuning,
     status: Status,
     events: Events,
+    metrics: MetricsPage,
 }
 
 impl Watch {
     /// Signals and (with `control`) the control socket, watched until dropped.
-    fn start(control: Option<&std::path::Path>) -> Result<(Watch, Option<ControlSocket>)> {
-        let watch = Watch::default();
+    fn start(&self, control: Option<&std::path::Path>) -> Result<Option<ControlSocket>> {
+        let watch = self;
         super::control::cancel_on_signals(&watch.cancel)?;
         let socket = match control {
             Some(path) => Some(ControlSocket::start(
@@ -170,7 +178,7 @@ impl Watch {
             )?),
             None => None,
         };
-        Ok((watch, socket))
+        Ok(socket)
     }
 }
 
@@ -178,6 +186,8 @@ impl Watch {
 /// iteration, whatever is left, which is how a switchover is forced on QEMU 7.2.
 pub(super) const FORCE_DOWNTIME_MS: u64 = 2_000_000;
 
+/// Polls `query-migrate` until the migration ends, showing progress on a terminal; past
+/// `timeout`, or when `cancel` is, the migration is cancelled on the source QEMU.
 fn follow(source: &mut Qmp, timeout: Duration, watch: &Watch, json: bool) -> Result<Value> {
     let bar = (!json && std::io::stderr().is_terminal()).then(super::logging::spinner);
     let started = Instant::now();
@@ -188,6 +198,7 @@ fn follow(source: &mut Qmp, timeout: Duration, watch: &Watch, json: bool) -> Res
         let info = source.execute("query-migrate", json!({}))?;
         let status = info["status"].as_str().unwrap_or("");
         watch.status.set(info.clone());
+        watch.metrics.update_qemu(&info);
         // A pass before the state it led to: "completed" comes last.
         let pass = info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
         if pass != last_pass {

@@ -29,6 +29,7 @@ pub fn qemu_send(args: QemuSendArgs) -> Result<ExitCode> {
     let relay = SourceRelay::bind(&args.listen, config)?;
     let controls = Arc::new(RelayControls::source(args.qmp.clone().map(qemu_tuner)));
     let control = control_socket(args.control.as_deref(), &controls)?;
+    serve_metrics(args.metrics, &controls, _stack.as_ref())?;
     // Announcements, not log lines: callers wait for them, whatever the verbosity.
     eprintln!("vmigrate: waiting for QEMU on unix:{}", relay.path().display());
     let result = relay.run(&*connector, controls);
@@ -50,6 +51,7 @@ pub fn qemu_recv(args: QemuRecvArgs) -> Result<ExitCode> {
     };
     let controls = Arc::new(RelayControls::destination());
     let control = control_socket(args.control.as_deref(), &controls)?;
+    serve_metrics(args.metrics, &controls, _stack.as_ref())?;
     // Always shown: with --listen ADDR:0 this is how a caller learns the port.
     eprintln!("vmigrate: waiting for the source relay on {}", acceptor.local_addr());
     let result = relay_destination(&mut *acceptor, &config, controls);
@@ -59,6 +61,19 @@ pub fn qemu_recv(args: QemuRecvArgs) -> Result<ExitCode> {
     let report = result.context("relaying the QEMU migration")?;
     print_report("received", &report, args.relay.json)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--metrics`: the relay's counters and, on our own stack, its cores'.
+fn serve_metrics(
+    options: super::args::MetricsOptions,
+    controls: &Arc<RelayControls>,
+    stack: Option<&dataplane::stack::CoreStack>,
+) -> Result<()> {
+    if let Some(address) = options.metrics {
+        let page = super::metrics::MetricsPage::default().with_relay(controls);
+        page.with_stack(stack.map(dataplane::stack::CoreStack::meter)).serve(address)?;
+    }
+    Ok(())
 }
 
 /// The control socket `options` ask for, if any.

@@ -5,6 +5,7 @@ use std::io::{BufRead, Write};
 use std::process::Command;
 use std::time::Duration;
 use vmigrate_tests::control::{self, assert_ends_completed, listen_for_events};
+use vmigrate_tests::metrics;
 use vmigrate_tests::process::{assert_large_segments_both_ways, assert_migrated, is_root, json, run, Receiver};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vmigrate");
@@ -304,30 +305,16 @@ fn addresses_as_qemu_writes_them_and_xbzrle_turned_on_as_on_the_relays() {
     assert_eq!(bad.code(), 2, "a malformed address is a usage error: {}", bad.stderr);
 }
 
-/// Scrapes `http://ADDRESS/metrics` once: the body.
-fn scrape(address: &str) -> String {
-    let mut stream = std::net::TcpStream::connect(address).expect("connect to the metrics endpoint");
-    write!(stream, "GET /metrics HTTP/1.1\r\nHost: {address}\r\n\r\n").expect("request");
-    let mut answer = String::new();
-    std::io::Read::read_to_string(&mut stream, &mut answer).expect("answer");
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    answer.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default()
-}
-
 #[test]
 fn a_running_migrations_metrics_parse_with_prometheus_own_parser() {
-    // Debian's python3-prometheus-client, the parser Prometheus's Python client uses.
-    let parser = "import json, sys\nfrom prometheus_client.parser import text_string_to_metric_families as parse\n\
-                  print(json.dumps({s.name + json.dumps(s.labels, sort_keys=True): s.value \
-                  for f in parse(sys.stdin.read()) for s in f.samples}))";
-    let python = "/usr/bin/python3";
-    if !run(Command::new(python).args(["-c", "import prometheus_client"]), DEADLINE).status.success() {
+    if !metrics::parser_available() {
         eprintln!(
             "SKIPPED a_running_migrations_metrics_parse_with_prometheus_own_parser: no python3-prometheus-client"
         );
         return;
     }
-    let receiver = Receiver::start(BIN, &["--run-after", "0.1"]);
+    let receiver = Receiver::start(BIN, &["--run-after", "0.1", "--metrics", "127.0.0.1:0"]);
+    let incoming = metrics::announced(receiver.announced_so_far()).expect("recv served no metrics");
     // 256 MiB at 400 Mbit/s, pages as they are, a guest that dirties little: seconds of
     // bulk stage to scrape in, then a quick end.
     let mut send = Command::new(BIN)
@@ -340,36 +327,34 @@ fn a_running_migrations_metrics_parse_with_prometheus_own_parser() {
         .expect("start send");
     let mut stderr = std::io::BufReader::new(send.stderr.take().expect("stderr"));
     let mut line = String::new();
-    while !line.contains("metrics at http://") {
+    while metrics::announced(&line).is_none() {
         line.clear();
         assert!(stderr.read_line(&mut line).expect("send's stderr") > 0, "send never served its metrics");
     }
-    let address =
-        line.trim().trim_start_matches("vmigrate: metrics at http://").trim_end_matches("/metrics").to_string();
+    let outgoing = metrics::announced(&line).expect("announced");
     std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
-    // Two scrapes while the bulk stage runs: the counters grow between them.
+    // Two scrapes of each end while the bulk stage runs: the counters grow between them.
     let mut parsed = Vec::new();
     for _ in 0..2 {
         std::thread::sleep(Duration::from_millis(700));
-        let mut python = Command::new(python)
-            .args(["-c", parser])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("python3");
-        python.stdin.take().expect("stdin").write_all(scrape(&address).as_bytes()).expect("feed the parser");
-        let out = python.wait_with_output().expect("the parser");
-        assert!(out.status.success(), "the parser refused the page");
-        parsed.push(json(&String::from_utf8_lossy(&out.stdout)));
+        parsed.push((metrics::scrape_parsed(&outgoing), metrics::scrape_parsed(&incoming)));
     }
-    let transferred = |v: &serde_json::Value| v["vmigrate_migration_transferred_bytes_total{}"].as_f64().unwrap_or(0.0);
-    assert!(transferred(&parsed[0]) > 0.0, "{}", parsed[0]);
+    let transferred =
+        |(sent, _): &(serde_json::Value, _)| metrics::sample(sent, "vmigrate_migration_transferred_bytes_total{}");
+    assert!(transferred(&parsed[0]) > 0.0, "{:?}", parsed[0]);
     assert!(transferred(&parsed[1]) > transferred(&parsed[0]), "the counter did not grow");
-    let raw = &parsed[1]["vmigrate_migration_pages_total{\"kind\": \"raw\"}"];
-    assert!(raw.as_f64().unwrap_or(0.0) > 0.0, "{}", parsed[1]);
+    let received =
+        |(_, received): &(_, serde_json::Value)| metrics::sample(received, "vmigrate_incoming_received_bytes_total{}");
+    assert!(received(&parsed[0]) > 0.0, "{:?}", parsed[0].1);
+    assert!(received(&parsed[1]) > received(&parsed[0]), "the destination's counter did not grow");
+    let (sent, incoming) = &parsed[1];
+    assert_eq!(metrics::sample(incoming, "vmigrate_incoming_ram_bytes{}"), (256u64 << 20) as f64, "{incoming}");
+    assert!(metrics::sample(sent, "vmigrate_migration_pages_total{\"kind\": \"raw\"}") > 0.0, "{sent}");
     for name in ["vmigrate_migration_expected_downtime_seconds{}", "vmigrate_migration_downtime_limit_seconds{}"] {
-        assert!(parsed[1][name].is_number(), "{name} missing: {}", parsed[1]);
+        assert!(sent[name].is_number(), "{name} missing: {sent}");
     }
+    // The kernel's TCP: no dataplane cores to report.
+    assert!(metrics::samples(sent, "vmigrate_dataplane_core_busy_seconds_total").is_empty(), "{sent}");
     assert!(send.wait().expect("send").success());
     receiver.wait(DEADLINE);
 }

@@ -5,6 +5,7 @@
 
 use std::process::Command;
 use std::time::Duration;
+use vmigrate_tests::metrics;
 use vmigrate_tests::netns::Namespaces;
 #[cfg(feature = "dpdk")]
 use vmigrate_tests::process::assert_large_segments_both_ways;
@@ -328,9 +329,62 @@ fn migration_through_a_lossy_link() {
     for (port, stack) in [(4449, "af-packet"), (4450, "tap")] {
         migrate_ours(&ns, stack, port, WORKLOADS[1], &["--connections", "2"], &["--dataplane-cores", "2"]);
     }
+    scrape_our_stack_while_it_migrates(&ns, 4451);
     let dropped = frames_dropped(&ns) - before;
     assert!(dropped > 0, "the loss rule dropped no frame: the link was not lossy");
     eprintln!("the lossy link dropped {dropped} frames");
+}
+
+/// A migration over our stack (packet sockets, 2 connections) on the lossy link, both
+/// ends serving `--metrics` in their namespaces, scraped while it runs and parsed with
+/// Prometheus's parser: each dataplane core's busy time, each connection's RTT and the
+/// retransmissions the loss caused.
+fn scrape_our_stack_while_it_migrates(ns: &Namespaces, port: u16) {
+    if !metrics::parser_available() {
+        eprintln!("SKIPPED the dataplane's metrics on a lossy link: no python3-prometheus-client");
+        return;
+    }
+    let (src, dst) = our_stack(ns, "af-packet");
+    let listen = format!("10.77.0.12:{port}");
+    let mut recv = strings(&["recv", "--json", "--run-after", "0.3", "--listen", &listen]);
+    recv.extend(dst.args().into_iter().chain(strings(&["--metrics", "127.0.0.1:0"])));
+    let recv: Vec<&str> = recv.iter().map(String::as_str).collect();
+    let receiver = Receiver::spawn_announcing(ns.command("dst", &recv), "vmigrate: metrics at http://");
+    // 256 MiB at 400 Mbit/s: seconds to scrape in.
+    let mut send =
+        strings(&["send", "--mem", "256MiB", "--workload", "seq:1000", "--verify", "--json", "--to", &listen]);
+    send.extend(strings(&["--codec", "none", "--max-bandwidth", "400mbit", "--connections", "2"]));
+    send.extend(src.args().into_iter().chain(strings(&["--metrics", "127.0.0.1:0"])));
+    let send: Vec<&str> = send.iter().map(String::as_str).collect();
+    let sender = Receiver::spawn_announcing(ns.command("src", &send), "vmigrate: metrics at http://");
+    std::thread::sleep(Duration::from_millis(2000));
+    let python = |side: &str| ns.program(side, metrics::PYTHON, &[]);
+    let (sent, received) = (
+        metrics::scrape_parsed_with(python("src"), &sender.address),
+        metrics::scrape_parsed_with(python("dst"), &receiver.address),
+    );
+    let (sent_run, received_run) = (sender.wait(DEADLINE), receiver.wait(DEADLINE));
+    assert_migrated(&sent_run, &received_run);
+
+    for (side, parsed) in [("source", &sent), ("destination", &received)] {
+        let busy = metrics::samples(parsed, "vmigrate_dataplane_core_busy_seconds_total");
+        let running = metrics::samples(parsed, "vmigrate_dataplane_core_running_seconds_total");
+        assert!(!busy.is_empty() && busy.len() == running.len(), "{side}: {parsed}");
+        for ((_, busy), (_, running)) in busy.iter().zip(&running) {
+            assert!(*busy > 0.0 && busy <= running, "{side}: busy {busy} s of {running} s");
+        }
+        let rtts = metrics::samples(parsed, "vmigrate_connection_smoothed_rtt_seconds");
+        assert!(rtts.len() >= 2, "{side}: at least the two data connections: {parsed}");
+        eprintln!("{side}: cores busy {busy:?} of {running:?}; RTTs {rtts:?}");
+    }
+    let peer = format!("\"remote\": \"{listen}\"");
+    let towards_destination = metrics::samples(&sent, "vmigrate_connection_retransmissions_total");
+    assert!(towards_destination.iter().filter(|(key, _)| key.contains(&peer)).count() >= 2, "{sent}");
+    let retransmitted: f64 =
+        metrics::samples(&sent, "vmigrate_dataplane_core_retransmissions_total").iter().map(|(_, n)| n).sum();
+    assert!(retransmitted > 0.0, "1% loss, and no retransmission counted: {sent}");
+    eprintln!("the source's cores retransmitted {retransmitted} times by the scrape");
+    assert!(metrics::sample(&received, "vmigrate_incoming_received_bytes_total{}") > 0.0, "{received}");
 }
 
 /// EAL arguments for one side: its own lcore, file prefix and memory, and `vdev`.

@@ -11,6 +11,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 use vmigrate_tests::control;
+use vmigrate_tests::metrics;
 use vmigrate_tests::netns::Namespaces;
 use vmigrate_tests::process::run;
 use vmigrate_tests::process::{is_root, Receiver};
@@ -301,14 +302,12 @@ fn qemu_migrate_takes_control_commands() {
     let socket = |vm: &Vm| format!("unix:{}", vm.control_socket().display());
     let control = dir.join("control.sock");
     // 40 Mbit/s: the guest's 100 MiB of pages would take some 20 s.
-    let migrate = Command::new(BIN)
+    let mut migrate = Command::new(BIN);
+    migrate
         .args(["qemu-migrate", "--src-qmp", &socket(&source), "--dst-qmp", &socket(&destination)])
-        .args(["--codec", "none", "--max-bandwidth", "40mbit", "--json", "--control"])
-        .arg(format!("unix:{}", control.display()))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start qemu-migrate");
+        .args(["--codec", "none", "--max-bandwidth", "40mbit", "--json", "--metrics", "127.0.0.1:0", "--control"])
+        .arg(format!("unix:{}", control.display()));
+    let migrate = Receiver::spawn_announcing(migrate, "vmigrate: metrics at http://");
     let ask = |line: &str| control::command(&control, line);
     let deadline = std::time::Instant::now() + DEADLINE;
     while !control.exists() || ask(r#"{"execute": "query-migrate"}"#)["return"]["status"] != "active" {
@@ -317,8 +316,18 @@ fn qemu_migrate_takes_control_commands() {
     }
     let events = control::listen_for_events(&control);
     std::thread::sleep(Duration::from_millis(500));
+    // QEMU's figures and the relay's, scraped while pre-copy runs.
+    if metrics::parser_available() {
+        let scraped = metrics::scrape_parsed(&migrate.address);
+        assert_eq!(metrics::sample(&scraped, r#"vmigrate_migration_stage{"stage": "active"}"#), 1.0, "{scraped}");
+        assert!(metrics::sample(&scraped, "vmigrate_migration_transferred_bytes_total{}") > 0.0, "{scraped}");
+        assert!(metrics::sample(&scraped, "vmigrate_migration_round{}") >= 1.0, "{scraped}");
+        assert!(metrics::sample(&scraped, "vmigrate_relay_qemu_bytes_total{}") > 0.0, "{scraped}");
+    } else {
+        eprintln!("SKIPPED qemu-migrate's metrics: no python3-prometheus-client");
+    }
     assert_eq!(ask(r#"{"execute": "migrate-switchover"}"#), serde_json::json!({ "return": {} }));
-    let finished = vmigrate_tests::process::wait(migrate, DEADLINE, String::new());
+    let finished = migrate.wait(DEADLINE);
     assert!(finished.status.success(), "qemu-migrate failed:\n{}", finished.stderr);
     let report = json(&finished.stdout);
     assert_eq!(report["qemu"]["status"], "completed", "{report}");

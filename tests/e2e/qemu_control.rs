@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use vmigrate_tests::control::{self, assert_ends_completed, listen_for_events};
+use vmigrate_tests::metrics;
 use vmigrate_tests::process::{json, Finished, Receiver};
 use vmigrate_tests::qemu::{
     check_migrated, configure_migration_with, qemu_available, sweeper_image, wait_migration, Sweepers, Vm,
@@ -34,15 +35,29 @@ impl Relays {
         let unix = |path: &Path| format!("unix:{}", path.display());
         let incoming = unix(&destination.dir.join("incoming.sock"));
         let mut recv = Command::new(BIN);
-        recv.args(["qemu-recv", "--listen", "127.0.0.1:0", "--to", &incoming, "--json"])
-            .args(["--control", &unix(&recv_control)]);
+        recv.args(["qemu-recv", "--listen", "127.0.0.1:0", "--to", &incoming, "--json"]).args([
+            "--control",
+            &unix(&recv_control),
+            "--metrics",
+            "127.0.0.1:0",
+        ]);
         let recv = Receiver::spawn_announcing(recv, "vmigrate: waiting for the source relay on ");
         let listen = dir.join(format!("{tag}-relay.sock"));
         let mut send = Command::new(BIN);
         send.args(["qemu-send", "--listen", &unix(&listen), "--to", &recv.address, "--codec", "none", "--json"])
-            .args(["--control", &unix(&send_control), "--qmp", &unix(&source.control_socket())]);
+            .args(["--control", &unix(&send_control), "--qmp", &unix(&source.control_socket())])
+            .args(["--metrics", "127.0.0.1:0"]);
         let send = Receiver::spawn_announcing(send, "vmigrate: waiting for QEMU on ");
         Relays { recv, send, recv_control, send_control, socket: unix(&listen) }
+    }
+
+    /// Scrapes both relays' metrics: (qemu-send's, qemu-recv's), parsed.
+    fn scrape(&self) -> (serde_json::Value, serde_json::Value) {
+        let parsed = |relay: &Receiver| {
+            let address = metrics::announced(relay.announced_so_far()).expect("the relay served no metrics");
+            metrics::scrape_parsed(&address)
+        };
+        (parsed(&self.send), parsed(&self.recv))
     }
 
     /// The two relays' ends: (qemu-send, qemu-recv).
@@ -105,12 +120,29 @@ fn the_relays_control_sockets_change_a_running_qemu_migration() {
     wait_carrying(&relays.send_control);
     std::thread::sleep(Duration::from_millis(300));
     let slow = rate(&relays.send_control, Duration::from_secs(1));
+    let scraped = metrics::parser_available().then(|| relays.scrape());
     set(&relays.send_control, serde_json::json!({ "max-bandwidth": 16_000_000 }));
     std::thread::sleep(Duration::from_millis(300));
     let fast = rate(&relays.send_control, Duration::from_secs(1));
     eprintln!("QEMU's stream through the relays: {slow:.0} B/s under 4 MB/s, then {fast:.0} B/s under 16 MB/s");
     assert!(slow < 6e6, "{slow:.0} B/s under a cap of 4 MB/s set at the destination relay");
     assert!(fast > 2.0 * slow, "{slow:.0} then {fast:.0} B/s: the source relay's new cap did not take");
+    // Both relays' metrics, scraped while QEMU's stream ran and parsed by Prometheus's
+    // parser, rose with it.
+    if let Some((sent_before, received_before)) = scraped {
+        let (sent_after, received_after) = relays.scrape();
+        let grew = |before: &serde_json::Value, after: &serde_json::Value, key: &str| {
+            let (before, after) = (metrics::sample(before, key), metrics::sample(after, key));
+            assert!(before > 0.0 && after > before, "{key}: {before} then {after}");
+        };
+        grew(&sent_before, &sent_after, "vmigrate_relay_qemu_bytes_total{}");
+        grew(&sent_before, &sent_after, "vmigrate_relay_wire_bytes_total{}");
+        grew(&received_before, &received_after, "vmigrate_relay_delivered_bytes_total{}");
+        assert_eq!(metrics::sample(&sent_after, "vmigrate_relay_streams{}"), 1.0, "{sent_after}");
+        assert!(metrics::sample(&sent_after, "vmigrate_relay_throughput_bits_per_second{}") > 0.0, "{sent_after}");
+    } else {
+        eprintln!("SKIPPED the relays' metrics: no python3-prometheus-client");
+    }
     // The switchover, asked for at the destination: through the source relay and its QMP
     // socket to the source QEMU, which switches over at its next iteration.
     set(&relays.recv_control, serde_json::json!({ "max-bandwidth": 0 }));

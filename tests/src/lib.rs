@@ -5,6 +5,7 @@
 
 pub mod control;
 pub mod corpus;
+pub mod metrics;
 pub mod netns;
 pub mod process;
 pub mod proxy;

@@ -115,6 +115,8 @@ impl Receiver {
             .trim()
             .strip_prefix(announcement)
             .and_then(|rest| rest.split(' ').next())
+            // A metrics endpoint is announced as a URL: `http://ADDRESS/metrics`.
+            .map(|a| a.trim_end_matches("/metrics"))
             .filter(|a| a.parse::<std::net::SocketAddr>().is_ok() || a.starts_with("unix:"))
             .map(str::to_string);
         let Some(address) = address else {
@@ -124,6 +126,11 @@ impl Receiver {
         };
         // The lines before the announcement stay part of the receiver's stderr.
         Receiver { child: Some(child), address, first_line: before + &first_line, stderr: Some(reader) }
+    }
+
+    /// What it wrote on stderr up to and including its announcement.
+    pub fn announced_so_far(&self) -> &str {
+        &self.first_line
     }
 
     pub fn wait(mut self, timeout: Duration) -> Finished {

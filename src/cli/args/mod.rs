@@ -521,6 +521,17 @@ pub struct DemoArgs {
     pub run_after: f64,
 }
 
+/// `--metrics`, on every long-running command.
+#[derive(Args, Debug, Clone, Copy)]
+pub struct MetricsOptions {
+    /// Serve the running migration's figures in Prometheus's text format at
+    /// http://ADDR:PORT/metrics (port 0: one the system picks, printed on stderr); on our
+    /// own stack also each dataplane core's busy time and each connection's RTT and
+    /// retransmissions (docs/metrics.md).
+    #[arg(long, value_parser = parse_listen)]
+    pub metrics: Option<SocketAddr>,
+}
+
 #[derive(Args, Debug)]
 pub struct SendArgs {
     /// Destination address (where `vmigrate recv --listen` runs): HOST:PORT (or
@@ -532,10 +543,8 @@ pub struct SendArgs {
     /// migrate-switchover; events for a client that sent qmp_capabilities.
     #[arg(long, value_parser = parse_unix)]
     pub control: Option<PathBuf>,
-    /// Serve the running migration's figures in Prometheus's text format at
-    /// http://ADDR:PORT/metrics (port 0: one the system picks, printed on stderr).
-    #[arg(long, value_parser = parse_listen)]
-    pub metrics: Option<SocketAddr>,
+    #[command(flatten)]
+    pub metrics: MetricsOptions,
     #[command(flatten)]
     pub stack: StackOptions,
     #[command(flatten)]
@@ -572,6 +581,8 @@ pub struct RecvArgs {
     /// changed: the changes go to the source, which applies them.
     #[arg(long, value_parser = parse_unix)]
     pub control: Option<PathBuf>,
+    #[command(flatten)]
+    pub metrics: MetricsOptions,
     #[command(flatten)]
     pub stack: StackOptions,
     #[command(flatten)]

@@ -65,6 +65,8 @@ pub struct QemuMigrateArgs {
     #[arg(long, value_parser = parse_unix)]
     pub control: Option<PathBuf>,
     #[command(flatten)]
+    pub metrics: super::MetricsOptions,
+    #[command(flatten)]
     pub relay: RelayOptions,
     /// The source relay's stack (with --to).
     #[command(flatten)]
@@ -89,6 +91,8 @@ pub struct QemuSendArgs {
     /// link; a downtime limit or a switchover goes to the source QEMU through --qmp).
     #[arg(long, value_parser = parse_unix)]
     pub control: Option<PathBuf>,
+    #[command(flatten)]
+    pub metrics: super::MetricsOptions,
     #[command(flatten)]
     pub carry: CarryOptions,
     #[command(flatten)]
@@ -143,6 +147,8 @@ pub struct QemuRecvArgs {
     /// applies them.
     #[arg(long, value_parser = parse_unix)]
     pub control: Option<PathBuf>,
+    #[command(flatten)]
+    pub metrics: super::MetricsOptions,
     #[command(flatten)]
     pub relay: RelayOptions,
     #[command(flatten)]
