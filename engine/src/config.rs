@@ -77,7 +77,7 @@ pub struct DestinationConfig {
     /// reader thread per connection. Off exists to measure what it saves.
     pub direct_receive: bool,
     /// A caller watching the migration, and able to cancel or change it.
-    pub controls: Option<crate::destination::DestinationControls>,
+    pub controls: Option<crate::watch::DestinationControls>,
 }
 
 impl Default for DestinationConfig {

@@ -19,6 +19,7 @@ pub mod source;
 pub mod tuning;
 pub mod verify;
 pub mod vm;
+pub mod watch;
 
 pub mod error;
 pub use error::{MigrationError, VmError};

@@ -8,6 +8,7 @@ use super::control::{ControlSocket, Events, Status};
 use super::exit::{Exit, Failure};
 use super::metrics::MetricsPage;
 use super::relay::{encoding, print_report, report_json, timeouts};
+use super::relay_control::FORCE_DOWNTIME_MS;
 use super::stacks::{connector_for, seconds};
 use ::relay::control::RelayControls;
 use ::relay::destination::{relay_destination, DestinationRelayConfig};
@@ -181,10 +182,6 @@ impl Watch {
         Ok(socket)
     }
 }
-
-/// QEMU's largest downtime limit (2000 s): with it QEMU switches over at its next
-/// iteration, whatever is left, which is how a switchover is forced on QEMU 7.2.
-pub(super) const FORCE_DOWNTIME_MS: u64 = 2_000_000;
 
 /// Polls `query-migrate` until the migration ends, showing progress on a terminal; past
 /// `timeout`, or when `cancel` is, the migration is cancelled on the source QEMU.

@@ -84,6 +84,11 @@ pub fn ending<T>(result: &Result<T, ::relay::RelayFailure>) -> &'static str {
     }
 }
 
+/// QEMU's largest downtime limit (2000 s): with it QEMU switches over at its next
+/// iteration, whatever is left, which is how a switchover is forced on QEMU 7.2
+/// (`qemu-migrate` and `qemu-send --qmp` alike).
+pub(super) const FORCE_DOWNTIME_MS: u64 = 2_000_000;
+
 /// Hands the source QEMU a downtime limit or a switchover over its QMP socket at `path`
 /// (connected when first needed): a switchover is QEMU's largest downtime limit, as
 /// `qemu-migrate` forces it on QEMU 7.2.
@@ -92,10 +97,10 @@ pub fn qemu_tuner(path: PathBuf) -> QemuTuner {
     Box::new(move |tune| {
         let mut parameters = serde_json::Map::new();
         if let Some(ms) = tune.downtime_limit_ms {
-            parameters.insert("downtime-limit".into(), ms.min(super::qemu_migrate::FORCE_DOWNTIME_MS).into());
+            parameters.insert("downtime-limit".into(), ms.min(FORCE_DOWNTIME_MS).into());
         }
         if tune.switchover {
-            parameters.insert("downtime-limit".into(), super::qemu_migrate::FORCE_DOWNTIME_MS.into());
+            parameters.insert("downtime-limit".into(), FORCE_DOWNTIME_MS.into());
         }
         if parameters.is_empty() {
             return Ok(());

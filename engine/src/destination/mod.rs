@@ -35,13 +35,12 @@ mod greeting;
 mod inbound;
 mod reader;
 mod session;
-mod watch;
 
+pub use crate::watch::{DestinationControls, DestinationProgress, WATCH_EVERY};
 use greeting::{accept_session, turn_away, Greeted};
 use inbound::FrameInbound;
 use reader::{connection_reader, decompression_worker};
 use session::{Event, Session};
-pub use watch::{DestinationControls, DestinationProgress, WATCH_EVERY};
 
 /// Received batches waiting for a decompression worker: bounds the receive buffers to
 /// ~17 MiB however fast the source sends.
