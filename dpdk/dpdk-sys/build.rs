@@ -34,7 +34,9 @@ fn main() {
         );
         return;
     }
-    let cflags = dpdk_cflags();
+    let mut cflags = dpdk_cflags();
+    // compressdev is experimental in 22.11: its declarations are refused without this.
+    cflags.push("-DALLOW_EXPERIMENTAL_API".into());
 
     let mut shim = cc::Build::new();
     shim.file("shim/shim.c").include("shim").warnings(false);
@@ -48,12 +50,16 @@ fn main() {
     let bindings = bindgen::Builder::default()
         .header("shim/shim.h")
         .clang_args(&cflags)
-        // What vmigrate uses (EAL, ports and queues, mbufs and mempools, errors) and what
-        // those pull in; not rte_flow, whose packed protocol headers bindgen cannot express.
+        // What vmigrate uses (EAL, ports and queues, mbufs and mempools, errors, compression
+        // devices) and what those pull in; not rte_flow, whose packed protocol headers
+        // bindgen cannot express.
         .allowlist_function("vm_.*|rte_eal_.*|rte_eth_.*|rte_pktmbuf_.*|rte_mempool_.*|rte_lcore_.*|rte_socket_id")
         .allowlist_function(
             "rte_strerror|rte_version|rte_exit|rte_get_main_lcore|rte_thread_register|rte_thread_unregister",
         )
+        // Compression devices and their operations.
+        .allowlist_function("rte_compressdev_.*|rte_comp_.*")
+        .allowlist_type("rte_comp_.*")
         .allowlist_var("vm_.*|RTE_ETH_.*|RTE_MAX_ETHPORTS|RTE_MAX_LCORE|RTE_ETHER_.*")
         .blocklist_function("rte_eth_.*flow.*|rte_eth_dev_priv_dump")
         .derive_default(true)

@@ -17,6 +17,10 @@
 #include <rte_gro.h>
 #include <rte_gso.h>
 #include <rte_net.h>
+/* Compression devices (compress_isal, compress_zlib, QAT): an experimental API in 22.11,
+ * which the build script allows (ALLOW_EXPERIMENTAL_API). */
+#include <rte_comp.h>
+#include <rte_compressdev.h>
 
 uint16_t vm_rte_eth_rx_burst(uint16_t port_id, uint16_t queue_id, struct rte_mbuf **rx_pkts, uint16_t nb_pkts);
 uint16_t vm_rte_eth_tx_burst(uint16_t port_id, uint16_t queue_id, struct rte_mbuf **tx_pkts, uint16_t nb_pkts);

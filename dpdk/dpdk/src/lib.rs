@@ -1,6 +1,7 @@
 //! A safe wrapper over `dpdk-sys`: EAL initialisation once per process from DPDK-style
 //! arguments, errors from `rte_errno`/`rte_strerror`, packet mempools, an owning `Mbuf`
-//! that frees itself, and ports with one RX/TX queue pair per dataplane core.
+//! that frees itself, ports with one RX/TX queue pair per dataplane core, and compression
+//! devices (`compress`).
 //!
 //! Built where DPDK is absent, only `AVAILABLE` (false) and the error type exist.
 
@@ -13,6 +14,8 @@ pub use dpdk_sys::consts;
 /// Whether this build has DPDK.
 pub const AVAILABLE: bool = dpdk_sys::AVAILABLE;
 
+#[cfg(dpdk)]
+pub mod compress;
 #[cfg(dpdk)]
 mod eal;
 #[cfg(dpdk)]
