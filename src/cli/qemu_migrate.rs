@@ -25,7 +25,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use transport::pipe::{Connector, TcpAcceptor, TcpConnector};
+use transport::pipe::{Connector, TcpAcceptor, TcpConnector, Timeouts};
 
 type RelayThread = JoinHandle<Result<RelayReport, RelayFailure>>;
 
@@ -49,29 +49,8 @@ pub fn qemu_migrate(args: QemuMigrateArgs) -> Result<ExitCode> {
     let work = work_dir.path();
     let timeouts = timeouts(&args.relay)?;
 
-    // The destination relay: a remote one the user started, or ours, in this process.
-    let (connector, _stack, destination_relay, incoming): (Box<dyn Connector>, _, Option<RelayThread>, PathBuf) =
-        match &args.to {
-            Some(to) => {
-                let incoming = args.dst_incoming.clone().context("--to needs --dst-incoming")?;
-                let (connector, stack) = connector_for(&args.stack, !args.relay.no_pin, to, timeouts)?;
-                (connector, stack, None, incoming)
-            }
-            None => {
-                let incoming = work.join("incoming.sock");
-                let mut acceptor = TcpAcceptor::bind("127.0.0.1:0", timeouts)?;
-                let connector = TcpConnector::new(acceptor.local_socket_addr()?, timeouts)?;
-                let config = DestinationRelayConfig {
-                    qemu: incoming.clone(),
-                    first_connection_timeout: seconds("--wait", args.relay.wait)?,
-                    qemu_connect_timeout: Duration::from_secs(10),
-                };
-                let thread = std::thread::Builder::new()
-                    .name("relay-destination".into())
-                    .spawn(move || relay_destination(&mut acceptor, &config, Default::default()))?;
-                (Box::new(connector), None, Some(thread), incoming)
-            }
-        };
+    let DestinationSide { connector, stack: _stack, relay: destination_relay, incoming } =
+        destination_side(&args, work, timeouts)?;
     let incoming_uri = format!("unix:{}", incoming.display());
     destination.execute("migrate-incoming", json!({ "uri": incoming_uri })).context("migrate-incoming")?;
 
@@ -133,6 +112,43 @@ pub fn qemu_migrate(args: QemuMigrateArgs) -> Result<ExitCode> {
         report.context("the destination relay")?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where the source relay sends: a remote destination relay the user started, or ours, in
+/// this process.
+struct DestinationSide {
+    connector: Box<dyn Connector>,
+    /// Our stack's cores, when the remote relay is reached through them.
+    stack: Option<dataplane::stack::CoreStack>,
+    /// Our own destination relay.
+    relay: Option<RelayThread>,
+    /// The destination QEMU's incoming socket.
+    incoming: PathBuf,
+}
+
+fn destination_side(args: &QemuMigrateArgs, work: &std::path::Path, timeouts: Timeouts) -> Result<DestinationSide> {
+    let (connector, stack, relay, incoming): (Box<dyn Connector>, _, Option<RelayThread>, PathBuf) = match &args.to {
+        Some(to) => {
+            let incoming = args.dst_incoming.clone().context("--to needs --dst-incoming")?;
+            let (connector, stack) = connector_for(&args.stack, !args.relay.no_pin, to, timeouts)?;
+            (connector, stack, None, incoming)
+        }
+        None => {
+            let incoming = work.join("incoming.sock");
+            let mut acceptor = TcpAcceptor::bind("127.0.0.1:0", timeouts)?;
+            let connector = TcpConnector::new(acceptor.local_socket_addr()?, timeouts)?;
+            let config = DestinationRelayConfig {
+                qemu: incoming.clone(),
+                first_connection_timeout: seconds("--wait", args.relay.wait)?,
+                qemu_connect_timeout: Duration::from_secs(10),
+            };
+            let thread = std::thread::Builder::new()
+                .name("relay-destination".into())
+                .spawn(move || relay_destination(&mut acceptor, &config, Default::default()))?;
+            (Box::new(connector), None, Some(thread), incoming)
+        }
+    };
+    Ok(DestinationSide { connector, stack, relay, incoming })
 }
 
 /// The same capabilities and parameters on either QEMU.
