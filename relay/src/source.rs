@@ -123,15 +123,17 @@ impl SourceRelay {
                 Err(_) => {}
             }
             // The destination QEMU takes its first connection as the main stream: the
-            // multifd streams follow it.
+            // multifd streams follow it, in the order they spoke, until one fails.
             if !streams.pumps.is_empty() {
-                while let Some(local) = streams.multifd_waiting.pop() {
+                for local in std::mem::take(&mut streams.multifd_waiting) {
+                    if abort.is_raised() {
+                        break;
+                    }
                     streams.start(local)?;
                 }
             }
         }
-        let pumps = streams.pumps;
-        let channels = collect(pumps, &abort)?;
+        let channels = collect(streams.pumps, &abort)?;
         Ok(RelayReport { session_id, channels, seconds: started.elapsed().as_secs_f64() })
     }
 }
