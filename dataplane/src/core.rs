@@ -9,7 +9,7 @@ use crate::fanout::{local_port_for, Steering};
 use crate::faults::{Faults, FaultyDevice};
 use crate::layers::{trace_frame, ChecksumPolicy, Checksums};
 use crate::pipe::PipeShared;
-use crate::stats::{ConnectionStats, CoreMeter, CoreSnapshot, CoreStats};
+use crate::stats::{ConnectionStats, CoreMeter, CoreStats};
 use smoltcp::iface::{Config, Interface, PollIngressSingleResult, PollResult, SocketHandle, SocketSet};
 use smoltcp::phy::{Device, PcapMode, PcapWriter, Tracer};
 use smoltcp::socket::tcp::{self, State};
@@ -177,11 +177,7 @@ impl CoreHandle {
         Ok(handle)
     }
 
-    /// The core's figures as it last published them (every 100 ms).
-    pub fn stats(&self) -> CoreSnapshot {
-        self.stats.snapshot()
-    }
-
+    /// Where the core publishes its figures (every 100 ms), for a `StackMeter`.
     pub(crate) fn published(&self) -> Arc<CoreStats> {
         self.stats.clone()
     }
