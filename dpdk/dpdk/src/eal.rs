@@ -27,13 +27,38 @@ impl Eal {
         }
         // rte_eal_init may permute argv (getopt); it gets its own array of pointers.
         let mut argv: Vec<*mut std::ffi::c_char> = owned.iter().map(|arg| arg.as_ptr().cast_mut()).collect();
+        let affinity = Affinity::of_this_thread();
         // SAFETY: argv holds argc valid C strings that outlive the call (`owned`); EAL
         // initialisation runs once (guarded above).
         let parsed = unsafe { dpdk_sys::rte_eal_init(argv.len() as i32, argv.as_mut_ptr()) };
         if parsed < 0 {
             return Err(DpdkError::from_errno("rte_eal_init"));
         }
+        // The EAL pins the calling thread to its main lcore (`-l 0`: CPU 0), and every
+        // thread started from it afterwards would inherit that one CPU: our threads are
+        // placed by our own rules (transport::pin), so the thread gets its CPUs back.
+        if let Some(affinity) = affinity {
+            affinity.restore();
+        }
         Ok(Eal { _private: () })
+    }
+}
+
+/// The CPUs a thread may run on.
+struct Affinity(libc::cpu_set_t);
+
+impl Affinity {
+    fn of_this_thread() -> Option<Affinity> {
+        // SAFETY: an all-zero cpu_set_t is a valid empty set.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a cpu_set_t of the size given; 0 is the calling thread.
+        let got = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+        (got == 0).then_some(Affinity(set))
+    }
+
+    fn restore(&self) {
+        // SAFETY: a set read by sched_getaffinity, of the size given; 0 is the calling thread.
+        unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &self.0) };
     }
 }
 

@@ -16,6 +16,11 @@ pub enum DpdkError {
          queues=N; net_af_xdp: queue_count=N)"
     )]
     TooManyQueues { port: String, asked: u16, max: u16 },
+    #[error(
+        "DPDK compression device {device} has {max} queue pair(s), and {asked} were asked for (one per \
+         compression worker): use fewer --compress-threads"
+    )]
+    TooManyCompressQueues { device: String, asked: u16, max: u16 },
     #[error("no DPDK compression device named {0:?} (give the EAL one: --vdev compress_isal0, compress_zlib0)")]
     NoSuchDevice(String),
 }

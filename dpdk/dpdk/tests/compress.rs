@@ -103,6 +103,31 @@ mod with_dpdk {
         let results = devices[0].run(Direction::Compress, &[random, &pages[0]], 64);
         assert!(matches!(results[0], Err(OpFailure::OutOfSpace(64))), "{:?}", results[0]);
         assert_eq!(inflate(results[1].as_ref().expect("the zero page fits")), pages[0]);
+        drop(devices);
+        queue_pairs_on_threads_of_their_own(&eal, &pages);
+    }
+
+    /// The device opened again (as a later session does), with a queue pair per thread:
+    /// threads the EAL never heard of (the compression workers) compress at once.
+    fn queue_pairs_on_threads_of_their_own(eal: &Eal, pages: &[Vec<u8>]) {
+        let queues = Compressor::open_queues(eal, "compress_isal0", 2, 64, ROOM).expect("two queue pairs");
+        std::thread::scope(|scope| {
+            for mut queue in queues {
+                scope.spawn(move || {
+                    let inputs: Vec<&[u8]> = pages.iter().map(Vec::as_slice).collect();
+                    let mut seen = vec![false; inputs.len()];
+                    queue.run_with(Direction::Compress, &inputs, PAGE - 1, |index, result| {
+                        seen[index] = true;
+                        match result {
+                            Ok(packed) => assert_eq!(inflate(packed), pages[index]),
+                            // Random bytes do not shrink below a page.
+                            Err(failure) => assert_eq!(failure, OpFailure::OutOfSpace(PAGE - 1), "page {index}"),
+                        }
+                    });
+                    assert!(seen.iter().all(|seen| *seen), "every page came back");
+                });
+            }
+        });
     }
 
     fn is_root() -> bool {
