@@ -35,6 +35,9 @@ pub struct SourceConfig {
     /// A way to change the running migration from outside (a control command): its
     /// downtime limit, its bandwidth cap, a switchover now.
     pub tuning: Option<crate::tuning::Tuning>,
+    /// The compression device that does `deflate`, a queue per worker; under `adaptive`,
+    /// `deflate` joins the choices. Without one, `deflate` compresses on the CPU.
+    pub offload: Option<std::sync::Arc<dyn crate::offload::OffloadDevice>>,
 }
 
 impl Default for SourceConfig {
@@ -55,6 +58,7 @@ impl Default for SourceConfig {
             answer_timeout: Duration::from_secs(30),
             cancel: None,
             tuning: None,
+            offload: None,
         }
     }
 }

@@ -29,6 +29,9 @@ pub enum MigrationError {
     PeerAborted(String),
     #[error("migration cancelled: {0}")]
     Cancelled(String),
+    /// The compression device could not be opened for the session's workers.
+    #[error("compression device {device}: {reason}")]
+    Offload { device: String, reason: String },
     /// Nothing came within the time allowed for it.
     #[error("{waiting_for}: nothing within {after:?}")]
     TimedOut { waiting_for: String, after: Duration },

@@ -22,4 +22,5 @@ pub mod vm;
 pub mod watch;
 
 pub mod error;
+pub mod offload;
 pub use error::{MigrationError, VmError};

@@ -33,6 +33,10 @@ pub enum Codec {
     ShuffleZstd {
         level: u8,
     },
+    /// Raw deflate compressed on a compression device (DPDK's compressdev: ISA-L's deflate
+    /// in software, Intel QAT in hardware), several pages in flight at once; on the CPU
+    /// (zlib's level 1) for a page the device fails. Any inflater decodes it.
+    Deflate,
     /// Chosen per batch by the source among [`Codec::ADAPTIVE_CHOICES`] (no compression,
     /// lz4, zstd:1), from the link's and the cores' measured rates; the destination takes
     /// any of them.
@@ -40,6 +44,13 @@ pub enum Codec {
 }
 
 impl Codec {
+    /// Whether a source under `adaptive` may send pages with `self`: one of
+    /// [`Codec::ADAPTIVE_CHOICES`], or `deflate`, which joins them where the source has a
+    /// compression device.
+    pub fn adaptive_may_choose(self) -> bool {
+        Codec::ADAPTIVE_CHOICES.contains(&self) || self == Codec::Deflate
+    }
+
     /// QEMU's default zlib level for multi-thread compression is 1: the fastest, and
     /// already most of the gain on guest memory.
     pub const DEFAULT_ZLIB_LEVEL: u8 = 1;
@@ -61,6 +72,7 @@ impl Codec {
             Codec::Adaptive => (6, 0),
             Codec::ShuffleLz4 => (7, 0),
             Codec::ShuffleZstd { level } => (8, level),
+            Codec::Deflate => (9, 0),
         }
     }
 
@@ -73,6 +85,7 @@ impl Codec {
             (6, 0) => Some(Codec::Adaptive),
             (7, 0) => Some(Codec::ShuffleLz4),
             (8, 1..=19) => Some(Codec::ShuffleZstd { level }),
+            (9, 0) => Some(Codec::Deflate),
             _ => None,
         }
     }
@@ -86,6 +99,7 @@ impl Codec {
             Codec::Adaptive => "adaptive",
             Codec::ShuffleLz4 => "shuffle-lz4",
             Codec::ShuffleZstd { .. } => "shuffle-zstd",
+            Codec::Deflate => "deflate",
         }
     }
 
@@ -118,8 +132,8 @@ impl fmt::Display for Codec {
 impl FromStr for Codec {
     type Err = String;
 
-    /// `none`, `lz4`, `zlib[:LEVEL]`, `zstd[:LEVEL]`, `shuffle-lz4`, `shuffle-zstd[:LEVEL]`
-    /// or `adaptive`.
+    /// `none`, `lz4`, `zlib[:LEVEL]`, `zstd[:LEVEL]`, `shuffle-lz4`, `shuffle-zstd[:LEVEL]`,
+    /// `deflate` or `adaptive`.
     fn from_str(text: &str) -> Result<Self, String> {
         let (name, level) = match text.split_once(':') {
             Some((name, level)) => (name, Some(level)),
@@ -136,13 +150,14 @@ impl FromStr for Codec {
             ("none", None) => Ok(Codec::None),
             ("lz4", None) => Ok(Codec::Lz4),
             ("adaptive", None) => Ok(Codec::Adaptive),
+            ("deflate", None) => Ok(Codec::Deflate),
             ("zlib", _) => Ok(Codec::Zlib { level: level_in(1..=9, Codec::DEFAULT_ZLIB_LEVEL)? }),
             ("zstd", _) => Ok(Codec::Zstd { level: level_in(1..=19, Codec::DEFAULT_ZSTD_LEVEL)? }),
             ("shuffle-lz4", None) => Ok(Codec::ShuffleLz4),
             ("shuffle-zstd", _) => Ok(Codec::ShuffleZstd { level: level_in(1..=19, Codec::DEFAULT_ZSTD_LEVEL)? }),
             _ => Err(format!(
                 "unknown codec {text:?}: expected none, lz4, zlib[:LEVEL], zstd[:LEVEL], shuffle-lz4, \
-                 shuffle-zstd[:LEVEL] or adaptive"
+                 shuffle-zstd[:LEVEL], deflate or adaptive"
             )),
         }
     }
@@ -172,6 +187,8 @@ impl BlockCompressor {
         let codec = codec.unfiltered();
         let deflate = match codec {
             Codec::Zlib { level } => Some(Compress::new(Compression::new(level.into()), false)),
+            // The CPU's deflate, for what the device fails (and without one).
+            Codec::Deflate => Some(Compress::new(Compression::new(Codec::DEFAULT_ZLIB_LEVEL.into()), false)),
             _ => None,
         };
         let zstd = match codec {
@@ -210,7 +227,7 @@ impl BlockCompressor {
             // Adaptive chooses a concrete codec per batch; a compressor holds one.
             Codec::None | Codec::Adaptive | Codec::ShuffleLz4 | Codec::ShuffleZstd { .. } => None,
             Codec::Lz4 => lz4_flex::block::compress_into(input, out).ok(),
-            Codec::Zlib { .. } => {
+            Codec::Zlib { .. } | Codec::Deflate => {
                 let deflate = self.deflate.as_mut().expect("zlib compressor has deflate state");
                 deflate.reset();
                 match deflate.compress(input, out, FlushCompress::Finish) {
@@ -274,7 +291,7 @@ impl BlockDecompressor {
         match codec.unfiltered() {
             Codec::None | Codec::Adaptive | Codec::ShuffleLz4 | Codec::ShuffleZstd { .. } => Err(corrupt),
             Codec::Lz4 => lz4_flex::block::decompress_into(data, out).map_err(|_| corrupt),
-            Codec::Zlib { .. } => {
+            Codec::Zlib { .. } | Codec::Deflate => {
                 self.inflate.reset(false);
                 match self.inflate.decompress(data, out, FlushDecompress::Finish) {
                     Ok(Status::StreamEnd) => Ok(self.inflate.total_out() as usize),
@@ -386,7 +403,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const CODECS: [Codec; 8] = [
+    const CODECS: [Codec; 9] = [
         Codec::None,
         Codec::Lz4,
         Codec::Zlib { level: 1 },
@@ -395,6 +412,7 @@ mod tests {
         Codec::Zstd { level: 19 },
         Codec::ShuffleLz4,
         Codec::ShuffleZstd { level: 1 },
+        Codec::Deflate,
     ];
 
     fn round_trip(codec: Codec, page: &[u8]) -> Compressed {
@@ -466,6 +484,9 @@ mod tests {
         assert!("zstd:20".parse::<Codec>().is_err());
         assert!("lz5".parse::<Codec>().is_err());
         assert_eq!("adaptive".parse::<Codec>(), Ok(Codec::Adaptive));
+        assert_eq!("deflate".parse::<Codec>(), Ok(Codec::Deflate));
+        assert!("deflate:1".parse::<Codec>().is_err());
+        assert!(Codec::Deflate.adaptive_may_choose() && !Codec::Zlib { level: 1 }.adaptive_may_choose());
         for codec in CODECS.into_iter().chain([Codec::Adaptive]) {
             let (c, l) = codec.to_wire();
             assert_eq!(Codec::from_wire(c, l), Some(codec));

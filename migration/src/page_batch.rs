@@ -42,16 +42,18 @@ enum Encoding {
     Zstd = 6,
     ShuffleLz4 = 7,
     ShuffleZstd = 8,
+    Deflate = 9,
 }
 
 /// The compressed encodings and the codecs that decode them (levels are the sender's
 /// business; zlib's is the session's).
-const COMPRESSED: [(Encoding, Codec); 5] = [
+const COMPRESSED: [(Encoding, Codec); 6] = [
     (Encoding::Lz4, Codec::Lz4),
     (Encoding::Zlib, Codec::Zlib { level: Codec::DEFAULT_ZLIB_LEVEL }),
     (Encoding::Zstd, Codec::Zstd { level: Codec::DEFAULT_ZSTD_LEVEL }),
     (Encoding::ShuffleLz4, Codec::ShuffleLz4),
     (Encoding::ShuffleZstd, Codec::ShuffleZstd { level: Codec::DEFAULT_ZSTD_LEVEL }),
+    (Encoding::Deflate, Codec::Deflate),
 ];
 
 impl Encoding {
@@ -64,6 +66,7 @@ impl Encoding {
             Codec::Zstd { .. } => Some(Encoding::Zstd),
             Codec::ShuffleLz4 => Some(Encoding::ShuffleLz4),
             Codec::ShuffleZstd { .. } => Some(Encoding::ShuffleZstd),
+            Codec::Deflate => Some(Encoding::Deflate),
         }
     }
 }
@@ -217,7 +220,7 @@ fn parse_entry<'a>(
             let codec = if e == Encoding::Zlib as u8 { limits.codec } else { codec };
             let got = codec.name();
             let negotiated = Encoding::of(limits.codec).map(|n| n as u8) == Some(e)
-                || (limits.codec == Codec::Adaptive && Codec::ADAPTIVE_CHOICES.iter().any(|c| c.name() == got));
+                || (limits.codec == Codec::Adaptive && codec.adaptive_may_choose());
             if !negotiated {
                 return Err(BatchError::NotNegotiated { index, got });
             }

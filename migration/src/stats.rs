@@ -30,6 +30,10 @@ pub struct EncodeCounters {
     pub xbzrle_unchanged: u64,
     /// Bytes put on the wire, frame headers included.
     pub wire_bytes: u64,
+    /// Pages a compression device compressed (or found not to shrink).
+    pub device_pages: u64,
+    /// Pages the compression device failed, compressed on the CPU instead.
+    pub device_fallback_pages: u64,
 }
 
 impl EncodeCounters {
@@ -45,6 +49,8 @@ impl EncodeCounters {
         self.xbzrle_overflow += other.xbzrle_overflow;
         self.xbzrle_unchanged += other.xbzrle_unchanged;
         self.wire_bytes += other.wire_bytes;
+        self.device_pages += other.device_pages;
+        self.device_fallback_pages += other.device_fallback_pages;
     }
 
     /// Pages covered by these counters.
@@ -128,6 +134,8 @@ pub struct MigrationStats {
     pub codec: String,
     pub connections: u16,
     pub compress_threads: usize,
+    /// The compression device that did `deflate` (DPDK's name for it), where one did.
+    pub compress_device: Option<String>,
     /// What the encoders did with every page, all rounds together.
     pub encode: EncodeCounters,
     pub guest_backing: String,

@@ -124,7 +124,7 @@ fn demo_link(args: &DemoArgs) -> Result<DemoLink> {
             const PORT: u16 = 4444;
             let (source_port, destination_port) =
                 args.dpdk_ports.split_once(',').context("--dpdk-ports needs two port names, SOURCE,DESTINATION")?;
-            let eal = if args.eal.is_empty() { super::dpdk::demo_eal_args() } else { args.eal.clone() };
+            let eal = demo_eal(args)?;
             let side = |port: &str, address: Ipv4Addr| {
                 let config = core_config(port, address, 24, None, &args.dataplane, &args.wrappers, !args.common.no_pin);
                 let cores = usize::from(args.dataplane.dataplane_cores);
@@ -153,6 +153,20 @@ fn demo_link(args: &DemoArgs) -> Result<DemoLink> {
     }
 }
 
+/// The demo's EAL arguments: those given after `--`, or by default (with `--stack dpdk`)
+/// a memif pair joined inside the process; and the software compression device the codec
+/// asks for, where the arguments lack it.
+fn demo_eal(args: &DemoArgs) -> Result<Vec<String>> {
+    let given = match (args.stack, args.eal.is_empty()) {
+        (DemoStack::Dpdk, true) => super::dpdk::demo_eal_args(),
+        _ => args.eal.clone(),
+    };
+    Ok(match super::compress::wanted(args.source.codec, args.source.compress_device.as_deref())? {
+        Some(device) => super::compress::eal_args(&given, &device),
+        None => given,
+    })
+}
+
 fn demo(args: DemoArgs) -> Result<ExitCode> {
     let source_guest = SourceGuest::boot(&args.guest, &args.common)?;
     let backing = source_guest.backing();
@@ -165,7 +179,9 @@ fn demo(args: DemoArgs) -> Result<ExitCode> {
         DemoStack::Loopback | DemoStack::Dpdk => 2 * usize::from(args.dataplane.dataplane_cores),
     };
     let cores = CoreShare { polling_cores: sides_cores, pools: 2 };
-    let config = source_config(&args.source, &args.common, cores);
+    let offload =
+        super::compress::source_device(args.source.codec, args.source.compress_device.as_deref(), &demo_eal(&args)?)?;
+    let config = SourceConfig { offload, ..source_config(&args.source, &args.common, cores) };
     let dest_config = DestinationConfig {
         // Past the compression workers, which pin from the first CPU up.
         first_worker_cpu: config.compress_threads,
@@ -250,7 +266,10 @@ fn send(args: SendArgs) -> Result<ExitCode> {
     let cores = CoreShare::one_end(&args.stack);
     // Changed by the control socket, or by the destination's (a `Tune` from `recv`).
     let tuning = Some(tuning);
-    let config = SourceConfig { cancel: Some(cancel), tuning, ..source_config(&args.source, &args.common, cores) };
+    let offload =
+        super::compress::source_device(args.source.codec, args.source.compress_device.as_deref(), &args.stack.eal)?;
+    let config =
+        SourceConfig { cancel: Some(cancel), tuning, offload, ..source_config(&args.source, &args.common, cores) };
     let mut progress = report::ProgressView::new(args.common.json);
     let cpu = super::cpu::CpuWindow::start();
     let result = migrate(guest.vm(), &*connector, &config, &mut |p| {

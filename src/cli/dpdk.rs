@@ -177,6 +177,9 @@ pub fn demo_eal_args() -> Vec<String> {
     .collect()
 }
 
+#[cfg(feature = "dpdk")]
+pub use with_dpdk::eal;
+
 /// Our stack on the DPDK port `request` names, after initialising the EAL with `eal_args`.
 #[cfg(feature = "dpdk")]
 pub fn stack(eal_args: &[String], request: &PortRequest, config: CoreConfig) -> Result<CoreStack> {

@@ -91,7 +91,7 @@ fn of_migration(err: &MigrationError) -> Exit {
         MigrationError::Io { .. } | MigrationError::PeerAborted(_) => Exit::Link,
         MigrationError::Aborted { kind, .. } => of_abort(*kind),
         MigrationError::FailedAfterResume(err) => of_migration(err),
-        MigrationError::Memory(_) | MigrationError::Vm(_) => Exit::Local,
+        MigrationError::Memory(_) | MigrationError::Vm(_) | MigrationError::Offload { .. } => Exit::Local,
     }
 }
 

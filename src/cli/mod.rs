@@ -4,6 +4,7 @@ mod allocator;
 mod args;
 mod bench;
 mod commands;
+mod compress;
 mod config;
 mod control;
 mod cores;

@@ -110,6 +110,12 @@ pub fn print_tables(
         stats.xbzrle_cache.cache_miss,
         stats.xbzrle_cache.overflow
     );
+    if let Some(device) = &stats.compress_device {
+        println!(
+            "compression device {device}: {} pages; {} pages it failed compressed on the CPU instead",
+            stats.encode.device_pages, stats.encode.device_fallback_pages
+        );
+    }
     println!("guest memory: {}; setup {} ms; {:.0} Mbit/s average", stats.guest_backing, stats.setup_time, ram.mbps);
     if let Some(verified) = stats.verified {
         println!(

@@ -1,6 +1,7 @@
 //! Adaptive compression: for each batch of pages, the codec among
 //! [`Codec::ADAPTIVE_CHOICES`] (none, lz4, zstd:1, and each of the two after a byte
-//! shuffle for numeric content) that moves guest memory fastest, given
+//! shuffle for numeric content; and `deflate` where a compression device does it) that
+//! moves guest memory fastest, given
 //! what this migration measures as it runs:
 //! - each choice's cost, in guest bytes per CPU-second of a worker (reading the pages and
 //!   compressing them), and its ratio, all measured on the same batches of pages;
@@ -55,8 +56,6 @@ const FADE: f64 = 0.02;
 /// How much more a codec must promise than sending pages as they are: compressing also
 /// costs the destination CPU, which this end does not see.
 const CODEC_MARGIN: f64 = 1.05;
-/// How many codecs the policy chooses among; choice 0 sends pages as they are.
-const CHOICES: usize = Codec::ADAPTIVE_CHOICES.len();
 
 #[derive(Clone, Copy, Default)]
 struct ChoiceEstimate {
@@ -94,7 +93,7 @@ struct Window {
     /// held the migration back).
     scanner_ahead: u32,
     /// Batches sent with each choice.
-    chosen: [u32; CHOICES],
+    chosen: Vec<u32>,
     /// Guest bytes (pages not found zero or unchanged) the workers handled.
     guest_bytes: f64,
     /// CPU-seconds the workers spent on the batches recorded in the window.
@@ -108,14 +107,14 @@ struct Window {
 
 impl Window {
     /// A window from now; `idle_at_start` is the machine's idle CPU-seconds now.
-    fn open(delivered_bytes: u64, idle_at_start: Option<f64>) -> Self {
+    fn open(choices: usize, delivered_bytes: u64, idle_at_start: Option<f64>) -> Self {
         Window {
             start: Instant::now(),
             delivered_bytes,
             full: 0,
             batches: 0,
             scanner_ahead: 0,
-            chosen: [0; CHOICES],
+            chosen: vec![0; choices],
             guest_bytes: 0.0,
             worker_cpu: 0.0,
             worker_wall: 0.0,
@@ -125,7 +124,7 @@ impl Window {
 }
 
 struct State {
-    estimates: [ChoiceEstimate; CHOICES],
+    estimates: Vec<ChoiceEstimate>,
     batches: u64,
     /// The batch that was last measured on.
     measured_at: u64,
@@ -144,7 +143,7 @@ struct State {
     /// Guest bytes per second each choice was seen to move, over windows sent with it in
     /// which the scanner kept ahead: what the model's bounds miss (the destination's CPU
     /// where the ends share a host, caches, the stack) shows here.
-    observed: [Option<f64>; CHOICES],
+    observed: Vec<Option<f64>>,
     window: Window,
 }
 
@@ -171,6 +170,8 @@ pub struct Choice {
 /// wall time, and now and then measure every choice on one batch's pages.
 pub struct AdaptivePolicy {
     workers: usize,
+    /// What the policy chooses among, cheapest first; choice 0 sends pages as they are.
+    choices: Vec<Codec>,
     state: Mutex<State>,
 }
 
@@ -219,11 +220,21 @@ fn smooth(average: &mut Option<f64>, sample: f64) {
 }
 
 impl AdaptivePolicy {
+    /// A policy for `workers` workers choosing among [`Codec::ADAPTIVE_CHOICES`].
     pub fn new(workers: usize) -> Self {
+        Self::with_choices(workers, Codec::ADAPTIVE_CHOICES.to_vec())
+    }
+
+    /// A policy choosing among `choices`, the first of which must be `none` (sending pages
+    /// as they are): the default choices and `deflate` where a compression device does it.
+    pub fn with_choices(workers: usize, choices: Vec<Codec>) -> Self {
+        assert_eq!(choices.first(), Some(&Codec::None), "choice 0 sends pages as they are");
+        let count = choices.len();
         AdaptivePolicy {
             workers: workers.max(1),
+            choices,
             state: Mutex::new(State {
-                estimates: [ChoiceEstimate::default(); CHOICES],
+                estimates: vec![ChoiceEstimate::default(); count],
                 batches: 0,
                 measured_at: 0,
                 worker_cpu: 0.0,
@@ -231,8 +242,8 @@ impl AdaptivePolicy {
                 link: None,
                 first_span: None,
                 free_cores: None,
-                observed: [None; CHOICES],
-                window: Window::open(0, cpu::idle_seconds()),
+                observed: vec![None; count],
+                window: Window::open(count, 0, cpu::idle_seconds()),
             }),
         }
     }
@@ -273,7 +284,7 @@ impl AdaptivePolicy {
         }
         let best = if unmeasured { 0 } else { self.best(&state) };
         state.window.chosen[best] += 1;
-        Choice { codec: Codec::ADAPTIVE_CHOICES[best], measure }
+        Choice { codec: self.choices[best], measure }
     }
 
     /// Ends the window: the link's rate (if it was full throughout) and the free cores.
@@ -289,13 +300,13 @@ impl AdaptivePolicy {
         // A window sent (nearly) all with one choice, with the scanner ahead throughout,
         // shows what that choice moves: the workers or the link set the pace.
         if window.batches >= 8 && window.scanner_ahead * 4 >= window.batches * 3 {
-            if let Some(i) = (0..CHOICES).find(|&i| window.chosen[i] * 10 >= window.batches * 9) {
+            if let Some(i) = (0..self.choices.len()).find(|&i| window.chosen[i] * 10 >= window.batches * 9) {
                 smooth(&mut state.observed[i], window.guest_bytes / seconds);
             }
         }
         // What a choice was seen to do fades toward what the model says while it is not
         // used (by half in about 35 windows): the data and the link change.
-        for i in 0..CHOICES {
+        for i in 0..self.choices.len() {
             if state.window.chosen[i] == 0 {
                 let model = self.model(state, i);
                 if let Some(seen) = &mut state.observed[i] {
@@ -315,7 +326,7 @@ impl AdaptivePolicy {
             }
             smooth(&mut state.free_cores, cores.min(self.workers as f64));
         }
-        state.window = Window::open(delivered_bytes, idle_now);
+        state.window = Window::open(self.choices.len(), delivered_bytes, idle_now);
     }
 
     /// Whether the workers share CPUs with this process's polling dataplane cores (more
@@ -334,7 +345,8 @@ impl AdaptivePolicy {
             let model = self.model(state, i);
             state.observed[i].map_or(model, |seen| model.min(seen))
         };
-        let best_codec = (2..CHOICES).fold(1, |best, i| if throughput(i) > throughput(best) { i } else { best });
+        let best_codec =
+            (2..self.choices.len()).fold(1, |best, i| if throughput(i) > throughput(best) { i } else { best });
         if throughput(best_codec) > CODEC_MARGIN * throughput(0) {
             best_codec
         } else {
@@ -364,10 +376,15 @@ impl AdaptivePolicy {
         state.window.worker_wall += wall.max(cpu).as_secs_f64();
     }
 
+    /// What the policy chooses among.
+    pub fn choices(&self) -> &[Codec] {
+        &self.choices
+    }
+
     /// A measurement: `codec` made `output` wire bytes of a batch's `input` guest bytes
     /// (its pages not found zero or unchanged) in `cpu` of a worker's CPU time.
     pub fn measure(&self, codec: Codec, input: u64, output: u64, cpu: Duration) {
-        let Some(i) = Codec::ADAPTIVE_CHOICES.iter().position(|c| *c == codec) else { return };
+        let Some(i) = self.choices.iter().position(|c| *c == codec) else { return };
         let mut state = self.lock();
         state.measure_cpu += cpu.as_secs_f64();
         if input == 0 || cpu.is_zero() {

@@ -2,6 +2,7 @@
 //! pages, finds zero pages, tries XBZRLE, compresses, and builds the batch frame in place.
 
 use crate::adaptive::{self, AdaptivePolicy, Choice, Pipeline};
+use crate::offload::{OffloadQueue, Offloaded};
 use migration::codec::{Codec, Compressed, PageCompressor};
 use migration::frame::{FrameBuf, HEADER_BYTES};
 use migration::page_batch::{BatchOut, BatchWriter, MAX_BATCH_BYTES, MAX_ENTRIES_PER_BATCH};
@@ -19,8 +20,14 @@ pub(super) fn compression_worker(shared: &Shared<'_>, index: usize) {
     if shared.config.pin_workers {
         pin::pin_current(index);
     }
+    let compressors = match &shared.adaptive {
+        Some(policy) => policy.choices().iter().map(|&codec| PageCompressor::new(codec)).collect(),
+        None => crate::pool::compressors_for(shared.config.codec),
+    };
+    let offload = shared.offload.lock().unwrap_or_else(|p| p.into_inner()).get_mut(index).and_then(Option::take);
     let mut encoder = BatchEncoder {
-        compressors: crate::pool::compressors_for(shared.config.codec),
+        compressors,
+        offload: offload.map(|queue| Offload::new(queue, shared)),
         page: vec![0u8; PAGE_SIZE_BYTES],
         delta: vec![0u8; PAGE_SIZE_BYTES - 1],
         counters: EncodeCounters::default(),
@@ -50,6 +57,8 @@ pub(super) fn compression_worker(shared: &Shared<'_>, index: usize) {
 struct BatchEncoder {
     /// One per codec this worker may use (several with `Codec::Adaptive`).
     compressors: Vec<PageCompressor>,
+    /// This worker's queue of the compression device, and the pages waiting for it.
+    offload: Option<Offload>,
     page: Vec<u8>,
     delta: Vec<u8>,
     counters: EncodeCounters,
@@ -122,6 +131,10 @@ impl BatchEncoder {
                     continue;
                 }
                 self.counters.codec_input_pages += 1;
+                if let (Codec::Deflate, Some(offload)) = (codec, &mut self.offload) {
+                    offload.stage(page, &self.page);
+                    continue;
+                }
                 // The compressor writes into the frame itself, which goes to the socket as it is.
                 let compressor = &mut self.compressors[chosen];
                 let packed = batch.compressed_in_place(page, codec, compressor.room(), |out| {
@@ -134,6 +147,9 @@ impl BatchEncoder {
                     batch.raw(page, &self.page);
                     self.counters.raw_pages += 1;
                 }
+            }
+            if let Some(offload) = &mut self.offload {
+                offload.flush(&mut batch, &mut self.compressors[chosen], &mut self.counters);
             }
             zero_runs.flush(&mut batch);
             batch.entries()
@@ -187,6 +203,11 @@ impl BatchEncoder {
         }
         for compressor in &mut self.compressors {
             let start = adaptive::cpu::thread_time();
+            if let (Codec::Deflate, Some(offload)) = (compressor.codec(), &mut self.offload) {
+                let (input, output) = offload.measure(shared, region, &self.measured);
+                policy.measure(Codec::Deflate, input, output, adaptive::cpu::thread_time() - start);
+                continue;
+            }
             let mut output = 0;
             for &page in &self.measured {
                 shared.memory.read_page(region, u64::from(page), &mut self.page);
@@ -215,6 +236,107 @@ impl BatchEncoder {
         }
         self.counters.zero_pages += 1;
         runs.add(page, batch);
+    }
+}
+
+/// A worker's queue of the compression device: the batch's pages that `deflate` is to
+/// compress wait here, and go to the device together at the batch's end.
+struct Offload {
+    queue: Box<dyn OffloadQueue>,
+    /// The device's name, for the warning when it first fails a page.
+    device: String,
+    warned: bool,
+    /// The waiting pages' numbers, and their contents, one after another.
+    pages: Vec<u32>,
+    contents: Vec<u8>,
+}
+
+impl Offload {
+    fn new(queue: Box<dyn OffloadQueue>, shared: &Shared<'_>) -> Offload {
+        let device = shared.config.offload.as_ref().map_or_else(String::new, |device| device.name().to_string());
+        let contents = Vec::with_capacity(MAX_ENTRIES_PER_BATCH * PAGE_SIZE_BYTES);
+        Offload { queue, device, warned: false, pages: Vec::with_capacity(MAX_ENTRIES_PER_BATCH), contents }
+    }
+
+    /// Page number `page`, whose contents are `data`, waits for the device.
+    fn stage(&mut self, page: u32, data: &[u8]) {
+        self.pages.push(page);
+        self.contents.extend_from_slice(data);
+    }
+
+    /// Sends the waiting pages through the device, all in flight at once, and writes
+    /// each into `batch` as it comes back: compressed, raw (it did not shrink), or, where
+    /// the device failed it, compressed by `cpu` (the CPU's deflate) and counted.
+    fn flush<O: BatchOut>(
+        &mut self,
+        batch: &mut BatchWriter<'_, O>,
+        cpu: &mut PageCompressor,
+        counters: &mut EncodeCounters,
+    ) {
+        if self.pages.is_empty() {
+            return;
+        }
+        let contents: Vec<&[u8]> = self.contents.chunks_exact(PAGE_SIZE_BYTES).collect();
+        let (numbers, device, warned) = (&self.pages, &self.device, &mut self.warned);
+        self.queue.compress_pages(&contents, &mut |index, outcome| {
+            let (page, data) = (numbers[index], contents[index]);
+            let packed = match outcome {
+                Offloaded::Packed(bytes) if (1..PAGE_SIZE_BYTES).contains(&bytes.len()) => {
+                    batch.compressed(page, Codec::Deflate, bytes);
+                    counters.device_pages += 1;
+                    Some(bytes.len())
+                }
+                Offloaded::Raw => {
+                    counters.device_pages += 1;
+                    None
+                }
+                Offloaded::Packed(_) | Offloaded::Failed(_) => {
+                    let reason = match outcome {
+                        Offloaded::Failed(reason) => reason,
+                        _ => "its output was not shorter than the page",
+                    };
+                    if !std::mem::replace(warned, true) {
+                        log::warn!(
+                            "compression device {device} failed a page ({reason}): such pages are compressed on \
+                             the CPU instead, and counted"
+                        );
+                    }
+                    counters.device_fallback_pages += 1;
+                    batch.compressed_in_place(page, Codec::Deflate, cpu.room(), |out| cpu.compress_into(data, out))
+                }
+            };
+            match packed {
+                Some(len) => {
+                    counters.compressed_pages += 1;
+                    counters.compressed_bytes += len as u64;
+                }
+                None => {
+                    batch.raw(page, data);
+                    counters.raw_pages += 1;
+                }
+            }
+        });
+        self.pages.clear();
+        self.contents.clear();
+    }
+
+    /// `deflate` on the device measured on `pages` of `region`: guest bytes in, wire bytes
+    /// out (a page that does not shrink or fails counts whole).
+    fn measure(&mut self, shared: &Shared<'_>, region: usize, pages: &[u32]) -> (u64, u64) {
+        self.contents.resize(pages.len() * PAGE_SIZE_BYTES, 0);
+        for (&page, slot) in pages.iter().zip(self.contents.chunks_exact_mut(PAGE_SIZE_BYTES)) {
+            shared.memory.read_page(region, u64::from(page), slot);
+        }
+        let contents: Vec<&[u8]> = self.contents.chunks_exact(PAGE_SIZE_BYTES).collect();
+        let mut output = 0u64;
+        self.queue.compress_pages(&contents, &mut |_, outcome| {
+            output += match outcome {
+                Offloaded::Packed(bytes) => bytes.len(),
+                Offloaded::Raw | Offloaded::Failed(_) => PAGE_SIZE_BYTES,
+            } as u64;
+        });
+        self.contents.clear();
+        ((pages.len() * PAGE_SIZE_BYTES) as u64, output)
     }
 }
 

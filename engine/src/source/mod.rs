@@ -23,6 +23,7 @@ use crate::adaptive::AdaptivePolicy;
 use crate::cancel::Cancel;
 use crate::config::SourceConfig;
 use crate::error::ProtocolViolation;
+use crate::offload::OffloadQueue;
 use crate::rate::RateLimiter;
 use crate::vm::SourceVm;
 use crate::MigrationError;
@@ -132,6 +133,8 @@ struct Shared<'a> {
     cache_bulk: AtomicBool,
     /// With `Codec::Adaptive`: what chooses each batch's codec.
     adaptive: Option<AdaptivePolicy>,
+    /// The compression device's queues, one per worker, each taken by its worker.
+    offload: Mutex<Vec<Option<Box<dyn OffloadQueue>>>>,
     /// What each connection's stack says of its send side (all of them, or none).
     probes: Option<Vec<Arc<dyn SendProbe>>>,
 }
@@ -253,6 +256,7 @@ fn run_session(
 ) -> Result<MigrationStats, MigrationError> {
     let count = connections.len();
     let probes = connections.iter().map(|c| c.probe.clone()).collect();
+    let offload = open_offload(config)?;
     let abort = Arc::new(SessionAbort::new());
     let mut links = Links::new(abort.clone(), count, FRAME_RING_CAPACITY, 2 * config.compress_threads);
     // With a tuning handle the cap may be set or changed later: a limiter from the start.
@@ -279,7 +283,8 @@ fn run_session(
         )),
         clock: Instant::now(),
         cache_bulk: AtomicBool::new(false),
-        adaptive: (config.codec == Codec::Adaptive).then(|| AdaptivePolicy::new(config.compress_threads)),
+        adaptive: (config.codec == Codec::Adaptive).then(|| adaptive_policy(config, !offload.is_empty())),
+        offload: Mutex::new(offload),
         probes,
     };
     let (wake_tx, wake) = mpsc::channel::<()>();
@@ -325,6 +330,29 @@ fn run_session(
         stop_workers(&shared, &mut workers);
         result
     })
+}
+
+/// The compression device's queues, one per worker, where the codec uses it (`deflate`,
+/// or `adaptive` with `deflate` among its choices); none otherwise.
+fn open_offload(config: &SourceConfig) -> Result<Vec<Option<Box<dyn OffloadQueue>>>, MigrationError> {
+    let Some(device) = config.offload.as_ref().filter(|_| matches!(config.codec, Codec::Deflate | Codec::Adaptive))
+    else {
+        return Ok(Vec::new());
+    };
+    let queues = device
+        .open(config.compress_threads.max(1))
+        .map_err(|reason| MigrationError::Offload { device: device.name().to_string(), reason })?;
+    Ok(queues.into_iter().map(Some).collect())
+}
+
+/// The adaptive policy for `config`'s workers; `deflate` among its choices where a
+/// compression device does it.
+fn adaptive_policy(config: &SourceConfig, device: bool) -> AdaptivePolicy {
+    let mut choices = Codec::ADAPTIVE_CHOICES.to_vec();
+    if device {
+        choices.push(Codec::Deflate);
+    }
+    AdaptivePolicy::with_choices(config.compress_threads, choices)
 }
 
 /// A write side per connection (handed to the stack where it can pull, a writer thread

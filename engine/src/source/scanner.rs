@@ -531,6 +531,7 @@ impl<'s, 'a> Scanner<'s, 'a> {
             0.0
         };
         stats.codec = config.codec.to_string();
+        stats.compress_device = config.offload.as_ref().map(|device| device.name().to_string());
         stats.connections = self.hello.connection_count;
         stats.compress_threads = config.compress_threads;
         stats.encode = *t;

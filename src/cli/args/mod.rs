@@ -401,11 +401,17 @@ pub enum OnLimit {
 #[derive(Args, Debug, Clone)]
 pub struct SourceOptions {
     /// Page codec: none, lz4, zlib[:LEVEL] (1..=9), zstd[:LEVEL] (1..=19), shuffle-lz4,
-    /// shuffle-zstd[:LEVEL] (a byte shuffle first, for numeric pages), or adaptive (none,
-    /// lz4, shuffle-lz4, zstd:1 or shuffle-zstd:1 per batch, from the link's and the cores'
-    /// measured rates).
+    /// shuffle-zstd[:LEVEL] (a byte shuffle first, for numeric pages), deflate (raw deflate
+    /// on a DPDK compression device, --compress-device), or adaptive (none, lz4,
+    /// shuffle-lz4, zstd:1 or shuffle-zstd:1 per batch, from the link's and the cores'
+    /// measured rates; and deflate, where --compress-device names a device).
     #[arg(long, default_value = "adaptive")]
     pub codec: Codec,
+    /// The DPDK compression device (compressdev) that does `deflate`, as the EAL names it:
+    /// compress_isal0 (ISA-L, in software), compress_zlib0, or a QAT device given to the
+    /// EAL after `--` [default with --codec deflate: compress_isal0]. Needs DPDK (and root).
+    #[arg(long, value_name = "NAME")]
+    pub compress_device: Option<String>,
     /// Pinned compression workers on the source [default: one per CPU this process may use,
     /// less its dataplane cores, at most 8 (QEMU's default)].
     #[arg(long)]

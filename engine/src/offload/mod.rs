@@ -1,0 +1,43 @@
+//! Compression offloaded to a device: DPDK's compressdev (`compress_isal`, ISA-L's deflate
+//! on the CPU; Intel QAT in hardware). A device takes a batch of pages at once and works on
+//! several at a time, so a worker hands over the pages of its batch that need compressing
+//! (after zero pages and XBZRLE), and writes each result into its frame as it comes back.
+//!
+//! Each compression worker owns one queue of the device ([`OffloadQueue`]); the device
+//! ([`OffloadDevice`]) opens as many queues as a session has workers. A page the device
+//! fails (a full queue, an operation's error, a device gone) is compressed on the worker's
+//! CPU instead and counted: nothing is lost.
+
+#[cfg(feature = "dpdk")]
+pub mod dpdk;
+
+use std::fmt;
+
+/// What became of one page handed to a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offloaded<'a> {
+    /// The page's raw deflate form, shorter than a page.
+    Packed(&'a [u8]),
+    /// The page does not shrink below a page: it goes raw.
+    Raw,
+    /// The device failed this page, for the reason given: the worker compresses it.
+    Failed(&'a str),
+}
+
+/// One queue of a compression device, owned by one worker.
+pub trait OffloadQueue: Send {
+    /// Compresses each of `pages` (whole pages) to raw deflate and hands each result to
+    /// `done` with the page's index, in the order the device finishes them. Every page
+    /// gets exactly one result.
+    fn compress_pages(&mut self, pages: &[&[u8]], done: &mut dyn FnMut(usize, Offloaded<'_>));
+}
+
+/// A compression device a session's workers share, a queue each.
+pub trait OffloadDevice: Send + Sync + fmt::Debug {
+    /// The device's name (as DPDK's EAL knows it: `compress_isal0`).
+    fn name(&self) -> &str;
+
+    /// Opens `count` queues, one per compression worker of a session; the device is the
+    /// session's until they are dropped.
+    fn open(&self, count: usize) -> Result<Vec<Box<dyn OffloadQueue>>, String>;
+}
