@@ -82,6 +82,9 @@ pub struct DestinationConfig {
     pub direct_receive: bool,
     /// A caller watching the migration, and able to cancel or change it.
     pub controls: Option<crate::watch::DestinationControls>,
+    /// A compression device that inflates `deflate` pages, a queue per decompression
+    /// worker; without one they are inflated on the CPU.
+    pub offload: Option<std::sync::Arc<dyn crate::offload::OffloadDevice>>,
 }
 
 impl Default for DestinationConfig {
@@ -95,6 +98,7 @@ impl Default for DestinationConfig {
             deferred_cleanup: true,
             direct_receive: true,
             controls: None,
+            offload: None,
         }
     }
 }

@@ -9,7 +9,7 @@
 //! in, so a page can be written at most once per epoch and an XBZRLE delta applies only to
 //! the exact version it was computed from.
 
-use crate::codec::{DecompressError, PageDecompressor};
+use crate::codec::{Codec, DecompressError, PageDecompressor};
 use crate::frame::{le_u32, le_u64, FrameError, FrameHeader, FrameKind, SeqCounter};
 use crate::memory::GuestMemory;
 use crate::page_batch::{BatchError, BatchLimits, PageBatch, PageEntry};
@@ -193,6 +193,10 @@ pub struct ApplyCounters {
     pub raw_pages: u64,
     pub compressed_pages: u64,
     pub xbzrle_pages: u64,
+    /// `deflate` pages a device inflated.
+    pub device_pages: u64,
+    /// `deflate` pages the device failed, inflated on the CPU instead.
+    pub device_fallback_pages: u64,
 }
 
 impl ApplyCounters {
@@ -201,7 +205,19 @@ impl ApplyCounters {
         self.raw_pages += other.raw_pages;
         self.compressed_pages += other.compressed_pages;
         self.xbzrle_pages += other.xbzrle_pages;
+        self.device_pages += other.device_pages;
+        self.device_fallback_pages += other.device_fallback_pages;
     }
+}
+
+/// A device that inflates raw deflate (DPDK's compressdev; the engine provides it): a
+/// batch's `deflate` pages go to it together.
+pub trait PageInflater: Send {
+    /// Inflates each of `inputs` (raw deflate, a page each) and hands each result to
+    /// `done` with its index, in the order the device finishes them: the bytes it made
+    /// (checked to be a page here), or `None` where it failed the input, which is then
+    /// inflated on the CPU. Every input gets exactly one result.
+    fn inflate_pages(&mut self, inputs: &[&[u8]], done: &mut dyn FnMut(usize, Option<&[u8]>));
 }
 
 /// What every decompression worker of a session shares: the session's limits, the guest
@@ -212,17 +228,24 @@ pub struct BatchApplier<'a> {
     pub epochs: &'a PageEpochs,
 }
 
-/// What each decompression worker owns: codec state, one page of scratch, counters.
+/// What each decompression worker owns: codec state, one page of scratch, counters, and
+/// a device's queue for `deflate` pages where it has one.
 #[derive(Default)]
 pub struct ApplyWorker {
     decompressor: PageDecompressor,
     scratch: Box<[u8]>,
     pub counters: ApplyCounters,
+    inflater: Option<Box<dyn PageInflater>>,
 }
 
 impl ApplyWorker {
     pub fn new() -> Self {
         ApplyWorker { scratch: vec![0u8; PAGE_SIZE_BYTES].into_boxed_slice(), ..Default::default() }
+    }
+
+    /// A worker whose `deflate` pages `inflater` inflates, a batch's at once.
+    pub fn with_inflater(inflater: Box<dyn PageInflater>) -> Self {
+        ApplyWorker { inflater: Some(inflater), ..ApplyWorker::new() }
     }
 }
 
@@ -230,10 +253,12 @@ impl BatchApplier<'_> {
     /// Decodes one `Pages` frame of `epoch` and writes its pages into guest memory.
     pub fn apply(&self, payload: &[u8], epoch: u32, worker: &mut ApplyWorker) -> Result<(), ReceiveError> {
         let BatchApplier { limits, memory, epochs } = self;
-        let ApplyWorker { decompressor, scratch, counters } = worker;
+        let ApplyWorker { decompressor, scratch, counters, inflater } = worker;
         let batch = PageBatch::parse(payload, limits)?;
         let region = batch.region;
         let r = usize::from(region);
+        // A batch's `deflate` pages, kept for the device where there is one.
+        let mut for_device: Vec<(u64, &[u8])> = Vec::new();
         batch.for_each(limits, |entry| {
             let page = u64::from(entry.first_page());
             match entry {
@@ -251,6 +276,9 @@ impl BatchApplier<'_> {
                     epochs.claim(region, page, epoch)?;
                     memory.write_page(r, page, data);
                     counters.raw_pages += 1;
+                }
+                PageEntry::Compressed { codec: Codec::Deflate, data, .. } if inflater.is_some() => {
+                    for_device.push((page, data));
                 }
                 PageEntry::Compressed { codec, data, .. } => {
                     decompressor.decompress(codec, data, scratch).map_err(|source| ReceiveError::Decompress {
@@ -275,14 +303,72 @@ impl BatchApplier<'_> {
                 }
             }
             Ok(())
-        })
+        })?;
+        match inflater {
+            Some(inflater) if !for_device.is_empty() => {
+                let pages = DevicePages { region, epoch, memory: *memory, epochs };
+                pages.apply(&for_device, &mut **inflater, (decompressor, scratch), counters)
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A batch's `deflate` pages, inflated on a device and written into guest memory.
+struct DevicePages<'a> {
+    region: u16,
+    epoch: u32,
+    memory: &'a dyn GuestMemory,
+    epochs: &'a PageEpochs,
+}
+
+impl DevicePages<'_> {
+    /// Inflates `pages` on `inflater`, all at once, and writes each page as it comes back;
+    /// a page the device fails is inflated by `cpu` and counted. The first error (data
+    /// that inflates to no page, on the device and then on the CPU; a stale epoch) is the
+    /// batch's.
+    fn apply(
+        &self,
+        pages: &[(u64, &[u8])],
+        inflater: &mut dyn PageInflater,
+        (cpu, scratch): (&mut PageDecompressor, &mut [u8]),
+        counters: &mut ApplyCounters,
+    ) -> Result<(), ReceiveError> {
+        let inputs: Vec<&[u8]> = pages.iter().map(|(_, data)| *data).collect();
+        let mut first_error = None;
+        inflater.inflate_pages(&inputs, &mut |index, inflated| {
+            let (page, data) = pages[index];
+            let result = match inflated {
+                Some(bytes) if bytes.len() == PAGE_SIZE_BYTES => {
+                    counters.device_pages += 1;
+                    self.write(page, bytes)
+                }
+                _ => {
+                    counters.device_fallback_pages += 1;
+                    cpu.decompress(Codec::Deflate, data, scratch)
+                        .map_err(|source| ReceiveError::Decompress { region: self.region, page, source })
+                        .and_then(|()| self.write(page, scratch))
+                }
+            };
+            counters.compressed_pages += u64::from(result.is_ok());
+            if let (Err(err), None) = (result, &first_error) {
+                first_error = Some(err);
+            }
+        });
+        first_error.map_or(Ok(()), Err)
+    }
+
+    fn write(&self, page: u64, bytes: &[u8]) -> Result<(), ReceiveError> {
+        self.epochs.claim(self.region, page, self.epoch)?;
+        self.memory.write_page(usize::from(self.region), page, bytes);
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::Codec;
+    use crate::codec::{Codec, Compressed};
     use crate::frame::FrameHeader;
     use crate::page_batch::BatchWriter;
     use std::sync::Mutex;
@@ -377,5 +463,63 @@ mod tests {
         assert_eq!(page, v2);
         // A delta against round 1 no longer applies once round 2 wrote the page.
         assert!(matches!(apply(&xb, 3), Err(ReceiveError::DeltaBase { base: 1, held: 2, .. })));
+    }
+
+    /// An inflater on the CPU that fails the pages whose index `fail` says, and says
+    /// "a page" of the wrong size for those `short` says.
+    struct Flaky {
+        fail: fn(usize) -> bool,
+        short: fn(usize) -> bool,
+    }
+
+    impl PageInflater for Flaky {
+        fn inflate_pages(&mut self, inputs: &[&[u8]], done: &mut dyn FnMut(usize, Option<&[u8]>)) {
+            let mut page = vec![0u8; PAGE_SIZE_BYTES];
+            // In reverse, as a device may finish them.
+            for (index, input) in inputs.iter().enumerate().rev() {
+                let inflated = PageDecompressor::default().decompress(Codec::Deflate, input, &mut page).is_ok();
+                match (inflated && !(self.fail)(index), (self.short)(index)) {
+                    (false, _) => done(index, None),
+                    (true, true) => done(index, Some(&page[..100])),
+                    (true, false) => done(index, Some(&page)),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn deflate_pages_go_to_the_inflater_and_what_it_fails_to_the_cpu() {
+        let memory = VecMemory(Mutex::new(vec![0; 8 * PAGE_SIZE_BYTES]));
+        let pages = [8u64];
+        let limits = BatchLimits { region_pages: &pages, codec: Codec::Deflate, xbzrle: false };
+        let epochs = PageEpochs::new(&pages);
+        let applier = BatchApplier { limits, memory: &memory, epochs: &epochs };
+        let contents: Vec<Vec<u8>> = (0..6u8).map(|i| vec![i + 1; PAGE_SIZE_BYTES]).collect();
+        let mut compressor = crate::codec::PageCompressor::new(Codec::Deflate);
+        let mut batch = Vec::new();
+        {
+            let mut writer = BatchWriter::new(&mut batch, 0);
+            for (page, content) in contents.iter().enumerate() {
+                let Compressed::Packed { len } = compressor.compress(content) else { panic!("a run of bytes packs") };
+                writer.compressed(page as u32, Codec::Deflate, &compressor.output()[..len]);
+            }
+            writer.raw(7, &[9u8; PAGE_SIZE_BYTES]);
+        }
+        let mut worker = ApplyWorker::with_inflater(Box::new(Flaky { fail: |i| i % 3 == 0, short: |i| i == 4 }));
+        applier.apply(&batch, 1, &mut worker).unwrap();
+        let mut page = vec![0u8; PAGE_SIZE_BYTES];
+        for (index, content) in contents.iter().enumerate() {
+            memory.read_page(0, index as u64, &mut page);
+            assert_eq!(&page, content, "page {index}");
+        }
+        let counters = worker.counters;
+        assert_eq!((counters.compressed_pages, counters.raw_pages), (6, 1));
+        // Pages 0 and 3 failed, page 4 came back short: all three went to the CPU.
+        assert_eq!((counters.device_pages, counters.device_fallback_pages), (3, 3));
+        // Data no inflater can read is the batch's error, whichever way it went.
+        let mut corrupt = Vec::new();
+        BatchWriter::new(&mut corrupt, 0).compressed(5, Codec::Deflate, &[0xff; 40]);
+        let err = applier.apply(&corrupt, 2, &mut worker).unwrap_err();
+        assert!(matches!(err, ReceiveError::Decompress { page: 5, .. }), "{err}");
     }
 }

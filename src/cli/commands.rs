@@ -96,6 +96,7 @@ fn destination_config(
         deferred_cleanup: !common.no_deferred_cleanup,
         direct_receive: !common.connection_threads,
         controls: None,
+        offload: None,
     }
 }
 
@@ -322,6 +323,9 @@ fn recv(args: RecvArgs) -> Result<ExitCode> {
         args.max_mem,
         Duration::from_secs_f64(args.accept_timeout),
     );
+    if let Some(device) = &args.compress_device {
+        config.offload = Some(super::compress::open(device, &super::compress::eal_args(&args.stack.eal, device))?);
+    }
     let (status, events) = (super::control::Status::default(), super::control::Events::default());
     let metrics = super::metrics::MetricsPage::default();
     let controls = engine::destination::DestinationControls::default();

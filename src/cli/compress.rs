@@ -1,7 +1,8 @@
 //! `--codec deflate` and `--compress-device NAME`: the source's compression device (DPDK's
 //! compressdev), opened on the process's EAL. `deflate` without a device named uses
 //! `compress_isal0` (ISA-L's deflate, in software: Debian's DPDK has it); `adaptive` uses
-//! a device only where one is named, and then has `deflate` among its choices.
+//! a device only where one is named, and then has `deflate` among its choices. `recv
+//! --compress-device` inflates on one.
 
 use super::exit::Failure;
 use anyhow::Result;
@@ -53,7 +54,7 @@ pub fn open(name: &str, eal_args: &[String]) -> Result<Arc<dyn OffloadDevice>> {
     let eal = super::dpdk::eal(eal_args)?;
     let device = engine::offload::dpdk::DpdkDevice::new(eal, name)
         .with_context(|| format!("opening compression device {name}"))?;
-    log::info!("compression device {name}: deflate on it, one queue pair per compression worker");
+    log::info!("compression device {name}: deflate on it, a queue pair per worker");
     Ok(Arc::new(device))
 }
 

@@ -140,6 +140,12 @@ pub fn print_destination(report: &DestinationReport, guest: &serde_json::Value) 
         report.compressed_pages,
         report.xbzrle_pages
     );
+    if report.device_inflated_pages + report.device_fallback_pages > 0 {
+        println!(
+            "destination compression device: {} pages inflated; {} pages it failed inflated on the CPU instead",
+            report.device_inflated_pages, report.device_fallback_pages
+        );
+    }
     if let Some(verified) = report.verified {
         println!("destination verify: {}", if verified { "memory matches" } else { "MISMATCH" });
     }

@@ -7,6 +7,8 @@
 //! - `lz4_compress`, `lz4_decompress`: lz4_flex (ours) against the reference C LZ4;
 //! - `deflate_level1`: the two Rust deflate engines flate2 can sit on, miniz_oxide (our
 //!   build's) and zlib-rs, and our `PageCompressor` over flate2;
+//! - `page_codecs`: lz4, zstd:1, zlib:1, shuffle-zstd:1 on the CPU and deflate on DPDK's
+//!   ISA-L device, over the same idle and dirty pages: rate per core, and ratio;
 //! - `xbzrle`: encoding and decoding a page against its previous version;
 //! - `ring_handoff`: one item through a bounded ring between two threads;
 //! - `compression_workers`: lz4 over the same pages with 1 and 2 worker threads;
@@ -28,10 +30,15 @@ use std::time::{Duration, Instant};
 
 /// Non-zero pages of a booted synthetic idle guest.
 fn guest_pages(count: usize) -> Vec<Vec<u8>> {
+    workload_pages(guests::synthetic::WorkloadSpec::Idle, count)
+}
+
+/// Non-zero pages of a synthetic guest booted with `workload`.
+fn workload_pages(workload: guests::synthetic::WorkloadSpec, count: usize) -> Vec<Vec<u8>> {
     use guests::guest::GuestRam;
-    use guests::synthetic::{SyntheticGuest, WorkloadSpec};
+    use guests::synthetic::SyntheticGuest;
     let ram = Arc::new(GuestRam::allocate(&GuestRam::pc_layout(256 << 20), hugepages::HugePolicy::Never).unwrap());
-    let mut guest = SyntheticGuest::boot(ram.clone(), WorkloadSpec::Idle, 7).unwrap();
+    let mut guest = SyntheticGuest::boot(ram.clone(), workload, 7).unwrap();
     let mut pages = Vec::with_capacity(count);
     let mut page = vec![0u8; PAGE_SIZE_BYTES];
     'regions: for (region, bytes) in ram.region_bytes().into_iter().enumerate() {
@@ -165,6 +172,88 @@ fn deflate(c: &mut Criterion) {
         })
     });
     group.finish();
+}
+
+/// Each codec's compression over the same pages, one page at a time on one core as a
+/// worker runs it, on two page sets: the idle guest's, and the dirty guest's numbers (16
+/// random bits in each 32-bit word: at most 2x). `deflate` runs on DPDK's ISA-L device
+/// (where the bench is built with `--features dpdk` and the EAL starts: root), its pages
+/// handed over 64 at a time as a worker's batch is. Each codec's ratio on each set goes to
+/// `target/criterion/page_codecs/ratios.json` for `scripts/micro-bench`.
+fn page_codecs(c: &mut Criterion) {
+    use guests::synthetic::WorkloadSpec;
+    let sets = [
+        ("idle", guest_pages(PAGES)),
+        ("dirty", workload_pages(WorkloadSpec::Dirty { area_bytes: 16 << 20, pages_per_s: 1, bits: 16 }, PAGES)),
+    ];
+    let mut ratios = serde_json::Map::new();
+    let mut group = c.benchmark_group("page_codecs");
+    group.throughput(Throughput::Bytes((PAGES * PAGE_SIZE_BYTES) as u64));
+    for (set, pages) in &sets {
+        for codec in [Codec::Lz4, Codec::Zstd { level: 1 }, Codec::Zlib { level: 1 }, Codec::ShuffleZstd { level: 1 }] {
+            let mut compressor = PageCompressor::new(codec);
+            let wire = |compressor: &mut PageCompressor| -> usize {
+                pages
+                    .iter()
+                    .map(|page| match compressor.compress(page) {
+                        migration::codec::Compressed::Packed { len } => len,
+                        migration::codec::Compressed::Raw => PAGE_SIZE_BYTES,
+                    })
+                    .sum()
+            };
+            let ratio = (PAGES * PAGE_SIZE_BYTES) as f64 / wire(&mut compressor) as f64;
+            ratios.insert(format!("{set}/{}", codec.name()), ratio.into());
+            group.bench_function(format!("{set}/{}", codec.name()), |b| b.iter(|| wire(&mut compressor)));
+        }
+        if let Some(mut device) = offload::isal_queue() {
+            let inputs: Vec<&[u8]> = pages.iter().map(Vec::as_slice).collect();
+            let wire = |device: &mut Box<dyn engine::offload::OffloadQueue>| -> usize {
+                let mut total = 0;
+                for batch in inputs.chunks(64) {
+                    device.compress_pages(batch, &mut |_, outcome| {
+                        total += match outcome {
+                            engine::offload::Offloaded::Packed(bytes) => bytes.len(),
+                            _ => PAGE_SIZE_BYTES,
+                        }
+                    });
+                }
+                total
+            };
+            let ratio = (PAGES * PAGE_SIZE_BYTES) as f64 / wire(&mut device) as f64;
+            ratios.insert(format!("{set}/deflate"), ratio.into());
+            group.bench_function(format!("{set}/deflate"), |b| b.iter(|| wire(&mut device)));
+        }
+    }
+    group.finish();
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("../criterion/page_codecs");
+    std::fs::create_dir_all(&path).expect("criterion's directory");
+    std::fs::write(path.join("ratios.json"), serde_json::Value::Object(ratios).to_string()).expect("ratios.json");
+}
+
+/// DPDK's ISA-L compression device, for the `deflate` rows.
+mod offload {
+    use engine::offload::OffloadQueue;
+
+    #[cfg(feature = "dpdk")]
+    pub fn isal_queue() -> Option<Box<dyn OffloadQueue>> {
+        use engine::offload::OffloadDevice;
+        let prefix = format!("--file-prefix=vmigrate-bench-{}", std::process::id());
+        let args = ["--no-huge", "-m", "256", "--no-pci", "--no-shconf", "-l", "0", "--log-level=error", &prefix];
+        let args: Vec<&str> = args.into_iter().chain(["--vdev", "compress_isal0"]).collect();
+        static EAL: std::sync::OnceLock<Option<dpdk::Eal>> = std::sync::OnceLock::new();
+        let Some(eal) = EAL.get_or_init(|| dpdk::Eal::init(&args).map_err(|e| eprintln!("no deflate rows: {e}")).ok())
+        else {
+            return None;
+        };
+        let device = engine::offload::dpdk::DpdkDevice::new(eal, "compress_isal0").ok()?;
+        device.open(1).ok()?.pop()
+    }
+
+    #[cfg(not(feature = "dpdk"))]
+    pub fn isal_queue() -> Option<Box<dyn OffloadQueue>> {
+        eprintln!("no deflate rows: the bench was built without --features dpdk");
+        None
+    }
 }
 
 fn xbzrle(c: &mut Criterion) {
@@ -393,6 +482,6 @@ fn loopback_wire(c: &mut Criterion) {
 criterion_group! {
     name = micro;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = zero_scan, lz4, deflate, xbzrle, ring_handoff, compression_workers, frame_building, loopback_wire
+    targets = zero_scan, lz4, deflate, page_codecs, xbzrle, ring_handoff, compression_workers, frame_building, loopback_wire
 }
 criterion_main!(micro);

@@ -3,7 +3,8 @@
 //! inflating on its CPU; a device that fails pages (injected around the real one) has them
 //! compressed on the CPU, counted, and the migration still verifies; a device that cannot
 //! be opened stops the migration before the guest is paused; `adaptive` runs with
-//! `deflate` among its choices. One test, since the EAL starts once per process. It needs
+//! `deflate` among its choices; the destination inflates on a device of its own, falling
+//! back to the CPU for what it fails, or for everything where it cannot open it. One test, since the EAL starts once per process. It needs
 //! DPDK (built with `--features dpdk`) and root (the EAL): without them it says SKIPPED.
 
 #[test]
@@ -22,7 +23,7 @@ mod with_dpdk {
     use guests::synthetic::WorkloadSpec;
     use migration::codec::Codec;
     use std::sync::Arc;
-    use vmigrate_tests::session::{iterating_config, migrate_synthetic, Outcome};
+    use vmigrate_tests::session::{iterating_config, migrate_synthetic, migrate_synthetic_inflating_on, Outcome};
 
     const MEM: u64 = 32 << 20;
     /// 16 random bits in each 32-bit word: deflate packs it, lz4 does not.
@@ -60,6 +61,30 @@ mod with_dpdk {
         assert!(outcome.source_writes_after > 0, "the source guest must keep running");
         // Adaptive with deflate among its choices.
         verified("adaptive", &migrate(Codec::Adaptive, Arc::new(isal())));
+        // The destination inflating on a device of its own (zlib's), one that fails some
+        // pages (those go to the CPU), and one that cannot be opened (all go to the CPU).
+        let zlib = || DpdkDevice::new(eal, "compress_zlib0").expect("compress_zlib0");
+        let config =
+            SourceConfig { offload: Some(Arc::new(isal())), ..iterating_config(MEM, Codec::Deflate, 2, false) };
+        let destinations: [(&str, Arc<dyn OffloadDevice>); 3] = [
+            ("inflating on compress_zlib0", Arc::new(zlib())),
+            ("inflating on a failing device", Arc::new(Failing { device: zlib(), every: 4 })),
+            ("no device to inflate on", Arc::new(Unopenable)),
+        ];
+        for (label, device) in destinations {
+            let outcome = migrate_synthetic_inflating_on(device, MEM, DIRTY, &config);
+            let stats = verified(label, &outcome);
+            let report = outcome.destination.expect("verified above");
+            let on_device = report.device_inflated_pages;
+            let fallback = report.device_fallback_pages;
+            eprintln!("{label}: {on_device} pages inflated on the device, {fallback} on the CPU after it failed them");
+            assert_eq!(
+                on_device + fallback,
+                if label.starts_with("no") { 0 } else { stats.compression.pages },
+                "{label}"
+            );
+            assert_eq!(fallback > 0, label.contains("failing"), "{label}");
+        }
     }
 
     fn migrate(codec: Codec, device: Arc<dyn OffloadDevice>) -> Outcome {
@@ -121,6 +146,20 @@ mod with_dpdk {
             }
             let inputs: Vec<&[u8]> = passed.iter().map(|&index| pages[index]).collect();
             self.queue.compress_pages(&inputs, &mut |at, outcome| done(passed[at], outcome));
+        }
+
+        fn inflate_pages(&mut self, inputs: &[&[u8]], done: &mut dyn FnMut(usize, Option<&[u8]>)) {
+            let mut passed = Vec::new();
+            for index in 0..inputs.len() {
+                self.seen += 1;
+                if self.seen % self.every == 0 {
+                    done(index, None);
+                } else {
+                    passed.push(index);
+                }
+            }
+            let kept: Vec<&[u8]> = passed.iter().map(|&index| inputs[index]).collect();
+            self.queue.inflate_pages(&kept, &mut |at, inflated| done(passed[at], inflated));
         }
     }
 

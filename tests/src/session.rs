@@ -85,7 +85,7 @@ pub fn migrate_synthetic(mem_bytes: u64, workload: WorkloadSpec, config: &Source
 
 /// As [`migrate_synthetic`], over `link`.
 pub fn migrate_synthetic_on(link: Link, mem_bytes: u64, workload: WorkloadSpec, config: &SourceConfig) -> Outcome {
-    run(GuestKind::Synthetic, link, mem_bytes, workload, config, None, None)
+    run(GuestKind::Synthetic, link, mem_bytes, workload, config, Twists::default())
 }
 
 /// As [`migrate_synthetic_on`], with the guest of `kind`.
@@ -96,7 +96,7 @@ pub fn migrate_guest_on(
     workload: WorkloadSpec,
     config: &SourceConfig,
 ) -> Outcome {
-    run(kind, link, mem_bytes, workload, config, None, None)
+    run(kind, link, mem_bytes, workload, config, Twists::default())
 }
 
 /// Whether the KVM guest can run here; says SKIPPED for `test` where it cannot.
@@ -123,7 +123,14 @@ pub enum CancelAt {
 
 /// As [`migrate_synthetic`], cancelling the migration at `at`.
 pub fn migrate_and_cancel(mem_bytes: u64, workload: WorkloadSpec, config: &SourceConfig, at: CancelAt) -> Outcome {
-    run(GuestKind::Synthetic, Link::Kernel, mem_bytes, workload, config, Some(at), None)
+    run(
+        GuestKind::Synthetic,
+        Link::Kernel,
+        mem_bytes,
+        workload,
+        config,
+        Twists { cancel_at: Some(at), ..Twists::default() },
+    )
 }
 
 /// As [`migrate_and_cancel`], with the guest of `kind`.
@@ -134,7 +141,7 @@ pub fn migrate_guest_and_cancel(
     config: &SourceConfig,
     at: CancelAt,
 ) -> Outcome {
-    run(kind, Link::Kernel, mem_bytes, workload, config, Some(at), None)
+    run(kind, Link::Kernel, mem_bytes, workload, config, Twists { cancel_at: Some(at), ..Twists::default() })
 }
 
 /// Migrates a KVM guest whose requirements (CPU model, MSRs) `edit` changes on the way
@@ -145,7 +152,36 @@ pub fn migrate_kvm_requiring(
     config: &SourceConfig,
     edit: &dyn Fn(&mut guests::kvm::KvmRequirements),
 ) -> Outcome {
-    run(GuestKind::Kvm, Link::Kernel, mem_bytes, workload, config, None, Some(edit))
+    run(
+        GuestKind::Kvm,
+        Link::Kernel,
+        mem_bytes,
+        workload,
+        config,
+        Twists { edit_requirements: Some(edit), ..Twists::default() },
+    )
+}
+
+/// What a test changes in a migration beyond the source's configuration.
+#[derive(Default)]
+struct Twists<'a> {
+    /// Cancel the migration at this point.
+    cancel_at: Option<CancelAt>,
+    /// Change the KVM guest's requirements on the way out.
+    edit_requirements: Option<&'a dyn Fn(&mut guests::kvm::KvmRequirements)>,
+    /// The destination inflates `deflate` pages on this device.
+    destination_offload: Option<Arc<dyn engine::offload::OffloadDevice>>,
+}
+
+/// As [`migrate_synthetic`], the destination inflating `deflate` pages on `device`.
+pub fn migrate_synthetic_inflating_on(
+    device: Arc<dyn engine::offload::OffloadDevice>,
+    mem_bytes: u64,
+    workload: WorkloadSpec,
+    config: &SourceConfig,
+) -> Outcome {
+    let twists = Twists { destination_offload: Some(device), ..Twists::default() };
+    run(GuestKind::Synthetic, Link::Kernel, mem_bytes, workload, config, twists)
 }
 
 /// A source guest whose stores can be counted.
@@ -276,9 +312,9 @@ fn run(
     mem_bytes: u64,
     workload: WorkloadSpec,
     config: &SourceConfig,
-    cancel_at: Option<CancelAt>,
-    edit_requirements: Option<&dyn Fn(&mut guests::kvm::KvmRequirements)>,
+    twists: Twists<'_>,
 ) -> Outcome {
+    let Twists { cancel_at, edit_requirements, destination_offload } = twists;
     let guest = boot(kind, mem_bytes, workload);
     std::thread::sleep(Duration::from_millis(50));
     let timeouts = Timeouts { connect: Duration::from_secs(5), io: Duration::from_secs(20) };
@@ -309,6 +345,7 @@ fn run(
         accept_timeout: Duration::from_secs(if cancel_at == Some(CancelAt::Setup) { 2 } else { 10 }),
         // One switch for both ends, as the CLI's `--connection-threads`.
         direct_receive: config.direct_send,
+        offload: destination_offload,
         ..Default::default()
     };
     let destination = std::thread::spawn(move || receive_and_check(kind, &mut *acceptor, &dest_config));

@@ -453,6 +453,33 @@ mod tests {
     }
 
     #[test]
+    fn a_compression_device_is_one_more_choice_measured_like_the_others() {
+        // What a device's deflate costs the worker is what it was measured to cost: a
+        // device that packs tighter than zstd at zstd's CPU price wins a slow link...
+        let with_device = |rate: f64, ratio: f64| {
+            let policy = AdaptivePolicy::with_choices(2, [&Codec::ADAPTIVE_CHOICES[..], &[Codec::Deflate]].concat());
+            let second = Duration::from_secs(1);
+            policy.measure(NONE, 10_000_000_000, 10_000_000_000, second);
+            policy.measure(Codec::Lz4, 1_000_000_000, 500_000_000, second);
+            policy.measure(ZSTD, 400_000_000, 133_000_000, second);
+            policy.measure(Codec::ShuffleLz4, 900_000_000, 500_000_000, second);
+            policy.measure(SHUFFLE_ZSTD, 360_000_000, 133_000_000, second);
+            policy.measure(Codec::Deflate, rate as u64, (rate / ratio) as u64, second);
+            let mut state = policy.lock();
+            (state.link, state.free_cores) = (Some(1.25e8), Some(2.0));
+            state.window.start = Instant::now() + Duration::from_secs(3600);
+            drop(state);
+            steady_choice(&policy)
+        };
+        assert_eq!(with_device(4e8, 3.5), Codec::Deflate);
+        // ...and one slower than the link needs, or looser, does not.
+        assert_eq!(with_device(5e7, 3.5), ZSTD);
+        assert_eq!(with_device(4e8, 2.5), ZSTD);
+        // The default policy never offers it.
+        assert!(!AdaptivePolicy::new(2).choices().contains(&Codec::Deflate));
+    }
+
+    #[test]
     fn numeric_pages_get_the_shuffle() {
         // 16 random bits in 32-bit words: lz4 finds nothing (1.0x), zstd a little (1.4x),
         // after the shuffle both come near the bound: lz4 1.9x at its speed, zstd 1.95x.
@@ -543,7 +570,8 @@ mod tests {
         let window = |batches: u32, waiting: u32, bytes: u64| {
             let start = Instant::now() - Duration::from_secs(1);
             let mut state = policy.lock();
-            state.window = Window { start, batches, full: waiting, ..Window::open(0, None) };
+            state.window =
+                Window { start, batches, full: waiting, ..Window::open(Codec::ADAPTIVE_CHOICES.len(), 0, None) };
             drop(state);
             choose(&policy, FULL_LINK, bytes);
             policy.lock().link.unwrap()
@@ -638,7 +666,12 @@ mod tests {
         {
             let mut state = policy.lock();
             let start = Instant::now() - Duration::from_secs(1);
-            state.window = Window { start, batches: 20, scanner_ahead: 20, ..Window::open(0, None) };
+            state.window = Window {
+                start,
+                batches: 20,
+                scanner_ahead: 20,
+                ..Window::open(Codec::ADAPTIVE_CHOICES.len(), 0, None)
+            };
             state.window.chosen[index(ZSTD)] = 20;
             state.window.guest_bytes = 2e8;
         }

@@ -16,8 +16,10 @@
 //! epoch table checks both).
 
 use crate::config::DestinationConfig;
+use crate::offload::Inflater;
 use crate::vm::DestinationVm;
 use crate::MigrationError;
+use migration::codec::Codec;
 use migration::frame::FrameKind;
 use migration::handshake::{encode_reason, Hello};
 use migration::memory::{pages_of, GuestMemory};
@@ -59,6 +61,10 @@ pub struct DestinationReport {
     pub raw_pages: u64,
     pub compressed_pages: u64,
     pub xbzrle_pages: u64,
+    /// `deflate` pages a compression device inflated (`DestinationConfig::offload`).
+    pub device_inflated_pages: u64,
+    /// `deflate` pages the device failed, inflated on the CPU instead.
+    pub device_fallback_pages: u64,
     pub total_time_ms: u64,
     pub verify_time_ms: Option<u64>,
     pub verified: Option<bool>,
@@ -202,6 +208,22 @@ fn close_later(closers: Arc<Vec<Arc<dyn Fn() + Send + Sync>>>) -> impl Fn() + Se
     }
 }
 
+/// The compression device's queues for the decompression workers, one each, where the
+/// session's codec may send `deflate` and a device is configured. A device that cannot be
+/// opened leaves the pages to the CPU, with a warning: the destination needs none.
+fn open_inflaters(config: &DestinationConfig, codec: Codec) -> Vec<Inflater> {
+    let Some(device) = config.offload.as_ref().filter(|_| matches!(codec, Codec::Deflate | Codec::Adaptive)) else {
+        return Vec::new();
+    };
+    match device.open(config.decompress_threads.max(1)) {
+        Ok(queues) => queues.into_iter().map(Inflater).collect(),
+        Err(reason) => {
+            log::warn!("compression device {}: {reason}; deflate pages are inflated on the CPU", device.name());
+            Vec::new()
+        }
+    }
+}
+
 fn receive_session(
     acceptor: &mut dyn Acceptor,
     vm: &mut dyn DestinationVm,
@@ -235,9 +257,11 @@ fn receive_session(
         let shared_arc = &shared;
         let shared: &Shared = &shared;
         let mut workers = Vec::new();
+        let mut inflaters = open_inflaters(config, hello.codec).into_iter();
         for index in 0..config.decompress_threads.max(1) {
             let first_cpu = config.pin_workers.then_some(config.first_worker_cpu);
-            let body = move || decompression_worker(shared, index, first_cpu);
+            let inflater = inflaters.next();
+            let body = move || decompression_worker(shared, index, first_cpu, inflater);
             workers.push(shared.abort.spawn_guarded(scope, format!("decompress-{index}"), "decompression", body));
         }
         let mut control_writer = None;

@@ -2,6 +2,7 @@
 //! ring, round ends to the barrier, control to the session thread) and the decompression
 //! workers that apply the pages.
 
+use crate::offload::Inflater;
 use migration::frame::{FrameHeader, FrameKind, MAX_PAYLOAD_BYTES};
 use migration::handshake::decode_reason;
 use migration::page_batch::MAX_BATCH_BYTES;
@@ -131,12 +132,21 @@ pub(super) fn stream_ended(shared: &Shared, index: u16, err: &ReadError) {
 }
 
 /// Pinned to `first_cpu + index` when pinning (`DestinationConfig::first_worker_cpu`).
-pub(super) fn decompression_worker(shared: &Shared, index: usize, first_cpu: Option<usize>) {
+/// `inflater`: this worker's queue of the compression device, for `deflate` pages.
+pub(super) fn decompression_worker(
+    shared: &Shared,
+    index: usize,
+    first_cpu: Option<usize>,
+    inflater: Option<Inflater>,
+) {
     if let Some(first) = first_cpu {
         pin::pin_current(first + index);
     }
     let applier = BatchApplier { limits: shared.limits(), memory: &*shared.memory, epochs: &shared.epochs };
-    let mut worker = ApplyWorker::new();
+    let mut worker = match inflater {
+        Some(inflater) => ApplyWorker::with_inflater(Box::new(inflater)),
+        None => ApplyWorker::new(),
+    };
     while let Ok(Some((epoch, buffer))) = shared.decode.pop(&shared.abort) {
         if let Err(err) = applier.apply(&buffer, epoch, &mut worker) {
             shared.abort.raise_as(AbortKind::Damaged, format!("round {epoch}: {err}"));

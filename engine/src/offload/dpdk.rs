@@ -57,4 +57,10 @@ impl OffloadQueue for DpdkQueue {
             Err(failure) => done(index, Offloaded::Failed(&failure.to_string())),
         });
     }
+
+    fn inflate_pages(&mut self, inputs: &[&[u8]], done: &mut dyn FnMut(usize, Option<&[u8]>)) {
+        // Room for one page: data that inflates to more is out of space, a failure.
+        self.compressor
+            .run_with(Direction::Decompress, inputs, PAGE_SIZE_BYTES, |index, result| done(index, result.ok()));
+    }
 }

@@ -6,7 +6,8 @@
 //! Each compression worker owns one queue of the device ([`OffloadQueue`]); the device
 //! ([`OffloadDevice`]) opens as many queues as a session has workers. A page the device
 //! fails (a full queue, an operation's error, a device gone) is compressed on the worker's
-//! CPU instead and counted: nothing is lost.
+//! CPU instead and counted: nothing is lost. The destination's decompression workers
+//! inflate a batch's `deflate` pages on a device's queues the same way, where it has one.
 
 #[cfg(feature = "dpdk")]
 pub mod dpdk;
@@ -30,6 +31,20 @@ pub trait OffloadQueue: Send {
     /// `done` with the page's index, in the order the device finishes them. Every page
     /// gets exactly one result.
     fn compress_pages(&mut self, pages: &[&[u8]], done: &mut dyn FnMut(usize, Offloaded<'_>));
+
+    /// Inflates each of `inputs` (raw deflate, a page each) and hands each result to
+    /// `done` with its index, in the order the device finishes them: what it made, or
+    /// `None` where it failed (the worker then inflates that page on its CPU).
+    fn inflate_pages(&mut self, inputs: &[&[u8]], done: &mut dyn FnMut(usize, Option<&[u8]>));
+}
+
+/// A queue as the destination's decompression workers use it.
+pub struct Inflater(pub Box<dyn OffloadQueue>);
+
+impl migration::receiver::PageInflater for Inflater {
+    fn inflate_pages(&mut self, inputs: &[&[u8]], done: &mut dyn FnMut(usize, Option<&[u8]>)) {
+        self.0.inflate_pages(inputs, done);
+    }
 }
 
 /// A compression device a session's workers share, a queue each.

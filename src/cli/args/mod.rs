@@ -72,6 +72,8 @@ pub enum Command {
 /// Every row `bench` knows, in the order of its table.
 pub const BENCH_ROWS: &str = "plain,lz4,zlib,zstd,shuffle-lz4,shuffle-zstd,adaptive,xbzrle,lz4+xbzrle,zlib+xbzrle,\
                               zstd+xbzrle,skip-unused-off,deferred-cleanup-off";
+/// Rows `bench` knows beyond its default table: those on a DPDK compression device.
+pub const DEVICE_ROWS: &str = "deflate,adaptive+deflate";
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -91,7 +93,9 @@ pub struct BenchArgs {
     pub dirty_area: u64,
     /// Rows of the table: plain, lz4, zlib, zstd, shuffle-lz4, shuffle-zstd, adaptive,
     /// xbzrle, lz4+xbzrle, zlib+xbzrle, zstd+xbzrle, skip-unused-off,
-    /// deferred-cleanup-off. Plain (no codec) keeps zero-page detection.
+    /// deferred-cleanup-off. Plain (no codec) keeps zero-page detection. Also, on DPDK's
+    /// ISA-L compression device (a build with the dpdk feature, as root): deflate and
+    /// adaptive+deflate (adaptive with deflate among its choices).
     #[arg(long, value_delimiter = ',', default_value = BENCH_ROWS)]
     pub rows: Vec<String>,
     /// Run the destination in namespace PREFIX-dst and the source in PREFIX-src, over the
@@ -587,6 +591,12 @@ pub struct RecvArgs {
     /// changed: the changes go to the source, which applies them.
     #[arg(long, value_parser = parse_unix)]
     pub control: Option<PathBuf>,
+    /// A DPDK compression device (compressdev) that inflates the source's `deflate` pages,
+    /// as the EAL names it: compress_isal0, compress_zlib0, or a QAT device given to the
+    /// EAL after `--`. Without it (or where it cannot be opened) they are inflated on the
+    /// CPU. Needs DPDK (and root).
+    #[arg(long, value_name = "NAME")]
+    pub compress_device: Option<String>,
     #[command(flatten)]
     pub metrics: MetricsOptions,
     #[command(flatten)]

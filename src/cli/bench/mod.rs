@@ -8,7 +8,7 @@ mod charts;
 mod html;
 mod model;
 
-use super::args::{BenchArgs, BenchStack, BENCH_ROWS};
+use super::args::{BenchArgs, BenchStack, BENCH_ROWS, DEVICE_ROWS};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::io::{BufRead, BufReader, Read};
@@ -29,13 +29,16 @@ fn row_options(row: &str, mem: u64) -> Result<Vec<String>> {
         "shuffle-lz4" => &["--codec", "shuffle-lz4"],
         "shuffle-zstd" => &["--codec", "shuffle-zstd:1"],
         "adaptive" => &["--codec", "adaptive"],
+        // On DPDK's ISA-L compression device (a build with the dpdk feature, as root).
+        "deflate" => &["--codec", "deflate", "--compress-device", "compress_isal0"],
+        "adaptive+deflate" => &["--codec", "adaptive", "--compress-device", "compress_isal0"],
         "xbzrle" => &["--codec", "none", "--xbzrle-cache", &cache],
         "lz4+xbzrle" => &["--codec", "lz4", "--xbzrle-cache", &cache],
         "zlib+xbzrle" => &["--codec", "zlib:1", "--xbzrle-cache", &cache],
         "zstd+xbzrle" => &["--codec", "zstd:1", "--xbzrle-cache", &cache],
         "skip-unused-off" => &["--codec", "none", "--no-skip-unused"],
         "deferred-cleanup-off" => &["--codec", "none", "--no-deferred-cleanup"],
-        other => bail!("unknown bench row {other:?}; rows are {BENCH_ROWS}"),
+        other => bail!("unknown bench row {other:?}; rows are {BENCH_ROWS},{DEVICE_ROWS}"),
     };
     Ok(options.iter().map(|s| s.to_string()).collect())
 }

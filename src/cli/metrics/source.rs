@@ -73,6 +73,13 @@ pub(super) fn render(p: &Progress) -> String {
     );
     family(
         &mut out,
+        "migration_compress_device_pages_total",
+        "counter",
+        "Pages handed to the compression device (deflate), by what became of them.",
+        &[("outcome=\"device\"", e.device_pages as f64), ("outcome=\"cpu-fallback\"", e.device_fallback_pages as f64)],
+    );
+    family(
+        &mut out,
         "migration_xbzrle_cache_misses_total",
         "counter",
         "Pages sent again not found in the cache.",
