@@ -28,6 +28,16 @@ pub const BATCH_HEADER_BYTES: usize = 8;
 /// pages (64 x 4 KiB) well under the frame payload limit.
 pub const MAX_ENTRIES_PER_BATCH: usize = 64;
 
+/// Most pages one `deflate` block entry carries.
+pub const MAX_BLOCK_PAGES: usize = 16;
+
+/// The most bytes a `deflate` block of `pages` pages may take: 4 bytes a page under the
+/// pages sent raw, so that a batch with blocks is never larger than the same pages raw
+/// (`MAX_BATCH_BYTES` holds), and a block only goes where it saves.
+pub fn deflate_block_room(pages: usize) -> usize {
+    pages * (PAGE_SIZE_BYTES - 4)
+}
+
 /// Bound on a batch payload: every entry raw, plus headers.
 pub const MAX_BATCH_BYTES: usize = BATCH_HEADER_BYTES + MAX_ENTRIES_PER_BATCH * (5 + 6 + PAGE_SIZE_BYTES);
 
@@ -43,6 +53,7 @@ enum Encoding {
     ShuffleLz4 = 7,
     ShuffleZstd = 8,
     Deflate = 9,
+    DeflateBlock = 10,
 }
 
 /// The compressed encodings and the codecs that decode them (levels are the sender's
@@ -74,10 +85,31 @@ impl Encoding {
 /// One decoded entry of a batch, borrowing its data from the frame payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PageEntry<'a> {
-    ZeroRun { page: u32, count: u32 },
-    Raw { page: u32, data: &'a [u8] },
-    Compressed { page: u32, codec: Codec, data: &'a [u8] },
-    Xbzrle { page: u32, base_epoch: u32, data: &'a [u8] },
+    ZeroRun {
+        page: u32,
+        count: u32,
+    },
+    Raw {
+        page: u32,
+        data: &'a [u8],
+    },
+    Compressed {
+        page: u32,
+        codec: Codec,
+        data: &'a [u8],
+    },
+    Xbzrle {
+        page: u32,
+        base_epoch: u32,
+        data: &'a [u8],
+    },
+    /// Several pages of the region (any, in any order) as one raw deflate stream of
+    /// their contents one after another: a compression device's operation per block.
+    DeflateBlock {
+        page: u32,
+        others: &'a [u8],
+        data: &'a [u8],
+    },
 }
 
 impl PageEntry<'_> {
@@ -85,6 +117,7 @@ impl PageEntry<'_> {
     pub fn pages(&self) -> u64 {
         match self {
             PageEntry::ZeroRun { count, .. } => u64::from(*count),
+            PageEntry::DeflateBlock { others, .. } => 1 + others.len() as u64 / 4,
             _ => 1,
         }
     }
@@ -94,7 +127,23 @@ impl PageEntry<'_> {
             PageEntry::ZeroRun { page, .. }
             | PageEntry::Raw { page, .. }
             | PageEntry::Compressed { page, .. }
-            | PageEntry::Xbzrle { page, .. } => page,
+            | PageEntry::Xbzrle { page, .. }
+            | PageEntry::DeflateBlock { page, .. } => page,
+        }
+    }
+
+    /// The pages a block covers, in the order of its data: its first page, then the others.
+    pub fn block_pages(page: u32, others: &[u8]) -> impl Iterator<Item = u32> + '_ {
+        std::iter::once(page).chain(others.chunks_exact(4).map(le_u32))
+    }
+
+    /// The highest page this entry covers, plus one.
+    fn end(&self) -> u64 {
+        match *self {
+            PageEntry::DeflateBlock { page, others, .. } => {
+                PageEntry::block_pages(page, others).map(|p| u64::from(p) + 1).max().unwrap_or(0)
+            }
+            _ => u64::from(self.first_page()) + self.pages(),
         }
     }
 }
@@ -117,6 +166,8 @@ pub enum BatchError {
     BadLength { index: usize, len: usize },
     #[error("entry {index} uses {got}, which the session did not negotiate")]
     NotNegotiated { index: usize, got: &'static str },
+    #[error("entry {index} is a block of {count} pages, outside 2..={MAX_BLOCK_PAGES}")]
+    BadBlock { index: usize, count: usize },
     #[error("page batch has {extra} bytes after its last entry")]
     TrailingBytes { extra: usize },
 }
@@ -165,7 +216,7 @@ impl<'a> PageBatch<'a> {
         for index in 0..usize::from(self.entry_count) {
             let (entry, tail) = parse_entry(index, rest, limits)?;
             let first = u64::from(entry.first_page());
-            let end = first + entry.pages();
+            let end = entry.end();
             if end > region_pages || entry.pages() == 0 {
                 return Err(BatchError::OutOfRange { index, first, end, region_pages }.into());
             }
@@ -226,6 +277,24 @@ fn parse_entry<'a>(
             }
             let (data, rest) = sized(body)?;
             (PageEntry::Compressed { page, codec, data }, rest)
+        }
+        e if e == Encoding::DeflateBlock as u8 => {
+            if !matches!(limits.codec, Codec::Deflate | Codec::Adaptive) {
+                return Err(BatchError::NotNegotiated { index, got: "deflate" });
+            }
+            let (count, rest) = take(body, 1)?;
+            let count = usize::from(count[0]);
+            if !(2..=MAX_BLOCK_PAGES).contains(&count) {
+                return Err(BatchError::BadBlock { index, count });
+            }
+            let (others, rest) = take(rest, 4 * (count - 1))?;
+            let (len, rest) = take(rest, 2)?;
+            let len = usize::from(le_u16(len));
+            if len == 0 || len > deflate_block_room(count) {
+                return Err(BatchError::BadLength { index, len });
+            }
+            let (data, rest) = take(rest, len)?;
+            (PageEntry::DeflateBlock { page, others, data }, rest)
         }
         e if e == Encoding::Xbzrle as u8 => {
             if !limits.xbzrle {
@@ -386,6 +455,20 @@ impl<'b, O: BatchOut> BatchWriter<'b, O> {
         self.entries -= 1;
     }
 
+    /// A block of `pages` (2..=MAX_BLOCK_PAGES of them) compressed together to raw
+    /// deflate, `data` at most `deflate_block_room(pages.len())` bytes.
+    pub fn deflate_block(&mut self, pages: &[u32], data: &[u8]) {
+        assert!((2..=MAX_BLOCK_PAGES).contains(&pages.len()));
+        assert!(!data.is_empty() && data.len() <= deflate_block_room(pages.len()));
+        self.entry(pages[0], Encoding::DeflateBlock);
+        self.out.extend_from_slice(&[pages.len() as u8]);
+        for page in &pages[1..] {
+            self.out.extend_from_slice(&page.to_le_bytes());
+        }
+        self.out.extend_from_slice(&(data.len() as u16).to_le_bytes());
+        self.out.extend_from_slice(data);
+    }
+
     pub fn xbzrle(&mut self, page: u32, base_epoch: u32, data: &[u8]) {
         assert!(!data.is_empty() && data.len() < PAGE_SIZE_BYTES);
         self.entry(page, Encoding::Xbzrle);
@@ -456,6 +539,38 @@ mod tests {
         let payload = sample();
         let zlib_only = BatchLimits { region_pages: &[1, 13], codec: Codec::Zlib { level: 1 }, xbzrle: true };
         assert!(matches!(collect(&payload, &zlib_only), Err(BatchError::NotNegotiated { index: 2, got: "lz4" })));
+    }
+
+    #[test]
+    fn deflate_blocks_name_their_pages_and_are_checked_like_other_entries() {
+        let mut payload = Vec::new();
+        BatchWriter::new(&mut payload, 0).deflate_block(&[9, 2, 30], &[1, 2, 3]);
+        let deflate = BatchLimits { region_pages: &[31], codec: Codec::Deflate, xbzrle: false };
+        let entries = collect(&payload, &deflate).unwrap();
+        let [PageEntry::DeflateBlock { page: 9, others, data: [1, 2, 3] }] = entries[..] else { panic!("{entries:?}") };
+        assert_eq!(PageEntry::block_pages(9, others).collect::<Vec<_>>(), [9, 2, 30]);
+        assert_eq!(entries[0].pages(), 3);
+        // Adaptive may send them; lz4 may not.
+        assert!(collect(&payload, &BatchLimits { codec: Codec::Adaptive, ..deflate.clone() }).is_ok());
+        let lz4 = collect(&payload, &BatchLimits { codec: Codec::Lz4, ..deflate.clone() });
+        assert!(matches!(lz4, Err(BatchError::NotNegotiated { got: "deflate", .. })), "{lz4:?}");
+        // Any page past the region, not only the first, is out of range.
+        let small = collect(&payload, &BatchLimits { region_pages: &[30], ..deflate.clone() });
+        assert!(matches!(small, Err(BatchError::OutOfRange { end: 31, .. })), "{small:?}");
+        // A block of one page, or of more than the most, is malformed.
+        for count in [1u8, MAX_BLOCK_PAGES as u8 + 1] {
+            let mut bad = payload.clone();
+            bad[BATCH_HEADER_BYTES + 5] = count;
+            let err = collect(&bad, &deflate).unwrap_err();
+            assert!(matches!(err, BatchError::BadBlock { .. } | BatchError::Truncated { .. }), "{err:?}");
+        }
+        // Data longer than the block's pages raw (less 4 bytes each) is refused.
+        let mut long = Vec::new();
+        BatchWriter::new(&mut long, 0).deflate_block(&[1, 2], &vec![5u8; deflate_block_room(2)]);
+        let at = BATCH_HEADER_BYTES + 5 + 1 + 4;
+        long[at..at + 2].copy_from_slice(&(deflate_block_room(2) as u16 + 1).to_le_bytes());
+        long.push(0);
+        assert!(matches!(collect(&long, &deflate), Err(BatchError::BadLength { .. })));
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //! the exact version it was computed from.
 
 use crate::codec::{Codec, DecompressError, PageDecompressor};
+pub use crate::deflated::PageInflater;
+use crate::deflated::{DeflateEntry, Deflated, Target};
 use crate::frame::{le_u32, le_u64, FrameError, FrameHeader, FrameKind, SeqCounter};
 use crate::memory::GuestMemory;
 use crate::page_batch::{BatchError, BatchLimits, PageBatch, PageEntry};
@@ -173,7 +175,7 @@ impl PageEpochs {
     /// already written in this or a later epoch: with the round barrier that can only be
     /// a page sent twice in one round, which would otherwise race two writers.
     /// Returns the epoch the page held before (0: never written).
-    fn claim(&self, region: u16, page: u64, epoch: u32) -> Result<u32, ReceiveError> {
+    pub(crate) fn claim(&self, region: u16, page: u64, epoch: u32) -> Result<u32, ReceiveError> {
         let held = self.regions[usize::from(region)][page as usize].swap(epoch, Ordering::AcqRel);
         if held >= epoch {
             return Err(ReceiveError::StalePage { region, page, epoch, held });
@@ -210,16 +212,6 @@ impl ApplyCounters {
     }
 }
 
-/// A device that inflates raw deflate (DPDK's compressdev; the engine provides it): a
-/// batch's `deflate` pages go to it together.
-pub trait PageInflater: Send {
-    /// Inflates each of `inputs` (raw deflate, a page each) and hands each result to
-    /// `done` with its index, in the order the device finishes them: the bytes it made
-    /// (checked to be a page here), or `None` where it failed the input, which is then
-    /// inflated on the CPU. Every input gets exactly one result.
-    fn inflate_pages(&mut self, inputs: &[&[u8]], done: &mut dyn FnMut(usize, Option<&[u8]>));
-}
-
 /// What every decompression worker of a session shares: the session's limits, the guest
 /// memory being built and its page-epoch table.
 pub struct BatchApplier<'a> {
@@ -235,7 +227,8 @@ pub struct ApplyWorker {
     decompressor: PageDecompressor,
     scratch: Box<[u8]>,
     pub counters: ApplyCounters,
-    inflater: Option<Box<dyn PageInflater>>,
+    /// `deflate` entries: the device, and the pages of a block as inflated.
+    deflated: Deflated,
 }
 
 impl ApplyWorker {
@@ -245,7 +238,7 @@ impl ApplyWorker {
 
     /// A worker whose `deflate` pages `inflater` inflates, a batch's at once.
     pub fn with_inflater(inflater: Box<dyn PageInflater>) -> Self {
-        ApplyWorker { inflater: Some(inflater), ..ApplyWorker::new() }
+        ApplyWorker { deflated: Deflated::with_inflater(inflater), ..ApplyWorker::new() }
     }
 }
 
@@ -253,12 +246,13 @@ impl BatchApplier<'_> {
     /// Decodes one `Pages` frame of `epoch` and writes its pages into guest memory.
     pub fn apply(&self, payload: &[u8], epoch: u32, worker: &mut ApplyWorker) -> Result<(), ReceiveError> {
         let BatchApplier { limits, memory, epochs } = self;
-        let ApplyWorker { decompressor, scratch, counters, inflater } = worker;
+        let ApplyWorker { decompressor, scratch, counters, deflated } = worker;
         let batch = PageBatch::parse(payload, limits)?;
         let region = batch.region;
         let r = usize::from(region);
-        // A batch's `deflate` pages, kept for the device where there is one.
-        let mut for_device: Vec<(u64, &[u8])> = Vec::new();
+        let target = Target { region, epoch, memory: *memory, epochs };
+        // A batch's `deflate` entries, kept for the device where there is one.
+        let mut for_device: Vec<DeflateEntry<'_>> = Vec::new();
         batch.for_each(limits, |entry| {
             let page = u64::from(entry.first_page());
             match entry {
@@ -277,8 +271,15 @@ impl BatchApplier<'_> {
                     memory.write_page(r, page, data);
                     counters.raw_pages += 1;
                 }
-                PageEntry::Compressed { codec: Codec::Deflate, data, .. } if inflater.is_some() => {
-                    for_device.push((page, data));
+                PageEntry::Compressed { codec: Codec::Deflate, data, page } if deflated.has_device() => {
+                    for_device.push(DeflateEntry { page, others: &[], data });
+                }
+                PageEntry::DeflateBlock { page, others, data } => {
+                    let entry = DeflateEntry { page, others, data };
+                    match deflated.has_device() {
+                        true => for_device.push(entry),
+                        false => deflated.apply_on_cpu(&target, entry, decompressor, counters)?,
+                    }
                 }
                 PageEntry::Compressed { codec, data, .. } => {
                     decompressor.decompress(codec, data, scratch).map_err(|source| ReceiveError::Decompress {
@@ -304,64 +305,7 @@ impl BatchApplier<'_> {
             }
             Ok(())
         })?;
-        match inflater {
-            Some(inflater) if !for_device.is_empty() => {
-                let pages = DevicePages { region, epoch, memory: *memory, epochs };
-                pages.apply(&for_device, &mut **inflater, (decompressor, scratch), counters)
-            }
-            _ => Ok(()),
-        }
-    }
-}
-
-/// A batch's `deflate` pages, inflated on a device and written into guest memory.
-struct DevicePages<'a> {
-    region: u16,
-    epoch: u32,
-    memory: &'a dyn GuestMemory,
-    epochs: &'a PageEpochs,
-}
-
-impl DevicePages<'_> {
-    /// Inflates `pages` on `inflater`, all at once, and writes each page as it comes back;
-    /// a page the device fails is inflated by `cpu` and counted. The first error (data
-    /// that inflates to no page, on the device and then on the CPU; a stale epoch) is the
-    /// batch's.
-    fn apply(
-        &self,
-        pages: &[(u64, &[u8])],
-        inflater: &mut dyn PageInflater,
-        (cpu, scratch): (&mut PageDecompressor, &mut [u8]),
-        counters: &mut ApplyCounters,
-    ) -> Result<(), ReceiveError> {
-        let inputs: Vec<&[u8]> = pages.iter().map(|(_, data)| *data).collect();
-        let mut first_error = None;
-        inflater.inflate_pages(&inputs, &mut |index, inflated| {
-            let (page, data) = pages[index];
-            let result = match inflated {
-                Some(bytes) if bytes.len() == PAGE_SIZE_BYTES => {
-                    counters.device_pages += 1;
-                    self.write(page, bytes)
-                }
-                _ => {
-                    counters.device_fallback_pages += 1;
-                    cpu.decompress(Codec::Deflate, data, scratch)
-                        .map_err(|source| ReceiveError::Decompress { region: self.region, page, source })
-                        .and_then(|()| self.write(page, scratch))
-                }
-            };
-            counters.compressed_pages += u64::from(result.is_ok());
-            if let (Err(err), None) = (result, &first_error) {
-                first_error = Some(err);
-            }
-        });
-        first_error.map_or(Ok(()), Err)
-    }
-
-    fn write(&self, page: u64, bytes: &[u8]) -> Result<(), ReceiveError> {
-        self.epochs.claim(self.region, page, self.epoch)?;
-        self.memory.write_page(usize::from(self.region), page, bytes);
-        Ok(())
+        deflated.apply_on_device(&target, &for_device, decompressor, counters)
     }
 }
 
@@ -473,15 +417,15 @@ mod tests {
     }
 
     impl PageInflater for Flaky {
-        fn inflate_pages(&mut self, inputs: &[&[u8]], done: &mut dyn FnMut(usize, Option<&[u8]>)) {
-            let mut page = vec![0u8; PAGE_SIZE_BYTES];
+        fn inflate_pages(&mut self, inputs: &[(&[u8], usize)], done: &mut dyn FnMut(usize, Option<&[u8]>)) {
             // In reverse, as a device may finish them.
-            for (index, input) in inputs.iter().enumerate().rev() {
-                let inflated = PageDecompressor::default().decompress(Codec::Deflate, input, &mut page).is_ok();
+            for (index, &(input, size)) in inputs.iter().enumerate().rev() {
+                let mut out = vec![0u8; size];
+                let inflated = PageDecompressor::default().decompress_block(Codec::Deflate, input, &mut out).is_ok();
                 match (inflated && !(self.fail)(index), (self.short)(index)) {
                     (false, _) => done(index, None),
-                    (true, true) => done(index, Some(&page[..100])),
-                    (true, false) => done(index, Some(&page)),
+                    (true, true) => done(index, Some(&out[..100])),
+                    (true, false) => done(index, Some(&out)),
                 }
             }
         }
@@ -505,6 +449,19 @@ mod tests {
             }
             writer.raw(7, &[9u8; PAGE_SIZE_BYTES]);
         }
+        // Pages 6, 5 and 3 again as one block (another round): entry 1 of the next batch.
+        let block_pages = [6u32, 5, 3];
+        let block_contents: Vec<u8> = (0..3u8).flat_map(|i| vec![0x40 + i; PAGE_SIZE_BYTES]).collect();
+        let mut block_batch = Vec::new();
+        {
+            let mut packed = vec![0u8; 3 * PAGE_SIZE_BYTES];
+            let len = crate::codec::BlockCompressor::new(Codec::Deflate)
+                .compress_into(&block_contents, &mut packed)
+                .expect("runs of one byte pack");
+            let mut writer = BatchWriter::new(&mut block_batch, 0);
+            writer.raw(2, &[7u8; PAGE_SIZE_BYTES]);
+            writer.deflate_block(&block_pages, &packed[..len]);
+        }
         let mut worker = ApplyWorker::with_inflater(Box::new(Flaky { fail: |i| i % 3 == 0, short: |i| i == 4 }));
         applier.apply(&batch, 1, &mut worker).unwrap();
         let mut page = vec![0u8; PAGE_SIZE_BYTES];
@@ -516,10 +473,21 @@ mod tests {
         assert_eq!((counters.compressed_pages, counters.raw_pages), (6, 1));
         // Pages 0 and 3 failed, page 4 came back short: all three went to the CPU.
         assert_eq!((counters.device_pages, counters.device_fallback_pages), (3, 3));
+        // A block goes to the device as one input (index 0: failed, inflated on the CPU),
+        // and without a device to the CPU: the same pages either way.
+        let on_device = ApplyWorker::with_inflater(Box::new(Flaky { fail: |i| i == 0, short: |_| false }));
+        for (epoch, mut worker) in [(2, on_device), (3, ApplyWorker::new())] {
+            applier.apply(&block_batch, epoch, &mut worker).unwrap();
+            for (&number, content) in block_pages.iter().zip(block_contents.chunks_exact(PAGE_SIZE_BYTES)) {
+                memory.read_page(0, u64::from(number), &mut page);
+                assert_eq!(page, content, "page {number}");
+            }
+            assert_eq!((worker.counters.compressed_pages, worker.counters.raw_pages), (3, 1));
+        }
         // Data no inflater can read is the batch's error, whichever way it went.
         let mut corrupt = Vec::new();
         BatchWriter::new(&mut corrupt, 0).compressed(5, Codec::Deflate, &[0xff; 40]);
-        let err = applier.apply(&corrupt, 2, &mut worker).unwrap_err();
+        let err = applier.apply(&corrupt, 4, &mut worker).unwrap_err();
         assert!(matches!(err, ReceiveError::Decompress { page: 5, .. }), "{err}");
     }
 }

@@ -178,7 +178,8 @@ fn deflate(c: &mut Criterion) {
 /// worker runs it, on two page sets: the idle guest's, and the dirty guest's numbers (16
 /// random bits in each 32-bit word: at most 2x). `deflate` runs on DPDK's ISA-L device
 /// (where the bench is built with `--features dpdk` and the EAL starts: root), its pages
-/// handed over 64 at a time as a worker's batch is. Each codec's ratio on each set goes to
+/// handed over 64 at a time as a worker's batch is, in blocks of the device's pages per
+/// operation. Each codec's ratio on each set goes to
 /// `target/criterion/page_codecs/ratios.json` for `scripts/micro-bench`.
 fn page_codecs(c: &mut Criterion) {
     use guests::synthetic::WorkloadSpec;
@@ -206,14 +207,20 @@ fn page_codecs(c: &mut Criterion) {
             group.bench_function(format!("{set}/{}", codec.name()), |b| b.iter(|| wire(&mut compressor)));
         }
         if let Some(mut device) = offload::isal_queue() {
-            let inputs: Vec<&[u8]> = pages.iter().map(Vec::as_slice).collect();
+            // A worker's batch of 64 pages, in blocks of the device's pages per operation.
+            let per_block = device.pages_per_operation();
+            let contents: Vec<u8> = pages.concat();
+            let blocks: Vec<(&[u8], usize)> = contents
+                .chunks(per_block * PAGE_SIZE_BYTES)
+                .map(|block| (block, migration::page_batch::deflate_block_room(block.len() / PAGE_SIZE_BYTES)))
+                .collect();
             let wire = |device: &mut Box<dyn engine::offload::OffloadQueue>| -> usize {
                 let mut total = 0;
-                for batch in inputs.chunks(64) {
-                    device.compress_pages(batch, &mut |_, outcome| {
+                for batch in blocks.chunks(64 / per_block) {
+                    device.compress_pages(batch, &mut |index, outcome| {
                         total += match outcome {
                             engine::offload::Offloaded::Packed(bytes) => bytes.len(),
-                            _ => PAGE_SIZE_BYTES,
+                            _ => batch[index].0.len(),
                         }
                     });
                 }

@@ -48,7 +48,8 @@ mod with_dpdk {
             assert_eq!(stats.compress_device.as_deref(), Some(name));
         }
         let isal = || DpdkDevice::new(eal, "compress_isal0").expect("compress_isal0");
-        // Every fifth page fails on the device: those go through the CPU's deflate.
+        // Every fifth operation (a block of pages) fails on the device: its pages go
+        // through the CPU's deflate.
         let failing: Arc<dyn OffloadDevice> = Arc::new(Failing { device: isal(), every: 5 });
         let stats = verified("failing device", &migrate(Codec::Deflate, failing));
         let encode = &stats.encode;
@@ -134,32 +135,36 @@ mod with_dpdk {
     }
 
     impl OffloadQueue for FailingQueue {
-        fn compress_pages(&mut self, pages: &[&[u8]], done: &mut dyn FnMut(usize, Offloaded<'_>)) {
-            let mut passed = Vec::new();
-            for index in 0..pages.len() {
-                self.seen += 1;
-                if self.seen % self.every == 0 {
-                    done(index, Offloaded::Failed("injected: the operation failed"));
-                } else {
-                    passed.push(index);
-                }
-            }
-            let inputs: Vec<&[u8]> = passed.iter().map(|&index| pages[index]).collect();
-            self.queue.compress_pages(&inputs, &mut |at, outcome| done(passed[at], outcome));
+        fn compress_pages(&mut self, inputs: &[(&[u8], usize)], done: &mut dyn FnMut(usize, Offloaded<'_>)) {
+            let passed = self.pass(inputs.len(), &mut |index| done(index, Offloaded::Failed("injected")));
+            let kept: Vec<(&[u8], usize)> = passed.iter().map(|&index| inputs[index]).collect();
+            self.queue.compress_pages(&kept, &mut |at, outcome| done(passed[at], outcome));
         }
 
-        fn inflate_pages(&mut self, inputs: &[&[u8]], done: &mut dyn FnMut(usize, Option<&[u8]>)) {
+        fn inflate_pages(&mut self, inputs: &[(&[u8], usize)], done: &mut dyn FnMut(usize, Option<&[u8]>)) {
+            let passed = self.pass(inputs.len(), &mut |index| done(index, None));
+            let kept: Vec<(&[u8], usize)> = passed.iter().map(|&index| inputs[index]).collect();
+            self.queue.inflate_pages(&kept, &mut |at, inflated| done(passed[at], inflated));
+        }
+
+        fn pages_per_operation(&self) -> usize {
+            self.queue.pages_per_operation()
+        }
+    }
+
+    impl FailingQueue {
+        /// Fails one input in `every` through `fail`; the indices of the others.
+        fn pass(&mut self, count: usize, fail: &mut dyn FnMut(usize)) -> Vec<usize> {
             let mut passed = Vec::new();
-            for index in 0..inputs.len() {
+            for index in 0..count {
                 self.seen += 1;
                 if self.seen % self.every == 0 {
-                    done(index, None);
+                    fail(index);
                 } else {
                     passed.push(index);
                 }
             }
-            let kept: Vec<&[u8]> = passed.iter().map(|&index| inputs[index]).collect();
-            self.queue.inflate_pages(&kept, &mut |at, inflated| done(passed[at], inflated));
+            passed
         }
     }
 

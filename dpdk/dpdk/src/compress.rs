@@ -223,12 +223,13 @@ impl Compressor {
     pub fn run(&mut self, direction: Direction, inputs: &[&[u8]], out_room: usize) -> Vec<Result<Vec<u8>, OpFailure>> {
         let mut results: Vec<Result<Vec<u8>, OpFailure>> =
             (0..inputs.len()).map(|_| Err(OpFailure::NoBuffers)).collect();
-        self.run_with(direction, inputs, out_room, |index, result| results[index] = result.map(<[u8]>::to_vec));
+        self.run_with(direction, inputs, |_| out_room, |index, result| results[index] = result.map(<[u8]>::to_vec));
         results
     }
 
-    /// Runs every input through the device `direction`, each output limited to `out_room`
-    /// bytes (at most the device's buffer room), and hands each result to `done` with its
+    /// Runs every input through the device `direction`, input i's output limited to
+    /// `out_room(i)` bytes (at most the device's buffer room), and hands each result to
+    /// `done` with its
     /// input's index as it comes back (in the order the device finishes them), the output
     /// borrowed from the device's buffer. Up to the queue's depth of operations are in
     /// flight at once: the thread enqueues what fits and takes back bursts of what is
@@ -237,10 +238,11 @@ impl Compressor {
         &mut self,
         direction: Direction,
         inputs: &[&[u8]],
-        out_room: usize,
+        out_room: impl Fn(usize) -> usize,
         mut done: impl FnMut(usize, Result<&[u8], OpFailure>),
     ) {
-        let out_room = out_room.min(self.room);
+        let room = self.room;
+        let out_room = |index: usize| out_room(index).min(room);
         let mut next = 0;
         // Each operation in flight, and the input it carries.
         let mut in_flight: Vec<(*mut dpdk_sys::rte_comp_op, usize)> = Vec::with_capacity(self.depth);
@@ -248,7 +250,7 @@ impl Compressor {
         while next < inputs.len() || !in_flight.is_empty() {
             // Enqueue what the queue has room for.
             while next < inputs.len() && in_flight.len() < self.depth {
-                match self.prepare(direction, inputs[next], out_room) {
+                match self.prepare(direction, inputs[next], out_room(next)) {
                     Ok(mut op) => {
                         // SAFETY: `op` is a prepared operation of this device's pool; the
                         // queue pair is ours (`&mut self`).
@@ -279,7 +281,7 @@ impl Compressor {
             for &op in &finished[..usize::from(count)] {
                 let Some(at) = in_flight.iter().position(|(flying, _)| *flying == op) else { continue };
                 let (_, index) = in_flight.swap_remove(at);
-                self.finish(op, out_room, |result| done(index, result));
+                self.finish(op, out_room(index), |result| done(index, result));
             }
             if count == 0 {
                 std::hint::spin_loop();

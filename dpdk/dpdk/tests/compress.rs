@@ -116,14 +116,19 @@ mod with_dpdk {
                 scope.spawn(move || {
                     let inputs: Vec<&[u8]> = pages.iter().map(Vec::as_slice).collect();
                     let mut seen = vec![false; inputs.len()];
-                    queue.run_with(Direction::Compress, &inputs, PAGE - 1, |index, result| {
-                        seen[index] = true;
-                        match result {
-                            Ok(packed) => assert_eq!(inflate(packed), pages[index]),
-                            // Random bytes do not shrink below a page.
-                            Err(failure) => assert_eq!(failure, OpFailure::OutOfSpace(PAGE - 1), "page {index}"),
-                        }
-                    });
+                    queue.run_with(
+                        Direction::Compress,
+                        &inputs,
+                        |_| PAGE - 1,
+                        |index, result| {
+                            seen[index] = true;
+                            match result {
+                                Ok(packed) => assert_eq!(inflate(packed), pages[index]),
+                                // Random bytes do not shrink below a page.
+                                Err(failure) => assert_eq!(failure, OpFailure::OutOfSpace(PAGE - 1), "page {index}"),
+                            }
+                        },
+                    );
                     assert!(seen.iter().all(|seen| *seen), "every page came back");
                 });
             }

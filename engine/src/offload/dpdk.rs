@@ -4,10 +4,14 @@ use super::{OffloadDevice, OffloadQueue, Offloaded};
 use dpdk::compress::{Compressor, Direction, OpFailure};
 use migration::PAGE_SIZE_BYTES;
 
+/// Pages per operation. ISA-L's software device spends about as long setting up an
+/// operation as compressing a page of the dirty guest: one page per operation moved 0.10
+/// GB/s on one core, 8 pages 0.19, 14 pages 0.195.
+const PAGES_PER_OPERATION: usize = 8;
 /// Operations each worker's queue keeps in flight: a whole batch (64 pages) at once.
 const DEPTH: u16 = 64;
-/// Room for a page and what deflate adds to one it cannot compress.
-const ROOM: u16 = 2 * PAGE_SIZE_BYTES as u16;
+/// Room for a block of pages and what deflate adds to data it cannot compress.
+const ROOM: u16 = ((PAGES_PER_OPERATION + 1) * PAGE_SIZE_BYTES) as u16;
 
 /// A compressdev device the EAL knows, by name.
 pub struct DpdkDevice {
@@ -48,9 +52,11 @@ struct DpdkQueue {
 }
 
 impl OffloadQueue for DpdkQueue {
-    fn compress_pages(&mut self, pages: &[&[u8]], done: &mut dyn FnMut(usize, Offloaded<'_>)) {
-        // Output a page long or more would go raw: the device stops at one byte under.
-        self.compressor.run_with(Direction::Compress, pages, PAGE_SIZE_BYTES - 1, |index, result| match result {
+    fn compress_pages(&mut self, inputs: &[(&[u8], usize)], done: &mut dyn FnMut(usize, Offloaded<'_>)) {
+        let data: Vec<&[u8]> = inputs.iter().map(|(data, _)| *data).collect();
+        // Output past its room would go raw: the device stops there.
+        let room = |index: usize| inputs[index].1;
+        self.compressor.run_with(Direction::Compress, &data, room, |index, result| match result {
             Ok(packed) if !packed.is_empty() => done(index, Offloaded::Packed(packed)),
             Err(OpFailure::OutOfSpace(_)) => done(index, Offloaded::Raw),
             Ok(_) => done(index, Offloaded::Failed("the device produced nothing")),
@@ -58,9 +64,14 @@ impl OffloadQueue for DpdkQueue {
         });
     }
 
-    fn inflate_pages(&mut self, inputs: &[&[u8]], done: &mut dyn FnMut(usize, Option<&[u8]>)) {
-        // Room for one page: data that inflates to more is out of space, a failure.
-        self.compressor
-            .run_with(Direction::Decompress, inputs, PAGE_SIZE_BYTES, |index, result| done(index, result.ok()));
+    fn inflate_pages(&mut self, inputs: &[(&[u8], usize)], done: &mut dyn FnMut(usize, Option<&[u8]>)) {
+        let data: Vec<&[u8]> = inputs.iter().map(|(data, _)| *data).collect();
+        // Room for what it must inflate to: data that inflates to more is out of space.
+        let room = |index: usize| inputs[index].1;
+        self.compressor.run_with(Direction::Decompress, &data, room, |index, result| done(index, result.ok()));
+    }
+
+    fn pages_per_operation(&self) -> usize {
+        PAGES_PER_OPERATION
     }
 }

@@ -14,35 +14,43 @@ pub mod dpdk;
 
 use std::fmt;
 
-/// What became of one page handed to a device.
+/// What became of one input (a page, or a block of pages) handed to a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Offloaded<'a> {
-    /// The page's raw deflate form, shorter than a page.
+    /// The input's raw deflate form, within the room it was given.
     Packed(&'a [u8]),
-    /// The page does not shrink below a page: it goes raw.
+    /// The input does not shrink into its room: its pages go raw.
     Raw,
-    /// The device failed this page, for the reason given: the worker compresses it.
+    /// The device failed this input, for the reason given: the worker compresses it.
     Failed(&'a str),
 }
 
 /// One queue of a compression device, owned by one worker.
 pub trait OffloadQueue: Send {
-    /// Compresses each of `pages` (whole pages) to raw deflate and hands each result to
-    /// `done` with the page's index, in the order the device finishes them. Every page
+    /// Compresses each of `inputs` (a page, or several pages one after another, and the
+    /// most bytes its compressed form may take) to raw deflate and hands each result to
+    /// `done` with the input's index, in the order the device finishes them. Every input
     /// gets exactly one result.
-    fn compress_pages(&mut self, pages: &[&[u8]], done: &mut dyn FnMut(usize, Offloaded<'_>));
+    fn compress_pages(&mut self, inputs: &[(&[u8], usize)], done: &mut dyn FnMut(usize, Offloaded<'_>));
 
-    /// Inflates each of `inputs` (raw deflate, a page each) and hands each result to
-    /// `done` with its index, in the order the device finishes them: what it made, or
-    /// `None` where it failed (the worker then inflates that page on its CPU).
-    fn inflate_pages(&mut self, inputs: &[&[u8]], done: &mut dyn FnMut(usize, Option<&[u8]>));
+    /// Inflates each of `inputs` (raw deflate, and the bytes it must inflate to) and hands
+    /// each result to `done` with its index, in the order the device finishes them: what
+    /// it made, or `None` where it failed (the worker then inflates it on its CPU).
+    fn inflate_pages(&mut self, inputs: &[(&[u8], usize)], done: &mut dyn FnMut(usize, Option<&[u8]>));
+
+    /// The most pages this device wants in one operation: each operation costs it a
+    /// setup (ISA-L's software device: about as much as compressing a page), so a batch's
+    /// pages go to it in blocks of this many.
+    fn pages_per_operation(&self) -> usize {
+        1
+    }
 }
 
 /// A queue as the destination's decompression workers use it.
 pub struct Inflater(pub Box<dyn OffloadQueue>);
 
 impl migration::receiver::PageInflater for Inflater {
-    fn inflate_pages(&mut self, inputs: &[&[u8]], done: &mut dyn FnMut(usize, Option<&[u8]>)) {
+    fn inflate_pages(&mut self, inputs: &[(&[u8], usize)], done: &mut dyn FnMut(usize, Option<&[u8]>)) {
         self.0.inflate_pages(inputs, done);
     }
 }

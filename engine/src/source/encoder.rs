@@ -5,7 +5,9 @@ use crate::adaptive::{self, AdaptivePolicy, Choice, Pipeline};
 use crate::offload::{OffloadQueue, Offloaded};
 use migration::codec::{Codec, Compressed, PageCompressor};
 use migration::frame::{FrameBuf, HEADER_BYTES};
-use migration::page_batch::{BatchOut, BatchWriter, MAX_BATCH_BYTES, MAX_ENTRIES_PER_BATCH};
+use migration::page_batch::{
+    deflate_block_room, BatchOut, BatchWriter, MAX_BATCH_BYTES, MAX_BLOCK_PAGES, MAX_ENTRIES_PER_BATCH,
+};
 use migration::receiver::FIRST_EPOCH;
 use migration::stats::EncodeCounters;
 use migration::xbzrle_cache::XbzrleOutcome;
@@ -265,8 +267,9 @@ impl Offload {
     }
 
     /// Sends the waiting pages through the device, all in flight at once, and writes
-    /// each into `batch` as it comes back: compressed, raw (it did not shrink), or, where
-    /// the device failed it, compressed by `cpu` (the CPU's deflate) and counted.
+    /// each block into `batch` as it comes back: compressed (one entry, a block entry for
+    /// several pages), raw (it did not shrink), or, where the device failed it, its pages
+    /// compressed one by one by `cpu` (the CPU's deflate) and counted.
     fn flush<O: BatchOut>(
         &mut self,
         batch: &mut BatchWriter<'_, O>,
@@ -276,43 +279,56 @@ impl Offload {
         if self.pages.is_empty() {
             return;
         }
-        let contents: Vec<&[u8]> = self.contents.chunks_exact(PAGE_SIZE_BYTES).collect();
+        let (inputs, ranges) = blocks(&self.contents, self.queue.pages_per_operation());
         let (numbers, device, warned) = (&self.pages, &self.device, &mut self.warned);
-        self.queue.compress_pages(&contents, &mut |index, outcome| {
-            let (page, data) = (numbers[index], contents[index]);
-            let packed = match outcome {
-                Offloaded::Packed(bytes) if (1..PAGE_SIZE_BYTES).contains(&bytes.len()) => {
-                    batch.compressed(page, Codec::Deflate, bytes);
-                    counters.device_pages += 1;
-                    Some(bytes.len())
+        self.queue.compress_pages(&inputs, &mut |index, outcome| {
+            let (data, room) = inputs[index];
+            let pages = &numbers[ranges[index].clone()];
+            let count = pages.len() as u64;
+            match outcome {
+                Offloaded::Packed(bytes) if (1..=room).contains(&bytes.len()) => {
+                    match pages {
+                        [page] => batch.compressed(*page, Codec::Deflate, bytes),
+                        pages => batch.deflate_block(pages, bytes),
+                    }
+                    counters.device_pages += count;
+                    counters.compressed_pages += count;
+                    counters.compressed_bytes += bytes.len() as u64;
                 }
                 Offloaded::Raw => {
-                    counters.device_pages += 1;
-                    None
+                    for (&page, content) in pages.iter().zip(data.chunks_exact(PAGE_SIZE_BYTES)) {
+                        batch.raw(page, content);
+                    }
+                    counters.device_pages += count;
+                    counters.raw_pages += count;
                 }
                 Offloaded::Packed(_) | Offloaded::Failed(_) => {
                     let reason = match outcome {
                         Offloaded::Failed(reason) => reason,
-                        _ => "its output was not shorter than the page",
+                        _ => "its output did not fit the room given",
                     };
                     if !std::mem::replace(warned, true) {
                         log::warn!(
-                            "compression device {device} failed a page ({reason}): such pages are compressed on \
+                            "compression device {device} failed pages ({reason}): such pages are compressed on \
                              the CPU instead, and counted"
                         );
                     }
-                    counters.device_fallback_pages += 1;
-                    batch.compressed_in_place(page, Codec::Deflate, cpu.room(), |out| cpu.compress_into(data, out))
-                }
-            };
-            match packed {
-                Some(len) => {
-                    counters.compressed_pages += 1;
-                    counters.compressed_bytes += len as u64;
-                }
-                None => {
-                    batch.raw(page, data);
-                    counters.raw_pages += 1;
+                    counters.device_fallback_pages += count;
+                    for (&page, content) in pages.iter().zip(data.chunks_exact(PAGE_SIZE_BYTES)) {
+                        let packed = batch.compressed_in_place(page, Codec::Deflate, cpu.room(), |out| {
+                            cpu.compress_into(content, out)
+                        });
+                        match packed {
+                            Some(len) => {
+                                counters.compressed_pages += 1;
+                                counters.compressed_bytes += len as u64;
+                            }
+                            None => {
+                                batch.raw(page, content);
+                                counters.raw_pages += 1;
+                            }
+                        }
+                    }
                 }
             }
         });
@@ -320,24 +336,46 @@ impl Offload {
         self.contents.clear();
     }
 
-    /// `deflate` on the device measured on `pages` of `region`: guest bytes in, wire bytes
-    /// out (a page that does not shrink or fails counts whole).
+    /// `deflate` on the device measured on `pages` of `region`, in blocks as it sends
+    /// them: guest bytes in, wire bytes out (a block that does not shrink or fails counts
+    /// whole).
     fn measure(&mut self, shared: &Shared<'_>, region: usize, pages: &[u32]) -> (u64, u64) {
         self.contents.resize(pages.len() * PAGE_SIZE_BYTES, 0);
         for (&page, slot) in pages.iter().zip(self.contents.chunks_exact_mut(PAGE_SIZE_BYTES)) {
             shared.memory.read_page(region, u64::from(page), slot);
         }
-        let contents: Vec<&[u8]> = self.contents.chunks_exact(PAGE_SIZE_BYTES).collect();
+        let (inputs, _) = blocks(&self.contents, self.queue.pages_per_operation());
         let mut output = 0u64;
-        self.queue.compress_pages(&contents, &mut |_, outcome| {
+        self.queue.compress_pages(&inputs, &mut |index, outcome| {
             output += match outcome {
                 Offloaded::Packed(bytes) => bytes.len(),
-                Offloaded::Raw | Offloaded::Failed(_) => PAGE_SIZE_BYTES,
+                Offloaded::Raw | Offloaded::Failed(_) => inputs[index].0.len(),
             } as u64;
         });
         self.contents.clear();
         ((pages.len() * PAGE_SIZE_BYTES) as u64, output)
     }
+}
+
+/// Pages (their contents one after another) as a device's inputs: blocks of up to
+/// `per_block` pages, each with the room its compressed form may take (under a page, or
+/// under the block's pages raw), and the range of the pages each covers.
+type Blocks<'a> = (Vec<(&'a [u8], usize)>, Vec<std::ops::Range<usize>>);
+
+fn blocks(contents: &[u8], per_block: usize) -> Blocks<'_> {
+    let count = contents.len() / PAGE_SIZE_BYTES;
+    let per_block = per_block.clamp(1, MAX_BLOCK_PAGES);
+    let ranges: Vec<std::ops::Range<usize>> =
+        (0..count).step_by(per_block).map(|at| at..(at + per_block).min(count)).collect();
+    let inputs = ranges
+        .iter()
+        .map(|range| {
+            let data = &contents[range.start * PAGE_SIZE_BYTES..range.end * PAGE_SIZE_BYTES];
+            let room = if range.len() == 1 { PAGE_SIZE_BYTES - 1 } else { deflate_block_room(range.len()) };
+            (data, room)
+        })
+        .collect();
+    (inputs, ranges)
 }
 
 /// Zero pages of a batch gathered into runs of consecutive pages, one entry per run.
