@@ -39,13 +39,14 @@ impl GuestMemory for Memory {
 
 fuzz_target!(|data: &[u8]| {
     let [setup, connection, records @ ..] = data else { return };
-    let codec = match setup % 7 {
+    let codec = match setup % 8 {
         0 => Codec::None,
         1 => Codec::Lz4,
         2 => Codec::Zlib { level: 1 },
         3 => Codec::Zstd { level: 1 },
         4 => Codec::ShuffleLz4,
         5 => Codec::ShuffleZstd { level: 1 },
+        6 => Codec::Deflate,
         _ => Codec::Adaptive,
     };
     let limits = BatchLimits { region_pages: &REGION_PAGES, codec, xbzrle: setup & 0x80 != 0 };

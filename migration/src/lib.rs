@@ -10,7 +10,6 @@
 
 pub mod codec;
 pub mod control;
-mod deflated;
 pub mod destination_session;
 pub mod dirty;
 pub mod frame;

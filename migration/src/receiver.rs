@@ -10,8 +10,10 @@
 //! the exact version it was computed from.
 
 use crate::codec::{Codec, DecompressError, PageDecompressor};
-pub use crate::deflated::PageInflater;
-use crate::deflated::{DeflateEntry, Deflated, Target};
+pub use deflated::PageInflater;
+use deflated::{DeflateEntry, Deflated, Target};
+
+mod deflated;
 use crate::frame::{le_u32, le_u64, FrameError, FrameHeader, FrameKind, SeqCounter};
 use crate::memory::GuestMemory;
 use crate::page_batch::{BatchError, BatchLimits, PageBatch, PageEntry};

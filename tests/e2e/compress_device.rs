@@ -158,7 +158,7 @@ mod with_dpdk {
             let mut passed = Vec::new();
             for index in 0..count {
                 self.seen += 1;
-                if self.seen % self.every == 0 {
+                if self.seen.is_multiple_of(self.every) {
                     fail(index);
                 } else {
                     passed.push(index);

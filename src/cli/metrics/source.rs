@@ -52,32 +52,7 @@ pub(super) fn render(p: &Progress) -> String {
             ("kind=\"xbzrle-unchanged\"", e.xbzrle_unchanged as f64),
         ],
     );
-    family(
-        &mut out,
-        "migration_payload_bytes_total",
-        "counter",
-        "Bytes of page payload, by how they went.",
-        &[("kind=\"compressed\"", e.compressed_bytes as f64), ("kind=\"xbzrle\"", e.xbzrle_bytes as f64)],
-    );
-    let ratio = if e.compressed_bytes == 0 {
-        1.0
-    } else {
-        (e.compressed_pages * migration::PAGE_SIZE_BYTES as u64) as f64 / e.compressed_bytes as f64
-    };
-    family(
-        &mut out,
-        "migration_compression_ratio",
-        "gauge",
-        "Guest bytes per wire byte of compressed pages.",
-        &[("", ratio)],
-    );
-    family(
-        &mut out,
-        "migration_compress_device_pages_total",
-        "counter",
-        "Pages handed to the compression device (deflate), by what became of them.",
-        &[("outcome=\"device\"", e.device_pages as f64), ("outcome=\"cpu-fallback\"", e.device_fallback_pages as f64)],
-    );
+    compression(&mut out, e);
     family(
         &mut out,
         "migration_xbzrle_cache_misses_total",
@@ -107,4 +82,34 @@ pub(super) fn render(p: &Progress) -> String {
         &[("", p.downtime_limit.as_secs_f64())],
     );
     out
+}
+
+/// The compressed pages' bytes and ratio, and what the compression device did.
+fn compression(out: &mut String, e: &migration::stats::EncodeCounters) {
+    family(
+        out,
+        "migration_payload_bytes_total",
+        "counter",
+        "Bytes of page payload, by how they went.",
+        &[("kind=\"compressed\"", e.compressed_bytes as f64), ("kind=\"xbzrle\"", e.xbzrle_bytes as f64)],
+    );
+    let ratio = if e.compressed_bytes == 0 {
+        1.0
+    } else {
+        (e.compressed_pages * migration::PAGE_SIZE_BYTES as u64) as f64 / e.compressed_bytes as f64
+    };
+    family(
+        out,
+        "migration_compression_ratio",
+        "gauge",
+        "Guest bytes per wire byte of compressed pages.",
+        &[("", ratio)],
+    );
+    family(
+        out,
+        "migration_compress_device_pages_total",
+        "counter",
+        "Pages handed to the compression device (deflate), by what became of them.",
+        &[("outcome=\"device\"", e.device_pages as f64), ("outcome=\"cpu-fallback\"", e.device_fallback_pages as f64)],
+    );
 }

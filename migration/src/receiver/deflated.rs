@@ -3,10 +3,10 @@
 //! has one ([`PageInflater`]), all of a batch's at once, or on the CPU; written into guest
 //! memory page by page, each page's epoch claimed as any other entry's.
 
+use super::{ApplyCounters, PageEpochs, ReceiveError};
 use crate::codec::{Codec, PageDecompressor};
 use crate::memory::GuestMemory;
 use crate::page_batch::PageEntry;
-use crate::receiver::{ApplyCounters, PageEpochs, ReceiveError};
 use crate::PAGE_SIZE_BYTES;
 
 /// A device that inflates raw deflate (DPDK's compressdev; the engine provides it).
