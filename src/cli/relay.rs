@@ -99,6 +99,12 @@ pub(super) fn encoding(options: &CarryOptions) -> Result<Encoding> {
         let most = (MAX_CACHE_PAGES as u64 * 4096) >> 20;
         return Err(Failure::usage(format!("--xbzrle-cache {}: at most {most} MiB", cache.unwrap_or_default())));
     }
+    if options.codec == migration::codec::Codec::Deflate {
+        return Err(Failure::usage(
+            "--codec deflate compresses on a DPDK compression device, which the relays do not drive: use \
+             --codec zlib (the same raw deflate, on the CPU), zstd or adaptive",
+        ));
+    }
     Ok(Encoding { codec: options.codec, xbzrle_cache_pages: pages as u32 })
 }
 

@@ -130,6 +130,14 @@ fn demo_compresses_on_a_dpdk_device() {
         run(Command::new(BIN).args(["demo", "--codec", "lz4", "--compress-device", "compress_isal0"]), DEADLINE);
     assert_eq!(refused.status.code(), Some(2), "{}", refused.stderr);
     assert!(refused.stderr.contains("--codec lz4 does not use it"), "{}", refused.stderr);
+    let socket = std::env::temp_dir().join(format!("vmigrate-deflate-{}.sock", std::process::id()));
+    let listen = format!("unix:{}", socket.display());
+    let relay = run(
+        Command::new(BIN).args(["qemu-send", "--listen", &listen, "--to", "127.0.0.1:9", "--codec", "deflate"]),
+        DEADLINE,
+    );
+    assert_eq!(relay.status.code(), Some(2), "{}", relay.stderr);
+    assert!(relay.stderr.contains("which the relays do not drive"), "{}", relay.stderr);
     let deflate = |stack: &str| {
         let args =
             ["demo", "--stack", stack, "--codec", "deflate", "--mem", "64MiB", "--workload", "dirty:16MiB:2000:16"];
