@@ -39,7 +39,7 @@ impl GuestMemory for Memory {
 
 fuzz_target!(|data: &[u8]| {
     let [setup, connection, records @ ..] = data else { return };
-    let codec = match setup % 8 {
+    let codec = match setup % 9 {
         0 => Codec::None,
         1 => Codec::Lz4,
         2 => Codec::Zlib { level: 1 },
@@ -47,6 +47,7 @@ fuzz_target!(|data: &[u8]| {
         4 => Codec::ShuffleLz4,
         5 => Codec::ShuffleZstd { level: 1 },
         6 => Codec::Deflate,
+        7 => Codec::BitShuffleLz4,
         _ => Codec::Adaptive,
     };
     let limits = BatchLimits { region_pages: &REGION_PAGES, codec, xbzrle: setup & 0x80 != 0 };

@@ -54,17 +54,19 @@ enum Encoding {
     ShuffleZstd = 8,
     Deflate = 9,
     DeflateBlock = 10,
+    BitShuffleLz4 = 11,
 }
 
 /// The compressed encodings and the codecs that decode them (levels are the sender's
 /// business; zlib's is the session's).
-const COMPRESSED: [(Encoding, Codec); 6] = [
+const COMPRESSED: [(Encoding, Codec); 7] = [
     (Encoding::Lz4, Codec::Lz4),
     (Encoding::Zlib, Codec::Zlib { level: Codec::DEFAULT_ZLIB_LEVEL }),
     (Encoding::Zstd, Codec::Zstd { level: Codec::DEFAULT_ZSTD_LEVEL }),
     (Encoding::ShuffleLz4, Codec::ShuffleLz4),
     (Encoding::ShuffleZstd, Codec::ShuffleZstd { level: Codec::DEFAULT_ZSTD_LEVEL }),
     (Encoding::Deflate, Codec::Deflate),
+    (Encoding::BitShuffleLz4, Codec::BitShuffleLz4),
 ];
 
 impl Encoding {
@@ -78,6 +80,7 @@ impl Encoding {
             Codec::ShuffleLz4 => Some(Encoding::ShuffleLz4),
             Codec::ShuffleZstd { .. } => Some(Encoding::ShuffleZstd),
             Codec::Deflate => Some(Encoding::Deflate),
+            Codec::BitShuffleLz4 => Some(Encoding::BitShuffleLz4),
         }
     }
 }

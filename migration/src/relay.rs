@@ -36,8 +36,8 @@ pub const PREAMBLE_BYTES: usize = crate::handshake::PREAMBLE_BYTES;
 /// Version 2: each page-aware chunk names its own page codec (the adaptive policy's
 /// choice), and a hello may say `adaptive`. Version 3: `Tune`, the destination relay's
 /// operator changing the migration, which a version-2 source relay would refuse.
-pub const VERSION_MIN: u16 = 3;
-pub const VERSION_MAX: u16 = 3;
+pub const VERSION_MIN: u16 = 4;
+pub const VERSION_MAX: u16 = 4;
 
 /// The most original bytes one chunk carries: large enough that per-frame costs vanish,
 /// small enough that a chunk crosses a link in well under a millisecond.
@@ -255,6 +255,7 @@ impl ChunkDecoder {
             5 => Codec::Zstd { level: Codec::DEFAULT_ZSTD_LEVEL },
             7 => Codec::ShuffleLz4,
             8 => Codec::ShuffleZstd { level: Codec::DEFAULT_ZSTD_LEVEL },
+            10 => Codec::BitShuffleLz4,
             other => return Err(RelayError::Malformed(format!("unknown chunk codec {other}"))),
         };
         if codec == Codec::None {
@@ -277,18 +278,19 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const CODECS: [Codec; 6] = [
+    const CODECS: [Codec; 7] = [
         Codec::None,
         Codec::Lz4,
         Codec::Zlib { level: 1 },
         Codec::Zstd { level: 1 },
         Codec::ShuffleLz4,
         Codec::ShuffleZstd { level: 1 },
+        Codec::BitShuffleLz4,
     ];
 
     #[test]
     fn preamble_and_hello_round_trip() {
-        assert_eq!(accept_preamble(&encode_preamble()), Ok(3));
+        assert_eq!(accept_preamble(&encode_preamble()), Ok(4));
         // A relay of version 2 (no Tune) is refused by its version.
         let mut old = encode_preamble();
         old[8..12].copy_from_slice(&[2, 0, 2, 0]);

@@ -615,7 +615,7 @@ mod tests {
             let mut rebuilt = Vec::new();
             decoder.decode(&squeezed, &mut rebuilt).unwrap();
             assert_eq!(rebuilt, text_page(9), "{codec}");
-            for (byte, level) in [(6, 0), (10, 0), (3, 0)] {
+            for (byte, level) in [(6, 0), (11, 0), (3, 0)] {
                 let mut bad = squeezed.clone();
                 bad[5..7].copy_from_slice(&[byte, level]);
                 let err = decoder.decode(&bad, &mut Vec::new()).unwrap_err();

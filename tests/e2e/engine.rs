@@ -14,8 +14,15 @@ const MEM: u64 = 32 << 20;
 /// Loopback TCP moves 32 MiB in milliseconds, faster than any guest dirties it; a
 /// 100 MiB/s cap gives rounds long enough for the guest to dirty pages again.
 const LINK_BYTES_PER_S: u64 = 100 << 20;
-const CODECS: [Codec; 6] =
-    [Codec::None, Codec::Lz4, Codec::Zlib { level: 1 }, Codec::Zstd { level: 1 }, Codec::ShuffleLz4, Codec::Adaptive];
+const CODECS: [Codec; 7] = [
+    Codec::None,
+    Codec::Lz4,
+    Codec::Zlib { level: 1 },
+    Codec::Zstd { level: 1 },
+    Codec::ShuffleLz4,
+    Codec::BitShuffleLz4,
+    Codec::Adaptive,
+];
 
 fn config(codec: Codec, connections: u16, xbzrle: bool) -> SourceConfig {
     vmigrate_tests::session::iterating_config(MEM, codec, connections, xbzrle)

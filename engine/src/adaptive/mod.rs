@@ -1,6 +1,7 @@
 //! Adaptive compression: for each batch of pages, the codec among
-//! [`Codec::ADAPTIVE_CHOICES`] (none, lz4, zstd:1, and each of the two after a byte
-//! shuffle for numeric content; and `deflate` where a compression device does it) that
+//! [`Codec::ADAPTIVE_CHOICES`] (none, lz4, zstd:1, each of the two after a byte shuffle
+//! and lz4 after a bit shuffle, for numeric content; and `deflate` where a compression
+//! device does it) that
 //! moves guest memory fastest, given
 //! what this migration measures as it runs:
 //! - each choice's cost, in guest bytes per CPU-second of a worker (reading the pages and
@@ -422,8 +423,8 @@ mod tests {
 
     /// A policy that has measured, per worker CPU-second, raw sending at 10 GB/s, lz4 at
     /// `lz4` bytes/s with ratio 2 and zstd at `zstd` with ratio 3 (each after a shuffle at
-    /// nine tenths of the rate and of the ratio: the data is not numeric), with `cores` free
-    /// cores and a link seen at `link` bytes/s.
+    /// nine tenths of the rate and of the ratio, lz4 after a bit shuffle at eight tenths:
+    /// the data is not numeric), with `cores` free cores and a link seen at `link` bytes/s.
     fn policy(cores: f64, lz4: f64, zstd: f64, link: f64) -> AdaptivePolicy {
         let policy = AdaptivePolicy::new(2);
         let second = Duration::from_secs(1);
@@ -433,6 +434,8 @@ mod tests {
         let (lz4, zstd) = (0.9 * lz4, 0.9 * zstd);
         policy.measure(Codec::ShuffleLz4, lz4 as u64, (lz4 / 1.8) as u64, second);
         policy.measure(SHUFFLE_ZSTD, zstd as u64, (zstd / 2.7) as u64, second);
+        let bit_lz4 = 0.8 * lz4 / 0.9;
+        policy.measure(Codec::BitShuffleLz4, bit_lz4 as u64, (bit_lz4 / 1.6) as u64, second);
         let mut state = policy.lock();
         state.link = Some(link);
         state.free_cores = Some(cores);
@@ -464,6 +467,7 @@ mod tests {
             policy.measure(ZSTD, 400_000_000, 133_000_000, second);
             policy.measure(Codec::ShuffleLz4, 900_000_000, 500_000_000, second);
             policy.measure(SHUFFLE_ZSTD, 360_000_000, 133_000_000, second);
+            policy.measure(Codec::BitShuffleLz4, 700_000_000, 440_000_000, second);
             policy.measure(Codec::Deflate, rate as u64, (rate / ratio) as u64, second);
             let mut state = policy.lock();
             (state.link, state.free_cores) = (Some(1.25e8), Some(2.0));
@@ -491,6 +495,8 @@ mod tests {
                 policy.measure(ZSTD, 400_000_000, 285_000_000, second);
                 policy.measure(Codec::ShuffleLz4, 900_000_000, 473_000_000, second);
                 policy.measure(SHUFFLE_ZSTD, 300_000_000, 154_000_000, second);
+                // The bit shuffle finds the same two zero bytes as the byte shuffle, slower.
+                policy.measure(Codec::BitShuffleLz4, 600_000_000, 320_000_000, second);
             }
             steady_choice(&policy)
         };
@@ -498,6 +504,22 @@ mod tests {
         assert_eq!(numeric(1.25e8), SHUFFLE_ZSTD);
         // 4 Gbit/s: two cores of zstd move 600 MB/s, of the shuffle and lz4 950.
         assert_eq!(numeric(5e8), Codec::ShuffleLz4);
+    }
+
+    #[test]
+    fn numbers_of_few_bits_get_the_bit_shuffle() {
+        // 12 random bits in 32-bit words (bound 2.67x): the byte shuffle leaves half of the
+        // second byte plane random (lz4 1.5x), the bit shuffle 20 zero bit planes (2.5x).
+        let policy = policy(2.0, 1e9, 4e8, 1.25e8);
+        let second = Duration::from_secs(1);
+        for _ in 0..50 {
+            policy.measure(Codec::Lz4, 1_000_000_000, 1_000_000_000, second);
+            policy.measure(ZSTD, 400_000_000, 250_000_000, second);
+            policy.measure(Codec::ShuffleLz4, 900_000_000, 600_000_000, second);
+            policy.measure(SHUFFLE_ZSTD, 300_000_000, 140_000_000, second);
+            policy.measure(Codec::BitShuffleLz4, 600_000_000, 240_000_000, second);
+        }
+        assert_eq!(steady_choice(&policy), Codec::BitShuffleLz4);
     }
 
     #[test]
@@ -521,6 +543,7 @@ mod tests {
         for _ in 0..50 {
             policy.measure(Codec::Lz4, 1 << 20, 1 << 20, Duration::from_micros(250));
             policy.measure(Codec::ShuffleLz4, 1 << 20, 1 << 20, Duration::from_micros(280));
+            policy.measure(Codec::BitShuffleLz4, 1 << 20, 1 << 20, Duration::from_micros(400));
         }
         assert_eq!(steady_choice(&policy), NONE);
     }
@@ -550,6 +573,8 @@ mod tests {
         policy.measure(Codec::ShuffleLz4, 1 << 20, 1 << 19, Duration::from_millis(1));
         assert_eq!(choose(&policy, Pipeline::default(), 0), raw_and_measured, "shuffle-zstd not measured yet");
         policy.measure(SHUFFLE_ZSTD, 1 << 20, 1 << 18, Duration::from_millis(3));
+        assert_eq!(choose(&policy, Pipeline::default(), 0), raw_and_measured, "bitshuffle-lz4 not measured yet");
+        policy.measure(Codec::BitShuffleLz4, 1 << 20, 1 << 19, Duration::from_millis(2));
         // The link not yet seen full: raw, every choice measured on one batch in 64 while
         // measuring stays within its share of the workers' CPU.
         policy.account(0, Duration::from_secs(1), Duration::from_secs(1));

@@ -5,7 +5,8 @@ use clap::{Args, ValueEnum};
 use std::path::PathBuf;
 
 /// Every row `bench` knows, in the order of its table.
-pub const BENCH_ROWS: &str = "plain,lz4,zlib,zstd,shuffle-lz4,shuffle-zstd,adaptive,xbzrle,lz4+xbzrle,zlib+xbzrle,\
+pub const BENCH_ROWS: &str =
+    "plain,lz4,zlib,zstd,shuffle-lz4,shuffle-zstd,bitshuffle-lz4,adaptive,xbzrle,lz4+xbzrle,zlib+xbzrle,\
                               zstd+xbzrle,skip-unused-off,deferred-cleanup-off";
 /// Rows `bench` knows beyond its default table: those on a DPDK compression device.
 pub const DEVICE_ROWS: &str = "deflate,adaptive+deflate";
@@ -26,7 +27,7 @@ pub struct BenchArgs {
     /// The area the dirty guest writes to.
     #[arg(long, default_value = "1GiB", value_parser = parse_size)]
     pub dirty_area: u64,
-    /// Rows of the table: plain, lz4, zlib, zstd, shuffle-lz4, shuffle-zstd, adaptive,
+    /// Rows of the table: plain, lz4, zlib, zstd, shuffle-lz4, shuffle-zstd, bitshuffle-lz4, adaptive,
     /// xbzrle, lz4+xbzrle, zlib+xbzrle, zstd+xbzrle, skip-unused-off,
     /// deferred-cleanup-off. Plain (no codec) keeps zero-page detection. Also, on DPDK's
     /// ISA-L compression device (a build with the dpdk feature, as root): deflate and

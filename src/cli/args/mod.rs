@@ -335,10 +335,11 @@ pub enum OnLimit {
 #[derive(Args, Debug, Clone)]
 pub struct SourceOptions {
     /// Page codec: none, lz4, zlib[:LEVEL] (1..=9), zstd[:LEVEL] (1..=19), shuffle-lz4,
-    /// shuffle-zstd[:LEVEL] (a byte shuffle first, for numeric pages), deflate (raw deflate
-    /// on a DPDK compression device, --compress-device), or adaptive (none, lz4,
-    /// shuffle-lz4, zstd:1 or shuffle-zstd:1 per batch, from the link's and the cores'
-    /// measured rates; and deflate, where --compress-device names a device).
+    /// shuffle-zstd[:LEVEL] (a byte shuffle first, for numeric pages), bitshuffle-lz4 (a bit
+    /// shuffle first, for numbers of few bits), deflate (raw deflate on a DPDK compression
+    /// device, --compress-device), or adaptive (none, lz4, shuffle-lz4, zstd:1,
+    /// shuffle-zstd:1 or bitshuffle-lz4 per batch, from the link's and the cores' measured
+    /// rates; and deflate, where --compress-device names a device).
     #[arg(long, default_value = "adaptive")]
     pub codec: Codec,
     /// The DPDK compression device (compressdev) that does `deflate`, as the EAL names it:

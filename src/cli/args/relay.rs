@@ -105,8 +105,9 @@ pub struct QemuSendArgs {
 #[derive(Args, Debug)]
 pub struct CarryOptions {
     /// Compression of the carried pages: none, lz4, zlib[:LEVEL], zstd[:LEVEL], shuffle-lz4,
-    /// shuffle-zstd[:LEVEL], or adaptive (none, lz4, shuffle-lz4, zstd:1 or shuffle-zstd:1
-    /// per chunk, from the link's and the cores' measured rates, as on `send`). Streams that
+    /// shuffle-zstd[:LEVEL], bitshuffle-lz4, or adaptive (none, lz4, shuffle-lz4, zstd:1,
+    /// shuffle-zstd:1 or bitshuffle-lz4 per chunk, from the link's and the cores' measured
+    /// rates, as on `send`). Streams that
     /// are not QEMU's go in lz4 under adaptive.
     #[arg(long, default_value = "adaptive")]
     pub codec: Codec,

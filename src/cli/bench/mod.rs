@@ -28,6 +28,7 @@ fn row_options(row: &str, mem: u64) -> Result<Vec<String>> {
         "zstd" => &["--codec", "zstd:1"],
         "shuffle-lz4" => &["--codec", "shuffle-lz4"],
         "shuffle-zstd" => &["--codec", "shuffle-zstd:1"],
+        "bitshuffle-lz4" => &["--codec", "bitshuffle-lz4"],
         "adaptive" => &["--codec", "adaptive"],
         // On DPDK's ISA-L compression device (a build with the dpdk feature, as root).
         "deflate" => &["--codec", "deflate", "--compress-device", "compress_isal0"],

@@ -109,6 +109,7 @@ pub fn calibrate(pages: &[Vec<u8>]) -> Vec<StageRate> {
     let codecs = [
         Codec::Lz4,
         Codec::ShuffleLz4,
+        Codec::BitShuffleLz4,
         Codec::Zstd { level: 1 },
         Codec::ShuffleZstd { level: 1 },
         Codec::Zlib { level: 1 },
