@@ -100,23 +100,50 @@ enum Direction {
 }
 
 /// One byte plane (a multiple of 8 bytes) to its 8 bit planes, or back: bit k of byte
-/// 8g + j is bit j of byte g of bit plane k.
+/// 8g + j is bit j of byte g of bit plane k. Eight groups at a time, so that each bit
+/// plane gets 8 whole bytes per step: 8 words in, 8 transposed, and the bytes of the 8
+/// results regrouped by bit (a byte transpose) into one word per bit plane.
 fn transpose_plane(src: &[u8], dst: &mut [u8], direction: Direction) {
     let groups = src.len() / BIT_GROUP;
-    for g in 0..groups {
+    let whole = groups - groups % BIT_GROUP;
+    let word = |bytes: &[u8]| u64::from_le_bytes(bytes.try_into().expect("8 bytes"));
+    for g in (0..whole).step_by(BIT_GROUP) {
+        // The 8x8 block of bytes: for ToBits, row i is group g + i; for ToBytes, row k is
+        // bit plane k's 8 bytes from group g.
+        let rows: [u64; BIT_GROUP] = std::array::from_fn(|i| match direction {
+            Direction::ToBits => word(&src[BIT_GROUP * (g + i)..BIT_GROUP * (g + i + 1)]),
+            Direction::ToBytes => word(&src[i * groups + g..i * groups + g + BIT_GROUP]),
+        });
+        let rows = match direction {
+            Direction::ToBits => transpose_bytes(rows.map(transpose8x8)),
+            Direction::ToBytes => transpose_bytes(rows).map(transpose8x8),
+        };
+        for (i, row) in rows.into_iter().enumerate() {
+            let at = match direction {
+                Direction::ToBits => i * groups + g,
+                Direction::ToBytes => BIT_GROUP * (g + i),
+            };
+            dst[at..at + BIT_GROUP].copy_from_slice(&row.to_le_bytes());
+        }
+    }
+    for g in whole..groups {
         let gather = |at: &dyn Fn(usize) -> usize| u64::from_le_bytes(std::array::from_fn(|k| src[at(k)]));
         let word = match direction {
             Direction::ToBits => gather(&|j| BIT_GROUP * g + j),
             Direction::ToBytes => gather(&|k| k * groups + g),
         };
-        let bytes = transpose8x8(word).to_le_bytes();
-        for (k, byte) in bytes.into_iter().enumerate() {
+        for (k, byte) in transpose8x8(word).to_le_bytes().into_iter().enumerate() {
             match direction {
                 Direction::ToBits => dst[k * groups + g] = byte,
                 Direction::ToBytes => dst[BIT_GROUP * g + k] = byte,
             }
         }
     }
+}
+
+/// The 8x8 matrix of bytes in `rows` (byte c of row r) transposed.
+fn transpose_bytes(rows: [u64; BIT_GROUP]) -> [u64; BIT_GROUP] {
+    std::array::from_fn(|c| u64::from_le_bytes(std::array::from_fn(|r| (rows[r] >> (8 * c)) as u8)))
 }
 
 /// The 8x8 bit matrix in `x` (bit 8r + c is row r, column c) transposed, in three rounds of
