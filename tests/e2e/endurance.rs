@@ -44,6 +44,22 @@ fn held() -> Held {
     }
 }
 
+/// The names of this process's threads, to say which one is left.
+fn thread_names() -> Vec<String> {
+    let tasks = std::fs::read_dir("/proc/self/task").map(|dir| dir.flatten().collect()).unwrap_or_else(|_| Vec::new());
+    tasks
+        .iter()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("comm")).ok())
+        .map(|n| n.trim().into())
+        .collect()
+}
+
+/// What this process's descriptors point at, to say which one is left.
+fn descriptors() -> Vec<String> {
+    let fds = std::fs::read_dir("/proc/self/fd").map(|dir| dir.flatten().collect()).unwrap_or_else(|_| Vec::new());
+    fds.iter().filter_map(|fd| std::fs::read_link(fd.path()).ok()).map(|target| target.display().to_string()).collect()
+}
+
 /// Migrates `guest` to a fresh destination in this process; returns the resumed guest.
 fn migrate_once(guest: &SyntheticGuest, index: usize) -> SyntheticGuest {
     let timeouts = Timeouts { connect: Duration::from_secs(5), io: Duration::from_secs(20) };
@@ -96,6 +112,7 @@ fn twenty_migrations_back_and_forth_leave_nothing_behind() {
     std::thread::sleep(Duration::from_millis(200));
     let after = held();
     eprintln!("before {before:?}, after {after:?}");
+    eprintln!("threads now: {:?}; descriptors now: {:?}", thread_names(), descriptors());
     assert_eq!(after.fds, before.fds, "file descriptors leaked");
     assert_eq!(after.threads, before.threads, "threads left running");
     assert_eq!(after.free_hugepages, before.free_hugepages, "hugepages not given back");

@@ -122,7 +122,14 @@ impl<'s, 'scope> Session<'s, 'scope> {
         loop {
             while let Some(action) = self.machine.poll_action() {
                 match action {
-                    DestinationAction::Send(message) => self.send(message.kind(), &message.payload())?,
+                    DestinationAction::Send(message) => {
+                        // The machine's last answer (it is done): the source may close its
+                        // connections the moment it has it, which then ends nothing.
+                        if self.machine.is_done() {
+                            self.shared.finished.store(true, Ordering::Release);
+                        }
+                        self.send(message.kind(), &message.payload())?
+                    }
                     DestinationAction::HashMemory => {
                         let start = Instant::now();
                         let digest = memory_digest(&*self.shared.memory, pin::core_count());
