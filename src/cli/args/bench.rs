@@ -9,7 +9,7 @@ pub const BENCH_ROWS: &str =
     "plain,lz4,zlib,zstd,shuffle-lz4,shuffle-zstd,bitshuffle-lz4,adaptive,xbzrle,lz4+xbzrle,zlib+xbzrle,\
                               zstd+xbzrle,skip-unused-off,deferred-cleanup-off";
 /// Rows `bench` knows beyond its default table: those on a DPDK compression device.
-pub const DEVICE_ROWS: &str = "deflate,adaptive+deflate";
+pub const DEVICE_ROWS: &str = "deflate,deflate-both,adaptive+deflate";
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -30,8 +30,9 @@ pub struct BenchArgs {
     /// Rows of the table: plain, lz4, zlib, zstd, shuffle-lz4, shuffle-zstd, bitshuffle-lz4, adaptive,
     /// xbzrle, lz4+xbzrle, zlib+xbzrle, zstd+xbzrle, skip-unused-off,
     /// deferred-cleanup-off. Plain (no codec) keeps zero-page detection. Also, on DPDK's
-    /// ISA-L compression device (a build with the dpdk feature, as root): deflate and
-    /// adaptive+deflate (adaptive with deflate among its choices).
+    /// ISA-L compression device (a build with the dpdk feature, as root): deflate,
+    /// deflate-both (the destination inflating on the device too) and adaptive+deflate
+    /// (adaptive with deflate among its choices).
     #[arg(long, value_delimiter = ',', default_value = BENCH_ROWS)]
     pub rows: Vec<String>,
     /// Run the destination in namespace PREFIX-dst and the source in PREFIX-src, over the

@@ -31,7 +31,7 @@ fn row_options(row: &str, mem: u64) -> Result<Vec<String>> {
         "bitshuffle-lz4" => &["--codec", "bitshuffle-lz4"],
         "adaptive" => &["--codec", "adaptive"],
         // On DPDK's ISA-L compression device (a build with the dpdk feature, as root).
-        "deflate" => &["--codec", "deflate", "--compress-device", "compress_isal0"],
+        "deflate" | "deflate-both" => &["--codec", "deflate", "--compress-device", "compress_isal0"],
         "adaptive+deflate" => &["--codec", "adaptive", "--compress-device", "compress_isal0"],
         "xbzrle" => &["--codec", "none", "--xbzrle-cache", &cache],
         "lz4+xbzrle" => &["--codec", "lz4", "--xbzrle-cache", &cache],
@@ -42,6 +42,14 @@ fn row_options(row: &str, mem: u64) -> Result<Vec<String>> {
         other => bail!("unknown bench row {other:?}; rows are {BENCH_ROWS},{DEVICE_ROWS}"),
     };
     Ok(options.iter().map(|s| s.to_string()).collect())
+}
+
+/// The `recv` options of a row: `deflate-both` inflates on the device too.
+fn receiver_options(row: &str) -> Vec<String> {
+    match row {
+        "deflate-both" => vec!["--compress-device".into(), "compress_isal0".into()],
+        _ => Vec::new(),
+    }
 }
 
 fn workload(guest: &str, args: &BenchArgs) -> Result<String> {
@@ -162,6 +170,7 @@ fn one_run(args: &BenchArgs, guest: &str, row: &str, port: u16) -> Result<RunRes
     let mut recv = command(netns, "dst")?;
     recv.args(["recv", "--json", "--run-after", "0.2", "--listen", &format!("{host}:{port}")])
         .args(["--decompress-threads", &threads])
+        .args(receiver_options(row))
         .args(&recv_stack)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
