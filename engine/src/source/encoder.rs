@@ -137,18 +137,7 @@ impl BatchEncoder {
                     offload.stage(page, &self.page);
                     continue;
                 }
-                // The compressor writes into the frame itself, which goes to the socket as it is.
-                let compressor = &mut self.compressors[chosen];
-                let packed = batch.compressed_in_place(page, codec, compressor.room(), |out| {
-                    compressor.compress_into(&self.page, out)
-                });
-                if let Some(len) = packed {
-                    self.counters.compressed_pages += 1;
-                    self.counters.compressed_bytes += len as u64;
-                } else {
-                    batch.raw(page, &self.page);
-                    self.counters.raw_pages += 1;
-                }
+                compress_or_raw(&mut batch, page, &self.page, &mut self.compressors[chosen], &mut self.counters);
             }
             if let Some(offload) = &mut self.offload {
                 offload.flush(&mut batch, &mut self.compressors[chosen], &mut self.counters);
@@ -315,19 +304,7 @@ impl Offload {
                     }
                     counters.device_fallback_pages += count;
                     for (&page, content) in pages.iter().zip(data.chunks_exact(PAGE_SIZE_BYTES)) {
-                        let packed = batch.compressed_in_place(page, Codec::Deflate, cpu.room(), |out| {
-                            cpu.compress_into(content, out)
-                        });
-                        match packed {
-                            Some(len) => {
-                                counters.compressed_pages += 1;
-                                counters.compressed_bytes += len as u64;
-                            }
-                            None => {
-                                batch.raw(page, content);
-                                counters.raw_pages += 1;
-                            }
-                        }
+                        compress_or_raw(batch, page, content, cpu, counters);
                     }
                 }
             }
@@ -354,6 +331,26 @@ impl Offload {
         });
         self.contents.clear();
         ((pages.len() * PAGE_SIZE_BYTES) as u64, output)
+    }
+}
+
+/// Page `page`, whose contents are `data`, compressed by `compressor` straight into the
+/// frame (which goes to the socket as it is), or raw where it does not shrink; counted.
+fn compress_or_raw<O: BatchOut>(
+    batch: &mut BatchWriter<'_, O>,
+    page: u32,
+    data: &[u8],
+    compressor: &mut PageCompressor,
+    counters: &mut EncodeCounters,
+) {
+    let codec = compressor.codec();
+    let packed = batch.compressed_in_place(page, codec, compressor.room(), |out| compressor.compress_into(data, out));
+    if let Some(len) = packed {
+        counters.compressed_pages += 1;
+        counters.compressed_bytes += len as u64;
+    } else {
+        batch.raw(page, data);
+        counters.raw_pages += 1;
     }
 }
 
