@@ -31,15 +31,7 @@ pub fn wanted(codec: Codec, device: Option<&str>) -> Result<Option<String>> {
 /// a process that starts the EAL only for the device gets a small one of its own (no
 /// hugepages, no PCI).
 pub fn eal_args(args: &[String], device: &str) -> Vec<String> {
-    let mut args = if args.is_empty() {
-        let prefix = format!("--file-prefix=vmigrate-{}", std::process::id());
-        ["--no-huge", "-m", "256", "--no-pci", "--no-shconf", &prefix, "--log-level=error", "-l", "0"]
-            .iter()
-            .map(|arg| arg.to_string())
-            .collect()
-    } else {
-        args.to_vec()
-    };
+    let mut args = if args.is_empty() { super::dpdk::private_eal_args("compress", 256) } else { args.to_vec() };
     if device.starts_with("compress_") && !args.iter().any(|arg| arg.starts_with(device)) {
         args.extend(["--vdev".to_string(), device.to_string()]);
     }
@@ -61,9 +53,8 @@ pub fn open(name: &str, eal_args: &[String]) -> Result<Arc<dyn OffloadDevice>> {
 #[cfg(not(feature = "dpdk"))]
 pub fn open(name: &str, _eal_args: &[String]) -> Result<Arc<dyn OffloadDevice>> {
     Err(Failure::usage(format!(
-        "--codec deflate compresses on a DPDK compression device ({name}), and this vmigrate was built without \
-         DPDK: build it with `--features dpdk` (needs libdpdk-dev), or use --codec zlib, the same format \
-         compressed on the CPU"
+        "compression device {name} is DPDK's, and this vmigrate was built without DPDK: build it with \
+         `--features dpdk` (needs libdpdk-dev), or compress on the CPU with --codec zlib (the same raw deflate)"
     )))
 }
 

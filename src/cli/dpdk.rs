@@ -152,29 +152,27 @@ mod with_dpdk {
     }
 }
 
-/// The demo's EAL arguments when none are given: no hugepages, no PCI, no shared
-/// configuration (and a file prefix of this process's own), and two memif ports joined to each other through an abstract socket of this
-/// process's own: `net_memif0` the server, `net_memif1` the client.
+/// EAL arguments for an EAL of this process's own: no hugepages (`megabytes` of memory),
+/// no PCI, no shared configuration, a file prefix `vmigrate-TAG-PID`, main lcore 0.
+pub fn private_eal_args(tag: &str, megabytes: u32) -> Vec<String> {
+    let prefix = format!("--file-prefix=vmigrate-{tag}-{}", std::process::id());
+    let memory = megabytes.to_string();
+    ["--no-huge", "-m", &memory, "--no-pci", "--no-shconf", &prefix, "--log-level=error", "-l", "0"]
+        .iter()
+        .map(|arg| arg.to_string())
+        .collect()
+}
+
+/// The demo's EAL arguments when none are given: an EAL of its own, and two memif ports
+/// joined to each other through an abstract socket of this process's own: `net_memif0` the
+/// server, `net_memif1` the client.
 pub fn demo_eal_args() -> Vec<String> {
     let socket = format!("/vmigrate-demo-{}", std::process::id());
-    [
-        "--no-huge",
-        "-m",
-        "512",
-        "--no-pci",
-        "--no-shconf",
-        &format!("--file-prefix=vmigrate-demo-{}", std::process::id()),
-        "--log-level=error",
-        "-l",
-        "0",
-        "--vdev",
-        &format!("net_memif0,role=server,id=0,socket={socket}"),
-        "--vdev",
-        &format!("net_memif1,role=client,id=0,socket={socket}"),
-    ]
-    .iter()
-    .map(|arg| arg.to_string())
-    .collect()
+    let mut args = private_eal_args("demo", 512);
+    for role in ["net_memif0,role=server", "net_memif1,role=client"] {
+        args.extend(["--vdev".to_string(), format!("{role},id=0,socket={socket}")]);
+    }
+    args
 }
 
 #[cfg(feature = "dpdk")]
