@@ -496,20 +496,30 @@ mod tests {
         }
     }
 
+    /// A page of 32-bit words, each `bits` random bits.
+    fn numbers_page(bits: u32) -> Vec<u8> {
+        let mut state = 0x2545f4914f6cdd1du64;
+        (0..PAGE_SIZE_BYTES / 4)
+            .flat_map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((state >> (64 - bits)) as u32).to_le_bytes()
+            })
+            .collect()
+    }
+
+    /// `codec`'s ratio on `page` (1 where it goes raw), round trip checked.
+    fn ratio(codec: Codec, page: &[u8]) -> f64 {
+        match round_trip(codec, page) {
+            Compressed::Packed { len } => PAGE_SIZE_BYTES as f64 / len as f64,
+            Compressed::Raw => 1.0,
+        }
+    }
+
     #[test]
     fn the_shuffle_brings_small_numbers_near_their_bound() {
         // 16 random bits in each 32-bit word: at most 2x.
-        let mut state = 0x2545f4914f6cdd1du64;
-        let page: Vec<u8> = (0..PAGE_SIZE_BYTES / 4)
-            .flat_map(|_| {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((state >> 48) as u32).to_le_bytes()
-            })
-            .collect();
-        let ratio = |codec| match round_trip(codec, &page) {
-            Compressed::Packed { len } => PAGE_SIZE_BYTES as f64 / len as f64,
-            Compressed::Raw => 1.0,
-        };
+        let page = numbers_page(16);
+        let ratio = |codec| ratio(codec, &page);
         assert!(ratio(Codec::Lz4) < 1.2, "lz4 {}", ratio(Codec::Lz4));
         assert!(ratio(Codec::ShuffleLz4) > 1.9, "shuffle-lz4 {}", ratio(Codec::ShuffleLz4));
         assert!(ratio(Codec::ShuffleZstd { level: 1 }) > ratio(Codec::Zstd { level: 1 }));
@@ -518,17 +528,8 @@ mod tests {
     #[test]
     fn the_bit_shuffle_finds_what_the_byte_shuffle_leaves_in_numbers_of_few_bits() {
         // 12 random bits in each 32-bit word: at most 2.67x.
-        let mut state = 0x2545f4914f6cdd1du64;
-        let page: Vec<u8> = (0..PAGE_SIZE_BYTES / 4)
-            .flat_map(|_| {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((state >> 52) as u32).to_le_bytes()
-            })
-            .collect();
-        let ratio = |codec| match round_trip(codec, &page) {
-            Compressed::Packed { len } => PAGE_SIZE_BYTES as f64 / len as f64,
-            Compressed::Raw => 1.0,
-        };
+        let page = numbers_page(12);
+        let ratio = |codec| ratio(codec, &page);
         let (byte, bit) = (ratio(Codec::ShuffleLz4), ratio(Codec::BitShuffleLz4));
         assert!(bit > 2.2 && bit > 1.2 * byte, "bitshuffle-lz4 {bit}, shuffle-lz4 {byte}");
     }

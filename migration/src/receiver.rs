@@ -10,10 +10,6 @@
 //! the exact version it was computed from.
 
 use crate::codec::{Codec, DecompressError, PageDecompressor};
-pub use deflated::PageInflater;
-use deflated::{DeflateEntry, Deflated, Target};
-
-mod deflated;
 use crate::frame::{le_u32, le_u64, FrameError, FrameHeader, FrameKind, SeqCounter};
 use crate::memory::GuestMemory;
 use crate::page_batch::{BatchError, BatchLimits, PageBatch, PageEntry};
@@ -21,6 +17,10 @@ use crate::xbzrle::{self, XbzrleError};
 use crate::PAGE_SIZE_BYTES;
 use std::sync::atomic::{AtomicU32, Ordering};
 use thiserror::Error;
+
+mod deflated;
+pub use deflated::PageInflater;
+use deflated::{DeflateEntry, Deflated, Target};
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum ReceiveError {
