@@ -338,8 +338,10 @@ impl<D: Device> Core<D> {
     /// One round of the core's loop: the stack, new connections, every pipe, cleanup; then
     /// a spin or a nap when nothing moved.
     fn iterate(&mut self, idle: &mut u32) {
+        // One clock read per iteration (both stack passes use it): the read was 9% of a
+        // stream's samples, most of them in the iterations of a core with nothing to do.
+        self.now = self.clock.now();
         let mut progress = self.poll_stack();
-        // `poll_stack` read the clock first: `now` is when this iteration began.
         if self.meter.began(self.now) {
             self.publish_stats();
         }
@@ -366,8 +368,7 @@ impl<D: Device> Core<D> {
     /// after every `ACK_EVERY_FRAMES`, then egress until the sockets have nothing to send.
     /// Returns whether any frame came in.
     fn poll_stack(&mut self) -> bool {
-        let now = self.clock.now();
-        self.now = now;
+        let now = self.now;
         self.iface.poll_maintenance(now);
         let mut frames = 0;
         while frames < INGRESS_BUDGET {
