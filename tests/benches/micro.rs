@@ -215,6 +215,25 @@ fn page_codecs(c: &mut Criterion) {
             ratios.insert(format!("{set}/{}", codec.name()), ratio.into());
             group.bench_function(format!("{set}/{}", codec.name()), |b| b.iter(|| wire(&mut compressor)));
         }
+        // The same codecs over blocks of pages that travel together (a batch's pages in
+        // groups of BLOCK), as the engine sends zstd's: matches and entropy tables carry
+        // across pages.
+        const BLOCK: usize = migration::page_batch::MAX_BLOCK_PAGES;
+        let contents: Vec<u8> = pages.concat();
+        for codec in [Codec::Lz4, Codec::Zstd { level: 1 }, Codec::ShuffleZstd { level: 1 }] {
+            let mut block = migration::codec::BlockCompressor::new(codec);
+            let mut out = vec![0u8; lz4_flex::block::get_maximum_output_size(BLOCK * PAGE_SIZE_BYTES)];
+            let mut wire = || -> usize {
+                contents
+                    .chunks(BLOCK * PAGE_SIZE_BYTES)
+                    .map(|input| block.compress_into(input, &mut out).unwrap_or(input.len()).min(input.len()))
+                    .sum()
+            };
+            let ratio = (PAGES * PAGE_SIZE_BYTES) as f64 / wire() as f64;
+            let name = format!("{set}/{}/block{BLOCK}", codec.name());
+            ratios.insert(name.clone(), ratio.into());
+            group.bench_function(name, |b| b.iter(&mut wire));
+        }
         if let Some(mut device) = offload::isal_queue() {
             // A worker's batch of 64 pages, in blocks of the device's pages per operation.
             let per_block = device.pages_per_operation();
@@ -378,6 +397,30 @@ fn compression_workers(c: &mut Criterion) {
     group.finish();
 }
 
+/// The bit shuffle's filter alone on pages of 12-bit numbers: the SSE2 transpose against
+/// the portable one (the same output) on the same pages, and the way back.
+fn bit_shuffle(c: &mut Criterion) {
+    use guests::synthetic::WorkloadSpec;
+    use migration::shuffle;
+    let pages = workload_pages(WorkloadSpec::Dirty { area_bytes: 16 << 20, pages_per_s: 1, bits: 12 }, PAGES);
+    let mut group = c.benchmark_group("bit_shuffle");
+    group.throughput(Throughput::Bytes((PAGES * PAGE_SIZE_BYTES) as u64));
+    type Filter = fn(&[u8], &mut [u8], &mut Vec<u8>);
+    let filters: [(&str, Filter); 2] = [("vector", shuffle::bitshuffle), ("portable", shuffle::portable::bitshuffle)];
+    let (mut out, mut back, mut scratch) = (vec![0u8; PAGE_SIZE_BYTES], vec![0u8; PAGE_SIZE_BYTES], Vec::new());
+    for (name, forward) in filters {
+        group.bench_function(format!("shuffle/{name}"), |b| {
+            b.iter(|| pages.iter().map(|page| forward(page, &mut out, &mut scratch)).count())
+        });
+    }
+    // The way back (portable only: see `unbitshuffle`).
+    group.bench_function("unshuffle", |b| {
+        shuffle::bitshuffle(&pages[0], &mut out, &mut scratch);
+        b.iter(|| (0..PAGES).map(|_| shuffle::unbitshuffle(&out, &mut back, &mut scratch)).count())
+    });
+    group.finish();
+}
+
 fn frame_building(c: &mut Criterion) {
     use migration::frame::FrameBuf;
     use migration::page_batch::{BatchWriter, MAX_BATCH_BYTES, MAX_ENTRIES_PER_BATCH};
@@ -498,6 +541,6 @@ fn loopback_wire(c: &mut Criterion) {
 criterion_group! {
     name = micro;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = zero_scan, lz4, deflate, page_codecs, xbzrle, ring_handoff, compression_workers, frame_building, loopback_wire
+    targets = zero_scan, lz4, deflate, page_codecs, bit_shuffle, xbzrle, ring_handoff, compression_workers, frame_building, loopback_wire
 }
 criterion_main!(micro);
