@@ -124,6 +124,14 @@ impl Codec {
         }
     }
 
+    /// Whether a batch's pages for this codec go in blocks of several pages (zstd's: its
+    /// matches and entropy tables carry across pages; on the dirty guest's pages, blocks of
+    /// 16 ran 1.8x faster than page by page, and shuffle-zstd's 2.2x, at the same ratio or
+    /// better). lz4 gains nothing from them.
+    pub fn packs_in_blocks(self) -> bool {
+        matches!(self.unfiltered(), Codec::Zstd { .. })
+    }
+
     /// The filter that goes before the codec.
     pub fn filter(self) -> Filter {
         match self {

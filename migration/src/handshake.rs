@@ -30,9 +30,11 @@ pub const PREAMBLE_BYTES: usize = 16;
 /// added the shuffle codecs (`shuffle.rs`) among adaptive's choices: a version-3
 /// destination that agreed to adaptive would meet page encodings it does not know. Version
 /// 5 added `Tune`, the destination's operator changing the migration, which a version-4
-/// source would take for a protocol violation.
-pub const VERSION_MIN: u16 = 6;
-pub const VERSION_MAX: u16 = 6;
+/// source would take for a protocol violation. Version 6 added `deflate`, its blocks and
+/// `bitshuffle-lz4`; version 7 made the block entry carry its codec (zstd's pages go in
+/// blocks), which a version-6 destination reads as a deflate block.
+pub const VERSION_MIN: u16 = 7;
+pub const VERSION_MAX: u16 = 7;
 
 /// More connections than this buy nothing on any link we target (8 saturate 100G) and
 /// each costs the receiver a thread and buffers.
@@ -357,15 +359,15 @@ mod tests {
 
     #[test]
     fn preamble_checks_magic_and_version() {
-        assert_eq!(accept_preamble(&encode_preamble()), Ok(6));
+        assert_eq!(accept_preamble(&encode_preamble()), Ok(7));
         let mut wrong = encode_preamble();
         wrong[0] = b'X';
         assert!(matches!(accept_preamble(&wrong), Err(HandshakeError::BadMagic { .. })));
         let mut newer = encode_preamble();
-        newer[8..10].copy_from_slice(&7u16.to_le_bytes());
-        newer[10..12].copy_from_slice(&8u16.to_le_bytes());
+        newer[8..10].copy_from_slice(&8u16.to_le_bytes());
+        newer[10..12].copy_from_slice(&9u16.to_le_bytes());
         let err = accept_preamble(&newer).unwrap_err();
-        assert_eq!(err.to_string(), "no common protocol version: peer speaks 7..=8, we speak 6..=6");
+        assert_eq!(err.to_string(), "no common protocol version: peer speaks 8..=9, we speak 7..=7");
     }
 
     #[test]

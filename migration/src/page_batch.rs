@@ -13,6 +13,12 @@
 //!     6 zstd     : len u16 | len bytes
 //!     7 shuffle-lz4  : len u16 | len bytes  (lz4 of the page byte-shuffled, `shuffle.rs`)
 //!     8 shuffle-zstd : len u16 | len bytes
+//!     9 deflate      : len u16 | len bytes  (raw deflate, from a compression device)
+//!    10 block        : count u8 | (count - 1) x page u32 | encoding u8 | len u16 | len bytes
+//!                      (`count` pages, 2..=16, the entry's page first, compressed together
+//!                      with one of the compressed encodings 3..=11: their contents one
+//!                      after another; len at most `block_room(count)`)
+//!    11 bitshuffle-lz4 : len u16 | len bytes
 //! ```
 //! Every page index and run is checked against the region's size before use.
 
@@ -28,13 +34,13 @@ pub const BATCH_HEADER_BYTES: usize = 8;
 /// pages (64 x 4 KiB) well under the frame payload limit.
 pub const MAX_ENTRIES_PER_BATCH: usize = 64;
 
-/// Most pages one `deflate` block entry carries.
+/// Most pages one block entry carries.
 pub const MAX_BLOCK_PAGES: usize = 16;
 
-/// The most bytes a `deflate` block of `pages` pages may take: 4 bytes a page under the
-/// pages sent raw, so that a batch with blocks is never larger than the same pages raw
+/// The most bytes a block of `pages` pages may take: 4 bytes a page under the pages sent
+/// raw, so that a batch with blocks is never larger than the same pages raw
 /// (`MAX_BATCH_BYTES` holds), and a block only goes where it saves.
-pub fn deflate_block_room(pages: usize) -> usize {
+pub fn block_room(pages: usize) -> usize {
     pages * (PAGE_SIZE_BYTES - 4)
 }
 
@@ -53,7 +59,7 @@ enum Encoding {
     ShuffleLz4 = 7,
     ShuffleZstd = 8,
     Deflate = 9,
-    DeflateBlock = 10,
+    Block = 10,
     BitShuffleLz4 = 11,
 }
 
@@ -106,11 +112,13 @@ pub enum PageEntry<'a> {
         base_epoch: u32,
         data: &'a [u8],
     },
-    /// Several pages of the region (any, in any order) as one raw deflate stream of
-    /// their contents one after another: a compression device's operation per block.
-    DeflateBlock {
+    /// Several pages of the region (any, in any order) compressed together, their
+    /// contents one after another: `codec`'s matches and tables carry across pages, and a
+    /// compression device takes one operation per block.
+    Block {
         page: u32,
         others: &'a [u8],
+        codec: Codec,
         data: &'a [u8],
     },
 }
@@ -120,7 +128,7 @@ impl PageEntry<'_> {
     pub fn pages(&self) -> u64 {
         match self {
             PageEntry::ZeroRun { count, .. } => u64::from(*count),
-            PageEntry::DeflateBlock { others, .. } => 1 + others.len() as u64 / 4,
+            PageEntry::Block { others, .. } => 1 + others.len() as u64 / 4,
             _ => 1,
         }
     }
@@ -131,7 +139,7 @@ impl PageEntry<'_> {
             | PageEntry::Raw { page, .. }
             | PageEntry::Compressed { page, .. }
             | PageEntry::Xbzrle { page, .. }
-            | PageEntry::DeflateBlock { page, .. } => page,
+            | PageEntry::Block { page, .. } => page,
         }
     }
 
@@ -143,7 +151,7 @@ impl PageEntry<'_> {
     /// The highest page this entry covers, plus one.
     fn end(&self) -> u64 {
         match *self {
-            PageEntry::DeflateBlock { page, others, .. } => {
+            PageEntry::Block { page, others, .. } => {
                 PageEntry::block_pages(page, others).map(|p| u64::from(p) + 1).max().unwrap_or(0)
             }
             _ => u64::from(self.first_page()) + self.pages(),
@@ -270,34 +278,29 @@ fn parse_entry<'a>(
             (PageEntry::Raw { page, data }, rest)
         }
         e if COMPRESSED.iter().any(|(encoding, _)| *encoding as u8 == e) => {
-            let (_, codec) = *COMPRESSED.iter().find(|(encoding, _)| *encoding as u8 == e).expect("matched above");
-            let codec = if e == Encoding::Zlib as u8 { limits.codec } else { codec };
-            let got = codec.name();
-            let negotiated = Encoding::of(limits.codec).map(|n| n as u8) == Some(e)
-                || (limits.codec == Codec::Adaptive && codec.adaptive_may_choose());
-            if !negotiated {
-                return Err(BatchError::NotNegotiated { index, got });
-            }
+            let codec = negotiated_codec(index, e, limits)?;
             let (data, rest) = sized(body)?;
             (PageEntry::Compressed { page, codec, data }, rest)
         }
-        e if e == Encoding::DeflateBlock as u8 => {
-            if !matches!(limits.codec, Codec::Deflate | Codec::Adaptive) {
-                return Err(BatchError::NotNegotiated { index, got: "deflate" });
-            }
+        e if e == Encoding::Block as u8 => {
             let (count, rest) = take(body, 1)?;
             let count = usize::from(count[0]);
             if !(2..=MAX_BLOCK_PAGES).contains(&count) {
                 return Err(BatchError::BadBlock { index, count });
             }
             let (others, rest) = take(rest, 4 * (count - 1))?;
+            let (inner, rest) = take(rest, 1)?;
+            if !COMPRESSED.iter().any(|(encoding, _)| *encoding as u8 == inner[0]) {
+                return Err(BatchError::UnknownEncoding { index, encoding: inner[0] });
+            }
+            let codec = negotiated_codec(index, inner[0], limits)?;
             let (len, rest) = take(rest, 2)?;
             let len = usize::from(le_u16(len));
-            if len == 0 || len > deflate_block_room(count) {
+            if len == 0 || len > block_room(count) {
                 return Err(BatchError::BadLength { index, len });
             }
             let (data, rest) = take(rest, len)?;
-            (PageEntry::DeflateBlock { page, others, data }, rest)
+            (PageEntry::Block { page, others, codec, data }, rest)
         }
         e if e == Encoding::Xbzrle as u8 => {
             if !limits.xbzrle {
@@ -310,6 +313,19 @@ fn parse_entry<'a>(
         encoding => return Err(BatchError::UnknownEncoding { index, encoding }),
     };
     Ok((entry, rest))
+}
+
+/// The codec of compressed encoding `encoding` (one of `COMPRESSED`), where the session
+/// negotiated it: its own codec, or adaptive, which may choose it.
+fn negotiated_codec(index: usize, encoding: u8, limits: &BatchLimits<'_>) -> Result<Codec, BatchError> {
+    let (_, codec) = *COMPRESSED.iter().find(|(e, _)| *e as u8 == encoding).expect("a compressed encoding");
+    let codec = if encoding == Encoding::Zlib as u8 { limits.codec } else { codec };
+    let negotiated = Encoding::of(limits.codec).map(|n| n as u8) == Some(encoding)
+        || (limits.codec == Codec::Adaptive && codec.adaptive_may_choose());
+    if !negotiated {
+        return Err(BatchError::NotNegotiated { index, got: codec.name() });
+    }
+    Ok(codec)
 }
 
 /// Where a batch is written: a frame buffer, whose end compressors fill in place, or (in
@@ -458,18 +474,44 @@ impl<'b, O: BatchOut> BatchWriter<'b, O> {
         self.entries -= 1;
     }
 
-    /// A block of `pages` (2..=MAX_BLOCK_PAGES of them) compressed together to raw
-    /// deflate, `data` at most `deflate_block_room(pages.len())` bytes.
-    pub fn deflate_block(&mut self, pages: &[u32], data: &[u8]) {
-        assert!((2..=MAX_BLOCK_PAGES).contains(&pages.len()));
-        assert!(!data.is_empty() && data.len() <= deflate_block_room(pages.len()));
-        self.entry(pages[0], Encoding::DeflateBlock);
+    /// A block of `pages` (2..=MAX_BLOCK_PAGES of them) compressed together with
+    /// `codec`, `data` at most `block_room(pages.len())` bytes.
+    pub fn block(&mut self, pages: &[u32], codec: Codec, data: &[u8]) {
+        assert!(!data.is_empty() && data.len() <= block_room(pages.len()));
+        self.block_in_place(pages, codec, data.len(), |out| {
+            out.copy_from_slice(data);
+            Some(data.len())
+        });
+    }
+
+    /// A block entry of `pages` (2..=MAX_BLOCK_PAGES of them) that `compress` writes
+    /// straight into the batch, into at most `room` bytes (no more than
+    /// `block_room(pages.len())`): the length kept. Unless it returns a length in
+    /// 1..=room, the batch is left as it was and this is `None`.
+    pub fn block_in_place(
+        &mut self,
+        pages: &[u32],
+        codec: Codec,
+        room: usize,
+        compress: impl FnOnce(&mut [u8]) -> Option<usize>,
+    ) -> Option<usize> {
+        assert!((2..=MAX_BLOCK_PAGES).contains(&pages.len()) && room <= block_room(pages.len()));
+        let encoding = Encoding::of(codec).expect("codec none has no compressed entries");
+        let mark = self.out.written_len();
+        self.entry(pages[0], Encoding::Block);
         self.out.extend_from_slice(&[pages.len() as u8]);
         for page in &pages[1..] {
             self.out.extend_from_slice(&page.to_le_bytes());
         }
-        self.out.extend_from_slice(&(data.len() as u16).to_le_bytes());
-        self.out.extend_from_slice(data);
+        self.out.extend_from_slice(&[encoding as u8]);
+        let len_at = self.out.written_len();
+        self.out.extend_from_slice(&[0u8; 2]);
+        let written = self.out.fill_in_place(room, |out| compress(out).filter(|len| (1..=room).contains(len)));
+        match written {
+            Some(len) => self.out.written_mut()[len_at..len_at + 2].copy_from_slice(&(len as u16).to_le_bytes()),
+            None => self.undo_entry(mark),
+        }
+        written
     }
 
     pub fn xbzrle(&mut self, page: u32, base_epoch: u32, data: &[u8]) {
@@ -545,12 +587,14 @@ mod tests {
     }
 
     #[test]
-    fn deflate_blocks_name_their_pages_and_are_checked_like_other_entries() {
+    fn blocks_name_their_pages_and_codec_and_are_checked_like_other_entries() {
         let mut payload = Vec::new();
-        BatchWriter::new(&mut payload, 0).deflate_block(&[9, 2, 30], &[1, 2, 3]);
+        BatchWriter::new(&mut payload, 0).block(&[9, 2, 30], Codec::Deflate, &[1, 2, 3]);
         let deflate = BatchLimits { region_pages: &[31], codec: Codec::Deflate, xbzrle: false };
         let entries = collect(&payload, &deflate).unwrap();
-        let [PageEntry::DeflateBlock { page: 9, others, data: [1, 2, 3] }] = entries[..] else { panic!("{entries:?}") };
+        let [PageEntry::Block { page: 9, others, codec: Codec::Deflate, data: [1, 2, 3] }] = entries[..] else {
+            panic!("{entries:?}")
+        };
         assert_eq!(PageEntry::block_pages(9, others).collect::<Vec<_>>(), [9, 2, 30]);
         assert_eq!(entries[0].pages(), 3);
         // Adaptive may send them; lz4 may not.
@@ -567,13 +611,41 @@ mod tests {
             let err = collect(&bad, &deflate).unwrap_err();
             assert!(matches!(err, BatchError::BadBlock { .. } | BatchError::Truncated { .. }), "{err:?}");
         }
+        // The codec inside must be a compressed encoding: raw (2), a block (10) or an
+        // unknown byte is refused.
+        let codec_at = BATCH_HEADER_BYTES + 5 + 1 + 2 * 4;
+        for inner in [2u8, 10, 200] {
+            let mut bad = payload.clone();
+            bad[codec_at] = inner;
+            let err = collect(&bad, &deflate).unwrap_err();
+            assert!(matches!(err, BatchError::UnknownEncoding { encoding, .. } if encoding == inner), "{err:?}");
+        }
         // Data longer than the block's pages raw (less 4 bytes each) is refused.
         let mut long = Vec::new();
-        BatchWriter::new(&mut long, 0).deflate_block(&[1, 2], &vec![5u8; deflate_block_room(2)]);
-        let at = BATCH_HEADER_BYTES + 5 + 1 + 4;
-        long[at..at + 2].copy_from_slice(&(deflate_block_room(2) as u16 + 1).to_le_bytes());
+        BatchWriter::new(&mut long, 0).block(&[1, 2], Codec::Deflate, &vec![5u8; block_room(2)]);
+        let at = BATCH_HEADER_BYTES + 5 + 1 + 4 + 1;
+        long[at..at + 2].copy_from_slice(&(block_room(2) as u16 + 1).to_le_bytes());
         long.push(0);
         assert!(matches!(collect(&long, &deflate), Err(BatchError::BadLength { .. })));
+    }
+
+    #[test]
+    fn blocks_of_any_compressing_codec_need_it_negotiated() {
+        let mut payload = Vec::new();
+        BatchWriter::new(&mut payload, 0).block(&[0, 1], Codec::ShuffleZstd { level: 1 }, &[1, 2, 3]);
+        let limits = |codec| BatchLimits { region_pages: &[2], codec, xbzrle: false };
+        let entries = collect(&payload, &limits(Codec::ShuffleZstd { level: 3 })).unwrap();
+        assert!(matches!(entries[..], [PageEntry::Block { codec: Codec::ShuffleZstd { .. }, .. }]), "{entries:?}");
+        assert!(collect(&payload, &limits(Codec::Adaptive)).is_ok());
+        let zstd = collect(&payload, &limits(Codec::Zstd { level: 1 }));
+        assert!(matches!(zstd, Err(BatchError::NotNegotiated { got: "shuffle-zstd", .. })), "{zstd:?}");
+        // Written in place: a result over the room leaves no trace.
+        let mut refused = Vec::new();
+        let mut writer = BatchWriter::new(&mut refused, 0);
+        assert_eq!(writer.block_in_place(&[0, 1], Codec::Lz4, 100, |_| Some(101)), None);
+        assert_eq!(writer.entries(), 0);
+        drop(writer);
+        assert_eq!(refused.len(), BATCH_HEADER_BYTES);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use thiserror::Error;
 
 mod deflated;
 pub use deflated::PageInflater;
-use deflated::{DeflateEntry, Deflated, Target};
+use deflated::{Deflated, PackedEntry, Target};
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum ReceiveError {
@@ -254,7 +254,7 @@ impl BatchApplier<'_> {
         let r = usize::from(region);
         let target = Target { region, epoch, memory: *memory, epochs };
         // A batch's `deflate` entries, kept for the device where there is one.
-        let mut for_device: Vec<DeflateEntry<'_>> = Vec::new();
+        let mut for_device: Vec<PackedEntry<'_>> = Vec::new();
         batch.for_each(limits, |entry| {
             let page = u64::from(entry.first_page());
             match entry {
@@ -274,11 +274,11 @@ impl BatchApplier<'_> {
                     counters.raw_pages += 1;
                 }
                 PageEntry::Compressed { codec: Codec::Deflate, data, page } if deflated.has_device() => {
-                    for_device.push(DeflateEntry { page, others: &[], data });
+                    for_device.push(PackedEntry { page, others: &[], codec: Codec::Deflate, data });
                 }
-                PageEntry::DeflateBlock { page, others, data } => {
-                    let entry = DeflateEntry { page, others, data };
-                    match deflated.has_device() {
+                PageEntry::Block { page, others, codec, data } => {
+                    let entry = PackedEntry { page, others, codec, data };
+                    match codec == Codec::Deflate && deflated.has_device() {
                         true => for_device.push(entry),
                         false => deflated.apply_on_cpu(&target, entry, decompressor, counters)?,
                     }
@@ -411,6 +411,38 @@ mod tests {
         assert!(matches!(apply(&xb, 3), Err(ReceiveError::DeltaBase { base: 1, held: 2, .. })));
     }
 
+    #[test]
+    fn blocks_of_any_codec_fill_their_pages_and_a_wrong_size_is_the_batchs_error() {
+        let memory = VecMemory(Mutex::new(vec![0; 4 * PAGE_SIZE_BYTES]));
+        let pages = [4u64];
+        let codec = Codec::ShuffleZstd { level: 1 };
+        let limits = BatchLimits { region_pages: &pages, codec, xbzrle: false };
+        let epochs = PageEpochs::new(&pages);
+        let applier = BatchApplier { limits, memory: &memory, epochs: &epochs };
+        let contents: Vec<u8> = (0..3 * PAGE_SIZE_BYTES as u32).flat_map(|i| (i % 4000).to_le_bytes()).collect();
+        let contents = &contents[..3 * PAGE_SIZE_BYTES];
+        let mut packed = vec![0u8; 3 * PAGE_SIZE_BYTES];
+        let len = crate::codec::BlockCompressor::new(codec).compress_into(contents, &mut packed).expect("numbers pack");
+        let block = |pages: &[u32]| {
+            let mut batch = Vec::new();
+            BatchWriter::new(&mut batch, 0).block(pages, codec, &packed[..len]);
+            batch
+        };
+        let mut worker = ApplyWorker::new();
+        applier.apply(&block(&[3, 0, 2]), 1, &mut worker).unwrap();
+        let mut page = vec![0u8; PAGE_SIZE_BYTES];
+        for (number, content) in [3u64, 0, 2].into_iter().zip(contents.chunks_exact(PAGE_SIZE_BYTES)) {
+            memory.read_page(0, number, &mut page);
+            assert_eq!(page, content, "page {number}");
+        }
+        assert_eq!(worker.counters.compressed_pages, 3);
+        // The same data named as two pages, or four, decompresses to the wrong size.
+        for (epoch, pages) in [(2, &[1u32, 2][..]), (3, &[0, 1, 2, 3][..])] {
+            let err = applier.apply(&block(pages), epoch, &mut worker).unwrap_err();
+            assert!(matches!(err, ReceiveError::Decompress { page: 0 | 1, .. }), "{err}");
+        }
+    }
+
     /// An inflater on the CPU that fails the pages whose index `fail` says, and says
     /// "a page" of the wrong size for those `short` says.
     struct Flaky {
@@ -462,7 +494,7 @@ mod tests {
                 .expect("runs of one byte pack");
             let mut writer = BatchWriter::new(&mut block_batch, 0);
             writer.raw(2, &[7u8; PAGE_SIZE_BYTES]);
-            writer.deflate_block(&block_pages, &packed[..len]);
+            writer.block(&block_pages, Codec::Deflate, &packed[..len]);
         }
         let mut worker = ApplyWorker::with_inflater(Box::new(Flaky { fail: |i| i % 3 == 0, short: |i| i == 4 }));
         applier.apply(&batch, 1, &mut worker).unwrap();

@@ -240,7 +240,7 @@ fn page_codecs(c: &mut Criterion) {
             let contents: Vec<u8> = pages.concat();
             let blocks: Vec<(&[u8], usize)> = contents
                 .chunks(per_block * PAGE_SIZE_BYTES)
-                .map(|block| (block, migration::page_batch::deflate_block_room(block.len() / PAGE_SIZE_BYTES)))
+                .map(|block| (block, migration::page_batch::block_room(block.len() / PAGE_SIZE_BYTES)))
                 .collect();
             let wire = |device: &mut Box<dyn engine::offload::OffloadQueue>| -> usize {
                 let mut total = 0;

@@ -6,7 +6,7 @@ use crate::offload::{OffloadQueue, Offloaded};
 use migration::codec::{Codec, Compressed, PageCompressor};
 use migration::frame::{FrameBuf, HEADER_BYTES};
 use migration::page_batch::{
-    deflate_block_room, BatchOut, BatchWriter, MAX_BATCH_BYTES, MAX_BLOCK_PAGES, MAX_ENTRIES_PER_BATCH,
+    block_room, BatchOut, BatchWriter, MAX_BATCH_BYTES, MAX_BLOCK_PAGES, MAX_ENTRIES_PER_BATCH,
 };
 use migration::receiver::FIRST_EPOCH;
 use migration::stats::EncodeCounters;
@@ -30,6 +30,7 @@ pub(super) fn compression_worker(shared: &Shared<'_>, index: usize) {
     let mut encoder = BatchEncoder {
         compressors,
         offload: offload.map(|queue| Offload::new(queue, shared)),
+        staged: Staged::default(),
         page: vec![0u8; PAGE_SIZE_BYTES],
         delta: vec![0u8; PAGE_SIZE_BYTES - 1],
         counters: EncodeCounters::default(),
@@ -59,8 +60,10 @@ pub(super) fn compression_worker(shared: &Shared<'_>, index: usize) {
 struct BatchEncoder {
     /// One per codec this worker may use (several with `Codec::Adaptive`).
     compressors: Vec<PageCompressor>,
-    /// This worker's queue of the compression device, and the pages waiting for it.
+    /// This worker's queue of the compression device.
     offload: Option<Offload>,
+    /// The batch's pages that go to the codec together at its end.
+    staged: Staged,
     page: Vec<u8>,
     delta: Vec<u8>,
     counters: EncodeCounters,
@@ -87,6 +90,9 @@ impl BatchEncoder {
         // Pages that go raw and need no snapshot for the XBZRLE cache are read from guest
         // memory straight into the frame: one copy, not two.
         let direct = codec == Codec::None && !(shared.cache.is_some() && use_cache);
+        // Pages for the compression device, or for a codec that packs them in blocks, wait
+        // for the batch's end.
+        let staging = codec.packs_in_blocks() || (codec == Codec::Deflate && self.offload.is_some());
         let entries = {
             let mut batch = BatchWriter::new(frame.begin(), job.region);
             let mut zero_runs = ZeroRuns::default();
@@ -133,15 +139,20 @@ impl BatchEncoder {
                     continue;
                 }
                 self.counters.codec_input_pages += 1;
-                if let (Codec::Deflate, Some(offload)) = (codec, &mut self.offload) {
-                    offload.stage(page, &self.page);
+                if staging {
+                    self.staged.stage(page, &self.page);
                     continue;
                 }
                 compress_or_raw(&mut batch, page, &self.page, &mut self.compressors[chosen], &mut self.counters);
             }
-            if let Some(offload) = &mut self.offload {
-                offload.flush(&mut batch, &mut self.compressors[chosen], &mut self.counters);
+            let (staged, compressor) = (&self.staged, &mut self.compressors[chosen]);
+            match &mut self.offload {
+                Some(offload) if codec == Codec::Deflate => {
+                    offload.flush(staged, &mut batch, compressor, &mut self.counters)
+                }
+                _ => compress_blocks(staged, &mut batch, compressor, &mut self.counters),
             }
+            self.staged.clear();
             zero_runs.flush(&mut batch);
             batch.entries()
         };
@@ -195,8 +206,21 @@ impl BatchEncoder {
         for compressor in &mut self.compressors {
             let start = adaptive::cpu::thread_time();
             if let (Codec::Deflate, Some(offload)) = (compressor.codec(), &mut self.offload) {
-                let (input, output) = offload.measure(shared, region, &self.measured);
+                let (input, output) = offload.measure(shared, region, &self.measured, &mut self.staged.contents);
                 policy.measure(Codec::Deflate, input, output, adaptive::cpu::thread_time() - start);
+                continue;
+            }
+            let input = (self.measured.len() * PAGE_SIZE_BYTES) as u64;
+            if compressor.codec().packs_in_blocks() {
+                // As it would send them: read, then in blocks.
+                let contents = &mut self.staged.contents;
+                contents.resize(self.measured.len() * PAGE_SIZE_BYTES, 0);
+                for (&page, slot) in self.measured.iter().zip(contents.chunks_exact_mut(PAGE_SIZE_BYTES)) {
+                    shared.memory.read_page(region, u64::from(page), slot);
+                }
+                let output = measure_blocks(contents, compressor);
+                self.staged.clear();
+                policy.measure(compressor.codec(), input, output, adaptive::cpu::thread_time() - start);
                 continue;
             }
             let mut output = 0;
@@ -207,7 +231,6 @@ impl BatchEncoder {
                     Compressed::Raw => PAGE_SIZE_BYTES,
                 } as u64;
             }
-            let input = (self.measured.len() * PAGE_SIZE_BYTES) as u64;
             policy.measure(compressor.codec(), input, output, adaptive::cpu::thread_time() - start);
         }
     }
@@ -230,46 +253,109 @@ impl BatchEncoder {
     }
 }
 
-/// A worker's queue of the compression device: the batch's pages that `deflate` is to
-/// compress wait here, and go to the device together at the batch's end.
-struct Offload {
-    queue: Box<dyn OffloadQueue>,
-    /// The device's name, for the warning when it first fails a page.
-    device: String,
-    warned: bool,
-    /// The waiting pages' numbers, and their contents, one after another.
+/// A batch's pages that go to the codec together at its end (to a compression device, or
+/// in blocks on the CPU): their numbers, and their contents one after another.
+struct Staged {
     pages: Vec<u32>,
     contents: Vec<u8>,
 }
 
-impl Offload {
-    fn new(queue: Box<dyn OffloadQueue>, shared: &Shared<'_>) -> Offload {
-        let device = shared.config.offload.as_ref().map_or_else(String::new, |device| device.name().to_string());
+impl Default for Staged {
+    fn default() -> Self {
         let contents = Vec::with_capacity(MAX_ENTRIES_PER_BATCH * PAGE_SIZE_BYTES);
-        Offload { queue, device, warned: false, pages: Vec::with_capacity(MAX_ENTRIES_PER_BATCH), contents }
+        Staged { pages: Vec::with_capacity(MAX_ENTRIES_PER_BATCH), contents }
     }
+}
 
-    /// Page number `page`, whose contents are `data`, waits for the device.
+impl Staged {
+    /// Page number `page`, whose contents are `data`, waits for the batch's end.
     fn stage(&mut self, page: u32, data: &[u8]) {
         self.pages.push(page);
         self.contents.extend_from_slice(data);
     }
 
-    /// Sends the waiting pages through the device, all in flight at once, and writes
+    fn clear(&mut self) {
+        self.pages.clear();
+        self.contents.clear();
+    }
+}
+
+/// The staged pages compressed by `compressor` in blocks of up to `MAX_BLOCK_PAGES`, each
+/// straight into the frame; a block that does not save 4 bytes a page goes raw (its pages
+/// would not have shrunk much one by one either), a lone page goes as any page does.
+fn compress_blocks<O: BatchOut>(
+    staged: &Staged,
+    batch: &mut BatchWriter<'_, O>,
+    compressor: &mut PageCompressor,
+    counters: &mut EncodeCounters,
+) {
+    let codec = compressor.codec();
+    let blocks = staged.pages.chunks(MAX_BLOCK_PAGES).zip(staged.contents.chunks(MAX_BLOCK_PAGES * PAGE_SIZE_BYTES));
+    for (pages, data) in blocks {
+        if let [page] = pages {
+            compress_or_raw(batch, *page, data, compressor, counters);
+            continue;
+        }
+        let room = block_room(pages.len());
+        match batch.block_in_place(pages, codec, room, |out| compressor.block().compress_into(data, out)) {
+            Some(len) => {
+                counters.compressed_pages += pages.len() as u64;
+                counters.compressed_bytes += len as u64;
+            }
+            None => {
+                for (&page, content) in pages.iter().zip(data.chunks_exact(PAGE_SIZE_BYTES)) {
+                    batch.raw(page, content);
+                }
+                counters.raw_pages += pages.len() as u64;
+            }
+        }
+    }
+}
+
+/// The wire bytes `compressor` makes of `contents` (pages one after another) in blocks as
+/// `compress_blocks` sends them.
+fn measure_blocks(contents: &[u8], compressor: &mut PageCompressor) -> u64 {
+    let mut out = vec![0u8; block_room(MAX_BLOCK_PAGES)];
+    contents
+        .chunks(MAX_BLOCK_PAGES * PAGE_SIZE_BYTES)
+        .map(|data| {
+            let room = block_room(data.len() / PAGE_SIZE_BYTES).min(out.len());
+            compressor.block().compress_into(data, &mut out[..room]).unwrap_or(data.len()) as u64
+        })
+        .sum()
+}
+
+/// A worker's queue of the compression device: the batch's pages that `deflate` is to
+/// compress go to the device together at the batch's end.
+struct Offload {
+    queue: Box<dyn OffloadQueue>,
+    /// The device's name, for the warning when it first fails a page.
+    device: String,
+    warned: bool,
+}
+
+impl Offload {
+    fn new(queue: Box<dyn OffloadQueue>, shared: &Shared<'_>) -> Offload {
+        let device = shared.config.offload.as_ref().map_or_else(String::new, |device| device.name().to_string());
+        Offload { queue, device, warned: false }
+    }
+
+    /// Sends the staged pages through the device, all in flight at once, and writes
     /// each block into `batch` as it comes back: compressed (one entry, a block entry for
     /// several pages), raw (it did not shrink), or, where the device failed it, its pages
     /// compressed one by one by `cpu` (the CPU's deflate) and counted.
     fn flush<O: BatchOut>(
         &mut self,
+        staged: &Staged,
         batch: &mut BatchWriter<'_, O>,
         cpu: &mut PageCompressor,
         counters: &mut EncodeCounters,
     ) {
-        if self.pages.is_empty() {
+        if staged.pages.is_empty() {
             return;
         }
-        let (inputs, ranges) = blocks(&self.contents, self.queue.pages_per_operation());
-        let (numbers, device, warned) = (&self.pages, &self.device, &mut self.warned);
+        let (inputs, ranges) = blocks(&staged.contents, self.queue.pages_per_operation());
+        let (numbers, device, warned) = (&staged.pages, &self.device, &mut self.warned);
         self.queue.compress_pages(&inputs, &mut |index, outcome| {
             let (data, room) = inputs[index];
             let pages = &numbers[ranges[index].clone()];
@@ -278,7 +364,7 @@ impl Offload {
                 Offloaded::Packed(bytes) if (1..=room).contains(&bytes.len()) => {
                     match pages {
                         [page] => batch.compressed(*page, Codec::Deflate, bytes),
-                        pages => batch.deflate_block(pages, bytes),
+                        pages => batch.block(pages, Codec::Deflate, bytes),
                     }
                     counters.device_pages += count;
                     counters.compressed_pages += count;
@@ -309,19 +395,17 @@ impl Offload {
                 }
             }
         });
-        self.pages.clear();
-        self.contents.clear();
     }
 
     /// `deflate` on the device measured on `pages` of `region`, in blocks as it sends
     /// them: guest bytes in, wire bytes out (a block that does not shrink or fails counts
-    /// whole).
-    fn measure(&mut self, shared: &Shared<'_>, region: usize, pages: &[u32]) -> (u64, u64) {
-        self.contents.resize(pages.len() * PAGE_SIZE_BYTES, 0);
-        for (&page, slot) in pages.iter().zip(self.contents.chunks_exact_mut(PAGE_SIZE_BYTES)) {
+    /// whole). `contents` is scratch room for the pages.
+    fn measure(&mut self, shared: &Shared<'_>, region: usize, pages: &[u32], contents: &mut Vec<u8>) -> (u64, u64) {
+        contents.resize(pages.len() * PAGE_SIZE_BYTES, 0);
+        for (&page, slot) in pages.iter().zip(contents.chunks_exact_mut(PAGE_SIZE_BYTES)) {
             shared.memory.read_page(region, u64::from(page), slot);
         }
-        let (inputs, _) = blocks(&self.contents, self.queue.pages_per_operation());
+        let (inputs, _) = blocks(contents, self.queue.pages_per_operation());
         let mut output = 0u64;
         self.queue.compress_pages(&inputs, &mut |index, outcome| {
             output += match outcome {
@@ -329,7 +413,7 @@ impl Offload {
                 Offloaded::Raw | Offloaded::Failed(_) => inputs[index].0.len(),
             } as u64;
         });
-        self.contents.clear();
+        contents.clear();
         ((pages.len() * PAGE_SIZE_BYTES) as u64, output)
     }
 }
@@ -368,7 +452,7 @@ fn blocks(contents: &[u8], per_block: usize) -> Blocks<'_> {
         .iter()
         .map(|range| {
             let data = &contents[range.start * PAGE_SIZE_BYTES..range.end * PAGE_SIZE_BYTES];
-            let room = if range.len() == 1 { PAGE_SIZE_BYTES - 1 } else { deflate_block_room(range.len()) };
+            let room = if range.len() == 1 { PAGE_SIZE_BYTES - 1 } else { block_room(range.len()) };
             (data, room)
         })
         .collect();

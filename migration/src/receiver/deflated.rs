@@ -1,7 +1,8 @@
 //! A batch's `deflate` entries at the destination: single pages and blocks of several
 //! pages (a compression device's operation each), inflated on a device where the worker
 //! has one ([`PageInflater`]), all of a batch's at once, or on the CPU; written into guest
-//! memory page by page, each page's epoch claimed as any other entry's.
+//! memory page by page, each page's epoch claimed as any other entry's. Blocks of the
+//! other codecs take the same CPU path.
 
 use super::{ApplyCounters, PageEpochs, ReceiveError};
 use crate::codec::{Codec, PageDecompressor};
@@ -18,16 +19,17 @@ pub trait PageInflater: Send {
     fn inflate_pages(&mut self, inputs: &[(&[u8], usize)], done: &mut dyn FnMut(usize, Option<&[u8]>));
 }
 
-/// A `deflate` entry: one page (`others` empty), or a block's first page, the others'
-/// numbers (u32 each) and the data of them all.
+/// A compressed entry: one page (`others` empty), or a block's first page, the others'
+/// numbers (u32 each) and the data of them all, compressed with `codec`.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct DeflateEntry<'a> {
+pub(crate) struct PackedEntry<'a> {
     pub page: u32,
     pub others: &'a [u8],
+    pub codec: Codec,
     pub data: &'a [u8],
 }
 
-impl DeflateEntry<'_> {
+impl PackedEntry<'_> {
     fn len(&self) -> usize {
         (1 + self.others.len() / 4) * PAGE_SIZE_BYTES
     }
@@ -43,7 +45,7 @@ pub(crate) struct Target<'a> {
 
 impl Target<'_> {
     /// Writes `bytes`, the pages of `entry` one after another, claiming each.
-    fn write(&self, entry: DeflateEntry<'_>, bytes: &[u8]) -> Result<(), ReceiveError> {
+    fn write(&self, entry: PackedEntry<'_>, bytes: &[u8]) -> Result<(), ReceiveError> {
         let pages = PageEntry::block_pages(entry.page, entry.others);
         for (page, content) in pages.zip(bytes.chunks_exact(PAGE_SIZE_BYTES)) {
             self.epochs.claim(self.region, u64::from(page), self.epoch)?;
@@ -70,11 +72,11 @@ impl Deflated {
         self.inflater.is_some()
     }
 
-    /// Inflates `entry` on the CPU and writes its pages.
+    /// Decompresses `entry` on the CPU and writes its pages.
     pub fn apply_on_cpu(
         &mut self,
         target: &Target<'_>,
-        entry: DeflateEntry<'_>,
+        entry: PackedEntry<'_>,
         cpu: &mut PageDecompressor,
         counters: &mut ApplyCounters,
     ) -> Result<(), ReceiveError> {
@@ -90,7 +92,7 @@ impl Deflated {
     pub fn apply_on_device(
         &mut self,
         target: &Target<'_>,
-        entries: &[DeflateEntry<'_>],
+        entries: &[PackedEntry<'_>],
         cpu: &mut PageDecompressor,
         counters: &mut ApplyCounters,
     ) -> Result<(), ReceiveError> {
@@ -122,16 +124,16 @@ impl Deflated {
     }
 }
 
-/// Inflates `entry` on the CPU into `block` and writes its pages.
+/// Decompresses `entry` on the CPU into `block` and writes its pages.
 fn inflate_on_cpu(
     block: &mut Vec<u8>,
     target: &Target<'_>,
-    entry: DeflateEntry<'_>,
+    entry: PackedEntry<'_>,
     cpu: &mut PageDecompressor,
 ) -> Result<(), ReceiveError> {
     block.resize(entry.len(), 0);
     let (region, page) = (target.region, u64::from(entry.page));
-    cpu.decompress_block(Codec::Deflate, entry.data, block).map_err(|source| ReceiveError::Decompress {
+    cpu.decompress_block(entry.codec, entry.data, block).map_err(|source| ReceiveError::Decompress {
         region,
         page,
         source,
