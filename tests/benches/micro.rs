@@ -397,8 +397,8 @@ fn compression_workers(c: &mut Criterion) {
     group.finish();
 }
 
-/// The bit shuffle's filter alone on pages of 12-bit numbers: the SSE2 transpose against
-/// the portable one (the same output) on the same pages, and the way back.
+/// The bit shuffle's filter alone, both ways, on pages of 12-bit numbers: the SSE2
+/// transposes against the portable ones (the same output), on the same pages.
 fn bit_shuffle(c: &mut Criterion) {
     use guests::synthetic::WorkloadSpec;
     use migration::shuffle;
@@ -406,18 +406,26 @@ fn bit_shuffle(c: &mut Criterion) {
     let mut group = c.benchmark_group("bit_shuffle");
     group.throughput(Throughput::Bytes((PAGES * PAGE_SIZE_BYTES) as u64));
     type Filter = fn(&[u8], &mut [u8], &mut Vec<u8>);
-    let filters: [(&str, Filter); 2] = [("vector", shuffle::bitshuffle), ("portable", shuffle::portable::bitshuffle)];
+    let filters: [(&str, Filter, Filter); 2] = [
+        ("vector", shuffle::bitshuffle, shuffle::unbitshuffle),
+        ("portable", shuffle::portable::bitshuffle, shuffle::portable::unbitshuffle),
+    ];
     let (mut out, mut back, mut scratch) = (vec![0u8; PAGE_SIZE_BYTES], vec![0u8; PAGE_SIZE_BYTES], Vec::new());
-    for (name, forward) in filters {
+    let shuffled: Vec<Vec<u8>> = pages
+        .iter()
+        .map(|page| {
+            shuffle::bitshuffle(page, &mut out, &mut scratch);
+            out.clone()
+        })
+        .collect();
+    for (name, forward, inverse) in filters {
         group.bench_function(format!("shuffle/{name}"), |b| {
             b.iter(|| pages.iter().map(|page| forward(page, &mut out, &mut scratch)).count())
         });
+        group.bench_function(format!("unshuffle/{name}"), |b| {
+            b.iter(|| shuffled.iter().map(|page| inverse(page, &mut back, &mut scratch)).count())
+        });
     }
-    // The way back (portable only: see `unbitshuffle`).
-    group.bench_function("unshuffle", |b| {
-        shuffle::bitshuffle(&pages[0], &mut out, &mut scratch);
-        b.iter(|| (0..PAGES).map(|_| shuffle::unbitshuffle(&out, &mut back, &mut scratch)).count())
-    });
     group.finish();
 }
 
