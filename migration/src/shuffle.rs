@@ -209,125 +209,114 @@ fn transpose8x8(mut x: u64) -> u64 {
 
 /// The bit transpose in SSE2 (the x86-64 baseline, so no detection at run time), 16 bytes
 /// of a byte plane at a time, as bitshuffle does it: `movemask` gathers the top bit of each
-/// of 16 bytes into 16 bits, which is two bytes of one bit plane; a shift brings the next
+/// of 16 bytes into 16 bits, which is two bytes of one bit plane; a doubling brings the next
 /// bit to the top; the way back transposes 2-byte words in registers first. Each function
 /// returns how many groups of 8 bytes it transposed (the rest is left to the portable
-/// code); elsewhere than x86-64 they transpose none.
+/// code); elsewhere they transpose none. The intrinsics come through `safe_arch`, which
+/// offers them as safe functions where the target has the feature, so the zero scan stays
+/// this crate's only unchecked code.
 mod simd {
-    #[cfg(target_arch = "x86_64")]
-    use std::arch::x86_64::{__m128i, _mm_add_epi8, _mm_loadu_si128, _mm_movemask_epi8};
+    #[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
+    use safe_arch::{
+        add_i8_m128i, bitand_m128i, load_unaligned_m128i, m128i, move_mask_i8_m128i, pack_i16_to_u8_m128i,
+        set_splat_i16_m128i, shr_imm_u16_m128i, store_unaligned_m128i, unpack_high_i16_m128i, unpack_high_i32_m128i,
+        unpack_high_i64_m128i, unpack_low_i16_m128i, unpack_low_i32_m128i, unpack_low_i64_m128i,
+    };
 
     /// Bytes of a plane per step: one 128-bit register.
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
     const LANE: usize = 16;
 
+    /// Steps the way back takes together: 8 bit planes of 16 bytes each are an 8x8
+    /// matrix of 2-byte words, transposed in registers.
+    #[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
+    const STEPS_TOGETHER: usize = 8;
+
+    /// The 16 bytes at the start of `bytes` in a register.
+    #[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
+    fn load(bytes: &[u8]) -> m128i {
+        load_unaligned_m128i(bytes[..LANE].try_into().expect("16 bytes"))
+    }
+
+    /// The low byte of each of `x`'s eight 2-byte words to bytes 0..8, the high byte to
+    /// 8..16.
+    #[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
+    fn split_words(x: m128i) -> m128i {
+        pack_i16_to_u8_m128i(bitand_m128i(x, set_splat_i16_m128i(0xff)), shr_imm_u16_m128i::<8>(x))
+    }
+
     /// Byte plane `src` to its 8 bit planes in `dst` (see `transpose_plane`).
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
     pub(super) fn bytes_to_bits(src: &[u8], dst: &mut [u8]) -> usize {
         let steps = src.len() / LANE;
         let bits_per_plane = src.len() / super::BIT_GROUP;
         for step in 0..steps {
-            let at = step * LANE;
-            // SAFETY: `at + 16 <= src.len()`; the load has no alignment requirement, and
-            // SSE2 is present on every x86-64 CPU.
-            let mut x = unsafe { _mm_loadu_si128(src[at..at + LANE].as_ptr().cast::<__m128i>()) };
+            let mut x = load(&src[step * LANE..]);
             for k in (0..super::BIT_GROUP).rev() {
-                // SAFETY: register operations only; SSE2 as above.
-                let mask = unsafe { _mm_movemask_epi8(x) } as u16;
+                let mask = move_mask_i8_m128i(x) as u16;
                 let out = k * bits_per_plane + 2 * step;
                 dst[out..out + 2].copy_from_slice(&mask.to_le_bytes());
-                // SAFETY: as above. Doubling each byte shifts it left by one.
-                x = unsafe { _mm_add_epi8(x, x) };
+                // Doubling each byte shifts it left by one.
+                x = add_i8_m128i(x, x);
             }
         }
         2 * steps
     }
-
-    /// Steps the way back takes together: 8 bit planes of 16 bytes each are an 8x8
-    /// matrix of 2-byte words, transposed in registers.
-    #[cfg(target_arch = "x86_64")]
-    const STEPS_TOGETHER: usize = 8;
 
     /// 8 bit planes in `src` back to their byte plane in `dst`, 128 bytes of it at a time:
     /// each bit plane's 16 bytes for them are loaded (2 per 16 output bytes), the 8x8
     /// matrix of 2-byte words transposed so that one register holds what 16 output bytes
     /// need (bit plane k's 2 bytes in word k), its low bytes packed to 0..8 and its high
     /// bytes to 8..16; then `movemask` with bit j on top gives output bytes j and 8 + j.
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
     pub(super) fn bits_to_bytes(src: &[u8], dst: &mut [u8]) -> usize {
-        use std::arch::x86_64::{
-            _mm_and_si128, _mm_packus_epi16, _mm_set1_epi16, _mm_set_epi16, _mm_srli_epi16, _mm_storeu_si128,
-            _mm_unpackhi_epi16, _mm_unpackhi_epi32, _mm_unpackhi_epi64, _mm_unpacklo_epi16, _mm_unpacklo_epi32,
-            _mm_unpacklo_epi64,
-        };
         let bits_per_plane = dst.len() / super::BIT_GROUP;
         let rounds = dst.len() / (LANE * STEPS_TOGETHER);
         for round in 0..rounds {
             let first = round * STEPS_TOGETHER;
-            let rows: [__m128i; 8] = std::array::from_fn(|k| {
-                let at = k * bits_per_plane + 2 * first;
-                // SAFETY: bit plane k holds `bits_per_plane` bytes, of which these 16 are
-                // the last round's at most (`2 * first + 16 <= bits_per_plane`); the load
-                // has no alignment requirement, and SSE2 is on every x86-64 CPU.
-                unsafe { _mm_loadu_si128(src[at..at + LANE].as_ptr().cast::<__m128i>()) }
+            // Row k: bit plane k's 2 bytes for each of the 8 steps.
+            let rows: [m128i; 8] = std::array::from_fn(|k| load(&src[k * bits_per_plane + 2 * first..]));
+            // a[2i] = lo(r[2i], r[2i + 1]), a[2i + 1] = hi(r[2i], r[2i + 1]).
+            let a: [m128i; 8] = std::array::from_fn(|i| match i % 2 {
+                0 => unpack_low_i16_m128i(rows[i], rows[i + 1]),
+                _ => unpack_high_i16_m128i(rows[i - 1], rows[i]),
             });
-            // SAFETY: register operations only; SSE2 as above.
-            let words = unsafe {
-                let a: [__m128i; 8] = std::array::from_fn(|i| match i % 2 {
-                    0 => _mm_unpacklo_epi16(rows[i], rows[i + 1]),
-                    _ => _mm_unpackhi_epi16(rows[i - 1], rows[i]),
-                });
-                // a[0] = lo(r0, r1), a[1] = hi(r0, r1), a[2] = lo(r2, r3), ...
-                let b = [
-                    _mm_unpacklo_epi32(a[0], a[2]),
-                    _mm_unpackhi_epi32(a[0], a[2]),
-                    _mm_unpacklo_epi32(a[1], a[3]),
-                    _mm_unpackhi_epi32(a[1], a[3]),
-                    _mm_unpacklo_epi32(a[4], a[6]),
-                    _mm_unpackhi_epi32(a[4], a[6]),
-                    _mm_unpacklo_epi32(a[5], a[7]),
-                    _mm_unpackhi_epi32(a[5], a[7]),
-                ];
-                // Word t of the result is step first + t's words of the 8 bit planes.
-                let words: [__m128i; 8] = std::array::from_fn(|t| match t % 2 {
-                    0 => _mm_unpacklo_epi64(b[t / 2], b[t / 2 + 4]),
-                    _ => _mm_unpackhi_epi64(b[t / 2], b[t / 2 + 4]),
-                });
-                words
-            };
-            for (t, word) in words.into_iter().enumerate() {
-                // SAFETY: register operations only; SSE2 as above.
-                let mut x = unsafe {
-                    let low = _mm_and_si128(word, _mm_set1_epi16(0xff));
-                    _mm_packus_epi16(low, _mm_srli_epi16(word, 8))
+            let b = [
+                unpack_low_i32_m128i(a[0], a[2]),
+                unpack_high_i32_m128i(a[0], a[2]),
+                unpack_low_i32_m128i(a[1], a[3]),
+                unpack_high_i32_m128i(a[1], a[3]),
+                unpack_low_i32_m128i(a[4], a[6]),
+                unpack_high_i32_m128i(a[4], a[6]),
+                unpack_low_i32_m128i(a[5], a[7]),
+                unpack_high_i32_m128i(a[5], a[7]),
+            ];
+            for t in 0..STEPS_TOGETHER {
+                // Step first + t's words of the 8 bit planes.
+                let words = match t % 2 {
+                    0 => unpack_low_i64_m128i(b[t / 2], b[t / 2 + 4]),
+                    _ => unpack_high_i64_m128i(b[t / 2], b[t / 2 + 4]),
                 };
+                let mut x = split_words(words);
                 let mut masks = [0i16; super::BIT_GROUP];
                 for j in (0..super::BIT_GROUP).rev() {
-                    // SAFETY: as above. Doubling each byte shifts it left by one.
-                    masks[j] = unsafe { _mm_movemask_epi8(x) } as i16;
-                    // SAFETY: as above.
-                    x = unsafe { _mm_add_epi8(x, x) };
+                    masks[j] = move_mask_i8_m128i(x) as i16;
+                    x = add_i8_m128i(x, x);
                 }
                 let out = (first + t) * LANE;
-                // SAFETY: register operations, then a store of 16 bytes at `out`, which
-                // `out + 16 <= dst.len()` keeps inside `dst` (no alignment requirement).
-                unsafe {
-                    let m =
-                        _mm_set_epi16(masks[7], masks[6], masks[5], masks[4], masks[3], masks[2], masks[1], masks[0]);
-                    let bytes = _mm_packus_epi16(_mm_and_si128(m, _mm_set1_epi16(0xff)), _mm_srli_epi16(m, 8));
-                    _mm_storeu_si128(dst[out..out + LANE].as_mut_ptr().cast::<__m128i>(), bytes);
-                }
+                let slot: &mut [u8; LANE] = (&mut dst[out..out + LANE]).try_into().expect("16 bytes");
+                store_unaligned_m128i(slot, split_words(m128i::from(masks)));
             }
         }
         2 * rounds * STEPS_TOGETHER
     }
 
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "sse2")))]
     pub(super) fn bytes_to_bits(_src: &[u8], _dst: &mut [u8]) -> usize {
         0
     }
 
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "sse2")))]
     pub(super) fn bits_to_bytes(_src: &[u8], _dst: &mut [u8]) -> usize {
         0
     }
