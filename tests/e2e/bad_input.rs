@@ -80,10 +80,12 @@ fn strangers_at_the_listener_hold_up_no_source() {
 #[test]
 fn newer_protocol_version_is_refused() {
     let mut bytes = stream::opening(1 << 20);
-    bytes[8..10].copy_from_slice(&7u16.to_le_bytes());
-    bytes[10..12].copy_from_slice(&9u16.to_le_bytes());
+    let newer = migration::handshake::VERSION_MAX + 1;
+    bytes[8..10].copy_from_slice(&newer.to_le_bytes());
+    bytes[10..12].copy_from_slice(&(newer + 2).to_le_bytes());
     let error = feed_receiver(&bytes, REFUSED);
-    assert!(error.contains("no common protocol version: peer speaks 7..=9"), "{error}");
+    let expected = format!("no common protocol version: peer speaks {newer}..={}", newer + 2);
+    assert!(error.contains(&expected), "{error}");
 }
 
 #[test]
