@@ -214,12 +214,9 @@ impl BatchEncoder {
             if compressor.codec().packs_in_blocks() {
                 // As it would send them: read, then in blocks.
                 let contents = &mut self.staged.contents;
-                contents.resize(self.measured.len() * PAGE_SIZE_BYTES, 0);
-                for (&page, slot) in self.measured.iter().zip(contents.chunks_exact_mut(PAGE_SIZE_BYTES)) {
-                    shared.memory.read_page(region, u64::from(page), slot);
-                }
+                read_pages(shared, region, &self.measured, contents);
                 let output = measure_blocks(contents, compressor);
-                self.staged.clear();
+                contents.clear();
                 policy.measure(compressor.codec(), input, output, adaptive::cpu::thread_time() - start);
                 continue;
             }
@@ -312,6 +309,14 @@ fn compress_blocks<O: BatchOut>(
     }
 }
 
+/// Reads `pages` of `region` into `contents`, one after another.
+fn read_pages(shared: &Shared<'_>, region: usize, pages: &[u32], contents: &mut Vec<u8>) {
+    contents.resize(pages.len() * PAGE_SIZE_BYTES, 0);
+    for (&page, slot) in pages.iter().zip(contents.chunks_exact_mut(PAGE_SIZE_BYTES)) {
+        shared.memory.read_page(region, u64::from(page), slot);
+    }
+}
+
 /// The wire bytes `compressor` makes of `contents` (pages one after another) in blocks as
 /// `compress_blocks` sends them.
 fn measure_blocks(contents: &[u8], compressor: &mut PageCompressor) -> u64 {
@@ -401,10 +406,7 @@ impl Offload {
     /// them: guest bytes in, wire bytes out (a block that does not shrink or fails counts
     /// whole). `contents` is scratch room for the pages.
     fn measure(&mut self, shared: &Shared<'_>, region: usize, pages: &[u32], contents: &mut Vec<u8>) -> (u64, u64) {
-        contents.resize(pages.len() * PAGE_SIZE_BYTES, 0);
-        for (&page, slot) in pages.iter().zip(contents.chunks_exact_mut(PAGE_SIZE_BYTES)) {
-            shared.memory.read_page(region, u64::from(page), slot);
-        }
+        read_pages(shared, region, pages, contents);
         let (inputs, _) = blocks(contents, self.queue.pages_per_operation());
         let mut output = 0u64;
         self.queue.compress_pages(&inputs, &mut |index, outcome| {
