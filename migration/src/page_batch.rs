@@ -290,9 +290,6 @@ fn parse_entry<'a>(
             }
             let (others, rest) = take(rest, 4 * (count - 1))?;
             let (inner, rest) = take(rest, 1)?;
-            if !COMPRESSED.iter().any(|(encoding, _)| *encoding as u8 == inner[0]) {
-                return Err(BatchError::UnknownEncoding { index, encoding: inner[0] });
-            }
             let codec = negotiated_codec(index, inner[0], limits)?;
             let (len, rest) = take(rest, 2)?;
             let len = usize::from(le_u16(len));
@@ -315,10 +312,12 @@ fn parse_entry<'a>(
     Ok((entry, rest))
 }
 
-/// The codec of compressed encoding `encoding` (one of `COMPRESSED`), where the session
-/// negotiated it: its own codec, or adaptive, which may choose it.
+/// The codec of compressed encoding `encoding`, where the session negotiated it: its own
+/// codec, or adaptive, which may choose it. Any byte not in `COMPRESSED` is unknown here.
 fn negotiated_codec(index: usize, encoding: u8, limits: &BatchLimits<'_>) -> Result<Codec, BatchError> {
-    let (_, codec) = *COMPRESSED.iter().find(|(e, _)| *e as u8 == encoding).expect("a compressed encoding");
+    let Some(&(_, codec)) = COMPRESSED.iter().find(|(e, _)| *e as u8 == encoding) else {
+        return Err(BatchError::UnknownEncoding { index, encoding });
+    };
     let codec = if encoding == Encoding::Zlib as u8 { limits.codec } else { codec };
     let negotiated = Encoding::of(limits.codec).map(|n| n as u8) == Some(encoding)
         || (limits.codec == Codec::Adaptive && codec.adaptive_may_choose());
