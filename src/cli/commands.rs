@@ -27,12 +27,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Recv(args) => recv(args),
         Command::StreamSend(args) => {
             let connector = connector_for(&args.stack, !args.no_pin, &args.to, Timeouts::default())?;
-            super::stream::send(&*connector.0, args.bytes, args.streams)
+            super::stream::send(&*connector.0, args.bytes, args.streams, stream_pump(args.connection_threads))
         }
         Command::StreamRecv(args) => {
             let (mut acceptor, _stack) = acceptor_for(&args.stack, !args.no_pin, args.listen, Timeouts::default())?;
             eprintln!("vmigrate: waiting for a stream on {}", acceptor.local_addr());
-            super::stream::receive(&mut *acceptor, args.streams)
+            super::stream::receive(&mut *acceptor, args.streams, stream_pump(args.connection_threads))
         }
         Command::QemuSend(args) => super::relay::qemu_send(args),
         Command::QemuRecv(args) => super::relay::qemu_recv(args),
@@ -42,8 +42,17 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::StreamLoopback(args) => {
             let options = LoopbackOptions { mtu: args.mtu, pin: !args.no_pin, ..loopback_options(&args.dataplane) };
             let streams = args.streams.unwrap_or(options.cores);
-            super::stream::loopback(args.bytes, options, streams, &args.tls)
+            super::stream::loopback(args.bytes, options, streams, &args.tls, stream_pump(args.connection_threads))
         }
+    }
+}
+
+/// Who moves a benchmark stream's bytes, from `--connection-threads`.
+fn stream_pump(connection_threads: bool) -> super::stream::Pump {
+    if connection_threads {
+        super::stream::Pump::Threads
+    } else {
+        super::stream::Pump::Core
     }
 }
 

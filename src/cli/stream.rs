@@ -8,10 +8,24 @@ use anyhow::{bail, Context, Result};
 use dataplane::stack::{LoopbackOptions, LoopbackStack};
 use std::io::{Read, Write};
 use std::process::ExitCode;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 use transport::pipe::{Acceptor, Connector, Timeouts};
 
+mod direct;
+
 const WRITE_BYTES: usize = 1 << 20;
+
+/// Who moves a stream's bytes between the application and the socket.
+#[derive(Clone, Copy, Debug)]
+pub enum Pump {
+    /// The polling core, where the stack has one (as the engine does by default): it
+    /// pulls from the application's block and hands what arrives to a sink.
+    Core,
+    /// The application's own threads, writing and reading the connection's pipe (the
+    /// kernel's TCP always works this way).
+    Threads,
+}
 
 fn report(role: &str, bytes: u64, elapsed: Duration, cpu: Duration) -> serde_json::Value {
     let seconds = elapsed.as_secs_f64();
@@ -25,15 +39,20 @@ fn report(role: &str, bytes: u64, elapsed: Duration, cpu: Duration) -> serde_jso
     })
 }
 
-fn write_stream(connector: &dyn Connector, bytes: u64) -> Result<()> {
+fn write_stream(connector: &dyn Connector, bytes: u64, pump: Pump) -> Result<()> {
     let mut connection = connector.connect().context("connecting")?;
-    let block: Vec<u8> = (0..WRITE_BYTES).map(|i| (i * 7) as u8).collect();
+    let block: Arc<[u8]> = (0..WRITE_BYTES).map(|i| (i * 7) as u8).collect();
     connection.writer.write_all(&bytes.to_le_bytes())?;
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(WRITE_BYTES as u64) as usize;
-        connection.writer.write_all(&block[..n])?;
-        left -= n as u64;
+    match (pump, connection.direct_send.take()) {
+        (Pump::Core, Some(attach)) => attach(Box::new(direct::Repeat::new(block, bytes))),
+        _ => {
+            let mut left = bytes;
+            while left > 0 {
+                let n = left.min(WRITE_BYTES as u64) as usize;
+                connection.writer.write_all(&block[..n])?;
+                left -= n as u64;
+            }
+        }
     }
     // Wait for the receiver's acknowledgement, so the time covers delivery.
     let mut ack = [0u8; 8];
@@ -47,12 +66,12 @@ fn write_stream(connector: &dyn Connector, bytes: u64) -> Result<()> {
 
 /// Takes `streams` connections and reads them in parallel: the bytes of all, and the
 /// longest of their times.
-fn read_streams(acceptor: &mut dyn Acceptor, streams: usize) -> Result<(u64, Duration)> {
+fn read_streams(acceptor: &mut dyn Acceptor, streams: usize, pump: Pump) -> Result<(u64, Duration)> {
     let connections: Vec<_> = (0..streams.max(1))
         .map(|_| acceptor.accept(Duration::from_secs(60)).context("waiting for a stream"))
         .collect::<Result<_>>()?;
     let totals = std::thread::scope(|scope| {
-        let readers: Vec<_> = connections.into_iter().map(|c| scope.spawn(move || read_connection(c))).collect();
+        let readers: Vec<_> = connections.into_iter().map(|c| scope.spawn(move || read_connection(c, pump))).collect();
         readers
             .into_iter()
             .map(|h| h.join().map_err(|_| anyhow::anyhow!("reader panicked"))?)
@@ -62,27 +81,28 @@ fn read_streams(acceptor: &mut dyn Acceptor, streams: usize) -> Result<(u64, Dur
 }
 
 /// `streams` connections, each sending `bytes`, in parallel.
-fn write_streams(connector: &dyn Connector, bytes: u64, streams: usize) -> Result<()> {
+fn write_streams(connector: &dyn Connector, bytes: u64, streams: usize, pump: Pump) -> Result<()> {
     std::thread::scope(|scope| {
-        let writers: Vec<_> = (0..streams.max(1)).map(|_| scope.spawn(|| write_stream(connector, bytes))).collect();
+        let writers: Vec<_> =
+            (0..streams.max(1)).map(|_| scope.spawn(|| write_stream(connector, bytes, pump))).collect();
         writers.into_iter().try_for_each(|w| w.join().map_err(|_| anyhow::anyhow!("writer panicked"))?)
     })
 }
 
-fn read_connection(mut connection: transport::pipe::Connection) -> Result<(u64, Duration)> {
+fn read_connection(mut connection: transport::pipe::Connection, pump: Pump) -> Result<(u64, Duration)> {
     let mut header = [0u8; 8];
     connection.reader.read_exact(&mut header)?;
     let start = Instant::now();
     let expected = u64::from_le_bytes(header);
-    let mut buffer = vec![0u8; WRITE_BYTES];
-    let mut received = 0u64;
-    while received < expected {
-        let n = connection.reader.read(&mut buffer)?;
-        if n == 0 {
-            bail!("stream ended after {received} of {expected} bytes");
+    let received = match (pump, connection.direct_receive.take()) {
+        (Pump::Core, Some(attach)) => {
+            let (done, finished) = mpsc::channel();
+            let reader = std::mem::replace(&mut connection.reader, Box::new(std::io::empty()));
+            attach(reader, Box::new(direct::Sink::new(WRITE_BYTES, expected, done)));
+            finished.recv().context("the core dropped the stream")?.map_err(anyhow::Error::msg)?
         }
-        received += n as u64;
-    }
+        _ => read_all(&mut *connection.reader, expected)?,
+    };
     let elapsed = start.elapsed();
     connection.writer.write_all(&received.to_le_bytes())?;
     // Let the acknowledgement leave before the connection goes.
@@ -91,25 +111,45 @@ fn read_connection(mut connection: transport::pipe::Connection) -> Result<(u64, 
     Ok((received, elapsed))
 }
 
+/// Reads `expected` bytes into a buffer, a megabyte at a time.
+fn read_all(reader: &mut dyn Read, expected: u64) -> Result<u64> {
+    let mut buffer = vec![0u8; WRITE_BYTES];
+    let mut received = 0u64;
+    while received < expected {
+        let n = reader.read(&mut buffer)?;
+        if n == 0 {
+            bail!("stream ended after {received} of {expected} bytes");
+        }
+        received += n as u64;
+    }
+    Ok(received)
+}
+
 /// `streams` bulk streams of `bytes` each; the report counts them all.
-pub fn send(connector: &dyn Connector, bytes: u64, streams: usize) -> Result<ExitCode> {
+pub fn send(connector: &dyn Connector, bytes: u64, streams: usize, pump: Pump) -> Result<ExitCode> {
     let (start, cpu) = (Instant::now(), cpu_time());
-    write_streams(connector, bytes, streams)?;
+    write_streams(connector, bytes, streams, pump)?;
     let total = bytes * streams.max(1) as u64;
     println!("{}", report("send", total, start.elapsed(), cpu_time() - cpu));
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn receive(acceptor: &mut dyn Acceptor, streams: usize) -> Result<ExitCode> {
+pub fn receive(acceptor: &mut dyn Acceptor, streams: usize, pump: Pump) -> Result<ExitCode> {
     let cpu = cpu_time();
-    let (bytes, elapsed) = read_streams(acceptor, streams)?;
+    let (bytes, elapsed) = read_streams(acceptor, streams, pump)?;
     println!("{}", report("recv", bytes, elapsed, cpu_time() - cpu));
     Ok(ExitCode::SUCCESS)
 }
 
 /// Both ends in this process, on dataplane cores joined by in-process wires: `streams`
 /// bulk streams of `bytes` each, in parallel (they spread over the cores).
-pub fn loopback(bytes: u64, options: LoopbackOptions, streams: usize, tls: &TlsOptions) -> Result<ExitCode> {
+pub fn loopback(
+    bytes: u64,
+    options: LoopbackOptions,
+    streams: usize,
+    tls: &TlsOptions,
+    pump: Pump,
+) -> Result<ExitCode> {
     let stack = LoopbackStack::start_with(options)?;
     let timeouts = Timeouts::default();
     let (connector, mut acceptor) = super::tls::secure_demo_link(
@@ -121,8 +161,8 @@ pub fn loopback(bytes: u64, options: LoopbackOptions, streams: usize, tls: &TlsO
     let cpu = cpu_time();
     let start = Instant::now();
     let (received, _) = std::thread::scope(|scope| -> Result<(u64, Duration)> {
-        let receiver = scope.spawn(|| read_streams(&mut *acceptor, streams));
-        write_streams(&*connector, bytes, streams)?;
+        let receiver = scope.spawn(|| read_streams(&mut *acceptor, streams, pump));
+        write_streams(&*connector, bytes, streams, pump)?;
         receiver.join().map_err(|_| anyhow::anyhow!("receiver panicked"))?
     })?;
     println!("{}", report("loopback", received, start.elapsed(), cpu_time() - cpu));

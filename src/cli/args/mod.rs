@@ -83,6 +83,12 @@ pub struct StreamSendArgs {
     pub streams: usize,
     #[command(flatten)]
     pub stack: StackOptions,
+    /// Have the application's threads write and read each stream through the connection's
+    /// pipe, even where our stack's polling core could move the bytes between the socket
+    /// and the application's buffers itself, as the engine has it do (to measure what that
+    /// saves). The kernel's TCP always works through threads.
+    #[arg(long)]
+    pub connection_threads: bool,
     #[arg(long)]
     pub no_pin: bool,
 }
@@ -96,6 +102,12 @@ pub struct StreamRecvArgs {
     pub streams: usize,
     #[command(flatten)]
     pub stack: StackOptions,
+    /// Have the application's threads write and read each stream through the connection's
+    /// pipe, even where our stack's polling core could move the bytes between the socket
+    /// and the application's buffers itself, as the engine has it do (to measure what that
+    /// saves). The kernel's TCP always works through threads.
+    #[arg(long)]
+    pub connection_threads: bool,
     #[arg(long)]
     pub no_pin: bool,
 }
@@ -112,6 +124,12 @@ pub struct StreamLoopbackArgs {
     pub dataplane: DataplaneOptions,
     #[arg(long, default_value_t = 1500)]
     pub mtu: usize,
+    /// Have the application's threads write and read each stream through the connection's
+    /// pipe, even where our stack's polling core could move the bytes between the socket
+    /// and the application's buffers itself, as the engine has it do (to measure what that
+    /// saves). The kernel's TCP always works through threads.
+    #[arg(long)]
+    pub connection_threads: bool,
     #[arg(long)]
     pub no_pin: bool,
     #[command(flatten)]
