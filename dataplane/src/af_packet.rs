@@ -492,7 +492,7 @@ impl Device for AfPacket {
         caps.checksum.tcp = if self.tx.offload { Checksum::None } else { Checksum::Tx };
         caps.max_transmission_unit = self.mtu + 14;
         if self.tx.offload {
-            caps.segmentation.tcpv4 = NonZeroUsize::new(SUPER_FRAME_BYTES);
+            caps.segmentation.tcpv4 = NonZeroUsize::new(crate::KERNEL_SEGMENT_FRAME_BYTES);
         }
         caps.max_burst_size = Some(TX_BATCH);
         caps

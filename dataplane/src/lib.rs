@@ -31,6 +31,12 @@ pub mod wire;
 /// TAP): the largest IPv4 packet, and its Ethernet header.
 pub const SUPER_FRAME_BYTES: usize = u16::MAX as usize + 14;
 
+/// The largest frame our stack hands the kernel to pass on whole (TAP, AF_PACKET): the
+/// kernel cuts any GSO packet of its `gso_max_size` (64 KiB) or more in software before a
+/// device sees it (`gso_features_check` in net/core/dev.c), so a segment of
+/// `SUPER_FRAME_BYTES` would cross a veth as MTU-sized frames.
+pub const KERNEL_SEGMENT_FRAME_BYTES: usize = 65535;
+
 /// The smoltcp address types a caller needs to configure a stack.
 pub mod wire_types {
     pub use smoltcp::wire::{EthernetAddress, IpCidr};

@@ -220,7 +220,7 @@ impl Device for TapQueue {
         if self.transmit.offload {
             // The kernel finishes what we send and vouches for (or we check) what we get.
             caps.checksum.tcp = Checksum::None;
-            caps.segmentation.tcpv4 = NonZeroUsize::new(SUPER_FRAME_BYTES);
+            caps.segmentation.tcpv4 = NonZeroUsize::new(crate::KERNEL_SEGMENT_FRAME_BYTES);
         }
         caps
     }
