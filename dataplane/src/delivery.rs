@@ -1,32 +1,64 @@
 //! Delivering a connection's incoming bytes to a handed-over read side (`Inbound`) on the
 //! core's own thread: first what had already gone into the application's ring, then
-//! straight from the socket's receive buffer. The `Inbound` takes what it can; what it
-//! leaves stays in the socket, whose window closes until it takes more.
+//! straight from the segments as they arrive (the socket's direct receiver: no copy into
+//! its receive buffer), and whatever those left from the socket's receive buffer. The
+//! `Inbound` takes what it can; what it leaves stays in the socket, whose window closes
+//! until it takes more.
 
 use crate::pipe::{HandedInbound, PipeShared};
-use smoltcp::socket::tcp::{self, State};
+use smoltcp::socket::tcp::{self, DirectReceiver, State};
 use smoltcp::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use transport::pipe::Inbound;
 
-pub(crate) struct Delivery {
+/// The `Inbound`, shared by the delivery and the socket's direct receiver (both on the
+/// core's thread: the lock is never contended, only `Send` needs it).
+struct Target {
     inbound: Box<dyn Inbound>,
+    ended: bool,
+    /// Bytes the direct receiver gave it since the delivery last looked.
+    arrived: usize,
+}
+
+pub(crate) struct Delivery {
+    target: Arc<Mutex<Target>>,
+    /// The socket's direct receiver is set.
+    direct: bool,
     timeout: Duration,
     /// A chunk of `from_net`, partly delivered (chunk, offset).
     feeding: Option<(Vec<u8>, usize)>,
     /// Since when the peer has been silent while the `Inbound` waited for it.
     quiet_since: Option<Instant>,
-    ended: bool,
 }
 
 impl Delivery {
     pub(crate) fn new(handed: HandedInbound) -> Self {
         Delivery {
-            inbound: handed.inbound,
+            target: Arc::new(Mutex::new(Target { inbound: handed.inbound, ended: false, arrived: 0 })),
+            direct: false,
             timeout: handed.timeout.into(),
             feeding: handed.unread,
             quiet_since: None,
-            ended: false,
         }
+    }
+
+    fn target(&self) -> MutexGuard<'_, Target> {
+        self.target.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A receiver for the socket that hands in-order segments to the `Inbound` as they
+    /// arrive, until the stream has ended for it.
+    fn direct_receiver(&self) -> DirectReceiver {
+        let target = self.target.clone();
+        DirectReceiver::new(move |payload| {
+            let mut target = target.lock().unwrap_or_else(PoisonError::into_inner);
+            if target.ended {
+                return 0;
+            }
+            let taken = target.inbound.receive(payload);
+            target.arrived += taken;
+            taken
+        })
     }
 
     /// Delivers up to `budget` bytes; returns whether any moved or the stream ended.
@@ -37,7 +69,7 @@ impl Delivery {
         now: Instant,
         budget: usize,
     ) -> bool {
-        if self.ended {
+        if self.target().ended {
             return false;
         }
         let mut progress = false;
@@ -55,7 +87,7 @@ impl Delivery {
                     None => break,
                 },
             };
-            let taken = self.inbound.receive(&chunk[*offset..]);
+            let taken = self.target.lock().unwrap_or_else(PoisonError::into_inner).inbound.receive(&chunk[*offset..]);
             *offset += taken;
             progress |= taken > 0;
             if *offset < chunk.len() {
@@ -66,9 +98,16 @@ impl Delivery {
             }
         }
 
-        let mut arrived = 0;
+        // Everything from before the hand-over is in: from now on segments may go straight
+        // to the `Inbound` (the socket offers them only while its buffer is empty).
+        if !self.direct {
+            socket.set_direct_receiver(Some(self.direct_receiver()));
+            self.direct = true;
+        }
+        let mut target = self.target.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut arrived = std::mem::take(&mut target.arrived);
         while arrived < budget && socket.can_recv() {
-            let inbound = &mut self.inbound;
+            let inbound = &mut target.inbound;
             let taken = socket
                 .recv(|data| {
                     let n = inbound.receive(data);
@@ -82,15 +121,17 @@ impl Delivery {
         }
         if !socket.can_recv() {
             // Nothing new: a poll, so that what the `Inbound` holds moves on.
-            self.inbound.receive(&[]);
+            target.inbound.receive(&[]);
         }
+        let holding = target.inbound.holding();
+        drop(target);
         progress |= arrived > 0;
 
         if !socket.can_recv() && !socket.may_recv() && socket.state() != State::Established {
             self.end(Ok(()));
             return true;
         }
-        if arrived > 0 || self.inbound.holding() {
+        if arrived > 0 || holding {
             self.quiet_since = None;
         } else if now - *self.quiet_since.get_or_insert(now) > self.timeout {
             self.end(Err("peer silent for too long (read timed out)"));
@@ -101,9 +142,10 @@ impl Delivery {
 
     /// Ends the stream for the `Inbound`, once.
     pub(crate) fn end(&mut self, how: Result<(), &str>) {
-        if !self.ended {
-            self.ended = true;
-            self.inbound.end(how);
+        let mut target = self.target();
+        if !target.ended {
+            target.ended = true;
+            target.inbound.end(how);
         }
     }
 }

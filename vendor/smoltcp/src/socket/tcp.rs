@@ -464,6 +464,33 @@ pub enum CongestionControl {
     Cubic,
 }
 
+/// A receiver that takes in-order data straight from arriving segments, before it would be
+/// copied into the receive buffer; see [`Socket::set_direct_receiver`].
+///
+/// It is called with the payload of a segment that arrives in order while the receive
+/// buffer is empty, and returns how many octets from the front it took (the rest goes into
+/// the receive buffer as usual).
+///
+/// It owns what it captures (`'static`), so that a socket holding one can still live in
+/// storage borrowed for a shorter time (the socket's own lifetime is not part of it).
+#[cfg(feature = "alloc")]
+pub struct DirectReceiver(alloc::boxed::Box<dyn FnMut(&[u8]) -> usize + Send>);
+
+#[cfg(feature = "alloc")]
+impl DirectReceiver {
+    /// Wrap `receive`, which returns how many octets from the front of each payload it took.
+    pub fn new(receive: impl FnMut(&[u8]) -> usize + Send + 'static) -> Self {
+        DirectReceiver(alloc::boxed::Box::new(receive))
+    }
+}
+
+#[cfg(feature = "alloc")]
+impl fmt::Debug for DirectReceiver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DirectReceiver")
+    }
+}
+
 /// A Transmission Control Protocol socket.
 ///
 /// A TCP socket may passively listen for connections or actively connect to another endpoint.
@@ -535,6 +562,10 @@ pub struct Socket<'a> {
     /// sent when recovery began (RFC 6582's "recover"). An ACK below it is a partial ACK:
     /// the next hole is retransmitted at once rather than after a timeout.
     fast_recovery_end: Option<TcpSeqNumber>,
+
+    /// Takes in-order data before it is buffered, if set.
+    #[cfg(feature = "alloc")]
+    direct_receiver: Option<DirectReceiver>,
 
     /// Duration for Delayed ACK. If None no ACKs will be delayed.
     ack_delay: Option<Duration>,
@@ -626,6 +657,8 @@ impl<'a> Socket<'a> {
             local_rx_last_seq: None,
             local_rx_dup_acks: 0,
             pending_fast_retransmit: false,
+            #[cfg(feature = "alloc")]
+            direct_receiver: None,
             retransmissions: 0,
             fast_recovery_end: None,
             ack_delay: Some(ACK_DELAY_DEFAULT),
@@ -873,6 +906,23 @@ impl<'a> Socket<'a> {
     /// each retransmission timeout, fast retransmit and partial-ACK retransmit counts once.
     pub fn retransmissions(&self) -> u64 {
         self.retransmissions
+    }
+
+    /// Set a receiver that takes in-order data straight from arriving segments, or remove
+    /// it with `None`.
+    ///
+    /// While the receive buffer is empty, the payload of a segment that arrives in order is
+    /// offered to `receiver` first, and what it takes is never copied into the buffer: it
+    /// counts as received and read at once, so the window stays open. Whatever it leaves,
+    /// and everything that arrives while the buffer holds data or out of order, is buffered
+    /// as usual, so the octets still reach the application in order; a receiver set while
+    /// the buffer holds data sees nothing until the application has read that data. This
+    /// saves a copy where the application would take the data straight out of the buffer
+    /// anyway (a userspace stack on a polling core handing bytes to its consumer). Like
+    /// the socket's other settings, it stays set when the connection closes or resets.
+    #[cfg(feature = "alloc")]
+    pub fn set_direct_receiver(&mut self, receiver: Option<DirectReceiver>) {
+        self.direct_receiver = receiver;
     }
 
     /// Return the keep-alive interval.
@@ -2277,10 +2327,26 @@ impl<'a> Socket<'a> {
             self.timer.set_for_idle(cx.now(), self.keep_alive);
         }
 
-        let payload_len = payload.len();
-        if payload_len == 0 {
+        if payload.is_empty() {
             return None;
         }
+
+        // In order, with nothing buffered before it: the direct receiver takes what it can
+        // straight from the segment, as if the application had read it from the buffer.
+        #[cfg(feature = "alloc")]
+        let payload = match self.direct_receiver.as_mut() {
+            Some(receiver)
+                if payload_offset == 0
+                    && self.rx_buffer.is_empty()
+                    && self.assembler.is_empty() =>
+            {
+                let taken = (receiver.0)(payload).min(payload.len());
+                self.remote_seq_no += taken;
+                &payload[taken..]
+            }
+            _ => payload,
+        };
+        let payload_len = payload.len();
 
         let assembler_was_empty = self.assembler.is_empty();
 
@@ -9036,6 +9102,137 @@ mod test {
             (buffer.len(), ())
         })
         .unwrap();
+    }
+
+    /// A direct receiver that records what it is offered and takes at most `limit` octets of
+    /// each payload.
+    #[cfg(feature = "alloc")]
+    fn direct_receiver(
+        limit: usize,
+    ) -> (DirectReceiver, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+        let taken = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let into = taken.clone();
+        let receiver = DirectReceiver::new(move |payload: &[u8]| {
+            let n = payload.len().min(limit);
+            into.lock().unwrap().extend_from_slice(&payload[..n]);
+            n
+        });
+        (receiver, taken)
+    }
+
+    #[test]
+    #[cfg(feature = "alloc")]
+    fn test_direct_receiver_takes_in_order_data_unbuffered() {
+        let mut s = socket_established();
+        let (receiver, taken) = direct_receiver(usize::MAX);
+        s.set_direct_receiver(Some(receiver));
+        send!(
+            s,
+            TcpRepr {
+                seq_number: REMOTE_SEQ + 1,
+                ack_number: Some(LOCAL_SEQ + 1),
+                payload: &b"abcdef"[..],
+                ..SEND_TEMPL
+            }
+        );
+        // Acknowledged, and the window stays whole: nothing went into the buffer.
+        recv!(
+            s,
+            [TcpRepr {
+                seq_number: LOCAL_SEQ + 1,
+                ack_number: Some(REMOTE_SEQ + 1 + 6),
+                window_len: 64,
+                ..RECV_TEMPL
+            }]
+        );
+        assert_eq!(&taken.lock().unwrap()[..], b"abcdef");
+        assert!(s.rx_buffer.is_empty());
+    }
+
+    #[test]
+    #[cfg(feature = "alloc")]
+    fn test_direct_receiver_keeps_the_order() {
+        let mut s = socket_established();
+        let (receiver, taken) = direct_receiver(2);
+        s.set_direct_receiver(Some(receiver));
+        // Out of order: buffered, not offered.
+        send!(
+            s,
+            TcpRepr {
+                seq_number: REMOTE_SEQ + 1 + 3,
+                ack_number: Some(LOCAL_SEQ + 1),
+                payload: &b"def"[..],
+                ..SEND_TEMPL
+            },
+            Some(TcpRepr {
+                seq_number: LOCAL_SEQ + 1,
+                ack_number: Some(REMOTE_SEQ + 1),
+                ..RECV_TEMPL
+            })
+        );
+        // Filling the hole while the assembler holds data: buffered as usual.
+        send!(
+            s,
+            TcpRepr {
+                seq_number: REMOTE_SEQ + 1,
+                ack_number: Some(LOCAL_SEQ + 1),
+                payload: &b"abc"[..],
+                ..SEND_TEMPL
+            },
+            Some(TcpRepr {
+                seq_number: LOCAL_SEQ + 1,
+                ack_number: Some(REMOTE_SEQ + 1 + 6),
+                window_len: 58,
+                ..RECV_TEMPL
+            })
+        );
+        assert!(taken.lock().unwrap().is_empty());
+        // In order, but the buffer holds data the application has not read: buffered.
+        send!(
+            s,
+            TcpRepr {
+                seq_number: REMOTE_SEQ + 1 + 6,
+                ack_number: Some(LOCAL_SEQ + 1),
+                payload: &b"ghi"[..],
+                ..SEND_TEMPL
+            }
+        );
+        assert!(taken.lock().unwrap().is_empty());
+        s.recv(|buffer| {
+            assert_eq!(buffer, b"abcdefghi");
+            (buffer.len(), ())
+        })
+        .unwrap();
+        // In order with the buffer empty: the receiver takes two octets, the third is
+        // buffered behind them.
+        send!(
+            s,
+            TcpRepr {
+                seq_number: REMOTE_SEQ + 1 + 9,
+                ack_number: Some(LOCAL_SEQ + 1),
+                payload: &b"jkl"[..],
+                ..SEND_TEMPL
+            }
+        );
+        assert_eq!(&taken.lock().unwrap()[..], b"jk");
+        s.recv(|buffer| {
+            assert_eq!(buffer, b"l");
+            (buffer.len(), ())
+        })
+        .unwrap();
+        // Removed: everything is buffered again.
+        s.set_direct_receiver(None);
+        send!(
+            s,
+            TcpRepr {
+                seq_number: REMOTE_SEQ + 1 + 12,
+                ack_number: Some(LOCAL_SEQ + 1),
+                payload: &b"mn"[..],
+                ..SEND_TEMPL
+            }
+        );
+        assert_eq!(&taken.lock().unwrap()[..], b"jk");
+        assert_eq!(s.rx_buffer.dequeue_many(2), &b"mn"[..]);
     }
 
     #[test]
