@@ -333,6 +333,10 @@ impl<D: Device> Core<D> {
         {
             self.iterate(&mut idle);
         }
+        // A last time, so that a reader after the stop sees the whole run.
+        self.now = self.clock.now();
+        self.meter.began(self.now);
+        self.publish_stats();
     }
 
     /// One round of the core's loop: the stack, new connections, every pipe, cleanup; then

@@ -9,6 +9,7 @@ use super::report;
 use super::stacks::{acceptor_for, connector_for, core_config, device_wrappers, io_timeouts, loopback_options};
 use anyhow::{Context, Result};
 use dataplane::stack::{CoreStack, LoopbackOptions, LoopbackStack};
+use dataplane::stats::StackMeter;
 use engine::cancel::Cancel;
 use engine::config::{DestinationConfig, SourceConfig};
 use engine::destination::{receive, DestinationReport};
@@ -116,9 +117,20 @@ type DemoLink = (Box<dyn Connector>, Box<dyn Acceptor + Send>, DemoCores);
 /// The dataplane cores under the demo's link.
 enum DemoCores {
     None,
-    Loopback(#[allow(dead_code)] LoopbackStack),
+    Loopback(LoopbackStack),
     /// The source's stack and the destination's, each on its own DPDK port.
-    Dpdk(#[allow(dead_code)] CoreStack, #[allow(dead_code)] CoreStack),
+    Dpdk(CoreStack, CoreStack),
+}
+
+impl DemoCores {
+    /// The source's cores and the destination's, for their figures.
+    fn meters(&self) -> Option<(StackMeter, StackMeter)> {
+        match self {
+            DemoCores::None => None,
+            DemoCores::Loopback(stack) => Some(stack.meters()),
+            DemoCores::Dpdk(source, destination) => Some((source.meter(), destination.meter())),
+        }
+    }
 }
 
 fn demo_link(args: &DemoArgs) -> Result<DemoLink> {
@@ -180,7 +192,8 @@ fn demo_eal(args: &DemoArgs) -> Result<Vec<String>> {
 fn demo(args: DemoArgs) -> Result<ExitCode> {
     let source_guest = SourceGuest::boot(&args.guest, &args.common)?;
     let backing = source_guest.backing();
-    let (connector, acceptor, _stack) = demo_link(&args)?;
+    let (connector, acceptor, stack) = demo_link(&args)?;
+    let meters = stack.meters();
     let (connector, mut acceptor) = super::tls::secure_demo_link(&args.tls, connector, acceptor)?;
     let mut vm = DestinationGuest::new(args.guest.guest, args.guest.mem, &args.common)?;
     // Both ends run here: each side's polling cores, and the rest shared by two pools.
@@ -216,6 +229,11 @@ fn demo(args: DemoArgs) -> Result<ExitCode> {
         }
     };
     let (dest_report, mut dest_guest) = destination.context("destination failed")?;
+    // The cores publish their figures a last time as they stop.
+    drop(stack);
+    let dataplane = meters.map(|(source, destination)| {
+        serde_json::json!({"source": report::dataplane(&source), "destination": report::dataplane(&destination)})
+    });
     if let Some(times) = source_guest.switchover_times() {
         // Both ends of the KVM guest's switchover in one place: the source's pause and
         // state save, the destination's VM build.
@@ -224,19 +242,23 @@ fn demo(args: DemoArgs) -> Result<ExitCode> {
         dest_guest["switchover"]["state-bytes"] = times.state_bytes.into();
     }
     stats.guest_backing = backing;
-    print_outcome(&stats, Some(&dest_report), Some(&dest_guest), args.common.json)
+    print_outcome(&stats, Some(&dest_report), Some(&dest_guest), dataplane, args.common.json)
 }
 
 fn print_outcome(
     stats: &migration::stats::MigrationStats,
     destination: Option<&DestinationReport>,
     guest: Option<&serde_json::Value>,
+    dataplane: Option<serde_json::Value>,
     json: bool,
 ) -> Result<ExitCode> {
     if json {
         let mut value = serde_json::to_value(stats)?;
         if let Some(destination) = destination {
             value["destination"] = serde_json::to_value(destination)?;
+        }
+        if let Some(dataplane) = dataplane {
+            value["dataplane"] = dataplane;
         }
         if let Some(guest) = guest {
             value["destination-guest"] = guest.clone();
@@ -302,7 +324,7 @@ fn send(args: SendArgs) -> Result<ExitCode> {
                     t.state_save_us
                 );
             }
-            print_outcome(&stats, None, None, args.common.json)
+            print_outcome(&stats, None, None, None, args.common.json)
         }
         Err(err) => {
             // The engine resumed the guest; show that it really runs on.

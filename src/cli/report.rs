@@ -170,3 +170,13 @@ pub fn print_destination(report: &DestinationReport, guest: &serde_json::Value) 
         }
     }
 }
+
+/// One side's polling cores over a run, for the JSON report: how many, and the seconds
+/// they spent in iterations that moved something (busy) and in all (running). Busy core
+/// seconds per GiB is what a core costs a byte, whatever the machine has to spare.
+pub fn dataplane(meter: &dataplane::stats::StackMeter) -> serde_json::Value {
+    let cores = meter.snapshot();
+    let busy: f64 = cores.iter().map(|core| core.busy.as_secs_f64()).sum();
+    let running: f64 = cores.iter().map(|core| core.running.as_secs_f64()).sum();
+    serde_json::json!({"cores": cores.len(), "busy-seconds": busy, "running-seconds": running})
+}

@@ -51,6 +51,13 @@ fn demo_runs_and_reports_qemu_names() {
     assert!(
         value["guest-backing"].as_str().unwrap().starts_with("hugetlb") || value["guest-backing"] == "anonymous-thp"
     );
+    // The default stack's polling cores, each side: busy for part of the time they ran.
+    for side in ["source", "destination"] {
+        let plane = &value["dataplane"][side];
+        assert_eq!(plane["cores"], 1, "{side}");
+        let (busy, running) = (plane["busy-seconds"].as_f64().unwrap(), plane["running-seconds"].as_f64().unwrap());
+        assert!(busy > 0.0 && busy <= running, "{side}: busy {busy} s of {running} s");
+    }
 }
 
 /// Rounds of 2 s (24 MiB at 100 Mbit/s) under a 1 s `--io-timeout`: connection 0 carries
