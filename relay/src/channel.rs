@@ -313,6 +313,9 @@ impl Up<'_> {
             );
         }
         self.out.pages(&mut self.pages, false, &mut self.stats, abort)?;
+        if completing(&self.stream) && self.stats.ram_ended_at_us.is_none() {
+            self.stats.ram_ended_at_us = Some(crate::stats::wall_clock_us());
+        }
         if completing(&self.stream) && self.pages.page.is_empty() {
             // QEMU's stream may end here, and with the return path QEMU keeps its socket
             // open until the destination has loaded: the digest so far lets the
@@ -326,6 +329,7 @@ impl Up<'_> {
                 None => self.ending.clear(),
             }
             if ends_at_end_marker(&self.ending) {
+                self.stats.end_marker_at_us.get_or_insert_with(crate::stats::wall_clock_us);
                 self.controls.meter.main_ended.store(true, Ordering::Release);
                 self.out.control(FrameKind::StreamCheckpoint, &self.digest.end().encode(), abort)?;
             }
@@ -357,6 +361,7 @@ impl Up<'_> {
             let sent = squeezers.finish()?;
             stats.wire_bytes = sent.wire_bytes;
             stats.chunks = sent.chunks;
+            stats.end_marker_sent_at_us = sent.checkpoint_sent_at_us;
             counts.raw -= sent.packed_pages;
             counts.packed += sent.packed_pages;
             codecs = sent.codecs;
@@ -551,6 +556,7 @@ fn pump_down(local: UnixStream, net: Incoming<'_>, abort: &SessionAbort) -> Resu
             }
             // Everything so far checks out: the end-of-file marker may go on.
             FrameKind::StreamCheckpoint => {
+                qemu.stats.end_marker_arrived_at_us.get_or_insert_with(crate::stats::wall_clock_us);
                 if channel == 0 {
                     caches.controls.meter.main_ended.store(true, Ordering::Release);
                 }
@@ -652,6 +658,11 @@ mod tests {
         (received, source, destination)
     }
 
+    /// What both relays count of a direction (the times and waits are each relay's own).
+    fn counted(stats: &DirectionStats) -> [u64; 5] {
+        [stats.bytes, stats.wire_bytes, stats.chunks, stats.undelivered, stats.held_for_digest]
+    }
+
     #[test]
     fn a_stream_arrives_exactly_as_written_with_every_codec() {
         let data: Vec<u8> = (0..1_000_000u32).flat_map(|i| (i / 7).to_le_bytes()).collect();
@@ -659,7 +670,7 @@ mod tests {
             let (received, source, destination) = carry(data.clone(), codec);
             assert!(received == data, "{codec}: the stream changed on the way");
             assert_eq!(source.sent.bytes, data.len() as u64);
-            assert_eq!(destination.received, source.sent, "both relays count the same");
+            assert_eq!(counted(&destination.received), counted(&source.sent), "both relays count the same");
             if codec != Codec::None {
                 assert!(source.sent.wire_bytes < source.sent.bytes / 2, "{codec}: {:?}", source.sent);
             }
@@ -707,7 +718,7 @@ mod tests {
             assert!(received == stream, "{codec}: the stream changed on the way");
             assert_eq!(source.stream, "main");
             assert_eq!(source.not_understood, Some("a section type this reader does not know"), "{source:?}");
-            assert_eq!(destination.received, source.sent, "both relays count the same");
+            assert_eq!(counted(&destination.received), counted(&source.sent), "both relays count the same");
         }
     }
 
@@ -998,6 +1009,29 @@ mod tests {
             // Every page-aware chunk went through the pool, each with the codec chosen for it.
             assert_eq!(source.codecs.values().sum::<u64>(), source.sent.chunks, "{:?}", source.codecs);
         }
+    }
+
+    /// A completed main stream leaves each relay's stamps of its switchover, in order: the
+    /// source read the RAM's end, then the marker, then sent the digest after it; the
+    /// destination received the RAM's end, then the digest, then handed the marker on.
+    #[test]
+    fn a_completing_main_stream_is_stamped_at_each_step_of_its_switchover() {
+        let stream = main_stream_with_pages(&numeric_pages(40, 0));
+        let session = Session::new(Codec::Adaptive, 0);
+        let (received, source, destination) = session.carry(0, stream.clone()).join().unwrap();
+        assert!(received == stream, "the stream changed on the way");
+        let (sent, got) = (source.sent, destination.received);
+        let stamps = [
+            sent.ram_ended_at_us,
+            sent.end_marker_at_us,
+            sent.end_marker_sent_at_us,
+            got.end_marker_arrived_at_us,
+            got.end_marker_at_us,
+        ];
+        let stamps: Vec<u64> = stamps.iter().map(|stamp| stamp.expect("every step stamped")).collect();
+        assert!(stamps.windows(2).all(|pair| pair[0] <= pair[1]), "out of order: {stamps:?}");
+        let got_ram = got.ram_ended_at_us.expect("the destination saw the RAM's end");
+        assert!(sent.ram_ended_at_us.unwrap() <= got_ram && got_ram <= got.end_marker_at_us.unwrap());
     }
 
     #[test]

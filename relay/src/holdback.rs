@@ -40,6 +40,9 @@ impl HoldBack {
         if matches!(self.stream.kind(), Kind::Unknown | Kind::Main) {
             self.stream.feed(bytes, &mut |_| {});
         }
+        if completing(&self.stream) && self.stats.ram_ended_at_us.is_none() {
+            self.stats.ram_ended_at_us = Some(crate::stats::wall_clock_us());
+        }
         self.held.extend_from_slice(bytes);
         self.stats.bytes += bytes.len() as u64;
         self.stats.wire_bytes += wire as u64;
@@ -66,15 +69,18 @@ impl HoldBack {
     /// checks out, everything held goes on.
     pub fn checked(&mut self, point: &StreamEnd) -> Result<(), RelayFailure> {
         self.digest.check(point).map_err(RelayFailure::damaged)?;
-        self.stats.held_for_digest += completing(&self.stream)
-            .then(|| end_marker_candidate(&self.held))
-            .flatten()
-            .map_or(0, |at| (self.held.len() - at) as u64);
-        self.release()
+        let marker = completing(&self.stream).then(|| end_marker_candidate(&self.held)).flatten();
+        self.stats.held_for_digest += marker.map_or(0, |at| (self.held.len() - at) as u64);
+        self.release()?;
+        if marker.is_some() {
+            self.stats.end_marker_at_us.get_or_insert_with(crate::stats::wall_clock_us);
+        }
+        Ok(())
     }
 
     /// The stream ended and checked out: how it went.
     pub fn finish(mut self) -> Result<DirectionStats, RelayFailure> {
+        self.stats.writing_to_qemu_us = self.local.writing.as_micros() as u64;
         self.stats.undelivered = self.local.finish()?;
         Ok(self.stats)
     }

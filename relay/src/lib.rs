@@ -126,13 +126,8 @@ impl RelayReport {
         let mut sent = DirectionStats::default();
         let mut received = DirectionStats::default();
         for channel in &self.channels {
-            for (total, one) in [(&mut sent, &channel.sent), (&mut received, &channel.received)] {
-                total.bytes += one.bytes;
-                total.wire_bytes += one.wire_bytes;
-                total.chunks += one.chunks;
-                total.undelivered += one.undelivered;
-                total.held_for_digest += one.held_for_digest;
-            }
+            sent.add(&channel.sent);
+            received.add(&channel.received);
         }
         (sent, received)
     }

@@ -27,6 +27,8 @@ pub(crate) struct QemuSink {
     local: UnixStream,
     stream: StreamReader,
     closed: Option<Undelivered>,
+    /// Time spent in writes to QEMU (blocked while QEMU had not read what came before).
+    pub writing: std::time::Duration,
 }
 
 /// An error on this host's QEMU socket, said the way an operator reads it.
@@ -46,13 +48,16 @@ pub(crate) fn is_closed_by_qemu(err: &io::Error) -> bool {
 
 impl QemuSink {
     pub(crate) fn new(local: UnixStream) -> QemuSink {
-        QemuSink { local, stream: StreamReader::default(), closed: None }
+        QemuSink { local, stream: StreamReader::default(), closed: None, writing: std::time::Duration::ZERO }
     }
 
     /// Writes `bytes` to QEMU; once QEMU has closed a multifd channel, reads them instead.
     pub(crate) fn deliver(&mut self, bytes: &[u8]) -> Result<(), RelayFailure> {
         if self.closed.is_none() {
-            match self.local.write_all(bytes) {
+            let started = std::time::Instant::now();
+            let written = self.local.write_all(bytes);
+            self.writing += started.elapsed();
+            match written {
                 Ok(()) => {
                     // Read only what may need judging: a main stream closed early fails
                     // whatever it held, so its bytes are not parsed twice over.

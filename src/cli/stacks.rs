@@ -121,6 +121,16 @@ fn parse_mac(text: &str) -> Result<EthernetAddress> {
     Ok(EthernetAddress(bytes))
 }
 
+/// `--unsent-limit`, 0 for none.
+fn unsent_limit(stack: &StackOptions) -> Option<usize> {
+    nonzero(stack.unsent_limit)
+}
+
+/// A size option where 0 means the kernel's default.
+fn nonzero(bytes: u64) -> Option<usize> {
+    (bytes > 0).then(|| usize::try_from(bytes).unwrap_or(usize::MAX))
+}
+
 /// The source's side of the stack the options choose.
 pub(super) fn connector_for(
     stack: &StackOptions,
@@ -130,7 +140,9 @@ pub(super) fn connector_for(
 ) -> Result<(Box<dyn Connector>, Option<CoreStack>)> {
     let (connector, cores): (Box<dyn Connector>, _) = match stack.stack {
         NetStack::Kernel => {
-            let connector = TcpConnector::new(to, timeouts).with_context(|| format!("resolving {to}"))?;
+            let connector = TcpConnector::new(to, timeouts)
+                .with_context(|| format!("resolving {to}"))?
+                .with_unsent_limit(unsent_limit(stack));
             (Box::new(connector), None)
         }
         NetStack::Tap | NetStack::AfPacket | NetStack::Dpdk => {
@@ -151,7 +163,11 @@ pub(super) fn acceptor_for(
 ) -> Result<(Box<dyn Acceptor>, Option<CoreStack>)> {
     let (acceptor, cores): (Box<dyn Acceptor>, _) = match stack.stack {
         NetStack::Kernel => {
-            let acceptor = TcpAcceptor::bind(listen, timeouts).with_context(|| format!("listening on {listen}"))?;
+            let acceptor = TcpAcceptor::bind(listen, timeouts)
+                .with_context(|| format!("listening on {listen}"))?
+                .with_unsent_limit(unsent_limit(stack))
+                .with_receive_buffer(nonzero(stack.receive_buffer))
+                .context("setting --receive-buffer")?;
             (Box::new(acceptor), None)
         }
         NetStack::Tap | NetStack::AfPacket | NetStack::Dpdk => {

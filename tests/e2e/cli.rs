@@ -329,6 +329,21 @@ fn send_and_recv_in_two_processes() {
     two_processes("seq", &[]);
 }
 
+/// The kernel's socket tuning for links: the sender's unsent limit and the listener's
+/// fixed receive buffer; the migration verifies with both.
+#[test]
+fn send_and_recv_with_an_unsent_limit_and_a_receive_buffer() {
+    let receiver = Receiver::start(BIN, &["--json", "--run-after", "0.3", "--receive-buffer", "256KiB"]);
+    let sender = run(
+        Command::new(BIN)
+            .args(["send", "--to", receiver.address.as_str(), "--mem", "64MiB", "--workload", "seq"])
+            .args(["--verify", "--json", "--unsent-limit", "64KiB"]),
+        DEADLINE,
+    );
+    let received = receiver.wait(DEADLINE);
+    assert_migrated(&sender, &received);
+}
+
 #[test]
 fn send_and_recv_four_connections_zlib_xbzrle() {
     two_processes(

@@ -164,8 +164,39 @@ impl Default for Timeouts {
     }
 }
 
-fn tcp_connection(stream: TcpStream, timeouts: Timeouts) -> io::Result<Connection> {
+/// Caps the bytes written to `stream` and not yet sent by TCP (`TCP_NOTSENT_LOWAT`): a
+/// write blocks while more wait in the socket, so the rest waits in the writer. The socket
+/// then holds about what the link has in flight, not seconds of data behind it.
+fn limit_unsent(stream: &TcpStream, bytes: usize) -> io::Result<()> {
+    set_int_option(stream, libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, bytes)
+}
+
+/// Sets an integer socket option of `fd`'s.
+fn set_int_option(fd: &impl AsRawFd, level: libc::c_int, name: libc::c_int, value: usize) -> io::Result<()> {
+    let value = libc::c_int::try_from(value).unwrap_or(libc::c_int::MAX);
+    // SAFETY: a socket we own, and a c_int that lives across the call, whose size is the
+    // length given.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn tcp_connection(stream: TcpStream, timeouts: Timeouts, unsent_limit: Option<usize>) -> io::Result<Connection> {
     stream.set_nodelay(true)?;
+    if let Some(bytes) = unsent_limit {
+        limit_unsent(&stream, bytes)?;
+    }
     stream.set_read_timeout(Some(timeouts.io))?;
     stream.set_write_timeout(Some(timeouts.io))?;
     let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
@@ -190,6 +221,7 @@ fn tcp_connection(stream: TcpStream, timeouts: Timeouts) -> io::Result<Connectio
 pub struct TcpConnector {
     addrs: Vec<SocketAddr>,
     timeouts: Timeouts,
+    unsent_limit: Option<usize>,
 }
 
 impl TcpConnector {
@@ -198,7 +230,13 @@ impl TcpConnector {
         if addrs.is_empty() {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "address resolves to nothing"));
         }
-        Ok(TcpConnector { addrs, timeouts })
+        Ok(TcpConnector { addrs, timeouts, unsent_limit: None })
+    }
+
+    /// At most `bytes` written and not yet sent wait in each connection's socket (see
+    /// `limit_unsent`); `None`: the kernel's default (no limit beyond the send buffer).
+    pub fn with_unsent_limit(self, bytes: Option<usize>) -> Self {
+        TcpConnector { unsent_limit: bytes, ..self }
     }
 }
 
@@ -207,7 +245,7 @@ impl Connector for TcpConnector {
         let mut last = None;
         for addr in &self.addrs {
             match TcpStream::connect_timeout(addr, self.timeouts.connect) {
-                Ok(stream) => return tcp_connection(stream, self.timeouts),
+                Ok(stream) => return tcp_connection(stream, self.timeouts, self.unsent_limit),
                 Err(err) => last = Some(io::Error::new(err.kind(), format!("connect to {addr}: {err}"))),
             }
         }
@@ -218,13 +256,30 @@ impl Connector for TcpConnector {
 pub struct TcpAcceptor {
     listener: TcpListener,
     timeouts: Timeouts,
+    unsent_limit: Option<usize>,
 }
 
 impl TcpAcceptor {
     pub fn bind(addr: impl ToSocketAddrs, timeouts: Timeouts) -> io::Result<Self> {
         let listener = TcpListener::bind(addr)?;
         listener.set_nonblocking(true)?;
-        Ok(TcpAcceptor { listener, timeouts })
+        Ok(TcpAcceptor { listener, timeouts, unsent_limit: None })
+    }
+
+    /// As `TcpConnector::with_unsent_limit`, for the connections accepted.
+    pub fn with_unsent_limit(self, bytes: Option<usize>) -> Self {
+        TcpAcceptor { unsent_limit: bytes, ..self }
+    }
+
+    /// A receive buffer of `bytes` for the connections accepted (`SO_RCVBUF`, set on the
+    /// listener so that the window scale offered in the handshake fits it), in place of
+    /// the kernel's autotuning, which lets megabytes wait there while the application
+    /// behind the socket is the slower end; `None` keeps the autotuning.
+    pub fn with_receive_buffer(self, bytes: Option<usize>) -> io::Result<Self> {
+        if let Some(bytes) = bytes {
+            set_int_option(&self.listener, libc::SOL_SOCKET, libc::SO_RCVBUF, bytes)?;
+        }
+        Ok(self)
     }
 
     pub fn local_socket_addr(&self) -> io::Result<SocketAddr> {
@@ -239,7 +294,7 @@ impl Acceptor for TcpAcceptor {
             match self.listener.accept() {
                 Ok((stream, _)) => {
                     stream.set_nonblocking(false)?;
-                    return tcp_connection(stream, self.timeouts);
+                    return tcp_connection(stream, self.timeouts, self.unsent_limit);
                 }
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
                     if Instant::now() >= deadline {
@@ -254,5 +309,54 @@ impl Acceptor for TcpAcceptor {
 
     fn local_addr(&self) -> String {
         self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An integer socket option of `fd`'s, as the kernel reports it.
+    fn int_option(fd: &impl AsRawFd, level: libc::c_int, name: libc::c_int) -> libc::c_int {
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: a socket we own; `value` and `len` live across the call and `len` is
+        // `value`'s size.
+        let rc =
+            unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, (&mut value as *mut libc::c_int).cast(), &mut len) };
+        assert_eq!(rc, 0, "getsockopt: {}", io::Error::last_os_error());
+        value
+    }
+
+    fn unsent_limit_of(stream: &TcpStream) -> libc::c_int {
+        int_option(stream, libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT)
+    }
+
+    #[test]
+    fn the_unsent_limit_reaches_the_socket() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let stream = TcpStream::connect(listener.local_addr().expect("address")).expect("connect");
+        let default = unsent_limit_of(&stream);
+        limit_unsent(&stream, 256 << 10).expect("set the limit");
+        assert_eq!(unsent_limit_of(&stream), 256 << 10);
+        assert_ne!(default, 256 << 10, "the kernel's default is no limit");
+        // Past what a c_int holds: the largest it does.
+        limit_unsent(&stream, usize::MAX).expect("set the limit");
+        assert_eq!(unsent_limit_of(&stream), libc::c_int::MAX);
+    }
+
+    #[test]
+    fn a_receive_buffer_is_set_on_the_listener_its_connections_inherit() {
+        let acceptor = TcpAcceptor::bind("127.0.0.1:0", Timeouts::default())
+            .expect("bind")
+            .with_receive_buffer(Some(1 << 20))
+            .expect("set the buffer");
+        // The kernel doubles what it is asked for (its bookkeeping), and reports that.
+        assert_eq!(int_option(&acceptor.listener, libc::SOL_SOCKET, libc::SO_RCVBUF), 2 << 20);
+        let stream = TcpStream::connect(acceptor.local_socket_addr().expect("address")).expect("connect");
+        acceptor.listener.set_nonblocking(false).expect("blocking accept");
+        let (accepted, _) = acceptor.listener.accept().expect("accept");
+        assert_eq!(int_option(&accepted, libc::SOL_SOCKET, libc::SO_RCVBUF), 2 << 20);
+        drop(stream);
     }
 }

@@ -265,6 +265,17 @@ pub struct StackOptions {
     /// address --ip.
     #[arg(long, value_enum, default_value = "kernel")]
     pub stack: NetStack,
+    /// kernel: at most this many bytes written and not yet sent wait in each connection's
+    /// socket (TCP_NOTSENT_LOWAT); the rest waits in the sender. Without it the kernel lets
+    /// megabytes queue there, which the link drains only after the switchover's last bytes
+    /// were written (0: the kernel's default).
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    pub unsent_limit: u64,
+    /// kernel, on the listening side: each connection's receive buffer (SO_RCVBUF), in
+    /// place of the kernel's autotuning, which lets megabytes wait in the socket when the
+    /// application behind it is slower than the link (0: autotuning).
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    pub receive_buffer: u64,
     /// af-packet: send frames straight to the driver, bypassing the qdisc layer. Turns
     /// offload off on that socket (as --no-offload): large segments sent this way stall.
     #[arg(long)]
