@@ -20,6 +20,12 @@ struct Target {
     arrived: usize,
 }
 
+/// The `Inbound`'s state, even after a panic in one of its calls (which stops the core
+/// anyway: what is left is only read to end the stream).
+fn lock(target: &Mutex<Target>) -> MutexGuard<'_, Target> {
+    target.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 pub(crate) struct Delivery {
     target: Arc<Mutex<Target>>,
     /// The socket's direct receiver is set.
@@ -42,16 +48,12 @@ impl Delivery {
         }
     }
 
-    fn target(&self) -> MutexGuard<'_, Target> {
-        self.target.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     /// A receiver for the socket that hands in-order segments to the `Inbound` as they
     /// arrive, until the stream has ended for it.
     fn direct_receiver(&self) -> DirectReceiver {
         let target = self.target.clone();
         DirectReceiver::new(move |payload| {
-            let mut target = target.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut target = lock(&target);
             if target.ended {
                 return 0;
             }
@@ -69,7 +71,7 @@ impl Delivery {
         now: Instant,
         budget: usize,
     ) -> bool {
-        if self.target().ended {
+        if lock(&self.target).ended {
             return false;
         }
         let mut progress = false;
@@ -87,7 +89,7 @@ impl Delivery {
                     None => break,
                 },
             };
-            let taken = self.target.lock().unwrap_or_else(PoisonError::into_inner).inbound.receive(&chunk[*offset..]);
+            let taken = lock(&self.target).inbound.receive(&chunk[*offset..]);
             *offset += taken;
             progress |= taken > 0;
             if *offset < chunk.len() {
@@ -104,7 +106,7 @@ impl Delivery {
             socket.set_direct_receiver(Some(self.direct_receiver()));
             self.direct = true;
         }
-        let mut target = self.target.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut target = lock(&self.target);
         let mut arrived = std::mem::take(&mut target.arrived);
         while arrived < budget && socket.can_recv() {
             let inbound = &mut target.inbound;
@@ -142,7 +144,7 @@ impl Delivery {
 
     /// Ends the stream for the `Inbound`, once.
     pub(crate) fn end(&mut self, how: Result<(), &str>) {
-        let mut target = self.target();
+        let mut target = lock(&self.target);
         if !target.ended {
             target.ended = true;
             target.inbound.end(how);
