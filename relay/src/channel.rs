@@ -332,6 +332,10 @@ impl Up<'_> {
                 self.stats.end_marker_at_us.get_or_insert_with(crate::stats::wall_clock_us);
                 self.controls.meter.main_ended.store(true, Ordering::Release);
                 self.out.control(FrameKind::StreamCheckpoint, &self.digest.end().encode(), abort)?;
+                if matches!(self.out, Outlet::Direct(_)) {
+                    // Written here and now; through the pool, its sender stamps it.
+                    self.stats.end_marker_sent_at_us.get_or_insert_with(crate::stats::wall_clock_us);
+                }
             }
         }
         Ok(())
@@ -1016,8 +1020,18 @@ mod tests {
     /// destination received the RAM's end, then the digest, then handed the marker on.
     #[test]
     fn a_completing_main_stream_is_stamped_at_each_step_of_its_switchover() {
+        // Through the session's pool (adaptive), and written by the stream's reader itself.
+        for pooled in [true, false] {
+            let mut session = Session::new(Codec::Adaptive, 0);
+            if !pooled {
+                session.pool = NONE;
+            }
+            stamped_in_order(&session);
+        }
+    }
+
+    fn stamped_in_order(session: &Session) {
         let stream = main_stream_with_pages(&numeric_pages(40, 0));
-        let session = Session::new(Codec::Adaptive, 0);
         let (received, source, destination) = session.carry(0, stream.clone()).join().unwrap();
         assert!(received == stream, "the stream changed on the way");
         let (sent, got) = (source.sent, destination.received);
