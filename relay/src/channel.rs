@@ -261,7 +261,7 @@ fn pump_up(
             read => read,
         };
         match read {
-            Ok(0) => return up.end(abort),
+            Ok(0) => return up.end(writer, abort),
             Ok(n) => up.carry(&buffer[..n], abort)?,
             Err(err) if matches!(err.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
                 up.out.control(FrameKind::Heartbeat, &[], abort)?;
@@ -313,9 +313,7 @@ impl Up<'_> {
             );
         }
         self.out.pages(&mut self.pages, false, &mut self.stats, abort)?;
-        if completing(&self.stream) && self.stats.ram_ended_at_us.is_none() {
-            self.stats.ram_ended_at_us = Some(crate::stats::wall_clock_us());
-        }
+        self.stats.note_ram_end(completing(&self.stream));
         if completing(&self.stream) && self.pages.page.is_empty() {
             // QEMU's stream may end here, and with the return path QEMU keeps its socket
             // open until the destination has loaded: the digest so far lets the
@@ -332,17 +330,13 @@ impl Up<'_> {
                 self.stats.end_marker_at_us.get_or_insert_with(crate::stats::wall_clock_us);
                 self.controls.meter.main_ended.store(true, Ordering::Release);
                 self.out.control(FrameKind::StreamCheckpoint, &self.digest.end().encode(), abort)?;
-                if matches!(self.out, Outlet::Direct(_)) {
-                    // Written here and now; through the pool, its sender stamps it.
-                    self.stats.end_marker_sent_at_us.get_or_insert_with(crate::stats::wall_clock_us);
-                }
             }
         }
         Ok(())
     }
 
     /// QEMU closed its side: the stream's end, once all before it is out.
-    fn end(mut self, abort: &SessionAbort) -> Result<UpReport, RelayFailure> {
+    fn end(mut self, writer: &Mutex<NetWriter>, abort: &SessionAbort) -> Result<UpReport, RelayFailure> {
         // Where the reader gave up early it cannot tell a completed migration from a
         // cancelled one: the stream ends as it is, and the destination QEMU judges it (the
         // digest still proves it arrived whole).
@@ -365,11 +359,12 @@ impl Up<'_> {
             let sent = squeezers.finish()?;
             stats.wire_bytes = sent.wire_bytes;
             stats.chunks = sent.chunks;
-            stats.end_marker_sent_at_us = sent.checkpoint_sent_at_us;
             counts.raw -= sent.packed_pages;
             counts.packed += sent.packed_pages;
             codecs = sent.codecs;
         }
+        // The connection's writer saw the checkpoint go, whichever thread wrote it.
+        stats.end_marker_sent_at_us = lock(writer).checkpoint_sent_at_us;
         Ok((stats, self.stream, counts, codecs))
     }
 }

@@ -40,9 +40,7 @@ impl HoldBack {
         if matches!(self.stream.kind(), Kind::Unknown | Kind::Main) {
             self.stream.feed(bytes, &mut |_| {});
         }
-        if completing(&self.stream) && self.stats.ram_ended_at_us.is_none() {
-            self.stats.ram_ended_at_us = Some(crate::stats::wall_clock_us());
-        }
+        self.stats.note_ram_end(completing(&self.stream));
         self.held.extend_from_slice(bytes);
         self.stats.bytes += bytes.len() as u64;
         self.stats.wire_bytes += wire as u64;

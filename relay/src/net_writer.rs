@@ -18,6 +18,9 @@ pub(crate) struct NetWriter {
     ended: bool,
     /// The session's bandwidth cap (data frames wait for it) and its byte counts.
     controls: Arc<RelayControls>,
+    /// When the first checkpoint went out (microseconds since the Unix epoch): the digest
+    /// that lets the destination pass QEMU's end-of-file marker on.
+    pub(crate) checkpoint_sent_at_us: Option<u64>,
 }
 
 impl NetWriter {
@@ -29,6 +32,7 @@ impl NetWriter {
             frame: FrameBuf::with_capacity(MAX_CHUNK_BYTES + 64),
             ended: false,
             controls,
+            checkpoint_sent_at_us: None,
         }
     }
 
@@ -62,6 +66,9 @@ impl NetWriter {
         }
         self.writer.write_all(bytes)?;
         self.writer.flush()?;
+        if kind == FrameKind::StreamCheckpoint {
+            self.checkpoint_sent_at_us.get_or_insert_with(crate::stats::wall_clock_us);
+        }
         self.controls.meter.wire_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         Ok(())
     }

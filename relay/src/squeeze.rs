@@ -51,8 +51,6 @@ pub(super) struct Sent {
     pub packed_pages: u64,
     /// Page-aware chunks by the codec they were squeezed with.
     pub codecs: BTreeMap<String, u64>,
-    /// When the first checkpoint went out (microseconds since the Unix epoch).
-    pub checkpoint_sent_at_us: Option<u64>,
 }
 
 pub(super) struct Squeezers {
@@ -170,9 +168,6 @@ fn send(
                 }
                 Out::Control { kind, payload } => {
                     let written = lock(writer).send(kind, &payload);
-                    if written.is_ok() && kind == FrameKind::StreamCheckpoint {
-                        sent.checkpoint_sent_at_us.get_or_insert_with(crate::stats::wall_clock_us);
-                    }
                     if written.is_ok() && kind == FrameKind::StreamEnd {
                         return Ok(sent);
                     }

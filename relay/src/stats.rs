@@ -42,6 +42,13 @@ pub struct DirectionStats {
 }
 
 impl DirectionStats {
+    /// Stamps the main stream's RAM end the first time it is seen `completing`.
+    pub(crate) fn note_ram_end(&mut self, completing: bool) {
+        if completing {
+            self.ram_ended_at_us.get_or_insert_with(wall_clock_us);
+        }
+    }
+
     /// Adds `other`'s counts; the first of each time stamp is kept.
     pub fn add(&mut self, other: &DirectionStats) {
         self.bytes += other.bytes;
