@@ -69,9 +69,10 @@ pub struct DestinationConfig {
     /// The largest guest this destination accepts, in bytes.
     pub max_memory_bytes: u64,
     pub pin_workers: bool,
-    /// The CPU the first decompression worker is pinned to; the others follow it. Workers
-    /// pin from the first CPU up and polling cores from the last down, so 0 unless a
-    /// source's compression pool runs in the same process (the demo): then past it.
+    /// The CPU the first decompression worker would be pinned to; the others follow it.
+    /// Workers pin from the first CPU up and polling cores from the last down, each to a
+    /// CPU no other vmigrate thread holds, so 0 unless a source's compression pool runs in
+    /// the same process (the demo): then past it.
     pub first_worker_cpu: usize,
     /// How long to wait for the source's connections and for each frame.
     pub accept_timeout: Duration,

@@ -28,8 +28,9 @@ pub type Task = Box<dyn FnOnce(&mut PoolWorker) + Send>;
 pub struct PoolConfig {
     /// Workers (at least one).
     pub workers: usize,
-    /// Pin worker i to CPU `first_cpu + i` (as the engine's own workers are); None leaves
-    /// them to the scheduler.
+    /// Pin worker i to the first CPU no other vmigrate thread holds from `first_cpu + i`
+    /// up (`transport::pin::claim_worker_cpu`, as the engine's own workers are); None
+    /// leaves them to the scheduler.
     pub first_cpu: Option<usize>,
     /// The codec the tasks compress with; `Adaptive` gives every worker all the choices
     /// and the pool a policy.
@@ -101,9 +102,7 @@ impl CompressionPool {
             let mut worker = PoolWorker { index, compressors: compressors_for(config.codec), policy: policy.clone() };
             let first_cpu = config.first_cpu;
             let thread = std::thread::Builder::new().name(format!("{}-{index}", config.name)).spawn(move || {
-                if let Some(first) = first_cpu {
-                    transport::pin::pin_current(first + index);
-                }
+                let _cpu = first_cpu.map(|first| transport::pin::claim_worker_cpu(first + index));
                 while let Ok(Some(task)) = tasks.pop(&abort) {
                     task(&mut worker);
                 }

@@ -29,7 +29,8 @@ pub struct CompressionConfig {
     /// Workers of the session's pool (0: each stream's own thread compresses, with lz4
     /// under `adaptive`).
     pub workers: usize,
-    /// Pin worker i to CPU `first_cpu + i`.
+    /// Pin worker i to the first free CPU from `first_cpu + i` up
+    /// (`transport::pin::claim_worker_cpu`).
     pub first_cpu: Option<usize>,
 }
 

@@ -1,6 +1,8 @@
-//! Pinning worker threads to cores. Compression and decompression workers are pinned so
-//! that each keeps its caches and the scheduler does not stack two of them on one core
-//! while another idles.
+//! Pinning threads to cores. Polling cores and compression and decompression workers are
+//! pinned so that each keeps its caches and the scheduler does not stack two of them on one
+//! core while another idles; each claims its CPU across the host (`CpuClaim`), so that two
+//! vmigrate processes on one host do not stack theirs either. Where the CPUs run out, the
+//! rest run unpinned.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
@@ -31,19 +33,11 @@ fn workers_from(cores: usize, dataplane_cores: usize, pools: usize) -> usize {
     (cores.saturating_sub(dataplane_cores) / pools.max(1)).clamp(1, MAX_DEFAULT_WORKERS)
 }
 
-/// Pins the calling thread to core `index` modulo the available cores. Returns false when
-/// pinning is not possible here (the worker then runs unpinned).
-pub fn pin_current(index: usize) -> bool {
-    match cores() {
-        [] => false,
-        cores => core_affinity::set_for_current(cores[index % cores.len()]),
-    }
-}
-
-/// A CPU a dataplane core holds for itself, across every vmigrate process on the host:
-/// an exclusive `flock` on a per-CPU file, released when the claim drops or the process
-/// dies. Two processes on one host (the test harness, a benchmark with both ends) would
-/// otherwise pin their polling cores to the same CPU and take turns on it.
+/// A CPU a polling core or a worker holds for itself, across every vmigrate process on the
+/// host: an exclusive `flock` on a per-CPU file, released when the claim drops or the
+/// process dies. Two processes on one host (the test harness, a benchmark with both ends)
+/// would otherwise pin their threads to the same CPUs and take turns on them while other
+/// CPUs idle.
 pub struct CpuClaim {
     pub index: usize,
     _lock: std::fs::File,
@@ -53,15 +47,36 @@ pub struct CpuClaim {
 /// polling cores spread from the last CPU down. None when every CPU is claimed: the caller
 /// then runs unpinned rather than stack on a CPU another polling core holds.
 pub fn claim_cpu(preferred: usize) -> Option<CpuClaim> {
-    claim_cpu_in(&std::env::temp_dir(), preferred)
+    claim_cpu_in(&std::env::temp_dir(), downward(preferred))
 }
 
-fn claim_cpu_in(directory: &std::path::Path, preferred: usize) -> Option<CpuClaim> {
+/// Pins the calling worker (compression, decompression) to the first free CPU among
+/// `preferred`, `preferred + 1`, ... (wrapping): workers spread from the first CPU up,
+/// polling cores from the last down, and none takes a CPU another thread of any vmigrate
+/// on the host holds. None when all are held (more threads than CPUs): the worker then
+/// runs unpinned, where the scheduler can share the CPUs out, rather than stack on one.
+/// The claim lasts as long as the returned value.
+pub fn claim_worker_cpu(preferred: usize) -> Option<CpuClaim> {
+    claim_cpu_in(&std::env::temp_dir(), upward(preferred))
+}
+
+/// Every CPU once, from `preferred` down, wrapping.
+fn downward(preferred: usize) -> impl Iterator<Item = usize> {
+    let count = cores().len();
+    (0..count).map(move |step| (preferred % count.max(1) + count - step) % count)
+}
+
+/// Every CPU once, from `preferred` up, wrapping.
+fn upward(preferred: usize) -> impl Iterator<Item = usize> {
+    let count = cores().len();
+    (0..count).map(move |step| (preferred + step) % count)
+}
+
+fn claim_cpu_in(directory: &std::path::Path, mut order: impl Iterator<Item = usize>) -> Option<CpuClaim> {
     use std::os::fd::AsRawFd;
     let cores = cores();
-    let count = cores.len();
-    (0..count).map(|step| (preferred + count - step % count) % count).find_map(|index| {
-        let path = directory.join(format!("vmigrate-dataplane-cpu-{}.lock", cores[index].id));
+    order.find_map(|index| {
+        let path = directory.join(format!("vmigrate-cpu-{}.lock", cores[index].id));
         let file = open_lock_file(&path).ok()?;
         // SAFETY: flock on a descriptor we own; the lock lives as long as the file.
         let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
@@ -125,16 +140,37 @@ mod tests {
         let directory = std::env::temp_dir().join(format!("vmigrate-pin-test-{}", std::process::id()));
         std::fs::create_dir_all(&directory).unwrap();
         let last = core_count() - 1;
-        let first = claim_cpu_in(&directory, last).expect("a free CPU can be claimed");
+        let first = claim_cpu_in(&directory, downward(last)).expect("a free CPU can be claimed");
         assert_eq!(first.index, last, "claims start from the preferred CPU");
         // Another claim (as another process would make) takes a different CPU, or none.
-        let second = claim_cpu_in(&directory, last);
+        let second = claim_cpu_in(&directory, downward(last));
         assert!(second.as_ref().is_none_or(|second| second.index != last));
         drop(first);
         drop(second);
-        let again = claim_cpu_in(&directory, last).expect("a released CPU can be claimed again");
+        let again = claim_cpu_in(&directory, downward(last)).expect("a released CPU can be claimed again");
         assert_eq!(again.index, last);
         drop(again);
+        let _ = std::fs::remove_dir_all(&directory);
+    }
+
+    #[test]
+    fn workers_take_the_cpus_no_one_holds_and_float_when_none_is_left() {
+        let directory = std::env::temp_dir().join(format!("vmigrate-pin-workers-{}", std::process::id()));
+        std::fs::create_dir_all(&directory).unwrap();
+        let last = core_count() - 1;
+        // A polling core (of this process or another) holds the last CPU.
+        let polling = claim_cpu_in(&directory, downward(last)).expect("a free CPU can be claimed");
+        // Workers preferring it move on, up from there and round to the first.
+        let mut workers = Vec::new();
+        while let Some(worker) = claim_cpu_in(&directory, upward(last)) {
+            assert_ne!(worker.index, polling.index, "a worker stacked on a polling core's CPU");
+            assert!(workers.iter().all(|other: &CpuClaim| other.index != worker.index), "two workers on one CPU");
+            workers.push(worker);
+        }
+        // Every CPU is held now: the next worker runs unpinned, on whatever CPU is idle.
+        assert_eq!(workers.len(), core_count() - 1);
+        drop(workers);
+        drop(polling);
         let _ = std::fs::remove_dir_all(&directory);
     }
 
@@ -155,14 +191,14 @@ mod tests {
         let last = core_count() - 1;
         // Someone planted a link where the preferred CPU's lock file goes.
         let target = directory.join("victim");
-        let planted = directory.join(format!("vmigrate-dataplane-cpu-{}.lock", cores()[last].id));
+        let planted = directory.join(format!("vmigrate-cpu-{}.lock", cores()[last].id));
         std::os::unix::fs::symlink(&target, &planted).unwrap();
-        let claim = claim_cpu_in(&directory, last);
+        let claim = claim_cpu_in(&directory, downward(last));
         assert!(!target.exists(), "the link was followed and its target created");
         assert!(claim.as_ref().is_none_or(|claim| claim.index != last), "a CPU behind a link was claimed");
         drop(claim);
         // A lock file we create is writable by its owner alone (or nobody).
-        let file = directory.join("vmigrate-dataplane-cpu-test.lock");
+        let file = directory.join("vmigrate-cpu-test.lock");
         drop(open_lock_file(&file).unwrap());
         let mode = std::fs::metadata(&file).unwrap().permissions().mode();
         assert_eq!(mode & 0o022, 0, "lock file mode {mode:o} lets others write");

@@ -131,7 +131,8 @@ pub(super) fn stream_ended(shared: &Shared, index: u16, err: &ReadError) {
     shared.abort.raise_as(err.abort_kind(), format!("connection {index}: {err}"));
 }
 
-/// Pinned to `first_cpu + index` when pinning (`DestinationConfig::first_worker_cpu`).
+/// Pinned to the first free CPU from `first_cpu + index` up when pinning
+/// (`DestinationConfig::first_worker_cpu`, `transport::pin::claim_worker_cpu`).
 /// `inflater`: this worker's queue of the compression device, for `deflate` pages.
 pub(super) fn decompression_worker(
     shared: &Shared,
@@ -139,9 +140,7 @@ pub(super) fn decompression_worker(
     first_cpu: Option<usize>,
     inflater: Option<Inflater>,
 ) {
-    if let Some(first) = first_cpu {
-        pin::pin_current(first + index);
-    }
+    let _cpu = first_cpu.map(|first| pin::claim_worker_cpu(first + index));
     let applier = BatchApplier { limits: shared.limits(), memory: &*shared.memory, epochs: &shared.epochs };
     let mut worker = match inflater {
         Some(inflater) => ApplyWorker::with_inflater(Box::new(inflater)),

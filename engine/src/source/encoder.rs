@@ -19,9 +19,7 @@ use transport::pin;
 use super::{Job, Outgoing, Shared};
 
 pub(super) fn compression_worker(shared: &Shared<'_>, index: usize) {
-    if shared.config.pin_workers {
-        pin::pin_current(index);
-    }
+    let _cpu = shared.config.pin_workers.then(|| pin::claim_worker_cpu(index));
     let compressors = match &shared.adaptive {
         Some(policy) => policy.choices().iter().map(|&codec| PageCompressor::new(codec)).collect(),
         None => crate::pool::compressors_for(shared.config.codec),
