@@ -36,6 +36,9 @@ const BURST: u16 = 32;
 /// Frames a full transmit ring leaves waiting before smoltcp is told to stop sending:
 /// about a ring's worth (one 64 KiB segment is 45 frames at MTU 1500).
 const HELD_FRAMES: usize = 1024;
+/// The same for segments sent whole: 4 MiB of them, well within the large pool's mbufs
+/// (`SegmentPools`), which would otherwise run dry and drop what smoltcp builds.
+const HELD_WHOLE_SEGMENTS: usize = 64;
 
 pub struct DpdkQueue {
     receive: Receive,
@@ -140,6 +143,8 @@ struct Transmit {
     checksums_here: bool,
     /// Large segments, and how they are cut (None: frames of one MTU at most).
     segments: Option<Segmenting>,
+    /// Frames a full transmit ring leaves waiting before smoltcp is told to stop sending.
+    held_frames: usize,
     to_send: Vec<Mbuf<'static>>,
     /// Frames the queue would not take at the last flush (at the front of `to_send`).
     waiting: usize,
@@ -148,12 +153,34 @@ struct Transmit {
     no_mbuf: u64,
 }
 
+/// Large segments for a queue: the pools they live in, and whether they go whole.
+#[derive(Clone, Copy)]
+pub struct LargeSegments {
+    pub pools: &'static SegmentPools,
+    /// Send segments whole, uncut (checksums filled in here): for a link whose other end
+    /// is our own stack and whose buffers hold one (a memif between two vmigrate
+    /// processes, `bsize` of 64 KiB). A memif chains a frame larger than its buffers over
+    /// several descriptors, and 22.11's copying transmit leaves a stale "next" flag on a
+    /// packet's first descriptor, which joins it to the packet after it.
+    pub whole: bool,
+}
+
 struct Segmenting {
     pools: &'static SegmentPools,
-    /// The device cuts segments itself (TSO); else DPDK's GSO library does it here.
-    device: bool,
-    /// Segments cut, and the frames they were cut into.
+    cutter: Cutter,
+    /// Segments sent, and the frames they were cut into (as many, sent whole).
     cut: Counted,
+}
+
+/// Who cuts a large segment into frames of the MSS.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Cutter {
+    /// The device (TSO).
+    Device,
+    /// DPDK's GSO library, here.
+    Gso,
+    /// Nobody: the segment goes whole.
+    Uncut,
 }
 
 /// How many large things, and how many frames they were (or became).
@@ -173,16 +200,28 @@ impl DpdkQueue {
         queue: u16,
         verify: bool,
         merge: bool,
-        segments: Option<&'static SegmentPools>,
+        segments: Option<LargeSegments>,
         steering: Option<(Steering, Arc<Inboxes>)>,
     ) -> DpdkQueue {
         let offload = port.checksum_offload();
+        // A peer that takes whole segments is our own stack across shared memory, which
+        // cannot corrupt a frame: what it sends is trusted, as the kernel's loopback trusts
+        // its own (the stream's CRC32C still covers every frame of pages).
+        let verify = verify && !segments.is_some_and(|large| large.whole);
         let can_cut = port.segment_offload();
-        let segments = segments.filter(|_| can_cut.tso || can_cut.multi_segment).map(|pools| Segmenting {
-            pools,
-            device: can_cut.tso,
+        let segments = segments.filter(|_| can_cut.tso || can_cut.multi_segment).map(|large| Segmenting {
+            pools: large.pools,
+            cutter: match (large.whole, can_cut.tso) {
+                (true, _) => Cutter::Uncut,
+                (false, true) => Cutter::Device,
+                (false, false) => Cutter::Gso,
+            },
             cut: Counted::default(),
         });
+        let held_frames = match &segments {
+            Some(segmenting) if segmenting.cutter == Cutter::Uncut => HELD_WHOLE_SEGMENTS,
+            _ => HELD_FRAMES,
+        };
         let mtu = usize::from(port.mtu());
         let lcore = port
             .register_polling_thread()
@@ -212,6 +251,7 @@ impl DpdkQueue {
                 offload: offload.transmit,
                 checksums_here: merge,
                 segments,
+                held_frames,
                 to_send: Vec::with_capacity(usize::from(BURST)),
                 waiting: 0,
                 no_mbuf: 0,
@@ -306,7 +346,10 @@ impl Receive {
             if mbuf.segments() == 1 {
                 return Some(DpdkRx::Frame(mbuf));
             }
-            self.joined.resize(mbuf.len(), 0);
+            // Grown once to the largest segment; later segments overwrite it, unzeroed.
+            if self.joined.len() < mbuf.len() {
+                self.joined.resize(mbuf.len(), 0);
+            }
             let len = mbuf.copy_to(&mut self.joined);
             return Some(DpdkRx::Joined(&self.joined[..len]));
         }
@@ -347,7 +390,13 @@ impl Transmit {
             mbuf.finish_tcp4_checksums(self.offload);
             return self.queue_frame(mbuf);
         };
-        if segmenting.device {
+        if segmenting.cutter == Cutter::Uncut {
+            mbuf.finish_tcp4_checksums(self.offload);
+            segmenting.cut.segments += 1;
+            segmenting.cut.frames += 1;
+            return self.queue_frame(mbuf);
+        }
+        if segmenting.cutter == Cutter::Device {
             mbuf.request_tso(mss);
             segmenting.cut.segments += 1;
             segmenting.cut.frames += payload.div_ceil(usize::from(mss)) as u64;
@@ -445,10 +494,10 @@ impl Device for DpdkQueue {
     }
 
     fn transmit(&mut self, _timestamp: Instant) -> Option<DpdkTx<'_>> {
-        if self.transmit.waiting >= HELD_FRAMES {
+        if self.transmit.waiting >= self.transmit.held_frames {
             // The device is behind: smoltcp keeps its data until a flush makes room.
             self.transmit.flush();
-            if self.transmit.waiting >= HELD_FRAMES {
+            if self.transmit.waiting >= self.transmit.held_frames {
                 return None;
             }
         }
@@ -504,8 +553,13 @@ impl Drop for DpdkQueue {
         }
         if let Some(segmenting) = &self.transmit.segments {
             let Counted { segments, frames } = segmenting.cut;
-            let by = if segmenting.device { "the device (TSO)" } else { "GSO" };
-            log::info!(queue = queue; "dpdk: {segments} large segments sent, cut into {frames} frames by {by}");
+            match segmenting.cutter {
+                Cutter::Uncut => log::info!(queue = queue; "dpdk: {segments} large segments sent whole"),
+                Cutter::Device | Cutter::Gso => {
+                    let by = if segmenting.cutter == Cutter::Device { "the device (TSO)" } else { "GSO" };
+                    log::info!(queue = queue; "dpdk: {segments} large segments sent, cut into {frames} frames by {by}");
+                }
+            }
         }
         if self.receive.merge {
             let Counted { segments, frames } = self.receive.merged;

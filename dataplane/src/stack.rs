@@ -84,12 +84,12 @@ pub enum NicBackend {
     /// One RX/TX queue pair per core of a started DPDK port. Each core holds the port
     /// until it stops, so whoever started it can close it once the cores are gone (and then
     /// count the pool's mbufs). `segments`: the pools for large segments
-    /// (`dpdk::segments`), used where offload is.
+    /// (`dpdk::segments`), used where offload is, and whether they go whole.
     #[cfg(feature = "dpdk")]
     Dpdk {
         port: Arc<dpdk::Port<'static>>,
         pool: &'static dpdk::Mempool,
-        segments: Option<&'static dpdk::segments::SegmentPools>,
+        segments: Option<crate::dpdk_nic::LargeSegments>,
     },
 }
 

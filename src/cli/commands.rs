@@ -150,7 +150,9 @@ fn demo_link(args: &DemoArgs) -> Result<DemoLink> {
             let side = |port: &str, address: Ipv4Addr| {
                 let config = core_config(port, address, 24, None, &args.dataplane, &args.wrappers, !args.common.no_pin);
                 let cores = usize::from(args.dataplane.dataplane_cores);
-                let request = PortRequest { name: port, cores, mtu: Some(args.mtu), xstats: false };
+                // The default memif pair joins two of our own stacks: segments go whole.
+                let whole_segments = args.eal.is_empty() && !args.dataplane.no_offload;
+                let request = PortRequest { name: port, cores, mtu: Some(args.mtu), xstats: false, whole_segments };
                 super::dpdk::stack(&eal, &request, config)
             };
             let destination = side(destination_port, Ipv4Addr::new(10, 77, 0, 12))?;

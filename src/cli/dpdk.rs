@@ -15,12 +15,27 @@ pub struct PortRequest<'a> {
     pub mtu: Option<u16>,
     /// Print the driver's extended statistics at teardown.
     pub xstats: bool,
+    /// Send large segments whole (a memif to another vmigrate: `--whole-segments`).
+    pub whole_segments: bool,
+}
+
+/// The buffer size of a memif made with `args` (its `bsize=`, else the driver's default).
+#[cfg_attr(not(feature = "dpdk"), allow(dead_code))]
+fn memif_buffer_bytes(args: &str) -> Option<usize> {
+    /// DPDK's memif buffers when `bsize` is not given (ETH_MEMIF_DEFAULT_PKT_BUFFER_SIZE).
+    const DEFAULT_BUFFER_BYTES: usize = 2048;
+    match args.split(',').find_map(|arg| arg.trim().strip_prefix("bsize=")) {
+        Some(value) => value.parse().ok(),
+        None => Some(DEFAULT_BUFFER_BYTES),
+    }
 }
 
 #[cfg(feature = "dpdk")]
 mod with_dpdk {
     use super::*;
+    use crate::cli::exit::Failure;
     use anyhow::Context;
+    use dataplane::dpdk_nic::LargeSegments;
     use dataplane::stack::NicBackend;
     use std::sync::{Arc, OnceLock};
 
@@ -46,26 +61,41 @@ mod with_dpdk {
     pub fn port_stack(eal: &'static dpdk::Eal, request: &PortRequest, config: CoreConfig) -> Result<CoreStack> {
         let name = request.name;
         let cores = request.cores.max(1);
-        // Per queue: its receive and transmit rings, a burst each way, and what smoltcp holds.
-        let mbufs = 8192 * cores as u32 - 1;
-        let mtu = request.mtu.unwrap_or(1500);
-        let pool = dpdk::Mempool::for_mtu(eal, &format!("vm_{name}"), mbufs, 256, mtu)
-            .with_context(|| format!("the mbuf pool for DPDK port {name}"))?;
+        let whole = request.whole_segments && config.offload_in_use();
+        let pool = match whole {
+            // Whole segments arrive whole: one mbuf each, not a chain of small ones that
+            // would be copied out into one buffer for smoltcp. A memif allocates one per
+            // frame received, and has no ring of them to fill.
+            true => dpdk::Mempool::with_data_room(eal, &format!("vm_{name}"), 1024 * cores as u32 - 1, 32, u16::MAX),
+            // Per queue: its receive and transmit rings, a burst each way, and what smoltcp
+            // holds.
+            false => {
+                let mtu = request.mtu.unwrap_or(1500);
+                dpdk::Mempool::for_mtu(eal, &format!("vm_{name}"), 8192 * cores as u32 - 1, 256, mtu)
+            }
+        }
+        .with_context(|| format!("the mbuf pool for DPDK port {name}"))?;
         let pool: &'static dpdk::Mempool = Box::leak(Box::new(pool));
         let port = dpdk::Port::start(eal, name, cores as u16, pool, request.mtu)
             .with_context(|| format!("starting DPDK port {name}"))?;
         // Large segments wherever offload is on (the default) and the port can send them
         // (it chains mbufs, or cuts segments itself): their own pools.
         let can_cut = port.segment_offload().tso || port.segment_offload().multi_segment;
+        if whole {
+            check_whole_segments(&port)?;
+        }
         let segments = match config.offload_in_use() && can_cut {
-            true => Some(&*Box::leak(Box::new(
-                dpdk::segments::SegmentPools::new(eal, &format!("vm_{name}"), cores as u16)
-                    .with_context(|| format!("the large-segment pools for DPDK port {name}"))?,
-            ))),
+            true => Some(LargeSegments {
+                pools: Box::leak(Box::new(
+                    dpdk::segments::SegmentPools::new(eal, &format!("vm_{name}"), cores as u16)
+                        .with_context(|| format!("the large-segment pools for DPDK port {name}"))?,
+                )),
+                whole,
+            }),
             false => None,
         };
         let port = Arc::new(port);
-        log::info!("{}", describe(&port, config.offload_in_use()));
+        log::info!("{}", describe(&port, config.offload_in_use(), whole));
         let xstats = request.xstats;
         let teardown = port.clone();
         let stack = CoreStack::start(NicBackend::Dpdk { port, pool, segments }, name, cores, config)
@@ -73,11 +103,34 @@ mod with_dpdk {
         Ok(stack.on_teardown(move || finish(teardown, pool, segments, xstats)))
     }
 
-    /// The port's line in the log; `offload`: large segments were asked for.
-    fn describe(port: &dpdk::Port, offload: bool) -> String {
+    /// Whole segments need a memif (a link with no MTU of its own between two of our
+    /// stacks) whose buffers hold one: a larger frame would be chained over several of its
+    /// descriptors, which 22.11's memif gets wrong (see `LargeSegments`).
+    fn check_whole_segments(port: &dpdk::Port) -> Result<()> {
+        let name = port.name();
+        if port.driver() != "net_memif" {
+            return Err(Failure::usage(format!(
+                "--whole-segments is for a memif between two vmigrate processes; port {name} is {}",
+                port.driver()
+            )));
+        }
+        let buffer = port.device_args().as_deref().and_then(memif_buffer_bytes).unwrap_or(0);
+        if buffer < dpdk::segments::LARGE_FRAME_BYTES {
+            return Err(Failure::usage(format!(
+                "--whole-segments needs memif buffers that hold a 64 KiB segment; port {name}'s are {buffer} \
+                 bytes: add bsize=65535 to its --vdev (and rsize=8, for 32 MiB of shared memory), on both ends"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The port's line in the log; `offload`: large segments were asked for; `whole`: they
+    /// go uncut.
+    fn describe(port: &dpdk::Port, offload: bool, whole: bool) -> String {
         let cut = port.segment_offload();
         let segments = match (offload, cut.tso, cut.multi_segment) {
             (false, _, _) => "off",
+            (true, _, true) if whole => "64 KiB, sent whole, merged by GRO",
             (true, true, _) => "64 KiB, cut by the device (TSO), merged by GRO",
             (true, false, true) => "64 KiB, cut by GSO, merged by GRO",
             (true, false, false) => "merged by GRO when received; sent at the MTU (the device chains no mbufs)",
@@ -106,7 +159,7 @@ mod with_dpdk {
     fn finish(
         port: Arc<dpdk::Port<'static>>,
         pool: &'static dpdk::Mempool,
-        segments: Option<&'static dpdk::segments::SegmentPools>,
+        segments: Option<LargeSegments>,
         xstats: bool,
     ) {
         let name = port.name().to_string();
@@ -135,7 +188,7 @@ mod with_dpdk {
             }
         }
         let (available, size) = (pool.available(), pool.size());
-        if let Some(Err(missing)) = segments.map(|pools| pools.all_back()) {
+        if let Some(Err(missing)) = segments.map(|large| large.pools.all_back()) {
             log::warn!("DPDK port {name} closed: {missing} never came back to their pools");
         } else if available == size {
             log::info!("DPDK port {name} closed: all {size} mbufs back in the pool");
@@ -165,15 +218,18 @@ pub fn private_eal_args(tag: &str, megabytes: u32) -> Vec<String> {
 
 /// The demo's EAL arguments when none are given: an EAL of its own, and two memif ports
 /// joined to each other through an abstract socket of this process's own: `net_memif0` the
-/// server, `net_memif1` the client.
+/// server, `net_memif1` the client; with buffers that hold a whole 64 KiB segment.
 pub fn demo_eal_args() -> Vec<String> {
     let socket = format!("/vmigrate-demo-{}", std::process::id());
     let mut args = private_eal_args("demo", 512);
     for role in ["net_memif0,role=server", "net_memif1,role=client"] {
-        args.extend(["--vdev".to_string(), format!("{role},id=0,socket={socket}")]);
+        args.extend(["--vdev".to_string(), format!("{role},id=0,socket={socket},{WHOLE_SEGMENT_MEMIF}")]);
     }
     args
 }
+
+/// A memif's devargs for `--whole-segments`: buffers of 64 KiB, 256 of them per ring.
+const WHOLE_SEGMENT_MEMIF: &str = "bsize=65535,rsize=8";
 
 #[cfg(feature = "dpdk")]
 pub use with_dpdk::eal;
@@ -190,4 +246,27 @@ pub fn stack(_eal_args: &[String], _request: &PortRequest, _config: CoreConfig) 
     Err(super::exit::Failure::usage(
         "this vmigrate was built without DPDK: build it with `--features dpdk` (needs libdpdk-dev)",
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_memif_s_buffer_size_is_read_from_its_device_arguments() {
+        assert_eq!(memif_buffer_bytes("role=client,id=0,socket=/s,bsize=65535,rsize=8"), Some(65535));
+        assert_eq!(memif_buffer_bytes("role=server,id=0"), Some(2048), "the driver's default");
+        assert_eq!(memif_buffer_bytes("bsize=big"), None);
+    }
+
+    #[test]
+    fn the_demo_s_memif_pair_holds_whole_segments() {
+        let args = demo_eal_args();
+        let vdevs: Vec<&String> =
+            args.iter().skip_while(|arg| *arg != "--vdev").filter(|arg| arg.starts_with("net_memif")).collect();
+        assert_eq!(vdevs.len(), 2);
+        for vdev in vdevs {
+            assert_eq!(memif_buffer_bytes(vdev), Some(65535), "{vdev}");
+        }
+    }
 }

@@ -32,7 +32,13 @@ fn user_stack(options: &StackOptions, pin: bool) -> Result<CoreStack> {
                 .with_context(|| format!("starting the AF_PACKET dataplane on {iface}"))
         }
         NetStack::Dpdk => {
-            let request = PortRequest { name: iface, cores, mtu: options.port_mtu, xstats: options.nic_xstats };
+            let request = PortRequest {
+                name: iface,
+                cores,
+                mtu: options.port_mtu,
+                xstats: options.nic_xstats,
+                whole_segments: options.whole_segments,
+            };
             super::dpdk::stack(&options.eal, &request, config)
         }
         _ => CoreStack::start(NicBackend::Tap, iface, cores, config).context("starting the TAP dataplane"),

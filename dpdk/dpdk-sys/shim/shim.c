@@ -2,6 +2,8 @@
 /* The checksum helpers over multi-segment mbufs and GRO are experimental in 22.11. */
 #define ALLOW_EXPERIMENTAL_API 1
 #include "shim.h"
+#include <string.h>
+#include <rte_devargs.h>
 #include <rte_ip.h>
 #include <rte_tcp.h>
 
@@ -154,6 +156,20 @@ uint32_t vm_pktmbuf_copy_out(const struct rte_mbuf *m, uint8_t *out, uint32_t ca
 unsigned int vm_rte_mempool_avail_count(const struct rte_mempool *mp) { return rte_mempool_avail_count(mp); }
 
 int vm_rte_errno(void) { return rte_errno; }
+
+int vm_port_device_args(uint16_t port_id, char *out, size_t len) {
+    struct rte_eth_dev_info info;
+    if (len == 0 || rte_eth_dev_info_get(port_id, &info) != 0 || info.device == NULL)
+        return -1;
+    const struct rte_devargs *devargs = rte_dev_devargs(info.device);
+    if (devargs == NULL || devargs->args == NULL)
+        return -1;
+    size_t needed = strlen(devargs->args) + 1;
+    if (needed > len)
+        return -1;
+    memcpy(out, devargs->args, needed);
+    return 0;
+}
 
 const uint64_t vm_RTE_MBUF_F_RX_IP_CKSUM_MASK = RTE_MBUF_F_RX_IP_CKSUM_MASK;
 const uint64_t vm_RTE_MBUF_F_RX_IP_CKSUM_GOOD = RTE_MBUF_F_RX_IP_CKSUM_GOOD;

@@ -49,6 +49,10 @@ uint32_t vm_pktmbuf_copy_out(const struct rte_mbuf *m, uint8_t *out, uint32_t ca
 
 unsigned int vm_rte_mempool_avail_count(const struct rte_mempool *mp);
 int vm_rte_errno(void);
+/* The arguments the port's device was created with (a vdev's `key=value,...` after its
+ * name), copied into `out` (at most `len` bytes with the terminating NUL); 0 on success,
+ * -1 if the port has none or they do not fit. */
+int vm_port_device_args(uint16_t port_id, char *out, size_t len);
 
 /* Constants that are macros of expressions bindgen cannot evaluate (shifts of ULL and the
  * like), exported as values. Rust-side copies are tested against these. */

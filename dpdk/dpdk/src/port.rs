@@ -83,6 +83,9 @@ fn check(call: &'static str, result: i32) -> Result<(), DpdkError> {
     }
 }
 
+/// Room for a device's arguments; longer ones are reported as none.
+const DEVICE_ARGS_BYTES: usize = 8192;
+
 impl<'pool> Port<'pool> {
     /// Configures and starts the port named `name` (as the EAL knows it, e.g. the vdev
     /// name `net_af_packet0`) with `queues` RX/TX queue pairs fed from `pool`, and its MTU
@@ -206,6 +209,21 @@ impl<'pool> Port<'pool> {
         &self.driver
     }
 
+    /// The arguments the port's device was made with: a vdev's `key=value,...` after its
+    /// name on the EAL's command line (None for a device made without any).
+    pub fn device_args(&self) -> Option<String> {
+        let mut buffer = vec![0u8; DEVICE_ARGS_BYTES];
+        // SAFETY: the port exists; `buffer` has room for the length passed.
+        let copied = unsafe {
+            dpdk_sys::vm_port_device_args(self.id, buffer.as_mut_ptr().cast::<std::ffi::c_char>(), buffer.len())
+        };
+        if copied != 0 {
+            return None;
+        }
+        let text = std::ffi::CStr::from_bytes_until_nul(&buffer).ok()?;
+        Some(text.to_string_lossy().into_owned())
+    }
+
     pub fn queues(&self) -> u16 {
         self.queues
     }
@@ -229,14 +247,18 @@ impl<'pool> Port<'pool> {
     /// Receives up to `max` packets (at most `MAX_RX_BURST`) from `queue` into `packets`;
     /// returns how many came. No allocation: this is every dataplane core's hot path.
     pub fn receive(&self, queue: u16, packets: &mut impl Extend<Mbuf<'pool>>, max: u16) -> usize {
-        let mut raw = [std::ptr::null_mut::<dpdk_sys::rte_mbuf>(); MAX_RX_BURST as usize];
+        // Left unwritten: zeroing it cost a memset per poll, and the driver writes the
+        // entries it returns.
+        let mut raw = [std::mem::MaybeUninit::<*mut dpdk_sys::rte_mbuf>::uninit(); MAX_RX_BURST as usize];
         let max = max.min(MAX_RX_BURST);
         // SAFETY: `raw` has room for `max` pointers; the queue exists (queue < queues, else
         // the driver returns 0).
-        let count = unsafe { dpdk_sys::vm_rte_eth_rx_burst(self.id, queue, raw.as_mut_ptr(), max) };
-        packets.extend(raw[..usize::from(count)].iter().filter_map(|&mbuf| NonNull::new(mbuf)).map(|mbuf| {
+        let count = unsafe { dpdk_sys::vm_rte_eth_rx_burst(self.id, queue, raw.as_mut_ptr().cast(), max) };
+        packets.extend(raw[..usize::from(count)].iter().filter_map(|entry| {
+            // SAFETY: the driver wrote the first `count` entries.
+            let mbuf = NonNull::new(unsafe { entry.assume_init() })?;
             // SAFETY: the burst handed these mbufs, from our pool, to us.
-            unsafe { Mbuf::from_raw(mbuf) }
+            Some(unsafe { Mbuf::from_raw(mbuf) })
         }));
         usize::from(count)
     }

@@ -307,6 +307,13 @@ pub struct StackOptions {
     /// not zero) when the run ends.
     #[arg(long)]
     pub nic_xstats: bool,
+    /// --stack dpdk on a memif whose other end is another vmigrate on this host: send TCP
+    /// segments of up to 64 KiB whole through the shared memory rather than cut to the
+    /// MTU, as the kernel's loopback does. Both ends' --vdev need `bsize=65535` (buffers
+    /// that hold a segment; `rsize=8` keeps the shared memory at 32 MiB). Not for a memif
+    /// that reaches a switch or a NIC, which would drop frames larger than its MTU.
+    #[arg(long, conflicts_with = "no_offload")]
+    pub whole_segments: bool,
     /// --stack dpdk: arguments for DPDK's EAL, after `--` (e.g. `-- --no-huge -m 512
     /// --vdev net_af_packet0,iface=eth1`).
     #[arg(last = true)]
