@@ -29,9 +29,9 @@ const INGRESS_BUDGET: usize = 256;
 /// per burst of dozens of frames held the window nearly flat. An ACK every second
 /// segment is what RFC 5681 asks of a receiver, and gives the sender its ACK clock.
 const ACK_EVERY_FRAMES: usize = 2;
-/// Idle iterations spent spinning before the core starts to nap: a polling core on a
+/// Idle iterations spent yielding before the core starts to nap: a polling core on a
 /// dedicated CPU never naps in practice, and one on a shared machine gives the CPU back.
-const IDLE_SPINS: u32 = 2000;
+const IDLE_YIELDS: u32 = 2000;
 const IDLE_NAP: Duration = Duration::from_micros(50);
 /// How long a stopping core keeps delivering what closed connections still had to send,
 /// as a kernel socket's close does before the process exits.
@@ -96,10 +96,14 @@ pub const DEFAULT_MIN_RTO: Duration = Duration::from_millis(20);
 pub enum IdlePolicy {
     /// Keep polling: the lowest latency, for a core that has a CPU to itself.
     Spin,
-    /// Spin `IDLE_SPINS` loops, then nap `IDLE_NAP` between polls: for shared machines,
-    /// where a spinning core would take the CPU from the workers feeding it.
+    /// Yield the CPU for `IDLE_YIELDS` loops, then nap `IDLE_NAP` between polls: for
+    /// shared machines, where a spinning core would take the CPU from the workers feeding
+    /// it. A yield hands the CPU to a thread waiting for it at once and costs a system
+    /// call where none waits; spinning instead kept a worker that shared the core's CPU
+    /// waiting for the scheduler's next turn (with both ends of a migration on two CPUs,
+    /// 5.9-6.3 Gbit/s where yielding moved 7.0-9.3, the kernel's TCP 8.3-8.8).
     #[default]
-    SpinThenNap,
+    YieldThenNap,
 }
 
 /// TCP congestion control of a core's sockets (smoltcp's).
@@ -360,10 +364,10 @@ impl<D: Device> Core<D> {
             *idle = 0;
         } else {
             *idle = idle.saturating_add(1);
-            if self.config.idle == IdlePolicy::SpinThenNap && *idle > IDLE_SPINS {
-                std::thread::sleep(IDLE_NAP);
-            } else {
-                std::hint::spin_loop();
+            match self.config.idle {
+                IdlePolicy::YieldThenNap if *idle > IDLE_YIELDS => std::thread::sleep(IDLE_NAP),
+                IdlePolicy::YieldThenNap => std::thread::yield_now(),
+                IdlePolicy::Spin => std::hint::spin_loop(),
             }
         }
     }

@@ -76,7 +76,7 @@ pub(super) fn core_config(
 fn idle_policy(arg: IdleArg) -> IdlePolicy {
     match arg {
         IdleArg::Spin => IdlePolicy::Spin,
-        IdleArg::Nap => IdlePolicy::SpinThenNap,
+        IdleArg::Nap => IdlePolicy::YieldThenNap,
     }
 }
 

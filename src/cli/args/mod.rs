@@ -185,8 +185,8 @@ pub struct DataplaneOptions {
     /// the in-process wire, which has no other traffic to be fair to].
     #[arg(long, value_enum)]
     pub congestion: Option<CongestionArg>,
-    /// What a dataplane core does when it finds no work: spin (a dedicated CPU) or spin
-    /// then nap (a shared machine).
+    /// What a dataplane core does when it finds no work: spin (a dedicated CPU), or yield
+    /// the CPU to any thread waiting for it, then nap (a shared machine).
     #[arg(long, value_enum, default_value = "nap")]
     pub idle: IdleArg,
     /// Floor of the TCP retransmission timeout of our sockets, in milliseconds (RFC 6298
