@@ -6,7 +6,9 @@ use std::process::Command;
 use std::time::Duration;
 use vmigrate_tests::control::{self, assert_ends_completed, listen_for_events};
 use vmigrate_tests::metrics;
-use vmigrate_tests::process::{assert_large_segments_both_ways, assert_migrated, is_root, json, run, Receiver};
+use vmigrate_tests::process::{
+    assert_large_segments_both_ways, assert_migrated, assert_whole_segments, is_root, json, run, Receiver,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vmigrate");
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -101,7 +103,8 @@ fn demo_over_dpdk_ports() {
         eprintln!("SKIPPED demo_over_dpdk_ports: DPDK's EAL needs root here");
         return;
     }
-    // The default: a memif pair inside the process, one port per side, no hugepages.
+    // The default: a memif pair inside the process, one port per side, no hugepages, with
+    // buffers that take whole segments.
     let finished = run(
         Command::new(BIN).args([
             "demo",
@@ -122,7 +125,8 @@ fn demo_over_dpdk_ports() {
         let closed = format!("DPDK port {port} closed: all ");
         assert!(finished.stderr.contains(&closed), "{port}: no clean teardown in:\n{}", finished.stderr);
     }
-    assert_large_segments_both_ways(&finished.stderr);
+    let moved = json(&finished.stdout)["ram"]["transferred"].as_u64().unwrap();
+    assert_whole_segments(&finished.stderr, moved);
     assert!(!finished.stderr.contains("warning"), "{}", finished.stderr);
 }
 
@@ -186,7 +190,8 @@ fn demo_compresses_on_a_dpdk_device() {
 
 /// DPDK with no kernel in the path: `recv` and `send` as two processes, each on its end of
 /// a memif pair (shared memory; the receiver is the server of the memif socket), with and
-/// without hugepages, one connection and four.
+/// without hugepages, one connection and four; with segments cut to the MTU and sent whole
+/// (`--whole-segments`, which refuses a memif whose buffers cannot hold one).
 #[test]
 fn migrations_over_memif_between_two_processes() {
     if !cfg!(feature = "dpdk") {
@@ -198,31 +203,50 @@ fn migrations_over_memif_between_two_processes() {
         return;
     }
     let socket = std::env::temp_dir().join(format!("vmigrate-memif-{}.sock", std::process::id()));
-    // (hugepages, connections, dataplane cores a side)
-    let runs = [(false, "1", "1"), (false, "4", "1"), (true, "2", "1"), (false, "4", "2")];
-    for (run_index, (hugepages, connections, cores)) in runs.into_iter().enumerate() {
+    let side = |role: &str, ip: &str, lcore: &str, run: MemifRun, tail: &[&str]| {
+        let mut args: Vec<String> =
+            ["--stack", "dpdk", "--iface", "net_memif0", "--ip", ip, "--dataplane-cores", run.cores]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        args.extend(tail.iter().map(|s| s.to_string()));
+        if run.whole {
+            args.push("--whole-segments".into());
+        }
+        args.extend(["--", "--no-pci", "--log-level=error", "-m", "256", "-l", lcore].map(String::from));
+        if !run.hugepages {
+            args.push("--no-huge".into());
+        }
+        args.push(format!("--file-prefix=vmigrate-memif-{}-{role}", std::process::id()));
+        let buffers = if run.whole { ",bsize=65535,rsize=8" } else { "" };
+        args.push(format!("--vdev=net_memif0,role={role},id=0,socket={}{buffers}", socket.display()));
+        args
+    };
+    // --whole-segments on a memif of the default 2 KiB buffers: refused, saying what to add.
+    let small = MemifRun { hugepages: false, connections: "1", cores: "1", whole: false };
+    let mut refused = side("server", "10.77.0.12/24", "0", small, &["--listen", "10.77.0.12:4699"]);
+    refused.insert(0, "--whole-segments".into());
+    let refused = run(Command::new(BIN).arg("recv").args(refused), DEADLINE);
+    assert_eq!(refused.status.code(), Some(2), "{}", refused.stderr);
+    assert!(refused.stderr.contains("add bsize=65535 to its --vdev"), "{}", refused.stderr);
+    let _ = std::fs::remove_file(&socket);
+    let runs = [
+        MemifRun { hugepages: false, connections: "1", cores: "1", whole: false },
+        MemifRun { hugepages: false, connections: "4", cores: "1", whole: false },
+        MemifRun { hugepages: true, connections: "2", cores: "1", whole: false },
+        MemifRun { hugepages: false, connections: "4", cores: "2", whole: false },
+        MemifRun { hugepages: false, connections: "2", cores: "1", whole: true },
+    ];
+    for (run_index, memif) in runs.into_iter().enumerate() {
+        let (connections, cores) = (memif.connections, memif.cores);
         let port = 4700 + run_index;
-        let side = |role: &str, ip: &str, lcore: &str, tail: &[&str]| {
-            let mut args: Vec<String> =
-                ["--stack", "dpdk", "--iface", "net_memif0", "--ip", ip, "--dataplane-cores", cores]
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect();
-            args.extend(tail.iter().map(|s| s.to_string()));
-            args.extend(["--", "--no-pci", "--log-level=error", "-m", "128", "-l", lcore].map(String::from));
-            if !hugepages {
-                args.push("--no-huge".into());
-            }
-            args.push(format!("--file-prefix=vmigrate-memif-{}-{role}", std::process::id()));
-            args.push(format!("--vdev=net_memif0,role={role},id=0,socket={}", socket.display()));
-            args
-        };
         let listen = format!("10.77.0.12:{port}");
         let mut recv = Command::new(BIN);
         recv.args(["recv", "--json", "--run-after", "0.3"]).args(side(
             "server",
             "10.77.0.12/24",
             "0",
+            memif,
             &["--listen", &listen],
         ));
         let receiver = Receiver::spawn(recv);
@@ -231,6 +255,7 @@ fn migrations_over_memif_between_two_processes() {
             "client",
             "10.77.0.11/24",
             "1",
+            memif,
             &["--to", &listen, "--connections", connections],
         ));
         let sent = run(&mut send, DEADLINE);
@@ -244,8 +269,13 @@ fn migrations_over_memif_between_two_processes() {
             );
             assert!(!output.stderr.contains("warning"), "{}", output.stderr);
         }
-        // The sender's segments were cut, the receiver's frames merged.
-        assert_large_segments_both_ways(&format!("{}{}", sent.stderr, received.stderr));
+        let both = format!("{}{}", sent.stderr, received.stderr);
+        if memif.whole {
+            assert_whole_segments(&both, json(&sent.stdout)["ram"]["transferred"].as_u64().unwrap());
+        } else {
+            // The sender's segments were cut, the receiver's frames merged.
+            assert_large_segments_both_ways(&both);
+        }
         if cores != "1" {
             // memif's queue k at one end is queue k at the other, and both ends steer by
             // the same rule: every frame arrives on the core that owns its flow.
@@ -256,6 +286,16 @@ fn migrations_over_memif_between_two_processes() {
         }
         let _ = std::fs::remove_file(&socket);
     }
+}
+
+/// One run of `migrations_over_memif_between_two_processes`.
+#[derive(Clone, Copy)]
+struct MemifRun {
+    hugepages: bool,
+    connections: &'static str,
+    /// Dataplane cores a side.
+    cores: &'static str,
+    whole: bool,
 }
 
 /// The libraries speak through the log facade; the binary shows info and up by default,

@@ -204,6 +204,30 @@ pub fn assert_large_segments_both_ways(stderr: &str) {
     assert!(merged > 0 && frames > 2 * merged, "{merged} large segments received, merged from {frames}:\n{stderr}");
 }
 
+/// The DPDK queues' and ports' counters at teardown with `--whole-segments`: the sender's
+/// stack handed its queues large segments that went out uncut (none cut by GSO), and the
+/// ports sent fewer packets (both ways, ACKs included) than one per 8 KiB of the `moved`
+/// bytes, where frames of the MTU take one per 1.4 KiB.
+pub fn assert_whole_segments(stderr: &str, moved: u64) {
+    let whole: u64 = stderr
+        .lines()
+        .filter_map(|line| {
+            line.split_once(" large segments sent whole")?.0.split_whitespace().last()?.parse::<u64>().ok()
+        })
+        .sum();
+    assert!(whole > 0, "no large segments sent whole:\n{stderr}");
+    let (cut, _) = segment_counts(stderr, "large segments sent, cut into");
+    assert_eq!(cut, 0, "segments cut with --whole-segments:\n{stderr}");
+    let packets: u64 = stderr
+        .lines()
+        .filter_map(|line| {
+            let counts = line.split_once("packets received, ")?.1;
+            counts.split_once(" sent;")?.0.trim().parse::<u64>().ok()
+        })
+        .sum();
+    assert!(packets > 0 && packets * 8 * 1024 < moved, "{moved} bytes moved in {packets} packets:\n{stderr}");
+}
+
 /// The two numbers of the lines `dpdk: A <phrase> B frames ...`, summed over the queues.
 fn segment_counts(stderr: &str, phrase: &str) -> (u64, u64) {
     let number = |text: &str| text.split_whitespace().last().and_then(|word| word.parse::<u64>().ok());
