@@ -284,12 +284,14 @@ fn qemu_migrate_drives_both_qemus_and_the_relays() {
     }
     let point = check_migrated(&source, &destination, &mut source_qmp, &mut destination_qmp);
     eprintln!("orchestrated: memory equal on both sides, the sweep stood at page {point}");
-    assert_eq!(
-        std::fs::read_dir(&temp).expect("the command's temp dir").count(),
-        0,
-        "qemu-migrate left its sockets behind in {}",
-        temp.display()
-    );
+    // The files by which threads claim CPUs (`transport::pin`) stay, on purpose: removing
+    // a lock file races with a process about to lock it.
+    let left: Vec<_> = std::fs::read_dir(&temp)
+        .expect("the command's temp dir")
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .filter(|name| !(name.starts_with("vmigrate-cpu-") && name.ends_with(".lock")))
+        .collect();
+    assert!(left.is_empty(), "qemu-migrate left its sockets behind in {}: {left:?}", temp.display());
 }
 
 #[test]
