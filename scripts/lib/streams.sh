@@ -39,15 +39,17 @@ stream() {
         recv_eal=(-- "${eal[@]}" "net_af_xdp0,iface=$prefix-vd,start_queue=0,queue_count=1" -l 0 --file-prefix "$prefix-xd")
         send_args=(--stack dpdk --iface net_af_xdp0 --ip 10.77.0.11/24 --to "10.77.0.12:$port" "${ours[@]}")
         send_eal=(-- "${eal[@]}" "net_af_xdp0,iface=$prefix-vs,start_queue=0,queue_count=1" -l 1 --file-prefix "$prefix-xs")
-    elif [ "$name" = memif ]; then
+    elif [ "$name" = memif ] || [ "$name" = memif-whole ]; then
         # Two processes on the two ends of a DPDK memif pair (shared memory, no kernel in
-        # the path): the receiver is the memif socket's server.
+        # the path): the receiver is the memif socket's server. memif-whole: segments sent
+        # whole through buffers that hold them (--whole-segments).
         in_dst=() in_src=()
-        local eal=(--no-huge -m 256 --no-pci --log-level=error) socket="$out/memif.sock"
-        recv_args=(--stack dpdk --iface net_memif0 --ip 10.77.0.12/24 --listen "10.77.0.12:$port" "${ours[@]}")
-        recv_eal=(-- "${eal[@]}" --vdev "net_memif0,role=server,id=0,socket=$socket" -l 0 --file-prefix "$prefix-mr")
-        send_args=(--stack dpdk --iface net_memif0 --ip 10.77.0.11/24 --to "10.77.0.12:$port" "${ours[@]}")
-        send_eal=(-- "${eal[@]}" --vdev "net_memif0,role=client,id=0,socket=$socket" -l 1 --file-prefix "$prefix-ms")
+        local eal=(--no-huge -m 256 --no-pci --log-level=error) socket="$out/memif.sock" buffers="" whole=()
+        if [ "$name" = memif-whole ]; then buffers=",bsize=65535,rsize=8" whole=(--whole-segments); fi
+        recv_args=(--stack dpdk --iface net_memif0 --ip 10.77.0.12/24 --listen "10.77.0.12:$port" "${ours[@]}" "${whole[@]}")
+        recv_eal=(-- "${eal[@]}" --vdev "net_memif0,role=server,id=0,socket=$socket$buffers" -l 0 --file-prefix "$prefix-mr")
+        send_args=(--stack dpdk --iface net_memif0 --ip 10.77.0.11/24 --to "10.77.0.12:$port" "${ours[@]}" "${whole[@]}")
+        send_eal=(-- "${eal[@]}" --vdev "net_memif0,role=client,id=0,socket=$socket$buffers" -l 1 --file-prefix "$prefix-ms")
     elif [ "$name" = af-packet ]; then
         recv_args=(--stack af-packet --iface "$prefix-vd" --ip 10.77.0.12/24 --listen "10.77.0.12:$port" "${ours[@]}")
         send_args=(--stack af-packet --iface "$prefix-vs" --ip 10.77.0.11/24 --to "10.77.0.12:$port" "${ours[@]}")
