@@ -19,9 +19,10 @@
 //! chains mbufs nor offers TSO (net_af_xdp) still merges what it receives, and sends
 //! frames of the MTU whose checksums are filled in here too.
 
-use crate::fanout::{owner, Steering};
+pub use crate::dpdk_steer::Inboxes;
+use crate::dpdk_steer::Steer;
+use crate::fanout::Steering;
 use crate::layers::checksums_ok;
-use crossbeam_queue::ArrayQueue;
 use dpdk::segments::{merge_tcp4, HeaderLengths, SegmentPools, LARGE_FRAME_BYTES};
 use dpdk::{consts, Mbuf, Mempool, Port};
 use smoltcp::phy::{self, Checksum, Device, DeviceCapabilities, Medium, PacketMeta};
@@ -47,63 +48,6 @@ pub struct DpdkQueue {
     /// The polling thread as an lcore, for the mempools' per-lcore caches (None where DPDK
     /// had no lcore id left: it still works, through the pools' shared rings).
     _lcore: Option<dpdk::LcoreRegistration>,
-}
-
-/// The queues' inboxes on one port: where a core puts the frames of flows another core
-/// owns (the device spread flows by a hash of its own), as mbufs: no copy.
-pub struct Inboxes {
-    queues: Vec<ArrayQueue<Mbuf<'static>>>,
-}
-
-/// Frames one core's inbox holds; a full inbox drops, as a full NIC queue would.
-const INBOX_FRAMES: usize = 4096;
-
-impl Inboxes {
-    pub fn new(cores: usize) -> Arc<Inboxes> {
-        Arc::new(Inboxes { queues: (0..cores.max(1)).map(|_| ArrayQueue::new(INBOX_FRAMES)).collect() })
-    }
-}
-
-/// A core's place among the queues of its port, and where the others' frames go.
-struct Steer {
-    at: Steering,
-    inboxes: Arc<Inboxes>,
-    /// Frames received from the device, and those of them handed to their owner.
-    received: u64,
-    moved: u64,
-}
-
-impl Steer {
-    /// Takes out of `burst[from..]` the frames of flows other cores own and puts them in
-    /// their inboxes (frames that are not TCP stay: the `SharedLink` above passes them on
-    /// to all).
-    fn hand_over(&mut self, burst: &mut Vec<Mbuf<'static>>, from: usize) {
-        self.received += (burst.len() - from) as u64;
-        let (core, cores) = (self.at.core, self.at.cores);
-        let mut index = from;
-        while index < burst.len() {
-            match owner(burst[index].data(), cores) {
-                Some(other) if other != core => {
-                    let frame = burst.remove(index);
-                    self.moved += 1;
-                    // A full inbox drops the frame (TCP resends it).
-                    let _ = self.inboxes.queues[other].push(frame);
-                }
-                _ => index += 1,
-            }
-        }
-    }
-
-    /// Frames other cores handed over, up to `max` in `burst`.
-    fn take_inbox(&self, burst: &mut Vec<Mbuf<'static>>, max: usize) {
-        let inbox = &self.inboxes.queues[self.at.core];
-        while burst.len() < max {
-            match inbox.pop() {
-                Some(frame) => burst.push(frame),
-                None => break,
-            }
-        }
-    }
 }
 
 /// The receive half: what came in a burst, waiting for smoltcp.

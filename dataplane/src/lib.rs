@@ -16,6 +16,8 @@ pub mod core;
 mod delivery;
 #[cfg(feature = "dpdk")]
 pub mod dpdk_nic;
+#[cfg(feature = "dpdk")]
+mod dpdk_steer;
 pub mod fanout;
 pub mod faults;
 pub mod layers;
