@@ -114,7 +114,8 @@ mod with_dpdk {
                 port.driver()
             )));
         }
-        let buffer = port.device_args().as_deref().and_then(memif_buffer_bytes).unwrap_or(0);
+        // A memif made with no arguments at all has the driver's default buffers too.
+        let buffer = memif_buffer_bytes(port.device_args().as_deref().unwrap_or("")).unwrap_or(0);
         if buffer < dpdk::segments::LARGE_FRAME_BYTES {
             return Err(Failure::usage(format!(
                 "--whole-segments needs memif buffers that hold a 64 KiB segment; port {name}'s are {buffer} \
@@ -256,6 +257,7 @@ mod tests {
     fn a_memif_s_buffer_size_is_read_from_its_device_arguments() {
         assert_eq!(memif_buffer_bytes("role=client,id=0,socket=/s,bsize=65535,rsize=8"), Some(65535));
         assert_eq!(memif_buffer_bytes("role=server,id=0"), Some(2048), "the driver's default");
+        assert_eq!(memif_buffer_bytes(""), Some(2048), "no arguments at all");
         assert_eq!(memif_buffer_bytes("bsize=big"), None);
     }
 
