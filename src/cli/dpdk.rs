@@ -65,8 +65,10 @@ mod with_dpdk {
         let pool = match whole {
             // Whole segments arrive whole: one mbuf each, not a chain of small ones that
             // would be copied out into one buffer for smoltcp. A memif allocates one per
-            // frame received, and has no ring of them to fill.
-            true => dpdk::Mempool::with_data_room(eal, &format!("vm_{name}"), 1024 * cores as u32 - 1, 32, u16::MAX),
+            // frame received and has no ring of them to fill, so a queue holds a receive
+            // burst or two and the few small frames it sends (its segments come from the
+            // large pool): 512 a queue, 32 MiB.
+            true => dpdk::Mempool::with_data_room(eal, &format!("vm_{name}"), 512 * cores as u32 - 1, 32, u16::MAX),
             // Per queue: its receive and transmit rings, a burst each way, and what smoltcp
             // holds.
             false => {
