@@ -138,12 +138,29 @@ fn nonzero(bytes: u64) -> Option<usize> {
 }
 
 /// The source's side of the stack the options choose.
+/// Options only a DPDK port takes: on another stack they are refused, not ignored.
+fn refuse_dpdk_options_elsewhere(stack: &StackOptions) -> Result<()> {
+    if stack.stack == NetStack::Dpdk {
+        return Ok(());
+    }
+    let given = [
+        (stack.whole_segments, "--whole-segments"),
+        (stack.port_mtu.is_some(), "--port-mtu"),
+        (stack.nic_xstats, "--nic-xstats"),
+    ];
+    match given.iter().find(|(set, _)| *set) {
+        Some((_, option)) => Err(Failure::usage(format!("{option} is for --stack dpdk"))),
+        None => Ok(()),
+    }
+}
+
 pub(super) fn connector_for(
     stack: &StackOptions,
     pin: bool,
     to: &str,
     timeouts: Timeouts,
 ) -> Result<(Box<dyn Connector>, Option<CoreStack>)> {
+    refuse_dpdk_options_elsewhere(stack)?;
     let (connector, cores): (Box<dyn Connector>, _) = match stack.stack {
         NetStack::Kernel => {
             let connector = TcpConnector::new(to, timeouts)
@@ -167,6 +184,7 @@ pub(super) fn acceptor_for(
     listen: std::net::SocketAddr,
     timeouts: Timeouts,
 ) -> Result<(Box<dyn Acceptor>, Option<CoreStack>)> {
+    refuse_dpdk_options_elsewhere(stack)?;
     let (acceptor, cores): (Box<dyn Acceptor>, _) = match stack.stack {
         NetStack::Kernel => {
             let acceptor = TcpAcceptor::bind(listen, timeouts)

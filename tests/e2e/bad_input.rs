@@ -110,6 +110,20 @@ fn an_io_timeout_shorter_than_the_heartbeats_is_refused() {
 }
 
 #[test]
+fn options_of_a_dpdk_port_are_refused_on_other_stacks() {
+    let af_packet = ["--stack", "af-packet", "--iface", "lo", "--ip", "10.77.0.12/24", "--listen", "10.77.0.12:1"];
+    for (command, extra, option) in [
+        ("recv", &["--listen", "127.0.0.1:0"][..], "--whole-segments"),
+        ("send", &["--to", "127.0.0.1:9"][..], "--port-mtu=9000"),
+        ("recv", &af_packet[..], "--nic-xstats"),
+    ] {
+        let finished = run(Command::new(BIN).arg(command).args(extra).arg(option), DEADLINE);
+        let error = finished.assert_failure_with(USAGE);
+        assert!(error.contains("is for --stack dpdk"), "{command} {option}: {error}");
+    }
+}
+
+#[test]
 fn oversized_length_is_refused_before_allocation() {
     let mut bytes = stream::opening(1 << 20);
     let mut frame = stream::raw_pages(1, 1, 0, 1, 0xab);
