@@ -134,11 +134,18 @@ mod tests {
         assert_eq!(workers_from(96, 4, 1), MAX_DEFAULT_WORKERS);
     }
 
+    /// A fresh directory of this test's own for the lock files, so that claims by other
+    /// tests and processes do not interfere.
+    fn lock_directory(test: &str) -> std::path::PathBuf {
+        let directory = std::env::temp_dir().join(format!("vmigrate-pin-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&directory);
+        std::fs::create_dir_all(&directory).unwrap();
+        directory
+    }
+
     #[test]
     fn a_claimed_cpu_is_not_claimed_again_until_released() {
-        // A directory of our own, so claims by other tests' processes do not interfere.
-        let directory = std::env::temp_dir().join(format!("vmigrate-pin-test-{}", std::process::id()));
-        std::fs::create_dir_all(&directory).unwrap();
+        let directory = lock_directory("test");
         let last = core_count() - 1;
         let first = claim_cpu_in(&directory, downward(last)).expect("a free CPU can be claimed");
         assert_eq!(first.index, last, "claims start from the preferred CPU");
@@ -155,8 +162,7 @@ mod tests {
 
     #[test]
     fn workers_take_the_cpus_no_one_holds_and_float_when_none_is_left() {
-        let directory = std::env::temp_dir().join(format!("vmigrate-pin-workers-{}", std::process::id()));
-        std::fs::create_dir_all(&directory).unwrap();
+        let directory = lock_directory("workers");
         let last = core_count() - 1;
         // A polling core (of this process or another) holds the last CPU.
         let polling = claim_cpu_in(&directory, downward(last)).expect("a free CPU can be claimed");
@@ -185,9 +191,7 @@ mod tests {
     #[test]
     fn lock_files_are_not_writable_by_others_and_links_are_not_followed() {
         use std::os::unix::fs::PermissionsExt;
-        let directory = std::env::temp_dir().join(format!("vmigrate-pin-links-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&directory);
-        std::fs::create_dir_all(&directory).unwrap();
+        let directory = lock_directory("links");
         let last = core_count() - 1;
         // Someone planted a link where the preferred CPU's lock file goes.
         let target = directory.join("victim");
