@@ -35,11 +35,8 @@ pub(crate) fn set_socket_option<T>(
     value: &T,
     what: &str,
 ) -> io::Result<()> {
-    // SAFETY: `value` points to a live `T` of the size passed, as setsockopt requires.
-    let result = unsafe {
-        libc::setsockopt(fd, level, option, (value as *const T).cast(), std::mem::size_of::<T>() as libc::socklen_t)
-    };
-    check(result, what)
+    transport::sockopt::set_socket_option(fd, level, option, value)
+        .map_err(|err| io::Error::new(err.kind(), format!("{what}: {err}")))
 }
 
 /// Reads a `SOL_PACKET` option of a packet socket (a plain C struct or integer);

@@ -17,4 +17,5 @@ pub mod lobby;
 pub mod pin;
 pub mod pipe;
 pub mod ring;
+pub mod sockopt;
 pub mod tls;

@@ -174,22 +174,7 @@ fn limit_unsent(stream: &TcpStream, bytes: usize) -> io::Result<()> {
 /// Sets an integer socket option of `fd`'s.
 fn set_int_option(fd: &impl AsRawFd, level: libc::c_int, name: libc::c_int, value: usize) -> io::Result<()> {
     let value = libc::c_int::try_from(value).unwrap_or(libc::c_int::MAX);
-    // SAFETY: a socket we own, and a c_int that lives across the call, whose size is the
-    // length given.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    crate::sockopt::set_socket_option(fd.as_raw_fd(), level, name, &value)
 }
 
 fn tcp_connection(stream: TcpStream, timeouts: Timeouts, unsent_limit: Option<usize>) -> io::Result<Connection> {
