@@ -87,8 +87,6 @@ struct Transmit {
     checksums_here: bool,
     /// Large segments, and how they are cut (None: frames of one MTU at most).
     segments: Option<Segmenting>,
-    /// Frames a full transmit ring leaves waiting before smoltcp is told to stop sending.
-    held_frames: usize,
     to_send: Vec<Mbuf<'static>>,
     /// Frames the queue would not take at the last flush (at the front of `to_send`).
     waiting: usize,
@@ -162,10 +160,6 @@ impl DpdkQueue {
             },
             cut: Counted::default(),
         });
-        let held_frames = match &segments {
-            Some(segmenting) if segmenting.cutter == Cutter::Uncut => HELD_WHOLE_SEGMENTS,
-            _ => HELD_FRAMES,
-        };
         let mtu = usize::from(port.mtu());
         let lcore = port
             .register_polling_thread()
@@ -195,7 +189,6 @@ impl DpdkQueue {
                 offload: offload.transmit,
                 checksums_here: merge,
                 segments,
-                held_frames,
                 to_send: Vec::with_capacity(usize::from(BURST)),
                 waiting: 0,
                 no_mbuf: 0,
@@ -306,6 +299,14 @@ impl Transmit {
     fn flush(&mut self) {
         self.port.transmit_some(self.queue, &mut self.to_send);
         self.waiting = self.to_send.len();
+    }
+
+    /// Frames a full transmit ring leaves waiting before smoltcp is told to stop sending.
+    fn held_frames(&self) -> usize {
+        match &self.segments {
+            Some(segmenting) if segmenting.cutter == Cutter::Uncut => HELD_WHOLE_SEGMENTS,
+            _ => HELD_FRAMES,
+        }
     }
 
     fn queue_frame(&mut self, mbuf: Mbuf<'static>) {
@@ -438,10 +439,11 @@ impl Device for DpdkQueue {
     }
 
     fn transmit(&mut self, _timestamp: Instant) -> Option<DpdkTx<'_>> {
-        if self.transmit.waiting >= self.transmit.held_frames {
+        let held = self.transmit.held_frames();
+        if self.transmit.waiting >= held {
             // The device is behind: smoltcp keeps its data until a flush makes room.
             self.transmit.flush();
-            if self.transmit.waiting >= self.transmit.held_frames {
+            if self.transmit.waiting >= held {
                 return None;
             }
         }
