@@ -11,6 +11,9 @@ pub struct SourceConfig {
     pub compress_threads: usize,
     /// XBZRLE for re-sent pages, with a cache of this many bytes.
     pub xbzrle_cache_bytes: Option<u64>,
+    /// A page whose contents equal a page's sent earlier in the round goes as a copy of it,
+    /// found through an index of this many bytes (`migration::seen_pages`).
+    pub copy_index_bytes: Option<u64>,
     pub connections: u16,
     pub precopy: PrecopyConfig,
     pub max_bandwidth_bytes_per_s: Option<u64>,
@@ -46,6 +49,7 @@ impl Default for SourceConfig {
             codec: Codec::None,
             compress_threads: 2,
             xbzrle_cache_bytes: None,
+            copy_index_bytes: Some(migration::seen_pages::DEFAULT_INDEX_BYTES),
             connections: 1,
             precopy: PrecopyConfig::default(),
             max_bandwidth_bytes_per_s: None,

@@ -11,7 +11,7 @@ use migration::codec::Codec;
 use migration::frame::{FrameHeader, FrameKind};
 use migration::memory::GuestMemory;
 use migration::page_batch::BatchLimits;
-use migration::receiver::{ApplyWorker, BatchApplier, ConnectionInbound, Inbound, PageEpochs};
+use migration::receiver::{ApplyWorker, BatchApplier, ConnectionInbound, Inbound, PageEpochs, PendingCopies};
 use migration::PAGE_SIZE_BYTES;
 use std::sync::Mutex;
 
@@ -50,10 +50,11 @@ fuzz_target!(|data: &[u8]| {
         7 => Codec::BitShuffleLz4,
         _ => Codec::Adaptive,
     };
-    let limits = BatchLimits { region_pages: &REGION_PAGES, codec, xbzrle: setup & 0x80 != 0 };
+    let limits = BatchLimits { region_pages: &REGION_PAGES, codec, xbzrle: setup & 0x80 != 0, copies: setup & 0x40 != 0 };
     let memory = Memory(REGION_PAGES.iter().map(|&p| Mutex::new(vec![0u8; p as usize * PAGE_SIZE_BYTES])).collect());
     let epochs = PageEpochs::new(&REGION_PAGES);
-    let applier = BatchApplier { limits, memory: &memory, epochs: &epochs };
+    let copies = PendingCopies::default();
+    let applier = BatchApplier { limits, memory: &memory, epochs: &epochs, copies: &copies };
     let mut worker = ApplyWorker::new();
     let mut inbound = ConnectionInbound::new(u16::from(connection % 2), 0);
     let mut seq = 0u64;
@@ -75,6 +76,12 @@ fuzz_target!(|data: &[u8]| {
         match inbound.on_frame(&header, payload) {
             Ok(Inbound::Pages) => {
                 if applier.apply(payload, inbound.epoch(), &mut worker).is_err() {
+                    return;
+                }
+            }
+            // The round's barrier: the copies are filled in.
+            Ok(Inbound::RoundEnd { .. }) => {
+                if copies.apply(&memory).is_err() {
                     return;
                 }
             }

@@ -113,6 +113,11 @@ impl GuestRam {
         self.regions[region].read_u64(page as usize * PAGE_SIZE_BYTES + offset)
     }
 
+    pub fn read_flat_page(&self, flat_page: u64, dst: &mut [u8]) {
+        let (region, page) = self.locate(flat_page);
+        self.regions[region].read_into(page as usize * PAGE_SIZE_BYTES, dst);
+    }
+
     /// A guest store of a whole page.
     pub fn write_flat_page(&self, flat_page: u64, data: &[u8]) {
         let (region, page) = self.locate(flat_page);

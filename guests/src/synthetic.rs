@@ -8,9 +8,14 @@
 //! - `dirty:AREA:PAGES_PER_S:BITS`: fills AREA with random BITS-bit numbers stored as
 //!   32-bit words, then writes one random BITS-bit number into PAGES_PER_S random pages of
 //!   the area each second (the 2015 KVM live-migration talk's "writes random numbers to a 1 GB area").
-//! - `seq[:PAGES_PER_S]`: every page holds a counter; a sweep increments them page after
-//!   page, so every page equals its neighbour except where the sweep has reached (QEMU's
-//!   migration-test pattern). The destination checks every page.
+//! - `seq[:PAGES_PER_S]`: every page holds a counter (QEMU's migration-test pattern) and
+//!   its own number; a sweep increments the counters page after page, so every page's
+//!   counter equals its neighbour's except where the sweep has reached. The destination
+//!   checks every page. (The numbers keep pages apart: no page goes as a copy of another.)
+//! - `clones:AREA:DISTINCT:PAGES_PER_S`: AREA filled with copies of DISTINCT pages of
+//!   random bytes (the same library or file loaded by many processes, one image in many
+//!   buffers), then PAGES_PER_S random pages of the area each second overwritten with one
+//!   of them: no codec shrinks a page, but most pages equal another.
 
 use crate::guest::GuestRam;
 use crate::idle_image::write_idle_image;
@@ -38,6 +43,7 @@ pub enum WorkloadSpec {
     Idle,
     Dirty { area_bytes: u64, pages_per_s: u64, bits: u32 },
     Seq { pages_per_s: u64 },
+    Clones { area_bytes: u64, distinct: u64, pages_per_s: u64 },
 }
 
 /// Parses sizes such as `4096`, `64MiB`, `1GiB`, `4G`, `512M`, `2k` (binary units).
@@ -80,8 +86,18 @@ impl FromStr for WorkloadSpec {
                 }
                 Ok(WorkloadSpec::Dirty { area_bytes, pages_per_s, bits })
             }
+            ["clones", area, distinct, rate] => {
+                let area_bytes = parse_size(area)?;
+                let distinct = distinct.parse().map_err(|_| format!("bad count of distinct pages {distinct:?}"))?;
+                let pages_per_s = rate.parse().map_err(|_| format!("bad clones rate {rate:?}"))?;
+                if area_bytes < PAGE_SIZE_BYTES as u64 || distinct == 0 {
+                    return Err(format!("clones needs an AREA of a page or more and DISTINCT of 1 or more: {text:?}"));
+                }
+                Ok(WorkloadSpec::Clones { area_bytes, distinct, pages_per_s })
+            }
             _ => Err(format!(
-                "unknown workload {text:?}: expected idle, seq[:PAGES_PER_S] or dirty:AREA:PAGES_PER_S:BITS"
+                "unknown workload {text:?}: expected idle, seq[:PAGES_PER_S], dirty:AREA:PAGES_PER_S:BITS or \
+                 clones:AREA:DISTINCT:PAGES_PER_S"
             )),
         }
     }
@@ -94,6 +110,9 @@ impl fmt::Display for WorkloadSpec {
             WorkloadSpec::Seq { pages_per_s } => write!(f, "seq:{pages_per_s}"),
             WorkloadSpec::Dirty { area_bytes, pages_per_s, bits } => {
                 write!(f, "dirty:{area_bytes}:{pages_per_s}:{bits}")
+            }
+            WorkloadSpec::Clones { area_bytes, distinct, pages_per_s } => {
+                write!(f, "clones:{area_bytes}:{distinct}:{pages_per_s}")
             }
         }
     }
@@ -220,9 +239,17 @@ impl SyntheticGuest {
                     ram.write_flat_page(flat, &page);
                 }
             }
+            WorkloadSpec::Clones { area_bytes, distinct, .. } => {
+                let mut page = vec![0u8; PAGE_SIZE_BYTES];
+                for flat in 0..dirty_area_pages(&ram, area_bytes)? {
+                    clone_page(rng.gen_range(0..distinct), &mut page);
+                    ram.write_flat_page(flat, &page);
+                }
+            }
             WorkloadSpec::Seq { .. } => {
                 // Lap 1 everywhere: the sweep then raises pages to 2, 3, ...
                 for flat in 0..ram.total_pages() {
+                    ram.write_u64(flat, SEQ_NUMBER_AT, flat);
                     write_seq_page(&ram, flat, 1);
                 }
                 progress.lap.store(1, Ordering::Relaxed);
@@ -342,6 +369,10 @@ impl SyntheticGuest {
             let expected = if flat < position { lap + 1 } else { lap };
             let head = self.ram.read_u64(flat, 0);
             let tail = self.ram.read_u64(flat, PAGE_SIZE_BYTES - 8);
+            let number = self.ram.read_u64(flat, SEQ_NUMBER_AT);
+            if number != flat {
+                return Err(format!("seq check failed at page {flat}: holds page {number}'s number"));
+            }
             if head != expected || tail != expected {
                 return Err(format!(
                     "seq check failed at page {flat}: holds {head}/{tail}, expected {expected} (sweep at page {position} of lap {lap})"
@@ -470,6 +501,15 @@ fn dirty_area_pages(ram: &GuestRam, area_bytes: u64) -> Result<u64, String> {
     Ok(pages)
 }
 
+/// Fills `page` with the clones workload's page number `which`: random bytes, the same
+/// for the same number in every guest.
+fn clone_page(which: u64, page: &mut [u8]) {
+    SmallRng::seed_from_u64(which ^ 0x636c_6f6e_6573).fill(page);
+}
+
+/// Where a seq page holds its own number.
+const SEQ_NUMBER_AT: usize = 8;
+
 fn write_seq_page(ram: &GuestRam, flat: u64, value: u64) {
     // Head then tail: a page caught between the two stores is re-sent anyway (the mark
     // follows the second store), and the check reads both ends.
@@ -513,6 +553,16 @@ fn run_workload(ram: &GuestRam, spec: WorkloadSpec, control: &VcpuControl, progr
                 true
             });
         }
+        WorkloadSpec::Clones { area_bytes, distinct, pages_per_s } => {
+            let area_pages = area_bytes / PAGE_SIZE_BYTES as u64;
+            let mut page = vec![0u8; PAGE_SIZE_BYTES];
+            paced(control, pages_per_s, || {
+                clone_page(rng.gen_range(0..distinct), &mut page);
+                ram.write_flat_page(rng.gen_range(0..area_pages), &page);
+                progress.writes.fetch_add(1, Ordering::Relaxed);
+                true
+            });
+        }
         WorkloadSpec::Seq { pages_per_s } => {
             let pages = ram.total_pages();
             paced(control, pages_per_s, || {
@@ -550,6 +600,10 @@ mod tests {
         );
         assert_eq!("seq:100".parse(), Ok(WorkloadSpec::Seq { pages_per_s: 100 }));
         assert!("dirty:1GiB:5000:33".parse::<WorkloadSpec>().is_err());
+        let clones = WorkloadSpec::Clones { area_bytes: 64 << 20, distinct: 100, pages_per_s: 10 };
+        assert_eq!("clones:64MiB:100:10".parse(), Ok(clones));
+        assert_eq!(clones.to_string().parse(), Ok(clones));
+        assert!("clones:64MiB:0:10".parse::<WorkloadSpec>().is_err());
         assert!("busy".parse::<WorkloadSpec>().is_err());
         assert_eq!(parse_size("4G"), Ok(4 << 30));
         assert!(parse_size("4X").is_err());
@@ -577,6 +631,31 @@ mod tests {
         guest.check().unwrap();
         guest.ram().write_u64(200, 0, 7);
         assert!(guest.check().unwrap_err().contains("page 200"));
+    }
+
+    #[test]
+    fn seq_check_catches_another_pages_contents() {
+        let guest = SyntheticGuest::boot(ram(1 << 20), WorkloadSpec::Seq { pages_per_s: 1 }, 1).unwrap();
+        guest.pause();
+        let mut page = vec![0u8; PAGE_SIZE_BYTES];
+        guest.ram().read_flat_page(3, &mut page);
+        guest.ram().write_flat_page(100, &page);
+        assert!(guest.check().unwrap_err().contains("page 100"));
+    }
+
+    #[test]
+    fn clones_fill_their_area_with_copies_of_few_pages() {
+        let spec = WorkloadSpec::Clones { area_bytes: 512 << 10, distinct: 4, pages_per_s: 1 };
+        let guest = SyntheticGuest::boot(ram(1 << 20), spec, 1).unwrap();
+        guest.pause();
+        let mut contents = std::collections::HashSet::new();
+        let mut page = vec![0u8; PAGE_SIZE_BYTES];
+        for flat in 0..128 {
+            guest.ram().read_flat_page(flat, &mut page);
+            assert!(page.iter().any(|&b| b != 0), "page {flat} is filled");
+            contents.insert(page.clone());
+        }
+        assert!(contents.len() <= 4 && contents.len() > 1, "{} distinct pages", contents.len());
     }
 
     #[test]

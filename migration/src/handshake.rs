@@ -8,7 +8,7 @@
 //! ```text
 //! preamble:  magic "VMIGRATE" (8) | version_min u16 | version_max u16 | reserved u32 (0)
 //! Hello:     session_id u64 | connection_index u16 | connection_count u16 | page_size u32
-//!            | codec u8 | zlib_level u8 | xbzrle u8 | reserved u8
+//!            | codec u8 | zlib_level u8 | xbzrle u8 | copies u8
 //!            | region_count u16 | region_count x (guest_address u64 | bytes u64)
 //!            | requirements_len u32 | requirements (the source VM's, opaque to the engine)
 //! HelloAck:  accepted u8 (1 yes, 2 no) | version u16 | reason_len u16 | reason (UTF-8)
@@ -32,9 +32,10 @@ pub const PREAMBLE_BYTES: usize = 16;
 /// 5 added `Tune`, the destination's operator changing the migration, which a version-4
 /// source would take for a protocol violation. Version 6 added `deflate`, its blocks and
 /// `bitshuffle-lz4`; version 7 made the block entry carry its codec (zstd's pages go in
-/// blocks), which a version-6 destination reads as a deflate block.
-pub const VERSION_MIN: u16 = 7;
-pub const VERSION_MAX: u16 = 7;
+/// blocks), which a version-6 destination reads as a deflate block. Version 8 turned the
+/// Hello's reserved byte into `copies` (pages sent as copies of others, `seen_pages.rs`).
+pub const VERSION_MIN: u16 = 8;
+pub const VERSION_MAX: u16 = 8;
 
 /// More connections than this buy nothing on any link we target (8 saturate 100G) and
 /// each costs the receiver a thread and buffers.
@@ -127,6 +128,8 @@ pub struct Hello {
     pub page_size: u32,
     pub codec: Codec,
     pub xbzrle: bool,
+    /// Pages may go as copies of pages sent in the same round (`PageEntry::Copy`).
+    pub copies: bool,
     /// Size of each guest memory region, in bytes (a multiple of the page size).
     pub region_bytes: Vec<u64>,
     /// Where each region sits in the guest's physical address space (page aligned, no
@@ -144,7 +147,7 @@ impl Hello {
         out.extend_from_slice(&self.connection_count.to_le_bytes());
         out.extend_from_slice(&self.page_size.to_le_bytes());
         let (codec, level) = self.codec.to_wire();
-        out.extend_from_slice(&[codec, level, self.xbzrle as u8, 0]);
+        out.extend_from_slice(&[codec, level, self.xbzrle as u8, self.copies as u8]);
         out.extend_from_slice(&(self.region_bytes.len() as u16).to_le_bytes());
         for (address, bytes) in self.region_addresses.iter().zip(&self.region_bytes) {
             out.extend_from_slice(&address.to_le_bytes());
@@ -177,14 +180,12 @@ impl Hello {
         }
         let codec = Codec::from_wire(payload[16], payload[17])
             .ok_or_else(|| malformed("hello", format!("unknown codec {} level {}", payload[16], payload[17])))?;
-        let xbzrle = match payload[18] {
-            0 => false,
-            1 => true,
-            other => return Err(malformed("hello", format!("xbzrle flag {other}"))),
+        let flag = |name: &str, byte: u8| match byte {
+            0 => Ok(false),
+            1 => Ok(true),
+            other => Err(malformed("hello", format!("{name} flag {other}"))),
         };
-        if payload[19] != 0 {
-            return Err(malformed("hello", "reserved byte is not zero"));
-        }
+        let (xbzrle, copies) = (flag("xbzrle", payload[18])?, flag("copies", payload[19])?);
         let region_count = le_u16(&payload[20..22]);
         if region_count == 0 || region_count > MAX_REGIONS {
             return Err(malformed("hello", format!("{region_count} regions (limit {MAX_REGIONS})")));
@@ -238,6 +239,7 @@ impl Hello {
             page_size,
             codec,
             xbzrle,
+            copies,
             region_bytes,
             region_addresses: pairs.iter().map(|&(address, _)| address).collect(),
             vm_requirements: payload[regions_end + 4..].to_vec(),
@@ -321,6 +323,7 @@ mod tests {
             page_size: 4096,
             codec: Codec::Zlib { level: 1 },
             xbzrle: true,
+            copies: true,
             region_bytes: vec![1 << 30, 4096 * 3],
             region_addresses: vec![0, 4 << 30],
             vm_requirements: b"cpu model".to_vec(),
@@ -387,6 +390,7 @@ mod tests {
             page_size: PAGE_SIZE_BYTES as u32,
             codec: Codec::None,
             xbzrle: false,
+            copies: false,
             // Each alone is a valid size; together they wrap to 4 KiB.
             region_bytes: vec![1 << 63, 1 << 63, PAGE_SIZE_BYTES as u64],
             region_addresses: vec![0, 1 << 63, 0],

@@ -22,6 +22,7 @@ pub mod receiver;
 pub mod relay;
 pub mod relay_cache;
 pub mod relay_pages;
+pub mod seen_pages;
 pub mod shuffle;
 pub mod source_session;
 pub mod stats;

@@ -19,11 +19,15 @@
 //!                      with one of the compressed encodings 3..=11: their contents one
 //!                      after another; len at most `block_room(count)`)
 //!    11 bitshuffle-lz4 : len u16 | len bytes
+//!    12 copy           : from_region u16 | from_page u32 | digest u64  (the page's contents
+//!                        equal those of `from_page`, sent with its contents in the same
+//!                        round: the destination copies it at the round's barrier, once
+//!                        `digest`, XXH3-64 of the contents, checks out; `seen_pages.rs`)
 //! ```
 //! Every page index and run is checked against the region's size before use.
 
 use crate::codec::Codec;
-use crate::frame::{le_u16, le_u32, FrameBuf};
+use crate::frame::{le_u16, le_u32, le_u64, FrameBuf};
 use crate::PAGE_SIZE_BYTES;
 use thiserror::Error;
 
@@ -61,6 +65,7 @@ enum Encoding {
     Deflate = 9,
     Block = 10,
     BitShuffleLz4 = 11,
+    Copy = 12,
 }
 
 /// The compressed encodings and the codecs that decode them (levels are the sender's
@@ -121,6 +126,14 @@ pub enum PageEntry<'a> {
         codec: Codec,
         data: &'a [u8],
     },
+    /// The page's contents are those of `from_page` of `from_region`, whose XXH3-64 is
+    /// `digest`, as sent in this round.
+    Copy {
+        page: u32,
+        from_region: u16,
+        from_page: u32,
+        digest: u64,
+    },
 }
 
 impl PageEntry<'_> {
@@ -139,7 +152,8 @@ impl PageEntry<'_> {
             | PageEntry::Raw { page, .. }
             | PageEntry::Compressed { page, .. }
             | PageEntry::Xbzrle { page, .. }
-            | PageEntry::Block { page, .. } => page,
+            | PageEntry::Block { page, .. }
+            | PageEntry::Copy { page, .. } => page,
         }
     }
 
@@ -179,6 +193,8 @@ pub enum BatchError {
     NotNegotiated { index: usize, got: &'static str },
     #[error("entry {index} is a block of {count} pages, outside 2..={MAX_BLOCK_PAGES}")]
     BadBlock { index: usize, count: usize },
+    #[error("entry {index} is a copy of page {page} of region {region}, which the session does not have")]
+    CopyOutOfRange { index: usize, region: u16, page: u32 },
     #[error("page batch has {extra} bytes after its last entry")]
     TrailingBytes { extra: usize },
 }
@@ -197,6 +213,8 @@ pub struct BatchLimits<'a> {
     pub region_pages: &'a [u64],
     pub codec: Codec,
     pub xbzrle: bool,
+    /// Pages may go as copies of others (`PageEntry::Copy`).
+    pub copies: bool,
 }
 
 impl<'a> PageBatch<'a> {
@@ -306,6 +324,18 @@ fn parse_entry<'a>(
             let (base, rest) = take(body, 4)?;
             let (data, rest) = sized(rest)?;
             (PageEntry::Xbzrle { page, base_epoch: le_u32(base), data }, rest)
+        }
+        e if e == Encoding::Copy as u8 => {
+            if !limits.copies {
+                return Err(BatchError::NotNegotiated { index, got: "copies of pages" });
+            }
+            let (from, rest) = take(body, 14)?;
+            let (from_region, from_page) = (le_u16(&from[0..2]), le_u32(&from[2..6]));
+            let pages = limits.region_pages.get(usize::from(from_region));
+            if pages.is_none_or(|&pages| u64::from(from_page) >= pages) {
+                return Err(BatchError::CopyOutOfRange { index, region: from_region, page: from_page });
+            }
+            (PageEntry::Copy { page, from_region, from_page, digest: le_u64(&from[6..14]) }, rest)
         }
         encoding => return Err(BatchError::UnknownEncoding { index, encoding }),
     };
@@ -513,6 +543,15 @@ impl<'b, O: BatchOut> BatchWriter<'b, O> {
         written
     }
 
+    /// Page `page` is a copy of `from_page` of `from_region`, whose contents hash to
+    /// `digest` (`seen_pages::copy_digest`).
+    pub fn copy(&mut self, page: u32, from_region: u16, from_page: u32, digest: u64) {
+        self.entry(page, Encoding::Copy);
+        self.out.extend_from_slice(&from_region.to_le_bytes());
+        self.out.extend_from_slice(&from_page.to_le_bytes());
+        self.out.extend_from_slice(&digest.to_le_bytes());
+    }
+
     pub fn xbzrle(&mut self, page: u32, base_epoch: u32, data: &[u8]) {
         assert!(!data.is_empty() && data.len() < PAGE_SIZE_BYTES);
         self.entry(page, Encoding::Xbzrle);
@@ -534,7 +573,7 @@ mod tests {
     use super::*;
 
     fn limits(region_pages: &[u64]) -> BatchLimits<'_> {
-        BatchLimits { region_pages, codec: Codec::Lz4, xbzrle: true }
+        BatchLimits { region_pages, codec: Codec::Lz4, xbzrle: true, copies: true }
     }
 
     fn collect<'a>(payload: &'a [u8], limits: &BatchLimits<'_>) -> Result<Vec<PageEntry<'a>>, BatchError> {
@@ -556,6 +595,7 @@ mod tests {
             writer.raw(10, &raw);
             writer.compressed(11, Codec::Lz4, &[1, 2, 3]);
             writer.xbzrle(12, 4, &[5, 6]);
+            writer.copy(9, 0, 0, 0xfeed);
         }
         payload
     }
@@ -564,11 +604,27 @@ mod tests {
     fn write_parse_round_trip() {
         let payload = sample();
         let entries = collect(&payload, &limits(&[1, 13])).unwrap();
-        assert_eq!(entries.len(), 4);
+        assert_eq!(entries.len(), 5);
         assert_eq!(entries[0], PageEntry::ZeroRun { page: 0, count: 10 });
         assert!(matches!(entries[1], PageEntry::Raw { page: 10, data } if data == &[7u8; PAGE_SIZE_BYTES][..]));
         assert_eq!(entries[2], PageEntry::Compressed { page: 11, codec: Codec::Lz4, data: &[1, 2, 3] });
         assert_eq!(entries[3], PageEntry::Xbzrle { page: 12, base_epoch: 4, data: &[5, 6] });
+        assert_eq!(entries[4], PageEntry::Copy { page: 9, from_region: 0, from_page: 0, digest: 0xfeed });
+    }
+
+    #[test]
+    fn copies_need_negotiating_and_an_original_the_session_has() {
+        let payload = sample();
+        let without = BatchLimits { copies: false, ..limits(&[1, 13]) };
+        assert!(matches!(collect(&payload, &without), Err(BatchError::NotNegotiated { index: 4, .. })));
+        let mut elsewhere = Vec::new();
+        BatchWriter::new(&mut elsewhere, 1).copy(2, 0, 1, 0);
+        let err = collect(&elsewhere, &limits(&[1, 13])).unwrap_err();
+        assert_eq!(err, BatchError::CopyOutOfRange { index: 0, region: 0, page: 1 });
+        let mut nowhere = Vec::new();
+        BatchWriter::new(&mut nowhere, 1).copy(2, 2, 0, 0);
+        assert!(matches!(collect(&nowhere, &limits(&[1, 13])), Err(BatchError::CopyOutOfRange { region: 2, .. })));
+        assert!(collect(&nowhere, &limits(&[1, 13, 1])).is_ok());
     }
 
     #[test]
@@ -581,7 +637,7 @@ mod tests {
     #[test]
     fn unnegotiated_encodings_are_rejected() {
         let payload = sample();
-        let zlib_only = BatchLimits { region_pages: &[1, 13], codec: Codec::Zlib { level: 1 }, xbzrle: true };
+        let zlib_only = BatchLimits { codec: Codec::Zlib { level: 1 }, ..limits(&[1, 13]) };
         assert!(matches!(collect(&payload, &zlib_only), Err(BatchError::NotNegotiated { index: 2, got: "lz4" })));
     }
 
@@ -589,7 +645,7 @@ mod tests {
     fn blocks_name_their_pages_and_codec_and_are_checked_like_other_entries() {
         let mut payload = Vec::new();
         BatchWriter::new(&mut payload, 0).block(&[9, 2, 30], Codec::Deflate, &[1, 2, 3]);
-        let deflate = BatchLimits { region_pages: &[31], codec: Codec::Deflate, xbzrle: false };
+        let deflate = BatchLimits { region_pages: &[31], codec: Codec::Deflate, xbzrle: false, copies: false };
         let entries = collect(&payload, &deflate).unwrap();
         let [PageEntry::Block { page: 9, others, codec: Codec::Deflate, data: [1, 2, 3] }] = entries[..] else {
             panic!("{entries:?}")
@@ -632,7 +688,7 @@ mod tests {
     fn blocks_of_any_compressing_codec_need_it_negotiated() {
         let mut payload = Vec::new();
         BatchWriter::new(&mut payload, 0).block(&[0, 1], Codec::ShuffleZstd { level: 1 }, &[1, 2, 3]);
-        let limits = |codec| BatchLimits { region_pages: &[2], codec, xbzrle: false };
+        let limits = |codec| BatchLimits { region_pages: &[2], codec, xbzrle: false, copies: false };
         let entries = collect(&payload, &limits(Codec::ShuffleZstd { level: 3 })).unwrap();
         assert!(matches!(entries[..], [PageEntry::Block { codec: Codec::ShuffleZstd { .. }, .. }]), "{entries:?}");
         assert!(collect(&payload, &limits(Codec::Adaptive)).is_ok());
@@ -690,6 +746,7 @@ mod tests {
             assert_eq!(writer.compressed_in_place(14, Codec::Lz4, 5000, |_| Some(PAGE_SIZE_BYTES)), None);
             assert_eq!(writer.compressed_in_place(14, Codec::Lz4, 5000, |_| None), None);
             writer.xbzrle(12, 4, &[5, 6]);
+            writer.copy(9, 0, 0, 0xfeed);
         }
         assert_eq!(frame.payload(), &sample()[..]);
     }

@@ -18,7 +18,10 @@ use crate::PAGE_SIZE_BYTES;
 use std::sync::atomic::{AtomicU32, Ordering};
 use thiserror::Error;
 
+mod copies;
 mod deflated;
+pub use copies::PendingCopies;
+use copies::PendingCopy;
 pub use deflated::PageInflater;
 use deflated::{Deflated, PackedEntry, Target};
 
@@ -36,6 +39,11 @@ pub enum ReceiveError {
     DeltaBase { region: u16, page: u64, base: u32, held: u32 },
     #[error("region {region} page {page} sent twice in round {epoch} (held from round {held})")]
     StalePage { region: u16, page: u64, epoch: u32, held: u32 },
+    #[error(
+        "region {region} page {page}: sent as a copy of region {from_region} page {from_page}, which does not \
+         hold the contents the source hashed"
+    )]
+    CopyDigest { region: u16, page: u64, from_region: u16, from_page: u64 },
     #[error("protocol violation on connection {connection}: {detail}")]
     Protocol { connection: u16, detail: String },
 }
@@ -197,6 +205,8 @@ pub struct ApplyCounters {
     pub raw_pages: u64,
     pub compressed_pages: u64,
     pub xbzrle_pages: u64,
+    /// Pages that came as copies of others (applied at the round's barrier).
+    pub copied_pages: u64,
     /// `deflate` pages a device inflated.
     pub device_pages: u64,
     /// `deflate` pages the device failed, inflated on the CPU instead.
@@ -209,17 +219,19 @@ impl ApplyCounters {
         self.raw_pages += other.raw_pages;
         self.compressed_pages += other.compressed_pages;
         self.xbzrle_pages += other.xbzrle_pages;
+        self.copied_pages += other.copied_pages;
         self.device_pages += other.device_pages;
         self.device_fallback_pages += other.device_fallback_pages;
     }
 }
 
 /// What every decompression worker of a session shares: the session's limits, the guest
-/// memory being built and its page-epoch table.
+/// memory being built, its page-epoch table and the copies held for the round's barrier.
 pub struct BatchApplier<'a> {
     pub limits: BatchLimits<'a>,
     pub memory: &'a dyn GuestMemory,
     pub epochs: &'a PageEpochs,
+    pub copies: &'a PendingCopies,
 }
 
 /// What each decompression worker owns: codec state, one page of scratch, counters, and
@@ -231,6 +243,8 @@ pub struct ApplyWorker {
     pub counters: ApplyCounters,
     /// `deflate` entries: the device, and the pages of a block as inflated.
     deflated: Deflated,
+    /// The batch's copies, on their way to the session's `PendingCopies`.
+    copies: Vec<PendingCopy>,
 }
 
 impl ApplyWorker {
@@ -247,8 +261,10 @@ impl ApplyWorker {
 impl BatchApplier<'_> {
     /// Decodes one `Pages` frame of `epoch` and writes its pages into guest memory.
     pub fn apply(&self, payload: &[u8], epoch: u32, worker: &mut ApplyWorker) -> Result<(), ReceiveError> {
-        let BatchApplier { limits, memory, epochs } = self;
-        let ApplyWorker { decompressor, scratch, counters, deflated } = worker;
+        let BatchApplier { limits, memory, epochs, copies } = self;
+        let ApplyWorker { decompressor, scratch, counters, deflated, copies: batch_copies } = worker;
+        // Left over only from a batch that failed, whose session is failing.
+        batch_copies.clear();
         let batch = PageBatch::parse(payload, limits)?;
         let region = batch.region;
         let r = usize::from(region);
@@ -304,9 +320,16 @@ impl BatchApplier<'_> {
                     memory.write_page(r, page, scratch);
                     counters.xbzrle_pages += 1;
                 }
+                PageEntry::Copy { page: number, from_region, from_page, digest } => {
+                    // Claimed now (a page still goes once a round), filled at the barrier.
+                    epochs.claim(region, page, epoch)?;
+                    batch_copies.push(PendingCopy { from_region, from_page, region, page: number, digest });
+                    counters.copied_pages += 1;
+                }
             }
             Ok(())
         })?;
+        copies.hold(batch_copies);
         deflated.apply_on_device(&target, &for_device, decompressor, counters)
     }
 }
@@ -382,9 +405,10 @@ mod tests {
     fn deltas_apply_only_to_their_base_and_pages_once_per_round() {
         let memory = VecMemory(Mutex::new(vec![0; 4 * PAGE_SIZE_BYTES]));
         let pages = [4u64];
-        let limits = BatchLimits { region_pages: &pages, codec: Codec::None, xbzrle: true };
+        let limits = BatchLimits { region_pages: &pages, codec: Codec::None, xbzrle: true, copies: false };
         let epochs = PageEpochs::new(&pages);
-        let applier = BatchApplier { limits, memory: &memory, epochs: &epochs };
+        let copies = PendingCopies::default();
+        let applier = BatchApplier { limits, memory: &memory, epochs: &epochs, copies: &copies };
         let mut worker = ApplyWorker::new();
         let mut apply = |payload: &[u8], epoch| applier.apply(payload, epoch, &mut worker);
         let v1 = vec![1u8; PAGE_SIZE_BYTES];
@@ -416,9 +440,10 @@ mod tests {
         let memory = VecMemory(Mutex::new(vec![0; 4 * PAGE_SIZE_BYTES]));
         let pages = [4u64];
         let codec = Codec::ShuffleZstd { level: 1 };
-        let limits = BatchLimits { region_pages: &pages, codec, xbzrle: false };
+        let limits = BatchLimits { region_pages: &pages, codec, xbzrle: false, copies: false };
         let epochs = PageEpochs::new(&pages);
-        let applier = BatchApplier { limits, memory: &memory, epochs: &epochs };
+        let copies = PendingCopies::default();
+        let applier = BatchApplier { limits, memory: &memory, epochs: &epochs, copies: &copies };
         let contents: Vec<u8> = (0..3 * PAGE_SIZE_BYTES as u32).flat_map(|i| (i % 4000).to_le_bytes()).collect();
         let contents = &contents[..3 * PAGE_SIZE_BYTES];
         let mut packed = vec![0u8; 3 * PAGE_SIZE_BYTES];
@@ -469,9 +494,10 @@ mod tests {
     fn deflate_pages_go_to_the_inflater_and_what_it_fails_to_the_cpu() {
         let memory = VecMemory(Mutex::new(vec![0; 8 * PAGE_SIZE_BYTES]));
         let pages = [8u64];
-        let limits = BatchLimits { region_pages: &pages, codec: Codec::Deflate, xbzrle: false };
+        let limits = BatchLimits { region_pages: &pages, codec: Codec::Deflate, xbzrle: false, copies: false };
         let epochs = PageEpochs::new(&pages);
-        let applier = BatchApplier { limits, memory: &memory, epochs: &epochs };
+        let copies = PendingCopies::default();
+        let applier = BatchApplier { limits, memory: &memory, epochs: &epochs, copies: &copies };
         let contents: Vec<Vec<u8>> = (0..6u8).map(|i| vec![i + 1; PAGE_SIZE_BYTES]).collect();
         let mut compressor = crate::codec::PageCompressor::new(Codec::Deflate);
         let mut batch = Vec::new();
@@ -523,5 +549,48 @@ mod tests {
         BatchWriter::new(&mut corrupt, 0).compressed(5, Codec::Deflate, &[0xff; 40]);
         let err = applier.apply(&corrupt, 4, &mut worker).unwrap_err();
         assert!(matches!(err, ReceiveError::Decompress { page: 5, .. }), "{err}");
+    }
+
+    #[test]
+    fn copies_wait_for_the_barrier_and_must_match_their_digest() {
+        let memory = VecMemory(Mutex::new(vec![0; 8 * PAGE_SIZE_BYTES]));
+        let pages = [8u64];
+        let limits = BatchLimits { region_pages: &pages, codec: Codec::None, xbzrle: false, copies: true };
+        let epochs = PageEpochs::new(&pages);
+        let copies = PendingCopies::default();
+        let applier = BatchApplier { limits, memory: &memory, epochs: &epochs, copies: &copies };
+        let mut worker = ApplyWorker::new();
+        let original = vec![5u8; PAGE_SIZE_BYTES];
+        let digest = crate::seen_pages::copy_digest(&original);
+        // The copies may come before their original, in another batch of the round.
+        let mut first = Vec::new();
+        {
+            let mut writer = BatchWriter::new(&mut first, 0);
+            writer.copy(3, 0, 1, digest);
+            writer.copy(4, 0, 1, digest);
+        }
+        let mut second = Vec::new();
+        BatchWriter::new(&mut second, 0).raw(1, &original);
+        applier.apply(&first, 1, &mut worker).unwrap();
+        applier.apply(&second, 1, &mut worker).unwrap();
+        let mut page = vec![0u8; PAGE_SIZE_BYTES];
+        memory.read_page(0, 3, &mut page);
+        assert_eq!(page, vec![0u8; PAGE_SIZE_BYTES], "nothing copied before the barrier");
+        assert_eq!(copies.apply(&memory).unwrap(), 2);
+        for number in [3, 4] {
+            memory.read_page(0, number, &mut page);
+            assert_eq!(page, original, "page {number}");
+        }
+        assert_eq!(worker.counters.copied_pages, 2);
+        // A copy is a page's send of the round: the page twice in a round is refused.
+        let mut again = Vec::new();
+        BatchWriter::new(&mut again, 0).raw(3, &original);
+        assert!(matches!(applier.apply(&again, 1, &mut worker), Err(ReceiveError::StalePage { .. })));
+        // An original that does not hold what was hashed fails the copy.
+        let mut wrong = Vec::new();
+        BatchWriter::new(&mut wrong, 0).copy(6, 0, 2, digest);
+        applier.apply(&wrong, 2, &mut worker).unwrap();
+        let err = copies.apply(&memory).unwrap_err();
+        assert_eq!(err, ReceiveError::CopyDigest { region: 0, page: 6, from_region: 0, from_page: 2 });
     }
 }

@@ -28,6 +28,8 @@ pub struct EncodeCounters {
     pub xbzrle_overflow: u64,
     /// Pages that were unchanged since the cached copy.
     pub xbzrle_unchanged: u64,
+    /// Pages sent as copies of a page with the same contents sent in the same round.
+    pub copied_pages: u64,
     /// Bytes put on the wire, frame headers included.
     pub wire_bytes: u64,
     /// Pages a compression device compressed (or found not to shrink).
@@ -48,6 +50,7 @@ impl EncodeCounters {
         self.xbzrle_cache_miss += other.xbzrle_cache_miss;
         self.xbzrle_overflow += other.xbzrle_overflow;
         self.xbzrle_unchanged += other.xbzrle_unchanged;
+        self.copied_pages += other.copied_pages;
         self.wire_bytes += other.wire_bytes;
         self.device_pages += other.device_pages;
         self.device_fallback_pages += other.device_fallback_pages;
@@ -55,7 +58,12 @@ impl EncodeCounters {
 
     /// Pages covered by these counters.
     pub fn pages(&self) -> u64 {
-        self.zero_pages + self.raw_pages + self.compressed_pages + self.xbzrle_pages + self.xbzrle_unchanged
+        self.zero_pages
+            + self.raw_pages
+            + self.compressed_pages
+            + self.xbzrle_pages
+            + self.xbzrle_unchanged
+            + self.copied_pages
     }
 }
 
@@ -67,6 +75,8 @@ pub struct RamStats {
     pub transferred: u64,
     pub remaining: u64,
     pub duplicate: u64,
+    /// Pages sent as copies of another page of the same contents (not in QEMU).
+    pub copied: u64,
     pub skipped: u64,
     pub normal: u64,
     pub normal_bytes: u64,

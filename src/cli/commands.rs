@@ -67,6 +67,11 @@ fn source_config(args: &SourceOptions, common: &CommonOptions, cores: CoreShare)
         codec: args.codec,
         compress_threads: cores.workers(args.compress_threads),
         xbzrle_cache_bytes: super::args::xbzrle_cache(args.xbzrle, args.xbzrle_cache),
+        copy_index_bytes: match args.copy_index {
+            Some(0) => None,
+            Some(bytes) => Some(bytes),
+            None => Some(migration::seen_pages::DEFAULT_INDEX_BYTES),
+        },
         connections: args.connections,
         precopy: PrecopyConfig {
             downtime_limit: Duration::from_millis(args.downtime_limit),

@@ -99,8 +99,9 @@ pub fn print_tables(
     println!();
     let ram = &stats.ram;
     println!(
-        "pages: {} zero (duplicate), {} skipped unused, {} normal; {} compressed (ratio {:.2}); {} xbzrle (ratio {:.1}, {} misses, {} overflows)",
+        "pages: {} zero (duplicate), {} copies of others, {} skipped unused, {} normal; {} compressed (ratio {:.2}); {} xbzrle (ratio {:.1}, {} misses, {} overflows)",
         ram.duplicate,
+        ram.copied,
         ram.skipped,
         ram.normal,
         stats.compression.pages,
@@ -131,14 +132,15 @@ pub fn print_tables(
 
 pub fn print_destination(report: &DestinationReport, guest: &serde_json::Value) {
     println!(
-        "destination: {} received over {} connection(s) in {} rounds; {} zero, {} raw, {} compressed, {} xbzrle pages applied",
+        "destination: {} received over {} connection(s) in {} rounds; {} zero, {} raw, {} compressed, {} xbzrle, {} copied pages applied",
         bytes(report.received_bytes),
         report.connections,
         report.rounds,
         report.zero_pages,
         report.raw_pages,
         report.compressed_pages,
-        report.xbzrle_pages
+        report.xbzrle_pages,
+        report.copied_pages
     );
     if report.device_inflated_pages + report.device_fallback_pages > 0 {
         println!(

@@ -74,6 +74,35 @@ fn dirty_guest_migrates_with_every_setting() {
 }
 
 #[test]
+fn clones_guest_migrates_with_every_setting() {
+    check_matrix(WorkloadSpec::Clones { area_bytes: 16 << 20, distinct: 64, pages_per_s: 5000 }, true, false);
+}
+
+/// 16 MiB of copies of 64 random pages: each distinct page goes whole once (once per
+/// worker that met it first at the same time), every other as a copy of it, and the
+/// destination fills them in from the originals it holds.
+#[test]
+fn pages_alike_go_as_copies_of_one_sent_in_the_round() {
+    let workload = WorkloadSpec::Clones { area_bytes: 16 << 20, distinct: 64, pages_per_s: 0 };
+    let area_pages = (16 << 20) / 4096;
+    let config = SourceConfig { verify: true, connections: 4, compress_threads: 2, ..SourceConfig::default() };
+    let outcome = migrate_synthetic(MEM, workload, &config);
+    let stats = outcome.source.expect("migration");
+    let report = outcome.destination.expect("destination");
+    assert_eq!(stats.verified, Some(true));
+    assert!(stats.ram.copied >= area_pages - 64 * 2, "{} copies of {area_pages} pages", stats.ram.copied);
+    assert_eq!(report.copied_pages, stats.ram.copied);
+    assert!(stats.ram.transferred < 2 << 20, "sent {} bytes", stats.ram.transferred);
+
+    // Without the index every page goes whole.
+    let config = SourceConfig { copy_index_bytes: None, ..config };
+    let stats = migrate_synthetic(MEM, workload, &config).source.expect("migration");
+    assert_eq!(stats.verified, Some(true));
+    assert_eq!(stats.ram.copied, 0);
+    assert!(stats.ram.transferred > 16 << 20, "sent {} bytes", stats.ram.transferred);
+}
+
+#[test]
 fn idle_guest_migrates_with_every_setting() {
     check_matrix(WorkloadSpec::Idle, false, false);
 }

@@ -12,6 +12,7 @@ pub fn hello(region_bytes: Vec<u64>) -> Hello {
         page_size: 4096,
         codec: Codec::None,
         xbzrle: false,
+        copies: false,
         region_addresses: migration::memory::contiguous_addresses(&region_bytes),
         region_bytes,
         vm_requirements: Vec::new(),

@@ -24,12 +24,12 @@ use migration::frame::FrameKind;
 use migration::handshake::{encode_reason, Hello};
 use migration::memory::{pages_of, GuestMemory};
 use migration::page_batch::BatchLimits;
-use migration::receiver::{ApplyCounters, PageEpochs};
+use migration::receiver::{ApplyCounters, PageEpochs, PendingCopies};
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::Duration;
-use transport::abort::SessionAbort;
+use transport::abort::{AbortKind, SessionAbort};
 use transport::pipe::{Acceptor, Connection};
 use transport::ring::{Pool, Ring};
 
@@ -61,6 +61,8 @@ pub struct DestinationReport {
     pub raw_pages: u64,
     pub compressed_pages: u64,
     pub xbzrle_pages: u64,
+    /// Pages that came as copies of others of the same round.
+    pub copied_pages: u64,
     /// `deflate` pages a compression device inflated (`DestinationConfig::offload`).
     pub device_inflated_pages: u64,
     /// `deflate` pages the device failed, inflated on the CPU instead.
@@ -78,6 +80,8 @@ struct Shared {
     region_pages: Vec<u64>,
     hello: Hello,
     epochs: PageEpochs,
+    /// Pages that came as copies of others, filled when the round's barrier opens.
+    copies: PendingCopies,
     decode: Ring<Option<(u32, Vec<u8>)>>,
     buffers: Pool<Vec<u8>>,
     in_flight: AtomicU64,
@@ -99,7 +103,12 @@ struct BarrierState {
 
 impl Shared {
     fn limits(&self) -> BatchLimits<'_> {
-        BatchLimits { region_pages: &self.region_pages, codec: self.hello.codec, xbzrle: self.hello.xbzrle }
+        BatchLimits {
+            region_pages: &self.region_pages,
+            codec: self.hello.codec,
+            xbzrle: self.hello.xbzrle,
+            copies: self.hello.copies,
+        }
     }
 
     fn failure(&self) -> MigrationError {
@@ -144,6 +153,12 @@ impl Shared {
         }
         if state.arrived < usize::from(self.hello.connection_count) || self.in_flight.load(Ordering::Acquire) > 0 {
             return Ok(None);
+        }
+        // Every page of the round is written and nothing writes until the barrier opens:
+        // the copies' originals hold what the source hashed.
+        if let Err(err) = self.copies.apply(&*self.memory) {
+            self.abort.raise_as(AbortKind::Damaged, format!("round end: {err}"));
+            return Err(self.failure());
         }
         state.arrived = 0;
         state.generation += 1;
@@ -237,6 +252,7 @@ fn receive_session(
         abort: SessionAbort::new(),
         memory,
         epochs: PageEpochs::new(&region_pages),
+        copies: PendingCopies::default(),
         region_pages,
         hello: hello.clone(),
         decode: Ring::new(DECODE_RING_CAPACITY),

@@ -141,7 +141,12 @@ pub(super) fn decompression_worker(
     inflater: Option<Inflater>,
 ) {
     let _cpu = first_cpu.map(|first| pin::claim_worker_cpu(first + index));
-    let applier = BatchApplier { limits: shared.limits(), memory: &*shared.memory, epochs: &shared.epochs };
+    let applier = BatchApplier {
+        limits: shared.limits(),
+        memory: &*shared.memory,
+        epochs: &shared.epochs,
+        copies: &shared.copies,
+    };
     let mut worker = match inflater {
         Some(inflater) => ApplyWorker::with_inflater(Box::new(inflater)),
         None => ApplyWorker::new(),

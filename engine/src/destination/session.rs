@@ -103,6 +103,7 @@ impl<'s, 'scope> Session<'s, 'scope> {
             raw_pages: counters.raw_pages,
             compressed_pages: counters.compressed_pages,
             xbzrle_pages: counters.xbzrle_pages,
+            copied_pages: counters.copied_pages,
             device_inflated_pages: counters.device_pages,
             device_fallback_pages: counters.device_fallback_pages,
             total_time_ms: started.elapsed().saturating_sub(verify_time.unwrap_or_default()).as_millis() as u64,

@@ -9,6 +9,7 @@ use migration::page_batch::{
     block_room, BatchOut, BatchWriter, MAX_BATCH_BYTES, MAX_BLOCK_PAGES, MAX_ENTRIES_PER_BATCH,
 };
 use migration::receiver::FIRST_EPOCH;
+use migration::seen_pages::{copy_digest, Original};
 use migration::stats::EncodeCounters;
 use migration::xbzrle_cache::XbzrleOutcome;
 use migration::{zero, PAGE_SIZE_BYTES};
@@ -30,6 +31,7 @@ pub(super) fn compression_worker(shared: &Shared<'_>, index: usize) {
         offload: offload.map(|queue| Offload::new(queue, shared)),
         staged: Staged::default(),
         page: vec![0u8; PAGE_SIZE_BYTES],
+        other: vec![0u8; PAGE_SIZE_BYTES],
         delta: vec![0u8; PAGE_SIZE_BYTES - 1],
         counters: EncodeCounters::default(),
         measured: Vec::with_capacity(MAX_ENTRIES_PER_BATCH),
@@ -63,6 +65,8 @@ struct BatchEncoder {
     /// The batch's pages that go to the codec together at its end.
     staged: Staged,
     page: Vec<u8>,
+    /// Another page's contents: the original a page may go as a copy of.
+    other: Vec<u8>,
     delta: Vec<u8>,
     counters: EncodeCounters,
     /// Pages of a batch the adaptive policy measures its choices on.
@@ -87,7 +91,7 @@ impl BatchEncoder {
         let use_cache = !bulk || shared.cache_bulk.load(Ordering::Relaxed);
         // Pages that go raw and need no snapshot for the XBZRLE cache are read from guest
         // memory straight into the frame: one copy, not two.
-        let direct = codec == Codec::None && !(shared.cache.is_some() && use_cache);
+        let direct = codec == Codec::None && !(shared.cache.is_some() && use_cache) && shared.seen.is_none();
         // Pages for the compression device, or for a codec that packs them in blocks, wait
         // for the batch's end.
         let staging = codec.packs_in_blocks() || (codec == Codec::Deflate && self.offload.is_some());
@@ -129,6 +133,19 @@ impl BatchEncoder {
                         XbzrleOutcome::Miss if bulk => {}
                         XbzrleOutcome::Miss => self.counters.xbzrle_cache_miss += 1,
                         XbzrleOutcome::Overflow => self.counters.xbzrle_overflow += 1,
+                    }
+                }
+                if let Some(seen) = &shared.seen {
+                    let (contents, other) = (&self.page, &mut self.other);
+                    let same = |original: Original| {
+                        let (region, number) = (usize::from(original.region), u64::from(original.page));
+                        shared.memory.read_page(region, number, other);
+                        other == contents
+                    };
+                    if let Some(original) = seen.sight(job.region, page, job.epoch, contents, same) {
+                        batch.copy(page, original.region, original.page, copy_digest(contents));
+                        self.counters.copied_pages += 1;
+                        continue;
                     }
                 }
                 if codec == Codec::None {

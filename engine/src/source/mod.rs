@@ -31,6 +31,7 @@ use migration::codec::Codec;
 use migration::frame::{FrameBuf, FrameKind, SeqCounter};
 use migration::handshake::{encode_preamble, HandshakeError, Hello, HelloAck};
 use migration::memory::GuestMemory;
+use migration::seen_pages::{SeenPages, SLOT_BYTES};
 use migration::source_session::SourceSession;
 use migration::stats::{EncodeCounters, MigrationStats};
 use migration::xbzrle_cache::XbzrleCache;
@@ -122,6 +123,8 @@ struct Shared<'a> {
     jobs_in_flight: AtomicU64,
     round_counters: Mutex<EncodeCounters>,
     cache: Option<XbzrleCache>,
+    /// The pages sent in the round, by contents, where pages may go as copies.
+    seen: Option<SeenPages>,
     /// Set once the session completed: the connections are then shut under the reader.
     finished: AtomicBool,
     /// The session's state machine: fed by the scanner (rounds), the control reader (the
@@ -162,6 +165,13 @@ impl Shared<'_> {
     }
 }
 
+/// The index of pages by contents: `bytes` at most, and no more slots than the guest has
+/// pages. Seeded afresh for each migration, so that a guest cannot craft a collision.
+fn copy_index(bytes: u64, memory: &dyn GuestMemory) -> SeenPages {
+    let pages: u64 = memory.region_bytes().iter().map(|&b| b / PAGE_SIZE_BYTES as u64).sum();
+    SeenPages::new(bytes.min(pages.max(1) * SLOT_BYTES), rand::random())
+}
+
 /// Migrates `vm` to the destination `connector` reaches. On success the source guest
 /// stays paused: it runs on the destination now. On any failure before the destination
 /// confirms it has resumed, the source guest is resumed here and the error returned.
@@ -182,6 +192,7 @@ pub fn migrate(
         page_size: PAGE_SIZE_BYTES as u32,
         codec: config.codec,
         xbzrle: config.xbzrle_cache_bytes.is_some(),
+        copies: config.copy_index_bytes.is_some(),
         region_bytes: layout.clone(),
         region_addresses: addresses,
         vm_requirements: vm.requirements(),
@@ -274,6 +285,7 @@ fn run_session(
         jobs_in_flight: AtomicU64::new(0),
         round_counters: Mutex::new(EncodeCounters::default()),
         cache: config.xbzrle_cache_bytes.map(XbzrleCache::new),
+        seen: config.copy_index_bytes.map(|bytes| copy_index(bytes, vm.memory())),
         finished: AtomicBool::new(false),
         session: Mutex::new(SourceSession::new(
             config.precopy.clone(),

@@ -502,6 +502,7 @@ impl<'s, 'a> Scanner<'s, 'a> {
         stats.ram.transferred = transferred;
         stats.ram.remaining = 0;
         stats.ram.duplicate = t.zero_pages;
+        stats.ram.copied = t.copied_pages;
         stats.ram.normal = t.raw_pages + t.compressed_pages;
         stats.ram.normal_bytes = stats.ram.normal * PAGE_SIZE_BYTES as u64;
         stats.ram.mbps = mbps(transferred, total_time.as_secs_f64());

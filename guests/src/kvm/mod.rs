@@ -219,6 +219,9 @@ fn program_config(spec: WorkloadSpec, memory_bytes: u64, tsc_hz: u64, seed: u64)
             let word_mask = if bits >= 32 { u32::MAX } else { (1u32 << bits) - 1 };
             ProgramConfig { kind: layout::KIND_DIRTY, area_pages, tsc_per_page: pacing(pages_per_s), word_mask, seed }
         }
+        WorkloadSpec::Clones { .. } => {
+            return Err(format!("the KVM guest runs idle, seq and dirty workloads, not {spec}: use --guest synthetic"))
+        }
     })
 }
 

@@ -395,6 +395,12 @@ pub struct SourceOptions {
     /// The XBZRLE cache (e.g. 256MiB); giving it turns XBZRLE on.
     #[arg(long, value_parser = parse_size)]
     pub xbzrle_cache: Option<u64>,
+    /// A page whose contents equal a page's sent earlier in the same round goes as a copy
+    /// of it (19 bytes). The index of the round's pages by contents takes at most this
+    /// much memory, 40 bytes a page [default: 40MiB, a 4 GiB guest's pages]; 0 turns
+    /// copies off.
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    pub copy_index: Option<u64>,
     /// TCP connections carrying the migration.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub connections: u16,

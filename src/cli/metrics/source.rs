@@ -50,6 +50,7 @@ pub(super) fn render(p: &Progress) -> String {
             ("kind=\"compressed\"", e.compressed_pages as f64),
             ("kind=\"xbzrle\"", e.xbzrle_pages as f64),
             ("kind=\"xbzrle-unchanged\"", e.xbzrle_unchanged as f64),
+            ("kind=\"copy\"", e.copied_pages as f64),
         ],
     );
     compression(&mut out, e);

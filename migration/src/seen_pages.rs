@@ -1,0 +1,145 @@
+//! The pages sent so far in a round, by content: a page whose contents equal one already
+//! sent in the same round goes as a copy of it (`PageEntry::Copy`), a few bytes instead of
+//! a page, whatever the codec would have made of it.
+//!
+//! Only pages sent in the *current* round are offered as originals: within a round each
+//! page is sent once, so the destination's copy of the original cannot change again before
+//! the round's barrier, where it applies copies. Across rounds the original may be re-sent
+//! in the same round as the copy, and the destination would copy the wrong version.
+//!
+//! A bounded, direct-mapped table keyed by a 128-bit hash of the contents, seeded per
+//! migration so that a guest cannot craft pages that collide. A slot from an earlier round
+//! is empty for this one: nothing is cleared between rounds. Compression workers share the
+//! table; each slot has its own lock. Losing an original to a collision only costs a copy
+//! not made; a match is confirmed byte for byte by the caller before it is trusted.
+
+use crate::PAGE_SIZE_BYTES;
+use std::sync::Mutex;
+use xxhash_rust::xxh3::{xxh3_128_with_seed, xxh3_64};
+
+/// The default bound on the table: 1 Mi slots, enough for every page of a 4 GiB guest to
+/// be an original.
+pub const DEFAULT_INDEX_BYTES: u64 = (1 << 20) * SLOT_BYTES;
+
+/// What one slot costs (40 bytes on 64-bit Linux).
+pub const SLOT_BYTES: u64 = std::mem::size_of::<Mutex<Slot>>() as u64;
+
+#[derive(Clone, Copy, Default)]
+struct Slot {
+    /// The contents' hash, in two halves (a `u128` would pad the slot to 48 bytes).
+    hash: [u64; 2],
+    /// The round the original was sent in; 0 (no round) for an empty slot.
+    epoch: u32,
+    region: u16,
+    page: u32,
+}
+
+/// A page already sent in this round with the same contents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Original {
+    pub region: u16,
+    pub page: u32,
+}
+
+pub struct SeenPages {
+    slots: Vec<Mutex<Slot>>,
+    seed: u64,
+}
+
+/// The digest a copy carries, for the destination to check the original it holds:
+/// unseeded, so that the destination computes it without knowing the source's seed.
+pub fn copy_digest(contents: &[u8]) -> u64 {
+    xxh3_64(contents)
+}
+
+impl SeenPages {
+    /// A table of `bytes` (at least one slot), hashing with `seed`.
+    pub fn new(bytes: u64, seed: u64) -> Self {
+        let slots = (bytes / SLOT_BYTES).max(1) as usize;
+        SeenPages { slots: (0..slots).map(|_| Mutex::new(Slot::default())).collect(), seed }
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        self.slots.len() as u64 * SLOT_BYTES
+    }
+
+    /// Page `page` of `region`, whose contents are `contents`, is about to be sent in
+    /// `epoch`. Returns the page it may go as a copy of, if one with the same hash was sent
+    /// in this round and `same` (given that page) confirms its contents are equal; else
+    /// records this page as the original of its contents and returns `None`.
+    pub fn sight(
+        &self,
+        region: u16,
+        page: u32,
+        epoch: u32,
+        contents: &[u8],
+        same: impl FnOnce(Original) -> bool,
+    ) -> Option<Original> {
+        debug_assert_eq!(contents.len(), PAGE_SIZE_BYTES);
+        let full = xxh3_128_with_seed(contents, self.seed);
+        let hash = [full as u64, (full >> 64) as u64];
+        let slot = &self.slots[(hash[0] % self.slots.len() as u64) as usize];
+        let found = {
+            let held = *slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            (held.epoch == epoch && held.hash == hash).then_some(Original { region: held.region, page: held.page })
+        };
+        // Compared outside the lock: reading the original's page is the slow part.
+        if let Some(original) = found.filter(|&original| same(original)) {
+            return Some(original);
+        }
+        *slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Slot { hash, epoch, region, page };
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(byte: u8) -> Vec<u8> {
+        vec![byte; PAGE_SIZE_BYTES]
+    }
+
+    #[test]
+    fn a_page_seen_in_this_round_is_the_original_of_its_copies() {
+        let seen = SeenPages::new(1 << 20, 7);
+        assert_eq!(seen.sight(0, 10, 1, &page(3), |_| true), None);
+        assert_eq!(seen.sight(1, 20, 1, &page(3), |_| true), Some(Original { region: 0, page: 10 }));
+        assert_eq!(seen.sight(0, 11, 1, &page(4), |_| true), None, "other contents");
+    }
+
+    #[test]
+    fn an_original_of_an_earlier_round_is_not_offered() {
+        let seen = SeenPages::new(1 << 20, 7);
+        assert_eq!(seen.sight(0, 10, 1, &page(3), |_| true), None);
+        // The next round: page 10 may be re-sent in it, so 20 becomes the original.
+        assert_eq!(seen.sight(0, 20, 2, &page(3), |_| true), None);
+        assert_eq!(seen.sight(0, 30, 2, &page(3), |_| true), Some(Original { region: 0, page: 20 }));
+    }
+
+    #[test]
+    fn an_unconfirmed_match_makes_the_new_page_the_original() {
+        let seen = SeenPages::new(1 << 20, 7);
+        seen.sight(0, 10, 1, &page(3), |_| true);
+        let mut asked = None;
+        assert_eq!(
+            seen.sight(0, 20, 1, &page(3), |original| {
+                asked = Some(original);
+                false
+            }),
+            None
+        );
+        assert_eq!(asked, Some(Original { region: 0, page: 10 }));
+        assert_eq!(seen.sight(0, 30, 1, &page(3), |_| true), Some(Original { region: 0, page: 20 }));
+    }
+
+    #[test]
+    fn one_slot_keeps_the_last_original() {
+        let seen = SeenPages::new(1, 7);
+        assert_eq!(seen.size_bytes(), SLOT_BYTES);
+        seen.sight(0, 1, 1, &page(1), |_| true);
+        seen.sight(0, 2, 1, &page(2), |_| true);
+        assert_eq!(seen.sight(0, 3, 1, &page(1), |_| true), None, "evicted by page 2");
+        assert_eq!(seen.sight(0, 4, 1, &page(1), |_| true), Some(Original { region: 0, page: 3 }));
+    }
+}
