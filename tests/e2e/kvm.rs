@@ -108,7 +108,13 @@ fn a_cancel_in_any_phase_keeps_the_source_vcpu_running() {
     if !kvm_or_skip("a_cancel_in_any_phase_keeps_the_source_vcpu_running") {
         return;
     }
-    let slow = SourceConfig { max_bandwidth_bytes_per_s: Some(100 << 20), ..SourceConfig::default() };
+    // The sweeper's pages are all alike: with copies the whole guest would cross in one
+    // round, too fast to cancel in each phase.
+    let slow = SourceConfig {
+        max_bandwidth_bytes_per_s: Some(100 << 20),
+        copy_index_bytes: None,
+        ..SourceConfig::default()
+    };
     let iterating = SourceConfig {
         precopy: PrecopyConfig { downtime_limit: Duration::from_millis(5), ..Default::default() },
         ..slow.clone()
@@ -200,6 +206,8 @@ fn auto_converge_brings_a_guest_at_twice_the_link_under_the_downtime_limit() {
         // 40 MiB/s against the sweeper's 20 000 pages (78 MiB) a second.
         max_bandwidth_bytes_per_s: Some(40 << 20),
         precopy: PrecopyConfig { downtime_limit: limit, max_rounds: 60, auto_converge: true, ..Default::default() },
+        // The sweeper's pages are all alike: copies would carry them at any rate.
+        copy_index_bytes: None,
         ..SourceConfig::default()
     };
     let outcome = migrate_guest_on(GuestKind::Kvm, Link::Kernel, MEM, SWEEP, &config);
