@@ -110,11 +110,8 @@ fn a_cancel_in_any_phase_keeps_the_source_vcpu_running() {
     }
     // The sweeper's pages are all alike: with copies the whole guest would cross in one
     // round, too fast to cancel in each phase.
-    let slow = SourceConfig {
-        max_bandwidth_bytes_per_s: Some(100 << 20),
-        copy_index_bytes: None,
-        ..SourceConfig::default()
-    };
+    let slow =
+        SourceConfig { max_bandwidth_bytes_per_s: Some(100 << 20), copy_index_bytes: None, ..SourceConfig::default() };
     let iterating = SourceConfig {
         precopy: PrecopyConfig { downtime_limit: Duration::from_millis(5), ..Default::default() },
         ..slow.clone()

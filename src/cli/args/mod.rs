@@ -397,7 +397,7 @@ pub struct SourceOptions {
     pub xbzrle_cache: Option<u64>,
     /// A page whose contents equal a page's sent earlier in the same round goes as a copy
     /// of it (19 bytes). The index of the round's pages by contents takes at most this
-    /// much memory, 40 bytes a page [default: 40MiB, a 4 GiB guest's pages]; 0 turns
+    /// much memory, 36 bytes a page [default: 36MiB, a 4 GiB guest's pages]; 0 turns
     /// copies off.
     #[arg(long, value_parser = parse_size, value_name = "SIZE")]
     pub copy_index: Option<u64>,
