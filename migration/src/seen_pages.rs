@@ -45,6 +45,55 @@ struct Slot {
     page: u32,
 }
 
+/// Where few pages turn out to be copies, a worker looks up one page's contents in this
+/// many.
+pub const SPARSE_ONE_IN: u64 = 16;
+/// Sightings over which a worker measures how many pages were copies.
+const SAMPLING_WINDOW: u32 = 1024;
+/// Below one copy in this many sightings, a worker samples.
+const SAMPLING_BELOW_ONE_IN: u32 = 100;
+
+/// Which pages a compression worker looks up. Hashing a page that is no copy costs about
+/// two copies of it (`scripts/micro-bench`, "copy index"): a tenth of what sending it raw
+/// costs. So a worker that finds under 1% of the pages it looked up to be copies looks up
+/// only one page's contents in 16 from then on, chosen by the hash of its first 64 bytes:
+/// every copy of a chosen page is chosen with it, so the share of copies among the chosen
+/// is the guest's, and once it is 1% or more the worker looks every page up again.
+#[derive(Debug, Clone)]
+pub struct Sampling {
+    every_page: bool,
+    looked: u32,
+    found: u32,
+}
+
+impl Default for Sampling {
+    /// Every page looked up at first: a guest made of copies shows it from the start.
+    fn default() -> Self {
+        Sampling { every_page: true, looked: 0, found: 0 }
+    }
+}
+
+impl Sampling {
+    /// Whether to look up a page with these contents.
+    pub fn wants(&self, contents: &[u8]) -> bool {
+        self.every_page || xxh3_64(&contents[..64]) % SPARSE_ONE_IN == 0
+    }
+
+    /// A page looked up was (`copy`) or was not a copy.
+    pub fn record(&mut self, copy: bool) {
+        self.looked += 1;
+        self.found += u32::from(copy);
+        if self.looked == SAMPLING_WINDOW {
+            self.every_page = self.found * SAMPLING_BELOW_ONE_IN >= self.looked;
+            (self.looked, self.found) = (0, 0);
+        }
+    }
+
+    pub fn every_page(&self) -> bool {
+        self.every_page
+    }
+}
+
 /// A page already sent in this round with the same contents.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Original {
@@ -155,6 +204,24 @@ mod tests {
         );
         assert_eq!(asked, Some(Original { region: 0, page: 10 }));
         assert_eq!(seen.sight(0, 30, 1, &page(3), |_| true), Some(Original { region: 0, page: 20 }));
+    }
+
+    #[test]
+    fn a_worker_that_finds_few_copies_samples_and_one_that_finds_some_looks_again() {
+        let mut sampling = Sampling::default();
+        assert!(sampling.every_page());
+        for _ in 0..SAMPLING_WINDOW {
+            sampling.record(false);
+        }
+        assert!(!sampling.every_page());
+        // About one page's contents in 16 are chosen, by contents alone.
+        let pages: Vec<Vec<u8>> = (0..4096u32).map(|n| n.to_le_bytes().repeat(1024)).collect();
+        let sampled = pages.iter().filter(|page| sampling.wants(page)).count();
+        assert!((4096 / 32..4096 / 8).contains(&sampled), "{sampled} of 4096 chosen");
+        for n in 0..SAMPLING_WINDOW {
+            sampling.record(n % 50 == 0);
+        }
+        assert!(sampling.every_page(), "2% copies among the sampled");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The compression workers: each takes a job (up to 64 pages of one region), reads the
-//! pages, finds zero pages, tries XBZRLE, compresses, and builds the batch frame in place.
+//! pages, finds zero pages, tries XBZRLE, looks for a page of the same contents sent in
+//! the round (`migration::seen_pages`), compresses, and builds the batch frame in place.
 
 use crate::adaptive::{self, AdaptivePolicy, Choice, Pipeline};
 use crate::offload::{OffloadQueue, Offloaded};
@@ -9,7 +10,7 @@ use migration::page_batch::{
     block_room, BatchOut, BatchWriter, MAX_BATCH_BYTES, MAX_BLOCK_PAGES, MAX_ENTRIES_PER_BATCH,
 };
 use migration::receiver::FIRST_EPOCH;
-use migration::seen_pages::{copy_digest, Original};
+use migration::seen_pages::{copy_digest, Original, Sampling};
 use migration::stats::EncodeCounters;
 use migration::xbzrle_cache::XbzrleOutcome;
 use migration::{zero, PAGE_SIZE_BYTES};
@@ -32,6 +33,7 @@ pub(super) fn compression_worker(shared: &Shared<'_>, index: usize) {
         staged: Staged::default(),
         page: vec![0u8; PAGE_SIZE_BYTES],
         other: vec![0u8; PAGE_SIZE_BYTES],
+        sampling: Sampling::default(),
         delta: vec![0u8; PAGE_SIZE_BYTES - 1],
         counters: EncodeCounters::default(),
         measured: Vec::with_capacity(MAX_ENTRIES_PER_BATCH),
@@ -67,6 +69,8 @@ struct BatchEncoder {
     page: Vec<u8>,
     /// Another page's contents: the original a page may go as a copy of.
     other: Vec<u8>,
+    /// Which pages this worker looks up in the copy index.
+    sampling: Sampling,
     delta: Vec<u8>,
     counters: EncodeCounters,
     /// Pages of a batch the adaptive policy measures its choices on.
@@ -135,14 +139,16 @@ impl BatchEncoder {
                         XbzrleOutcome::Overflow => self.counters.xbzrle_overflow += 1,
                     }
                 }
-                if let Some(seen) = &shared.seen {
+                if let (Some(seen), true) = (&shared.seen, self.sampling.wants(&self.page)) {
                     let (contents, other) = (&self.page, &mut self.other);
                     let same = |original: Original| {
                         let (region, number) = (usize::from(original.region), u64::from(original.page));
                         shared.memory.read_page(region, number, other);
                         other == contents
                     };
-                    if let Some(original) = seen.sight(job.region, page, job.epoch, contents, same) {
+                    let original = seen.sight(job.region, page, job.epoch, contents, same);
+                    self.sampling.record(original.is_some());
+                    if let Some(original) = original {
                         batch.copy(page, original.region, original.page, copy_digest(contents));
                         self.counters.copied_pages += 1;
                         continue;
