@@ -139,20 +139,8 @@ impl BatchEncoder {
                         XbzrleOutcome::Overflow => self.counters.xbzrle_overflow += 1,
                     }
                 }
-                if let (Some(seen), true) = (&shared.seen, self.sampling.wants(&self.page)) {
-                    let (contents, other) = (&self.page, &mut self.other);
-                    let same = |original: Original| {
-                        let (region, number) = (usize::from(original.region), u64::from(original.page));
-                        shared.memory.read_page(region, number, other);
-                        other == contents
-                    };
-                    let original = seen.sight(job.region, page, job.epoch, contents, same);
-                    self.sampling.record(original.is_some());
-                    if let Some(original) = original {
-                        batch.copy(page, original.region, original.page, copy_digest(contents));
-                        self.counters.copied_pages += 1;
-                        continue;
-                    }
+                if self.copied(shared, job, page, &mut batch) {
+                    continue;
                 }
                 if codec == Codec::None {
                     batch.raw(page, &self.page);
@@ -251,6 +239,33 @@ impl BatchEncoder {
             }
             policy.measure(compressor.codec(), input, output, adaptive::cpu::thread_time() - start);
         }
+    }
+
+    /// Sends page `page`, read into `self.page`, as a copy of a page alike sent earlier in
+    /// the round, where the copy index finds one (and this worker looks the page up at
+    /// all); whether it did.
+    fn copied<O: BatchOut>(
+        &mut self,
+        shared: &Shared<'_>,
+        job: &Job,
+        page: u32,
+        batch: &mut BatchWriter<'_, O>,
+    ) -> bool {
+        let Some(seen) = &shared.seen else { return false };
+        if !self.sampling.wants(&self.page) {
+            return false;
+        }
+        let (contents, other) = (&self.page, &mut self.other);
+        let same = |original: Original| {
+            shared.memory.read_page(usize::from(original.region), u64::from(original.page), other);
+            other == contents
+        };
+        let original = seen.sight(job.region, page, job.epoch, contents, same);
+        self.sampling.record(original.is_some());
+        let Some(original) = original else { return false };
+        batch.copy(page, original.region, original.page, copy_digest(contents));
+        self.counters.copied_pages += 1;
+        true
     }
 
     /// A page found zero: the destination's copy becomes zero through a run entry, and the
