@@ -129,7 +129,9 @@ impl Delivery {
         drop(target);
         progress |= arrived > 0;
 
-        if !socket.can_recv() && !socket.may_recv() && socket.state() != State::Established {
+        // The end comes after everything before it was taken: an `Inbound` that holds
+        // back (what TLS opened and the application has not taken yet) is polled on first.
+        if !socket.can_recv() && !socket.may_recv() && socket.state() != State::Established && !holding {
             self.end(Ok(()));
             return true;
         }

@@ -441,3 +441,88 @@ fn a_core_delivers_to_a_handed_over_read_side_in_order() {
     assert!(end.as_ref().is_err_and(|why| why.contains("silent")), "{end:?}");
     assert!(started.elapsed() >= Duration::from_millis(300), "ended before the read timeout");
 }
+
+/// One TLS connection (a random pre-shared key) over a fresh loopback wire on `port`: the
+/// stack and both secured ends.
+fn tls_wire_connection(port: u16, io: Duration) -> (LoopbackStack, Connection, Connection) {
+    use transport::pipe::{Acceptor, Connector};
+    use transport::tls::{TlsAcceptor, TlsAuth, TlsConnector, TlsSettings};
+    let stack = LoopbackStack::start(1500, DEFAULT_SOCKET_BUFFER_BYTES, false).expect("start the loopback wire");
+    let timeouts = Timeouts { connect: Duration::from_secs(10), io };
+    let settings = TlsSettings { auth: TlsAuth::random_psk(), server_name: None };
+    let mut acceptor =
+        TlsAcceptor::new(Box::new(stack.acceptor(port, timeouts).expect("listen")), settings.server().expect("server"));
+    let connector =
+        TlsConnector::new(Box::new(stack.connector(port, timeouts)), settings.client("dst").expect("client"));
+    let sender = std::thread::spawn(move || connector.connect().expect("TLS connect"));
+    let receiver = acceptor.accept(Duration::from_secs(10)).expect("TLS accept");
+    (stack, sender.join().expect("connector"), receiver)
+}
+
+/// TLS with the write side handed to the core: records are sealed as the core pulls, after
+/// what the threaded writer sealed before, and the application's end closes the session
+/// cleanly (close_notify: the reader sees an end, not a truncation).
+#[test]
+fn a_core_seals_tls_records_of_a_handed_over_write_side_in_order() {
+    const TOTAL: usize = 8 << 20;
+    let (_stack, mut sender, mut receiver) = tls_wire_connection(4713, Duration::from_secs(30));
+    sender.writer.write_all(b"first").expect("write before the hand-over");
+    let lost = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let pattern = Pattern { total: TOTAL, offset: 0, idle_next: false, bytes: Vec::new(), lost: lost.clone() };
+    let attach = sender.direct_send.take().expect("TLS over our stack hands the write side over");
+    attach(Box::new(pattern));
+    // Dropped after the hand-over: it must not close the session under the core.
+    drop(sender.writer);
+    let mut received = Vec::with_capacity(5 + TOTAL);
+    let mut buffer = vec![0u8; 1 << 16];
+    loop {
+        let n = receiver.reader.read(&mut buffer).expect("read: the session ends cleanly");
+        if n == 0 {
+            break;
+        }
+        received.extend_from_slice(&buffer[..n]);
+    }
+    assert_eq!(received.len(), 5 + TOTAL);
+    assert_eq!(&received[..5], b"first");
+    if let Some(i) = received[5..].iter().enumerate().position(|(i, &b)| b != i as u8) {
+        panic!("byte {i} is {} where {} was sent", received[5 + i], i as u8);
+    }
+    assert_eq!(*lost.lock().unwrap(), None);
+}
+
+/// TLS with the read side handed to the core: the plaintext the threaded reader had opened
+/// and the ciphertext it had read come first, then every byte, in order, however the
+/// `Inbound` takes them (holding back every third call), then a clean end.
+#[test]
+fn a_core_opens_tls_records_for_a_handed_over_read_side_in_order() {
+    const TOTAL: usize = 8 << 20;
+    let (_stack, mut sender, mut receiver) = tls_wire_connection(4714, Duration::from_secs(30));
+    sender.writer.write_all(b"first").expect("write before the hand-over");
+    let mut head = [0u8; 2];
+    receiver.reader.read_exact(&mut head).expect("read the first bytes");
+    assert_eq!(&head, b"fi");
+    let (inbound, collected) = collector();
+    let attach = receiver.direct_receive.take().expect("TLS over our stack hands the read side over");
+    attach(receiver.reader, inbound);
+    let pattern: Vec<u8> = (0..TOTAL).map(|i| i as u8).collect();
+    sender.writer.write_all(&pattern).expect("write");
+    // The writer's end seals close_notify.
+    drop(sender.writer);
+    assert_eq!(ended(&collected), Ok(()));
+    (sender.closer)();
+    let collected = std::mem::take(&mut collected.lock().unwrap().bytes);
+    assert_eq!(collected.len(), 3 + TOTAL);
+    assert_eq!(&collected[..3], b"rst");
+    if let Some(i) = collected[3..].iter().zip(&pattern).position(|(a, b)| a != b) {
+        panic!("byte {i} is {} where {} was sent", collected[3 + i], pattern[i]);
+    }
+
+    // A stream cut off without close_notify is a truncation, not an end.
+    let (_stack, mut sender, receiver) = tls_wire_connection(4715, Duration::from_secs(30));
+    let (inbound, collected) = collector();
+    (receiver.direct_receive.expect("TLS over our stack hands the read side over"))(receiver.reader, inbound);
+    sender.writer.write_all(&pattern[..1 << 20]).expect("write");
+    (sender.closer)();
+    let end = ended(&collected);
+    assert!(end.as_ref().is_err_and(|why| why.contains("close_notify")), "{end:?}");
+}

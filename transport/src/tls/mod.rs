@@ -14,6 +14,7 @@
 //! [`Connection`] whose halves encrypt and decrypt (`stream.rs`).
 
 mod credentials;
+mod direct;
 mod psk;
 mod stream;
 

@@ -6,7 +6,8 @@
 //! through a blocked write would let two peers, each writing to the other, stop each
 //! other's readers for good.)
 
-use crate::pipe::Connection;
+use super::direct::{hand_over_writes, TlsInbound, TlsOutbound};
+use crate::pipe::{AttachInbound, AttachOutbound, Connection, Inbound, Outbound};
 use rustls::{ClientConnection, ServerConnection};
 use std::io::{self, Read, Write};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -20,13 +21,35 @@ const GO_AHEAD: u8 = 0x56;
 /// Ciphertext read from the network per read call.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
 
-struct Session {
-    tls: Mutex<rustls::Connection>,
-    /// The connection's writer; whoever holds it may seal and send records.
-    wire_out: Mutex<Box<dyn Write + Send>>,
+pub(super) struct Session {
+    pub(super) tls: Mutex<rustls::Connection>,
+    /// The connection's writer; whoever holds it may seal and send records. `None` once
+    /// the stack pulls the write side itself (`direct.rs`): records go out through it then.
+    pub(super) wire_out: Mutex<Option<Box<dyn Write + Send>>>,
+    /// What the threaded reader left when the stack took the read side over: the plain
+    /// connection's reader, and the ciphertext read from it and not yet given to rustls.
+    handed_over: Mutex<Option<(Box<dyn Read + Send>, Vec<u8>)>>,
 }
 
-fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+impl Session {
+    /// Sends what decrypting made rustls want to say (a key update, an alert), if no
+    /// writer is sending right now; a writer that is sends it with its own records, and
+    /// once the stack pulls the write side, its next pull does.
+    pub(super) fn answer(&self) -> io::Result<()> {
+        let Ok(mut wire) = self.wire_out.try_lock() else { return Ok(()) };
+        let Some(wire) = wire.as_mut() else { return Ok(()) };
+        let mut sealed = Vec::new();
+        {
+            let mut tls = lock(&self.tls);
+            while tls.wants_write() {
+                tls.write_tls(&mut sealed)?;
+            }
+        }
+        wire.write_all(&sealed)
+    }
+}
+
+pub(super) fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic elsewhere leaves the session unusable anyway; the next TLS call says so.
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
@@ -172,9 +195,12 @@ fn split(connection: Connection, mut tls: rustls::Connection) -> Connection {
     tls.set_buffer_limit(None);
     // The probe counts ciphertext: a record's overhead off the guest's bytes.
     // The write side is ours now: records are sealed on the writer's thread.
-    let Connection { reader, writer, closer, peer, probe, .. } = connection;
-    let session = Arc::new(Session { tls: Mutex::new(tls), wire_out: Mutex::new(writer) });
+    let Connection { reader, writer, closer, peer, probe, direct_send, direct_receive } = connection;
+    let session =
+        Arc::new(Session { tls: Mutex::new(tls), wire_out: Mutex::new(Some(writer)), handed_over: Mutex::new(None) });
     Connection {
+        direct_send: direct_send.map(|attach| seal_on_the_stack(session.clone(), attach)),
+        direct_receive: direct_receive.map(|attach| open_on_the_stack(session.clone(), attach)),
         reader: Box::new(TlsReader {
             session: session.clone(),
             wire_in: reader,
@@ -186,9 +212,32 @@ fn split(connection: Connection, mut tls: rustls::Connection) -> Connection {
         closer,
         peer,
         probe,
-        direct_send: None,
-        direct_receive: None,
     }
+}
+
+/// Where the stack pulls the write side: it gets records sealed as it pulls.
+fn seal_on_the_stack(session: Arc<Session>, attach: AttachOutbound) -> AttachOutbound {
+    Box::new(move |outbound: Box<dyn Outbound>| {
+        // Bytes the threaded writer sent are ahead in the plain connection's queue.
+        drop(hand_over_writes(&session));
+        attach(Box::new(TlsOutbound::new(session, outbound)));
+    })
+}
+
+/// Where the stack delivers what arrives: it gets records opened as they arrive.
+fn open_on_the_stack(session: Arc<Session>, attach: AttachInbound) -> AttachInbound {
+    Box::new(move |reader: Box<dyn Read + Send>, inbound: Box<dyn Inbound>| {
+        // Our `TlsReader`: dropped, it leaves the plain reader and its unopened ciphertext.
+        drop(reader);
+        let handed_over = lock(&session.handed_over).take();
+        match handed_over {
+            Some((wire_in, leftover)) => attach(wire_in, Box::new(TlsInbound::new(session, inbound, leftover))),
+            None => {
+                let mut inbound = inbound;
+                inbound.end(Err("TLS: the read side handed over was not this connection's"));
+            }
+        }
+    })
 }
 
 struct TlsReader {
@@ -201,19 +250,13 @@ struct TlsReader {
     filled: usize,
 }
 
-impl TlsReader {
-    /// Sends what decrypting made rustls want to say (a key update, an alert), if no
-    /// writer is sending right now; a writer that is sends it with its own records.
-    fn answer(&self) -> io::Result<()> {
-        let Ok(mut wire) = self.session.wire_out.try_lock() else { return Ok(()) };
-        let mut sealed = Vec::new();
-        {
-            let mut tls = lock(&self.session.tls);
-            while tls.wants_write() {
-                tls.write_tls(&mut sealed)?;
-            }
-        }
-        wire.write_all(&sealed)
+impl Drop for TlsReader {
+    /// Leaves the plain reader and the ciphertext not yet opened for the stack, should it
+    /// take the read side over (`open_on_the_stack`).
+    fn drop(&mut self) {
+        let wire_in = std::mem::replace(&mut self.wire_in, Box::new(io::empty()));
+        let leftover = self.pending[self.offset..self.filled].to_vec();
+        *lock(&self.session.handed_over) = Some((wire_in, leftover));
     }
 }
 
@@ -235,7 +278,7 @@ impl Read for TlsReader {
                     let processed = tls.process_new_packets();
                     if let Err(err) = processed {
                         drop(tls);
-                        let _ = self.answer();
+                        let _ = self.session.answer();
                         return Err(tls_error(err));
                     }
                     continue;
@@ -243,7 +286,7 @@ impl Read for TlsReader {
                 tls.wants_write()
             };
             if wants_write {
-                self.answer()?;
+                self.session.answer()?;
             }
             self.offset = 0;
             self.filled = 0;
@@ -283,6 +326,10 @@ impl TlsWriter {
     /// Seals `plaintext` (all of it) and sends the records.
     fn seal_and_send(&mut self, plaintext: &[u8], close: bool) -> io::Result<()> {
         let mut wire = lock(&self.session.wire_out);
+        // Handed to the stack: its pull seals from now on (and closes at the end).
+        let Some(wire) = wire.as_mut() else {
+            return Err(io::Error::new(io::ErrorKind::BrokenPipe, "the write side was handed to the stack"));
+        };
         self.sealed.clear();
         {
             let mut tls = lock(&self.session.tls);
@@ -305,7 +352,7 @@ impl Write for TlsWriter {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        lock(&self.session.wire_out).flush()
+        lock(&self.session.wire_out).as_mut().map_or(Ok(()), |wire| wire.flush())
     }
 }
 
