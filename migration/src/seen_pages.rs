@@ -76,7 +76,7 @@ impl Default for Sampling {
 impl Sampling {
     /// Whether to look up a page with these contents.
     pub fn wants(&self, contents: &[u8]) -> bool {
-        self.every_page || xxh3_64(&contents[..64]) % SPARSE_ONE_IN == 0
+        self.every_page || xxh3_64(&contents[..64]).is_multiple_of(SPARSE_ONE_IN)
     }
 
     /// A page looked up was (`copy`) or was not a copy.

@@ -28,8 +28,11 @@ pub(super) struct Session {
     pub(super) wire_out: Mutex<Option<Box<dyn Write + Send>>>,
     /// What the threaded reader left when the stack took the read side over: the plain
     /// connection's reader, and the ciphertext read from it and not yet given to rustls.
-    handed_over: Mutex<Option<(Box<dyn Read + Send>, Vec<u8>)>>,
+    handed_over: Mutex<Option<HandedOver>>,
 }
+
+/// The plain connection's reader and the ciphertext read from it, not yet opened.
+type HandedOver = (Box<dyn Read + Send>, Vec<u8>);
 
 impl Session {
     /// Sends what decrypting made rustls want to say (a key update, an alert), if no
