@@ -5,7 +5,7 @@
 //! (`stream.rs`); whatever they left (ciphertext read and not yet opened, records a reader
 //! wanted to send) goes first.
 
-use super::stream::{describe, lock, Session};
+use super::session::{describe, lock, Session};
 use crate::pipe::{Inbound, Next, Outbound};
 use std::io::{self, BufRead, Write};
 use std::sync::Arc;
@@ -232,10 +232,4 @@ impl Inbound for TlsInbound {
         };
         self.inner.end(why.as_deref().map_or(Ok(()), Err));
     }
-}
-
-/// The write side handed to the stack: the threaded writer no longer sends (its records
-/// would race the core's), and what rustls wants to send goes out through the stack's pull.
-pub(super) fn hand_over_writes(session: &Session) -> Option<Box<dyn Write + Send>> {
-    lock(&session.wire_out).take()
 }

@@ -16,6 +16,7 @@
 mod credentials;
 mod direct;
 mod psk;
+mod session;
 mod stream;
 
 pub use credentials::{TlsAuth, TlsClient, TlsError, TlsSettings};
