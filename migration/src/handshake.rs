@@ -339,7 +339,7 @@ mod tests {
     #[test]
     fn hello_rejects_bad_fields() {
         let good = hello().encode();
-        for (offset, value) in [(10usize, 0u8), (13, 0), (16, 9), (18, 2), (19, 1), (20, 0)] {
+        for (offset, value) in [(10usize, 0u8), (13, 0), (16, 9), (18, 2), (19, 2), (20, 0)] {
             let mut bad = good.clone();
             bad[offset] = value;
             assert!(Hello::decode(&bad).is_err(), "offset {offset} = {value} accepted");
@@ -362,15 +362,18 @@ mod tests {
 
     #[test]
     fn preamble_checks_magic_and_version() {
-        assert_eq!(accept_preamble(&encode_preamble()), Ok(7));
+        assert_eq!(accept_preamble(&encode_preamble()), Ok(VERSION_MAX));
         let mut wrong = encode_preamble();
         wrong[0] = b'X';
         assert!(matches!(accept_preamble(&wrong), Err(HandshakeError::BadMagic { .. })));
         let mut newer = encode_preamble();
-        newer[8..10].copy_from_slice(&8u16.to_le_bytes());
-        newer[10..12].copy_from_slice(&9u16.to_le_bytes());
+        newer[8..10].copy_from_slice(&(VERSION_MAX + 1).to_le_bytes());
+        newer[10..12].copy_from_slice(&(VERSION_MAX + 2).to_le_bytes());
         let err = accept_preamble(&newer).unwrap_err();
-        assert_eq!(err.to_string(), "no common protocol version: peer speaks 8..=9, we speak 7..=7");
+        let (peer, ours) = (VERSION_MAX + 1, VERSION_MIN);
+        let expected =
+            format!("no common protocol version: peer speaks {peer}..={}, we speak {ours}..={ours}", peer + 1);
+        assert_eq!(err.to_string(), expected);
     }
 
     #[test]
