@@ -20,8 +20,7 @@ use thiserror::Error;
 
 mod copies;
 mod deflated;
-pub use copies::PendingCopies;
-use copies::PendingCopy;
+pub use copies::{fill as fill_copies, PendingCopies, PendingCopy};
 pub use deflated::PageInflater;
 use deflated::{Deflated, PackedEntry, Target};
 

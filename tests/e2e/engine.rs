@@ -78,15 +78,17 @@ fn clones_guest_migrates_with_every_setting() {
     check_matrix(WorkloadSpec::Clones { area_bytes: 16 << 20, distinct: 64, pages_per_s: 5000 }, true, false);
 }
 
-/// 16 MiB of copies of 64 random pages: each distinct page goes whole once (once per
+/// 64 MiB of copies of 64 random pages: each distinct page goes whole once (once per
 /// worker that met it first at the same time), every other as a copy of it, and the
-/// destination fills them in from the originals it holds.
+/// destination fills them in from the originals it holds (16,000 copies: on several
+/// threads).
 #[test]
 fn pages_alike_go_as_copies_of_one_sent_in_the_round() {
-    let workload = WorkloadSpec::Clones { area_bytes: 16 << 20, distinct: 64, pages_per_s: 0 };
-    let area_pages = (16 << 20) / 4096;
+    let (mem, area) = (128 << 20, 64 << 20);
+    let workload = WorkloadSpec::Clones { area_bytes: area, distinct: 64, pages_per_s: 0 };
+    let area_pages = area / 4096;
     let config = SourceConfig { verify: true, connections: 4, compress_threads: 2, ..SourceConfig::default() };
-    let outcome = migrate_synthetic(MEM, workload, &config);
+    let outcome = migrate_synthetic(mem, workload, &config);
     let stats = outcome.source.expect("migration");
     let report = outcome.destination.expect("destination");
     assert_eq!(stats.verified, Some(true));
@@ -96,10 +98,10 @@ fn pages_alike_go_as_copies_of_one_sent_in_the_round() {
 
     // Without the index every page goes whole.
     let config = SourceConfig { copy_index_bytes: None, ..config };
-    let stats = migrate_synthetic(MEM, workload, &config).source.expect("migration");
+    let stats = migrate_synthetic(mem, workload, &config).source.expect("migration");
     assert_eq!(stats.verified, Some(true));
     assert_eq!(stats.ram.copied, 0);
-    assert!(stats.ram.transferred > 16 << 20, "sent {} bytes", stats.ram.transferred);
+    assert!(stats.ram.transferred > area, "sent {} bytes", stats.ram.transferred);
 }
 
 #[test]

@@ -24,7 +24,8 @@ use migration::frame::FrameKind;
 use migration::handshake::{encode_reason, Hello};
 use migration::memory::{pages_of, GuestMemory};
 use migration::page_batch::BatchLimits;
-use migration::receiver::{ApplyCounters, PageEpochs, PendingCopies};
+use migration::receiver::ReceiveError;
+use migration::receiver::{fill_copies, ApplyCounters, PageEpochs, PendingCopies, PendingCopy};
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
@@ -82,6 +83,8 @@ struct Shared {
     epochs: PageEpochs,
     /// Pages that came as copies of others, filled when the round's barrier opens.
     copies: PendingCopies,
+    /// Threads that fill them (the decompression workers' count: they wait meanwhile).
+    copy_fillers: usize,
     decode: Ring<Option<(u32, Vec<u8>)>>,
     buffers: Pool<Vec<u8>>,
     in_flight: AtomicU64,
@@ -156,7 +159,7 @@ impl Shared {
         }
         // Every page of the round is written and nothing writes until the barrier opens:
         // the copies' originals hold what the source hashed.
-        if let Err(err) = self.copies.apply(&*self.memory) {
+        if let Err(err) = fill_copies_on(&*self.memory, &self.copies.take(), self.copy_fillers) {
             self.abort.raise_as(AbortKind::Damaged, format!("round end: {err}"));
             return Err(self.failure());
         }
@@ -173,6 +176,28 @@ impl Shared {
             self.barrier_changed.notify_all();
         }
     }
+}
+
+/// Below this many copies at a barrier, one thread fills them: threads cost more.
+const COPIES_PER_FILLER: usize = 4096;
+
+/// Fills a round's copies (`PendingCopies::take`) on up to `threads` threads, a share of
+/// them each: at the barrier nothing else writes guest memory, and the decompression
+/// workers whose CPUs these take wait for the next round.
+fn fill_copies_on(memory: &dyn GuestMemory, copies: &[PendingCopy], threads: usize) -> Result<u64, ReceiveError> {
+    let threads = threads.min(copies.len() / COPIES_PER_FILLER).max(1);
+    if threads == 1 {
+        return fill_copies(memory, copies);
+    }
+    std::thread::scope(|scope| {
+        let fillers: Vec<_> = copies
+            .chunks(copies.len().div_ceil(threads))
+            .map(|share| scope.spawn(move || fill_copies(memory, share)))
+            .collect();
+        fillers.into_iter().try_fold(0, |filled, filler| {
+            Ok(filled + filler.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))?)
+        })
+    })
 }
 
 /// Receives one migration into `vm`. On success the guest runs on this side. On any
@@ -253,6 +278,7 @@ fn receive_session(
         memory,
         epochs: PageEpochs::new(&region_pages),
         copies: PendingCopies::default(),
+        copy_fillers: config.decompress_threads.max(1),
         region_pages,
         hello: hello.clone(),
         decode: Ring::new(DECODE_RING_CAPACITY),
