@@ -154,6 +154,18 @@ fn flipped_payload_byte_is_caught() {
 }
 
 #[test]
+fn a_copy_of_contents_the_original_does_not_hold_is_refused() {
+    // The source says page 1 is a copy of page 0 and hashed contents page 0 never held:
+    // the destination checks the original before it fills the copy, and stops.
+    let mut bytes = stream::opening_with(migration::handshake::Hello { copies: true, ..stream::hello(vec![1 << 20]) });
+    bytes.extend(stream::raw_pages(1, 1, 0, 1, 0xab));
+    bytes.extend(stream::copy_page(1, 2, 1, 0, migration::seen_pages::copy_digest(&[0xcd; 4096])));
+    bytes.extend(stream::round_end(1, 3, 2));
+    let error = feed_receiver(&bytes, INTEGRITY);
+    assert!(error.contains("page 1: sent as a copy of region 0 page 0, which does not hold the contents"), "{error}");
+}
+
+#[test]
 fn guest_larger_than_the_destination_allows_is_refused() {
     let receiver = Receiver::start(BIN, &["--max-mem", "16MiB"]);
     let sender = run(

@@ -21,8 +21,13 @@ pub fn hello(region_bytes: Vec<u64>) -> Hello {
 
 /// Preamble and Hello for a one-connection session of one region.
 pub fn opening(region_bytes: u64) -> Vec<u8> {
+    opening_with(hello(vec![region_bytes]))
+}
+
+/// Preamble and the given Hello (a test's own options: copies, XBZRLE, a codec).
+pub fn opening_with(hello: Hello) -> Vec<u8> {
     let mut out = encode_preamble().to_vec();
-    out.extend(encode_frame(FrameKind::Hello, 0, 0, &hello(vec![region_bytes]).encode()));
+    out.extend(encode_frame(FrameKind::Hello, 0, 0, &hello.encode()));
     out
 }
 
@@ -38,4 +43,17 @@ pub fn raw_pages(epoch: u32, seq: u64, first: u32, pages: u32, fill: u8) -> Vec<
         }
     }
     encode_frame(FrameKind::Pages, epoch, seq, &payload)
+}
+
+/// A Pages frame whose one entry says: page `page` of region 0 is a copy of `from_page`,
+/// whose contents hash to `digest` (`seen_pages::copy_digest`).
+pub fn copy_page(epoch: u32, seq: u64, page: u32, from_page: u32, digest: u64) -> Vec<u8> {
+    let mut payload = Vec::new();
+    migration::page_batch::BatchWriter::new(&mut payload, 0).copy(page, 0, from_page, digest);
+    encode_frame(FrameKind::Pages, epoch, seq, &payload)
+}
+
+/// The end of round `epoch` on a connection that sent `pages_frames` Pages frames in it.
+pub fn round_end(epoch: u32, seq: u64, pages_frames: u64) -> Vec<u8> {
+    encode_frame(FrameKind::RoundEnd, epoch, seq, &pages_frames.to_le_bytes())
 }
