@@ -25,6 +25,13 @@ pub struct ConnectionStats {
     /// The stack's smoothed RTT (whole milliseconds); None before the first sample.
     pub smoothed_rtt: Option<Duration>,
     pub retransmissions: u64,
+    /// The TCP state (smoltcp's names: `ESTABLISHED`, `CLOSE-WAIT`...).
+    pub state: String,
+    /// Bytes in the send buffer (sent and unacknowledged, or not sent yet) and in the
+    /// receive buffer (not yet taken by the application): `ss`'s Send-Q and Recv-Q, which
+    /// say on which side a stalled stream waits.
+    pub send_queue: usize,
+    pub recv_queue: usize,
 }
 
 impl ConnectionStats {
@@ -35,6 +42,9 @@ impl ConnectionStats {
             remote: endpoint(socket.remote_endpoint()),
             smoothed_rtt: socket.smoothed_rtt().map(|rtt| Duration::from_micros(rtt.total_micros())),
             retransmissions: socket.retransmissions(),
+            state: socket.state().to_string(),
+            send_queue: socket.send_queue(),
+            recv_queue: socket.recv_queue(),
         }
     }
 }
@@ -177,6 +187,9 @@ mod tests {
             remote: "10.0.0.2:4444".into(),
             smoothed_rtt: Some(Duration::from_millis(1)),
             retransmissions: 2,
+            state: "ESTABLISHED".into(),
+            send_queue: 0,
+            recv_queue: 0,
         };
         let stats = CoreStats::named("core-0");
         meter.publish(at(1), &stats, vec![open.clone()]);

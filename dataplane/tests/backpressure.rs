@@ -50,7 +50,15 @@ fn a_slow_reader_makes_the_writer_wait_and_loses_nothing() {
     let mut buffer = vec![0u8; 64 << 10];
     let mut most_ahead = 0u64;
     while read < STREAM_BYTES {
-        let n = connection.reader.read(&mut buffer).expect("read");
+        let n = connection.reader.read(&mut buffer).unwrap_or_else(|e| {
+            // Where the stream waits: each core's connections (state, send and receive
+            // queues) and whether the cores still run (their published running time).
+            let (source, destination) = stack.meters();
+            panic!(
+                "read after {read} of {STREAM_BYTES} bytes: {e}; cores: {:#?}",
+                [source.snapshot(), destination.snapshot()]
+            )
+        });
         assert!(n > 0, "the stream ended after {read} of {STREAM_BYTES} bytes");
         for (i, byte) in buffer[..n].iter().enumerate() {
             assert_eq!(*byte, pattern(read + i as u64), "byte {} differs", read + i as u64);
