@@ -277,7 +277,12 @@ struct Core<D: Device> {
 impl<D: Device> Core<D> {
     fn new(mut device: D, config: CoreConfig, stats: Arc<CoreStats>) -> Self {
         let clock = StackClock::new();
-        let mut iface = Interface::new(Config::new(config.mac.into()), &mut device, clock.now());
+        let mut iface_config = Config::new(config.mac.into());
+        // smoltcp draws each connection's initial sequence number from this seed. Its
+        // default (0) gave every core in every run the same ones, which RFC 6528 forbids:
+        // a blind attacker who knows them can inject into or reset a migration stream.
+        iface_config.random_seed = rand::random();
+        let mut iface = Interface::new(iface_config, &mut device, clock.now());
         iface.update_ip_addrs(|addrs| {
             let _ = addrs.push(config.ip);
         });

@@ -112,16 +112,22 @@ pub fn trace_frame(timestamp: Instant, packet: TracerPacket) {
 /// The lengths of the frames in a capture `--pcap` wrote (smoltcp's writer: the classic
 /// pcap format, little-endian), in order: how tests see what crossed a device.
 pub fn pcap_frame_lengths(pcap: &[u8]) -> Vec<usize> {
+    pcap_frames(pcap).iter().map(|frame| frame.len()).collect()
+}
+
+/// The frames of a capture `PcapWriter` wrote (little-endian pcap), as captured.
+pub fn pcap_frames(pcap: &[u8]) -> Vec<&[u8]> {
     const FILE_HEADER_BYTES: usize = 24;
     const RECORD_HEADER_BYTES: usize = 16;
-    let mut lengths = Vec::new();
+    let mut frames = Vec::new();
     let mut at = FILE_HEADER_BYTES;
     while let Some(record) = pcap.get(at..at + RECORD_HEADER_BYTES) {
         let captured = u32::from_le_bytes([record[8], record[9], record[10], record[11]]) as usize;
-        lengths.push(captured);
-        at += RECORD_HEADER_BYTES + captured;
+        let start = at + RECORD_HEADER_BYTES;
+        frames.push(&pcap[start..(start + captured).min(pcap.len())]);
+        at = start + captured;
     }
-    lengths
+    frames
 }
 
 #[cfg(test)]

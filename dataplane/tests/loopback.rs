@@ -4,7 +4,7 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 use transport::pipe::{Acceptor, Connector, Timeouts};
 use vmigrate_dataplane::core::DeviceWrappers;
-use vmigrate_dataplane::layers::pcap_frame_lengths;
+use vmigrate_dataplane::layers::{pcap_frame_lengths, pcap_frames};
 use vmigrate_dataplane::stack::{LoopbackOptions, LoopbackStack, DEFAULT_SOCKET_BUFFER_BYTES};
 use vmigrate_dataplane::SUPER_FRAME_BYTES;
 
@@ -77,6 +77,51 @@ fn segments_pass_the_wire_whole_with_offload_and_cut_to_the_mtu_without() {
             assert_eq!(largest, 1514, "a full-sized frame, and nothing larger");
         }
     }
+}
+
+/// The initial sequence numbers of the SYN and the SYN-ACK in a capture (IPv4, TCP).
+fn handshake_sequence_numbers(pcap: &[u8]) -> (Option<u32>, Option<u32>) {
+    const SYN: u8 = 0x02;
+    const ACK: u8 = 0x10;
+    let (mut syn, mut syn_ack) = (None, None);
+    for frame in pcap_frames(pcap) {
+        if frame.len() < 14 + 20 + 20 || frame[12..14] != [0x08, 0x00] || frame[14 + 9] != 6 {
+            continue;
+        }
+        let tcp = &frame[14 + usize::from(frame[14] & 0x0f) * 4..];
+        let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+        match tcp[13] & (SYN | ACK) {
+            SYN => syn = syn.or(Some(seq)),
+            flags if flags == SYN | ACK => syn_ack = syn_ack.or(Some(seq)),
+            _ => {}
+        }
+    }
+    (syn, syn_ack)
+}
+
+/// Each end of each connection opens with its own initial sequence number (RFC 6528): a
+/// stack whose numbers repeat from run to run lets a blind attacker inject into a stream.
+#[test]
+fn connections_open_with_initial_sequence_numbers_of_their_own() {
+    let mut opened = Vec::new();
+    for run in 0..2 {
+        let pcap = std::env::temp_dir().join(format!("vmigrate-isn-{}-{run}.pcap", std::process::id()));
+        let wrappers = DeviceWrappers { pcap: Some(pcap.clone()), ..DeviceWrappers::default() };
+        let stack = LoopbackStack::start_with(LoopbackOptions { wrappers, ..LoopbackOptions::default() }).unwrap();
+        let timeouts = Timeouts { connect: Duration::from_secs(5), io: Duration::from_secs(5) };
+        let mut acceptor = stack.acceptor(4444, timeouts).unwrap();
+        let connection = stack.connector(4444, timeouts).connect().expect("connect");
+        let accepted = acceptor.accept(Duration::from_secs(5)).expect("accept");
+        drop((connection, accepted));
+        drop(stack);
+        let capture = std::fs::read(&pcap).expect("the capture");
+        let _ = std::fs::remove_file(&pcap);
+        let (syn, syn_ack) = handshake_sequence_numbers(&capture);
+        let (syn, syn_ack) = (syn.expect("a SYN in the capture"), syn_ack.expect("a SYN-ACK in the capture"));
+        assert_ne!(syn, syn_ack, "both ends chose the same initial sequence number");
+        opened.push((syn, syn_ack));
+    }
+    assert_ne!(opened[0], opened[1], "two stacks opened with the same initial sequence numbers");
 }
 
 #[test]
