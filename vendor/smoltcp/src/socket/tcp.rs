@@ -2313,9 +2313,16 @@ impl<'a> Socket<'a> {
             _ => {}
         }
 
-        // start/stop the Zero Window Probe timer.
+        // start/stop the Zero Window Probe timer. Only with nothing in flight, as Linux
+        // arms its probe timer: while data is in flight the retransmission timer must
+        // keep running. A window that closes with data in flight (the peer's window
+        // rounded down by its scale, or shrunk) means the peer may drop that data; the
+        // probe timer replaced the retransmission timer, the window update that ends it
+        // left no timer at all, and data in flight with nothing more to send then waited
+        // forever.
         if self.remote_win_len == 0
             && !self.tx_buffer.is_empty()
+            && self.remote_last_seq == self.local_seq_no
             && (self.timer.is_idle() || ack_len > 0)
         {
             let delay = self.rtte.retransmission_timeout();
@@ -2648,6 +2655,17 @@ impl<'a> Socket<'a> {
             // infinite polling loop where `poll_at` returns `Now` but `dispatch`
             // can't actually do anything.
             self.timer.set_for_idle(cx.now(), self.keep_alive);
+
+            // A retransmission timeout rewound everything sent: with the window closed
+            // nothing goes again now, and nothing is in flight any more, so probe the
+            // window (or nothing would move until the peer opens it unasked).
+            if self.remote_win_len == 0
+                && !self.tx_buffer.is_empty()
+                && self.remote_last_seq == self.local_seq_no
+            {
+                let delay = self.rtte.retransmission_timeout();
+                self.timer.set_for_zero_window_probe(cx.now(), delay);
+            }
 
             // Inform RTTE, so that it can avoid bogus measurements.
             self.rtte.on_retransmit();
@@ -8529,6 +8547,103 @@ mod test {
                 seq_number: LOCAL_SEQ + 2,
                 ack_number: Some(REMOTE_SEQ + 1),
                 payload: &b"bcdef1"[..],
+                ..RECV_TEMPL
+            }]
+        );
+    }
+
+    #[test]
+    fn test_zero_window_with_data_in_flight_keeps_the_retransmit_timer() {
+        let mut s = socket_established();
+
+        s.send_slice(b"abcdef123456!@#$%^").unwrap();
+        recv!(
+            s,
+            time 0,
+            [TcpRepr {
+                seq_number: LOCAL_SEQ + 1,
+                ack_number: Some(REMOTE_SEQ + 1),
+                payload: &b"abcdef123456!@#$%^"[..],
+                ..RECV_TEMPL
+            }]
+        );
+
+        // The peer takes the first six octets and closes its window: the other twelve
+        // were in flight beyond it, and it dropped them.
+        send!(
+            s,
+            time 10,
+            TcpRepr {
+                seq_number: REMOTE_SEQ + 1,
+                ack_number: Some(LOCAL_SEQ + 7),
+                window_len: 0,
+                ..SEND_TEMPL
+            }
+        );
+        assert!(s.timer.is_retransmit());
+
+        // It opens the window again. Nothing is left to send, so only the retransmission
+        // timer can bring the twelve octets over.
+        send!(
+            s,
+            time 20,
+            TcpRepr {
+                seq_number: REMOTE_SEQ + 1,
+                ack_number: Some(LOCAL_SEQ + 7),
+                window_len: 64,
+                ..SEND_TEMPL
+            }
+        );
+        recv_nothing!(s, time 20);
+        recv!(
+            s,
+            time 2000,
+            [TcpRepr {
+                seq_number: LOCAL_SEQ + 7,
+                ack_number: Some(REMOTE_SEQ + 1),
+                payload: &b"123456!@#$%^"[..],
+                ..RECV_TEMPL
+            }]
+        );
+    }
+
+    #[test]
+    fn test_retransmit_timeout_in_zero_window_probes_the_window() {
+        let mut s = socket_established();
+
+        s.send_slice(b"abcdef123456!@#$%^").unwrap();
+        recv!(
+            s,
+            time 0,
+            [TcpRepr {
+                seq_number: LOCAL_SEQ + 1,
+                ack_number: Some(REMOTE_SEQ + 1),
+                payload: &b"abcdef123456!@#$%^"[..],
+                ..RECV_TEMPL
+            }]
+        );
+        send!(
+            s,
+            time 10,
+            TcpRepr {
+                seq_number: REMOTE_SEQ + 1,
+                ack_number: Some(LOCAL_SEQ + 7),
+                window_len: 0,
+                ..SEND_TEMPL
+            }
+        );
+
+        // The retransmission timeout finds the window still closed: nothing can go again,
+        // so the window is probed from then on, from the first octet not acknowledged.
+        recv_nothing!(s, time 2000);
+        assert!(s.timer.is_zero_window_probe());
+        recv!(
+            s,
+            time 10000,
+            [TcpRepr {
+                seq_number: LOCAL_SEQ + 7,
+                ack_number: Some(REMOTE_SEQ + 1),
+                payload: &b"1"[..],
                 ..RECV_TEMPL
             }]
         );
