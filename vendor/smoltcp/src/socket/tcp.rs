@@ -531,6 +531,9 @@ pub struct Socket<'a> {
     remote_last_ack: Option<TcpSeqNumber>,
     /// The last window length sent.
     remote_last_win: u16,
+    /// The right edge of the largest window sent (its ACK number plus its scaled length):
+    /// data up to it is accepted even where a window sent since ends before it.
+    remote_last_edge: Option<TcpSeqNumber>,
     /// The sending window scaling factor advertised to remotes which support RFC 1323.
     /// It is zero if the window <= 64KiB and/or the remote does not support it.
     remote_win_shift: u8,
@@ -647,6 +650,7 @@ impl<'a> Socket<'a> {
             remote_last_seq: TcpSeqNumber::default(),
             remote_last_ack: None,
             remote_last_win: 0,
+            remote_last_edge: None,
             remote_win_len: 0,
             remote_win_shift: rx_cap_log2.saturating_sub(16) as u8,
             remote_win_scale: None,
@@ -1026,6 +1030,7 @@ impl<'a> Socket<'a> {
         self.remote_last_seq = TcpSeqNumber::default();
         self.remote_last_ack = None;
         self.remote_last_win = 0;
+        self.remote_last_edge = None;
         self.remote_win_len = 0;
         self.remote_win_scale = None;
         self.remote_win_shift = rx_cap_log2.saturating_sub(16) as u8;
@@ -1812,11 +1817,20 @@ impl<'a> Socket<'a> {
         }
 
         let window_start = self.remote_seq_no + self.rx_buffer.len();
-        let window_end = if let Some(last_ack) = self.remote_last_ack {
+        let mut window_end = if let Some(last_ack) = self.remote_last_ack {
             last_ack + ((self.remote_last_win as usize) << self.remote_win_shift)
         } else {
             window_start
         };
+        // What arrives is taken up to the edge of the largest window offered: a receiver
+        // does not shrink its window (RFC 9293 3.8.6.2.2, RFC 7323 2.4). With a window
+        // scale the window offered is the free space rounded down, so its edge can sit up
+        // to 2^shift-1 octets left of one offered before, up to which the peer may already
+        // have sent; dropping those octets cost the peer a retransmission timeout. The
+        // edge never passes the buffer's end: each window offered was free space then.
+        if let Some(edge) = self.remote_last_edge {
+            window_end = window_end.max(edge);
+        }
         let segment_start = repr.seq_number;
         let segment_end = repr.seq_number + repr.payload.len();
 
@@ -2986,6 +3000,11 @@ impl<'a> Socket<'a> {
             .max(repr.seq_number + repr.segment_len());
         self.remote_last_ack = repr.ack_number;
         self.remote_last_win = repr.window_len;
+        // A SYN's window is never scaled (RFC 7323 2.2).
+        if let (Some(ack), false) = (repr.ack_number, repr.control == TcpControl::Syn) {
+            let edge = ack + ((repr.window_len as usize) << self.remote_win_shift);
+            self.remote_last_edge = Some(self.remote_last_edge.map_or(edge, |last| last.max(edge)));
+        }
 
         if repr.segment_len() > 0 {
             self.rtte
@@ -4911,6 +4930,75 @@ mod test {
                 ..RECV_TEMPL
             }]
         );
+    }
+
+    #[test]
+    fn test_established_recv_up_to_the_largest_window_offered() {
+        // 128 octets of buffer offered in units of 4: the window offered is the free space
+        // rounded down, and its edge can move left of one offered before.
+        let mut s = socket_established_with_buffer_sizes(64, 128);
+        s.remote_win_scale = Some(0);
+        s.remote_win_shift = 2;
+
+        send!(
+            s,
+            TcpRepr {
+                seq_number: REMOTE_SEQ + 1,
+                ack_number: Some(LOCAL_SEQ + 1),
+                payload: &[b'a'; 10][..],
+                ..SEND_TEMPL
+            }
+        );
+        // 118 free, offered as 116: the edge is at REMOTE_SEQ + 1 + 126.
+        recv!(
+            s,
+            [TcpRepr {
+                seq_number: LOCAL_SEQ + 1,
+                ack_number: Some(REMOTE_SEQ + 1 + 10),
+                window_len: 29,
+                ..RECV_TEMPL
+            }]
+        );
+        send!(
+            s,
+            TcpRepr {
+                seq_number: REMOTE_SEQ + 1 + 10,
+                ack_number: Some(LOCAL_SEQ + 1),
+                payload: &[b'b'; 3][..],
+                ..SEND_TEMPL
+            }
+        );
+        // 115 free, offered as 112: the edge moved left, to REMOTE_SEQ + 1 + 125.
+        recv!(
+            s,
+            [TcpRepr {
+                seq_number: LOCAL_SEQ + 1,
+                ack_number: Some(REMOTE_SEQ + 1 + 13),
+                window_len: 28,
+                ..RECV_TEMPL
+            }]
+        );
+        // The peer had the first window and fills it: all 113 octets fit the buffer and
+        // are taken, none left for a retransmission.
+        send!(
+            s,
+            TcpRepr {
+                seq_number: REMOTE_SEQ + 1 + 13,
+                ack_number: Some(LOCAL_SEQ + 1),
+                payload: &[b'c'; 113][..],
+                ..SEND_TEMPL
+            }
+        );
+        recv!(
+            s,
+            [TcpRepr {
+                seq_number: LOCAL_SEQ + 1,
+                ack_number: Some(REMOTE_SEQ + 1 + 126),
+                window_len: 0,
+                ..RECV_TEMPL
+            }]
+        );
+        assert_eq!(s.rx_buffer.len(), 126);
     }
 
     #[test]
