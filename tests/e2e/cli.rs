@@ -522,6 +522,8 @@ fn link_benchmark_streams_count_every_byte() {
         let value = json(&looped.stdout);
         assert_eq!(value["bytes"], 16 << 20, "{pump:?}");
         assert!(value["gbit-per-s"].as_f64().unwrap() > 0.0);
+        // Counted (not asserted zero: a sender not scheduled for the RTO floor retransmits).
+        assert!(value["retransmissions"].is_u64(), "{pump:?}: {value}");
     }
 
     let mut command = Command::new(BIN);
