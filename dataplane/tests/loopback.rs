@@ -81,18 +81,22 @@ fn segments_pass_the_wire_whole_with_offload_and_cut_to_the_mtu_without() {
 
 /// The initial sequence numbers of the SYN and the SYN-ACK in a capture (IPv4, TCP).
 fn handshake_sequence_numbers(pcap: &[u8]) -> (Option<u32>, Option<u32>) {
-    const SYN: u8 = 0x02;
-    const ACK: u8 = 0x10;
+    use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, TcpPacket};
     let (mut syn, mut syn_ack) = (None, None);
     for frame in pcap_frames(pcap) {
-        if frame.len() < 14 + 20 + 20 || frame[12..14] != [0x08, 0x00] || frame[14 + 9] != 6 {
+        let Ok(ethernet) = EthernetFrame::new_checked(frame) else { continue };
+        if ethernet.ethertype() != EthernetProtocol::Ipv4 {
             continue;
         }
-        let tcp = &frame[14 + usize::from(frame[14] & 0x0f) * 4..];
-        let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
-        match tcp[13] & (SYN | ACK) {
-            SYN => syn = syn.or(Some(seq)),
-            flags if flags == SYN | ACK => syn_ack = syn_ack.or(Some(seq)),
+        let Ok(ip) = Ipv4Packet::new_checked(ethernet.payload()) else { continue };
+        if ip.next_header() != IpProtocol::Tcp {
+            continue;
+        }
+        let Ok(tcp) = TcpPacket::new_checked(ip.payload()) else { continue };
+        let seq = tcp.seq_number().0 as u32;
+        match (tcp.syn(), tcp.ack()) {
+            (true, false) => syn = syn.or(Some(seq)),
+            (true, true) => syn_ack = syn_ack.or(Some(seq)),
             _ => {}
         }
     }
