@@ -383,6 +383,12 @@ fn scrape_our_stack_while_it_migrates(ns: &Namespaces, port: u16) {
         }
         let rtts = metrics::samples(parsed, "vmigrate_connection_smoothed_rtt_seconds");
         assert!(rtts.len() >= 2, "{side}: at least the two data connections: {parsed}");
+        // Both queues of every open connection, as `ss` shows them.
+        let connections = metrics::samples(parsed, "vmigrate_connection_retransmissions_total").len();
+        for queue in ["vmigrate_connection_send_queue_bytes", "vmigrate_connection_receive_queue_bytes"] {
+            let queues = metrics::samples(parsed, queue);
+            assert!(connections >= 2 && queues.len() == connections, "{side}: {queue} for each connection: {parsed}");
+        }
         eprintln!("{side}: cores busy {busy:?} of {running:?}; RTTs {rtts:?}");
     }
     let peer = format!("\"remote\": \"{listen}\"");

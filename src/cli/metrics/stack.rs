@@ -1,6 +1,6 @@
 //! The dataplane cores' figures (`--stack tap|af-packet|dpdk`), read at each scrape from
 //! what the cores publish every 100 ms: each core's busy time, each connection's smoothed
-//! RTT and retransmissions, as `ss -ti` would show a kernel connection's.
+//! RTT, retransmissions and queues, as `ss -ti` would show a kernel connection's.
 
 use super::{family, label};
 use dataplane::stats::CoreSnapshot;
@@ -30,14 +30,16 @@ pub(super) fn render(out: &mut String, cores: &[CoreSnapshot]) {
     let connection = |core: &CoreSnapshot, c: &dataplane::stats::ConnectionStats| {
         format!("core=\"{}\",local=\"{}\",remote=\"{}\"", label(&core.name), label(&c.local), label(&c.remote))
     };
-    let mut rtts = Vec::new();
-    let mut retransmits = Vec::new();
+    let (mut rtts, mut retransmits, mut send_queues, mut receive_queues) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for core in cores {
         for c in &core.connections {
             if let Some(rtt) = c.smoothed_rtt {
                 rtts.push((connection(core, c), rtt.as_secs_f64()));
             }
             retransmits.push((connection(core, c), c.retransmissions as f64));
+            send_queues.push((connection(core, c), c.send_queue as f64));
+            receive_queues.push((connection(core, c), c.recv_queue as f64));
         }
     }
     family(
@@ -53,6 +55,20 @@ pub(super) fn render(out: &mut String, cores: &[CoreSnapshot]) {
         "counter",
         "TCP retransmissions on an open connection.",
         &borrowed(&retransmits),
+    );
+    family(
+        out,
+        "connection_send_queue_bytes",
+        "gauge",
+        "Bytes in an open connection's send buffer: sent and not acknowledged, or not sent yet (ss's Send-Q).",
+        &borrowed(&send_queues),
+    );
+    family(
+        out,
+        "connection_receive_queue_bytes",
+        "gauge",
+        "Bytes in an open connection's receive buffer that the application has not taken (ss's Recv-Q).",
+        &borrowed(&receive_queues),
     );
 }
 
