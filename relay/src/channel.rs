@@ -312,8 +312,10 @@ impl Up<'_> {
                 self.channel
             );
         }
-        self.out.pages(&mut self.pages, false, &mut self.stats, abort)?;
+        // Stamped before the chunk that holds the RAM's end goes: the destination relay
+        // stamps its arrival, which must not come first.
         self.stats.note_ram_end(completing(&self.stream));
+        self.out.pages(&mut self.pages, false, &mut self.stats, abort)?;
         if completing(&self.stream) && self.pages.page.is_empty() {
             // QEMU's stream may end here, and with the return path QEMU keeps its socket
             // open until the destination has loaded: the digest so far lets the

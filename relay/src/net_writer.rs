@@ -18,8 +18,8 @@ pub(crate) struct NetWriter {
     ended: bool,
     /// The session's bandwidth cap (data frames wait for it) and its byte counts.
     controls: Arc<RelayControls>,
-    /// When the first checkpoint went out (microseconds since the Unix epoch): the digest
-    /// that lets the destination pass QEMU's end-of-file marker on.
+    /// When the first checkpoint was handed to the connection (microseconds since the Unix
+    /// epoch): the digest that lets the destination pass QEMU's end-of-file marker on.
     pub(crate) checkpoint_sent_at_us: Option<u64>,
 }
 
@@ -64,11 +64,15 @@ impl NetWriter {
         if kind == FrameKind::StreamData {
             self.controls.pace(bytes.len());
         }
-        self.writer.write_all(bytes)?;
-        self.writer.flush()?;
+        // Stamped as the write begins: from here on the checkpoint waits only for the link
+        // (a write that blocks waits for the socket's buffer to drain). Stamped after it,
+        // the peer could read the frame, and stamp its arrival, before this thread ran
+        // again.
         if kind == FrameKind::StreamCheckpoint {
             self.checkpoint_sent_at_us.get_or_insert_with(crate::stats::wall_clock_us);
         }
+        self.writer.write_all(bytes)?;
+        self.writer.flush()?;
         self.controls.meter.wire_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         Ok(())
     }
