@@ -1511,6 +1511,12 @@ impl<'a> Socket<'a> {
         self.remote_last_seq - self.local_seq_no
     }
 
+    /// Whether the peer's window is closed on data waiting to go, with nothing in flight:
+    /// when the zero-window probe, not the retransmission timer, must bring it over.
+    fn window_wants_probing(&self) -> bool {
+        self.remote_win_len == 0 && !self.tx_buffer.is_empty() && self.flight_size() == 0
+    }
+
     fn cwnd_remaining(&self) -> usize {
         self.congestion_controller
             .inner()
@@ -2334,11 +2340,7 @@ impl<'a> Socket<'a> {
         // probe timer replaced the retransmission timer, the window update that ends it
         // left no timer at all, and data in flight with nothing more to send then waited
         // forever.
-        if self.remote_win_len == 0
-            && !self.tx_buffer.is_empty()
-            && self.remote_last_seq == self.local_seq_no
-            && (self.timer.is_idle() || ack_len > 0)
-        {
+        if self.window_wants_probing() && (self.timer.is_idle() || ack_len > 0) {
             let delay = self.rtte.retransmission_timeout();
             tcp_trace!("starting zero-window-probe timer for t+{}", delay);
             self.timer.set_for_zero_window_probe(cx.now(), delay);
@@ -2673,10 +2675,7 @@ impl<'a> Socket<'a> {
             // A retransmission timeout rewound everything sent: with the window closed
             // nothing goes again now, and nothing is in flight any more, so probe the
             // window (or nothing would move until the peer opens it unasked).
-            if self.remote_win_len == 0
-                && !self.tx_buffer.is_empty()
-                && self.remote_last_seq == self.local_seq_no
-            {
+            if self.window_wants_probing() {
                 let delay = self.rtte.retransmission_timeout();
                 self.timer.set_for_zero_window_probe(cx.now(), delay);
             }
