@@ -34,12 +34,13 @@ pub(super) fn render(out: &mut String, cores: &[CoreSnapshot]) {
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for core in cores {
         for c in &core.connections {
+            let labels = connection(core, c);
             if let Some(rtt) = c.smoothed_rtt {
-                rtts.push((connection(core, c), rtt.as_secs_f64()));
+                rtts.push((labels.clone(), rtt.as_secs_f64()));
             }
-            retransmits.push((connection(core, c), c.retransmissions as f64));
-            send_queues.push((connection(core, c), c.send_queue as f64));
-            receive_queues.push((connection(core, c), c.recv_queue as f64));
+            retransmits.push((labels.clone(), c.retransmissions as f64));
+            send_queues.push((labels.clone(), c.send_queue as f64));
+            receive_queues.push((labels, c.recv_queue as f64));
         }
     }
     family(
