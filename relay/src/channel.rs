@@ -27,6 +27,7 @@ use crate::net_writer::{lock, NetWriter};
 use crate::qemu_sink::{is_closed_by_qemu, qemu_failure};
 use crate::squeeze::Squeezers;
 pub use crate::stats::DirectionStats;
+use crate::waits::{self, SessionWaits, Wait};
 use crate::{LinkFailure, RelayFailure};
 use migration::codec::Codec;
 use migration::control::Tune;
@@ -89,12 +90,14 @@ const DECODED_EVERY: Duration = Duration::from_millis(2);
 /// What a session's streams share: its XBZRLE caches (`migration::relay_cache`), one for
 /// all its streams, the one this relay's encoders share (the source relay's) and the one
 /// its decoders share (the destination relay's), None where XBZRLE is off or in the
-/// direction that has no pages; and the operator's controls (`control.rs`).
+/// direction that has no pages; the operator's controls (`control.rs`); and where each of
+/// the session's threads waits (`waits.rs`).
 #[derive(Clone, Default)]
 pub(crate) struct SessionShared {
     pub outgoing: Option<Arc<SharedPageCache>>,
     pub incoming: Option<Arc<SharedPageCache>>,
     pub controls: Arc<RelayControls>,
+    pub waits: Arc<SessionWaits>,
 }
 
 /// Pumps `local` (a QEMU socket) and `net` (the relay connection, past its handshake) both
@@ -131,11 +134,12 @@ pub(crate) fn pump(
     let up = {
         let local = local.try_clone().map_err(RelayFailure::local)?;
         let (writer, abort, cache) = (writer.clone(), abort.clone(), caches.outgoing.clone());
-        let controls = caches.controls.clone();
+        let (controls, waits) = (caches.controls.clone(), caches.waits.clone());
         std::thread::Builder::new()
             .name(format!("relay-up-{channel}"))
             .spawn(move || {
-                let ways = Outgoing { encoding, compression, probe, cache, controls };
+                let _registered = waits.register(format!("channel {channel}'s sending thread"));
+                let ways = Outgoing { encoding, compression, probe, cache, controls, waits };
                 let result = pump_up(local, &writer, ways, &abort, channel);
                 // A connection that failed under a write is dead: its reader ends at once, and
                 // reports better (the peer's own reason, when it sent one first).
@@ -147,7 +151,9 @@ pub(crate) fn pump(
             .map_err(RelayFailure::local)?
     };
     let net = Incoming { reader, peer: &peer, writer: &writer, caches: &caches, channel };
+    let registered = caches.waits.register(format!("channel {channel}'s receiving thread"));
     let down = pump_down(local, net, abort);
+    drop(registered);
     fail_session(&down, abort, channel);
     let up = up.join().unwrap_or_else(|_| Err(RelayFailure::Local("the relay's sending thread panicked".into())));
     fail_session(&up, abort, channel);
@@ -219,7 +225,7 @@ fn pump_up(
     abort: &Arc<SessionAbort>,
     channel: u16,
 ) -> Result<UpReport, RelayFailure> {
-    let Outgoing { encoding, compression, probe, cache, controls } = ways;
+    let Outgoing { encoding, compression, probe, cache, controls, waits } = ways;
     local.set_read_timeout(Some(HEARTBEAT)).map_err(RelayFailure::local)?;
     // What this thread compresses itself: streams that are not QEMU's, and everything
     // without a pool. The adaptive policy needs the pool's measurements: lz4 here.
@@ -232,7 +238,7 @@ fn pump_up(
     let pages = PageChunks::new(own_codec, cache, channel, compression.is_some());
     let out = match compression {
         Some(compression) => {
-            Outlet::Pool(Squeezers::start(compression, probe, writer.clone(), abort.clone(), channel)?)
+            Outlet::Pool(Squeezers::start(compression, probe, writer.clone(), abort.clone(), channel, waits)?)
         }
         None => Outlet::Direct(writer),
     };
@@ -253,7 +259,10 @@ fn pump_up(
         if abort.is_raised() {
             return Err(RelayFailure::aborted(abort));
         }
-        let read = match local.read(&mut buffer) {
+        let reading = waits::waiting(Wait::ReadingQemu);
+        let read = local.read(&mut buffer);
+        drop(reading);
+        let read = match read {
             // A QEMU that never wrote here (a destination's multifd channel) and closed
             // with bytes unread: this direction's stream ended empty; the other direction
             // (`QemuSink`) judges what QEMU left unread.
@@ -379,6 +388,7 @@ struct Outgoing {
     probe: Option<Arc<dyn SendProbe>>,
     cache: Option<Arc<SharedPageCache>>,
     controls: Arc<RelayControls>,
+    waits: Arc<SessionWaits>,
 }
 
 /// The receiving side's connection: its read half, the peer's name for messages, the
@@ -512,7 +522,10 @@ fn pump_down(local: UnixStream, net: Incoming<'_>, abort: &SessionAbort) -> Resu
     let limit = |kind: FrameKind| if kind == FrameKind::StreamData { data_limit } else { CONTROL_FRAME_LIMIT_BYTES };
     let mut qemu = HoldBack::new(local);
     loop {
-        let header = match read_frame(&mut *reader, &mut payload, limit) {
+        let reading = waits::waiting(Wait::ReadingLink);
+        let read = read_frame(&mut *reader, &mut payload, limit);
+        drop(reading);
+        let header = match read {
             Ok(header) => header,
             Err(_) if abort.is_raised() => return Err(RelayFailure::aborted(abort)),
             Err(ReadError::Closed) => {
@@ -793,6 +806,33 @@ mod tests {
         let result =
             finished.recv_timeout(Duration::from_secs(30)).expect("the source relay hung on a dead connection");
         assert!(result.is_err(), "{result:?}");
+    }
+
+    #[test]
+    fn a_stalled_link_is_named_where_the_sending_thread_waits() {
+        // The peer relay never reads: the source relay's sending thread (codec none, no
+        // pool: it writes itself) blocks in its write once the sockets' buffers are full,
+        // and the session's waits say so, as a stall warning or an abort would.
+        let (source_net, peer) = net_pair();
+        let (mut source_qemu, source_local) = UnixStream::pair().unwrap();
+        let abort = Arc::new(SessionAbort::new());
+        let caches = SessionShared::default();
+        let waits = caches.waits.clone();
+        let session = abort.clone();
+        let pump = std::thread::spawn(move || pump(0, source_local, source_net, RAW, NONE, caches, &session));
+        std::thread::spawn(move || while source_qemu.write_all(&[7u8; 65536]).is_ok() {});
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let stalled = "channel 0's sending thread: writing to the relay connection (it takes nothing)";
+        while !waits.describe().contains(stalled) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let described = waits.describe();
+        assert!(described.contains(stalled), "{described}");
+        assert!(described.contains("channel 0's receiving thread: reading the relay connection"), "{described}");
+        abort.raise("test over");
+        assert!(pump.join().unwrap().is_err());
+        assert!(waits.describe().contains("channel 0's receiving thread: ended"), "{}", waits.describe());
+        drop(peer);
     }
 
     /// A forged peer relay: `frames` sends what it likes (kind, payload) to a destination

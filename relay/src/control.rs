@@ -9,6 +9,7 @@
 //! change to the source relay on channel 0 (a `Tune` frame), which applies it as if its
 //! own control socket had been used.
 
+use crate::waits::{SessionWaits, STALL_WARNING};
 use engine::cancel::Cancel;
 use engine::rate::RateLimiter;
 use engine::tuning::Tuning;
@@ -168,19 +169,20 @@ impl RelayControls {
     }
 }
 
-/// The session's operator watched, on a thread of its own, until dropped (the session's
-/// end) or the session aborts.
+/// The session's operator watched, and its threads' waits (a stall is warned of), on a
+/// thread of its own until dropped (the session's end) or the session aborts.
 pub(crate) struct Watched {
     ended: Arc<AtomicBool>,
 }
 
 impl Watched {
-    pub(crate) fn start(controls: &Arc<RelayControls>, abort: &Arc<SessionAbort>) -> Watched {
+    pub(crate) fn start(controls: &Arc<RelayControls>, abort: &Arc<SessionAbort>, waits: Arc<SessionWaits>) -> Watched {
         let ended = Arc::new(AtomicBool::new(false));
         let (controls, abort, done) = (controls.clone(), abort.clone(), ended.clone());
         let spawned = std::thread::Builder::new().name("relay-watch".into()).spawn(move || {
             while !done.load(Ordering::Acquire) && !abort.is_raised() {
                 controls.look(&abort);
+                waits.warn_of_stalls(STALL_WARNING);
                 std::thread::sleep(WATCH_EVERY);
             }
         });

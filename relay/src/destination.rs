@@ -9,6 +9,7 @@
 
 use crate::channel::{pump, SessionShared};
 use crate::control::{RelayControls, Watched};
+use crate::waits::SessionWaits;
 use crate::{collect, RelayFailure, RelayReport};
 use migration::frame::{FrameKind, SeqCounter};
 use migration::handshake::HelloAck;
@@ -51,11 +52,12 @@ pub fn relay_destination(
 ) -> Result<RelayReport, RelayFailure> {
     let started = Instant::now();
     let abort = Arc::new(SessionAbort::new());
-    let _watched = Watched::start(&controls, &abort);
+    let waits = SessionWaits::watching(&abort);
+    let _watched = Watched::start(&controls, &abort, waits.clone());
     let mut session: Option<u64> = None;
     // The session's XBZRLE cache, made with its first stream (every hello of a session
     // gives the same size).
-    let mut caches = SessionShared { controls: controls.clone(), ..Default::default() };
+    let mut caches = SessionShared { controls: controls.clone(), waits, ..Default::default() };
     let mut pumps: Vec<(u16, JoinHandle<Result<_, RelayFailure>>)> = Vec::new();
     // Each connection greets on a thread of its own: a stranger holds up no stream.
     let mut lobby = Lobby::new(GREETING_TIME, greet);

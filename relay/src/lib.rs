@@ -23,6 +23,7 @@ pub mod qmp;
 pub mod source;
 mod squeeze;
 mod stats;
+mod waits;
 
 pub use channel::{ChannelReport, DirectionStats};
 

@@ -2,11 +2,12 @@
 //! by the compression workers that send what they squeezed.
 
 use crate::control::RelayControls;
+use crate::waits::{waiting, Wait};
 use migration::frame::{FrameBuf, FrameKind, SeqCounter};
 use migration::relay::MAX_CHUNK_BYTES;
 use std::io::{self, Write};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 /// Data and heartbeats go out from the "up" side, an `Abort` from whichever side failed;
 /// every frame is sealed with the connection's next sequence number.
@@ -62,6 +63,7 @@ impl NetWriter {
     /// Writes a sealed frame: data under the session's cap (control frames never wait).
     fn write(&mut self, kind: FrameKind, bytes: &[u8]) -> io::Result<()> {
         if kind == FrameKind::StreamData {
+            let _pacing = waiting(Wait::Pacing);
             self.controls.pace(bytes.len());
         }
         // Stamped as the write begins: from here on the checkpoint waits only for the link
@@ -71,8 +73,10 @@ impl NetWriter {
         if kind == FrameKind::StreamCheckpoint {
             self.checkpoint_sent_at_us.get_or_insert_with(crate::stats::wall_clock_us);
         }
+        let writing = waiting(Wait::WritingLink);
         self.writer.write_all(bytes)?;
         self.writer.flush()?;
+        drop(writing);
         self.controls.meter.wire_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         Ok(())
     }
@@ -81,5 +85,12 @@ impl NetWriter {
 /// The writer, even when a thread panicked holding it: a frame is written whole or the
 /// connection fails, so what a poisoned lock guards is still consistent.
 pub(crate) fn lock(writer: &Mutex<NetWriter>) -> MutexGuard<'_, NetWriter> {
-    writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    match writer.try_lock() {
+        Ok(writer) => writer,
+        Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+        Err(TryLockError::WouldBlock) => {
+            let _waiting = waiting(Wait::Writer);
+            writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        }
+    }
 }

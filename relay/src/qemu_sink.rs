@@ -11,6 +11,7 @@
 //! packets behind loses nothing. Whether that is what was left is decided here, by
 //! reading the undelivered bytes: no page among them, or the relay fails as before.
 
+use crate::waits::{waiting, Wait};
 use crate::RelayFailure;
 use migration::qemu_stream::{Kind, StreamReader};
 use std::io::{self, Write};
@@ -55,7 +56,9 @@ impl QemuSink {
     pub(crate) fn deliver(&mut self, bytes: &[u8]) -> Result<(), RelayFailure> {
         if self.closed.is_none() {
             let started = std::time::Instant::now();
+            let waiting = waiting(Wait::WritingQemu);
             let written = self.local.write_all(bytes);
+            drop(waiting);
             self.writing += started.elapsed();
             match written {
                 Ok(()) => {

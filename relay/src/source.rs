@@ -14,6 +14,7 @@ use crate::channel::{pump, SessionShared};
 use crate::compression::{CompressionConfig, SessionCompression};
 use crate::control::{RelayControls, Watched};
 use crate::doorway::{look_at, peer_of, Arrival};
+use crate::waits::SessionWaits;
 use crate::{collect, ChannelReport, LinkFailure, RelayFailure, RelayReport};
 use migration::frame::{FrameKind, SeqCounter};
 use migration::handshake::{decode_reason, HelloAck};
@@ -73,7 +74,8 @@ impl SourceRelay {
         let started = Instant::now();
         let session_id: u64 = rand::random();
         let abort = Arc::new(SessionAbort::new());
-        let _watched = Watched::start(&controls, &abort);
+        let waits = SessionWaits::watching(&abort);
+        let _watched = Watched::start(&controls, &abort, waits.clone());
         let compression = CompressionConfig {
             codec: self.config.encoding.codec,
             workers: self.config.compress_threads,
@@ -87,6 +89,7 @@ impl SourceRelay {
             outgoing: (pages > 0).then(|| Arc::new(SharedPageCache::new(pages, MAX_CHANNELS))),
             incoming: None,
             controls: controls.clone(),
+            waits,
         };
         let mut streams = Streams {
             connector,

@@ -14,6 +14,7 @@
 
 use crate::compression::{SessionCompression, Squeezed};
 use crate::net_writer::{lock, NetWriter};
+use crate::waits::{waiting, SessionWaits, Wait};
 use crate::RelayFailure;
 use migration::frame::FrameKind;
 use std::collections::BTreeMap;
@@ -74,6 +75,7 @@ impl Squeezers {
         writer: Arc<Mutex<NetWriter>>,
         abort: Arc<SessionAbort>,
         channel: u16,
+        waits: Arc<SessionWaits>,
     ) -> Result<Squeezers, RelayFailure> {
         // Never fuller than the credits: a worker's push never waits.
         let done: Arc<Ring<(u64, Out)>> = Arc::new(Ring::new(CREDITS));
@@ -84,7 +86,10 @@ impl Squeezers {
                 (done.clone(), credits.clone(), abort.clone(), compression.clone());
             std::thread::Builder::new()
                 .name(format!("relay-send-{channel}"))
-                .spawn(move || send(&done, &credits, &writer, &compression, &abort, channel))
+                .spawn(move || {
+                    let _registered = waits.register(format!("channel {channel}'s sender"));
+                    send(&done, &credits, &writer, &compression, &abort, channel)
+                })
                 .map_err(RelayFailure::local)?
         };
         Ok(Squeezers { compression, credits, done, next: 0, link, sender, abort })
@@ -97,6 +102,7 @@ impl Squeezers {
 
     /// A page-aware chunk to squeeze and send.
     pub fn squeeze(&mut self, chunk: Vec<u8>) -> Result<(), Aborted> {
+        let _waiting = waiting(Wait::PoolCredit);
         self.credits.push((), &self.abort)?;
         let (seq, link) = (self.next, self.link);
         let (done, abort, compression) = (self.done.clone(), self.abort.clone(), self.compression.clone());
@@ -111,6 +117,7 @@ impl Squeezers {
 
     /// A chunk to send as it is (encoded already), after everything before it.
     pub fn data(&mut self, payload: &[u8]) -> Result<(), Aborted> {
+        let _waiting = waiting(Wait::PoolCredit);
         self.credits.push((), &self.abort)?;
         self.done.push((self.next, Out::Data(payload.to_vec())), &self.abort)?;
         self.next += 1;
@@ -119,6 +126,7 @@ impl Squeezers {
 
     /// A frame to send as it is, after everything before it.
     pub fn control(&mut self, kind: FrameKind, payload: &[u8]) -> Result<(), Aborted> {
+        let _waiting = waiting(Wait::PoolCredit);
         self.credits.push((), &self.abort)?;
         self.done.push((self.next, Out::Control { kind, payload: payload.to_vec() }), &self.abort)?;
         self.next += 1;
@@ -128,6 +136,7 @@ impl Squeezers {
     /// Waits for everything to be sent (the last control frame must have been the
     /// stream's end).
     pub fn finish(self) -> Result<Sent, RelayFailure> {
+        let _waiting = waiting(Wait::SenderDone);
         self.sender.join().unwrap_or_else(|_| Err(RelayFailure::Local("the relay's sender panicked".into())))
     }
 }
@@ -145,7 +154,9 @@ fn send(
     let mut next = 0u64;
     let mut sent = Sent::default();
     loop {
+        let next_chunk = waiting(Wait::NextChunk);
         let (seq, out) = done.pop(abort).map_err(|_| RelayFailure::aborted(abort))?;
+        drop(next_chunk);
         pending.insert(seq, out);
         while let Some(out) = pending.remove(&next) {
             next += 1;
@@ -251,7 +262,8 @@ mod tests {
         // credits, and waits there.
         let (release, stalled) = mpsc::channel::<()>();
         let writer = Arc::new(Mutex::new(NetWriter::new(Box::new(Stalled(Mutex::new(stalled))), Default::default())));
-        let mut stuck = Squeezers::start(compression.clone(), None, writer, abort.clone(), 0).unwrap();
+        let mut stuck =
+            Squeezers::start(compression.clone(), None, writer, abort.clone(), 0, Default::default()).unwrap();
         let stuck_reader = std::thread::spawn(move || {
             while stuck.squeeze(chunk()).is_ok() {}
             stuck
@@ -262,7 +274,7 @@ mod tests {
         let (compression_1, abort_1) = (compression.clone(), abort.clone());
         std::thread::spawn(move || {
             let writer = Arc::new(Mutex::new(NetWriter::new(Box::new(Sink), Default::default())));
-            let mut flowing = Squeezers::start(compression_1, None, writer, abort_1, 1).unwrap();
+            let mut flowing = Squeezers::start(compression_1, None, writer, abort_1, 1, Default::default()).unwrap();
             for _ in 0..50 {
                 flowing.squeeze(chunk()).unwrap();
             }
