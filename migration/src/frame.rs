@@ -17,6 +17,7 @@
 //! ```
 //! All integers are little-endian.
 
+use crate::crc::{crc32c, crc32c_append};
 use thiserror::Error;
 
 /// Bytes in a frame header.
@@ -183,7 +184,7 @@ impl FrameHeader {
 
     /// Builds the header of a frame carrying `payload`, checksum included.
     pub fn emit(kind: FrameKind, epoch: u32, seq: u64, payload: &[u8]) -> [u8; HEADER_BYTES] {
-        Self::emit_with_payload_crc(kind, epoch, seq, payload.len(), crc32c::crc32c(payload))
+        Self::emit_with_payload_crc(kind, epoch, seq, payload.len(), crc32c(payload))
     }
 
     /// As [`FrameHeader::emit`], from the payload's length and CRC32C computed earlier (a
@@ -203,14 +204,14 @@ impl FrameHeader {
         let length = u32::try_from(payload_len).expect("payload length fits u32");
         assert!(length <= MAX_PAYLOAD_BYTES, "payload over the frame limit");
         header[field::LENGTH].copy_from_slice(&length.to_le_bytes());
-        let crc = crc32c::crc32c_append(payload_crc, &header[..field::CRC.start]);
+        let crc = crc32c_append(payload_crc, &header[..field::CRC.start]);
         header[field::CRC].copy_from_slice(&crc.to_le_bytes());
         header
     }
 }
 
 fn frame_crc(header: &[u8; HEADER_BYTES], payload: &[u8]) -> u32 {
-    crc32c::crc32c_append(crc32c::crc32c(payload), &header[..field::CRC.start])
+    crc32c_append(crc32c(payload), &header[..field::CRC.start])
 }
 
 /// Builds a complete frame (header and payload) in one buffer. The transport reuses these
@@ -286,13 +287,13 @@ impl FrameBuf {
 
     /// Checksums the finished payload now, so that `seal` only has the header left to do.
     pub fn checksum_payload(&mut self) {
-        self.payload_crc = Some(crc32c::crc32c(self.payload()));
+        self.payload_crc = Some(crc32c(self.payload()));
     }
 
     /// Writes the header over the first bytes once the payload is complete.
     pub fn seal(&mut self, kind: FrameKind, epoch: u32, seq: u64) {
         assert!(self.len >= HEADER_BYTES, "seal without begin");
-        let payload_crc = self.payload_crc.unwrap_or_else(|| crc32c::crc32c(self.payload()));
+        let payload_crc = self.payload_crc.unwrap_or_else(|| crc32c(self.payload()));
         let header = FrameHeader::emit_with_payload_crc(kind, epoch, seq, self.len - HEADER_BYTES, payload_crc);
         self.bytes[..HEADER_BYTES].copy_from_slice(&header);
     }
@@ -423,7 +424,7 @@ mod tests {
         assert_eq!(&frame[..20], &[4, 0, 0, 0, 3, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0]);
         assert_eq!(frame.len(), HEADER_BYTES + 4);
         let header = FrameHeader::parse(frame[..HEADER_BYTES].try_into().unwrap()).unwrap();
-        assert_eq!(header.crc, crc32c::crc32c_append(crc32c::crc32c(&[1, 2, 3, 4]), &frame[..20]));
+        assert_eq!(header.crc, crc32c_append(crc32c(&[1, 2, 3, 4]), &frame[..20]));
     }
 
     #[test]

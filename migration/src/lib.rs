@@ -10,6 +10,7 @@
 
 pub mod codec;
 pub mod control;
+pub mod crc;
 pub mod destination_session;
 pub mod dirty;
 pub mod frame;

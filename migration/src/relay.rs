@@ -27,6 +27,7 @@
 //! `StreamEnd` digest checks the whole stream once more, end to end.
 
 use crate::codec::{BlockCompressor, BlockDecompressor, Codec};
+use crate::crc::crc32c_append;
 use crate::frame::{le_u16, le_u32, le_u64};
 use crate::handshake::{accept_preamble_of, encode_preamble_of, HandshakeError};
 use thiserror::Error;
@@ -143,7 +144,7 @@ pub struct StreamDigest {
 impl StreamDigest {
     pub fn update(&mut self, bytes: &[u8]) {
         self.end.total_bytes += bytes.len() as u64;
-        self.end.crc32c = crc32c::crc32c_append(self.end.crc32c, bytes);
+        self.end.crc32c = crc32c_append(self.end.crc32c, bytes);
     }
 
     pub fn end(&self) -> StreamEnd {

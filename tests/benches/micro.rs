@@ -429,6 +429,19 @@ fn bit_shuffle(c: &mut Criterion) {
     group.finish();
 }
 
+/// CRC32C, every frame's checksum: `migration::crc` (crc-fast's carry-less multiplies)
+/// against the `crc32c` crate (SSE4.2's `crc32` instruction) it replaced, over the same
+/// 64 KiB payloads (a relay chunk; a page batch is about as large).
+fn frame_checksum(c: &mut Criterion) {
+    let payload: Vec<u8> = guest_pages(16).concat();
+    let mut group = c.benchmark_group("frame_checksum");
+    group.throughput(Throughput::Bytes(payload.len() as u64));
+    assert_eq!(migration::crc::crc32c(&payload), crc32c::crc32c(&payload));
+    group.bench_function("crc_fast", |b| b.iter(|| migration::crc::crc32c(std::hint::black_box(&payload))));
+    group.bench_function("crc32c_crate", |b| b.iter(|| crc32c::crc32c(std::hint::black_box(&payload))));
+    group.finish();
+}
+
 fn frame_building(c: &mut Criterion) {
     use migration::frame::FrameBuf;
     use migration::page_batch::{BatchWriter, MAX_BATCH_BYTES, MAX_ENTRIES_PER_BATCH};
@@ -578,6 +591,6 @@ fn copy_index(c: &mut Criterion) {
 criterion_group! {
     name = micro;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = zero_scan, lz4, deflate, page_codecs, bit_shuffle, xbzrle, ring_handoff, compression_workers, frame_building, copy_index, loopback_wire
+    targets = zero_scan, lz4, deflate, page_codecs, bit_shuffle, xbzrle, ring_handoff, compression_workers, frame_checksum, frame_building, copy_index, loopback_wire
 }
 criterion_main!(micro);
