@@ -515,7 +515,6 @@ fn pump_down(local: UnixStream, net: Incoming<'_>, abort: &SessionAbort) -> Resu
     let mut records = RecordDecoder::new(caches.incoming.clone(), channel);
     // Only a decoder with a cache has anything to tell: deltas across streams need it.
     let mut told = caches.incoming.as_ref().map(|_| (0u64, Instant::now()));
-    let mut rebuilt: Vec<u8> = Vec::with_capacity(2 * MAX_CHUNK_BYTES);
     let mut payload = Vec::with_capacity(MAX_CHUNK_BYTES + 64);
     let mut expected_seq = 0u64;
     let data_limit = max_data_payload_bytes() as u32;
@@ -543,18 +542,18 @@ fn pump_down(local: UnixStream, net: Incoming<'_>, abort: &SessionAbort) -> Resu
         expected_seq += 1;
         match header.kind {
             FrameKind::StreamData => {
-                let bytes = if payload.first() == Some(&RECORDS) {
-                    rebuilt.clear();
-                    records.decode(&payload, &mut rebuilt).map_err(RelayFailure::damaged)?;
+                let before = qemu.stats.bytes;
+                if payload.first() == Some(&RECORDS) {
+                    let decode = |into: &mut Vec<u8>| records.decode(&payload, into).map_err(RelayFailure::damaged);
+                    qemu.chunk_with(payload.len(), decode)?;
                     if told.is_some_and(|(_, at)| at.elapsed() >= DECODED_EVERY) {
                         tell_decoded(writer, &records, &mut told);
                     }
-                    &rebuilt[..]
                 } else {
-                    decoder.decode(&payload).map_err(RelayFailure::damaged)?
-                };
-                caches.controls.meter.delivered_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                qemu.chunk(bytes, payload.len())?;
+                    qemu.chunk(decoder.decode(&payload).map_err(RelayFailure::damaged)?, payload.len())?;
+                }
+                let delivered = qemu.stats.bytes - before;
+                caches.controls.meter.delivered_bytes.fetch_add(delivered, Ordering::Relaxed);
             }
             FrameKind::Heartbeat => {
                 tell_decoded(writer, &records, &mut told);
@@ -871,6 +870,21 @@ mod tests {
         });
         assert!(result.as_ref().is_err_and(|err| err.to_string().contains("digest mismatch")), "{result:?}");
         assert_eq!(received, b"first chunk;", "only what the next frame vouched for reached QEMU");
+    }
+
+    #[test]
+    fn a_page_aware_chunk_that_does_not_decode_lets_nothing_held_through() {
+        let (result, received) = forge(|send| {
+            let mut encoder = RecordEncoder::new(Codec::None, None, 0);
+            encoder.other(b"first chunk;");
+            send(FrameKind::StreamData, encoder.finish());
+            encoder.other(b"second chunk");
+            let mut damaged = encoder.finish().to_vec();
+            damaged.truncate(damaged.len() - 3);
+            send(FrameKind::StreamData, &damaged);
+        });
+        assert!(result.is_err(), "{result:?}");
+        assert_eq!(received, b"", "a chunk is vouched for only by a frame that decodes");
     }
 
     /// A main stream as QEMU 7.2 ends one: RAM's setup and end sections, a device's state,

@@ -14,6 +14,8 @@ use std::os::unix::net::UnixStream;
 pub(crate) struct HoldBack {
     local: QemuSink,
     held: Vec<u8>,
+    /// The buffer the next decoded chunk goes into (the one held before it, delivered).
+    spare: Vec<u8>,
     /// The stream as it passes, to know when its last, opaque part (the device state, then
     /// the marker) has begun.
     stream: StreamReader,
@@ -26,6 +28,7 @@ impl HoldBack {
         HoldBack {
             local: QemuSink::new(local),
             held: Vec::with_capacity(migration::relay::MAX_CHUNK_BYTES),
+            spare: Vec::with_capacity(migration::relay::MAX_CHUNK_BYTES),
             stream: StreamReader::default(),
             digest: StreamDigest::default(),
             stats: DirectionStats::default(),
@@ -36,16 +39,47 @@ impl HoldBack {
     /// goes on, these wait.
     pub fn chunk(&mut self, bytes: &[u8], wire: usize) -> Result<(), RelayFailure> {
         self.vouched()?;
+        self.took(bytes, wire);
+        self.held.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    /// As [`HoldBack::chunk`], for a chunk that `decode` writes into the (empty) vector
+    /// it is given: nothing held goes on if it fails, and its bytes are then held without
+    /// another copy (the buffers trade places; a memmove of every byte was 6.5% of a
+    /// receiving relay's CPU).
+    pub fn chunk_with(
+        &mut self,
+        wire: usize,
+        decode: impl FnOnce(&mut Vec<u8>) -> Result<(), RelayFailure>,
+    ) -> Result<(), RelayFailure> {
+        let mut decoded = std::mem::take(&mut self.spare);
+        decoded.clear();
+        let decoding = decode(&mut decoded);
+        let outcome = decoding.and_then(|()| self.vouched());
+        if outcome.is_ok() {
+            self.took(&decoded, wire);
+            if self.held.is_empty() {
+                std::mem::swap(&mut self.held, &mut decoded);
+            } else {
+                // Only in a completing stream's last chunks: the marker is still held.
+                self.held.extend_from_slice(&decoded);
+            }
+        }
+        self.spare = decoded;
+        outcome
+    }
+
+    /// Counts and reads a chunk's bytes as they are taken in.
+    fn took(&mut self, bytes: &[u8], wire: usize) {
         self.digest.update(bytes);
         if matches!(self.stream.kind(), Kind::Unknown | Kind::Main) {
             self.stream.feed(bytes, &mut |_| {});
         }
         self.stats.note_ram_end(completing(&self.stream));
-        self.held.extend_from_slice(bytes);
         self.stats.bytes += bytes.len() as u64;
         self.stats.wire_bytes += wire as u64;
         self.stats.chunks += 1;
-        Ok(())
     }
 
     /// More is coming (a heartbeat, or the next chunk): what is held goes on, but for the

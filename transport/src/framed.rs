@@ -79,7 +79,9 @@ pub fn read_frame(
         return Err(ReadError::Closed);
     }
     let header = checked_header(&header_bytes, &limit)?;
-    payload.clear();
+    // Resized, not cleared first: only bytes beyond the last frame's length are zeroed (a
+    // run of data frames of one size zeroes nothing; a 64 KiB memset per frame was 1.4% of
+    // a receiving relay's CPU); read_full overwrites all of them.
     payload.resize(header.length as usize, 0);
     if !read_full(reader, payload).map_err(ReadError::Io)? && header.length > 0 {
         return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into()));
