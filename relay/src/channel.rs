@@ -24,6 +24,7 @@ use crate::compression::SessionCompression;
 use crate::control::RelayControls;
 use crate::holdback::{completing, HoldBack};
 use crate::net_writer::{lock, NetWriter};
+use crate::outlet::{Outlet, PageChunks};
 use crate::qemu_sink::{is_closed_by_qemu, qemu_failure};
 use crate::squeeze::Squeezers;
 pub use crate::stats::DirectionStats;
@@ -33,13 +34,11 @@ use migration::codec::Codec;
 use migration::control::Tune;
 use migration::frame::FrameKind;
 use migration::handshake::{decode_reason, encode_reason};
-use migration::qemu_stream::{
-    end_marker_candidate, ends_at_end_marker, starts_a_qemu_stream, Kind, Piece, StreamReader, PAGE_BYTES,
-};
+use migration::qemu_stream::{end_marker_candidate, ends_at_end_marker, starts_a_qemu_stream, Kind, StreamReader};
 use migration::relay::Encoding;
 use migration::relay::{max_data_payload_bytes, ChunkDecoder, ChunkEncoder, StreamDigest, StreamEnd, MAX_CHUNK_BYTES};
 use migration::relay_cache::SharedPageCache;
-use migration::relay_pages::{PageCounts, RecordDecoder, RecordEncoder, RECORDS};
+use migration::relay_pages::{PageCounts, RecordDecoder, RECORDS};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::io::{self, Read};
@@ -405,107 +404,6 @@ struct Incoming<'a> {
 /// went, and its chunks by codec.
 type UpReport = (DirectionStats, StreamReader, PageCounts, BTreeMap<String, u64>);
 
-/// Where the sending side's frames go: straight onto the connection, or through the
-/// session's compression pool (the stream's chunks keep their order).
-enum Outlet<'a> {
-    Direct(&'a Mutex<NetWriter>),
-    Pool(Squeezers),
-}
-
-impl Outlet<'_> {
-    /// The page-aware chunk built so far, if any (`ended`: the stream's last): sent as it
-    /// is, or handed to the pool to squeeze.
-    fn pages(
-        &mut self,
-        pages: &mut PageChunks,
-        ended: bool,
-        stats: &mut DirectionStats,
-        abort: &SessionAbort,
-    ) -> Result<(), RelayFailure> {
-        let Some(original) = pages.close(ended) else { return Ok(()) };
-        match self {
-            Outlet::Direct(_) => self.data(pages.encoder.finish(), original, stats, abort),
-            Outlet::Pool(squeezers) => {
-                stats.bytes += original as u64;
-                let chunk = pages.encoder.finish_into(squeezers.spare_chunk());
-                squeezers.squeeze(chunk).map_err(|_| RelayFailure::aborted(abort))
-            }
-        }
-    }
-
-    /// A chunk encoded already, `original` bytes of the stream.
-    fn data(
-        &mut self,
-        payload: &[u8],
-        original: usize,
-        stats: &mut DirectionStats,
-        abort: &SessionAbort,
-    ) -> Result<(), RelayFailure> {
-        stats.bytes += original as u64;
-        match self {
-            Outlet::Direct(writer) => {
-                stats.wire_bytes += payload.len() as u64;
-                stats.chunks += 1;
-                lock(writer).send(FrameKind::StreamData, payload).map_err(RelayFailure::link)
-            }
-            Outlet::Pool(squeezers) => squeezers.data(payload).map_err(|_| RelayFailure::aborted(abort)),
-        }
-    }
-
-    fn control(&mut self, kind: FrameKind, payload: &[u8], abort: &SessionAbort) -> Result<(), RelayFailure> {
-        match self {
-            Outlet::Direct(writer) => lock(writer).send(kind, payload).map_err(RelayFailure::link),
-            Outlet::Pool(squeezers) => squeezers.control(kind, payload).map_err(|_| RelayFailure::aborted(abort)),
-        }
-    }
-}
-
-/// Page-aware chunks being built from the reader's pieces: the bytes between pages as they
-/// are, each page once it is whole.
-struct PageChunks {
-    encoder: RecordEncoder,
-    page: Vec<u8>,
-}
-
-impl PageChunks {
-    /// Stream `channel`'s pages, compressed with `codec` or (`deferred`) left to the
-    /// session's pool, with XBZRLE on the session's `cache` where there is one.
-    fn new(codec: Codec, cache: Option<Arc<SharedPageCache>>, channel: u16, deferred: bool) -> PageChunks {
-        PageChunks {
-            encoder: if deferred {
-                RecordEncoder::deferring_compression(cache, channel)
-            } else {
-                RecordEncoder::new(codec, cache, channel)
-            },
-            page: Vec::with_capacity(PAGE_BYTES),
-        }
-    }
-
-    fn piece(&mut self, piece: Piece) {
-        match piece {
-            Piece::Other(bytes) => self.encoder.other(bytes),
-            Piece::Page { key, bytes } => {
-                self.page.extend_from_slice(bytes);
-                if self.page.len() == PAGE_BYTES {
-                    self.encoder.page(key, &self.page);
-                    self.page.clear();
-                }
-            }
-        }
-    }
-
-    /// Whether the chunk so far holds anything, and its original length if so: the
-    /// encoder's chunk is then ready to finish. A page still incomplete waits for the next
-    /// chunk unless the stream `ended`.
-    fn close(&mut self, ended: bool) -> Option<usize> {
-        if ended && !self.page.is_empty() {
-            let partial = std::mem::take(&mut self.page);
-            self.encoder.other(&partial);
-        }
-        Some(self.encoder.original_len()).filter(|&original| original > 0)
-    }
-}
-
 /// The network to QEMU: checked, decompressed chunks, the last one held back until the
 /// next frame proves more is coming (or the stream's digest checks out), and QEMU's
 /// end-of-file marker held back until the digest checks out whatever comes after it.
@@ -615,6 +513,8 @@ fn tell_decoded(writer: &Mutex<NetWriter>, records: &RecordDecoder, told: &mut O
 mod tests {
     use super::*;
     use migration::frame::{FrameBuf, SeqCounter};
+    use migration::qemu_stream::PAGE_BYTES;
+    use migration::relay_pages::RecordEncoder;
     use std::io::Write;
     use transport::pipe::{Acceptor, Connector, TcpAcceptor, TcpConnector, Timeouts};
 

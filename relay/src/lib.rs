@@ -18,6 +18,7 @@ pub mod destination;
 mod doorway;
 mod holdback;
 mod net_writer;
+mod outlet;
 mod qemu_sink;
 pub mod qmp;
 pub mod source;
