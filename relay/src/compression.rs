@@ -121,8 +121,11 @@ impl SessionCompression {
     pub fn squeeze(&self, worker: &mut PoolWorker, chunk: Vec<u8>, link: usize, sender_behind: bool) -> Squeezed {
         let choice = match worker.policy() {
             Some(policy) => {
-                let pipeline =
-                    Pipeline { link_full: self.link_full(link, sender_behind), scanner_ahead: self.pool.backlog() };
+                let pipeline = Pipeline {
+                    link_full: self.link_full(link, sender_behind),
+                    scanner_ahead: self.pool.backlog(),
+                    receiver_bound: self.receiver_limited(link),
+                };
                 policy.choose(pipeline, &|| self.delivered_bytes())
             }
             None => Choice { codec: self.pool.codec(), measure: false },
@@ -160,6 +163,14 @@ impl SessionCompression {
             Some(Some(probe)) => probe.full(),
             _ => sender_behind,
         }
+    }
+
+    /// Whether `link`'s receiver (the destination relay, behind it the destination QEMU)
+    /// rather than the link has held its sender back lately; false where its stack cannot
+    /// say.
+    fn receiver_limited(&self, link: usize) -> bool {
+        let probes = self.links.probes.lock().unwrap_or_else(|p| p.into_inner());
+        probes.get(link).and_then(Option::as_ref).is_some_and(|probe| probe.receiver_limited())
     }
 
     /// Bytes the destination relay acknowledged over every stream; where a stack cannot

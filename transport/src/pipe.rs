@@ -8,7 +8,7 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub struct Connection {
@@ -86,6 +86,14 @@ pub trait SendProbe: Send + Sync {
     /// Whether the stack's send buffer is full, so that a write now would wait for the
     /// link or the peer.
     fn full(&self) -> bool;
+    /// Whether, lately, the peer's receive window rather than the link held the sender
+    /// back for most of the time it had data to send: the receiving application is the
+    /// slower end (a destination QEMU loading on one thread, workers short of CPU).
+    /// Packing pages tighter then only empties the link; it moves no more. False where the
+    /// stack cannot tell.
+    fn receiver_limited(&self) -> bool {
+        false
+    }
 }
 
 /// A kernel TCP socket's write half, counting what the socket accepted.
@@ -106,11 +114,56 @@ impl Write for CountingWriter {
     }
 }
 
-/// A kernel TCP socket's send side, seen through ioctl and poll.
+/// A kernel TCP socket's send side, seen through ioctl, poll and `TCP_INFO`.
 struct TcpProbe {
     stream: TcpStream,
     /// Bytes the socket accepted (counted by [`CountingWriter`]).
     written: Arc<AtomicU64>,
+    /// The socket's send-time figures at the last look, and what they said.
+    chrono: Mutex<Chrono>,
+}
+
+/// Linux's `tcp_info` send-time figures (`tcpi_busy_time`, `tcpi_rwnd_limited`, in µs; Linux
+/// 4.10 on), where the kernel has them.
+#[derive(Default)]
+struct Chrono {
+    at: Option<Instant>,
+    busy_us: u64,
+    receiver_limited_us: u64,
+    receiver_limited: bool,
+}
+
+/// How long the send-time figures are taken over: a worker asks for each batch, and
+/// `getsockopt` costs a system call.
+const CHRONO_SPAN: Duration = Duration::from_millis(10);
+
+impl TcpProbe {
+    /// The socket's busy and receiver-limited send time so far (µs), or None where the
+    /// kernel does not give them.
+    fn send_times(&self) -> Option<(u64, u64)> {
+        // Offsets in Linux's `struct tcp_info` (include/uapi/linux/tcp.h): after
+        // `tcpi_delivery_rate` come `tcpi_busy_time`, `tcpi_rwnd_limited`, `tcpi_sndbuf_limited`.
+        const BUSY_TIME: usize = 168;
+        const RWND_LIMITED: usize = 176;
+        let mut info = [0u8; 256];
+        let mut len = info.len() as libc::socklen_t;
+        // SAFETY: TCP_INFO writes at most `len` bytes into `info`, a live local buffer of
+        // that size, and `len` through its pointer; the descriptor is open while `self` lives.
+        let rc = unsafe {
+            libc::getsockopt(
+                self.stream.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                info.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let field = |at: usize| info[at..at + 8].try_into().ok().map(u64::from_ne_bytes);
+        if rc != 0 || (len as usize) < RWND_LIMITED + 8 {
+            return None;
+        }
+        Some((field(BUSY_TIME)?, field(RWND_LIMITED)?))
+    }
 }
 
 impl SendProbe for TcpProbe {
@@ -135,6 +188,20 @@ impl SendProbe for TcpProbe {
         // SAFETY: one valid pollfd, a zero timeout: poll only reads and writes `fd`.
         let ready = unsafe { libc::poll(&mut fd, 1, 0) };
         ready == 0
+    }
+
+    fn receiver_limited(&self) -> bool {
+        let mut chrono = self.chrono.lock().unwrap_or_else(|p| p.into_inner());
+        if chrono.at.is_some_and(|at| at.elapsed() < CHRONO_SPAN) {
+            return chrono.receiver_limited;
+        }
+        let Some((busy_us, receiver_limited_us)) = self.send_times() else { return false };
+        let busy = busy_us.saturating_sub(chrono.busy_us);
+        let limited = receiver_limited_us.saturating_sub(chrono.receiver_limited_us);
+        // Over the span since the last look: limited for at least half the busy time.
+        chrono.receiver_limited = chrono.at.is_some() && busy > 0 && 2 * limited >= busy;
+        *chrono = Chrono { at: Some(Instant::now()), busy_us, receiver_limited_us, ..*chrono };
+        chrono.receiver_limited
     }
 }
 
@@ -188,7 +255,7 @@ fn tcp_connection(stream: TcpStream, timeouts: Timeouts, unsent_limit: Option<us
     let reader = stream.try_clone()?;
     let closer = stream.try_clone()?;
     let written = Arc::new(AtomicU64::new(0));
-    let probe = TcpProbe { stream: stream.try_clone()?, written: written.clone() };
+    let probe = TcpProbe { stream: stream.try_clone()?, written: written.clone(), chrono: Mutex::default() };
     Ok(Connection {
         reader: Box::new(reader),
         writer: Box::new(CountingWriter { stream, written }),
@@ -328,6 +395,26 @@ mod tests {
         // Past what a c_int holds: the largest it does.
         limit_unsent(&stream, usize::MAX).expect("set the limit");
         assert_eq!(unsent_limit_of(&stream), libc::c_int::MAX);
+    }
+
+    #[test]
+    fn a_sender_whose_peer_does_not_read_is_receiver_limited() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let stream = TcpStream::connect(listener.local_addr().expect("address")).expect("connect");
+        let (_unread, _) = listener.accept().expect("accept");
+        let probe = TcpProbe { stream: stream.try_clone().unwrap(), written: Arc::default(), chrono: Mutex::default() };
+        assert!(!probe.receiver_limited(), "nothing sent yet (and the first look only takes the figures)");
+        // The peer never reads: once its window is full, every moment with data to send is
+        // one the receiver holds the sender back.
+        stream.set_nonblocking(true).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut limited = false;
+        while !limited && Instant::now() < deadline {
+            while (&stream).write(&[7u8; 65536]).is_ok() {}
+            std::thread::sleep(CHRONO_SPAN * 2);
+            limited = probe.receiver_limited();
+        }
+        assert!(limited, "send times: {:?}", probe.send_times());
     }
 
     #[test]

@@ -13,11 +13,18 @@
 //!   held writes back (bytes written would count the megabytes a socket buffer and the
 //!   queues on the way take in at first);
 //! - what each choice was seen to move, over windows sent with it while the scanner kept
-//!   ahead of the workers.
+//!   ahead of the workers;
+//! - the receiver's rate, in guest bytes per second, over windows in which the peer's
+//!   receive window, not the link, held the sender back (the destination's application is
+//!   the slower end: a destination QEMU loading the relay's stream on one thread). Those
+//!   windows do not measure the link: what the destination takes in wire bytes then falls
+//!   as the ratio rises, and would make any codec look as if it moved more.
 //!
 //! A choice `c` can move at most `free cores x rate_c` guest bytes per second through the
-//! cores and `link x ratio_c` through the link, and no more than it was seen to move; the
-//! policy picks the choice whose bound is largest. The 2015 KVM live-migration talk found compression made 10 Gbit/s migrations slower; here a
+//! cores, `link x ratio_c` through the link and the receiver's rate through the receiver,
+//! and no more than it was seen to move; the policy picks the choice whose bound is
+//! largest (so where the receiver binds every choice alike, pages go as they are: a codec
+//! would spend both ends' CPU for nothing). The 2015 KVM live-migration talk found compression made 10 Gbit/s migrations slower; here a
 //! codec is only chosen while the free cores can outrun the link with it. Pricing codecs by
 //! CPU-seconds and counting only free cores matters when the link itself costs CPU (a
 //! kernel TCP stack, or both ends on one host): compressing then takes cores the link needs.
@@ -88,6 +95,8 @@ struct Window {
     delivered_bytes: u64,
     /// Batches for which the link held writes back.
     full: u32,
+    /// Batches for which the peer's receive window had held the sender back lately.
+    receiver_bound: u32,
     /// Batches chosen for during the window.
     batches: u32,
     /// Batches for which the scanner had jobs queued for the workers (it was not what
@@ -113,6 +122,7 @@ impl Window {
             start: Instant::now(),
             delivered_bytes,
             full: 0,
+            receiver_bound: 0,
             batches: 0,
             scanner_ahead: 0,
             chosen: vec![0; choices],
@@ -135,6 +145,9 @@ struct State {
     /// The link's rate, in wire bytes per second, measured over windows in which it held
     /// writes back (so it, not the codecs, set the pace); unknown at first.
     link: Option<f64>,
+    /// The receiver's rate, in guest bytes per second, over windows in which its receive
+    /// window held the sender back; None while the last full window was the link's.
+    receiver: Option<f64>,
     /// The span of the link's first measurement under way: every batch in it found the
     /// link holding writes back.
     first_span: Option<Span>,
@@ -156,6 +169,9 @@ pub struct Pipeline {
     pub link_full: bool,
     /// Whether the scanner has more jobs queued for the workers.
     pub scanner_ahead: bool,
+    /// Whether the peer's receive window, not the link, has held the sender back lately
+    /// (`SendProbe::receiver_limited`; false where the stack cannot tell).
+    pub receiver_bound: bool,
 }
 
 /// The policy's answer for one batch.
@@ -241,6 +257,7 @@ impl AdaptivePolicy {
                 worker_cpu: 0.0,
                 measure_cpu: 0.0,
                 link: None,
+                receiver: None,
                 first_span: None,
                 free_cores: None,
                 observed: vec![None; count],
@@ -264,12 +281,14 @@ impl AdaptivePolicy {
         state.batches += 1;
         state.window.batches += 1;
         state.window.full += u32::from(pipeline.link_full);
+        state.window.receiver_bound += u32::from(pipeline.receiver_bound);
         state.window.scanner_ahead += u32::from(pipeline.scanner_ahead);
         if state.window.start.elapsed() >= WINDOW {
             self.close_window(&mut state, delivered());
         }
         if state.link.is_none() {
-            let link_full = pipeline.link_full;
+            // A receiver that holds the sender back is not the link.
+            let link_full = pipeline.link_full && !pipeline.receiver_bound;
             first_link(&mut state, link_full, if link_full { delivered() } else { 0 });
         }
         // Every choice is measured on the same pages: on the first batches until each has
@@ -295,8 +314,14 @@ impl AdaptivePolicy {
         // Only a window in which nearly every batch found the link holding writes back
         // measures it: the link then set the pace. A momentary queue in a window that the
         // scanner or the workers paced (sparse pages, a slow codec) would make a slow link.
-        if window.batches >= 4 && window.full * 4 >= window.batches * 3 {
+        // A window the receiver held back measures the receiver instead, in guest bytes:
+        // every choice moves at most that much through it.
+        let full = window.batches >= 4 && window.full * 4 >= window.batches * 3;
+        if window.batches >= 4 && window.receiver_bound * 4 >= window.batches * 3 {
+            smooth(&mut state.receiver, window.guest_bytes / seconds);
+        } else if full {
             smooth(&mut state.link, delivered_bytes.saturating_sub(window.delivered_bytes) as f64 / seconds);
+            state.receiver = None;
         }
         // A window sent (nearly) all with one choice, with the scanner ahead throughout,
         // shows what that choice moves: the workers or the link set the pace.
@@ -355,15 +380,15 @@ impl AdaptivePolicy {
         }
     }
 
-    /// What choice `i` could move, by the model: the smaller of what the free cores can
-    /// process with it and what the link can carry at its ratio.
+    /// What choice `i` could move, by the model: the smallest of what the free cores can
+    /// process with it, what the link can carry at its ratio, and what the receiver takes.
     fn model(&self, state: &State, i: usize) -> f64 {
         // Until the link has been seen full, sending uncompressed is the way to fill it.
         let link = state.link.unwrap_or(f64::INFINITY).max(1.0);
         let cores = state.free_cores.unwrap_or(self.workers as f64);
         let e = state.estimates[i];
         let ratio = if i == 0 { 1.0 } else { e.ratio().max(1.0) };
-        (cores * e.rate()).min(link * ratio)
+        (cores * e.rate()).min(link * ratio).min(state.receiver.unwrap_or(f64::INFINITY))
     }
 
     /// A batch's cost to its worker, whatever it was sent with: `input` guest bytes (pages
@@ -409,7 +434,7 @@ mod tests {
     const SHUFFLE_ZSTD: Codec = Codec::ShuffleZstd { level: 1 };
 
     /// A pipeline whose link holds writes back.
-    const FULL_LINK: Pipeline = Pipeline { link_full: true, scanner_ahead: true };
+    const FULL_LINK: Pipeline = Pipeline { link_full: true, scanner_ahead: true, receiver_bound: false };
 
     /// `policy`'s choice for `pipeline`, `delivered_bytes` acknowledged so far.
     fn choose(policy: &AdaptivePolicy, pipeline: Pipeline, delivered_bytes: u64) -> Choice {
@@ -463,6 +488,43 @@ mod tests {
     fn a_slow_link_gets_the_tightest_codec_the_cores_can_feed() {
         // 125 MB/s (1 Gbit/s): zstd's 2 x 400 MB/s outruns 125 x 3.
         assert_eq!(steady_choice(&policy(2.0, 1e9, 4e8, 1.25e8)), ZSTD);
+    }
+
+    /// Closes a 50 ms window of 8 batches, all finding the link full, `receiver_bound` of
+    /// them held back by the receiver, in which the workers handled `guest_bytes` and the
+    /// destination acknowledged `acknowledged` wire bytes.
+    fn close_full_window(policy: &AdaptivePolicy, receiver_bound: u32, guest_bytes: f64, acknowledged: u64) {
+        let mut state = policy.lock();
+        let window = &mut state.window;
+        (window.batches, window.full, window.receiver_bound) = (8, 8, receiver_bound);
+        window.guest_bytes = guest_bytes;
+        window.start = Instant::now() - Duration::from_millis(50);
+        let delivered = window.delivered_bytes + acknowledged;
+        policy.close_window(&mut state, delivered);
+        state.window.start = Instant::now() + Duration::from_secs(3600);
+    }
+
+    #[test]
+    fn a_receiver_slower_than_the_link_gets_pages_as_they_are() {
+        // The link alone would get zstd (as above). But the destination takes 5 MB of
+        // guest bytes per 50 ms (100 MB/s) whatever they are packed as, and acknowledged
+        // half as many wire bytes: a link measured from them would look half as fast.
+        let policy = policy(2.0, 1e9, 4e8, 1.25e8);
+        close_full_window(&policy, 8, 5e6, 2_500_000);
+        assert_eq!(policy.lock().link, Some(1.25e8), "a receiver's window does not measure the link");
+        assert_eq!(steady_choice(&policy), NONE, "every choice moves what the receiver takes");
+        // Once the link, not the receiver, holds the sender back, the link decides again.
+        close_full_window(&policy, 0, 5e6, 6_250_000);
+        assert_eq!(policy.lock().receiver, None);
+        assert_eq!(steady_choice(&policy), ZSTD);
+    }
+
+    #[test]
+    fn a_receiver_faster_than_what_the_link_carries_leaves_the_codec_to_the_link() {
+        // The receiver takes 1 GB/s of guest bytes: zstd's 125 MB/s x 3 stays under it.
+        let policy = policy(2.0, 1e9, 4e8, 1.25e8);
+        close_full_window(&policy, 8, 5e7, 6_250_000);
+        assert_eq!(steady_choice(&policy), ZSTD);
     }
 
     #[test]
@@ -627,7 +689,7 @@ mod tests {
         // Every choice measured (lz4 packs 2x at 1 GB/s a core), the link not yet seen.
         let policy = policy(2.0, 1e9, 4e8, 1.25e8);
         policy.lock().link = None;
-        let idle_link = Pipeline { link_full: false, scanner_ahead: true };
+        let idle_link = Pipeline { link_full: false, scanner_ahead: true, receiver_bound: false };
         assert_eq!(choose(&policy, FULL_LINK, 0).codec, NONE, "until the link is seen full, pages go raw");
         // A batch that found the link keeping up ends the span.
         choose(&policy, idle_link, 0);

@@ -181,8 +181,11 @@ impl BatchEncoder {
     fn choose(&self, shared: &Shared<'_>, job: &Job) -> Choice {
         match &shared.adaptive {
             Some(policy) => {
-                let pipeline =
-                    Pipeline { link_full: shared.link_full(job.connection), scanner_ahead: !shared.jobs.is_empty() };
+                let pipeline = Pipeline {
+                    link_full: shared.link_full(job.connection),
+                    scanner_ahead: !shared.jobs.is_empty(),
+                    receiver_bound: shared.receiver_bound(),
+                };
                 policy.choose(pipeline, &|| shared.delivered_bytes())
             }
             None => Choice { codec: self.compressors[0].codec(), measure: false },

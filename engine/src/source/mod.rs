@@ -156,6 +156,12 @@ impl Shared<'_> {
         }
     }
 
+    /// Whether every connection's receiver, not the link, has held its sender back lately
+    /// (the destination is the slower end); false where a stack cannot tell.
+    fn receiver_bound(&self) -> bool {
+        self.probes.as_ref().is_some_and(|probes| probes.iter().all(|p| p.receiver_limited()))
+    }
+
     /// Bytes the destination has acknowledged; where a stack cannot tell, bytes written.
     fn delivered_bytes(&self) -> u64 {
         match &self.probes {
