@@ -258,9 +258,7 @@ fn pump_up(
         if abort.is_raised() {
             return Err(RelayFailure::aborted(abort));
         }
-        let reading = waits::waiting(Wait::ReadingQemu);
-        let read = local.read(&mut buffer);
-        drop(reading);
+        let read = waits::during(Wait::ReadingQemu, || local.read(&mut buffer));
         let read = match read {
             // A QEMU that never wrote here (a destination's multifd channel) and closed
             // with bytes unread: this direction's stream ended empty; the other direction
@@ -419,9 +417,7 @@ fn pump_down(local: UnixStream, net: Incoming<'_>, abort: &SessionAbort) -> Resu
     let limit = |kind: FrameKind| if kind == FrameKind::StreamData { data_limit } else { CONTROL_FRAME_LIMIT_BYTES };
     let mut qemu = HoldBack::new(local);
     loop {
-        let reading = waits::waiting(Wait::ReadingLink);
-        let read = read_frame(&mut *reader, &mut payload, limit);
-        drop(reading);
+        let read = waits::during(Wait::ReadingLink, || read_frame(&mut *reader, &mut payload, limit));
         let header = match read {
             Ok(header) => header,
             Err(_) if abort.is_raised() => return Err(RelayFailure::aborted(abort)),

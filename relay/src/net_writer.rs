@@ -2,7 +2,7 @@
 //! by the compression workers that send what they squeezed.
 
 use crate::control::RelayControls;
-use crate::waits::{waiting, Wait};
+use crate::waits::{during, waiting, Wait};
 use migration::frame::{FrameBuf, FrameKind, SeqCounter};
 use migration::relay::MAX_CHUNK_BYTES;
 use std::io::{self, Write};
@@ -73,10 +73,7 @@ impl NetWriter {
         if kind == FrameKind::StreamCheckpoint {
             self.checkpoint_sent_at_us.get_or_insert_with(crate::stats::wall_clock_us);
         }
-        let writing = waiting(Wait::WritingLink);
-        self.writer.write_all(bytes)?;
-        self.writer.flush()?;
-        drop(writing);
+        during(Wait::WritingLink, || self.writer.write_all(bytes).and_then(|()| self.writer.flush()))?;
         self.controls.meter.wire_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         Ok(())
     }

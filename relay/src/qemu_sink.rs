@@ -11,7 +11,7 @@
 //! packets behind loses nothing. Whether that is what was left is decided here, by
 //! reading the undelivered bytes: no page among them, or the relay fails as before.
 
-use crate::waits::{waiting, Wait};
+use crate::waits::{during, Wait};
 use crate::RelayFailure;
 use migration::qemu_stream::{Kind, StreamReader};
 use std::io::{self, Write};
@@ -56,9 +56,7 @@ impl QemuSink {
     pub(crate) fn deliver(&mut self, bytes: &[u8]) -> Result<(), RelayFailure> {
         if self.closed.is_none() {
             let started = std::time::Instant::now();
-            let waiting = waiting(Wait::WritingQemu);
-            let written = self.local.write_all(bytes);
-            drop(waiting);
+            let written = during(Wait::WritingQemu, || self.local.write_all(bytes));
             self.writing += started.elapsed();
             match written {
                 Ok(()) => {

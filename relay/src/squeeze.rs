@@ -14,7 +14,7 @@
 
 use crate::compression::{SessionCompression, Squeezed};
 use crate::net_writer::{lock, NetWriter};
-use crate::waits::{waiting, SessionWaits, Wait};
+use crate::waits::{during, waiting, SessionWaits, Wait};
 use crate::RelayFailure;
 use migration::frame::FrameKind;
 use std::collections::BTreeMap;
@@ -154,9 +154,7 @@ fn send(
     let mut next = 0u64;
     let mut sent = Sent::default();
     loop {
-        let next_chunk = waiting(Wait::NextChunk);
-        let (seq, out) = done.pop(abort).map_err(|_| RelayFailure::aborted(abort))?;
-        drop(next_chunk);
+        let (seq, out) = during(Wait::NextChunk, || done.pop(abort)).map_err(|_| RelayFailure::aborted(abort))?;
         pending.insert(seq, out);
         while let Some(out) = pending.remove(&next) {
             next += 1;

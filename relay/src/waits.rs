@@ -221,6 +221,12 @@ pub(crate) fn waiting(what: Wait) -> Waiting {
     Waiting(())
 }
 
+/// Runs `call` marked as `what`: one blocking call, the thread running again after it.
+pub(crate) fn during<T>(what: Wait, call: impl FnOnce() -> T) -> T {
+    let _waiting = waiting(what);
+    call()
+}
+
 /// The calling thread's wait; it is back to running when this drops.
 #[must_use = "the wait ends when this drops"]
 pub(crate) struct Waiting(());
