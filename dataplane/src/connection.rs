@@ -28,17 +28,29 @@ pub(crate) struct Pipe {
     sent: u64,
     pub eof_sent: bool,
     pub closing: bool,
+    /// The stack is stopping: the application's hold on the connection no longer counts.
+    pub released: bool,
 }
 
 impl Pipe {
     pub(crate) fn new(handle: SocketHandle, shared: Arc<PipeShared>) -> Self {
-        Pipe { handle, shared, pending: None, outbound: None, delivery: None, sent: 0, eof_sent: false, closing: false }
+        Pipe {
+            handle,
+            shared,
+            pending: None,
+            outbound: None,
+            delivery: None,
+            sent: 0,
+            eof_sent: false,
+            closing: false,
+            released: false,
+        }
     }
 
     /// Whether the application has closed the connection, or dropped both its halves
-    /// (then only this core holds the shared state): either way, a close.
+    /// (then only this core holds the shared state), or the stack is stopping: a close.
     pub(crate) fn application_gone(&self) -> bool {
-        self.shared.closed.is_raised() || Arc::strong_count(&self.shared) == 1
+        self.released || self.shared.closed.is_raised() || Arc::strong_count(&self.shared) == 1
     }
 
     /// Whether nothing the application gave is left to put into the socket.

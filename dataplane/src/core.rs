@@ -42,6 +42,12 @@ const SPARE_LISTENERS: usize = 4;
 /// First ephemeral port of a core's outgoing connections (IANA's dynamic range).
 const EPHEMERAL_PORT_BASE: u16 = 49152;
 
+/// Whether a connection in `state` may still have bytes or its FIN to get acknowledged: a
+/// stopping core lingers for it. (Opening ones are cut, as are those whose FIN the peer has.)
+fn delivering(state: State) -> bool {
+    matches!(state, State::Established | State::CloseWait | State::FinWait1 | State::Closing | State::LastAck)
+}
+
 #[derive(Debug, Clone)]
 pub struct CoreConfig {
     pub name: String,
@@ -334,10 +340,18 @@ impl<D: Device> Core<D> {
             }
             self.iterate(&mut idle);
         }
-        // Linger: connections the application closed (or dropped) deliver what they still
-        // hold, and their FIN, within a bound; the others are cut.
+        // Linger: every connection delivers what its application wrote, and its FIN,
+        // within a bound, as a kernel's sockets do when their process exits. That includes
+        // connections the application still holds: a relay's session can end, and its
+        // process tear the stack down, while a thread that has not woken yet still holds a
+        // clone of a connection whose last frame (the stream's end) is still queued here;
+        // cut, the peer waited for it until its I/O timeout. Done once the peer has
+        // acknowledged the FIN: what the peer sends after it has no reader left.
+        for pipe in &mut self.pipes {
+            pipe.released = true;
+        }
         let deadline = std::time::Instant::now() + LINGER;
-        while self.pipes.iter().any(|pipe| pipe.closing || pipe.application_gone())
+        while self.pipes.iter().any(|pipe| delivering(self.sockets.get::<tcp::Socket>(pipe.handle).state()))
             && std::time::Instant::now() < deadline
         {
             self.iterate(&mut idle);

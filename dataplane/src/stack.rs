@@ -340,6 +340,14 @@ impl LoopbackStack {
         Ok(LoopbackStack { pairs })
     }
 
+    /// Stops the source side's cores (those connections are made from), as the exit of a
+    /// sending process would, while the destination side's keep running.
+    pub fn stop_sources(&self) {
+        for (source, _, _) in &self.pairs {
+            source.stop();
+        }
+    }
+
     /// The source side's cores and the destination side's, for their figures.
     pub fn meters(&self) -> (crate::stats::StackMeter, crate::stats::StackMeter) {
         let (sources, destinations) =

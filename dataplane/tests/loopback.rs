@@ -128,6 +128,33 @@ fn connections_open_with_initial_sequence_numbers_of_their_own() {
     assert_ne!(opened[0], opened[1], "two stacks opened with the same initial sequence numbers");
 }
 
+/// A stack that stops while its application still holds a connection delivers what was
+/// written to it, then ends the stream, as a kernel does with a process's sockets at its
+/// exit: the peer reads every byte and a clean end, not a silence until its timeout.
+#[test]
+fn a_stopping_stack_delivers_what_its_application_wrote() {
+    let stack = std::sync::Arc::new(LoopbackStack::start(1500, DEFAULT_SOCKET_BUFFER_BYTES, false).unwrap());
+    let timeouts = Timeouts { connect: Duration::from_secs(5), io: Duration::from_secs(5) };
+    let mut acceptor = stack.acceptor(4444, timeouts).unwrap();
+    let mut connection = stack.connector(4444, timeouts).connect().expect("connect");
+    let mut accepted = acceptor.accept(Duration::from_secs(5)).expect("accept");
+    // More than the peer's socket buffer: with the peer not reading yet, some of it is
+    // still queued on the sending side when its stack stops.
+    const BYTES: usize = 3 * DEFAULT_SOCKET_BUFFER_BYTES;
+    let data: Vec<u8> = (0..BYTES).map(pattern).collect();
+    connection.writer.write_all(&data).expect("written");
+    let stopping = std::thread::spawn({
+        let stack = stack.clone();
+        move || stack.stop_sources()
+    });
+    let mut received = Vec::new();
+    accepted.reader.read_to_end(&mut received).expect("the stream ends cleanly");
+    assert_eq!(received.len(), BYTES, "bytes delivered before the end");
+    assert!(received == data, "the bytes arrived as written");
+    stopping.join().unwrap();
+    drop(connection);
+}
+
 #[test]
 fn connecting_to_a_closed_port_fails() {
     let stack = LoopbackStack::start(1500, DEFAULT_SOCKET_BUFFER_BYTES, false).unwrap();
