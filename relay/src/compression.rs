@@ -120,14 +120,7 @@ impl SessionCompression {
     /// sender has chunks waiting, for a stack that cannot say whether its link is full.
     pub fn squeeze(&self, worker: &mut PoolWorker, chunk: Vec<u8>, link: usize, sender_behind: bool) -> Squeezed {
         let choice = match worker.policy() {
-            Some(policy) => {
-                let pipeline = Pipeline {
-                    link_full: self.link_full(link, sender_behind),
-                    scanner_ahead: self.pool.backlog(),
-                    receiver_bound: self.receiver_limited(link),
-                };
-                policy.choose(pipeline, &|| self.delivered_bytes())
-            }
+            Some(policy) => policy.choose(self.pipeline(link, sender_behind), &|| self.delivered_bytes()),
             None => Choice { codec: self.pool.codec(), measure: false },
         };
         let started = worker.policy().is_some().then(|| (cpu::thread_time(), Instant::now()));
@@ -155,22 +148,18 @@ impl SessionCompression {
         squeezed
     }
 
-    /// Whether `link`'s stack holds writes back (its send buffer full), or where it cannot
-    /// say, whether the stream's sender is behind.
-    fn link_full(&self, link: usize, sender_behind: bool) -> bool {
+    /// What the policy sees of `link` now: whether its stack holds writes back (its send
+    /// buffer full; where it cannot say, whether the stream's sender is behind), and
+    /// whether its receiver (the destination relay, behind it the destination QEMU) rather
+    /// than the link has held the sender back lately (false where the stack cannot say).
+    fn pipeline(&self, link: usize, sender_behind: bool) -> Pipeline {
         let probes = self.links.probes.lock().unwrap_or_else(|p| p.into_inner());
-        match probes.get(link) {
-            Some(Some(probe)) => probe.full(),
-            _ => sender_behind,
+        let probe = probes.get(link).and_then(Option::as_ref);
+        Pipeline {
+            link_full: probe.map_or(sender_behind, |probe| probe.full()),
+            scanner_ahead: self.pool.backlog(),
+            receiver_bound: probe.is_some_and(|probe| probe.receiver_limited()),
         }
-    }
-
-    /// Whether `link`'s receiver (the destination relay, behind it the destination QEMU)
-    /// rather than the link has held its sender back lately; false where its stack cannot
-    /// say.
-    fn receiver_limited(&self, link: usize) -> bool {
-        let probes = self.links.probes.lock().unwrap_or_else(|p| p.into_inner());
-        probes.get(link).and_then(Option::as_ref).is_some_and(|probe| probe.receiver_limited())
     }
 
     /// Bytes the destination relay acknowledged over every stream; where a stack cannot

@@ -199,9 +199,9 @@ impl SendProbe for TcpProbe {
         let busy = busy_us.saturating_sub(chrono.busy_us);
         let limited = receiver_limited_us.saturating_sub(chrono.receiver_limited_us);
         // Over the span since the last look: limited for at least half the busy time.
-        chrono.receiver_limited = chrono.at.is_some() && busy > 0 && 2 * limited >= busy;
-        *chrono = Chrono { at: Some(Instant::now()), busy_us, receiver_limited_us, ..*chrono };
-        chrono.receiver_limited
+        let receiver_limited = chrono.at.is_some() && busy > 0 && 2 * limited >= busy;
+        *chrono = Chrono { at: Some(Instant::now()), busy_us, receiver_limited_us, receiver_limited };
+        receiver_limited
     }
 }
 
