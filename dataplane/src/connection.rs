@@ -6,6 +6,7 @@ use crate::delivery::Delivery;
 use crate::pipe::{PipeShared, CHUNK_BYTES};
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp::{self, State};
+use smoltcp::time::Instant;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use transport::pipe::{Next, Outbound};
@@ -26,6 +27,8 @@ pub(crate) struct Pipe {
     pub delivery: Option<Delivery>,
     /// Bytes written into the socket so far.
     sent: u64,
+    /// The send side's time, summed for `SendProbe::receiver_limited`.
+    send_times: SendTimes,
     pub eof_sent: bool,
     pub closing: bool,
     /// The stack is stopping: the application's hold on the connection no longer counts.
@@ -41,6 +44,7 @@ impl Pipe {
             outbound: None,
             delivery: None,
             sent: 0,
+            send_times: SendTimes::default(),
             eof_sent: false,
             closing: false,
             released: false,
@@ -62,7 +66,7 @@ impl Pipe {
 
     /// Application to network: the chunks written, then the handed-over write side.
     /// Returns whether any byte went into the socket.
-    pub(crate) fn send(&mut self, socket: &mut tcp::Socket) -> bool {
+    pub(crate) fn send(&mut self, socket: &mut tcp::Socket, now: Instant) -> bool {
         let mut progress = false;
         let mut budget = PUMP_BUDGET_BYTES;
         while budget > 0 && socket.can_send() {
@@ -113,12 +117,13 @@ impl Pipe {
         let queued = socket.send_queue();
         self.shared.acknowledged.store(self.sent - queued as u64, Ordering::Relaxed);
         self.shared.send_full.store(2 * queued >= socket.send_capacity(), Ordering::Relaxed);
+        self.send_times.sample(now, queued > 0, socket.window_limited(), &self.shared);
         progress
     }
 
     /// Network to application: to the read side it handed over, or into `from_net`, then
     /// the end of the stream. Returns whether anything moved.
-    pub(crate) fn receive(&mut self, socket: &mut tcp::Socket, now: smoltcp::time::Instant) -> bool {
+    pub(crate) fn receive(&mut self, socket: &mut tcp::Socket, now: Instant) -> bool {
         if self.delivery.is_none() {
             self.delivery = self.shared.take_inbound().map(Delivery::new);
         }
@@ -159,5 +164,33 @@ impl Pipe {
             progress = true;
         }
         progress
+    }
+}
+
+/// A connection's send time as its core sees it at each look: the time since the last look
+/// counts as the state seen then (as Linux's chronograph switches state on events).
+#[derive(Default)]
+struct SendTimes {
+    /// The last look: when, whether data was queued (to send or in flight), and whether
+    /// the peer's window held it back.
+    last: Option<(Instant, bool, bool)>,
+    busy_us: u64,
+    window_limited_us: u64,
+}
+
+impl SendTimes {
+    fn sample(&mut self, now: Instant, busy: bool, window_limited: bool, shared: &PipeShared) {
+        if let Some((at, was_busy, was_limited)) = self.last {
+            let span = (now - at).total_micros();
+            if was_busy {
+                self.busy_us += span;
+                shared.busy_us.store(self.busy_us, Ordering::Relaxed);
+            }
+            if was_limited {
+                self.window_limited_us += span;
+                shared.window_limited_us.store(self.window_limited_us, Ordering::Relaxed);
+            }
+        }
+        self.last = Some((now, busy, busy && window_limited));
     }
 }

@@ -512,7 +512,7 @@ impl<D: Device> Core<D> {
     fn pump(&mut self, index: usize) -> bool {
         let pipe = &mut self.pipes[index];
         let socket = self.sockets.get_mut::<tcp::Socket>(pipe.handle);
-        let mut progress = pipe.send(socket);
+        let mut progress = pipe.send(socket, self.now);
         progress |= pipe.receive(socket, self.now);
         // The application closed (or dropped the connection): send what it wrote, then FIN.
         if pipe.application_gone() && !pipe.closing && pipe.drained() {

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use transport::abort::SessionAbort;
-use transport::pipe::{Connection, Inbound, Outbound, SendProbe};
+use transport::pipe::{Connection, Inbound, Outbound, ReceiverLimit, SendProbe};
 use transport::ring::{Pool, Ring};
 
 /// Bytes per chunk handed between an application thread and its core: large enough that
@@ -29,6 +29,11 @@ pub struct PipeShared {
     pub(crate) acknowledged: AtomicU64,
     /// Whether the socket's send buffer was full when the core last looked.
     pub(crate) send_full: AtomicBool,
+    /// The core's running totals of send time (µs): with data to send or in flight, and
+    /// the part of it the peer's window held the sender back.
+    pub(crate) busy_us: AtomicU64,
+    pub(crate) window_limited_us: AtomicU64,
+    limit: ReceiverLimit,
     /// The write side, once the application handed it over (`Connection::direct_send`): the
     /// core takes it after draining what `to_net` holds, and pulls from it from then on.
     pub(crate) outbound: Mutex<Option<Box<dyn Outbound>>>,
@@ -51,6 +56,11 @@ impl SendProbe for PipeShared {
     fn full(&self) -> bool {
         self.send_full.load(Ordering::Relaxed)
     }
+
+    fn receiver_limited(&self) -> bool {
+        self.limit
+            .judge(|| Some((self.busy_us.load(Ordering::Relaxed), self.window_limited_us.load(Ordering::Relaxed))))
+    }
 }
 
 impl PipeShared {
@@ -62,6 +72,9 @@ impl PipeShared {
             free: Pool::new(2 * PIPE_RING_CHUNKS),
             acknowledged: AtomicU64::new(0),
             send_full: AtomicBool::new(false),
+            busy_us: AtomicU64::new(0),
+            window_limited_us: AtomicU64::new(0),
+            limit: ReceiverLimit::default(),
             outbound: Mutex::new(None),
             attached: AtomicBool::new(false),
             inbound: Mutex::new(None),

@@ -2,7 +2,7 @@
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
-use transport::pipe::{Acceptor, Connector, Timeouts};
+use transport::pipe::{Acceptor, Connector, Timeouts, CHRONO_SPAN};
 use vmigrate_dataplane::core::DeviceWrappers;
 use vmigrate_dataplane::layers::{pcap_frame_lengths, pcap_frames};
 use vmigrate_dataplane::stack::{LoopbackOptions, LoopbackStack, DEFAULT_SOCKET_BUFFER_BYTES};
@@ -152,6 +152,43 @@ fn a_stopping_stack_delivers_what_its_application_wrote() {
     assert_eq!(received.len(), BYTES, "bytes delivered before the end");
     assert!(received == data, "the bytes arrived as written");
     stopping.join().unwrap();
+    drop(connection);
+}
+
+/// A sender whose peer does not read is held back by the peer's window, and its probe says
+/// so, as a kernel socket's does (`tcpi_rwnd_limited`): the adaptive policy then takes the
+/// receiver, not the link, for the slower end.
+#[test]
+fn a_sender_whose_peer_does_not_read_is_receiver_limited() {
+    let stack = LoopbackStack::start(1500, DEFAULT_SOCKET_BUFFER_BYTES, false).unwrap();
+    let timeouts = Timeouts { connect: Duration::from_secs(5), io: Duration::from_secs(20) };
+    let mut acceptor = stack.acceptor(4444, timeouts).unwrap();
+    let mut connection = stack.connector(4444, timeouts).connect().expect("connect");
+    let mut accepted = acceptor.accept(Duration::from_secs(5)).expect("accept");
+    let probe = connection.probe.clone().expect("the dataplane has a probe");
+    let glance = |spans: u32| {
+        (0..spans).any(|_| {
+            std::thread::sleep(CHRONO_SPAN * 2);
+            probe.receiver_limited()
+        })
+    };
+    assert!(!glance(3), "nothing to send");
+
+    // More than the peer's socket buffer and both rings: the sender waits on the window.
+    const BYTES: usize = 16 << 20;
+    let writer = std::thread::spawn(move || {
+        let data: Vec<u8> = (0..BYTES).map(pattern).collect();
+        connection.writer.write_all(&data).expect("written");
+        connection
+    });
+    assert!(glance(500), "the window of a peer that does not read held the sender back");
+
+    let mut received = vec![0u8; BYTES];
+    accepted.reader.read_exact(&mut received).expect("everything arrives once read");
+    let connection = writer.join().unwrap();
+    // The first look after the read judges the span the read ended; the next ones, the idle.
+    glance(1);
+    assert!(!glance(3), "everything was sent: nothing is held back");
     drop(connection);
 }
 

@@ -119,12 +119,21 @@ struct TcpProbe {
     stream: TcpStream,
     /// Bytes the socket accepted (counted by [`CountingWriter`]).
     written: Arc<AtomicU64>,
-    /// The socket's send-time figures at the last look, and what they said.
+    /// Judges the socket's send-time figures (`tcp_info`).
+    limit: ReceiverLimit,
+}
+
+/// Whether a receiver lately held its sender back, judged from a stack's running totals
+/// of send time (µs): the time it had data to send or in flight ("busy") and the part of
+/// it the peer's receive window held it back (Linux's `tcpi_busy_time` and
+/// `tcpi_rwnd_limited`; the dataplane's cores sum the same). Each judgement covers the
+/// span since the last, at least [`CHRONO_SPAN`].
+#[derive(Default)]
+pub struct ReceiverLimit {
     chrono: Mutex<Chrono>,
 }
 
-/// Linux's `tcp_info` send-time figures (`tcpi_busy_time`, `tcpi_rwnd_limited`, in µs; Linux
-/// 4.10 on), where the kernel has them.
+/// The totals at the last look, and what they said.
 #[derive(Default)]
 struct Chrono {
     at: Option<Instant>,
@@ -133,9 +142,28 @@ struct Chrono {
     receiver_limited: bool,
 }
 
-/// How long the send-time figures are taken over: a worker asks for each batch, and
-/// `getsockopt` costs a system call.
-const CHRONO_SPAN: Duration = Duration::from_millis(10);
+/// How long a judgement spans: a worker asks for each batch, and the totals may cost a
+/// system call.
+pub const CHRONO_SPAN: Duration = Duration::from_millis(10);
+
+impl ReceiverLimit {
+    /// Whether, since the last judgement, the receiver held the sender back for at least
+    /// half its busy time. `totals` gives (busy, receiver-limited) µs so far, or None where
+    /// the stack cannot say; it is asked once a span.
+    pub fn judge(&self, totals: impl FnOnce() -> Option<(u64, u64)>) -> bool {
+        let mut chrono = self.chrono.lock().unwrap_or_else(|p| p.into_inner());
+        if chrono.at.is_some_and(|at| at.elapsed() < CHRONO_SPAN) {
+            return chrono.receiver_limited;
+        }
+        let Some((busy_us, receiver_limited_us)) = totals() else { return false };
+        let busy = busy_us.saturating_sub(chrono.busy_us);
+        let limited = receiver_limited_us.saturating_sub(chrono.receiver_limited_us);
+        // The first look only takes the totals.
+        let receiver_limited = chrono.at.is_some() && busy > 0 && 2 * limited >= busy;
+        *chrono = Chrono { at: Some(Instant::now()), busy_us, receiver_limited_us, receiver_limited };
+        receiver_limited
+    }
+}
 
 impl TcpProbe {
     /// The socket's busy and receiver-limited send time so far (µs), or None where the
@@ -191,17 +219,7 @@ impl SendProbe for TcpProbe {
     }
 
     fn receiver_limited(&self) -> bool {
-        let mut chrono = self.chrono.lock().unwrap_or_else(|p| p.into_inner());
-        if chrono.at.is_some_and(|at| at.elapsed() < CHRONO_SPAN) {
-            return chrono.receiver_limited;
-        }
-        let Some((busy_us, receiver_limited_us)) = self.send_times() else { return false };
-        let busy = busy_us.saturating_sub(chrono.busy_us);
-        let limited = receiver_limited_us.saturating_sub(chrono.receiver_limited_us);
-        // Over the span since the last look: limited for at least half the busy time.
-        let receiver_limited = chrono.at.is_some() && busy > 0 && 2 * limited >= busy;
-        *chrono = Chrono { at: Some(Instant::now()), busy_us, receiver_limited_us, receiver_limited };
-        receiver_limited
+        self.limit.judge(|| self.send_times())
     }
 }
 
@@ -255,7 +273,7 @@ fn tcp_connection(stream: TcpStream, timeouts: Timeouts, unsent_limit: Option<us
     let reader = stream.try_clone()?;
     let closer = stream.try_clone()?;
     let written = Arc::new(AtomicU64::new(0));
-    let probe = TcpProbe { stream: stream.try_clone()?, written: written.clone(), chrono: Mutex::default() };
+    let probe = TcpProbe { stream: stream.try_clone()?, written: written.clone(), limit: ReceiverLimit::default() };
     Ok(Connection {
         reader: Box::new(reader),
         writer: Box::new(CountingWriter { stream, written }),
@@ -398,11 +416,27 @@ mod tests {
     }
 
     #[test]
+    fn a_receiver_limit_is_judged_over_the_span_since_the_last_look() {
+        let limit = ReceiverLimit::default();
+        assert!(!limit.judge(|| Some((5_000, 5_000))), "the first look only takes the totals");
+        std::thread::sleep(CHRONO_SPAN + Duration::from_millis(1));
+        assert!(limit.judge(|| Some((6_000, 5_600))), "held back 600 of 1,000 µs busy");
+        assert!(limit.judge(|| unreachable!("asked within the span")), "the span's judgement holds");
+        std::thread::sleep(CHRONO_SPAN + Duration::from_millis(1));
+        assert!(!limit.judge(|| Some((8_000, 6_000))), "held back 400 of 2,000 µs");
+        std::thread::sleep(CHRONO_SPAN + Duration::from_millis(1));
+        assert!(!limit.judge(|| Some((8_000, 6_000))), "not busy at all");
+        std::thread::sleep(CHRONO_SPAN + Duration::from_millis(1));
+        assert!(!limit.judge(|| None), "the stack cannot say");
+    }
+
+    #[test]
     fn a_sender_whose_peer_does_not_read_is_receiver_limited() {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let stream = TcpStream::connect(listener.local_addr().expect("address")).expect("connect");
         let (_unread, _) = listener.accept().expect("accept");
-        let probe = TcpProbe { stream: stream.try_clone().unwrap(), written: Arc::default(), chrono: Mutex::default() };
+        let probe =
+            TcpProbe { stream: stream.try_clone().unwrap(), written: Arc::default(), limit: ReceiverLimit::default() };
         assert!(!probe.receiver_limited(), "nothing sent yet (and the first look only takes the figures)");
         // The peer never reads: once its window is full, every moment with data to send is
         // one the receiver holds the sender back.

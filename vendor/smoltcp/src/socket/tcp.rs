@@ -1517,6 +1517,32 @@ impl<'a> Socket<'a> {
         self.remote_win_len == 0 && !self.tx_buffer.is_empty() && self.flight_size() == 0
     }
 
+    /// Return whether data waits in the transmit buffer that the peer's receive window,
+    /// and not the congestion window, keeps from being sent: the window has room for less
+    /// than the next segment. A sender that is often so is paced by the receiving
+    /// application, not by the network; Linux counts such time as `tcpi_rwnd_limited`.
+    pub fn window_limited(&self) -> bool {
+        match self.state {
+            State::Established
+            | State::CloseWait
+            | State::FinWait1
+            | State::Closing
+            | State::LastAck => {}
+            _ => return false,
+        }
+        let unsent = self.tx_buffer.len().saturating_sub(self.flight_size());
+        if unsent == 0 || self.cwnd_remaining() == 0 {
+            return false;
+        }
+        let win_right_edge = self.local_seq_no + self.remote_win_len;
+        let window_left = if win_right_edge >= self.remote_last_seq {
+            win_right_edge - self.remote_last_seq
+        } else {
+            0
+        };
+        window_left < unsent.min(self.remote_mss)
+    }
+
     fn cwnd_remaining(&self) -> usize {
         self.congestion_controller
             .inner()
@@ -10179,6 +10205,65 @@ mod test {
             payload:    &b"def"[..],
             ..RECV_TEMPL
         }));
+    }
+
+    #[test]
+    fn test_window_limited() {
+        let mut s = socket_established();
+        assert!(!s.window_limited(), "nothing to send");
+
+        // Sent and acknowledged, the peer's window closed: what is written next waits for it.
+        s.send_slice(b"abcdef").unwrap();
+        assert!(!s.window_limited(), "the window has room for it");
+        recv!(s, time 0, Ok(TcpRepr {
+            seq_number: LOCAL_SEQ + 1,
+            ack_number: Some(REMOTE_SEQ + 1),
+            payload:    &b"abcdef"[..],
+            ..RECV_TEMPL
+        }));
+        send!(s, time 10, TcpRepr {
+            seq_number: REMOTE_SEQ + 1,
+            ack_number: Some(LOCAL_SEQ + 1 + 6),
+            window_len: 0,
+            ..SEND_TEMPL
+        });
+        assert!(!s.window_limited(), "nothing waits");
+        s.send_slice(b"ghi").unwrap();
+        assert!(s.window_limited());
+
+        // The window opens again: the data may go.
+        send!(s, time 20, TcpRepr {
+            seq_number: REMOTE_SEQ + 1,
+            ack_number: Some(LOCAL_SEQ + 1 + 6),
+            window_len: 256,
+            ..SEND_TEMPL
+        });
+        assert!(!s.window_limited());
+        recv!(s, time 20, Ok(TcpRepr {
+            seq_number: LOCAL_SEQ + 1 + 6,
+            ack_number: Some(REMOTE_SEQ + 1),
+            payload:    &b"ghi"[..],
+            ..RECV_TEMPL
+        }));
+        assert!(!s.window_limited(), "in flight, not waiting");
+    }
+
+    #[test]
+    #[cfg(feature = "socket-tcp-reno")]
+    fn test_window_limited_not_by_the_congestion_window() {
+        let mut s = socket_established();
+        s.set_congestion_control(CongestionControl::Reno);
+        // Data in flight fills the congestion window and the peer's window alike, and more
+        // waits: the congestion window is what Linux, too, counts as holding it back.
+        let cwnd = s.congestion_controller.inner().window();
+        s.remote_win_len = cwnd;
+        s.remote_last_seq = s.local_seq_no + cwnd;
+        s.tx_buffer = SocketBuffer::new(vec![0; cwnd + 64]);
+        s.tx_buffer.enqueue_slice(&vec![b'x'; cwnd + 16]);
+        assert!(!s.window_limited(), "the congestion window holds it back");
+        s.remote_win_len = cwnd + 1024;
+        s.remote_last_seq = s.local_seq_no + cwnd - 8;
+        assert!(!s.window_limited(), "room in both windows");
     }
 
     #[test]
