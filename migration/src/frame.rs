@@ -233,6 +233,18 @@ impl FrameBuf {
         FrameBuf { bytes: Vec::with_capacity(HEADER_BYTES + payload_bytes), len: 0, payload_crc: None }
     }
 
+    /// A frame whose payload was written in place, after room for the header: `bytes`
+    /// as `begin` and writes of the payload would have left them.
+    pub fn wrap(bytes: Vec<u8>) -> Self {
+        assert!(bytes.len() >= HEADER_BYTES, "a frame begins with room for its header");
+        FrameBuf { len: bytes.len(), bytes, payload_crc: None }
+    }
+
+    /// The buffer, to write another frame's bytes into in place ([`FrameBuf::wrap`]).
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.bytes
+    }
+
     /// Starts a new frame, discarding what the buffer held; returns the frame, whose
     /// payload is written after the header's room.
     pub fn begin(&mut self) -> &mut Self {

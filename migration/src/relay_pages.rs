@@ -95,7 +95,11 @@ pub struct RecordEncoder {
     stream: u16,
     chunks: u64,
     delta: Vec<u8>,
+    /// The chunk, after `front` bytes of room: a deferring encoder leaves room for a
+    /// frame's header, so that a chunk `squeeze` would leave as it is goes out as its own
+    /// frame, uncopied (`FrameBuf::wrap`).
     out: Vec<u8>,
+    front: usize,
     original: u32,
     /// The last chunk was handed out: the next item starts a new one.
     finished: bool,
@@ -117,6 +121,7 @@ impl RecordEncoder {
             chunks: 0,
             delta: vec![0; XBZRLE_LIMIT],
             out: Vec::with_capacity(96 << 10),
+            front: 0,
             original: 0,
             finished: true,
             defer_compression: false,
@@ -126,14 +131,20 @@ impl RecordEncoder {
 
     /// As `new`, leaving the compression of pages (and long runs of other bytes) to
     /// `squeeze` and its codec: the pages that would be compressed go and are counted raw.
+    /// The buffers `finish_into` hands over begin with room for a frame's header.
     pub fn deferring_compression(cache: Option<Arc<SharedPageCache>>, stream: u16) -> RecordEncoder {
-        RecordEncoder { defer_compression: true, ..RecordEncoder::new(Codec::None, cache, stream) }
+        RecordEncoder {
+            defer_compression: true,
+            front: crate::frame::HEADER_BYTES,
+            ..RecordEncoder::new(Codec::None, cache, stream)
+        }
     }
 
     /// Starts a new chunk if the last one was handed out.
     fn open(&mut self) {
         if std::mem::take(&mut self.finished) {
             self.out.clear();
+            self.out.resize(self.front, 0);
             self.out.push(RECORDS);
             self.out.extend_from_slice(&[0; 4]);
             let (codec, level) = self.compressor.codec().to_wire();
@@ -243,8 +254,10 @@ impl RecordEncoder {
         self.out.extend_from_slice(&key.offset.to_le_bytes());
     }
 
-    /// As [`RecordEncoder::finish`], handing the chunk over (the encoder goes on in
-    /// `spare`, a buffer the caller no longer needs).
+    /// As [`RecordEncoder::finish`], handing the buffer over (the encoder goes on in
+    /// `spare`, a buffer the caller no longer needs): a deferring encoder's chunk follows
+    /// room for a frame's header ([`crate::frame::HEADER_BYTES`]), a frame's payload as it
+    /// is.
     pub fn finish_into(&mut self, spare: Vec<u8>) -> Vec<u8> {
         self.finish();
         std::mem::replace(&mut self.out, spare)
@@ -254,10 +267,10 @@ impl RecordEncoder {
     pub fn finish(&mut self) -> &[u8] {
         self.open();
         let original = self.original.to_le_bytes();
-        self.out[1..5].copy_from_slice(&original);
+        self.out[self.front + 1..self.front + 5].copy_from_slice(&original);
         self.finished = true;
         self.chunks += 1;
-        &self.out
+        &self.out[self.front..]
     }
 }
 
@@ -437,7 +450,7 @@ fn read_key(rest: &mut &[u8]) -> Result<PageKey, RelayError> {
 }
 
 mod squeeze;
-pub use squeeze::{in_blocks, raw_pages, squeeze, squeezed_len};
+pub use squeeze::{in_blocks, raw_pages, squeeze, squeeze_keeps, squeezed_len};
 
 /// The next `n` bytes of a chunk being read.
 fn take<'a>(rest: &mut &'a [u8], n: usize) -> Result<&'a [u8], RelayError> {
@@ -599,6 +612,36 @@ mod tests {
         let mut claims_more = squeezed.clone();
         claims_more[HEADER_BYTES + 1..HEADER_BYTES + 3].copy_from_slice(&40u16.to_le_bytes());
         assert!(RecordDecoder::new(cache(0), 0).decode(&claims_more, &mut Vec::new()).is_err());
+    }
+
+    #[test]
+    fn a_chunk_squeeze_keeps_is_its_own_squeezed_form_behind_room_for_a_frame_header() {
+        // Pages raw, a short run of other bytes, a zero page and a page of text: squeezing
+        // without a codec leaves it as it is, and the deferring encoder's buffer holds it
+        // after room for a frame's header.
+        let mut encoder = RecordEncoder::deferring_compression(cache(0), 0);
+        encoder.other(b"record header");
+        encoder.page(key(0), &text_page(1));
+        encoder.page(key(1), &[0; PAGE_SIZE_BYTES]);
+        let buffer = encoder.finish_into(Vec::new());
+        let chunk = buffer[crate::frame::HEADER_BYTES..].to_vec();
+        assert!(squeeze_keeps(&chunk, Codec::None));
+        let mut frame = FrameBuf::default();
+        squeeze(&chunk, &mut PageCompressor::new(Codec::None), &mut frame).unwrap();
+        assert!(frame.payload() == chunk, "squeezed without a codec, the chunk is as it was");
+        assert!(FrameBuf::wrap(buffer).payload() == chunk);
+        let mut rebuilt = Vec::new();
+        RecordDecoder::new(cache(0), 0).decode(&chunk, &mut rebuilt).unwrap();
+        assert!(rebuilt == [&b"record header"[..], &text_page(1), &[0; PAGE_SIZE_BYTES]].concat());
+        // A codec, or a run of other bytes long enough for lz4, and squeezing changes it.
+        assert!(!squeeze_keeps(&chunk, Codec::Lz4));
+        encoder.other(&text_page(2));
+        let long_other = encoder.finish().to_vec();
+        assert!(!squeeze_keeps(&long_other, Codec::None));
+        squeeze(&long_other, &mut PageCompressor::new(Codec::None), &mut frame).unwrap();
+        assert!(frame.payload() != long_other);
+        // Nor is a chunk that does not parse kept.
+        assert!(!squeeze_keeps(&chunk[..chunk.len() - 1], Codec::None));
     }
 
     #[test]

@@ -10,9 +10,9 @@
 use engine::adaptive::{cpu, Choice, Pipeline};
 use engine::pool::{CompressionPool, PoolConfig, PoolWorker};
 use migration::codec::Codec;
-use migration::frame::FrameBuf;
+use migration::frame::{FrameBuf, HEADER_BYTES};
 use migration::relay::{max_data_payload_bytes, MAX_CHUNK_BYTES};
-use migration::relay_pages::{raw_pages, squeeze, squeezed_len};
+use migration::relay_pages::{raw_pages, squeeze, squeeze_keeps, squeezed_len};
 use migration::PAGE_SIZE_BYTES;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -103,9 +103,10 @@ impl SessionCompression {
         self.links.written.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
-    /// A buffer for a reader's next chunk.
+    /// A buffer for a reader's next chunk: one a worker squeezed, or a frame a sender
+    /// wrote (chunks that went out as their own frames come back as frames).
     pub fn spare_chunk(&self) -> Vec<u8> {
-        self.chunks.take(|| Vec::with_capacity(2 * MAX_CHUNK_BYTES))
+        self.chunks.take(|| self.frames.take(|| FrameBuf::with_capacity(2 * MAX_CHUNK_BYTES)).into_bytes())
     }
 
     /// A frame a sender has written, for reuse.
@@ -118,33 +119,46 @@ impl SessionCompression {
     /// chooses, which then also learns what it cost (and, now and then, what every choice
     /// would have made of the chunk's pages). `sender_behind` says whether the stream's
     /// sender has chunks waiting, for a stack that cannot say whether its link is full.
-    pub fn squeeze(&self, worker: &mut PoolWorker, chunk: Vec<u8>, link: usize, sender_behind: bool) -> Squeezed {
+    /// `buffer` is a deferring encoder's: room for a frame's header, then the chunk. A
+    /// chunk that squeezing would leave as it is (pages raw: the policy's choice where the
+    /// link or the receiver is faster than the codecs) becomes its own frame, uncopied.
+    pub fn squeeze(&self, worker: &mut PoolWorker, buffer: Vec<u8>, link: usize, sender_behind: bool) -> Squeezed {
         let choice = match worker.policy() {
             Some(policy) => policy.choose(self.pipeline(link, sender_behind), &|| self.delivered_bytes()),
             None => Choice { codec: self.pool.codec(), measure: false },
         };
         let started = worker.policy().is_some().then(|| (cpu::thread_time(), Instant::now()));
-        let mut frame = self.frames.take(|| FrameBuf::with_capacity(max_data_payload_bytes()));
-        let mut squeezed = match squeeze(&chunk, worker.compressor(choice.codec), &mut frame) {
-            Ok(packed) => Squeezed { frame, packed, codec: choice.codec },
-            // Not expected (the reader built the chunk): it goes as it was built.
-            Err(_) => {
-                frame.begin().extend_from_slice(&chunk);
-                Squeezed { frame, packed: 0, codec: Codec::None }
-            }
-        };
+        let chunk = &buffer[HEADER_BYTES.min(buffer.len())..];
+        let squeezed_into = (!squeeze_keeps(chunk, choice.codec)).then(|| {
+            let mut frame = self.frames.take(|| FrameBuf::with_capacity(max_data_payload_bytes()));
+            let (packed, codec) = match squeeze(chunk, worker.compressor(choice.codec), &mut frame) {
+                Ok(packed) => (packed, choice.codec),
+                // Not expected (the reader built the chunk): it goes as it was built.
+                Err(_) => {
+                    frame.begin().extend_from_slice(chunk);
+                    (0, Codec::None)
+                }
+            };
+            Squeezed { frame, packed, codec }
+        });
         if let Some((cpu_start, wall_start)) = started {
-            let input = raw_pages(&chunk).map_or(0, |pages| pages.len() * PAGE_SIZE_BYTES) as u64;
+            let input = raw_pages(chunk).map_or(0, |pages| pages.len() * PAGE_SIZE_BYTES) as u64;
             let spent = cpu::thread_time() - cpu_start;
             if choice.measure {
-                measure_choices(worker, &chunk);
+                measure_choices(worker, chunk);
             }
             if let Some(policy) = worker.policy() {
                 policy.account(input, spent, wall_start.elapsed());
             }
         }
+        let mut squeezed = match squeezed_into {
+            Some(squeezed) => {
+                self.chunks.give(buffer);
+                squeezed
+            }
+            None => Squeezed { frame: FrameBuf::wrap(buffer), packed: 0, codec: Codec::None },
+        };
         squeezed.frame.checksum_payload();
-        self.chunks.give(chunk);
         squeezed
     }
 
@@ -193,5 +207,65 @@ fn measure_choices(worker: &mut PoolWorker, chunk: &[u8]) {
         for (codec, output, spent) in results {
             policy.measure(codec, input, output, spent);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use migration::qemu_stream::PageKey;
+    use migration::relay_pages::RecordEncoder;
+    use std::sync::mpsc;
+
+    /// A deferring encoder's buffer: a chunk of `pages` distinct pages, and `other` bytes
+    /// of the stream between them.
+    fn chunk_buffer(pages: u64, other: usize) -> (Vec<u8>, Vec<u8>) {
+        let mut encoder = RecordEncoder::deferring_compression(None, 0);
+        encoder.other(&vec![7; other]);
+        for i in 0..pages {
+            encoder.page(PageKey { block: 0, offset: i << 12 }, &[i as u8 + 1; PAGE_SIZE_BYTES]);
+        }
+        let buffer = encoder.finish_into(Vec::new());
+        let chunk = buffer[HEADER_BYTES..].to_vec();
+        (buffer, chunk)
+    }
+
+    /// What one of `compression`'s workers makes of `buffer`.
+    fn squeezed(compression: &Arc<SessionCompression>, buffer: Vec<u8>) -> Squeezed {
+        let (done, result) = mpsc::channel();
+        let session = compression.clone();
+        let link = compression.add_link(None);
+        compression
+            .pool()
+            .submit(Box::new(move |worker| {
+                let _ = done.send(session.squeeze(worker, buffer, link, false));
+            }))
+            .unwrap();
+        result.recv_timeout(std::time::Duration::from_secs(10)).expect("squeezed")
+    }
+
+    #[test]
+    fn a_chunk_sent_raw_goes_out_as_its_own_frame_uncopied() {
+        // Adaptive sends pages raw until it has measured every choice.
+        let abort = Arc::new(SessionAbort::new());
+        let config = CompressionConfig { codec: Codec::Adaptive, workers: 1, first_cpu: None };
+        let compression = SessionCompression::start(config, abort).unwrap().unwrap();
+        let (buffer, chunk) = chunk_buffer(8, 100);
+        let at = buffer.as_ptr();
+        let raw = squeezed(&compression, buffer);
+        assert_eq!(raw.codec, Codec::None);
+        assert!(raw.frame.payload() == chunk, "the chunk is the frame's payload");
+        assert_eq!(raw.frame.as_bytes().as_ptr(), at, "in the buffer the reader built it in");
+        // The frame comes back as the next chunk's buffer.
+        compression.give_frame(raw.frame);
+        let spare = compression.spare_chunk();
+        assert_eq!(spare.as_ptr(), at);
+
+        // A long run of other bytes is still squeezed (lz4), into a frame of the pool's.
+        let (buffer, chunk) = chunk_buffer(8, 4096);
+        let at = buffer.as_ptr();
+        let squeezed = squeezed(&compression, buffer);
+        assert_ne!(squeezed.frame.as_bytes().as_ptr(), at);
+        assert!(squeezed.frame.payload_len() < chunk.len());
     }
 }

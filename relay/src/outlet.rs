@@ -99,6 +99,11 @@ impl PageChunks {
     pub(crate) fn piece(&mut self, piece: Piece) {
         match piece {
             Piece::Other(bytes) => self.encoder.other(bytes),
+            // A whole page goes from the reader's buffer; one the read cut in two is
+            // put together first.
+            Piece::Page { key, bytes } if self.page.is_empty() && bytes.len() == PAGE_BYTES => {
+                self.encoder.page(key, bytes)
+            }
             Piece::Page { key, bytes } => {
                 self.page.extend_from_slice(bytes);
                 if self.page.len() == PAGE_BYTES {
@@ -118,5 +123,35 @@ impl PageChunks {
             self.encoder.other(&partial);
         }
         Some(self.encoder.original_len()).filter(|&original| original > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use migration::qemu_stream::PageKey;
+
+    /// The chunk `pieces` make, each page given in pieces cut at `cuts`.
+    fn chunk_of(cuts: &[usize]) -> Vec<u8> {
+        let mut chunks = PageChunks::new(Codec::None, None, 0, true);
+        chunks.piece(Piece::Other(b"header"));
+        for i in 0..3u64 {
+            let page: Vec<u8> = (0..PAGE_BYTES).map(|b| (b as u64 * 7 + i) as u8).collect();
+            let key = PageKey { block: 1, offset: i << 12 };
+            let mut at = 0;
+            for &cut in cuts.iter().chain([&PAGE_BYTES]) {
+                chunks.piece(Piece::Page { key, bytes: &page[at..cut] });
+                at = cut;
+            }
+        }
+        assert_eq!(chunks.close(true), Some(6 + 3 * PAGE_BYTES));
+        chunks.encoder.finish().to_vec()
+    }
+
+    #[test]
+    fn a_page_cut_by_the_reads_makes_the_chunk_a_whole_one_does() {
+        let whole = chunk_of(&[]);
+        assert!(chunk_of(&[1]) == whole);
+        assert!(chunk_of(&[100, 4000]) == whole);
     }
 }

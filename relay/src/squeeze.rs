@@ -248,7 +248,7 @@ mod tests {
         for i in 0..4u64 {
             encoder.page(PageKey { block: 0, offset: i << 12 }, &[i as u8 + 1; 4096]);
         }
-        encoder.finish().to_vec()
+        encoder.finish_into(Vec::new())
     }
 
     #[test]

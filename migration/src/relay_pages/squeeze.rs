@@ -61,6 +61,27 @@ pub fn squeeze(chunk: &[u8], compressor: &mut PageCompressor, out: &mut FrameBuf
     Ok(packed_pages)
 }
 
+/// Whether `squeeze` with `codec` would copy `chunk` as it is: no codec for its pages, and
+/// no run of other bytes long enough to compress (a chunk that does not parse is not).
+pub fn squeeze_keeps(chunk: &[u8], codec: Codec) -> bool {
+    if codec != Codec::None || chunk.len() < HEADER_BYTES || chunk[0] != RECORDS {
+        return false;
+    }
+    let (none, level) = Codec::None.to_wire();
+    if chunk[5..HEADER_BYTES] != [none, level] {
+        return false;
+    }
+    let mut rest = &chunk[HEADER_BYTES..];
+    while !rest.is_empty() {
+        match next_item(&mut rest) {
+            Ok(item) if item.tag == tag::OTHER && item.data.len() >= OTHER_SQUEEZE_MIN => return false,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
 /// Whether `codec` compresses a chunk's pages as one block.
 pub fn in_blocks(codec: Codec) -> bool {
     matches!(codec.unfiltered(), Codec::Zstd { .. })
