@@ -114,19 +114,43 @@ impl SessionCompression {
         self.frames.give(frame);
     }
 
-    /// Squeezes one chunk on `worker` into a frame (checksummed here, on the worker, so
-    /// that the sender only seals it): with the configured codec, or the one the policy
-    /// chooses, which then also learns what it cost (and, now and then, what every choice
-    /// would have made of the chunk's pages). `sender_behind` says whether the stream's
-    /// sender has chunks waiting, for a stack that cannot say whether its link is full.
-    /// `buffer` is a deferring encoder's: room for a frame's header, then the chunk. A
-    /// chunk that squeezing would leave as it is (pages raw: the policy's choice where the
-    /// link or the receiver is faster than the codecs) becomes its own frame, uncopied.
-    pub fn squeeze(&self, worker: &mut PoolWorker, buffer: Vec<u8>, link: usize, sender_behind: bool) -> Squeezed {
-        let choice = match worker.policy() {
+    /// The codec for a stream's next chunk: the configured one, or the policy's choice.
+    /// `sender_behind` says whether the stream's sender has chunks waiting, for a stack
+    /// that cannot say whether its link is full.
+    pub fn choose(&self, link: usize, sender_behind: bool) -> Choice {
+        match self.pool.policy() {
             Some(policy) => policy.choose(self.pipeline(link, sender_behind), &|| self.delivered_bytes()),
             None => Choice { codec: self.pool.codec(), measure: false },
-        };
+        }
+    }
+
+    /// `buffer` (a deferring encoder's: room for a frame's header, then the chunk) as its
+    /// own frame, checksummed on the calling thread (the stream's reader), where `choice`
+    /// leaves the chunk as it is (pages raw: the policy's choice where the link or the
+    /// receiver is faster than the codecs) and measures nothing on it: a worker would only
+    /// checksum it, and handing it over costs two thread wake-ups. Otherwise the buffer
+    /// comes back, for a worker to squeeze.
+    pub fn as_it_is(&self, buffer: Vec<u8>, choice: Choice) -> Result<Squeezed, Vec<u8>> {
+        let chunk = &buffer[HEADER_BYTES.min(buffer.len())..];
+        if choice.measure || !squeeze_keeps(chunk, choice.codec) {
+            return Err(buffer);
+        }
+        let started = (cpu::thread_time(), Instant::now());
+        let input = raw_pages(chunk).map_or(0, |pages| pages.len() * PAGE_SIZE_BYTES) as u64;
+        let mut frame = FrameBuf::wrap(buffer);
+        frame.checksum_payload();
+        if let Some(policy) = self.pool.policy() {
+            policy.account(input, cpu::thread_time() - started.0, started.1.elapsed());
+        }
+        Ok(Squeezed { frame, packed: 0, codec: Codec::None })
+    }
+
+    /// Squeezes one chunk on `worker` into a frame with `choice`'s codec (checksummed here,
+    /// on the worker, so that the sender only seals it); the policy, if any, learns what it
+    /// cost (and, where `choice` says so, what every choice would have made of the chunk's
+    /// pages). `buffer` is as for [`Self::as_it_is`]; a chunk that squeezing would leave as
+    /// it is becomes its own frame, uncopied.
+    pub fn squeeze(&self, worker: &mut PoolWorker, buffer: Vec<u8>, choice: Choice) -> Squeezed {
         let started = worker.policy().is_some().then(|| (cpu::thread_time(), Instant::now()));
         let chunk = &buffer[HEADER_BYTES.min(buffer.len())..];
         let squeezed_into = (!squeeze_keeps(chunk, choice.codec)).then(|| {
@@ -235,10 +259,11 @@ mod tests {
         let (done, result) = mpsc::channel();
         let session = compression.clone();
         let link = compression.add_link(None);
+        let choice = compression.choose(link, false);
         compression
             .pool()
             .submit(Box::new(move |worker| {
-                let _ = done.send(session.squeeze(worker, buffer, link, false));
+                let _ = done.send(session.squeeze(worker, buffer, choice));
             }))
             .unwrap();
         result.recv_timeout(std::time::Duration::from_secs(10)).expect("squeezed")
@@ -267,5 +292,30 @@ mod tests {
         let squeezed = squeezed(&compression, buffer);
         assert_ne!(squeezed.frame.as_bytes().as_ptr(), at);
         assert!(squeezed.frame.payload_len() < chunk.len());
+    }
+
+    #[test]
+    fn a_chunk_the_policy_sends_raw_goes_from_the_reader_without_a_worker() {
+        let abort = Arc::new(SessionAbort::new());
+        let config = CompressionConfig { codec: Codec::Adaptive, workers: 1, first_cpu: None };
+        let compression = SessionCompression::start(config, abort).unwrap().unwrap();
+        let raw = Choice { codec: Codec::None, measure: false };
+        let (buffer, chunk) = chunk_buffer(8, 100);
+        let at = buffer.as_ptr();
+        let Ok(sent) = compression.as_it_is(buffer, raw) else { panic!("raw, nothing to measure: no worker") };
+        assert!(sent.frame.payload() == chunk);
+        assert_eq!(sent.frame.as_bytes().as_ptr(), at);
+        let mut sealed = sent.frame;
+        sealed.seal(migration::frame::FrameKind::StreamData, 0, 0);
+        let header: &[u8; HEADER_BYTES] = sealed.as_bytes()[..HEADER_BYTES].try_into().unwrap();
+        let parsed = migration::frame::FrameHeader::parse(header).unwrap();
+        parsed.check(header, sealed.payload()).expect("checksummed on the reader");
+        // A codec to apply, choices to measure, or a long run of other bytes: a worker's.
+        let (buffer, _) = chunk_buffer(8, 100);
+        let buffer = compression.as_it_is(buffer, Choice { codec: Codec::Lz4, measure: false }).err().unwrap();
+        let buffer = compression.as_it_is(buffer, Choice { codec: Codec::None, measure: true }).err().unwrap();
+        assert!(compression.as_it_is(buffer, raw).is_ok());
+        let (long_other, _) = chunk_buffer(8, 4096);
+        assert!(compression.as_it_is(long_other, raw).is_err());
     }
 }

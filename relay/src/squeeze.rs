@@ -104,14 +104,20 @@ impl Squeezers {
     pub fn squeeze(&mut self, chunk: Vec<u8>) -> Result<(), Aborted> {
         let _waiting = waiting(Wait::PoolCredit);
         self.credits.push((), &self.abort)?;
-        let (seq, link) = (self.next, self.link);
+        let seq = self.next;
+        self.next += 1;
+        let choice = self.compression.choose(self.link, !self.done.is_empty());
+        // A chunk that goes as it is needs no worker: straight to the sender.
+        let chunk = match self.compression.as_it_is(chunk, choice) {
+            Ok(squeezed) => return self.done.push((seq, Out::Squeezed(squeezed)), &self.abort),
+            Err(chunk) => chunk,
+        };
         let (done, abort, compression) = (self.done.clone(), self.abort.clone(), self.compression.clone());
         self.compression.pool().submit(Box::new(move |worker| {
-            let squeezed = compression.squeeze(worker, chunk, link, !done.is_empty());
+            let squeezed = compression.squeeze(worker, chunk, choice);
             // An abort ends the session; the pool's other tasks see it too.
             let _ = done.push((seq, Out::Squeezed(squeezed)), &abort);
         }))?;
-        self.next += 1;
         Ok(())
     }
 
