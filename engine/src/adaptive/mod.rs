@@ -375,9 +375,10 @@ impl AdaptivePolicy {
     }
 
     /// What the window saw and what the policy makes of it now, for whoever tunes a link
-    /// (`-vv`): a codec chosen where sending pages raw would move more shows here first.
+    /// (`-vv`; twenty lines a second, so not at `-v`): a codec chosen where sending pages
+    /// raw would move more shows here first.
     fn log_window(&self, state: &State, seconds: f64) {
-        if !log::log_enabled!(log::Level::Debug) {
+        if !log::log_enabled!(log::Level::Trace) {
             return;
         }
         let window = &state.window;
@@ -389,7 +390,7 @@ impl AdaptivePolicy {
         let bounds: Vec<String> = (0..self.choices.len())
             .map(|i| format!("{} {}/{}", self.choices[i], mb(Some(self.model(state, i))), mb(state.observed[i])))
             .collect();
-        log::debug!(
+        log::trace!(
             "adaptive: {:.0} ms, {} batches ({} link full, {} receiver-bound, {} scanner ahead), chose {}; \
              link {} MB/s, receiver {} MB/s, free cores {}; model/seen MB/s: {}",
             seconds * 1e3,
