@@ -24,9 +24,11 @@
 //! cores, `link x ratio_c` through the link and the receiver's rate through the receiver,
 //! and no more than it was seen to move. Pages sent raw are priced at the link's rate as
 //! measured while they were sent raw: where the codecs take CPU the stack needs, the link
-//! moves less while they run. The policy picks the choice whose bound is largest (so where the receiver binds every choice alike, pages go as they are: a codec
-//! would spend both ends' CPU for nothing). The 2015 KVM live-migration talk found compression made 10 Gbit/s migrations slower; here a
-//! codec is only chosen while the free cores can outrun the link with it. Pricing codecs by
+//! moves less while they run. The policy picks the choice whose bound is largest (so where
+//! the receiver binds every choice alike, pages go as they are: a codec would spend both
+//! ends' CPU for nothing). The 2015 KVM live-migration talk found compression made 10
+//! Gbit/s migrations slower; here a codec is only chosen while the free cores can outrun
+//! the link with it. Pricing codecs by
 //! CPU-seconds and counting only free cores matters when the link itself costs CPU (a
 //! kernel TCP stack, or both ends on one host): compressing then takes cores the link needs.
 //!
@@ -117,6 +119,11 @@ struct Window {
 }
 
 impl Window {
+    /// Whether (nearly) every batch of the window was sent with choice `i`.
+    fn mostly(&self, i: usize) -> bool {
+        self.chosen[i] * 10 >= self.batches * 9
+    }
+
     /// A window from now; `idle_at_start` is the machine's idle CPU-seconds now.
     fn open(choices: usize, delivered_bytes: u64, idle_at_start: Option<f64>) -> Self {
         Window {
@@ -332,7 +339,7 @@ impl AdaptivePolicy {
         } else if full {
             let rate = delivered_bytes.saturating_sub(window.delivered_bytes) as f64 / seconds;
             smooth(&mut state.link, rate);
-            if window.chosen[0] * 10 >= window.batches * 9 {
+            if window.mostly(0) {
                 smooth(&mut state.link_raw, rate);
             }
             state.receiver = None;
@@ -412,7 +419,7 @@ impl AdaptivePolicy {
         if window.batches < 8 || window.scanner_ahead * 4 < window.batches * 3 {
             return None;
         }
-        (0..self.choices.len()).find(|&i| window.chosen[i] * 10 >= window.batches * 9)
+        (0..self.choices.len()).find(|&i| window.mostly(i))
     }
 
     /// Whether the workers share CPUs with this process's polling dataplane cores (more
