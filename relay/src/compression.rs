@@ -131,12 +131,12 @@ impl SessionCompression {
     /// checksum it, and handing it over costs two thread wake-ups. Otherwise the buffer
     /// comes back, for a worker to squeeze.
     pub fn as_it_is(&self, buffer: Vec<u8>, choice: Choice) -> Result<Squeezed, Vec<u8>> {
-        let chunk = &buffer[HEADER_BYTES.min(buffer.len())..];
+        let chunk = chunk_in(&buffer);
         if choice.measure || !squeeze_keeps(chunk, choice.codec) {
             return Err(buffer);
         }
         let started = (cpu::thread_time(), Instant::now());
-        let input = raw_pages(chunk).map_or(0, |pages| pages.len() * PAGE_SIZE_BYTES) as u64;
+        let input = raw_page_bytes(chunk);
         let mut frame = FrameBuf::wrap(buffer);
         frame.checksum_payload();
         if let Some(policy) = self.pool.policy() {
@@ -152,7 +152,7 @@ impl SessionCompression {
     /// it is becomes its own frame, uncopied.
     pub fn squeeze(&self, worker: &mut PoolWorker, buffer: Vec<u8>, choice: Choice) -> Squeezed {
         let started = worker.policy().is_some().then(|| (cpu::thread_time(), Instant::now()));
-        let chunk = &buffer[HEADER_BYTES.min(buffer.len())..];
+        let chunk = chunk_in(&buffer);
         let squeezed_into = (!squeeze_keeps(chunk, choice.codec)).then(|| {
             let mut frame = self.frames.take(|| FrameBuf::with_capacity(max_data_payload_bytes()));
             let (packed, codec) = match squeeze(chunk, worker.compressor(choice.codec), &mut frame) {
@@ -166,7 +166,7 @@ impl SessionCompression {
             Squeezed { frame, packed, codec }
         });
         if let Some((cpu_start, wall_start)) = started {
-            let input = raw_pages(chunk).map_or(0, |pages| pages.len() * PAGE_SIZE_BYTES) as u64;
+            let input = raw_page_bytes(chunk);
             let spent = cpu::thread_time() - cpu_start;
             if choice.measure {
                 measure_choices(worker, chunk);
@@ -210,6 +210,16 @@ impl SessionCompression {
             self.links.written.load(Ordering::Relaxed)
         }
     }
+}
+
+/// The chunk in a deferring encoder's buffer: after the room for a frame's header.
+fn chunk_in(buffer: &[u8]) -> &[u8] {
+    &buffer[HEADER_BYTES.min(buffer.len())..]
+}
+
+/// The guest bytes of `chunk`'s raw pages: what the policy counts a chunk's work by.
+fn raw_page_bytes(chunk: &[u8]) -> u64 {
+    raw_pages(chunk).map_or(0, |pages| pages.len() * PAGE_SIZE_BYTES) as u64
 }
 
 /// Compresses `chunk`'s raw pages with every choice the worker has, as `squeeze` would
