@@ -166,6 +166,10 @@ impl GuestMemory for GuestRam {
     fn write_page(&self, region: usize, page: u64, src: &[u8]) {
         self.regions[region].write_from(page as usize * PAGE_SIZE_BYTES, src);
     }
+
+    fn prepare_write(&self, region: usize, first: u64, count: u64) {
+        self.regions[region].populate_for_write(first as usize * PAGE_SIZE_BYTES, count as usize * PAGE_SIZE_BYTES);
+    }
 }
 
 impl DirtyLog for GuestRam {

@@ -24,6 +24,11 @@ pub trait GuestMemory: Send + Sync {
     /// Overwrites page `page` of `region` with `src` (one page long).
     fn write_page(&self, region: usize, page: u64, src: &[u8]);
 
+    /// A hint: pages `first..first + count` of `region` are about to be written for the
+    /// first time. Memory that is faulted in at its first store may fault them in together
+    /// (one system call instead of a fault per page); the default does nothing.
+    fn prepare_write(&self, _region: usize, _first: u64, _count: u64) {}
+
     /// Sets `count` pages from `first` to zero.
     fn zero_pages(&self, region: usize, first: u64, count: u64) {
         let zero = [0u8; PAGE_SIZE_BYTES];

@@ -107,4 +107,19 @@ impl GuestMemory for KvmMemory {
         // SAFETY: as in read_page; on the destination no vCPU runs while pages arrive.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), target, PAGE_SIZE_BYTES) }
     }
+
+    fn prepare_write(&self, region: usize, first: u64, count: u64) {
+        if count == 0 {
+            return;
+        }
+        // Both ends checked: the run lies inside the region's mapping.
+        let start = self.page_pointer(region, first);
+        self.page_pointer(region, first + count - 1);
+        // SAFETY: a page-aligned range inside the region's mapping (checked above).
+        // Populating for write only allocates zero-filled pages where none are; a kernel
+        // that cannot leaves the stores to fault as before.
+        unsafe {
+            libc::madvise(start.cast(), count as usize * PAGE_SIZE_BYTES, libc::MADV_POPULATE_WRITE);
+        }
+    }
 }
