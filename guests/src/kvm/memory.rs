@@ -109,12 +109,12 @@ impl GuestMemory for KvmMemory {
     }
 
     fn prepare_write(&self, region: usize, first: u64, count: u64) {
+        let (_, bytes, _) = self.regions[region];
+        assert!(first.saturating_add(count) <= pages_of(bytes), "pages {first}+{count} beyond region {region}");
         if count == 0 {
             return;
         }
-        // Both ends checked: the run lies inside the region's mapping.
         let start = self.page_pointer(region, first);
-        self.page_pointer(region, first + count - 1);
         // SAFETY: a page-aligned range inside the region's mapping (checked above).
         // Populating for write only allocates zero-filled pages where none are; a kernel
         // that cannot leaves the stores to fault as before.
