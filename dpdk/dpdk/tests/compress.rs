@@ -9,8 +9,8 @@
 fn pages_round_trip_through_isal_zlib_and_the_cpu() {
     if !dpdk::AVAILABLE {
         eprintln!("SKIPPED pages_round_trip_through_isal_zlib_and_the_cpu: built without DPDK");
-        return;
     }
+    // Without DPDK the run below is compiled out.
     #[cfg(dpdk)]
     with_dpdk::run();
 }

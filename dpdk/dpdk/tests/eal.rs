@@ -7,8 +7,8 @@
 fn mbufs_go_out_and_come_back_without_a_leak() {
     if !dpdk::AVAILABLE {
         eprintln!("SKIPPED mbufs_go_out_and_come_back_without_a_leak: built without DPDK");
-        return;
     }
+    // Without DPDK the run below is compiled out.
     #[cfg(dpdk)]
     with_dpdk::run();
 }

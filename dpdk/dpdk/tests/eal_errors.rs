@@ -5,8 +5,8 @@
 fn a_vdev_on_a_missing_interface_is_a_clear_error() {
     if !dpdk::AVAILABLE {
         eprintln!("SKIPPED a_vdev_on_a_missing_interface_is_a_clear_error: built without DPDK");
-        return;
     }
+    // Without DPDK the run below is compiled out.
     #[cfg(dpdk)]
     with_dpdk::run();
 }

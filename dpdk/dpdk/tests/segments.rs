@@ -8,8 +8,8 @@
 fn a_large_segment_is_cut_sent_and_merged_back_whole() {
     if !dpdk::AVAILABLE {
         eprintln!("SKIPPED a_large_segment_is_cut_sent_and_merged_back_whole: built without DPDK");
-        return;
     }
+    // Without DPDK the run below is compiled out.
     #[cfg(dpdk)]
     with_dpdk::run();
 }
