@@ -5,6 +5,11 @@ use hugepages::{Backing, HugePolicy, MappedRegion};
 use migration::dirty::{AtomicBitmap, DirtyLog};
 use migration::memory::{pages_of, GuestMemory, Region};
 use migration::PAGE_SIZE_BYTES;
+use std::sync::Arc;
+
+/// An extent is merged into a huge page when at least half its base pages were written:
+/// emptier ones would have their unwritten half backed too.
+const COLLAPSE_MIN_RESIDENT_PAGES: usize = 256;
 
 /// A PC guest's RAM is split around the PCI hole below 4 GiB; QEMU's q35 keeps at most
 /// 2 GiB below it by default and puts the rest above 4 GiB. We mirror that split so that
@@ -134,15 +139,22 @@ impl GuestRam {
         }
     }
 
-    /// Returns all memory to the kernel (it reads back as zero).
     /// Transparent huge pages on or off for every anonymous region (see
-    /// `hugepages::HugeMapping::advise_huge`).
+    /// `hugepages::MappedRegion::advise_huge`).
     pub fn advise_huge(&self, huge: bool) {
         for region in &self.regions {
             region.advise_huge(huge);
         }
     }
 
+    /// Merges every 2 MiB extent at least half written back into a huge page now
+    /// (`hugepages::MappedRegion::collapse_dense`): a destination receives on base pages,
+    /// and khugepaged would take minutes to hours to merge them. Returns the extents merged.
+    pub fn collapse_dense(&self) -> usize {
+        self.regions.iter().map(|region| region.collapse_dense(COLLAPSE_MIN_RESIDENT_PAGES)).sum()
+    }
+
+    /// Returns all memory to the kernel (it reads back as zero).
     pub fn discard_all(&self) {
         for region in &self.regions {
             region.discard(0, region.len());
@@ -185,5 +197,51 @@ pub fn parse_huge_policy(text: &str) -> Result<HugePolicy, String> {
         "require" | "on" => Ok(HugePolicy::Require),
         "never" | "off" => Ok(HugePolicy::Never),
         other => Err(format!("hugepages must be auto, on or off, got {other:?}")),
+    }
+}
+
+/// [`GuestRam::collapse_dense`] on a thread of its own at the lowest priority, as
+/// khugepaged runs, so that the resumed guest keeps the CPUs it needs and the switchover
+/// waits for none of it.
+pub fn collapse_in_background(ram: Arc<GuestRam>) {
+    let spawned = std::thread::Builder::new().name("thp-collapse".into()).spawn(move || {
+        // SAFETY: plain system calls on the calling thread; on Linux a thread id names the
+        // thread alone for PRIO_PROCESS. Failure leaves the thread at normal priority.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19) };
+        let started = std::time::Instant::now();
+        let merged = ram.collapse_dense();
+        log::info!("guest memory: {merged} extents of 2 MiB merged into huge pages in {:?}", started.elapsed());
+    });
+    if let Err(err) = spawned {
+        log::warn!("guest memory stays on base pages until khugepaged merges it: no thread ({err})");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extents_written_densely_merge_into_huge_pages_and_sparse_ones_stay() {
+        // Three 2 MiB extents received on base pages: the first written whole, the second
+        // one page, the third not at all.
+        let ram = GuestRam::allocate(&[6 << 20], HugePolicy::Never).unwrap();
+        ram.advise_huge(false);
+        let page = [0xa5u8; PAGE_SIZE_BYTES];
+        for number in (0..512).chain([700]) {
+            ram.write_page(0, number, &page);
+        }
+        ram.advise_huge(true);
+        match ram.collapse_dense() {
+            0 => eprintln!("SKIPPED the merge itself: no MADV_COLLAPSE here (Linux 6.1) or THP off"),
+            merged => assert_eq!(merged, 1),
+        }
+        let mut back = [0u8; PAGE_SIZE_BYTES];
+        for number in [0, 511, 700] {
+            ram.read_page(0, number, &mut back);
+            assert_eq!(back, page, "page {number}");
+        }
+        ram.read_page(0, 1024, &mut back);
+        assert!(back.iter().all(|&b| b == 0));
     }
 }

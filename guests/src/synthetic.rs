@@ -463,7 +463,8 @@ impl DestinationVm for SyntheticDestination {
         let ram = Arc::new(GuestRam::allocate_at(&layout.regions, self.policy)?);
         // Received pages arrive scattered over the guest (an idle guest's 200 MiB over
         // 4 GiB): on transparent huge pages each would fault in, and zero, a whole 2 MiB.
-        // Base pages while receiving; huge pages again once the guest runs (resume).
+        // Base pages while receiving; at resume, huge pages again, and the extents written
+        // densely merged into them at once (`collapse_in_background`).
         ram.advise_huge(false);
         self.ram = Some(ram.clone());
         Ok(ram)
@@ -472,6 +473,7 @@ impl DestinationVm for SyntheticDestination {
     fn resume(&mut self, device_state: &[u8]) -> Result<(), VmError> {
         let ram = self.ram.clone().ok_or_else(|| VmError::Resume("resume before memory was prepared".into()))?;
         ram.advise_huge(true);
+        crate::guest::collapse_in_background(ram.clone());
         self.guest = Some(SyntheticGuest::resume_from(ram, device_state).map_err(VmError::Resume)?);
         Ok(())
     }

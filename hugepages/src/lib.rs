@@ -16,6 +16,8 @@ use std::io;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
+mod collapse;
+
 /// Size of the hugetlbfs pages we ask for. 2 MiB rather than 1 GiB because 2 MiB pages can be
 /// reserved at runtime on a running host, while 1 GiB pages usually need a boot parameter.
 pub const HUGE_PAGE_SIZE_BYTES: usize = 2 << 20;
