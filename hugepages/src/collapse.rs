@@ -25,19 +25,15 @@ impl MappedRegion {
         let mut merged = 0;
         // Whole extents only: a tail shorter than 2 MiB cannot be a huge page.
         for offset in (0..self.mapped_len_bytes / HUGE_PAGE_SIZE_BYTES).map(|e| e * HUGE_PAGE_SIZE_BYTES) {
-            // SAFETY: a 2 MiB-aligned extent inside our mapping (its base is 2 MiB-aligned:
-            // `map_anonymous`); `resident` holds one byte per base page, as mincore writes.
+            if !self.residency(offset, &mut resident) || count_resident(&resident) < min_resident_pages {
+                continue;
+            }
+            // SAFETY: a whole 2 MiB extent of our own anonymous mapping (its base is 2 MiB-
+            // aligned: `map_anonymous`). The kernel copies the base pages into a huge page
+            // under its own locks, so contents and concurrent raw-pointer accesses are
+            // unaffected.
             let extent = unsafe { self.ptr.as_ptr().add(offset) };
-            // SAFETY: as above; mincore only reads page tables.
-            if unsafe { libc::mincore(extent.cast(), HUGE_PAGE_SIZE_BYTES, resident.as_mut_ptr()) } != 0 {
-                continue;
-            }
-            if resident.iter().filter(|&&flags| flags & 1 == 1).count() < min_resident_pages {
-                continue;
-            }
-            // SAFETY: advice on a whole extent of our own anonymous mapping; the kernel
-            // copies the base pages into a huge page under its own locks, so contents and
-            // concurrent accesses through raw pointers are unaffected.
+            // SAFETY: as above.
             match unsafe { libc::madvise(extent.cast(), HUGE_PAGE_SIZE_BYTES, libc::MADV_COLLAPSE) } {
                 0 => merged += 1,
                 // EINVAL: the kernel has no MADV_COLLAPSE, or THP is off: nothing will merge.
@@ -48,6 +44,11 @@ impl MappedRegion {
         }
         merged
     }
+}
+
+/// How many of the base pages `mincore` described are in memory.
+pub(crate) fn count_resident(flags: &[u8]) -> usize {
+    flags.iter().filter(|&&flags| flags & 1 == 1).count()
 }
 
 #[cfg(test)]
