@@ -8,7 +8,7 @@ use migration::codec::Codec;
 use migration::precopy::PrecopyConfig;
 use std::time::Duration;
 use vmigrate_tests::session::migrate_synthetic;
-use vmigrate_tests::session::{migrate_and_cancel, CancelAt};
+use vmigrate_tests::session::{iterating_until_cancelled, migrate_and_cancel, CancelAt};
 
 const MEM: u64 = 32 << 20;
 /// Loopback TCP moves 32 MiB in milliseconds, faster than any guest dirties it; a
@@ -234,13 +234,7 @@ fn auto_converge_throttles_a_busy_guest() {
 #[test]
 fn a_cancel_in_any_phase_keeps_the_source_guest_and_starts_none() {
     let slow = SourceConfig { max_bandwidth_bytes_per_s: Some(LINK_BYTES_PER_S), ..SourceConfig::default() };
-    // No round meets a zero downtime limit while the guest writes, and the round cap is
-    // far off: the migration iterates past the first progress report (every 250 ms). A
-    // 5 ms limit was met within 250 ms once the destination faulted its pages in faster.
-    let iterating = SourceConfig {
-        precopy: PrecopyConfig { downtime_limit: Duration::ZERO, max_rounds: 10_000, ..Default::default() },
-        ..slow.clone()
-    };
+    let iterating = iterating_until_cancelled(&slow);
     for at in [CancelAt::Setup, CancelAt::Stage("bulk"), CancelAt::Stage("iterative"), CancelAt::StopAndCopy] {
         let config = if at == CancelAt::Stage("iterative") { &iterating } else { &slow };
         let outcome = migrate_and_cancel(32 << 20, WorkloadSpec::Seq { pages_per_s: 20_000 }, config, at);

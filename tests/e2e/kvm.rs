@@ -8,7 +8,9 @@ use guests::synthetic::WorkloadSpec;
 use migration::codec::Codec;
 use migration::precopy::PrecopyConfig;
 use std::time::Duration;
-use vmigrate_tests::session::{kvm_or_skip, migrate_guest_and_cancel, migrate_guest_on, CancelAt, GuestKind, Link};
+use vmigrate_tests::session::{
+    iterating_until_cancelled, kvm_or_skip, migrate_guest_and_cancel, migrate_guest_on, CancelAt, GuestKind, Link,
+};
 
 const MEM: u64 = 32 << 20;
 /// The sweeper at a rate the cap below cannot outrun in one round, so rounds repeat.
@@ -112,13 +114,7 @@ fn a_cancel_in_any_phase_keeps_the_source_vcpu_running() {
     // round, too fast to cancel in each phase.
     let slow =
         SourceConfig { max_bandwidth_bytes_per_s: Some(100 << 20), copy_index_bytes: None, ..SourceConfig::default() };
-    // No round meets a zero downtime limit while the guest writes, and the round cap is
-    // far off: the migration iterates past the first progress report (every 250 ms). A
-    // 5 ms limit was met within 250 ms once the destination faulted its pages in faster.
-    let iterating = SourceConfig {
-        precopy: PrecopyConfig { downtime_limit: Duration::ZERO, max_rounds: 10_000, ..Default::default() },
-        ..slow.clone()
-    };
+    let iterating = iterating_until_cancelled(&slow);
     for at in [CancelAt::Setup, CancelAt::Stage("bulk"), CancelAt::Stage("iterative"), CancelAt::StopAndCopy] {
         let config = if at == CancelAt::Stage("iterative") { &iterating } else { &slow };
         let outcome = migrate_guest_and_cancel(GuestKind::Kvm, MEM, SWEEP, config, at);

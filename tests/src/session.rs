@@ -121,6 +121,15 @@ pub enum CancelAt {
     StopAndCopy,
 }
 
+/// `base` made to iterate until a cancel arrives: no round meets a zero downtime limit
+/// while the guest writes, and the round cap is far off, so the migration is still
+/// iterating at the first progress report (every 250 ms). A 5 ms limit was met within
+/// 250 ms once the destination faulted its pages in faster.
+pub fn iterating_until_cancelled(base: &SourceConfig) -> SourceConfig {
+    let precopy = PrecopyConfig { downtime_limit: Duration::ZERO, max_rounds: 10_000, ..Default::default() };
+    SourceConfig { precopy, ..base.clone() }
+}
+
 /// As [`migrate_synthetic`], cancelling the migration at `at`.
 pub fn migrate_and_cancel(mem_bytes: u64, workload: WorkloadSpec, config: &SourceConfig, at: CancelAt) -> Outcome {
     run(
