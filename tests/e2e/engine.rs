@@ -260,6 +260,20 @@ fn a_cancel_in_any_phase_keeps_the_source_guest_and_starts_none() {
     }
 }
 
+/// Each pre-copy stage is reported as it begins, however short: a migration over in less
+/// than the report interval still shows its bulk and iterative stages, in that order.
+#[test]
+fn each_stage_is_reported_as_it_begins() {
+    let config = SourceConfig { max_bandwidth_bytes_per_s: None, ..config(Codec::Lz4, 1, false) };
+    let outcome = migrate_synthetic(8 << 20, WorkloadSpec::Seq { pages_per_s: 20_000 }, &config);
+    let stats = outcome.source.expect("migration");
+    assert!(stats.rounds.len() >= 3, "rounds: {}", stats.rounds.len());
+    let mut stages = outcome.stages_reported.clone();
+    stages.dedup();
+    assert_eq!(stages.first(), Some(&"bulk"), "reports: {:?}", outcome.stages_reported);
+    assert_eq!(stages.get(1), Some(&"iterative"), "reports: {:?}", outcome.stages_reported);
+}
+
 /// A caller can act on why a migration failed: the error's variant says what happened,
 /// on each side.
 #[test]

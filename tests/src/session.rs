@@ -29,6 +29,8 @@ pub struct Outcome {
     pub destination_check: Result<(), String>,
     /// Stores the source guest made in 100 ms after the migration returned.
     pub source_writes_after: u64,
+    /// The stage of each progress report the source made, in order.
+    pub stages_reported: Vec<&'static str>,
 }
 
 /// What carries the migration between the two engines.
@@ -378,7 +380,9 @@ fn run(
             }
         }),
     };
+    let mut stages_reported = Vec::new();
     let mut on_progress = |progress: &Progress| {
+        stages_reported.push(progress.stage);
         if let Some(CancelAt::Stage(stage)) = cancel_at {
             if progress.stage == stage {
                 cancel.cancel(format!("test, in the {stage} stage"));
@@ -395,5 +399,5 @@ fn run(
         Err(d) => format!("{e} (destination: {d})"),
         Ok(_) => e,
     });
-    Outcome { source, destination, writes_after_resume, destination_check, source_writes_after }
+    Outcome { source, destination, writes_after_resume, destination_check, source_writes_after, stages_reported }
 }

@@ -23,6 +23,9 @@ use transport::pin;
 use super::{stop_workers, Progress, PROGRESS_INTERVAL};
 use super::{Job, Outgoing, Shared};
 
+/// The name the final round is recorded and reported under.
+const STOP_AND_COPY: &str = "stop-and-copy";
+
 /// Moments of the switchover, for the statistics.
 #[derive(Default)]
 struct Switchover {
@@ -60,6 +63,8 @@ pub(super) struct Scanner<'s, 'a> {
     stats: MigrationStats,
     totals: EncodeCounters,
     last_progress: Instant,
+    /// The stage of the last report: a new pre-copy stage is reported when it begins.
+    last_reported_stage: &'static str,
     cleaned_up: bool,
     /// The round under way stopped handing out pages early (a switchover asked for): the
     /// pages it left are still set in the bitmaps.
@@ -92,6 +97,7 @@ impl<'s, 'a> Scanner<'s, 'a> {
             stats: MigrationStats::default(),
             totals: EncodeCounters::default(),
             last_progress: Instant::now(),
+            last_reported_stage: "",
             cleaned_up: false,
             round_cut: false,
         }
@@ -129,7 +135,7 @@ impl<'s, 'a> Scanner<'s, 'a> {
         let shared = self.shared;
         let mut remaining = pages;
         // A switchover asked for cuts a pre-copy round short (never the stop-and-copy's).
-        let tuning = shared.config.tuning.clone().filter(|_| stage != "stop-and-copy");
+        let tuning = shared.config.tuning.clone().filter(|_| stage != STOP_AND_COPY);
         self.round_cut = false;
         for region in 0..self.bitmaps.len() {
             let mut batch = shared.job_pool.take(|| Vec::with_capacity(MAX_ENTRIES_PER_BATCH));
@@ -213,10 +219,15 @@ impl<'s, 'a> Scanner<'s, 'a> {
         if let (Some(rate), Some(limiter)) = (tuning.and_then(|t| t.take_max_bandwidth()), &self.shared.links.limiter) {
             limiter.set_rate(rate);
         }
-        if self.last_progress.elapsed() < PROGRESS_INTERVAL {
+        // A stage is reported as it begins, not up to an interval later: an operator (or a
+        // cancel tied to a stage) sees a short bulk stage too. Stop-and-copy is left to the
+        // interval, keeping the callback out of the downtime.
+        let new_stage = stage != self.last_reported_stage && stage != STOP_AND_COPY;
+        if !new_stage && self.last_progress.elapsed() < PROGRESS_INTERVAL {
             return;
         }
         self.last_progress = Instant::now();
+        self.last_reported_stage = stage;
         let elapsed = self.started.elapsed();
         let transferred_bytes = self.shared.links.wire_bytes.load(Ordering::Relaxed);
         let mut encoded = self.totals;
@@ -452,7 +463,7 @@ impl<'s, 'a> Scanner<'s, 'a> {
         self.vm.pause();
         let final_pages = self.sync(true);
         let round_start = Instant::now();
-        self.send_round(epoch, "stop-and-copy", final_pages)?;
+        self.send_round(epoch, STOP_AND_COPY, final_pages)?;
         let device_state = self.vm.device_state();
         if device_state.len() > MAX_PAYLOAD_BYTES as usize {
             return Err(LimitExceeded::DeviceStateTooLarge {
@@ -469,7 +480,7 @@ impl<'s, 'a> Scanner<'s, 'a> {
         let now = self.now();
         self.session().handle_final_round_sent(now);
         let counters = self.take_round_counters();
-        self.record_round(epoch, "stop-and-copy", round_start.elapsed(), &counters, 0, None);
+        self.record_round(epoch, STOP_AND_COPY, round_start.elapsed(), &counters, 0, None);
         Ok(())
     }
 
