@@ -1,18 +1,19 @@
 //! TLS where the stack moves the bytes itself (a polling core: `Connection::direct_send`,
 //! `direct_receive`): records are sealed on the core as it pulls the application's bytes,
 //! and opened on the core as they arrive, with no writer or reader thread and no byte
-//! pipe in between. The rustls session is the one the threaded halves used until then
-//! (`stream.rs`); whatever they left (ciphertext read and not yet opened, records a reader
-//! wanted to send) goes first.
+//! pipe in between. The keys are the ones the threaded halves used until then
+//! (`stream.rs`); whatever they left (ciphertext read and not yet opened, plaintext not yet
+//! read) goes first.
 
-use super::session::{describe, lock, Session};
+use super::record::{record_len, Opened, Opener, Sealer, HEADER, MAX_PLAINTEXT, MAX_RECORD};
 use crate::pipe::{Inbound, Next, Outbound};
-use std::io::{self, BufRead, Write};
-use std::sync::Arc;
+
+/// Plaintext sealed per pull: a few records, so the stack's next pull finds some ready.
+const SEAL_PER_PULL: usize = 4 * MAX_PLAINTEXT;
 
 /// The application's outgoing bytes, sealed into records as the stack pulls them.
 pub(super) struct TlsOutbound {
-    session: Arc<Session>,
+    sealer: Sealer,
     inner: Box<dyn Outbound>,
     /// Records sealed and not yet all taken by the stack (`offset..`).
     sealed: Vec<u8>,
@@ -22,32 +23,25 @@ pub(super) struct TlsOutbound {
 }
 
 impl TlsOutbound {
-    pub(super) fn new(session: Arc<Session>, inner: Box<dyn Outbound>) -> Self {
-        TlsOutbound { session, inner, sealed: Vec::new(), offset: 0, closed: false }
+    pub(super) fn new(sealer: Sealer, inner: Box<dyn Outbound>) -> Self {
+        TlsOutbound { sealer, inner, sealed: Vec::new(), offset: 0, closed: false }
     }
 
-    /// Seals what the application offers now, or close_notify once it is done, with
-    /// whatever else rustls wants to send (a reader's answers: a key update, an alert).
+    /// Seals what the application offers now, or close_notify once it is done.
     fn seal_more(&mut self) {
         self.sealed.clear();
         self.offset = 0;
-        let mut tls = lock(&self.session.tls);
         let (taken, sealing) = match self.inner.next() {
-            Next::Bytes(bytes) => (bytes.len(), tls.writer().write_all(bytes)),
+            Next::Bytes(bytes) => {
+                let bytes = &bytes[..bytes.len().min(SEAL_PER_PULL)];
+                (bytes.len(), self.sealer.seal(bytes, &mut self.sealed))
+            }
             Next::Done if !self.closed => {
-                tls.send_close_notify();
                 self.closed = true;
-                (0, Ok(()))
+                (0, self.sealer.seal_close_notify(&mut self.sealed))
             }
             Next::Done | Next::Idle => (0, Ok(())),
         };
-        let sealing = sealing.and_then(|()| {
-            while tls.wants_write() {
-                tls.write_tls(&mut self.sealed)?;
-            }
-            Ok(())
-        });
-        drop(tls);
         match sealing {
             Ok(()) if taken > 0 => self.inner.advance(taken),
             Ok(()) => {}
@@ -82,101 +76,90 @@ impl Outbound for TlsOutbound {
     }
 }
 
-/// How far the application took the plaintext rustls holds.
-enum Delivered {
-    /// All of it (or there was none).
-    All,
-    /// It held back: the rest waits in rustls.
-    Held,
-    /// All of it, and the peer closed the session cleanly after it.
-    Closed,
-}
-
-/// Records as they arrive, opened and handed to the application's [`Inbound`] straight
-/// from rustls's buffer (`BufRead`: no copy out, no buffer of ours). Where the application
-/// holds back, the plaintext waits in rustls and no more ciphertext is taken, so the
-/// stack's window closes on the peer as it would without TLS.
+/// Records as they arrive: each is copied out of the stack's buffer whole (the stack's
+/// bytes are not ours to decrypt in place), opened in place and offered to the
+/// application. Where the application holds back, the plaintext waits here and no more
+/// ciphertext is taken, so the stack's window closes on the peer as it would without TLS.
 pub(super) struct TlsInbound {
-    session: Arc<Session>,
+    opener: Opener,
     inner: Box<dyn Inbound>,
-    /// Ciphertext the threaded reader had read and not given to rustls: before anything
-    /// the stack delivers.
+    /// A record being gathered (`..filled`), then opened in place.
+    record: Box<[u8]>,
+    filled: usize,
+    /// Opened and not yet taken by the application.
+    plaintext: std::ops::Range<usize>,
+    /// Ciphertext the threaded reader had read and not opened: before anything the stack
+    /// delivers.
     leftover: Vec<u8>,
-    /// The application left plaintext in rustls on the last offer.
-    held: bool,
+    /// Plaintext the threaded reader had opened and not handed out: first of all.
+    opened_before: Vec<u8>,
+    /// The peer's close_notify arrived.
+    closed: bool,
     /// The session failed or ended: the application was told, the rest is dropped.
     finished: bool,
 }
 
 impl TlsInbound {
-    pub(super) fn new(session: Arc<Session>, inner: Box<dyn Inbound>, leftover: Vec<u8>) -> Self {
-        TlsInbound { session, inner, leftover, held: false, finished: false }
-    }
-
-    /// Offers the plaintext rustls holds to the application, chunk by chunk.
-    fn deliver(&mut self, tls: &mut rustls::Connection) -> io::Result<Delivered> {
-        loop {
-            let mut reader = tls.reader();
-            let chunk = match reader.fill_buf() {
-                Ok(chunk) => chunk,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Delivered::All),
-                Err(e) => return Err(e),
-            };
-            let len = chunk.len();
-            if len == 0 {
-                return Ok(Delivered::Closed);
-            }
-            let taken = self.inner.receive(chunk);
-            reader.consume(taken);
-            if taken < len {
-                return Ok(Delivered::Held);
-            }
+    pub(super) fn new(opener: Opener, inner: Box<dyn Inbound>, leftover: Vec<u8>, opened_before: Vec<u8>) -> Self {
+        TlsInbound {
+            opener,
+            inner,
+            record: vec![0; MAX_RECORD].into_boxed_slice(),
+            filled: 0,
+            plaintext: 0..0,
+            leftover,
+            opened_before,
+            closed: false,
+            finished: false,
         }
     }
 
-    /// Opens what of `bytes` rustls takes while the application takes the plaintext;
-    /// returns how many bytes were taken.
-    fn open(&mut self, bytes: &[u8]) -> usize {
-        let session = self.session.clone();
-        let mut tls = lock(&session.tls);
-        let mut rest = bytes;
-        let outcome = loop {
-            match self.deliver(&mut tls) {
-                Ok(Delivered::All) => self.held = false,
-                Ok(Delivered::Held) => {
-                    self.held = true;
-                    break Ok(());
-                }
-                // The peer ended the session (close_notify) and all it sent was taken.
-                Ok(Delivered::Closed) => {
-                    rest = &[];
-                    break Err(None);
-                }
-                Err(err) => break Err(Some(format!("TLS: {err}"))),
-            }
-            if rest.is_empty() {
-                break Ok(());
-            }
-            if let Err(err) = tls.read_tls(&mut rest) {
-                break Err(Some(format!("TLS: {err}")));
-            }
-            if let Err(err) = tls.process_new_packets() {
-                break Err(Some(describe(&err)));
-            }
-        };
-        let wants_write = tls.wants_write();
-        drop(tls);
-        if wants_write {
-            let _ = session.answer();
-        }
-        match outcome {
-            Ok(()) => bytes.len() - rest.len(),
-            Err(why) => {
-                self.finished = true;
-                self.inner.end(why.as_deref().map_or(Ok(()), Err));
-                bytes.len()
+    /// Offers what was opened and not yet taken; whether the application took all of it.
+    fn deliver(&mut self) -> bool {
+        if !self.opened_before.is_empty() {
+            let taken = self.inner.receive(&self.opened_before);
+            self.opened_before.drain(..taken);
+            if !self.opened_before.is_empty() {
+                return false;
             }
         }
+        if !self.plaintext.is_empty() {
+            let taken = self.inner.receive(&self.record[self.plaintext.clone()]);
+            self.plaintext.start += taken;
+        }
+        self.plaintext.is_empty()
+    }
+
+    /// Takes ciphertext from `bytes` into the record being gathered and opens whole records
+    /// while the application takes their plaintext; returns how many bytes were taken.
+    fn open(&mut self, bytes: &[u8]) -> Result<usize, String> {
+        let mut taken = 0;
+        while self.deliver() && !self.closed {
+            // The header first, then as much as it says.
+            let want = record_len(&self.record[..self.filled]).map_err(|e| e.to_string())?.unwrap_or(HEADER);
+            if self.filled < want {
+                let n = (want - self.filled).min(bytes.len() - taken);
+                if n == 0 {
+                    break;
+                }
+                self.record[self.filled..self.filled + n].copy_from_slice(&bytes[taken..taken + n]);
+                self.filled += n;
+                taken += n;
+                continue;
+            }
+            self.filled = 0;
+            match self.opener.open(&mut self.record[..want]).map_err(|e| e.to_string())? {
+                Opened::Data(range) => self.plaintext = range,
+                Opened::Closed => self.closed = true,
+                Opened::Nothing => {}
+            }
+        }
+        Ok(taken)
+    }
+
+    fn fail(&mut self, why: Option<&str>) {
+        self.finished = true;
+        self.inner.end(why.map_or(Ok(()), Err));
     }
 }
 
@@ -185,51 +168,52 @@ impl Inbound for TlsInbound {
         if self.finished {
             return bytes.len();
         }
-        if !self.held {
+        if self.plaintext.is_empty() && self.opened_before.is_empty() {
             // A poll: what the application holds may move on.
             self.inner.receive(&[]);
         }
         if !self.leftover.is_empty() {
             let leftover = std::mem::take(&mut self.leftover);
-            let used = self.open(&leftover);
-            if used < leftover.len() {
-                self.leftover = leftover[used..].to_vec();
-                return 0;
+            match self.open(&leftover) {
+                Ok(used) if used < leftover.len() => {
+                    self.leftover = leftover[used..].to_vec();
+                    return 0;
+                }
+                Ok(_) => {}
+                Err(why) => {
+                    self.fail(Some(&why));
+                    return bytes.len();
+                }
             }
         }
-        self.open(bytes)
+        match self.open(bytes) {
+            // The peer ended the session and all it sent was taken.
+            Ok(_) if self.closed && self.deliver() => {
+                self.fail(None);
+                bytes.len()
+            }
+            Ok(taken) => taken,
+            Err(why) => {
+                self.fail(Some(&why));
+                bytes.len()
+            }
+        }
     }
 
     fn holding(&self) -> bool {
-        self.held || self.inner.holding()
+        !self.plaintext.is_empty() || !self.opened_before.is_empty() || self.inner.holding()
     }
 
     fn end(&mut self, how: Result<(), &str>) {
         if self.finished {
             return;
         }
-        self.finished = true;
         let why = match how {
-            // rustls decides whether the peer closed cleanly (close_notify) or was cut
-            // off; what was opened before the end is the application's, if it takes it.
-            Ok(()) => {
-                let session = self.session.clone();
-                let mut tls = lock(&session.tls);
-                let _ = tls.read_tls(&mut io::empty());
-                match tls.process_new_packets() {
-                    Err(err) => Some(describe(&err)),
-                    Ok(_) => match self.deliver(&mut tls) {
-                        Ok(Delivered::Held) => Some("the stream ended before the application took all of it".into()),
-                        Ok(Delivered::All | Delivered::Closed) => None,
-                        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                            Some("the peer closed the connection without a TLS close_notify".to_string())
-                        }
-                        Err(e) => Some(format!("TLS: {e}")),
-                    },
-                }
-            }
+            Ok(()) if !self.deliver() => Some("the stream ended before the application took all of it".to_string()),
+            Ok(()) if self.closed => None,
+            Ok(()) => Some("the peer closed the connection without a TLS close_notify".to_string()),
             Err(why) => Some(why.to_string()),
         };
-        self.inner.end(why.as_deref().map_or(Ok(()), Err));
+        self.fail(why.as_deref());
     }
 }

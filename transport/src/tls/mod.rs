@@ -16,6 +16,7 @@
 mod credentials;
 mod direct;
 mod psk;
+mod record;
 mod session;
 mod stream;
 
@@ -45,9 +46,10 @@ impl TlsConnector {
 impl Connector for TlsConnector {
     fn connect(&self) -> io::Result<Connection> {
         let connection = self.inner.connect()?;
-        let session = ClientConnection::new(self.client.config.clone(), self.client.server_name.clone())
+        let (config, secrets) = record::keyed(&self.client.config);
+        let session = ClientConnection::new(config, self.client.server_name.clone())
             .map_err(|e| io::Error::other(format!("TLS: {e}")))?;
-        stream::secure_client(connection, session)
+        stream::secure_client(connection, session, &secrets)
     }
 }
 
@@ -97,7 +99,8 @@ impl TlsAcceptor {
             (connection.closer)();
             return;
         }
-        let session = match ServerConnection::new(self.config.clone()) {
+        let (config, secrets) = record::keyed(&self.config);
+        let session = match ServerConnection::new(config) {
             Ok(session) => session,
             Err(e) => {
                 let _ = self.done_tx.send(Err(format!("TLS: {e}")));
@@ -109,7 +112,7 @@ impl TlsAcceptor {
         let done = self.done_tx.clone();
         let peer = connection.peer.clone();
         let spawned = std::thread::Builder::new().name("tls-handshake".into()).spawn(move || {
-            let result = stream::secure_server(connection, session).map_err(|e| format!("{peer}: {e}"));
+            let result = stream::secure_server(connection, session, &secrets).map_err(|e| format!("{peer}: {e}"));
             pending.fetch_sub(1, Ordering::AcqRel);
             let _ = done.send(result);
         });

@@ -1,45 +1,25 @@
-//! One rustls session shared by the halves of a connection: the threaded reader and
+//! One secured connection's record layer shared by its halves: the threaded reader and
 //! writer (`stream.rs`) and the polling core's sealing and opening (`direct.rs`).
 
-use std::io::{self, Read, Write};
+use super::record::{Opener, Sealer};
+use std::io::{Read, Write};
 use std::sync::{Mutex, MutexGuard};
 
 pub(super) struct Session {
-    pub(super) tls: Mutex<rustls::Connection>,
-    /// The connection's writer; whoever holds it may seal and send records. `None` once
-    /// the stack pulls the write side itself (`direct.rs`): records go out through it then.
-    pub(super) wire_out: Mutex<Option<Box<dyn Write + Send>>>,
-    /// What the threaded reader left when the stack took the read side over: the plain
-    /// connection's reader, and the ciphertext read from it and not yet given to rustls.
+    /// The connection's writer and the sealing keys; whoever holds them seals and sends
+    /// records. `None` once the stack pulls the write side itself (`direct.rs`).
+    pub(super) wire_out: Mutex<Option<(Box<dyn Write + Send>, Sealer)>>,
+    /// What the threaded reader left when the stack took the read side over.
     pub(super) handed_over: Mutex<Option<HandedOver>>,
 }
 
-/// The plain connection's reader and the ciphertext read from it, not yet opened.
-pub(super) type HandedOver = (Box<dyn Read + Send>, Vec<u8>);
-
-impl Session {
-    /// Sends what decrypting made rustls want to say (a key update, an alert), if no
-    /// writer is sending right now; a writer that is sends it with its own records, and
-    /// once the stack pulls the write side, its next pull does.
-    pub(super) fn answer(&self) -> io::Result<()> {
-        let Ok(mut wire) = self.wire_out.try_lock() else { return Ok(()) };
-        let Some(wire) = wire.as_mut() else { return Ok(()) };
-        let mut sealed = Vec::new();
-        {
-            let mut tls = lock(&self.tls);
-            while tls.wants_write() {
-                tls.write_tls(&mut sealed)?;
-            }
-        }
-        wire.write_all(&sealed)
-    }
-
-    /// The write side handed to the stack: the threaded writer no longer sends (its
-    /// records would race the core's), and what rustls wants to send goes out through the
-    /// stack's pull.
-    pub(super) fn hand_over_writes(&self) -> Option<Box<dyn Write + Send>> {
-        lock(&self.wire_out).take()
-    }
+/// The read side as the threaded reader leaves it: the plain connection's reader, the
+/// opening keys, ciphertext read and not yet opened, plaintext opened and not yet read.
+pub(super) struct HandedOver {
+    pub(super) wire_in: Box<dyn Read + Send>,
+    pub(super) opener: Opener,
+    pub(super) ciphertext: Vec<u8>,
+    pub(super) plaintext: Vec<u8>,
 }
 
 pub(super) fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {

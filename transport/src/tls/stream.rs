@@ -1,13 +1,12 @@
-//! One TLS session under the engine's split connection. The engine reads a connection on
-//! one thread and writes it on another, while a rustls session is one state machine; so the
-//! session sits behind a lock that each half holds only to encrypt or decrypt, never while
-//! it waits on the network. Ciphertext goes out under a second lock, taken before the
-//! session's, so records leave in the order they were sealed. (Holding the session's lock
-//! through a blocked write would let two peers, each writing to the other, stop each
-//! other's readers for good.)
+//! One TLS session under the engine's split connection. rustls runs the handshake; then
+//! each direction has keys of its own (`record.rs`), so the engine's reader and writer, on
+//! two threads, never wait on each other: the writer seals under the lock that also holds
+//! the plain writer (records leave in the order they were sealed), the reader opens what it
+//! read in place.
 
 use super::direct::{TlsInbound, TlsOutbound};
-use super::session::{describe, lock, Session};
+use super::record::{record_len, split_keys, Opened, Opener, Sealer, TrafficSecrets, MAX_RECORD};
+use super::session::{describe, lock, HandedOver, Session};
 use crate::pipe::{AttachInbound, AttachOutbound, Connection, Inbound, Outbound};
 use rustls::{ClientConnection, ServerConnection};
 use std::io::{self, Read, Write};
@@ -19,12 +18,8 @@ use std::time::Duration;
 /// waiting for this byte makes a refusal surface in `connect`, before any migration data.
 const GO_AHEAD: u8 = 0x56;
 
-/// Ciphertext read from the network per read call.
-const READ_CHUNK_BYTES: usize = 64 * 1024;
-
-fn tls_error(err: rustls::Error) -> io::Error {
-    io::Error::new(io::ErrorKind::PermissionDenied, describe(&err))
-}
+/// Room for ciphertext read from the network: a few records per read call.
+const READ_BUFFER_BYTES: usize = 4 * MAX_RECORD;
 
 /// One Read + Write over the connection's halves, for the handshake.
 struct Joined<'a> {
@@ -81,18 +76,28 @@ fn handshake(connection: &mut Connection, tls: &mut rustls::Connection) -> io::R
 }
 
 /// Runs the handshake and splits the secured connection; a failed handshake's connection
-/// is hung up once the peer could read our alert.
-fn handshaken(mut connection: Connection, mut tls: rustls::Connection) -> io::Result<Connection> {
+/// is hung up once the peer could read our alert. `secrets` is the key log of the
+/// session's configuration.
+fn handshaken(
+    mut connection: Connection,
+    mut tls: rustls::Connection,
+    secrets: &TrafficSecrets,
+) -> io::Result<Connection> {
     if let Err(err) = handshake(&mut connection, &mut tls) {
         hang_up_after_alert(connection);
         return Err(err);
     }
-    Ok(split(connection, tls))
+    let (sealer, opener) = split_keys(tls, secrets)?;
+    Ok(split(connection, sealer, opener))
 }
 
 /// Secures the source's end: handshake, then the destination's go-ahead.
-pub(super) fn secure_client(connection: Connection, session: ClientConnection) -> io::Result<Connection> {
-    let mut secured = handshaken(connection, session.into())?;
+pub(super) fn secure_client(
+    connection: Connection,
+    session: ClientConnection,
+    secrets: &TrafficSecrets,
+) -> io::Result<Connection> {
+    let mut secured = handshaken(connection, session.into(), secrets)?;
     let mut byte = [0u8; 1];
     secured.reader.read_exact(&mut byte).map_err(|e| match e.kind() {
         io::ErrorKind::UnexpectedEof => {
@@ -130,30 +135,30 @@ fn hang_up_after_alert(connection: Connection) {
 
 /// Secures the destination's end: handshake (the source's certificate is checked in it),
 /// then the go-ahead.
-pub(super) fn secure_server(connection: Connection, session: ServerConnection) -> io::Result<Connection> {
-    let mut secured = handshaken(connection, session.into())?;
+pub(super) fn secure_server(
+    connection: Connection,
+    session: ServerConnection,
+    secrets: &TrafficSecrets,
+) -> io::Result<Connection> {
+    let mut secured = handshaken(connection, session.into(), secrets)?;
     secured.writer.write_all(&[GO_AHEAD])?;
     Ok(secured)
 }
 
-fn split(connection: Connection, mut tls: rustls::Connection) -> Connection {
-    // Each write is sealed and sent whole (`TlsWriter::seal_and_send`), so the records it
-    // makes are bounded by the engine's largest frame, not by rustls's default 64 KiB.
-    tls.set_buffer_limit(None);
-    // The probe counts ciphertext: a record's overhead off the guest's bytes.
-    // The write side is ours now: records are sealed on the writer's thread.
+fn split(connection: Connection, sealer: Sealer, opener: Opener) -> Connection {
     let Connection { reader, writer, closer, peer, probe, direct_send, direct_receive } = connection;
-    let session =
-        Arc::new(Session { tls: Mutex::new(tls), wire_out: Mutex::new(Some(writer)), handed_over: Mutex::new(None) });
+    let session = Arc::new(Session { wire_out: Mutex::new(Some((writer, sealer))), handed_over: Mutex::new(None) });
     Connection {
         direct_send: direct_send.map(|attach| seal_on_the_stack(session.clone(), attach)),
         direct_receive: direct_receive.map(|attach| open_on_the_stack(session.clone(), attach)),
         reader: Box::new(TlsReader {
             session: session.clone(),
-            wire_in: reader,
-            pending: vec![0; READ_CHUNK_BYTES].into_boxed_slice(),
-            offset: 0,
-            filled: 0,
+            wire_in: Some(reader),
+            opener: Some(opener),
+            buffer: vec![0; READ_BUFFER_BYTES].into_boxed_slice(),
+            ciphertext: 0..0,
+            plaintext: 0..0,
+            closed: false,
         }),
         writer: Box::new(TlsWriter { session, sealed: Vec::new() }),
         closer,
@@ -165,20 +170,28 @@ fn split(connection: Connection, mut tls: rustls::Connection) -> Connection {
 /// Where the stack pulls the write side: it gets records sealed as it pulls.
 fn seal_on_the_stack(session: Arc<Session>, attach: AttachOutbound) -> AttachOutbound {
     Box::new(move |outbound: Box<dyn Outbound>| {
-        // Bytes the threaded writer sent are ahead in the plain connection's queue.
-        drop(session.hand_over_writes());
-        attach(Box::new(TlsOutbound::new(session, outbound)));
+        // Records the threaded writer sent are ahead in the plain connection's queue; the
+        // sealing keys (and their numbering) go on with the stack.
+        match lock(&session.wire_out).take() {
+            Some((_writer, sealer)) => attach(Box::new(TlsOutbound::new(sealer, outbound))),
+            None => {
+                let mut outbound = outbound;
+                outbound.lost("TLS: the write side was already handed over");
+            }
+        }
     })
 }
 
 /// Where the stack delivers what arrives: it gets records opened as they arrive.
 fn open_on_the_stack(session: Arc<Session>, attach: AttachInbound) -> AttachInbound {
     Box::new(move |reader: Box<dyn Read + Send>, inbound: Box<dyn Inbound>| {
-        // Our `TlsReader`: dropped, it leaves the plain reader and its unopened ciphertext.
+        // Our `TlsReader`: dropped, it leaves the plain reader and what it held.
         drop(reader);
         let handed_over = lock(&session.handed_over).take();
         match handed_over {
-            Some((wire_in, leftover)) => attach(wire_in, Box::new(TlsInbound::new(session, inbound, leftover))),
+            Some(HandedOver { wire_in, opener, ciphertext, plaintext }) => {
+                attach(wire_in, Box::new(TlsInbound::new(opener, inbound, ciphertext, plaintext)))
+            }
             None => {
                 let mut inbound = inbound;
                 inbound.end(Err("TLS: the read side handed over was not this connection's"));
@@ -187,79 +200,81 @@ fn open_on_the_stack(session: Arc<Session>, attach: AttachInbound) -> AttachInbo
     })
 }
 
+/// The threaded read side: ciphertext is read into `buffer` and each record opened in
+/// place there; the application's reads copy the plaintext out.
 struct TlsReader {
     session: Arc<Session>,
-    wire_in: Box<dyn Read + Send>,
-    /// Ciphertext read (`offset..filled`) but not yet given to rustls, which takes records
-    /// only while its plaintext buffer has room.
-    pending: Box<[u8]>,
-    offset: usize,
-    filled: usize,
+    /// `None` only once dropped (handed over).
+    wire_in: Option<Box<dyn Read + Send>>,
+    opener: Option<Opener>,
+    buffer: Box<[u8]>,
+    /// Read and not yet opened.
+    ciphertext: std::ops::Range<usize>,
+    /// Opened and not yet read.
+    plaintext: std::ops::Range<usize>,
+    /// The peer's close_notify arrived: the end of the stream.
+    closed: bool,
 }
 
 impl Drop for TlsReader {
-    /// Leaves the plain reader and the ciphertext not yet opened for the stack, should it
-    /// take the read side over (`open_on_the_stack`).
+    /// Leaves the plain reader, the keys and what is held for the stack, should it take the
+    /// read side over (`open_on_the_stack`).
     fn drop(&mut self) {
-        let wire_in = std::mem::replace(&mut self.wire_in, Box::new(io::empty()));
-        let leftover = self.pending[self.offset..self.filled].to_vec();
-        *lock(&self.session.handed_over) = Some((wire_in, leftover));
+        if let (Some(wire_in), Some(opener)) = (self.wire_in.take(), self.opener.take()) {
+            *lock(&self.session.handed_over) = Some(HandedOver {
+                wire_in,
+                opener,
+                ciphertext: self.buffer[self.ciphertext.clone()].to_vec(),
+                plaintext: self.buffer[self.plaintext.clone()].to_vec(),
+            });
+        }
     }
 }
 
 impl Read for TlsReader {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let (Some(wire_in), Some(opener)) = (self.wire_in.as_mut(), self.opener.as_mut()) else {
+            return Err(io::Error::new(io::ErrorKind::BrokenPipe, "the read side was handed to the stack"));
+        };
         if out.is_empty() {
             return Ok(0);
         }
         loop {
-            let wants_write = {
-                let mut tls = lock(&self.session.tls);
-                if let Some(n) = plaintext(&mut tls, out)? {
-                    return Ok(n);
-                }
-                if self.offset < self.filled {
-                    let mut rest = &self.pending[self.offset..self.filled];
-                    let taken = tls.read_tls(&mut rest)?;
-                    self.offset += taken;
-                    let processed = tls.process_new_packets();
-                    if let Err(err) = processed {
-                        drop(tls);
-                        let _ = self.session.answer();
-                        return Err(tls_error(err));
+            if !self.plaintext.is_empty() {
+                let n = out.len().min(self.plaintext.len());
+                out[..n].copy_from_slice(&self.buffer[self.plaintext.start..self.plaintext.start + n]);
+                self.plaintext.start += n;
+                return Ok(n);
+            }
+            if self.closed {
+                return Ok(0);
+            }
+            if let Some(len) = record_len(&self.buffer[self.ciphertext.clone()])? {
+                if len <= self.ciphertext.len() {
+                    let at = self.ciphertext.start;
+                    self.ciphertext.start += len;
+                    match opener.open(&mut self.buffer[at..at + len])? {
+                        Opened::Data(range) => self.plaintext = at + range.start..at + range.end,
+                        Opened::Closed => self.closed = true,
+                        Opened::Nothing => {}
                     }
                     continue;
                 }
-                tls.wants_write()
-            };
-            if wants_write {
-                self.session.answer()?;
             }
-            self.offset = 0;
-            self.filled = 0;
-            let n = self.wire_in.read(&mut self.pending)?;
-            self.filled = n;
+            // A record is not all here: make room for the largest at the end, and read.
+            if self.buffer.len() - self.ciphertext.end < MAX_RECORD {
+                self.buffer.copy_within(self.ciphertext.clone(), 0);
+                self.ciphertext = 0..self.ciphertext.len();
+            }
+            let n = wire_in.read(&mut self.buffer[self.ciphertext.end..])?;
             if n == 0 {
-                // The end of the ciphertext: rustls decides whether it was a clean close.
-                let mut tls = lock(&self.session.tls);
-                tls.read_tls(&mut io::empty())?;
-                tls.process_new_packets().map_err(tls_error)?;
-                return plaintext(&mut tls, out)?
-                    .ok_or_else(|| io::Error::new(io::ErrorKind::WouldBlock, "no TLS plaintext after the end"));
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the peer closed the connection without a TLS close_notify",
+                ));
             }
+            self.ciphertext.end += n;
         }
-    }
-}
-
-/// Reads decrypted bytes rustls holds: `None` when it has none yet.
-fn plaintext(tls: &mut rustls::Connection, out: &mut [u8]) -> io::Result<Option<usize>> {
-    match tls.reader().read(out) {
-        Ok(n) => Ok(Some(n)),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-            Err(io::Error::new(e.kind(), "the peer closed the connection without a TLS close_notify"))
-        }
-        Err(e) => Err(e),
     }
 }
 
@@ -274,19 +289,13 @@ impl TlsWriter {
     fn seal_and_send(&mut self, plaintext: &[u8], close: bool) -> io::Result<()> {
         let mut wire = lock(&self.session.wire_out);
         // Handed to the stack: its pull seals from now on (and closes at the end).
-        let Some(wire) = wire.as_mut() else {
+        let Some((wire, sealer)) = wire.as_mut() else {
             return Err(io::Error::new(io::ErrorKind::BrokenPipe, "the write side was handed to the stack"));
         };
         self.sealed.clear();
-        {
-            let mut tls = lock(&self.session.tls);
-            tls.writer().write_all(plaintext)?;
-            if close {
-                tls.send_close_notify();
-            }
-            while tls.wants_write() {
-                tls.write_tls(&mut self.sealed)?;
-            }
+        sealer.seal(plaintext, &mut self.sealed)?;
+        if close {
+            sealer.seal_close_notify(&mut self.sealed)?;
         }
         wire.write_all(&self.sealed)
     }
@@ -299,7 +308,7 @@ impl Write for TlsWriter {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        lock(&self.session.wire_out).as_mut().map_or(Ok(()), |wire| wire.flush())
+        lock(&self.session.wire_out).as_mut().map_or(Ok(()), |(wire, _)| wire.flush())
     }
 }
 
