@@ -4,6 +4,7 @@
 use std::process::Command;
 use std::time::Duration;
 use vmigrate_tests::process::{assert_migrated, json, run, Finished, Receiver};
+use vmigrate_tests::proxy::{Fault, FaultProxy};
 use vmigrate_tests::reliability::{record, Ending};
 use vmigrate_tests::tls::{credentials_dir, make_pki, psk_file};
 
@@ -116,6 +117,26 @@ fn a_tls_source_meets_a_plain_destination_with_a_clear_error() {
     let error = received.assert_clean_failure();
     assert!(error.contains("the source uses --tls, this end does not"), "{error}");
     record("tls", "TLS source, plain destination", Ending::Refused);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A byte changed on the way, past the handshake, where no TCP checksum would notice (a
+/// proxy that rewrites it): the record it lands in fails its authentication, the
+/// destination says so and starts nothing, the source guest runs on.
+#[test]
+fn a_record_changed_in_transit_fails_the_migration_and_starts_no_guest() {
+    let dir = credentials_dir("tampered");
+    let key = psk_file(&dir, "a", KEY_A);
+    let receiver = recv(&psk_args(&key));
+    let proxy = FaultProxy::start(receiver.address.parse().unwrap(), Fault::FlipByte { connection: 0, offset: 1 << 20 });
+    let sent = send(&proxy.address.to_string(), &psk_args(&key), &[]);
+    let received = receiver.wait(DEADLINE);
+    let send_error = sent.assert_clean_failure();
+    let recv_error = received.assert_clean_failure();
+    assert!(recv_error.contains("failed its authentication"), "{recv_error}");
+    assert!(sent.stderr.contains("source guest keeps running"), "{send_error}\n{}", sent.stderr);
+    assert!(!received.stdout.contains("destination-guest"), "a guest was resumed");
+    record("tls", "a record changed in transit", Ending::FailedCleanly);
     let _ = std::fs::remove_dir_all(dir);
 }
 
