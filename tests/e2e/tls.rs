@@ -128,7 +128,8 @@ fn a_record_changed_in_transit_fails_the_migration_and_starts_no_guest() {
     let dir = credentials_dir("tampered");
     let key = psk_file(&dir, "a", KEY_A);
     let receiver = recv(&psk_args(&key));
-    let proxy = FaultProxy::start(receiver.address.parse().unwrap(), Fault::FlipByte { connection: 0, offset: 1 << 20 });
+    let proxy =
+        FaultProxy::start(receiver.address.parse().unwrap(), Fault::FlipByte { connection: 0, offset: 1 << 20 });
     let sent = send(&proxy.address.to_string(), &psk_args(&key), &[]);
     let received = receiver.wait(DEADLINE);
     let send_error = sent.assert_clean_failure();
