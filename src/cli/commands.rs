@@ -103,7 +103,7 @@ fn destination_config(
     accept_timeout: Duration,
 ) -> DestinationConfig {
     DestinationConfig {
-        decompress_threads: cores.workers(args.decompress_threads),
+        decompress_threads: cores.destination_workers(args.decompress_threads),
         max_memory_bytes,
         pin_workers: !common.no_pin,
         first_worker_cpu: 0,
@@ -204,11 +204,11 @@ fn demo(args: DemoArgs) -> Result<ExitCode> {
     let (connector, mut acceptor) = super::tls::secure_demo_link(&args.tls, connector, acceptor)?;
     let mut vm = DestinationGuest::new(args.guest.guest, args.guest.mem, &args.common)?;
     // Both ends run here: each side's polling cores, and the rest shared by two pools.
-    let sides_cores = match args.stack {
+    let cores_per_side = match args.stack {
         DemoStack::Kernel => 0,
-        DemoStack::Loopback | DemoStack::Dpdk => 2 * usize::from(args.dataplane.dataplane_cores),
+        DemoStack::Loopback | DemoStack::Dpdk => usize::from(args.dataplane.dataplane_cores),
     };
-    let cores = CoreShare { polling_cores: sides_cores, pools: 2 };
+    let cores = CoreShare::both_ends(cores_per_side, &args.dataplane);
     let offload =
         super::compress::source_device(args.source.codec, args.source.compress_device.as_deref(), &demo_eal(&args)?)?;
     let config = SourceConfig { offload, ..source_config(&args.source, &args.common, cores) };

@@ -437,7 +437,8 @@ pub struct SourceOptions {
 #[derive(Args, Debug, Clone)]
 pub struct DestinationOptions {
     /// Pinned decompression workers on the destination [default: one per CPU this process
-    /// may use, less its dataplane cores, at most 8].
+    /// may use, at most 8, less its dataplane cores only where they spin (`--idle spin`):
+    /// cores that nap give their CPU to the workers when idle].
     #[arg(long)]
     pub decompress_threads: Option<usize>,
 }
