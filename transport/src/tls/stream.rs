@@ -172,8 +172,12 @@ fn seal_on_the_stack(session: Arc<Session>, attach: AttachOutbound) -> AttachOut
     Box::new(move |outbound: Box<dyn Outbound>| {
         // Records the threaded writer sent are ahead in the plain connection's queue; the
         // sealing keys (and their numbering) go on with the stack.
-        match lock(&session.wire_out).take() {
-            Some((_writer, sealer)) => attach(Box::new(TlsOutbound::new(sealer, outbound))),
+        let handed_over = lock(&session.wire_out).take();
+        match handed_over {
+            Some((writer, sealer)) => {
+                drop(writer);
+                attach(Box::new(TlsOutbound::new(sealer, outbound)))
+            }
             None => {
                 let mut outbound = outbound;
                 outbound.lost("TLS: the write side was already handed over");
