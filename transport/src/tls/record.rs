@@ -138,6 +138,15 @@ fn expand_label(suite: Suite, secret: &[u8], label: &[u8], out: &mut [u8]) {
     prk.expand(&info, Len(out.len())).and_then(|okm| okm.fill(out)).expect("HKDF-Expand-Label of a key's length");
 }
 
+/// A traffic secret's key and IV (RFC 8446, 7.3).
+fn key_and_iv(suite: Suite, secret: &[u8]) -> (Vec<u8>, [u8; NONCE_LEN]) {
+    let mut key = vec![0u8; suite.aead.key_len()];
+    expand_label(suite, secret, b"key", &mut key);
+    let mut iv = [0u8; NONCE_LEN];
+    expand_label(suite, secret, b"iv", &mut iv);
+    (key, iv)
+}
+
 /// One direction's key: the traffic secret it came from, the key, the IV, the next
 /// record's sequence number.
 struct Keys {
@@ -150,31 +159,29 @@ struct Keys {
 
 impl Keys {
     fn derive(suite: Suite, secret: Vec<u8>, seq: u64) -> Keys {
-        let mut key = vec![0u8; suite.aead.key_len()];
-        expand_label(suite, &secret, b"key", &mut key);
-        let mut iv = [0u8; NONCE_LEN];
-        expand_label(suite, &secret, b"iv", &mut iv);
-        let key = LessSafeKey::new(UnboundKey::new(suite.aead, &key).expect("a key of the suite's length"));
+        let (key, iv) = key_and_iv(suite, &secret);
+        Keys::from_parts(suite, secret, &key, iv, seq)
+    }
+
+    fn from_parts(suite: Suite, secret: Vec<u8>, key: &[u8], iv: [u8; NONCE_LEN], seq: u64) -> Keys {
+        let key = LessSafeKey::new(UnboundKey::new(suite.aead, key).expect("a key of the suite's length"));
         Keys { suite, secret, key, iv, seq }
     }
 
     /// The keys derived from the logged `secret`, checked against those rustls extracted.
     fn checked(suite: Suite, secret: Vec<u8>, extracted: (u64, ConnectionTrafficSecrets)) -> io::Result<Keys> {
         let (seq, traffic) = extracted;
-        let (key, iv) = match &traffic {
+        let (extracted_key, extracted_iv) = match &traffic {
             ConnectionTrafficSecrets::Aes128Gcm { key, iv }
             | ConnectionTrafficSecrets::Aes256Gcm { key, iv }
-            | ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (key.as_ref().to_vec(), iv.as_ref().to_vec()),
+            | ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (key.as_ref(), iv.as_ref()),
             _ => return Err(io::Error::other("TLS: rustls extracted keys of an unknown kind")),
         };
-        let mut derived_key = vec![0u8; suite.aead.key_len()];
-        expand_label(suite, &secret, b"key", &mut derived_key);
-        let mut derived_iv = [0u8; NONCE_LEN];
-        expand_label(suite, &secret, b"iv", &mut derived_iv);
-        if derived_key != key || derived_iv[..] != iv[..] {
+        let (key, iv) = key_and_iv(suite, &secret);
+        if key != extracted_key || iv[..] != *extracted_iv {
             return Err(io::Error::other("TLS: the keys derived from the logged secret are not rustls's"));
         }
-        Ok(Keys::derive(suite, secret, seq))
+        Ok(Keys::from_parts(suite, secret, &key, iv, seq))
     }
 
     /// The next key (a key update, RFC 8446 7.2): the secret ratchets, numbering restarts.
