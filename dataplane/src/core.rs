@@ -15,9 +15,9 @@ use smoltcp::phy::{Device, PcapMode, PcapWriter, Tracer};
 use smoltcp::socket::tcp::{self, State};
 use smoltcp::wire::{EthernetAddress, IpCidr, IpEndpoint, Ipv4Address};
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 use transport::ring::Ring;
@@ -140,10 +140,20 @@ pub(crate) enum Command {
     Listen { port: u16, accepted: Arc<Ring<Arc<PipeShared>>> },
 }
 
+/// How a core is told to stop, and with whom.
+#[derive(Default)]
+struct StopSignal {
+    requested: AtomicBool,
+    /// Set when the core stops together with others (`CoreHandle::stop_together`): how many
+    /// of them are still lingering. A core done with its own connections keeps answering
+    /// until it reaches zero, since a peer core's FIN may still need its acknowledgement.
+    together: OnceLock<Arc<AtomicUsize>>,
+}
+
 /// A running core. Dropping it (or `stop`) stops the thread.
 pub struct CoreHandle {
     commands: mpsc::Sender<Command>,
-    stop: Arc<AtomicBool>,
+    stop: Arc<StopSignal>,
     stats: Arc<CoreStats>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -159,7 +169,7 @@ impl CoreHandle {
     {
         let (commands, receiver) = mpsc::channel();
         let (opened, open_result) = mpsc::channel();
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(StopSignal::default());
         let flag = stop.clone();
         let stats = Arc::new(CoreStats::named(&config.name));
         let published = stats.clone();
@@ -199,7 +209,31 @@ impl CoreHandle {
     /// Stops the core and waits until its thread, and so its device, is gone. Idempotent.
     /// Connections it carried fail from then on.
     pub fn stop(&self) {
-        self.stop.store(true, Ordering::Release);
+        self.stop.requested.store(true, Ordering::Release);
+        self.join();
+    }
+
+    /// Stops these cores at once, each answering the others until all are done lingering:
+    /// for cores that are each other's peers (both ends of an in-process wire). Stopped one
+    /// after the other, the first could go while the second's FIN still waited for its
+    /// acknowledgement, and the second resent it until its linger ran out.
+    pub fn stop_together(cores: &[&CoreHandle]) {
+        let running: Vec<_> = cores.iter().filter(|core| core.running()).collect();
+        let lingering = Arc::new(AtomicUsize::new(running.len()));
+        for core in &running {
+            let _ = core.stop.together.set(lingering.clone());
+            core.stop.requested.store(true, Ordering::Release);
+        }
+        for core in cores {
+            core.join();
+        }
+    }
+
+    fn running(&self) -> bool {
+        self.thread.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    fn join(&self) {
         let thread = self.thread.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
         if let Some(thread) = thread {
             let _ = thread.join();
@@ -219,7 +253,7 @@ struct Run<'a> {
     /// Told whether the core started.
     opened: mpsc::Sender<io::Result<()>>,
     commands: mpsc::Receiver<Command>,
-    stop: &'a AtomicBool,
+    stop: &'a StopSignal,
     stats: Arc<CoreStats>,
 }
 
@@ -327,14 +361,14 @@ impl<D: Device> Core<D> {
         self.sockets.add(socket)
     }
 
-    fn run(mut self, commands: mpsc::Receiver<Command>, stop: &AtomicBool) {
+    fn run(mut self, commands: mpsc::Receiver<Command>, stop: &StopSignal) {
         // The first free CPU from the one asked for down, held against every other polling
         // core on the host until this core stops; none free: run unpinned.
         let _cpu = self.config.pin_core.and_then(transport::pin::claim_cpu);
         // Counted for adaptive compression: a worker sharing this core's CPU gets its share.
         let _registered = transport::pin::PollingCore::register();
         let mut idle = 0u32;
-        while !stop.load(Ordering::Acquire) {
+        while !stop.requested.load(Ordering::Acquire) {
             while let Ok(command) = commands.try_recv() {
                 self.handle(command);
             }
@@ -355,6 +389,12 @@ impl<D: Device> Core<D> {
             && std::time::Instant::now() < deadline
         {
             self.iterate(&mut idle);
+        }
+        if let Some(lingering) = stop.together.get() {
+            lingering.fetch_sub(1, Ordering::AcqRel);
+            while lingering.load(Ordering::Acquire) > 0 && std::time::Instant::now() < deadline {
+                self.iterate(&mut idle);
+            }
         }
         // A last time, so that a reader after the stop sees the whole run.
         self.now = self.clock.now();

@@ -289,6 +289,12 @@ pub struct LoopbackStack {
     pairs: Vec<(Arc<CoreHandle>, Arc<CoreHandle>, Ipv4Address)>,
 }
 
+impl Drop for LoopbackStack {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 impl LoopbackStack {
     pub fn start(mtu: usize, socket_buffer_bytes: usize, pin: bool) -> io::Result<LoopbackStack> {
         Self::start_with(LoopbackOptions { mtu, socket_buffer_bytes, pin, ..LoopbackOptions::default() })
@@ -338,6 +344,14 @@ impl LoopbackStack {
             pairs.push((Arc::new(source), Arc::new(destination), destination_ip));
         }
         Ok(LoopbackStack { pairs })
+    }
+
+    /// Stops every core, both sides at once (see `CoreHandle::stop_together`); a connector or
+    /// acceptor that still refers to one finds it stopped.
+    pub fn stop(&self) {
+        let cores: Vec<&CoreHandle> =
+            self.pairs.iter().flat_map(|(source, destination, _)| [&**source, &**destination]).collect();
+        CoreHandle::stop_together(&cores);
     }
 
     /// Stops the source side's cores (those connections are made from), as the exit of a
