@@ -14,7 +14,13 @@ const KEY_A: &str = "a0f1e2d3c4b5a69788796a5b4c3d2e1f00112233445566778899aabbccd
 const KEY_B: &str = "ffeeddccbbaa99887766554433221100f1e2d3c4b5a69788796a5b4c3d2e1f0a";
 
 fn recv(tls: &[String]) -> Receiver {
-    let mut args: Vec<&str> = vec!["--json", "--run-after", "0.3", "--accept-timeout", "60"];
+    recv_waiting(tls, "60")
+}
+
+/// A destination that waits `accept_timeout` seconds for a source it can take: it turns
+/// away connections it cannot, and waits on for another.
+fn recv_waiting(tls: &[String], accept_timeout: &str) -> Receiver {
+    let mut args: Vec<&str> = vec!["--json", "--run-after", "0.3", "--accept-timeout", accept_timeout];
     args.extend(tls.iter().map(String::as_str));
     Receiver::start(BIN, &args)
 }
@@ -110,7 +116,8 @@ fn strangers_are_refused_before_any_memory_moves_and_the_listener_waits_on() {
 fn a_tls_source_meets_a_plain_destination_with_a_clear_error() {
     let dir = credentials_dir("plain-destination");
     let key = psk_file(&dir, "a", KEY_A);
-    let receiver = recv(&[]);
+    // It turns the TLS source away and waits on for a plain one: not for a minute here.
+    let receiver = recv_waiting(&[], "5");
     let sent = send(&receiver.address, &psk_args(&key), &[]);
     assert_refused(&sent, "TLS");
     let received = receiver.wait(DEADLINE);
