@@ -5,7 +5,7 @@
 //! read in place.
 
 use super::direct::{TlsInbound, TlsOutbound};
-use super::record::{record_len, split_keys, Opened, Opener, Sealer, TrafficSecrets, MAX_RECORD};
+use super::record::{record_len, split_keys, Opened, Opener, Sealer, TrafficSecrets, MAX_PLAINTEXT, MAX_RECORD};
 use super::session::{describe, lock, HandedOver, Session};
 use crate::pipe::{AttachInbound, AttachOutbound, Connection, Inbound, Outbound};
 use rustls::{ClientConnection, ServerConnection};
@@ -17,6 +17,9 @@ use std::time::Duration;
 /// client finish its handshake before the server has checked the client's certificate;
 /// waiting for this byte makes a refusal surface in `connect`, before any migration data.
 const GO_AHEAD: u8 = 0x56;
+
+/// Plaintext sealed per write into the plain connection.
+const SEAL_PER_WRITE: usize = 4 * MAX_PLAINTEXT;
 
 /// Room for ciphertext read from the network: a few records per read call.
 const READ_BUFFER_BYTES: usize = 4 * MAX_RECORD;
@@ -296,12 +299,19 @@ impl TlsWriter {
         let Some((wire, sealer)) = wire.as_mut() else {
             return Err(io::Error::new(io::ErrorKind::BrokenPipe, "the write side was handed to the stack"));
         };
-        self.sealed.clear();
-        sealer.seal(plaintext, &mut self.sealed)?;
-        if close {
-            sealer.seal_close_notify(&mut self.sealed)?;
+        // A few records at a time, so that the kernel copies them while they are still in
+        // this CPU's cache.
+        for chunk in plaintext.chunks(SEAL_PER_WRITE) {
+            self.sealed.clear();
+            sealer.seal(chunk, &mut self.sealed)?;
+            wire.write_all(&self.sealed)?;
         }
-        wire.write_all(&self.sealed)
+        if close {
+            self.sealed.clear();
+            sealer.seal_close_notify(&mut self.sealed)?;
+            wire.write_all(&self.sealed)?;
+        }
+        Ok(())
     }
 }
 
