@@ -97,14 +97,30 @@ impl Pipe {
         }
         if let (Some(outbound), None) = (self.outbound.as_mut(), self.pending.as_ref()) {
             while budget > 0 && socket.can_send() {
-                let sent = match outbound.next() {
-                    Next::Bytes(bytes) => socket.send_slice(bytes).unwrap_or(0),
-                    Next::Idle | Next::Done => break,
+                // Straight into the socket's buffer where the outbound writes there itself.
+                let written = socket
+                    .send(|room| match outbound.write_into(room) {
+                        Some(n) => (n, Some(n)),
+                        None => (0, None),
+                    })
+                    .ok()
+                    .flatten();
+                let sent = match written {
+                    Some(n) => n,
+                    None => match outbound.next() {
+                        Next::Bytes(bytes) => {
+                            let sent = socket.send_slice(bytes).unwrap_or(0);
+                            if sent > 0 {
+                                outbound.advance(sent);
+                            }
+                            sent
+                        }
+                        Next::Idle | Next::Done => break,
+                    },
                 };
                 if sent == 0 {
                     break;
                 }
-                outbound.advance(sent);
                 self.sent += sent as u64;
                 budget = budget.saturating_sub(sent);
                 progress = true;

@@ -64,6 +64,13 @@ pub trait Outbound: Send {
     fn advance(&mut self, n: usize);
     /// The connection is lost: nothing more will be taken.
     fn lost(&mut self, why: &str);
+    /// Writes what goes next straight into `room`, free space in the stack's send buffer,
+    /// for an outbound that makes its bytes as it goes (TLS seals its records there rather
+    /// than into a buffer of its own and then into the stack's): how many bytes it wrote,
+    /// which count as taken (no `advance` follows); or `None`, and the stack asks `next`.
+    fn write_into(&mut self, _room: &mut [u8]) -> Option<usize> {
+        None
+    }
 }
 
 /// What an [`Outbound`] has for its stack.

@@ -55,6 +55,31 @@ impl TlsOutbound {
 }
 
 impl Outbound for TlsOutbound {
+    /// Seals the application's bytes straight into the stack's buffer while whole records
+    /// fit there; records sealed before, the end of the session, and a room too small for
+    /// a record (the end of the stack's ring) go through `next`.
+    fn write_into(&mut self, room: &mut [u8]) -> Option<usize> {
+        if self.offset < self.sealed.len() || self.closed {
+            return None;
+        }
+        let sealing = match self.inner.next() {
+            Next::Bytes(bytes) => self.sealer.seal_into(&bytes[..bytes.len().min(SEAL_PER_PULL)], room),
+            Next::Idle | Next::Done => return None,
+        };
+        match sealing {
+            Ok((0, _)) => None,
+            Ok((taken, written)) => {
+                self.inner.advance(taken);
+                Some(written)
+            }
+            Err(err) => {
+                self.closed = true;
+                self.inner.lost(&format!("TLS: sealing records failed: {err}"));
+                None
+            }
+        }
+    }
+
     fn next(&mut self) -> Next<'_> {
         if self.offset == self.sealed.len() {
             self.seal_more();

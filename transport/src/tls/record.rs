@@ -32,6 +32,18 @@ const ALERT: u8 = 21;
 const HANDSHAKE: u8 = 22;
 const KEY_UPDATE: u8 = 24;
 const CLOSE_NOTIFY: [u8; 2] = [1, 0];
+/// KeyUpdate, update_not_requested.
+const KEY_UPDATE_MESSAGE: [u8; 5] = [KEY_UPDATE, 0, 0, 1, 0];
+
+/// The bytes a record of `plaintext` bytes takes on the wire.
+const fn sealed_len(plaintext: usize) -> usize {
+    HEADER + plaintext + 1 + TAG
+}
+
+/// Room enough to seal `plaintext` bytes whole: its records, and a key update's.
+pub(super) const fn sealed_room(plaintext: usize) -> usize {
+    plaintext + plaintext.div_ceil(MAX_PLAINTEXT) * sealed_len(0) + sealed_len(KEY_UPDATE_MESSAGE.len())
+}
 
 /// Records sealed under one key before the next key update: well under AES-GCM's
 /// confidentiality limit (2^24 records; 128 GiB of 16 KiB records here).
@@ -234,47 +246,67 @@ pub(super) struct Sealer {
 }
 
 impl Sealer {
+    /// Seals records of `plaintext` straight into `out` for as long as whole ones fit there
+    /// (with a key update's record before one, where an update is due): how many plaintext
+    /// bytes were sealed, and how many bytes of `out` the records took.
+    pub(super) fn seal_into(&mut self, plaintext: &[u8], out: &mut [u8]) -> io::Result<(usize, usize)> {
+        let (mut taken, mut written) = (0, 0);
+        for chunk in plaintext.chunks(MAX_PLAINTEXT) {
+            let update = self.keys.seq >= self.update_after || self.peer_asked_update.load(Ordering::Acquire);
+            let room = sealed_len(chunk.len()) + if update { sealed_len(KEY_UPDATE_MESSAGE.len()) } else { 0 };
+            if out.len() - written < room {
+                break;
+            }
+            if update {
+                // update_not_requested: the peer's key is its own business. An ask that
+                // arrives meanwhile is answered by this update too.
+                self.peer_asked_update.store(false, Ordering::Release);
+                written += self.seal_record(HANDSHAKE, &KEY_UPDATE_MESSAGE, &mut out[written..])?;
+                self.keys.update();
+            }
+            written += self.seal_record(APPLICATION_DATA, chunk, &mut out[written..])?;
+            taken += chunk.len();
+        }
+        Ok((taken, written))
+    }
+
     /// Appends `plaintext` to `out` as application data records.
     pub(super) fn seal(&mut self, plaintext: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
-        out.reserve(plaintext.len() + plaintext.len().div_ceil(MAX_PLAINTEXT) * (HEADER + 1 + TAG));
         for chunk in plaintext.chunks(MAX_PLAINTEXT) {
-            self.update_if_due(out)?;
-            self.seal_record(APPLICATION_DATA, chunk, out)?;
+            let start = out.len();
+            out.resize(start + sealed_room(chunk.len()), 0);
+            let (_, written) = self.seal_into(chunk, &mut out[start..])?;
+            out.truncate(start + written);
         }
         Ok(())
     }
 
     /// Appends the alert that ends this direction cleanly.
     pub(super) fn seal_close_notify(&mut self, out: &mut Vec<u8>) -> io::Result<()> {
-        self.seal_record(ALERT, &CLOSE_NOTIFY, out)
-    }
-
-    fn update_if_due(&mut self, out: &mut Vec<u8>) -> io::Result<()> {
-        if self.keys.seq >= self.update_after || self.peer_asked_update.swap(false, Ordering::AcqRel) {
-            // KeyUpdate, update_not_requested: the peer's key is its own business.
-            self.seal_record(HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 0], out)?;
-            self.keys.update();
-        }
+        let start = out.len();
+        out.resize(start + sealed_len(CLOSE_NOTIFY.len()), 0);
+        self.seal_record(ALERT, &CLOSE_NOTIFY, &mut out[start..])?;
         Ok(())
     }
 
-    fn seal_record(&mut self, content_type: u8, payload: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
-        let start = out.len();
-        let length = (payload.len() + 1 + TAG) as u16;
-        out.extend_from_slice(&[APPLICATION_DATA, 3, 3]);
-        out.extend_from_slice(&length.to_be_bytes());
-        out.extend_from_slice(payload);
-        out.push(content_type);
-        let mut header = [0u8; HEADER];
-        header.copy_from_slice(&out[start..start + HEADER]);
+    /// Seals one record at the front of `out`, which has room for it; its length.
+    fn seal_record(&mut self, content_type: u8, payload: &[u8], out: &mut [u8]) -> io::Result<usize> {
+        let encrypted = payload.len() + 1 + TAG;
+        let mut header = [APPLICATION_DATA, 3, 3, 0, 0];
+        header[3..].copy_from_slice(&(encrypted as u16).to_be_bytes());
+        let (head, rest) = out[..HEADER + encrypted].split_at_mut(HEADER);
+        let (body, tag_out) = rest.split_at_mut(payload.len() + 1);
+        head.copy_from_slice(&header);
+        body[..payload.len()].copy_from_slice(payload);
+        body[payload.len()] = content_type;
         let nonce = self.keys.next_nonce()?;
         let tag = self
             .keys
             .key
-            .seal_in_place_separate_tag(nonce, Aad::from(header), &mut out[start + HEADER..])
+            .seal_in_place_separate_tag(nonce, Aad::from(header), body)
             .map_err(|_| io::Error::other("TLS: sealing a record failed"))?;
-        out.extend_from_slice(tag.as_ref());
-        Ok(())
+        tag_out.copy_from_slice(tag.as_ref());
+        Ok(HEADER + encrypted)
     }
 
     #[cfg(test)]
@@ -425,11 +457,31 @@ mod tests {
     }
 
     #[test]
+    fn records_sealed_into_a_buffer_stop_at_the_last_whole_one_that_fits() {
+        let (mut sealer, _, _, mut opener) = pair();
+        sealer.update_after(4);
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 13) as u8).collect();
+        // Two records fit, a third does not; the fifth record's turn brings a key update.
+        let mut out = vec![0u8; 2 * sealed_len(MAX_PLAINTEXT) + 100];
+        let (taken, written) = sealer.seal_into(&data, &mut out).unwrap();
+        assert_eq!((taken, written), (2 * MAX_PLAINTEXT, 2 * sealed_len(MAX_PLAINTEXT)));
+        let mut wire = out[..written].to_vec();
+        let mut rest = vec![0u8; sealed_room(data.len() - taken)];
+        let (more, more_written) = sealer.seal_into(&data[taken..], &mut rest).unwrap();
+        assert_eq!(more, data.len() - taken, "room enough for the rest and a key update");
+        wire.extend_from_slice(&rest[..more_written]);
+        let (opened, _) = open_all(&mut opener, &mut wire).unwrap();
+        assert!(opened == data, "the bytes open as they were sealed");
+        assert_eq!(opener.keys.seq, 3, "the last three of seven records came after the key update");
+    }
+
+    #[test]
     fn a_key_update_the_peer_asks_for_updates_ours() {
         let (mut a_sealer, mut a_opener, mut b_sealer, mut b_opener) = pair();
-        let mut wire = Vec::new();
+        let mut wire = vec![0; MAX_RECORD];
         // A peer asking for our update, as RFC 8446 allows.
-        a_sealer.seal_record(HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 1], &mut wire).unwrap();
+        let asking = a_sealer.seal_record(HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 1], &mut wire).unwrap();
+        wire.truncate(asking);
         a_sealer.keys.update();
         a_sealer.seal(b"after", &mut wire).unwrap();
         assert_eq!(open_all(&mut b_opener, &mut wire).unwrap().0, b"after");

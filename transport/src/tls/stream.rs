@@ -5,7 +5,9 @@
 //! read in place.
 
 use super::direct::{TlsInbound, TlsOutbound};
-use super::record::{record_len, split_keys, Opened, Opener, Sealer, TrafficSecrets, MAX_PLAINTEXT, MAX_RECORD};
+use super::record::{
+    record_len, sealed_room, split_keys, Opened, Opener, Sealer, TrafficSecrets, MAX_PLAINTEXT, MAX_RECORD,
+};
 use super::session::{describe, lock, HandedOver, Session};
 use crate::pipe::{AttachInbound, AttachOutbound, Connection, Inbound, Outbound};
 use rustls::{ClientConnection, ServerConnection};
@@ -163,7 +165,7 @@ fn split(connection: Connection, sealer: Sealer, opener: Opener) -> Connection {
             plaintext: 0..0,
             closed: false,
         }),
-        writer: Box::new(TlsWriter { session, sealed: Vec::new() }),
+        writer: Box::new(TlsWriter { session, sealed: vec![0; sealed_room(SEAL_PER_WRITE)].into_boxed_slice() }),
         closer,
         peer,
         probe,
@@ -287,29 +289,32 @@ impl Read for TlsReader {
 
 struct TlsWriter {
     session: Arc<Session>,
-    /// Records sealed by the last write, reused.
-    sealed: Vec<u8>,
+    /// Where a write's records are sealed, a few at a time, reused.
+    sealed: Box<[u8]>,
 }
 
 impl TlsWriter {
-    /// Seals `plaintext` (all of it) and sends the records.
+    /// Seals `plaintext` (all of it) and sends the records: a few at a time, so that the
+    /// kernel copies them while they are still in this CPU's cache.
     fn seal_and_send(&mut self, plaintext: &[u8], close: bool) -> io::Result<()> {
         let mut wire = lock(&self.session.wire_out);
         // Handed to the stack: its pull seals from now on (and closes at the end).
         let Some((wire, sealer)) = wire.as_mut() else {
             return Err(io::Error::new(io::ErrorKind::BrokenPipe, "the write side was handed to the stack"));
         };
-        // A few records at a time, so that the kernel copies them while they are still in
-        // this CPU's cache.
-        for chunk in plaintext.chunks(SEAL_PER_WRITE) {
-            self.sealed.clear();
-            sealer.seal(chunk, &mut self.sealed)?;
-            wire.write_all(&self.sealed)?;
+        let mut rest = plaintext;
+        while !rest.is_empty() {
+            let (taken, written) = sealer.seal_into(&rest[..rest.len().min(SEAL_PER_WRITE)], &mut self.sealed)?;
+            if taken == 0 {
+                return Err(io::Error::other("TLS: no room to seal a record"));
+            }
+            wire.write_all(&self.sealed[..written])?;
+            rest = &rest[taken..];
         }
         if close {
-            self.sealed.clear();
-            sealer.seal_close_notify(&mut self.sealed)?;
-            wire.write_all(&self.sealed)?;
+            let mut alert = Vec::new();
+            sealer.seal_close_notify(&mut alert)?;
+            wire.write_all(&alert)?;
         }
         Ok(())
     }
