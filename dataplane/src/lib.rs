@@ -13,6 +13,7 @@ pub mod af_packet;
 mod clock;
 mod connection;
 pub mod core;
+mod core_config;
 mod delivery;
 #[cfg(feature = "dpdk")]
 pub mod dpdk_nic;
