@@ -5,11 +5,10 @@ use hugepages::{Backing, HugePolicy, MappedRegion};
 use migration::dirty::{AtomicBitmap, DirtyLog};
 use migration::memory::{pages_of, GuestMemory, Region};
 use migration::PAGE_SIZE_BYTES;
-use std::sync::Arc;
 
 /// An extent is merged into a huge page when at least half its base pages were written:
 /// emptier ones would have their unwritten half backed too.
-const COLLAPSE_MIN_RESIDENT_PAGES: usize = 256;
+pub(crate) const COLLAPSE_MIN_RESIDENT_PAGES: usize = 256;
 
 /// A PC guest's RAM is split around the PCI hole below 4 GiB; QEMU's q35 keeps at most
 /// 2 GiB below it by default and puts the rest above 4 GiB. We mirror that split so that
@@ -200,16 +199,17 @@ pub fn parse_huge_policy(text: &str) -> Result<HugePolicy, String> {
     }
 }
 
-/// [`GuestRam::collapse_dense`] on a thread of its own at the lowest priority, as
-/// khugepaged runs, so that the resumed guest keeps the CPUs it needs and the switchover
-/// waits for none of it.
-pub fn collapse_in_background(ram: Arc<GuestRam>) {
+/// Merging a resumed guest's memory into huge pages (`GuestRam::collapse_dense`,
+/// `KvmMemory::collapse_dense`: `collapse` returns the extents merged) on a thread of its
+/// own at the lowest priority, as khugepaged runs, so that the resumed guest keeps the CPUs
+/// it needs and the switchover waits for none of it.
+pub fn collapse_in_background(collapse: impl FnOnce() -> usize + Send + 'static) {
     let spawned = std::thread::Builder::new().name("thp-collapse".into()).spawn(move || {
         // SAFETY: plain system calls on the calling thread; on Linux a thread id names the
         // thread alone for PRIO_PROCESS. Failure leaves the thread at normal priority.
         unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19) };
         let started = std::time::Instant::now();
-        let merged = ram.collapse_dense();
+        let merged = collapse();
         log::info!("guest memory: {merged} extents of 2 MiB merged into huge pages in {:?}", started.elapsed());
     });
     if let Err(err) = spawned {

@@ -473,7 +473,8 @@ impl DestinationVm for SyntheticDestination {
     fn resume(&mut self, device_state: &[u8]) -> Result<(), VmError> {
         let ram = self.ram.clone().ok_or_else(|| VmError::Resume("resume before memory was prepared".into()))?;
         ram.advise_huge(true);
-        crate::guest::collapse_in_background(ram.clone());
+        let merging = ram.clone();
+        crate::guest::collapse_in_background(move || merging.collapse_dense());
         self.guest = Some(SyntheticGuest::resume_from(ram, device_state).map_err(VmError::Resume)?);
         Ok(())
     }

@@ -18,32 +18,50 @@ impl MappedRegion {
     /// already huge counts); 0 on hugetlb memory, which is huge anyway, or where the kernel
     /// cannot (before 6.1, THP turned off).
     pub fn collapse_dense(&self, min_resident_pages: usize) -> usize {
-        if self.backing != Backing::AnonymousThp || crate::base_page_size_bytes() != 4096 {
+        if self.backing != Backing::AnonymousThp {
             return 0;
         }
-        let mut resident = [0u8; EXTENT_PAGES];
-        let mut merged = 0;
-        // Whole extents only: a tail shorter than 2 MiB cannot be a huge page.
-        for offset in (0..self.mapped_len_bytes / HUGE_PAGE_SIZE_BYTES).map(|e| e * HUGE_PAGE_SIZE_BYTES) {
-            if !self.residency(offset, &mut resident) || count_resident(&resident) < min_resident_pages {
-                continue;
-            }
-            // SAFETY: a whole 2 MiB extent of our own anonymous mapping (its base is 2 MiB-
-            // aligned: `map_anonymous`). The kernel copies the base pages into a huge page
-            // under its own locks, so contents and concurrent raw-pointer accesses are
-            // unaffected.
-            let extent = unsafe { self.ptr.as_ptr().add(offset) };
-            // SAFETY: as above.
-            match unsafe { libc::madvise(extent.cast(), HUGE_PAGE_SIZE_BYTES, libc::MADV_COLLAPSE) } {
-                0 => merged += 1,
-                // EINVAL: the kernel has no MADV_COLLAPSE, or THP is off: nothing will merge.
-                _ if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) => return merged,
-                // EAGAIN, ENOMEM: no huge page free now; khugepaged may merge it later.
-                _ => {}
-            }
-        }
-        merged
+        // SAFETY: our own private anonymous mapping, live while `self` is.
+        unsafe { collapse_dense_in(self.ptr.as_ptr(), self.mapped_len_bytes, min_resident_pages) }
     }
+}
+
+/// [`MappedRegion::collapse_dense`] over memory someone else mapped (a VMM's guest RAM,
+/// vm-memory's mapping): each whole 2 MiB-aligned extent inside `start..start + len`.
+///
+/// # Safety
+///
+/// `start..start + len` must be private anonymous memory mapped in this process for as
+/// long as the call runs. Others may read and write it meanwhile.
+pub unsafe fn collapse_dense_in(start: *mut u8, len: usize, min_resident_pages: usize) -> usize {
+    if crate::base_page_size_bytes() != 4096 {
+        return 0;
+    }
+    let mut resident = [0u8; EXTENT_PAGES];
+    let mut merged = 0;
+    // Whole extents only: a tail shorter than 2 MiB cannot be a huge page.
+    let first = (start as usize).next_multiple_of(HUGE_PAGE_SIZE_BYTES);
+    let end = start as usize + len;
+    for extent in (first..end.saturating_sub(HUGE_PAGE_SIZE_BYTES - 1)).step_by(HUGE_PAGE_SIZE_BYTES) {
+        let extent = extent as *mut u8;
+        // SAFETY: a whole, aligned 2 MiB extent inside the caller's mapping; `resident`
+        // holds one byte per base page in it, as mincore writes; mincore reads page tables.
+        if unsafe { libc::mincore(extent.cast(), HUGE_PAGE_SIZE_BYTES, resident.as_mut_ptr()) } != 0
+            || count_resident(&resident) < min_resident_pages
+        {
+            continue;
+        }
+        // SAFETY: as above. The kernel copies the base pages into a huge page under its
+        // own locks, so contents and concurrent raw-pointer accesses are unaffected.
+        match unsafe { libc::madvise(extent.cast(), HUGE_PAGE_SIZE_BYTES, libc::MADV_COLLAPSE) } {
+            0 => merged += 1,
+            // EINVAL: the kernel has no MADV_COLLAPSE, or THP is off: nothing will merge.
+            _ if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) => return merged,
+            // EAGAIN, ENOMEM: no huge page free now; khugepaged may merge it later.
+            _ => {}
+        }
+    }
+    merged
 }
 
 /// How many of the base pages `mincore` described are in memory.

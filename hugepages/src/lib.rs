@@ -17,6 +17,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 mod collapse;
+pub use collapse::collapse_dense_in;
 
 /// Size of the hugetlbfs pages we ask for. 2 MiB rather than 1 GiB because 2 MiB pages can be
 /// reserved at runtime on a running host, while 1 GiB pages usually need a boot parameter.
@@ -402,6 +403,7 @@ impl MappedRegion {
         unsafe { libc::madvise(self.ptr.as_ptr().add(start).cast(), end - start, libc::MADV_POPULATE_WRITE) == 0 }
     }
 
+    #[cfg(test)]
     /// Which base pages from `offset` on are in memory (`mincore`: one byte each into
     /// `flags`, bit 0 set where resident). False where the kernel refuses.
     fn residency(&self, offset: usize, flags: &mut [u8]) -> bool {

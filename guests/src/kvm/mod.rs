@@ -93,6 +93,7 @@ impl KvmGuest {
         layout::check_size(memory_bytes)?;
         let kvm = machine::open_kvm()?;
         let memory = Arc::new(KvmMemory::map(&layout::regions(memory_bytes))?);
+        memory.advise_huge();
         let machine = Machine::create(kvm, memory.clone(), None, tracking)?;
         let program = program_config(spec, memory_bytes, machine.tsc_hz()?, seed)?;
         let mut written = layout::write_boot_memory(memory.mmap(), memory_bytes, PROGRAM_IMAGE, program)?;
@@ -317,6 +318,9 @@ impl KvmDestination {
         dirty.mark_all_written();
         let running = machine.run()?;
         let times = SwitchoverTimes { vm_build_us: started.elapsed().as_micros() as u64, ..Default::default() };
+        // Huge pages again, as the source had, once the guest runs.
+        memory.advise_huge();
+        crate::guest::collapse_in_background(move || memory.collapse_dense());
         Ok(KvmGuest { running, dirty, cpuid: state.cpuid, spec: state.workload, times: std::sync::Mutex::new(times) })
     }
 }
