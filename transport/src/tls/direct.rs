@@ -45,12 +45,16 @@ impl TlsOutbound {
         match sealing {
             Ok(()) if taken > 0 => self.inner.advance(taken),
             Ok(()) => {}
-            Err(err) => {
-                self.closed = true;
-                self.sealed.clear();
-                self.inner.lost(&format!("TLS: sealing records failed: {err}"));
-            }
+            Err(err) => self.sealing_failed(&err),
         }
+    }
+
+    /// Sealing failed: nothing more goes out, and the application is told why.
+    fn sealing_failed(&mut self, err: &std::io::Error) {
+        self.closed = true;
+        self.sealed.clear();
+        self.offset = 0;
+        self.inner.lost(&format!("TLS: sealing records failed: {err}"));
     }
 }
 
@@ -73,8 +77,7 @@ impl Outbound for TlsOutbound {
                 Some(written)
             }
             Err(err) => {
-                self.closed = true;
-                self.inner.lost(&format!("TLS: sealing records failed: {err}"));
+                self.sealing_failed(&err);
                 None
             }
         }
