@@ -403,21 +403,6 @@ impl MappedRegion {
         unsafe { libc::madvise(self.ptr.as_ptr().add(start).cast(), end - start, libc::MADV_POPULATE_WRITE) == 0 }
     }
 
-    #[cfg(test)]
-    /// Which base pages from `offset` on are in memory (`mincore`: one byte each into
-    /// `flags`, bit 0 set where resident). False where the kernel refuses.
-    fn residency(&self, offset: usize, flags: &mut [u8]) -> bool {
-        let page_bytes = base_page_size_bytes();
-        let len = flags.len() * page_bytes;
-        // Up to the mapping's end: whole huge pages may reach past the length asked for.
-        let inside = offset.is_multiple_of(page_bytes)
-            && offset.checked_add(len).is_some_and(|end| end <= self.mapped_len_bytes);
-        assert!(inside, "residency of {offset}+{len} outside the {}-byte mapping", self.mapped_len_bytes);
-        // SAFETY: a page-aligned range inside our live mapping (checked above), and `flags`
-        // holds one byte per page in it, as mincore writes; mincore only reads page tables.
-        unsafe { libc::mincore(self.ptr.as_ptr().add(offset).cast(), len, flags.as_mut_ptr()) == 0 }
-    }
-
     /// Overwrites an already bounds-checked range with zeros.
     fn zero(&self, offset: usize, len: usize) {
         debug_assert!(offset + len <= self.len_bytes);
@@ -572,7 +557,12 @@ mod tests {
     /// Which of the first `pages` base pages of `region` are resident (`mincore`).
     fn resident(region: &MappedRegion, pages: usize) -> Vec<bool> {
         let mut flags = vec![0u8; pages];
-        assert!(region.residency(0, &mut flags), "mincore: {}", io::Error::last_os_error());
+        let len = pages * base_page_size_bytes();
+        assert!(len <= region.mapped_len_bytes, "{pages} pages outside the mapping");
+        // SAFETY: the first `len` bytes of the region's live mapping (checked above), and
+        // `flags` holds one byte per page in them, as mincore writes; it only reads page tables.
+        let rc = unsafe { libc::mincore(region.ptr.as_ptr().cast(), len, flags.as_mut_ptr()) };
+        assert_eq!(rc, 0, "mincore: {}", io::Error::last_os_error());
         flags.iter().map(|f| f & 1 == 1).collect()
     }
 
